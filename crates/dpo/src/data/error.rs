@@ -1,0 +1,21 @@
+use std::path::PathBuf;
+
+/// Everything that can be wrong with a data file, each naming the file and, where there is one, the
+/// line (JSONL) or element (JSON array) and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is a directory; pass a data file (.jsonl, .json)")]
+    IsDirectory { path: PathBuf },
+    #[error("{path} holds no rows")]
+    Empty { path: PathBuf },
+    #[error("{path}: unsupported file type {ext:?}; use .jsonl or .json")]
+    UnsupportedFormat { path: PathBuf, ext: String },
+    #[error("{path}, {location}: {message}")]
+    Parse { path: PathBuf, location: String, message: String },
+    #[error("{path}, {location}, field `{field}`: {message}")]
+    Field { path: PathBuf, location: String, field: String, message: String },
+    #[error("{path}, {location}: {message}")]
+    Tokenize { path: PathBuf, location: String, message: String },
+}

@@ -1,0 +1,7 @@
+//! Direct Preference Optimization on the `engine` decoder: preference data, objectives, and the
+//! programs built from them.
+
+pub mod data;
+pub mod io;
+pub mod objectives;
+pub mod scoring;

@@ -1,0 +1,47 @@
+//! Sequence log-probs of preference pairs under one model, batch by batch, without keeping activations:
+//! what `dpo logps`, evaluation and the reference pass share.
+
+use engine::{Activations, Decoder, EngineError, Params};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{pack::sum_ranges, pack_pairs, Example, Packing};
+
+/// Summed completion log-probs of one pair, and the number of completion tokens scored.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairScore {
+    pub chosen_logps: f64,
+    pub rejected_logps: f64,
+    pub chosen_len: usize,
+    pub rejected_len: usize,
+}
+
+/// Scores every example, `pairs_per_batch` pairs per forward pass; `progress` is called with the number
+/// of pairs done after each batch.
+pub fn score_pairs(
+    model: &Decoder,
+    params: &Params,
+    examples: &[Example],
+    packing: Packing,
+    pairs_per_batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<PairScore>, EngineError> {
+    let mut acts = Activations::default();
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(pairs_per_batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let packed = pack_pairs(&refs, packing);
+        let head = model.logprobs(params, &packed.batch, &mut acts, false)?;
+        let chosen = sum_ranges(&head.logp, &packed.chosen);
+        let rejected = sum_ranges(&head.logp, &packed.rejected);
+        for i in 0..chunk.len() {
+            out.push(PairScore {
+                chosen_logps: chosen[i],
+                rejected_logps: rejected[i],
+                chosen_len: packed.chosen[i].len(),
+                rejected_len: packed.rejected[i].len(),
+            });
+        }
+        progress(out.len());
+    }
+    Ok(out)
+}

@@ -1,0 +1,142 @@
+//! The switches that tell one member of the decoder family from another.
+//!
+//! GPT-2, Llama 1/2/3, Mistral, Qwen2, SmolLM2 and GPT-NeoX/Pythia are the same pre-norm decoder with a
+//! handful of choices: how positions enter, which norm, which MLP, whether the residual is parallel, which
+//! projections carry a bias, whether the LM head shares the embedding. `crates/hf` maps an HF
+//! `config.json` onto this struct; the engine never sees `config.json`.
+
+/// Normalisation layer used before attention, before the MLP and at the end of the trunk.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NormKind {
+    /// `(x - mean) / sqrt(var + eps) * w + b` (GPT-2, GPT-NeoX).
+    LayerNorm { eps: f32 },
+    /// `x / sqrt(mean(x^2) + eps) * w` (Llama, Mistral, Qwen2).
+    RmsNorm { eps: f32 },
+}
+
+/// The MLP between the two residual additions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MlpKind {
+    /// `W_out gelu(W_in x + b_in) + b_out`, GELU by its tanh approximation (GPT-2's `gelu_new`).
+    GeluTanh,
+    /// Same with the exact erf GELU (GPT-NeoX's `gelu`).
+    GeluErf,
+    /// `W_down (silu(W_gate x) * W_up x)` (Llama's SwiGLU). `w_in` holds gate rows then up rows.
+    SwiGlu,
+}
+
+/// How the rotary frequencies are rescaled for long contexts (`rope_scaling` / `rope_parameters`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (HF `rope_type: linear`).
+    Linear {
+        factor: f32,
+    },
+    /// Llama 3.1's frequency-dependent rescaling (HF `rope_type: llama3`).
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_positions: usize,
+    },
+}
+
+/// Which pairs of dimensions a rotation mixes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeStyle {
+    /// Dimension `i` with `i + rotary_dim/2` (HF `rotate_half`: Llama, NeoX, Qwen2, Mistral).
+    Half,
+    /// Dimension `2i` with `2i + 1` (GPT-J).
+    Interleaved,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f32,
+    /// Leading dimensions of each head that rotate; the rest pass through (NeoX `rotary_pct`).
+    pub rotary_dim: usize,
+    pub style: RopeStyle,
+    pub scaling: RopeScaling,
+}
+
+/// How positions enter the model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PositionKind {
+    /// A learned table `wpe[max_positions, d]` added to the token embedding (GPT-2).
+    Learned,
+    /// Rotary embeddings applied to queries and keys.
+    Rotary(RopeConfig),
+}
+
+/// One decoder of the family. Shapes below use `d = hidden`, `hd = head_dim`, `ff = ffn_hidden`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderConfig {
+    pub vocab_size: usize,
+    pub hidden: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Key/value heads; fewer than `n_heads` is grouped-query attention.
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_hidden: usize,
+    pub max_positions: usize,
+    pub norm: NormKind,
+    pub mlp: MlpKind,
+    pub positions: PositionKind,
+    /// Bias on the fused q/k/v projection (GPT-2, NeoX, Qwen2).
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection (GPT-2, NeoX).
+    pub attn_out_bias: bool,
+    /// Biases on the MLP projections (GPT-2, NeoX).
+    pub mlp_bias: bool,
+    /// `x + attn(norm1(x)) + mlp(norm2(x))` instead of the sequential residual (NeoX).
+    pub parallel_residual: bool,
+    /// The LM head is the token embedding (GPT-2, SmolLM2, Qwen2 small sizes).
+    pub tied_embeddings: bool,
+    /// Keys further back than this are masked (Mistral); `None` is full causal attention.
+    pub sliding_window: Option<usize>,
+}
+
+impl DecoderConfig {
+    /// Columns of the fused q/k/v projection output: `(n_heads + 2 n_kv_heads) * head_dim`.
+    pub fn qkv_dim(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+
+    /// Width of the attention output before `w_o`: `n_heads * head_dim`.
+    pub fn attn_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Rows of `w_in`: `ff` for a plain MLP, `2 ff` (gate, then up) for SwiGLU.
+    pub fn mlp_in_dim(&self) -> usize {
+        match self.mlp {
+            MlpKind::SwiGlu => 2 * self.ffn_hidden,
+            MlpKind::GeluTanh | MlpKind::GeluErf => self.ffn_hidden,
+        }
+    }
+
+    /// Checks the invariants the kernels rely on; `what` names the source in the message.
+    pub fn validate(&self) -> Result<(), String> {
+        let fail = |m: String| Err(m);
+        if self.hidden == 0 || self.n_layers == 0 || self.vocab_size == 0 || self.head_dim == 0 {
+            return fail("hidden size, layer count, vocabulary and head_dim must be positive".into());
+        }
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return fail(format!(
+                "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if let PositionKind::Rotary(r) = self.positions {
+            if r.rotary_dim == 0 || r.rotary_dim > self.head_dim || r.rotary_dim % 2 != 0 {
+                return fail(format!(
+                    "rotary dimension {} must be even and within head_dim {}",
+                    r.rotary_dim, self.head_dim
+                ));
+            }
+        }
+        Ok(())
+    }
+}

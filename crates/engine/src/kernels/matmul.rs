@@ -1,0 +1,275 @@
+//! Matrix products through the `gemm` crate, which takes arbitrary row and column strides, so transposed
+//! operands cost nothing; and the linear layer built on them.
+
+use rayon::prelude::*;
+
+use super::act::{rows_per_task, CHUNK};
+use super::threads::num_threads;
+
+/// Products with more multiply-adds than this use the thread pool; smaller ones run on the caller.
+const PAR_FLOPS: usize = 1 << 18;
+
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    let threads = num_threads();
+    if threads > 1 && m.saturating_mul(n).saturating_mul(k) > PAR_FLOPS {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// A strided view of an f32 matrix operand: element `(i, j)` is at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// `dst[m, n] = (dst if accumulate) + alpha * lhs[m, k] . rhs[k, n]` on strided views, single-threaded
+/// unless `parallel`.
+///
+/// # Safety
+/// Every element the views address for these sizes must be in bounds (and `dst`'s writable, not aliased
+/// by `lhs` or `rhs`) for the duration of the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_view(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    alpha: f32,
+    parallel: bool,
+) {
+    let par = if parallel { parallelism(m, n, k) } else { gemm::Parallelism::None };
+    // gemm computes dst := a * dst + b * lhs . rhs; `a` is ignored when dst is not read.
+    gemm::gemm(
+        m, n, k, dst, dst_cs, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, alpha, false,
+        false, false, par,
+    );
+}
+
+/// `C[m, n] = (C if accumulate) + op(A) . op(B)`. `A` is stored `[m, k]` (`[k, m]` when `a_t`), `B` is
+/// stored `[k, n]` (`[n, k]` when `b_t`). Uses the thread pool for large products.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a_t: bool,
+    b_t: bool,
+    accumulate: bool,
+) {
+    assert_eq!(c.len(), m * n, "matmul: C is not [m, n]");
+    assert_eq!(a.len(), m * k, "matmul: A has the wrong size");
+    assert_eq!(b.len(), k * n, "matmul: B has the wrong size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (m_, n_, k_) = (m as isize, n as isize, k as isize);
+    let lhs = if a_t { View { ptr: a.as_ptr(), rs: 1, cs: m_ } } else { View { ptr: a.as_ptr(), rs: k_, cs: 1 } };
+    let rhs = if b_t { View { ptr: b.as_ptr(), rs: 1, cs: k_ } } else { View { ptr: b.as_ptr(), rs: n_, cs: 1 } };
+    // SAFETY: the lengths were checked against the shapes, `c` is borrowed mutably and so not aliased.
+    unsafe { gemm_view(m, n, k, c.as_mut_ptr(), n_, 1, accumulate, lhs, rhs, 1.0, true) };
+}
+
+/// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])` (PyTorch's `nn.Linear` layout).
+pub fn linear_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    assert_eq!(y.len(), rows * out_dim, "linear_forward: y is not [rows, out]");
+    if let Some(b) = b {
+        assert_eq!(b.len(), out_dim, "linear_forward: bias is not [out]");
+        if out_dim > 0 {
+            y.par_chunks_mut(out_dim).with_min_len(rows_per_task(out_dim)).for_each(|r| r.copy_from_slice(b));
+        }
+    }
+    matmul(y, x, w, rows, out_dim, in_dim, false, true, b.is_some());
+}
+
+/// Backward of [`linear_forward`]: `dx[rows, in] (= or += per accumulate_dx) dy . W`,
+/// `dW[out, in] += dy^T . x`, `db[out] += column sums of dy`. Absent outputs are skipped.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    accumulate_dx: bool,
+) {
+    assert_eq!(dy.len(), rows * out_dim, "linear_backward: dy is not [rows, out]");
+    if let Some(dx) = dx {
+        matmul(dx, dy, w, rows, in_dim, out_dim, false, false, accumulate_dx);
+    }
+    if let Some(dw) = dw {
+        matmul(dw, dy, x, out_dim, in_dim, rows, true, false, true);
+    }
+    if let Some(db) = db {
+        assert_eq!(db.len(), out_dim, "linear_backward: db is not [out]");
+        col_sums_add(db, dy, rows, out_dim);
+    }
+}
+
+/// `acc[j] += sum_i m[i, j]`, parallel over column blocks (each thread owns its columns; fixed order).
+fn col_sums_add(acc: &mut [f32], m: &[f32], rows: usize, cols: usize) {
+    if cols == 0 {
+        return;
+    }
+    let block = if rows * cols > CHUNK { cols.div_ceil(num_threads()).next_multiple_of(16) } else { cols };
+    acc.par_chunks_mut(block).enumerate().for_each(|(bi, a)| {
+        let c0 = bi * block;
+        let w = a.len();
+        for r in m.chunks_exact(cols).take(rows) {
+            for (a, &v) in a.iter_mut().zip(&r[c0..c0 + w]) {
+                *a += v;
+            }
+        }
+    });
+}
+
+/// `a += b`, in parallel for large inputs.
+pub fn add_inplace(a: &mut [f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "add_inplace: lengths differ");
+    let f = |a: &mut [f32], b: &[f32]| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b);
+    if a.len() <= CHUNK {
+        f(a, b);
+    } else {
+        a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(a, b)| f(a, b));
+    }
+}
+
+/// `out = a + b`, in parallel for large inputs.
+pub fn add3(out: &mut [f32], a: &[f32], b: &[f32]) {
+    assert!(out.len() == a.len() && a.len() == b.len(), "add3: lengths differ");
+    let f = |o: &mut [f32], a: &[f32], b: &[f32]| {
+        o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = a + b);
+    };
+    if out.len() <= CHUNK {
+        f(out, a, b);
+    } else {
+        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((o, a), b)| f(o, a, b));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::threads::test_util::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    let av = if a_t { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if b_t { b[j * k + p] } else { b[p * n + j] };
+                    s += av as f64 * bv as f64;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matmul_all_transposes_and_accumulate() {
+        let mut rng = Rng::new(5);
+        // The last shape is above the parallel threshold.
+        for (m, n, k) in [(1, 1, 1), (3, 5, 7), (17, 33, 9), (70, 90, 80)] {
+            for a_t in [false, true] {
+                for b_t in [false, true] {
+                    for acc in [false, true] {
+                        let a = rng.vec(m * k, 1.0);
+                        let b = rng.vec(k * n, 1.0);
+                        let c0 = rng.vec(m * n, 1.0);
+                        let mut c = if acc { c0.clone() } else { vec![f32::NAN; m * n] };
+                        matmul(&mut c, &a, &b, m, n, k, a_t, b_t, acc);
+                        let mut want = naive(&a, &b, m, n, k, a_t, b_t);
+                        if acc {
+                            want.iter_mut().zip(&c0).for_each(|(w, &c)| *w += c as f64);
+                        }
+                        assert_close(&format!("matmul {m}x{n}x{k} {a_t} {b_t} {acc}"), &c, &want, 1e-5, 1.0);
+                    }
+                }
+            }
+        }
+        // k = 0: overwrite gives zeros, accumulate leaves C.
+        let mut c = vec![f32::NAN; 6];
+        matmul(&mut c, &[], &[], 2, 3, 0, false, false, false);
+        assert_eq!(c, vec![0.0; 6]);
+    }
+
+    #[test]
+    fn linear_forward_and_backward() {
+        let mut rng = Rng::new(6);
+        for (rows, i, o) in [(4, 3, 5), (300, 20, 70)] {
+            let x = rng.vec(rows * i, 1.0);
+            let w = rng.vec(o * i, 1.0);
+            let b = rng.vec(o, 1.0);
+            let mut y = vec![f32::NAN; rows * o];
+            linear_forward(&mut y, &x, &w, Some(&b), rows, i, o);
+            let mut want = naive(&x, &w, rows, o, i, false, true);
+            for r in 0..rows {
+                for j in 0..o {
+                    want[r * o + j] += b[j] as f64;
+                }
+            }
+            assert_close("linear forward", &y, &want, 1e-5, 1.0);
+            let mut y2 = vec![f32::NAN; rows * o];
+            linear_forward(&mut y2, &x, &w, None, rows, i, o);
+            assert_close("linear forward no bias", &y2, &naive(&x, &w, rows, o, i, false, true), 1e-5, 1.0);
+
+            let dy = rng.vec(rows * o, 1.0);
+            let mut dx = vec![1.0f32; rows * i];
+            let mut dw = vec![2.0f32; o * i];
+            let mut db = vec![3.0f32; o];
+            linear_backward(Some(&mut dx), Some(&mut dw), Some(&mut db), &dy, &x, &w, rows, i, o, true);
+            let gx: Vec<f64> = naive(&dy, &w, rows, i, o, false, false).iter().map(|v| v + 1.0).collect();
+            let gw: Vec<f64> = naive(&dy, &x, o, i, rows, true, false).iter().map(|v| v + 2.0).collect();
+            let gb: Vec<f64> = (0..o).map(|j| 3.0 + (0..rows).map(|r| dy[r * o + j] as f64).sum::<f64>()).collect();
+            assert_close("linear dx", &dx, &gx, 1e-5, 1.0);
+            assert_close("linear dw", &dw, &gw, 1e-5, 1.0);
+            assert_close("linear db", &db, &gb, 1e-5, 1.0);
+            let mut dx2 = vec![f32::NAN; rows * i];
+            linear_backward(Some(&mut dx2), None, None, &dy, &x, &w, rows, i, o, false);
+            assert_close("linear dx overwrite", &dx2, &naive(&dy, &w, rows, i, o, false, false), 1e-5, 1.0);
+        }
+    }
+
+    #[test]
+    fn adds() {
+        let mut rng = Rng::new(8);
+        for n in [5, 3 * CHUNK + 1] {
+            let a = rng.vec(n, 1.0);
+            let b = rng.vec(n, 1.0);
+            let mut c = vec![0.0; n];
+            add3(&mut c, &a, &b);
+            let mut a2 = a.clone();
+            add_inplace(&mut a2, &b);
+            for i in 0..n {
+                assert_eq!(c[i], a[i] + b[i]);
+                assert_eq!(a2[i], a[i] + b[i]);
+            }
+        }
+    }
+}

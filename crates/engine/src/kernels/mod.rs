@@ -1,0 +1,26 @@
+//! Every numerical operation the decoder performs, with its backward. This module is the boundary between
+//! model code (`crate::model`) and the machine: model code calls only these functions, on flat row-major
+//! f32 buffers, and never loops over elements itself. A second backend (CUDA through `cudarc`) implements
+//! the same set of functions on device buffers.
+//!
+//! Conventions: shapes are written `[rows, cols]`, row-major. A backward function's input-gradient
+//! argument is documented as overwritten (`=`) or accumulated (`+=`); parameter gradients always
+//! accumulate, so gradient accumulation over micro-batches needs no extra buffer.
+
+pub mod act;
+pub mod attention;
+pub mod embed;
+pub mod head;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+pub mod threads;
+
+pub use act::*;
+pub use attention::*;
+pub use embed::*;
+pub use head::*;
+pub use matmul::*;
+pub use norm::*;
+pub use rope::*;
+pub use threads::*;

@@ -1,0 +1,16 @@
+//! The engine: a decoder-only transformer family with hand-written forward and backward passes on the
+//! `gemm` crate. It knows tokens, positions, attention spans and per-token log-probs; it knows nothing of
+//! files, tokenizers or preferences.
+
+pub mod batch;
+pub mod config;
+pub mod kernels;
+pub mod model;
+pub mod params;
+pub mod presets;
+pub mod rng;
+
+pub use batch::{Batch, Span, Target};
+pub use config::*;
+pub use model::{Activations, Decoder, EngineError, HeadOutput};
+pub use params::{LayerParams, NormParams, Params, Tensor};

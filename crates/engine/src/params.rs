@@ -1,0 +1,221 @@
+//! Parameters (and, with the same layout, their gradients) of one decoder.
+//!
+//! Every tensor is a flat row-major `Vec<f32>`. Linear weights are stored `[out, in]` (PyTorch's
+//! `nn.Linear` layout) so that `y = x W^T`. The q/k/v projections are fused into one `[qkv_dim, d]`
+//! matrix (rows: all query heads, then key heads, then value heads) and SwiGLU's gate and up projections
+//! into one `[2 ff, d]` matrix, so each is one GEMM; `crates/hf` splits and joins HF tensors accordingly.
+
+use crate::config::{DecoderConfig, NormKind, PositionKind};
+
+/// A named, shaped, flat f32 buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn zeros(shape: &[usize]) -> Self {
+        let n = shape.iter().product();
+        Tensor { shape: shape.to_vec(), data: vec![0.0; n] }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A norm's scale and (LayerNorm only) shift.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormParams {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerParams {
+    pub norm1: NormParams,
+    /// `[qkv_dim, d]`
+    pub w_qkv: Tensor,
+    /// `[qkv_dim]`
+    pub b_qkv: Option<Tensor>,
+    /// `[d, n_heads * hd]`
+    pub w_o: Tensor,
+    pub b_o: Option<Tensor>,
+    pub norm2: NormParams,
+    /// `[ff, d]` or `[2 ff, d]` for SwiGLU (gate rows, then up rows)
+    pub w_in: Tensor,
+    pub b_in: Option<Tensor>,
+    /// `[d, ff]`
+    pub w_out: Tensor,
+    pub b_out: Option<Tensor>,
+}
+
+/// All parameters of a decoder; also used, zero-initialised, as the gradient accumulator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    /// `[vocab, d]`
+    pub wte: Tensor,
+    /// `[max_positions, d]`, learned positions only
+    pub wpe: Option<Tensor>,
+    pub layers: Vec<LayerParams>,
+    pub norm_f: NormParams,
+    /// `[vocab, d]`; `None` when the head is tied to `wte`
+    pub lm_head: Option<Tensor>,
+}
+
+fn norm_zeros(cfg: &DecoderConfig) -> NormParams {
+    let d = cfg.hidden;
+    NormParams {
+        weight: Tensor::zeros(&[d]),
+        bias: match cfg.norm {
+            NormKind::LayerNorm { .. } => Some(Tensor::zeros(&[d])),
+            NormKind::RmsNorm { .. } => None,
+        },
+    }
+}
+
+fn opt(on: bool, shape: &[usize]) -> Option<Tensor> {
+    on.then(|| Tensor::zeros(shape))
+}
+
+impl Params {
+    /// All-zero parameters with the shapes `cfg` implies (a gradient buffer, or a target to load into).
+    pub fn zeros(cfg: &DecoderConfig) -> Self {
+        let (d, v) = (cfg.hidden, cfg.vocab_size);
+        let layer = || LayerParams {
+            norm1: norm_zeros(cfg),
+            w_qkv: Tensor::zeros(&[cfg.qkv_dim(), d]),
+            b_qkv: opt(cfg.qkv_bias, &[cfg.qkv_dim()]),
+            w_o: Tensor::zeros(&[d, cfg.attn_dim()]),
+            b_o: opt(cfg.attn_out_bias, &[d]),
+            norm2: norm_zeros(cfg),
+            w_in: Tensor::zeros(&[cfg.mlp_in_dim(), d]),
+            b_in: opt(cfg.mlp_bias, &[cfg.mlp_in_dim()]),
+            w_out: Tensor::zeros(&[d, cfg.ffn_hidden]),
+            b_out: opt(cfg.mlp_bias, &[d]),
+        };
+        Params {
+            wte: Tensor::zeros(&[v, d]),
+            wpe: opt(matches!(cfg.positions, PositionKind::Learned), &[cfg.max_positions, d]),
+            layers: (0..cfg.n_layers).map(|_| layer()).collect(),
+            norm_f: norm_zeros(cfg),
+            lm_head: opt(!cfg.tied_embeddings, &[v, d]),
+        }
+    }
+
+    /// Weights of the LM head: `lm_head`, or `wte` when tied.
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// Every tensor with its canonical name, in a fixed order (the order of optimizer state and checkpoints).
+    pub fn named(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        visit(self, &mut |name, t| out.push((name, t)));
+        out
+    }
+
+    /// Mutable counterpart of [`Params::named`], same order.
+    pub fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out = Vec::new();
+        visit_mut(self, &mut |name, t| out.push((name, t)));
+        out
+    }
+
+    pub fn numel(&self) -> usize {
+        self.named().iter().map(|(_, t)| t.numel()).sum()
+    }
+
+    /// Sets every value to zero, keeping the allocations (gradient buffers between steps).
+    pub fn fill_zero(&mut self) {
+        for (_, t) in self.named_mut() {
+            t.data.iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
+/// Canonical names: `wte`, `wpe`, `layers.{i}.{norm1.weight,..,w_qkv,b_qkv,w_o,b_o,norm2..,w_in,b_in,w_out,b_out}`,
+/// `norm_f.weight`, `norm_f.bias`, `lm_head`.
+macro_rules! visit_impl {
+    ($name:ident, $($m:tt)*) => {
+        fn $name<'a>(p: &'a $($m)* Params, f: &mut dyn FnMut(String, &'a $($m)* Tensor)) {
+            fn norm<'a>(pre: &str, n: &'a $($m)* NormParams, f: &mut dyn FnMut(String, &'a $($m)* Tensor)) {
+                f(format!("{pre}.weight"), & $($m)* n.weight);
+                if let Some(b) = & $($m)* n.bias {
+                    f(format!("{pre}.bias"), b);
+                }
+            }
+            fn o<'a>(name: String, t: &'a $($m)* Option<Tensor>, f: &mut dyn FnMut(String, &'a $($m)* Tensor)) {
+                if let Some(t) = t {
+                    f(name, t);
+                }
+            }
+            f("wte".into(), & $($m)* p.wte);
+            o("wpe".into(), & $($m)* p.wpe, f);
+            for (i, l) in (& $($m)* p.layers).into_iter().enumerate() {
+                let pre = format!("layers.{i}");
+                norm(&format!("{pre}.norm1"), & $($m)* l.norm1, f);
+                f(format!("{pre}.w_qkv"), & $($m)* l.w_qkv);
+                o(format!("{pre}.b_qkv"), & $($m)* l.b_qkv, f);
+                f(format!("{pre}.w_o"), & $($m)* l.w_o);
+                o(format!("{pre}.b_o"), & $($m)* l.b_o, f);
+                norm(&format!("{pre}.norm2"), & $($m)* l.norm2, f);
+                f(format!("{pre}.w_in"), & $($m)* l.w_in);
+                o(format!("{pre}.b_in"), & $($m)* l.b_in, f);
+                f(format!("{pre}.w_out"), & $($m)* l.w_out);
+                o(format!("{pre}.b_out"), & $($m)* l.b_out, f);
+            }
+            norm("norm_f", & $($m)* p.norm_f, f);
+            o("lm_head".into(), & $($m)* p.lm_head, f);
+        }
+    };
+}
+visit_impl!(visit,);
+visit_impl!(visit_mut, mut);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::*;
+
+    fn tiny() -> DecoderConfig {
+        DecoderConfig {
+            vocab_size: 10,
+            hidden: 8,
+            n_layers: 2,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            ffn_hidden: 12,
+            max_positions: 16,
+            norm: NormKind::RmsNorm { eps: 1e-6 },
+            mlp: MlpKind::SwiGlu,
+            positions: PositionKind::Rotary(RopeConfig {
+                theta: 10000.0,
+                rotary_dim: 4,
+                style: RopeStyle::Half,
+                scaling: RopeScaling::None,
+            }),
+            qkv_bias: true,
+            attn_out_bias: false,
+            mlp_bias: false,
+            parallel_residual: false,
+            tied_embeddings: true,
+            sliding_window: None,
+        }
+    }
+
+    #[test]
+    fn shapes_follow_the_config() {
+        let p = Params::zeros(&tiny());
+        assert_eq!(p.layers[0].w_qkv.shape, vec![16, 8]);
+        assert_eq!(p.layers[0].w_in.shape, vec![24, 8]);
+        assert!(p.lm_head.is_none() && p.wpe.is_none());
+        let names: Vec<String> = p.named().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.first().unwrap(), "wte");
+        assert!(names.contains(&"layers.1.b_qkv".to_string()));
+        assert_eq!(names.len(), 1 + 2 * 6 + 1);
+        assert_eq!(p.numel(), 10 * 8 + 2 * (8 + 16 * 8 + 16 + 8 * 8 + 8 + 24 * 8 + 8 * 12) + 8);
+    }
+}

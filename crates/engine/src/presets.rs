@@ -1,0 +1,94 @@
+//! Model shapes used by benchmarks and the built-in experiment, and random initialisation.
+
+use crate::config::*;
+use crate::params::Params;
+use crate::rng::Rng;
+
+/// GPT-2 small: 12 layers, d 768, 12 heads, vocabulary 50257, 1024 positions (124M parameters).
+pub fn gpt2_small() -> DecoderConfig {
+    DecoderConfig {
+        vocab_size: 50257,
+        hidden: 768,
+        n_layers: 12,
+        n_heads: 12,
+        n_kv_heads: 12,
+        head_dim: 64,
+        ffn_hidden: 3072,
+        max_positions: 1024,
+        norm: NormKind::LayerNorm { eps: 1e-5 },
+        mlp: MlpKind::GeluTanh,
+        positions: PositionKind::Learned,
+        qkv_bias: true,
+        attn_out_bias: true,
+        mlp_bias: true,
+        parallel_residual: false,
+        tied_embeddings: true,
+        sliding_window: None,
+    }
+}
+
+/// SmolLM2-135M: a Llama with 30 layers, d 576, 9 heads over 3 key/value heads, SwiGLU 1536,
+/// vocabulary 49152, tied embeddings (as in `../shared/tools/torch_engine_bench.py`).
+pub fn smollm2_135m() -> DecoderConfig {
+    DecoderConfig {
+        vocab_size: 49152,
+        hidden: 576,
+        n_layers: 30,
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        ffn_hidden: 1536,
+        max_positions: 8192,
+        norm: NormKind::RmsNorm { eps: 1e-5 },
+        mlp: MlpKind::SwiGlu,
+        positions: PositionKind::Rotary(RopeConfig {
+            theta: 100000.0,
+            rotary_dim: 64,
+            style: RopeStyle::Half,
+            scaling: RopeScaling::None,
+        }),
+        qkv_bias: false,
+        attn_out_bias: false,
+        mlp_bias: false,
+        parallel_residual: false,
+        tied_embeddings: true,
+        sliding_window: None,
+    }
+}
+
+/// A named preset, for command-line flags.
+pub fn by_name(name: &str) -> Option<DecoderConfig> {
+    match name {
+        "gpt2-small" | "gpt2" => Some(gpt2_small()),
+        "smollm2-135m" | "llama" => Some(smollm2_135m()),
+        _ => None,
+    }
+}
+
+/// GPT-2-style initialisation: matrices and embeddings ~ N(0, std²), biases 0, norm scales 1.
+pub fn init_random(cfg: &DecoderConfig, std: f32, seed: u64) -> Params {
+    let mut p = Params::zeros(cfg);
+    let mut rng = Rng::new(seed);
+    for (name, t) in p.named_mut() {
+        if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm_f.weight" {
+            t.data.iter_mut().for_each(|x| *x = 1.0);
+        } else if t.shape.len() == 2 {
+            t.data.iter_mut().for_each(|x| *x = (rng.normal() as f32) * std);
+        }
+    }
+    p
+}
+
+/// Matrix-multiply FLOPs of one forward pass: `2 * rows * in * out` for every projection, the
+/// attention products for `n` tokens attending on average to `avg_keys` keys, and the LM head on
+/// `targets` rows. Backward costs about twice this.
+pub fn forward_flops(cfg: &DecoderConfig, n: usize, avg_keys: f64, targets: usize) -> f64 {
+    let d = cfg.hidden as f64;
+    let per_token_layer = 2.0
+        * (d * cfg.qkv_dim() as f64
+            + cfg.attn_dim() as f64 * d
+            + d * cfg.mlp_in_dim() as f64
+            + cfg.ffn_hidden as f64 * d)
+        + 4.0 * cfg.attn_dim() as f64 * avg_keys;
+    n as f64 * cfg.n_layers as f64 * per_token_layer + 2.0 * targets as f64 * d * cfg.vocab_size as f64
+}

@@ -1,0 +1,483 @@
+//! `config.json` → [`engine::DecoderConfig`]: one table row per `model_type`.
+//!
+//! Both layouts are read: transformers 4.x (`rope_theta`, `rope_scaling`, `rotary_pct` /
+//! `partial_rotary_factor`, `torch_dtype` at the top level) and transformers 5 (`rope_parameters` holding
+//! `rope_theta`, `rope_type`, `partial_rotary_factor` and the scaling fields; `dtype`).
+
+use std::path::{Path, PathBuf};
+
+use engine::{DecoderConfig, MlpKind, NormKind, PositionKind, RopeConfig, RopeScaling, RopeStyle};
+use serde_json::{Map, Value};
+
+use crate::error::{read_json, Error, Result};
+
+/// The `model_type` values this crate maps onto the decoder family.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2", "gpt_neox"];
+
+/// Which naming scheme and layout the checkpoint's tensors follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// GPT-2: `transformer.h.{i}...`, Conv1D weights stored `[in, out]`.
+    Gpt2,
+    /// Llama, Mistral, Qwen2 (and SmolLM2, which is Llama): `model.layers.{i}...`.
+    Llama,
+    /// GPT-NeoX / Pythia: `gpt_neox.layers.{i}...`, q/k/v interleaved per head.
+    GptNeox,
+}
+
+/// A parsed `config.json`: the engine's switches plus what the rest of the trainer needs from it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub decoder: DecoderConfig,
+    pub arch: Arch,
+    pub model_type: String,
+    /// The whole file, kept so that saving writes back every field this crate does not interpret.
+    pub raw: Value,
+    pub bos_token_id: Option<u32>,
+    /// `eos_token_id` may be one id or a list (Llama 3 instruct); empty when absent.
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// `dtype` (transformers 5) or `torch_dtype` (4.x) as written, e.g. `"bfloat16"`.
+    pub dtype: Option<String>,
+    /// The file this was read from (for messages).
+    pub path: PathBuf,
+}
+
+/// Reads `path` (a `config.json`) and maps it onto the decoder family.
+///
+/// Special-token ids missing from `config.json` are taken from `generation_config.json` beside it.
+pub fn parse_config(path: &Path) -> Result<ModelConfig> {
+    let raw = read_json(path)?;
+    let mut cfg = config_from_json(raw, path)?;
+    if cfg.eos_token_ids.is_empty() || cfg.bos_token_id.is_none() || cfg.pad_token_id.is_none() {
+        let gen = path.with_file_name("generation_config.json");
+        if gen.is_file() {
+            if let Ok(Value::Object(g)) = read_json(&gen) {
+                let f = Fields { path: &gen, obj: &g, prefix: "" };
+                if cfg.eos_token_ids.is_empty() {
+                    cfg.eos_token_ids = f.ids("eos_token_id")?;
+                }
+                if cfg.bos_token_id.is_none() {
+                    cfg.bos_token_id = f.ids("bos_token_id")?.first().copied();
+                }
+                if cfg.pad_token_id.is_none() {
+                    cfg.pad_token_id = f.ids("pad_token_id")?.first().copied();
+                }
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+/// Maps an already-parsed `config.json` value; `path` is only used in messages.
+pub fn config_from_json(raw: Value, path: &Path) -> Result<ModelConfig> {
+    let Value::Object(obj) = &raw else {
+        return Err(Error::field(path, "<root>", "config.json must hold a JSON object"));
+    };
+    let f = Fields { path, obj, prefix: "" };
+    let model_type = f.req_str("model_type")?.to_string();
+    let (arch, decoder) = match model_type.as_str() {
+        "gpt2" => (Arch::Gpt2, gpt2(&f)?),
+        "llama" | "mistral" | "qwen2" => (Arch::Llama, llama_like(&f, &model_type)?),
+        "gpt_neox" => (Arch::GptNeox, gpt_neox(&f)?),
+        _ => return Err(Error::UnsupportedModelType { path: path.to_path_buf(), model_type }),
+    };
+    decoder.validate().map_err(|m| Error::field(path, "<model shape>", m))?;
+    let dtype = f.opt_str("dtype")?.or(f.opt_str("torch_dtype")?).map(str::to_string);
+    Ok(ModelConfig {
+        decoder,
+        arch,
+        model_type,
+        bos_token_id: f.ids("bos_token_id")?.first().copied(),
+        eos_token_ids: f.ids("eos_token_id")?,
+        pad_token_id: f.ids("pad_token_id")?.first().copied(),
+        dtype,
+        path: path.to_path_buf(),
+        raw,
+    })
+}
+
+fn gpt2(f: &Fields) -> Result<DecoderConfig> {
+    let d = f.req_usize("n_embd")?;
+    let n_heads = f.req_usize("n_head")?;
+    if f.bool_or("scale_attn_by_inverse_layer_idx", false)? {
+        return Err(f.err("scale_attn_by_inverse_layer_idx", "true is not supported (set it false)"));
+    }
+    let act = f.opt_str("activation_function")?.unwrap_or("gelu_new");
+    Ok(DecoderConfig {
+        vocab_size: f.req_usize("vocab_size")?,
+        hidden: d,
+        n_layers: f.req_usize("n_layer")?,
+        n_heads,
+        n_kv_heads: n_heads,
+        head_dim: f.divide(d, n_heads, "n_head")?,
+        ffn_hidden: f.opt_usize("n_inner")?.unwrap_or(4 * d),
+        max_positions: f.req_usize("n_positions")?,
+        norm: NormKind::LayerNorm { eps: f.f32_or("layer_norm_epsilon", 1e-5)? },
+        mlp: gelu_kind(f, "activation_function", act)?,
+        positions: PositionKind::Learned,
+        qkv_bias: true,
+        attn_out_bias: true,
+        mlp_bias: true,
+        parallel_residual: false,
+        tied_embeddings: f.bool_or("tie_word_embeddings", true)?,
+        sliding_window: None,
+    })
+}
+
+fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
+    let d = f.req_usize("hidden_size")?;
+    let n_heads = f.req_usize("num_attention_heads")?;
+    let head_dim = match f.opt_usize("head_dim")? {
+        Some(h) => h,
+        None => f.divide(d, n_heads, "num_attention_heads")?,
+    };
+    let act = f.opt_str("hidden_act")?.unwrap_or("silu");
+    if act != "silu" {
+        return Err(f.err("hidden_act", format!("`{act}` is not supported; this family needs `silu` (SwiGLU)")));
+    }
+    let (qkv_bias, attn_out_bias, mlp_bias) = if model_type == "qwen2" {
+        (true, false, false)
+    } else {
+        let attn = f.bool_or("attention_bias", false)?;
+        (attn, attn, f.bool_or("mlp_bias", false)?)
+    };
+    let sliding_window =
+        if model_type == "qwen2" && !f.bool_or("use_sliding_window", false)? { None } else { sliding_window(f)? };
+    Ok(DecoderConfig {
+        vocab_size: f.req_usize("vocab_size")?,
+        hidden: d,
+        n_layers: f.req_usize("num_hidden_layers")?,
+        n_heads,
+        n_kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(n_heads),
+        head_dim,
+        ffn_hidden: f.req_usize("intermediate_size")?,
+        max_positions: f.req_usize("max_position_embeddings")?,
+        norm: NormKind::RmsNorm { eps: f.f32_or("rms_norm_eps", 1e-6)? },
+        mlp: MlpKind::SwiGlu,
+        positions: PositionKind::Rotary(rope(f, head_dim, 1.0)?),
+        qkv_bias,
+        attn_out_bias,
+        mlp_bias,
+        parallel_residual: false,
+        tied_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        sliding_window,
+    })
+}
+
+/// One window for every layer, or none. transformers 5 writes `layer_types`; a mix of sliding and full
+/// layers (Qwen2's `max_window_layers`) cannot be expressed by the engine and is refused.
+fn sliding_window(f: &Fields) -> Result<Option<usize>> {
+    let Some(window) = f.opt_usize("sliding_window")? else { return Ok(None) };
+    let n_layers = f.req_usize("num_hidden_layers")?;
+    let sliding: Vec<bool> = match f.obj.get("layer_types") {
+        Some(Value::Array(types)) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
+        _ => match f.opt_usize("max_window_layers")? {
+            // Qwen2: layers from `max_window_layers` on use the window.
+            Some(m) if f.obj.contains_key("use_sliding_window") => (0..n_layers).map(|i| i >= m).collect(),
+            _ => vec![true; n_layers],
+        },
+    };
+    if sliding.iter().all(|&s| s) {
+        Ok(Some(window))
+    } else if sliding.iter().all(|&s| !s) {
+        Ok(None)
+    } else {
+        Err(f.err(
+            "layer_types",
+            "sliding-window attention on some layers only is not supported (the engine applies one window to all layers)",
+        ))
+    }
+}
+
+fn gpt_neox(f: &Fields) -> Result<DecoderConfig> {
+    let d = f.req_usize("hidden_size")?;
+    let n_heads = f.req_usize("num_attention_heads")?;
+    let head_dim = f.divide(d, n_heads, "num_attention_heads")?;
+    let act = f.opt_str("hidden_act")?.unwrap_or("gelu");
+    let bias = f.bool_or("attention_bias", true)?;
+    Ok(DecoderConfig {
+        vocab_size: f.req_usize("vocab_size")?,
+        hidden: d,
+        n_layers: f.req_usize("num_hidden_layers")?,
+        n_heads,
+        n_kv_heads: n_heads,
+        head_dim,
+        ffn_hidden: f.req_usize("intermediate_size")?,
+        max_positions: f.req_usize("max_position_embeddings")?,
+        norm: NormKind::LayerNorm { eps: f.f32_or("layer_norm_eps", 1e-5)? },
+        mlp: gelu_kind(f, "hidden_act", act)?,
+        // GPTNeoXConfig's default rotary_pct is 0.25.
+        positions: PositionKind::Rotary(rope(f, head_dim, 0.25)?),
+        qkv_bias: bias,
+        attn_out_bias: bias,
+        mlp_bias: true,
+        parallel_residual: f.bool_or("use_parallel_residual", true)?,
+        tied_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        sliding_window: None,
+    })
+}
+
+fn gelu_kind(f: &Fields, field: &str, act: &str) -> Result<MlpKind> {
+    match act {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(MlpKind::GeluTanh),
+        "gelu" => Ok(MlpKind::GeluErf),
+        _ => Err(f.err(field, format!("activation `{act}` is not supported (gelu, gelu_new, gelu_pytorch_tanh)"))),
+    }
+}
+
+/// Rotary settings from `rope_parameters` (transformers 5) or the top-level `rope_theta` / `rope_scaling`
+/// / `rotary_pct` / `partial_rotary_factor` (4.x).
+fn rope(f: &Fields, head_dim: usize, default_partial: f64) -> Result<RopeConfig> {
+    let section = |name: &'static str| match f.obj.get(name) {
+        Some(Value::Object(p)) => Ok(Some(Fields { path: f.path, obj: p, prefix: name })),
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => Err(f.err(name, format!("expected an object or null, found {v}"))),
+    };
+    let params = section("rope_parameters")?;
+    let legacy = section("rope_scaling")?;
+    let in_params = |name: &str| match &params {
+        Some(p) => p.opt_f64(name),
+        None => Ok(None),
+    };
+
+    let theta = match in_params("rope_theta")? {
+        Some(t) => t,
+        None => f.opt_f64("rope_theta")?.or(f.opt_f64("rotary_emb_base")?).unwrap_or(10000.0),
+    };
+    let partial = match in_params("partial_rotary_factor")? {
+        Some(p) => p,
+        None => f.opt_f64("partial_rotary_factor")?.or(f.opt_f64("rotary_pct")?).unwrap_or(default_partial),
+    };
+    if !(partial > 0.0 && partial <= 1.0) {
+        return Err(f.err("partial_rotary_factor", format!("{partial} must be in (0, 1]")));
+    }
+    // transformers: int(head_dim * partial_rotary_factor)
+    let rotary_dim = (head_dim as f64 * partial) as usize;
+
+    // The scaling fields: transformers 5 keeps them in rope_parameters, 4.x in rope_scaling.
+    let s = match (params, legacy) {
+        (Some(p), _) if p.obj.contains_key("rope_type") || p.obj.contains_key("type") => p,
+        (_, Some(l)) => l,
+        (Some(p), None) => p,
+        (None, None) => {
+            return Ok(RopeConfig {
+                theta: theta as f32,
+                rotary_dim,
+                style: RopeStyle::Half,
+                scaling: RopeScaling::None,
+            })
+        }
+    };
+    let rope_type = s.opt_str("rope_type")?.or(s.opt_str("type")?).unwrap_or("default");
+    let req = |name: &str| -> Result<f64> {
+        s.opt_f64(name)?.ok_or_else(|| s.err(name, format!("missing; required by rope type `{rope_type}`")))
+    };
+    let scaling = match rope_type {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: req("factor")? as f32 },
+        "llama3" => RopeScaling::Llama3 {
+            factor: req("factor")? as f32,
+            low_freq_factor: req("low_freq_factor")? as f32,
+            high_freq_factor: req("high_freq_factor")? as f32,
+            original_max_positions: s
+                .opt_usize("original_max_position_embeddings")?
+                .ok_or_else(|| s.err("original_max_position_embeddings", "missing; required by rope type `llama3`"))?,
+        },
+        other => return Err(Error::UnsupportedRope { path: f.path.to_path_buf(), rope_type: other.to_string() }),
+    };
+    Ok(RopeConfig { theta: theta as f32, rotary_dim, style: RopeStyle::Half, scaling })
+}
+
+/// Typed access to one JSON object, with errors that name the file and the field.
+#[derive(Clone, Copy)]
+struct Fields<'a> {
+    path: &'a Path,
+    obj: &'a Map<String, Value>,
+    /// `""` for the top level, else the enclosing object's field name (`rope_parameters`).
+    prefix: &'static str,
+}
+
+impl Fields<'_> {
+    fn err(&self, field: &str, msg: impl Into<String>) -> Error {
+        if self.prefix.is_empty() {
+            Error::field(self.path, field, msg)
+        } else {
+            Error::field(self.path, &format!("{}.{field}", self.prefix), msg)
+        }
+    }
+
+    /// `None` for an absent or null field.
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.obj.get(name).filter(|v| !v.is_null())
+    }
+
+    fn req_str(&self, name: &str) -> Result<&str> {
+        self.opt_str(name)?.ok_or_else(|| self.err(name, "missing; expected a string"))
+    }
+
+    fn opt_str(&self, name: &str) -> Result<Option<&str>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.err(name, format!("expected a string, found {v}"))),
+        }
+    }
+
+    fn req_usize(&self, name: &str) -> Result<usize> {
+        self.opt_usize(name)?.ok_or_else(|| self.err(name, "missing; expected a non-negative integer"))
+    }
+
+    fn opt_usize(&self, name: &str) -> Result<Option<usize>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| self.err(name, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+
+    fn opt_f64(&self, name: &str) -> Result<Option<f64>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| self.err(name, format!("expected a finite number, found {v}"))),
+        }
+    }
+
+    fn f32_or(&self, name: &str, default: f32) -> Result<f32> {
+        Ok(self.opt_f64(name)?.map(|x| x as f32).unwrap_or(default))
+    }
+
+    fn bool_or(&self, name: &str, default: bool) -> Result<bool> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.err(name, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    /// A token id field: absent/null, one id, or a list of ids.
+    fn ids(&self, name: &str) -> Result<Vec<u32>> {
+        let one = |v: &Value| {
+            v.as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| self.err(name, format!("expected a token id (or a list of ids), found {v}")))
+        };
+        match self.get(name) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a.iter().map(one).collect(),
+            Some(v) => Ok(vec![one(v)?]),
+        }
+    }
+
+    fn divide(&self, d: usize, heads: usize, heads_field: &str) -> Result<usize> {
+        if heads == 0 || d % heads != 0 {
+            return Err(self.err(heads_field, format!("hidden size {d} is not divisible by {heads} heads")));
+        }
+        Ok(d / heads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        config_from_json(v, Path::new("config.json"))
+    }
+
+    fn llama(extra: Value) -> Value {
+        let mut base = json!({
+            "model_type": "llama", "vocab_size": 100, "hidden_size": 32, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 64, "max_position_embeddings": 128,
+            "eos_token_id": [1, 2], "bos_token_id": 0
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        base
+    }
+
+    #[test]
+    fn llama_defaults_and_ids() {
+        let c = parse(llama(json!({}))).unwrap();
+        assert_eq!(c.decoder.head_dim, 8);
+        assert_eq!(c.decoder.n_kv_heads, 4);
+        assert_eq!(c.eos_token_ids, vec![1, 2]);
+        assert!(!c.decoder.tied_embeddings && !c.decoder.qkv_bias);
+        let PositionKind::Rotary(r) = c.decoder.positions else { panic!() };
+        assert_eq!((r.theta, r.rotary_dim, r.scaling), (10000.0, 8, RopeScaling::None));
+    }
+
+    #[test]
+    fn linear_scaling_both_layouts() {
+        let v4 = parse(llama(json!({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}}))).unwrap();
+        let v5 = parse(llama(json!({"rope_parameters": {"rope_theta": 5e5, "rope_type": "linear", "factor": 2.0}})))
+            .unwrap();
+        assert_eq!(v4.decoder, v5.decoder);
+        let PositionKind::Rotary(r) = v5.decoder.positions else { panic!() };
+        assert_eq!((r.theta, r.scaling), (5e5, RopeScaling::Linear { factor: 2.0 }));
+    }
+
+    #[test]
+    fn unsupported_rope_and_model_type_are_named() {
+        let e = parse(llama(json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))).unwrap_err();
+        assert!(e.to_string().contains("`yarn`"), "{e}");
+        let e = parse(llama(json!({"model_type": "bert"}))).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("`bert`") && m.contains("gpt_neox") && m.contains("qwen2"), "{m}");
+        let e = parse(llama(json!({"hidden_act": "gelu"}))).unwrap_err();
+        assert!(e.to_string().contains("hidden_act"), "{e}");
+        let e = parse(llama(json!({"hidden_size": "big"}))).unwrap_err();
+        assert!(e.to_string().contains("`hidden_size`"), "{e}");
+    }
+
+    #[test]
+    fn qwen2_and_mistral_switches() {
+        let q = parse(llama(json!({"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": false,
+                                    "max_window_layers": 2})))
+        .unwrap();
+        assert!(q.decoder.qkv_bias && !q.decoder.attn_out_bias && q.decoder.sliding_window.is_none());
+        let q = parse(llama(json!({"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": true,
+                                    "max_window_layers": 0})))
+        .unwrap();
+        assert_eq!(q.decoder.sliding_window, Some(64));
+        let q = parse(llama(json!({"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": true,
+                                    "max_window_layers": 1})));
+        assert!(q.is_err());
+        let m = parse(llama(json!({"model_type": "mistral", "sliding_window": null}))).unwrap();
+        assert_eq!(m.decoder.sliding_window, None);
+        let m = parse(llama(json!({"model_type": "mistral", "sliding_window": 4096}))).unwrap();
+        assert_eq!(m.decoder.sliding_window, Some(4096));
+    }
+
+    #[test]
+    fn gpt2_defaults() {
+        let c = parse(json!({"model_type": "gpt2", "vocab_size": 50, "n_embd": 16, "n_head": 2, "n_layer": 1,
+                             "n_positions": 32, "n_inner": null}))
+        .unwrap();
+        assert_eq!(c.decoder.ffn_hidden, 64);
+        assert_eq!(c.decoder.mlp, MlpKind::GeluTanh);
+        assert!(c.decoder.tied_embeddings);
+        assert!(c.eos_token_ids.is_empty());
+    }
+
+    #[test]
+    fn neox_partial_rotary() {
+        let base = json!({"model_type": "gpt_neox", "vocab_size": 50, "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 1, "intermediate_size": 128, "max_position_embeddings": 32,
+            "rotary_pct": 0.5, "rotary_emb_base": 1000, "hidden_act": "gelu"});
+        let c = parse(base).unwrap();
+        let PositionKind::Rotary(r) = c.decoder.positions else { panic!() };
+        assert_eq!((r.rotary_dim, r.theta), (8, 1000.0));
+        assert_eq!(c.decoder.mlp, MlpKind::GeluErf);
+        assert!(c.decoder.parallel_residual && c.decoder.qkv_bias && !c.decoder.tied_embeddings);
+    }
+}

@@ -1,0 +1,25 @@
+//! Hugging Face model directories for the DPO trainer.
+//!
+//! - [`config`]: `config.json` (transformers 4.x and 5 layouts) → [`engine::DecoderConfig`].
+//! - [`safetensors`]: a validating reader (memory-mapped, F64/F32/F16/BF16 → f32, sharded checkpoints) and
+//!   an atomic f32 writer.
+//! - [`weights`]: HF tensor names and layouts ↔ [`engine::Params`] for GPT-2, Llama/Mistral/Qwen2 and
+//!   GPT-NeoX.
+//! - [`tokenizer`]: `tokenizer.json`, special tokens and the chat template (sandboxed minijinja).
+//! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
+//!
+//! Every error is an [`Error`] naming the file, tensor or JSON field at fault.
+
+pub mod config;
+pub mod error;
+pub mod model_dir;
+pub mod safetensors;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{config_from_json, parse_config, Arch, ModelConfig, SUPPORTED_MODEL_TYPES};
+pub use error::{Error, Result};
+pub use model_dir::{load_model, load_tokenizer, save_model, HfModel};
+pub use safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
+pub use tokenizer::{ChatMessage, SpecialToken, Tokenizer};
+pub use weights::{check_params, load_params, load_params_file, params_from_checkpoint, to_hf_tensors};
