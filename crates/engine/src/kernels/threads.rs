@@ -109,16 +109,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernels_pool_starts_with_flush_to_zero() {
+    fn init_sets_flush_to_zero_on_the_caller() {
         init_threads(2);
         assert!(num_threads() >= 1);
-        let flushed: Vec<bool> = rayon::broadcast(|_| {
-            let tiny = std::hint::black_box(f32::MIN_POSITIVE);
-            std::hint::black_box(tiny * 0.5) == 0.0
-        });
-        // The pool may have been built by another test before `init_threads` ran; the caller's mode is set.
+        // (The pool's threads get the same mode when `init_threads` is what builds the pool; another
+        // test may have used rayon first in this process, so only the caller's mode is checked.)
         let tiny = std::hint::black_box(f32::MIN_POSITIVE);
         assert_eq!(std::hint::black_box(tiny * 0.5), 0.0);
-        let _ = flushed;
     }
 }
