@@ -2,6 +2,8 @@
 //! programs built from them.
 
 pub mod data;
+pub mod demo;
 pub mod io;
 pub mod objectives;
 pub mod scoring;
+pub mod train;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dpo::data::{load_pairs, pack::sum_ranges, pack_pairs, Example, Packing};
+use dpo::data::{load_pairs, pack::sum_ranges, pack_pairs, DataOptions, Example, Packing};
 use dpo::scoring::{score_pairs, PairScore};
 use engine::{Activations, Decoder, Params};
 
@@ -47,9 +47,9 @@ fn load(dir: &Path) -> (Decoder, Params, hf::HfModel) {
 
 fn examples(file: &str, model_dir: &Path) -> Vec<Example> {
     let tok = hf::load_tokenizer(model_dir).unwrap();
-    let (ex, stats) = load_pairs(&fixtures().join("data").join(file), Some(&tok)).unwrap();
-    assert_eq!(stats.prompt_not_prefix, 0);
-    ex
+    let loaded = load_pairs(&fixtures().join("data").join(file), Some(&tok), &DataOptions::default()).unwrap();
+    assert_eq!(loaded.stats.prompt_not_prefix, 0);
+    loaded.examples
 }
 
 fn score(dir: &Path, ex: &[Example], packing: Packing) -> Vec<PairScore> {

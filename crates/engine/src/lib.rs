@@ -6,6 +6,7 @@ pub mod batch;
 pub mod config;
 pub mod kernels;
 pub mod model;
+pub mod optim;
 pub mod params;
 pub mod presets;
 pub mod rng;

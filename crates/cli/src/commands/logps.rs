@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use dpo::data::{load_pairs, Packing};
+use dpo::data::{load_pairs, DataOptions, Packing};
 use dpo::scoring::score_pairs;
 use engine::Decoder;
 
@@ -32,7 +32,8 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
     let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
-    let (examples, stats) = load_pairs(&a.data, tok.as_ref())?;
+    let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
+    let (examples, stats) = (loaded.examples, loaded.stats);
     if stats.prompt_not_prefix > 0 {
         eprintln!(
             "warning: in {} of {} rows the tokenized prompt is not a prefix of prompt+completion; \

@@ -1,8 +1,16 @@
 //! One file per command.
 
 mod bench_engine;
+mod eval;
 mod logps;
+mod progress;
+mod reward;
+mod train;
 
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// Direct Preference Optimization for Hugging Face decoder models, on the CPU, without Python.
@@ -18,6 +26,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train a policy on preference pairs (DPO and its variants).
+    Train(Box<train::Args>),
+    /// Loss and reward metrics of a model on a preference file.
+    Eval(Box<eval::Args>),
+    /// The implicit reward beta*log(pi/ref) of each row's completions.
+    Reward(reward::Args),
     /// Summed log-probs of the chosen and rejected completions of every preference row.
     Logps(logps::Args),
     /// Forward and forward+backward throughput of the engine on a model shape with random weights.
@@ -27,6 +41,9 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     engine::kernels::init_threads(cli.threads.unwrap_or_else(default_threads));
     match cli.command {
+        Command::Train(a) => train::run(*a),
+        Command::Eval(a) => eval::run(*a),
+        Command::Reward(a) => reward::run(a),
         Command::Logps(a) => logps::run(a),
         Command::BenchEngine(a) => bench_engine::run(a),
     }
@@ -34,4 +51,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Writes a command's output to `out` atomically, or to standard output.
+fn emit(out: Option<&Path>, text: &str) -> anyhow::Result<()> {
+    match out {
+        Some(path) => {
+            dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+        }
+        None => Ok(std::io::stdout().lock().write_all(text.as_bytes())?),
+    }
 }

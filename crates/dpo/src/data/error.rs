@@ -1,16 +1,16 @@
 use std::path::PathBuf;
 
 /// Everything that can be wrong with a data file, each naming the file and, where there is one, the
-/// line (JSONL) or element (JSON array) and the field.
+/// line (JSONL), element (JSON array) or row (Parquet) and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} is a directory; pass a data file (.jsonl, .json)")]
+    #[error("{path} is a directory; pass a data file (.jsonl, .json, .parquet)")]
     IsDirectory { path: PathBuf },
     #[error("{path} holds no rows")]
     Empty { path: PathBuf },
-    #[error("{path}: unsupported file type {ext:?}; use .jsonl or .json")]
+    #[error("{path}: unsupported file type {ext:?}; use .jsonl, .json or .parquet")]
     UnsupportedFormat { path: PathBuf, ext: String },
     #[error("{path}, {location}: {message}")]
     Parse { path: PathBuf, location: String, message: String },
@@ -18,4 +18,9 @@ pub enum DataError {
     Field { path: PathBuf, location: String, field: String, message: String },
     #[error("{path}, {location}: {message}")]
     Tokenize { path: PathBuf, location: String, message: String },
+    /// Every row was skipped or dropped: training on nothing is never what was meant.
+    #[error("{path}: no usable rows ({summary})")]
+    NoExamples { path: PathBuf, summary: String },
+    #[error("invalid data option: {0}")]
+    Options(String),
 }

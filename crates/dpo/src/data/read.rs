@@ -2,79 +2,114 @@
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 use super::DataError;
 
 #[derive(Clone, Debug)]
 pub struct Record {
-    /// "line 12" (JSONL) or "element 3" (JSON array): what error messages cite.
+    /// "line 12" (JSONL), "element 3" (JSON array) or "row 5" (Parquet): what error messages cite.
     pub location: String,
     pub fields: Map<String, Value>,
 }
 
-/// Reads every record of a `.jsonl` (one object per line; blank lines skipped) or `.json` (an array of
-/// objects) file. Bytes that are not UTF-8 and lines that are not JSON objects are errors naming the line.
+/// Reads every record of a `.jsonl` (one object per line; blank lines skipped), `.json` (an array of
+/// objects, or JSON Lines as `datasets.Dataset.to_json` writes them) or `.parquet` file. Bytes that are
+/// not UTF-8 and lines that are not JSON objects are errors naming the line.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
+    map_records(path, |r| r)?.into_iter().collect()
+}
+
+/// Reads `path` and applies `f` to every record, or to the error that made one line, element or row
+/// unreadable (so that a caller may skip it), in parallel; the results come back in file order.
+/// Problems with the file as a whole (missing, a directory, no rows, an unknown extension, a JSON array
+/// that does not parse) are the outer error.
+pub fn map_records<T, F>(path: &Path, f: F) -> Result<Vec<T>, DataError>
+where
+    T: Send,
+    F: Fn(Result<Record, DataError>) -> T + Sync + Send,
+{
     let p = || path.to_path_buf();
     if path.is_dir() {
         return Err(DataError::IsDirectory { path: p() });
     }
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: p(), source })?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let records = match ext.as_str() {
-        "jsonl" | "ndjson" => jsonl(path, &bytes)?,
-        "json" => json_array(path, &bytes)?,
+    let out = match ext.as_str() {
+        "parquet" => super::parquet::map_rows(path, &f)?,
+        "jsonl" | "ndjson" | "json" => {
+            let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: p(), source })?;
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+            // `Dataset.to_json` writes JSON Lines under a `.json` name, so the first byte decides, not the name.
+            let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+            if ext == "json" && first == Some(&b'[') {
+                json_array(path, bytes, &f)?
+            } else {
+                jsonl(path, bytes, &f)
+            }
+        }
         _ => return Err(DataError::UnsupportedFormat { path: p(), ext }),
     };
-    if records.is_empty() {
+    if out.is_empty() {
         return Err(DataError::Empty { path: p() });
-    }
-    Ok(records)
-}
-
-fn jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Record>, DataError> {
-    let mut out = Vec::new();
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let location = format!("line {}", i + 1);
-        let parse_err =
-            |message: String| DataError::Parse { path: PathBuf::from(path), location: location.clone(), message };
-        let text = std::str::from_utf8(line).map_err(|e| parse_err(format!("not UTF-8 text ({e})")))?;
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let value: Value = serde_json::from_str(text).map_err(|e| parse_err(format!("invalid JSON: {e}")))?;
-        match value {
-            Value::Object(fields) => out.push(Record { location, fields }),
-            other => return Err(parse_err(format!("expected a JSON object, found {}", kind(&other)))),
-        }
     }
     Ok(out)
 }
 
-fn json_array(path: &Path, bytes: &[u8]) -> Result<Vec<Record>, DataError> {
-    let err = |location: &str, message: String| DataError::Parse {
-        path: PathBuf::from(path),
-        location: location.to_string(),
-        message,
-    };
-    let text = std::str::from_utf8(bytes).map_err(|e| err("file", format!("not UTF-8 text ({e})")))?;
-    let value: Value = serde_json::from_str(text).map_err(|e| err("file", format!("invalid JSON: {e}")))?;
+fn jsonl<T: Send>(path: &Path, bytes: &[u8], f: &(impl Fn(Result<Record, DataError>) -> T + Sync)) -> Vec<T> {
+    let lines: Vec<(usize, &[u8])> = bytes.split(|&b| b == b'\n').enumerate().collect();
+    lines
+        .into_par_iter()
+        .filter_map(|(i, line)| {
+            let location = format!("line {}", i + 1);
+            let parse_err =
+                |message: String| DataError::Parse { path: PathBuf::from(path), location: location.clone(), message };
+            let text = match std::str::from_utf8(line) {
+                Ok(t) => t.trim(),
+                Err(e) => return Some(f(Err(parse_err(format!("not UTF-8 text ({e})"))))),
+            };
+            if text.is_empty() {
+                return None;
+            }
+            let record = match serde_json::from_str(text) {
+                Ok(Value::Object(fields)) => Ok(Record { location: location.clone(), fields }),
+                Ok(other) => Err(parse_err(format!("expected a JSON object, found {}", kind(&other)))),
+                Err(e) => Err(parse_err(format!("invalid JSON: {e}"))),
+            };
+            Some(f(record))
+        })
+        .collect()
+}
+
+fn json_array<T: Send>(
+    path: &Path,
+    bytes: &[u8],
+    f: &(impl Fn(Result<Record, DataError>) -> T + Sync),
+) -> Result<Vec<T>, DataError> {
+    let err = |location: String, message: String| DataError::Parse { path: PathBuf::from(path), location, message };
+    // One array is one parse: an error here is the file's, cited by the line it is on.
+    if let Err(e) = std::str::from_utf8(bytes) {
+        let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+        return Err(err(format!("line {line}"), format!("not UTF-8 text ({e})")));
+    }
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| err("file".into(), format!("invalid JSON: {e}")))?;
     let Value::Array(items) = value else {
-        return Err(err("file", format!("expected a JSON array of objects, found {}", kind(&value))));
+        return Err(err("file".into(), format!("expected a JSON array of objects, found {}", kind(&value))));
     };
-    items
-        .into_iter()
+    Ok(items
+        .into_par_iter()
         .enumerate()
         .map(|(i, v)| {
             let location = format!("element {}", i + 1);
-            match v {
+            f(match v {
                 Value::Object(fields) => Ok(Record { location, fields }),
-                other => Err(err(&location, format!("expected a JSON object, found {}", kind(&other)))),
-            }
+                other => {
+                    let message = format!("expected a JSON object, found {}", kind(&other));
+                    Err(err(location, message))
+                }
+            })
         })
-        .collect()
+        .collect())
 }
 
 /// "a string", "an array", ...: for messages about wrong types.
@@ -86,5 +121,69 @@ pub fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{scratch, write};
+    use super::*;
+
+    fn err(path: &Path) -> String {
+        read_records(path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn jsonl_skips_blank_lines_and_names_lines() {
+        let dir = scratch("read-jsonl");
+        let path = write(&dir, "a.jsonl", "\u{feff}{\"a\": 1}\n\n  \r\n{\"a\": 2}\r\n");
+        let recs = read_records(&path).unwrap();
+        assert_eq!(recs.iter().map(|r| r.location.as_str()).collect::<Vec<_>>(), ["line 1", "line 4"]);
+        assert_eq!(recs[1].fields["a"], 2);
+    }
+
+    #[test]
+    fn json_array_and_json_lines_under_a_json_name() {
+        let dir = scratch("read-json");
+        let recs = read_records(&write(&dir, "a.json", "[{\"a\": 1},\n {\"a\": 2}]")).unwrap();
+        assert_eq!((recs.len(), recs[1].location.as_str()), (2, "element 2"));
+        // `datasets.Dataset.to_json` writes JSON Lines with a .json name.
+        let recs = read_records(&write(&dir, "b.json", "{\"a\": 1}\n{\"a\": 2}\n")).unwrap();
+        assert_eq!((recs.len(), recs[1].location.as_str()), (2, "line 2"));
+        let e = err(&write(&dir, "c.json", "[{\"a\": 1}, 3]"));
+        assert!(e.contains("c.json, element 2: expected a JSON object, found a number"), "{e}");
+        let e = err(&write(&dir, "d.json", b"[{\"a\": 1},\n{\"a\": \"\xff\"}]"));
+        assert!(e.contains("d.json, line 2: not UTF-8"), "{e}");
+        let e = err(&write(&dir, "e.json", "[{\"a\": 1},\n{\"a\" 2}]"));
+        assert!(e.contains("e.json, file: invalid JSON") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let dir = scratch("read-errors");
+        let e = err(&write(&dir, "bad.jsonl", "{\"a\": 1}\n{\"a\": \n"));
+        assert!(e.contains("bad.jsonl, line 2: invalid JSON"), "{e}");
+        let e = err(&write(&dir, "arr.jsonl", "{\"a\": 1}\n[1, 2]\n"));
+        assert!(e.contains("arr.jsonl, line 2: expected a JSON object, found an array"), "{e}");
+        let e = err(&write(&dir, "bytes.jsonl", b"{\"a\": 1}\n{\"a\": \"\xc3\x28\"}\n"));
+        assert!(e.contains("bytes.jsonl, line 2: not UTF-8 text"), "{e}");
+        let e = err(&write(&dir, "empty.jsonl", "\n\n"));
+        assert!(e.contains("empty.jsonl holds no rows"), "{e}");
+        let e = err(&write(&dir, "empty.json", "[]"));
+        assert!(e.contains("empty.json holds no rows"), "{e}");
+        let e = err(&dir);
+        assert!(e.contains("read-errors is a directory"), "{e}");
+        let e = err(&write(&dir, "data.csv", "a,b"));
+        assert!(e.contains("unsupported file type \"csv\""), "{e}");
+        let e = err(&dir.join("missing.jsonl"));
+        assert!(e.contains("cannot read") && e.contains("missing.jsonl"), "{e}");
+    }
+
+    #[test]
+    fn map_records_keeps_file_order() {
+        let dir = scratch("read-order");
+        let text: String = (0..5000).map(|i| format!("{{\"i\": {i}}}\n")).collect();
+        let out = map_records(&write(&dir, "many.jsonl", text), |r| r.unwrap().fields["i"].as_u64().unwrap()).unwrap();
+        assert_eq!(out, (0..5000).collect::<Vec<u64>>());
     }
 }

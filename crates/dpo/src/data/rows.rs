@@ -1,11 +1,16 @@
-//! Records to preference rows, in every layout TRL accepts for pairs:
+//! Records to rows, in every layout TRL accepts:
 //!
 //! | fields | layout |
 //! | --- | --- |
-//! | `prompt_ids`, `chosen_ids`, `rejected_ids` | pre-tokenized |
-//! | `prompt`, `chosen`, `rejected` (strings) | explicit prompt |
-//! | `chosen`, `rejected` (strings) | implicit prompt: their longest common prefix (Anthropic HH) |
-//! | the same with lists of `{"role", "content"}` messages | conversational (chat template) |
+//! | `prompt_ids`, `chosen_ids`, `rejected_ids` | pre-tokenized pair |
+//! | `prompt`, `chosen`, `rejected` (strings) | pair, explicit prompt |
+//! | `chosen`, `rejected` (strings) | pair, implicit prompt: their longest common prefix (Anthropic HH) |
+//! | `prompt`, `completion`, `label` (bool) | unpaired (KTO); `prompt_ids`, `completion_ids` pre-tokenized |
+//! | `prompt`, `completion` | SFT; `prompt_ids`, `completion_ids` pre-tokenized |
+//! | any of the above with lists of `{"role", "content"}` messages | conversational (chat template) |
+//!
+//! Like TRL's KTO trainer, the unpaired reader also takes pairs, as two rows (chosen: label true,
+//! rejected: label false); the SFT reader takes pairs' chosen side (the DPO paper's "preferred-FT").
 
 use std::path::Path;
 
@@ -37,70 +42,159 @@ pub struct PreferenceRow {
     pub rejected: Text,
 }
 
-/// Reads one pair from a record; errors name the file, the record and the field.
-pub fn parse_preference_row(path: &Path, r: &Record) -> Result<PreferenceRow, DataError> {
-    let field_err = |field: &str, message: String| DataError::Field {
-        path: path.to_path_buf(),
-        location: r.location.clone(),
-        field: field.to_string(),
-        message,
-    };
-    let get = |field: &str| -> Result<&Value, DataError> {
-        r.fields.get(field).ok_or_else(|| field_err(field, "missing".into()))
-    };
-    let row = |prompt, chosen, rejected| PreferenceRow { location: r.location.clone(), prompt, chosen, rejected };
+/// One completion judged on its own (KTO): `label` is true for a desirable completion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnpairedRow {
+    pub location: String,
+    pub prompt: Text,
+    pub completion: Text,
+    pub label: bool,
+}
 
-    if r.fields.contains_key("chosen_ids") || r.fields.contains_key("prompt_ids") {
-        let ids = |field: &str| -> Result<Text, DataError> {
-            let v = get(field)?;
-            let Value::Array(items) = v else {
-                return Err(field_err(field, format!("expected an array of token ids, found {}", kind(v))));
-            };
-            items
-                .iter()
-                .map(|x| {
-                    x.as_u64()
-                        .filter(|&t| t <= u32::MAX as u64)
-                        .map(|t| t as u32)
-                        .ok_or_else(|| field_err(field, format!("token ids are non-negative integers, found {x}")))
-                })
-                .collect::<Result<Vec<u32>, _>>()
-                .map(Text::Ids)
-        };
-        return Ok(row(ids("prompt_ids")?, ids("chosen_ids")?, ids("rejected_ids")?));
+/// One prompt and the completion to imitate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SftRow {
+    pub location: String,
+    pub prompt: Text,
+    pub completion: Text,
+}
+
+/// A record's typed getters; every error names the file, the record and the field.
+struct Fields<'a> {
+    path: &'a Path,
+    rec: &'a Record,
+}
+
+impl Fields<'_> {
+    fn err(&self, field: &str, message: String) -> DataError {
+        DataError::Field {
+            path: self.path.to_path_buf(),
+            location: self.rec.location.clone(),
+            field: field.to_string(),
+            message,
+        }
     }
 
-    let text = |field: &str| -> Result<Text, DataError> {
-        let v = get(field)?;
-        match v {
+    fn has(&self, field: &str) -> bool {
+        self.rec.fields.contains_key(field)
+    }
+
+    fn get(&self, field: &str) -> Result<&Value, DataError> {
+        self.rec.fields.get(field).ok_or_else(|| self.err(field, "missing".into()))
+    }
+
+    /// Token ids. A completion needs at least one: with none there is nothing to score, and the row
+    /// would only turn into a zero-length log-prob later.
+    fn ids(&self, field: &str, completion: bool) -> Result<Text, DataError> {
+        let v = self.get(field)?;
+        let Value::Array(items) = v else {
+            return Err(self.err(field, format!("expected an array of token ids, found {}", kind(v))));
+        };
+        if completion && items.is_empty() {
+            return Err(self.err(field, "no completion tokens".into()));
+        }
+        items
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&t| t <= u32::MAX as u64)
+                    .map(|t| t as u32)
+                    .ok_or_else(|| self.err(field, format!("token ids are non-negative integers, found {x}")))
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Text::Ids)
+    }
+
+    fn text(&self, field: &str) -> Result<Text, DataError> {
+        match self.get(field)? {
             Value::String(s) => Ok(Text::Plain(s.clone())),
             Value::Array(items) => items
                 .iter()
                 .enumerate()
-                .map(|(i, m)| message(m).map_err(|e| field_err(field, format!("message {}: {e}", i + 1))))
+                .map(|(i, m)| message(m).map_err(|e| self.err(field, format!("message {}: {e}", i + 1))))
                 .collect::<Result<Vec<_>, _>>()
                 .map(Text::Messages),
-            other => Err(field_err(field, format!("expected a string or a list of messages, found {}", kind(other)))),
+            other => Err(self.err(field, format!("expected a string or a list of messages, found {}", kind(other)))),
         }
-    };
-    let chosen = text("chosen")?;
-    let rejected = text("rejected")?;
-    let same_kind = |a: &Text, b: &Text| std::mem::discriminant(a) == std::mem::discriminant(b);
-    if !same_kind(&chosen, &rejected) {
-        return Err(field_err(
-            "rejected",
-            "must have the same form as `chosen` (both strings or both message lists)".into(),
-        ));
     }
-    if r.fields.contains_key("prompt") {
-        let prompt = text("prompt")?;
-        if !same_kind(&prompt, &chosen) {
-            return Err(field_err("prompt", "must have the same form as `chosen` (string or message list)".into()));
+
+    fn label(&self, field: &str) -> Result<bool, DataError> {
+        match self.get(field)? {
+            Value::Bool(b) => Ok(*b),
+            other => Err(self.err(field, format!("expected true or false, found {}", kind(other)))),
         }
+    }
+
+    /// Prompt and completions are all strings or all message lists: a template cannot render a mix.
+    fn same_form(&self, field: &str, a: &Text, like: &str, b: &Text) -> Result<(), DataError> {
+        if std::mem::discriminant(a) == std::mem::discriminant(b) {
+            return Ok(());
+        }
+        Err(self.err(field, format!("must have the same form as `{like}` (both strings or both message lists)")))
+    }
+}
+
+/// Reads one pair from a record; errors name the file, the record and the field.
+pub fn parse_preference_row(path: &Path, r: &Record) -> Result<PreferenceRow, DataError> {
+    let f = Fields { path, rec: r };
+    let row = |prompt, chosen, rejected| PreferenceRow { location: r.location.clone(), prompt, chosen, rejected };
+
+    if f.has("chosen_ids") || f.has("prompt_ids") {
+        return Ok(row(f.ids("prompt_ids", false)?, f.ids("chosen_ids", true)?, f.ids("rejected_ids", true)?));
+    }
+    let chosen = f.text("chosen")?;
+    let rejected = f.text("rejected")?;
+    f.same_form("rejected", &rejected, "chosen", &chosen)?;
+    if f.has("prompt") {
+        let prompt = f.text("prompt")?;
+        f.same_form("prompt", &prompt, "chosen", &chosen)?;
         return Ok(row(prompt, chosen, rejected));
     }
     let (prompt, chosen, rejected) = extract_prompt(chosen, rejected);
     Ok(row(prompt, chosen, rejected))
+}
+
+/// Whether a record is a pair rather than a single completion.
+fn is_pair(f: &Fields) -> bool {
+    f.has("chosen") || f.has("chosen_ids") || f.has("rejected") || f.has("rejected_ids")
+}
+
+/// A prompt and one completion, text or ids; shared by the unpaired and SFT readers.
+fn prompt_completion(f: &Fields) -> Result<(Text, Text), DataError> {
+    if f.has("completion_ids") || f.has("prompt_ids") {
+        return Ok((f.ids("prompt_ids", false)?, f.ids("completion_ids", true)?));
+    }
+    let completion = f.text("completion")?;
+    let prompt = f.text("prompt")?;
+    f.same_form("prompt", &prompt, "completion", &completion)?;
+    Ok((prompt, completion))
+}
+
+/// Reads one unpaired row, or two from a pair (chosen first, labelled true; then rejected, false).
+/// TRL unpairs in blocks of 1000 rows (all chosen, then all rejected); the trainer shuffles either way.
+pub fn parse_unpaired_rows(path: &Path, r: &Record) -> Result<Vec<UnpairedRow>, DataError> {
+    let f = Fields { path, rec: r };
+    let location = || r.location.clone();
+    if is_pair(&f) {
+        let p = parse_preference_row(path, r)?;
+        return Ok(vec![
+            UnpairedRow { location: location(), prompt: p.prompt.clone(), completion: p.chosen, label: true },
+            UnpairedRow { location: location(), prompt: p.prompt, completion: p.rejected, label: false },
+        ]);
+    }
+    let (prompt, completion) = prompt_completion(&f)?;
+    Ok(vec![UnpairedRow { location: location(), prompt, completion, label: f.label("label")? }])
+}
+
+/// Reads one SFT row: `prompt`/`completion`, or a pair's prompt and chosen completion.
+pub fn parse_sft_row(path: &Path, r: &Record) -> Result<SftRow, DataError> {
+    let f = Fields { path, rec: r };
+    if is_pair(&f) {
+        let p = parse_preference_row(path, r)?;
+        return Ok(SftRow { location: p.location, prompt: p.prompt, completion: p.chosen });
+    }
+    let (prompt, completion) = prompt_completion(&f)?;
+    Ok(SftRow { location: r.location.clone(), prompt, completion })
 }
 
 fn message(v: &Value) -> Result<Message, String> {
@@ -188,5 +282,65 @@ mod tests {
         let r = rec(r#"{"prompt": "p", "chosen": "c"}"#);
         let e = parse_preference_row(Path::new("d.jsonl"), &r).unwrap_err().to_string();
         assert!(e.contains("`rejected`") && e.contains("missing"), "{e}");
+    }
+    #[test]
+    fn unpaired_rows_and_pairs_unpaired() {
+        let p = Path::new("k.jsonl");
+        let r = rec(r#"{"prompt": "p", "completion": " c", "label": false}"#);
+        let rows = parse_unpaired_rows(p, &r).unwrap();
+        assert_eq!(
+            rows,
+            vec![UnpairedRow {
+                location: "line 7".into(),
+                prompt: Text::Plain("p".into()),
+                completion: Text::Plain(" c".into()),
+                label: false,
+            }]
+        );
+        let r = rec(r#"{"prompt_ids": [1], "completion_ids": [2, 3], "label": true}"#);
+        assert_eq!(parse_unpaired_rows(p, &r).unwrap()[0].completion, Text::Ids(vec![2, 3]));
+        let r = rec(r#"{"prompt": "p", "chosen": "a", "rejected": "b"}"#);
+        let rows = parse_unpaired_rows(p, &r).unwrap();
+        let got: Vec<_> = rows.iter().map(|r| (r.completion.clone(), r.label)).collect();
+        assert_eq!(got, vec![(Text::Plain("a".into()), true), (Text::Plain("b".into()), false)]);
+
+        let e = parse_unpaired_rows(p, &rec(r#"{"prompt": "p", "completion": "c", "label": 1}"#)).unwrap_err();
+        assert_eq!(e.to_string(), "k.jsonl, line 7, field `label`: expected true or false, found a number");
+        let e = parse_unpaired_rows(p, &rec(r#"{"prompt": "p", "completion": "c"}"#)).unwrap_err();
+        assert_eq!(e.to_string(), "k.jsonl, line 7, field `label`: missing");
+        let r = rec(r#"{"prompt": "p", "completion": [{"role": "assistant", "content": "c"}], "label": true}"#);
+        let e = parse_unpaired_rows(p, &r).unwrap_err().to_string();
+        assert!(e.contains("field `prompt`: must have the same form as `completion`"), "{e}");
+    }
+
+    #[test]
+    fn sft_rows_and_the_chosen_side_of_pairs() {
+        let p = Path::new("s.json");
+        let r = rec(
+            r#"{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}"#,
+        );
+        let row = parse_sft_row(p, &r).unwrap();
+        assert!(
+            matches!((&row.prompt, &row.completion), (Text::Messages(a), Text::Messages(b)) if a.len() == 1 && b[0].content == "a")
+        );
+        let r = rec(r#"{"chosen": "Q: x A: yes", "rejected": "Q: x A: no"}"#);
+        let row = parse_sft_row(p, &r).unwrap();
+        assert_eq!((row.prompt, row.completion), (Text::Plain("Q: x A:".into()), Text::Plain(" yes".into())));
+        let e = parse_sft_row(p, &rec(r#"{"prompt": "q"}"#)).unwrap_err().to_string();
+        assert_eq!(e, "s.json, line 7, field `completion`: missing");
+    }
+
+    #[test]
+    fn empty_token_id_completions_are_bad_rows() {
+        let p = Path::new("t.jsonl");
+        let r = rec(r#"{"prompt_ids": [], "chosen_ids": [], "rejected_ids": [4]}"#);
+        let e = parse_preference_row(p, &r).unwrap_err().to_string();
+        assert_eq!(e, "t.jsonl, line 7, field `chosen_ids`: no completion tokens");
+        let r = rec(r#"{"prompt_ids": [1], "completion_ids": [], "label": true}"#);
+        let e = parse_unpaired_rows(p, &r).unwrap_err().to_string();
+        assert_eq!(e, "t.jsonl, line 7, field `completion_ids`: no completion tokens");
+        // An empty prompt is allowed, as in TRL.
+        let r = rec(r#"{"prompt_ids": [], "chosen_ids": [3], "rejected_ids": [4]}"#);
+        assert_eq!(parse_preference_row(p, &r).unwrap().prompt, Text::Ids(vec![]));
     }
 }

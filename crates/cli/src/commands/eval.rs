@@ -1,0 +1,78 @@
+//! `dpo eval`: the objective and TRL's reward metrics of a model on a preference file, averaged over rows.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use dpo::data::{load_pairs, DataOptions, Packing};
+use dpo::objectives::parse_loss_list;
+use dpo::train::{evaluate, PairObjective, Reference, Workspace};
+use engine::Decoder;
+
+use super::train::ObjectiveFlags;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The model to evaluate (Hugging Face directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// Reference model; required by losses that compare with a reference (all but simpo, orpo, sft).
+    #[arg(long)]
+    ref_model: Option<PathBuf>,
+    /// Preference rows (JSONL, JSON or Parquet).
+    #[arg(long)]
+    data: PathBuf,
+    /// Write the JSON object here (atomically) instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Pairs per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Longest prompt+completion in tokens (longer ones are truncated, keeping the start).
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[command(flatten)]
+    objective: ObjectiveFlags,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let model = hf::load_model(&a.model)?;
+    let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
+    let opts = DataOptions { max_length: a.max_length, ..Default::default() };
+    let loaded = load_pairs(&a.data, tok.as_ref(), &opts)?;
+    let mut cfg = dpo::objectives::LossConfig::default();
+    a.objective.apply(&mut cfg)?;
+    let objective = PairObjective {
+        losses: parse_loss_list(a.objective.loss.as_deref().unwrap_or("sigmoid"), a.objective.loss_weights.as_deref())?,
+        cfg,
+    };
+    let reference = match &a.ref_model {
+        Some(dir) => {
+            let r = hf::load_model(dir)?;
+            Reference::Model(Arc::new((Decoder::new(r.config.decoder.clone()), r.params)))
+        }
+        None if objective.reference_free() => Reference::None,
+        None => bail!(
+            "--ref-model is required for {} (or pass --reference-free)",
+            a.objective.loss.as_deref().unwrap_or("sigmoid")
+        ),
+    };
+    let decoder = Decoder::new(model.config.decoder.clone());
+    let mut ws = Workspace::default();
+    let metrics = evaluate(
+        &decoder,
+        &model.params,
+        &reference,
+        &objective,
+        &loaded.examples,
+        a.batch_size.max(1),
+        Packing::SharedPrompt,
+        &mut ws,
+    )
+    .with_context(|| format!("evaluating {}", a.data.display()))?;
+    let mut obj = serde_json::Map::new();
+    obj.insert("rows".into(), loaded.examples.len().into());
+    obj.extend(metrics.into_iter().map(|(k, v)| (k, v.into())));
+    let text = serde_json::Value::Object(obj).to_string() + "\n";
+    super::emit(a.out.as_deref(), &text)
+}

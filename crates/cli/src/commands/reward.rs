@@ -1,0 +1,69 @@
+//! `dpo reward`: the implicit reward beta*log(pi/ref) of every completion, one JSON line per row — the
+//! paper's "your language model is secretly a reward model", usable on its own.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use dpo::data::{load_pairs, DataOptions, Packing};
+use dpo::scoring::score_pairs;
+use engine::Decoder;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The policy (a DPO-trained model).
+    #[arg(long)]
+    model: PathBuf,
+    /// The reference it was trained against.
+    #[arg(long)]
+    ref_model: PathBuf,
+    /// Preference rows (JSONL, JSON or Parquet); each row's chosen and rejected completions are scored.
+    #[arg(long)]
+    data: PathBuf,
+    /// Scale of the reward, the beta the policy was trained with.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// Pairs per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Write the JSON lines here (atomically) instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let policy = hf::load_model(&a.model)?;
+    let reference = hf::load_model(&a.ref_model)?;
+    let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
+    let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
+    let score = |m: &hf::HfModel| {
+        score_pairs(
+            &Decoder::new(m.config.decoder.clone()),
+            &m.params,
+            &loaded.examples,
+            Packing::SharedPrompt,
+            a.batch_size,
+            |_| {},
+        )
+        .with_context(|| format!("scoring {} with {}", a.data.display(), m.dir.display()))
+    };
+    let (p, r) = (score(&policy)?, score(&reference)?);
+    let mut text = String::new();
+    for (p, r) in p.iter().zip(&r) {
+        let (c, j) = (a.beta * (p.chosen_logps - r.chosen_logps), a.beta * (p.rejected_logps - r.rejected_logps));
+        let line = serde_json::json!({
+            "chosen_reward": c,
+            "rejected_reward": j,
+            "margin": c - j,
+            "chosen_preferred": c > j,
+            "chosen_logps": p.chosen_logps,
+            "rejected_logps": p.rejected_logps,
+            "ref_chosen_logps": r.chosen_logps,
+            "ref_rejected_logps": r.rejected_logps,
+            "chosen_len": p.chosen_len,
+            "rejected_len": p.rejected_len,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    super::emit(a.out.as_deref(), &text)
+}

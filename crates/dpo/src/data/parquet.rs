@@ -1,0 +1,348 @@
+//! Parquet files (as the Hugging Face hub stores datasets) to the same JSON records the JSON readers
+//! give, so that everything after reading is shared. Rows are read in chunks and converted and handed
+//! on in parallel, so that a large file is never held as JSON all at once.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use parquet::file::reader::FileReader;
+use parquet::file::serialized_reader::SerializedFileReader;
+use parquet::record::{Field, Row};
+use rayon::prelude::*;
+use serde_json::{Map, Number, Value};
+
+use super::read::Record;
+use super::DataError;
+
+/// Rows decoded before each parallel step: enough to keep both cores busy, few enough to bound memory.
+const CHUNK: usize = 4096;
+
+pub(crate) fn map_rows<T: Send>(
+    path: &Path,
+    f: &(impl Fn(Result<Record, DataError>) -> T + Sync),
+) -> Result<Vec<T>, DataError> {
+    let p = || path.to_path_buf();
+    let file = File::open(path).map_err(|source| DataError::Io { path: p(), source })?;
+    let parse_err = |location: String, message: String| DataError::Parse { path: p(), location, message };
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| parse_err("file".into(), format!("not a readable Parquet file: {e}")))?;
+    let total = usize::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0);
+    let mut out = Vec::with_capacity(total);
+    let mut rows = reader.into_iter();
+    let mut chunk: Vec<(usize, Row)> = Vec::with_capacity(CHUNK.min(total));
+    loop {
+        chunk.clear();
+        for row in rows.by_ref().take(CHUNK) {
+            let n = out.len() + chunk.len() + 1;
+            // A page that does not decode ends the file for us: later rows cannot be found without it.
+            let row = row.map_err(|e| parse_err(format!("row {n}"), format!("cannot decode: {e}")))?;
+            chunk.push((n, row));
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        out.par_extend(chunk.par_drain(..).map(|(n, row)| f(record(path, n, row))));
+    }
+    Ok(out)
+}
+
+fn record(path: &Path, n: usize, row: Row) -> Result<Record, DataError> {
+    let location = format!("row {n}");
+    let mut fields = Map::new();
+    for (name, field) in row.into_columns() {
+        let value = json(&field).map_err(|message| DataError::Field {
+            path: PathBuf::from(path),
+            location: location.clone(),
+            field: name.clone(),
+            message,
+        })?;
+        fields.insert(name, value);
+    }
+    Ok(Record { location, fields })
+}
+
+/// One Parquet value as JSON: lists as arrays, structs and maps as objects, text as strings. Types no
+/// preference format uses (dates, decimals, ...) become their printed form, which the row parser then
+/// reports as the wrong type if the column is one it reads.
+fn json(field: &Field) -> Result<Value, String> {
+    let num = |x: f64| Number::from_f64(x).map(Value::Number).unwrap_or(Value::Null);
+    Ok(match field {
+        Field::Null => Value::Null,
+        Field::Bool(b) => Value::Bool(*b),
+        Field::Byte(x) => (*x).into(),
+        Field::Short(x) => (*x).into(),
+        Field::Int(x) => (*x).into(),
+        Field::Long(x) => (*x).into(),
+        Field::UByte(x) => (*x).into(),
+        Field::UShort(x) => (*x).into(),
+        Field::UInt(x) => (*x).into(),
+        Field::ULong(x) => (*x).into(),
+        Field::Float16(x) => num(f64::from(*x)),
+        Field::Float(x) => num(f64::from(*x)),
+        Field::Double(x) => num(*x),
+        Field::Str(s) => Value::String(s.clone()),
+        // Writers that leave out the UTF8 annotation store text as plain binary.
+        Field::Bytes(b) => match std::str::from_utf8(b.data()) {
+            Ok(s) => Value::String(s.to_string()),
+            Err(e) => return Err(format!("binary value is not UTF-8 text ({e})")),
+        },
+        Field::Group(row) => {
+            let mut m = Map::new();
+            for (k, v) in row.get_column_iter() {
+                m.insert(k.clone(), json(v).map_err(|e| format!("`{k}`: {e}"))?);
+            }
+            Value::Object(m)
+        }
+        Field::ListInternal(list) => {
+            let items = list.elements().iter().enumerate();
+            let items = items.map(|(i, v)| json(v).map_err(|e| format!("element {}: {e}", i + 1)));
+            Value::Array(items.collect::<Result<_, _>>()?)
+        }
+        Field::MapInternal(map) => {
+            let mut m = Map::new();
+            for (k, v) in map.entries() {
+                let key = match k {
+                    Field::Str(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let v = json(v).map_err(|e| format!("`{key}`: {e}"))?;
+                m.insert(key, v);
+            }
+            Value::Object(m)
+        }
+        other => Value::String(other.to_string()),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use parquet::basic::{Compression, GzipLevel, ZstdLevel};
+    use parquet::data_type::{BoolType, ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use serde_json::json;
+
+    use super::super::testutil::{chat_tokenizer, fixtures, scratch, tokenizer, write};
+    use super::super::{load_pairs, load_unpaired, read_records, DataOptions, Example};
+    use super::*;
+
+    /// A column as pyarrow writes it: every field nullable, lists in the three-level LIST layout.
+    pub enum Col {
+        Str(&'static str, Vec<Option<String>>),
+        Bin(&'static str, Vec<Vec<u8>>),
+        Bool(&'static str, Vec<bool>),
+        Ints(&'static str, Vec<Vec<i64>>),
+        /// list<struct{role, content}>
+        Msgs(&'static str, Vec<Vec<(String, String)>>),
+    }
+
+    /// Writes `cols` (all the same number of rows) as one row group.
+    pub fn write_parquet(path: &Path, cols: &[Col], compression: Compression) {
+        let schema: String = cols
+            .iter()
+            .map(|c| match c {
+                Col::Str(n, _) => format!("OPTIONAL BYTE_ARRAY {n} (UTF8);"),
+                Col::Bin(n, _) => format!("OPTIONAL BYTE_ARRAY {n};"),
+                Col::Bool(n, _) => format!("OPTIONAL BOOLEAN {n};"),
+                Col::Ints(n, _) => {
+                    format!("OPTIONAL group {n} (LIST) {{ REPEATED group list {{ OPTIONAL INT64 element; }} }}")
+                }
+                Col::Msgs(n, _) => format!(
+                    "OPTIONAL group {n} (LIST) {{ REPEATED group list {{ OPTIONAL group element {{ \
+                     OPTIONAL BYTE_ARRAY role (UTF8); OPTIONAL BYTE_ARRAY content (UTF8); }} }} }}"
+                ),
+            })
+            .collect();
+        let schema = Arc::new(parse_message_type(&format!("message schema {{ {schema} }}")).unwrap());
+        let props = Arc::new(WriterProperties::builder().set_compression(compression).build());
+        let mut w = SerializedFileWriter::new(File::create(path).unwrap(), schema, props).unwrap();
+        let mut rg = w.next_row_group().unwrap();
+        // Repetition levels of a list column: 0 starts a row, 1 continues its list; an empty list is one
+        // level-0 entry with the list defined (1) but no element.
+        fn levels<T>(rows: &[Vec<T>], full: i16) -> (Vec<i16>, Vec<i16>) {
+            let (mut def, mut rep) = (vec![], vec![]);
+            for r in rows {
+                if r.is_empty() {
+                    def.push(1);
+                    rep.push(0);
+                }
+                for i in 0..r.len() {
+                    def.push(full);
+                    rep.push(if i == 0 { 0 } else { 1 });
+                }
+            }
+            (def, rep)
+        }
+        let strs = |v: Vec<&String>| v.into_iter().map(|s| ByteArray::from(s.as_str())).collect::<Vec<_>>();
+        for c in cols {
+            let mut leaves = |write: &mut dyn FnMut(&mut parquet::file::writer::SerializedColumnWriter)| {
+                let mut col = rg.next_column().unwrap().unwrap();
+                write(&mut col);
+                col.close().unwrap();
+            };
+            match c {
+                Col::Str(_, v) => leaves(&mut |col| {
+                    let vals = strs(v.iter().flatten().collect());
+                    let def: Vec<i16> = v.iter().map(|x| x.is_some() as i16).collect();
+                    col.typed::<ByteArrayType>().write_batch(&vals, Some(&def), None).unwrap();
+                }),
+                Col::Bin(_, v) => leaves(&mut |col| {
+                    let vals: Vec<ByteArray> = v.iter().map(|b| ByteArray::from(b.clone())).collect();
+                    col.typed::<ByteArrayType>().write_batch(&vals, Some(&vec![1; v.len()]), None).unwrap();
+                }),
+                Col::Bool(_, v) => leaves(&mut |col| {
+                    col.typed::<BoolType>().write_batch(v, Some(&vec![1; v.len()]), None).unwrap();
+                }),
+                Col::Ints(_, v) => leaves(&mut |col| {
+                    let (def, rep) = levels(v, 3);
+                    let vals: Vec<i64> = v.iter().flatten().copied().collect();
+                    col.typed::<Int64Type>().write_batch(&vals, Some(&def), Some(&rep)).unwrap();
+                }),
+                Col::Msgs(_, v) => {
+                    let (def, rep) = levels(v, 4);
+                    for role in [true, false] {
+                        leaves(&mut |col| {
+                            let vals = strs(v.iter().flatten().map(|(r, c)| if role { r } else { c }).collect());
+                            col.typed::<ByteArrayType>().write_batch(&vals, Some(&def), Some(&rep)).unwrap();
+                        });
+                    }
+                }
+            }
+        }
+        rg.close().unwrap();
+        w.close().unwrap();
+    }
+
+    fn msgs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect()
+    }
+
+    fn jsonl_rows(file: &str) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(fixtures().join("data").join(file)).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// The ids of examples, without their locations ("row 3" here, "line 3" in JSONL).
+    fn ids(ex: &[Example]) -> Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+        ex.iter().map(|e| (e.prompt_ids.clone(), e.chosen_ids.clone(), e.rejected_ids.clone())).collect()
+    }
+
+    #[test]
+    fn columns_become_json_records() {
+        let dir = scratch("parquet-records");
+        let path = dir.join("mixed.parquet");
+        let cols = [
+            Col::Str("prompt", vec![Some("hi".into()), None]),
+            Col::Ints("ids", vec![vec![1, 2, 3], vec![]]),
+            Col::Msgs("chosen", vec![msgs(&[("user", "q"), ("assistant", "a")]), msgs(&[("user", "r")])]),
+            Col::Bool("label", vec![true, false]),
+        ];
+        write_parquet(&path, &cols, Compression::SNAPPY);
+        let recs = read_records(&path).unwrap();
+        assert_eq!(recs[1].location, "row 2");
+        let obj = |r: &Record| Value::Object(r.fields.clone());
+        assert_eq!(
+            obj(&recs[0]),
+            json!({"prompt": "hi", "ids": [1, 2, 3], "label": true,
+                   "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+        );
+        assert_eq!(
+            obj(&recs[1]),
+            json!({"prompt": null, "ids": [], "label": false, "chosen": [{"role": "user", "content": "r"}]})
+        );
+    }
+
+    #[test]
+    fn text_and_token_id_pairs_load_as_from_jsonl() {
+        let tok = tokenizer();
+        let want = load_pairs(&fixtures().join("data/prefs.jsonl"), Some(&tok), &DataOptions::default()).unwrap();
+        let dir = scratch("parquet-pairs");
+
+        let text = jsonl_rows("prefs.jsonl");
+        let col = |k: &'static str| Col::Str(k, text.iter().map(|r| Some(r[k].as_str().unwrap().into())).collect());
+        let path = dir.join("text.parquet");
+        write_parquet(&path, &[col("prompt"), col("chosen"), col("rejected")], Compression::ZSTD(ZstdLevel::default()));
+        let got = load_pairs(&path, Some(&tok), &DataOptions::default()).unwrap();
+        assert_eq!(ids(&got.examples), ids(&want.examples));
+        assert_eq!(got.examples[4].location, "row 5");
+
+        let tokenized = jsonl_rows("prefs.tokenized.jsonl");
+        let col = |k: &'static str| {
+            Col::Ints(
+                k,
+                tokenized
+                    .iter()
+                    .map(|r| r[k].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+                    .collect(),
+            )
+        };
+        let path = dir.join("ids.parquet");
+        write_parquet(
+            &path,
+            &[col("prompt_ids"), col("chosen_ids"), col("rejected_ids")],
+            Compression::GZIP(GzipLevel::default()),
+        );
+        let got = load_pairs(&path, None, &DataOptions::default()).unwrap();
+        assert_eq!(ids(&got.examples), ids(&want.examples));
+    }
+
+    #[test]
+    fn conversational_rows_load_as_from_jsonl() {
+        let tok = chat_tokenizer("parquet-chat");
+        let dir = scratch("parquet-chat");
+        let rows = [
+            (vec![("user", "What is ice?")], vec![("assistant", "Frozen water.")], true),
+            (vec![("system", "Be brief."), ("user", "Hi")], vec![("assistant", "")], false),
+        ];
+        let path = dir.join("kto.parquet");
+        let cols = [
+            Col::Msgs("prompt", rows.iter().map(|r| msgs(&r.0)).collect()),
+            Col::Msgs("completion", rows.iter().map(|r| msgs(&r.1)).collect()),
+            Col::Bool("label", rows.iter().map(|r| r.2).collect()),
+        ];
+        write_parquet(&path, &cols, Compression::SNAPPY);
+        let m = |v: &[(&str, &str)]| v.iter().map(|(r, c)| json!({"role": r, "content": c})).collect::<Vec<_>>();
+        let jsonl: String = rows
+            .iter()
+            .map(|r| json!({"prompt": m(&r.0), "completion": m(&r.1), "label": r.2}).to_string() + "\n")
+            .collect();
+        let want = load_unpaired(&write(&dir, "kto.jsonl", jsonl), Some(&tok), &DataOptions::default()).unwrap();
+        let got = load_unpaired(&path, Some(&tok), &DataOptions::default()).unwrap();
+        assert_eq!(got.examples.len(), 2);
+        for (g, w) in got.examples.iter().zip(&want.examples) {
+            assert_eq!((&g.prompt_ids, &g.completion_ids, g.label), (&w.prompt_ids, &w.completion_ids, w.label));
+        }
+    }
+
+    #[test]
+    fn bad_values_and_files_are_named() {
+        let dir = scratch("parquet-errors");
+        let path = dir.join("bin.parquet");
+        let cols = [
+            Col::Bin("prompt", vec![b"fine".to_vec(), b"\xff\xfe".to_vec()]),
+            Col::Ints("chosen_ids", vec![vec![1], vec![2]]),
+        ];
+        write_parquet(&path, &cols, Compression::SNAPPY);
+        let e = read_records(&path).unwrap_err().to_string();
+        assert!(e.contains("bin.parquet, row 2, field `prompt`: binary value is not UTF-8"), "{e}");
+        let e = read_records(&write(&dir, "fake.parquet", "not parquet")).unwrap_err().to_string();
+        assert!(e.contains("fake.parquet, file: not a readable Parquet file"), "{e}");
+        // A null where text is needed is the row's error, naming the field.
+        let path = dir.join("null.parquet");
+        let s = |v: &[Option<&str>]| v.iter().map(|x| x.map(String::from)).collect::<Vec<_>>();
+        let cols = [
+            Col::Str("prompt", s(&[Some("p"), None])),
+            Col::Str("chosen", s(&[Some("c"), Some("c")])),
+            Col::Str("rejected", s(&[Some("r"), Some("r")])),
+        ];
+        write_parquet(&path, &cols, Compression::SNAPPY);
+        let e = load_pairs(&path, Some(&tokenizer()), &DataOptions::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("null.parquet, row 2, field `prompt`: expected a string or a list of messages, found null"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! Resumable checkpoints: `OUTPUT/checkpoints/step-<N>/` holds the model as an HF directory (`model/`),
+//! the optimizer's state (`optimizer.safetensors`) and the trainer's position (`trainer_state.json`:
+//! step, epoch, place in the epoch's row order, token count). A checkpoint is written under a temporary
+//! name and renamed into place when complete, so a `step-<N>` directory either loads or does not exist.
+
+use std::path::{Path, PathBuf};
+
+use engine::optim::{Optimizer, OptimizerConfig, OptimizerState};
+use engine::Params;
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+
+/// Where the trainer is; everything else is derived from the configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Epoch of the next micro-batch.
+    pub epoch: u64,
+    /// Index into that epoch's row order of the next micro-batch.
+    pub cursor: usize,
+    /// Tokens seen so far (TRL's `num_tokens`).
+    pub num_tokens: u64,
+    /// Steps skipped because their loss or gradient was not finite.
+    pub skipped_steps: u64,
+}
+
+pub fn checkpoints_dir(output: &Path) -> PathBuf {
+    output.join("checkpoints")
+}
+
+/// Writes a checkpoint atomically and returns its directory.
+pub fn save(
+    output: &Path,
+    model_cfg: &hf::ModelConfig,
+    params: &Params,
+    source_dir: &Path,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+) -> Result<PathBuf, TrainError> {
+    let root = checkpoints_dir(output);
+    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
+    let fin = root.join(format!("step-{}", state.step));
+    let tmp = root.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<(), TrainError> {
+        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        hf::save_model(&tmp.join("model"), model_cfg, params, Some(source_dir))?;
+        let opt = optimizer.state();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+            opt.buffers.iter().map(|(n, t)| (n.clone(), t.shape.clone(), t.data.clone())).collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let opt_path = tmp.join("optimizer.safetensors");
+        hf::safetensors::write_f32(&opt_path, &tensors)?;
+        let meta = serde_json::json!({ "state": state, "optimizer_step": opt.steps });
+        let meta_path = tmp.join("trainer_state.json");
+        crate::io::write_atomic(&meta_path, serde_json::to_string_pretty(&meta).expect("json").as_bytes())
+            .map_err(|e| TrainError::io(&meta_path, e))?;
+        if fin.exists() {
+            std::fs::remove_dir_all(&fin).map_err(|e| TrainError::io(&fin, e))?;
+        }
+        std::fs::rename(&tmp, &fin).map_err(|e| TrainError::io(&fin, e))?;
+        sync_dir(&root);
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.map(|_| fin)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Completed checkpoints of a run, oldest first.
+pub fn list(output: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(checkpoints_dir(output))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Removes leftovers of interrupted checkpoint writes and all but the newest `keep` checkpoints
+/// (`keep = 0` keeps all).
+pub fn prune(output: &Path, keep: usize) {
+    let root = checkpoints_dir(output);
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && name.contains(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let all = list(output);
+    if keep > 0 && all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// What a checkpoint holds.
+pub struct Loaded {
+    pub model: hf::HfModel,
+    pub optimizer: Optimizer,
+    pub state: TrainerState,
+}
+
+/// Loads a checkpoint directory (`.../checkpoints/step-N`) or, given a run directory, its newest checkpoint.
+pub fn load(path: &Path, opt_cfg: OptimizerConfig) -> Result<Loaded, TrainError> {
+    let dir = if path.join("trainer_state.json").is_file() {
+        path.to_path_buf()
+    } else {
+        list(path).pop().map(|(_, p)| p).ok_or_else(|| TrainError::NoCheckpoint(path.to_path_buf()))?
+    };
+    let meta_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| TrainError::io(&meta_path, e))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(meta_path.clone(), e.to_string()))?;
+    let state: TrainerState = serde_json::from_value(meta["state"].clone())
+        .map_err(|e| TrainError::Checkpoint(meta_path.clone(), e.to_string()))?;
+    let opt_step = meta["optimizer_step"]
+        .as_u64()
+        .ok_or_else(|| TrainError::Checkpoint(meta_path.clone(), "missing optimizer_step".into()))?;
+    let model = hf::load_model(&dir.join("model"))?;
+    let st = hf::SafeTensors::open(&dir.join("optimizer.safetensors"))?;
+    let mut tensors = Vec::new();
+    for info in st.tensors() {
+        tensors.push((info.name.clone(), st.read_f32(&info.name)?));
+    }
+    let optimizer = Optimizer::restore(opt_cfg, &model.params, OptimizerState { steps: opt_step, buffers: tensors })
+        .map_err(|e| TrainError::Checkpoint(dir.clone(), e.to_string()))?;
+    Ok(Loaded { model, optimizer, state })
+}

@@ -1,0 +1,129 @@
+//! Where reference log-probs come from: a frozen model evaluated on each batch (by default a copy of the
+//! starting weights, loaded once), a cache filled by one pass before training (`--precompute-ref`), or
+//! nothing at all for reference-free objectives.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use engine::{Activations, Decoder, EngineError, Params};
+use sha2::{Digest, Sha256};
+
+use crate::data::pack::sum_ranges;
+use crate::data::{Example, PackedPairs, Packing};
+use crate::scoring::{score_pairs, PairScore};
+
+pub enum Reference {
+    /// Evaluated on every batch; never written to (the optimizer only sees the policy's parameters).
+    /// Shared between the training and the evaluation data.
+    Model(Arc<(Decoder, Params)>),
+    /// One score per example, in example order.
+    Cached(Vec<PairScore>),
+    /// Reference-free: every reference log-prob is absent.
+    None,
+}
+
+impl Reference {
+    /// Reference log-probs of the examples `rows` (indices into the example list the reference was built
+    /// for), packed as `packed`. `None` when reference-free.
+    pub fn pair_logps(
+        &self,
+        rows: &[usize],
+        packed: &PackedPairs,
+        acts: &mut Activations,
+    ) -> Result<Option<(Vec<f64>, Vec<f64>)>, EngineError> {
+        match self {
+            Reference::Model(m) => {
+                let (decoder, params) = (&m.0, &m.1);
+                let head = decoder.logprobs(params, &packed.batch, acts, false)?;
+                Ok(Some((sum_ranges(&head.logp, &packed.chosen), sum_ranges(&head.logp, &packed.rejected))))
+            }
+            Reference::Cached(scores) => Ok(Some((
+                rows.iter().map(|&i| scores[i].chosen_logps).collect(),
+                rows.iter().map(|&i| scores[i].rejected_logps).collect(),
+            ))),
+            Reference::None => Ok(None),
+        }
+    }
+}
+
+/// The cache key of precomputed reference log-probs: a SHA-256 over the reference weights and the exact
+/// token ids of every example (which captures the data file, the tokenizer and every truncation setting).
+pub fn cache_key(params: &Params, examples: &[Example]) -> String {
+    let mut h = Sha256::new();
+    for (name, t) in params.named() {
+        h.update(name.as_bytes());
+        for d in &t.shape {
+            h.update((*d as u64).to_le_bytes());
+        }
+        hash_words(&mut h, t.data.iter().map(|x| x.to_bits()));
+    }
+    for e in examples {
+        h.update((e.chosen_prompt_skip as u64).to_le_bytes());
+        h.update((e.rejected_prompt_skip as u64).to_le_bytes());
+        for ids in [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids] {
+            h.update((ids.len() as u64).to_le_bytes());
+            hash_words(&mut h, ids.iter().copied());
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Feeds 32-bit words to the hash in little-endian order, a block at a time (no copy of a whole tensor).
+fn hash_words(h: &mut Sha256, words: impl Iterator<Item = u32>) {
+    let mut buf = Vec::with_capacity(1 << 16);
+    for w in words {
+        buf.extend_from_slice(&w.to_le_bytes());
+        if buf.len() >= 1 << 16 {
+            h.update(&buf);
+            buf.clear();
+        }
+    }
+    h.update(&buf);
+}
+
+/// `$XDG_CACHE_HOME/dpo`, else `~/.cache/dpo`, else `./.dpo-cache`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("dpo");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(h).join(".cache").join("dpo");
+    }
+    PathBuf::from(".dpo-cache")
+}
+
+/// Outcome of [`precompute`]: the scores and whether they came from the cache.
+pub struct Precomputed {
+    pub scores: Vec<PairScore>,
+    pub cache_file: PathBuf,
+    pub from_cache: bool,
+}
+
+/// Scores every example under the reference once, or reads the scores a previous run cached for the
+/// same weights and token ids. The cache file is written atomically; an unreadable one is recomputed.
+pub fn precompute(
+    decoder: &Decoder,
+    params: &Params,
+    examples: &[Example],
+    packing: Packing,
+    batch_size: usize,
+    cache_dir: &Path,
+    progress: impl FnMut(usize),
+) -> Result<Precomputed, EngineError> {
+    let key = cache_key(params, examples);
+    let cache_file = cache_dir.join(format!("ref-logps-{}.json", &key[..32]));
+    if let Ok(text) = std::fs::read_to_string(&cache_file) {
+        if let Ok(scores) = serde_json::from_str::<Vec<PairScore>>(&text) {
+            if scores.len() == examples.len() {
+                return Ok(Precomputed { scores, cache_file, from_cache: true });
+            }
+        }
+    }
+    let scores = score_pairs(decoder, params, examples, packing, batch_size, progress)?;
+    // A cache that cannot be written only costs the next run a recomputation.
+    if std::fs::create_dir_all(cache_dir).is_ok() {
+        let json = serde_json::to_vec(&scores).expect("scores serialise");
+        let _ = crate::io::write_atomic(&cache_file, &json);
+    }
+    Ok(Precomputed { scores, cache_file, from_cache: false })
+}

@@ -1,0 +1,219 @@
+//! `dpo train` against TRL's DPOTrainer on the parity fixtures (`expected/<arch>/train.jsonl` and
+//! `trained/`), and the trainer's invariants: accumulation, a frozen reference, exact resumption.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dpo::data::{load_pairs, DataOptions, Packing};
+use dpo::train::{pair_batch, train, PairObjective, Reference, RunOptions, TrainConfig, Workspace};
+use engine::optim::{Optimizer, OptimizerConfig};
+use engine::{Decoder, Params};
+
+const ARCHS: [&str; 4] = ["gpt2", "llama", "llama3", "neox"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dpo-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// The settings of MANIFEST.json's TRL run: sigmoid loss, 6 steps of 4 rows in file order, AdamW lr 5e-3
+/// constant, max_grad_norm 1, beta 0.1, no truncation.
+fn trl_settings(arch: &str, output: PathBuf) -> TrainConfig {
+    let mut c = TrainConfig {
+        model: fixtures().join(format!("models/{arch}-policy")),
+        ref_model: Some(fixtures().join(format!("models/{arch}-ref"))),
+        data: fixtures().join("data/prefs.jsonl"),
+        output,
+        loss: "sigmoid".into(),
+        lr: 5e-3,
+        batch_size: 4,
+        grad_accum: 1,
+        max_steps: Some(6),
+        no_shuffle: true,
+        scheduler: "constant".into(),
+        warmup_steps: 0,
+        max_grad_norm: 1.0,
+        weight_decay: 0.0,
+        max_length: None,
+        save_every: 0,
+        log_every: 0,
+        ..Default::default()
+    };
+    c.objective.beta = 0.1;
+    c
+}
+
+fn run(cfg: &TrainConfig) {
+    train(cfg, &RunOptions::default(), &AtomicBool::new(false), &mut |_| {}).unwrap();
+}
+
+fn jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn params_of(dir: &Path) -> Params {
+    hf::load_model(dir).unwrap().params
+}
+
+fn flat(p: &Params) -> Vec<f64> {
+    p.named().into_iter().flat_map(|(_, t)| t.data.iter().map(|&x| x as f64).collect::<Vec<_>>()).collect()
+}
+
+#[test]
+fn six_steps_match_trl() {
+    for arch in ARCHS {
+        let out = scratch(&format!("trl-{arch}"));
+        run(&trl_settings(arch, out.clone()));
+        let ours = jsonl(&out.join("metrics.jsonl"));
+        let theirs = jsonl(&fixtures().join(format!("expected/{arch}/train.jsonl")));
+        assert_eq!(ours.len(), theirs.len(), "{arch}: steps");
+        let mut worst = (0.0f64, String::new());
+        for (o, t) in ours.iter().zip(&theirs) {
+            for key in [
+                "loss",
+                "grad_norm",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/accuracies",
+                "rewards/margins",
+                "logps/chosen",
+                "logps/rejected",
+            ] {
+                let (a, b) = (o[key].as_f64().unwrap(), t[key].as_f64().unwrap());
+                let err = (a - b).abs() / b.abs().max(1.0);
+                if err > worst.0 {
+                    worst = (err, format!("step {} {key}: {a} vs {b}", t["step"]));
+                }
+                assert!(err < 1e-3, "{arch} step {} {key}: ours {a}, TRL {b}", t["step"]);
+            }
+            assert_eq!(o["num_tokens"].as_f64(), t["num_tokens"].as_f64(), "{arch} num_tokens");
+        }
+        // Weight change from the start, all tensors together.
+        let start = flat(&params_of(&fixtures().join(format!("models/{arch}-policy"))));
+        let mine = flat(&params_of(&out.join("final")));
+        let trl = flat(&params_of(&fixtures().join(format!("expected/{arch}/trained"))));
+        let (mut diff, mut norm) = (0.0, 0.0);
+        for i in 0..start.len() {
+            let (dm, dt) = (mine[i] - start[i], trl[i] - start[i]);
+            diff += (dm - dt) * (dm - dt);
+            norm += dt * dt;
+        }
+        let rel = (diff / norm).sqrt();
+        println!("{arch}: worst metric error {:.2e} ({}); weight change relative error {rel:.2e}", worst.0, worst.1);
+        assert!(rel < 1e-2, "{arch}: weight change differs from TRL's by {rel}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+/// One step of 8 pairs equals one step of 8 accumulated micro-batches of 1 pair.
+#[test]
+fn accumulation_is_invariant() {
+    let (a, b) = (scratch("accum-a"), scratch("accum-b"));
+    let mut ca = trl_settings("llama", a.clone());
+    ca.batch_size = 8;
+    ca.max_steps = Some(1);
+    let mut cb = ca.clone();
+    cb.output = b.clone();
+    cb.batch_size = 1;
+    cb.grad_accum = 8;
+    run(&ca);
+    run(&cb);
+    let (ma, mb) = (jsonl(&a.join("metrics.jsonl")), jsonl(&b.join("metrics.jsonl")));
+    for key in ["loss", "grad_norm", "rewards/margins"] {
+        let (x, y) = (ma[0][key].as_f64().unwrap(), mb[0][key].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{key}: {x} vs {y}");
+    }
+    let start = flat(&params_of(&fixtures().join("models/llama-policy")));
+    let (pa, pb) = (flat(&params_of(&a.join("final"))), flat(&params_of(&b.join("final"))));
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for i in 0..start.len() {
+        diff += ((pa[i] - start[i]) - (pb[i] - start[i])).powi(2);
+        norm += (pa[i] - start[i]).powi(2);
+    }
+    assert!((diff / norm).sqrt() < 1e-4, "weight updates differ: {}", (diff / norm).sqrt());
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// The default reference (a copy of the starting weights) is bit-identical after the policy trained.
+#[test]
+fn reference_stays_frozen() {
+    let dir = fixtures().join("models/gpt2-policy");
+    let m = hf::load_model(&dir).unwrap();
+    let tok = hf::load_tokenizer(&dir).unwrap();
+    let ex = load_pairs(&fixtures().join("data/prefs.jsonl"), Some(&tok), &DataOptions::default()).unwrap().examples;
+    let decoder = Decoder::new(m.config.decoder.clone());
+    let pristine = m.params.clone();
+    let reference = Reference::Model(Arc::new((Decoder::new(m.config.decoder.clone()), m.params.clone())));
+    let objective = PairObjective { losses: vec![("sigmoid".parse().unwrap(), 1.0)], cfg: Default::default() };
+    let mut params = m.params.clone();
+    let mut opt =
+        Optimizer::new(OptimizerConfig::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, &params);
+    let mut ws = Workspace::default();
+    for step in 0..3 {
+        let mut grads = Params::zeros(&decoder.cfg);
+        let rows: Vec<usize> = (step * 4..step * 4 + 4).collect();
+        pair_batch(
+            &decoder,
+            &params,
+            Some((&mut grads, 1.0)),
+            &reference,
+            &objective,
+            &ex,
+            &rows,
+            Packing::SharedPrompt,
+            &mut ws,
+        )
+        .unwrap();
+        opt.step(&mut params, &grads, 1e-2);
+    }
+    assert_ne!(params, pristine, "the policy trained");
+    let Reference::Model(r) = &reference else { unreachable!() };
+    assert!(r.1 == pristine, "the reference changed");
+}
+
+/// A run interrupted after a checkpoint and resumed ends bit-identical to an uninterrupted run.
+#[test]
+fn resume_is_exact() {
+    let (a, b) = (scratch("resume-a"), scratch("resume-b"));
+    let mut ca = trl_settings("neox", a.clone());
+    ca.no_shuffle = false; // the shuffled order must survive the interruption too
+    ca.batch_size = 3;
+    ca.grad_accum = 2;
+    ca.max_steps = Some(6);
+    ca.save_every = 2;
+    ca.ref_model = None;
+    run(&ca);
+
+    let mut cb = ca.clone();
+    cb.output = b.clone();
+    cb.log_every = 1; // the step lines are what the interruption below listens for
+    let stop = AtomicBool::new(false);
+    let first = train(&cb, &RunOptions::default(), &stop, &mut |line| {
+        if line.starts_with("step 3/") {
+            stop.store(true, Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    assert!(first.interrupted && first.steps == 3, "{first:?}");
+    let resumed =
+        train(&cb, &RunOptions { resume: Some(b.clone()), overwrite: false }, &AtomicBool::new(false), &mut |_| {})
+            .unwrap();
+    assert_eq!(resumed.steps, 6);
+    assert!(params_of(&a.join("final")) == params_of(&b.join("final")), "resumed weights differ");
+    let (ma, mb) = (jsonl(&a.join("metrics.jsonl")), jsonl(&b.join("metrics.jsonl")));
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(x["loss"], y["loss"]);
+    }
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
