@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod optim;

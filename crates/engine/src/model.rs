@@ -475,7 +475,7 @@ impl Decoder {
     }
 }
 
-fn bias(t: &Option<crate::params::Tensor>) -> Option<&[f32]> {
+pub(crate) fn bias(t: &Option<crate::params::Tensor>) -> Option<&[f32]> {
     t.as_ref().map(|t| &t.data[..])
 }
 
@@ -485,7 +485,7 @@ fn bias_mut(t: &mut Option<crate::params::Tensor>) -> Option<&mut [f32]> {
 
 /// `out = norm(x)`; `a`, `b` receive the statistics (mean and rstd, or rstd alone in `b` for RMSNorm).
 #[allow(clippy::too_many_arguments)]
-fn norm_forward(
+pub(crate) fn norm_forward(
     kind: NormKind,
     np: &NormParams,
     out: &mut [f32],
@@ -527,7 +527,7 @@ fn norm_backward(
     }
 }
 
-fn act_forward(kind: MlpKind, out: &mut [f32], pre: &[f32], n: usize, ff: usize) {
+pub(crate) fn act_forward(kind: MlpKind, out: &mut [f32], pre: &[f32], n: usize, ff: usize) {
     match kind {
         MlpKind::GeluTanh => k::gelu_tanh_forward(out, pre),
         MlpKind::GeluErf => k::gelu_erf_forward(out, pre),

@@ -215,7 +215,7 @@ mod tests {
         let names: Vec<String> = p.named().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names.first().unwrap(), "wte");
         assert!(names.contains(&"layers.1.b_qkv".to_string()));
-        assert_eq!(names.len(), 1 + 2 * 6 + 1);
+        assert_eq!(names.len(), 1 + 2 * 7 + 1);
         assert_eq!(p.numel(), 10 * 8 + 2 * (8 + 16 * 8 + 16 + 8 * 8 + 8 + 24 * 8 + 8 * 12) + 8);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use dpo::data::{load_pairs, DataOptions, Packing};
 use dpo::objectives::parse_loss_list;
-use dpo::train::{evaluate, PairObjective, Reference, Workspace};
+use dpo::train::{evaluate, PairObjective, PairWorkload, Reference, Workspace};
 use engine::Decoder;
 
 use super::train::ObjectiveFlags;
@@ -59,17 +59,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let decoder = Decoder::new(model.config.decoder.clone());
     let mut ws = Workspace::default();
-    let metrics = evaluate(
-        &decoder,
-        &model.params,
-        &reference,
-        &objective,
-        &loaded.examples,
-        a.batch_size.max(1),
-        Packing::SharedPrompt,
-        &mut ws,
-    )
-    .with_context(|| format!("evaluating {}", a.data.display()))?;
+    let workload = PairWorkload {
+        examples: &loaded.examples,
+        reference: &reference,
+        objective: &objective,
+        packing: Packing::SharedPrompt,
+    };
+    let metrics = evaluate(&decoder, &model.params, &workload, a.batch_size, &mut ws)
+        .with_context(|| format!("evaluating {}", a.data.display()))?;
     let mut obj = serde_json::Map::new();
     obj.insert("rows".into(), loaded.examples.len().into());
     obj.extend(metrics.into_iter().map(|(k, v)| (k, v.into())));

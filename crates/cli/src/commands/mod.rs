@@ -2,9 +2,11 @@
 
 mod bench_engine;
 mod eval;
+mod generate;
 mod logps;
 mod progress;
 mod reward;
+mod sft;
 mod train;
 
 use std::io::Write;
@@ -28,10 +30,14 @@ pub struct Cli {
 enum Command {
     /// Train a policy on preference pairs (DPO and its variants).
     Train(Box<train::Args>),
+    /// Supervised fine-tuning on prompt/completion rows or the chosen side of preference rows.
+    Sft(Box<sft::Args>),
     /// Loss and reward metrics of a model on a preference file.
     Eval(Box<eval::Args>),
     /// The implicit reward beta*log(pi/ref) of each row's completions.
     Reward(reward::Args),
+    /// Sample completions from a model (KV cache, temperature, top-k, top-p), one JSON line each.
+    Generate(generate::Args),
     /// Summed log-probs of the chosen and rejected completions of every preference row.
     Logps(logps::Args),
     /// Forward and forward+backward throughput of the engine on a model shape with random weights.
@@ -42,8 +48,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     engine::kernels::init_threads(cli.threads.unwrap_or_else(default_threads));
     match cli.command {
         Command::Train(a) => train::run(*a),
+        Command::Sft(a) => sft::run(*a),
         Command::Eval(a) => eval::run(*a),
         Command::Reward(a) => reward::run(a),
+        Command::Generate(a) => generate::run(a),
         Command::Logps(a) => logps::run(a),
         Command::BenchEngine(a) => bench_engine::run(a),
     }

@@ -10,8 +10,24 @@ use dpo::train::{train, OnNonFinite, RunOptions, TrainConfig};
 use super::progress::Progress;
 
 #[derive(clap::Args, Debug, Default)]
-#[command(next_help_heading = "Inputs and outputs")]
 pub struct Args {
+    #[command(flatten)]
+    inputs: InputFlags,
+    #[command(flatten)]
+    objective: ObjectiveFlags,
+    #[command(flatten)]
+    reference: ReferenceFlags,
+    #[command(flatten)]
+    data: DataFlags,
+    #[command(flatten)]
+    optim: OptimFlags,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
+#[derive(clap::Args, Debug, Default)]
+#[command(next_help_heading = "Inputs and outputs")]
+pub struct InputFlags {
     /// TOML file with any of the settings below (flags given on the command line win). The resolved
     /// configuration of every run is written to OUTPUT/config.toml.
     #[arg(long)]
@@ -19,32 +35,21 @@ pub struct Args {
     /// Starting checkpoint: a Hugging Face model directory (safetensors).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Training data: JSONL, JSON or Parquet preference rows (see README: data formats).
+    /// Training data: JSONL, JSON or Parquet rows (see README: data formats).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Run directory: metrics.jsonl, config.toml, checkpoints/, final/.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Held-out preference data, evaluated every --eval-every steps and at the end (eval_* metrics).
+    /// Held-out data, evaluated every --eval-every steps and at the end (eval_* metrics).
     #[arg(long)]
     eval_data: Option<PathBuf>,
     /// Continue a run: a run directory (its newest checkpoint and config.toml) or a checkpoints/step-N directory.
     #[arg(long)]
-    resume: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
     /// Replace a previous run in --output instead of refusing.
     #[arg(long)]
-    overwrite: bool,
-
-    #[command(flatten)]
-    objective: ObjectiveFlags,
-    #[command(flatten)]
-    reference: ReferenceFlags,
-    #[command(flatten)]
-    data_flags: DataFlags,
-    #[command(flatten)]
-    optim: OptimFlags,
-    #[command(flatten)]
-    schedule: RunFlags,
+    pub overwrite: bool,
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -209,8 +214,17 @@ impl ObjectiveFlags {
     }
 }
 
-/// Defaults, then the TOML file (or the resumed run's config.toml), then flags.
-fn resolve(a: &Args) -> anyhow::Result<TrainConfig> {
+/// Defaults (`base`), then the TOML file (or the resumed run's config.toml), then flags.
+#[allow(clippy::too_many_arguments)]
+pub fn resolve(
+    base_defaults: TrainConfig,
+    a: &InputFlags,
+    objective: Option<&ObjectiveFlags>,
+    reference: Option<&ReferenceFlags>,
+    d: &DataFlags,
+    o: &OptimFlags,
+    r: &RunFlags,
+) -> anyhow::Result<TrainConfig> {
     let base = match (&a.config, &a.resume) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(run)) if run.join("config.toml").is_file() => Some(run.join("config.toml")),
@@ -221,7 +235,7 @@ fn resolve(a: &Args) -> anyhow::Result<TrainConfig> {
     };
     let mut c = match base {
         Some(p) => TrainConfig::from_toml_file(&p)?,
-        None => TrainConfig::default(),
+        None => base_defaults,
     };
     set!(c.model = a.model.clone());
     set!(c.data = a.data.clone());
@@ -229,19 +243,22 @@ fn resolve(a: &Args) -> anyhow::Result<TrainConfig> {
     if a.eval_data.is_some() {
         c.eval_data = a.eval_data.clone();
     }
-    set!(c.loss = a.objective.loss.clone());
-    if a.objective.loss_weights.is_some() {
-        c.loss_weights = a.objective.loss_weights.clone();
+    if let Some(obj) = objective {
+        set!(c.loss = obj.loss.clone());
+        if obj.loss_weights.is_some() {
+            c.loss_weights = obj.loss_weights.clone();
+        }
+        obj.apply(&mut c.objective)?;
     }
-    a.objective.apply(&mut c.objective)?;
-    if a.reference.ref_model.is_some() {
-        c.ref_model = a.reference.ref_model.clone();
+    if let Some(rf) = reference {
+        if rf.ref_model.is_some() {
+            c.ref_model = rf.ref_model.clone();
+        }
+        c.precompute_ref |= rf.precompute_ref;
+        if rf.cache_dir.is_some() {
+            c.cache_dir = rf.cache_dir.clone();
+        }
     }
-    c.precompute_ref |= a.reference.precompute_ref;
-    if a.reference.cache_dir.is_some() {
-        c.cache_dir = a.reference.cache_dir.clone();
-    }
-    let d = &a.data_flags;
     if d.max_length.is_some() {
         c.max_length = d.max_length;
     }
@@ -254,7 +271,6 @@ fn resolve(a: &Args) -> anyhow::Result<TrainConfig> {
     if d.no_prefix_sharing {
         c.prefix_sharing = false;
     }
-    let o = &a.optim;
     set!(c.lr = o.lr);
     set!(c.batch_size = o.batch_size);
     set!(c.grad_accum = o.grad_accum);
@@ -272,7 +288,6 @@ fn resolve(a: &Args) -> anyhow::Result<TrainConfig> {
     set!(c.momentum = o.momentum);
     set!(c.max_grad_norm = o.max_grad_norm);
     set!(c.seed = o.seed);
-    let r = &a.schedule;
     set!(c.eval_every = r.eval_every);
     set!(c.save_every = r.save_every);
     set!(c.save_total_limit = r.save_total_limit);
@@ -304,11 +319,24 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = resolve(&a)?;
+    let cfg =
+        resolve(TrainConfig::default(), &a.inputs, Some(&a.objective), Some(&a.reference), &a.data, &a.optim, &a.run)?;
+    let opts = RunOptions { resume: a.inputs.resume.clone(), overwrite: a.inputs.overwrite };
+    execute(&cfg, &opts, train)
+}
+
+type Trainer = fn(
+    &TrainConfig,
+    &RunOptions,
+    &AtomicBool,
+    &mut dyn FnMut(&str),
+) -> Result<dpo::train::TrainOutcome, dpo::train::TrainError>;
+
+/// Runs a trainer with signal handling and progress, and says how to resume an interrupted run.
+pub fn execute(cfg: &TrainConfig, opts: &RunOptions, trainer: Trainer) -> anyhow::Result<()> {
     let stop = stop_flag()?;
     let mut progress = Progress::new();
-    let opts = RunOptions { resume: a.resume.clone(), overwrite: a.overwrite };
-    let out = train(&cfg, &opts, &stop, &mut |line| progress.line(line))?;
+    let out = trainer(cfg, opts, &stop, &mut |line| progress.line(line))?;
     progress.finish();
     if out.interrupted {
         let ck = out.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();

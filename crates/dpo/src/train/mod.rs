@@ -7,9 +7,11 @@ mod error;
 pub mod pairs;
 pub mod reference;
 pub mod trainer;
+pub mod workload;
 
 pub use config::{OnNonFinite, TrainConfig};
 pub use error::TrainError;
-pub use pairs::{pair_batch, PairObjective, Workspace};
+pub use pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 pub use reference::Reference;
-pub use trainer::{evaluate, train, RunOptions, TrainOutcome};
+pub use trainer::{evaluate, train, train_sft, RunOptions, TrainOutcome};
+pub use workload::{PairWorkload, SftWorkload, Workload};

@@ -12,6 +12,9 @@ use crate::data::pack::sum_ranges;
 use crate::data::{Example, PackedPairs, Packing};
 use crate::scoring::{score_pairs, PairScore};
 
+/// Reference log-probs of a batch: chosen and rejected sequence sums, one per row.
+pub type RefLogps = (Vec<f64>, Vec<f64>);
+
 pub enum Reference {
     /// Evaluated on every batch; never written to (the optimizer only sees the policy's parameters).
     /// Shared between the training and the evaluation data.
@@ -30,7 +33,7 @@ impl Reference {
         rows: &[usize],
         packed: &PackedPairs,
         acts: &mut Activations,
-    ) -> Result<Option<(Vec<f64>, Vec<f64>)>, EngineError> {
+    ) -> Result<Option<RefLogps>, EngineError> {
         match self {
             Reference::Model(m) => {
                 let (decoder, params) = (&m.0, &m.1);

@@ -19,10 +19,11 @@ use engine::rng::Rng;
 use engine::{Decoder, Params};
 
 use super::checkpoint::{self, TrainerState};
-use super::pairs::{pair_batch, PairObjective, Workspace};
+use super::pairs::{PairObjective, Workspace};
 use super::reference::{default_cache_dir, precompute, Reference};
+use super::workload::{PairWorkload, SftWorkload, Workload};
 use super::{TrainConfig, TrainError};
-use crate::data::{load_pairs, DataOptions, Example, Packing, Truncation};
+use crate::data::{load_pairs, load_sft, DataOptions, Example, Packing, SftExample, Truncation};
 use crate::objectives::parse_loss_list;
 
 /// How a run ended.
@@ -222,45 +223,34 @@ fn build_reference(
 
 /// One human-readable line per logged step (the full record goes to metrics.jsonl).
 fn step_summary(step: u64, total: u64, m: &BTreeMap<String, f64>, grad_norm: f64, lr: f64, tps: f64) -> String {
-    let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
-    format!(
-        "step {step}/{total}  loss {:.4}  reward acc {:.2}  margin {:+.4}  chosen {:+.4}  rejected {:+.4}  grad_norm {:.3}  lr {:.2e}  {:.0} tok/s",
-        get("loss"),
-        get("rewards/accuracies"),
-        get("rewards/margins"),
-        get("rewards/chosen"),
-        get("rewards/rejected"),
-        grad_norm,
-        lr,
-        tps
-    )
+    let mut s = format!("step {step}/{total}  loss {:.4}", m.get("loss").copied().unwrap_or(f64::NAN));
+    if let (Some(acc), Some(margin)) = (m.get("rewards/accuracies"), m.get("rewards/margins")) {
+        s += &format!("  reward acc {acc:.2}  margin {margin:+.4}");
+    }
+    s + &format!("  grad_norm {grad_norm:.3}  lr {lr:.2e}  {tps:.0} tok/s")
 }
 
 /// Mean of each metric over rows (TRL's names, unprefixed).
 pub fn evaluate(
     decoder: &Decoder,
     params: &Params,
-    reference: &Reference,
-    objective: &PairObjective,
-    examples: &[Example],
+    workload: &dyn Workload,
     batch_size: usize,
-    packing: Packing,
     ws: &mut Workspace,
 ) -> Result<BTreeMap<String, f64>, TrainError> {
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    let rows: Vec<usize> = (0..examples.len()).collect();
-    for chunk in rows.chunks(batch_size) {
-        let out = pair_batch(decoder, params, None, reference, objective, examples, chunk, packing, ws)?;
+    let rows: Vec<usize> = (0..workload.rows()).collect();
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let out = workload.run(decoder, params, None, chunk, ws)?;
         for (k, v) in out.metrics {
             *sums.entry(k).or_default() += v * chunk.len() as f64;
         }
     }
-    let n = examples.len().max(1) as f64;
+    let n = workload.rows().max(1) as f64;
     Ok(sums.into_iter().map(|(k, v)| (k, v / n)).collect())
 }
 
-/// Runs (or resumes) training as configured. `stop` is polled between steps: when set, a checkpoint is
-/// written and the run returns with `interrupted`.
+/// Trains on preference pairs (DPO and its variants) as configured, or resumes such a run.
 pub fn train(
     cfg: &TrainConfig,
     opts: &RunOptions,
@@ -269,10 +259,66 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     prepare_output(cfg, opts)?;
     let setup = prepare(cfg, log)?;
-    let decoder = Decoder::new(setup.model.config.decoder.clone());
+    let (train_ref, eval_ref) = build_reference(cfg, &setup, &setup.model.params, log)?;
+    let train = PairWorkload {
+        examples: &setup.train,
+        reference: &train_ref,
+        objective: &setup.objective,
+        packing: setup.packing,
+    };
+    // A model reference serves both data sets; a cache holds the evaluation rows separately.
+    let eval_reference = if matches!(eval_ref, Reference::None) { &train_ref } else { &eval_ref };
+    let eval = PairWorkload { examples: &setup.eval, reference: eval_reference, ..train };
+    let eval = (!setup.eval.is_empty()).then_some(&eval as &dyn Workload);
+    run_loop(cfg, opts, &setup.model, &train, eval, stop, log)
+}
+
+/// Supervised fine-tuning (the reference model of DPO, or the paper's preferred-FT) on prompt/completion
+/// rows or on the chosen side of preference rows.
+pub fn train_sft(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainOutcome, TrainError> {
+    prepare_output(cfg, opts)?;
+    cfg.validate()?;
+    let model = hf::load_model(&cfg.model)?;
+    let tokenizer =
+        if cfg.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&cfg.model)?) } else { None };
+    let data_opts = data_options(cfg)?;
+    let load = |path: &Path, log: &mut dyn FnMut(&str)| -> Result<Vec<SftExample>, TrainError> {
+        let loaded = load_sft(path, tokenizer.as_ref(), &data_opts)?;
+        log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+        Ok(loaded.examples)
+    };
+    let train_rows = load(&cfg.data, log)?;
+    let eval_rows = match &cfg.eval_data {
+        Some(p) => load(p, log)?,
+        None => Vec::new(),
+    };
+    let train = SftWorkload { examples: &train_rows };
+    let eval = SftWorkload { examples: &eval_rows };
+    let eval = (!eval_rows.is_empty()).then_some(&eval as &dyn Workload);
+    run_loop(cfg, opts, &model, &train, eval, stop, log)
+}
+
+/// The loop itself, for any workload. `stop` is polled between steps: when set, a checkpoint is written
+/// and the run returns with `interrupted`.
+fn run_loop(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    model: &hf::HfModel,
+    workload: &dyn Workload,
+    eval: Option<&dyn Workload>,
+    stop: &AtomicBool,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainOutcome, TrainError> {
+    let decoder = Decoder::new(model.config.decoder.clone());
     let opt_cfg = optimizer_config(cfg)?;
     let schedule: ScheduleKind = cfg.scheduler.parse().map_err(|e| TrainError::Invalid(format!("{e}")))?;
-    let total = total_steps(cfg, setup.train.len());
+    let rows = workload.rows();
+    let total = total_steps(cfg, rows);
 
     // Resuming replaces the starting weights, the optimizer and the position; the reference is still the
     // starting model (or --ref-model), never the checkpoint.
@@ -283,12 +329,11 @@ pub fn train(
             (c.model.params, c.optimizer, c.state)
         }
         None => {
-            let p = setup.model.params.clone();
+            let p = model.params.clone();
             let o = Optimizer::new(opt_cfg, &p);
             (p, o, TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 })
         }
     };
-    let (train_ref, eval_ref) = build_reference(cfg, &setup, &setup.model.params, log)?;
     let config_path = cfg.output.join("config.toml");
     crate::io::write_atomic(&config_path, cfg.to_toml().as_bytes()).map_err(|e| TrainError::io(&config_path, e))?;
     let metrics_path = cfg.output.join("metrics.jsonl");
@@ -303,12 +348,11 @@ pub fn train(
         .open(&metrics_path)
         .map_err(|e| TrainError::io(&metrics_path, e))?;
 
-    let rows = setup.train.len();
     let mut order = epoch_order(rows, state.epoch, cfg.seed, !cfg.no_shuffle);
     let mut grads = Params::zeros(&decoder.cfg);
     let mut ws = Workspace::default();
     let save = |params: &Params, optimizer: &Optimizer, state: &TrainerState| {
-        let p = checkpoint::save(&cfg.output, &setup.model.config, params, &cfg.model, optimizer, state)?;
+        let p = checkpoint::save(&cfg.output, &model.config, params, &cfg.model, optimizer, state)?;
         checkpoint::prune(&cfg.output, cfg.save_total_limit);
         Ok::<_, TrainError>(p)
     };
@@ -332,17 +376,7 @@ pub fn train(
         let scale = 1.0 / cfg.grad_accum as f64;
         for _ in 0..cfg.grad_accum {
             let batch = next_micro_batch(&mut state, &mut order, cfg, rows);
-            let out = pair_batch(
-                &decoder,
-                &params,
-                Some((&mut grads, scale)),
-                &train_ref,
-                &setup.objective,
-                &setup.train,
-                &batch,
-                setup.packing,
-                &mut ws,
-            )?;
+            let out = workload.run(&decoder, &params, Some((&mut grads, scale)), &batch, &mut ws)?;
             finite &= out.finite;
             step_tokens += out.num_tokens;
             for (k, v) in out.metrics {
@@ -358,7 +392,7 @@ pub fn train(
             optimizer.step(&mut params, &grads, lr);
         } else {
             let what = if finite { "gradient" } else { "loss" };
-            let rows_text = step_rows.iter().map(|&i| setup.train[i].location.clone()).collect::<Vec<_>>().join(", ");
+            let rows_text = step_rows.iter().map(|&i| workload.location(i)).collect::<Vec<_>>().join(", ");
             match cfg.on_nonfinite {
                 super::OnNonFinite::Stop => {
                     return Err(TrainError::NonFinite { step: state.step + 1, what, rows: rows_text });
@@ -387,23 +421,9 @@ pub fn train(
             line.insert("skipped".into(), true.into());
         }
         let due = |every: u64| every > 0 && state.step % every == 0;
-        if !setup.eval.is_empty() && (due(cfg.eval_every) || state.step == total) {
-            let eref = if matches!(eval_ref, Reference::None) && !setup.objective.reference_free() {
-                &train_ref
-            } else {
-                &eval_ref
-            };
-            let ev = evaluate(
-                &decoder,
-                &params,
-                eref,
-                &setup.objective,
-                &setup.eval,
-                cfg.batch_size,
-                setup.packing,
-                &mut ws,
-            )?;
-            line.extend(ev.into_iter().map(|(k, v)| (format!("eval_{k}"), v.into())));
+        if let Some(ev) = eval.filter(|_| due(cfg.eval_every) || state.step == total) {
+            let m = evaluate(&decoder, &params, ev, cfg.batch_size, &mut ws)?;
+            line.extend(m.into_iter().map(|(k, v)| (format!("eval_{k}"), v.into())));
         }
         let text = serde_json::Value::Object(line).to_string();
         writeln!(metrics_file, "{text}").map_err(|e| TrainError::io(&metrics_path, e))?;
@@ -417,7 +437,7 @@ pub fn train(
     }
     let checkpoint = Some(save(&params, &optimizer, &state)?);
     let final_dir = cfg.output.join("final");
-    hf::save_model(&final_dir, &setup.model.config, &params, Some(&cfg.model))?;
+    hf::save_model(&final_dir, &model.config, &params, Some(&cfg.model))?;
     Ok(TrainOutcome {
         steps: state.step,
         total_steps: total,

@@ -9,6 +9,7 @@
 
 pub mod act;
 pub mod attention;
+pub mod decode;
 pub mod embed;
 pub mod head;
 pub mod matmul;
@@ -18,6 +19,7 @@ pub mod threads;
 
 pub use act::*;
 pub use attention::*;
+pub use decode::*;
 pub use embed::*;
 pub use head::*;
 pub use matmul::*;

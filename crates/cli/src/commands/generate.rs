@@ -1,0 +1,242 @@
+//! `dpo generate`: sample completions from a model, one JSON line per completion.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use engine::generate::{generate_batched, SamplingConfig};
+use engine::rng::Rng;
+use engine::Decoder;
+use hf::{ChatMessage, Tokenizer};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// One prompt, as text.
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    prompt: Option<String>,
+    /// Prompts: JSONL (or a JSON list) of rows with `prompt` as text or as a list of chat messages
+    /// (`{"role": .., "content": ..}`); other fields are ignored.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Divides the logits before sampling; 0 is greedy decoding.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Sample only among the k most likely tokens (0: no limit).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: only among the most likely tokens whose probabilities add up to p (0 < p <= 1).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// New tokens per completion at most (the EOS token counts).
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Completions per prompt.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Seed of the sampler; the same seed gives the same completions whatever --batch-size and --threads.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap text prompts as one user message through the tokenizer's chat template (the default when
+    /// it has one).
+    #[arg(long, overrides_with = "no_chat")]
+    chat: bool,
+    /// Tokenize text prompts as they are, even when the tokenizer has a chat template.
+    #[arg(long, overrides_with = "chat")]
+    no_chat: bool,
+    /// Sequences decoded together (more is faster per token, up to the point where the step is
+    /// compute-bound; memory grows with it).
+    #[arg(long, default_value_t = engine::generate::DEFAULT_MAX_BATCH)]
+    batch_size: usize,
+    /// Keep special tokens (EOS, chat markers) in the completion text.
+    #[arg(long)]
+    keep_special_tokens: bool,
+    /// Write the JSON lines here (atomically) instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// One output line.
+#[derive(Serialize)]
+struct Line<'a> {
+    /// The prompt as given: text, or the list of messages.
+    prompt: &'a Value,
+    completion: String,
+    /// New tokens, EOS included.
+    tokens: usize,
+    /// Ended with an EOS token rather than at --max-new-tokens.
+    finished: bool,
+}
+
+/// A prompt as given (echoed in the output) and its token ids.
+struct Prompt {
+    shown: Value,
+    ids: Vec<u32>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    check_sampling(&a)?;
+    let model = hf::load_model(&a.model)?;
+    let tok = hf::load_tokenizer(&a.model)?;
+    let chat = match (a.chat, a.no_chat) {
+        (true, _) if tok.chat_template().is_none() => {
+            bail!("--chat: the tokenizer in {} has no chat template", a.model.display())
+        }
+        (true, _) => true,
+        (_, true) => false,
+        _ => tok.chat_template().is_some(),
+    };
+    let prompts = match (&a.prompt, &a.data) {
+        (Some(text), _) => vec![encode_text(&tok, text, chat)?],
+        (None, Some(path)) => read_prompts(path, &tok, chat)?,
+        (None, None) => bail!("give --prompt TEXT or --data FILE"),
+    };
+    if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
+        bail!("prompt {} tokenizes to no tokens; generation needs at least one", i + 1);
+    }
+    if matches!(model.config.decoder.positions, engine::PositionKind::Learned) {
+        // The engine refuses these too, but cannot name the flags.
+        let max = model.config.decoder.max_positions;
+        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.ids.len() + a.max_new_tokens - 1 > max) {
+            bail!(
+                "prompt {} has {} tokens, and with --max-new-tokens {} needs {} positions; the model has {max} \
+                 learned positions (shorten the prompt or lower --max-new-tokens)",
+                i + 1,
+                p.ids.len(),
+                a.max_new_tokens,
+                p.ids.len() + a.max_new_tokens - 1
+            );
+        }
+    }
+    let mut eos_ids = model.config.eos_token_ids.clone();
+    eos_ids.extend(tok.eos_id());
+    eos_ids.sort_unstable();
+    eos_ids.dedup();
+    let cfg = SamplingConfig {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        eos_ids,
+    };
+    let decoder = Decoder::new(model.config.decoder.clone());
+    let mut rng = Rng::new(a.seed);
+    let started = Instant::now();
+    let (mut text, mut new_tokens, mut count) = (String::new(), 0usize, 0usize);
+    let mut stdout = std::io::stdout().lock();
+    // Prompts go in chunks so that lines reach standard output as they are done; every sequence draws
+    // its random stream from `rng` in order, so chunking does not change the completions.
+    let chunk = a.batch_size.div_ceil(a.n.max(1)).max(1) * 4;
+    for (c, part) in prompts.chunks(chunk).enumerate() {
+        let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
+        let gens = generate_batched(&decoder, &model.params, &ids, a.n, &cfg, &mut rng, a.batch_size.max(1))
+            .with_context(|| format!("generating from prompts {}..{}", c * chunk, c * chunk + part.len()))?;
+        let mut lines = String::new();
+        for g in &gens {
+            let mut completion_ids = &g.tokens[..];
+            if g.finished && !a.keep_special_tokens {
+                completion_ids = &completion_ids[..completion_ids.len() - 1];
+            }
+            let completion = tok.decode(completion_ids, !a.keep_special_tokens)?;
+            let line =
+                Line { prompt: &part[g.prompt_index].shown, completion, tokens: g.tokens.len(), finished: g.finished };
+            lines.push_str(&serde_json::to_string(&line)?);
+            lines.push('\n');
+            new_tokens += g.tokens.len();
+            count += 1;
+        }
+        match a.out {
+            Some(_) => text.push_str(&lines),
+            None => {
+                stdout.write_all(lines.as_bytes())?;
+                stdout.flush()?;
+            }
+        }
+    }
+    if let Some(path) = &a.out {
+        dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{count} completions, {new_tokens} new tokens in {secs:.1} s ({:.1} tokens/s)",
+        new_tokens as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+fn check_sampling(a: &Args) -> anyhow::Result<()> {
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature must be a finite number >= 0 (0 is greedy), got {}", a.temperature);
+    }
+    if let Some(p) = a.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {p}");
+        }
+    }
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    Ok(())
+}
+
+/// A text prompt: through the chat template as one user message, or tokenized as it is (with the
+/// tokenizer's own special tokens, as TRL tokenizes plain-text prompts).
+fn encode_text(tok: &Tokenizer, text: &str, chat: bool) -> anyhow::Result<Prompt> {
+    let ids = if chat { encode_messages(tok, &[ChatMessage::new("user", text)])? } else { tok.encode(text, true)? };
+    Ok(Prompt { shown: Value::String(text.to_string()), ids })
+}
+
+/// Messages through the chat template with the generation prompt; the template writes every special
+/// token it wants, so none are added.
+fn encode_messages(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
+    let text = tok.apply_chat_template(messages, true)?;
+    Ok(tok.encode(&text, false)?)
+}
+
+/// Reads `prompt` from every row of a JSONL file (or a JSON list of rows).
+fn read_prompts(path: &Path, tok: &Tokenizer, chat: bool) -> anyhow::Result<Vec<Prompt>> {
+    let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let rows: Vec<(usize, Value)> = match serde_json::from_str::<Value>(&body) {
+        Ok(Value::Array(rows)) => rows.into_iter().enumerate().map(|(i, r)| (i + 1, r)).collect(),
+        _ => body
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map(|v| (i + 1, v))
+                    .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let mut prompts = Vec::with_capacity(rows.len());
+    for (line, row) in rows {
+        let at = || format!("{}:{line}", path.display());
+        let p = row.get("prompt").with_context(|| format!("{}: no `prompt` field", at()))?;
+        let prompt = match p {
+            Value::String(text) => encode_text(tok, text, chat).with_context(at)?,
+            Value::Array(_) => {
+                let messages: Vec<ChatMessage> = serde_json::from_value(p.clone())
+                    .with_context(|| format!("{}: `prompt` is a list but not of {{role, content}} messages", at()))?;
+                if tok.chat_template().is_none() {
+                    bail!("{}: a conversational prompt needs a chat template, and the tokenizer has none", at());
+                }
+                Prompt { shown: p.clone(), ids: encode_messages(tok, &messages).with_context(at)? }
+            }
+            _ => bail!("{}: `prompt` must be text or a list of chat messages", at()),
+        };
+        prompts.push(prompt);
+    }
+    if prompts.is_empty() {
+        bail!("{}: no rows", path.display());
+    }
+    Ok(prompts)
+}

@@ -1,0 +1,102 @@
+//! What the training loop trains on. The loop (`trainer.rs`) owns order, accumulation, clipping, the
+//! optimizer, metrics, evaluation and checkpoints; a workload turns a list of row indices into a loss,
+//! its gradient and TRL-named metrics.
+
+use std::collections::BTreeMap;
+
+use engine::{Decoder, Params};
+
+use super::pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
+use super::reference::Reference;
+use super::TrainError;
+use crate::data::{pack_sequences, Example, Packing, SftExample};
+
+pub trait Workload {
+    /// Rows available.
+    fn rows(&self) -> usize;
+    /// Where a row came from ("line 12"), for messages about bad steps.
+    fn location(&self, row: usize) -> String;
+    /// Forward (and, with `grads`, backward scaled by the given factor) on the rows.
+    fn run(
+        &self,
+        decoder: &Decoder,
+        params: &Params,
+        grads: Option<(&mut Params, f64)>,
+        rows: &[usize],
+        ws: &mut Workspace,
+    ) -> Result<BatchOutcome, TrainError>;
+}
+
+/// Preference pairs under an objective of the DPO family.
+pub struct PairWorkload<'a> {
+    pub examples: &'a [Example],
+    pub reference: &'a Reference,
+    pub objective: &'a PairObjective,
+    pub packing: Packing,
+}
+
+impl Workload for PairWorkload<'_> {
+    fn rows(&self) -> usize {
+        self.examples.len()
+    }
+
+    fn location(&self, row: usize) -> String {
+        self.examples[row].location.clone()
+    }
+
+    fn run(
+        &self,
+        decoder: &Decoder,
+        params: &Params,
+        grads: Option<(&mut Params, f64)>,
+        rows: &[usize],
+        ws: &mut Workspace,
+    ) -> Result<BatchOutcome, TrainError> {
+        pair_batch(decoder, params, grads, self.reference, self.objective, self.examples, rows, self.packing, ws)
+    }
+}
+
+/// Supervised fine-tuning: the mean negative log-likelihood of the completion tokens of the batch
+/// (TRL's SFTTrainer with completion-only loss: one mean over all completion tokens, not per row).
+pub struct SftWorkload<'a> {
+    pub examples: &'a [SftExample],
+}
+
+impl Workload for SftWorkload<'_> {
+    fn rows(&self) -> usize {
+        self.examples.len()
+    }
+
+    fn location(&self, row: usize) -> String {
+        self.examples[row].location.clone()
+    }
+
+    fn run(
+        &self,
+        decoder: &Decoder,
+        params: &Params,
+        grads: Option<(&mut Params, f64)>,
+        rows: &[usize],
+        ws: &mut Workspace,
+    ) -> Result<BatchOutcome, TrainError> {
+        let parts: Vec<(&[u32], &[u32])> = rows.iter().map(|&i| self.examples[i].parts()).collect();
+        let (batch, ranges) = pack_sequences(&parts);
+        let head = decoder.logprobs(params, &batch, &mut ws.policy, grads.is_some())?;
+        let n: usize = ranges.iter().map(|r| r.len()).sum();
+        let sum: f64 = head.logp.iter().map(|&v| v as f64).sum();
+        let loss = if n == 0 { 0.0 } else { -sum / n as f64 };
+        let mut metrics = BTreeMap::new();
+        metrics.insert("loss".to_string(), loss);
+        let vocab = decoder.cfg.vocab_size as f64;
+        let logit_mean = head.logit_sum.iter().map(|&v| v as f64).sum::<f64>() / vocab / n.max(1) as f64;
+        metrics.insert("logits/completion".to_string(), logit_mean);
+        let finite = loss.is_finite();
+        if let (Some((g, scale)), true, true) = (grads, finite, n > 0) {
+            let d = (-scale / n as f64) as f32;
+            let dlogp = vec![d; head.logp.len()];
+            decoder.backward_logprobs(params, &batch, &mut ws.policy, &dlogp, g)?;
+        }
+        let num_tokens = parts.iter().map(|(p, c)| (p.len() + c.len()) as u64).sum();
+        Ok(BatchOutcome { metrics, num_tokens, finite })
+    }
+}

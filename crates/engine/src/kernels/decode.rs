@@ -1,0 +1,337 @@
+//! Kernels of autoregressive decoding: a handful of rows (one new token per sequence) against the weights
+//! and against each sequence's key/value cache.
+//!
+//! Both kernels compute every output element as one dot product in a fixed order that depends only on
+//! the inner dimension, never on how many rows are computed together or on the thread count. A GEMM
+//! cannot promise that (the `gemm` crate switches to a matrix-vector path for one row and picks its
+//! k-blocking from the whole shape), and sampling needs it: a sequence must draw the same tokens whether
+//! it is decoded alone or beside others. For the few rows of a decode step the products are bound by
+//! reading the weights anyway, which these kernels do once per step.
+
+use rayon::prelude::*;
+
+use super::act::{dot_lanes, exp_f32, max_lanes, multiversion, sum_lanes};
+use super::attention::AttnDims;
+use super::threads::num_threads;
+
+/// The dot product every output of [`linear_rows_forward`] is, on every path: eight lanes `acc[l] =
+/// fma(w[i + l], x[i + l], acc[l])` over the full chunks of eight, the lanes summed by one fixed tree,
+/// plus the tail accumulated by `fma` in order. The AVX2 tiles below perform exactly these operations, so
+/// a product's value does not depend on the tile it was computed in.
+#[inline(always)]
+fn dot8(w: &[f32], x: &[f32]) -> f32 {
+    let d = x.len();
+    let full = d / 8 * 8;
+    let mut acc = [0.0f32; 8];
+    for (wc, xc) in w[..full].chunks_exact(8).zip(x[..full].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = wc[l].mul_add(xc[l], acc[l]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for j in full..d {
+        tail = w[j].mul_add(x[j], tail);
+    }
+    hsum8(&acc) + tail
+}
+
+/// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`: the order of the AVX2 reduction.
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (s[0] + s[2]) + (s[1] + s[3])
+}
+
+/// `yt[c, r] = w[c] . x[r]` for the weight rows of one task: `w: [cols, d]`, `x: [rows, d]`, `yt: [cols,
+/// rows]` (transposed, so that a task owns a contiguous block).
+fn linear_block(yt: &mut [f32], w: &[f32], x: &[f32], rows: usize, d: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if super::act::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; the shapes are checked by the caller.
+        unsafe { avx2::linear_block(yt, w, x, rows, d) };
+        return;
+    }
+    for (c, yc) in yt.chunks_exact_mut(rows).enumerate() {
+        let wc = &w[c * d..(c + 1) * d];
+        for (r, y) in yc.iter_mut().enumerate() {
+            *y = dot8(wc, &x[r * d..(r + 1) * d]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `hsum8` of a vector, same order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); // a_i + a_{i+4}
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s)); // (s0 + s2), (s1 + s3)
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// `out[i][j] = dot8(w row i, x row j)` for `RW` weight rows and `RX` input rows, sharing the loads:
+    /// per chunk of eight, `RW + RX` loads feed `RW * RX` fused multiply-adds.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `w` holds `RW` rows and `x` holds `RX` rows of `d` floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const RW: usize, const RX: usize>(w: *const f32, x: *const f32, d: usize) -> [[f32; RX]; RW] {
+        let full = d / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); RX]; RW];
+        let mut i = 0;
+        while i < full {
+            let mut xv = [_mm256_setzero_ps(); RX];
+            for (b, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(x.add(b * d + i));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_ps(w.add(r * d + i));
+                for (a, &xv) in a.iter_mut().zip(&xv) {
+                    *a = _mm256_fmadd_ps(wv, xv, *a);
+                }
+            }
+            i += 8;
+        }
+        let mut out = [[0.0f32; RX]; RW];
+        for r in 0..RW {
+            for b in 0..RX {
+                let mut tail = 0.0f32;
+                for j in full..d {
+                    tail = (*w.add(r * d + j)).mul_add(*x.add(b * d + j), tail);
+                }
+                out[r][b] = hsum(acc[r][b]) + tail;
+            }
+        }
+        out
+    }
+
+    /// Weight rows by fours, input rows by twos, remainders by ones.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `w: [cols, d]`, `x: [rows, d]`, `yt: [cols, rows]`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn linear_block(yt: &mut [f32], w: &[f32], x: &[f32], rows: usize, d: usize) {
+        let cols = yt.len() / rows;
+        assert!(w.len() >= cols * d && x.len() >= rows * d);
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut c = 0;
+        while c < cols {
+            let rw = if cols - c >= 4 { 4 } else { 1 };
+            let mut r = 0;
+            while r < rows {
+                let rx = if rows - r >= 2 { 2 } else { 1 };
+                let (wt, xt) = (wp.add(c * d), xp.add(r * d));
+                match (rw, rx) {
+                    (4, 2) => {
+                        let o = tile::<4, 2>(wt, xt, d);
+                        for (i, o) in o.iter().enumerate() {
+                            yt[(c + i) * rows + r..][..2].copy_from_slice(o);
+                        }
+                    }
+                    (4, _) => {
+                        let o = tile::<4, 1>(wt, xt, d);
+                        for (i, o) in o.iter().enumerate() {
+                            yt[(c + i) * rows + r] = o[0];
+                        }
+                    }
+                    (_, 2) => yt[c * rows + r..][..2].copy_from_slice(&tile::<1, 2>(wt, xt, d)[0]),
+                    _ => yt[c * rows + r] = tile::<1, 1>(wt, xt, d)[0][0],
+                }
+                r += rx;
+            }
+            c += rw;
+        }
+    }
+}
+
+/// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])`, like [`super::linear_forward`], for the few
+/// rows of a decode step. Row `r` of `y` is bit-for-bit the same whatever `rows` is and however many
+/// threads run (see the module doc). Parallel over blocks of output columns; each block of `W` is read
+/// once for all rows.
+pub fn linear_rows_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    assert_eq!(y.len(), rows * out_dim, "linear_rows_forward: y is not [rows, out]");
+    assert_eq!(x.len(), rows * in_dim, "linear_rows_forward: x is not [rows, in]");
+    assert_eq!(w.len(), out_dim * in_dim, "linear_rows_forward: W is not [out, in]");
+    if let Some(b) = b {
+        assert_eq!(b.len(), out_dim, "linear_rows_forward: bias is not [out]");
+    }
+    if rows == 0 || out_dim == 0 {
+        return;
+    }
+    // About eight tasks per thread, at least a tile of weight rows and ~64K multiply-adds each.
+    let min_cols = (65_536 / (rows * in_dim).max(1)).max(4);
+    let cols = out_dim.div_ceil(8 * num_threads()).max(min_cols).next_multiple_of(4).min(out_dim);
+    let mut yt = vec![0.0f32; out_dim * rows];
+    yt.par_chunks_mut(cols * rows)
+        .zip(w.par_chunks(cols * in_dim))
+        .for_each(|(yt, w)| linear_block(yt, w, x, rows, in_dim));
+    for (r, yr) in y.chunks_exact_mut(out_dim).enumerate() {
+        for (c, o) in yr.iter_mut().enumerate() {
+            *o = yt[c * rows + r];
+        }
+        if let Some(b) = b {
+            yr.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+        }
+    }
+}
+
+multiversion! {
+    /// One query head against keys `lo..len` of one key/value head: `o[hd] = softmax(qs . K^T) V`, with
+    /// `qs` already scaled. `k`, `v`: rows of `stride` floats, the head's columns starting at `off`;
+    /// `s`: scratch of `len - lo` scores.
+    fn attend_head(o: &mut [f32], s: &mut [f32], qs: &[f32], k: &[f32], v: &[f32], stride: usize, off: usize, lo: usize) {
+        let hd = qs.len();
+        for (j, sj) in s.iter_mut().enumerate() {
+            let at = (lo + j) * stride + off;
+            *sj = dot_lanes(qs, &k[at..at + hd]);
+        }
+        let m = max_lanes(s);
+        s.iter_mut().for_each(|x| *x = exp_f32(*x - m));
+        let inv = 1.0 / sum_lanes(s);
+        o.fill(0.0);
+        for (j, &p) in s.iter().enumerate() {
+            let at = (lo + j) * stride + off;
+            o.iter_mut().zip(&v[at..at + hd]).for_each(|(o, &v)| *o += p * v);
+        }
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// Attention of one new query row per sequence to that sequence's cache.
+///
+/// `out: [B, n_heads * hd]`; query row `b` starts at `q[b * q_stride]` and holds the query heads side by
+/// side (the leading columns of a fused q/k/v row). `keys[b]`, `values[b]`: `[len_b, n_kv_heads * hd]`,
+/// the sequence's keys and values after rotary, the new token's own included, so the query sits at
+/// position `len_b - 1` and sees keys `0..len_b` (with a sliding window `w`, keys `len_b - w..len_b`:
+/// Mistral's `i - j < w`). Query head `h` reads key/value head `h / (n_heads / n_kv_heads)`, as in
+/// [`super::attention_forward`]. Parallel over (sequence, key/value head).
+pub fn decode_attention(
+    out: &mut [f32],
+    q: &[f32],
+    q_stride: usize,
+    keys: &[&[f32]],
+    values: &[&[f32]],
+    dims: &AttnDims,
+) {
+    let (nh, nkv, hd) = (dims.n_heads, dims.n_kv_heads, dims.head_dim);
+    let bsz = keys.len();
+    assert!(hd > 0 && nkv > 0 && nh % nkv == 0, "decode_attention: bad head counts");
+    assert!(dims.window != Some(0), "decode_attention: a window of 0 masks every key");
+    assert_eq!(values.len(), bsz, "decode_attention: keys and values differ in count");
+    assert_eq!(out.len(), bsz * nh * hd, "decode_attention: out is not [B, n_heads * hd]");
+    assert!(q_stride >= nh * hd, "decode_attention: query stride shorter than the query heads");
+    assert!(bsz == 0 || q.len() >= (bsz - 1) * q_stride + nh * hd, "decode_attention: q too short");
+    let kvd = nkv * hd;
+    for (k, v) in keys.iter().zip(values) {
+        assert!(
+            k.len() == v.len() && k.len() % kvd == 0 && !k.is_empty(),
+            "decode_attention: a cache is not [len >= 1, n_kv_heads * hd]"
+        );
+    }
+    let rep = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Task t = b * nkv + kv owns the `rep` query heads of key/value head kv of row b: contiguous in `out`.
+    out.par_chunks_mut(rep * hd).enumerate().for_each(|(t, o)| {
+        let (b, kv) = (t / nkv, t % nkv);
+        let (k, v) = (keys[b], values[b]);
+        let len = k.len() / kvd;
+        let lo = dims.window.map_or(0, |w| len.saturating_sub(w));
+        let mut s = vec![0.0f32; len - lo];
+        let mut qs = vec![0.0f32; hd];
+        for hh in 0..rep {
+            let h = kv * rep + hh;
+            let src = &q[b * q_stride + h * hd..][..hd];
+            qs.iter_mut().zip(src).for_each(|(d, &x)| *d = x * scale);
+            attend_head(&mut o[hh * hd..(hh + 1) * hd], &mut s, &qs, k, v, kvd, kv * hd, lo);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::threads::test_util::*;
+
+    #[test]
+    fn linear_rows_matches_naive_and_is_row_independent() {
+        let mut rng = Rng::new(11);
+        for (rows, din, dout) in [(1, 3, 5), (3, 37, 10), (5, 64, 33), (8, 100, 301), (7, 8, 4)] {
+            let x = rng.vec(rows * din, 1.0);
+            let w = rng.vec(dout * din, 1.0);
+            let b = rng.vec(dout, 1.0);
+            let mut y = vec![0.0; rows * dout];
+            linear_rows_forward(&mut y, &x, &w, Some(&b), rows, din, dout);
+            let want: Vec<f64> = (0..rows * dout)
+                .map(|i| {
+                    let (r, c) = (i / dout, i % dout);
+                    b[c] as f64 + (0..din).map(|k| x[r * din + k] as f64 * w[c * din + k] as f64).sum::<f64>()
+                })
+                .collect();
+            assert_close("linear_rows", &y, &want, 1e-5, 1.0);
+            // The vector tiles compute exactly the portable dot product.
+            for (i, &v) in y.iter().enumerate() {
+                let (r, c) = (i / dout, i % dout);
+                assert_eq!(v, dot8(&w[c * din..(c + 1) * din], &x[r * din..(r + 1) * din]) + b[c], "({r}, {c})");
+            }
+            // Each row alone gives the same bits.
+            for r in 0..rows {
+                let mut y1 = vec![0.0; dout];
+                linear_rows_forward(&mut y1, &x[r * din..(r + 1) * din], &w, Some(&b), 1, din, dout);
+                assert_eq!(y1, y[r * dout..(r + 1) * dout], "row {r} of ({rows}, {din}, {dout})");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_attention_matches_naive_with_gqa_and_window() {
+        let mut rng = Rng::new(3);
+        let (nh, nkv, hd) = (4, 2, 8);
+        for window in [None, Some(3)] {
+            let dims = AttnDims { n_heads: nh, n_kv_heads: nkv, head_dim: hd, window };
+            let lens = [1usize, 5, 9];
+            let qs = nh * hd + 7; // a stride wider than the query heads
+            let q = rng.vec(lens.len() * qs, 1.0);
+            let ks: Vec<Vec<f32>> = lens.iter().map(|&l| rng.vec(l * nkv * hd, 1.0)).collect();
+            let vs: Vec<Vec<f32>> = lens.iter().map(|&l| rng.vec(l * nkv * hd, 1.0)).collect();
+            let kr: Vec<&[f32]> = ks.iter().map(|v| &v[..]).collect();
+            let vr: Vec<&[f32]> = vs.iter().map(|v| &v[..]).collect();
+            let mut out = vec![0.0; lens.len() * nh * hd];
+            decode_attention(&mut out, &q, qs, &kr, &vr, &dims);
+            let mut want = vec![0.0f64; out.len()];
+            for (b, &len) in lens.iter().enumerate() {
+                let lo = window.map_or(0, |w: usize| len.saturating_sub(w));
+                for h in 0..nh {
+                    let kv = h / (nh / nkv);
+                    let sc: Vec<f64> = (lo..len)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|c| q[b * qs + h * hd + c] as f64 * ks[b][j * nkv * hd + kv * hd + c] as f64)
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
+                    for c in 0..hd {
+                        want[(b * nh + h) * hd + c] = (lo..len)
+                            .map(|j| (sc[j - lo] - m).exp() / z * vs[b][j * nkv * hd + kv * hd + c] as f64)
+                            .sum();
+                    }
+                }
+            }
+            assert_close("decode_attention", &out, &want, 1e-5, 1.0);
+        }
+    }
+}
