@@ -53,6 +53,8 @@ pub struct Activations {
     pub hidden: Vec<f32>,
     /// `[targets]` log-sum-exp of the head's logits, saved for its backward
     head_lse: Vec<f32>,
+    /// `[N, d]` gradient of the final hidden states (kept to reuse the allocation)
+    dhidden: Vec<f32>,
     scratch: Scratch,
 }
 
@@ -185,17 +187,37 @@ impl Decoder {
 
         // The residual stream lives in each layer's `x`; the next layer's input is written straight
         // into its own slot (or back into the single slot when nothing is kept).
-        let mut x = std::mem::take(&mut acts.layers[0].x);
-        fit(&mut x, n * d);
-        k::embedding_forward(&mut x, &p.wte.data, &b.tokens, p.wpe.as_ref().map(|t| &t.data[..]), &b.positions, d);
+        // The residual stream lives in each layer's `x`: layer l writes its output straight into layer
+        // l+1's slot. Without `keep` there is one slot, and its input and `x_final` swap roles each layer.
+        // Buffers are reused from call to call, so a training step allocates nothing large.
+        fit(&mut acts.layers[0].x, n * d);
+        k::embedding_forward(
+            &mut acts.layers[0].x,
+            &p.wte.data,
+            &b.tokens,
+            p.wpe.as_ref().map(|t| &t.data[..]),
+            &b.positions,
+            d,
+        );
+        let n_layers = p.layers.len();
         for (l, lp) in p.layers.iter().enumerate() {
+            let to_next_slot = keep && l + 1 < n_layers;
+            let mut out = if to_next_slot {
+                std::mem::take(&mut acts.layers[l + 1].x)
+            } else {
+                std::mem::take(&mut acts.x_final)
+            };
+            fit(&mut out, n * d);
             let slot = if keep { l } else { 0 };
-            let la = &mut acts.layers[slot];
-            la.x = x;
-            let next = self.layer_forward(lp, b, la, &mut acts.scratch, rope);
-            x = next;
+            self.layer_forward(lp, b, &mut acts.layers[slot], &mut acts.scratch, rope, &mut out);
+            if to_next_slot {
+                acts.layers[l + 1].x = out;
+            } else if l + 1 < n_layers {
+                acts.x_final = std::mem::replace(&mut acts.layers[0].x, out);
+            } else {
+                acts.x_final = out;
+            }
         }
-        acts.x_final = x;
         fit(&mut acts.hidden, n * d);
         let s = &mut acts.scratch;
         norm_forward(cfg.norm, &p.norm_f, &mut acts.hidden, &mut s.stat_a, &mut s.stat_b, &acts.x_final, n, d);
@@ -210,7 +232,8 @@ impl Decoder {
         la: &mut LayerActs,
         s: &mut Scratch,
         rope: Option<&RopeTable>,
-    ) -> Vec<f32> {
+        next: &mut [f32],
+    ) {
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
         let (qkv_dim, attn_dim, mlp_in) = (cfg.qkv_dim(), cfg.attn_dim(), cfg.mlp_in_dim());
@@ -231,29 +254,24 @@ impl Decoder {
         k::linear_forward(&mut s.o, &la.attn, &lp.w_o.data, bias(&lp.b_o), n, attn_dim, d);
 
         // MLP input: norm2 of x (parallel residual) or of x + attention (sequential).
-        let mut out = std::mem::take(&mut la.x_mid);
-        fit(&mut out, n * d);
         if cfg.parallel_residual {
             norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         } else {
-            k::add3(&mut out, &la.x, &s.o);
-            norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &out, n, d);
+            fit(&mut la.x_mid, n * d);
+            k::add3(&mut la.x_mid, &la.x, &s.o);
+            norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
         }
         k::linear_forward(&mut la.mlp_pre, &s.h, &lp.w_in.data, bias(&lp.b_in), n, d, mlp_in);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, cfg.ffn_hidden);
         // s.h is free again: reuse it for the MLP output.
         k::linear_forward(&mut s.h, &s.act, &lp.w_out.data, bias(&lp.b_out), n, cfg.ffn_hidden, d);
 
-        let mut next = Vec::new();
-        fit(&mut next, n * d);
         if cfg.parallel_residual {
-            k::add3(&mut next, &la.x, &s.o);
-            k::add_inplace(&mut next, &s.h);
+            k::add3(next, &la.x, &s.o);
+            k::add_inplace(next, &s.h);
         } else {
-            k::add3(&mut next, &out, &s.h);
-            la.x_mid = out;
+            k::add3(next, &la.x_mid, &s.h);
         }
-        next
     }
 
     /// Log-probs at the batch's targets from `acts.hidden` (after [`Decoder::forward`]).
@@ -299,7 +317,9 @@ impl Decoder {
             return Err(EngineError::GradientLength { got: dlogp.len(), want: b.targets.len() });
         }
         let (n, d) = (b.len(), self.cfg.hidden);
-        let mut dhidden = vec![0.0f32; n * d];
+        let mut dhidden = std::mem::take(&mut acts.dhidden);
+        dhidden.clear();
+        dhidden.resize(n * d, 0.0);
         let tied = grads.lm_head.is_none();
         let dw_head = if tied { &mut grads.wte.data } else { &mut grads.lm_head.as_mut().expect("untied head").data };
         k::logprob_head_backward(
@@ -313,7 +333,9 @@ impl Decoder {
             d,
             self.cfg.vocab_size,
         );
-        self.backward(p, b, acts, &dhidden, grads)
+        let result = self.backward(p, b, acts, &dhidden, grads);
+        acts.dhidden = dhidden;
+        result
     }
 
     /// Backward from a gradient on the final hidden states (`[N, d]`): accumulates into `grads`.
