@@ -5,5 +5,6 @@ pub mod data;
 pub mod demo;
 pub mod io;
 pub mod objectives;
+pub mod rlhf;
 pub mod scoring;
 pub mod train;

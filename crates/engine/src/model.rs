@@ -313,29 +313,50 @@ impl Decoder {
         dlogp: &[f32],
         grads: &mut Params,
     ) -> Result<(), EngineError> {
-        if dlogp.len() != b.targets.len() {
-            return Err(EngineError::GradientLength { got: dlogp.len(), want: b.targets.len() });
-        }
-        let (n, d) = (b.len(), self.cfg.hidden);
         let mut dhidden = std::mem::take(&mut acts.dhidden);
         dhidden.clear();
-        dhidden.resize(n * d, 0.0);
-        let tied = grads.lm_head.is_none();
-        let dw_head = if tied { &mut grads.wte.data } else { &mut grads.lm_head.as_mut().expect("untied head").data };
+        dhidden.resize(b.len() * self.cfg.hidden, 0.0);
+        let result = self
+            .head_backward(p, b, acts, dlogp, grads, &mut dhidden)
+            .and_then(|_| self.backward(p, b, acts, &dhidden, grads));
+        acts.dhidden = dhidden;
+        result
+    }
+
+    /// The LM head's part of backward alone: `dhidden += d(logp)/d(hidden) · dlogp` (`[N, d]`) and the head
+    /// weights' gradient into `grads`. For objectives that add their own gradient on the hidden states
+    /// (a value head) before calling [`Decoder::backward`].
+    pub fn head_backward(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &Activations,
+        dlogp: &[f32],
+        grads: &mut Params,
+        dhidden: &mut [f32],
+    ) -> Result<(), EngineError> {
+        if dlogp.len() != b.targets.len() || acts.head_lse.len() != b.targets.len() {
+            return Err(EngineError::GradientLength { got: dlogp.len(), want: b.targets.len() });
+        }
+        if dhidden.len() != b.len() * self.cfg.hidden {
+            return Err(EngineError::MalformedBatch("dhidden must be [tokens, hidden]".into()));
+        }
+        let dw_head = match grads.lm_head.as_mut() {
+            Some(t) => &mut t.data,
+            None => &mut grads.wte.data,
+        };
         k::logprob_head_backward(
-            &mut dhidden,
+            dhidden,
             Some(dw_head),
             dlogp,
             &acts.head_lse,
             &acts.hidden,
             &p.head().data,
             &b.targets,
-            d,
+            self.cfg.hidden,
             self.cfg.vocab_size,
         );
-        let result = self.backward(p, b, acts, &dhidden, grads);
-        acts.dhidden = dhidden;
-        result
+        Ok(())
     }
 
     /// Backward from a gradient on the final hidden states (`[N, d]`): accumulates into `grads`.
