@@ -95,6 +95,7 @@ pub fn pair_batch(
         ("logps/rejected", rm.logps_rejected),
         ("logits/chosen", mean_logit(&packed.chosen)),
         ("logits/rejected", mean_logit(&packed.rejected)),
+        ("dpo/gradient_weight", gradient_weight(objective.cfg.beta, &x)),
     ] {
         metrics.insert(k.to_string(), v);
     }
@@ -116,4 +117,19 @@ pub fn pair_batch(
         policy.backward_logprobs(params, &packed.batch, &mut ws.policy, &dlogp, g)?;
     }
     Ok(BatchOutcome { metrics, num_tokens, finite })
+}
+
+/// Mean over pairs of sigma(beta * (log-ratio_rejected - log-ratio_chosen)): the weight DPO's gradient
+/// puts on each pair (the paper's eq. 7) — large while the implicit reward ranks a pair wrongly, small once
+/// it is learned. NaN without a reference.
+fn gradient_weight(beta: f64, x: &PairLogps) -> f64 {
+    let (Some(rc), Some(rr)) = (x.ref_chosen, x.ref_rejected) else { return f64::NAN };
+    let n = x.policy_chosen.len().max(1) as f64;
+    (0..x.policy_chosen.len())
+        .map(|i| {
+            let margin = beta * ((x.policy_chosen[i] - rc[i]) - (x.policy_rejected[i] - rr[i]));
+            1.0 / (1.0 + margin.exp())
+        })
+        .sum::<f64>()
+        / n
 }
