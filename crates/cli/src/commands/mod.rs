@@ -1,5 +1,6 @@
 //! One file per command.
 
+mod bench;
 mod bench_engine;
 mod eval;
 mod generate;
@@ -40,6 +41,8 @@ enum Command {
     Generate(generate::Args),
     /// Summed log-probs of the chosen and rejected completions of every preference row.
     Logps(logps::Args),
+    /// DPO training throughput and peak memory on a model shape with random weights (compare with TRL).
+    Bench(bench::Args),
     /// Forward and forward+backward throughput of the engine on a model shape with random weights.
     BenchEngine(bench_engine::Args),
 }
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reward(a) => reward::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Logps(a) => logps::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::BenchEngine(a) => bench_engine::run(a),
     }
 }

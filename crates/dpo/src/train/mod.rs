@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 mod error;
+pub mod kto;
 pub mod pairs;
 pub mod reference;
 pub mod trainer;
@@ -11,6 +12,7 @@ pub mod workload;
 
 pub use config::{OnNonFinite, TrainConfig};
 pub use error::TrainError;
+pub use kto::KtoWorkload;
 pub use pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 pub use reference::Reference;
 pub use trainer::{evaluate, train, train_sft, RunOptions, TrainOutcome};

@@ -19,12 +19,15 @@ use engine::rng::Rng;
 use engine::{Decoder, Params};
 
 use super::checkpoint::{self, TrainerState};
+use super::kto::KtoWorkload;
 use super::pairs::{PairObjective, Workspace};
 use super::reference::{default_cache_dir, precompute, Reference};
 use super::workload::{PairWorkload, SftWorkload, Workload};
 use super::{TrainConfig, TrainError};
-use crate::data::{load_pairs, load_sft, DataOptions, Example, Packing, SftExample, Truncation};
-use crate::objectives::parse_loss_list;
+use crate::data::{
+    load_pairs, load_sft, load_unpaired, DataOptions, Example, Packing, SftExample, Truncation, UnpairedExample,
+};
+use crate::objectives::{parse_loss_list, KtoConfig, KtoLossType};
 
 /// How a run ended.
 #[derive(Debug)]
@@ -257,6 +260,9 @@ pub fn train(
     stop: &AtomicBool,
     log: &mut dyn FnMut(&str),
 ) -> Result<TrainOutcome, TrainError> {
+    if let Some(kind) = kto_loss_type(&cfg.loss) {
+        return train_kto(cfg, opts, kind, stop, log);
+    }
     prepare_output(cfg, opts)?;
     let setup = prepare(cfg, log)?;
     let (train_ref, eval_ref) = build_reference(cfg, &setup, &setup.model.params, log)?;
@@ -271,6 +277,61 @@ pub fn train(
     let eval = PairWorkload { examples: &setup.eval, reference: eval_reference, ..train };
     let eval = (!setup.eval.is_empty()).then_some(&eval as &dyn Workload);
     run_loop(cfg, opts, &setup.model, &train, eval, stop, log)
+}
+
+/// `kto` or `apo_zero_unpaired` selects training on unpaired rows (`prompt`, `completion`, `label`).
+fn kto_loss_type(loss: &str) -> Option<KtoLossType> {
+    match loss.trim() {
+        "kto" => Some(KtoLossType::Kto),
+        "apo_zero_unpaired" => Some(KtoLossType::ApoZeroUnpaired),
+        _ => None,
+    }
+}
+
+/// KTO on unpaired rows (preference rows are split into a desirable and an undesirable row, as TRL does),
+/// against a reference model (`--ref-model` or the starting weights).
+fn train_kto(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    loss_type: KtoLossType,
+    stop: &AtomicBool,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainOutcome, TrainError> {
+    prepare_output(cfg, opts)?;
+    cfg.validate()?;
+    if cfg.precompute_ref {
+        return Err(TrainError::Invalid(
+            "--precompute-ref does not apply to KTO: its KL pairs are formed per batch".into(),
+        ));
+    }
+    let model = hf::load_model(&cfg.model)?;
+    let tokenizer =
+        if cfg.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&cfg.model)?) } else { None };
+    let data_opts = data_options(cfg)?;
+    let load = |path: &Path, log: &mut dyn FnMut(&str)| -> Result<Vec<UnpairedExample>, TrainError> {
+        let loaded = load_unpaired(path, tokenizer.as_ref(), &data_opts)?;
+        log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+        Ok(loaded.examples)
+    };
+    let train_rows = load(&cfg.data, log)?;
+    let eval_rows = match &cfg.eval_data {
+        Some(p) => load(p, log)?,
+        None => Vec::new(),
+    };
+    let reference = match &cfg.ref_model {
+        Some(dir) => {
+            let m = hf::load_model(dir)?;
+            Reference::Model(std::sync::Arc::new((Decoder::new(m.config.decoder.clone()), m.params)))
+        }
+        None => {
+            Reference::Model(std::sync::Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone())))
+        }
+    };
+    let kto = KtoConfig { loss_type, beta: cfg.objective.beta, ..Default::default() };
+    let train = KtoWorkload { examples: &train_rows, reference: &reference, cfg: kto.clone() };
+    let eval = KtoWorkload { examples: &eval_rows, reference: &reference, cfg: kto };
+    let eval = (!eval_rows.is_empty()).then_some(&eval as &dyn Workload);
+    run_loop(cfg, opts, &model, &train, eval, stop, log)
 }
 
 /// Supervised fine-tuning (the reference model of DPO, or the paper's preferred-FT) on prompt/completion

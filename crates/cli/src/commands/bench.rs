@@ -1,0 +1,125 @@
+//! `dpo bench`: DPO training throughput and peak memory of the real trainer (AdamW, sigmoid loss, a
+//! reference model or precomputed reference log-probs) on a model shape with random weights and synthetic
+//! rows of fixed lengths. Arguments match `shared/tools/trl_bench.py`, so the two run back to back.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::bail;
+use dpo::data::{Example, Packing};
+use dpo::objectives::{LossConfig, LossType};
+use dpo::scoring::score_pairs;
+use dpo::train::{PairObjective, PairWorkload, Reference, Workload, Workspace};
+use engine::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
+use engine::rng::Rng;
+use engine::{presets, Decoder, Params};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model shape: gpt2 (GPT-2 small, 124M, vocabulary 50257) or llama (SmolLM2-135M shape).
+    #[arg(long, default_value = "gpt2")]
+    arch: String,
+    /// Preference pairs per optimizer step.
+    #[arg(long, default_value_t = 4)]
+    pairs: usize,
+    /// Prompt tokens per row.
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    /// Tokens of each completion (chosen and rejected), EOS included.
+    #[arg(long, default_value_t = 128)]
+    completion: usize,
+    /// Optimizer steps; the first is a warm-up and not counted in the median.
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    /// Score the reference once before training and hold no reference model while training.
+    #[arg(long)]
+    precompute_ref: bool,
+    /// Compute the prompt twice, once per completion, as TRL does (to measure what prefix sharing saves).
+    #[arg(long)]
+    no_prefix_sharing: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let Some(cfg) = presets::by_name(&a.arch) else {
+        bail!("unknown --arch {:?}; use gpt2 (GPT-2 small) or llama (SmolLM2-135M shape)", a.arch);
+    };
+    if a.pairs == 0 || a.steps < 2 || a.completion < 1 || a.prompt < 1 {
+        bail!("--pairs, --prompt and --completion must be at least 1, --steps at least 2");
+    }
+    let t_setup = Instant::now();
+    // Synthetic rows as trl_bench.py makes them: random ids, completions ending with EOS (id 0).
+    let mut rng = Rng::new(1);
+    let mut ids = |k: usize| (0..k).map(|_| 2 + rng.below(cfg.vocab_size - 2) as u32).collect::<Vec<u32>>();
+    let examples: Vec<Example> = (0..a.pairs * a.steps)
+        .map(|i| {
+            let mut c = ids(a.completion - 1);
+            c.push(0);
+            let mut r = ids(a.completion - 1);
+            r.push(0);
+            Example::new(format!("row {}", i + 1), ids(a.prompt), c, r)
+        })
+        .collect();
+    let decoder = Decoder::new(cfg.clone());
+    let mut params = presets::init_random(&cfg, 0.02, 0);
+    let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
+    let reference = if a.precompute_ref {
+        let r = presets::init_random(&cfg, 0.02, 1);
+        Reference::Cached(score_pairs(&decoder, &r, &examples, packing, a.pairs, |_| {})?)
+    } else {
+        Reference::Model(Arc::new((Decoder::new(cfg.clone()), presets::init_random(&cfg, 0.02, 1))))
+    };
+    let objective = PairObjective { losses: vec![(LossType::Sigmoid, 1.0)], cfg: LossConfig::default() };
+    let workload = PairWorkload { examples: &examples, reference: &reference, objective: &objective, packing };
+    let mut opt = Optimizer::new(OptimizerConfig::adamw(), &params);
+    let mut grads = Params::zeros(&cfg);
+    let mut ws = Workspace::default();
+    let setup_s = t_setup.elapsed().as_secs_f64();
+
+    let mut times = Vec::new();
+    for step in 0..a.steps {
+        let t = Instant::now();
+        let rows: Vec<usize> = (step * a.pairs..(step + 1) * a.pairs).collect();
+        workload.run(&decoder, &params, Some((&mut grads, 1.0)), &rows, &mut ws)?;
+        clip_grad_norm(&mut grads, 1.0);
+        opt.step(&mut params, &grads, 1e-6);
+        grads.fill_zero();
+        let s = t.elapsed().as_secs_f64();
+        eprintln!("step {}/{}: {s:.3} s", step + 1, a.steps);
+        if step > 0 {
+            times.push(s);
+        }
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let med = times[times.len() / 2];
+    let tokens = (a.pairs * 2 * (a.prompt + a.completion)) as f64;
+    let line = serde_json::json!({
+        "tool": "dpo",
+        "arch": a.arch,
+        "threads": engine::kernels::num_threads(),
+        "pairs_per_step": a.pairs,
+        "prompt": a.prompt,
+        "completion": a.completion,
+        "precompute_ref": a.precompute_ref,
+        "prefix_sharing": !a.no_prefix_sharing,
+        "median_step_s": (med * 1000.0).round() / 1000.0,
+        "pairs_per_s": ((a.pairs as f64 / med) * 1000.0).round() / 1000.0,
+        "tokens_per_s": (tokens / med * 10.0).round() / 10.0,
+        "setup_s": (setup_s * 10.0).round() / 10.0,
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in MiB; 0 where unavailable.
+fn peak_rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
