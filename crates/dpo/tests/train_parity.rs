@@ -253,3 +253,34 @@ fn sft_lowers_the_completion_nll() {
     assert!(out.join("final/model.safetensors").is_file());
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// `--precompute-ref` gives the same run as a reference model in memory, and a second run reads the cache.
+#[test]
+fn precomputed_reference_matches_and_is_cached() {
+    let (a, b, cache) = (scratch("preref-a"), scratch("preref-b"), scratch("preref-cache"));
+    let ca = trl_settings("gpt2", a.clone());
+    let mut cb = ca.clone();
+    cb.output = b.clone();
+    cb.precompute_ref = true;
+    cb.cache_dir = Some(cache.clone());
+    run(&ca);
+    let mut lines = Vec::new();
+    train(&cb, &RunOptions::default(), &AtomicBool::new(false), &mut |l| lines.push(l.to_string())).unwrap();
+    assert!(lines.iter().any(|l| l.contains("computed and cached")), "{lines:?}");
+    let (ma, mb) = (jsonl(&a.join("metrics.jsonl")), jsonl(&b.join("metrics.jsonl")));
+    for (x, y) in ma.iter().zip(&mb) {
+        for key in ["loss", "rewards/margins", "grad_norm"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{key}: {p} vs {q}");
+        }
+    }
+    let mut again = Vec::new();
+    train(&cb, &RunOptions { resume: None, overwrite: true }, &AtomicBool::new(false), &mut |l| {
+        again.push(l.to_string())
+    })
+    .unwrap();
+    assert!(again.iter().any(|l| l.contains("read from cache")), "{again:?}");
+    for d in [a, b, cache] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -123,14 +123,14 @@ impl DecoderConfig {
         if self.hidden == 0 || self.n_layers == 0 || self.vocab_size == 0 || self.head_dim == 0 {
             return fail("hidden size, layer count, vocabulary and head_dim must be positive".into());
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return fail(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.n_heads, self.n_kv_heads
             ));
         }
         if let PositionKind::Rotary(r) = self.positions {
-            if r.rotary_dim == 0 || r.rotary_dim > self.head_dim || r.rotary_dim % 2 != 0 {
+            if r.rotary_dim == 0 || r.rotary_dim > self.head_dim || !r.rotary_dim.is_multiple_of(2) {
                 return fail(format!(
                     "rotary dimension {} must be even and within head_dim {}",
                     r.rotary_dim, self.head_dim

@@ -14,6 +14,10 @@ use crate::error::{read_json, Error, Result};
 /// The `model_type` values this crate maps onto the decoder family.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2", "gpt_neox"];
 
+/// Longest context accepted from `config.json`: the rotary (or learned) position table is built for all
+/// of it up front, `max_positions * head_dim` floats.
+pub const MAX_POSITIONS: usize = 1 << 22;
+
 /// Which naming scheme and layout the checkpoint's tensors follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -83,6 +87,18 @@ pub fn config_from_json(raw: Value, path: &Path) -> Result<ModelConfig> {
         _ => return Err(Error::UnsupportedModelType { path: path.to_path_buf(), model_type }),
     };
     decoder.validate().map_err(|m| Error::field(path, "<model shape>", m))?;
+    if decoder.max_positions > MAX_POSITIONS {
+        let field = if arch == Arch::Gpt2 { "n_positions" } else { "max_position_embeddings" };
+        return Err(Error::field(
+            path,
+            field,
+            format!(
+                "{} positions is more than this trainer supports ({MAX_POSITIONS}); the position tables would not \
+                 fit in memory. Lower it in config.json to the context length you train with",
+                decoder.max_positions
+            ),
+        ));
+    }
     let dtype = f.opt_str("dtype")?.or(f.opt_str("torch_dtype")?).map(str::to_string);
     Ok(ModelConfig {
         decoder,
@@ -377,7 +393,7 @@ impl Fields<'_> {
     }
 
     fn divide(&self, d: usize, heads: usize, heads_field: &str) -> Result<usize> {
-        if heads == 0 || d % heads != 0 {
+        if d.checked_rem(heads) != Some(0) {
             return Err(self.err(heads_field, format!("hidden size {d} is not divisible by {heads} heads")));
         }
         Ok(d / heads)

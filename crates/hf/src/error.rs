@@ -55,7 +55,7 @@ pub enum Error {
 
     /// Every problem found matching checkpoint tensors to the model (missing, unexpected, wrong shape,
     /// non-finite), one per line.
-    #[error("{}: the checkpoint does not match config.json ({} problem(s)):\n  {}", path.display(), problems.len(), problems.join("\n  "))]
+    #[error("{}: the weights cannot be loaded ({} problem(s)):\n  {}", path.display(), problems.len(), problems.join("\n  "))]
     Weights { path: PathBuf, problems: Vec<String> },
 
     #[error("{}: {msg}", path.display())]

@@ -43,14 +43,19 @@ fn check_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads `dir/config.json` and the safetensors weights beside it.
-pub fn load_model(dir: &Path) -> Result<HfModel> {
+/// Loads `dir/config.json` alone (what a run needs to know before it loads the weights).
+pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     check_dir(dir)?;
     let cfg_path = dir.join("config.json");
     if !cfg_path.is_file() {
         return Err(Error::dir(dir, "no config.json; this is not a Hugging Face model directory"));
     }
-    let config = parse_config(&cfg_path)?;
+    parse_config(&cfg_path)
+}
+
+/// Loads `dir/config.json` and the safetensors weights beside it.
+pub fn load_model(dir: &Path) -> Result<HfModel> {
+    let config = load_config(dir)?;
     let params = load_params(dir, &config)?;
     Ok(HfModel { config, params, dir: dir.to_path_buf() })
 }

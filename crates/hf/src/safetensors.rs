@@ -207,7 +207,10 @@ fn parse_header(path: &Path, file: &[u8]) -> Result<Header> {
         if start > end || end > data_len as u64 {
             return Err(bad(
                 t,
-                format!("data_offsets [{start}, {end}] lie outside the data section of {data_len} bytes"),
+                format!(
+                    "data_offsets [{start}, {end}] lie outside the data section of {data_len} bytes; the file is \
+                     truncated or corrupt (copy or download it again)"
+                ),
             ));
         }
         let (start, end) = (start as usize, end as usize);
@@ -238,15 +241,16 @@ fn parse_header(path: &Path, file: &[u8]) -> Result<Header> {
     Ok((data_start, tensors, metadata))
 }
 
-/// The serialized bytes of f32 `tensors` (sorted by name; `__metadata__` `{"format": "pt"}` first, as the
-/// Python library writes it; the header is padded with spaces to a multiple of 8 bytes).
-pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>, String> {
-    let mut order: Vec<&(String, Vec<usize>, Vec<f32>)> = tensors.iter().collect();
-    order.sort_by(|a, b| a.0.cmp(&b.0));
+/// The header of f32 `tensors` (sorted by name; `__metadata__` `{"format": "pt"}` first, as the Python
+/// library writes it; padded with spaces to a multiple of 8 bytes), and the order the data follows.
+fn header_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(String, Vec<usize>), String> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[a].0.cmp(&tensors[b].0));
     let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
     let mut offset = 0usize;
-    for (i, (name, shape, data)) in order.iter().enumerate() {
-        if i > 0 && order[i - 1].0 == *name {
+    for (i, &k) in order.iter().enumerate() {
+        let (name, shape, data) = &tensors[k];
+        if i > 0 && tensors[order[i - 1]].0 == *name {
             return Err(format!("tensor `{name}` appears twice"));
         }
         if name == "__metadata__" {
@@ -268,25 +272,49 @@ pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    let mut out = Vec::with_capacity(8 + header.len() + offset);
-    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for (_, _, data) in order {
-        for x in data {
-            out.extend_from_slice(&x.to_le_bytes());
+    Ok((header, order))
+}
+
+/// Writes the safetensors form of f32 `tensors` to `out`, tensor by tensor (no copy of the whole file).
+fn write_f32_to(
+    out: &mut impl Write,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    header: &str,
+    order: &[usize],
+) -> std::io::Result<()> {
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(header.as_bytes())?;
+    let mut buf = Vec::with_capacity(1 << 16);
+    for &k in order {
+        for chunk in tensors[k].2.chunks(1 << 14) {
+            buf.clear();
+            chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+            out.write_all(&buf)?;
         }
     }
+    Ok(())
+}
+
+/// The serialized bytes of f32 `tensors` (sorted by name; `__metadata__` `{"format": "pt"}` first, as the
+/// Python library writes it; the header is padded with spaces to a multiple of 8 bytes).
+pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>, String> {
+    let (header, order) = header_f32(tensors)?;
+    let mut out = Vec::with_capacity(8 + header.len() + tensors.iter().map(|t| 4 * t.2.len()).sum::<usize>());
+    write_f32_to(&mut out, tensors, &header, &order).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
-/// Writes f32 `tensors` to `path` atomically: into a temporary file in the same directory, then renamed.
+/// Writes f32 `tensors` to `path` atomically: streamed into a temporary file in the same directory (no
+/// second copy of the weights in memory), synced, then renamed. On failure (a full disk, a file-size
+/// limit) the temporary file is removed and `path` is untouched.
 pub fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
-    let bytes = serialize_f32(tensors).map_err(|m| Error::st(path, None, m))?;
+    let (header, order) = header_f32(tensors).map_err(|m| Error::st(path, None, m))?;
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        write_f32_to(&mut f, tensors, &header, &order)?;
+        let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };

@@ -40,6 +40,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
     let opts = DataOptions { max_length: a.max_length, ..Default::default() };
     let loaded = load_pairs(&a.data, tok.as_ref(), &opts)?;
+    dpo::data::check_vocab(&a.data, &loaded.examples, model.config.decoder.vocab_size)?;
     let mut cfg = dpo::objectives::LossConfig::default();
     a.objective.apply(&mut cfg)?;
     let objective = PairObjective {

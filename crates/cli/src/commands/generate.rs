@@ -74,9 +74,9 @@ struct Line<'a> {
 }
 
 /// A prompt as given (echoed in the output) and its token ids.
-struct Prompt {
-    shown: Value,
-    ids: Vec<u32>,
+pub(super) struct Prompt {
+    pub(super) shown: Value,
+    pub(super) ids: Vec<u32>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -189,7 +189,7 @@ fn check_sampling(a: &Args) -> anyhow::Result<()> {
 
 /// A text prompt: through the chat template as one user message, or tokenized as it is (with the
 /// tokenizer's own special tokens, as TRL tokenizes plain-text prompts).
-fn encode_text(tok: &Tokenizer, text: &str, chat: bool) -> anyhow::Result<Prompt> {
+pub(super) fn encode_text(tok: &Tokenizer, text: &str, chat: bool) -> anyhow::Result<Prompt> {
     let ids = if chat { encode_messages(tok, &[ChatMessage::new("user", text)])? } else { tok.encode(text, true)? };
     Ok(Prompt { shown: Value::String(text.to_string()), ids })
 }
@@ -202,7 +202,7 @@ fn encode_messages(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<
 }
 
 /// Reads `prompt` from every row of a JSONL file (or a JSON list of rows).
-fn read_prompts(path: &Path, tok: &Tokenizer, chat: bool) -> anyhow::Result<Vec<Prompt>> {
+pub(super) fn read_prompts(path: &Path, tok: &Tokenizer, chat: bool) -> anyhow::Result<Vec<Prompt>> {
     let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let rows: Vec<(usize, Value)> = match serde_json::from_str::<Value>(&body) {
         Ok(Value::Array(rows)) => rows.into_iter().enumerate().map(|(i, r)| (i + 1, r)).collect(),

@@ -33,6 +33,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
     let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
     let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
+    dpo::data::check_vocab(&a.data, &loaded.examples, model.config.decoder.vocab_size)?;
     let (examples, stats) = (loaded.examples, loaded.stats);
     if stats.prompt_not_prefix > 0 {
         eprintln!(
@@ -46,6 +47,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
     let scores = score_pairs(&decoder, &model.params, &examples, packing, a.batch_size, |_| {})
         .with_context(|| format!("scoring {}", a.data.display()))?;
+    let bad: Vec<&str> = scores
+        .iter()
+        .zip(&examples)
+        .filter(|(s, _)| !(s.chosen_logps.is_finite() && s.rejected_logps.is_finite()))
+        .map(|(_, e)| e.location.as_str())
+        .collect();
+    if !bad.is_empty() {
+        eprintln!(
+            "warning: {} of {} rows have a log-prob that is not finite (written as null): {}; the model's \
+             weights overflow on them",
+            bad.len(),
+            examples.len(),
+            bad.join(", ")
+        );
+    }
     let mut text = String::new();
     for s in &scores {
         text.push_str(&serde_json::to_string(s)?);

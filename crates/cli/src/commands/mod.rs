@@ -2,11 +2,15 @@
 
 mod bench;
 mod bench_engine;
+mod best_of_n;
+mod demo;
 mod eval;
 mod generate;
 mod logps;
+mod ppo;
 mod progress;
 mod reward;
+mod reward_model;
 mod sft;
 mod train;
 
@@ -39,12 +43,20 @@ enum Command {
     Reward(reward::Args),
     /// Sample completions from a model (KV cache, temperature, top-k, top-p), one JSON line each.
     Generate(generate::Args),
+    /// Train a Bradley-Terry reward model on preference pairs, or score rows with one.
+    RewardModel(reward_model::Args),
+    /// Sample N completions per prompt and keep the one a reward model scores highest.
+    BestOfN(best_of_n::Args),
+    /// RLHF with PPO against a reward model.
+    Ppo(Box<ppo::Args>),
     /// Summed log-probs of the chosen and rejected completions of every preference row.
     Logps(logps::Args),
     /// DPO training throughput and peak memory on a model shape with random weights (compare with TRL).
     Bench(bench::Args),
     /// Forward and forward+backward throughput of the engine on a model shape with random weights.
     BenchEngine(bench_engine::Args),
+    /// The DPO paper's sentiment experiment, built in: reward vs KL of DPO, PPO, Best-of-N and baselines.
+    Demo(demo::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -55,9 +67,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(*a),
         Command::Reward(a) => reward::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::RewardModel(a) => reward_model::run(a),
+        Command::BestOfN(a) => best_of_n::run(a),
+        Command::Ppo(a) => ppo::run(*a),
         Command::Logps(a) => logps::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchEngine(a) => bench_engine::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 

@@ -35,6 +35,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let reference = hf::load_model(&a.ref_model)?;
     let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
     let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
+    let vocab = policy.config.decoder.vocab_size.min(reference.config.decoder.vocab_size);
+    dpo::data::check_vocab(&a.data, &loaded.examples, vocab)?;
     let score = |m: &hf::HfModel| {
         score_pairs(
             &Decoder::new(m.config.decoder.clone()),

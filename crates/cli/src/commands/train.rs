@@ -188,6 +188,10 @@ pub struct RunFlags {
     /// On a NaN or infinite loss or gradient: stop (keep the last checkpoint) or skip the step.
     #[arg(long, value_parser = ["stop", "skip"])]
     on_nonfinite: Option<String>,
+    /// Memory the run may use (e.g. 12GiB, 512M). The peak is estimated before training and a run above
+    /// this (default: the machine's available memory) is refused.
+    #[arg(long)]
+    max_memory: Option<String>,
 }
 
 macro_rules! set {
@@ -292,6 +296,9 @@ pub fn resolve(
     set!(c.save_every = r.save_every);
     set!(c.save_total_limit = r.save_total_limit);
     set!(c.log_every = r.log_every);
+    if r.max_memory.is_some() {
+        c.max_memory = r.max_memory.clone();
+    }
     if let Some(s) = &r.on_nonfinite {
         c.on_nonfinite = if s == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop };
     }
@@ -302,6 +309,13 @@ pub fn resolve(
     }
     for (name, p) in [("--model", &c.model), ("--data", &c.data), ("--output", &c.output)] {
         if p.as_os_str().is_empty() {
+            if let (Some(run), None) = (&a.resume, &a.config) {
+                bail!(
+                    "--resume {}: no config.toml of a run found there (nor two levels up); pass a run directory \
+                     written by dpo train or one of its checkpoints/step-N, or give {name} and the other settings",
+                    run.display()
+                );
+            }
             bail!("{name} is required (on the command line or in --config)");
         }
     }
@@ -351,5 +365,15 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions, trainer: Trainer) -> anyhow
     if let Some(f) = &out.final_dir {
         eprintln!("done: {} steps; model written to {}", out.steps, f.display());
     }
+    if let Some(peak) = peak_rss() {
+        eprintln!("peak memory (resident): {}", dpo::train::memory::human(peak));
+    }
     Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }

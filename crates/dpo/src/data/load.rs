@@ -141,6 +141,40 @@ fn tokenize_error(path: &Path, rec: &Record, e: TokenizeError) -> RowError {
     }
 }
 
+/// Checks that every token id of `examples` (read from `path`) is inside a vocabulary of `vocab` tokens:
+/// ids written for, or a tokenizer belonging to, another model would otherwise only fail inside the
+/// engine, without the row.
+pub fn check_vocab(path: &Path, examples: &[Example], vocab: usize) -> Result<(), DataError> {
+    examples.iter().try_for_each(|e| {
+        let fields = [("prompt_ids", &e.prompt_ids), ("chosen_ids", &e.chosen_ids), ("rejected_ids", &e.rejected_ids)];
+        check_ids(path, &e.location, &fields, vocab)
+    })
+}
+
+/// [`check_vocab`] for prompt/completion examples.
+pub fn check_vocab_sft(path: &Path, examples: &[SftExample], vocab: usize) -> Result<(), DataError> {
+    examples.iter().try_for_each(|e| {
+        check_ids(path, &e.location, &[("prompt_ids", &e.prompt_ids), ("completion_ids", &e.completion_ids)], vocab)
+    })
+}
+
+fn check_ids(path: &Path, location: &str, fields: &[(&str, &Vec<u32>)], vocab: usize) -> Result<(), DataError> {
+    for (field, ids) in fields {
+        if let Some(&id) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(DataError::Field {
+                path: path.to_path_buf(),
+                location: location.to_string(),
+                field: field.to_string(),
+                message: format!(
+                    "token id {id} is outside the model's vocabulary of {vocab} tokens (token ids or a tokenizer \
+                     made for another model?)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn load<T, F>(path: &Path, opts: &DataOptions, per_record: F) -> Result<LoadedData<T>, DataError>
 where
     T: Send,

@@ -21,7 +21,7 @@ pub mod tokenize;
 pub mod truncate;
 
 pub use error::DataError;
-pub use load::{load_pairs, load_sft, load_unpaired, DataStats, LoadedData};
+pub use load::{check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, DataStats, LoadedData};
 pub use pack::{pack_pairs, pack_sequences, PackedPairs, Packing};
 pub use read::{read_records, Record};
 pub use rows::{parse_preference_row, parse_sft_row, parse_unpaired_rows, PreferenceRow, SftRow, Text, UnpairedRow};

@@ -191,7 +191,14 @@ struct Encoded {
 fn encode(prompt: &Text, completions: &[&Text], tok: Option<&Tokenizer>) -> Result<Encoded, TokenizeError> {
     let setup = |m: &str| TokenizeError::Setup(m.to_string());
     let row_err = |e: hf::Error| TokenizeError::Row(e.to_string());
-    let need_tok = || tok.ok_or_else(|| setup("text rows need the model's tokenizer (tokenizer.json)"));
+    let need_tok = || {
+        tok.ok_or_else(|| {
+            setup(
+                "text rows need the model's tokenizer, and the model directory has no tokenizer.json; copy the \
+             model's tokenizer.json there, or give pre-tokenized rows (prompt_ids, chosen_ids, rejected_ids)",
+            )
+        })
+    };
     let (p, full): (Vec<u32>, Vec<Vec<u32>>) = match prompt {
         Text::Ids(p) => {
             let ids = completions.iter().map(|c| match c {

@@ -48,20 +48,26 @@ pub fn save(
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         hf::save_model(&tmp.join("model"), model_cfg, params, Some(source_dir))?;
         let opt = optimizer.state();
+        let steps = opt.steps;
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
-            opt.buffers.iter().map(|(n, t)| (n.clone(), t.shape.clone(), t.data.clone())).collect();
+            opt.buffers.into_iter().map(|(n, t)| (n, t.shape, t.data)).collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let opt_path = tmp.join("optimizer.safetensors");
         hf::safetensors::write_f32(&opt_path, &tensors)?;
-        let meta = serde_json::json!({ "state": state, "optimizer_step": opt.steps });
+        drop(tensors);
+        let meta = serde_json::json!({ "state": state, "optimizer_step": steps });
         let meta_path = tmp.join("trainer_state.json");
         crate::io::write_atomic(&meta_path, serde_json::to_string_pretty(&meta).expect("json").as_bytes())
             .map_err(|e| TrainError::io(&meta_path, e))?;
+        // Rewriting a step: the old copy is renamed away (one atomic step) before it is deleted, so a crash
+        // never leaves a half-deleted `step-N` behind.
+        let old = root.join(format!(".step-{}.tmp-{}-old", state.step, std::process::id()));
         if fin.exists() {
-            std::fs::remove_dir_all(&fin).map_err(|e| TrainError::io(&fin, e))?;
+            std::fs::rename(&fin, &old).map_err(|e| TrainError::io(&fin, e))?;
         }
         std::fs::rename(&tmp, &fin).map_err(|e| TrainError::io(&fin, e))?;
         sync_dir(&root);
+        let _ = std::fs::remove_dir_all(&old);
         Ok(())
     })();
     if result.is_err() {
@@ -104,8 +110,13 @@ pub fn prune(output: &Path, keep: usize) {
     }
     let all = list(output);
     if keep > 0 && all.len() > keep {
-        for (_, p) in &all[..all.len() - keep] {
-            let _ = std::fs::remove_dir_all(p);
+        for (step, p) in &all[..all.len() - keep] {
+            // Renamed first, as above: a crash during the deletion leaves a temporary name, not a
+            // `step-N` that no longer loads.
+            let doomed = root.join(format!(".step-{step}.tmp-{}-pruned", std::process::id()));
+            if std::fs::rename(p, &doomed).is_ok() {
+                let _ = std::fs::remove_dir_all(&doomed);
+            }
         }
     }
 }

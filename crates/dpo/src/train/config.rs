@@ -86,6 +86,9 @@ pub struct TrainConfig {
     /// Print a metrics line every this many steps.
     pub log_every: u64,
     pub on_nonfinite: OnNonFinite,
+    /// Memory the run may use (`8GiB`, `512M`); default: the machine's available memory
+    /// (`MemAvailable`). A run whose estimated peak exceeds it is refused before training.
+    pub max_memory: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -127,6 +130,7 @@ impl Default for TrainConfig {
             save_total_limit: 0,
             log_every: 1,
             on_nonfinite: OnNonFinite::Stop,
+            max_memory: None,
         }
     }
 }
@@ -175,6 +179,9 @@ impl TrainConfig {
         }
         if self.max_length == Some(0) {
             return bad("max_length", "must be at least 1");
+        }
+        if let Some(m) = &self.max_memory {
+            super::memory::parse_size(m).map_err(|message| ConfigError::Invalid { field: "max_memory", message })?;
         }
         Ok(())
     }

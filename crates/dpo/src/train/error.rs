@@ -23,8 +23,41 @@ pub enum TrainError {
     Checkpoint(PathBuf, String),
     #[error("{0}")]
     Invalid(String),
-    #[error("step {step}: the {what} is not finite (rows {rows}); stopped, the newest checkpoint holds the last good state (use --on-nonfinite skip to drop such steps instead)")]
-    NonFinite { step: u64, what: &'static str, rows: String },
+    #[error(
+        "step {step}: the {what} is not finite (rows {rows}); the step was not applied and the run stopped. \
+         {} holds the last good state: `dpo train --resume {} --on-nonfinite skip` continues and skips such \
+         steps (or lower --lr or --beta, or look at those rows)",
+        checkpoint.display(),
+        output.display()
+    )]
+    NonFinite { step: u64, what: &'static str, rows: String, checkpoint: PathBuf, output: PathBuf },
+    #[error(
+        "could not write the checkpoint of step {step}: {message}; nothing of it was left behind. {}",
+        resume_hint(newest.as_deref(), output)
+    )]
+    CheckpointWrite { step: u64, message: String, newest: Option<PathBuf>, output: PathBuf },
+    #[error(
+        "could not write the final model: {message}; checkpoint {} holds the trained weights: free disk \
+         space, then `dpo train --resume {}` writes final/ again",
+        checkpoint.display(),
+        output.display()
+    )]
+    FinalWrite { message: String, checkpoint: PathBuf, output: PathBuf },
+    #[error("{}: {msg}; choose another --output", path.display())]
+    Output { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Memory(String),
+}
+
+fn resume_hint(newest: Option<&Path>, output: &Path) -> String {
+    match newest {
+        Some(p) => format!(
+            "The newest complete checkpoint is {}: free disk space, then continue with `dpo train --resume {}`",
+            p.display(),
+            output.display()
+        ),
+        None => "No checkpoint was completed: free disk space, then start again with --overwrite".to_string(),
+    }
 }
 
 impl TrainError {

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod kto;
+pub mod memory;
 pub mod pairs;
 pub mod reference;
 pub mod trainer;

@@ -20,12 +20,14 @@ use engine::{Decoder, Params};
 
 use super::checkpoint::{self, TrainerState};
 use super::kto::KtoWorkload;
+use super::memory::{self, MemoryPlan};
 use super::pairs::{PairObjective, Workspace};
 use super::reference::{default_cache_dir, precompute, Reference};
 use super::workload::{PairWorkload, SftWorkload, Workload};
 use super::{TrainConfig, TrainError};
 use crate::data::{
-    load_pairs, load_sft, load_unpaired, DataOptions, Example, Packing, SftExample, Truncation, UnpairedExample,
+    check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, pack_pairs, DataOptions, Example, Packing,
+    SftExample, Truncation, UnpairedExample,
 };
 use crate::objectives::{parse_loss_list, KtoConfig, KtoLossType};
 
@@ -85,13 +87,14 @@ pub fn optimizer_config(cfg: &TrainConfig) -> Result<OptimizerConfig, TrainError
 /// Loads the model, tokenizer and data a run needs, and reports what the data loading noticed.
 pub fn prepare(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Setup, TrainError> {
     cfg.validate()?;
-    let model = hf::load_model(&cfg.model)?;
+    let model_cfg = hf::load_config(&cfg.model)?;
     let tokenizer =
         if cfg.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&cfg.model)?) } else { None };
     let opts = data_options(cfg)?;
     let load = |path: &Path, log: &mut dyn FnMut(&str)| -> Result<Vec<Example>, TrainError> {
         let loaded = load_pairs(path, tokenizer.as_ref(), &opts)?;
         log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+        check_vocab(path, &loaded.examples, model_cfg.decoder.vocab_size)?;
         if loaded.examples.is_empty() {
             return Err(TrainError::Invalid(format!("{}: no usable rows left", path.display())));
         }
@@ -105,7 +108,59 @@ pub fn prepare(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Setup, Tr
     let objective =
         PairObjective { losses: parse_loss_list(&cfg.loss, cfg.loss_weights.as_deref())?, cfg: cfg.objective.clone() };
     let packing = if cfg.prefix_sharing { Packing::SharedPrompt } else { Packing::Separate };
+    // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
+    let reference = match &cfg.ref_model {
+        _ if objective.reference_free() || cfg.precompute_ref => None,
+        Some(dir) => Some(hf::load_config(dir)?.decoder),
+        None => Some(model_cfg.decoder.clone()),
+    };
+    let row_tokens =
+        train.iter().chain(&eval).map(|e| pack_pairs(&[e], packing).batch.len() as u64).collect::<Vec<_>>();
+    check_memory(cfg, &model_cfg.decoder, reference.as_ref(), row_tokens, log)?;
+    let model = hf::load_model(&cfg.model)?;
     Ok(Setup { model, tokenizer, train, eval, objective, packing })
+}
+
+/// Estimates the run's peak memory, logs it, and refuses a run that would not fit in `max_memory` (or
+/// the machine's available memory).
+fn check_memory(
+    cfg: &TrainConfig,
+    policy: &engine::DecoderConfig,
+    reference: Option<&engine::DecoderConfig>,
+    row_tokens: Vec<u64>,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), TrainError> {
+    let plan =
+        MemoryPlan { policy, optimizer: &optimizer_config(cfg)?, reference, row_tokens, batch_size: cfg.batch_size };
+    let est = memory::estimate(&plan);
+    let limit = match &cfg.max_memory {
+        Some(m) => Some((memory::parse_size(m).map_err(TrainError::Invalid)?, "the --max-memory limit of")),
+        None => memory::available_memory().map(|b| (b, "the available memory (MemAvailable) of")),
+    };
+    let Some((limit, what)) = limit else {
+        log(&format!("memory: {}", est.summary()));
+        return Ok(());
+    };
+    log(&format!("memory: {}; limit {}", est.summary(), memory::human(limit)));
+    if est.total() <= limit {
+        return Ok(());
+    }
+    let advice = if est.activations >= est.weights {
+        "lower --batch-size or --max-length"
+    } else {
+        "use a smaller model, --precompute-ref (no reference model in memory) or --optimizer sgd"
+    };
+    Err(TrainError::Memory(format!(
+        "the run needs an estimated {} of memory, more than {what} {}: activations {} for the largest micro-batch \
+         ({} rows, {} tokens), weights, gradient, optimizer and reference {}; {advice}, or pass --max-memory \
+         SIZE to run anyway",
+        memory::human(est.total()),
+        memory::human(limit),
+        memory::human(est.activations),
+        est.batch_rows,
+        est.batch_tokens,
+        memory::human(est.weights),
+    )))
 }
 
 /// Total optimizer steps: `max_steps`, or enough micro-batches for `epochs` passes over the data.
@@ -153,13 +208,21 @@ fn prepare_output(cfg: &TrainConfig, opts: &RunOptions) -> Result<(), TrainError
         for d in ["checkpoints", "final"] {
             let p = out.join(d);
             if p.exists() {
-                std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
+                // Renamed away first, so that a crash while deleting leaves no half-deleted checkpoint.
+                let doomed = out.join(format!(".{d}.tmp-{}-old", std::process::id()));
+                std::fs::rename(&p, &doomed).map_err(|e| TrainError::io(&p, e))?;
+                std::fs::remove_dir_all(&doomed).map_err(|e| TrainError::io(&doomed, e))?;
             }
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    if out.exists() && !out.is_dir() {
+        return Err(TrainError::Output { path: out.clone(), msg: "exists and is not a directory".into() });
+    }
+    std::fs::create_dir_all(out)
+        .map_err(|e| TrainError::Output { path: out.clone(), msg: format!("cannot create the run directory ({e})") })?;
     let probe = out.join(".write-test");
-    std::fs::write(&probe, b"").map_err(|e| TrainError::io(out, e))?;
+    std::fs::write(&probe, b"")
+        .map_err(|e| TrainError::Output { path: out.clone(), msg: format!("cannot write in it ({e})") })?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
@@ -344,13 +407,14 @@ pub fn train_sft(
 ) -> Result<TrainOutcome, TrainError> {
     prepare_output(cfg, opts)?;
     cfg.validate()?;
-    let model = hf::load_model(&cfg.model)?;
+    let model_cfg = hf::load_config(&cfg.model)?;
     let tokenizer =
         if cfg.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&cfg.model)?) } else { None };
     let data_opts = data_options(cfg)?;
     let load = |path: &Path, log: &mut dyn FnMut(&str)| -> Result<Vec<SftExample>, TrainError> {
         let loaded = load_sft(path, tokenizer.as_ref(), &data_opts)?;
         log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+        check_vocab_sft(path, &loaded.examples, model_cfg.decoder.vocab_size)?;
         Ok(loaded.examples)
     };
     let train_rows = load(&cfg.data, log)?;
@@ -358,6 +422,9 @@ pub fn train_sft(
         Some(p) => load(p, log)?,
         None => Vec::new(),
     };
+    let row_tokens = train_rows.iter().chain(&eval_rows).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
+    check_memory(cfg, &model_cfg.decoder, None, row_tokens.collect(), log)?;
+    let model = hf::load_model(&cfg.model)?;
     let train = SftWorkload { examples: &train_rows };
     let eval = SftWorkload { examples: &eval_rows };
     let eval = (!eval_rows.is_empty()).then_some(&eval as &dyn Workload);
@@ -412,10 +479,26 @@ fn run_loop(
     let mut order = epoch_order(rows, state.epoch, cfg.seed, !cfg.no_shuffle);
     let mut grads = Params::zeros(&decoder.cfg);
     let mut ws = Workspace::default();
-    let save = |params: &Params, optimizer: &Optimizer, state: &TrainerState| {
-        let p = checkpoint::save(&cfg.output, &model.config, params, &cfg.model, optimizer, state)?;
-        checkpoint::prune(&cfg.output, cfg.save_total_limit);
-        Ok::<_, TrainError>(p)
+    // The newest checkpoint this run wrote: the same state is not written twice (an interruption or a
+    // non-finite step right after a periodic save reuses it).
+    let mut newest: Option<(u64, PathBuf)> = None;
+    let mut save = |params: &Params, optimizer: &Optimizer, state: &TrainerState| {
+        if let Some((_, p)) = newest.as_ref().filter(|(step, _)| *step == state.step) {
+            return Ok(p.clone());
+        }
+        match checkpoint::save(&cfg.output, &model.config, params, &cfg.model, optimizer, state) {
+            Ok(p) => {
+                checkpoint::prune(&cfg.output, cfg.save_total_limit);
+                newest = Some((state.step, p.clone()));
+                Ok(p)
+            }
+            Err(e) => Err(TrainError::CheckpointWrite {
+                step: state.step,
+                message: e.to_string(),
+                newest: checkpoint::list(&cfg.output).pop().map(|(_, p)| p),
+                output: cfg.output.clone(),
+            }),
+        }
     };
 
     while state.step < total {
@@ -430,6 +513,7 @@ fn run_loop(
             });
         }
         let t0 = Instant::now();
+        let before = state.clone();
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut step_rows = Vec::new();
         let mut step_tokens = 0u64;
@@ -456,7 +540,16 @@ fn run_loop(
             let rows_text = step_rows.iter().map(|&i| workload.location(i)).collect::<Vec<_>>().join(", ");
             match cfg.on_nonfinite {
                 super::OnNonFinite::Stop => {
-                    return Err(TrainError::NonFinite { step: state.step + 1, what, rows: rows_text });
+                    // The step was not applied: the weights and optimizer are still those after the last
+                    // good step, and the checkpoint of that state resumes before this batch.
+                    let checkpoint = save(&params, &optimizer, &before)?;
+                    return Err(TrainError::NonFinite {
+                        step: state.step + 1,
+                        what,
+                        rows: rows_text,
+                        checkpoint,
+                        output: cfg.output.clone(),
+                    });
                 }
                 super::OnNonFinite::Skip => {
                     state.skipped_steps += 1;
@@ -481,7 +574,7 @@ fn run_loop(
         if !applied {
             line.insert("skipped".into(), true.into());
         }
-        let due = |every: u64| every > 0 && state.step % every == 0;
+        let due = |every: u64| every > 0 && state.step.is_multiple_of(every);
         if let Some(ev) = eval.filter(|_| due(cfg.eval_every) || state.step == total) {
             let m = evaluate(&decoder, &params, ev, cfg.batch_size, &mut ws)?;
             line.extend(m.into_iter().map(|(k, v)| (format!("eval_{k}"), v.into())));
@@ -489,16 +582,21 @@ fn run_loop(
         let text = serde_json::Value::Object(line).to_string();
         writeln!(metrics_file, "{text}").map_err(|e| TrainError::io(&metrics_path, e))?;
         metrics_file.flush().map_err(|e| TrainError::io(&metrics_path, e))?;
-        if cfg.log_every > 0 && (state.step % cfg.log_every == 0 || state.step == total) {
+        if cfg.log_every > 0 && (state.step.is_multiple_of(cfg.log_every) || state.step == total) {
             log(&step_summary(state.step, total, &sums, grad_norm, lr, step_tokens as f64 / secs));
         }
         if due(cfg.save_every) && state.step < total {
             save(&params, &optimizer, &state)?;
         }
     }
-    let checkpoint = Some(save(&params, &optimizer, &state)?);
+    let checkpoint = save(&params, &optimizer, &state)?;
     let final_dir = cfg.output.join("final");
-    hf::save_model(&final_dir, &model.config, &params, Some(&cfg.model))?;
+    hf::save_model(&final_dir, &model.config, &params, Some(&cfg.model)).map_err(|e| TrainError::FinalWrite {
+        message: e.to_string(),
+        checkpoint: checkpoint.clone(),
+        output: cfg.output.clone(),
+    })?;
+    let checkpoint = Some(checkpoint);
     Ok(TrainOutcome {
         steps: state.step,
         total_steps: total,

@@ -68,7 +68,7 @@ impl SharedMut {
 /// group together with all the keys it reads.
 fn plan(dims: &AttnDims, n: usize, spans: &[Span], groups: &[Range<u32>]) -> Vec<(Vec<Span>, usize)> {
     assert!(dims.head_dim > 0 && dims.n_kv_heads > 0, "attention: empty heads");
-    assert!(dims.n_heads % dims.n_kv_heads == 0, "attention: n_heads is not a multiple of n_kv_heads");
+    assert!(dims.n_heads.is_multiple_of(dims.n_kv_heads), "attention: n_heads is not a multiple of n_kv_heads");
     assert!(dims.window != Some(0), "attention: a window of 0 masks every key");
     let mut prev_end = 0u32;
     for g in groups {

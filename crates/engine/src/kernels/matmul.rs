@@ -74,6 +74,22 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var("DPO_GEMM").is_err() && super::sgemm::available() {
+        let av = if a_t {
+            super::sgemm::Mat { ptr: a.as_ptr(), rs: 1, cs: m }
+        } else {
+            super::sgemm::Mat { ptr: a.as_ptr(), rs: k, cs: 1 }
+        };
+        let bv = if b_t {
+            super::sgemm::Mat { ptr: b.as_ptr(), rs: 1, cs: k }
+        } else {
+            super::sgemm::Mat { ptr: b.as_ptr(), rs: n, cs: 1 }
+        };
+        let tasks = if m * n * k > PAR_FLOPS { num_threads() } else { 1 };
+        unsafe { super::sgemm::sgemm(m, n, k, av, bv, c.as_mut_ptr(), n, accumulate, tasks) };
+        return;
+    }
     let (m_, n_, k_) = (m as isize, n as isize, k as isize);
     let lhs = if a_t { View { ptr: a.as_ptr(), rs: 1, cs: m_ } } else { View { ptr: a.as_ptr(), rs: k_, cs: 1 } };
     let rhs = if b_t { View { ptr: b.as_ptr(), rs: 1, cs: k_ } } else { View { ptr: b.as_ptr(), rs: n_, cs: 1 } };

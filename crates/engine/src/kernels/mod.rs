@@ -15,6 +15,8 @@ pub mod head;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+pub mod sgemm;
 pub mod threads;
 
 pub use act::*;

@@ -63,7 +63,7 @@ pub(crate) fn inv_freq(cfg: &RopeConfig) -> Vec<f32> {
 impl RopeTable {
     /// The table for positions `0..max_pos`.
     pub fn new(cfg: &RopeConfig, max_pos: usize) -> Self {
-        assert!(cfg.rotary_dim % 2 == 0, "rotary dimension {} is odd", cfg.rotary_dim);
+        assert!(cfg.rotary_dim.is_multiple_of(2), "rotary dimension {} is odd", cfg.rotary_dim);
         let half = cfg.rotary_dim / 2;
         let inv = inv_freq(cfg);
         let mut cos = vec![0.0f32; max_pos * half];

@@ -47,9 +47,21 @@ pub(super) unsafe fn row_of_tiles(
     let panels = n.div_ceil(NR);
     for jp in 0..panels {
         let b = bp.add(jp * kc * NR);
-        let acc = tile(kc, ap, b);
         let cols = (n - jp * NR).min(NR);
         let ct = c.add(jp * NR);
+        // Fetch the tile of C while the k loop runs: it is read only at the end.
+        for r in 0..mr {
+            let cr = ct.add(r * ldc);
+            _mm_prefetch::<_MM_HINT_T0>(cr as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(cr.add(cols - 1) as *const i8);
+            if cols > 16 {
+                _mm_prefetch::<_MM_HINT_T0>(cr.add(16) as *const i8);
+            }
+            if cols > 32 {
+                _mm_prefetch::<_MM_HINT_T0>(cr.add(32) as *const i8);
+            }
+        }
+        let acc = tile(kc, ap, b);
         if cols == NR && mr == MR {
             store_full(&acc, ct, ldc, store);
         } else {

@@ -1,0 +1,238 @@
+//! `dpo ppo`: RLHF with PPO against a learned reward model (the baseline of the DPO paper's reward-vs-KL
+//! frontier). Samples from the policy, scores with the reward model, penalises the KL to a frozen
+//! reference, and writes one metrics line per PPO step and the trained model.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context};
+use dpo::rlhf::ppo::{train_ppo, PpoConfig, PpoStepStats, RefModel, RewardFn};
+use dpo::rlhf::reward_model::{RewardModel, RewardModelError};
+use engine::Decoder;
+
+use super::generate::read_prompts;
+use super::progress::Progress;
+use super::train::stop_flag;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The starting policy (Hugging Face directory), usually the SFT model.
+    #[arg(long)]
+    model: PathBuf,
+    /// The reference of the KL penalty (default: a frozen copy of --model).
+    #[arg(long)]
+    ref_model: Option<PathBuf>,
+    /// The reward model (`dpo reward-model train` output: a model directory with reward_head.safetensors);
+    /// it must share the policy's tokenizer.
+    #[arg(long)]
+    reward_model: PathBuf,
+    /// Prompts: JSONL (or a JSON list) of rows with `prompt` as text or as a list of chat messages; text
+    /// goes through the chat template when the tokenizer has one, as in `dpo generate`.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Run directory: metrics.jsonl, config.json, final/.
+    #[arg(long)]
+    output: PathBuf,
+    /// Replace a previous run in --output.
+    #[arg(long)]
+    overwrite: bool,
+    /// Coefficient of the per-token KL penalty -kl_coef * (log pi - log ref).
+    #[arg(long, default_value_t = 0.05)]
+    kl_coef: f64,
+    /// AdamW learning rate (constant), policy and value head.
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    /// PPO steps (each: one rollout, then --ppo-epochs passes over it).
+    #[arg(long, default_value_t = 100)]
+    steps: u64,
+    /// Prompts sampled per rollout, one completion each.
+    #[arg(long, default_value_t = 16)]
+    rollout_prompts: usize,
+    /// Sequences per optimizer step.
+    #[arg(long, default_value_t = 8)]
+    minibatch: usize,
+    /// Passes over each rollout.
+    #[arg(long, default_value_t = 4)]
+    ppo_epochs: usize,
+    /// New tokens per completion at most (the EOS token counts).
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature of the rollouts (log-probs and the KL are always at temperature 1).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Weight of the value loss.
+    #[arg(long, default_value_t = 0.1)]
+    vf_coef: f64,
+    /// PPO's clip range of the probability ratio.
+    #[arg(long, default_value_t = 0.2)]
+    clip_range: f64,
+    /// Clip the global gradient norm to this.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seeds prompt order, sampling and minibatch order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Tokenize text prompts as they are, even when the tokenizer has a chat template.
+    #[arg(long)]
+    no_chat: bool,
+}
+
+/// The reward model as PPO's reward; an error is kept for the command to report (PPO sees NaN scores
+/// and stops).
+struct ModelReward {
+    rm: RewardModel,
+    error: Option<RewardModelError>,
+}
+
+impl RewardFn for ModelReward {
+    fn rewards(&mut self, prompts: &[&[u32]], completions: &[&[u32]]) -> Vec<f64> {
+        let seqs: Vec<(&[u32], &[u32])> = prompts.iter().copied().zip(completions.iter().copied()).collect();
+        match self.rm.score(&seqs) {
+            Ok(s) => s,
+            Err(e) => {
+                self.error = Some(e);
+                vec![f64::NAN; seqs.len()]
+            }
+        }
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = PpoConfig {
+        kl_coef: a.kl_coef,
+        lr: a.lr,
+        rollout_prompts: a.rollout_prompts,
+        minibatch: a.minibatch,
+        ppo_epochs: a.ppo_epochs,
+        clip_range: a.clip_range,
+        vf_coef: a.vf_coef,
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        steps: a.steps,
+        seed: a.seed,
+        max_grad_norm: a.max_grad_norm,
+        ..PpoConfig::default()
+    };
+    cfg.validate()?;
+    let metrics_path = a.output.join("metrics.jsonl");
+    if metrics_path.exists() && !a.overwrite {
+        bail!("{} already holds a run (metrics.jsonl); pass --overwrite to replace it", a.output.display());
+    }
+
+    let model = hf::load_model(&a.model)?;
+    let tok = hf::load_tokenizer(&a.model)?;
+    let chat = !a.no_chat && tok.chat_template().is_some();
+    let prompts: Vec<Vec<u32>> = read_prompts(&a.prompts, &tok, chat)?.into_iter().map(|p| p.ids).collect();
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("{}: prompt {} tokenizes to no tokens; sampling needs at least one", a.prompts.display(), i + 1);
+    }
+    let decoder = Decoder::new(model.config.decoder.clone());
+    if matches!(decoder.cfg.positions, engine::PositionKind::Learned) {
+        let max = decoder.cfg.max_positions;
+        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() + a.max_new_tokens - 1 > max) {
+            bail!(
+                "prompt {} has {} tokens, and with --max-new-tokens {} needs {} positions; the model has {max} \
+                 learned positions (shorten the prompt or lower --max-new-tokens)",
+                i + 1,
+                p.len(),
+                a.max_new_tokens,
+                p.len() + a.max_new_tokens - 1
+            );
+        }
+    }
+    let reference = match &a.ref_model {
+        Some(dir) => {
+            let r = hf::load_model(dir)?;
+            (Decoder::new(r.config.decoder.clone()), r.params)
+        }
+        None => (Decoder::new(model.config.decoder.clone()), model.params.clone()),
+    };
+    let rm = RewardModel::load(&a.reward_model)
+        .with_context(|| format!("loading the reward model {}", a.reward_model.display()))?;
+    for (what, vocab) in [("reference", reference.0.cfg.vocab_size), ("reward model", rm.decoder.cfg.vocab_size)] {
+        if vocab != decoder.cfg.vocab_size {
+            bail!(
+                "the {what} has a vocabulary of {vocab} tokens, the policy {}: they must share a tokenizer",
+                decoder.cfg.vocab_size
+            );
+        }
+    }
+    let mut eos_ids = model.config.eos_token_ids.clone();
+    eos_ids.extend(tok.eos_id());
+    eos_ids.sort_unstable();
+    eos_ids.dedup();
+
+    std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+    let final_dir = a.output.join("final");
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("removing {}", final_dir.display()))?;
+    }
+    let config = serde_json::json!({
+        "model": a.model,
+        "ref_model": a.ref_model,
+        "reward_model": a.reward_model,
+        "prompts": a.prompts,
+        "chat": chat,
+        "eos_ids": eos_ids,
+        "ppo": cfg,
+    });
+    let config_path = a.output.join("config.json");
+    dpo::io::write_atomic(&config_path, format!("{config:#}\n").as_bytes())
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let mut metrics =
+        std::fs::File::create(&metrics_path).with_context(|| format!("writing {}", metrics_path.display()))?;
+
+    let stop = stop_flag()?;
+    let mut progress = Progress::new();
+    progress.line(&format!(
+        "{} prompts; {} PPO steps of {} rollouts, {} epochs of minibatches of {}",
+        prompts.len(),
+        cfg.steps,
+        cfg.rollout_prompts,
+        cfg.ppo_epochs,
+        cfg.minibatch
+    ));
+    let mut reward = ModelReward { rm, error: None };
+    let mut write_error = None;
+    let mut on_step = |s: &PpoStepStats, _: &engine::Params| {
+        let line = serde_json::to_string(s).expect("stats serialise") + "\n";
+        if let Err(e) = metrics.write_all(line.as_bytes()).and_then(|_| metrics.flush()) {
+            write_error = Some(e);
+            return false;
+        }
+        progress.line(&step_line(s, cfg.steps));
+        !stop.load(Ordering::SeqCst)
+    };
+    let outcome = train_ppo(
+        &decoder,
+        &model.params,
+        RefModel { decoder: &reference.0, params: &reference.1 },
+        &prompts,
+        &eos_ids,
+        &mut reward,
+        &cfg,
+        &mut on_step,
+    );
+    progress.finish();
+    if let Some(e) = reward.error {
+        return Err(e).context("scoring completions with the reward model");
+    }
+    if let Some(e) = write_error {
+        return Err(e).with_context(|| format!("writing {}", metrics_path.display()));
+    }
+    let outcome = outcome?;
+    hf::save_model(&final_dir, &model.config, &outcome.params, Some(&a.model))?;
+    let steps = outcome.history.len();
+    let how = if (steps as u64) < cfg.steps { "stopped" } else { "done" };
+    eprintln!("{how}: {steps} PPO steps; model written to {}", final_dir.display());
+    Ok(())
+}
+
+/// `step N/M  reward R  kl K ...`: the reward-vs-KL trade-off as it moves.
+fn step_line(s: &PpoStepStats, total: u64) -> String {
+    format!(
+        "step {}/{total}  reward {:+.4}  kl {:.4}  non-score {:+.4}  policy {:+.4}  value {:.4}  clip {:.3}  len {:.1}  {:.1} s",
+        s.step, s.reward, s.kl, s.non_score_reward, s.policy_loss, s.value_loss, s.clip_frac, s.completion_len, s.seconds
+    )
+}

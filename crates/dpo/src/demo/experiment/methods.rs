@@ -1,0 +1,211 @@
+//! Step 3: the methods of the paper's figure 2, each trained from the SFT model on the same pairs and
+//! measured at several points of its run: DPO (the trainer's `sigmoid` loss) for several betas,
+//! Preferred-FT (`train_sft` on the chosen completions), Unlikelihood (its own loop, `unlikelihood.rs`).
+//! PPO and Best-of-N live in `rlhf_methods.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use engine::Params;
+use serde::Serialize;
+
+use super::evaluate::{Evaluator, Point, World};
+use super::plan::{Plan, Steps};
+use super::DemoError;
+use crate::data::{Example, Packing};
+use crate::objectives::LossConfig;
+use crate::scoring::score_pairs;
+use crate::train::{checkpoint, train, train_sft, RunOptions, TrainConfig};
+
+/// One run of one method (or, for Best-of-N, one sweep over N) and its measured points.
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodRun {
+    /// "DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-N", "SFT".
+    pub method: String,
+    /// The run's setting ("beta=0.1", "kl_coef=0.05", "N=16").
+    pub setting: String,
+    /// In order of the run (step, or N).
+    pub points: Vec<Point>,
+    /// Seconds spent training (or sampling, for Best-of-N).
+    pub train_s: f64,
+    /// Seconds spent measuring the points.
+    pub eval_s: f64,
+    /// The run directory, relative to the output directory.
+    pub dir: Option<String>,
+}
+
+impl MethodRun {
+    /// The last point of the run: what the table reports.
+    pub fn last(&self) -> Option<&Point> {
+        self.points.last()
+    }
+}
+
+/// What every method run shares.
+pub struct Ctx<'a> {
+    pub plan: &'a Plan,
+    pub out: &'a Path,
+    pub world: &'a World,
+    pub evaluator: &'a Evaluator,
+    pub model_cfg: &'a hf::ModelConfig,
+    /// The SFT model directory: start and reference of every method.
+    pub sft_dir: &'a Path,
+    pub pairs_path: &'a Path,
+    pub pairs: &'a [Example],
+    pub stop: &'a AtomicBool,
+}
+
+impl Ctx<'_> {
+    fn run_dir(&self, name: &str) -> PathBuf {
+        self.out.join("runs").join(name)
+    }
+
+    fn rel(&self, p: &Path) -> String {
+        p.strip_prefix(self.out).unwrap_or(p).display().to_string()
+    }
+
+    /// The trainer's configuration for a run from the SFT model on the pairs.
+    fn train_config(&self, name: &str, s: &Steps) -> TrainConfig {
+        TrainConfig {
+            model: self.sft_dir.to_path_buf(),
+            data: self.pairs_path.to_path_buf(),
+            output: self.run_dir(name),
+            lr: s.lr,
+            batch_size: s.batch,
+            max_steps: Some(s.steps),
+            save_every: s.save_every(),
+            log_every: (s.steps / 4).max(1),
+            seed: self.plan.seed,
+            no_shuffle: false,
+            ..Default::default()
+        }
+    }
+
+    /// Measures every checkpoint a trainer run wrote, oldest first.
+    fn evaluate_checkpoints(&self, run: &Path) -> Result<Vec<Point>, DemoError> {
+        let mut points = Vec::new();
+        for (step, dir) in checkpoint::list(run) {
+            let m = hf::load_model(&dir.join("model"))?;
+            points.push(self.evaluator.evaluate(self.world, &m.params, step)?);
+        }
+        Ok(points)
+    }
+}
+
+fn overwrite() -> RunOptions {
+    RunOptions { overwrite: true, ..Default::default() }
+}
+
+pub fn beta_name(beta: f64) -> String {
+    format!("beta={beta}")
+}
+
+/// DPO with the given beta; returns the run and its final weights.
+pub fn dpo(ctx: &Ctx, beta: f64, log: &mut dyn FnMut(&str)) -> Result<(MethodRun, Params), DemoError> {
+    let name = format!("dpo-beta{beta}");
+    let cfg = TrainConfig {
+        loss: "sigmoid".into(),
+        objective: LossConfig { beta, ..Default::default() },
+        ..ctx.train_config(&name, &ctx.plan.dpo)
+    };
+    let t = Instant::now();
+    let outcome = train(&cfg, &overwrite(), ctx.stop, log)?;
+    if outcome.interrupted {
+        return Err(DemoError::Interrupted);
+    }
+    let train_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let points = ctx.evaluate_checkpoints(&cfg.output)?;
+    let final_dir = outcome.final_dir.ok_or_else(|| DemoError::Msg("DPO run wrote no final model".into()))?;
+    let params = hf::load_model(&final_dir)?.params;
+    let run = MethodRun {
+        method: "DPO".into(),
+        setting: beta_name(beta),
+        points,
+        train_s,
+        eval_s: t.elapsed().as_secs_f64(),
+        dir: Some(ctx.rel(&cfg.output)),
+    };
+    Ok((run, params))
+}
+
+/// Preferred-FT: supervised fine-tuning on the chosen completion of every pair.
+pub fn preferred_ft(ctx: &Ctx, log: &mut dyn FnMut(&str)) -> Result<MethodRun, DemoError> {
+    let cfg = ctx.train_config("preferred-ft", &ctx.plan.preferred_ft);
+    let t = Instant::now();
+    let outcome = train_sft(&cfg, &overwrite(), ctx.stop, log)?;
+    if outcome.interrupted {
+        return Err(DemoError::Interrupted);
+    }
+    let train_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let points = ctx.evaluate_checkpoints(&cfg.output)?;
+    Ok(MethodRun {
+        method: "Preferred-FT".into(),
+        setting: format!("lr={}", cfg.lr),
+        points,
+        train_s,
+        eval_s: t.elapsed().as_secs_f64(),
+        dir: Some(ctx.rel(&cfg.output)),
+    })
+}
+
+/// Unlikelihood: likelihood of the chosen completions, unlikelihood of the rejected ones.
+pub fn unlikelihood(ctx: &Ctx, start: &Params, log: &mut dyn FnMut(&str)) -> Result<MethodRun, DemoError> {
+    let dir = ctx.run_dir("unlikelihood");
+    let _ = std::fs::remove_dir_all(&dir);
+    let alpha = ctx.plan.unlikelihood_alpha;
+    let t = Instant::now();
+    let snapshots = super::unlikelihood::train_unlikelihood(
+        &ctx.world.decoder,
+        ctx.model_cfg,
+        ctx.sft_dir,
+        start,
+        ctx.pairs,
+        &ctx.plan.unlikelihood,
+        alpha,
+        &ctx.world.eos_ids,
+        ctx.plan.seed,
+        &dir,
+        log,
+    )?;
+    let train_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let points =
+        snapshots.iter().map(|(step, p)| ctx.evaluator.evaluate(ctx.world, p, *step)).collect::<Result<Vec<_>, _>>()?;
+    Ok(MethodRun {
+        method: "Unlikelihood".into(),
+        setting: format!("alpha={alpha}"),
+        points,
+        train_s,
+        eval_s: t.elapsed().as_secs_f64(),
+        dir: Some(ctx.rel(&dir)),
+    })
+}
+
+/// How often an implicit reward `beta * log(pi/ref)` ranks a held-out pair as the ground truth does.
+/// The sign of the margin does not depend on beta, so neither does the accuracy.
+pub fn implicit_reward_accuracy(
+    world: &World,
+    policy: &Params,
+    ref_scores: &[crate::scoring::PairScore],
+    pairs: &[Example],
+) -> Result<f64, DemoError> {
+    let scores = score_pairs(&world.decoder, policy, pairs, Packing::SharedPrompt, 64, |_| {})?;
+    let correct = scores
+        .iter()
+        .zip(ref_scores)
+        .filter(|(p, r)| (p.chosen_logps - r.chosen_logps) - (p.rejected_logps - r.rejected_logps) > 0.0)
+        .count();
+    Ok(correct as f64 / pairs.len().max(1) as f64)
+}
+
+/// The `dpo/gradient_weight` curve of a trainer run: (step, mean sigma(r_l - r_w)).
+pub fn gradient_weights(run_dir: &Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v["dpo/gradient_weight"].as_f64()?)))
+        .collect()
+}

@@ -1,0 +1,310 @@
+//! `dpo demo`: the DPO paper's controlled sentiment experiment (Rafailov et al. 2023, section 6.1,
+//! figure 2 left), end to end and offline:
+//!
+//! ```text
+//! 1. world      reviews -> BPE tokenizer -> GPT-2 from scratch -> train_sft           (sft.rs)
+//! 2. pairs      held-out prompts -> 4 SFT samples each -> all pairs ranked by VADER   (pairs.rs)
+//! 3. methods    DPO (several beta), Preferred-FT, Unlikelihood                        (methods.rs, unlikelihood.rs)
+//!               reward model, PPO (learned and true reward), Best-of-N               (rlhf_methods.rs)
+//! 4. measure    reward and KL(pi||ref) on held-out prompts at points of every run    (evaluate.rs)
+//!               implicit reward vs reward model accuracy, DPO gradient weight
+//! 5. report     report.md, report.json, frontier.png, gradient_weight.png            (report.rs)
+//! ```
+//!
+//! Every setting is in [`Plan`]; `--quick` and `--model` only pick another plan.
+
+mod evaluate;
+mod methods;
+mod pairs;
+mod plan;
+mod report;
+mod rlhf_methods;
+mod sft;
+mod unlikelihood;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+pub use evaluate::Point;
+pub use methods::MethodRun;
+pub use plan::{ModelShape, Plan, PpoPlan, Steps, METHODS};
+pub use report::Report;
+pub use unlikelihood::{unlikelihood_loss, Role};
+
+use engine::Decoder;
+
+use crate::demo::world::corpus;
+use crate::demo::world::sentiment::Sentiment;
+use crate::scoring::score_pairs;
+use evaluate::{Evaluator, World};
+use methods::Ctx;
+use report::{PairStats, RewardAccuracy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Model(#[from] hf::Error),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("interrupted")]
+    Interrupted,
+    #[error("{0}")]
+    Msg(String),
+}
+
+impl DemoError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        DemoError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct DemoOptions {
+    pub output: PathBuf,
+    pub quick: bool,
+    /// Run on this checkpoint instead of pretraining the built-in model.
+    pub model: Option<PathBuf>,
+    /// Only these methods (names in [`plan::METHODS`]); empty: all.
+    pub methods: Vec<String>,
+    /// Plan settings to change (`dpo.lr=1e-4`), applied in order.
+    pub set: Vec<String>,
+}
+
+impl DemoOptions {
+    pub fn plan(&self) -> Result<Plan, DemoError> {
+        let mut plan = match (&self.model, self.quick) {
+            (Some(_), q) => Plan::for_model(q),
+            (None, true) => Plan::quick(),
+            (None, false) => Plan::full(),
+        };
+        for s in &self.set {
+            plan.set(s).map_err(DemoError::Msg)?;
+        }
+        plan.restrict(&self.methods).map_err(DemoError::Msg)?;
+        Ok(plan)
+    }
+}
+
+pub(crate) mod jsonl {
+    use super::DemoError;
+    use std::path::Path;
+
+    /// Writes one JSON value per line (atomically), creating the directory.
+    pub fn write(path: &Path, rows: &[serde_json::Value]) -> Result<(), DemoError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DemoError::io(dir, e))?;
+        }
+        let mut text = String::new();
+        for r in rows {
+            text += &r.to_string();
+            text.push('\n');
+        }
+        crate::io::write_atomic(path, text.as_bytes()).map_err(|e| DemoError::io(path, e))
+    }
+}
+
+/// Seeds of the experiment's independent random streams, derived from the plan's seed.
+fn seed_of(plan: &Plan, stream: u64) -> u64 {
+    plan.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream
+}
+
+/// Runs the whole experiment into `opts.output` and returns (and writes) the report.
+pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> Result<Report, DemoError> {
+    let plan = opts.plan()?;
+    let t_all = Instant::now();
+    let out = opts.output.clone();
+    std::fs::create_dir_all(&out).map_err(|e| DemoError::io(&out, e))?;
+    let mut seconds: Vec<(String, f64)> = Vec::new();
+    let mut gaps: Vec<String> = Vec::new();
+    let mut lap = Instant::now();
+    let mut take_lap = |name: &str, seconds: &mut Vec<(String, f64)>| {
+        seconds.push((name.to_string(), lap.elapsed().as_secs_f64()));
+        lap = Instant::now();
+    };
+
+    // 1. The SFT model: pretrained here, or the given checkpoint.
+    let sft_dir = match &opts.model {
+        Some(dir) => {
+            log(&format!("[1/5] using {} as the SFT and reference model (no pretraining)", dir.display()));
+            dir.clone()
+        }
+        None => {
+            log(&format!("[1/5] world and SFT model (plan {})", plan.name));
+            sft::pretrain(&plan, &out, stop, log)?
+        }
+    };
+    let model = hf::load_model(&sft_dir)?;
+    let tokenizer = hf::load_tokenizer(&sft_dir)?;
+    let eos_ids: Vec<u32> = if model.config.eos_token_ids.is_empty() {
+        tokenizer.eos_id().into_iter().collect()
+    } else {
+        model.config.eos_token_ids.clone()
+    };
+    let bos = if opts.model.is_none() { Some(sft::EOT_ID) } else { None };
+    let world = World {
+        decoder: Decoder::new(model.config.decoder.clone()),
+        reference: model.params.clone(),
+        tokenizer,
+        sentiment: Sentiment::new(),
+        eos_ids,
+        bos,
+    };
+    take_lap("SFT model", &mut seconds);
+
+    // 2. Prompts (held out from the pretraining reviews) and pairs.
+    let n = plan.train_prompts + plan.heldout_pair_prompts + plan.eval_prompts;
+    let texts = corpus::prompts(seed_of(&plan, 1), n);
+    let prompts = texts.iter().map(|t| world.encode_prompt(t)).collect::<Result<Vec<_>, _>>()?;
+    let (train_prompts, rest) = prompts.split_at(plan.train_prompts);
+    let (heldout_prompts, eval_prompts) = rest.split_at(plan.heldout_pair_prompts);
+    log(&format!(
+        "[2/5] sampling {} x {} completions for training pairs, {} x {} for held-out pairs",
+        train_prompts.len(),
+        plan.samples_per_prompt,
+        heldout_prompts.len(),
+        plan.samples_per_prompt
+    ));
+    let k = plan.samples_per_prompt;
+    let train_set =
+        pairs::sample_pairs(&world, &model.params, train_prompts, k, plan.max_new_tokens, seed_of(&plan, 2), "train")?;
+    let heldout_set = pairs::sample_pairs(
+        &world,
+        &model.params,
+        heldout_prompts,
+        k,
+        plan.max_new_tokens,
+        seed_of(&plan, 3),
+        "held-out",
+    )?;
+    if train_set.pairs.is_empty() || heldout_set.pairs.is_empty() {
+        return Err(DemoError::Msg("the SFT samples gave no pair with different rewards".into()));
+    }
+    let pairs_path = out.join("data").join("pairs.jsonl");
+    pairs::write_pairs(&pairs_path, &train_set.pairs)?;
+    pairs::write_pairs(&out.join("data").join("heldout_pairs.jsonl"), &heldout_set.pairs)?;
+    let train_pairs = train_set.examples();
+    let heldout_pairs = heldout_set.examples();
+    let pair_stats = PairStats {
+        train_pairs: train_pairs.len(),
+        heldout_pairs: heldout_pairs.len(),
+        ties_skipped: train_set.ties + heldout_set.ties,
+        sample_reward: train_set.sample_reward,
+    };
+    log(&format!(
+        "      {} training pairs, {} held-out pairs ({} ties skipped); SFT sample reward {:.3}",
+        pair_stats.train_pairs, pair_stats.heldout_pairs, pair_stats.ties_skipped, pair_stats.sample_reward
+    ));
+    take_lap("pairs", &mut seconds);
+
+    let evaluator = Evaluator {
+        prompts: eval_prompts.to_vec(),
+        samples: plan.eval_samples,
+        sampling: world.sampling(plan.max_new_tokens),
+        seed: seed_of(&plan, 4),
+    };
+    let sft_point = evaluator.evaluate(&world, &model.params, 0)?;
+    log(&format!(
+        "      SFT model: reward {:.3} ± {:.3}, KL {:.3}",
+        sft_point.reward, sft_point.reward_se, sft_point.kl
+    ));
+
+    let ctx = Ctx {
+        plan: &plan,
+        out: &out,
+        world: &world,
+        evaluator: &evaluator,
+        model_cfg: &model.config,
+        sft_dir: &sft_dir,
+        pairs_path: &pairs_path,
+        pairs: &train_pairs,
+        stop,
+    };
+    let mut runs: Vec<MethodRun> = Vec::new();
+    let mut reward_accuracy = Vec::new();
+    let mut gradient_weight = Vec::new();
+    let report_point = |r: &MethodRun, log: &mut dyn FnMut(&str)| {
+        let pts: Vec<String> =
+            r.points.iter().map(|p| format!("{}: KL {:.2} R {:.3}", p.step, p.kl, p.reward)).collect();
+        log(&format!(
+            "      {} {}: {} ({:.0}s train, {:.0}s eval)",
+            r.method,
+            r.setting,
+            pts.join("; "),
+            r.train_s,
+            r.eval_s
+        ));
+    };
+
+    // 3. Methods. DPO first, then the likelihood baselines, then the RLHF baselines.
+    let ref_scores =
+        score_pairs(&world.decoder, &model.params, &heldout_pairs, crate::data::Packing::SharedPrompt, 64, |_| {})?;
+    for &beta in &plan.dpo_betas {
+        log(&format!("[3/5] DPO beta={beta}"));
+        let (r, params) = methods::dpo(&ctx, beta, log)?;
+        report_point(&r, log);
+        let acc = methods::implicit_reward_accuracy(&world, &params, &ref_scores, &heldout_pairs)?;
+        reward_accuracy.push(RewardAccuracy { scorer: format!("DPO {} implicit reward", r.setting), accuracy: acc });
+        gradient_weight
+            .push((r.setting.clone(), methods::gradient_weights(&out.join(r.dir.clone().unwrap_or_default()))));
+        runs.push(r);
+    }
+    take_lap("DPO", &mut seconds);
+    if plan.preferred_ft.steps > 0 {
+        log("[3/5] Preferred-FT");
+        let r = methods::preferred_ft(&ctx, log)?;
+        report_point(&r, log);
+        runs.push(r);
+    }
+    if plan.unlikelihood.steps > 0 {
+        log("[3/5] Unlikelihood");
+        let r = methods::unlikelihood(&ctx, &model.params, log)?;
+        report_point(&r, log);
+        runs.push(r);
+    }
+    take_lap("Preferred-FT and Unlikelihood", &mut seconds);
+
+    if opts.model.is_some()
+        && opts.methods.is_empty()
+        && plan.ppo.kl_coefs_learned.is_empty()
+        && plan.ppo.kl_coefs_true.is_empty()
+    {
+        gaps.push(format!(
+            "PPO is not run by plan `{}` (a PPO run on a real checkpoint takes far longer than this demo's budget)",
+            plan.name
+        ));
+    }
+    rlhf_methods::run_all(&ctx, &model.params, &heldout_pairs, &mut runs, &mut reward_accuracy, log)?;
+    for r in runs.iter().filter(|r| r.method.starts_with("PPO") || r.method == "Best-of-N") {
+        report_point(r, log);
+    }
+    take_lap("reward model, PPO and Best-of-N", &mut seconds);
+
+    // 4-5. Report.
+    let checks = report::checks(&sft_point, &runs);
+    let verdict = report::verdict(&runs);
+    let sft_model = sft_dir.strip_prefix(&out).unwrap_or(&sft_dir).display().to_string();
+    let mut report = Report {
+        plan,
+        sft_model,
+        sft: sft_point,
+        pairs: pair_stats,
+        runs,
+        reward_accuracy,
+        gradient_weight,
+        checks,
+        verdict,
+        gaps,
+        seconds,
+        total_s: 0.0,
+    };
+    report.total_s = t_all.elapsed().as_secs_f64();
+    log("[5/5] writing report.md, report.json, frontier.png, gradient_weight.png");
+    report.write(&out)?;
+    Ok(report)
+}

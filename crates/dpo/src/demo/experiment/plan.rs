@@ -1,0 +1,238 @@
+//! Every setting of the experiment in one place: the world (corpus, tokenizer, model shape), the data
+//! (prompts, samples per prompt), and each method's sweep. `--quick` and `--model` differ from the full
+//! run only here.
+
+use serde::{Deserialize, Serialize};
+
+/// The small GPT-2 trained from scratch as the SFT (and reference) model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub positions: usize,
+}
+
+/// A training run's optimizer settings (AdamW, linear decay, the trainer's defaults otherwise).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Steps {
+    pub lr: f64,
+    /// Pairs (or sequences) per optimizer step.
+    pub batch: usize,
+    pub steps: u64,
+    /// Points of the run evaluated (evenly spaced checkpoints, the last one the final weights).
+    pub evals: u64,
+}
+
+impl Steps {
+    /// Checkpoint spacing that gives `evals` evaluation points.
+    pub fn save_every(&self) -> u64 {
+        (self.steps / self.evals.max(1)).max(1)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PpoPlan {
+    /// KL coefficients of the runs against the learned reward model.
+    pub kl_coefs_learned: Vec<f64>,
+    /// KL coefficients of the runs against the ground-truth reward (the paper's "PPO-GT").
+    pub kl_coefs_true: Vec<f64>,
+    pub lr: f64,
+    pub steps: usize,
+    pub rollout_prompts: usize,
+    pub minibatch: usize,
+    pub ppo_epochs: usize,
+    /// Points of each run evaluated.
+    pub evals: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    pub name: String,
+    pub seed: u64,
+    /// Reviews the SFT model is pretrained on (unused with `--model`).
+    pub corpus_size: usize,
+    pub vocab_size: usize,
+    pub shape: ModelShape,
+    pub sft: Steps,
+    /// Prompts whose sampled pairs train the methods.
+    pub train_prompts: usize,
+    /// Prompts whose sampled pairs are held out (reward-model and implicit-reward accuracy).
+    pub heldout_pair_prompts: usize,
+    /// Samples per prompt; every pair of them with different ground-truth rewards becomes a pair.
+    pub samples_per_prompt: usize,
+    /// Held-out prompts on which every policy is evaluated, and samples per prompt there.
+    pub eval_prompts: usize,
+    pub eval_samples: usize,
+    pub max_new_tokens: usize,
+    pub dpo_betas: Vec<f64>,
+    pub dpo: Steps,
+    pub preferred_ft: Steps,
+    pub unlikelihood: Steps,
+    /// Weight of the unlikelihood term.
+    pub unlikelihood_alpha: f64,
+    pub reward_model: Steps,
+    pub ppo: PpoPlan,
+    pub bon_ns: Vec<usize>,
+}
+
+impl Plan {
+    /// `dpo demo`: the whole sweep, sized to finish within ten minutes on two cores.
+    pub fn full() -> Self {
+        Plan {
+            name: "full".into(),
+            seed: 1,
+            corpus_size: 24_000,
+            vocab_size: 768,
+            shape: ModelShape { layers: 4, hidden: 128, heads: 4, positions: 64 },
+            sft: Steps { lr: 3e-3, batch: 64, steps: 500, evals: 1 },
+            train_prompts: 600,
+            heldout_pair_prompts: 100,
+            samples_per_prompt: 4,
+            eval_prompts: 96,
+            eval_samples: 4,
+            max_new_tokens: 40,
+            dpo_betas: vec![0.05, 0.1, 0.5, 1.0, 5.0],
+            dpo: Steps { lr: 2e-4, batch: 32, steps: 120, evals: 3 },
+            preferred_ft: Steps { lr: 1e-4, batch: 32, steps: 120, evals: 3 },
+            unlikelihood: Steps { lr: 1e-4, batch: 32, steps: 120, evals: 3 },
+            unlikelihood_alpha: 1.0,
+            reward_model: Steps { lr: 1e-3, batch: 32, steps: 150, evals: 1 },
+            ppo: PpoPlan {
+                kl_coefs_learned: vec![0.05, 0.2, 0.5],
+                kl_coefs_true: vec![0.05, 0.2],
+                lr: 3e-4,
+                steps: 45,
+                rollout_prompts: 32,
+                minibatch: 32,
+                ppo_epochs: 2,
+                evals: 3,
+            },
+            bon_ns: vec![1, 2, 4, 8, 16, 32, 64, 128],
+        }
+    }
+
+    /// `dpo demo --quick`: every method once, on a smaller world, within two minutes.
+    pub fn quick() -> Self {
+        let f = Plan::full();
+        Plan {
+            name: "quick".into(),
+            corpus_size: 12_000,
+            vocab_size: 512,
+            shape: ModelShape { layers: 2, hidden: 128, heads: 4, positions: 64 },
+            sft: Steps { lr: 3e-3, batch: 64, steps: 300, evals: 1 },
+            train_prompts: 160,
+            heldout_pair_prompts: 40,
+            eval_prompts: 48,
+            eval_samples: 2,
+            dpo_betas: vec![0.1, 1.0],
+            dpo: Steps { lr: 2e-4, batch: 32, steps: 60, evals: 2 },
+            preferred_ft: Steps { lr: 2e-4, batch: 32, steps: 40, evals: 1 },
+            unlikelihood: Steps { lr: 1e-4, batch: 32, steps: 40, evals: 1 },
+            reward_model: Steps { lr: 1e-3, batch: 32, steps: 60, evals: 1 },
+            ppo: PpoPlan {
+                kl_coefs_learned: vec![0.1],
+                kl_coefs_true: vec![0.1],
+                steps: 16,
+                rollout_prompts: 24,
+                minibatch: 24,
+                evals: 2,
+                ..f.ppo.clone()
+            },
+            bon_ns: vec![1, 4, 16],
+            ..f
+        }
+    }
+
+    /// `dpo demo --model DIR`: the same experiment on a given checkpoint (no pretraining), with fewer
+    /// steps and settings, since a real model's step costs far more than the built-in one's.
+    pub fn for_model(quick: bool) -> Self {
+        let base = if quick { Plan::quick() } else { Plan::full() };
+        let scale = |s: &Steps, steps: u64| Steps { steps, evals: s.evals.min(2), ..s.clone() };
+        Plan {
+            name: if quick { "model-quick" } else { "model" }.into(),
+            train_prompts: base.train_prompts.min(96),
+            heldout_pair_prompts: base.heldout_pair_prompts.min(32),
+            eval_prompts: base.eval_prompts.min(32),
+            eval_samples: 2,
+            max_new_tokens: 32,
+            dpo_betas: vec![0.1, 0.5],
+            dpo: Steps { lr: 5e-6, batch: 8, ..scale(&base.dpo, if quick { 10 } else { 40 }) },
+            preferred_ft: Steps { lr: 5e-6, batch: 8, ..scale(&base.preferred_ft, if quick { 10 } else { 40 }) },
+            unlikelihood: Steps { lr: 5e-6, batch: 8, ..scale(&base.unlikelihood, if quick { 10 } else { 40 }) },
+            reward_model: Steps { lr: 1e-5, batch: 8, ..scale(&base.reward_model, if quick { 10 } else { 40 }) },
+            ppo: PpoPlan { kl_coefs_learned: vec![], kl_coefs_true: vec![], ..base.ppo.clone() },
+            bon_ns: vec![1, 4, 16],
+            ..base
+        }
+    }
+}
+
+/// The methods `--methods` can pick.
+pub const METHODS: &[&str] = &["dpo", "preferred-ft", "unlikelihood", "ppo", "ppo-gt", "bon"];
+
+impl Plan {
+    /// Keeps only the named methods (from [`METHODS`]); the others' sweeps are emptied.
+    pub fn restrict(&mut self, keep: &[String]) -> Result<(), String> {
+        if let Some(bad) = keep.iter().find(|m| !METHODS.contains(&m.as_str())) {
+            return Err(format!("unknown method `{bad}`; choose from {}", METHODS.join(", ")));
+        }
+        let off = |m: &str| !keep.is_empty() && !keep.iter().any(|k| k == m);
+        if off("dpo") {
+            self.dpo_betas.clear();
+        }
+        if off("preferred-ft") {
+            self.preferred_ft.steps = 0;
+        }
+        if off("unlikelihood") {
+            self.unlikelihood.steps = 0;
+        }
+        if off("ppo") {
+            self.ppo.kl_coefs_learned.clear();
+        }
+        if off("ppo-gt") {
+            self.ppo.kl_coefs_true.clear();
+        }
+        if off("bon") {
+            self.bon_ns.clear();
+        }
+        Ok(())
+    }
+
+    /// Sets one setting by its dotted path in the plan's JSON form (`dpo.lr=1e-4`,
+    /// `dpo_betas=[0.1,1]`, `ppo.kl_coefs_true=[0.05]`); the value is JSON, or a string.
+    pub fn set(&mut self, assignment: &str) -> Result<(), String> {
+        let (path, value) = assignment.split_once('=').ok_or_else(|| format!("`{assignment}`: expected KEY=VALUE"))?;
+        let value: serde_json::Value =
+            serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+        let mut root = serde_json::to_value(&*self).map_err(|e| e.to_string())?;
+        let mut node = &mut root;
+        for key in path.split('.') {
+            node = node
+                .as_object_mut()
+                .and_then(|o| o.get_mut(key))
+                .ok_or_else(|| format!("`{path}`: no such plan setting (see report.json's `plan`)"))?;
+        }
+        *node = value;
+        *self = serde_json::from_value(root).map_err(|e| format!("`{assignment}`: {e}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_and_restrict() {
+        let mut p = Plan::quick();
+        p.set("dpo.lr=0.0002").unwrap();
+        p.set("dpo_betas=[0.5]").unwrap();
+        assert_eq!((p.dpo.lr, p.dpo_betas.clone()), (0.0002, vec![0.5]));
+        assert!(p.set("dpo.nope=1").is_err());
+        assert!(p.set("dpo.lr=\"x\"").is_err());
+        p.restrict(&["dpo".into(), "bon".into()]).unwrap();
+        assert!(p.ppo.kl_coefs_true.is_empty() && p.unlikelihood.steps == 0 && !p.bon_ns.is_empty());
+        assert!(p.restrict(&["sft".into()]).is_err());
+    }
+}

@@ -1,0 +1,301 @@
+//! Step 5: `report.md`, `report.json` and the charts, and a verdict computed from the numbers.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::evaluate::Point;
+use super::methods::MethodRun;
+use super::plan::Plan;
+use super::DemoError;
+use crate::demo::world::plot::{frontier_png, line_chart_png, Series, Style};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PairStats {
+    pub train_pairs: usize,
+    pub heldout_pairs: usize,
+    pub ties_skipped: usize,
+    /// Mean ground-truth reward of the SFT samples the pairs were drawn from.
+    pub sample_reward: f64,
+}
+
+/// "Your language model is secretly a reward model": ranking accuracy on held-out pairs.
+#[derive(Clone, Debug, Serialize)]
+pub struct RewardAccuracy {
+    /// "reward model" or "DPO beta=0.1 (implicit)".
+    pub scorer: String,
+    pub accuracy: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub plan: Plan,
+    /// The model every method starts from (a directory, relative to the output when built here).
+    pub sft_model: String,
+    /// The SFT model measured like every method (KL 0).
+    pub sft: Point,
+    pub pairs: PairStats,
+    pub runs: Vec<MethodRun>,
+    pub reward_accuracy: Vec<RewardAccuracy>,
+    /// `dpo/gradient_weight` per step of each DPO run: (setting, [(step, weight)]).
+    pub gradient_weight: Vec<(String, Vec<(f64, f64)>)>,
+    /// Acceptance checks, as sentences with their numbers.
+    pub checks: Vec<String>,
+    pub verdict: String,
+    /// Methods that could not run, and why.
+    pub gaps: Vec<String>,
+    pub seconds: Vec<(String, f64)>,
+    pub total_s: f64,
+}
+
+fn points_of<'a>(runs: &'a [MethodRun], method: &str) -> Vec<&'a Point> {
+    runs.iter().filter(|r| r.method == method).flat_map(|r| r.points.iter()).collect()
+}
+
+/// Whether some point of `by` has no more KL and at least as much reward as `p`.
+fn dominated(p: &Point, by: &[&Point]) -> bool {
+    by.iter().any(|d| d.kl <= p.kl && d.reward >= p.reward)
+}
+
+/// The highest-reward point with KL at most `kl`.
+fn best_within<'a>(points: &[&'a Point], kl: f64) -> Option<&'a Point> {
+    points.iter().copied().filter(|p| p.kl <= kl).max_by(|a, b| a.reward.total_cmp(&b.reward))
+}
+
+/// A sentence on whether DPO's reward/KL frontier dominates PPO's, with the figures behind it.
+pub fn verdict(runs: &[MethodRun]) -> String {
+    let dpo = points_of(runs, "DPO");
+    if dpo.is_empty() {
+        return "No DPO point was measured, so there is no comparison.".into();
+    }
+    let mut parts = Vec::new();
+    for method in ["PPO", "PPO-GT"] {
+        let ppo = points_of(runs, method);
+        if ppo.is_empty() {
+            continue;
+        }
+        let dominated_ppo = ppo.iter().filter(|p| dominated(p, &dpo)).count();
+        let dominated_dpo = dpo.iter().filter(|p| dominated(p, &ppo)).count();
+        let max_kl = ppo.iter().map(|p| p.kl).fold(f64::NEG_INFINITY, f64::max);
+        let (bd, bp) = (best_within(&dpo, max_kl), best_within(&ppo, max_kl));
+        let within = match (bd, bp) {
+            (Some(d), Some(p)) => {
+                let diff = d.reward - p.reward;
+                let se2 = 2.0 * (d.reward_se.powi(2) + p.reward_se.powi(2)).sqrt();
+                let noise = if diff.abs() > se2 { "more than" } else { "within" };
+                format!(
+                    "; at KL <= {max_kl:.2} the best DPO reward is {:.3} (KL {:.2}) against {method}'s {:.3} (KL {:.2}), \
+                     a difference of {diff:+.3}, {noise} two standard errors ({se2:.3})",
+                    d.reward, d.kl, p.reward, p.kl
+                )
+            }
+            (None, Some(p)) => format!("; no DPO point has KL <= {max_kl:.2} ({method}'s best there: {:.3})", p.reward),
+            _ => String::new(),
+        };
+        let head = if dominated_ppo == ppo.len() {
+            format!("DPO's frontier dominates {method}'s here: every one of the {} {method} points has a DPO point with no more KL and at least as much reward", ppo.len())
+        } else if dominated_ppo == 0 {
+            format!("DPO's frontier does not dominate {method}'s here: none of the {} {method} points has a DPO point with no more KL and at least as much reward", ppo.len())
+        } else {
+            format!("DPO's frontier only partly dominates {method}'s here: {dominated_ppo} of the {} {method} points have a DPO point with no more KL and at least as much reward", ppo.len())
+        };
+        parts.push(format!(
+            "{head} ({dominated_dpo} of {} DPO points are dominated by {method} points){within}.",
+            dpo.len()
+        ));
+    }
+    if parts.is_empty() {
+        return "No PPO run was measured, so whether DPO's frontier dominates PPO's cannot be said from this run."
+            .into();
+    }
+    parts.join(" ")
+}
+
+/// Acceptance checks: DPO raises the reward well above the SFT model's; PPO's reward rises over its run.
+pub fn checks(sft: &Point, runs: &[MethodRun]) -> Vec<String> {
+    let mut out = Vec::new();
+    let best = runs
+        .iter()
+        .filter(|r| r.method == "DPO")
+        .filter_map(|r| r.last().map(|p| (r, p)))
+        .max_by(|a, b| a.1.reward.total_cmp(&b.1.reward));
+    if let Some((r, p)) = best {
+        let gain = p.reward - sft.reward;
+        let se = (p.reward_se.powi(2) + sft.reward_se.powi(2)).sqrt();
+        let ok = gain > 3.0 * se && gain > 0.1;
+        out.push(format!(
+            "{} DPO raises the ground-truth reward: best final DPO ({}) {:.3} against SFT {:.3} (+{:.3}, {:.1} standard errors) at KL {:.2}",
+            if ok { "PASS" } else { "FAIL" },
+            r.setting,
+            p.reward,
+            sft.reward,
+            gain,
+            gain / se.max(1e-12),
+            p.kl
+        ));
+    }
+    for r in runs.iter().filter(|r| r.method.starts_with("PPO")) {
+        if let Some(last) = r.points.last() {
+            // Every run starts from the SFT model, measured as step 0.
+            let base = sft;
+            let gain = last.reward - base.reward;
+            let se = (last.reward_se.powi(2) + base.reward_se.powi(2)).sqrt();
+            let ok = gain > 2.0 * se && gain > 0.05;
+            out.push(format!(
+                "{} {} {} learns: reward {:.3} (SFT, step {}) -> {:.3} (step {}), {:+.3} ({:.1} standard errors), KL {:.2}; along the run: {}",
+                if ok { "PASS" } else { "FAIL" },
+                r.method,
+                r.setting,
+                base.reward,
+                base.step,
+                last.reward,
+                last.step,
+                gain,
+                gain / se.max(1e-12),
+                last.kl,
+                r.points.iter().map(|p| format!("{:.3}", p.reward)).collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    out
+}
+
+impl Report {
+    /// The results table (markdown): the last point of every run.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        s += "| method | setting | step / N | KL(pi||ref) | reward | train s | eval s |\n";
+        s += "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n";
+        let _ = writeln!(
+            s,
+            "| SFT | reference | 0 | {:.3} | {:.3} ± {:.3} | | |",
+            self.sft.kl, self.sft.reward, self.sft.reward_se
+        );
+        for r in &self.runs {
+            if r.method == "Best-of-N" {
+                for p in &r.points {
+                    let _ = writeln!(
+                        s,
+                        "| Best-of-N | {} | {} | {:.3} | {:.3} ± {:.3} | | |",
+                        r.setting, p.step, p.kl, p.reward, p.reward_se
+                    );
+                }
+                let _ = writeln!(s, "| Best-of-N | total | | | | {:.1} | {:.1} |", r.train_s, r.eval_s);
+                continue;
+            }
+            if let Some(p) = r.last() {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.3} | {:.3} ± {:.3} | {:.1} | {:.1} |",
+                    r.method, r.setting, p.step, p.kl, p.reward, p.reward_se, r.train_s, r.eval_s
+                );
+            }
+        }
+        s
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let p = &self.plan;
+        s += "# DPO demo: controlled sentiment generation\n\n";
+        let _ = writeln!(
+            s,
+            "A reproduction of section 6.1 and figure 2 (left) of Rafailov et al. 2023 on a generated review world \
+             (plan `{}`, seed {}): prompts are neutral review openings, the ground-truth reward is VADER's compound \
+             sentiment of prompt + completion (in [-1, 1]), and every method starts from the SFT model `{}`. \
+             Each point: {} held-out prompts x {} samples at temperature 1 (at most {} new tokens); KL is the \
+             sequence-level KL(pi||ref), the mean over samples of the summed per-token log-ratio.\n",
+            p.name, p.seed, self.sft_model, p.eval_prompts, p.eval_samples, p.max_new_tokens
+        );
+        let _ = writeln!(
+            s,
+            "Pairs: {} training and {} held-out, from {} samples per prompt of the SFT model (every two with different \
+             rewards; {} ties skipped; mean sample reward {:.3}).\n",
+            self.pairs.train_pairs,
+            self.pairs.heldout_pairs,
+            p.samples_per_prompt,
+            self.pairs.ties_skipped,
+            self.pairs.sample_reward
+        );
+        s += "## Reward against KL\n\n![frontier](frontier.png)\n\n";
+        s += &self.table();
+        s += "\nEvery point of every run is in `report.json`; the table shows each run's last one.\n\n";
+        s += "## Verdict\n\n";
+        s += &self.verdict;
+        s += "\n\n";
+        for c in &self.checks {
+            let _ = writeln!(s, "- {c}");
+        }
+        s += "\n## Your language model is secretly a reward model\n\n";
+        s += "Ranking accuracy on held-out pairs ranked by the ground truth (ties excluded):\n\n";
+        s += "| scorer | accuracy |\n| --- | ---: |\n";
+        for a in &self.reward_accuracy {
+            let _ = writeln!(s, "| {} | {:.3} |", a.scorer, a.accuracy);
+        }
+        s += "\nDPO's implicit reward is `beta * log(pi/ref)` of the trained policy; the reward model is a \
+              Bradley-Terry model trained on the same pairs.\n\n";
+        s += "![gradient weight](gradient_weight.png)\n\n";
+        s += "Mean weight `sigma(r_l - r_w)` DPO's gradient puts on a training pair, per step: high while the \
+              implicit reward ranks pairs wrongly, falling as it learns them.\n\n";
+        if !self.gaps.is_empty() {
+            s += "## Gaps\n\n";
+            for g in &self.gaps {
+                let _ = writeln!(s, "- {g}");
+            }
+            s += "\n";
+        }
+        s += "## Time\n\n| part | seconds |\n| --- | ---: |\n";
+        for (k, v) in &self.seconds {
+            let _ = writeln!(s, "| {k} | {v:.1} |");
+        }
+        let _ = writeln!(s, "| total | {:.1} |", self.total_s);
+        s
+    }
+
+    /// Writes `report.md`, `report.json`, `frontier.png` and `gradient_weight.png` into `out`.
+    pub fn write(&self, out: &Path) -> Result<(), DemoError> {
+        let json = serde_json::to_string_pretty(self).map_err(|e| DemoError::Msg(e.to_string()))?;
+        let write = |name: &str, bytes: &[u8]| {
+            let p = out.join(name);
+            crate::io::write_atomic(&p, bytes).map_err(|e| DemoError::io(&p, e))
+        };
+        write("report.json", json.as_bytes())?;
+        write("report.md", self.markdown().as_bytes())?;
+
+        let mut series = vec![Series::new("SFT", vec![(self.sft.kl, self.sft.reward)], Style::Points)];
+        for method in ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-N"] {
+            let pts: Vec<(f64, f64)> = points_of(&self.runs, method).into_iter().map(|p| (p.kl, p.reward)).collect();
+            if !pts.is_empty() {
+                let style = if method == "Best-of-N" { Style::LineAndPoints } else { Style::Points };
+                series.push(Series::new(method, pts, style));
+            }
+        }
+        frontier_png(
+            &out.join("frontier.png"),
+            &series,
+            "Sentiment: reward vs KL",
+            "KL(pi || ref), nats per sequence",
+            "ground-truth reward (VADER)",
+        )
+        .map_err(DemoError::Msg)?;
+
+        let curves: Vec<Series> = self
+            .gradient_weight
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(name, v)| Series::new(format!("DPO {name}"), v.clone(), Style::Line))
+            .collect();
+        if !curves.is_empty() {
+            line_chart_png(
+                &out.join("gradient_weight.png"),
+                &curves,
+                "DPO gradient weight per pair",
+                "training step",
+                "mean sigma(r_l - r_w)",
+            )
+            .map_err(DemoError::Msg)?;
+        }
+        Ok(())
+    }
+}

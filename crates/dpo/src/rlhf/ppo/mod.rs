@@ -1,0 +1,346 @@
+//! PPO against a reward (RLHF): the baseline the DPO paper compares with on the reward-vs-KL frontier.
+//!
+//! The classic recipe of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"),
+//! Stiennon et al. 2020 and TRL's `PPOTrainer`, small and on the CPU. Each PPO step:
+//!
+//! ```text
+//! rollout   rollout_prompts prompts x 1 completion from the current policy (temperature, EOS, max_new_tokens)
+//!           score = RewardFn(prompt, completion)
+//!           r_t = -kl_coef (logp_t - ref_logp_t), plus score on the last token      (k1 KL penalty)
+//!           A = GAE(r, V; gamma, lam), whitened over the rollout; R = A (unwhitened) + V
+//! optimise  ppo_epochs passes over the rollout in shuffled minibatches; per minibatch one AdamW step on
+//!           mean_t max(-A r, -A clip(r, 1-eps, 1+eps)) + vf_coef * 0.5 mean_t max((V-R)^2, (V_clip-R)^2)
+//!           with r = exp(logp - logp_old), the global gradient norm clipped to max_grad_norm
+//! ```
+//! The value head is one linear unit on the policy's final hidden states ([`ValueHead`]); its gradient
+//! joins the LM head's on the hidden states before the trunk's backward ([`update`]).
+//!
+//! Where this differs from TRL's defaults, and why: the KL coefficient is fixed (TRL's classic trainer
+//! adapts it towards a target KL by default; the DPO paper sweeps a fixed coefficient to trace the
+//! frontier); log-probs, ratios and the KL are always those of the policy's own distribution (temperature
+//! 1), so sampling at another temperature makes rollouts slightly off-policy, as in TRL's classic trainer.
+
+pub mod gae;
+pub mod loss;
+pub mod rollout;
+pub mod update;
+pub mod value_head;
+
+use std::time::Instant;
+
+use engine::optim::{global_grad_norm, Optimizer, OptimizerConfig};
+use engine::rng::Rng;
+use engine::{Activations, Decoder, EngineError, Params};
+use serde::Serialize;
+
+pub use rollout::{collect_rollout, Rollout};
+pub use update::{minibatch_loss, Grads, MinibatchLoss};
+pub use value_head::{HeadAdam, ValueHead};
+
+/// The reward: a learned reward model, or a ground-truth scorer (the built-in experiment's sentiment
+/// classifier on the decoded text).
+pub trait RewardFn {
+    /// One score per `(prompt, completion)`. Completions are the sampled tokens, the EOS token included
+    /// when one was produced. Must return `prompts.len()` finite scores.
+    fn rewards(&mut self, prompts: &[&[u32]], completions: &[&[u32]]) -> Vec<f64>;
+}
+
+/// The frozen reference model: its decoder (its own configuration; the vocabulary must be the policy's)
+/// and weights.
+#[derive(Clone, Copy)]
+pub struct RefModel<'a> {
+    pub decoder: &'a Decoder,
+    pub params: &'a Params,
+}
+
+/// PPO's settings; defaults follow TRL's classic `PPOConfig` except where the module doc says otherwise.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PpoConfig {
+    /// Coefficient of the per-token KL penalty `-kl_coef (logp - ref_logp)`.
+    pub kl_coef: f64,
+    /// AdamW learning rate (constant), for the policy and the value head.
+    pub lr: f64,
+    /// Prompts sampled per rollout, one completion each.
+    pub rollout_prompts: usize,
+    /// Sequences per optimizer step.
+    pub minibatch: usize,
+    /// Passes over each rollout.
+    pub ppo_epochs: usize,
+    /// `eps` of the clipped surrogate.
+    pub clip_range: f64,
+    /// How far a value may move from the rollout's before its loss is clipped.
+    pub clip_range_value: f64,
+    /// Weight of the value loss.
+    pub vf_coef: f64,
+    /// Discount.
+    pub gamma: f64,
+    /// GAE's lambda.
+    pub lam: f64,
+    /// New tokens per completion at most (the EOS token counts).
+    pub max_new_tokens: usize,
+    /// Sampling temperature of the rollouts.
+    pub temperature: f32,
+    /// PPO steps (rollout + optimisation).
+    pub steps: u64,
+    /// Seeds prompt order, sampling and minibatch order.
+    pub seed: u64,
+    /// Clip the global gradient norm (policy and value head together) to this.
+    pub max_grad_norm: f64,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        PpoConfig {
+            kl_coef: 0.05,
+            lr: 1e-5,
+            rollout_prompts: 16,
+            minibatch: 8,
+            ppo_epochs: 4,
+            clip_range: 0.2,
+            clip_range_value: 0.2,
+            vf_coef: 0.1,
+            gamma: 1.0,
+            lam: 0.95,
+            max_new_tokens: 64,
+            temperature: 1.0,
+            steps: 100,
+            seed: 42,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+impl PpoConfig {
+    pub fn validate(&self) -> Result<(), PpoError> {
+        let bad = |what: String| Err(PpoError::Invalid(what));
+        let finite_nonneg = |x: f64| x.is_finite() && x >= 0.0;
+        let unit = |x: f64| (0.0..=1.0).contains(&x);
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        let open_unit = |x: f64| x > 0.0 && x < 1.0;
+        if self.rollout_prompts == 0 || self.minibatch == 0 || self.ppo_epochs == 0 || self.max_new_tokens == 0 {
+            return bad("rollout_prompts, minibatch, ppo_epochs and max_new_tokens must be at least 1".into());
+        }
+        if !finite_nonneg(self.kl_coef) || !finite_nonneg(self.lr) || !finite_nonneg(self.vf_coef) {
+            return bad(format!(
+                "kl_coef ({}), lr ({}) and vf_coef ({}) must be finite and >= 0",
+                self.kl_coef, self.lr, self.vf_coef
+            ));
+        }
+        if !open_unit(self.clip_range) || !positive(self.clip_range_value) {
+            return bad(format!(
+                "clip_range must be in (0, 1) and clip_range_value > 0 (got {} and {})",
+                self.clip_range, self.clip_range_value
+            ));
+        }
+        if !unit(self.gamma) || !unit(self.lam) {
+            return bad(format!("gamma ({}) and lam ({}) must be in [0, 1]", self.gamma, self.lam));
+        }
+        if !positive(self.temperature as f64) {
+            return bad(format!("temperature must be finite and > 0, got {}", self.temperature));
+        }
+        if !positive(self.max_grad_norm) {
+            return bad(format!("max_grad_norm must be > 0, got {}", self.max_grad_norm));
+        }
+        Ok(())
+    }
+}
+
+/// What one PPO step did (TRL's names in the field docs); one line of `metrics.jsonl`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PpoStepStats {
+    /// From 1.
+    pub step: u64,
+    /// Mean score of the rollout, KL penalty excluded (`env/reward_mean`).
+    pub reward: f64,
+    /// Standard deviation of the scores (`env/reward_std`).
+    pub reward_std: f64,
+    /// Mean over sequences of `sum_t (logp - ref_logp)` (`objective/kl`).
+    pub kl: f64,
+    /// Mean over sequences of `sum_t -kl_coef (logp - ref_logp)` (`objective/non_score_reward`).
+    pub non_score_reward: f64,
+    /// Mean over sequences of `-sum_t logp`, a one-sample estimate of the sequence entropy
+    /// (`objective/entropy`).
+    pub entropy: f64,
+    /// Clipped surrogate, mean over minibatch updates (`ppo/loss/policy`).
+    pub policy_loss: f64,
+    /// Clipped value loss, mean over minibatch updates (`ppo/loss/value`).
+    pub value_loss: f64,
+    /// `ppo/policy/clipfrac`, mean over minibatch updates.
+    pub clip_frac: f64,
+    /// `ppo/val/clipfrac`, mean over minibatch updates.
+    pub value_clip_frac: f64,
+    /// `0.5 mean (logp - logp_old)^2`, mean over minibatch updates (`ppo/policy/approxkl`).
+    pub approx_kl: f64,
+    /// Global gradient norm before clipping, mean over minibatch updates.
+    pub grad_norm: f64,
+    /// Mean completion length in tokens, EOS included (`tokens/responses_len_mean`).
+    pub completion_len: f64,
+    /// Wall-clock seconds of the step (`time/ppo/total`).
+    pub seconds: f64,
+}
+
+/// The trained policy, its value head, and one record per step taken.
+#[derive(Clone, Debug)]
+pub struct PpoOutcome {
+    pub params: Params,
+    pub value_head: ValueHead,
+    pub history: Vec<PpoStepStats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PpoError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("invalid PPO configuration: {0}")]
+    Invalid(String),
+    #[error("reward function: {0}")]
+    Reward(String),
+    #[error("PPO step {step}: the loss or its gradient is not finite (try a lower learning rate)")]
+    NonFinite { step: u64 },
+}
+
+/// Trains `start` with PPO against `reward`, penalised by the KL to `reference`, for `cfg.steps` steps
+/// or until `on_step` (called after every step with its stats and the current weights) returns false.
+#[allow(clippy::too_many_arguments)]
+pub fn train_ppo(
+    decoder: &Decoder,
+    start: &Params,
+    reference: RefModel<'_>,
+    prompts: &[Vec<u32>],
+    eos_ids: &[u32],
+    reward: &mut dyn RewardFn,
+    cfg: &PpoConfig,
+    on_step: &mut dyn FnMut(&PpoStepStats, &Params) -> bool,
+) -> Result<PpoOutcome, PpoError> {
+    cfg.validate()?;
+    check_inputs(decoder, start, reference, prompts)?;
+    let d = decoder.cfg.hidden;
+    let mut params = start.clone();
+    let mut head = ValueHead::zeros(d);
+    let mut opt = Optimizer::new(OptimizerConfig::adamw(), &params);
+    let mut head_opt = HeadAdam::new(d);
+    let mut grads = Params::zeros(&decoder.cfg);
+    let mut head_grad = ValueHead::zeros(d);
+    let mut dhidden = Vec::new();
+    let mut acts = Activations::default();
+    let mut rng = Rng::new(cfg.seed);
+    let mut history = Vec::new();
+    // Prompts in a seeded shuffle per pass over the list, as a shuffling data loader.
+    let mut order: Vec<usize> = Vec::new();
+    let mut cursor = 0;
+
+    for step in 1..=cfg.steps {
+        let t0 = Instant::now();
+        let batch: Vec<Vec<u32>> = (0..cfg.rollout_prompts)
+            .map(|_| {
+                if cursor == order.len() {
+                    order = (0..prompts.len()).collect();
+                    rng.shuffle(&mut order);
+                    cursor = 0;
+                }
+                cursor += 1;
+                prompts[order[cursor - 1]].clone()
+            })
+            .collect();
+        let ro = collect_rollout(decoder, &params, &head, reference, batch, eos_ids, reward, cfg, &mut rng, &mut acts)?;
+
+        let mut sums = MinibatchLoss::default();
+        let mut grad_norm_sum = 0.0;
+        let mut updates = 0usize;
+        for _ in 0..cfg.ppo_epochs {
+            let mut seqs: Vec<usize> = (0..ro.len()).collect();
+            rng.shuffle(&mut seqs);
+            for rows in seqs.chunks(cfg.minibatch) {
+                grads.fill_zero();
+                head_grad.fill_zero();
+                let g = Grads { policy: &mut grads, head: &mut head_grad, dhidden: &mut dhidden };
+                let m = minibatch_loss(decoder, &params, &head, &ro, rows, cfg, &mut acts, Some(g))?;
+                let norm = clip_global_norm(&mut grads, &mut head_grad, cfg.max_grad_norm);
+                if !m.loss.is_finite() || !norm.is_finite() {
+                    return Err(PpoError::NonFinite { step });
+                }
+                opt.step(&mut params, &grads, cfg.lr);
+                head_opt.step(&mut head, &head_grad, cfg.lr);
+                sums.policy_loss += m.policy_loss;
+                sums.value_loss += m.value_loss;
+                sums.clip_frac += m.clip_frac;
+                sums.value_clip_frac += m.value_clip_frac;
+                sums.approx_kl += m.approx_kl;
+                grad_norm_sum += norm;
+                updates += 1;
+            }
+        }
+
+        let n = ro.len() as f64;
+        let u = updates.max(1) as f64;
+        let mean = |x: &[f64]| x.iter().sum::<f64>() / n;
+        let reward_mean = mean(&ro.scores);
+        let stats = PpoStepStats {
+            step,
+            reward: reward_mean,
+            reward_std: (ro.scores.iter().map(|s| (s - reward_mean).powi(2)).sum::<f64>() / n).sqrt(),
+            kl: mean(&ro.kl),
+            non_score_reward: mean(&ro.non_score),
+            entropy: ro.logp.iter().map(|l| -l.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / n,
+            policy_loss: sums.policy_loss / u,
+            value_loss: sums.value_loss / u,
+            clip_frac: sums.clip_frac / u,
+            value_clip_frac: sums.value_clip_frac / u,
+            approx_kl: sums.approx_kl / u,
+            grad_norm: grad_norm_sum / u,
+            completion_len: ro.completions.iter().map(|c| c.len() as f64).sum::<f64>() / n,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        history.push(stats.clone());
+        if !on_step(&stats, &params) {
+            break;
+        }
+    }
+    Ok(PpoOutcome { params, value_head: head, history })
+}
+
+/// Refuses what would otherwise fail deep inside a step (or silently score the wrong tokens).
+fn check_inputs(
+    decoder: &Decoder,
+    start: &Params,
+    reference: RefModel<'_>,
+    prompts: &[Vec<u32>],
+) -> Result<(), PpoError> {
+    let shapes = |p: &Params| p.named().into_iter().map(|(n, t)| (n, t.shape.clone())).collect::<Vec<_>>();
+    if shapes(start) != shapes(&Params::zeros(&decoder.cfg)) {
+        return Err(PpoError::Invalid("the policy's weights do not match its decoder configuration".into()));
+    }
+    if shapes(reference.params) != shapes(&Params::zeros(&reference.decoder.cfg)) {
+        return Err(PpoError::Invalid("the reference's weights do not match its decoder configuration".into()));
+    }
+    if reference.decoder.cfg.vocab_size != decoder.cfg.vocab_size {
+        return Err(PpoError::Invalid(format!(
+            "the reference has a vocabulary of {} tokens, the policy {}",
+            reference.decoder.cfg.vocab_size, decoder.cfg.vocab_size
+        )));
+    }
+    if prompts.is_empty() {
+        return Err(PpoError::Invalid("no prompts".into()));
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(PpoError::Invalid(format!("prompt {i} has no tokens; sampling needs at least one")));
+    }
+    Ok(())
+}
+
+/// Clips the global norm of the policy's and the value head's gradients together, as
+/// `torch.nn.utils.clip_grad_norm_` over all the optimizer's parameters; returns the norm before.
+fn clip_global_norm(grads: &mut Params, head: &mut ValueHead, max_norm: f64) -> f64 {
+    let norm = (global_grad_norm(grads).powi(2) + head.sum_squares()).sqrt();
+    let coef = (max_norm / (norm + 1e-6)) as f32;
+    if coef < 1.0 {
+        for (_, t) in grads.named_mut() {
+            t.data.iter_mut().for_each(|x| *x *= coef);
+        }
+        head.scale(coef);
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,115 @@
+//! Packing: copies a `w x kc` sliver of an operand into the `[kc][W]` layout the micro-kernel reads
+//! (`W` = the micro-tile's `MR` for A, `NR` for B), zero-padding lanes `w..W`. The operand's element
+//! `(x, p)` (`x` across the sliver, `p` along `k`) is at `src + x * sx + p * sp`; the two layouts that
+//! occur are handled with vector code, anything else element by element:
+//! - `sx == 1` (A stored `[k, m]`, B stored `[k, n]`): each `p` is a contiguous run of `w` floats, a copy;
+//! - `sp == 1` (A stored `[m, k]`, B stored `[n, k]`): each `x` is a contiguous run along `k`, a transpose,
+//!   done 16 x 16 in registers.
+
+use core::arch::x86_64::*;
+
+/// A strided sliver source: element `(x, p)` at `ptr + x * sx + p * sp`.
+#[derive(Clone, Copy)]
+pub(super) struct Src {
+    pub ptr: *const f32,
+    pub sx: usize,
+    pub sp: usize,
+}
+
+#[inline(always)]
+fn mask(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// Packs `w <= W` lanes by `kc` steps of `src` into `dst[kc][W]`.
+///
+/// # Safety
+/// AVX-512F must be available; `src` addresses every `(x, p)` with `x < w`, `p < kc`; `dst` holds `kc * W`
+/// writable floats.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn pack<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
+    debug_assert!(w <= W);
+    if src.sx == 1 {
+        pack_copy::<W>(dst, src, w, kc);
+    } else if src.sp == 1 {
+        pack_transpose::<W>(dst, src, w, kc);
+    } else {
+        for p in 0..kc {
+            for x in 0..W {
+                let v = if x < w { *src.ptr.add(x * src.sx + p * src.sp) } else { 0.0 };
+                *dst.add(p * W + x) = v;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn pack_copy<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
+    let chunks = W.div_ceil(16);
+    for p in 0..kc {
+        let s = src.ptr.add(p * src.sp);
+        let d = dst.add(p * W);
+        for ch in 0..chunks {
+            let lanes = (W - 16 * ch).min(16);
+            let valid = w.saturating_sub(16 * ch).min(lanes);
+            let v = _mm512_maskz_loadu_ps(mask(valid), s.add(16 * ch));
+            _mm512_mask_storeu_ps(d.add(16 * ch), mask(lanes), v);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn pack_transpose<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
+    for x0 in (0..W).step_by(16) {
+        let lanes = (W - x0).min(16);
+        let rows = w.saturating_sub(x0).min(lanes);
+        for p0 in (0..kc).step_by(16) {
+            let cols = (kc - p0).min(16);
+            let cm = mask(cols);
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, ri) in r.iter_mut().enumerate().take(rows) {
+                *ri = _mm512_maskz_loadu_ps(cm, src.ptr.add((x0 + i) * src.sx + p0));
+            }
+            transpose16(&mut r);
+            let sm = mask(lanes);
+            for (q, &rq) in r.iter().enumerate().take(cols) {
+                _mm512_mask_storeu_ps(dst.add((p0 + q) * W + x0), sm, rq);
+            }
+        }
+    }
+}
+
+/// Transposes the 16 x 16 matrix held in `r` (row `i` in `r[i]`) in place.
+#[inline(always)]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    // t: pairs of rows interleaved within each 128-bit lane.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4g + c], 128-bit lane l: rows 4g..4g+4 of column c + 4l.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (t0, t1, t2, t3) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+        u[4 * g] = _mm512_shuffle_ps::<0x44>(t0, t2);
+        u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(t0, t2);
+        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(t1, t3);
+        u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(t1, t3);
+    }
+    // Column c + 4l gathers lane l of u[c], u[4 + c], u[8 + c], u[12 + c].
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        let w0 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+        r[c] = _mm512_shuffle_f32x4::<0x88>(v0, v1);
+        r[c + 8] = _mm512_shuffle_f32x4::<0xDD>(v0, v1);
+        r[c + 4] = _mm512_shuffle_f32x4::<0x88>(w0, w1);
+        r[c + 12] = _mm512_shuffle_f32x4::<0xDD>(w0, w1);
+    }
+}
