@@ -148,7 +148,7 @@ impl Plan {
     /// steps and settings, since a real model's step costs far more than the built-in one's.
     pub fn for_model(quick: bool) -> Self {
         let base = if quick { Plan::quick() } else { Plan::full() };
-        let scale = |s: &Steps, steps: u64| Steps { steps, evals: s.evals.min(2), ..s.clone() };
+        let scale = |s: &Steps, steps: u64| Steps { steps, evals: 1, ..s.clone() };
         Plan {
             name: if quick { "model-quick" } else { "model" }.into(),
             train_prompts: base.train_prompts.min(96),
@@ -157,9 +157,9 @@ impl Plan {
             eval_samples: 2,
             max_new_tokens: 32,
             dpo_betas: vec![0.1, 0.5],
-            dpo: Steps { lr: 5e-6, batch: 8, ..scale(&base.dpo, if quick { 10 } else { 40 }) },
-            preferred_ft: Steps { lr: 5e-6, batch: 8, ..scale(&base.preferred_ft, if quick { 10 } else { 40 }) },
-            unlikelihood: Steps { lr: 5e-6, batch: 8, ..scale(&base.unlikelihood, if quick { 10 } else { 40 }) },
+            dpo: Steps { lr: 2e-5, batch: 8, ..scale(&base.dpo, if quick { 10 } else { 40 }) },
+            preferred_ft: Steps { lr: 2e-5, batch: 8, ..scale(&base.preferred_ft, if quick { 10 } else { 40 }) },
+            unlikelihood: Steps { lr: 1e-5, batch: 8, ..scale(&base.unlikelihood, if quick { 10 } else { 40 }) },
             reward_model: Steps { lr: 1e-5, batch: 8, ..scale(&base.reward_model, if quick { 10 } else { 40 }) },
             ppo: PpoPlan { kl_coefs_learned: vec![], kl_coefs_true: vec![], ..base.ppo.clone() },
             bon_ns: vec![1, 4, 16],

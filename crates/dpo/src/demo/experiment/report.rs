@@ -125,7 +125,7 @@ pub fn checks(sft: &Point, runs: &[MethodRun]) -> Vec<String> {
         let se = (p.reward_se.powi(2) + sft.reward_se.powi(2)).sqrt();
         let ok = gain > 3.0 * se && gain > 0.1;
         out.push(format!(
-            "{} DPO raises the ground-truth reward: best final DPO ({}) {:.3} against SFT {:.3} (+{:.3}, {:.1} standard errors) at KL {:.2}",
+            "{} DPO raises the ground-truth reward: best final DPO ({}) {:.3} against SFT {:.3} ({:+.3}, {:.1} standard errors) at KL {:.2}",
             if ok { "PASS" } else { "FAIL" },
             r.setting,
             p.reward,
@@ -297,5 +297,51 @@ impl Report {
             .map_err(DemoError::Msg)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(method: &str, pts: &[(f64, f64)]) -> MethodRun {
+        MethodRun {
+            method: method.into(),
+            setting: "s".into(),
+            points: pts
+                .iter()
+                .enumerate()
+                .map(|(i, &(kl, reward))| Point { step: i as u64 + 1, kl, reward, reward_se: 0.01, length: 20.0 })
+                .collect(),
+            train_s: 1.0,
+            eval_s: 1.0,
+            dir: None,
+        }
+    }
+
+    #[test]
+    fn verdict_follows_the_numbers() {
+        let dpo = run("DPO", &[(1.0, 0.6), (3.0, 0.8)]);
+        let ppo = run("PPO", &[(2.0, 0.5), (4.0, 0.7)]);
+        let v = verdict(&[dpo.clone(), ppo]);
+        assert!(v.starts_with("DPO's frontier dominates PPO's here: every one of the 2 PPO points"), "{v}");
+        assert!(v.contains("more than two standard errors"), "{v}");
+
+        let strong_ppo = run("PPO", &[(0.5, 0.9)]);
+        let v = verdict(&[dpo.clone(), strong_ppo]);
+        assert!(v.starts_with("DPO's frontier does not dominate PPO's"), "{v}");
+        assert!(v.contains("2 of 2 DPO points are dominated"), "{v}");
+
+        let mixed = run("PPO-GT", &[(2.0, 0.5), (5.0, 0.95)]);
+        assert!(verdict(&[dpo.clone(), mixed]).contains("only partly dominates PPO-GT's"));
+        assert!(verdict(&[dpo]).starts_with("No PPO run"));
+    }
+
+    #[test]
+    fn checks_pass_and_fail_on_the_numbers() {
+        let sft = Point { step: 0, kl: 0.0, reward: 0.0, reward_se: 0.02, length: 20.0 };
+        let c = checks(&sft, &[run("DPO", &[(2.0, 0.7)]), run("PPO", &[(1.0, 0.01), (2.0, 0.02)])]);
+        assert!(c[0].starts_with("PASS DPO"), "{c:?}");
+        assert!(c[1].starts_with("FAIL PPO"), "{c:?}");
     }
 }
