@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use engine::generate::{generate_batched, SamplingConfig};
+use engine::generate::{generate_batched, Generation, SamplingConfig};
 use engine::rng::Rng;
 use engine::Decoder;
 use hf::{ChatMessage, Tokenizer};
@@ -17,6 +17,23 @@ pub struct Args {
     /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    sampling: SamplingFlags,
+    /// Completions per prompt.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Sequences decoded together (more is faster per token, up to the point where the step is
+    /// compute-bound; memory grows with it).
+    #[arg(long, default_value_t = engine::generate::DEFAULT_MAX_BATCH)]
+    batch_size: usize,
+    /// Write the JSON lines here (atomically) instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Prompts and sampling, shared by `dpo generate` and `dpo best-of-n`.
+#[derive(clap::Args, Debug)]
+pub(super) struct SamplingFlags {
     /// One prompt, as text.
     #[arg(long, conflicts_with = "data", required_unless_present = "data")]
     prompt: Option<String>,
@@ -35,13 +52,10 @@ pub struct Args {
     top_p: Option<f32>,
     /// New tokens per completion at most (the EOS token counts).
     #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
-    /// Completions per prompt.
-    #[arg(long, default_value_t = 1)]
-    n: usize,
-    /// Seed of the sampler; the same seed gives the same completions whatever --batch-size and --threads.
+    pub(super) max_new_tokens: usize,
+    /// Seed of the sampler; the same seed gives the same completions whatever the batch size and --threads.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(super) seed: u64,
     /// Wrap text prompts as one user message through the tokenizer's chat template (the default when
     /// it has one).
     #[arg(long, overrides_with = "no_chat")]
@@ -49,16 +63,70 @@ pub struct Args {
     /// Tokenize text prompts as they are, even when the tokenizer has a chat template.
     #[arg(long, overrides_with = "chat")]
     no_chat: bool,
-    /// Sequences decoded together (more is faster per token, up to the point where the step is
-    /// compute-bound; memory grows with it).
-    #[arg(long, default_value_t = engine::generate::DEFAULT_MAX_BATCH)]
-    batch_size: usize,
     /// Keep special tokens (EOS, chat markers) in the completion text.
     #[arg(long)]
     keep_special_tokens: bool,
-    /// Write the JSON lines here (atomically) instead of standard output.
-    #[arg(long)]
-    out: Option<PathBuf>,
+}
+
+impl SamplingFlags {
+    /// Refuses settings the sampler cannot honour, naming the flag.
+    pub(super) fn check(&self) -> anyhow::Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!("--temperature must be a finite number >= 0 (0 is greedy), got {}", self.temperature);
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            bail!("--top-p must be in (0, 1], got {p}");
+        }
+        if self.max_new_tokens == 0 {
+            bail!("--max-new-tokens must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The prompts, through the chat template when asked for (or by default when the tokenizer has one).
+    pub(super) fn prompts(&self, tok: &Tokenizer, model_dir: &Path) -> anyhow::Result<Vec<Prompt>> {
+        let chat = match (self.chat, self.no_chat) {
+            (true, _) if tok.chat_template().is_none() => {
+                bail!("--chat: the tokenizer in {} has no chat template", model_dir.display())
+            }
+            (true, _) => true,
+            (_, true) => false,
+            _ => tok.chat_template().is_some(),
+        };
+        let prompts = match (&self.prompt, &self.data) {
+            (Some(text), _) => vec![encode_text(tok, text, chat)?],
+            (None, Some(path)) => read_prompts(path, tok, chat)?,
+            (None, None) => bail!("give --prompt TEXT or --data FILE"),
+        };
+        if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
+            bail!("prompt {} tokenizes to no tokens; generation needs at least one", i + 1);
+        }
+        Ok(prompts)
+    }
+
+    /// The sampler's settings; generation stops at any EOS id of the config or the tokenizer.
+    pub(super) fn config(&self, model: &hf::HfModel, tok: &Tokenizer) -> SamplingConfig {
+        let mut eos_ids = model.config.eos_token_ids.clone();
+        eos_ids.extend(tok.eos_id());
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            eos_ids,
+        }
+    }
+
+    /// A completion's text, without its final EOS token unless special tokens are kept.
+    pub(super) fn completion_text(&self, tok: &Tokenizer, g: &Generation) -> anyhow::Result<String> {
+        let mut ids = &g.tokens[..];
+        if g.finished && !self.keep_special_tokens {
+            ids = &ids[..ids.len() - 1];
+        }
+        Ok(tok.decode(ids, !self.keep_special_tokens)?)
+    }
 }
 
 /// One output line.
@@ -80,52 +148,30 @@ pub(super) struct Prompt {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    check_sampling(&a)?;
+    a.sampling.check()?;
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
     let model = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer(&a.model)?;
-    let chat = match (a.chat, a.no_chat) {
-        (true, _) if tok.chat_template().is_none() => {
-            bail!("--chat: the tokenizer in {} has no chat template", a.model.display())
-        }
-        (true, _) => true,
-        (_, true) => false,
-        _ => tok.chat_template().is_some(),
-    };
-    let prompts = match (&a.prompt, &a.data) {
-        (Some(text), _) => vec![encode_text(&tok, text, chat)?],
-        (None, Some(path)) => read_prompts(path, &tok, chat)?,
-        (None, None) => bail!("give --prompt TEXT or --data FILE"),
-    };
-    if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
-        bail!("prompt {} tokenizes to no tokens; generation needs at least one", i + 1);
-    }
+    let prompts = a.sampling.prompts(&tok, &a.model)?;
     if matches!(model.config.decoder.positions, engine::PositionKind::Learned) {
         // The engine refuses these too, but cannot name the flags.
         let max = model.config.decoder.max_positions;
-        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.ids.len() + a.max_new_tokens - 1 > max) {
+        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.ids.len() + a.sampling.max_new_tokens - 1 > max) {
             bail!(
                 "prompt {} has {} tokens, and with --max-new-tokens {} needs {} positions; the model has {max} \
                  learned positions (shorten the prompt or lower --max-new-tokens)",
                 i + 1,
                 p.ids.len(),
-                a.max_new_tokens,
-                p.ids.len() + a.max_new_tokens - 1
+                a.sampling.max_new_tokens,
+                p.ids.len() + a.sampling.max_new_tokens - 1
             );
         }
     }
-    let mut eos_ids = model.config.eos_token_ids.clone();
-    eos_ids.extend(tok.eos_id());
-    eos_ids.sort_unstable();
-    eos_ids.dedup();
-    let cfg = SamplingConfig {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        max_new_tokens: a.max_new_tokens,
-        eos_ids,
-    };
+    let cfg = a.sampling.config(&model, &tok);
     let decoder = Decoder::new(model.config.decoder.clone());
-    let mut rng = Rng::new(a.seed);
+    let mut rng = Rng::new(a.sampling.seed);
     let started = Instant::now();
     let (mut text, mut new_tokens, mut count) = (String::new(), 0usize, 0usize);
     let mut stdout = std::io::stdout().lock();
@@ -138,11 +184,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .with_context(|| format!("generating from prompts {}..{}", c * chunk, c * chunk + part.len()))?;
         let mut lines = String::new();
         for g in &gens {
-            let mut completion_ids = &g.tokens[..];
-            if g.finished && !a.keep_special_tokens {
-                completion_ids = &completion_ids[..completion_ids.len() - 1];
-            }
-            let completion = tok.decode(completion_ids, !a.keep_special_tokens)?;
+            let completion = a.sampling.completion_text(&tok, g)?;
             let line =
                 Line { prompt: &part[g.prompt_index].shown, completion, tokens: g.tokens.len(), finished: g.finished };
             lines.push_str(&serde_json::to_string(&line)?);
@@ -166,24 +208,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "{count} completions, {new_tokens} new tokens in {secs:.1} s ({:.1} tokens/s)",
         new_tokens as f64 / secs.max(1e-9)
     );
-    Ok(())
-}
-
-fn check_sampling(a: &Args) -> anyhow::Result<()> {
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        bail!("--temperature must be a finite number >= 0 (0 is greedy), got {}", a.temperature);
-    }
-    if let Some(p) = a.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            bail!("--top-p must be in (0, 1], got {p}");
-        }
-    }
-    if a.n == 0 {
-        bail!("--n must be at least 1");
-    }
-    if a.max_new_tokens == 0 {
-        bail!("--max-new-tokens must be at least 1");
-    }
     Ok(())
 }
 
