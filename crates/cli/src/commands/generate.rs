@@ -158,7 +158,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if matches!(model.config.decoder.positions, engine::PositionKind::Learned) {
         // The engine refuses these too, but cannot name the flags.
         let max = model.config.decoder.max_positions;
-        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.ids.len() + a.sampling.max_new_tokens - 1 > max) {
+        if let Some((i, p)) =
+            prompts.iter().enumerate().find(|(_, p)| p.ids.len() + a.sampling.max_new_tokens - 1 > max)
+        {
             bail!(
                 "prompt {} has {} tokens, and with --max-new-tokens {} needs {} positions; the model has {max} \
                  learned positions (shorten the prompt or lower --max-new-tokens)",

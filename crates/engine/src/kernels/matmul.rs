@@ -1,5 +1,7 @@
-//! Matrix products through the `gemm` crate, which takes arbitrary row and column strides, so transposed
-//! operands cost nothing; and the linear layer built on them.
+//! Matrix products on strided operands, so transposed operands cost nothing, and the linear layer built on
+//! them. On CPUs with AVX-512F the products run on this crate's own kernel ([`super::sgemm`]: the `gemm`
+//! crate only uses AVX2 on stable Rust, half the FMA width); elsewhere, and for shapes too thin for that
+//! kernel's tiles, through the `gemm` crate.
 
 use rayon::prelude::*;
 
@@ -16,6 +18,14 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     } else {
         gemm::Parallelism::None
     }
+}
+
+/// Whether a product of these sizes runs on the AVX-512 kernel: the CPU has it, and the product is not so
+/// thin (fewer than 4 rows or 32 columns: vector-matrix products, decoding) or small that its `8 x 48`
+/// tiles, mostly padding, or its packing would lose to the `gemm` crate (measured).
+#[cfg(target_arch = "x86_64")]
+fn use_sgemm(m: usize, n: usize, k: usize) -> bool {
+    m >= 4 && n >= 32 && m.saturating_mul(n).saturating_mul(k) > 1 << 15 && super::sgemm::available()
 }
 
 /// A strided view of an f32 matrix operand: element `(i, j)` is at `ptr + i * rs + j * cs`.
@@ -46,6 +56,16 @@ pub(crate) unsafe fn gemm_view(
     alpha: f32,
     parallel: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if dst_cs == 1 && alpha == 1.0 && use_sgemm(m, n, k) {
+        let strides = [dst_rs, lhs.rs, lhs.cs, rhs.rs, rhs.cs];
+        if strides.iter().all(|&s| s >= 0) {
+            let mat = |v: View| super::sgemm::Mat { ptr: v.ptr, rs: v.rs as usize, cs: v.cs as usize };
+            let tasks = if parallel { num_threads() } else { 1 };
+            super::sgemm::sgemm(m, n, k, mat(lhs), mat(rhs), dst, dst_rs as usize, accumulate, tasks);
+            return;
+        }
+    }
     let par = if parallel { parallelism(m, n, k) } else { gemm::Parallelism::None };
     // gemm computes dst := a * dst + b * lhs . rhs; `a` is ignored when dst is not read.
     gemm::gemm(
@@ -72,22 +92,6 @@ pub fn matmul(
     assert_eq!(a.len(), m * k, "matmul: A has the wrong size");
     assert_eq!(b.len(), k * n, "matmul: B has the wrong size");
     if m == 0 || n == 0 {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::env::var("DPO_GEMM").is_err() && super::sgemm::available() {
-        let av = if a_t {
-            super::sgemm::Mat { ptr: a.as_ptr(), rs: 1, cs: m }
-        } else {
-            super::sgemm::Mat { ptr: a.as_ptr(), rs: k, cs: 1 }
-        };
-        let bv = if b_t {
-            super::sgemm::Mat { ptr: b.as_ptr(), rs: 1, cs: k }
-        } else {
-            super::sgemm::Mat { ptr: b.as_ptr(), rs: n, cs: 1 }
-        };
-        let tasks = if m * n * k > PAR_FLOPS { num_threads() } else { 1 };
-        unsafe { super::sgemm::sgemm(m, n, k, av, bv, c.as_mut_ptr(), n, accumulate, tasks) };
         return;
     }
     let (m_, n_, k_) = (m as isize, n as isize, k as isize);
@@ -233,6 +237,28 @@ mod tests {
         let mut c = vec![f32::NAN; 6];
         matmul(&mut c, &[], &[], 2, 3, 0, false, false, false);
         assert_eq!(c, vec![0.0; 6]);
+    }
+
+    #[test]
+    fn matmul_is_bitwise_the_same_on_one_and_two_threads() {
+        // Large enough for the parallel path (and, on AVX-512 CPUs, the crate's own kernel).
+        let (m, n, k) = (301, 517, 263);
+        let mut rng = Rng::new(9);
+        for (a_t, b_t) in [(false, true), (true, false), (false, false), (true, true)] {
+            let a = rng.vec(m * k, 1.0);
+            let b = rng.vec(k * n, 1.0);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let mut c = vec![f32::NAN; m * n];
+                    matmul(&mut c, &a, &b, m, n, k, a_t, b_t, false);
+                    c
+                })
+            };
+            let (c1, c2) = (run(1), run(2));
+            assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{a_t} {b_t}");
+            assert_close("matmul 301x517x263", &c1, &naive(&a, &b, m, n, k, a_t, b_t), 1e-4, 1.0);
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod matmul;
 pub mod norm;
 pub mod rope;
 #[cfg(target_arch = "x86_64")]
-pub mod sgemm;
+mod sgemm;
 pub mod threads;
 
 pub use act::*;

@@ -1,5 +1,5 @@
 //! Packing: copies a `w x kc` sliver of an operand into the `[kc][W]` layout the micro-kernel reads
-//! (`W` = the micro-tile's `MR` for A, `NR` for B), zero-padding lanes `w..W`. The operand's element
+//! (`W` = 16 for an A sliver, `NR` for a B panel), zero-padding lanes `w..W`. The operand's element
 //! `(x, p)` (`x` across the sliver, `p` along `k`) is at `src + x * sx + p * sp`; the two layouts that
 //! occur are handled with vector code, anything else element by element:
 //! - `sx == 1` (A stored `[k, m]`, B stored `[k, n]`): each `p` is a contiguous run of `w` floats, a copy;
@@ -14,6 +14,64 @@ pub(super) struct Src {
     pub ptr: *const f32,
     pub sx: usize,
     pub sp: usize,
+}
+
+/// The cache lines of a sliver `w x kc` of a source, prefetched into L2 a few at a time while the
+/// micro-kernel runs, so that packing it later reads L2 instead of memory.
+pub(super) struct Lines {
+    base: *const u8,
+    stride: usize,
+    runs: usize,
+    len: usize,
+    per_run: usize,
+    run: usize,
+    line: usize,
+}
+
+impl Lines {
+    pub fn none() -> Self {
+        Lines { base: std::ptr::null(), stride: 0, runs: 0, len: 0, per_run: 0, run: 0, line: 0 }
+    }
+
+    /// The lines of `w` lanes by `kc` steps of `src` (none for the element-wise layout).
+    pub fn of(src: Src, w: usize, kc: usize) -> Self {
+        let (stride, runs, len) = if src.sx == 1 {
+            (src.sp * 4, kc, w * 4)
+        } else if src.sp == 1 {
+            (src.sx * 4, w, kc * 4)
+        } else {
+            return Self::none();
+        };
+        if runs == 0 || len == 0 {
+            return Self::none();
+        }
+        // A run may straddle one more line than its length needs; its last byte is fetched last.
+        let per_run = len.div_ceil(64) + 1;
+        Lines { base: src.ptr as *const u8, stride, runs, len, per_run, run: 0, line: 0 }
+    }
+
+    /// Lines still to fetch (an upper bound).
+    pub fn left(&self) -> usize {
+        (self.runs - self.run) * self.per_run - self.line
+    }
+
+    /// Prefetches the next `n` lines.
+    #[inline(always)]
+    pub unsafe fn issue(&mut self, n: usize) {
+        for _ in 0..n {
+            if self.run >= self.runs {
+                return;
+            }
+            let off = (self.line * 64).min(self.len - 1);
+            let p = self.base.wrapping_add(self.run * self.stride + off);
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+            self.line += 1;
+            if self.line == self.per_run {
+                self.line = 0;
+                self.run += 1;
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -47,6 +105,41 @@ pub(super) unsafe fn pack<const W: usize>(dst: *mut f32, src: Src, w: usize, kc:
     }
 }
 
+/// Packs `w` lanes (`ceil(w / W)` consecutive panels of `[kc][W]`, the last zero-padded) of `src`.
+///
+/// # Safety
+/// As [`pack`], for `w` lanes and `dst` holding `ceil(w / W) * kc * W` floats.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn pack_panels<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
+    let panels = w.div_ceil(W);
+    if src.sx == 1 {
+        // Row by row along the source, so its reads are sequential whatever the panel width.
+        let chunks = W.div_ceil(16);
+        for p in 0..kc {
+            let s = src.ptr.add(p * src.sp);
+            _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(4 * src.sp) as *const i8);
+            for jp in 0..panels {
+                let d = dst.add(jp * kc * W + p * W);
+                for ch in 0..chunks {
+                    let x = jp * W + 16 * ch;
+                    let lanes = (W - 16 * ch).min(16);
+                    let valid = w.saturating_sub(x).min(lanes);
+                    let v = _mm512_maskz_loadu_ps(mask(valid), s.wrapping_add(x));
+                    _mm512_mask_storeu_ps(d.add(16 * ch), mask(lanes), v);
+                }
+                if jp % 2 == 1 {
+                    _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(4 * src.sp + jp * W) as *const i8);
+                }
+            }
+        }
+    } else {
+        for jp in 0..panels {
+            let s = Src { ptr: src.ptr.add(jp * W * src.sx), ..src };
+            pack::<W>(dst.add(jp * kc * W), s, (w - jp * W).min(W), kc);
+        }
+    }
+}
+
 #[inline(always)]
 unsafe fn pack_copy<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
     let chunks = W.div_ceil(16);
@@ -56,7 +149,7 @@ unsafe fn pack_copy<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize
         for ch in 0..chunks {
             let lanes = (W - 16 * ch).min(16);
             let valid = w.saturating_sub(16 * ch).min(lanes);
-            let v = _mm512_maskz_loadu_ps(mask(valid), s.add(16 * ch));
+            let v = _mm512_maskz_loadu_ps(mask(valid), s.wrapping_add(16 * ch));
             _mm512_mask_storeu_ps(d.add(16 * ch), mask(lanes), v);
         }
     }
@@ -67,17 +160,26 @@ unsafe fn pack_transpose<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: 
     for x0 in (0..W).step_by(16) {
         let lanes = (W - x0).min(16);
         let rows = w.saturating_sub(x0).min(lanes);
+        // The next 16 source rows (this panel's next group, or the next panel's first), a line per
+        // 16 x 16 block of this group, so they arrive while this group is transposed.
+        let next = src.ptr.wrapping_add((x0 + 16) * src.sx);
         for p0 in (0..kc).step_by(16) {
+            for i in 0..16 {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(i * src.sx + p0) as *const i8);
+            }
             let cols = (kc - p0).min(16);
             let cm = mask(cols);
+            // Fixed trip counts with masks (a zero mask touches no memory) keep `r` in registers.
             let mut r = [_mm512_setzero_ps(); 16];
-            for (i, ri) in r.iter_mut().enumerate().take(rows) {
-                *ri = _mm512_maskz_loadu_ps(cm, src.ptr.add((x0 + i) * src.sx + p0));
+            for (i, ri) in r.iter_mut().enumerate() {
+                let m = if i < rows { cm } else { 0 };
+                *ri = _mm512_maskz_loadu_ps(m, src.ptr.wrapping_add((x0 + i) * src.sx + p0));
             }
             transpose16(&mut r);
             let sm = mask(lanes);
-            for (q, &rq) in r.iter().enumerate().take(cols) {
-                _mm512_mask_storeu_ps(dst.add((p0 + q) * W + x0), sm, rq);
+            for (q, &rq) in r.iter().enumerate() {
+                let m = if q < cols { sm } else { 0 };
+                _mm512_mask_storeu_ps(dst.wrapping_add((p0 + q) * W + x0), m, rq);
             }
         }
     }

@@ -63,8 +63,12 @@ fn matches_f64_reference_on_edges_and_transposes() {
         return;
     }
     let mut rng = Rng::new(11);
-    // Sizes around the micro-tile (MR = 8, NR = 48) and the k block (256).
+    // Sizes around the micro-tile (8 x 48, or 8 x 32 for n = 30, 64, 100), the A sliver (16 rows) and the
+    // k block (256).
     let shapes = [
+        (33, 64, 40),
+        (20, 100, 64),
+        (16, 30, 9),
         (1, 1, 1),
         (1, 1, 300),
         (7, 47, 15),
@@ -140,7 +144,7 @@ fn bitwise_identical_for_any_thread_count() {
         return;
     }
     // Row splits (tall) and column splits (wide), with edges, more k blocks than one, accumulating.
-    for (m, n, k) in [(301, 517, 263), (1000, 60, 300), (37, 2000, 90)] {
+    for (m, n, k) in [(301, 517, 263), (1000, 60, 300), (37, 2000, 300)] {
         for (a_t, b_t) in [(false, true), (true, false), (false, false)] {
             let runs: Vec<Vec<f32>> = [1, 2, 3, 4]
                 .iter()
@@ -157,9 +161,19 @@ fn bitwise_identical_for_any_thread_count() {
 }
 
 #[test]
+fn tile_width_follows_padding() {
+    assert_eq!(tile_vectors(768), 3);
+    assert_eq!(tile_vectors(50257), 3);
+    assert_eq!(tile_vectors(64), 2);
+    assert_eq!(tile_vectors(100), 2);
+    assert_eq!(tile_vectors(20), 2);
+    assert_eq!(tile_vectors(96), 3);
+}
+
+#[test]
 fn partitions_are_disjoint_and_cover_c() {
     for (m, n, tasks) in [(1024, 3072, 2), (3072, 768, 2), (50257, 768, 2), (5, 7, 4), (100, 1000, 3), (9, 9, 16)] {
-        let parts = partition(m, n, tasks);
+        let parts = partition(m, n, tasks, 48);
         assert!(!parts.is_empty() && parts.len() <= tasks);
         let mut seen = vec![0u8; m * n];
         for (rows, cols) in parts {
