@@ -26,8 +26,22 @@ pub(crate) fn map_rows<T: Send>(
     let parse_err = |location: String, message: String| DataError::Parse { path: p(), location, message };
     let reader = SerializedFileReader::new(file)
         .map_err(|e| parse_err("file".into(), format!("not a readable Parquet file: {e}")))?;
+    // The parquet crate asserts (panics) on a column chunk with a negative offset or size; refuse it here.
+    for (i, group) in reader.metadata().row_groups().iter().enumerate() {
+        for c in group.columns() {
+            if c.dictionary_page_offset().unwrap_or(c.data_page_offset()) < 0 || c.compressed_size() < 0 {
+                let message = format!(
+                    "not a readable Parquet file: row group {}, column `{}` has a negative offset or size",
+                    i + 1,
+                    c.column_path().string()
+                );
+                return Err(parse_err("file".into(), message));
+            }
+        }
+    }
+    // The footer's row count is only a hint: a corrupt one must not reserve memory for rows that are not there.
     let total = usize::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0);
-    let mut out = Vec::with_capacity(total);
+    let mut out = Vec::with_capacity(total.min(CHUNK));
     let mut rows = reader.into_iter();
     let mut chunk: Vec<(usize, Row)> = Vec::with_capacity(CHUNK.min(total));
     loop {
@@ -120,6 +134,7 @@ pub(crate) mod tests {
 
     use parquet::basic::{Compression, GzipLevel, ZstdLevel};
     use parquet::data_type::{BoolType, ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, ParquetMetaDataWriter};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
     use parquet::schema::parser::parse_message_type;
@@ -344,5 +359,46 @@ pub(crate) mod tests {
             e.contains("null.parquet, row 2, field `prompt`: expected a string or a list of messages, found null"),
             "{e}"
         );
+    }
+
+    /// `path` (a Parquet file) with its footer rewritten by `edit`.
+    fn rewrite_footer(path: &Path, out: &Path, edit: impl FnOnce(ParquetMetaData) -> ParquetMetaData) {
+        let bytes = std::fs::read(path).unwrap();
+        let meta = ParquetMetaDataReader::new().parse_and_finish(&File::open(path).unwrap()).unwrap();
+        let footer_len = u32::from_le_bytes(bytes[bytes.len() - 8..bytes.len() - 4].try_into().unwrap()) as usize;
+        let mut new = bytes[..bytes.len() - 8 - footer_len].to_vec();
+        ParquetMetaDataWriter::new(&mut new, &edit(meta)).finish().unwrap();
+        std::fs::write(out, new).unwrap();
+    }
+
+    #[test]
+    fn corrupt_footers_are_errors_not_panics() {
+        let dir = scratch("parquet-footer");
+        let good = dir.join("good.parquet");
+        write_parquet(&good, &[Col::Str("prompt", vec![Some("p".into())])], Compression::SNAPPY);
+        // Found by `cargo fuzz run data_parquet`: the parquet crate asserts on a negative column offset.
+        let negative = dir.join("negative.parquet");
+        rewrite_footer(&good, &negative, |meta| {
+            let groups = meta.row_groups().iter().map(|g| {
+                let cols = g.columns().iter().map(|c| {
+                    let c = c.clone().into_builder().set_dictionary_page_offset(None).set_data_page_offset(-5);
+                    c.build().unwrap()
+                });
+                g.clone().into_builder().set_column_metadata(cols.collect()).build().unwrap()
+            });
+            meta.clone().into_builder().set_row_groups(groups.collect()).build()
+        });
+        let e = read_records(&negative).unwrap_err().to_string();
+        assert!(e.contains("negative.parquet, file: not a readable Parquet file: row group 1, column `prompt`"), "{e}");
+        // A footer claiming 2^60 rows reserves no memory for them (`Vec::with_capacity` panicked): the
+        // rows that are not there are a decoding error.
+        let huge = dir.join("huge.parquet");
+        rewrite_footer(&good, &huge, |meta| {
+            let groups =
+                meta.row_groups().iter().map(|g| g.clone().into_builder().set_num_rows(1 << 60).build().unwrap());
+            meta.clone().into_builder().set_row_groups(groups.collect()).build()
+        });
+        let e = read_records(&huge).unwrap_err().to_string();
+        assert!(e.contains("huge.parquet, row 2: cannot decode"), "{e}");
     }
 }
