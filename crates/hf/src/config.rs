@@ -120,6 +120,12 @@ fn gpt2(f: &Fields) -> Result<DecoderConfig> {
         return Err(f.err("scale_attn_by_inverse_layer_idx", "true is not supported (set it false)"));
     }
     let act = f.opt_str("activation_function")?.unwrap_or("gelu_new");
+    let ffn_hidden = match f.opt_usize("n_inner")? {
+        Some(n) => n,
+        None => d
+            .checked_mul(4)
+            .ok_or_else(|| f.err("n_embd", format!("{d} is too large (4 * n_embd, the default n_inner, overflows)")))?,
+    };
     Ok(DecoderConfig {
         vocab_size: f.req_usize("vocab_size")?,
         hidden: d,
@@ -127,7 +133,7 @@ fn gpt2(f: &Fields) -> Result<DecoderConfig> {
         n_heads,
         n_kv_heads: n_heads,
         head_dim: f.divide(d, n_heads, "n_head")?,
-        ffn_hidden: f.opt_usize("n_inner")?.unwrap_or(4 * d),
+        ffn_hidden,
         max_positions: f.req_usize("n_positions")?,
         norm: NormKind::LayerNorm { eps: f.f32_or("layer_norm_epsilon", 1e-5)? },
         mlp: gelu_kind(f, "activation_function", act)?,
@@ -186,17 +192,22 @@ fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
 fn sliding_window(f: &Fields) -> Result<Option<usize>> {
     let Some(window) = f.opt_usize("sliding_window")? else { return Ok(None) };
     let n_layers = f.req_usize("num_hidden_layers")?;
-    let sliding: Vec<bool> = match f.obj.get("layer_types") {
-        Some(Value::Array(types)) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
+    // Whether every layer, and whether no layer, uses the window (not a list per layer: the count is the
+    // file's, and is not checked against memory before this).
+    let (all, none) = match f.obj.get("layer_types") {
+        Some(Value::Array(types)) => {
+            let sliding = |t: &Value| t.as_str() == Some("sliding_attention");
+            (types.iter().all(sliding), !types.iter().any(sliding))
+        }
         _ => match f.opt_usize("max_window_layers")? {
             // Qwen2: layers from `max_window_layers` on use the window.
-            Some(m) if f.obj.contains_key("use_sliding_window") => (0..n_layers).map(|i| i >= m).collect(),
-            _ => vec![true; n_layers],
+            Some(m) if f.obj.contains_key("use_sliding_window") => (m == 0 || n_layers == 0, m >= n_layers),
+            _ => (true, n_layers == 0),
         },
     };
-    if sliding.iter().all(|&s| s) {
+    if all {
         Ok(Some(window))
-    } else if sliding.iter().all(|&s| !s) {
+    } else if none {
         Ok(None)
     } else {
         Err(f.err(
@@ -472,6 +483,28 @@ mod tests {
         assert_eq!(m.decoder.sliding_window, None);
         let m = parse(llama(json!({"model_type": "mistral", "sliding_window": 4096}))).unwrap();
         assert_eq!(m.decoder.sliding_window, Some(4096));
+    }
+
+    #[test]
+    fn huge_sizes_are_errors_not_panics() {
+        // Reproduced with `cargo fuzz run config`: `4 * n_embd` (the default `n_inner`) overflowed, and a
+        // list of `num_hidden_layers` entries was allocated before anything checked the count.
+        let e = parse(json!({"model_type": "gpt2", "vocab_size": 50, "n_embd": 1u64 << 62, "n_head": 1, "n_layer": 1,
+                             "n_positions": 32}))
+        .unwrap_err();
+        assert!(e.to_string().contains("field `n_embd`: 4611686018427387904 is too large"), "{e}");
+        let m = parse(llama(json!({"model_type": "mistral", "num_hidden_layers": 1u64 << 40, "sliding_window": 64})))
+            .unwrap();
+        assert_eq!((m.decoder.n_layers, m.decoder.sliding_window), (1 << 40, Some(64)));
+        let q = |layers: u64, m: u64| {
+            parse(llama(json!({"model_type": "qwen2", "num_hidden_layers": layers, "sliding_window": 64,
+                               "use_sliding_window": true, "max_window_layers": m})))
+            .map(|c| c.decoder.sliding_window)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(q(1 << 40, 0), Ok(Some(64)));
+        assert_eq!(q(1 << 40, 1 << 40), Ok(None));
+        assert!(q(1 << 40, 1).unwrap_err().contains("some layers only"));
     }
 
     #[test]
