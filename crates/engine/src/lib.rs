@@ -14,5 +14,5 @@ pub mod rng;
 
 pub use batch::{Batch, Span, Target};
 pub use config::*;
-pub use model::{Activations, Decoder, EngineError, HeadOutput};
+pub use model::{Activations, Decoder, EngineError, HeadOutput, PendingEmbeddingGrads};
 pub use params::{LayerParams, NormParams, Params, Tensor};

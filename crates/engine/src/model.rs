@@ -58,6 +58,40 @@ pub struct Activations {
     scratch: Scratch,
 }
 
+/// Gradients of embedding lookups held back from one or more backward passes, added to the embedding
+/// tables later, in the order they were held back.
+///
+/// Why: a tied model's token embedding also receives the LM head's gradient. A batch backward adds the
+/// head's part (all targets) and then the lookups' part (all tokens); a batch pushed through in parts
+/// would interleave them, part by part, and round differently. Holding the lookups back until every
+/// part's head gradient is in makes the sum the same chain as the whole batch's, bit for bit.
+#[derive(Default)]
+pub struct PendingEmbeddingGrads {
+    /// `[tokens, d]` gradient of each lookup's output.
+    rows: Vec<f32>,
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+}
+
+impl PendingEmbeddingGrads {
+    /// Drops whatever is held back (left by a backward pass whose step was abandoned).
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.tokens.clear();
+        self.positions.clear();
+    }
+
+    /// Adds every held-back row into `grads.wte` (and `grads.wpe`, for learned positions) and empties.
+    pub fn apply(&mut self, grads: &mut Params) {
+        if !self.tokens.is_empty() {
+            let d = self.rows.len() / self.tokens.len();
+            let wpe = grads.wpe.as_mut().map(|t| &mut t.data[..]);
+            k::embedding_backward(&mut grads.wte.data, wpe, &self.rows, &self.tokens, &self.positions, d);
+        }
+        self.clear();
+    }
+}
+
 #[derive(Default)]
 struct Scratch {
     h: Vec<f32>,      // [N, d] norm output
@@ -313,12 +347,38 @@ impl Decoder {
         dlogp: &[f32],
         grads: &mut Params,
     ) -> Result<(), EngineError> {
+        self.backward_logprobs_inner(p, b, acts, dlogp, grads, None)
+    }
+
+    /// [`Decoder::backward_logprobs`], holding the embedding lookups' gradient back in `pending` (added
+    /// to `grads` by [`PendingEmbeddingGrads::apply`]) instead of adding it now.
+    pub fn backward_logprobs_deferred(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        dlogp: &[f32],
+        grads: &mut Params,
+        pending: &mut PendingEmbeddingGrads,
+    ) -> Result<(), EngineError> {
+        self.backward_logprobs_inner(p, b, acts, dlogp, grads, Some(pending))
+    }
+
+    fn backward_logprobs_inner(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        dlogp: &[f32],
+        grads: &mut Params,
+        pending: Option<&mut PendingEmbeddingGrads>,
+    ) -> Result<(), EngineError> {
         let mut dhidden = std::mem::take(&mut acts.dhidden);
         dhidden.clear();
         dhidden.resize(b.len() * self.cfg.hidden, 0.0);
         let result = self
             .head_backward(p, b, acts, dlogp, grads, &mut dhidden)
-            .and_then(|_| self.backward(p, b, acts, &dhidden, grads));
+            .and_then(|_| self.backward_inner(p, b, acts, &dhidden, grads, pending));
         acts.dhidden = dhidden;
         result
     }
@@ -369,6 +429,18 @@ impl Decoder {
         dhidden: &[f32],
         grads: &mut Params,
     ) -> Result<(), EngineError> {
+        self.backward_inner(p, b, acts, dhidden, grads, None)
+    }
+
+    fn backward_inner(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        dhidden: &[f32],
+        grads: &mut Params,
+        pending: Option<&mut PendingEmbeddingGrads>,
+    ) -> Result<(), EngineError> {
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
         if !acts.kept || acts.n != n {
@@ -405,14 +477,21 @@ impl Decoder {
         for l in (0..cfg.n_layers).rev() {
             self.layer_backward(&p.layers[l], &mut grads.layers[l], b, &acts.layers[l], s, rope);
         }
-        k::embedding_backward(
-            &mut grads.wte.data,
-            grads.wpe.as_mut().map(|t| &mut t.data[..]),
-            &s.dx,
-            &b.tokens,
-            &b.positions,
-            d,
-        );
+        match pending {
+            Some(pe) => {
+                pe.rows.extend_from_slice(&s.dx);
+                pe.tokens.extend_from_slice(&b.tokens);
+                pe.positions.extend_from_slice(&b.positions);
+            }
+            None => k::embedding_backward(
+                &mut grads.wte.data,
+                grads.wpe.as_mut().map(|t| &mut t.data[..]),
+                &s.dx,
+                &b.tokens,
+                &b.positions,
+                d,
+            ),
+        }
         Ok(())
     }
 

@@ -3,6 +3,8 @@
 //! gathered into a contiguous block, multiplied by `W^T` with the parallel GEMM, and reduced per row. The
 //! backward recomputes the chunk's logits from the saved log-sum-exp instead of storing them.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use super::act::{exp_f32, max_lanes, multiversion, sum_lanes};
@@ -12,6 +14,26 @@ use crate::batch::Target;
 /// Targets per chunk: large enough for an efficient GEMM (`[256, d] x [d, V]`), small enough that the
 /// chunk's logits (`256 x 50257` floats = 51 MB for GPT-2) stay modest.
 pub const HEAD_CHUNK: usize = 256;
+
+thread_local! {
+    /// The chunk's logits, kept from call to call: a fresh `HEAD_CHUNK x vocab` buffer per call (51 MB for
+    /// GPT-2) was paid in page faults three times per micro-batch.
+    static LOGITS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's logits buffer of at least `len` floats (contents unspecified).
+fn with_logits<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    LOGITS.with(|cell| {
+        // Taken out while in use, so a nested call (none today) would get a buffer of its own.
+        let mut buf = cell.take();
+        if buf.len() < len {
+            buf = vec![0.0; len];
+        }
+        let out = f(&mut buf[..len]);
+        cell.replace(buf);
+        out
+    })
+}
 
 multiversion! {
     /// `(max, sum exp(l - max), sum l)` of one row of logits.
@@ -99,31 +121,32 @@ fn head_forward_chunked(
     }
     let cap = chunk.min(nt);
     let mut h = vec![0.0f32; cap * d];
-    let mut logits = vec![0.0f32; cap * vocab];
-    for c0 in (0..nt).step_by(chunk) {
-        let tg = &targets[c0..(c0 + chunk).min(nt)];
-        let c = tg.len();
-        gather(&mut h[..c * d], hidden, tg, d);
-        // [c, V] = [c, d] . [V, d]^T
-        matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, false);
-        // (logp, lse, sum of logits) per row
-        let stats: Vec<(f32, f32, f32)> = logits[..c * vocab]
-            .par_chunks(vocab)
-            .zip(tg)
-            .map(|(row, t)| {
-                let (m, s, total) = row_stats(row);
-                let l = m + s.ln();
-                (row[t.token as usize] - l, l, total)
-            })
-            .collect();
-        for (i, (lp, l, total)) in stats.into_iter().enumerate() {
-            logp[c0 + i] = lp;
-            lse[c0 + i] = l;
-            if let Some(s) = logit_sum.as_deref_mut() {
-                s[c0 + i] = total;
+    with_logits(cap * vocab, |logits| {
+        for c0 in (0..nt).step_by(chunk) {
+            let tg = &targets[c0..(c0 + chunk).min(nt)];
+            let c = tg.len();
+            gather(&mut h[..c * d], hidden, tg, d);
+            // [c, V] = [c, d] . [V, d]^T
+            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, false);
+            // (logp, lse, sum of logits) per row
+            let stats: Vec<(f32, f32, f32)> = logits[..c * vocab]
+                .par_chunks(vocab)
+                .zip(tg)
+                .map(|(row, t)| {
+                    let (m, s, total) = row_stats(row);
+                    let l = m + s.ln();
+                    (row[t.token as usize] - l, l, total)
+                })
+                .collect();
+            for (i, (lp, l, total)) in stats.into_iter().enumerate() {
+                logp[c0 + i] = lp;
+                lse[c0 + i] = l;
+                if let Some(s) = logit_sum.as_deref_mut() {
+                    s[c0 + i] = total;
+                }
             }
         }
-    }
+    });
 }
 
 /// Backward of [`logprob_head_forward`] given `dlogp [T]`: with `dlogits[t] = dlogp[t] (onehot(token_t) -
@@ -170,33 +193,34 @@ fn head_backward_chunked(
     let cap = chunk.min(nt);
     let mut h = vec![0.0f32; cap * d];
     let mut dh = vec![0.0f32; cap * d];
-    let mut logits = vec![0.0f32; cap * vocab];
-    for c0 in (0..nt).step_by(chunk) {
-        let tg = &targets[c0..(c0 + chunk).min(nt)];
-        let c = tg.len();
-        let g = &dlogp[c0..c0 + c];
-        if g.iter().all(|&g| g == 0.0) {
-            continue; // nothing flows back through this chunk
+    with_logits(cap * vocab, |logits| {
+        for c0 in (0..nt).step_by(chunk) {
+            let tg = &targets[c0..(c0 + chunk).min(nt)];
+            let c = tg.len();
+            let g = &dlogp[c0..c0 + c];
+            if g.iter().all(|&g| g == 0.0) {
+                continue; // nothing flows back through this chunk
+            }
+            gather(&mut h[..c * d], hidden, tg, d);
+            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, false);
+            logits[..c * vocab].par_chunks_mut(vocab).zip(tg).zip(g).zip(&lse[c0..c0 + c]).for_each(
+                |(((row, t), &g), &l)| {
+                    row_dlogits(row, g, l);
+                    row[t.token as usize] += g;
+                },
+            );
+            // [c, d] = [c, V] . [V, d]
+            matmul(&mut dh[..c * d], &logits[..c * vocab], w, c, d, vocab, false, false, false);
+            for (row, t) in dh.chunks_exact(d).zip(tg) {
+                let p = t.pos as usize;
+                dhidden[p * d..(p + 1) * d].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+            }
+            if let Some(dw) = dw.as_deref_mut() {
+                // [V, d] += [c, V]^T . [c, d]
+                matmul(dw, &logits[..c * vocab], &h[..c * d], vocab, d, c, true, false, true);
+            }
         }
-        gather(&mut h[..c * d], hidden, tg, d);
-        matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, false);
-        logits[..c * vocab].par_chunks_mut(vocab).zip(tg).zip(g).zip(&lse[c0..c0 + c]).for_each(
-            |(((row, t), &g), &l)| {
-                row_dlogits(row, g, l);
-                row[t.token as usize] += g;
-            },
-        );
-        // [c, d] = [c, V] . [V, d]
-        matmul(&mut dh[..c * d], &logits[..c * vocab], w, c, d, vocab, false, false, false);
-        for (row, t) in dh.chunks_exact(d).zip(tg) {
-            let p = t.pos as usize;
-            dhidden[p * d..(p + 1) * d].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
-        }
-        if let Some(dw) = dw.as_deref_mut() {
-            // [V, d] += [c, V]^T . [c, d]
-            matmul(dw, &logits[..c * vocab], &h[..c * d], vocab, d, c, true, false, true);
-        }
-    }
+    });
 }
 
 /// `out[rows, V] = hidden_rows[rows, d] . W[V, d]^T` (full logits, for sampling).

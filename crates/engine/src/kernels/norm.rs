@@ -1,9 +1,10 @@
 //! LayerNorm and RMSNorm over the last dimension, with their backward.
 //!
-//! Rows are independent, so forwards run in parallel over rows. Per-row statistics are f32, as PyTorch's
-//! are, but summed over 16 lanes (more accurate than a serial sum). Parameter gradients are reduced
-//! across rows through per-task partial sums added in a fixed order, so results do not depend on the
-//! thread count.
+//! Rows are independent, so forwards and the input gradient run in parallel over rows. Per-row statistics
+//! are f32, as PyTorch's are, but summed over 16 lanes (more accurate than a serial sum). Parameter
+//! gradients are summed row after row in row order, with the columns split across threads: results
+//! depend neither on the thread count nor on whether the rows came in one call or several (a batch's
+//! pairs pushed through one at a time accumulate the same bits).
 
 use rayon::prelude::*;
 
@@ -41,11 +42,9 @@ multiversion! {
 }
 
 multiversion! {
-    /// One LayerNorm row backward: `dx += ...`, and this row's `dw`, `db` terms added to `pw`, `pb`.
+    /// One LayerNorm row backward: `dx += ...`.
     fn ln_bwd_row(
         dx: &mut [f32],
-        pw: &mut [f32],
-        pb: &mut [f32],
         dy: &[f32],
         x: &[f32],
         w: &[f32],
@@ -76,8 +75,6 @@ multiversion! {
             let xhat = (x[j] - mean) * rstd;
             let g = dy[j] * w[j];
             dx[j] += rstd * (g - a - xhat * b);
-            pw[j] += dy[j] * xhat;
-            pb[j] += dy[j];
         }
     }
 }
@@ -95,8 +92,8 @@ multiversion! {
 }
 
 multiversion! {
-    /// One RMSNorm row backward: `dx += ...`, this row's `dw` term added to `pw`.
-    fn rms_bwd_row(dx: &mut [f32], pw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: f32) {
+    /// One RMSNorm row backward: `dx += ...`.
+    fn rms_bwd_row(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: f32) {
         let d = x.len() as f32;
         // b = mean(g * xhat) = rstd * mean(dy * w * x)
         let mut acc = [0.0f32; 16];
@@ -114,19 +111,40 @@ multiversion! {
         for j in 0..x.len() {
             let xhat = x[j] * rstd;
             dx[j] += rstd * (dy[j] * w[j] - xhat * b);
-            pw[j] += dy[j] * xhat;
         }
     }
 }
 
-/// Adds the per-task partial parameter gradients `[tasks, k * d]` into `outs` in task order.
-fn reduce_partials(partials: &[Vec<f32>], outs: &mut [&mut [f32]], d: usize) {
-    for p in partials {
-        for (k, o) in outs.iter_mut().enumerate() {
-            for (o, &v) in o.iter_mut().zip(&p[k * d..(k + 1) * d]) {
-                *o += v;
+/// `dw[j] += sum_i dy[i, j] * xhat(i, j)` and, with `db`, `db[j] += sum_i dy[i, j]`, row after row; the
+/// columns are split across threads (each thread reads only its columns of every row).
+fn param_grads(
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dy: &[f32],
+    d: usize,
+    xhat: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    let rows = dy.len() / d;
+    let block = d.div_ceil(super::threads::num_threads()).next_multiple_of(16).max(16);
+    let column_block = |c0: usize, dw: &mut [f32], db: Option<&mut [f32]>| {
+        let w = dw.len();
+        for i in 0..rows {
+            let g = &dy[i * d + c0..i * d + c0 + w];
+            for (j, (o, &g)) in dw.iter_mut().zip(g).enumerate() {
+                *o += g * xhat(i, c0 + j);
             }
         }
+        if let Some(db) = db {
+            for i in 0..rows {
+                db.iter_mut().zip(&dy[i * d + c0..i * d + c0 + w]).for_each(|(o, &g)| *o += g);
+            }
+        }
+    };
+    match db {
+        Some(db) => dw.par_chunks_mut(block).zip(db.par_chunks_mut(block)).enumerate().for_each(|(bi, (w, b))| {
+            column_block(bi * block, w, Some(b));
+        }),
+        None => dw.par_chunks_mut(block).enumerate().for_each(|(bi, w)| column_block(bi * block, w, None)),
     }
 }
 
@@ -187,23 +205,13 @@ pub fn layer_norm_backward(
     if d == 0 || rows == 0 {
         return;
     }
-    let rt = rows_per_task(d);
-    let partials: Vec<Vec<f32>> = dx
-        .par_chunks_mut(rt * d)
-        .zip(dout.par_chunks(rt * d))
-        .zip(x.par_chunks(rt * d))
-        .zip(mean.par_chunks(rt).zip(rstd.par_chunks(rt)))
-        .map(|(((dx, dy), x), (m, r))| {
-            let mut p = vec![0.0f32; 2 * d];
-            let (pw, pb) = p.split_at_mut(d);
-            for (i, (&m, &r)) in m.iter().zip(r).enumerate() {
-                let s = i * d..(i + 1) * d;
-                ln_bwd_row(&mut dx[s.clone()], pw, pb, &dy[s.clone()], &x[s], w, m, r);
-            }
-            p
-        })
-        .collect();
-    reduce_partials(&partials, &mut [dw, db], d);
+    dx.par_chunks_mut(d)
+        .zip(dout.par_chunks(d))
+        .zip(x.par_chunks(d))
+        .zip(mean.par_iter().zip(rstd.par_iter()))
+        .with_min_len(rows_per_task(d))
+        .for_each(|(((dx, dy), x), (&m, &r))| ln_bwd_row(dx, dy, x, w, m, r));
+    param_grads(dw, Some(db), dout, d, |i, j| (x[i * d + j] - mean[i]) * rstd[i]);
 }
 
 /// `out = w * (x / sqrt(mean(x^2) + eps))` per row (HF `LlamaRMSNorm`), saving `rstd` `[rows]`.
@@ -240,22 +248,13 @@ pub fn rms_norm_backward(
     if d == 0 || rows == 0 {
         return;
     }
-    let rt = rows_per_task(d);
-    let partials: Vec<Vec<f32>> = dx
-        .par_chunks_mut(rt * d)
-        .zip(dout.par_chunks(rt * d))
-        .zip(x.par_chunks(rt * d))
-        .zip(rstd.par_chunks(rt))
-        .map(|(((dx, dy), x), r)| {
-            let mut pw = vec![0.0f32; d];
-            for (i, &r) in r.iter().enumerate() {
-                let s = i * d..(i + 1) * d;
-                rms_bwd_row(&mut dx[s.clone()], &mut pw, &dy[s.clone()], &x[s], w, r);
-            }
-            pw
-        })
-        .collect();
-    reduce_partials(&partials, &mut [dw], d);
+    dx.par_chunks_mut(d)
+        .zip(dout.par_chunks(d))
+        .zip(x.par_chunks(d))
+        .zip(rstd.par_iter())
+        .with_min_len(rows_per_task(d))
+        .for_each(|(((dx, dy), x), &r)| rms_bwd_row(dx, dy, x, w, r));
+    param_grads(dw, None, dout, d, |i, j| x[i * d + j] * rstd[i]);
 }
 
 #[cfg(test)]

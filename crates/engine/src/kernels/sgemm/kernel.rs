@@ -21,9 +21,9 @@ pub(super) const AW: usize = 16;
 /// How the tile is written back.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Store {
-    /// `C = tile`.
+    /// `C = A . B`: the FMA chains start from zero.
     Overwrite,
-    /// `C += tile`.
+    /// `C += A . B`: the FMA chains start from C's value.
     Add,
 }
 
@@ -32,8 +32,10 @@ pub(super) enum Store {
 /// row-major with row stride `ldc`. Columns past `n` and rows past `mr` are computed from the packing's
 /// zero padding and not stored.
 ///
-/// Each C element is one chain of FMAs in `k` order from zero, added to C at the end: the result does not
-/// depend on where the tile lies or on which thread runs it.
+/// Each C element is one chain of FMAs in `k` order, starting from zero (`Overwrite`) or from C's value
+/// (`Add`): the result depends neither on where the tile lies or which thread runs it, nor on how `k` is
+/// split into blocks or into separate accumulating calls (a gradient summed over tokens in one call or in
+/// several is the same number).
 ///
 /// Before each tile, `prefetch` issues that many lines of each of two sources that are packed next.
 ///
@@ -54,13 +56,11 @@ pub(super) unsafe fn row_of_tiles<const NV: usize>(
     prefetch: [(&mut Lines, usize); 2],
 ) {
     let nr = 16 * NV;
+    let tiles = n.div_ceil(nr);
     let [(pa, na), (pb, nb)] = prefetch;
-    for jp in 0..n.div_ceil(nr) {
-        pa.issue(na);
-        pb.issue(nb);
+    let prefetch_c = |jp: usize| {
         let cols = (n - jp * nr).min(nr);
         let ct = c.add(jp * nr);
-        // Fetch the tile of C while the k loop runs: it is read only at the end.
         for r in 0..mr {
             let cr = ct.add(r * ldc);
             for v in 0..NV {
@@ -70,18 +70,39 @@ pub(super) unsafe fn row_of_tiles<const NV: usize>(
             }
             _mm_prefetch::<_MM_HINT_T0>(cr.add(cols - 1) as *const i8);
         }
-        let acc = tile::<NV>(kc, ap, bp.add(jp * kc * nr));
-        if cols == nr && mr == MR {
-            store_full(&acc, ct, ldc, store);
+    };
+    if tiles > 0 {
+        prefetch_c(0);
+    }
+    for jp in 0..tiles {
+        pa.issue(na);
+        pb.issue(nb);
+        let cols = (n - jp * nr).min(nr);
+        let ct = c.add(jp * nr);
+        // The next tile of C is read (Add) or written as its k loop starts: fetch it while this one runs.
+        if jp + 1 < tiles {
+            prefetch_c(jp + 1);
+        }
+        let full = cols == nr && mr == MR;
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        if store == Store::Add {
+            if full {
+                load_full(&mut acc, ct, ldc);
+            } else {
+                load_edge(&mut acc, ct, ldc, mr, cols);
+            }
+        }
+        tile::<NV>(&mut acc, kc, ap, bp.add(jp * kc * nr));
+        if full {
+            store_full(&acc, ct, ldc);
         } else {
-            store_edge(&acc, ct, ldc, mr, cols, store);
+            store_edge(&acc, ct, ldc, mr, cols);
         }
     }
 }
 
 #[inline(always)]
-unsafe fn tile<const NV: usize>(kc: usize, a: *const f32, b: *const f32) -> [[__m512; NV]; MR] {
-    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+unsafe fn tile<const NV: usize>(acc: &mut [[__m512; NV]; MR], kc: usize, a: *const f32, b: *const f32) {
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
         let mut bv = [_mm512_setzero_ps(); NV];
@@ -97,44 +118,61 @@ unsafe fn tile<const NV: usize>(kc: usize, a: *const f32, b: *const f32) -> [[__
         a = a.add(AW);
         b = b.add(16 * NV);
     }
-    acc
 }
 
+/// Column masks of a tile `cols` wide: lanes `0..cols` of each of its `NV` vectors.
 #[inline(always)]
-unsafe fn store_full<const NV: usize>(acc: &[[__m512; NV]; MR], c: *mut f32, ldc: usize, store: Store) {
-    for (r, row) in acc.iter().enumerate() {
-        let cr = c.add(r * ldc);
-        for (v, &x) in row.iter().enumerate() {
-            let p = cr.add(16 * v);
-            let y = if store == Store::Add { _mm512_add_ps(_mm512_loadu_ps(p), x) } else { x };
-            _mm512_storeu_ps(p, y);
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn store_edge<const NV: usize>(
-    acc: &[[__m512; NV]; MR],
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    cols: usize,
-    store: Store,
-) {
+fn col_masks<const NV: usize>(cols: usize) -> [u16; NV] {
     let mut masks = [0u16; NV];
     for (v, m) in masks.iter_mut().enumerate() {
         let w = cols.saturating_sub(16 * v).min(16);
         *m = ((1u32 << w) - 1) as u16;
     }
+    masks
+}
+
+#[inline(always)]
+unsafe fn load_full<const NV: usize>(acc: &mut [[__m512; NV]; MR], c: *const f32, ldc: usize) {
+    for (r, row) in acc.iter_mut().enumerate() {
+        let cr = c.add(r * ldc);
+        for (v, x) in row.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(cr.add(16 * v));
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn load_edge<const NV: usize>(acc: &mut [[__m512; NV]; MR], c: *const f32, ldc: usize, mr: usize, cols: usize) {
+    let masks = col_masks::<NV>(cols);
+    for (r, row) in acc.iter_mut().enumerate().take(mr) {
+        let cr = c.add(r * ldc);
+        for (v, x) in row.iter_mut().enumerate() {
+            if masks[v] != 0 {
+                *x = _mm512_maskz_loadu_ps(masks[v], cr.add(16 * v));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn store_full<const NV: usize>(acc: &[[__m512; NV]; MR], c: *mut f32, ldc: usize) {
+    for (r, row) in acc.iter().enumerate() {
+        let cr = c.add(r * ldc);
+        for (v, &x) in row.iter().enumerate() {
+            _mm512_storeu_ps(cr.add(16 * v), x);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn store_edge<const NV: usize>(acc: &[[__m512; NV]; MR], c: *mut f32, ldc: usize, mr: usize, cols: usize) {
+    let masks = col_masks::<NV>(cols);
     for (r, row) in acc.iter().enumerate().take(mr) {
         let cr = c.add(r * ldc);
         for (v, &x) in row.iter().enumerate() {
-            if masks[v] == 0 {
-                break;
+            if masks[v] != 0 {
+                _mm512_mask_storeu_ps(cr.add(16 * v), masks[v], x);
             }
-            let p = cr.add(16 * v);
-            let y = if store == Store::Add { _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], p), x) } else { x };
-            _mm512_mask_storeu_ps(p, masks[v], y);
         }
     }
 }

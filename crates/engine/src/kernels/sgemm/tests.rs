@@ -160,6 +160,35 @@ fn bitwise_identical_for_any_thread_count() {
     }
 }
 
+/// Accumulating a product over `k` in one call or in several calls over consecutive ranges of `k` (as a
+/// weight gradient summed over the tokens of one batch, or of its pairs one at a time) gives the same bits:
+/// every element is one FMA chain in `k` order from C's value.
+#[test]
+fn splitting_k_across_calls_changes_no_bit() {
+    if !available() {
+        return;
+    }
+    let (m, n) = (70, 100);
+    for (k, cuts) in [(700, vec![0, 320, 640, 700]), (300, vec![0, 1, 257, 300]), (40, vec![0, 13, 40])] {
+        let mut rng = Rng::new(15);
+        // dW[m, n] += dY^T[m, k] . X[k, n], both stored token-major as in a linear layer's backward.
+        let (dy, x, c0) = (rng.vec(k * m, 1.0), rng.vec(k * n, 1.0), rng.vec(m * n, 1.0));
+        let run = |ranges: &[(usize, usize)]| {
+            let mut c = c0.clone();
+            for &(k0, k1) in ranges {
+                let a = Mat { ptr: dy[k0 * m..].as_ptr(), rs: 1, cs: m };
+                let b = Mat { ptr: x[k0 * n..].as_ptr(), rs: n, cs: 1 };
+                // SAFETY: the views address rows k0..k1 of dy and x; C is [m, n].
+                unsafe { sgemm(m, n, k1 - k0, a, b, c.as_mut_ptr(), n, true, 2) };
+            }
+            c
+        };
+        let whole = run(&[(0, k)]);
+        let parts = run(&cuts.windows(2).map(|w| (w[0], w[1])).collect::<Vec<_>>());
+        assert!(whole.iter().zip(&parts).all(|(x, y)| x.to_bits() == y.to_bits()), "k {k} cut at {cuts:?}");
+    }
+}
+
 #[test]
 fn tile_width_follows_padding() {
     assert_eq!(tile_vectors(768), 3);
