@@ -65,11 +65,15 @@ fn flat(p: &Params) -> Vec<f64> {
     p.named().into_iter().flat_map(|(_, t)| t.data.iter().map(|&x| x as f64).collect::<Vec<_>>()).collect()
 }
 
+/// Every speed technique on (prefix sharing is the default; `micro_pairs = 1` pushes the step's pairs
+/// through the model one at a time) and off: both runs match TRL.
 #[test]
 fn six_steps_match_trl() {
-    for arch in ARCHS {
-        let out = scratch(&format!("trl-{arch}"));
-        run(&trl_settings(arch, out.clone()));
+    for (arch, micro_pairs) in ARCHS.iter().flat_map(|&a| [(a, 0), (a, 1)]) {
+        let out = scratch(&format!("trl-{arch}-{micro_pairs}"));
+        let mut cfg = trl_settings(arch, out.clone());
+        cfg.micro_pairs = micro_pairs;
+        run(&cfg);
         let ours = jsonl(&out.join("metrics.jsonl"));
         let theirs = jsonl(&fixtures().join(format!("expected/{arch}/train.jsonl")));
         assert_eq!(ours.len(), theirs.len(), "{arch}: steps");
@@ -105,25 +109,37 @@ fn six_steps_match_trl() {
             norm += dt * dt;
         }
         let rel = (diff / norm).sqrt();
-        println!("{arch}: worst metric error {:.2e} ({}); weight change relative error {rel:.2e}", worst.0, worst.1);
+        println!(
+            "{arch} (micro_pairs {micro_pairs}): worst metric error {:.2e} ({}); weight change relative error {rel:.2e}",
+            worst.0, worst.1
+        );
         assert!(rel < 1e-2, "{arch}: weight change differs from TRL's by {rel}");
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
 
-/// One step of 8 pairs equals one step of 8 accumulated micro-batches of 1 pair.
+/// One step of 8 pairs equals one step of 8 accumulated micro-batches of 1 pair, and one step of 8 pairs
+/// pushed through the model 3 at a time (`micro_pairs`).
 #[test]
 fn accumulation_is_invariant() {
-    let (a, b) = (scratch("accum-a"), scratch("accum-b"));
-    let mut ca = trl_settings("llama", a.clone());
+    let mut ca = trl_settings("llama", scratch("accum-a"));
     ca.batch_size = 8;
     ca.max_steps = Some(1);
     let mut cb = ca.clone();
-    cb.output = b.clone();
+    cb.output = scratch("accum-b");
     cb.batch_size = 1;
     cb.grad_accum = 8;
-    run(&ca);
-    run(&cb);
+    let mut cc = ca.clone();
+    cc.output = scratch("accum-c");
+    cc.micro_pairs = 3;
+    same_step(&ca, &cb);
+    same_step(&ca, &cc);
+}
+
+fn same_step(ca: &TrainConfig, cb: &TrainConfig) {
+    let (a, b) = (ca.output.clone(), cb.output.clone());
+    run(ca);
+    run(cb);
     let (ma, mb) = (jsonl(&a.join("metrics.jsonl")), jsonl(&b.join("metrics.jsonl")));
     for key in ["loss", "grad_norm", "rewards/margins"] {
         let (x, y) = (ma[0][key].as_f64().unwrap(), mb[0][key].as_f64().unwrap());
@@ -139,6 +155,58 @@ fn accumulation_is_invariant() {
     assert!((diff / norm).sqrt() < 1e-4, "weight updates differ: {}", (diff / norm).sqrt());
     for d in [a, b] {
         std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// Pushing a batch's pairs through the model one or three at a time (`micro_pairs`) accumulates the same
+/// gradient bits as the whole batch at once, on every architecture: every reduction over tokens in the
+/// engine is one chain in token order (on CPUs with AVX-512, where the engine's own GEMM runs; the
+/// fallback GEMM is held to 1e-6).
+#[test]
+fn micro_pairs_change_no_bit_of_the_gradient() {
+    let exact = std::arch::is_x86_feature_detected!("avx512f");
+    for arch in ARCHS {
+        let dir = fixtures().join(format!("models/{arch}-policy"));
+        let m = hf::load_model(&dir).unwrap();
+        let tok = hf::load_tokenizer(&dir).unwrap();
+        let ex =
+            load_pairs(&fixtures().join("data/prefs.jsonl"), Some(&tok), &DataOptions::default()).unwrap().examples;
+        let decoder = Decoder::new(m.config.decoder.clone());
+        let reference = Reference::Model(Arc::new((Decoder::new(m.config.decoder.clone()), m.params.clone())));
+        let objective = PairObjective { losses: vec![("sigmoid".parse().unwrap(), 1.0)], cfg: Default::default() };
+        let rows: Vec<usize> = (0..8).collect();
+        let grads = |micro_pairs: usize| {
+            let mut g = Params::zeros(&decoder.cfg);
+            let mut ws = Workspace::default();
+            let out = pair_batch(
+                &decoder,
+                &m.params,
+                Some((&mut g, 1.0)),
+                &reference,
+                &objective,
+                &ex,
+                &rows,
+                Packing::SharedPrompt,
+                micro_pairs,
+                &mut ws,
+            )
+            .unwrap();
+            (g, out.metrics)
+        };
+        let (whole, metrics) = grads(0);
+        for micro_pairs in [1, 3] {
+            let (g, mt) = grads(micro_pairs);
+            assert_eq!(mt, metrics, "{arch}: metrics with micro_pairs {micro_pairs}");
+            for ((name, a), (_, b)) in whole.named().into_iter().zip(g.named()) {
+                let worst =
+                    a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs() / x.abs().max(1e-3)).fold(0.0, f32::max);
+                if exact {
+                    assert!(a.data == b.data, "{arch} {name}: micro_pairs {micro_pairs} differs by {worst:e}");
+                } else {
+                    assert!(worst < 1e-6, "{arch} {name}: micro_pairs {micro_pairs} differs by {worst:e}");
+                }
+            }
+        }
     }
 }
 
@@ -169,6 +237,7 @@ fn reference_stays_frozen() {
             &ex,
             &rows,
             Packing::SharedPrompt,
+            0,
             &mut ws,
         )
         .unwrap();

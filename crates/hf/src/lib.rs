@@ -19,7 +19,7 @@ pub mod weights;
 
 pub use config::{config_from_json, parse_config, Arch, ModelConfig, SUPPORTED_MODEL_TYPES};
 pub use error::{Error, Result};
-pub use model_dir::{load_config, load_model, load_tokenizer, save_model, HfModel};
+pub use model_dir::{load_config, load_model, load_tokenizer, load_tokenizer_if_present, save_model, HfModel};
 pub use safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
 pub use tokenizer::{ChatMessage, SpecialToken, Tokenizer};
 pub use weights::{check_params, load_params, load_params_file, params_from_checkpoint, to_hf_tensors};

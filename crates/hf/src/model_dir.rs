@@ -66,6 +66,16 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     Tokenizer::from_dir(dir)
 }
 
+/// The tokenizer of a model directory when it has one (`tokenizer.json`); `None` for a directory of
+/// weights only, whose data must then be pre-tokenized.
+pub fn load_tokenizer_if_present(dir: &Path) -> Result<Option<Tokenizer>> {
+    if dir.join("tokenizer.json").is_file() {
+        load_tokenizer(dir).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 /// Writes a complete model directory to `out`: `config.json` (the source JSON with the dtype set to
 /// float32), `model.safetensors` (f32, HF names), `generation_config.json`, and the tokenizer files and
 /// chat template copied from `source_dir` when present.

@@ -31,9 +31,15 @@ pub struct Args {
     /// Optimizer steps; the first is a warm-up and not counted in the median.
     #[arg(long, default_value_t = 6)]
     steps: usize,
-    /// Score the reference once before training and hold no reference model while training.
-    #[arg(long)]
+    /// Score the reference once before training and hold no reference model while training
+    /// (trl_bench.py's --precompute).
+    #[arg(long, alias = "precompute")]
     precompute_ref: bool,
+    /// Pairs pushed through forward and backward at once (0: all pairs of the step), as `dpo train
+    /// --micro-pairs`: less activation memory for the same step.
+    #[arg(long, default_value_t = 0)]
+    micro_pairs: usize,
+
     /// Compute the prompt twice, once per completion, as TRL does (to measure what prefix sharing saves).
     #[arg(long)]
     no_prefix_sharing: bool,
@@ -69,7 +75,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Reference::Model(Arc::new((Decoder::new(cfg.clone()), presets::init_random(&cfg, 0.02, 1))))
     };
     let objective = PairObjective { losses: vec![(LossType::Sigmoid, 1.0)], cfg: LossConfig::default() };
-    let workload = PairWorkload { examples: &examples, reference: &reference, objective: &objective, packing };
+    let workload = PairWorkload {
+        examples: &examples,
+        reference: &reference,
+        objective: &objective,
+        packing,
+        micro_pairs: a.micro_pairs,
+    };
     let mut opt = Optimizer::new(OptimizerConfig::adamw(), &params);
     let mut grads = Params::zeros(&cfg);
     let mut ws = Workspace::default();
@@ -80,11 +92,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let t = Instant::now();
         let rows: Vec<usize> = (step * a.pairs..(step + 1) * a.pairs).collect();
         workload.run(&decoder, &params, Some((&mut grads, 1.0)), &rows, &mut ws)?;
+        let t_update = Instant::now();
         clip_grad_norm(&mut grads, 1.0);
         opt.step(&mut params, &grads, 1e-6);
         grads.fill_zero();
         let s = t.elapsed().as_secs_f64();
-        eprintln!("step {}/{}: {s:.3} s", step + 1, a.steps);
+        let update = t_update.elapsed().as_secs_f64();
+        eprintln!("step {}/{}: {s:.3} s (clip + AdamW + zeroing {update:.3} s)", step + 1, a.steps);
         if step > 0 {
             times.push(s);
         }
@@ -92,6 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     times.sort_by(|x, y| x.total_cmp(y));
     let med = times[times.len() / 2];
     let tokens = (a.pairs * 2 * (a.prompt + a.completion)) as f64;
+    let gflop = step_flops(&cfg, &a) / 1e9;
     let line = serde_json::json!({
         "tool": "dpo",
         "arch": a.arch,
@@ -101,14 +116,35 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "completion": a.completion,
         "precompute_ref": a.precompute_ref,
         "prefix_sharing": !a.no_prefix_sharing,
+        "micro_pairs": a.micro_pairs,
         "median_step_s": (med * 1000.0).round() / 1000.0,
         "pairs_per_s": ((a.pairs as f64 / med) * 1000.0).round() / 1000.0,
         "tokens_per_s": (tokens / med * 10.0).round() / 10.0,
+        "step_gflop": gflop.round(),
+        "gflop_per_s": (gflop / med * 10.0).round() / 10.0,
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{line}");
     Ok(())
+}
+
+/// Model FLOPs of one optimizer step (the standard count: a backward costs twice its forward): the policy's
+/// forward and backward on every row, and the reference model's forward unless it was precomputed. The
+/// head's recomputation of the logits in the backward is real work but not counted.
+fn step_flops(cfg: &engine::DecoderConfig, a: &Args) -> f64 {
+    let (p, c) = (a.prompt as f64, a.completion as f64);
+    let (rows, targets) = if a.no_prefix_sharing {
+        (vec![(p + c, (p + c + 1.0) / 2.0); 2], 2 * a.completion)
+    } else {
+        // Prompt tokens see the prompt so far; completion tokens see the prompt and their own completion.
+        let keys = p * (p + 1.0) / 2.0 + 2.0 * (c * p + c * (c + 1.0) / 2.0);
+        (vec![(p + 2.0 * c, keys / (p + 2.0 * c))], 2 * a.completion)
+    };
+    let forward: f64 = rows.iter().map(|&(n, keys)| presets::forward_flops(cfg, n as usize, keys, 0)).sum::<f64>()
+        + presets::forward_flops(cfg, 0, 0.0, targets);
+    let passes = if a.precompute_ref { 3.0 } else { 4.0 };
+    passes * forward * a.pairs as f64
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MiB; 0 where unavailable.

@@ -37,7 +37,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
-    let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
+    let tok = hf::load_tokenizer_if_present(&a.model)?;
     let opts = DataOptions { max_length: a.max_length, ..Default::default() };
     let loaded = load_pairs(&a.data, tok.as_ref(), &opts)?;
     dpo::data::check_vocab(&a.data, &loaded.examples, model.config.decoder.vocab_size)?;
@@ -65,6 +65,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         reference: &reference,
         objective: &objective,
         packing: Packing::SharedPrompt,
+        micro_pairs: 0,
     };
     let metrics = evaluate(&decoder, &model.params, &workload, a.batch_size, &mut ws)
         .with_context(|| format!("evaluating {}", a.data.display()))?;

@@ -31,7 +31,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
-    let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
+    let tok = hf::load_tokenizer_if_present(&a.model)?;
     let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
     dpo::data::check_vocab(&a.data, &loaded.examples, model.config.decoder.vocab_size)?;
     let (examples, stats) = (loaded.examples, loaded.stats);

@@ -33,7 +33,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let policy = hf::load_model(&a.model)?;
     let reference = hf::load_model(&a.ref_model)?;
-    let tok = if a.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&a.model)?) } else { None };
+    let tok = hf::load_tokenizer_if_present(&a.model)?;
     let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
     let vocab = policy.config.decoder.vocab_size.min(reference.config.decoder.vocab_size);
     dpo::data::check_vocab(&a.data, &loaded.examples, vocab)?;

@@ -96,10 +96,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
 }
 
-fn tokenizer(dir: &Path) -> anyhow::Result<Option<hf::Tokenizer>> {
-    Ok(if dir.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(dir)?) } else { None })
-}
-
 fn load(path: &Path, tok: Option<&hf::Tokenizer>, opts: &DataOptions) -> anyhow::Result<Vec<Example>> {
     let loaded = load_pairs(path, tok, opts)?;
     eprintln!("{}: {}", path.display(), loaded.stats.summary());
@@ -111,7 +107,7 @@ fn load(path: &Path, tok: Option<&hf::Tokenizer>, opts: &DataOptions) -> anyhow:
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
     let hf::HfModel { config, params, .. } = hf::load_model(&a.model)?;
-    let tok = tokenizer(&a.model)?;
+    let tok = hf::load_tokenizer_if_present(&a.model)?;
     let opts = DataOptions { max_length: a.max_length, ..Default::default() };
     let pairs = load(&a.data, tok.as_ref(), &opts)?;
     let eval = match &a.eval_data {
@@ -177,7 +173,7 @@ fn holds_pairs(path: &Path) -> anyhow::Result<bool> {
 
 fn score(a: ScoreArgs) -> anyhow::Result<()> {
     let rm = RewardModel::load(&a.model)?;
-    let tok = tokenizer(&a.model)?;
+    let tok = hf::load_tokenizer_if_present(&a.model)?;
     let opts = DataOptions { max_length: a.max_length, ..Default::default() };
     let context = || format!("scoring {} with {}", a.data.display(), a.model.display());
     let mut text = String::new();

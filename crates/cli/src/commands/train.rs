@@ -132,6 +132,11 @@ pub struct OptimFlags {
     /// Micro-batches accumulated per optimizer step [default: 1].
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Pairs pushed through the model at once within a micro-batch, for losses that are a mean of
+    /// per-pair terms (all but aot, aot_unpaired, sft, orpo): the same step with activation memory for
+    /// this many pairs only; 0 = the whole micro-batch [default: 0].
+    #[arg(long)]
+    micro_pairs: Option<usize>,
     /// Optimizer steps to run (overrides --epochs).
     #[arg(long)]
     max_steps: Option<u64>,
@@ -278,6 +283,7 @@ pub fn resolve(
     set!(c.lr = o.lr);
     set!(c.batch_size = o.batch_size);
     set!(c.grad_accum = o.grad_accum);
+    set!(c.micro_pairs = o.micro_pairs);
     if o.max_steps.is_some() {
         c.max_steps = o.max_steps;
     }

@@ -174,6 +174,13 @@ impl LossType {
         !matches!(self, LossType::Sft | LossType::Simpo | LossType::Orpo)
     }
 
+    /// Whether the batch loss is the mean over rows of terms that each read only their own row (so its
+    /// gradient may be computed chunk by chunk). Not the AOT losses (they sort the batch), nor `sft` and
+    /// `orpo` (their NLL is one mean over all the batch's tokens).
+    pub fn per_pair(self) -> bool {
+        !matches!(self, LossType::Aot | LossType::AotUnpaired | LossType::Sft | LossType::Orpo)
+    }
+
     /// Whether the loss reads the f-divergence scores (TRL: the losses built on the chosen-rejected score
     /// difference, plus `sft` which ignores them); the others reject a non-default `f_divergence_type`.
     pub fn supports_f_divergence(self) -> bool {
@@ -677,6 +684,52 @@ mod tests {
                 let want = g[name].as_f64().unwrap();
                 let rel = (got - want).abs() / want.abs().max(1e-3);
                 assert!(rel < 1e-4, "{} {name}: {got} vs {want}", f.arch);
+            }
+        }
+    }
+
+    /// The losses marked per-pair are means of per-row terms: over a batch split in two, the loss is the
+    /// pair-weighted mean of the parts' losses and each row's gradient is its part's, scaled by the part's
+    /// share. This is what lets training push a micro-batch through the model a few pairs at a time.
+    #[test]
+    fn per_pair_losses_split_into_chunks() {
+        let f = &fixtures()[0];
+        let cfg = golden_cfg();
+        let x = f.pair();
+        let n = x.policy_chosen.len();
+        let cut = 3;
+        let part = |r: std::ops::Range<usize>| PairLogps {
+            policy_chosen: &x.policy_chosen[r.clone()],
+            policy_rejected: &x.policy_rejected[r.clone()],
+            ref_chosen: x.ref_chosen.map(|v| &v[r.clone()]),
+            ref_rejected: x.ref_rejected.map(|v| &v[r.clone()]),
+            chosen_len: &x.chosen_len[r.clone()],
+            rejected_len: &x.rejected_len[r],
+            ..Default::default()
+        };
+        let mut split_ok = vec![];
+        for kind in LossType::ALL {
+            let losses = [(kind, 1.0)];
+            let whole = combined(&losses, &cfg, &x).unwrap();
+            let (a, b) =
+                (combined(&losses, &cfg, &part(0..cut)).unwrap(), combined(&losses, &cfg, &part(cut..n)).unwrap());
+            let (sa, sb) = (cut as f64 / n as f64, (n - cut) as f64 / n as f64);
+            let close = |u: f64, v: f64| (u - v).abs() <= 1e-12 * u.abs().max(v.abs()).max(1.0);
+            let mut ok = close(whole.loss, sa * a.loss + sb * b.loss);
+            for i in 0..n {
+                let (p, s, j) = if i < cut { (&a, sa, i) } else { (&b, sb, i - cut) };
+                ok &= close(whole.d_policy_chosen[i], s * p.d_policy_chosen[j]);
+                ok &= close(whole.d_policy_rejected[i], s * p.d_policy_rejected[j]);
+            }
+            if kind.per_pair() {
+                assert!(ok, "{kind} is marked per-pair but does not split");
+            }
+            split_ok.push((kind, ok));
+        }
+        // The check has teeth: the batch-coupled losses do not split on this data.
+        for (kind, ok) in split_ok {
+            if matches!(kind, LossType::Aot | LossType::Sft) {
+                assert!(!ok, "{kind} unexpectedly splits");
             }
         }
     }

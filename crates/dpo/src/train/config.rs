@@ -59,6 +59,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Pairs of a micro-batch pushed through forward and backward at once when the loss is a mean of
+    /// per-pair terms (0: the whole micro-batch). Same step, activations for this many pairs only.
+    pub micro_pairs: usize,
     /// Stop after this many optimizer steps (overrides `epochs`).
     pub max_steps: Option<u64>,
     pub epochs: f64,
@@ -112,6 +115,7 @@ impl Default for TrainConfig {
             prefix_sharing: true,
             lr: 1e-6,
             batch_size: 8,
+            micro_pairs: 0,
             grad_accum: 1,
             max_steps: None,
             epochs: 3.0,

@@ -88,8 +88,7 @@ pub fn optimizer_config(cfg: &TrainConfig) -> Result<OptimizerConfig, TrainError
 pub fn prepare(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Setup, TrainError> {
     cfg.validate()?;
     let model_cfg = hf::load_config(&cfg.model)?;
-    let tokenizer =
-        if cfg.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&cfg.model)?) } else { None };
+    let tokenizer = hf::load_tokenizer_if_present(&cfg.model)?;
     let opts = data_options(cfg)?;
     let load = |path: &Path, log: &mut dyn FnMut(&str)| -> Result<Vec<Example>, TrainError> {
         let loaded = load_pairs(path, tokenizer.as_ref(), &opts)?;
@@ -116,7 +115,11 @@ pub fn prepare(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Setup, Tr
     };
     let row_tokens =
         train.iter().chain(&eval).map(|e| pack_pairs(&[e], packing).batch.len() as u64).collect::<Vec<_>>();
-    check_memory(cfg, &model_cfg.decoder, reference.as_ref(), row_tokens, log)?;
+    let in_flight = match cfg.micro_pairs {
+        m if m > 0 && objective.per_pair() => m.min(cfg.batch_size),
+        _ => cfg.batch_size,
+    };
+    check_memory(cfg, &model_cfg.decoder, reference.as_ref(), row_tokens, in_flight, log)?;
     let model = hf::load_model(&cfg.model)?;
     Ok(Setup { model, tokenizer, train, eval, objective, packing })
 }
@@ -128,10 +131,11 @@ fn check_memory(
     policy: &engine::DecoderConfig,
     reference: Option<&engine::DecoderConfig>,
     row_tokens: Vec<u64>,
+    rows_in_flight: usize,
     log: &mut dyn FnMut(&str),
 ) -> Result<(), TrainError> {
     let plan =
-        MemoryPlan { policy, optimizer: &optimizer_config(cfg)?, reference, row_tokens, batch_size: cfg.batch_size };
+        MemoryPlan { policy, optimizer: &optimizer_config(cfg)?, reference, row_tokens, batch_size: rows_in_flight };
     let est = memory::estimate(&plan);
     let limit = match &cfg.max_memory {
         Some(m) => Some((memory::parse_size(m).map_err(TrainError::Invalid)?, "the --max-memory limit of")),
@@ -146,7 +150,7 @@ fn check_memory(
         return Ok(());
     }
     let advice = if est.activations >= est.weights {
-        "lower --batch-size or --max-length"
+        "lower --batch-size, --micro-pairs or --max-length"
     } else {
         "use a smaller model, --precompute-ref (no reference model in memory) or --optimizer sgd"
     };
@@ -334,6 +338,7 @@ pub fn train(
         reference: &train_ref,
         objective: &setup.objective,
         packing: setup.packing,
+        micro_pairs: cfg.micro_pairs,
     };
     // A model reference serves both data sets; a cache holds the evaluation rows separately.
     let eval_reference = if matches!(eval_ref, Reference::None) { &train_ref } else { &eval_ref };
@@ -368,8 +373,7 @@ fn train_kto(
         ));
     }
     let model = hf::load_model(&cfg.model)?;
-    let tokenizer =
-        if cfg.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&cfg.model)?) } else { None };
+    let tokenizer = hf::load_tokenizer_if_present(&cfg.model)?;
     let data_opts = data_options(cfg)?;
     let load = |path: &Path, log: &mut dyn FnMut(&str)| -> Result<Vec<UnpairedExample>, TrainError> {
         let loaded = load_unpaired(path, tokenizer.as_ref(), &data_opts)?;
@@ -408,8 +412,7 @@ pub fn train_sft(
     prepare_output(cfg, opts)?;
     cfg.validate()?;
     let model_cfg = hf::load_config(&cfg.model)?;
-    let tokenizer =
-        if cfg.model.join("tokenizer.json").is_file() { Some(hf::load_tokenizer(&cfg.model)?) } else { None };
+    let tokenizer = hf::load_tokenizer_if_present(&cfg.model)?;
     let data_opts = data_options(cfg)?;
     let load = |path: &Path, log: &mut dyn FnMut(&str)| -> Result<Vec<SftExample>, TrainError> {
         let loaded = load_sft(path, tokenizer.as_ref(), &data_opts)?;
@@ -423,7 +426,7 @@ pub fn train_sft(
         None => Vec::new(),
     };
     let row_tokens = train_rows.iter().chain(&eval_rows).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
-    check_memory(cfg, &model_cfg.decoder, None, row_tokens.collect(), log)?;
+    check_memory(cfg, &model_cfg.decoder, None, row_tokens.collect(), cfg.batch_size, log)?;
     let model = hf::load_model(&cfg.model)?;
     let train = SftWorkload { examples: &train_rows };
     let eval = SftWorkload { examples: &eval_rows };

@@ -33,6 +33,9 @@ pub struct PairWorkload<'a> {
     pub reference: &'a Reference,
     pub objective: &'a PairObjective,
     pub packing: Packing,
+    /// Pairs pushed through forward and backward at once when training a per-pair loss (0: the whole
+    /// micro-batch); see [`pair_batch`].
+    pub micro_pairs: usize,
 }
 
 impl Workload for PairWorkload<'_> {
@@ -52,7 +55,8 @@ impl Workload for PairWorkload<'_> {
         rows: &[usize],
         ws: &mut Workspace,
     ) -> Result<BatchOutcome, TrainError> {
-        pair_batch(decoder, params, grads, self.reference, self.objective, self.examples, rows, self.packing, ws)
+        let (ex, pk, mp) = (self.examples, self.packing, self.micro_pairs);
+        pair_batch(decoder, params, grads, self.reference, self.objective, ex, rows, pk, mp, ws)
     }
 }
 
