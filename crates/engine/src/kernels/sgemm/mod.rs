@@ -49,9 +49,14 @@ pub(crate) struct Mat {
     pub cs: usize,
 }
 
-/// Whether this CPU runs the kernel.
+/// Whether this kernel runs: the CPU has AVX-512F, and the environment variable `DPO_GEMM` is not
+/// `portable` (which selects the `gemm` crate's kernels everywhere, to measure what this one adds or to
+/// exercise the fallback on an AVX-512 machine).
 pub(crate) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f") && std::env::var("DPO_GEMM").map_or(true, |v| v != "portable")
+    })
 }
 
 /// `C[m, n] = (C if accumulate) + A[m, k] . B[k, n]`, C row-major with row stride `ldc`, on up to `tasks`
