@@ -3,6 +3,7 @@
 //! on in parallel, so that a large file is never held as JSON all at once.
 
 use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use parquet::file::reader::FileReader;
@@ -24,8 +25,11 @@ pub(crate) fn map_rows<T: Send>(
     let p = || path.to_path_buf();
     let file = File::open(path).map_err(|source| DataError::Io { path: p(), source })?;
     let parse_err = |location: String, message: String| DataError::Parse { path: p(), location, message };
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| parse_err("file".into(), format!("not a readable Parquet file: {e}")))?;
+    let reader = match guarded(|| SerializedFileReader::new(file)) {
+        Ok(Ok(reader)) => reader,
+        Ok(Err(e)) => return Err(parse_err("file".into(), format!("not a readable Parquet file: {e}"))),
+        Err(m) => return Err(parse_err("file".into(), format!("not a readable Parquet file: {m}"))),
+    };
     // The parquet crate asserts (panics) on a column chunk with a negative offset or size; refuse it here.
     for (i, group) in reader.metadata().row_groups().iter().enumerate() {
         for c in group.columns() {
@@ -42,15 +46,20 @@ pub(crate) fn map_rows<T: Send>(
     // The footer's row count is only a hint: a corrupt one must not reserve memory for rows that are not there.
     let total = usize::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0);
     let mut out = Vec::with_capacity(total.min(CHUNK));
-    let mut rows = reader.into_iter();
+    let mut rows = guarded(|| reader.into_iter())
+        .map_err(|m| parse_err("file".into(), format!("not a readable Parquet file: {m}")))?;
     let mut chunk: Vec<(usize, Row)> = Vec::with_capacity(CHUNK.min(total));
     loop {
         chunk.clear();
-        for row in rows.by_ref().take(CHUNK) {
+        while chunk.len() < CHUNK {
             let n = out.len() + chunk.len() + 1;
             // A page that does not decode ends the file for us: later rows cannot be found without it.
-            let row = row.map_err(|e| parse_err(format!("row {n}"), format!("cannot decode: {e}")))?;
-            chunk.push((n, row));
+            let row = match guarded(|| rows.next()) {
+                Ok(None) => break,
+                Ok(Some(row)) => row.map_err(|e| format!("cannot decode: {e}")),
+                Err(m) => Err(format!("cannot decode: {m}")),
+            };
+            chunk.push((n, row.map_err(|message| parse_err(format!("row {n}"), message))?));
         }
         if chunk.is_empty() {
             break;
@@ -58,6 +67,17 @@ pub(crate) fn map_rows<T: Send>(
         out.par_extend(chunk.par_drain(..).map(|(n, row)| f(record(path, n, row))));
     }
     Ok(out)
+}
+
+/// Runs `f`, a call into the parquet crate, with a panic turned into an error message: its decoders and
+/// printers assert or unwrap on some malformed files (a dictionary page with fewer values than its header
+/// says, a date out of range, ...) instead of returning an error. What `f` worked on is dropped.
+fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+        let what =
+            panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+        format!("the Parquet reader failed ({})", what.as_deref().unwrap_or("no message"))
+    })
 }
 
 fn record(path: &Path, n: usize, row: Row) -> Result<Record, DataError> {
@@ -124,7 +144,10 @@ fn json(field: &Field) -> Result<Value, String> {
             }
             Value::Object(m)
         }
-        other => Value::String(other.to_string()),
+        other => {
+            let printed = guarded(|| other.to_string()).map_err(|m| format!("cannot print this value: {m}"))?;
+            Value::String(printed)
+        }
     })
 }
 
@@ -133,13 +156,14 @@ pub(crate) mod tests {
     use std::sync::Arc;
 
     use parquet::basic::{Compression, GzipLevel, ZstdLevel};
-    use parquet::data_type::{BoolType, ByteArray, ByteArrayType, Int64Type};
+    use parquet::data_type::{BoolType, ByteArray, ByteArrayType, Int32Type, Int64Type};
     use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, ParquetMetaDataWriter};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
     use parquet::schema::parser::parse_message_type;
     use serde_json::json;
 
+    use super::super::read::map_records;
     use super::super::testutil::{chat_tokenizer, fixtures, scratch, tokenizer, write};
     use super::super::{load_pairs, load_unpaired, read_records, DataOptions, Example};
     use super::*;
@@ -152,6 +176,8 @@ pub(crate) mod tests {
         Ints(&'static str, Vec<Vec<i64>>),
         /// list<struct{role, content}>
         Msgs(&'static str, Vec<Vec<(String, String)>>),
+        /// Days since 1970-01-01.
+        Date(&'static str, Vec<i32>),
     }
 
     /// Writes `cols` (all the same number of rows) as one row group.
@@ -162,6 +188,7 @@ pub(crate) mod tests {
                 Col::Str(n, _) => format!("OPTIONAL BYTE_ARRAY {n} (UTF8);"),
                 Col::Bin(n, _) => format!("OPTIONAL BYTE_ARRAY {n};"),
                 Col::Bool(n, _) => format!("OPTIONAL BOOLEAN {n};"),
+                Col::Date(n, _) => format!("OPTIONAL INT32 {n} (DATE);"),
                 Col::Ints(n, _) => {
                     format!("OPTIONAL group {n} (LIST) {{ REPEATED group list {{ OPTIONAL INT64 element; }} }}")
                 }
@@ -210,6 +237,9 @@ pub(crate) mod tests {
                 }),
                 Col::Bool(_, v) => leaves(&mut |col| {
                     col.typed::<BoolType>().write_batch(v, Some(&vec![1; v.len()]), None).unwrap();
+                }),
+                Col::Date(_, v) => leaves(&mut |col| {
+                    col.typed::<Int32Type>().write_batch(v, Some(&vec![1; v.len()]), None).unwrap();
                 }),
                 Col::Ints(_, v) => leaves(&mut |col| {
                     let (def, rep) = levels(v, 3);
@@ -400,5 +430,32 @@ pub(crate) mod tests {
         });
         let e = read_records(&huge).unwrap_err().to_string();
         assert!(e.contains("huge.parquet, row 2: cannot decode"), "{e}");
+    }
+
+    #[test]
+    fn panics_in_the_parquet_crate_are_errors() {
+        let dir = scratch("parquet-panics");
+        // Found by `cargo fuzz run data_parquet`: a dictionary page holding fewer values than its header
+        // says made the parquet crate's plain decoder index past the page. Here: one value (""), and the
+        // header's num_values (the bytes 0x4C 0x15 0x02: dictionary_page_header { num_values: 1 }) made 2.
+        let path = dir.join("dict.parquet");
+        write_parquet(&path, &[Col::Str("prompt", vec![Some(String::new())])], Compression::UNCOMPRESSED);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at: Vec<usize> = (0..bytes.len() - 3).filter(|&i| bytes[i..i + 3] == [0x4C, 0x15, 0x02]).collect();
+        assert_eq!(at.len(), 1, "the dictionary page header is not where this test expects it");
+        bytes[at[0] + 2] = 0x04;
+        std::fs::write(&path, bytes).unwrap();
+        let e = read_records(&path).unwrap_err().to_string();
+        assert!(e.contains("dict.parquet, row 1: cannot decode: the Parquet reader failed ("), "{e}");
+        // Printing a date too far from 1970 unwraps a `None` in the parquet crate.
+        let path = dir.join("date.parquet");
+        write_parquet(&path, &[Col::Date("when", vec![0, i32::MAX])], Compression::SNAPPY);
+        let recs = map_records(&path, |r| r.map(|r| r.fields["when"].clone()).map_err(|e| e.to_string())).unwrap();
+        assert_eq!(recs[0], Ok(json!("1970-01-01")));
+        let e = recs[1].as_ref().unwrap_err();
+        assert!(
+            e.contains("date.parquet, row 2, field `when`: cannot print this value: the Parquet reader failed"),
+            "{e}"
+        );
     }
 }
