@@ -83,7 +83,8 @@ static MODEL_DIR: LazyLock<PathBuf> = LazyLock::new(|| {
     let dir = root.join("model");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     let t = |name: &str, n: usize| (name.to_string(), vec![n], (0..n).map(|i| i as f32).collect::<Vec<f32>>());
-    let write = |path: PathBuf, ts: Vec<(String, Vec<usize>, Vec<f32>)>| hf::safetensors::write_f32(&path, &ts).unwrap();
+    let write =
+        |path: PathBuf, ts: Vec<(String, Vec<usize>, Vec<f32>)>| hf::safetensors::write_f32(&path, &ts).unwrap();
     write(dir.join("a.safetensors"), vec![t("a", 2), t("x", 1)]);
     write(dir.join("b.safetensors"), vec![t("b", 3)]);
     write(dir.join("sub/c.safetensors"), vec![t("c", 1)]);
@@ -101,7 +102,11 @@ fn index(bytes: &[u8]) {
             for name in ck.names() {
                 let file = ck.file_of(name).expect("file of a listed tensor");
                 let canon = file.canonicalize().unwrap();
-                assert!(canon.starts_with(&canon_dir), "tensor `{name}` read from {} outside the model directory", file.display());
+                assert!(
+                    canon.starts_with(&canon_dir),
+                    "tensor `{name}` read from {} outside the model directory",
+                    file.display()
+                );
                 let info = ck.info(name).expect("info of a listed tensor");
                 let x = ck.read_f32(name).expect("read a listed F32 tensor");
                 assert_eq!(x.data.len(), info.shape.iter().product::<usize>());

@@ -123,7 +123,8 @@ pub fn fuzz_data(data: &[u8], ext: &str) {
                 assert!(location_ok(&r.location, ext), "bad location {:?} for .{ext}", r.location);
             }
             // In file order: the numbers strictly increase.
-            let nums: Vec<usize> = recs.iter().map(|r| r.location.split_once(' ').unwrap().1.parse().unwrap()).collect();
+            let nums: Vec<usize> =
+                recs.iter().map(|r| r.location.split_once(' ').unwrap().1.parse().unwrap()).collect();
             assert!(nums.windows(2).all(|w| w[0] < w[1]), "records out of order: {nums:?}");
         }
         Err(e) => check_error(&path, e),
@@ -147,7 +148,10 @@ pub fn fuzz_data(data: &[u8], ext: &str) {
                         assert!(e.prompt_ids.len() <= m);
                     }
                     assert!(e.chosen_prompt_skip <= e.prompt_ids.len() && e.rejected_prompt_skip <= e.prompt_ids.len());
-                    assert!(e.chosen_prompt_skip == 0 || e.rejected_prompt_skip == 0, "a shared cut left on both sides");
+                    assert!(
+                        e.chosen_prompt_skip == 0 || e.rejected_prompt_skip == 0,
+                        "a shared cut left on both sides"
+                    );
                     check_sequence(e.chosen_prompt().len(), e.chosen_ids.len(), e.chosen_len(), &opts);
                     check_sequence(e.rejected_prompt().len(), e.rejected_ids.len(), e.rejected_len(), &opts);
                 }
