@@ -164,7 +164,8 @@ fn same_step(ca: &TrainConfig, cb: &TrainConfig) {
 /// fallback GEMM is held to 1e-6).
 #[test]
 fn micro_pairs_change_no_bit_of_the_gradient() {
-    let exact = std::arch::is_x86_feature_detected!("avx512f") && std::env::var("DPO_GEMM").map_or(true, |v| v != "portable");
+    let exact =
+        std::arch::is_x86_feature_detected!("avx512f") && std::env::var("DPO_GEMM").map_or(true, |v| v != "portable");
     for arch in ARCHS {
         let dir = fixtures().join(format!("models/{arch}-policy"));
         let m = hf::load_model(&dir).unwrap();

@@ -1,5 +1,5 @@
-//! GFLOP/s of the engine's matmul on the GEMM shapes of a GPT-2-small training step (forward, input
-//! gradient, weight gradient), to compare with the `gemm` crate's peak and with PyTorch.
+//! GFLOP/s of the engine's matmul on the GEMM shapes of a GPT-2-small and a SmolLM2-135M training step
+//! (forward, input gradient, weight gradient), to compare with the `gemm` crate's peak and with PyTorch.
 //! `cargo run --release -p dpo-engine --example gemm_shapes`
 
 use std::time::Instant;
@@ -16,6 +16,12 @@ fn main() {
         ("bwd  dy^T x [3072x1024]x[1024x768]", 3072, 768, n, true, false),
         ("head h W^T  [1024x768]x[768x50257]", n, 50257, 768, false, true),
         ("head dW     [50257x1024]x[1024x768]", 50257, 768, n, true, false),
+        // SmolLM2-135M: hidden 576, fused q/k/v 960, fused gate/up 3072, MLP 1536; 1280 tokens (4 DPO pairs)
+        ("smol qkv    [1280x576]x[576x960]", 1280, 960, 576, false, true),
+        ("smol gate/up[1280x576]x[576x3072]", 1280, 3072, 576, false, true),
+        ("smol down   [1280x1536]x[1536x576]", 1280, 576, 1536, false, true),
+        ("smol dW up  [3072x1280]x[1280x576]", 3072, 576, 1280, true, false),
+        ("smol head   [256x576]x[576x49152]", 256, 49152, 576, false, true),
     ];
     for (label, m, nn, k, a_t, b_t) in shapes {
         let a = vec![0.01f32; m * k];
