@@ -666,7 +666,7 @@ fn absurd_batch_is_refused() {
                 "the run needs an estimated",
                 "more than the available memory (MemAvailable)",
                 "(100 rows, 6000200 tokens)",
-                "lower --batch-size or --max-length",
+                "lower --batch-size, --micro-pairs or --max-length",
                 "--max-memory",
             ],
         );
