@@ -35,6 +35,15 @@ fn malformed_json_line() {
     fails(&mut logps(&model("gpt2-policy"), &data), &["bad.json, file: invalid JSON", "line 2"]);
 }
 
+/// A Parquet file whose dictionary page holds fewer values than its header says (found by the `data_parquet`
+/// fuzz target): the parquet crate panics inside its decoder; the user gets one error naming the file and
+/// row, and no panic text.
+#[test]
+fn corrupt_parquet_page() {
+    let data = fixtures().join("../bad/short_dictionary_page.parquet");
+    fails(&mut logps(&model("gpt2-policy"), &data), &["short_dictionary_page.parquet, row 1", "Parquet reader failed"]);
+}
+
 #[test]
 fn wrong_types() {
     let dir = scratch("types");

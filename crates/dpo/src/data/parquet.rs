@@ -2,9 +2,11 @@
 //! give, so that everything after reading is shared. Rows are read in chunks and converted and handed
 //! on in parallel, so that a large file is never held as JSON all at once.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use parquet::file::reader::FileReader;
 use parquet::file::serialized_reader::SerializedFileReader;
@@ -69,11 +71,31 @@ pub(crate) fn map_rows<T: Send>(
     Ok(out)
 }
 
+thread_local! {
+    /// Set while this thread runs a guarded call: its panics become errors and are not printed.
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+}
+
 /// Runs `f`, a call into the parquet crate, with a panic turned into an error message: its decoders and
 /// printers assert or unwrap on some malformed files (a dictionary page with fewer values than its header
 /// says, a date out of range, ...) instead of returning an error. What `f` worked on is dropped.
+///
+/// The first call wraps the process's panic hook so that a panic caught here is not also printed (the
+/// user gets the one error message naming the file); every other panic is reported as before.
 fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+    static QUIET_HOOK: Once = Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let outer = GUARDED.with(|g| g.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    result.map_err(|panic| {
         let what =
             panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
         format!("the Parquet reader failed ({})", what.as_deref().unwrap_or("no message"))
