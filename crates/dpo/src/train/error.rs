@@ -12,6 +12,8 @@ pub enum TrainError {
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
     #[error(transparent)]
+    Reference(#[from] super::reference::ReferenceError),
+    #[error(transparent)]
     Objective(#[from] crate::objectives::ObjectiveError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

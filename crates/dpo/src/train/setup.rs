@@ -14,7 +14,7 @@ use super::config::Objective;
 use super::kto::KtoWorkload;
 use super::memory::{self, MemoryPlan};
 use super::pairs::PairObjective;
-use super::reference::{default_cache_dir, precompute, Reference};
+use super::reference::{self, default_cache_dir, precompute, Reference};
 use super::run_dir::{self, StartMode};
 use super::workload::{PairWorkload, SftWorkload, Workload};
 use super::{TrainConfig, TrainError};
@@ -155,10 +155,11 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
             let train = sets.pop().unwrap_or_default();
             let packing = if cfg.prefix_sharing { Packing::SharedPrompt } else { Packing::Separate };
             let reference = match &cfg.ref_model {
-                _ if objective.reference_free() || cfg.precompute_ref => None,
-                Some(dir) => Some(hf::load_config(dir)?.decoder),
+                _ if objective.reference_free() => None,
+                Some(dir) => Some(reference_config(dir, &model_cfg, tokenizer.as_ref())?),
                 None => Some(model_cfg.decoder.clone()),
             };
+            let reference = reference.filter(|_| !cfg.precompute_ref);
             let rows = train.iter().chain(&eval).map(|e| pack_pairs(&[e], packing).batch.len() as u64).collect();
             let in_flight = match cfg.micro_pairs {
                 m if m > 0 && objective.per_pair() => m.min(cfg.batch_size),
@@ -185,7 +186,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
             let train = sets.pop().unwrap_or_default();
             let rows = train.iter().chain(&eval).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
             let reference = match &cfg.ref_model {
-                Some(dir) => hf::load_config(dir)?.decoder,
+                Some(dir) => reference_config(dir, &model_cfg, tokenizer.as_ref())?,
                 None => model_cfg.decoder.clone(),
             };
             let rows = rows.collect();
@@ -211,8 +212,20 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     check_memory(cfg, &model_cfg.decoder, reference_cfg.as_ref(), row_tokens, in_flight, log)?;
     let model = hf::load_model(&cfg.model)?;
     let start = start_point(cfg, opts, &model, log)?;
-    let data = attach_reference(cfg, data, &model, log)?;
+    let data = attach_reference(cfg, data, &model, tokenizer.as_ref(), log)?;
     Ok((Setup { cfg: cfg.clone(), model, data }, start))
+}
+
+/// The reference's configuration, after checking that it reads the policy's token ids (before any
+/// weights are loaded).
+fn reference_config(
+    dir: &Path,
+    policy: &hf::ModelConfig,
+    tokenizer: Option<&hf::Tokenizer>,
+) -> Result<engine::DecoderConfig, TrainError> {
+    let config = hf::load_config(dir)?;
+    reference::check_fits(dir, &config, policy, tokenizer)?;
+    Ok(config.decoder)
 }
 
 /// `--overwrite` replaces the run in the output directory: an input that lives inside what it replaces
@@ -253,13 +266,18 @@ fn start_point(
     };
     let dir = if path.join("trainer_state.json").is_file() { path.clone() } else { checkpoint::newest(path)? };
     let c = checkpoint::load(&dir, opt_cfg)?;
-    check_fits(&dir, &cfg.model, &c.model.params, &model.params)?;
+    check_checkpoint_fits(&dir, &cfg.model, &c.model.params, &model.params)?;
     log(&format!("resuming at step {} from {}", c.state.step, path.display()));
     Ok(Start { params: c.model.params, optimizer: c.optimizer, state: c.state, resumed: Some((c.dir, c.total_steps)) })
 }
 
 /// A checkpoint continues the run of one model: every tensor must have the starting model's shape.
-fn check_fits(checkpoint: &Path, model_dir: &Path, saved: &Params, start: &Params) -> Result<(), TrainError> {
+fn check_checkpoint_fits(
+    checkpoint: &Path,
+    model_dir: &Path,
+    saved: &Params,
+    start: &Params,
+) -> Result<(), TrainError> {
     let (a, b) = (saved.named(), start.named());
     let mismatch = |detail: String| TrainError::ModelMismatch {
         checkpoint: checkpoint.display().to_string(),
@@ -290,25 +308,18 @@ fn attach_reference(
     cfg: &TrainConfig,
     data: Data,
     model: &hf::HfModel,
+    tokenizer: Option<&hf::Tokenizer>,
     log: &mut dyn FnMut(&str),
 ) -> Result<Data, TrainError> {
     let load = || -> Result<Arc<(Decoder, Params)>, TrainError> {
-        let (decoder, params) = match &cfg.ref_model {
-            Some(dir) => {
-                let m = hf::load_model(dir)?;
-                if m.config.decoder.vocab_size != model.config.decoder.vocab_size {
-                    return Err(TrainError::Invalid(format!(
-                        "reference {} has a vocabulary of {} tokens, the policy {}",
-                        dir.display(),
-                        m.config.decoder.vocab_size,
-                        model.config.decoder.vocab_size
-                    )));
-                }
-                (Decoder::new(m.config.decoder.clone()), m.params)
-            }
-            None => (Decoder::new(model.config.decoder.clone()), model.params.clone()),
-        };
-        Ok(Arc::new((decoder, params)))
+        let starting = || Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()));
+        Ok(match &cfg.ref_model {
+            Some(dir) => match Reference::load(dir, &model.config, tokenizer)? {
+                Reference::Model(m) => m,
+                _ => return Err(TrainError::Invalid(format!("reference {}: no model loaded", dir.display()))),
+            },
+            None => starting(),
+        })
     };
     Ok(match data {
         Data::Pairs { train, eval, objective, packing, .. } if !objective.reference_free() => {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::objectives::KtoLossType;
 
 fn parse(text: &str) -> Result<TrainConfig, String> {
     let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
