@@ -340,3 +340,55 @@ fn the_end_of_a_run_says_where_everything_is() {
         assert!(err.contains(&want), "{want}: {err}");
     }
 }
+
+fn reward_model_train(run: &Path) -> Command {
+    let mut c = dpo();
+    c.args(["reward-model", "train", "--max-steps", "1", "--batch-size", "4", "--model"])
+        .arg(model("gpt2-policy"))
+        .arg("--data")
+        .arg(prefs())
+        .arg("--output")
+        .arg(run);
+    c
+}
+
+/// Defect 11 and one layout: `dpo reward-model train` and `dpo ppo` write their runs through the same
+/// run directory (config.toml, metrics.jsonl, final/), and neither replaces a run without --overwrite.
+#[test]
+fn reward_model_and_ppo_runs_share_the_layout_and_refuse_to_replace() {
+    let dir = scratch("runs-rlhf");
+    let rm = dir.join("rm");
+    succeeds(&mut reward_model_train(&rm));
+    for f in ["config.toml", "metrics.jsonl", "final/reward_head.safetensors", "final/model.safetensors"] {
+        assert!(rm.join(f).is_file(), "{f}");
+    }
+    let head = bytes(&rm.join("final/reward_head.safetensors"));
+    fails(&mut reward_model_train(&rm), &["already holds a run", "--overwrite"]);
+    assert_eq!(bytes(&rm.join("final/reward_head.safetensors")), head);
+    succeeds(reward_model_train(&rm).arg("--overwrite"));
+    // Scoring takes the run directory (or its final/).
+    let out = dpo().args(["reward-model", "score", "--model"]).arg(&rm).arg("--data").arg(prefs()).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let prompts = jsonl(&dir.join("prompts.jsonl"), &[serde_json::json!({"prompt": "Tell me about a kite."})]);
+    let ppo = |run: &Path| {
+        let mut c = dpo();
+        c.args(["ppo", "--steps", "1", "--rollout-prompts", "1", "--minibatch", "1", "--max-new-tokens", "4"])
+            .arg("--model")
+            .arg(model("gpt2-policy"))
+            .arg("--reward-model")
+            .arg(&rm)
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--output")
+            .arg(run);
+        c
+    };
+    let run = dir.join("ppo");
+    succeeds(&mut ppo(&run));
+    for f in ["config.toml", "metrics.jsonl", "final/model.safetensors"] {
+        assert!(run.join(f).is_file(), "{f}");
+    }
+    fails(&mut ppo(&run), &["already holds a run", "--overwrite"]);
+    succeeds(ppo(&run).arg("--overwrite"));
+}

@@ -53,6 +53,17 @@ pub fn resume_target(path: &Path) -> ResumeTarget {
     ResumeTarget { run: path.to_path_buf(), checkpoint: None }
 }
 
+/// The model a run directory holds (`RUN/final`), or `dir` itself when it is a model directory: commands
+/// that read a trained model accept either.
+pub fn model_of(dir: &Path) -> PathBuf {
+    let fin = dir.join("final");
+    if fin.join("config.json").is_file() && !dir.join("config.json").is_file() {
+        fin
+    } else {
+        dir.to_path_buf()
+    }
+}
+
 /// True when `dir` holds a run's metrics or checkpoints.
 pub fn holds_run(dir: &Path) -> bool {
     dir.join("metrics.jsonl").exists() || dir.join("checkpoints").exists() || dir.join("final").exists()
