@@ -160,32 +160,43 @@ fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
 }
 
+/// Kills the child when dropped, so that a failing test leaves no training process behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Defect 6: one process per run directory; a second one (new, --overwrite or --resume) is refused
 /// clearly, and the lock of a killed process is not in the way.
 #[test]
 fn a_second_process_on_one_run_is_refused() {
     let dir = scratch("runs-lock");
     let run = dir.join("run");
-    let mut first = train(&model("gpt2-policy"), &prefs(), &run)
-        .args(["--batch-size", "4", "--max-steps", "100000", "--save-every", "5"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = KillOnDrop(
+        train(&model("gpt2-policy"), &prefs(), &run)
+            .args(["--batch-size", "4", "--max-steps", "100000", "--save-every", "5"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let t0 = Instant::now();
     while steps(&run).is_empty() {
         assert!(t0.elapsed() < Duration::from_secs(120), "the first run did not get going");
-        assert!(first.try_wait().unwrap().is_none(), "the first run ended");
+        assert!(first.0.try_wait().unwrap().is_none(), "the first run ended");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let busy = ["is in use by another process", &format!("pid {}", first.id()), "one process at a time"];
+    let busy = ["is in use by another process", &format!("pid {}", first.0.id()), "one process at a time"];
     fails(train(&model("gpt2-policy"), &prefs(), &run).arg("--overwrite"), &busy);
     fails(dpo().args(["train", "--resume"]).arg(&run), &busy);
     let n = lines(&run.join("metrics.jsonl"));
     std::thread::sleep(Duration::from_millis(300));
     assert!(lines(&run.join("metrics.jsonl")) > n, "the first run stopped");
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(first);
     // The lock died with the process.
     let err = succeeds(dpo().args(["train", "--max-steps", "6", "--resume"]).arg(&run));
     assert!(err.contains("resuming at step"), "{err}");

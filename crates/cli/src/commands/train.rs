@@ -19,6 +19,18 @@ use serde::Serialize;
 
 use super::progress::Progress;
 
+/// `--loss`'s long help: every loss the objectives' registry holds.
+fn loss_help() -> String {
+    let mut s = String::from(
+        "Loss types, comma-separated, weighted by --loss-weights [default: sigmoid]. kto or apo_zero_unpaired \
+         (alone) train on unpaired rows (prompt, completion, label).\n",
+    );
+    for (name, help) in dpo::objectives::LossType::names_and_help() {
+        s += &format!("\n  {name}: {help}");
+    }
+    s
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -82,9 +94,9 @@ pub struct InputFlags {
 #[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Objective")]
 pub struct ObjectiveFlags {
-    /// Loss types, comma-separated: sigmoid (DPO), hinge, ipo, exo_pair, nca_pair, robust, bco_pair,
-    /// sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, cdpo, simpo, orpo.
-    #[arg(long)]
+    /// Loss types, comma-separated (sigmoid = DPO; `--help` lists them all); kto or apo_zero_unpaired
+    /// train on unpaired rows [default: sigmoid].
+    #[arg(long, long_help = loss_help())]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss: Option<String>,
     /// One weight per loss type, comma-separated (default 1 each).
@@ -277,8 +289,9 @@ pub struct RunFlags {
 impl ObjectiveFlags {
     /// The objective settings these flags give, over the defaults (for commands that evaluate).
     pub fn apply(&self, o: &mut dpo::objectives::LossConfig) -> anyhow::Result<()> {
-        let table = toml::Table::try_from(self).context("objective flags")?;
-        let cfg = TrainConfig::from_layers(None, table, Method::Pairs)?;
+        // Typed here, checked by the command (eval and reward state their own rules for beta).
+        let raw: dpo::train::config::RawConfig = toml::Value::try_from(self)?.try_into()?;
+        let cfg = TrainConfig::resolve(raw, Method::Pairs)?;
         if let Objective::Pairs(p) = cfg.objective {
             *o = p.cfg;
         }
