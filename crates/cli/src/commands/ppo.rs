@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::generate::read_prompts;
 use super::progress::Progress;
-use super::train::stop_flag;
+use super::train::{stop_flag, with_hint};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -131,7 +131,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     cfg.validate()?;
     let mode = if a.overwrite { StartMode::Overwrite } else { StartMode::Fresh };
-    run_dir::preflight(&a.output, mode)?;
+    run_dir::preflight(&a.output, mode).map_err(|e| with_hint(e, "dpo ppo"))?;
 
     let model = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer(&a.model)?;
@@ -175,7 +175,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
     // aside and put back if this one fails before its final model is written).
-    let mut dir = RunDir::open(&a.output, mode, &mut |l| eprintln!("{l}"))?;
+    let mut dir = RunDir::open(&a.output, mode, &mut |l| eprintln!("{l}")).map_err(|e| with_hint(e, "dpo ppo"))?;
     let final_dir = a.output.join("final");
     let config = PpoRunConfig {
         model: &a.model,

@@ -9,6 +9,8 @@ use dpo::rlhf::reward_model::{evaluate, train_reward_model, RewardModel, RmTrain
 use dpo::train::run_dir::{self, model_of, RunDir, StartMode};
 use serde::Serialize;
 
+use super::train::with_hint;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(subcommand)]
@@ -123,7 +125,7 @@ struct RmRunConfig<'a> {
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
     let mode = if a.overwrite { StartMode::Overwrite } else { StartMode::Fresh };
-    run_dir::preflight(&a.output, mode)?;
+    run_dir::preflight(&a.output, mode).map_err(|e| with_hint(e, "dpo reward-model train"))?;
     let hf::HfModel { config, params, .. } = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let opts = DataOptions { max_length: a.max_length, ..Default::default() };
@@ -146,7 +148,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     };
     // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
     // aside and put back if this one fails before its model is written).
-    let mut dir = RunDir::open(&a.output, mode, &mut |l| eprintln!("{l}"))?;
+    let mut dir =
+        RunDir::open(&a.output, mode, &mut |l| eprintln!("{l}")).map_err(|e| with_hint(e, "dpo reward-model train"))?;
     let resolved = RmRunConfig {
         model: &a.model,
         data: &a.data,
