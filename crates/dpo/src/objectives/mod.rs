@@ -55,6 +55,7 @@ mod sppo_hard;
 mod tests;
 #[cfg(test)]
 mod testutil;
+pub mod unlikelihood;
 
 pub use batch::{combined, pair_loss, LossGrad, PairLogps, PromptLogps};
 pub(crate) use batch::{Batch, Term};
