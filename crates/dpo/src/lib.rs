@@ -2,7 +2,6 @@
 //! programs built from them.
 
 pub mod data;
-pub mod demo;
 pub mod io;
 pub mod objectives;
 pub mod rlhf;

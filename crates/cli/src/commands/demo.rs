@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use dpo::demo::experiment::{run as run_demo, DemoOptions};
+use dpo_demo::experiment::{run as run_demo, DemoOptions};
 
 use super::progress::Progress;
 use super::train::stop_flag;

@@ -33,6 +33,7 @@ pub(super) const SPEC_PAIRED: LossSpec = LossSpec {
     per_pair: false,
     f_divergence: false,
     weighting: false,
+    reads_prompt: false,
     term: |cfg, b| Ok(term_paired(cfg, b)),
 };
 
@@ -43,6 +44,7 @@ pub(super) const SPEC_UNPAIRED: LossSpec = LossSpec {
     per_pair: false,
     f_divergence: false,
     weighting: false,
+    reads_prompt: false,
     term: |cfg, b| Ok(term_unpaired(cfg, b)),
 };
 

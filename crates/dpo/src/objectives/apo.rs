@@ -33,6 +33,7 @@ pub(super) const SPEC_ZERO: LossSpec = LossSpec {
     per_pair: true,
     f_divergence: false,
     weighting: true,
+    reads_prompt: false,
     term: |cfg, b| Ok(term_zero(cfg, b)),
 };
 
@@ -43,6 +44,7 @@ pub(super) const SPEC_DOWN: LossSpec = LossSpec {
     per_pair: true,
     f_divergence: false,
     weighting: true,
+    reads_prompt: false,
     term: |cfg, b| Ok(term_down(cfg, b)),
 };
 

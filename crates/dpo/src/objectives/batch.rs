@@ -29,9 +29,11 @@ pub struct PairLogps<'a> {
     /// Number of rejected completion tokens.
     pub rejected_len: &'a [usize],
     /// Prompt log-probs for ORPO's NLL term; without them ORPO's NLL covers the chosen completion only.
+    /// `dpo train` fills them when a loss [reads the prompt](super::LossSpec::reads_prompt).
     pub prompt: Option<PromptLogps<'a>>,
     /// Detached per-row multipliers of every loss (TRL's `use_weighting`, WPO: the product of the chosen and
-    /// rejected length-normalised sequence probabilities, computed by the engine).
+    /// rejected length-normalised sequence probabilities). `dpo train` does not set them yet: TRL's weights
+    /// read `logsumexp(2 log p)` over the vocabulary at every target, which the engine's head does not return.
     pub weights: Option<&'a [f64]>,
 }
 

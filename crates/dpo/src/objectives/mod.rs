@@ -55,6 +55,7 @@ mod sppo_hard;
 mod tests;
 #[cfg(test)]
 mod testutil;
+pub mod unlikelihood;
 
 pub use batch::{combined, pair_loss, LossGrad, PairLogps, PromptLogps};
 pub(crate) use batch::{Batch, Term};
@@ -84,6 +85,9 @@ pub struct LossSpec {
     pub f_divergence: bool,
     /// Whether TRL's WPO weighting (`use_weighting`) may multiply this loss.
     pub weighting: bool,
+    /// Whether the term reads the policy log-probs of the prompt tokens ([`PairLogps::prompt`]), which the
+    /// trainer then computes (ORPO's NLL covers prompt and chosen completion, as TRL's).
+    pub reads_prompt: bool,
     pub(crate) term: TermFn,
 }
 
@@ -164,6 +168,11 @@ impl LossType {
     /// See [`LossSpec::weighting`].
     pub fn supports_weighting(self) -> bool {
         self.spec().weighting
+    }
+
+    /// See [`LossSpec::reads_prompt`].
+    pub fn reads_prompt(self) -> bool {
+        self.spec().reads_prompt
     }
 
     /// `(name, help)` of every loss type, in the registry's order: what a command line lists as the

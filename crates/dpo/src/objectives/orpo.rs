@@ -33,6 +33,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     per_pair: false,
     f_divergence: false,
     weighting: false,
+    reads_prompt: true,
     term,
 };
 

@@ -22,6 +22,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     per_pair: false,
     f_divergence: true,
     weighting: true,
+    reads_prompt: false,
     term: |_, b| term(b),
 };
 

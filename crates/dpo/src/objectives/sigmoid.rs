@@ -24,6 +24,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     per_pair: true,
     f_divergence: true,
     weighting: true,
+    reads_prompt: false,
     term: |cfg, b| Ok(term(cfg, b)),
 };
 

@@ -29,6 +29,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     per_pair: true,
     f_divergence: false,
     weighting: false,
+    reads_prompt: false,
     term,
 };
 

@@ -21,6 +21,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     per_pair: true,
     f_divergence: false,
     weighting: true,
+    reads_prompt: false,
     term: |cfg, b| Ok(term(cfg, b)),
 };
 

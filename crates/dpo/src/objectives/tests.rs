@@ -197,4 +197,5 @@ fn registry_properties_are_trls() {
     assert_eq!(names(|k| !k.per_pair()), [Aot, AotUnpaired, Sft, Orpo]);
     assert_eq!(names(LossType::supports_f_divergence), [Sigmoid, Hinge, Ipo, ExoPair, Robust, Discopop, Sft, Cdpo]);
     assert_eq!(names(|k| !k.supports_weighting()), [Aot, AotUnpaired, Simpo, Orpo]);
+    assert_eq!(names(LossType::reads_prompt), [Orpo]);
 }

@@ -4,13 +4,15 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use engine::batch::Target;
 use engine::{Activations, Decoder, Params, PendingEmbeddingGrads};
 
 use super::reference::Reference;
 use super::TrainError;
 use crate::data::pack::sum_ranges;
+use crate::data::pack::PackedPairs;
 use crate::data::{pack_pairs, Example, Packing};
-use crate::objectives::{combined, gradient_weight, reward_metrics, LossConfig, LossType, PairLogps};
+use crate::objectives::{combined, gradient_weight, reward_metrics, LossConfig, LossType, PairLogps, PromptLogps};
 
 /// The objective of a run: weighted loss types and their settings.
 #[derive(Clone, Debug)]
@@ -29,6 +31,11 @@ impl PairObjective {
     /// micro-batch may be pushed through the model in chunks of pairs.
     pub fn per_pair(&self) -> bool {
         self.losses.iter().all(|(k, _)| k.per_pair())
+    }
+
+    /// True when a loss type reads the policy log-probs of the prompt tokens (ORPO's NLL term).
+    pub fn reads_prompt(&self) -> bool {
+        self.losses.iter().any(|(k, _)| k.reads_prompt())
     }
 }
 
@@ -60,23 +67,56 @@ struct PairSums {
     has_ref: bool,
     chosen_len: Vec<usize>,
     rejected_len: Vec<usize>,
+    /// Policy log-prob sum and count of each chosen sequence's predicted prompt tokens, when the objective
+    /// reads them.
+    prompt_logps: Vec<f64>,
+    prompt_len: Vec<usize>,
+    has_prompt: bool,
     /// Sums of the logits of every chosen / rejected target (for the `logits/*` metrics).
     logit_sum_chosen: f64,
     logit_sum_rejected: f64,
 }
 
 impl PairSums {
-    fn logps(&self) -> PairLogps<'_> {
+    /// The rows from `first` on.
+    fn logps(&self, first: usize) -> PairLogps<'_> {
         PairLogps {
-            policy_chosen: &self.policy_chosen,
-            policy_rejected: &self.policy_rejected,
-            ref_chosen: self.has_ref.then_some(&self.ref_chosen[..]),
-            ref_rejected: self.has_ref.then_some(&self.ref_rejected[..]),
-            chosen_len: &self.chosen_len,
-            rejected_len: &self.rejected_len,
-            ..Default::default()
+            policy_chosen: &self.policy_chosen[first..],
+            policy_rejected: &self.policy_rejected[first..],
+            ref_chosen: self.has_ref.then_some(&self.ref_chosen[first..]),
+            ref_rejected: self.has_ref.then_some(&self.ref_rejected[first..]),
+            chosen_len: &self.chosen_len[first..],
+            rejected_len: &self.rejected_len[first..],
+            prompt: self
+                .has_prompt
+                .then(|| PromptLogps { logps: &self.prompt_logps[first..], len: &self.prompt_len[first..] }),
+            weights: None,
         }
     }
+}
+
+/// Adds a target for every predicted prompt token of each chosen sequence (all but the prompt's first
+/// token, as TRL's shifted cross-entropy over `prompt + chosen`), after the completions' targets, and
+/// returns each pair's range of them. The prompt sits just before the chosen completion's first
+/// target source (its last token), in the shared-prompt layout and the separate one alike.
+fn push_prompt_targets(packed: &mut PackedPairs, examples: &[&Example]) -> Vec<Range<usize>> {
+    let b = &mut packed.batch;
+    let mut ranges = Vec::with_capacity(examples.len());
+    for (ex, chosen) in examples.iter().zip(&packed.chosen) {
+        let prompt = ex.chosen_prompt();
+        let t0 = b.targets.len();
+        // An empty chosen completion has no anchor; the objective refuses such a row (length 0).
+        if prompt.len() > 1 && !chosen.is_empty() {
+            let last = b.targets[chosen.start].pos as usize; // stream index of the prompt's last token
+            let start = last + 1 - prompt.len();
+            debug_assert_eq!(&b.tokens[start..=last], prompt);
+            for i in start + 1..=last {
+                b.targets.push(Target { pos: i as u32 - 1, token: b.tokens[i] });
+            }
+        }
+        ranges.push(t0..b.targets.len());
+    }
+    ranges
 }
 
 /// Runs one micro-batch. With `grads = Some((g, scale))` it also back-propagates `scale * dloss` into
@@ -109,9 +149,10 @@ pub fn pair_batch(
     let (mut tokens_chosen, mut tokens_rejected) = (0usize, 0usize);
     for part in rows.chunks(chunk) {
         let batch: Vec<&Example> = part.iter().map(|&i| &examples[i]).collect();
-        let packed = pack_pairs(&batch, packing);
-        let head = policy.logprobs(params, &packed.batch, &mut ws.policy, grads.is_some())?;
+        let mut packed = pack_pairs(&batch, packing);
         let refs = reference.pair_logps(part, &packed, &mut ws.reference)?;
+        let prompt = objective.reads_prompt().then(|| push_prompt_targets(&mut packed, &batch));
+        let head = policy.logprobs(params, &packed.batch, &mut ws.policy, grads.is_some())?;
         let first = sums.policy_chosen.len();
         sums.policy_chosen.extend(sum_ranges(&head.logp, &packed.chosen));
         sums.policy_rejected.extend(sum_ranges(&head.logp, &packed.rejected));
@@ -121,6 +162,11 @@ pub fn pair_batch(
             sums.ref_rejected.extend(r);
         }
         sums.chosen_len.extend(packed.chosen.iter().map(|r| r.len()));
+        if let Some(prompt) = &prompt {
+            sums.has_prompt = true;
+            sums.prompt_logps.extend(sum_ranges(&head.logp, prompt));
+            sums.prompt_len.extend(prompt.iter().map(|r| r.len()));
+        }
         sums.rejected_len.extend(packed.rejected.iter().map(|r| r.len()));
         let logit_total = |ranges: &[Range<usize>]| -> f64 {
             ranges.iter().flat_map(|r| head.logit_sum[r.clone()].iter()).map(|&v| v as f64).sum()
@@ -131,17 +177,7 @@ pub fn pair_batch(
         tokens_rejected += packed.rejected.iter().map(|r| r.len()).sum::<usize>();
 
         let Some((g, scale)) = grads.as_mut() else { continue };
-        let x = sums.logps();
-        let x = PairLogps {
-            policy_chosen: &x.policy_chosen[first..],
-            policy_rejected: &x.policy_rejected[first..],
-            ref_chosen: x.ref_chosen.map(|r| &r[first..]),
-            ref_rejected: x.ref_rejected.map(|r| &r[first..]),
-            chosen_len: &x.chosen_len[first..],
-            rejected_len: &x.rejected_len[first..],
-            ..Default::default()
-        };
-        let lg = combined(&objective.losses, &objective.cfg, &x)?;
+        let lg = combined(&objective.losses, &objective.cfg, &sums.logps(first))?;
         if !lg.loss.is_finite() {
             finite = false;
             continue;
@@ -152,6 +188,10 @@ pub fn pair_batch(
             let (dc, dr) = ((lg.d_policy_chosen[i] * share) as f32, (lg.d_policy_rejected[i] * share) as f32);
             packed.chosen[i].clone().for_each(|t| dlogp[t] = dc);
             packed.rejected[i].clone().for_each(|t| dlogp[t] = dr);
+            if let Some(prompt) = &prompt {
+                let dp = (lg.d_prompt[i] * share) as f32;
+                prompt[i].clone().for_each(|t| dlogp[t] = dp);
+            }
         }
         policy.backward_logprobs_deferred(params, &packed.batch, &mut ws.policy, &dlogp, g, &mut ws.embedding)?;
     }
@@ -159,7 +199,7 @@ pub fn pair_batch(
         ws.embedding.apply(g);
     }
 
-    let x = sums.logps();
+    let x = sums.logps(0);
     let lg = combined(&objective.losses, &objective.cfg, &x)?;
     let rm = reward_metrics(objective.cfg.beta, &x)?;
     let vocab = policy.cfg.vocab_size as f64;
@@ -187,4 +227,110 @@ pub fn pair_batch(
         })
         .sum();
     Ok(BatchOutcome { metrics, num_tokens, finite: finite && lg.loss.is_finite() })
+}
+
+#[cfg(test)]
+mod tests {
+    use engine::presets::{gpt2_small, init_random};
+    use engine::DecoderConfig;
+
+    use super::*;
+    use crate::data::pack::pack_sequences;
+    use crate::objectives::pair_loss;
+
+    fn tiny() -> (Decoder, Params) {
+        let cfg = DecoderConfig {
+            vocab_size: 32,
+            hidden: 16,
+            n_layers: 2,
+            n_heads: 2,
+            n_kv_heads: 2,
+            head_dim: 8,
+            ffn_hidden: 32,
+            max_positions: 64,
+            ..gpt2_small()
+        };
+        let params = init_random(&cfg, 0.5, 7);
+        (Decoder::new(cfg), params)
+    }
+
+    fn examples() -> Vec<Example> {
+        vec![
+            Example::new("a", vec![1, 2, 3, 4], vec![5, 6, 7], vec![8, 9]),
+            // One prompt token: nothing of the prompt is predicted.
+            Example::new("b", vec![10], vec![11, 12], vec![13]),
+            Example::new("c", vec![14, 15, 16], vec![17], vec![18, 19, 20]),
+        ]
+    }
+
+    fn orpo() -> PairObjective {
+        PairObjective { losses: vec![(LossType::Orpo, 1.0)], cfg: LossConfig::default() }
+    }
+
+    fn loss(dec: &Decoder, params: &Params, grads: Option<(&mut Params, f64)>, packing: Packing) -> f64 {
+        let ex = examples();
+        let mut ws = Workspace::default();
+        let out = pair_batch(dec, params, grads, &Reference::None, &orpo(), &ex, &[0, 1, 2], packing, 0, &mut ws);
+        out.unwrap().metrics["loss"]
+    }
+
+    /// `dpo train --loss orpo` takes ORPO's NLL over the prompt and the chosen completion, as TRL's
+    /// `ORPOTrainer` does ("orpo chosen nll loss is computed over the full prompt and response"): the batch
+    /// loss is ORPO over log-probs of each whole sequence scored on its own, in both packings.
+    #[test]
+    fn orpo_nll_covers_the_prompt() {
+        let (dec, params) = tiny();
+        let ex = examples();
+        // Every chosen sequence whole (all tokens but the first scored), then each completion after its prompt.
+        let whole: Vec<Vec<u32>> = ex.iter().map(|e| [&e.prompt_ids[..], &e.chosen_ids[..]].concat()).collect();
+        let mut seqs: Vec<(&[u32], &[u32])> = whole.iter().map(|w| (&[][..], &w[..])).collect();
+        for e in &ex {
+            seqs.extend([(&e.prompt_ids[..], &e.chosen_ids[..]), (&e.prompt_ids[..], &e.rejected_ids[..])]);
+        }
+        let (batch, ranges) = pack_sequences(&seqs);
+        let head = dec.logprobs(&params, &batch, &mut Activations::default(), false).unwrap();
+        let sums = sum_ranges(&head.logp, &ranges);
+        let (whole_sum, rest) = sums.split_at(3);
+        let pc: Vec<f64> = rest.iter().step_by(2).copied().collect();
+        let pr: Vec<f64> = rest.iter().skip(1).step_by(2).copied().collect();
+        let lc: Vec<usize> = ranges[3..].iter().step_by(2).map(|r| r.len()).collect();
+        let lr: Vec<usize> = ranges[3..].iter().skip(1).step_by(2).map(|r| r.len()).collect();
+        let pp: Vec<f64> = whole_sum.iter().zip(&pc).map(|(w, c)| w - c).collect();
+        let pl: Vec<usize> = ex.iter().map(|e| e.prompt_ids.len() - 1).collect();
+        let x = PairLogps {
+            policy_chosen: &pc,
+            policy_rejected: &pr,
+            chosen_len: &lc,
+            rejected_len: &lr,
+            prompt: Some(PromptLogps { logps: &pp, len: &pl }),
+            ..Default::default()
+        };
+        let want = pair_loss(LossType::Orpo, &LossConfig::default(), &x).unwrap().loss;
+        let completion_only = pair_loss(LossType::Orpo, &LossConfig::default(), &PairLogps { prompt: None, ..x });
+        assert!((want - completion_only.unwrap().loss).abs() > 1e-2, "the check has no teeth");
+        for packing in [Packing::SharedPrompt, Packing::Separate] {
+            let got = loss(&dec, &params, None, packing);
+            assert!((got - want).abs() < 1e-5 * want.abs(), "{packing:?}: {got} vs {want}");
+        }
+    }
+
+    /// The prompt's gradient reaches the model: along the computed gradient `g`, the loss changes by
+    /// `|g|^2` per unit step (central differences).
+    #[test]
+    fn orpo_prompt_gradient_matches_finite_differences() {
+        let (dec, params) = tiny();
+        let mut g = Params::zeros(&dec.cfg);
+        loss(&dec, &params, Some((&mut g, 1.0)), Packing::SharedPrompt);
+        let norm2: f64 = g.named().iter().flat_map(|(_, t)| t.data.iter()).map(|&v| (v as f64).powi(2)).sum();
+        let eps = 1e-2 / norm2.sqrt();
+        let moved = |sign: f64| {
+            let mut p = params.clone();
+            for ((_, t), (_, d)) in p.named_mut().into_iter().zip(g.named()) {
+                t.data.iter_mut().zip(&d.data).for_each(|(v, d)| *v += (sign * eps * *d as f64) as f32);
+            }
+            loss(&dec, &p, None, Packing::SharedPrompt)
+        };
+        let slope = (moved(1.0) - moved(-1.0)) / (2.0 * eps);
+        assert!((slope - norm2).abs() < 1e-2 * norm2, "{slope} vs {norm2}");
+    }
 }

@@ -13,10 +13,10 @@ use serde::Serialize;
 use super::evaluate::{Evaluator, Point, World};
 use super::plan::{Plan, Steps};
 use super::DemoError;
-use crate::data::{Example, Packing};
-use crate::objectives::{LossConfig, LossType};
-use crate::scoring::score_pairs;
-use crate::train::{checkpoint, train, train_sft, Objective, PairObjective, RunOptions, TrainConfig};
+use dpo::data::{Example, Packing};
+use dpo::objectives::{LossConfig, LossType};
+use dpo::scoring::score_pairs;
+use dpo::train::{checkpoint, train, train_sft, Objective, PairObjective, RunOptions, TrainConfig};
 
 /// One run of one method (or, for Best-of-N, one sweep over N) and its measured points.
 #[derive(Clone, Debug, Serialize)]
@@ -119,7 +119,7 @@ pub fn dpo(ctx: &Ctx, beta: f64, log: &mut dyn FnMut(&str)) -> Result<(MethodRun
     let train_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let points = ctx.evaluate_checkpoints(&cfg.output)?;
-    let final_dir = outcome.final_dir.ok_or_else(|| DemoError::Msg("DPO run wrote no final model".into()))?;
+    let final_dir = outcome.final_dir.ok_or(DemoError::NoFinalModel { run: "DPO" })?;
     let params = hf::load_model(&final_dir)?.params;
     let run = MethodRun {
         method: "DPO".into(),
@@ -191,7 +191,7 @@ pub fn unlikelihood(ctx: &Ctx, start: &Params, log: &mut dyn FnMut(&str)) -> Res
 pub fn implicit_reward_accuracy(
     world: &World,
     policy: &Params,
-    ref_scores: &[crate::scoring::PairScore],
+    ref_scores: &[dpo::scoring::PairScore],
     pairs: &[Example],
 ) -> Result<f64, DemoError> {
     let scores = score_pairs(&world.decoder, policy, pairs, Packing::SharedPrompt, 64, |_| {})?;

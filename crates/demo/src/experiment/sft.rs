@@ -10,8 +10,8 @@ use serde_json::json;
 
 use super::plan::Plan;
 use super::{jsonl, DemoError};
-use crate::demo::world::{corpus, tokenizer};
-use crate::train::{train_sft, RunOptions, TrainConfig};
+use crate::world::{corpus, tokenizer};
+use dpo::train::{train_sft, RunOptions, TrainConfig};
 
 /// The token that opens and closes every sequence (GPT-2's `<|endoftext|>`).
 pub const EOT_ID: u32 = 0;
@@ -62,7 +62,7 @@ pub fn pretrain(plan: &Plan, out: &Path, stop: &AtomicBool, log: &mut dyn FnMut(
     }
     let reviews = corpus::reviews(plan.seed, plan.corpus_size);
     let tok_dir = out.join("tokenizer");
-    tokenizer::build_tokenizer(&reviews, plan.vocab_size, &tok_dir).map_err(DemoError::Msg)?;
+    tokenizer::build_tokenizer(&reviews, plan.vocab_size, &tok_dir)?;
     let tok = hf::load_tokenizer(&tok_dir)?;
 
     let init_dir = out.join("init");
@@ -114,7 +114,7 @@ pub fn pretrain(plan: &Plan, out: &Path, stop: &AtomicBool, log: &mut dyn FnMut(
     if outcome.interrupted {
         return Err(DemoError::Interrupted);
     }
-    let final_dir = outcome.final_dir.ok_or_else(|| DemoError::Msg("the SFT run wrote no final model".into()))?;
-    crate::io::write_atomic(&stamp_path, stamp.as_bytes()).map_err(|e| DemoError::io(&stamp_path, e))?;
+    let final_dir = outcome.final_dir.ok_or(DemoError::NoFinalModel { run: "SFT" })?;
+    dpo::io::write_atomic(&stamp_path, stamp.as_bytes()).map_err(|e| DemoError::io(&stamp_path, e))?;
     Ok(final_dir)
 }

@@ -9,8 +9,8 @@ use engine::{Activations, Decoder, Params};
 use serde::Serialize;
 
 use super::DemoError;
-use crate::data::pack::{pack_sequences, sum_ranges};
-use crate::demo::world::sentiment::Sentiment;
+use crate::world::sentiment::Sentiment;
+use dpo::data::pack::{pack_sequences, sum_ranges};
 
 /// Sequences per forward pass when scoring samples.
 const SCORE_BATCH: usize = 64;
@@ -34,7 +34,7 @@ impl World {
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         ids.extend(self.tokenizer.encode(text, self.bos.is_none())?);
         if ids.is_empty() {
-            return Err(DemoError::Msg(format!("prompt {text:?} encodes to no tokens")));
+            return Err(DemoError::EmptyPrompt { text: text.to_string() });
         }
         Ok(ids)
     }

@@ -15,6 +15,8 @@ use plotters::element::{Drawable, PointCollection};
 use plotters::prelude::*;
 use plotters_backend::{BackendCoord, DrawingErrorKind};
 
+use super::WorldError;
+
 /// How a series is drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Style {
@@ -39,14 +41,32 @@ impl Series {
 
 /// Reward against KL(pi || ref), one series per method: every point gets a marker (each point is a
 /// separate run or checkpoint); shapes as well as colours tell the methods apart.
-pub fn frontier_png(path: &Path, series: &[Series], title: &str, x_label: &str, y_label: &str) -> Result<(), String> {
-    render(path, series, [title, x_label, y_label], usize::MAX)
+pub fn frontier_png(
+    path: &Path,
+    series: &[Series],
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+) -> Result<(), WorldError> {
+    let rgb = render(series, [title, x_label, y_label], usize::MAX).map_err(|reason| chart_error(path, reason))?;
+    write_png(path, &rgb)
 }
 
 /// Curves over training steps (e.g. the mean DPO weight sigma(r_l - r_w) per pair): long series get
 /// a marker only every so often, so the line stays readable.
-pub fn line_chart_png(path: &Path, series: &[Series], title: &str, x_label: &str, y_label: &str) -> Result<(), String> {
-    render(path, series, [title, x_label, y_label], 24)
+pub fn line_chart_png(
+    path: &Path,
+    series: &[Series],
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+) -> Result<(), WorldError> {
+    let rgb = render(series, [title, x_label, y_label], 24).map_err(|reason| chart_error(path, reason))?;
+    write_png(path, &rgb)
+}
+
+fn chart_error(path: &Path, reason: String) -> WorldError {
+    WorldError::Chart { path: path.to_path_buf(), reason }
 }
 
 const WIDTH: u32 = 1200;
@@ -75,9 +95,10 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(0xBA, 0xB0, 0xAC),
 ];
 
-static FONT_DATA: &[u8] = include_bytes!("../../../assets/DejaVuSans.ttf");
+static FONT_DATA: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
-fn render(path: &Path, series: &[Series], labels: [&str; 3], max_markers: usize) -> Result<(), String> {
+/// Draws the chart into a `[HEIGHT, WIDTH, 3]` RGB buffer.
+fn render(series: &[Series], labels: [&str; 3], max_markers: usize) -> Result<Vec<u8>, String> {
     let [title, x_label, y_label] = labels;
     let font = FontRef::try_from_slice(FONT_DATA).map_err(|e| format!("the embedded font: {e}"))?;
     let finite: Vec<Vec<(f64, f64)>> = series
@@ -108,7 +129,7 @@ fn render(path: &Path, series: &[Series], labels: [&str; 3], max_markers: usize)
     for t in &texts {
         draw_text(&mut buf, &font, t);
     }
-    write_png(path, &buf)
+    Ok(buf)
 }
 
 /// Where the plot sits and what it shows.
@@ -427,26 +448,20 @@ fn draw_text(buf: &mut [u8], font: &FontRef, t: &Text) {
     }
 }
 
-/// Encodes the RGB buffer to `path` through a temporary file beside it, so a reader (or an
-/// interrupted run) never sees half a PNG.
-fn write_png(path: &Path, rgb: &[u8]) -> Result<(), String> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "chart.png".into());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), WIDTH, HEIGHT);
+/// Encodes the RGB buffer and writes it atomically, so a reader (or an interrupted run) never sees half
+/// a PNG.
+fn write_png(path: &Path, rgb: &[u8]) -> Result<(), WorldError> {
+    let mut bytes = Vec::new();
+    let encoded = (|| {
+        let mut enc = png::Encoder::new(&mut bytes, WIDTH, HEIGHT);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let err = |e: png::EncodingError| format!("cannot write {}: {e}", tmp.display());
-        let mut w = enc.write_header().map_err(err)?;
-        w.write_image_data(rgb).map_err(err)?;
-        w.finish().map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
+        let mut w = enc.write_header()?;
+        w.write_image_data(rgb)?;
+        w.finish()
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    encoded.map_err(|e| chart_error(path, format!("PNG encoding: {e}")))?;
+    dpo::io::write_atomic(path, &bytes).map_err(|source| WorldError::Io { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]

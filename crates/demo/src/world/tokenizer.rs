@@ -9,6 +9,8 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
+use super::WorldError;
+
 /// The one special token: beginning and end of text, and padding (as in GPT-2). Always id 0.
 pub const EOT: &str = "<|endoftext|>";
 
@@ -22,12 +24,12 @@ const MIN_VOCAB_SIZE: usize = 257;
 /// Trains a byte-level BPE with `vocab_size` entries on `texts` and writes `tokenizer.json` and
 /// `tokenizer_config.json` into `out_dir` (created if missing). Each file is written to a temporary
 /// name and renamed, so a reader never sees half a file.
-pub fn build_tokenizer(texts: &[String], vocab_size: usize, out_dir: &Path) -> Result<(), String> {
+pub fn build_tokenizer(texts: &[String], vocab_size: usize, out_dir: &Path) -> Result<(), WorldError> {
     if vocab_size < MIN_VOCAB_SIZE {
-        return Err(format!("vocabulary size {vocab_size} is below {MIN_VOCAB_SIZE} (256 bytes and {EOT})"));
+        return Err(WorldError::VocabTooSmall { got: vocab_size, min: MIN_VOCAB_SIZE });
     }
     if texts.iter().all(|t| t.is_empty()) {
-        return Err("no text to train the tokenizer on".into());
+        return Err(WorldError::NoText);
     }
     // GPT-2's settings: no prefix space (a review's first word is tokenized as it appears at the start
     // of a sequence), its split regex, offsets trimmed.
@@ -47,12 +49,14 @@ pub fn build_tokenizer(texts: &[String], vocab_size: usize, out_dir: &Path) -> R
         .with_post_processor(Some(tokenizers::PostProcessorWrapper::from(byte_level)))
         .with_decoder(Some(tokenizers::DecoderWrapper::from(byte_level)))
         .build()
-        .map_err(|e| format!("cannot assemble the tokenizer: {e}"))?;
-    tok.train(&mut trainer, texts.iter()).map_err(|e| format!("tokenizer training failed: {e}"))?;
+        .map_err(|e| WorldError::Tokenizer { what: "assembling", reason: e.to_string() })?;
+    tok.train(&mut trainer, texts.iter())
+        .map_err(|e| WorldError::Tokenizer { what: "training", reason: e.to_string() })?;
     if tok.token_to_id(EOT) != Some(0) {
-        return Err(format!("{EOT} did not get id 0"));
+        return Err(WorldError::Tokenizer { what: "training", reason: format!("{EOT} did not get id 0") });
     }
-    let json = tok.to_string(false).map_err(|e| format!("cannot serialise the tokenizer: {e}"))?;
+    let json =
+        tok.to_string(false).map_err(|e| WorldError::Tokenizer { what: "serialising", reason: e.to_string() })?;
 
     // transformers reads the special-token roles from here; `add_bos_token: false` as in GPT-2, the
     // data pipeline decides where BOS/EOS go.
@@ -66,20 +70,18 @@ pub fn build_tokenizer(texts: &[String], vocab_size: usize, out_dir: &Path) -> R
         "clean_up_tokenization_spaces": false,
         "model_max_length": 1024,
     });
-    let config = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    let config = format!("{config:#}");
 
-    std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
-    write_atomic(&out_dir.join("tokenizer.json"), json.as_bytes())?;
-    write_atomic(&out_dir.join("tokenizer_config.json"), config.as_bytes())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot rename {} to {}: {e}", tmp.display(), path.display())
-    })
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| WorldError::Io { path, source }
+    };
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    for (name, text) in [("tokenizer.json", json), ("tokenizer_config.json", config)] {
+        let path = out_dir.join(name);
+        dpo::io::write_atomic(&path, text.as_bytes()).map_err(io(&path))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The RLHF baselines (`crate::rlhf`): a Bradley-Terry reward model trained on the same pairs as DPO,
+//! The RLHF baselines (`dpo::rlhf`): a Bradley-Terry reward model trained on the same pairs as DPO,
 //! PPO against it and against the ground truth ("PPO-GT" in the paper), and Best-of-N sampling of the
 //! SFT model scored by the reward model.
 //!
@@ -15,13 +15,17 @@ use super::evaluate::{mean, std_err, Point, World};
 use super::methods::{Ctx, MethodRun};
 use super::report::RewardAccuracy;
 use super::DemoError;
-use crate::data::Example;
-use crate::rlhf::best_of_n::{best_of_n, best_of_n_kl};
-use crate::rlhf::ppo::{train_ppo, PpoConfig, RefModel, RewardFn};
-use crate::rlhf::reward_model::{accuracy, train_reward_model, RewardModel, RmTrainConfig};
+use dpo::data::Example;
+use dpo::rlhf::best_of_n::{best_of_n, best_of_n_kl};
+use dpo::rlhf::ppo::{train_ppo, PpoConfig, RefModel, RewardFn};
+use dpo::rlhf::reward_model::{accuracy, train_reward_model, RewardModel, RmTrainConfig};
+
+fn method_err(method: &str, e: impl std::fmt::Display) -> DemoError {
+    DemoError::Method { method: method.to_string(), reason: e.to_string() }
+}
 
 fn rm_err(e: impl std::fmt::Display) -> DemoError {
-    DemoError::Msg(format!("reward model: {e}"))
+    method_err("reward model", e)
 }
 
 /// The reward model's score, standardised.
@@ -92,7 +96,7 @@ pub fn run_all(
     for &kl_coef in &plan.ppo.kl_coefs_true {
         let r = ppo(ctx, sft, &prompts, &mut truth, "PPO-GT", kl_coef, log)?;
         if let Some(e) = truth.error.take() {
-            return Err(DemoError::Msg(e));
+            return Err(method_err("PPO-GT reward", e));
         }
         runs.push(r);
     }
@@ -194,7 +198,7 @@ fn ppo(
     let mut metrics = String::new();
     let t = Instant::now();
     let reference = RefModel { decoder: &ctx.world.decoder, params: &ctx.world.reference };
-    let mut on_step = |s: &crate::rlhf::ppo::PpoStepStats, params: &Params| -> bool {
+    let mut on_step = |s: &dpo::rlhf::ppo::PpoStepStats, params: &Params| -> bool {
         metrics += &serde_json::to_string(s).unwrap_or_default();
         metrics.push('\n');
         if s.step.is_multiple_of((every.max(4) / 2).max(1)) || s.step == cfg.steps {
@@ -223,7 +227,7 @@ fn ppo(
     };
     let outcome =
         train_ppo(&ctx.world.decoder, sft, reference, prompts, &ctx.world.eos_ids, reward, &cfg, &mut on_step)
-            .map_err(|e| DemoError::Msg(format!("{method}: {e}")))?;
+            .map_err(|e| method_err(method, e))?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -231,7 +235,7 @@ fn ppo(
         return Err(DemoError::Interrupted);
     }
     let mpath = dir.join("metrics.jsonl");
-    crate::io::write_atomic(&mpath, metrics.as_bytes()).map_err(|e| DemoError::io(&mpath, e))?;
+    dpo::io::write_atomic(&mpath, metrics.as_bytes()).map_err(|e| DemoError::io(&mpath, e))?;
     hf::save_model(&dir.join("final"), ctx.model_cfg, &outcome.params, Some(ctx.sft_dir))?;
     Ok(MethodRun {
         method: method.into(),
@@ -268,9 +272,9 @@ fn bon(ctx: &Ctx, sft: &Params, learned: &mut Learned, max_n: usize) -> Result<M
     };
     let mut rng = Rng::new(ctx.evaluator.seed ^ 0xB0B0);
     best_of_n(&world.decoder, sft, prompts, max_n, &ctx.evaluator.sampling, &mut score, &mut rng)
-        .map_err(|e| DemoError::Msg(format!("Best-of-N: {e}")))?;
+        .map_err(|e| method_err("Best-of-N", e))?;
     if let Some(e) = gt_error {
-        return Err(DemoError::Msg(e));
+        return Err(method_err("Best-of-N reward", e));
     }
     let mut ns = ctx.plan.bon_ns.clone();
     ns.sort_unstable();

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::evaluate::{mean, World};
 use super::{jsonl, DemoError};
-use crate::data::Example;
+use dpo::data::Example;
 
 /// A pair with the ground-truth rewards that ranked it.
 #[derive(Clone, Debug)]

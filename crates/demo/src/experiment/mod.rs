@@ -30,13 +30,12 @@ pub use evaluate::Point;
 pub use methods::MethodRun;
 pub use plan::{ModelShape, Plan, PpoPlan, Steps, METHODS};
 pub use report::Report;
-pub use unlikelihood::{unlikelihood_loss, Role};
 
 use engine::Decoder;
 
-use crate::demo::world::corpus;
-use crate::demo::world::sentiment::Sentiment;
-use crate::scoring::score_pairs;
+use crate::world::corpus;
+use crate::world::sentiment::Sentiment;
+use dpo::scoring::score_pairs;
 use evaluate::{Evaluator, World};
 use methods::Ctx;
 use report::{PairStats, RewardAccuracy};
@@ -44,7 +43,7 @@ use report::{PairStats, RewardAccuracy};
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(transparent)]
-    Train(#[from] crate::train::TrainError),
+    Train(#[from] dpo::train::TrainError),
     #[error(transparent)]
     Model(#[from] hf::Error),
     #[error(transparent)]
@@ -53,8 +52,22 @@ pub enum DemoError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("interrupted")]
     Interrupted,
-    #[error("{0}")]
-    Msg(String),
+    #[error(transparent)]
+    World(#[from] crate::world::WorldError),
+    #[error("the plan: {0}")]
+    Plan(String),
+    #[error("the {run} run wrote no final model")]
+    NoFinalModel { run: &'static str },
+    #[error("{method}: the loss is not finite at step {step}")]
+    NonFinite { method: &'static str, step: u64 },
+    #[error("prompt {text:?} encodes to no tokens")]
+    EmptyPrompt { text: String },
+    #[error("the SFT samples gave no pair with different rewards")]
+    NoPairs,
+    #[error("{method}: {reason}")]
+    Method { method: String, reason: String },
+    #[error("report.json: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 impl DemoError {
@@ -84,9 +97,9 @@ impl DemoOptions {
             (None, false) => Plan::full(),
         };
         for s in &self.set {
-            plan.set(s).map_err(DemoError::Msg)?;
+            plan.set(s).map_err(DemoError::Plan)?;
         }
-        plan.restrict(&self.methods).map_err(DemoError::Msg)?;
+        plan.restrict(&self.methods).map_err(DemoError::Plan)?;
         Ok(plan)
     }
 }
@@ -105,7 +118,7 @@ pub(crate) mod jsonl {
             text += &r.to_string();
             text.push('\n');
         }
-        crate::io::write_atomic(path, text.as_bytes()).map_err(|e| DemoError::io(path, e))
+        dpo::io::write_atomic(path, text.as_bytes()).map_err(|e| DemoError::io(path, e))
     }
 }
 
@@ -183,7 +196,7 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
         "held-out",
     )?;
     if train_set.pairs.is_empty() || heldout_set.pairs.is_empty() {
-        return Err(DemoError::Msg("the SFT samples gave no pair with different rewards".into()));
+        return Err(DemoError::NoPairs);
     }
     let pairs_path = out.join("data").join("pairs.jsonl");
     pairs::write_pairs(&pairs_path, &train_set.pairs)?;
@@ -243,7 +256,7 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
 
     // 3. Methods. DPO first, then the likelihood baselines, then the RLHF baselines.
     let ref_scores =
-        score_pairs(&world.decoder, &model.params, &heldout_pairs, crate::data::Packing::SharedPrompt, 64, |_| {})?;
+        score_pairs(&world.decoder, &model.params, &heldout_pairs, dpo::data::Packing::SharedPrompt, 64, |_| {})?;
     for &beta in &plan.dpo_betas {
         log(&format!("[3/5] DPO beta={beta}"));
         let (r, params) = methods::dpo(&ctx, beta, log)?;

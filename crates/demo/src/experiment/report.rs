@@ -9,7 +9,7 @@ use super::evaluate::Point;
 use super::methods::MethodRun;
 use super::plan::Plan;
 use super::DemoError;
-use crate::demo::world::plot::{frontier_png, line_chart_png, Series, Style};
+use crate::world::plot::{frontier_png, line_chart_png, Series, Style};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PairStats {
@@ -255,10 +255,10 @@ impl Report {
 
     /// Writes `report.md`, `report.json`, `frontier.png` and `gradient_weight.png` into `out`.
     pub fn write(&self, out: &Path) -> Result<(), DemoError> {
-        let json = serde_json::to_string_pretty(self).map_err(|e| DemoError::Msg(e.to_string()))?;
+        let json = serde_json::to_string_pretty(self)?;
         let write = |name: &str, bytes: &[u8]| {
             let p = out.join(name);
-            crate::io::write_atomic(&p, bytes).map_err(|e| DemoError::io(&p, e))
+            dpo::io::write_atomic(&p, bytes).map_err(|e| DemoError::io(&p, e))
         };
         write("report.json", json.as_bytes())?;
         write("report.md", self.markdown().as_bytes())?;
@@ -277,8 +277,7 @@ impl Report {
             "Sentiment: reward vs KL",
             "KL(pi || ref), nats per sequence",
             "ground-truth reward (VADER)",
-        )
-        .map_err(DemoError::Msg)?;
+        )?;
 
         let curves: Vec<Series> = self
             .gradient_weight
@@ -293,8 +292,7 @@ impl Report {
                 "DPO gradient weight per pair",
                 "training step",
                 "mean sigma(r_l - r_w)",
-            )
-            .map_err(DemoError::Msg)?;
+            )?;
         }
         Ok(())
     }
