@@ -122,11 +122,7 @@ fn floats_per_token(c: &DecoderConfig, keep: bool) -> u64 {
 }
 
 fn optimizer_buffers(o: &OptimizerConfig) -> u64 {
-    match *o {
-        OptimizerConfig::AdamW { .. } => 2,
-        OptimizerConfig::RmsProp { momentum, .. } => 1 + (momentum > 0.0) as u64,
-        OptimizerConfig::Sgd { momentum, .. } => (momentum != 0.0) as u64,
-    }
+    o.buffers() as u64
 }
 
 /// The estimate for `plan`.
