@@ -30,7 +30,7 @@ mod f_divergence;
 mod hinge;
 mod ipo;
 mod kto;
-mod math;
+pub(crate) mod math;
 mod nca_pair;
 mod orpo;
 mod robust;

@@ -21,7 +21,7 @@ pub enum BestOfNError<E> {
 }
 
 /// Scores `(prompt, completion)` token sequences, one score each (a reward model's
-/// [`crate::rlhf::reward_model::RewardModel::score`], or any other reward).
+/// [`crate::rlhf::reward::RewardModel::score`], or any other reward).
 pub type Scorer<'a, E> = dyn FnMut(&[(&[u32], &[u32])]) -> Result<Vec<f64>, E> + 'a;
 
 /// The kept completion of one prompt.
