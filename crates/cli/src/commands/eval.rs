@@ -1,7 +1,6 @@
 //! `dpo eval`: the objective and TRL's reward metrics of a model on a preference file, averaged over rows.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use dpo::data::{load_pairs, DataOptions, Packing};
@@ -35,6 +34,15 @@ pub struct Args {
     objective: ObjectiveFlags,
 }
 
+/// The scale of the implicit reward: a positive, finite number (NaN or infinity would print `null` or
+/// infinities as if they were results; zero or less turns the objective around or off).
+pub(super) fn check_beta(beta: f64) -> anyhow::Result<()> {
+    if !(beta > 0.0 && beta.is_finite()) {
+        bail!("--beta must be a finite number > 0, got {beta}");
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
@@ -43,15 +51,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     dpo::data::check_vocab(&a.data, &loaded.examples, model.config.decoder.vocab_size)?;
     let mut cfg = dpo::objectives::LossConfig::default();
     a.objective.apply(&mut cfg)?;
+    check_beta(cfg.beta)?;
     let objective = PairObjective {
         losses: parse_loss_list(a.objective.loss.as_deref().unwrap_or("sigmoid"), a.objective.loss_weights.as_deref())?,
         cfg,
     };
     let reference = match &a.ref_model {
-        Some(dir) => {
-            let r = hf::load_model(dir)?;
-            Reference::Model(Arc::new((Decoder::new(r.config.decoder.clone()), r.params)))
-        }
+        Some(dir) => Reference::load(dir, &model.config, tok.as_ref())?,
         None if objective.reference_free() => Reference::None,
         None => bail!(
             "--ref-model is required for {} (or pass --reference-free)",

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use dpo::data::{load_pairs, DataOptions, Packing};
 use dpo::scoring::score_pairs;
-use engine::Decoder;
+use dpo::train::Reference;
+use engine::{Decoder, Params};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -31,24 +32,19 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    super::eval::check_beta(a.beta)?;
     let policy = hf::load_model(&a.model)?;
-    let reference = hf::load_model(&a.ref_model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
+    let reference = Reference::load(&a.ref_model, &policy.config, tok.as_ref())?;
     let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
-    let vocab = policy.config.decoder.vocab_size.min(reference.config.decoder.vocab_size);
-    dpo::data::check_vocab(&a.data, &loaded.examples, vocab)?;
-    let score = |m: &hf::HfModel| {
-        score_pairs(
-            &Decoder::new(m.config.decoder.clone()),
-            &m.params,
-            &loaded.examples,
-            Packing::SharedPrompt,
-            a.batch_size,
-            |_| {},
-        )
-        .with_context(|| format!("scoring {} with {}", a.data.display(), m.dir.display()))
+    dpo::data::check_vocab(&a.data, &loaded.examples, policy.config.decoder.vocab_size)?;
+    let score = |decoder: &Decoder, params: &Params, dir: &std::path::Path| {
+        score_pairs(decoder, params, &loaded.examples, Packing::SharedPrompt, a.batch_size, |_| {})
+            .with_context(|| format!("scoring {} with {}", a.data.display(), dir.display()))
     };
-    let (p, r) = (score(&policy)?, score(&reference)?);
+    let (ref_decoder, ref_params) = reference.model().expect("Reference::load gives a model");
+    let p = score(&Decoder::new(policy.config.decoder.clone()), &policy.params, &a.model)?;
+    let r = score(ref_decoder, ref_params, &a.ref_model)?;
     let mut text = String::new();
     for (p, r) in p.iter().zip(&r) {
         let (c, j) = (a.beta * (p.chosen_logps - r.chosen_logps), a.beta * (p.rejected_logps - r.rejected_logps));

@@ -12,13 +12,31 @@ pub enum TrainError {
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
     #[error(transparent)]
+    Reference(#[from] super::reference::ReferenceError),
+    #[error(transparent)]
     Objective(#[from] crate::objectives::ObjectiveError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0} already holds a run (metrics.jsonl or checkpoints); pass --overwrite to replace it or --resume {0} to continue it")]
     OutputExists(PathBuf),
-    #[error("no checkpoint found in {0}; pass a run directory with checkpoints/ or a checkpoints/step-N directory")]
-    NoCheckpoint(PathBuf),
+    #[error(
+        "no checkpoint found in {}{detail}; the run cannot be continued: start it again with --overwrite (or \
+         pass a run directory with checkpoints/step-N, or such a checkpoint directory, to --resume)",
+        run.display()
+    )]
+    NoCheckpoint { run: PathBuf, detail: String },
+    #[error(
+        "{} is in use by another process ({}); a run directory takes one process at a time: wait for it to \
+         end, or choose another --output",
+        run.display(),
+        if holder.is_empty() { "lock file .lock".to_string() } else { format!("pid {holder}, lock file .lock") }
+    )]
+    Locked { run: PathBuf, holder: String },
+    #[error(
+        "{checkpoint} does not fit {model}: {detail}; a resumed run continues from the model it started with \
+         (nothing was written)"
+    )]
+    ModelMismatch { checkpoint: String, model: String, detail: String },
     #[error("checkpoint {0} is unusable: {1}")]
     Checkpoint(PathBuf, String),
     #[error("{0}")]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use engine::{Activations, Decoder, EngineError, Params};
+use hf::{ModelConfig, Tokenizer};
 use sha2::{Digest, Sha256};
 
 use crate::data::pack::sum_ranges;
@@ -25,7 +26,47 @@ pub enum Reference {
     None,
 }
 
+/// Why a reference model cannot serve a policy: log-prob differences between the two would mean nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error(transparent)]
+    Load(#[from] hf::Error),
+    #[error(
+        "reference {dir} has a vocabulary of {reference} tokens, the policy {policy}: the reference must read the \
+         policy's token ids (use a reference with the policy's tokenizer)"
+    )]
+    Vocab { dir: PathBuf, reference: usize, policy: usize },
+    #[error(
+        "reference {dir}: its tokenizer ({reference}) and the policy's ({policy}) map tokens to different ids \
+         ({detail}): the reference must read the policy's token ids (use a reference with the policy's tokenizer)"
+    )]
+    Tokenizer { dir: PathBuf, reference: PathBuf, policy: PathBuf, detail: String },
+}
+
 impl Reference {
+    /// Loads the reference model in `dir` for a policy configured as `policy` (whose tokenizer, when it has
+    /// one, is `policy_tokenizer`), and checks that it reads the same token ids: the same vocabulary size
+    /// and, where both directories have a `tokenizer.json`, the same token-to-id map. Every command that
+    /// compares a policy with a reference loads it here.
+    pub fn load(
+        dir: &Path,
+        policy: &ModelConfig,
+        policy_tokenizer: Option<&Tokenizer>,
+    ) -> Result<Self, ReferenceError> {
+        let config = hf::load_config(dir)?;
+        check_fits(dir, &config, policy, policy_tokenizer)?;
+        let model = hf::load_model(dir)?;
+        Ok(Reference::Model(Arc::new((Decoder::new(model.config.decoder.clone()), model.params))))
+    }
+
+    /// The reference model, when log-probs come from one.
+    pub fn model(&self) -> Option<(&Decoder, &Params)> {
+        match self {
+            Reference::Model(m) => Some((&m.0, &m.1)),
+            _ => None,
+        }
+    }
+
     /// Reference log-probs of the examples `rows` (indices into the example list the reference was built
     /// for), packed as `packed`. `None` when reference-free.
     pub fn pair_logps(
@@ -47,6 +88,47 @@ impl Reference {
             Reference::None => Ok(None),
         }
     }
+}
+
+/// Checks that the reference configured as `config` (in `dir`) reads the policy's token ids.
+pub fn check_fits(
+    dir: &Path,
+    config: &ModelConfig,
+    policy: &ModelConfig,
+    policy_tokenizer: Option<&Tokenizer>,
+) -> Result<(), ReferenceError> {
+    let (reference, policy_vocab) = (config.decoder.vocab_size, policy.decoder.vocab_size);
+    if reference != policy_vocab {
+        return Err(ReferenceError::Vocab { dir: dir.to_path_buf(), reference, policy: policy_vocab });
+    }
+    let tokenizer_file = dir.join("tokenizer.json");
+    let Some(policy_tok) = policy_tokenizer.filter(|_| tokenizer_file.is_file()) else { return Ok(()) };
+    let reference_tok = Tokenizer::from_file(&tokenizer_file)?;
+    if let Some(detail) = vocab_difference(policy_tok, &reference_tok) {
+        return Err(ReferenceError::Tokenizer {
+            dir: dir.to_path_buf(),
+            reference: tokenizer_file,
+            policy: policy_tok.path().to_path_buf(),
+            detail,
+        });
+    }
+    Ok(())
+}
+
+/// The first token whose id differs between two tokenizers (added tokens included), or `None` when
+/// they map every token to the same id. Merges and normalizers may differ: only the ids a model reads matter.
+fn vocab_difference(policy: &Tokenizer, reference: &Tokenizer) -> Option<String> {
+    let (p, r) = (policy.inner().get_vocab(true), reference.inner().get_vocab(true));
+    if p.len() != r.len() {
+        return Some(format!("{} tokens against {}", r.len(), p.len()));
+    }
+    let mut differing: Vec<(&String, &u32)> = p.iter().filter(|(tok, id)| r.get(*tok) != Some(*id)).collect();
+    differing.sort_by_key(|(_, id)| **id);
+    let (tok, id) = differing.first()?;
+    Some(match r.get(*tok) {
+        Some(rid) => format!("token {tok:?} is id {id} for the policy, {rid} for the reference"),
+        None => format!("the policy's token {tok:?} (id {id}) is not in the reference's vocabulary"),
+    })
 }
 
 /// The cache key of precomputed reference log-probs: a SHA-256 over the reference weights and the exact

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{RewardModel, RewardModelError};
 use crate::data::Example;
 use crate::objectives::math::{log_sigmoid, sigmoid};
-use crate::train::trainer::epoch_order;
+use crate::train::epoch_order;
 
 /// One batch of pairs packed for rewards, and the stream rows of each sequence's last token.
 pub(super) fn pack_pairs_for_rewards(pairs: &[&Example]) -> Result<(Batch, Vec<(usize, usize)>), RewardModelError> {

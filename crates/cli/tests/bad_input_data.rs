@@ -1,0 +1,105 @@
+//! Bad input on the data side (issue 16): references that do not fit the policy, rows longer than the
+//! model's positions, unbounded templates and lines, an unwritable reference cache, content parts, and
+//! settings of the scoring commands. Each case runs the real binary and expects one clear message.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::json;
+
+fn eval(model: &Path, reference: &Path, data: &Path) -> Command {
+    let mut c = dpo();
+    c.arg("eval").arg("--model").arg(model).arg("--ref-model").arg(reference).arg("--data").arg(data);
+    c
+}
+
+fn reward(model: &Path, reference: &Path, data: &Path) -> Command {
+    let mut c = dpo();
+    c.arg("reward").arg("--model").arg(model).arg("--ref-model").arg(reference).arg("--data").arg(data);
+    c
+}
+
+/// A copy of the GPT-2 reference whose vocabulary has `extra` more (zero) embedding rows: it loads and
+/// runs, but its token ids are not the policy's.
+fn wider_vocab_reference(dir: &Path, extra: usize) -> PathBuf {
+    let out = copy_model("gpt2-ref", dir);
+    let cfg_path = out.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+    cfg["vocab_size"] = (vocab + extra).into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edit_safetensors(&out.join("model.safetensors"), |header, data| {
+        let name = "transformer.wte.weight";
+        let range = tensor_range(header, name);
+        let d = header[name]["shape"][1].as_u64().unwrap() as usize;
+        let grow = extra * d * 4;
+        data.splice(range.end..range.end, std::iter::repeat_n(0u8, grow));
+        for (k, v) in header.iter_mut().filter(|(k, _)| *k != "__metadata__") {
+            let o = &mut v["data_offsets"];
+            let (a, b) = (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize);
+            if k == name {
+                *o = json!([a, b + grow]);
+            } else if a >= range.end {
+                *o = json!([a + grow, b + grow]);
+            }
+        }
+        header[name]["shape"] = json!([vocab + extra, d]);
+    });
+    out
+}
+
+/// A copy of the GPT-2 reference whose tokenizer swaps the ids of two ordinary tokens: the same
+/// vocabulary size, another token-to-id map.
+fn swapped_tokenizer_reference(dir: &Path) -> PathBuf {
+    let out = copy_model("gpt2-ref", dir);
+    let path = out.join("tokenizer.json");
+    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = {
+        let mut ordinary = vocab.iter().filter(|(_, id)| id.as_u64().unwrap() >= 100);
+        (ordinary.next().unwrap().0.clone(), ordinary.next().unwrap().0.clone())
+    };
+    let (ia, ib) = (vocab[&a].clone(), vocab[&b].clone());
+    vocab.insert(a, ib);
+    vocab.insert(b, ia);
+    std::fs::write(&path, tok.to_string()).unwrap();
+    out
+}
+
+// ---------------------------------------------------------------- defect 4: one reference loader
+
+#[test]
+fn reference_with_another_vocabulary_is_refused_by_eval_and_reward() {
+    let dir = scratch("ref-vocab");
+    let reference = wider_vocab_reference(&dir.join("ref"), 64);
+    let policy = model("gpt2-policy");
+    let wants = ["reference", "ref", "vocabulary of 576 tokens, the policy 512"];
+    fails(&mut eval(&policy, &reference, &prefs()), &wants);
+    fails(&mut reward(&policy, &reference, &prefs()), &wants);
+}
+
+#[test]
+fn reference_with_another_tokenizer_is_refused_by_eval_and_reward() {
+    let dir = scratch("ref-tokenizer");
+    let reference = swapped_tokenizer_reference(&dir.join("ref"));
+    let policy = model("gpt2-policy");
+    let wants = ["tokenizer.json", "map tokens to different ids", "for the policy", "for the reference"];
+    fails(&mut eval(&policy, &reference, &prefs()), &wants);
+    fails(&mut reward(&policy, &reference, &prefs()), &wants);
+    // The fixture reference itself fits.
+    succeeds(&mut eval(&policy, &model("gpt2-ref"), &prefs()));
+}
+
+// ---------------------------------------------------------------- settings of the scoring commands
+
+#[test]
+fn eval_and_reward_refuse_a_beta_that_is_not_positive_and_finite() {
+    let (policy, reference) = (model("gpt2-policy"), model("gpt2-ref"));
+    for beta in ["nan", "inf", "0"] {
+        fails(eval(&policy, &reference, &prefs()).args(["--beta", beta]), &["--beta must be a finite number > 0"]);
+        fails(reward(&policy, &reference, &prefs()).args(["--beta", beta]), &["--beta must be a finite number > 0"]);
+    }
+}
