@@ -11,8 +11,10 @@ pub mod optim;
 pub mod params;
 pub mod presets;
 pub mod rng;
+pub mod scalar_head;
 
 pub use batch::{Batch, Span, Target};
 pub use config::*;
 pub use model::{Activations, Decoder, EngineError, HeadOutput, PendingEmbeddingGrads};
-pub use params::{LayerParams, NormParams, Params, Tensor};
+pub use params::{LayerParams, NormParams, ParamSet, Params, Tensor};
+pub use scalar_head::ScalarHead;

@@ -124,14 +124,73 @@ impl Params {
     }
 
     pub fn numel(&self) -> usize {
-        self.named().iter().map(|(_, t)| t.numel()).sum()
+        ParamSet::numel(self)
     }
 
     /// Sets every value to zero, keeping the allocations (gradient buffers between steps).
     pub fn fill_zero(&mut self) {
+        ParamSet::fill_zero(self)
+    }
+}
+
+/// Named tensors that an optimizer, gradient clipping, the non-finite check and checkpoints work on,
+/// whoever owns them: a decoder's [`Params`], a [`crate::ScalarHead`], or two sets side by side as a pair
+/// `(A, B)` (A's tensors, then B's; `(&mut trunk, &mut head)` borrows two sets as one). This is llm.c's
+/// one parameter view and candle's `Optimizer::new(vars)`.
+///
+/// Names are unique within a set and the order is fixed: together they key optimizer state and
+/// checkpoints. A gradient buffer is a set of the same layout.
+pub trait ParamSet {
+    /// Every tensor with its name, in the set's fixed order.
+    fn named(&self) -> Vec<(String, &Tensor)>;
+
+    /// Mutable counterpart of [`ParamSet::named`], same order.
+    fn named_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+
+    /// Values in all tensors.
+    fn numel(&self) -> usize {
+        self.named().iter().map(|(_, t)| t.numel()).sum()
+    }
+
+    /// Sets every value to zero, keeping the allocations (gradient buffers between steps).
+    fn fill_zero(&mut self) {
         for (_, t) in self.named_mut() {
             t.data.iter_mut().for_each(|x| *x = 0.0);
         }
+    }
+}
+
+impl ParamSet for Params {
+    fn named(&self) -> Vec<(String, &Tensor)> {
+        Params::named(self)
+    }
+
+    fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        Params::named_mut(self)
+    }
+}
+
+impl<A: ParamSet, B: ParamSet> ParamSet for (A, B) {
+    fn named(&self) -> Vec<(String, &Tensor)> {
+        let mut out = self.0.named();
+        out.extend(self.1.named());
+        out
+    }
+
+    fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out = self.0.named_mut();
+        out.extend(self.1.named_mut());
+        out
+    }
+}
+
+impl<T: ParamSet + ?Sized> ParamSet for &mut T {
+    fn named(&self) -> Vec<(String, &Tensor)> {
+        (**self).named()
+    }
+
+    fn named_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        (**self).named_mut()
     }
 }
 
@@ -181,28 +240,18 @@ mod tests {
 
     fn tiny() -> DecoderConfig {
         DecoderConfig {
-            vocab_size: 10,
-            hidden: 8,
-            n_layers: 2,
-            n_heads: 2,
-            n_kv_heads: 1,
-            head_dim: 4,
-            ffn_hidden: 12,
-            max_positions: 16,
-            norm: NormKind::RmsNorm { eps: 1e-6 },
-            mlp: MlpKind::SwiGlu,
-            positions: PositionKind::Rotary(RopeConfig {
-                theta: 10000.0,
-                rotary_dim: 4,
-                style: RopeStyle::Half,
-                scaling: RopeScaling::None,
-            }),
             qkv_bias: true,
-            attn_out_bias: false,
-            mlp_bias: false,
-            parallel_residual: false,
             tied_embeddings: true,
-            sliding_window: None,
+            ..DecoderConfig::llama(Dims {
+                vocab_size: 10,
+                hidden: 8,
+                n_layers: 2,
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 4,
+                ffn_hidden: 12,
+                max_positions: 16,
+            })
         }
     }
 

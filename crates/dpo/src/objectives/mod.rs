@@ -30,7 +30,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 mod batch;
 mod config;
 mod error;
-mod math;
+pub(crate) mod math;
 mod metrics;
 
 mod aot;

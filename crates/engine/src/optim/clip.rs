@@ -2,7 +2,7 @@
 //! with `max_grad_norm`, default 1.0).
 
 use super::{multiversion, CHUNK};
-use crate::params::Params;
+use crate::params::ParamSet;
 use rayon::prelude::*;
 
 /// `sqrt(sum g^2)` over every tensor of `grads`, squares summed in f64 (exact per term, so the result is
@@ -11,7 +11,7 @@ use rayon::prelude::*;
 ///
 /// torch sums in f32 (`_foreach_norm` per tensor, then the norm of those norms), so its value, as HF logs it
 /// under `grad_norm`, is this one rounded to f32 give or take a few f32 ulps of summation error.
-pub fn global_grad_norm(grads: &Params) -> f64 {
+pub fn global_grad_norm<G: ParamSet + ?Sized>(grads: &G) -> f64 {
     grads.named().iter().map(|(_, t)| sum_squares(&t.data)).sum::<f64>().sqrt()
 }
 
@@ -22,7 +22,7 @@ pub fn global_grad_norm(grads: &Params) -> f64 {
 /// at most 1, and every gradient is multiplied by it in f32. Multiplying by 1 changes nothing, so gradients
 /// are only touched when the coefficient is below 1, or NaN (a NaN norm makes every gradient NaN in torch
 /// too; check [`grads_finite`] first).
-pub fn clip_grad_norm(grads: &mut Params, max_norm: f64) -> f64 {
+pub fn clip_grad_norm<G: ParamSet + ?Sized>(grads: &mut G, max_norm: f64) -> f64 {
     let norm = global_grad_norm(grads);
     let total = norm as f32;
     let coef = (1.0f32 / (total + 1e-6f32)) * max_norm as f32;
@@ -35,7 +35,7 @@ pub fn clip_grad_norm(grads: &mut Params, max_norm: f64) -> f64 {
 }
 
 /// Whether every gradient is finite (no NaN, no infinity).
-pub fn grads_finite(grads: &Params) -> bool {
+pub fn grads_finite<G: ParamSet + ?Sized>(grads: &G) -> bool {
     grads.named().iter().all(|(_, t)| t.data.par_chunks(CHUNK).all(|c| c.iter().all(|x| x.is_finite())))
 }
 
@@ -74,6 +74,7 @@ multiversion! {
 mod tests {
     use super::super::test_util::tiny_grads;
     use super::*;
+    use crate::params::Params;
 
     // ps = [torch.nn.Parameter(x) for x in init()]        (harness in `optim::test_util`)
     // for k, p in enumerate(ps): p.grad = grad(1, k, p.numel()).reshape(p.shape) * 8

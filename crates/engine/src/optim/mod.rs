@@ -7,8 +7,9 @@
 //! they reproduce and how closely (AdamW and SGD bit for bit; RMSprop to torch's square root, which is MKL's
 //! and not correctly rounded).
 //!
-//! The optimizer holds state only for the tensors it was given ([`Optimizer::with_trainable`]); frozen
-//! tensors are neither read nor written. Weight decay follows HF Trainer: biases and norm weights (every
+//! The optimizer works on a [`ParamSet`] (a decoder's parameters, a scalar head, or both as one set) and
+//! holds state only for the tensors it was given ([`Optimizer::with_trainable`]); frozen tensors are
+//! neither read nor written. Weight decay follows HF Trainer: biases and norm weights (every
 //! 1-D tensor) never decay, matrices and embeddings do ([`applies_weight_decay`]).
 //!
 //! Updates are elementwise, so splitting a tensor into chunks for rayon cannot change a result: a step is
@@ -23,7 +24,7 @@ mod sgd;
 pub use clip::{clip_grad_norm, global_grad_norm, grads_finite};
 pub use schedule::{lr_at, ScheduleKind, UnknownSchedule};
 
-use crate::params::{Params, Tensor};
+use crate::params::{ParamSet, Tensor};
 use rayon::prelude::*;
 
 /// Elements per parallel task; tensors up to this size are updated on the calling thread.
@@ -102,6 +103,11 @@ impl OptimizerConfig {
         }
     }
 
+    /// Floats of optimizer state per trained parameter (AdamW 2, RMSprop 1 or 2, SGD 0 or 1).
+    pub fn buffers(&self) -> usize {
+        self.buffer_kinds().len()
+    }
+
     /// Per-tensor state buffers, named as in torch's `optimizer.state[p]`.
     fn buffer_kinds(&self) -> &'static [&'static str] {
         match *self {
@@ -146,7 +152,7 @@ pub enum OptimError {
     Duplicate(String),
 }
 
-/// One trained tensor: where it is in [`Params::named`], whether it decays, and its buffers
+/// One trained tensor: where it is in [`ParamSet::named`], whether it decays, and its buffers
 /// (in the order of [`OptimizerConfig::buffer_kinds`]).
 #[derive(Clone, Debug)]
 struct Slot {
@@ -157,7 +163,7 @@ struct Slot {
     buffers: Vec<Vec<f32>>,
 }
 
-/// An optimizer over (a chosen subset of) a decoder's parameters.
+/// An optimizer over (a chosen subset of) a parameter set.
 #[derive(Clone, Debug)]
 pub struct Optimizer {
     cfg: OptimizerConfig,
@@ -167,16 +173,20 @@ pub struct Optimizer {
 
 impl Optimizer {
     /// An optimizer that trains every tensor of `params`, with zeroed state.
-    pub fn new(cfg: OptimizerConfig, params: &Params) -> Self {
+    pub fn new(cfg: OptimizerConfig, params: &impl ParamSet) -> Self {
         Self::with_trainable(cfg, params, |_| true)
     }
 
-    /// An optimizer that trains the tensors whose canonical name `trainable` accepts; the others are
-    /// frozen: never read, never written, and without state.
-    pub fn with_trainable(cfg: OptimizerConfig, params: &Params, trainable: impl Fn(&str) -> bool) -> Self {
-        let kinds = cfg.buffer_kinds().len();
-        let slots = params
-            .named()
+    /// An optimizer that trains the tensors whose name `trainable` accepts; the others are frozen: never
+    /// read, never written, and without state. Names must be unique (a programming error otherwise).
+    pub fn with_trainable(cfg: OptimizerConfig, params: &impl ParamSet, trainable: impl Fn(&str) -> bool) -> Self {
+        let kinds = cfg.buffers();
+        let named = params.named();
+        let mut seen = std::collections::HashSet::new();
+        if let Some((name, _)) = named.iter().find(|(n, _)| !seen.insert(n.as_str())) {
+            panic!("optimizer: the parameter set names `{name}` twice");
+        }
+        let slots = named
             .into_iter()
             .enumerate()
             .filter(|(_, (name, _))| trainable(name))
@@ -192,7 +202,7 @@ impl Optimizer {
     }
 
     /// Rebuilds the optimizer [`Optimizer::state`] saved, training every tensor of `params`.
-    pub fn restore(cfg: OptimizerConfig, params: &Params, state: OptimizerState) -> Result<Self, OptimError> {
+    pub fn restore(cfg: OptimizerConfig, params: &impl ParamSet, state: OptimizerState) -> Result<Self, OptimError> {
         Self::restore_with_trainable(cfg, params, |_| true, state)
     }
 
@@ -200,7 +210,7 @@ impl Optimizer {
     /// need must be present once with the tensor's shape, and no other buffer may be; errors name it.
     pub fn restore_with_trainable(
         cfg: OptimizerConfig,
-        params: &Params,
+        params: &impl ParamSet,
         trainable: impl Fn(&str) -> bool,
         state: OptimizerState,
     ) -> Result<Self, OptimError> {
@@ -254,7 +264,7 @@ impl Optimizer {
         self.steps
     }
 
-    /// Canonical names of the tensors this optimizer trains, in order.
+    /// Names of the tensors this optimizer trains, in order.
     pub fn trained(&self) -> impl Iterator<Item = &str> {
         self.slots.iter().map(|s| s.name.as_str())
     }
@@ -263,7 +273,7 @@ impl Optimizer {
     /// (f64, as torch's `group["lr"]`: step sizes are formed in f64 and rounded once). `params` and `grads`
     /// must have the layout the optimizer was built for (a programming error otherwise, so it panics).
     /// Gradients are used as given: clip them and check them with [`grads_finite`] first.
-    pub fn step(&mut self, params: &mut Params, grads: &Params, lr: f64) {
+    pub fn step<P: ParamSet + ?Sized, G: ParamSet + ?Sized>(&mut self, params: &mut P, grads: &G, lr: f64) {
         self.steps += 1;
         let t = self.steps;
         let mut ps = params.named_mut();
@@ -359,7 +369,7 @@ fn for_chunks(
 #[cfg(test)]
 pub(crate) mod test_util {
     use super::*;
-    use crate::params::NormParams;
+    use crate::params::{NormParams, Params};
 
     /// Learning rates of the five steps (`lrs` above).
     pub const LRS: [f64; 5] = [0.01, 0.02, 0.03, 0.02, 0.01];
@@ -447,13 +457,14 @@ pub(crate) mod test_util {
 mod tests {
     use super::test_util::fill;
     use super::*;
-    use crate::config::{DecoderConfig, NormKind};
-    use crate::presets;
+    use crate::config::{DecoderConfig, Dims, NormKind};
+    use crate::params::Params;
+    use crate::ScalarHead;
 
     /// A GPT-2-like decoder (LayerNorm, biases, learned positions) small enough for tests, whose `wte`
     /// spans several chunks so that steps run in parallel.
     fn gpt2_tiny() -> DecoderConfig {
-        DecoderConfig {
+        DecoderConfig::gpt2(Dims {
             vocab_size: 700,
             hidden: 64,
             n_layers: 2,
@@ -462,8 +473,7 @@ mod tests {
             head_dim: 16,
             ffn_hidden: 256,
             max_positions: 32,
-            ..presets::gpt2_small()
-        }
+        })
     }
 
     fn random_params(cfg: &DecoderConfig, seed: u64, scale: f32) -> Params {
@@ -622,6 +632,79 @@ mod tests {
         let err = Optimizer::restore(cfg.clone(), &p, partial.clone()).err().unwrap();
         assert_eq!(err, OptimError::Missing("exp_avg.norm_f.weight".into()));
         assert!(Optimizer::restore_with_trainable(cfg, &p, only_wte, partial).is_ok());
+    }
+
+    fn random_head(d: usize, seed: u64, scale: f32) -> ScalarHead {
+        let mut h = ScalarHead::zeros(d);
+        fill(&mut h.w.data, seed, scale);
+        fill(&mut h.b.data, seed + 1, scale);
+        h
+    }
+
+    #[test]
+    fn a_pair_of_sets_steps_as_its_parts() {
+        // Updates are per tensor, so one optimizer over (decoder, head) moves every tensor exactly as two
+        // optimizers over the parts do; the head's state is named after its tensors.
+        let cfg = gpt2_tiny();
+        let (p0, h0) = (random_params(&cfg, 4, 0.5), random_head(cfg.hidden, 5, 0.5));
+        for ocfg in configs() {
+            let (mut p, mut h) = (p0.clone(), h0.clone());
+            let mut joint = Optimizer::new(ocfg.clone(), &(&mut p, &mut h));
+            let (mut p_alone, mut h_alone) = (p0.clone(), h0.clone());
+            let mut opt_p = Optimizer::new(ocfg.clone(), &p_alone);
+            let mut opt_h = Optimizer::new(ocfg.clone(), &h_alone);
+            for t in 0..3u64 {
+                let (mut g, mut hg) = (random_params(&cfg, 100 + t, 0.05), random_head(cfg.hidden, 200 + t, 0.05));
+                let lr = 1e-3 * (1.0 + t as f64);
+                joint.step(&mut (&mut p, &mut h), &(&mut g, &mut hg), lr);
+                opt_p.step(&mut p_alone, &g, lr);
+                opt_h.step(&mut h_alone, &hg, lr);
+            }
+            assert!(p == p_alone && h == h_alone, "{ocfg:?}: the pair moved differently from its parts");
+            let names: Vec<String> = joint.state().buffers.into_iter().map(|(n, _)| n).collect();
+            if matches!(ocfg, OptimizerConfig::AdamW { .. }) {
+                assert!(names.iter().any(|n| n == "exp_avg.score.weight") && names.contains(&"exp_avg_sq.wte".into()));
+            }
+            assert_eq!(names.len(), ocfg.buffers() * (Params::zeros(&cfg).named().len() + 2));
+        }
+    }
+
+    #[test]
+    fn a_pair_of_sets_is_clipped_and_checked_as_one() {
+        let cfg = gpt2_tiny();
+        let (g0, hg0) = (random_params(&cfg, 6, 0.5), random_head(cfg.hidden, 7, 3.0));
+        let (a, b) = (global_grad_norm(&g0), global_grad_norm(&hg0));
+        let (mut g, mut hg) = (g0.clone(), hg0.clone());
+        let norm = clip_grad_norm(&mut (&mut g, &mut hg), 1.0);
+        assert!((norm - (a * a + b * b).sqrt()).abs() <= 1e-12 * norm, "{norm} vs {a} and {b}");
+        let coef = (1.0f32 / (norm as f32 + 1e-6f32)) * 1.0f32;
+        let scaled = |x: &[f32]| x.iter().map(|v| v * coef).collect::<Vec<f32>>();
+        assert_eq!(g.wte.data, scaled(&g0.wte.data));
+        assert_eq!(hg.w.data, scaled(&hg0.w.data));
+        assert_eq!(hg.b.data, scaled(&hg0.b.data));
+
+        // A NaN in the head makes the norm and, as in torch, every gradient NaN.
+        assert!(grads_finite(&(&mut g, &mut hg)));
+        hg.b.data[0] = f32::NAN;
+        assert!(!grads_finite(&(&mut g, &mut hg)));
+        assert!(clip_grad_norm(&mut (&mut g, &mut hg), 1.0).is_nan());
+        assert!(g.wte.data.iter().chain(&hg.w.data).all(|x| x.is_nan()));
+    }
+
+    #[test]
+    #[should_panic(expected = "names `score.weight` twice")]
+    fn a_set_with_a_name_twice_is_refused() {
+        let (mut a, mut b) = (ScalarHead::zeros(2), ScalarHead::zeros(2));
+        Optimizer::new(OptimizerConfig::adamw(), &(&mut a, &mut b));
+    }
+
+    #[test]
+    fn buffers_per_parameter() {
+        assert_eq!(OptimizerConfig::adamw().buffers(), 2);
+        assert_eq!(OptimizerConfig::rmsprop().buffers(), 1);
+        assert_eq!(OptimizerConfig::RmsProp { alpha: 0.99, eps: 1e-8, weight_decay: 0.0, momentum: 0.9 }.buffers(), 2);
+        assert_eq!(OptimizerConfig::sgd().buffers(), 0);
+        assert_eq!(OptimizerConfig::Sgd { momentum: 0.9, weight_decay: 0.0 }.buffers(), 1);
     }
 
     #[test]

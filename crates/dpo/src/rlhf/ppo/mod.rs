@@ -12,8 +12,14 @@
 //!           mean_t max(-A r, -A clip(r, 1-eps, 1+eps)) + vf_coef * 0.5 mean_t max((V-R)^2, (V_clip-R)^2)
 //!           with r = exp(logp - logp_old), the global gradient norm clipped to max_grad_norm
 //! ```
-//! The value head is one linear unit on the policy's final hidden states ([`ValueHead`]); its gradient
-//! joins the LM head's on the hidden states before the trunk's backward ([`update`]).
+//! The value head is one linear unit on the policy's final hidden states (an [`engine::ScalarHead`]; the
+//! trunk is shared with the policy, as in TRL's `AutoModelForCausalLMWithValueHead`), read at the hidden
+//! state that predicts each completion token; its gradient joins the LM head's on the hidden states before
+//! the trunk's backward ([`update`]). It starts at zero: the first rollouts' values are 0 and their
+//! advantages the discounted rewards-to-go (whitened). TRL initialises `nn.Linear(d, 1)` randomly; a zero
+//! start makes the value loss's gradient reach the trunk only as `w` is learnt, so it cannot disturb the
+//! policy's first steps. Policy and value head are one parameter set for one AdamW (as TRL optimises both
+//! in one optimizer) and one gradient clip, without weight decay.
 //!
 //! Where this differs from TRL's defaults, and why: the KL coefficient is fixed (TRL's classic trainer
 //! adapts it towards a target KL by default; the DPO paper sweeps a fixed coefficient to trace the
@@ -24,18 +30,16 @@ pub mod gae;
 pub mod loss;
 pub mod rollout;
 pub mod update;
-pub mod value_head;
 
 use std::time::Instant;
 
-use engine::optim::{global_grad_norm, Optimizer, OptimizerConfig};
+use engine::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use engine::rng::Rng;
-use engine::{Activations, Decoder, EngineError, Params};
+use engine::{Activations, Decoder, EngineError, ParamSet, Params, ScalarHead};
 use serde::Serialize;
 
 pub use rollout::{collect_rollout, Rollout};
 pub use update::{minibatch_loss, Grads, MinibatchLoss};
-pub use value_head::{HeadAdam, ValueHead};
 
 /// The reward: a learned reward model, or a ground-truth scorer (the built-in experiment's sentiment
 /// classifier on the decoded text).
@@ -58,7 +62,7 @@ pub struct RefModel<'a> {
 pub struct PpoConfig {
     /// Coefficient of the per-token KL penalty `-kl_coef (logp - ref_logp)`.
     pub kl_coef: f64,
-    /// AdamW learning rate (constant), for the policy and the value head.
+    /// AdamW learning rate (constant), for the policy and the value head (no weight decay).
     pub lr: f64,
     /// Prompts sampled per rollout, one completion each.
     pub rollout_prompts: usize,
@@ -183,7 +187,7 @@ pub struct PpoStepStats {
 #[derive(Clone, Debug)]
 pub struct PpoOutcome {
     pub params: Params,
-    pub value_head: ValueHead,
+    pub value_head: ScalarHead,
     pub history: Vec<PpoStepStats>,
 }
 
@@ -216,11 +220,11 @@ pub fn train_ppo(
     check_inputs(decoder, start, reference, prompts)?;
     let d = decoder.cfg.hidden;
     let mut params = start.clone();
-    let mut head = ValueHead::zeros(d);
-    let mut opt = Optimizer::new(OptimizerConfig::adamw(), &params);
-    let mut head_opt = HeadAdam::new(d);
+    let mut head = ScalarHead::zeros(d);
+    // Weight decay 0 (the default here): the value head's `w` is a matrix but is not decayed.
+    let mut opt = Optimizer::new(OptimizerConfig::adamw(), &(&mut params, &mut head));
     let mut grads = Params::zeros(&decoder.cfg);
-    let mut head_grad = ValueHead::zeros(d);
+    let mut head_grad = ScalarHead::zeros(d);
     let mut dhidden = Vec::new();
     let mut acts = Activations::default();
     let mut rng = Rng::new(cfg.seed);
@@ -255,12 +259,12 @@ pub fn train_ppo(
                 head_grad.fill_zero();
                 let g = Grads { policy: &mut grads, head: &mut head_grad, dhidden: &mut dhidden };
                 let m = minibatch_loss(decoder, &params, &head, &ro, rows, cfg, &mut acts, Some(g))?;
-                let norm = clip_global_norm(&mut grads, &mut head_grad, cfg.max_grad_norm);
+                let mut all_grads = (&mut grads, &mut head_grad);
+                let norm = clip_grad_norm(&mut all_grads, cfg.max_grad_norm);
                 if !m.loss.is_finite() || !norm.is_finite() {
                     return Err(PpoError::NonFinite { step });
                 }
-                opt.step(&mut params, &grads, cfg.lr);
-                head_opt.step(&mut head, &head_grad, cfg.lr);
+                opt.step(&mut (&mut params, &mut head), &all_grads, cfg.lr);
                 sums.policy_loss += m.policy_loss;
                 sums.value_loss += m.value_loss;
                 sums.clip_frac += m.clip_frac;
@@ -326,20 +330,6 @@ fn check_inputs(
         return Err(PpoError::Invalid(format!("prompt {i} has no tokens; sampling needs at least one")));
     }
     Ok(())
-}
-
-/// Clips the global norm of the policy's and the value head's gradients together, as
-/// `torch.nn.utils.clip_grad_norm_` over all the optimizer's parameters; returns the norm before.
-fn clip_global_norm(grads: &mut Params, head: &mut ValueHead, max_norm: f64) -> f64 {
-    let norm = (global_grad_norm(grads).powi(2) + head.sum_squares()).sqrt();
-    let coef = (max_norm / (norm + 1e-6)) as f32;
-    if coef < 1.0 {
-        for (_, t) in grads.named_mut() {
-            t.data.iter_mut().for_each(|x| *x *= coef);
-        }
-        head.scale(coef);
-    }
-    norm
 }
 
 #[cfg(test)]

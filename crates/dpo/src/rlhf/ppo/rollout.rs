@@ -11,10 +11,9 @@
 
 use engine::generate::{generate, SamplingConfig};
 use engine::rng::Rng;
-use engine::{Activations, Decoder, EngineError, Params};
+use engine::{Activations, Decoder, EngineError, Params, ScalarHead};
 
 use super::gae::{gae, kl_penalized_rewards, whiten};
-use super::value_head::ValueHead;
 use super::{PpoConfig, PpoError, RefModel, RewardFn};
 use crate::data::pack_sequences;
 
@@ -74,7 +73,7 @@ pub struct CompletionScores {
 pub fn completion_scores(
     decoder: &Decoder,
     params: &Params,
-    head: Option<&ValueHead>,
+    head: Option<&ScalarHead>,
     pairs: &[(&[u32], &[u32])],
     chunk: usize,
     acts: &mut Activations,
@@ -86,7 +85,7 @@ pub fn completion_scores(
         for r in ranges {
             logps.push(out.logp[r.clone()].to_vec());
             values.push(match head {
-                Some(h) => h.values(&acts.hidden, batch.targets[r].iter().map(|t| t.pos as usize)),
+                Some(h) => h.forward(&acts.hidden, batch.targets[r].iter().map(|t| t.pos as usize)),
                 None => Vec::new(),
             });
         }
@@ -99,7 +98,7 @@ pub fn completion_scores(
 pub fn collect_rollout(
     decoder: &Decoder,
     params: &Params,
-    head: &ValueHead,
+    head: &ScalarHead,
     reference: RefModel<'_>,
     prompts: Vec<Vec<u32>>,
     eos_ids: &[u32],

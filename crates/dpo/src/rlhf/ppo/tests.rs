@@ -1,13 +1,13 @@
 //! PPO on a tiny random model: the KL estimate at the reference, the minibatch gradient through both heads
 //! and the trunk, and a reward that the policy learns to collect.
 
-use engine::presets::{gpt2_small, init_random};
-use engine::DecoderConfig;
+use engine::presets::init_random;
+use engine::{DecoderConfig, Dims, ScalarHead};
 
 use super::*;
 
 fn tiny() -> DecoderConfig {
-    DecoderConfig {
+    DecoderConfig::gpt2(Dims {
         vocab_size: 16,
         hidden: 32,
         n_layers: 2,
@@ -16,8 +16,7 @@ fn tiny() -> DecoderConfig {
         head_dim: 8,
         ffn_hidden: 64,
         max_positions: 32,
-        ..gpt2_small()
-    }
+    })
 }
 
 fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
@@ -41,7 +40,7 @@ fn kl_is_zero_when_the_policy_is_the_reference() {
     let cfg = PpoConfig { max_new_tokens: 8, ..PpoConfig::default() };
     let reference = RefModel { decoder: &decoder, params: &params };
     let (mut rng, mut acts) = (Rng::new(3), Activations::default());
-    let head = ValueHead::zeros(decoder.cfg.hidden);
+    let head = ScalarHead::zeros(decoder.cfg.hidden);
     let ro = collect_rollout(
         &decoder,
         &params,
@@ -84,10 +83,10 @@ fn minibatch_gradient_matches_finite_differences() {
     let decoder = Decoder::new(tiny());
     let params = init_random(&decoder.cfg, 0.3, 7);
     let d = decoder.cfg.hidden;
-    let mut head = ValueHead::zeros(d);
+    let mut head = ScalarHead::zeros(d);
     let mut r = Rng::new(11);
-    head.w.iter_mut().for_each(|w| *w = (r.normal() * 0.3) as f32);
-    head.b = 0.1;
+    head.w.data.iter_mut().for_each(|w| *w = (r.normal() * 0.3) as f32);
+    head.b.data[0] = 0.1;
     let cfg = PpoConfig { max_new_tokens: 6, ..PpoConfig::default() };
     let reference = RefModel { decoder: &decoder, params: &init_random(&decoder.cfg, 0.3, 8) };
     let (mut rng, mut acts) = (Rng::new(5), Activations::default());
@@ -109,16 +108,16 @@ fn minibatch_gradient_matches_finite_differences() {
     for (_, t) in moved.named_mut() {
         t.data.iter_mut().for_each(|x| *x += (r.normal() * 0.002) as f32);
     }
-    head.b += 0.05;
+    head.b.data[0] += 0.05;
     let rows = [2, 0, 3];
 
     let mut grads = Params::zeros(&decoder.cfg);
-    let mut head_grad = ValueHead::zeros(d);
+    let mut head_grad = ScalarHead::zeros(d);
     let mut dhidden = Vec::new();
     let g = Grads { policy: &mut grads, head: &mut head_grad, dhidden: &mut dhidden };
     let m = minibatch_loss(&decoder, &moved, &head, &ro, &rows, &cfg, &mut acts, Some(g)).unwrap();
     assert!(m.approx_kl > 0.0 && m.clip_frac == 0.0, "{m:?}");
-    let mut loss_at = |p: &Params, h: &ValueHead| -> f64 {
+    let mut loss_at = |p: &Params, h: &ScalarHead| -> f64 {
         minibatch_loss(&decoder, p, h, &ro, &rows, &cfg, &mut acts, None).unwrap().loss
     };
 
@@ -126,16 +125,16 @@ fn minibatch_gradient_matches_finite_differences() {
     let (mut analytic, mut numeric) = (Vec::new(), Vec::new());
     for i in [0, 5, 17, 31] {
         let (mut up, mut down) = (head.clone(), head.clone());
-        up.w[i] += eps;
-        down.w[i] -= eps;
+        up.w.data[i] += eps;
+        down.w.data[i] -= eps;
         numeric.push((loss_at(&moved, &up) - loss_at(&moved, &down)) / (2.0 * eps as f64));
-        analytic.push(head_grad.w[i] as f64);
+        analytic.push(head_grad.w.data[i] as f64);
     }
     let (mut up, mut down) = (head.clone(), head.clone());
-    up.b += eps;
-    down.b -= eps;
+    up.b.data[0] += eps;
+    down.b.data[0] -= eps;
     numeric.push((loss_at(&moved, &up) - loss_at(&moved, &down)) / (2.0 * eps as f64));
-    analytic.push(head_grad.b as f64);
+    analytic.push(head_grad.bias() as f64);
     let picks = [("wte", 3), ("wte", 5 * 32 + 4), ("layers.0.w_qkv", 100), ("layers.1.w_in", 77), ("norm_f.weight", 9)];
     for (name, i) in picks {
         let nudge = |delta: f32| {

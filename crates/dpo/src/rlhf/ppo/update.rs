@@ -8,11 +8,10 @@
 //! backward(dhidden)                                           trunk
 //! ```
 
-use engine::{Activations, Decoder, EngineError, Params};
+use engine::{Activations, Decoder, EngineError, Params, ScalarHead};
 
 use super::loss::{policy_loss, value_loss};
 use super::rollout::Rollout;
-use super::value_head::ValueHead;
 use super::PpoConfig;
 use crate::data::pack_sequences;
 
@@ -33,7 +32,7 @@ pub struct MinibatchLoss {
 /// Gradient buffers: the policy's parameters, the value head's, and the `[N, d]` hidden-state gradient.
 pub struct Grads<'a> {
     pub policy: &'a mut Params,
-    pub head: &'a mut ValueHead,
+    pub head: &'a mut ScalarHead,
     pub dhidden: &'a mut Vec<f32>,
 }
 
@@ -43,7 +42,7 @@ pub struct Grads<'a> {
 pub fn minibatch_loss(
     decoder: &Decoder,
     params: &Params,
-    head: &ValueHead,
+    head: &ScalarHead,
     rollout: &Rollout,
     rows: &[usize],
     cfg: &PpoConfig,
@@ -62,7 +61,7 @@ pub fn minibatch_loss(
     debug_assert_eq!(ranges.iter().map(|r| r.len()).sum::<usize>(), logp.len());
     debug_assert_eq!(old_logp.len(), logp.len());
     let positions = || batch.targets.iter().map(|t| t.pos as usize);
-    let values = head.values(&acts.hidden, positions());
+    let values = head.forward(&acts.hidden, positions());
 
     let pg = policy_loss(&logp, &old_logp, &adv, cfg.clip_range);
     let vf = value_loss(&values, &old_values, &returns, cfg.clip_range_value);
