@@ -1,8 +1,13 @@
 //! The buffers of a forward pass: what backward reads, the scratch every layer reuses, and the
 //! embedding gradients a split batch holds back.
 
+use crate::config::DecoderConfig;
 use crate::kernels as k;
 use crate::params::Params;
+
+/// Per-token words of the batch (token, position) and of the head's per-target vectors (target position
+/// and token, log-sum-exp, log-prob, logit sum, log-prob gradient), counting one target per token.
+const BATCH_FLOATS_PER_TOKEN: u64 = 8;
 
 /// What forward keeps for one block (see the module doc of [`crate::model`]). `N` rows, `d = hidden`.
 #[derive(Default)]
@@ -13,6 +18,15 @@ pub(crate) struct LayerActs {
     pub(crate) lse: Vec<f32>,     // [N, n_heads] (packed attention only)
     pub(crate) x_mid: Vec<f32>,   // [N, d] x + attention (sequential residual only)
     pub(crate) mlp_pre: Vec<f32>, // [N, mlp_in_dim]
+}
+
+impl LayerActs {
+    /// Floats per token of the buffers above, as [`crate::Decoder::block_forward`] sizes them.
+    fn floats_per_token(cfg: &DecoderConfig) -> u64 {
+        let d = cfg.hidden as u64;
+        let x_mid = if cfg.parallel_residual { 0 } else { d };
+        d + cfg.qkv_dim() as u64 + cfg.attn_dim() as u64 + cfg.n_heads as u64 + x_mid + cfg.mlp_in_dim() as u64
+    }
 }
 
 /// Buffers a block overwrites before reading; one set serves every layer.
@@ -31,6 +45,17 @@ pub(crate) struct Scratch {
     pub(crate) dqkv: Vec<f32>,   // [N, qkv_dim]
 }
 
+impl Scratch {
+    /// Floats per token of the buffers above: the forward's (`h`, `o`, `act`, the two statistics) and,
+    /// with `backward`, the gradients' too.
+    fn floats_per_token(cfg: &DecoderConfig, backward: bool) -> u64 {
+        let (d, ff) = (cfg.hidden as u64, cfg.ffn_hidden as u64);
+        let forward = 2 * d + ff + 2;
+        let grads = 2 * d + ff + cfg.mlp_in_dim() as u64 + cfg.attn_dim() as u64 + cfg.qkv_dim() as u64;
+        forward + if backward { grads } else { 0 }
+    }
+}
+
 /// Activations of one forward pass plus scratch space, reused across steps to avoid allocation.
 #[derive(Default)]
 pub struct Activations {
@@ -47,6 +72,23 @@ pub struct Activations {
     /// `[N, d]` gradient of the final hidden states (kept to reuse the allocation)
     pub(crate) dhidden: Vec<f32>,
     pub(crate) scratch: Scratch,
+}
+
+impl Activations {
+    /// Floats per token that a forward pass of `cfg` holds, with the batch's and the head's per-target
+    /// vectors. `keep` (a forward for backward, then the backward): every block's [`LayerActs`], the
+    /// final norm's input, the hidden states and their gradient, and the forward and backward scratch.
+    /// Without `keep`: one block's buffers, reused by every block, the final norm's input, the hidden
+    /// states and the forward scratch.
+    pub fn floats_per_token(cfg: &DecoderConfig, keep: bool) -> u64 {
+        let (d, layer) = (cfg.hidden as u64, LayerActs::floats_per_token(cfg));
+        let held = if keep {
+            cfg.n_layers as u64 * layer + 3 * d + Scratch::floats_per_token(cfg, true)
+        } else {
+            layer + 2 * d + Scratch::floats_per_token(cfg, false)
+        };
+        held + BATCH_FLOATS_PER_TOKEN
+    }
 }
 
 /// Gradients of embedding lookups held back from one or more backward passes, added to the embedding
@@ -97,5 +139,48 @@ pub(crate) fn fit(v: &mut Vec<f32>, n: usize) {
     if v.len() != n {
         v.clear();
         v.resize(n, 0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Batch;
+    use crate::presets::{self, init_random};
+    use crate::Decoder;
+
+    /// Every float the buffers of `a` hold, the per-target head vector aside.
+    fn held(a: &Activations) -> u64 {
+        let s = &a.scratch;
+        let layers: usize = a
+            .layers
+            .iter()
+            .map(|l| l.x.len() + l.qkv.len() + l.attn.len() + l.lse.len() + l.x_mid.len() + l.mlp_pre.len())
+            .sum();
+        let scratch = [&s.h, &s.o, &s.act, &s.stat_a, &s.stat_b, &s.dx, &s.dh, &s.dact, &s.dpre, &s.dattn, &s.dqkv];
+        (layers + a.x_final.len() + a.hidden.len() + a.dhidden.len() + scratch.iter().map(|v| v.len()).sum::<usize>())
+            as u64
+    }
+
+    #[test]
+    fn floats_per_token_is_what_a_forward_and_backward_hold() {
+        for cfg in [presets::tiny_gpt2(), presets::tiny_llama(), presets::tiny_neox(), presets::tiny_gptj()] {
+            let (m, p) = (Decoder::new(cfg.clone()), init_random(&cfg, 0.1, 3));
+            let mut b = Batch::default();
+            b.push_sequence(&[1, 2, 3, 4, 5], 1);
+            b.push_sequence(&[6, 7, 8], 1);
+            let n = b.len() as u64;
+            let extra = n * BATCH_FLOATS_PER_TOKEN;
+
+            let mut acts = Activations::default();
+            m.forward(&p, &b, &mut acts, false).unwrap();
+            assert_eq!(held(&acts) + extra, n * Activations::floats_per_token(&cfg, false), "{cfg:?}");
+
+            let mut acts = Activations::default();
+            let out = m.logprobs(&p, &b, &mut acts, true).unwrap();
+            let mut grads = crate::Params::zeros(&cfg);
+            m.backward_logprobs(&p, &b, &mut acts, &vec![1.0; out.logp.len()], &mut grads).unwrap();
+            assert_eq!(held(&acts) + extra, n * Activations::floats_per_token(&cfg, true), "{cfg:?}");
+        }
     }
 }

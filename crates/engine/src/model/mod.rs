@@ -67,6 +67,11 @@ impl Decoder {
         }
     }
 
+    /// Floats per token that [`Decoder::forward`] holds (see [`Activations::floats_per_token`]).
+    pub fn activation_floats_per_token(&self, keep: bool) -> u64 {
+        Activations::floats_per_token(&self.cfg, keep)
+    }
+
     /// Checks token ids, positions and the span/group structure before any kernel touches them.
     pub fn check_batch(&self, b: &Batch) -> Result<(), EngineError> {
         let n = b.tokens.len();
