@@ -121,25 +121,46 @@ pub fn linear_forward(
     matmul(y, x, w, rows, out_dim, in_dim, false, true, b.is_some());
 }
 
-/// Backward of [`linear_forward`]: `dx[rows, in] (= or += per accumulate_dx) dy . W`,
-/// `dW[out, in] += dy^T . x`, `db[out] += column sums of dy`. Absent outputs are skipped.
-#[allow(clippy::too_many_arguments)]
+/// Whether a kernel overwrites its output (`=`) or adds to it (`+=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulate {
+    Overwrite,
+    Add,
+}
+
+/// The shapes of a linear layer applied to `rows` rows: `x[rows, inp] -> y[rows, out]`, `W[out, inp]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearDims {
+    pub rows: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+/// Where the parameter gradients of a linear layer accumulate (`+=`): `w: [out, inp]`, `b: [out]`;
+/// an absent one is not computed.
+pub struct LinearGrads<'a> {
+    pub w: Option<&'a mut [f32]>,
+    pub b: Option<&'a mut [f32]>,
+}
+
+/// Backward of [`linear_forward`] on the layer `w` (`[out, inp]`) that read `x` (`[rows, inp]`):
+/// `dx[rows, inp] (= or +=, per dx_mode) dy . W`, `grads.w += dy^T . x`, `grads.b += column sums of dy`.
+/// Absent outputs are skipped.
 pub fn linear_backward(
     dx: Option<&mut [f32]>,
-    dw: Option<&mut [f32]>,
-    db: Option<&mut [f32]>,
+    dx_mode: Accumulate,
+    grads: LinearGrads,
     dy: &[f32],
     x: &[f32],
     w: &[f32],
-    rows: usize,
-    in_dim: usize,
-    out_dim: usize,
-    accumulate_dx: bool,
+    dims: LinearDims,
 ) {
+    let LinearDims { rows, inp: in_dim, out: out_dim } = dims;
     assert_eq!(dy.len(), rows * out_dim, "linear_backward: dy is not [rows, out]");
     if let Some(dx) = dx {
-        matmul(dx, dy, w, rows, in_dim, out_dim, false, false, accumulate_dx);
+        matmul(dx, dy, w, rows, in_dim, out_dim, false, false, dx_mode == Accumulate::Add);
     }
+    let LinearGrads { w: dw, b: db } = grads;
     if let Some(dw) = dw {
         matmul(dw, dy, x, out_dim, in_dim, rows, true, false, true);
     }
@@ -285,7 +306,9 @@ mod tests {
             let mut dx = vec![1.0f32; rows * i];
             let mut dw = vec![2.0f32; o * i];
             let mut db = vec![3.0f32; o];
-            linear_backward(Some(&mut dx), Some(&mut dw), Some(&mut db), &dy, &x, &w, rows, i, o, true);
+            let dims = LinearDims { rows, inp: i, out: o };
+            let grads = LinearGrads { w: Some(&mut dw), b: Some(&mut db) };
+            linear_backward(Some(&mut dx), Accumulate::Add, grads, &dy, &x, &w, dims);
             let gx: Vec<f64> = naive(&dy, &w, rows, i, o, false, false).iter().map(|v| v + 1.0).collect();
             let gw: Vec<f64> = naive(&dy, &x, o, i, rows, true, false).iter().map(|v| v + 2.0).collect();
             let gb: Vec<f64> = (0..o).map(|j| 3.0 + (0..rows).map(|r| dy[r * o + j] as f64).sum::<f64>()).collect();
@@ -293,7 +316,8 @@ mod tests {
             assert_close("linear dw", &dw, &gw, 1e-5, 1.0);
             assert_close("linear db", &db, &gb, 1e-5, 1.0);
             let mut dx2 = vec![f32::NAN; rows * i];
-            linear_backward(Some(&mut dx2), None, None, &dy, &x, &w, rows, i, o, false);
+            let no_grads = LinearGrads { w: None, b: None };
+            linear_backward(Some(&mut dx2), Accumulate::Overwrite, no_grads, &dy, &x, &w, dims);
             assert_close("linear dx overwrite", &dx2, &naive(&dy, &w, rows, i, o, false, false), 1e-5, 1.0);
         }
     }
