@@ -8,12 +8,22 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::act::{exp_f32, max_lanes, multiversion, sum_lanes};
-use super::matmul::matmul;
+use super::matmul::{
+    matmul,
+    Accumulate::{Add, Overwrite},
+};
 use crate::batch::Target;
 
 /// Targets per chunk: large enough for an efficient GEMM (`[256, d] x [d, V]`), small enough that the
 /// chunk's logits (`256 x 50257` floats = 51 MB for GPT-2) stay modest.
 pub const HEAD_CHUNK: usize = 256;
+
+/// Floats the head holds for `targets` targets: one chunk's logits `[chunk, vocab]` (this thread's,
+/// kept between calls) and its gathered rows `[chunk, d]` and their gradient `[chunk, d]`.
+pub fn head_scratch_floats(targets: usize, d: usize, vocab: usize) -> u64 {
+    let chunk = HEAD_CHUNK.min(targets.max(1)) as u64;
+    chunk * (vocab as u64 + 2 * d as u64)
+}
 
 thread_local! {
     /// The chunk's logits, kept from call to call: a fresh `HEAD_CHUNK x vocab` buffer per call (51 MB for
@@ -127,7 +137,7 @@ fn head_forward_chunked(
             let c = tg.len();
             gather(&mut h[..c * d], hidden, tg, d);
             // [c, V] = [c, d] . [V, d]^T
-            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, false);
+            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite);
             // (logp, lse, sum of logits) per row
             let stats: Vec<(f32, f32, f32)> = logits[..c * vocab]
                 .par_chunks(vocab)
@@ -202,7 +212,7 @@ fn head_backward_chunked(
                 continue; // nothing flows back through this chunk
             }
             gather(&mut h[..c * d], hidden, tg, d);
-            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, false);
+            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite);
             logits[..c * vocab].par_chunks_mut(vocab).zip(tg).zip(g).zip(&lse[c0..c0 + c]).for_each(
                 |(((row, t), &g), &l)| {
                     row_dlogits(row, g, l);
@@ -210,14 +220,14 @@ fn head_backward_chunked(
                 },
             );
             // [c, d] = [c, V] . [V, d]
-            matmul(&mut dh[..c * d], &logits[..c * vocab], w, c, d, vocab, false, false, false);
+            matmul(&mut dh[..c * d], &logits[..c * vocab], w, c, d, vocab, false, false, Overwrite);
             for (row, t) in dh.chunks_exact(d).zip(tg) {
                 let p = t.pos as usize;
                 dhidden[p * d..(p + 1) * d].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
             }
             if let Some(dw) = dw.as_deref_mut() {
                 // [V, d] += [c, V]^T . [c, d]
-                matmul(dw, &logits[..c * vocab], &h[..c * d], vocab, d, c, true, false, true);
+                matmul(dw, &logits[..c * vocab], &h[..c * d], vocab, d, c, true, false, Add);
             }
         }
     });
@@ -229,7 +239,7 @@ pub fn logits_forward(out: &mut [f32], hidden_rows: &[f32], w: &[f32], d: usize,
     let rows = hidden_rows.len().checked_div(d).unwrap_or_else(|| out.len().checked_div(vocab).unwrap_or(0));
     assert_eq!(hidden_rows.len(), rows * d, "logits_forward: hidden_rows is not [rows, d]");
     assert_eq!(out.len(), rows * vocab, "logits_forward: out is not [rows, vocab]");
-    matmul(out, hidden_rows, w, rows, vocab, d, false, true, false);
+    matmul(out, hidden_rows, w, rows, vocab, d, false, true, Overwrite);
 }
 
 #[cfg(test)]
