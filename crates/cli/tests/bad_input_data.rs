@@ -103,3 +103,54 @@ fn eval_and_reward_refuse_a_beta_that_is_not_positive_and_finite() {
         fails(reward(&policy, &reference, &prefs()).args(["--beta", beta]), &["--beta must be a finite number > 0"]);
     }
 }
+
+// ---------------------------------------------------------------- defect 7: unbounded templates and lines
+
+fn logps(model: &Path, data: &Path) -> Command {
+    let mut c = dpo();
+    c.arg("logps").arg("--model").arg(model).arg("--data").arg(data);
+    c
+}
+
+/// A copy of the GPT-2 policy with `template` as its chat template.
+fn with_template(dir: &Path, template: &str) -> PathBuf {
+    let m = copy_model("gpt2-policy", dir);
+    std::fs::write(m.join("chat_template.jinja"), template).unwrap();
+    m
+}
+
+fn chat_row(user: serde_json::Value, chosen: &str, rejected: &str) -> serde_json::Value {
+    json!({
+        "prompt": [{"role": "user", "content": user}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    })
+}
+
+#[test]
+fn a_chat_template_that_loops_without_end_is_stopped_naming_it() {
+    let dir = scratch("template-loop");
+    let looping = "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'x' }}{% endfor %}{% endfor %}";
+    let m = with_template(&dir.join("model"), looping);
+    let data = jsonl(&dir.join("chat.jsonl"), &[chat_row(json!("Hi"), "Hello", "Go")]);
+    fails(&mut logps(&m, &data), &["chat.jsonl, line 1", "chat_template.jinja", "was stopped"]);
+}
+
+#[test]
+fn a_data_line_larger_than_a_row_may_be_is_refused_naming_file_and_line() {
+    let dir = scratch("huge-line");
+    let huge = "word ".repeat(2 << 20); // 10 MiB of text
+    let data = jsonl(
+        &dir.join("huge.jsonl"),
+        &[
+            json!({"prompt": "Q:", "chosen": " a", "rejected": " b"}),
+            json!({"prompt": huge, "chosen": " a", "rejected": " b"}),
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    fails(
+        &mut logps(&model("gpt2-policy"), &data),
+        &["huge.jsonl, line 2: the row holds 10.0 MiB, more than the 8 MiB"],
+    );
+    assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
+}
