@@ -154,3 +154,33 @@ fn a_data_line_larger_than_a_row_may_be_is_refused_naming_file_and_line() {
     );
     assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
 }
+
+// ---------------------------------------------------------------- defect 9: an unwritable reference cache
+
+#[test]
+fn precompute_ref_with_an_unwritable_cache_dir_says_it_did_not_cache() {
+    let dir = scratch("cache-unwritable");
+    // A directory under a regular file cannot be created, even by root.
+    std::fs::write(dir.join("file"), b"").unwrap();
+    let cache = dir.join("file").join("cache");
+    let err = succeeds(
+        train(&model("gpt2-policy"), &prefs(), &dir.join("run"))
+            .args(["--precompute-ref", "--max-steps", "1"])
+            .arg("--cache-dir")
+            .arg(&cache),
+    );
+    assert!(!err.contains("computed and cached"), "{err}");
+    assert!(err.contains("computed, not cached: cannot create") && err.contains("file/cache"), "{err}");
+    // A writable one caches, and the next run reads the cache.
+    let ok = dir.join("cache");
+    let run = |name: &str| {
+        succeeds(
+            train(&model("gpt2-policy"), &prefs(), &dir.join(name))
+                .args(["--precompute-ref", "--max-steps", "1"])
+                .arg("--cache-dir")
+                .arg(&ok),
+        )
+    };
+    assert!(run("run2").contains("computed and cached"));
+    assert!(run("run3").contains("read from cache"));
+}

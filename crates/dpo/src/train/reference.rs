@@ -177,15 +177,48 @@ pub fn default_cache_dir() -> PathBuf {
     PathBuf::from(".dpo-cache")
 }
 
-/// Outcome of [`precompute`]: the scores and whether they came from the cache.
+/// Whether a cache directory can hold the reference log-probs: created if missing, then a probe file
+/// written and removed. Checked before the reference pass, so that its outcome is known, and said, first.
+pub fn check_cache_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("cannot write in {} ({e})", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Where precomputed scores came from, or went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Read from this file, written by an earlier run for the same weights and token ids.
+    Read(PathBuf),
+    /// Computed and written to this file.
+    Written(PathBuf),
+    /// Computed; not cached, for this reason (the next run computes them again).
+    NotWritten(String),
+}
+
+/// Outcome of [`precompute`]: the scores and what the cache did.
 pub struct Precomputed {
     pub scores: Vec<PairScore>,
-    pub cache_file: PathBuf,
-    pub from_cache: bool,
+    pub cache: CacheOutcome,
+}
+
+impl Precomputed {
+    /// "read from cache: FILE", "computed and cached: FILE" or "computed, not cached: REASON".
+    pub fn summary(&self) -> String {
+        match &self.cache {
+            CacheOutcome::Read(f) => format!("read from cache: {}", f.display()),
+            CacheOutcome::Written(f) => format!("computed and cached: {}", f.display()),
+            CacheOutcome::NotWritten(why) => format!("computed, not cached: {why}; the next run computes them again"),
+        }
+    }
 }
 
 /// Scores every example under the reference once, or reads the scores a previous run cached for the
 /// same weights and token ids. The cache file is written atomically; an unreadable one is recomputed.
+/// A cache directory that cannot be written does not stop the run (the cache only saves the next run a
+/// pass): the scores are computed and the outcome says why they were not cached.
 pub fn precompute(
     decoder: &Decoder,
     params: &Params,
@@ -200,15 +233,41 @@ pub fn precompute(
     if let Ok(text) = std::fs::read_to_string(&cache_file) {
         if let Ok(scores) = serde_json::from_str::<Vec<PairScore>>(&text) {
             if scores.len() == examples.len() {
-                return Ok(Precomputed { scores, cache_file, from_cache: true });
+                return Ok(Precomputed { scores, cache: CacheOutcome::Read(cache_file) });
             }
         }
     }
+    let writable = check_cache_dir(cache_dir);
     let scores = score_pairs(decoder, params, examples, packing, batch_size, progress)?;
-    // A cache that cannot be written only costs the next run a recomputation.
-    if std::fs::create_dir_all(cache_dir).is_ok() {
-        let json = serde_json::to_vec(&scores).expect("scores serialise");
-        let _ = crate::io::write_atomic(&cache_file, &json);
+    let cache = match writable {
+        Err(why) => CacheOutcome::NotWritten(why),
+        Ok(()) => {
+            let json = serde_json::to_vec(&scores).expect("scores serialise");
+            match crate::io::write_atomic(&cache_file, &json) {
+                Ok(()) => CacheOutcome::Written(cache_file),
+                Err(e) => CacheOutcome::NotWritten(format!("cannot write {} ({e})", cache_file.display())),
+            }
+        }
+    };
+    Ok(Precomputed { scores, cache })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unwritable_cache_dir_is_reported_not_claimed() {
+        let dir = std::env::temp_dir().join(format!("dpo-ref-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A path under a regular file cannot be created, whoever runs the test (root included).
+        let file = dir.join("not-a-dir");
+        std::fs::write(&file, b"").unwrap();
+        let e = check_cache_dir(&file.join("cache")).unwrap_err();
+        assert!(e.starts_with("cannot create") && e.contains("not-a-dir"), "{e}");
+        check_cache_dir(&dir.join("ok")).unwrap();
+        let p = Precomputed { scores: vec![], cache: CacheOutcome::NotWritten(e) };
+        assert!(p.summary().starts_with("computed, not cached: cannot create"), "{}", p.summary());
+        let _ = std::fs::remove_dir_all(dir);
     }
-    Ok(Precomputed { scores, cache_file, from_cache: false })
 }

@@ -282,8 +282,7 @@ fn build_reference(
             return Ok(Reference::None);
         }
         let p = precompute(&decoder, &params, examples, setup.packing, cfg.batch_size, &cache, |_| {})?;
-        let how = if p.from_cache { "read from cache" } else { "computed and cached" };
-        log(&format!("reference log-probs of {} {what} rows {how}: {}", examples.len(), p.cache_file.display()));
+        log(&format!("reference log-probs of {} {what} rows {}", examples.len(), p.summary()));
         Ok(Reference::Cached(p.scores))
     };
     let train = cached(&setup.train, "training", log)?;
