@@ -184,3 +184,26 @@ fn precompute_ref_with_an_unwritable_cache_dir_says_it_did_not_cache() {
     assert!(run("run2").contains("computed and cached"));
     assert!(run("run3").contains("read from cache"));
 }
+
+// ---------------------------------------------------------------- defect 11: content as a list of parts
+
+const SIMPLE_TEMPLATE: &str =
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+
+#[test]
+fn conversational_content_as_a_list_of_text_parts_is_read_as_its_text() {
+    let dir = scratch("content-parts");
+    let m = with_template(&dir.join("model"), SIMPLE_TEMPLATE);
+    let parts = json!([{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]);
+    let with_parts = jsonl(&dir.join("parts.jsonl"), &[chat_row(parts, "4", "5")]);
+    let as_text = jsonl(&dir.join("text.jsonl"), &[chat_row(json!("What is 2+2?"), "4", "5")]);
+    let scores = |data: &Path| {
+        let out = logps(&m, data).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(scores(&with_parts), scores(&as_text));
+    let image = json!([{"type": "image", "url": "cat.png"}, {"type": "text", "text": "What is this?"}]);
+    let data = jsonl(&dir.join("image.jsonl"), &[chat_row(image, "A cat.", "A dog.")]);
+    fails(&mut logps(&m, &data), &["image.jsonl, line 1, field `prompt`", "part 1: a part of type \"image\""]);
+}
