@@ -207,3 +207,43 @@ fn conversational_content_as_a_list_of_text_parts_is_read_as_its_text() {
     let data = jsonl(&dir.join("image.jsonl"), &[chat_row(image, "A cat.", "A dog.")]);
     fails(&mut logps(&m, &data), &["image.jsonl, line 1, field `prompt`", "part 1: a part of type \"image\""]);
 }
+
+// ---------------------------------------------------------------- defect 5: rows against the model's positions
+
+/// Two rows; the second is longer than the fixtures' 256 positions.
+fn long_rows(dir: &Path) -> PathBuf {
+    let long = "many words ".repeat(200);
+    jsonl(
+        &dir.join("long.jsonl"),
+        &[
+            json!({"prompt": "Q:", "chosen": " yes", "rejected": " no"}),
+            json!({"prompt": long, "chosen": " yes", "rejected": " no"}),
+        ],
+    )
+}
+
+#[test]
+fn a_row_longer_than_learned_positions_is_refused_naming_file_row_and_flag() {
+    let dir = scratch("long-rows");
+    let data = long_rows(&dir);
+    let (policy, reference) = (model("gpt2-policy"), model("gpt2-ref"));
+    let wants = ["long.jsonl, line 2", "more than the 256 positions", "--max-length 256"];
+    fails(&mut logps(&policy, &data), &wants);
+    fails(&mut eval(&policy, &reference, &data), &wants);
+    fails(&mut reward(&policy, &reference, &data), &wants);
+    // The flag the message names exists on every scoring command, with --truncation beside it.
+    for mut c in [logps(&policy, &data), eval(&policy, &reference, &data), reward(&policy, &reference, &data)] {
+        succeeds(c.args(["--max-length", "256", "--truncation", "keep-end"]));
+    }
+    // A rotary model extends its positions as transformers does: the same rows are read.
+    succeeds(&mut logps(&model("llama-policy"), &data));
+}
+
+#[test]
+fn warnings_about_rows_name_the_rows() {
+    let dir = scratch("row-warnings");
+    let data = long_rows(&dir);
+    // A prompt longer than --max-length leaves its completion nothing: the row is dropped, and named.
+    let err = succeeds(logps(&model("gpt2-policy"), &data).args(["--max-length", "100"]));
+    assert!(err.contains("warning: ") && err.contains("1 examples dropped") && err.contains(": line 2"), "{err}");
+}
