@@ -247,3 +247,31 @@ fn warnings_about_rows_name_the_rows() {
     let err = succeeds(logps(&model("gpt2-policy"), &data).args(["--max-length", "100"]));
     assert!(err.contains("warning: ") && err.contains("1 examples dropped") && err.contains(": line 2"), "{err}");
 }
+
+// ---------------------------------------------------------------- gap 7: one prompt reader
+
+#[test]
+fn generation_prompts_are_read_like_every_data_file_and_named_in_errors() {
+    let dir = scratch("prompts");
+    let m = model("gpt2-policy");
+    let gen = |data: &Path| {
+        let mut c = dpo();
+        c.args(["generate", "--max-new-tokens", "4", "--temperature", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--data")
+            .arg(data);
+        c
+    };
+    let long = "many words ".repeat(200);
+    let data = jsonl(&dir.join("prompts.jsonl"), &[json!({"prompt": "Hello"}), json!({"prompt": long})]);
+    fails(&mut gen(&data), &["prompts.jsonl, line 2: the prompt has", "256 learned positions", "--max-new-tokens"]);
+    let data = jsonl(&dir.join("bad.jsonl"), &[json!({"prompt": "Hello"}), json!({"text": "x"})]);
+    fails(&mut gen(&data), &["bad.jsonl, line 2, field `prompt`: missing"]);
+    // A JSON array of rows, as the other readers take.
+    let array = dir.join("prompts.json");
+    std::fs::write(&array, json!([{"prompt": "Hello"}, {"prompt": "Bye"}]).to_string()).unwrap();
+    let out = gen(&array).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 2);
+}

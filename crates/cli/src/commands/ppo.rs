@@ -11,9 +11,9 @@ use dpo::rlhf::ppo::{train_ppo, PpoConfig, PpoStepStats, RefModel, RewardFn};
 use dpo::rlhf::reward_model::{RewardModel, RewardModelError};
 use engine::Decoder;
 
-use super::generate::read_prompts;
 use super::progress::Progress;
 use super::train::stop_flag;
+use dpo::data::read_prompts;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
