@@ -43,8 +43,7 @@ pub(super) fn check_beta(beta: f64) -> anyhow::Result<()> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = hf::load_model(&a.model)?;
-    let tok = hf::load_tokenizer_if_present(&a.model)?;
+    // Settings first: a bad one stops the command before any model is read.
     let mut cfg = dpo::objectives::LossConfig::default();
     a.objective.apply(&mut cfg)?;
     check_beta(cfg.beta)?;
@@ -52,6 +51,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         losses: parse_loss_list(a.objective.loss.as_deref().unwrap_or("sigmoid"), a.objective.loss_weights.as_deref())?,
         cfg,
     };
+    let model = hf::load_model(&a.model)?;
+    let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = match &a.ref_model {
         Some(dir) => Reference::load(dir, &model.config, tok.as_ref())?,
         None if objective.reference_free() => Reference::None,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use dpo::data::Packing;
 use dpo::scoring::score_pairs;
 use dpo::train::Reference;
@@ -38,7 +38,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let policy = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = Reference::load(&a.ref_model, &policy.config, tok.as_ref())?;
-    let (ref_decoder, ref_params) = reference.model().expect("Reference::load gives a model");
+    let Some((ref_decoder, ref_params)) = reference.model() else {
+        bail!("{} gave no reference model", a.ref_model.display());
+    };
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&policy.config.decoder, &ref_decoder.cfg])?;
     let score = |decoder: &Decoder, params: &Params, dir: &std::path::Path| {
         score_pairs(decoder, params, &examples, Packing::SharedPrompt, a.batch_size, |_| {})
