@@ -256,6 +256,42 @@ pub fn precompute(
 mod tests {
     use super::*;
 
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity/models").join(name)
+    }
+
+    #[test]
+    fn a_reference_must_read_the_policys_token_ids() {
+        let (policy_dir, ref_dir) = (fixture("gpt2-policy"), fixture("gpt2-ref"));
+        let policy = hf::load_config(&policy_dir).unwrap();
+        let tok = hf::load_tokenizer(&policy_dir).unwrap();
+        let reference = hf::load_config(&ref_dir).unwrap();
+        check_fits(&ref_dir, &reference, &policy, Some(&tok)).unwrap();
+        assert!(matches!(Reference::load(&ref_dir, &policy, Some(&tok)), Ok(Reference::Model(_))));
+
+        let mut wider = reference.clone();
+        wider.decoder.vocab_size += 8;
+        let e = check_fits(&ref_dir, &wider, &policy, Some(&tok)).unwrap_err().to_string();
+        assert!(e.contains("gpt2-ref has a vocabulary of 520 tokens, the policy 512"), "{e}");
+
+        // The same size, two ids swapped: another tokenizer.
+        let dir = std::env::temp_dir().join(format!("dpo-ref-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = std::fs::read_to_string(ref_dir.join("tokenizer.json")).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        let (a, b) = (vocab.keys().nth(300).unwrap().clone(), vocab.keys().nth(301).unwrap().clone());
+        let (ia, ib) = (vocab[&a].clone(), vocab[&b].clone());
+        vocab.insert(a, ib);
+        vocab.insert(b, ia);
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+        let e = check_fits(&dir, &reference, &policy, Some(&tok)).unwrap_err().to_string();
+        assert!(e.contains("map tokens to different ids") && e.contains("for the policy"), "{e}");
+        // Without the policy's tokenizer only the sizes can be compared.
+        check_fits(&dir, &reference, &policy, None).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn an_unwritable_cache_dir_is_reported_not_claimed() {
         let dir = std::env::temp_dir().join(format!("dpo-ref-cache-{}", std::process::id()));
