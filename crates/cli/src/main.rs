@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     );
     let cli = commands::Cli::parse();
     match commands::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {}", message(&err));
             ExitCode::FAILURE

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dpo::data::{load_pairs, DataOptions, Packing};
-use dpo::train::{pair_batch, train, PairObjective, Reference, RunOptions, TrainConfig, Workspace};
-use engine::optim::{Optimizer, OptimizerConfig};
+use dpo::objectives::{KtoConfig, LossConfig, LossType};
+use dpo::train::{pair_batch, train, Objective, PairObjective, Reference, RunOptions, TrainConfig, Workspace};
+use engine::optim::{Optimizer, OptimizerConfig, ScheduleKind};
 use engine::{Decoder, Params};
 
 const ARCHS: [&str; 4] = ["gpt2", "llama", "llama3", "neox"];
@@ -25,18 +26,21 @@ fn scratch(name: &str) -> PathBuf {
 /// The settings of MANIFEST.json's TRL run: sigmoid loss, 6 steps of 4 rows in file order, AdamW lr 5e-3
 /// constant, max_grad_norm 1, beta 0.1, no truncation.
 fn trl_settings(arch: &str, output: PathBuf) -> TrainConfig {
-    let mut c = TrainConfig {
+    TrainConfig {
         model: fixtures().join(format!("models/{arch}-policy")),
         ref_model: Some(fixtures().join(format!("models/{arch}-ref"))),
         data: fixtures().join("data/prefs.jsonl"),
         output,
-        loss: "sigmoid".into(),
+        objective: Objective::Pairs(PairObjective {
+            losses: vec![(LossType::Sigmoid, 1.0)],
+            cfg: LossConfig { beta: 0.1, ..Default::default() },
+        }),
         lr: 5e-3,
         batch_size: 4,
         grad_accum: 1,
         max_steps: Some(6),
         no_shuffle: true,
-        scheduler: "constant".into(),
+        scheduler: ScheduleKind::Constant,
         warmup_steps: 0,
         max_grad_norm: 1.0,
         weight_decay: 0.0,
@@ -44,9 +48,7 @@ fn trl_settings(arch: &str, output: PathBuf) -> TrainConfig {
         save_every: 0,
         log_every: 0,
         ..Default::default()
-    };
-    c.objective.beta = 0.1;
-    c
+    }
 }
 
 fn run(cfg: &TrainConfig) {
@@ -298,7 +300,7 @@ fn losses(out: &Path) -> Vec<f64> {
 fn kto_trains_on_unpaired_rows() {
     let out = scratch("kto");
     let mut c = trl_settings("llama", out.clone());
-    c.loss = "kto".into();
+    c.objective = Objective::Kto(KtoConfig { beta: 0.1, ..Default::default() });
     c.ref_model = None;
     c.max_steps = Some(12);
     run(&c);

@@ -9,10 +9,11 @@ use anyhow::bail;
 use dpo::data::{Example, Packing};
 use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
-use dpo::train::{PairObjective, PairWorkload, Reference, Workload, Workspace};
-use engine::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
+use dpo::train::checkpoint::TrainerState;
+use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trainer, Workload};
+use engine::optim::{Optimizer, ScheduleKind};
 use engine::rng::Rng;
-use engine::{presets, Decoder, Params};
+use engine::{presets, Decoder};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -66,7 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
         .collect();
     let decoder = Decoder::new(cfg.clone());
-    let mut params = presets::init_random(&cfg, 0.02, 0);
+    let params = presets::init_random(&cfg, 0.02, 0);
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
     let reference = if a.precompute_ref {
         let r = presets::init_random(&cfg, 0.02, 1);
@@ -82,22 +83,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         packing,
         micro_pairs: a.micro_pairs,
     };
-    let mut opt = Optimizer::new(OptimizerConfig::adamw(), &params);
-    let mut grads = Params::zeros(&cfg);
-    let mut ws = Workspace::default();
+    // The trainer's own step: rows in file order, one micro-batch of `pairs` per step, AdamW at a
+    // constant 1e-6, the global norm clipped to 1.
+    let train_cfg = TrainConfig {
+        batch_size: a.pairs,
+        no_shuffle: true,
+        max_steps: Some(a.steps as u64),
+        scheduler: ScheduleKind::Constant,
+        ..Default::default()
+    };
+    let optimizer = Optimizer::new(train_cfg.optimizer_config(), &params);
+    let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
+    let mut trainer = Trainer::new(&train_cfg, decoder, params, optimizer, state, workload.rows());
     let setup_s = t_setup.elapsed().as_secs_f64();
 
     let mut times = Vec::new();
     for step in 0..a.steps {
-        let t = Instant::now();
-        let rows: Vec<usize> = (step * a.pairs..(step + 1) * a.pairs).collect();
-        workload.run(&decoder, &params, Some((&mut grads, 1.0)), &rows, &mut ws)?;
-        let t_update = Instant::now();
-        clip_grad_norm(&mut grads, 1.0);
-        opt.step(&mut params, &grads, 1e-6);
-        grads.fill_zero();
-        let s = t.elapsed().as_secs_f64();
-        let update = t_update.elapsed().as_secs_f64();
+        let out = trainer.step(&workload)?;
+        let (s, update) = (out.secs, out.update_secs);
         eprintln!("step {}/{}: {s:.3} s (clip + AdamW + zeroing {update:.3} s)", step + 1, a.steps);
         if step > 0 {
             times.push(s);

@@ -16,6 +16,7 @@ mod train;
 
 use std::io::Write;
 use std::path::Path;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -59,22 +60,32 @@ enum Command {
     Demo(demo::Args),
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    engine::kernels::init_threads(cli.threads.unwrap_or_else(default_threads));
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let threads = cli.threads;
+    // The trainers read `threads` from their configuration too, so they start the pool themselves.
+    let other = |f: Box<dyn FnOnce() -> anyhow::Result<()>>| {
+        init_threads(threads);
+        f().map(|()| ExitCode::SUCCESS)
+    };
     match cli.command {
-        Command::Train(a) => train::run(*a),
-        Command::Sft(a) => sft::run(*a),
-        Command::Eval(a) => eval::run(*a),
-        Command::Reward(a) => reward::run(a),
-        Command::Generate(a) => generate::run(a),
-        Command::RewardModel(a) => reward_model::run(a),
-        Command::BestOfN(a) => best_of_n::run(a),
-        Command::Ppo(a) => ppo::run(*a),
-        Command::Logps(a) => logps::run(a),
-        Command::Bench(a) => bench::run(a),
-        Command::BenchEngine(a) => bench_engine::run(a),
-        Command::Demo(a) => demo::run(a),
+        Command::Train(a) => train::run(*a, threads),
+        Command::Sft(a) => sft::run(*a, threads),
+        Command::Eval(a) => other(Box::new(move || eval::run(*a))),
+        Command::Reward(a) => other(Box::new(move || reward::run(a))),
+        Command::Generate(a) => other(Box::new(move || generate::run(a))),
+        Command::RewardModel(a) => other(Box::new(move || reward_model::run(a))),
+        Command::BestOfN(a) => other(Box::new(move || best_of_n::run(a))),
+        Command::Ppo(a) => other(Box::new(move || ppo::run(*a))),
+        Command::Logps(a) => other(Box::new(move || logps::run(a))),
+        Command::Bench(a) => other(Box::new(move || bench::run(a))),
+        Command::BenchEngine(a) => other(Box::new(move || bench_engine::run(a))),
+        Command::Demo(a) => other(Box::new(move || demo::run(a))),
     }
+}
+
+/// Starts the thread pool of the math: `threads`, or all cores.
+fn init_threads(threads: Option<usize>) {
+    engine::kernels::init_threads(threads.unwrap_or_else(default_threads));
 }
 
 fn default_threads() -> usize {

@@ -2,18 +2,21 @@
 //! frontier). Samples from the policy, scores with the reward model, penalises the KL to a frozen
 //! reference, and writes one metrics line per PPO step and the trained model.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use dpo::data::read_prompts;
 use dpo::rlhf::ppo::{train_ppo, PpoConfig, PpoStepStats, RefModel, RewardFn};
 use dpo::rlhf::reward_model::{RewardModel, RewardModelError};
+use dpo::train::run_dir::{self, model_of, RunDir, StartMode};
+use dpo::train::Reference;
 use engine::Decoder;
+use serde::Serialize;
 
 use super::progress::Progress;
-use super::train::stop_flag;
-use dpo::data::read_prompts;
+use super::train::{stop_flag, with_hint};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -23,15 +26,15 @@ pub struct Args {
     /// The reference of the KL penalty (default: a frozen copy of --model).
     #[arg(long)]
     ref_model: Option<PathBuf>,
-    /// The reward model (`dpo reward-model train` output: a model directory with reward_head.safetensors);
-    /// it must share the policy's tokenizer.
+    /// The reward model: the run directory `dpo reward-model train` wrote (or its final/, a model
+    /// directory with reward_head.safetensors); it must share the policy's tokenizer.
     #[arg(long)]
     reward_model: PathBuf,
     /// Prompts: JSONL (or a JSON list) of rows with `prompt` as text or as a list of chat messages; text
     /// goes through the chat template when the tokenizer has one, as in `dpo generate`.
     #[arg(long)]
     prompts: PathBuf,
-    /// Run directory: metrics.jsonl, config.json, final/.
+    /// Run directory: config.toml, metrics.jsonl, final/.
     #[arg(long)]
     output: PathBuf,
     /// Replace a previous run in --output.
@@ -98,6 +101,18 @@ impl RewardFn for ModelReward {
     }
 }
 
+/// config.toml of a PPO run.
+#[derive(Serialize)]
+struct PpoRunConfig<'a> {
+    model: &'a Path,
+    ref_model: Option<&'a Path>,
+    reward_model: &'a Path,
+    prompts: &'a Path,
+    chat: bool,
+    eos_ids: &'a [u32],
+    ppo: &'a PpoConfig,
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = PpoConfig {
         kl_coef: a.kl_coef,
@@ -115,10 +130,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ..PpoConfig::default()
     };
     cfg.validate()?;
-    let metrics_path = a.output.join("metrics.jsonl");
-    if metrics_path.exists() && !a.overwrite {
-        bail!("{} already holds a run (metrics.jsonl); pass --overwrite to replace it", a.output.display());
-    }
+    let mode = if a.overwrite { StartMode::Overwrite } else { StartMode::Fresh };
+    run_dir::preflight(&a.output, mode).map_err(|e| with_hint(e, "dpo ppo"))?;
 
     let model = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer(&a.model)?;
@@ -142,46 +155,39 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let reference = match &a.ref_model {
-        Some(dir) => {
-            let r = hf::load_model(dir)?;
-            (Decoder::new(r.config.decoder.clone()), r.params)
-        }
-        None => (Decoder::new(model.config.decoder.clone()), model.params.clone()),
+        Some(dir) => Reference::load(dir, &model.config, Some(&tok))?,
+        None => Reference::Model(Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()))),
     };
-    let rm = RewardModel::load(&a.reward_model)
+    let Some((ref_decoder, ref_params)) = reference.model() else { bail!("the reference holds no model") };
+    let rm = RewardModel::load(&model_of(&a.reward_model))
         .with_context(|| format!("loading the reward model {}", a.reward_model.display()))?;
-    for (what, vocab) in [("reference", reference.0.cfg.vocab_size), ("reward model", rm.decoder.cfg.vocab_size)] {
-        if vocab != decoder.cfg.vocab_size {
-            bail!(
-                "the {what} has a vocabulary of {vocab} tokens, the policy {}: they must share a tokenizer",
-                decoder.cfg.vocab_size
-            );
-        }
+    let vocab = rm.decoder.cfg.vocab_size;
+    if vocab != decoder.cfg.vocab_size {
+        bail!(
+            "the reward model has a vocabulary of {vocab} tokens, the policy {}: they must share a tokenizer",
+            decoder.cfg.vocab_size
+        );
     }
     let mut eos_ids = model.config.eos_token_ids.clone();
     eos_ids.extend(tok.eos_id());
     eos_ids.sort_unstable();
     eos_ids.dedup();
 
-    std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+    // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
+    // aside and put back if this one fails before its final model is written).
+    let mut dir = RunDir::open(&a.output, mode, &mut |l| eprintln!("{l}")).map_err(|e| with_hint(e, "dpo ppo"))?;
     let final_dir = a.output.join("final");
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("removing {}", final_dir.display()))?;
-    }
-    let config = serde_json::json!({
-        "model": a.model,
-        "ref_model": a.ref_model,
-        "reward_model": a.reward_model,
-        "prompts": a.prompts,
-        "chat": chat,
-        "eos_ids": eos_ids,
-        "ppo": cfg,
-    });
-    let config_path = a.output.join("config.json");
-    dpo::io::write_atomic(&config_path, format!("{config:#}\n").as_bytes())
-        .with_context(|| format!("writing {}", config_path.display()))?;
-    let mut metrics =
-        std::fs::File::create(&metrics_path).with_context(|| format!("writing {}", metrics_path.display()))?;
+    let config = PpoRunConfig {
+        model: &a.model,
+        ref_model: a.ref_model.as_deref(),
+        reward_model: &a.reward_model,
+        prompts: &a.prompts,
+        chat,
+        eos_ids: &eos_ids,
+        ppo: &cfg,
+    };
+    dir.write_config(&toml::to_string_pretty(&config).context("writing config.toml")?)?;
+    let mut metrics = dir.metrics(None)?;
 
     let stop = stop_flag()?;
     let mut progress = Progress::new();
@@ -196,8 +202,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut reward = ModelReward { rm, error: None };
     let mut write_error = None;
     let mut on_step = |s: &PpoStepStats, _: &engine::Params| {
-        let line = serde_json::to_string(s).expect("stats serialise") + "\n";
-        if let Err(e) = metrics.write_all(line.as_bytes()).and_then(|_| metrics.flush()) {
+        let line = serde_json::to_value(s).expect("stats serialise");
+        if let Err(e) = metrics.append(&line) {
             write_error = Some(e);
             return false;
         }
@@ -207,7 +213,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let outcome = train_ppo(
         &decoder,
         &model.params,
-        RefModel { decoder: &reference.0, params: &reference.1 },
+        RefModel { decoder: ref_decoder, params: ref_params },
         &prompts,
         &eos_ids,
         &mut reward,
@@ -219,10 +225,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Err(e).context("scoring completions with the reward model");
     }
     if let Some(e) = write_error {
-        return Err(e).with_context(|| format!("writing {}", metrics_path.display()));
+        return Err(e.into());
     }
     let outcome = outcome?;
     hf::save_model(&final_dir, &model.config, &outcome.params, Some(&a.model))?;
+    dir.started();
     let steps = outcome.history.len();
     let how = if (steps as u64) < cfg.steps { "stopped" } else { "done" };
     eprintln!("{how}: {steps} PPO steps; model written to {}", final_dir.display());

@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use dpo::data::{load_pairs, load_sft, read_records, DataOptions, Example};
 use dpo::rlhf::reward_model::{evaluate, train_reward_model, RewardModel, RmTrainConfig};
+use dpo::train::run_dir::{self, model_of, RunDir, StartMode};
+use serde::Serialize;
+
+use super::train::with_hint;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,7 +20,8 @@ pub struct Args {
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Train a reward model (a scalar head on the last token's hidden state, trunk and head trained with
-    /// the loss -log sigmoid(r_chosen - r_rejected)) and write it as a model directory.
+    /// the loss -log sigmoid(r_chosen - r_rejected)) and write it as a run directory (config.toml,
+    /// metrics.jsonl, final/ the reward model).
     Train(TrainArgs),
     /// Score the completions of every row with a reward model, one JSON line per row.
     Score(ScoreArgs),
@@ -30,10 +35,13 @@ struct TrainArgs {
     /// Preference rows (JSONL, JSON or Parquet).
     #[arg(long)]
     data: PathBuf,
-    /// Where the reward model is written (an HF directory plus reward_head.safetensors, metrics.jsonl
-    /// and training_config.json).
+    /// Run directory: config.toml, metrics.jsonl and final/ (the reward model: an HF directory plus
+    /// reward_head.safetensors).
     #[arg(long)]
     output: PathBuf,
+    /// Replace a previous run in --output instead of refusing (it is replaced once the new model is written).
+    #[arg(long)]
+    overwrite: bool,
     /// Preference rows to report loss and accuracy on (after the last step, or every --eval-every steps).
     #[arg(long)]
     eval_data: Option<PathBuf>,
@@ -74,7 +82,7 @@ struct TrainArgs {
 
 #[derive(clap::Args, Debug)]
 struct ScoreArgs {
-    /// A reward model directory written by `dpo reward-model train`.
+    /// A reward model: the run directory written by `dpo reward-model train` (or its final/).
     #[arg(long)]
     model: PathBuf,
     /// Preference rows (scores `chosen_score`, `rejected_score`, `margin`) or `prompt`/`completion` rows
@@ -105,7 +113,19 @@ fn load(path: &Path, tok: Option<&hf::Tokenizer>, opts: &DataOptions) -> anyhow:
     Ok(loaded.examples)
 }
 
+/// config.toml of a reward-model run.
+#[derive(Serialize)]
+struct RmRunConfig<'a> {
+    model: &'a Path,
+    data: &'a Path,
+    eval_data: Option<&'a Path>,
+    max_length: Option<usize>,
+    train: &'a RmTrainConfig,
+}
+
 fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let mode = if a.overwrite { StartMode::Overwrite } else { StartMode::Fresh };
+    run_dir::preflight(&a.output, mode).map_err(|e| with_hint(e, "dpo reward-model train"))?;
     let hf::HfModel { config, params, .. } = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let opts = DataOptions { max_length: a.max_length, ..Default::default() };
@@ -126,26 +146,27 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         head_init_std: a.head_init_std,
         eval_every: a.eval_every,
     };
+    // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
+    // aside and put back if this one fails before its model is written).
+    let mut dir =
+        RunDir::open(&a.output, mode, &mut |l| eprintln!("{l}")).map_err(|e| with_hint(e, "dpo reward-model train"))?;
+    let resolved = RmRunConfig {
+        model: &a.model,
+        data: &a.data,
+        eval_data: a.eval_data.as_deref(),
+        max_length: a.max_length,
+        train: &rc,
+    };
+    dir.write_config(&toml::to_string_pretty(&resolved).context("writing config.toml")?)?;
     let (rm, stats) = train_reward_model(&config.decoder, params, &pairs, &eval, &rc, &mut |l| eprintln!("{l}"))
         .with_context(|| format!("training a reward model on {}", a.data.display()))?;
-    rm.save(&a.output, &config, Some(&a.model))?;
-
-    let mut metrics = String::new();
+    let mut metrics = dir.metrics(None)?;
     for s in &stats {
-        metrics += &serde_json::to_string(s)?;
-        metrics.push('\n');
+        metrics.append(&serde_json::to_value(s)?)?;
     }
-    let resolved = serde_json::json!({
-        "model": a.model,
-        "data": a.data,
-        "eval_data": a.eval_data,
-        "max_length": a.max_length,
-        "train": rc,
-    });
-    for (name, text) in [("metrics.jsonl", metrics), ("training_config.json", format!("{resolved:#}\n"))] {
-        let path = a.output.join(name);
-        dpo::io::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-    }
+    let final_dir = a.output.join("final");
+    rm.save(&final_dir, &config, Some(&a.model))?;
+    dir.started();
 
     // Accuracy of the final model over whole data sets (the step lines show one batch each).
     let (train_loss, train_accuracy) = evaluate(&rm, &pairs, a.batch_size)?;
@@ -153,7 +174,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "steps": stats.len(),
         "train_loss": train_loss,
         "train_accuracy": train_accuracy,
-        "output": a.output,
+        "output": final_dir,
     });
     if !eval.is_empty() {
         let (l, acc) = evaluate(&rm, &eval, a.batch_size)?;
@@ -172,8 +193,9 @@ fn holds_pairs(path: &Path) -> anyhow::Result<bool> {
 }
 
 fn score(a: ScoreArgs) -> anyhow::Result<()> {
-    let rm = RewardModel::load(&a.model)?;
-    let tok = hf::load_tokenizer_if_present(&a.model)?;
+    let model = model_of(&a.model);
+    let rm = RewardModel::load(&model)?;
+    let tok = hf::load_tokenizer_if_present(&model)?;
     let opts = DataOptions { max_length: a.max_length, ..Default::default() };
     let context = || format!("scoring {} with {}", a.data.display(), a.model.display());
     let mut text = String::new();

@@ -1,327 +1,354 @@
 //! `dpo train`: DPO (and its variants) on a preference file, from a checkpoint to an aligned checkpoint.
+//!
+//! The flags are the configuration's keys: each group below serialises (only the flags given) into a
+//! TOML table with the flags' names, laid over the `--config` file or the resumed run's config.toml,
+//! and `dpo::train::TrainConfig` parses and checks the result once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context};
-use dpo::train::{train, OnNonFinite, RunOptions, TrainConfig};
+use clap::builder::PossibleValuesParser;
+use dpo::train::config::{Method, OptimizerKind, SCHEDULE_NAMES};
+use dpo::train::run_dir::resume_target;
+use dpo::train::{train, Objective, RunOptions, TrainConfig, TrainError};
+use serde::Serialize;
 
 use super::progress::Progress;
 
-#[derive(clap::Args, Debug, Default)]
+/// `--loss`'s long help: every loss the objectives' registry holds.
+fn loss_help() -> String {
+    let mut s = String::from(
+        "Loss types, comma-separated, weighted by --loss-weights [default: sigmoid]. kto or apo_zero_unpaired \
+         (alone) train on unpaired rows (prompt, completion, label).\n",
+    );
+    for (name, help) in dpo::objectives::LossType::names_and_help() {
+        s += &format!("\n  {name}: {help}");
+    }
+    s
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(clap::Args, Debug, Default, Serialize)]
 pub struct Args {
     #[command(flatten)]
+    #[serde(flatten)]
     inputs: InputFlags,
     #[command(flatten)]
+    #[serde(flatten)]
     objective: ObjectiveFlags,
     #[command(flatten)]
+    #[serde(flatten)]
     reference: ReferenceFlags,
     #[command(flatten)]
+    #[serde(flatten)]
     data: DataFlags,
     #[command(flatten)]
+    #[serde(flatten)]
     optim: OptimFlags,
     #[command(flatten)]
+    #[serde(flatten)]
     run: RunFlags,
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Inputs and outputs")]
 pub struct InputFlags {
     /// TOML file with any of the settings below (flags given on the command line win). The resolved
     /// configuration of every run is written to OUTPUT/config.toml.
     #[arg(long)]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Starting checkpoint: a Hugging Face model directory (safetensors).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<PathBuf>,
     /// Training data: JSONL, JSON or Parquet rows (see README: data formats).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<PathBuf>,
     /// Run directory: metrics.jsonl, config.toml, checkpoints/, final/.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     output: Option<PathBuf>,
     /// Held-out data, evaluated every --eval-every steps and at the end (eval_* metrics).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     eval_data: Option<PathBuf>,
     /// Continue a run: a run directory (its newest checkpoint and config.toml) or a checkpoints/step-N directory.
     #[arg(long)]
+    #[serde(skip)]
     pub resume: Option<PathBuf>,
     /// Replace a previous run in --output instead of refusing.
     #[arg(long)]
+    #[serde(skip)]
     pub overwrite: bool,
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Objective")]
 pub struct ObjectiveFlags {
-    /// Loss types, comma-separated: sigmoid (DPO), hinge, ipo, exo_pair, nca_pair, robust, bco_pair,
-    /// sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, cdpo, simpo, orpo.
-    #[arg(long)]
+    /// Loss types, comma-separated (sigmoid = DPO; `--help` lists them all); kto or apo_zero_unpaired
+    /// train on unpaired rows [default: sigmoid].
+    #[arg(long, long_help = loss_help())]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub loss: Option<String>,
     /// One weight per loss type, comma-separated (default 1 each).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_weights: Option<String>,
     /// Inverse temperature of the implicit reward beta*log(pi/ref) [default: 0.1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
     /// Label smoothing: the assumed probability that a preference is flipped (cdpo, robust, exo_pair).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub label_smoothing: Option<f64>,
     /// f-divergence of the DPO family: reverse_kl (default), forward_kl, js_divergence, alpha_divergence.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub f_divergence: Option<String>,
     /// Alpha of alpha_divergence [default: 0.5].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub f_alpha: Option<f64>,
     /// SimPO's target reward margin gamma [default: 0.5].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub simpo_gamma: Option<f64>,
+    /// KTO: weight of the desirable rows' losses [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desirable_weight: Option<f64>,
+    /// KTO: weight of the undesirable rows' losses [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undesirable_weight: Option<f64>,
     /// Treat every reference log-prob as 0 (DPO-family losses without a reference model).
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     pub reference_free: bool,
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Reference model")]
 pub struct ReferenceFlags {
     /// Reference model directory [default: a frozen copy of the starting weights].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     ref_model: Option<PathBuf>,
     /// Score every row under the reference once before training, cache the result on disk (keyed by the
     /// reference weights and the token ids) and hold no reference model while training.
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     precompute_ref: bool,
     /// Directory of the reference log-prob cache [default: $XDG_CACHE_HOME/dpo or ~/.cache/dpo].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     cache_dir: Option<PathBuf>,
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Data")]
 pub struct DataFlags {
     /// Longest prompt+completion sequence in tokens; longer ones are truncated [default: 1024].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_length: Option<usize>,
     /// Longest prompt in tokens; longer prompts keep their end.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_prompt_length: Option<usize>,
-    /// Which end of an over-long sequence to keep: keep-start or keep-end.
-    #[arg(long)]
+    /// Which end of an over-long sequence to keep [default: keep-start].
+    #[arg(long, value_parser = PossibleValuesParser::new(["keep-start", "keep-end"]))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     truncation: Option<String>,
     /// Skip (and count) malformed rows instead of stopping at the first one.
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     skip_bad_rows: bool,
     /// Visit rows in file order instead of a seeded shuffle per epoch.
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     no_shuffle: bool,
     /// Compute prompt+chosen and prompt+rejected separately, as TRL does (same numbers, more work).
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     no_prefix_sharing: bool,
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Optimization")]
 pub struct OptimFlags {
-    /// Peak learning rate [default: 1e-6, TRL's].
-    #[arg(long)]
+    /// Peak learning rate [default: 1e-6 for dpo train (TRL's DPOConfig), 2e-5 for dpo sft (TRL's
+    /// SFTConfig)].
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     lr: Option<f64>,
     /// Preference pairs per micro-batch [default: 8].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     batch_size: Option<usize>,
     /// Micro-batches accumulated per optimizer step [default: 1].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     grad_accum: Option<usize>,
     /// Pairs pushed through the model at once within a micro-batch, for losses that are a mean of
     /// per-pair terms (all but aot, aot_unpaired, sft, orpo): the same step with activation memory for
     /// this many pairs only; 0 = the whole micro-batch [default: 0].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     micro_pairs: Option<usize>,
     /// Optimizer steps to run (overrides --epochs).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_steps: Option<u64>,
     /// Passes over the training data [default: 3].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     epochs: Option<f64>,
     /// adamw (PyTorch semantics, no decay on biases and norms), rmsprop (the paper's) or sgd [default: adamw].
-    #[arg(long)]
+    #[arg(long, value_parser = PossibleValuesParser::new(OptimizerKind::NAMES))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     optimizer: Option<String>,
-    /// Learning-rate schedule after warmup: constant, linear or cosine [default: linear].
-    #[arg(long)]
+    /// Learning-rate schedule after warmup [default: linear].
+    #[arg(long, value_parser = PossibleValuesParser::new(SCHEDULE_NAMES))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     scheduler: Option<String>,
     /// Steps of linear warmup from 0 [default: 0].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     warmup_steps: Option<u64>,
     /// Decoupled (AdamW) or L2 (RMSprop, SGD) weight decay [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     weight_decay: Option<f64>,
     /// AdamW beta1 [default: 0.9].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     adam_beta1: Option<f64>,
     /// AdamW beta2 [default: 0.999].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     adam_beta2: Option<f64>,
     /// AdamW epsilon [default: 1e-8].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     adam_eps: Option<f64>,
     /// Momentum of sgd and rmsprop [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     momentum: Option<f64>,
     /// Clip the global gradient norm to this (0: no clipping) [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_grad_norm: Option<f64>,
     /// Seed of the row shuffle [default: 42].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Evaluation, checkpoints, logging")]
 pub struct RunFlags {
     /// Evaluate on --eval-data every N steps (0: at the end only).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     eval_every: Option<u64>,
     /// Write a resumable checkpoint every N steps (0: at the end and on interruption only) [default: 500].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     save_every: Option<u64>,
     /// Keep only the newest N checkpoints (0: all).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     save_total_limit: Option<usize>,
     /// Print a metrics line every N steps [default: 1].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     log_every: Option<u64>,
     /// On a NaN or infinite loss or gradient: stop (keep the last checkpoint) or skip the step.
     #[arg(long, value_parser = ["stop", "skip"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
     on_nonfinite: Option<String>,
     /// Memory the run may use (e.g. 12GiB, 512M). The peak is estimated before training and a run above
     /// this (default: the machine's available memory) is refused.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_memory: Option<String>,
 }
 
-macro_rules! set {
-    ($cfg:ident . $($field:ident).+ = $value:expr) => {
-        if let Some(v) = $value {
-            $cfg.$($field).+ = v.into();
-        }
-    };
-}
-
 impl ObjectiveFlags {
+    /// The objective settings these flags give, over the defaults (for commands that evaluate).
     pub fn apply(&self, o: &mut dpo::objectives::LossConfig) -> anyhow::Result<()> {
-        set!(o.beta = self.beta);
-        set!(o.label_smoothing = self.label_smoothing);
-        set!(o.f_alpha_divergence_coef = self.f_alpha);
-        set!(o.simpo_gamma = self.simpo_gamma);
-        if let Some(f) = &self.f_divergence {
-            o.f_divergence = serde_json::from_value(serde_json::Value::String(f.clone())).with_context(|| {
-                format!("--f-divergence {f:?}: use reverse_kl, forward_kl, js_divergence or alpha_divergence")
-            })?;
+        // Typed here, checked by the command (eval and reward state their own rules for beta).
+        let raw: dpo::train::config::RawConfig = toml::Value::try_from(self)?.try_into()?;
+        let cfg = TrainConfig::resolve(raw, Method::Pairs)?;
+        if let Objective::Pairs(p) = cfg.objective {
+            *o = p.cfg;
         }
-        o.reference_free |= self.reference_free;
         Ok(())
     }
 }
 
-/// Defaults (`base`), then the TOML file (or the resumed run's config.toml), then flags.
-#[allow(clippy::too_many_arguments)]
-pub fn resolve(
-    base_defaults: TrainConfig,
-    a: &InputFlags,
-    objective: Option<&ObjectiveFlags>,
-    reference: Option<&ReferenceFlags>,
-    d: &DataFlags,
-    o: &OptimFlags,
-    r: &RunFlags,
-) -> anyhow::Result<TrainConfig> {
-    let base = match (&a.config, &a.resume) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(run)) if run.join("config.toml").is_file() => Some(run.join("config.toml")),
-        (None, Some(run)) => {
-            run.parent().and_then(|p| p.parent()).map(|r| r.join("config.toml")).filter(|p| p.is_file())
-        }
-        _ => None,
-    };
-    let mut c = match base {
-        Some(p) => TrainConfig::from_toml_file(&p)?,
-        None => base_defaults,
-    };
-    set!(c.model = a.model.clone());
-    set!(c.data = a.data.clone());
-    set!(c.output = a.output.clone());
-    if a.eval_data.is_some() {
-        c.eval_data = a.eval_data.clone();
+/// Where a run's settings come from: `--config FILE`, or the config.toml of the run `--resume` names.
+fn settings_file(inputs: &InputFlags) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(p) = &inputs.config {
+        return Ok(Some(p.clone()));
     }
-    if let Some(obj) = objective {
-        set!(c.loss = obj.loss.clone());
-        if obj.loss_weights.is_some() {
-            c.loss_weights = obj.loss_weights.clone();
-        }
-        obj.apply(&mut c.objective)?;
+    let Some(resume) = &inputs.resume else { return Ok(None) };
+    let run = resume_target(resume).run;
+    let file = run.join("config.toml");
+    if file.is_file() {
+        return Ok(Some(file));
     }
-    if let Some(rf) = reference {
-        if rf.ref_model.is_some() {
-            c.ref_model = rf.ref_model.clone();
-        }
-        c.precompute_ref |= rf.precompute_ref;
-        if rf.cache_dir.is_some() {
-            c.cache_dir = rf.cache_dir.clone();
+    bail!(
+        "--resume {}: no config.toml of a run found there (nor two levels up); pass a run directory written by \
+         dpo train or one of its checkpoints/step-N, or give --config and the other settings",
+        resume.display()
+    )
+}
+
+/// Defaults (for `method`), then the TOML file (or the resumed run's config.toml), then the flags given
+/// (`flags` serialises to a table keyed by the flags' names). Relative paths on the command line resolve
+/// against the working directory, those in a file against the file's directory; a resumed run's
+/// directory is where its checkpoint lives, wherever the run was copied.
+pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Method>) -> anyhow::Result<TrainConfig> {
+    let file = settings_file(inputs)?;
+    let mut table = toml::Table::try_from(flags).context("reading the flags")?;
+    for key in ["model", "data", "output", "ref_model", "eval_data", "cache_dir"] {
+        if let Some(toml::Value::String(p)) = table.get_mut(key) {
+            *p = std::path::absolute(Path::new(p.as_str()))?.to_string_lossy().into_owned();
         }
     }
-    if d.max_length.is_some() {
-        c.max_length = d.max_length;
+    if let Some(m) = method {
+        table.insert("method".into(), toml::Value::try_from(m)?);
     }
-    if d.max_prompt_length.is_some() {
-        c.max_prompt_length = d.max_prompt_length;
-    }
-    set!(c.truncation = d.truncation.clone());
-    c.skip_bad_rows |= d.skip_bad_rows;
-    c.no_shuffle |= d.no_shuffle;
-    if d.no_prefix_sharing {
-        c.prefix_sharing = false;
-    }
-    set!(c.lr = o.lr);
-    set!(c.batch_size = o.batch_size);
-    set!(c.grad_accum = o.grad_accum);
-    set!(c.micro_pairs = o.micro_pairs);
-    if o.max_steps.is_some() {
-        c.max_steps = o.max_steps;
-    }
-    set!(c.epochs = o.epochs);
-    set!(c.optimizer = o.optimizer.clone());
-    set!(c.scheduler = o.scheduler.clone());
-    set!(c.warmup_steps = o.warmup_steps);
-    set!(c.weight_decay = o.weight_decay);
-    set!(c.adam_beta1 = o.adam_beta1);
-    set!(c.adam_beta2 = o.adam_beta2);
-    set!(c.adam_eps = o.adam_eps);
-    set!(c.momentum = o.momentum);
-    set!(c.max_grad_norm = o.max_grad_norm);
-    set!(c.seed = o.seed);
-    set!(c.eval_every = r.eval_every);
-    set!(c.save_every = r.save_every);
-    set!(c.save_total_limit = r.save_total_limit);
-    set!(c.log_every = r.log_every);
-    if r.max_memory.is_some() {
-        c.max_memory = r.max_memory.clone();
-    }
-    if let Some(s) = &r.on_nonfinite {
-        c.on_nonfinite = if s == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop };
-    }
-    if let (Some(run), None) = (&a.resume, &a.output) {
-        if run.join("config.toml").is_file() {
-            c.output = run.clone();
-        }
-    }
-    for (name, p) in [("--model", &c.model), ("--data", &c.data), ("--output", &c.output)] {
-        if p.as_os_str().is_empty() {
-            if let (Some(run), None) = (&a.resume, &a.config) {
+    if let Some(resume) = &inputs.resume {
+        let run = std::path::absolute(resume_target(resume).run)?;
+        if let Some(out) = &inputs.output {
+            if std::path::absolute(out)? != run {
                 bail!(
-                    "--resume {}: no config.toml of a run found there (nor two levels up); pass a run directory \
-                     written by dpo train or one of its checkpoints/step-N, or give {name} and the other settings",
-                    run.display()
+                    "--resume continues the run in {} and --output names another directory ({}); to start a new \
+                     run from a checkpoint's weights, pass --model CHECKPOINT/model",
+                    run.display(),
+                    out.display()
                 );
             }
+        }
+        table.insert("output".into(), run.to_string_lossy().into_owned().into());
+    }
+    let c = TrainConfig::from_layers(file.as_deref(), table, method.unwrap_or_default())?;
+    for (name, p) in [("--model", &c.model), ("--data", &c.data), ("--output", &c.output)] {
+        if p.as_os_str().is_empty() {
             bail!("{name} is required (on the command line or in --config)");
         }
     }
@@ -338,47 +365,99 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg =
-        resolve(TrainConfig::default(), &a.inputs, Some(&a.objective), Some(&a.reference), &a.data, &a.optim, &a.run)?;
+pub fn run(a: Args, threads: Option<usize>) -> anyhow::Result<ExitCode> {
+    let cfg = resolve(&a.inputs, &a, None)?;
+    super::init_threads(threads.or(cfg.threads));
     let opts = RunOptions { resume: a.inputs.resume.clone(), overwrite: a.inputs.overwrite };
-    execute(&cfg, &opts, train)
+    execute(&cfg, &opts)
 }
 
-type Trainer = fn(
-    &TrainConfig,
-    &RunOptions,
-    &AtomicBool,
-    &mut dyn FnMut(&str),
-) -> Result<dpo::train::TrainOutcome, dpo::train::TrainError>;
+/// The command that continues or repeats a run of this objective.
+fn command_of(cfg: &TrainConfig) -> &'static str {
+    match cfg.objective {
+        Objective::Sft => "dpo sft",
+        _ => "dpo train",
+    }
+}
 
-/// Runs a trainer with signal handling and progress, and says how to resume an interrupted run.
-pub fn execute(cfg: &TrainConfig, opts: &RunOptions, trainer: Trainer) -> anyhow::Result<()> {
+/// Trains with signal handling and progress; says how to resume an interrupted run, and where a
+/// finished one put its outputs and how to evaluate them.
+pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode> {
     let stop = stop_flag()?;
     let mut progress = Progress::new();
-    let out = trainer(cfg, opts, &stop, &mut |line| progress.line(line))?;
+    let t0 = Instant::now();
+    let out = train(cfg, opts, &stop, &mut |line| progress.line(line)).map_err(|e| with_hint(e, command_of(cfg)))?;
     progress.finish();
+    let run = cfg.output.display();
     if out.interrupted {
         let ck = out.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         eprintln!(
-            "interrupted after step {}/{}; checkpoint written to {ck}\nresume with: dpo train --resume {}",
+            "interrupted after step {}/{}; checkpoint written to {ck}\nresume with: {} --resume {run}",
             out.steps,
             out.total_steps,
-            cfg.output.display()
+            command_of(cfg)
         );
-        std::process::exit(130);
+        return Ok(ExitCode::from(130));
     }
+    let elapsed = t0.elapsed().as_secs_f64();
     if let Some(f) = &out.final_dir {
-        eprintln!("done: {} steps; model written to {}", out.steps, f.display());
+        eprintln!("done: {} steps in {}; model written to {}", out.steps, human_duration(elapsed), f.display());
+        eprintln!("  metrics:     {}", cfg.output.join("metrics.jsonl").display());
+        eprintln!("  checkpoints: {}", cfg.output.join("checkpoints").display());
+        let reference = match (&cfg.objective, &cfg.ref_model) {
+            (Objective::Sft, _) => String::new(),
+            (_, Some(r)) => format!(" --ref-model {}", r.display()),
+            (_, None) => format!(" --ref-model {}", cfg.model.display()),
+        };
+        let data = cfg.eval_data.as_ref().unwrap_or(&cfg.data);
+        eprintln!("evaluate with: dpo eval --model {}{reference} --data {}", f.display(), data.display());
     }
     if let Some(peak) = peak_rss() {
         eprintln!("peak memory (resident): {}", dpo::train::memory::human(peak));
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A run error with what to do about it, in `command`'s flags (the library states only the facts).
+pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
+    let hint = match &e {
+        TrainError::OutputExists(p) => {
+            format!("; pass --overwrite to replace it or --resume {} to continue it", p.display())
+        }
+        TrainError::NoCheckpoint { .. } => "; start it again with --overwrite (or pass a run directory with \
+             checkpoints/step-N, or such a checkpoint directory, to --resume)"
+            .to_string(),
+        TrainError::Locked { .. } => ": wait for it to end, or choose another --output".to_string(),
+        TrainError::NonFinite { output, .. } => format!(
+            ": `{command} --resume {} --on-nonfinite skip` continues and skips such steps (or lower --lr or \
+             --beta, or look at those rows)",
+            output.display()
+        ),
+        TrainError::CheckpointWrite { newest: Some(_), output, .. } => {
+            format!(": free disk space, then continue with `{command} --resume {}`", output.display())
+        }
+        TrainError::CheckpointWrite { newest: None, .. } => {
+            ": free disk space, then start again with --overwrite".to_string()
+        }
+        TrainError::FinalWrite { output, .. } => {
+            format!(": free disk space, then `{command} --resume {}` writes final/ again", output.display())
+        }
+        TrainError::Output { .. } => "; choose another --output".to_string(),
+        _ => return e.into(),
+    };
+    anyhow::anyhow!("{e}{hint}")
+}
+
+fn human_duration(secs: f64) -> String {
+    match secs {
+        s if s < 60.0 => format!("{s:.1} s"),
+        s if s < 3600.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        s => format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64),
+    }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
-fn peak_rss() -> Option<u64> {
+pub fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)

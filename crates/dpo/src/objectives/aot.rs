@@ -24,7 +24,27 @@
 //! stable order. Not combinable with WPO weights (TRL refuses too).
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC_PAIRED: LossSpec = LossSpec {
+    name: "aot",
+    help: "AOT (Melnyk et al. 2024), paired: sorts the batch's margins",
+    needs_reference: true,
+    per_pair: false,
+    f_divergence: false,
+    weighting: false,
+    term: |cfg, b| Ok(term_paired(cfg, b)),
+};
+
+pub(super) const SPEC_UNPAIRED: LossSpec = LossSpec {
+    name: "aot_unpaired",
+    help: "AOT (Melnyk et al. 2024), unpaired: sorts chosen and rejected log-ratios apart",
+    needs_reference: true,
+    per_pair: false,
+    f_divergence: false,
+    weighting: false,
+    term: |cfg, b| Ok(term_unpaired(cfg, b)),
+};
 
 /// Indices that sort `v` ascending (stable).
 fn argsort(v: &[f64]) -> Vec<usize> {

@@ -24,7 +24,27 @@
 //! `sigmoid(beta * chosen_logratios) + 1 - sigmoid(beta * (chosen_logratios - rejected_logratios))`.
 
 use super::math::sigmoid;
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC_ZERO: LossSpec = LossSpec {
+    name: "apo_zero",
+    help: "APO-zero (D'Oosterlinck et al. 2024): raise chosen, lower rejected likelihood",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: false,
+    weighting: true,
+    term: |cfg, b| Ok(term_zero(cfg, b)),
+};
+
+pub(super) const SPEC_DOWN: LossSpec = LossSpec {
+    name: "apo_down",
+    help: "APO-down (D'Oosterlinck et al. 2024): lower both, rejected more",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: false,
+    weighting: true,
+    term: |cfg, b| Ok(term_down(cfg, b)),
+};
 
 fn dsigmoid(x: f64) -> f64 {
     let s = sigmoid(x);

@@ -13,7 +13,17 @@
 //! TRL 1.16: `-F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)`, on log-ratios.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "bco_pair",
+    help: "BCO (Jung et al. 2024), pairwise, without the running reward shift",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: false,
+    weighting: true,
+    term: |cfg, b| Ok(term(cfg, b)),
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Term {
     let beta = cfg.beta;

@@ -15,7 +15,17 @@
 //! With `eps = 0` it is the sigmoid loss.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "cdpo",
+    help: "conservative DPO: the sigmoid loss with label smoothing",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: true,
+    weighting: true,
+    term: |cfg, b| Ok(term(cfg, b)),
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Term {
     let (beta, eps) = (cfg.beta, cfg.label_smoothing);

@@ -16,7 +16,17 @@
 //! `-F.logsigmoid(logits) * (1 - m) + torch.exp(-logits) * m`.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "discopop",
+    help: "DiscoPOP (Chris Lu et al. 2024): log-ratio modulated sigmoid/exp mix",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: true,
+    weighting: true,
+    term,
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Result<Term, ObjectiveError> {
     let (beta, tau) = (cfg.beta, cfg.discopop_tau);

@@ -15,7 +15,17 @@
 //! `log_pw = log1p(-epsilon)`, `log_pl = log(epsilon)`; TRL refuses `label_smoothing == 0`.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "exo_pair",
+    help: "EXO (Ji et al. 2024), pairwise; needs label_smoothing > 0",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: true,
+    weighting: true,
+    term,
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Result<Term, ObjectiveError> {
     let (beta, eps) = (cfg.beta, cfg.label_smoothing);

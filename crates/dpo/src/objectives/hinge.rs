@@ -12,7 +12,17 @@
 //!
 //! TRL 1.16: `per_sequence_loss = torch.relu(1 - self.beta * delta_score)`.
 
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "hinge",
+    help: "SLiC (Zhao et al. 2023): relu(1 - beta * delta)",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: true,
+    weighting: true,
+    term: |cfg, b| Ok(term(cfg, b)),
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Term {
     let beta = cfg.beta;

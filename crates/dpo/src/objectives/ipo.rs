@@ -14,7 +14,17 @@
 //! `chosen_avg_score = chosen_scores / chosen_mask.sum(dim=1).clamp(min=1.0)`, ...,
 //! `per_sequence_loss = (ipo_delta - 1 / (2 * self.beta)) ** 2`.
 
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "ipo",
+    help: "IPO (Azar et al. 2023) on per-token log-ratios, as TRL: (delta_avg - 1/(2 beta))^2",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: true,
+    weighting: true,
+    term: |cfg, b| Ok(term(cfg, b)),
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Term {
     let target = 1.0 / (2.0 * cfg.beta);

@@ -14,7 +14,17 @@
 //! F.logsigmoid(-rejected_rewards)`, on log-ratios (no f-divergence).
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "nca_pair",
+    help: "NCA (Chen et al. 2024), pairwise",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: false,
+    weighting: true,
+    term: |cfg, b| Ok(term(cfg, b)),
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Term {
     let beta = cfg.beta;

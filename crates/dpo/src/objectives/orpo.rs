@@ -24,7 +24,17 @@
 
 use super::math::{log1mexp, log_sigmoid, sigmoid};
 use super::simpo::averages;
-use super::{Batch, LossConfig, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "orpo",
+    help: "ORPO (Hong et al. 2024), reference-free: NLL of prompt and chosen + beta * odds-ratio loss",
+    needs_reference: false,
+    per_pair: false,
+    f_divergence: false,
+    weighting: false,
+    term,
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Result<Term, ObjectiveError> {
     let (n, beta) = (b.n, cfg.beta);

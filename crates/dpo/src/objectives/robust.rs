@@ -16,7 +16,17 @@
 //! error, since the loss is infinite at 0.5 and rewards flipping the labels beyond it.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "robust",
+    help: "Robust DPO (Chowdhury et al. 2024): label_smoothing is the flip rate",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: true,
+    weighting: true,
+    term,
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Result<Term, ObjectiveError> {
     let (beta, eps) = (cfg.beta, cfg.label_smoothing);

@@ -13,7 +13,17 @@
 //! with WPO weights the loss is `batch_loss * mean(weights)`. It needs no reference. The CPO/SimPO
 //! trainer's behaviour-cloning term (`cpo_alpha * nll_loss`) is this same quantity.
 
-use super::{Batch, ObjectiveError, Term};
+use super::{Batch, LossSpec, ObjectiveError, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "sft",
+    help: "NLL of the chosen completions, averaged over their tokens (no reference)",
+    needs_reference: false,
+    per_pair: false,
+    f_divergence: true,
+    weighting: true,
+    term: |_, b| term(b),
+};
 
 pub(super) fn term(b: &Batch) -> Result<Term, ObjectiveError> {
     let tokens: usize = b.x.chosen_len.iter().sum();

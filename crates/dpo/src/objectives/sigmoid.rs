@@ -15,7 +15,17 @@
 //! `label_smoothing`; the smoothed (conservative) form is [`super::LossType::Cdpo`].
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "sigmoid",
+    help: "DPO (Rafailov et al. 2023): -logsigmoid(beta * delta)",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: true,
+    weighting: true,
+    term: |cfg, b| Ok(term(cfg, b)),
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Term {
     let beta = cfg.beta;

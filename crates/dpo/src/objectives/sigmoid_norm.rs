@@ -15,7 +15,17 @@
 //! rejected_mask.sum(1).clamp(min=1)`, `-F.logsigmoid(self.beta * delta)`.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "sigmoid_norm",
+    help: "the sigmoid loss on per-token (length-normalised) log-ratios",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: false,
+    weighting: true,
+    term: |cfg, b| Ok(term(cfg, b)),
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Term {
     let beta = cfg.beta;

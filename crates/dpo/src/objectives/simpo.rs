@@ -20,7 +20,17 @@
 //! `gamma` default to TRL's `CPOConfig` values (0.1 and 0.5); the SimPO paper uses beta 2 to 2.5.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "simpo",
+    help: "SimPO (Meng et al. 2024), reference-free: length-normalised rewards, margin gamma",
+    needs_reference: false,
+    per_pair: true,
+    f_divergence: false,
+    weighting: false,
+    term,
+};
 
 /// `a = sum / len`, or an error naming the loss, side and row when `len` is 0 (TRL would divide by zero).
 pub(super) fn averages(b: &Batch, loss: &str) -> Result<(Vec<f64>, Vec<f64>), ObjectiveError> {

@@ -12,7 +12,17 @@
 //!
 //! TRL 1.16: `(chosen_logratios - 0.5 / self.beta) ** 2 + (rejected_logratios + 0.5 / self.beta) ** 2`.
 
-use super::{Batch, LossConfig, Term};
+use super::{Batch, LossConfig, LossSpec, Term};
+
+pub(super) const SPEC: LossSpec = LossSpec {
+    name: "sppo_hard",
+    help: "SPPO (Wu et al. 2024), hard-label version",
+    needs_reference: true,
+    per_pair: true,
+    f_divergence: false,
+    weighting: true,
+    term: |cfg, b| Ok(term(cfg, b)),
+};
 
 pub(super) fn term(cfg: &LossConfig, b: &Batch) -> Term {
     let half = 0.5 / cfg.beta;

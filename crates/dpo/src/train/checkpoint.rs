@@ -30,7 +30,13 @@ pub fn checkpoints_dir(output: &Path) -> PathBuf {
     output.join("checkpoints")
 }
 
-/// Writes a checkpoint atomically and returns its directory.
+/// Writes a checkpoint atomically and returns its directory. The run is expected to take `total_steps`
+/// steps (recorded so that a resume can say when the schedule changes).
+///
+/// A complete `step-N` already in place holds this very state (a run directory holds one trajectory:
+/// --overwrite moves a previous run aside, a resume from an older checkpoint moves the newer ones
+/// aside), so it is kept as it is: an existing checkpoint is never replaced, and no moment exists at
+/// which neither the old nor the new copy is in place.
 pub fn save(
     output: &Path,
     model_cfg: &hf::ModelConfig,
@@ -38,10 +44,14 @@ pub fn save(
     source_dir: &Path,
     optimizer: &Optimizer,
     state: &TrainerState,
+    total_steps: u64,
 ) -> Result<PathBuf, TrainError> {
     let root = checkpoints_dir(output);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
     let fin = root.join(format!("step-{}", state.step));
+    if fin.join("trainer_state.json").is_file() {
+        return Ok(fin);
+    }
     let tmp = root.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| -> Result<(), TrainError> {
@@ -55,19 +65,14 @@ pub fn save(
         let opt_path = tmp.join("optimizer.safetensors");
         hf::safetensors::write_f32(&opt_path, &tensors)?;
         drop(tensors);
-        let meta = serde_json::json!({ "state": state, "optimizer_step": steps });
+        let meta = serde_json::json!({ "state": state, "optimizer_step": steps, "total_steps": total_steps });
         let meta_path = tmp.join("trainer_state.json");
         crate::io::write_atomic(&meta_path, serde_json::to_string_pretty(&meta).expect("json").as_bytes())
             .map_err(|e| TrainError::io(&meta_path, e))?;
-        // Rewriting a step: the old copy is renamed away (one atomic step) before it is deleted, so a crash
-        // never leaves a half-deleted `step-N` behind.
-        let old = root.join(format!(".step-{}.tmp-{}-old", state.step, std::process::id()));
-        if fin.exists() {
-            std::fs::rename(&fin, &old).map_err(|e| TrainError::io(&fin, e))?;
-        }
+        // A directory left by an interrupted write of this step (no trainer_state.json) goes first.
+        let _ = std::fs::remove_dir_all(&fin);
         std::fs::rename(&tmp, &fin).map_err(|e| TrainError::io(&fin, e))?;
         sync_dir(&root);
-        let _ = std::fs::remove_dir_all(&old);
         Ok(())
     })();
     if result.is_err() {
@@ -123,18 +128,48 @@ pub fn prune(output: &Path, keep: usize) {
 
 /// What a checkpoint holds.
 pub struct Loaded {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
     pub model: hf::HfModel,
     pub optimizer: Optimizer,
     pub state: TrainerState,
+    /// The steps the run that wrote it was to take (absent in checkpoints of older versions).
+    pub total_steps: Option<u64>,
+}
+
+/// Leftovers of checkpoint writes that did not complete (`.step-N.tmp-PID`).
+pub fn incomplete(output: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(checkpoints_dir(output))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".step-") && n.contains(".tmp-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The newest complete checkpoint of a run, or an error that says what is there instead.
+pub fn newest(run: &Path) -> Result<PathBuf, TrainError> {
+    if let Some((_, p)) = list(run).pop() {
+        return Ok(p);
+    }
+    let left = incomplete(run);
+    let detail = if left.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (only {}, left by a checkpoint write that was interrupted and holding no usable state)",
+            left.join(", ")
+        )
+    };
+    Err(TrainError::NoCheckpoint { run: run.to_path_buf(), detail })
 }
 
 /// Loads a checkpoint directory (`.../checkpoints/step-N`) or, given a run directory, its newest checkpoint.
 pub fn load(path: &Path, opt_cfg: OptimizerConfig) -> Result<Loaded, TrainError> {
-    let dir = if path.join("trainer_state.json").is_file() {
-        path.to_path_buf()
-    } else {
-        list(path).pop().map(|(_, p)| p).ok_or_else(|| TrainError::NoCheckpoint(path.to_path_buf()))?
-    };
+    let dir = if path.join("trainer_state.json").is_file() { path.to_path_buf() } else { newest(path)? };
     let meta_path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| TrainError::io(&meta_path, e))?;
     let meta: serde_json::Value =
@@ -144,6 +179,7 @@ pub fn load(path: &Path, opt_cfg: OptimizerConfig) -> Result<Loaded, TrainError>
     let opt_step = meta["optimizer_step"]
         .as_u64()
         .ok_or_else(|| TrainError::Checkpoint(meta_path.clone(), "missing optimizer_step".into()))?;
+    let total_steps = meta["total_steps"].as_u64();
     let model = hf::load_model(&dir.join("model"))?;
     let st = hf::SafeTensors::open(&dir.join("optimizer.safetensors"))?;
     let mut tensors = Vec::new();
@@ -152,5 +188,5 @@ pub fn load(path: &Path, opt_cfg: OptimizerConfig) -> Result<Loaded, TrainError>
     }
     let optimizer = Optimizer::restore(opt_cfg, &model.params, OptimizerState { steps: opt_step, buffers: tensors })
         .map_err(|e| TrainError::Checkpoint(dir.clone(), e.to_string()))?;
-    Ok(Loaded { model, optimizer, state })
+    Ok(Loaded { dir, model, optimizer, state, total_steps })
 }

@@ -1,12 +1,23 @@
 //! The resolved configuration of a training run: defaults (TRL's `DPOConfig` and HF `TrainingArguments`,
 //! where not stated otherwise), overridden by a TOML file, overridden by command-line flags. The
 //! resolved result is written to `OUTPUT/config.toml`, so a run can be repeated with `--config` alone.
+//!
+//! The TOML keys are the command-line flags' names with `_` for `-` (`loss_weights`, `f_alpha`,
+//! `no_prefix_sharing`, `threads`); `loss` and `loss_weights` are an array or a comma-separated string.
+//! The file is read once into [`RawConfig`] (serde, unknown keys refused) and resolved into the typed
+//! [`TrainConfig`], whose every setting is checked there ([`TrainConfig::validate`]), before anything
+//! else happens. Relative paths in a file resolve against the file's directory.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
+use engine::optim::{OptimizerConfig, ScheduleKind};
 use serde::{Deserialize, Serialize};
 
-use crate::objectives::LossConfig;
+use super::pairs::PairObjective;
+use crate::data::Truncation;
+use crate::objectives::{KtoConfig, LossConfig, LossType};
 
 /// What to do when a step's loss or gradient is NaN or infinite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -19,8 +30,143 @@ pub enum OnNonFinite {
     Stop,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// What a run trains.
+#[derive(Clone, Debug)]
+pub enum Objective {
+    /// Preference pairs under weighted losses of the DPO family.
+    Pairs(PairObjective),
+    /// KTO on unpaired rows (preference rows are split into a desirable and an undesirable row).
+    Kto(KtoConfig),
+    /// Supervised fine-tuning on prompt/completion rows or the chosen side of preference rows.
+    Sft,
+}
+
+impl PartialEq for Objective {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Objective::Pairs(a), Objective::Pairs(b)) => a.losses == b.losses && a.cfg == b.cfg,
+            (Objective::Kto(a), Objective::Kto(b)) => a == b,
+            (Objective::Sft, Objective::Sft) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Objective {
+    /// The `method` key of config.toml.
+    pub fn method(&self) -> Method {
+        match self {
+            Objective::Pairs(_) => Method::Pairs,
+            Objective::Kto(_) => Method::Kto,
+            Objective::Sft => Method::Sft,
+        }
+    }
+
+    /// Inverse temperature of the implicit reward, where the objective has one.
+    pub fn beta(&self) -> Option<f64> {
+        match self {
+            Objective::Pairs(p) => Some(p.cfg.beta),
+            Objective::Kto(k) => Some(k.beta),
+            Objective::Sft => None,
+        }
+    }
+
+    /// The DPO-family objective with one loss at weight 1 and default settings.
+    pub fn pairs(loss: LossType) -> Self {
+        Objective::Pairs(PairObjective { losses: vec![(loss, 1.0)], cfg: LossConfig::default() })
+    }
+}
+
+/// The kind of objective, as config.toml records it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Preference pairs (`dpo train` with a loss of the DPO family).
+    #[default]
+    Pairs,
+    /// Unpaired rows (`dpo train --loss kto` or `apo_zero_unpaired`).
+    Kto,
+    /// Supervised fine-tuning (`dpo sft`).
+    Sft,
+}
+
+/// The optimizer, with PyTorch's semantics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// `torch.optim.AdamW`; no decay on biases and norms.
+    #[default]
+    AdamW,
+    /// `torch.optim.RMSprop` (the DPO paper's), alpha 0.99, eps 1e-8.
+    RmsProp,
+    /// `torch.optim.SGD`.
+    Sgd,
+}
+
+impl OptimizerKind {
+    pub const NAMES: [&'static str; 3] = ["adamw", "rmsprop", "sgd"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::RmsProp => "rmsprop",
+            OptimizerKind::Sgd => "sgd",
+        }
+    }
+}
+
+impl FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "adamw" => Ok(OptimizerKind::AdamW),
+            "rmsprop" => Ok(OptimizerKind::RmsProp),
+            "sgd" => Ok(OptimizerKind::Sgd),
+            t => Err(format!("unknown optimizer `{t}`; use adamw, rmsprop or sgd")),
+        }
+    }
+}
+
+/// The names of the learning-rate schedules, as the flags and config.toml spell them.
+pub const SCHEDULE_NAMES: [&str; 3] = ["constant", "linear", "cosine"];
+
+pub fn schedule_name(s: ScheduleKind) -> &'static str {
+    match s {
+        ScheduleKind::Constant => "constant",
+        ScheduleKind::Linear => "linear",
+        ScheduleKind::Cosine => "cosine",
+    }
+}
+
+pub(super) fn truncation_name(t: Truncation) -> &'static str {
+    match t {
+        Truncation::KeepStart => "keep-start",
+        Truncation::KeepEnd => "keep-end",
+    }
+}
+
+/// A number of bytes, written as `8GiB`, `512M` or a plain count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        super::memory::parse_size(s).map(ByteSize)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Learning rate of a DPO-family or KTO run (TRL's `DPOConfig`).
+pub const DEFAULT_LR: f64 = 1e-6;
+/// Learning rate of an SFT run (TRL's `SFTConfig`).
+pub const DEFAULT_SFT_LR: f64 = 2e-5;
+
+#[derive(Clone, Debug, PartialEq)]
 pub struct TrainConfig {
     /// Starting checkpoint (HF directory).
     pub model: PathBuf,
@@ -33,12 +179,8 @@ pub struct TrainConfig {
     /// Held-out data evaluated every `eval_every` steps and at the end.
     pub eval_data: Option<PathBuf>,
 
-    /// Loss types, comma-separated (`sigmoid`, `ipo`, `sigmoid,sft`, ...).
-    pub loss: String,
-    /// One weight per loss type; default 1 each.
-    pub loss_weights: Option<String>,
-    /// Objective settings (beta, label smoothing, f-divergence, SimPO gamma, ...).
-    pub objective: LossConfig,
+    /// What is trained: pairs under weighted losses, KTO, or SFT.
+    pub objective: Objective,
     /// Compute reference log-probs once before training and cache them on disk.
     pub precompute_ref: bool,
     /// Directory of the reference log-prob cache (default: `$XDG_CACHE_HOME/dpo` or `~/.cache/dpo`).
@@ -46,8 +188,7 @@ pub struct TrainConfig {
 
     pub max_length: Option<usize>,
     pub max_prompt_length: Option<usize>,
-    /// `keep-start` or `keep-end`.
-    pub truncation: String,
+    pub truncation: Truncation,
     pub skip_bad_rows: bool,
     /// Visit rows in file order instead of a seeded shuffle per epoch.
     pub no_shuffle: bool,
@@ -65,10 +206,8 @@ pub struct TrainConfig {
     /// Stop after this many optimizer steps (overrides `epochs`).
     pub max_steps: Option<u64>,
     pub epochs: f64,
-    /// `adamw`, `rmsprop` or `sgd`.
-    pub optimizer: String,
-    /// `constant`, `linear` or `cosine`.
-    pub scheduler: String,
+    pub optimizer: OptimizerKind,
+    pub scheduler: ScheduleKind,
     pub warmup_steps: u64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -79,6 +218,8 @@ pub struct TrainConfig {
     /// Clip the global gradient norm to this; 0 disables clipping.
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// Worker threads for the math (default: all cores); the command line's `--threads` wins.
+    pub threads: Option<usize>,
 
     /// Evaluate on `eval_data` every this many steps (0: only at the end).
     pub eval_every: u64,
@@ -89,9 +230,9 @@ pub struct TrainConfig {
     /// Print a metrics line every this many steps.
     pub log_every: u64,
     pub on_nonfinite: OnNonFinite,
-    /// Memory the run may use (`8GiB`, `512M`); default: the machine's available memory
-    /// (`MemAvailable`). A run whose estimated peak exceeds it is refused before training.
-    pub max_memory: Option<String>,
+    /// Memory the run may use; default: the machine's available memory (`MemAvailable`). A run whose
+    /// estimated peak exceeds it is refused before training.
+    pub max_memory: Option<ByteSize>,
 }
 
 impl Default for TrainConfig {
@@ -102,25 +243,23 @@ impl Default for TrainConfig {
             output: PathBuf::new(),
             ref_model: None,
             eval_data: None,
-            loss: "sigmoid".into(),
-            loss_weights: None,
-            objective: LossConfig::default(),
+            objective: Objective::pairs(LossType::Sigmoid),
             precompute_ref: false,
             cache_dir: None,
             max_length: Some(1024),
             max_prompt_length: None,
-            truncation: "keep-start".into(),
+            truncation: Truncation::KeepStart,
             skip_bad_rows: false,
             no_shuffle: false,
             prefix_sharing: true,
-            lr: 1e-6,
+            lr: DEFAULT_LR,
             batch_size: 8,
             micro_pairs: 0,
             grad_accum: 1,
             max_steps: None,
             epochs: 3.0,
-            optimizer: "adamw".into(),
-            scheduler: "linear".into(),
+            optimizer: OptimizerKind::AdamW,
+            scheduler: ScheduleKind::Linear,
             warmup_steps: 0,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -129,6 +268,7 @@ impl Default for TrainConfig {
             momentum: 0.0,
             max_grad_norm: 1.0,
             seed: 42,
+            threads: None,
             eval_every: 0,
             save_every: 500,
             save_total_limit: 0,
@@ -149,60 +289,147 @@ pub enum ConfigError {
     Invalid { field: &'static str, message: String },
 }
 
+pub(super) fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
 impl TrainConfig {
     /// Reads a TOML file; unknown keys are errors that name the key.
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Toml { path: path.into(), message: e.to_string() })
+        Self::from_layers(Some(path), toml::Table::new(), Method::Pairs)
+    }
+
+    /// `method`'s defaults, then the file (relative paths against its directory), then `overrides` (a
+    /// table keyed like the file, e.g. the command line's flags): parsed once, then checked.
+    pub fn from_layers(file: Option<&Path>, overrides: toml::Table, method: Method) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(p) => read_toml_table(p)?,
+            None => toml::Table::new(),
+        };
+        table.extend(overrides);
+        let what = file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("settings"));
+        let raw: RawConfig = toml::Value::Table(table).try_into().map_err(|e| toml_error(&what, e))?;
+        let cfg = TrainConfig::resolve(raw, method)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("a TrainConfig always serialises")
+        toml::to_string_pretty(&self.to_raw()).expect("a TrainConfig always serialises")
     }
 
-    /// Checks ranges that would otherwise fail deep inside a run.
+    /// The optimizer with this run's settings.
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        let (weight_decay, momentum) = (self.weight_decay, self.momentum);
+        match self.optimizer {
+            OptimizerKind::AdamW => OptimizerConfig::AdamW {
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_eps,
+                weight_decay,
+            },
+            OptimizerKind::RmsProp => OptimizerConfig::RmsProp { alpha: 0.99, eps: 1e-8, weight_decay, momentum },
+            OptimizerKind::Sgd => OptimizerConfig::Sgd { momentum, weight_decay },
+        }
+    }
+
+    /// Checks every setting, with torch's rules where torch has them (`torch.optim.AdamW`, `SGD`,
+    /// `RMSprop`, `clip_grad_norm_`), so that nothing fails deep inside a run.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, message: &str| Err(ConfigError::Invalid { field, message: message.into() });
+        let finite = |field, v: f64| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(invalid(field, format!("{v} is not a finite number")))
+            }
+        };
+        let at_least = |field, v: f64, lo: f64| {
+            finite(field, v)?;
+            if v >= lo {
+                Ok(())
+            } else {
+                Err(invalid(field, format!("{v} must be >= {lo}")))
+            }
+        };
         if self.batch_size == 0 {
-            return bad("batch_size", "must be at least 1");
+            return Err(invalid("batch_size", "must be at least 1"));
         }
         if self.grad_accum == 0 {
-            return bad("grad_accum", "must be at least 1");
+            return Err(invalid("grad_accum", "must be at least 1"));
         }
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return bad("lr", "must be a non-negative number");
-        }
+        at_least("lr", self.lr, 0.0)?;
         if self.max_steps.is_none() && !(self.epochs.is_finite() && self.epochs > 0.0) {
-            return bad("epochs", "must be positive (or give max_steps)");
+            return Err(invalid("epochs", format!("{} must be positive (or give max_steps)", self.epochs)));
         }
-        if self.max_grad_norm < 0.0 {
-            return bad("max_grad_norm", "must be >= 0 (0 disables clipping)");
-        }
-        if self.truncation.parse::<crate::data::Truncation>().is_err() {
-            return bad("truncation", "must be keep-start or keep-end");
+        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
+            return Err(invalid("max_grad_norm", format!("{} must be >= 0 (0 disables clipping)", self.max_grad_norm)));
         }
         if self.max_length == Some(0) {
-            return bad("max_length", "must be at least 1");
+            return Err(invalid("max_length", "must be at least 1"));
         }
-        if let Some(m) = &self.max_memory {
-            super::memory::parse_size(m).map_err(|message| ConfigError::Invalid { field: "max_memory", message })?;
+        if self.max_prompt_length == Some(0) {
+            return Err(invalid("max_prompt_length", "must be at least 1"));
+        }
+        if self.threads == Some(0) {
+            return Err(invalid("threads", "must be at least 1"));
+        }
+        at_least("weight_decay", self.weight_decay, 0.0)?;
+        at_least("momentum", self.momentum, 0.0)?;
+        for (field, b) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(invalid(field, format!("{b} must be in [0, 1)")));
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return Err(invalid("adam_eps", format!("{} must be a positive number", self.adam_eps)));
+        }
+        let positive_beta = |beta: f64| {
+            if beta.is_finite() && beta > 0.0 {
+                Ok(())
+            } else {
+                Err(invalid(
+                    "beta",
+                    format!("{beta} must be a positive number (0 trains nothing, < 0 inverts the objective)"),
+                ))
+            }
+        };
+        match &self.objective {
+            Objective::Pairs(p) => {
+                positive_beta(p.cfg.beta)?;
+                for (kind, w) in &p.losses {
+                    if !w.is_finite() {
+                        return Err(invalid(
+                            "loss_weights",
+                            format!("the weight of {} is {w}, not a finite number", kind.name()),
+                        ));
+                    }
+                }
+                let c = &p.cfg;
+                if !(c.label_smoothing.is_finite() && (0.0..1.0).contains(&c.label_smoothing)) {
+                    return Err(invalid("label_smoothing", format!("{} must be in [0, 1)", c.label_smoothing)));
+                }
+                finite("f_alpha", c.f_alpha_divergence_coef)?;
+                finite("simpo_gamma", c.simpo_gamma)?;
+                finite("discopop_tau", c.discopop_tau)?;
+                finite("alphapo_alpha", c.alphapo_alpha)?;
+            }
+            Objective::Kto(k) => {
+                positive_beta(k.beta)?;
+                at_least("desirable_weight", k.desirable_weight, 0.0)?;
+                at_least("undesirable_weight", k.undesirable_weight, 0.0)?;
+                if self.precompute_ref {
+                    return Err(invalid("precompute_ref", "does not apply to KTO: its KL pairs are formed per batch"));
+                }
+            }
+            Objective::Sft => {}
         }
         Ok(())
     }
 }
 
+mod raw;
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    #[test]
-    fn toml_round_trip_and_unknown_keys() {
-        let c = TrainConfig { lr: 5e-3, loss: "sigmoid,sft".into(), ..Default::default() };
-        let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
-        assert_eq!(back, c);
-        let e = toml::from_str::<TrainConfig>("lrr = 1.0\n").unwrap_err().to_string();
-        assert!(e.contains("lrr"), "{e}");
-        let nested: TrainConfig = toml::from_str("lr = 0.5\n[objective]\nbeta = 0.25\n").unwrap();
-        assert_eq!((nested.lr, nested.objective.beta, nested.batch_size), (0.5, 0.25, 8));
-    }
-}
+use raw::toml_error;
+pub use raw::{read_toml_table, ListOrString, RawConfig};

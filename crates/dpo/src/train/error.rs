@@ -1,6 +1,7 @@
 use std::path::{Path, PathBuf};
 
-/// Why a training, evaluation or scoring run stopped.
+/// Why a training, evaluation or scoring run stopped. The messages state facts (files, steps, rows);
+/// the command line adds what to do about them, in its own flags' words.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]
@@ -12,51 +13,60 @@ pub enum TrainError {
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
     #[error(transparent)]
+    Reference(#[from] super::reference::ReferenceError),
+    #[error(transparent)]
     Objective(#[from] crate::objectives::ObjectiveError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{0} already holds a run (metrics.jsonl or checkpoints); pass --overwrite to replace it or --resume {0} to continue it")]
+    #[error("{0} already holds a run (metrics.jsonl or checkpoints)")]
     OutputExists(PathBuf),
-    #[error("no checkpoint found in {0}; pass a run directory with checkpoints/ or a checkpoints/step-N directory")]
-    NoCheckpoint(PathBuf),
+    #[error(
+        "no checkpoint found in {}{detail}; the run cannot be continued from it",
+        run.display()
+    )]
+    NoCheckpoint { run: PathBuf, detail: String },
+    #[error(
+        "{} is in use by another process ({}); a run directory takes one process at a time",
+        run.display(),
+        if holder.is_empty() { "lock file .lock".to_string() } else { format!("pid {holder}, lock file .lock") }
+    )]
+    Locked { run: PathBuf, holder: String },
+    #[error(
+        "{checkpoint} does not fit {model}: {detail}; a resumed run continues from the model it started with \
+         (nothing was written)"
+    )]
+    ModelMismatch { checkpoint: String, model: String, detail: String },
     #[error("checkpoint {0} is unusable: {1}")]
     Checkpoint(PathBuf, String),
     #[error("{0}")]
     Invalid(String),
     #[error(
         "step {step}: the {what} is not finite (rows {rows}); the step was not applied and the run stopped. \
-         {} holds the last good state: `dpo train --resume {} --on-nonfinite skip` continues and skips such \
-         steps (or lower --lr or --beta, or look at those rows)",
-        checkpoint.display(),
-        output.display()
+         {} holds the last good state",
+        checkpoint.display()
     )]
     NonFinite { step: u64, what: &'static str, rows: String, checkpoint: PathBuf, output: PathBuf },
     #[error(
         "could not write the checkpoint of step {step}: {message}; nothing of it was left behind. {}",
-        resume_hint(newest.as_deref(), output)
+        newest_fact(newest.as_deref())
     )]
     CheckpointWrite { step: u64, message: String, newest: Option<PathBuf>, output: PathBuf },
     #[error(
-        "could not write the final model: {message}; checkpoint {} holds the trained weights: free disk \
-         space, then `dpo train --resume {}` writes final/ again",
-        checkpoint.display(),
-        output.display()
+        "could not write the final model: {message}; checkpoint {} holds the trained weights",
+        checkpoint.display()
     )]
     FinalWrite { message: String, checkpoint: PathBuf, output: PathBuf },
-    #[error("{}: {msg}; choose another --output", path.display())]
+    #[error("{}: {msg}", path.display())]
     Output { path: PathBuf, msg: String },
     #[error("{0}")]
     Memory(String),
 }
 
-fn resume_hint(newest: Option<&Path>, output: &Path) -> String {
+/// What a failed checkpoint write leaves to continue from.
+fn newest_fact(newest: Option<&Path>) -> String {
     match newest {
-        Some(p) => format!(
-            "The newest complete checkpoint is {}: free disk space, then continue with `dpo train --resume {}`",
-            p.display(),
-            output.display()
-        ),
-        None => "No checkpoint was completed: free disk space, then start again with --overwrite".to_string(),
+        Some(p) => format!("The newest complete checkpoint is {}", p.display()),
+        None => "No checkpoint was completed".to_string(),
     }
 }
 

@@ -1,5 +1,13 @@
 //! Training and evaluation: configuration, the reference model, one micro-batch of pairs, checkpoints,
-//! and the loop that ties them together.
+//! the run directory, and the loop that ties them together.
+//!
+//! ```text
+//! config.rs   TrainConfig: typed settings, parsed once, validated
+//! setup.rs    validate and load everything (model, data, reference, checkpoint) before the disk is touched
+//! run_dir.rs  RunDir: lock, create or replace, config.toml, metrics.jsonl, abandoned checkpoints
+//! loop.rs     Trainer::step (one optimizer step of any Workload) and run (order, evaluation,
+//!             checkpoints, signals, non-finite steps)
+//! ```
 
 pub mod checkpoint;
 pub mod config;
@@ -8,13 +16,18 @@ pub mod kto;
 pub mod memory;
 pub mod pairs;
 pub mod reference;
-pub mod trainer;
+pub mod run_dir;
+pub mod setup;
+#[path = "loop.rs"]
+pub mod train_loop;
 pub mod workload;
 
-pub use config::{OnNonFinite, TrainConfig};
+pub use config::{ByteSize, Method, Objective, OnNonFinite, OptimizerKind, TrainConfig};
 pub use error::TrainError;
 pub use kto::KtoWorkload;
 pub use pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 pub use reference::Reference;
-pub use trainer::{evaluate, train, train_sft, RunOptions, TrainOutcome};
+pub use run_dir::{RunDir, StartMode};
+pub use setup::{data_options, setup, RunOptions, Setup, Start};
+pub use train_loop::{epoch_order, evaluate, run, total_steps, train, train_sft, StepOutcome, TrainOutcome, Trainer};
 pub use workload::{PairWorkload, SftWorkload, Workload};

@@ -10,7 +10,7 @@ use super::reference::Reference;
 use super::TrainError;
 use crate::data::pack::sum_ranges;
 use crate::data::{pack_pairs, Example, Packing};
-use crate::objectives::{combined, reward_metrics, LossConfig, LossType, PairLogps};
+use crate::objectives::{combined, gradient_weight, reward_metrics, LossConfig, LossType, PairLogps};
 
 /// The objective of a run: weighted loss types and their settings.
 #[derive(Clone, Debug)]
@@ -187,19 +187,4 @@ pub fn pair_batch(
         })
         .sum();
     Ok(BatchOutcome { metrics, num_tokens, finite: finite && lg.loss.is_finite() })
-}
-
-/// Mean over pairs of sigma(beta * (log-ratio_rejected - log-ratio_chosen)): the weight DPO's gradient
-/// puts on each pair (the paper's eq. 7) — large while the implicit reward ranks a pair wrongly, small once
-/// it is learned. NaN without a reference.
-fn gradient_weight(beta: f64, x: &PairLogps) -> f64 {
-    let (Some(rc), Some(rr)) = (x.ref_chosen, x.ref_rejected) else { return f64::NAN };
-    let n = x.policy_chosen.len().max(1) as f64;
-    (0..x.policy_chosen.len())
-        .map(|i| {
-            let margin = beta * ((x.policy_chosen[i] - rc[i]) - (x.policy_rejected[i] - rr[i]));
-            1.0 / (1.0 + margin.exp())
-        })
-        .sum::<f64>()
-        / n
 }

@@ -14,9 +14,9 @@ use super::evaluate::{Evaluator, Point, World};
 use super::plan::{Plan, Steps};
 use super::DemoError;
 use crate::data::{Example, Packing};
-use crate::objectives::LossConfig;
+use crate::objectives::{LossConfig, LossType};
 use crate::scoring::score_pairs;
-use crate::train::{checkpoint, train, train_sft, RunOptions, TrainConfig};
+use crate::train::{checkpoint, train, train_sft, Objective, PairObjective, RunOptions, TrainConfig};
 
 /// One run of one method (or, for Best-of-N, one sweep over N) and its measured points.
 #[derive(Clone, Debug, Serialize)]
@@ -105,8 +105,10 @@ pub fn beta_name(beta: f64) -> String {
 pub fn dpo(ctx: &Ctx, beta: f64, log: &mut dyn FnMut(&str)) -> Result<(MethodRun, Params), DemoError> {
     let name = format!("dpo-beta{beta}");
     let cfg = TrainConfig {
-        loss: "sigmoid".into(),
-        objective: LossConfig { beta, ..Default::default() },
+        objective: Objective::Pairs(PairObjective {
+            losses: vec![(LossType::Sigmoid, 1.0)],
+            cfg: LossConfig { beta, ..Default::default() },
+        }),
         ..ctx.train_config(&name, &ctx.plan.dpo)
     };
     let t = Instant::now();

@@ -104,7 +104,7 @@ pub fn pretrain(plan: &Plan, out: &Path, stop: &AtomicBool, log: &mut dyn FnMut(
         batch_size: plan.sft.batch,
         max_steps: Some(plan.sft.steps),
         warmup_steps: plan.sft.steps / 20,
-        scheduler: "cosine".into(),
+        scheduler: engine::optim::ScheduleKind::Cosine,
         save_every: 0,
         log_every: (plan.sft.steps / 5).max(1),
         seed: plan.seed,

@@ -28,7 +28,7 @@ use super::plan::Steps;
 use super::DemoError;
 use crate::data::pack::pack_sequences;
 use crate::data::Example;
-use crate::train::trainer::epoch_order;
+use crate::train::epoch_order;
 
 const MIN_COMPLEMENT: f64 = 0.1;
 const MAX_GRAD_NORM: f64 = 1.0;

@@ -1,0 +1,200 @@
+use super::testutil::*;
+use super::*;
+
+#[test]
+fn names_round_trip_and_errors_list_valid_ones() {
+    for k in LossType::ALL {
+        assert_eq!(k.name().parse::<LossType>().unwrap(), k);
+        assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{}\"", k.name()));
+    }
+    let e = "dpo".parse::<LossType>().unwrap_err().to_string();
+    assert!(e.contains("`dpo`") && e.contains("sigmoid") && e.contains("sigmoid_norm"), "{e}");
+}
+
+#[test]
+fn parse_loss_list_follows_trl() {
+    let l = parse_loss_list("sigmoid,sft", Some("1.0, 0.2")).unwrap();
+    assert_eq!(l, vec![(LossType::Sigmoid, 1.0), (LossType::Sft, 0.2)]);
+    assert_eq!(parse_loss_list("ipo", None).unwrap(), vec![(LossType::Ipo, 1.0)]);
+    assert!(matches!(parse_loss_list("sigmoid,sft", Some("1.0")), Err(ObjectiveError::WeightCount { .. })));
+    assert!(matches!(parse_loss_list("sigmoid", Some("x")), Err(ObjectiveError::BadWeight { .. })));
+    assert!(matches!(parse_loss_list("", None), Err(ObjectiveError::NoLoss)));
+}
+
+#[test]
+fn combined_is_the_weighted_sum() {
+    let f = &fixtures()[0];
+    let x = f.pair();
+    let cfg = golden_cfg();
+    let a = pair_loss(LossType::Sigmoid, &cfg, &x).unwrap();
+    let b = pair_loss(LossType::Sft, &cfg, &x).unwrap();
+    let c = combined(&[(LossType::Sigmoid, 1.0), (LossType::Sft, 0.2)], &cfg, &x).unwrap();
+    assert!((c.loss - (a.loss + 0.2 * b.loss)).abs() < 1e-12);
+    for i in 0..x.policy_chosen.len() {
+        let want = a.d_policy_chosen[i] + 0.2 * b.d_policy_chosen[i];
+        assert!((c.d_policy_chosen[i] - want).abs() < 1e-15);
+    }
+    let mean = c.per_row.iter().sum::<f64>() / c.per_row.len() as f64;
+    assert!((mean - c.loss).abs() < 1e-12);
+    check_grad(&[(LossType::Sigmoid, 1.0), (LossType::Sft, 0.2), (LossType::Ipo, 0.5)], &cfg, &x);
+}
+
+#[test]
+fn reference_is_required_unless_reference_free() {
+    let f = &fixtures()[0];
+    let mut x = f.pair();
+    x.ref_chosen = None;
+    x.ref_rejected = None;
+    let cfg = golden_cfg();
+    let e = pair_loss(LossType::Ipo, &cfg, &x).unwrap_err();
+    assert_eq!(e, ObjectiveError::MissingReference { loss: "ipo".into() });
+    assert!(e.to_string().contains("`ipo`"));
+    assert!(pair_loss(LossType::Sft, &cfg, &x).is_ok());
+    assert!(pair_loss(LossType::Simpo, &cfg, &x).is_ok());
+    assert!(pair_loss(LossType::Orpo, &cfg, &x).is_ok());
+    // reference_free treats the reference as 0, with or without reference log-probs.
+    let free = LossConfig { reference_free: true, ..cfg };
+    let a = pair_loss(LossType::Sigmoid, &free, &x).unwrap();
+    let b = pair_loss(LossType::Sigmoid, &free, &f.pair()).unwrap();
+    assert_eq!(a, b);
+    let zeros = vec![0.0; f.pc.len()];
+    let y = PairLogps { ref_chosen: Some(&zeros), ref_rejected: Some(&zeros), ..f.pair() };
+    assert_eq!(pair_loss(LossType::Sigmoid, &golden_cfg(), &y).unwrap(), a);
+    check_grad(&[(LossType::Robust, 1.0)], &free, &x);
+}
+
+#[test]
+fn shapes_are_checked() {
+    let f = &fixtures()[0];
+    let short = &f.rc[..3];
+    let x = PairLogps { ref_chosen: Some(short), ..f.pair() };
+    let e = pair_loss(LossType::Sigmoid, &golden_cfg(), &x).unwrap_err();
+    assert_eq!(e, ObjectiveError::LengthMismatch { field: "ref_chosen", got: 3, expected: 24 });
+    let empty = PairLogps::default();
+    assert_eq!(pair_loss(LossType::Sigmoid, &golden_cfg(), &empty).unwrap_err(), ObjectiveError::EmptyBatch);
+    assert_eq!(combined(&[], &golden_cfg(), &f.pair()).unwrap_err(), ObjectiveError::NoLoss);
+}
+
+#[test]
+fn wpo_weights_scale_each_row() {
+    let f = &fixtures()[0];
+    let w: Vec<f64> = (0..f.pc.len()).map(|i| 0.2 + 0.03 * i as f64).collect();
+    let x = PairLogps { weights: Some(&w), ..f.pair() };
+    let cfg = golden_cfg();
+    for kind in [LossType::Sigmoid, LossType::Ipo, LossType::Sft, LossType::NcaPair] {
+        let plain = pair_loss(kind, &cfg, &f.pair()).unwrap();
+        let weighted = pair_loss(kind, &cfg, &x).unwrap();
+        let want = plain.per_row.iter().zip(&w).map(|(l, w)| l * w).sum::<f64>() / w.len() as f64;
+        assert!((weighted.loss - want).abs() < 1e-12 * want.abs().max(1.0), "{kind}");
+        check_grad(&[(kind, 1.0)], &cfg, &x);
+    }
+    let e = pair_loss(LossType::Aot, &cfg, &x).unwrap_err();
+    assert!(matches!(e, ObjectiveError::InvalidConfig { .. }), "{e}");
+}
+
+#[test]
+fn metrics_match_trl() {
+    for f in fixtures() {
+        let m = reward_metrics(0.1, &f.pair()).unwrap();
+        let g = &f.losses["_metrics"];
+        for (name, got) in [
+            ("rewards/chosen", m.rewards_chosen),
+            ("rewards/rejected", m.rewards_rejected),
+            ("rewards/accuracies", m.rewards_accuracies),
+            ("rewards/margins", m.rewards_margins),
+            ("logps/chosen", m.logps_chosen),
+            ("logps/rejected", m.logps_rejected),
+        ] {
+            let want = g[name].as_f64().unwrap();
+            let rel = (got - want).abs() / want.abs().max(1e-3);
+            assert!(rel < 1e-4, "{} {name}: {got} vs {want}", f.arch);
+        }
+    }
+}
+
+/// The losses marked per-pair are means of per-row terms: over a batch split in two, the loss is the
+/// pair-weighted mean of the parts' losses and each row's gradient is its part's, scaled by the part's
+/// share. This is what lets training push a micro-batch through the model a few pairs at a time.
+#[test]
+fn per_pair_losses_split_into_chunks() {
+    let f = &fixtures()[0];
+    let cfg = golden_cfg();
+    let x = f.pair();
+    let n = x.policy_chosen.len();
+    let cut = 3;
+    let part = |r: std::ops::Range<usize>| PairLogps {
+        policy_chosen: &x.policy_chosen[r.clone()],
+        policy_rejected: &x.policy_rejected[r.clone()],
+        ref_chosen: x.ref_chosen.map(|v| &v[r.clone()]),
+        ref_rejected: x.ref_rejected.map(|v| &v[r.clone()]),
+        chosen_len: &x.chosen_len[r.clone()],
+        rejected_len: &x.rejected_len[r],
+        ..Default::default()
+    };
+    let mut split_ok = vec![];
+    for kind in LossType::ALL {
+        let losses = [(kind, 1.0)];
+        let whole = combined(&losses, &cfg, &x).unwrap();
+        let (a, b) = (combined(&losses, &cfg, &part(0..cut)).unwrap(), combined(&losses, &cfg, &part(cut..n)).unwrap());
+        let (sa, sb) = (cut as f64 / n as f64, (n - cut) as f64 / n as f64);
+        let close = |u: f64, v: f64| (u - v).abs() <= 1e-12 * u.abs().max(v.abs()).max(1.0);
+        let mut ok = close(whole.loss, sa * a.loss + sb * b.loss);
+        for i in 0..n {
+            let (p, s, j) = if i < cut { (&a, sa, i) } else { (&b, sb, i - cut) };
+            ok &= close(whole.d_policy_chosen[i], s * p.d_policy_chosen[j]);
+            ok &= close(whole.d_policy_rejected[i], s * p.d_policy_rejected[j]);
+        }
+        if kind.per_pair() {
+            assert!(ok, "{kind} is marked per-pair but does not split");
+        }
+        split_ok.push((kind, ok));
+    }
+    // The check has teeth: the batch-coupled losses do not split on this data.
+    for (kind, ok) in split_ok {
+        if matches!(kind, LossType::Aot | LossType::Sft) {
+            assert!(!ok, "{kind} unexpectedly splits");
+        }
+    }
+}
+
+#[test]
+fn config_defaults_are_trl_and_serde_round_trips() {
+    let c = LossConfig::default();
+    assert_eq!((c.beta, c.label_smoothing, c.f_alpha_divergence_coef, c.discopop_tau), (0.1, 0.0, 0.5, 0.05));
+    assert_eq!((c.simpo_gamma, c.alphapo_alpha), (0.5, 0.0));
+    let s = serde_json::to_string(&c).unwrap();
+    assert!(s.contains("\"f_divergence\":\"reverse_kl\""), "{s}");
+    let back: LossConfig = serde_json::from_str(&s).unwrap();
+    assert_eq!(back, c);
+    let partial: LossConfig = serde_json::from_str(r#"{"beta": 0.5, "f_divergence": "js_divergence"}"#).unwrap();
+    assert_eq!(partial.f_divergence, FDivergence::JsDivergence);
+    assert_eq!(partial.discopop_tau, 0.05);
+}
+
+/// The registry is one list: names are unique, `LOSSES[k as usize]` is `k`'s spec, and every loss has help.
+#[test]
+fn registry_is_consistent() {
+    assert_eq!(LOSSES.len(), LossType::ALL.len());
+    let mut names = std::collections::BTreeSet::new();
+    for (i, k) in LossType::ALL.into_iter().enumerate() {
+        assert!(std::ptr::eq(k.spec(), LOSSES[i]), "{k}");
+        assert!(names.insert(k.name()), "{k} registered twice");
+        assert!(!k.help().is_empty(), "{k} has no help");
+    }
+    let listed: Vec<_> = LossType::names_and_help().map(|(n, _)| n).collect();
+    assert_eq!(listed, LossType::ALL.map(|k| k.name()));
+    let e = serde_json::from_str::<LossType>("\"dpo\"").unwrap_err().to_string();
+    assert!(e.contains("`dpo`") && e.contains("orpo"), "{e}");
+}
+
+/// The properties each file declares are the ones TRL gives its loss (pinned here so that a spec edit is
+/// a visible decision).
+#[test]
+fn registry_properties_are_trls() {
+    use LossType::*;
+    let names = |f: fn(LossType) -> bool| LossType::ALL.into_iter().filter(|&k| f(k)).collect::<Vec<_>>();
+    assert_eq!(names(|k| !k.needs_reference()), [Sft, Simpo, Orpo]);
+    assert_eq!(names(|k| !k.per_pair()), [Aot, AotUnpaired, Sft, Orpo]);
+    assert_eq!(names(LossType::supports_f_divergence), [Sigmoid, Hinge, Ipo, ExoPair, Robust, Discopop, Sft, Cdpo]);
+    assert_eq!(names(|k| !k.supports_weighting()), [Aot, AotUnpaired, Simpo, Orpo]);
+}

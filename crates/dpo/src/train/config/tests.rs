@@ -1,0 +1,89 @@
+use super::*;
+use crate::objectives::KtoLossType;
+
+fn parse(text: &str) -> Result<TrainConfig, String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    TrainConfig::from_layers(None, table, Method::Pairs).map_err(|e| e.to_string())
+}
+
+#[test]
+fn toml_round_trip_and_unknown_keys() {
+    let mut c = TrainConfig { lr: 5e-3, ..Default::default() };
+    c.objective = Objective::Pairs(PairObjective {
+        losses: vec![(LossType::Sigmoid, 1.0), (LossType::Sft, 0.5)],
+        cfg: LossConfig::default(),
+    });
+    let table: toml::Table = toml::from_str(&c.to_toml()).unwrap();
+    assert_eq!(TrainConfig::from_layers(None, table, Method::Pairs).unwrap(), c);
+    let e = parse("lrr = 1.0\n").unwrap_err();
+    assert!(e.contains("lrr"), "{e}");
+    // The `[objective]` table of older config.toml files still reads.
+    let nested = parse("lr = 0.5\n[objective]\nbeta = 0.25\n").unwrap();
+    assert_eq!((nested.lr, nested.objective.beta(), nested.batch_size), (0.5, Some(0.25), 8));
+}
+
+#[test]
+fn keys_are_the_flags_names_and_lists_take_both_forms() {
+    let a = parse("loss = [\"sigmoid\", \"sft\"]\nloss_weights = [1.0, 0.2]\nf_alpha = 0.3\nno_prefix_sharing = true\nthreads = 2\n").unwrap();
+    let b = parse(
+        "loss = \"sigmoid,sft\"\nloss_weights = \"1.0,0.2\"\nf_alpha = 0.3\nno_prefix_sharing = true\nthreads = 2\n",
+    )
+    .unwrap();
+    assert_eq!(a, b);
+    let Objective::Pairs(p) = &a.objective else { panic!("{:?}", a.objective) };
+    assert_eq!(p.losses, vec![(LossType::Sigmoid, 1.0), (LossType::Sft, 0.2)]);
+    assert_eq!((p.cfg.f_alpha_divergence_coef, a.prefix_sharing, a.threads), (0.3, false, Some(2)));
+}
+
+#[test]
+fn kto_and_sft_are_typed_and_recorded() {
+    let k = parse("loss = \"kto\"\ndesirable_weight = 2.0\n").unwrap();
+    assert!(matches!(&k.objective, Objective::Kto(c) if c.desirable_weight == 2.0 && c.loss_type == KtoLossType::Kto));
+    assert!(k.to_toml().contains("method = \"kto\""));
+    let s = TrainConfig::from_layers(None, toml::Table::new(), Method::Sft).unwrap();
+    assert_eq!((s.objective.clone(), s.lr), (Objective::Sft, DEFAULT_SFT_LR));
+    let text = s.to_toml();
+    assert!(text.contains("method = \"sft\""), "{text}");
+    // Read back without saying SFT: the file says so.
+    let back = TrainConfig::from_layers(None, toml::from_str(&text).unwrap(), Method::Pairs).unwrap();
+    assert_eq!(back, s);
+}
+
+#[test]
+fn settings_follow_torchs_rules() {
+    for (text, field) in [
+        ("beta = 0.0", "`beta`"),
+        ("beta = -1.0", "`beta`"),
+        ("beta = inf", "`beta`"),
+        ("adam_beta1 = 2.0", "`adam_beta1`"),
+        ("adam_beta2 = 1.0", "`adam_beta2`"),
+        ("adam_eps = 0.0", "`adam_eps`"),
+        ("lr = -1.0", "`lr`"),
+        ("lr = nan", "`lr`"),
+        ("loss_weights = \"nan\"", "`loss_weights`"),
+        ("weight_decay = -0.1", "`weight_decay`"),
+        ("momentum = -1.0", "`momentum`"),
+        ("max_grad_norm = nan", "`max_grad_norm`"),
+        ("optimizer = \"adam\"", "`optimizer`"),
+        ("scheduler = \"step\"", "`scheduler`"),
+        ("truncation = \"middle\"", "`truncation`"),
+        ("max_memory = \"lots\"", "`max_memory`"),
+        ("loss = \"sigmoid\"\nloss_weights = [1.0, 2.0]", "`loss_weights`"),
+        ("loss = \"kto\"\nprecompute_ref = true", "`precompute_ref`"),
+    ] {
+        let e = parse(text).unwrap_err();
+        assert!(e.contains(field), "{text}: {e}");
+    }
+    assert!(parse("lr = 0.0\nadam_beta1 = 0.0").is_ok());
+}
+
+#[test]
+fn relative_paths_in_a_file_resolve_against_its_directory() {
+    let dir = std::env::temp_dir().join(format!("dpo-config-paths-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("run.toml");
+    std::fs::write(&file, "model = \"m\"\ndata = \"/abs/d.jsonl\"\n").unwrap();
+    let c = TrainConfig::from_toml_file(&file).unwrap();
+    assert_eq!((c.model, c.data), (dir.join("m"), PathBuf::from("/abs/d.jsonl")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

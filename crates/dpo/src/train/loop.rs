@@ -1,0 +1,368 @@
+//! The training loop shared by every objective:
+//!
+//! ```text
+//! for each optimizer step (Trainer::step):
+//!     for each of grad_accum micro-batches (rows in file order or a seeded per-epoch shuffle):
+//!         policy forward (activations kept) -> reference log-probs -> objective -> backward, scaled 1/grad_accum
+//!     non-finite check -> clip global norm -> optimizer step at the scheduled rate
+//! then (run): metrics line, evaluation / checkpoint when due, stop cleanly when interrupted
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use engine::optim::{clip_grad_norm, lr_at, Optimizer};
+use engine::rng::Rng;
+use engine::{Decoder, Params};
+
+use super::checkpoint::{self, TrainerState};
+use super::pairs::Workspace;
+use super::run_dir::RunDir;
+use super::setup::{setup, RunOptions, Setup, Start};
+use super::workload::Workload;
+use super::{OnNonFinite, TrainConfig, TrainError};
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    pub steps: u64,
+    pub total_steps: u64,
+    /// `OUTPUT/final`, written when the run completed.
+    pub final_dir: Option<PathBuf>,
+    /// Newest checkpoint written by this run.
+    pub checkpoint: Option<PathBuf>,
+    pub interrupted: bool,
+}
+
+/// Total optimizer steps: `max_steps`, or enough micro-batches for `epochs` passes over the data.
+pub fn total_steps(cfg: &TrainConfig, rows: usize) -> u64 {
+    if let Some(s) = cfg.max_steps {
+        return s;
+    }
+    let micro_per_epoch = rows.div_ceil(cfg.batch_size) as f64;
+    ((cfg.epochs * micro_per_epoch) / cfg.grad_accum as f64).ceil().max(1.0) as u64
+}
+
+/// Row order of one epoch: file order, or a shuffle seeded by the run's seed and the epoch number.
+pub fn epoch_order(rows: usize, epoch: u64, seed: u64, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..rows).collect();
+    if shuffle {
+        Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)).shuffle(&mut order);
+    }
+    order
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug)]
+pub struct StepOutcome {
+    /// The trainer's position before the step (the state a checkpoint of "before this step" holds).
+    pub before: TrainerState,
+    /// Metrics averaged over the step's micro-batches (TRL's names).
+    pub metrics: BTreeMap<String, f64>,
+    /// Rows the step used.
+    pub rows: Vec<usize>,
+    pub tokens: u64,
+    /// Global gradient norm before clipping (NaN when the loss was not finite).
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// `None` when the update was applied; otherwise what was not finite (`loss` or `gradient`).
+    pub nonfinite: Option<&'static str>,
+    /// Seconds of the whole step and of its update (clip, optimizer, zeroing).
+    pub secs: f64,
+    pub update_secs: f64,
+}
+
+/// The policy being trained, its optimizer and its place in the data: one call of [`Trainer::step`]
+/// is one optimizer step of any workload.
+pub struct Trainer<'c> {
+    pub cfg: &'c TrainConfig,
+    pub decoder: Decoder,
+    pub params: Params,
+    pub optimizer: Optimizer,
+    pub state: TrainerState,
+    pub total: u64,
+    grads: Params,
+    ws: Workspace,
+    order: Vec<usize>,
+    rows: usize,
+}
+
+impl<'c> Trainer<'c> {
+    pub fn new(
+        cfg: &'c TrainConfig,
+        decoder: Decoder,
+        params: Params,
+        optimizer: Optimizer,
+        state: TrainerState,
+        rows: usize,
+    ) -> Self {
+        let order = epoch_order(rows, state.epoch, cfg.seed, !cfg.no_shuffle);
+        let grads = Params::zeros(&decoder.cfg);
+        let total = total_steps(cfg, rows);
+        Trainer { cfg, decoder, params, optimizer, state, total, grads, ws: Workspace::default(), order, rows }
+    }
+
+    /// Takes the next micro-batch of row indices, moving to the next epoch at the end of one.
+    fn next_micro_batch(&mut self) -> Vec<usize> {
+        if self.state.cursor >= self.order.len() {
+            self.state.epoch += 1;
+            self.state.cursor = 0;
+            self.order = epoch_order(self.rows, self.state.epoch, self.cfg.seed, !self.cfg.no_shuffle);
+        }
+        let end = (self.state.cursor + self.cfg.batch_size).min(self.order.len());
+        let batch = self.order[self.state.cursor..end].to_vec();
+        self.state.cursor = end;
+        batch
+    }
+
+    /// One optimizer step: accumulate the micro-batches' gradients, clip, update at the scheduled rate.
+    /// A step whose loss or gradient is not finite is not applied (`nonfinite`); the position still
+    /// moves on and the step is counted as skipped.
+    pub fn step(&mut self, workload: &dyn Workload) -> Result<StepOutcome, TrainError> {
+        let t0 = Instant::now();
+        let before = self.state.clone();
+        let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
+        let mut rows = Vec::new();
+        let mut tokens = 0u64;
+        let mut finite = true;
+        let scale = 1.0 / self.cfg.grad_accum as f64;
+        for _ in 0..self.cfg.grad_accum {
+            let batch = self.next_micro_batch();
+            let grads = Some((&mut self.grads, scale));
+            let out = workload.run(&self.decoder, &self.params, grads, &batch, &mut self.ws)?;
+            finite &= out.finite;
+            tokens += out.num_tokens;
+            for (k, v) in out.metrics {
+                *metrics.entry(k).or_default() += v * scale;
+            }
+            rows.extend(batch);
+        }
+        let t_update = Instant::now();
+        let grad_norm = if finite { clip_grad_norm(&mut self.grads, self.cfg.max_grad_norm) } else { f64::NAN };
+        let cfg = self.cfg;
+        let lr = lr_at(cfg.scheduler, cfg.lr, cfg.warmup_steps, self.total, self.state.step);
+        self.state.num_tokens += tokens;
+        let nonfinite = match (finite, grad_norm.is_finite()) {
+            (true, true) => None,
+            (false, _) => Some("loss"),
+            (true, false) => Some("gradient"),
+        };
+        if nonfinite.is_none() {
+            self.optimizer.step(&mut self.params, &self.grads, lr);
+        } else {
+            self.state.skipped_steps += 1;
+        }
+        self.grads.fill_zero();
+        self.state.step += 1;
+        let update_secs = t_update.elapsed().as_secs_f64();
+        Ok(StepOutcome {
+            before,
+            metrics,
+            rows,
+            tokens,
+            grad_norm,
+            lr,
+            nonfinite,
+            secs: t0.elapsed().as_secs_f64(),
+            update_secs,
+        })
+    }
+
+    /// Mean of each metric over the rows of `workload`, at the current weights.
+    pub fn evaluate(&mut self, workload: &dyn Workload) -> Result<BTreeMap<String, f64>, TrainError> {
+        evaluate(&self.decoder, &self.params, workload, self.cfg.batch_size, &mut self.ws)
+    }
+}
+
+/// Mean of each metric over rows (TRL's names, unprefixed).
+pub fn evaluate(
+    decoder: &Decoder,
+    params: &Params,
+    workload: &dyn Workload,
+    batch_size: usize,
+    ws: &mut Workspace,
+) -> Result<BTreeMap<String, f64>, TrainError> {
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let rows: Vec<usize> = (0..workload.rows()).collect();
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let out = workload.run(decoder, params, None, chunk, ws)?;
+        for (k, v) in out.metrics {
+            *sums.entry(k).or_default() += v * chunk.len() as f64;
+        }
+    }
+    let n = workload.rows().max(1) as f64;
+    Ok(sums.into_iter().map(|(k, v)| (k, v / n)).collect())
+}
+
+/// Trains as configured (pairs, KTO or SFT, as `cfg.objective` says), or resumes such a run:
+/// everything is validated and loaded first ([`setup`]), then the run directory is opened.
+pub fn train(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainOutcome, TrainError> {
+    let (s, start) = setup(cfg, opts, log)?;
+    let mut dir = RunDir::open(&cfg.output, opts.start_mode(), log)?;
+    run(&s, start, &mut dir, stop, log)
+}
+
+/// Supervised fine-tuning (the reference model of DPO, or the paper's preferred-FT) on prompt/completion
+/// rows or on the chosen side of preference rows: [`train`] with the SFT objective.
+pub fn train_sft(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainOutcome, TrainError> {
+    let cfg = TrainConfig { objective: super::Objective::Sft, ..cfg.clone() };
+    train(&cfg, opts, stop, log)
+}
+
+/// One human-readable line per logged step (the full record goes to metrics.jsonl).
+fn step_summary(step: u64, total: u64, out: &StepOutcome) -> String {
+    let m = &out.metrics;
+    let mut s = format!("step {step}/{total}  loss {:.4}", m.get("loss").copied().unwrap_or(f64::NAN));
+    if let (Some(acc), Some(margin)) = (m.get("rewards/accuracies"), m.get("rewards/margins")) {
+        s += &format!("  reward acc {acc:.2}  margin {margin:+.4}");
+    }
+    let tps = out.tokens as f64 / out.secs;
+    s + &format!("  grad_norm {:.3}  lr {:.2e}  {tps:.0} tok/s", out.grad_norm, out.lr)
+}
+
+/// The loop itself, for a prepared run in its directory. `stop` is polled between steps: when set, a
+/// checkpoint is written and the run returns with `interrupted`.
+pub fn run(
+    s: &Setup,
+    start: Start,
+    dir: &mut RunDir,
+    stop: &AtomicBool,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainOutcome, TrainError> {
+    let cfg = &s.cfg;
+    let (workload, eval) = s.workloads();
+    let decoder = Decoder::new(s.model.config.decoder.clone());
+    let resumed = start.resumed;
+    let mut t = Trainer::new(cfg, decoder, start.params, start.optimizer, start.state, workload.rows());
+    let total = t.total;
+    if let Some((_, Some(before))) = &resumed {
+        if *before != total {
+            log(&format!(
+                "the run was to take {before} steps and now takes {total}: the {} learning-rate schedule changes \
+                 from step {} on (lr {:.3e} there, {:.3e} before)",
+                super::config::schedule_name(cfg.scheduler),
+                t.state.step + 1,
+                lr_at(cfg.scheduler, cfg.lr, cfg.warmup_steps, total, t.state.step),
+                lr_at(cfg.scheduler, cfg.lr, cfg.warmup_steps, *before, t.state.step),
+            ));
+        }
+    }
+    // The resumed checkpoint checked out against the model (setup): only now is the configuration written.
+    if resumed.is_some() {
+        dir.abandon_after(t.state.step, log)?;
+    }
+    dir.write_config(&cfg.to_toml())?;
+    let mut metrics = dir.metrics(resumed.as_ref().map(|_| t.state.step))?;
+    let output = dir.path().to_path_buf();
+
+    let save = |dir: &mut RunDir, params: &Params, optimizer: &Optimizer, state: &TrainerState| match checkpoint::save(
+        &output,
+        &s.model.config,
+        params,
+        &cfg.model,
+        optimizer,
+        state,
+        total,
+    ) {
+        Ok(p) => {
+            checkpoint::prune(&output, cfg.save_total_limit);
+            dir.started();
+            Ok(p)
+        }
+        Err(e) => Err(TrainError::CheckpointWrite {
+            step: state.step,
+            message: e.to_string(),
+            newest: checkpoint::list(&output).pop().map(|(_, p)| p),
+            output: output.clone(),
+        }),
+    };
+
+    while t.state.step < total {
+        if stop.load(Ordering::SeqCst) {
+            let p = save(dir, &t.params, &t.optimizer, &t.state)?;
+            let outcome = TrainOutcome {
+                steps: t.state.step,
+                total_steps: total,
+                final_dir: None,
+                checkpoint: Some(p),
+                interrupted: true,
+            };
+            return Ok(outcome);
+        }
+        let out = t.step(workload.as_ref())?;
+        if let Some(what) = out.nonfinite {
+            let rows_text = out.rows.iter().map(|&i| workload.location(i)).collect::<Vec<_>>().join(", ");
+            match cfg.on_nonfinite {
+                OnNonFinite::Stop => {
+                    // The step was not applied: the weights and optimizer are still those after the last
+                    // good step, and the checkpoint of that state resumes before this batch.
+                    let checkpoint = save(dir, &t.params, &t.optimizer, &out.before)?;
+                    return Err(TrainError::NonFinite {
+                        step: out.before.step + 1,
+                        what,
+                        rows: rows_text,
+                        checkpoint,
+                        output: output.clone(),
+                    });
+                }
+                OnNonFinite::Skip => {
+                    log(&format!("step {}: {what} not finite (rows {rows_text}); step skipped", out.before.step + 1));
+                }
+            }
+        }
+        let state = &t.state;
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), state.step.into());
+        line.insert("epoch".into(), (state.epoch as f64 + state.cursor as f64 / workload.rows() as f64).into());
+        for (k, v) in &out.metrics {
+            line.insert(k.clone(), (*v).into());
+        }
+        line.insert("grad_norm".into(), out.grad_norm.into());
+        line.insert("learning_rate".into(), out.lr.into());
+        line.insert("num_tokens".into(), state.num_tokens.into());
+        line.insert("tokens_per_s".into(), (out.tokens as f64 / out.secs).into());
+        if out.nonfinite.is_some() {
+            line.insert("skipped".into(), true.into());
+        }
+        let step = state.step;
+        let due = |every: u64| every > 0 && step.is_multiple_of(every);
+        if let Some(ev) = eval.as_deref().filter(|_| due(cfg.eval_every) || step == total) {
+            let m = t.evaluate(ev)?;
+            line.extend(m.into_iter().map(|(k, v)| (format!("eval_{k}"), v.into())));
+        }
+        metrics.append(&serde_json::Value::Object(line))?;
+        if cfg.log_every > 0 && (step.is_multiple_of(cfg.log_every) || step == total) {
+            log(&step_summary(step, total, &out));
+        }
+        if due(cfg.save_every) && step < total {
+            save(dir, &t.params, &t.optimizer, &t.state)?;
+        }
+    }
+    let checkpoint = save(dir, &t.params, &t.optimizer, &t.state)?;
+    let final_dir = output.join("final");
+    hf::save_model(&final_dir, &s.model.config, &t.params, Some(&cfg.model)).map_err(|e| TrainError::FinalWrite {
+        message: e.to_string(),
+        checkpoint: checkpoint.clone(),
+        output: output.clone(),
+    })?;
+    dir.started();
+    Ok(TrainOutcome {
+        steps: t.state.step,
+        total_steps: total,
+        final_dir: Some(final_dir),
+        checkpoint: Some(checkpoint),
+        interrupted: false,
+    })
+}

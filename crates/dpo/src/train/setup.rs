@@ -1,0 +1,393 @@
+//! Everything a run needs, validated and loaded before the run directory is touched: the settings, the
+//! output directory's state, the model, tokenizer, data, reference, the memory estimate and, when
+//! resuming, the checkpoint (checked against the model). A run that cannot start fails here and leaves
+//! the disk as it was.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use engine::optim::Optimizer;
+use engine::{Decoder, Params};
+
+use super::checkpoint::{self, TrainerState};
+use super::config::Objective;
+use super::kto::KtoWorkload;
+use super::memory::{self, MemoryPlan};
+use super::pairs::PairObjective;
+use super::reference::{self, default_cache_dir, precompute, Reference};
+use super::run_dir::{self, StartMode};
+use super::workload::{PairWorkload, SftWorkload, Workload};
+use super::{TrainConfig, TrainError};
+use crate::data::{
+    check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, pack_pairs, DataOptions, Example, Packing,
+    SftExample, UnpairedExample,
+};
+
+/// Options that are about this invocation rather than the run's configuration.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from this checkpoint (or the newest one in this run directory).
+    pub resume: Option<PathBuf>,
+    /// Replace a previous run in the output directory.
+    pub overwrite: bool,
+}
+
+impl RunOptions {
+    pub fn start_mode(&self) -> StartMode {
+        match (&self.resume, self.overwrite) {
+            (Some(_), _) => StartMode::Resume,
+            (None, true) => StartMode::Overwrite,
+            (None, false) => StartMode::Fresh,
+        }
+    }
+}
+
+/// The rows a run trains on, by objective, with what each objective needs besides them.
+pub enum Data {
+    Pairs {
+        train: Vec<Example>,
+        eval: Vec<Example>,
+        objective: PairObjective,
+        packing: Packing,
+        train_ref: Reference,
+        eval_ref: Reference,
+    },
+    Kto {
+        train: Vec<UnpairedExample>,
+        eval: Vec<UnpairedExample>,
+        reference: Reference,
+        cfg: crate::objectives::KtoConfig,
+    },
+    Sft {
+        train: Vec<SftExample>,
+        eval: Vec<SftExample>,
+    },
+}
+
+/// Where training starts: the starting weights, or a checkpoint.
+pub struct Start {
+    pub params: Params,
+    pub optimizer: Optimizer,
+    pub state: TrainerState,
+    /// The checkpoint resumed from, and the total steps its run was to take.
+    pub resumed: Option<(PathBuf, Option<u64>)>,
+}
+
+/// A run, ready to train.
+pub struct Setup {
+    pub cfg: TrainConfig,
+    pub model: hf::HfModel,
+    pub data: Data,
+}
+
+impl Setup {
+    /// The training workload and, when there are evaluation rows, the evaluation one.
+    pub fn workloads(&self) -> (Box<dyn Workload + '_>, Option<Box<dyn Workload + '_>>) {
+        match &self.data {
+            Data::Pairs { train, eval, objective, packing, train_ref, eval_ref } => {
+                let t = PairWorkload {
+                    examples: train,
+                    reference: train_ref,
+                    objective,
+                    packing: *packing,
+                    micro_pairs: self.cfg.micro_pairs,
+                };
+                // A model reference serves both data sets; a cache holds the evaluation rows separately.
+                let eval_reference = if matches!(eval_ref, Reference::None) { train_ref } else { eval_ref };
+                let e = PairWorkload { examples: eval, reference: eval_reference, ..t };
+                (Box::new(t), (!eval.is_empty()).then(|| Box::new(e) as Box<dyn Workload>))
+            }
+            Data::Kto { train, eval, reference, cfg } => {
+                let t = KtoWorkload { examples: train, reference, cfg: cfg.clone() };
+                let e = KtoWorkload { examples: eval, reference, cfg: cfg.clone() };
+                (Box::new(t), (!eval.is_empty()).then(|| Box::new(e) as Box<dyn Workload>))
+            }
+            Data::Sft { train, eval } => {
+                let e = SftWorkload { examples: eval };
+                (
+                    Box::new(SftWorkload { examples: train }),
+                    (!eval.is_empty()).then(|| Box::new(e) as Box<dyn Workload>),
+                )
+            }
+        }
+    }
+}
+
+pub fn data_options(cfg: &TrainConfig) -> DataOptions {
+    DataOptions {
+        max_length: cfg.max_length,
+        max_prompt_length: cfg.max_prompt_length,
+        truncation: cfg.truncation,
+        skip_bad_rows: cfg.skip_bad_rows,
+    }
+}
+
+/// Validates and loads everything the run needs, and where it starts; touches no file of the run
+/// directory.
+pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) -> Result<(Setup, Start), TrainError> {
+    cfg.validate()?;
+    run_dir::preflight(&cfg.output, opts.start_mode())?;
+    if opts.overwrite && opts.resume.is_none() {
+        refuse_inputs_inside(cfg)?;
+    }
+    let model_cfg = hf::load_config(&cfg.model)?;
+    let tokenizer = hf::load_tokenizer_if_present(&cfg.model)?;
+    let opts_data = data_options(cfg);
+    let vocab = model_cfg.decoder.vocab_size;
+    let paths = |cfg: &TrainConfig| {
+        let mut v = vec![cfg.data.clone()];
+        v.extend(cfg.eval_data.clone());
+        v
+    };
+    let (data, row_tokens, reference_cfg, in_flight) = match &cfg.objective {
+        Objective::Pairs(objective) => {
+            let mut sets = Vec::new();
+            for path in paths(cfg) {
+                let loaded = load_pairs(&path, tokenizer.as_ref(), &opts_data)?;
+                log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+                check_vocab(&path, &loaded.examples, vocab)?;
+                if loaded.examples.is_empty() {
+                    return Err(TrainError::Invalid(format!("{}: no usable rows left", path.display())));
+                }
+                sets.push(loaded.examples);
+            }
+            let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
+            let train = sets.pop().unwrap_or_default();
+            let packing = if cfg.prefix_sharing { Packing::SharedPrompt } else { Packing::Separate };
+            let reference = match &cfg.ref_model {
+                _ if objective.reference_free() => None,
+                Some(dir) => Some(reference_config(dir, &model_cfg, tokenizer.as_ref())?),
+                None => Some(model_cfg.decoder.clone()),
+            };
+            let reference = reference.filter(|_| !cfg.precompute_ref);
+            let rows = train.iter().chain(&eval).map(|e| pack_pairs(&[e], packing).batch.len() as u64).collect();
+            let in_flight = match cfg.micro_pairs {
+                m if m > 0 && objective.per_pair() => m.min(cfg.batch_size),
+                _ => cfg.batch_size,
+            };
+            let data = Data::Pairs {
+                train,
+                eval,
+                objective: objective.clone(),
+                packing,
+                train_ref: Reference::None,
+                eval_ref: Reference::None,
+            };
+            (data, rows, reference, in_flight)
+        }
+        Objective::Kto(kto) => {
+            let mut sets = Vec::new();
+            for path in paths(cfg) {
+                let loaded = load_unpaired(&path, tokenizer.as_ref(), &opts_data)?;
+                log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+                sets.push(loaded.examples);
+            }
+            let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
+            let train = sets.pop().unwrap_or_default();
+            let rows = train.iter().chain(&eval).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
+            let reference = match &cfg.ref_model {
+                Some(dir) => reference_config(dir, &model_cfg, tokenizer.as_ref())?,
+                None => model_cfg.decoder.clone(),
+            };
+            let rows = rows.collect();
+            let data = Data::Kto { train, eval, reference: Reference::None, cfg: kto.clone() };
+            (data, rows, Some(reference), cfg.batch_size)
+        }
+        Objective::Sft => {
+            let mut sets = Vec::new();
+            for path in paths(cfg) {
+                let loaded = load_sft(&path, tokenizer.as_ref(), &opts_data)?;
+                log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+                check_vocab_sft(&path, &loaded.examples, vocab)?;
+                sets.push(loaded.examples);
+            }
+            let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
+            let train = sets.pop().unwrap_or_default();
+            let rows = train.iter().chain(&eval).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
+            let rows = rows.collect();
+            (Data::Sft { train, eval }, rows, None, cfg.batch_size)
+        }
+    };
+    // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
+    check_memory(cfg, &model_cfg.decoder, reference_cfg.as_ref(), row_tokens, in_flight, log)?;
+    let model = hf::load_model(&cfg.model)?;
+    let start = start_point(cfg, opts, &model, log)?;
+    let data = attach_reference(cfg, data, &model, tokenizer.as_ref(), log)?;
+    Ok((Setup { cfg: cfg.clone(), model, data }, start))
+}
+
+/// The reference's configuration, after checking that it reads the policy's token ids (before any
+/// weights are loaded).
+fn reference_config(
+    dir: &Path,
+    policy: &hf::ModelConfig,
+    tokenizer: Option<&hf::Tokenizer>,
+) -> Result<engine::DecoderConfig, TrainError> {
+    let config = hf::load_config(dir)?;
+    reference::check_fits(dir, &config, policy, tokenizer)?;
+    Ok(config.decoder)
+}
+
+/// `--overwrite` replaces the run in the output directory: an input that lives inside what it replaces
+/// (`--model RUN/final --output RUN`) would be deleted with it, so such a run is refused.
+fn refuse_inputs_inside(cfg: &TrainConfig) -> Result<(), TrainError> {
+    let Ok(out) = cfg.output.canonicalize() else { return Ok(()) };
+    let inputs = [Some(&cfg.model), Some(&cfg.data), cfg.ref_model.as_ref(), cfg.eval_data.as_ref()];
+    for input in inputs.into_iter().flatten() {
+        let Ok(p) = input.canonicalize() else { continue };
+        let Ok(rel) = p.strip_prefix(&out) else { continue };
+        let first = rel.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        if first.is_some_and(|f| ["final", "checkpoints", "abandoned"].contains(&f.as_str())) {
+            return Err(TrainError::Output {
+                path: cfg.output.clone(),
+                msg: format!(
+                    "--overwrite would replace the run that holds the input {}; copy it out of the run first",
+                    input.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The starting weights, or the checkpoint to resume from after checking that it fits the model.
+fn start_point(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    model: &hf::HfModel,
+    log: &mut dyn FnMut(&str),
+) -> Result<Start, TrainError> {
+    let opt_cfg = cfg.optimizer_config();
+    let Some(path) = &opts.resume else {
+        let params = model.params.clone();
+        let optimizer = Optimizer::new(opt_cfg, &params);
+        let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
+        return Ok(Start { params, optimizer, state, resumed: None });
+    };
+    let dir = if path.join("trainer_state.json").is_file() { path.clone() } else { checkpoint::newest(path)? };
+    let c = checkpoint::load(&dir, opt_cfg)?;
+    check_checkpoint_fits(&dir, &cfg.model, &c.model.params, &model.params)?;
+    log(&format!("resuming at step {} from {}", c.state.step, path.display()));
+    Ok(Start { params: c.model.params, optimizer: c.optimizer, state: c.state, resumed: Some((c.dir, c.total_steps)) })
+}
+
+/// A checkpoint continues the run of one model: every tensor must have the starting model's shape.
+fn check_checkpoint_fits(
+    checkpoint: &Path,
+    model_dir: &Path,
+    saved: &Params,
+    start: &Params,
+) -> Result<(), TrainError> {
+    let (a, b) = (saved.named(), start.named());
+    let mismatch = |detail: String| TrainError::ModelMismatch {
+        checkpoint: checkpoint.display().to_string(),
+        model: model_dir.display().to_string(),
+        detail,
+    };
+    for (name, t) in &a {
+        match b.iter().find(|(n, _)| n == name) {
+            None => return Err(mismatch(format!("tensor {name} of the checkpoint is not in the model"))),
+            Some((_, u)) if u.shape != t.shape => {
+                return Err(mismatch(format!(
+                    "tensor {name} has shape {:?} in the checkpoint and {:?} in the model",
+                    t.shape, u.shape
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some((name, _)) = b.iter().find(|(n, _)| !a.iter().any(|(m, _)| m == n)) {
+        return Err(mismatch(format!("tensor {name} of the model is not in the checkpoint")));
+    }
+    Ok(())
+}
+
+/// Loads the reference (`--ref-model` or the starting weights) and, with `precompute_ref`, scores the
+/// rows under it once.
+fn attach_reference(
+    cfg: &TrainConfig,
+    data: Data,
+    model: &hf::HfModel,
+    tokenizer: Option<&hf::Tokenizer>,
+    log: &mut dyn FnMut(&str),
+) -> Result<Data, TrainError> {
+    let load = || -> Result<Arc<(Decoder, Params)>, TrainError> {
+        let starting = || Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()));
+        Ok(match &cfg.ref_model {
+            Some(dir) => match Reference::load(dir, &model.config, tokenizer)? {
+                Reference::Model(m) => m,
+                _ => return Err(TrainError::Invalid(format!("reference {}: no model loaded", dir.display()))),
+            },
+            None => starting(),
+        })
+    };
+    Ok(match data {
+        Data::Pairs { train, eval, objective, packing, .. } if !objective.reference_free() => {
+            let shared = load()?;
+            let (train_ref, eval_ref) = if cfg.precompute_ref {
+                let cache = cfg.cache_dir.clone().unwrap_or_else(default_cache_dir);
+                let mut cached = |examples: &[Example], what: &str| -> Result<Reference, TrainError> {
+                    if examples.is_empty() {
+                        return Ok(Reference::None);
+                    }
+                    let (d, p) = (&shared.0, &shared.1);
+                    let r = precompute(d, p, examples, packing, cfg.batch_size, &cache, |_| {})?;
+                    let n = examples.len();
+                    log(&format!("reference log-probs of {n} {what} rows {}", r.summary()));
+                    Ok(Reference::Cached(r.scores))
+                };
+                (cached(&train, "training")?, cached(&eval, "evaluation")?)
+            } else {
+                (Reference::Model(shared.clone()), Reference::Model(shared))
+            };
+            Data::Pairs { train, eval, objective, packing, train_ref, eval_ref }
+        }
+        Data::Kto { train, eval, cfg: kto, .. } => {
+            Data::Kto { train, eval, reference: Reference::Model(load()?), cfg: kto }
+        }
+        other => other,
+    })
+}
+
+/// Estimates the run's peak memory, logs it, and refuses a run that would not fit in `max_memory` (or
+/// the machine's available memory).
+fn check_memory(
+    cfg: &TrainConfig,
+    policy: &engine::DecoderConfig,
+    reference: Option<&engine::DecoderConfig>,
+    row_tokens: Vec<u64>,
+    rows_in_flight: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), TrainError> {
+    let opt = cfg.optimizer_config();
+    let plan = MemoryPlan { policy, optimizer: &opt, reference, row_tokens, batch_size: rows_in_flight };
+    let est = memory::estimate(&plan);
+    let limit = match &cfg.max_memory {
+        Some(m) => Some((m.0, "the --max-memory limit of")),
+        None => memory::available_memory().map(|b| (b, "the available memory (MemAvailable) of")),
+    };
+    let Some((limit, what)) = limit else {
+        log(&format!("memory: {}", est.summary()));
+        return Ok(());
+    };
+    log(&format!("memory: {}; limit {}", est.summary(), memory::human(limit)));
+    if est.total() <= limit {
+        return Ok(());
+    }
+    let advice = if est.activations >= est.weights {
+        "lower --batch-size, --micro-pairs or --max-length"
+    } else {
+        "use a smaller model, --precompute-ref (no reference model in memory) or --optimizer sgd"
+    };
+    Err(TrainError::Memory(format!(
+        "the run needs an estimated {} of memory, more than {what} {}: activations {} for the largest micro-batch \
+         ({} rows, {} tokens), weights, gradient, optimizer and reference {}; {advice}, or pass --max-memory \
+         SIZE to run anyway",
+        memory::human(est.total()),
+        memory::human(limit),
+        memory::human(est.activations),
+        est.batch_rows,
+        est.batch_tokens,
+        memory::human(est.weights),
+    )))
+}
