@@ -37,6 +37,14 @@ pub struct SpecialToken {
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Instructions one rendering of a chat template may run (minijinja's fuel). Real templates take a few
+/// thousand per conversation; a runaway loop stops here within a second or so instead of running for hours.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
+/// Bytes one rendering of a chat template may write: far more than any conversation a model reads, far
+/// less than what would exhaust memory.
+pub const MAX_TEMPLATE_OUTPUT: usize = 64 << 20;
+
 /// A loaded tokenizer with its special tokens and (optional) chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -267,7 +275,40 @@ impl Tokenizer {
             pad_token => tok(&self.pad),
             unk_token => tok(&self.unk),
         };
-        template.render(ctx).map_err(|e| fail(describe(&e)))
+        let mut out = BoundedOutput { bytes: Vec::new(), exceeded: false };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|e| fail(format!("rendered text is not UTF-8 ({e})"))),
+            Err(_) if out.exceeded => Err(fail(format!(
+                "the rendered text passed {} MiB and was stopped there (a template that loops without end?)",
+                MAX_TEMPLATE_OUTPUT >> 20
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(fail(format!(
+                "rendering ran more than {TEMPLATE_FUEL} template instructions and was stopped (a template that \
+                 loops without end?)"
+            ))),
+            Err(e) => Err(fail(describe(&e))),
+        }
+    }
+}
+
+/// The rendered text, refusing to grow past [`MAX_TEMPLATE_OUTPUT`].
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    exceeded: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_TEMPLATE_OUTPUT {
+            self.exceeded = true;
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -275,6 +316,7 @@ impl Tokenizer {
 /// the file system.
 fn template_env(text: String) -> std::result::Result<Environment<'static>, minijinja::Error> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -301,5 +343,43 @@ fn optional_json(path: &Path) -> Result<Option<Value>> {
         read_json(path).map(Some)
     } else {
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn with_template(template: &str) -> Tokenizer {
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity/models/gpt2-policy/tokenizer.json");
+        Tokenizer::from_file(&file).unwrap().with_chat_template(template.into(), "loop.jinja".into())
+    }
+
+    fn render(tok: &Tokenizer) -> Result<String> {
+        tok.apply_chat_template(&[ChatMessage::new("user", "hi")], true)
+    }
+
+    #[test]
+    fn a_template_that_loops_without_end_is_stopped_by_its_fuel() {
+        // 10^10 iterations writing nothing: without fuel this runs for hours.
+        let tok = with_template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}");
+        let t0 = Instant::now();
+        let e = render(&tok).unwrap_err().to_string();
+        assert!(e.contains("loop.jinja") && e.contains("template instructions and was stopped"), "{e}");
+        assert!(t0.elapsed().as_secs() < 30, "took {:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn a_template_whose_output_grows_without_end_is_stopped_at_the_output_limit() {
+        // 10^10 bytes (it aborted on allocation before): stopped at MAX_TEMPLATE_OUTPUT.
+        let tok = with_template("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}");
+        let e = render(&tok).unwrap_err().to_string();
+        assert!(e.contains("loop.jinja") && e.contains("the rendered text passed 64 MiB"), "{e}");
+        // An ordinary template still renders.
+        let tok = with_template("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}");
+        assert_eq!(render(&tok).unwrap(), "<user>hi");
     }
 }

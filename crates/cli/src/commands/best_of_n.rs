@@ -65,19 +65,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let rm = RewardModel::load(&a.reward_model)?;
     let prompts = a.sampling.prompts(&tok, &a.model)?;
-    if matches!(model.config.decoder.positions, engine::PositionKind::Learned) {
-        let max = model.config.decoder.max_positions;
-        if let Some(i) = prompts.iter().position(|p| p.ids.len() + a.sampling.max_new_tokens > max) {
-            bail!(
-                "prompt {} has {} tokens; with --max-new-tokens {} the reward model reads {} positions, and the \
-                 model has {max} learned positions (shorten the prompt or lower --max-new-tokens)",
-                i + 1,
-                prompts[i].ids.len(),
-                a.sampling.max_new_tokens,
-                prompts[i].ids.len() + a.sampling.max_new_tokens
-            );
-        }
-    }
+    // The reward model reads every new token, the last one included.
+    a.sampling.check_positions(&prompts, a.sampling.max_new_tokens, &model, "the reward model reads")?;
     let cfg = a.sampling.config(&model, &tok);
     let decoder = Decoder::new(model.config.decoder.clone());
     let mut rng = Rng::new(a.sampling.seed);

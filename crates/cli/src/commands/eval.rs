@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use dpo::data::{load_pairs, DataOptions, Packing};
+use dpo::data::Packing;
 use dpo::objectives::parse_loss_list;
 use dpo::train::{evaluate, PairObjective, PairWorkload, Reference, Workspace};
 use engine::Decoder;
@@ -27,9 +27,8 @@ pub struct Args {
     /// Pairs per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Longest prompt+completion in tokens (longer ones are truncated, keeping the start).
-    #[arg(long)]
-    max_length: Option<usize>,
+    #[command(flatten)]
+    truncation: super::logps::TruncationFlags,
     #[command(flatten)]
     objective: ObjectiveFlags,
 }
@@ -44,11 +43,7 @@ pub(super) fn check_beta(beta: f64) -> anyhow::Result<()> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = hf::load_model(&a.model)?;
-    let tok = hf::load_tokenizer_if_present(&a.model)?;
-    let opts = DataOptions { max_length: a.max_length, ..Default::default() };
-    let loaded = load_pairs(&a.data, tok.as_ref(), &opts)?;
-    dpo::data::check_vocab(&a.data, &loaded.examples, model.config.decoder.vocab_size)?;
+    // Settings first: a bad one stops the command before any model is read.
     let mut cfg = dpo::objectives::LossConfig::default();
     a.objective.apply(&mut cfg)?;
     check_beta(cfg.beta)?;
@@ -56,6 +51,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         losses: parse_loss_list(a.objective.loss.as_deref().unwrap_or("sigmoid"), a.objective.loss_weights.as_deref())?,
         cfg,
     };
+    let model = hf::load_model(&a.model)?;
+    let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = match &a.ref_model {
         Some(dir) => Reference::load(dir, &model.config, tok.as_ref())?,
         None if objective.reference_free() => Reference::None,
@@ -64,10 +61,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.objective.loss.as_deref().unwrap_or("sigmoid")
         ),
     };
+    let mut models = vec![&model.config.decoder];
+    models.extend(reference.model().map(|(d, _)| &d.cfg));
+    let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &models)?;
     let decoder = Decoder::new(model.config.decoder.clone());
     let mut ws = Workspace::default();
     let workload = PairWorkload {
-        examples: &loaded.examples,
+        examples: &examples,
         reference: &reference,
         objective: &objective,
         packing: Packing::SharedPrompt,
@@ -76,7 +76,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let metrics = evaluate(&decoder, &model.params, &workload, a.batch_size, &mut ws)
         .with_context(|| format!("evaluating {}", a.data.display()))?;
     let mut obj = serde_json::Map::new();
-    obj.insert("rows".into(), loaded.examples.len().into());
+    obj.insert("rows".into(), examples.len().into());
     obj.extend(metrics.into_iter().map(|(k, v)| (k, v.into())));
     let text = serde_json::Value::Object(obj).to_string() + "\n";
     super::emit(a.out.as_deref(), &text)

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use dpo::data::prompts::{encode_text, read_prompts, stop_ids, Prompt};
 use engine::generate::{generate_batched, Generation, SamplingConfig};
 use engine::rng::Rng;
 use engine::Decoder;
-use hf::{ChatMessage, Tokenizer};
+use hf::Tokenizer;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -37,8 +38,8 @@ pub(super) struct SamplingFlags {
     /// One prompt, as text.
     #[arg(long, conflicts_with = "data", required_unless_present = "data")]
     prompt: Option<String>,
-    /// Prompts: JSONL (or a JSON list) of rows with `prompt` as text or as a list of chat messages
-    /// (`{"role": .., "content": ..}`); other fields are ignored.
+    /// Prompts: a JSONL, JSON or Parquet file of rows with `prompt` as text or as a list of chat messages
+    /// (`{"role": .., "content": ..}`), or `prompt_ids`; other fields are ignored.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Divides the logits before sampling; 0 is greedy decoding.
@@ -93,23 +94,49 @@ impl SamplingFlags {
             (_, true) => false,
             _ => tok.chat_template().is_some(),
         };
-        let prompts = match (&self.prompt, &self.data) {
-            (Some(text), _) => vec![encode_text(tok, text, chat)?],
-            (None, Some(path)) => read_prompts(path, tok, chat)?,
+        match (&self.prompt, &self.data) {
+            (Some(text), _) => {
+                let ids = encode_text(tok, text, chat)?;
+                if ids.is_empty() {
+                    bail!("--prompt tokenizes to no tokens; generation needs at least one");
+                }
+                Ok(vec![Prompt { location: "--prompt".into(), shown: Value::String(text.clone()), ids }])
+            }
+            (None, Some(path)) => Ok(read_prompts(path, tok, chat)?),
             (None, None) => bail!("give --prompt TEXT or --data FILE"),
-        };
-        if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
-            bail!("prompt {} tokenizes to no tokens; generation needs at least one", i + 1);
         }
-        Ok(prompts)
+    }
+
+    /// Refuses a prompt that, with `new_tokens` more tokens read after it, does not fit the model's learned
+    /// positions (the engine refuses these too, but cannot name the prompt or the flags).
+    pub(super) fn check_positions(
+        &self,
+        prompts: &[Prompt],
+        new_tokens: usize,
+        model: &hf::HfModel,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        let lens = prompts.iter().map(|p| (p.location.as_str(), p.ids.len()));
+        if let Err((location, needed, max)) =
+            dpo::data::check_generation_positions(lens, new_tokens, &model.config.decoder)
+        {
+            let source = match &self.data {
+                Some(path) => format!("{}, {location}", path.display()),
+                None => location,
+            };
+            bail!(
+                "{source}: the prompt has {} tokens, and with --max-new-tokens {} {what} {needed} positions; the \
+                 model has {max} learned positions (shorten the prompt or lower --max-new-tokens)",
+                needed - new_tokens,
+                self.max_new_tokens,
+            );
+        }
+        Ok(())
     }
 
     /// The sampler's settings; generation stops at any EOS id of the config or the tokenizer.
     pub(super) fn config(&self, model: &hf::HfModel, tok: &Tokenizer) -> SamplingConfig {
-        let mut eos_ids = model.config.eos_token_ids.clone();
-        eos_ids.extend(tok.eos_id());
-        eos_ids.sort_unstable();
-        eos_ids.dedup();
+        let eos_ids = stop_ids(&model.config, tok);
         SamplingConfig {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -141,12 +168,6 @@ struct Line<'a> {
     finished: bool,
 }
 
-/// A prompt as given (echoed in the output) and its token ids.
-pub(super) struct Prompt {
-    pub(super) shown: Value,
-    pub(super) ids: Vec<u32>,
-}
-
 pub fn run(a: Args) -> anyhow::Result<()> {
     a.sampling.check()?;
     if a.n == 0 {
@@ -155,22 +176,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer(&a.model)?;
     let prompts = a.sampling.prompts(&tok, &a.model)?;
-    if matches!(model.config.decoder.positions, engine::PositionKind::Learned) {
-        // The engine refuses these too, but cannot name the flags.
-        let max = model.config.decoder.max_positions;
-        if let Some((i, p)) =
-            prompts.iter().enumerate().find(|(_, p)| p.ids.len() + a.sampling.max_new_tokens - 1 > max)
-        {
-            bail!(
-                "prompt {} has {} tokens, and with --max-new-tokens {} needs {} positions; the model has {max} \
-                 learned positions (shorten the prompt or lower --max-new-tokens)",
-                i + 1,
-                p.ids.len(),
-                a.sampling.max_new_tokens,
-                p.ids.len() + a.sampling.max_new_tokens - 1
-            );
-        }
-    }
+    // The last new token is not read back, so a prompt needs max_new_tokens - 1 more positions.
+    a.sampling.check_positions(&prompts, a.sampling.max_new_tokens - 1, &model, "needs")?;
     let cfg = a.sampling.config(&model, &tok);
     let decoder = Decoder::new(model.config.decoder.clone());
     let mut rng = Rng::new(a.sampling.seed);
@@ -211,58 +218,4 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         new_tokens as f64 / secs.max(1e-9)
     );
     Ok(())
-}
-
-/// A text prompt: through the chat template as one user message, or tokenized as it is (with the
-/// tokenizer's own special tokens, as TRL tokenizes plain-text prompts).
-pub(super) fn encode_text(tok: &Tokenizer, text: &str, chat: bool) -> anyhow::Result<Prompt> {
-    let ids = if chat { encode_messages(tok, &[ChatMessage::new("user", text)])? } else { tok.encode(text, true)? };
-    Ok(Prompt { shown: Value::String(text.to_string()), ids })
-}
-
-/// Messages through the chat template with the generation prompt; the template writes every special
-/// token it wants, so none are added.
-fn encode_messages(tok: &Tokenizer, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
-    let text = tok.apply_chat_template(messages, true)?;
-    Ok(tok.encode(&text, false)?)
-}
-
-/// Reads `prompt` from every row of a JSONL file (or a JSON list of rows).
-pub(super) fn read_prompts(path: &Path, tok: &Tokenizer, chat: bool) -> anyhow::Result<Vec<Prompt>> {
-    let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let rows: Vec<(usize, Value)> = match serde_json::from_str::<Value>(&body) {
-        Ok(Value::Array(rows)) => rows.into_iter().enumerate().map(|(i, r)| (i + 1, r)).collect(),
-        _ => body
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map(|v| (i + 1, v))
-                    .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
-            })
-            .collect::<anyhow::Result<_>>()?,
-    };
-    let mut prompts = Vec::with_capacity(rows.len());
-    for (line, row) in rows {
-        let at = || format!("{}:{line}", path.display());
-        let p = row.get("prompt").with_context(|| format!("{}: no `prompt` field", at()))?;
-        let prompt = match p {
-            Value::String(text) => encode_text(tok, text, chat).with_context(at)?,
-            Value::Array(_) => {
-                let messages: Vec<ChatMessage> = serde_json::from_value(p.clone())
-                    .with_context(|| format!("{}: `prompt` is a list but not of {{role, content}} messages", at()))?;
-                if tok.chat_template().is_none() {
-                    bail!("{}: a conversational prompt needs a chat template, and the tokenizer has none", at());
-                }
-                Prompt { shown: p.clone(), ids: encode_messages(tok, &messages).with_context(at)? }
-            }
-            _ => bail!("{}: `prompt` must be text or a list of chat messages", at()),
-        };
-        prompts.push(prompt);
-    }
-    if prompts.is_empty() {
-        bail!("{}: no rows", path.display());
-    }
-    Ok(prompts)
 }

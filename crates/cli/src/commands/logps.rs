@@ -3,10 +3,59 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
-use dpo::data::{load_pairs, DataOptions, Packing};
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+use dpo::data::{check_positions, load_pairs, DataError, DataOptions, Example, Packing, Truncation};
 use dpo::scoring::score_pairs;
-use engine::Decoder;
+use engine::{Decoder, DecoderConfig};
+
+/// Length limits of the rows, shared by `dpo logps`, `dpo eval` and `dpo reward`.
+#[derive(clap::Args, Debug)]
+pub(super) struct TruncationFlags {
+    /// Longest prompt+completion in tokens; longer sequences are truncated as --truncation says. Default:
+    /// none, every row scored whole, and a row longer than a model with learned positions (GPT-2) can read
+    /// is refused before scoring, naming its file and line.
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Longest prompt in tokens (keeping its end, the tokens nearest the completion).
+    #[arg(long)]
+    max_prompt_length: Option<usize>,
+    /// Which part of a sequence longer than --max-length is kept: keep-start (TRL's default) or keep-end.
+    #[arg(long, default_value = "keep-start")]
+    truncation: Truncation,
+}
+
+impl TruncationFlags {
+    /// Reads, tokenizes and truncates the pairs of `data` for the models `models` (the policy first, then
+    /// any reference): refuses token ids outside the policy's vocabulary and rows longer than any model's
+    /// learned positions, and warns about dropped rows and prompts that are not a prefix, naming them.
+    pub(super) fn load_pairs(
+        &self,
+        data: &Path,
+        tok: Option<&hf::Tokenizer>,
+        models: &[&DecoderConfig],
+    ) -> anyhow::Result<Vec<Example>> {
+        let opts = DataOptions {
+            max_length: self.max_length,
+            max_prompt_length: self.max_prompt_length,
+            truncation: self.truncation,
+            skip_bad_rows: false,
+        };
+        let loaded = load_pairs(data, tok, &opts)?;
+        for w in loaded.stats.warnings() {
+            eprintln!("warning: {}: {w}", data.display());
+        }
+        dpo::data::check_vocab(data, &loaded.examples, models[0].vocab_size)?;
+        check_positions(data, &loaded.examples, models).map_err(|e| match e {
+            DataError::TooLong { max, .. } => {
+                anyhow!("{e}: pass --max-length {max} (with --truncation keep-end to keep the ends)")
+            }
+            e => e.into(),
+        })?;
+        Ok(loaded.examples)
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -23,6 +72,8 @@ pub struct Args {
     /// Pairs per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    #[command(flatten)]
+    truncation: TruncationFlags,
     /// Score prompt+chosen and prompt+rejected as separate sequences instead of sharing the prompt
     /// (same numbers, more work; for checking).
     #[arg(long)]
@@ -32,17 +83,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
-    let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
-    dpo::data::check_vocab(&a.data, &loaded.examples, model.config.decoder.vocab_size)?;
-    let (examples, stats) = (loaded.examples, loaded.stats);
-    if stats.prompt_not_prefix > 0 {
-        eprintln!(
-            "warning: in {} of {} rows the tokenized prompt is not a prefix of prompt+completion; \
-             their completions start where the token lists diverge",
-            stats.prompt_not_prefix,
-            examples.len()
-        );
-    }
+    let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&model.config.decoder])?;
     let decoder = Decoder::new(model.config.decoder.clone());
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
     let scores = score_pairs(&decoder, &model.params, &examples, packing, a.batch_size, |_| {})

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use dpo::data::read_prompts;
 use dpo::rlhf::ppo::{train_ppo, PpoConfig, PpoStepStats, RefModel, RewardFn};
 use dpo::rlhf::reward_model::{RewardModel, RewardModelError};
 use dpo::train::run_dir::{self, model_of, RunDir, StartMode};
@@ -14,7 +15,6 @@ use dpo::train::Reference;
 use engine::Decoder;
 use serde::Serialize;
 
-use super::generate::read_prompts;
 use super::progress::Progress;
 use super::train::{stop_flag, with_hint};
 

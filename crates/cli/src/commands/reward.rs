@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use dpo::data::{load_pairs, DataOptions, Packing};
+use anyhow::{bail, Context};
+use dpo::data::Packing;
 use dpo::scoring::score_pairs;
 use dpo::train::Reference;
 use engine::{Decoder, Params};
@@ -29,6 +29,8 @@ pub struct Args {
     /// Write the JSON lines here (atomically) instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    truncation: super::logps::TruncationFlags,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -36,13 +38,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let policy = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = Reference::load(&a.ref_model, &policy.config, tok.as_ref())?;
-    let loaded = load_pairs(&a.data, tok.as_ref(), &DataOptions::default())?;
-    dpo::data::check_vocab(&a.data, &loaded.examples, policy.config.decoder.vocab_size)?;
+    let Some((ref_decoder, ref_params)) = reference.model() else {
+        bail!("{} gave no reference model", a.ref_model.display());
+    };
+    let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&policy.config.decoder, &ref_decoder.cfg])?;
     let score = |decoder: &Decoder, params: &Params, dir: &std::path::Path| {
-        score_pairs(decoder, params, &loaded.examples, Packing::SharedPrompt, a.batch_size, |_| {})
+        score_pairs(decoder, params, &examples, Packing::SharedPrompt, a.batch_size, |_| {})
             .with_context(|| format!("scoring {} with {}", a.data.display(), dir.display()))
     };
-    let (ref_decoder, ref_params) = reference.model().expect("Reference::load gives a model");
     let p = score(&Decoder::new(policy.config.decoder.clone()), &policy.params, &a.model)?;
     let r = score(ref_decoder, ref_params, &a.ref_model)?;
     let mut text = String::new();

@@ -21,6 +21,12 @@ pub enum DataError {
     /// Every row was skipped or dropped: training on nothing is never what was meant.
     #[error("{path}: no usable rows ({summary})")]
     NoExamples { path: PathBuf, summary: String },
+    /// A row longer than a model with learned positions can read.
+    #[error(
+        "{path}, {location}: the row's longest sequence has {tokens} tokens, more than the {max} positions the \
+         model has (learned positions; truncate rows to at most {max} tokens)"
+    )]
+    TooLong { path: PathBuf, location: String, tokens: usize, max: usize },
     #[error("invalid data option: {0}")]
     Options(String),
 }

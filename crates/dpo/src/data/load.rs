@@ -16,6 +16,9 @@ use super::DataError;
 /// Bad-row messages kept for the report; the count covers the rest.
 pub const MAX_BAD_ROW_MESSAGES: usize = 5;
 
+/// Rows named by each warning (dropped rows, prompts not a prefix); the count covers the rest.
+pub const MAX_NAMED_ROWS: usize = 5;
+
 /// What loading a file did, for one report at the end rather than a line per row.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DataStats {
@@ -30,6 +33,8 @@ pub struct DataStats {
     /// Examples dropped because a completion had no scored token left (after truncation, or none to
     /// begin with).
     pub dropped_no_completion: usize,
+    /// The locations of the first [`MAX_NAMED_ROWS`] of them.
+    pub dropped_rows: Vec<String>,
     /// Kept examples that lost prompt tokens to `max_prompt_length` or `max_length`.
     pub prompt_truncated: usize,
     /// Kept examples that lost completion tokens to `max_length` (or the score of the first one, when
@@ -38,6 +43,8 @@ pub struct DataStats {
     /// Kept examples whose tokenized prompt was not a prefix of prompt+completion; their completion
     /// starts where the two diverge.
     pub prompt_not_prefix: usize,
+    /// The locations of the first [`MAX_NAMED_ROWS`] of them.
+    pub prompt_not_prefix_rows: Vec<String>,
 }
 
 impl DataStats {
@@ -52,7 +59,37 @@ impl DataStats {
         if self.bad_rows > self.bad_row_messages.len() {
             s.push_str(&format!("\n  and {} more", self.bad_rows - self.bad_row_messages.len()));
         }
+        for w in self.warnings() {
+            s.push_str("\n  ");
+            s.push_str(&w);
+        }
         s
+    }
+
+    /// One line for each thing about the rows worth a warning (rows dropped, prompts that are not a token
+    /// prefix), each naming the first rows.
+    pub fn warnings(&self) -> Vec<String> {
+        let named = |n: usize, rows: &[String]| {
+            let more = if n > rows.len() { format!(" and {} more", n - rows.len()) } else { String::new() };
+            format!("{}{more}", rows.join(", "))
+        };
+        let mut out = Vec::new();
+        if self.dropped_no_completion > 0 {
+            out.push(format!(
+                "{} examples dropped with no scored completion token left: {}",
+                self.dropped_no_completion,
+                named(self.dropped_no_completion, &self.dropped_rows)
+            ));
+        }
+        if self.prompt_not_prefix > 0 {
+            out.push(format!(
+                "{} prompts are not a token prefix of prompt+completion (their completions start where the token \
+                 lists diverge): {}",
+                self.prompt_not_prefix,
+                named(self.prompt_not_prefix, &self.prompt_not_prefix_rows)
+            ));
+        }
+        out
     }
 }
 
@@ -181,21 +218,32 @@ where
     F: Fn(&Record) -> Result<Vec<Item<T>>, RowError> + Sync + Send,
 {
     opts.validate()?;
-    let results = map_records(path, |rec| rec.map_err(RowError::Bad).and_then(|r| per_record(&r)))?;
+    let results = map_records(path, |rec| {
+        rec.map_err(RowError::Bad).and_then(|r| per_record(&r).map(|items| (r.location, items)))
+    })?;
     let mut stats = DataStats { rows_read: results.len(), ..DataStats::default() };
     let mut examples = Vec::with_capacity(results.len());
     // In file order, so that the error reported is the first row's whatever the threads did.
     for r in results {
         match r {
-            Ok(items) => {
+            Ok((location, items)) => {
+                let name = |rows: &mut Vec<String>| {
+                    if rows.len() < MAX_NAMED_ROWS && rows.last() != Some(&location) {
+                        rows.push(location.clone());
+                    }
+                };
                 for it in items {
                     let Some((ex, cut)) = it.example else {
                         stats.dropped_no_completion += 1;
+                        name(&mut stats.dropped_rows);
                         continue;
                     };
                     stats.prompt_truncated += cut.prompt as usize;
                     stats.completion_truncated += cut.completion as usize;
-                    stats.prompt_not_prefix += it.prompt_not_prefix as usize;
+                    if it.prompt_not_prefix {
+                        stats.prompt_not_prefix += 1;
+                        name(&mut stats.prompt_not_prefix_rows);
+                    }
                     examples.push(ex);
                 }
             }
@@ -396,6 +444,11 @@ mod tests {
         // Row 3's prompt fills max_length; row 4's chosen side has one token and nothing before it.
         assert_eq!((s.rows_read, s.examples_kept, s.dropped_no_completion), (4, 2, 2));
         assert_eq!((s.prompt_truncated, s.completion_truncated, s.bad_rows), (0, 1, 0));
+        // The warning names the dropped rows.
+        assert_eq!(s.dropped_rows, ["line 3", "line 4"]);
+        let summary = s.summary();
+        let want = "\n  2 examples dropped with no scored completion token left: line 3, line 4";
+        assert!(summary.ends_with(want), "{summary}");
 
         let got = load_pairs(&path, None, &o(Some(5), None, Truncation::KeepEnd)).unwrap();
         let ex = &got.examples;
@@ -411,6 +464,8 @@ mod tests {
         assert_eq!(got.examples[0].prompt_ids, vec![3, 4]);
         assert_eq!(got.examples[2].prompt_ids, vec![5, 6]);
         assert_eq!((got.stats.prompt_truncated, got.stats.dropped_no_completion), (2, 1));
+
+        assert_eq!(got.stats.dropped_rows, ["line 4"]);
 
         let e = load_pairs(&path, None, &o(Some(1), None, Truncation::KeepStart)).unwrap_err().to_string();
         assert!(

@@ -6,6 +6,8 @@
 //! tokenize row      -> Example | UnpairedExample | SftExample                  (TRL 1.x rules)
 //! truncate example  -> the same, limited to max_prompt_length / max_length      (or dropped)
 //! load     all of the above for a file, in parallel, with DataStats
+//! positions every row against the positions of the models that read it (before the first step)
+//! prompts  generation prompts (`prompt` of every row) and the ids that end a generation
 //! pack     [Example] / [(prompt, completion)] -> engine::Batch + where each sequence's targets are
 //! ```
 
@@ -13,6 +15,8 @@ pub mod error;
 pub mod load;
 pub mod pack;
 mod parquet;
+pub mod positions;
+pub mod prompts;
 pub mod read;
 pub mod rows;
 #[cfg(test)]
@@ -23,6 +27,8 @@ pub mod truncate;
 pub use error::DataError;
 pub use load::{check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, DataStats, LoadedData};
 pub use pack::{pack_pairs, pack_sequences, PackedPairs, Packing};
+pub use positions::{check_generation_positions, check_positions, resolve_max_length, Sequences};
+pub use prompts::{read_prompts, stop_ids, Prompt};
 pub use read::{read_records, Record};
 pub use rows::{parse_preference_row, parse_sft_row, parse_unpaired_rows, PreferenceRow, SftRow, Text, UnpairedRow};
 pub use tokenize::{

@@ -7,6 +7,11 @@ use serde_json::{Map, Value};
 
 use super::DataError;
 
+/// Bytes one row may hold (a JSONL line; the text and ids of a JSON array element or a Parquet row). A
+/// row of 128k tokens is about 1 MB of text; a longer one cannot be read by any model, and tokenizing one
+/// costs about 200 bytes of memory per byte of text (a 50 MB row took 9.5 GB), so it is refused before.
+pub const MAX_ROW_BYTES: usize = 8 << 20;
+
 #[derive(Clone, Debug)]
 pub struct Record {
     /// "line 12" (JSONL), "element 3" (JSON array) or "row 5" (Parquet): what error messages cite.
@@ -35,6 +40,8 @@ where
         return Err(DataError::IsDirectory { path: p() });
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    // A row too large to tokenize is that row's error, like any other bad row.
+    let f = |r: Result<Record, DataError>| f(r.and_then(|rec| check_row_size(path, rec)));
     let out = match ext.as_str() {
         "parquet" => super::parquet::map_rows(path, &f)?,
         "jsonl" | "ndjson" | "json" => {
@@ -70,6 +77,10 @@ fn jsonl<T: Send>(path: &Path, bytes: &[u8], f: &(impl Fn(Result<Record, DataErr
             };
             if text.is_empty() {
                 return None;
+            }
+            // Before parsing: a huge line costs several times its size as JSON values.
+            if text.len() > MAX_ROW_BYTES {
+                return Some(f(Err(parse_err(too_large(text.len())))));
             }
             let record = match serde_json::from_str(text) {
                 Ok(Value::Object(fields)) => Ok(Record { location: location.clone(), fields }),
@@ -110,6 +121,32 @@ fn json_array<T: Send>(
             })
         })
         .collect())
+}
+
+fn too_large(bytes: usize) -> String {
+    format!(
+        "the row holds {:.1} MiB, more than the {} MiB a row may hold (longer than any model's context; is the \
+         file one record per line?)",
+        bytes as f64 / (1 << 20) as f64,
+        MAX_ROW_BYTES >> 20
+    )
+}
+
+/// Refuses a record whose text and ids add up to more than [`MAX_ROW_BYTES`].
+fn check_row_size(path: &Path, rec: Record) -> Result<Record, DataError> {
+    fn size(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(a) => a.iter().map(|x| size(x).max(1)).sum(),
+            Value::Object(o) => o.iter().map(|(k, x)| k.len() + size(x)).sum(),
+            _ => 1,
+        }
+    }
+    let bytes: usize = rec.fields.iter().map(|(k, v)| k.len() + size(v)).sum();
+    if bytes > MAX_ROW_BYTES {
+        return Err(DataError::Parse { path: path.to_path_buf(), location: rec.location, message: too_large(bytes) });
+    }
+    Ok(rec)
 }
 
 /// "a string", "an array", ...: for messages about wrong types.
@@ -177,6 +214,20 @@ mod tests {
         assert!(e.contains("unsupported file type \"csv\""), "{e}");
         let e = err(&dir.join("missing.jsonl"));
         assert!(e.contains("cannot read") && e.contains("missing.jsonl"), "{e}");
+    }
+
+    #[test]
+    fn a_row_larger_than_the_limit_is_refused_naming_file_and_line() {
+        let dir = scratch("read-huge");
+        let huge = "x".repeat(MAX_ROW_BYTES + 1);
+        let text = format!("{{\"a\": 1}}\n{{\"a\": \"{huge}\"}}\n");
+        let e = err(&write(&dir, "huge.jsonl", &text));
+        assert!(e.contains("huge.jsonl, line 2: the row holds 8.0 MiB, more than the 8 MiB a row may hold"), "{e}");
+        let e = err(&write(&dir, "huge.json", format!("[{{\"a\": 1}}, {{\"a\": \"{huge}\"}}]")));
+        assert!(e.contains("huge.json, element 2: the row holds 8.0 MiB"), "{e}");
+        // Skippable like any bad row.
+        let out = map_records(&write(&dir, "skip.jsonl", &text), |r| r.is_ok()).unwrap();
+        assert_eq!(out, [true, false]);
     }
 
     #[test]

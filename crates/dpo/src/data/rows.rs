@@ -9,6 +9,9 @@
 //! | `prompt`, `completion` | SFT; `prompt_ids`, `completion_ids` pre-tokenized |
 //! | any of the above with lists of `{"role", "content"}` messages | conversational (chat template) |
 //!
+//! A message's `content` is a string or a list of parts (`[{"type": "text", "text": ..}]`); text parts are
+//! joined, other parts refused (see [`text_parts`]).
+//!
 //! Like TRL's KTO trainer, the unpaired reader also takes pairs, as two rows (chosen: label true,
 //! rejected: label false); the SFT reader takes pairs' chosen side (the DPO paper's "preferred-FT").
 
@@ -154,6 +157,15 @@ pub fn parse_preference_row(path: &Path, r: &Record) -> Result<PreferenceRow, Da
     Ok(row(prompt, chosen, rejected))
 }
 
+/// Reads a generation prompt: `prompt` (text or messages) or `prompt_ids`.
+pub fn parse_prompt(path: &Path, r: &Record) -> Result<Text, DataError> {
+    let f = Fields { path, rec: r };
+    if f.has("prompt_ids") && !f.has("prompt") {
+        return f.ids("prompt_ids", false);
+    }
+    f.text("prompt")
+}
+
 /// Whether a record is a pair rather than a single completion.
 fn is_pair(f: &Fields) -> bool {
     f.has("chosen") || f.has("chosen_ids") || f.has("rejected") || f.has("rejected_ids")
@@ -201,12 +213,47 @@ fn message(v: &Value) -> Result<Message, String> {
     let Value::Object(m) = v else {
         return Err(format!("expected an object with `role` and `content`, found {}", kind(v)));
     };
-    let s = |k: &str| match m.get(k) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(format!("`{k}` must be a string, found {}", kind(other))),
-        None => Err(format!("`{k}` is missing")),
+    let role = match m.get("role") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => return Err(format!("`role` must be a string, found {}", kind(other))),
+        None => return Err("`role` is missing".into()),
     };
-    Ok(Message { role: s("role")?, content: s("content")? })
+    let content = match m.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => text_parts(parts)?,
+        Some(other) => {
+            return Err(format!("`content` must be a string, found {} (or a list of text parts)", kind(other)))
+        }
+        None => return Err("`content` is missing".into()),
+    };
+    Ok(Message { role, content })
+}
+
+/// A content list (`[{"type": "text", "text": ..}, ..]`, the OpenAI and multimodal-dataset form) as one
+/// string: its text parts concatenated. transformers hands the list to the template as it is; the
+/// templates that accept lists (Llama 3.2, Qwen2-VL, Gemma 3) write the text parts one after the other,
+/// and text-only templates (SmolLM2, Llama 3) expect a string, which this gives them. Parts of any other
+/// type (images, audio) are refused: this trainer reads text only.
+fn text_parts(parts: &[Value]) -> Result<String, String> {
+    let mut text = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        let at = || format!("`content` part {}", i + 1);
+        let Value::Object(p) = part else {
+            return Err(format!("{}: expected an object with `type` and `text`, found {}", at(), kind(part)));
+        };
+        match (p.get("type"), p.get("text")) {
+            (Some(Value::String(t)), Some(Value::String(s))) if t == "text" => text.push_str(s),
+            (Some(Value::String(t)), _) if t == "text" => return Err(format!("{}: `text` must be a string", at())),
+            (Some(Value::String(t)), _) => {
+                return Err(format!(
+                    "{}: a part of type {t:?}; only text parts can be read (no image or audio input)",
+                    at()
+                ))
+            }
+            _ => return Err(format!("{}: `type` is missing or not a string", at())),
+        }
+    }
+    Ok(text)
 }
 
 /// TRL's `extract_prompt`: the prompt is the longest common prefix of the two completions (messages for
@@ -328,6 +375,39 @@ mod tests {
         assert_eq!((row.prompt, row.completion), (Text::Plain("Q: x A:".into()), Text::Plain(" yes".into())));
         let e = parse_sft_row(p, &rec(r#"{"prompt": "q"}"#)).unwrap_err().to_string();
         assert_eq!(e, "s.json, line 7, field `completion`: missing");
+    }
+
+    #[test]
+    fn content_lists_of_text_parts_are_read_as_their_text() {
+        let p = Path::new("parts.jsonl");
+        let r = rec(
+            r#"{"prompt": [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]}],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}],
+                "rejected": [{"role": "assistant", "content": "5"}]}"#,
+        );
+        let row = parse_preference_row(p, &r).unwrap();
+        let one =
+            |role: &str, content: &str| Text::Messages(vec![Message { role: role.into(), content: content.into() }]);
+        assert_eq!(
+            (row.prompt, row.chosen, row.rejected),
+            (one("user", "What is 2+2?"), one("assistant", "4"), one("assistant", "5"))
+        );
+
+        let r = rec(
+            r#"{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+                "chosen": [{"role": "assistant", "content": "A cat."}], "rejected": [{"role": "assistant", "content": "A dog."}]}"#,
+        );
+        let e = parse_preference_row(p, &r).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "parts.jsonl, line 7, field `prompt`: message 1: `content` part 1: a part of type \"image\"; only text \
+             parts can be read (no image or audio input)"
+        );
+        let r = rec(
+            r#"{"chosen": [{"role": "assistant", "content": [{"text": "x"}]}], "rejected": [{"role": "assistant", "content": 3}]}"#,
+        );
+        let e = parse_preference_row(p, &r).unwrap_err().to_string();
+        assert!(e.contains("field `chosen`: message 1: `content` part 1: `type` is missing"), "{e}");
     }
 
     #[test]

@@ -177,15 +177,48 @@ pub fn default_cache_dir() -> PathBuf {
     PathBuf::from(".dpo-cache")
 }
 
-/// Outcome of [`precompute`]: the scores and whether they came from the cache.
+/// Whether a cache directory can hold the reference log-probs: created if missing, then a probe file
+/// written and removed. Checked before the reference pass, so that its outcome is known, and said, first.
+pub fn check_cache_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("cannot write in {} ({e})", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Where precomputed scores came from, or went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Read from this file, written by an earlier run for the same weights and token ids.
+    Read(PathBuf),
+    /// Computed and written to this file.
+    Written(PathBuf),
+    /// Computed; not cached, for this reason (the next run computes them again).
+    NotWritten(String),
+}
+
+/// Outcome of [`precompute`]: the scores and what the cache did.
 pub struct Precomputed {
     pub scores: Vec<PairScore>,
-    pub cache_file: PathBuf,
-    pub from_cache: bool,
+    pub cache: CacheOutcome,
+}
+
+impl Precomputed {
+    /// "read from cache: FILE", "computed and cached: FILE" or "computed, not cached: REASON".
+    pub fn summary(&self) -> String {
+        match &self.cache {
+            CacheOutcome::Read(f) => format!("read from cache: {}", f.display()),
+            CacheOutcome::Written(f) => format!("computed and cached: {}", f.display()),
+            CacheOutcome::NotWritten(why) => format!("computed, not cached: {why}; the next run computes them again"),
+        }
+    }
 }
 
 /// Scores every example under the reference once, or reads the scores a previous run cached for the
 /// same weights and token ids. The cache file is written atomically; an unreadable one is recomputed.
+/// A cache directory that cannot be written does not stop the run (the cache only saves the next run a
+/// pass): the scores are computed and the outcome says why they were not cached.
 pub fn precompute(
     decoder: &Decoder,
     params: &Params,
@@ -200,15 +233,77 @@ pub fn precompute(
     if let Ok(text) = std::fs::read_to_string(&cache_file) {
         if let Ok(scores) = serde_json::from_str::<Vec<PairScore>>(&text) {
             if scores.len() == examples.len() {
-                return Ok(Precomputed { scores, cache_file, from_cache: true });
+                return Ok(Precomputed { scores, cache: CacheOutcome::Read(cache_file) });
             }
         }
     }
+    let writable = check_cache_dir(cache_dir);
     let scores = score_pairs(decoder, params, examples, packing, batch_size, progress)?;
-    // A cache that cannot be written only costs the next run a recomputation.
-    if std::fs::create_dir_all(cache_dir).is_ok() {
-        let json = serde_json::to_vec(&scores).expect("scores serialise");
-        let _ = crate::io::write_atomic(&cache_file, &json);
+    let cache = match writable {
+        Err(why) => CacheOutcome::NotWritten(why),
+        Ok(()) => {
+            let json = serde_json::to_vec(&scores).expect("scores serialise");
+            match crate::io::write_atomic(&cache_file, &json) {
+                Ok(()) => CacheOutcome::Written(cache_file),
+                Err(e) => CacheOutcome::NotWritten(format!("cannot write {} ({e})", cache_file.display())),
+            }
+        }
+    };
+    Ok(Precomputed { scores, cache })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity/models").join(name)
     }
-    Ok(Precomputed { scores, cache_file, from_cache: false })
+
+    #[test]
+    fn a_reference_must_read_the_policys_token_ids() {
+        let (policy_dir, ref_dir) = (fixture("gpt2-policy"), fixture("gpt2-ref"));
+        let policy = hf::load_config(&policy_dir).unwrap();
+        let tok = hf::load_tokenizer(&policy_dir).unwrap();
+        let reference = hf::load_config(&ref_dir).unwrap();
+        check_fits(&ref_dir, &reference, &policy, Some(&tok)).unwrap();
+        assert!(matches!(Reference::load(&ref_dir, &policy, Some(&tok)), Ok(Reference::Model(_))));
+
+        let mut wider = reference.clone();
+        wider.decoder.vocab_size += 8;
+        let e = check_fits(&ref_dir, &wider, &policy, Some(&tok)).unwrap_err().to_string();
+        assert!(e.contains("gpt2-ref has a vocabulary of 520 tokens, the policy 512"), "{e}");
+
+        // The same size, two ids swapped: another tokenizer.
+        let dir = std::env::temp_dir().join(format!("dpo-ref-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = std::fs::read_to_string(ref_dir.join("tokenizer.json")).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        let (a, b) = (vocab.keys().nth(300).unwrap().clone(), vocab.keys().nth(301).unwrap().clone());
+        let (ia, ib) = (vocab[&a].clone(), vocab[&b].clone());
+        vocab.insert(a, ib);
+        vocab.insert(b, ia);
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+        let e = check_fits(&dir, &reference, &policy, Some(&tok)).unwrap_err().to_string();
+        assert!(e.contains("map tokens to different ids") && e.contains("for the policy"), "{e}");
+        // Without the policy's tokenizer only the sizes can be compared.
+        check_fits(&dir, &reference, &policy, None).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_unwritable_cache_dir_is_reported_not_claimed() {
+        let dir = std::env::temp_dir().join(format!("dpo-ref-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A path under a regular file cannot be created, whoever runs the test (root included).
+        let file = dir.join("not-a-dir");
+        std::fs::write(&file, b"").unwrap();
+        let e = check_cache_dir(&file.join("cache")).unwrap_err();
+        assert!(e.starts_with("cannot create") && e.contains("not-a-dir"), "{e}");
+        check_cache_dir(&dir.join("ok")).unwrap();
+        let p = Precomputed { scores: vec![], cache: CacheOutcome::NotWritten(e) };
+        assert!(p.summary().starts_with("computed, not cached: cannot create"), "{}", p.summary());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -332,9 +332,8 @@ fn attach_reference(
                     }
                     let (d, p) = (&shared.0, &shared.1);
                     let r = precompute(d, p, examples, packing, cfg.batch_size, &cache, |_| {})?;
-                    let how = if r.from_cache { "read from cache" } else { "computed and cached" };
                     let n = examples.len();
-                    log(&format!("reference log-probs of {n} {what} rows {how}: {}", r.cache_file.display()));
+                    log(&format!("reference log-probs of {n} {what} rows {}", r.summary()));
                     Ok(Reference::Cached(r.scores))
                 };
                 (cached(&train, "training")?, cached(&eval, "evaluation")?)
