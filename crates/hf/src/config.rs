@@ -10,30 +10,67 @@ use engine::{DecoderConfig, MlpKind, NormKind, PositionKind, RopeConfig, RopeSca
 use serde_json::{Map, Value};
 
 use crate::error::{read_json, Error, Result};
-
-/// The `model_type` values this crate maps onto the decoder family.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2", "gpt_neox"];
+use crate::naming::{self, Naming};
 
 /// Longest context accepted from `config.json`: the rotary (or learned) position table is built for all
 /// of it up front, `max_positions * head_dim` floats.
 pub const MAX_POSITIONS: usize = 1 << 22;
 
-/// Which naming scheme and layout the checkpoint's tensors follow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    /// GPT-2: `transformer.h.{i}...`, Conv1D weights stored `[in, out]`.
-    Gpt2,
-    /// Llama, Mistral, Qwen2 (and SmolLM2, which is Llama): `model.layers.{i}...`.
-    Llama,
-    /// GPT-NeoX / Pythia: `gpt_neox.layers.{i}...`, q/k/v interleaved per head.
-    GptNeox,
+/// One supported `model_type`: how its `config.json` maps onto the engine's switches and how its
+/// checkpoint names its tensors. Adding an architecture is adding a row here (and its switches, if new).
+#[derive(Debug)]
+pub struct Family {
+    pub model_type: &'static str,
+    pub naming: &'static Naming,
+    /// The field holding the context length (named in errors).
+    pub positions_field: &'static str,
+    decoder: fn(&Fields) -> Result<DecoderConfig>,
+}
+
+impl PartialEq for Family {
+    fn eq(&self, other: &Self) -> bool {
+        self.model_type == other.model_type
+    }
+}
+
+/// Every supported family, one row per `model_type`.
+pub static FAMILIES: &[Family] = &[
+    Family { model_type: "gpt2", naming: &naming::GPT2, positions_field: "n_positions", decoder: gpt2 },
+    Family {
+        model_type: "llama",
+        naming: &naming::LLAMA,
+        positions_field: MAX_POS,
+        decoder: |f| llama_like(f, "llama"),
+    },
+    Family {
+        model_type: "mistral",
+        naming: &naming::LLAMA,
+        positions_field: MAX_POS,
+        decoder: |f| llama_like(f, "mistral"),
+    },
+    Family {
+        model_type: "qwen2",
+        naming: &naming::LLAMA,
+        positions_field: MAX_POS,
+        decoder: |f| llama_like(f, "qwen2"),
+    },
+    Family { model_type: "gpt_neox", naming: &naming::GPT_NEOX, positions_field: MAX_POS, decoder: gpt_neox },
+    Family { model_type: "phi3", naming: &naming::PHI3, positions_field: MAX_POS, decoder: |f| llama_like(f, "phi3") },
+];
+
+const MAX_POS: &str = "max_position_embeddings";
+
+/// The `model_type` values this crate maps onto the decoder family, in [`FAMILIES`] order.
+pub fn supported_model_types() -> impl Iterator<Item = &'static str> {
+    FAMILIES.iter().map(|f| f.model_type)
 }
 
 /// A parsed `config.json`: the engine's switches plus what the rest of the trainer needs from it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub decoder: DecoderConfig,
-    pub arch: Arch,
+    /// How the checkpoint names its tensors.
+    pub naming: &'static Naming,
     pub model_type: String,
     /// The whole file, kept so that saving writes back every field this crate does not interpret.
     pub raw: Value,
@@ -80,18 +117,15 @@ pub fn config_from_json(raw: Value, path: &Path) -> Result<ModelConfig> {
     };
     let f = Fields { path, obj, prefix: "" };
     let model_type = f.req_str("model_type")?.to_string();
-    let (arch, decoder) = match model_type.as_str() {
-        "gpt2" => (Arch::Gpt2, gpt2(&f)?),
-        "llama" | "mistral" | "qwen2" => (Arch::Llama, llama_like(&f, &model_type)?),
-        "gpt_neox" => (Arch::GptNeox, gpt_neox(&f)?),
-        _ => return Err(Error::UnsupportedModelType { path: path.to_path_buf(), model_type }),
+    let Some(family) = FAMILIES.iter().find(|fam| fam.model_type == model_type) else {
+        return Err(Error::UnsupportedModelType { path: path.to_path_buf(), model_type });
     };
+    let decoder = (family.decoder)(&f)?;
     decoder.validate().map_err(|m| Error::field(path, "<model shape>", m))?;
     if decoder.max_positions > MAX_POSITIONS {
-        let field = if arch == Arch::Gpt2 { "n_positions" } else { "max_position_embeddings" };
         return Err(Error::field(
             path,
-            field,
+            family.positions_field,
             format!(
                 "{} positions is more than this trainer supports ({MAX_POSITIONS}); the position tables would not \
                  fit in memory. Lower it in config.json to the context length you train with",
@@ -102,7 +136,7 @@ pub fn config_from_json(raw: Value, path: &Path) -> Result<ModelConfig> {
     let dtype = f.opt_str("dtype")?.or(f.opt_str("torch_dtype")?).map(str::to_string);
     Ok(ModelConfig {
         decoder,
-        arch,
+        naming: family.naming,
         model_type,
         bos_token_id: f.ids("bos_token_id")?.first().copied(),
         eos_token_ids: f.ids("eos_token_id")?,
