@@ -98,7 +98,87 @@ pub struct DecoderConfig {
     pub sliding_window: Option<usize>,
 }
 
+/// The sizes of a decoder, apart from its family's switches. `DecoderConfig::gpt2(dims)`,
+/// `::llama(dims)` and `::neox(dims)` add those switches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dims {
+    pub vocab_size: usize,
+    pub hidden: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Key/value heads; fewer than `n_heads` is grouped-query attention.
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_hidden: usize,
+    pub max_positions: usize,
+}
+
+impl RopeConfig {
+    /// `rotate_half` rotary embeddings without rescaling, over the first `rotary_dim` dimensions of a head.
+    pub fn half(theta: f32, rotary_dim: usize) -> Self {
+        RopeConfig { theta, rotary_dim, style: RopeStyle::Half, scaling: RopeScaling::None }
+    }
+}
+
+/// The family constructors. Each gives the switches of its family with the defaults of the HF config
+/// class (`GPT2Config`, `LlamaConfig`, `GPTNeoXConfig`); a member that differs overrides fields with
+/// `DecoderConfig { qkv_bias: true, ..DecoderConfig::llama(dims) }`. A field added to `DecoderConfig` is
+/// set here and nowhere else.
 impl DecoderConfig {
+    fn with_dims(d: Dims, norm: NormKind, mlp: MlpKind, positions: PositionKind) -> Self {
+        DecoderConfig {
+            vocab_size: d.vocab_size,
+            hidden: d.hidden,
+            n_layers: d.n_layers,
+            n_heads: d.n_heads,
+            n_kv_heads: d.n_kv_heads,
+            head_dim: d.head_dim,
+            ffn_hidden: d.ffn_hidden,
+            max_positions: d.max_positions,
+            norm,
+            mlp,
+            positions,
+            qkv_bias: false,
+            attn_out_bias: false,
+            mlp_bias: false,
+            parallel_residual: false,
+            tied_embeddings: false,
+            sliding_window: None,
+        }
+    }
+
+    /// GPT-2: LayerNorm (eps 1e-5), learned positions, tanh GELU, biases everywhere, sequential residual,
+    /// LM head tied to the embedding.
+    pub fn gpt2(dims: Dims) -> Self {
+        DecoderConfig {
+            qkv_bias: true,
+            attn_out_bias: true,
+            mlp_bias: true,
+            tied_embeddings: true,
+            ..Self::with_dims(dims, NormKind::LayerNorm { eps: 1e-5 }, MlpKind::GeluTanh, PositionKind::Learned)
+        }
+    }
+
+    /// Llama: RMSNorm (eps 1e-6), rotary over the whole head (theta 10000, `rotate_half`), SwiGLU, no
+    /// biases, sequential residual, untied LM head.
+    pub fn llama(dims: Dims) -> Self {
+        let rope = RopeConfig::half(10000.0, dims.head_dim);
+        Self::with_dims(dims, NormKind::RmsNorm { eps: 1e-6 }, MlpKind::SwiGlu, PositionKind::Rotary(rope))
+    }
+
+    /// GPT-NeoX / Pythia: LayerNorm (eps 1e-5), rotary over the first quarter of each head (`rotary_pct`
+    /// 0.25, theta 10000), erf GELU, biases everywhere, parallel residual, untied LM head.
+    pub fn neox(dims: Dims) -> Self {
+        let rope = RopeConfig::half(10000.0, dims.head_dim / 4);
+        DecoderConfig {
+            qkv_bias: true,
+            attn_out_bias: true,
+            mlp_bias: true,
+            parallel_residual: true,
+            ..Self::with_dims(dims, NormKind::LayerNorm { eps: 1e-5 }, MlpKind::GeluErf, PositionKind::Rotary(rope))
+        }
+    }
+
     /// Columns of the fused q/k/v projection output: `(n_heads + 2 n_kv_heads) * head_dim`.
     pub fn qkv_dim(&self) -> usize {
         (self.n_heads + 2 * self.n_kv_heads) * self.head_dim

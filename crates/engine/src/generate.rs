@@ -582,100 +582,42 @@ pub fn generate_batched(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{MlpKind, RopeConfig, RopeScaling, RopeStyle};
+    use crate::config::{RopeConfig, RopeScaling};
     use crate::model::Activations;
-    use crate::presets::init_random;
-
-    fn base() -> DecoderConfig {
-        DecoderConfig {
-            vocab_size: 61,
-            hidden: 16,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: 4,
-            head_dim: 4,
-            ffn_hidden: 24,
-            max_positions: 32,
-            norm: NormKind::LayerNorm { eps: 1e-5 },
-            mlp: MlpKind::GeluTanh,
-            positions: PositionKind::Learned,
-            qkv_bias: true,
-            attn_out_bias: true,
-            mlp_bias: true,
-            parallel_residual: false,
-            tied_embeddings: true,
-            sliding_window: None,
-        }
-    }
+    use crate::presets::{self, init_random};
 
     /// GPT-2: learned positions, LayerNorm, tanh GELU, biases, tied head.
     fn gpt2_like() -> DecoderConfig {
-        base()
+        presets::tiny_gpt2()
     }
 
     /// Llama/Mistral/Qwen2: GQA, rotary with llama3 scaling, SwiGLU, RMSNorm, qkv bias, untied head,
     /// sliding window, and a rotary table shorter than the generated sequences (extended on the fly).
     fn llama_like() -> DecoderConfig {
+        let scaling =
+            RopeScaling::Llama3 { factor: 4.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_positions: 8 };
         DecoderConfig {
-            n_heads: 4,
-            n_kv_heads: 2,
             head_dim: 8,
             max_positions: 8,
-            norm: NormKind::RmsNorm { eps: 1e-6 },
-            mlp: MlpKind::SwiGlu,
-            positions: PositionKind::Rotary(RopeConfig {
-                theta: 500.0,
-                rotary_dim: 8,
-                style: RopeStyle::Half,
-                scaling: RopeScaling::Llama3 {
-                    factor: 4.0,
-                    low_freq_factor: 1.0,
-                    high_freq_factor: 4.0,
-                    original_max_positions: 8,
-                },
-            }),
-            attn_out_bias: false,
-            mlp_bias: false,
-            tied_embeddings: false,
+            positions: PositionKind::Rotary(RopeConfig { scaling, ..RopeConfig::half(500.0, 8) }),
+            qkv_bias: true,
             sliding_window: Some(5),
-            ..base()
+            ..presets::tiny_llama()
         }
     }
 
     /// GPT-NeoX: partial rotary with linear scaling, parallel residual, erf GELU, untied head.
     fn neox_like() -> DecoderConfig {
+        let scaling = RopeScaling::Linear { factor: 2.0 };
         DecoderConfig {
-            head_dim: 8,
-            n_heads: 2,
-            n_kv_heads: 2,
-            mlp: MlpKind::GeluErf,
-            positions: PositionKind::Rotary(RopeConfig {
-                theta: 10000.0,
-                rotary_dim: 4,
-                style: RopeStyle::Half,
-                scaling: RopeScaling::Linear { factor: 2.0 },
-            }),
-            parallel_residual: true,
-            tied_embeddings: false,
-            ..base()
+            positions: PositionKind::Rotary(RopeConfig { scaling, ..RopeConfig::half(10000.0, 4) }),
+            ..presets::tiny_neox()
         }
     }
 
     /// GPT-J: interleaved partial rotary, parallel residual, tied head.
     fn gptj_like() -> DecoderConfig {
-        DecoderConfig {
-            head_dim: 8,
-            n_heads: 2,
-            n_kv_heads: 1,
-            positions: PositionKind::Rotary(RopeConfig {
-                theta: 10000.0,
-                rotary_dim: 6,
-                style: RopeStyle::Interleaved,
-                scaling: RopeScaling::None,
-            }),
-            parallel_residual: true,
-            ..base()
-        }
+        presets::tiny_gptj()
     }
 
     fn families() -> Vec<(&'static str, DecoderConfig)> {

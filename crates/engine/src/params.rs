@@ -181,28 +181,18 @@ mod tests {
 
     fn tiny() -> DecoderConfig {
         DecoderConfig {
-            vocab_size: 10,
-            hidden: 8,
-            n_layers: 2,
-            n_heads: 2,
-            n_kv_heads: 1,
-            head_dim: 4,
-            ffn_hidden: 12,
-            max_positions: 16,
-            norm: NormKind::RmsNorm { eps: 1e-6 },
-            mlp: MlpKind::SwiGlu,
-            positions: PositionKind::Rotary(RopeConfig {
-                theta: 10000.0,
-                rotary_dim: 4,
-                style: RopeStyle::Half,
-                scaling: RopeScaling::None,
-            }),
             qkv_bias: true,
-            attn_out_bias: false,
-            mlp_bias: false,
-            parallel_residual: false,
             tied_embeddings: true,
-            sliding_window: None,
+            ..DecoderConfig::llama(Dims {
+                vocab_size: 10,
+                hidden: 8,
+                n_layers: 2,
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 4,
+                ffn_hidden: 12,
+                max_positions: 16,
+            })
         }
     }
 

@@ -6,7 +6,7 @@ use crate::rng::Rng;
 
 /// GPT-2 small: 12 layers, d 768, 12 heads, vocabulary 50257, 1024 positions (124M parameters).
 pub fn gpt2_small() -> DecoderConfig {
-    DecoderConfig {
+    DecoderConfig::gpt2(Dims {
         vocab_size: 50257,
         hidden: 768,
         n_layers: 12,
@@ -15,44 +15,65 @@ pub fn gpt2_small() -> DecoderConfig {
         head_dim: 64,
         ffn_hidden: 3072,
         max_positions: 1024,
-        norm: NormKind::LayerNorm { eps: 1e-5 },
-        mlp: MlpKind::GeluTanh,
-        positions: PositionKind::Learned,
-        qkv_bias: true,
-        attn_out_bias: true,
-        mlp_bias: true,
-        parallel_residual: false,
-        tied_embeddings: true,
-        sliding_window: None,
-    }
+    })
 }
 
 /// SmolLM2-135M: a Llama with 30 layers, d 576, 9 heads over 3 key/value heads, SwiGLU 1536,
 /// vocabulary 49152, tied embeddings (as in `../shared/tools/torch_engine_bench.py`).
 pub fn smollm2_135m() -> DecoderConfig {
     DecoderConfig {
-        vocab_size: 49152,
-        hidden: 576,
-        n_layers: 30,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        ffn_hidden: 1536,
-        max_positions: 8192,
         norm: NormKind::RmsNorm { eps: 1e-5 },
-        mlp: MlpKind::SwiGlu,
-        positions: PositionKind::Rotary(RopeConfig {
-            theta: 100000.0,
-            rotary_dim: 64,
-            style: RopeStyle::Half,
-            scaling: RopeScaling::None,
-        }),
-        qkv_bias: false,
-        attn_out_bias: false,
-        mlp_bias: false,
-        parallel_residual: false,
+        positions: PositionKind::Rotary(RopeConfig::half(100000.0, 64)),
         tied_embeddings: true,
-        sliding_window: None,
+        ..DecoderConfig::llama(Dims {
+            vocab_size: 49152,
+            hidden: 576,
+            n_layers: 30,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            ffn_hidden: 1536,
+            max_positions: 8192,
+        })
+    }
+}
+
+/// Sizes for tests: vocabulary 61, d 16, 2 layers, 4 heads of 4, MLP 24, 32 positions.
+pub const TINY: Dims = Dims {
+    vocab_size: 61,
+    hidden: 16,
+    n_layers: 2,
+    n_heads: 4,
+    n_kv_heads: 4,
+    head_dim: 4,
+    ffn_hidden: 24,
+    max_positions: 32,
+};
+
+/// A tiny GPT-2 (`TINY` sizes) for tests.
+pub fn tiny_gpt2() -> DecoderConfig {
+    DecoderConfig::gpt2(TINY)
+}
+
+/// A tiny Llama (`TINY` sizes, two key/value heads: grouped-query attention) for tests.
+pub fn tiny_llama() -> DecoderConfig {
+    DecoderConfig::llama(Dims { n_kv_heads: 2, ..TINY })
+}
+
+/// A tiny GPT-NeoX (`TINY` sizes, heads of 8 so that the quarter that rotates is 2 wide) for tests.
+pub fn tiny_neox() -> DecoderConfig {
+    DecoderConfig::neox(Dims { n_heads: 2, n_kv_heads: 2, head_dim: 8, ..TINY })
+}
+
+/// A tiny GPT-J (`TINY` sizes): GPT-NeoX's block with interleaved partial rotary, tanh GELU and a tied
+/// head, for tests.
+pub fn tiny_gptj() -> DecoderConfig {
+    let rope = RopeConfig { style: RopeStyle::Interleaved, ..RopeConfig::half(10000.0, 6) };
+    DecoderConfig {
+        mlp: MlpKind::GeluTanh,
+        positions: PositionKind::Rotary(rope),
+        tied_embeddings: true,
+        ..DecoderConfig::neox(Dims { n_heads: 2, n_kv_heads: 1, head_dim: 8, ..TINY })
     }
 }
 

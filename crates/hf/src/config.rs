@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use engine::{DecoderConfig, MlpKind, NormKind, PositionKind, RopeConfig, RopeScaling, RopeStyle};
+use engine::{DecoderConfig, Dims, MlpKind, NormKind, PositionKind, RopeConfig, RopeScaling, RopeStyle};
 use serde_json::{Map, Value};
 
 use crate::error::{read_json, Error, Result};
@@ -160,7 +160,7 @@ fn gpt2(f: &Fields) -> Result<DecoderConfig> {
             .checked_mul(4)
             .ok_or_else(|| f.err("n_embd", format!("{d} is too large (4 * n_embd, the default n_inner, overflows)")))?,
     };
-    Ok(DecoderConfig {
+    let dims = Dims {
         vocab_size: f.req_usize("vocab_size")?,
         hidden: d,
         n_layers: f.req_usize("n_layer")?,
@@ -169,15 +169,12 @@ fn gpt2(f: &Fields) -> Result<DecoderConfig> {
         head_dim: f.divide(d, n_heads, "n_head")?,
         ffn_hidden,
         max_positions: f.req_usize("n_positions")?,
+    };
+    Ok(DecoderConfig {
         norm: NormKind::LayerNorm { eps: f.f32_or("layer_norm_epsilon", 1e-5)? },
         mlp: gelu_kind(f, "activation_function", act)?,
-        positions: PositionKind::Learned,
-        qkv_bias: true,
-        attn_out_bias: true,
-        mlp_bias: true,
-        parallel_residual: false,
         tied_embeddings: f.bool_or("tie_word_embeddings", true)?,
-        sliding_window: None,
+        ..DecoderConfig::gpt2(dims)
     })
 }
 
@@ -200,7 +197,7 @@ fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
     };
     let sliding_window =
         if model_type == "qwen2" && !f.bool_or("use_sliding_window", false)? { None } else { sliding_window(f)? };
-    Ok(DecoderConfig {
+    let dims = Dims {
         vocab_size: f.req_usize("vocab_size")?,
         hidden: d,
         n_layers: f.req_usize("num_hidden_layers")?,
@@ -209,15 +206,16 @@ fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
         head_dim,
         ffn_hidden: f.req_usize("intermediate_size")?,
         max_positions: f.req_usize("max_position_embeddings")?,
+    };
+    Ok(DecoderConfig {
         norm: NormKind::RmsNorm { eps: f.f32_or("rms_norm_eps", 1e-6)? },
-        mlp: MlpKind::SwiGlu,
         positions: PositionKind::Rotary(rope(f, head_dim, 1.0)?),
         qkv_bias,
         attn_out_bias,
         mlp_bias,
-        parallel_residual: false,
         tied_embeddings: f.bool_or("tie_word_embeddings", false)?,
         sliding_window,
+        ..DecoderConfig::llama(dims)
     })
 }
 
@@ -257,7 +255,7 @@ fn gpt_neox(f: &Fields) -> Result<DecoderConfig> {
     let head_dim = f.divide(d, n_heads, "num_attention_heads")?;
     let act = f.opt_str("hidden_act")?.unwrap_or("gelu");
     let bias = f.bool_or("attention_bias", true)?;
-    Ok(DecoderConfig {
+    let dims = Dims {
         vocab_size: f.req_usize("vocab_size")?,
         hidden: d,
         n_layers: f.req_usize("num_hidden_layers")?,
@@ -266,16 +264,17 @@ fn gpt_neox(f: &Fields) -> Result<DecoderConfig> {
         head_dim,
         ffn_hidden: f.req_usize("intermediate_size")?,
         max_positions: f.req_usize("max_position_embeddings")?,
+    };
+    Ok(DecoderConfig {
         norm: NormKind::LayerNorm { eps: f.f32_or("layer_norm_eps", 1e-5)? },
         mlp: gelu_kind(f, "hidden_act", act)?,
         // GPTNeoXConfig's default rotary_pct is 0.25.
         positions: PositionKind::Rotary(rope(f, head_dim, 0.25)?),
         qkv_bias: bias,
         attn_out_bias: bias,
-        mlp_bias: true,
         parallel_residual: f.bool_or("use_parallel_residual", true)?,
         tied_embeddings: f.bool_or("tie_word_embeddings", false)?,
-        sliding_window: None,
+        ..DecoderConfig::neox(dims)
     })
 }
 

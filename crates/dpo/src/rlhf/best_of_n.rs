@@ -91,7 +91,7 @@ mod tests {
     use engine::DecoderConfig;
 
     fn setup() -> (Decoder, Params, Vec<Vec<u32>>) {
-        let cfg = DecoderConfig {
+        let cfg = DecoderConfig::gpt2(engine::Dims {
             vocab_size: 32,
             hidden: 16,
             n_layers: 2,
@@ -100,8 +100,7 @@ mod tests {
             head_dim: 8,
             ffn_hidden: 32,
             max_positions: 64,
-            ..engine::presets::gpt2_small()
-        };
+        });
         let params = init_random(&cfg, 0.5, 11);
         let prompts = vec![vec![1, 2, 3], vec![4], vec![5, 6, 7, 8, 9]];
         (Decoder::new(cfg), params, prompts)

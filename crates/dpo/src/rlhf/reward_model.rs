@@ -601,37 +601,26 @@ fn clip_together(trunk: &mut Params, head: &mut Params, max_norm: f64) -> f64 {
 mod tests {
     use super::*;
     use engine::presets::init_random;
-    use engine::{MlpKind, NormKind, PositionKind, RopeConfig, RopeScaling, RopeStyle};
+    use engine::Dims;
 
     fn llama_tiny() -> DecoderConfig {
         DecoderConfig {
-            vocab_size: 16,
-            hidden: 8,
-            n_layers: 2,
-            n_heads: 2,
-            n_kv_heads: 1,
-            head_dim: 4,
-            ffn_hidden: 12,
-            max_positions: 32,
-            norm: NormKind::RmsNorm { eps: 1e-6 },
-            mlp: MlpKind::SwiGlu,
-            positions: PositionKind::Rotary(RopeConfig {
-                theta: 10000.0,
-                rotary_dim: 4,
-                style: RopeStyle::Half,
-                scaling: RopeScaling::None,
-            }),
             qkv_bias: true,
-            attn_out_bias: false,
-            mlp_bias: false,
-            parallel_residual: false,
-            tied_embeddings: false,
-            sliding_window: None,
+            ..DecoderConfig::llama(Dims {
+                vocab_size: 16,
+                hidden: 8,
+                n_layers: 2,
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 4,
+                ffn_hidden: 12,
+                max_positions: 32,
+            })
         }
     }
 
     fn gpt2_tiny() -> DecoderConfig {
-        DecoderConfig {
+        DecoderConfig::gpt2(Dims {
             vocab_size: 16,
             hidden: 8,
             n_layers: 2,
@@ -640,8 +629,7 @@ mod tests {
             head_dim: 4,
             ffn_hidden: 16,
             max_positions: 32,
-            ..engine::presets::gpt2_small()
-        }
+        })
     }
 
     /// Random parameters with every tensor (biases and norms too) away from its special values, so that

@@ -213,34 +213,27 @@ mod tests {
 
     fn cfg(mlp: MlpKind, norm: NormKind, positions: PositionKind, tied: bool) -> DecoderConfig {
         DecoderConfig {
-            vocab_size: 50,
-            hidden: 16,
-            n_layers: 3,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 4,
-            ffn_hidden: 24,
-            max_positions: 32,
             norm,
             mlp,
             positions,
-            qkv_bias: true,
             attn_out_bias: false,
-            mlp_bias: true,
-            parallel_residual: false,
             tied_embeddings: tied,
-            sliding_window: None,
+            ..DecoderConfig::gpt2(engine::Dims {
+                vocab_size: 50,
+                hidden: 16,
+                n_layers: 3,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 4,
+                ffn_hidden: 24,
+                max_positions: 32,
+            })
         }
     }
 
     #[test]
     fn param_count_matches_the_engine() {
-        let rope = engine::RopeConfig {
-            theta: 10000.0,
-            rotary_dim: 4,
-            style: engine::RopeStyle::Half,
-            scaling: engine::RopeScaling::None,
-        };
+        let rope = engine::RopeConfig::half(10000.0, 4);
         for c in [
             cfg(MlpKind::GeluTanh, NormKind::LayerNorm { eps: 1e-5 }, PositionKind::Learned, true),
             cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-6 }, PositionKind::Rotary(rope), false),

@@ -447,13 +447,12 @@ pub(crate) mod test_util {
 mod tests {
     use super::test_util::fill;
     use super::*;
-    use crate::config::{DecoderConfig, NormKind};
-    use crate::presets;
+    use crate::config::{DecoderConfig, Dims, NormKind};
 
     /// A GPT-2-like decoder (LayerNorm, biases, learned positions) small enough for tests, whose `wte`
     /// spans several chunks so that steps run in parallel.
     fn gpt2_tiny() -> DecoderConfig {
-        DecoderConfig {
+        DecoderConfig::gpt2(Dims {
             vocab_size: 700,
             hidden: 64,
             n_layers: 2,
@@ -462,8 +461,7 @@ mod tests {
             head_dim: 16,
             ffn_hidden: 256,
             max_positions: 32,
-            ..presets::gpt2_small()
-        }
+        })
     }
 
     fn random_params(cfg: &DecoderConfig, seed: u64, scale: f32) -> Params {

@@ -1,13 +1,13 @@
 //! PPO on a tiny random model: the KL estimate at the reference, the minibatch gradient through both heads
 //! and the trunk, and a reward that the policy learns to collect.
 
-use engine::presets::{gpt2_small, init_random};
-use engine::DecoderConfig;
+use engine::presets::init_random;
+use engine::{DecoderConfig, Dims};
 
 use super::*;
 
 fn tiny() -> DecoderConfig {
-    DecoderConfig {
+    DecoderConfig::gpt2(Dims {
         vocab_size: 16,
         hidden: 32,
         n_layers: 2,
@@ -16,8 +16,7 @@ fn tiny() -> DecoderConfig {
         head_dim: 8,
         ffn_hidden: 64,
         max_positions: 32,
-        ..gpt2_small()
-    }
+    })
 }
 
 fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
