@@ -96,6 +96,11 @@ pub struct DecoderConfig {
     pub tied_embeddings: bool,
     /// Keys further back than this are masked (Mistral); `None` is full causal attention.
     pub sliding_window: Option<usize>,
+    /// Per-head RMSNorm of queries and keys before the rotation, weights `q_norm`, `k_norm: [hd]`
+    /// (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Layers (indices) whose attention has no rotary embedding at all (SmolLM3's `no_rope_layers`).
+    pub layers_without_rope: Vec<usize>,
 }
 
 /// The sizes of a decoder, apart from its family's switches. `DecoderConfig::gpt2(dims)`,
@@ -144,6 +149,8 @@ impl DecoderConfig {
             parallel_residual: false,
             tied_embeddings: false,
             sliding_window: None,
+            qk_norm: false,
+            layers_without_rope: Vec::new(),
         }
     }
 
@@ -177,6 +184,11 @@ impl DecoderConfig {
             parallel_residual: true,
             ..Self::with_dims(dims, NormKind::LayerNorm { eps: 1e-5 }, MlpKind::GeluErf, PositionKind::Rotary(rope))
         }
+    }
+
+    /// Whether layer `layer` rotates its queries and keys (rotary models, except `layers_without_rope`).
+    pub fn rotary_in_layer(&self, layer: usize) -> bool {
+        matches!(self.positions, PositionKind::Rotary(_)) && !self.layers_without_rope.contains(&layer)
     }
 
     /// Columns of the fused q/k/v projection output: `(n_heads + 2 n_kv_heads) * head_dim`.

@@ -250,6 +250,7 @@ impl<'a> Generator<'a> {
         k::embedding_forward(&mut x, &p.wte.data, tokens, p.wpe.as_ref().map(|t| &t.data[..]), positions, d);
         let mut h = vec![0.0f32; rows * d]; // [rows, d] norm output, then MLP output
         let mut qkv = vec![0.0f32; rows * qd]; // [rows, qkv_dim]
+        let mut qk_pre = Vec::new(); // q and k heads before the q/k norm (qk_norm only)
         let mut attn = vec![0.0f32; rows * ad]; // [rows, n_heads * hd]
         let mut lse = vec![0.0f32; if prefill { rows * nh } else { 0 }];
         let mut o = vec![0.0f32; rows * d]; // [rows, d] attention output
@@ -259,7 +260,10 @@ impl<'a> Generator<'a> {
         for (l, lp) in p.layers.iter().enumerate() {
             norm_rows(cfg.norm, &lp.norm1, &mut h, &x, rows, d);
             linear(&mut qkv, &h, &lp.w_qkv.data, bias(&lp.b_qkv), rows, d, qd);
-            if let Some(t) = &self.rope {
+            if let (Some(wq), Some(wk)) = (&lp.q_norm, &lp.k_norm) {
+                crate::head_norm::forward(cfg, &wq.data, &wk.data, &mut qkv, &mut qk_pre, rows);
+            }
+            if let Some(t) = self.rope.as_ref().filter(|_| cfg.rotary_in_layer(l)) {
                 k::rope_apply(&mut qkv, qd, 0, nh, hd, positions, t, false);
                 k::rope_apply(&mut qkv, qd, nh * hd, nkv, hd, positions, t, false);
             }

@@ -8,6 +8,7 @@
 
 use crate::batch::Batch;
 use crate::config::{DecoderConfig, MlpKind, NormKind, PositionKind};
+use crate::head_norm;
 use crate::kernels::{self as k, AttnDims, RopeTable};
 use crate::params::{LayerParams, NormParams, Params};
 
@@ -34,6 +35,7 @@ pub struct Decoder {
 struct LayerActs {
     x: Vec<f32>,       // [N, d] layer input
     qkv: Vec<f32>,     // [N, qkv_dim] after rotary
+    qk_pre: Vec<f32>,  // [N * (n_heads + n_kv_heads), hd] q and k heads before the q/k norm (qk_norm only)
     attn: Vec<f32>,    // [N, n_heads * hd]
     lse: Vec<f32>,     // [N, n_heads]
     x_mid: Vec<f32>,   // [N, d] x + attention (sequential residual only)
@@ -243,6 +245,7 @@ impl Decoder {
             };
             fit(&mut out, n * d);
             let slot = if keep { l } else { 0 };
+            let rope = rope.filter(|_| cfg.rotary_in_layer(l));
             self.layer_forward(lp, b, &mut acts.layers[slot], &mut acts.scratch, rope, &mut out);
             if to_next_slot {
                 acts.layers[l + 1].x = out;
@@ -279,6 +282,9 @@ impl Decoder {
         // Attention: h = norm1(x); qkv = h W_qkv^T + b; rotate q, k; attend; o = attn W_o^T + b.
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         k::linear_forward(&mut la.qkv, &s.h, &lp.w_qkv.data, bias(&lp.b_qkv), n, d, qkv_dim);
+        if let (Some(wq), Some(wk)) = (&lp.q_norm, &lp.k_norm) {
+            head_norm::forward(cfg, &wq.data, &wk.data, &mut la.qkv, &mut la.qk_pre, n);
+        }
         if let Some(t) = rope {
             let hd = cfg.head_dim;
             k::rope_apply(&mut la.qkv, qkv_dim, 0, cfg.n_heads, hd, &b.positions, t, false);
@@ -475,6 +481,7 @@ impl Decoder {
         );
 
         for l in (0..cfg.n_layers).rev() {
+            let rope = rope.filter(|_| cfg.rotary_in_layer(l));
             self.layer_backward(&p.layers[l], &mut grads.layers[l], b, &acts.layers[l], s, rope);
         }
         match pending {
@@ -574,6 +581,9 @@ impl Decoder {
             let hd = cfg.head_dim;
             k::rope_apply(&mut s.dqkv, qkv_dim, 0, cfg.n_heads, hd, &b.positions, t, true);
             k::rope_apply(&mut s.dqkv, qkv_dim, cfg.n_heads * hd, cfg.n_kv_heads, hd, &b.positions, t, true);
+        }
+        if let (Some(wq), Some(wk), Some(gq), Some(gk)) = (&lp.q_norm, &lp.k_norm, &mut lg.q_norm, &mut lg.k_norm) {
+            head_norm::backward(cfg, &wq.data, &wk.data, &mut gq.data, &mut gk.data, &mut s.dqkv, &la.qk_pre, n);
         }
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         k::linear_backward(

@@ -39,6 +39,10 @@ pub struct LayerParams {
     pub w_qkv: Tensor,
     /// `[qkv_dim]`
     pub b_qkv: Option<Tensor>,
+    /// `[hd]` per-head query norm (`qk_norm` only)
+    pub q_norm: Option<Tensor>,
+    /// `[hd]` per-head key norm (`qk_norm` only)
+    pub k_norm: Option<Tensor>,
     /// `[d, n_heads * hd]`
     pub w_o: Tensor,
     pub b_o: Option<Tensor>,
@@ -87,6 +91,8 @@ impl Params {
             norm1: norm_zeros(cfg),
             w_qkv: Tensor::zeros(&[cfg.qkv_dim(), d]),
             b_qkv: opt(cfg.qkv_bias, &[cfg.qkv_dim()]),
+            q_norm: opt(cfg.qk_norm, &[cfg.head_dim]),
+            k_norm: opt(cfg.qk_norm, &[cfg.head_dim]),
             w_o: Tensor::zeros(&[d, cfg.attn_dim()]),
             b_o: opt(cfg.attn_out_bias, &[d]),
             norm2: norm_zeros(cfg),
@@ -135,7 +141,7 @@ impl Params {
     }
 }
 
-/// Canonical names: `wte`, `wpe`, `layers.{i}.{norm1.weight,..,w_qkv,b_qkv,w_o,b_o,norm2..,w_in,b_in,w_out,b_out}`,
+/// Canonical names: `wte`, `wpe`, `layers.{i}.{norm1.weight,..,w_qkv,b_qkv,q_norm.weight,k_norm.weight,w_o,b_o,norm2..,w_in,b_in,w_out,b_out}`,
 /// `norm_f.weight`, `norm_f.bias`, `lm_head`.
 macro_rules! visit_impl {
     ($name:ident, $($m:tt)*) => {
@@ -158,6 +164,8 @@ macro_rules! visit_impl {
                 norm(&format!("{pre}.norm1"), & $($m)* l.norm1, f);
                 f(format!("{pre}.w_qkv"), & $($m)* l.w_qkv);
                 o(format!("{pre}.b_qkv"), & $($m)* l.b_qkv, f);
+                o(format!("{pre}.q_norm.weight"), & $($m)* l.q_norm, f);
+                o(format!("{pre}.k_norm.weight"), & $($m)* l.k_norm, f);
                 f(format!("{pre}.w_o"), & $($m)* l.w_o);
                 o(format!("{pre}.b_o"), & $($m)* l.b_o, f);
                 norm(&format!("{pre}.norm2"), & $($m)* l.norm2, f);

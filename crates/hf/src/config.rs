@@ -55,6 +55,8 @@ pub static FAMILIES: &[Family] = &[
         decoder: |f| llama_like(f, "qwen2"),
     },
     Family { model_type: "gpt_neox", naming: &naming::GPT_NEOX, positions_field: MAX_POS, decoder: gpt_neox },
+    Family { model_type: "qwen3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: qwen3 },
+    Family { model_type: "smollm3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: smollm3 },
     Family { model_type: "phi3", naming: &naming::PHI3, positions_field: MAX_POS, decoder: |f| llama_like(f, "phi3") },
 ];
 
@@ -195,8 +197,9 @@ fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
         let attn = f.bool_or("attention_bias", false)?;
         (attn, attn, f.bool_or("mlp_bias", false)?)
     };
-    let sliding_window =
-        if model_type == "qwen2" && !f.bool_or("use_sliding_window", false)? { None } else { sliding_window(f)? };
+    // Qwen2/3 and SmolLM3 write a `sliding_window` that only `use_sliding_window` turns on.
+    let gated = matches!(model_type, "qwen2" | "qwen3" | "smollm3");
+    let sliding_window = if gated && !f.bool_or("use_sliding_window", false)? { None } else { sliding_window(f)? };
     let dims = Dims {
         vocab_size: f.req_usize("vocab_size")?,
         hidden: d,
@@ -217,6 +220,51 @@ fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
         sliding_window,
         ..DecoderConfig::llama(dims)
     })
+}
+
+/// Qwen3: the Llama block with a per-head RMSNorm on queries and keys (`q_norm`, `k_norm`).
+fn qwen3(f: &Fields) -> Result<DecoderConfig> {
+    Ok(DecoderConfig { qk_norm: true, ..llama_like(f, "qwen3")? })
+}
+
+/// SmolLM3: the Llama block, without rotary embeddings in the layers that `no_rope_layers` marks 0.
+fn smollm3(f: &Fields) -> Result<DecoderConfig> {
+    let base = llama_like(f, "smollm3")?;
+    Ok(DecoderConfig { layers_without_rope: layers_without_rope(f, base.n_layers)?, ..base })
+}
+
+/// The layers without rotary: `no_rope_layers` (one 0/1 flag per layer, 1 = rotary), or when absent
+/// every `no_rope_layer_interval`-th layer (SmolLM3Config's default, 4).
+fn layers_without_rope(f: &Fields, n_layers: usize) -> Result<Vec<usize>> {
+    const FIELD: &str = "no_rope_layers";
+    match f.get(FIELD) {
+        Some(Value::Array(flags)) => {
+            if flags.len() != n_layers {
+                return Err(f.err(FIELD, format!("{} flags for {n_layers} layers", flags.len())));
+            }
+            let mut out = Vec::new();
+            for (i, v) in flags.iter().enumerate() {
+                match v.as_u64() {
+                    Some(0) => out.push(i),
+                    Some(1) => {}
+                    _ => return Err(f.err(FIELD, format!("expected 0 or 1 per layer, found {v}"))),
+                }
+            }
+            Ok(out)
+        }
+        None => {
+            let every = f.opt_usize("no_rope_layer_interval")?.unwrap_or(4);
+            if every == 0 {
+                return Err(f.err("no_rope_layer_interval", "must be positive"));
+            }
+            // The list is built before anything checks the layer count against memory: bound it.
+            if n_layers / every > 1 << 20 {
+                return Err(f.err("num_hidden_layers", format!("{n_layers} layers is more than this trainer supports")));
+            }
+            Ok((every - 1..n_layers).step_by(every).collect())
+        }
+        Some(v) => Err(f.err(FIELD, format!("expected a list of 0/1 flags, found {v}"))),
+    }
 }
 
 /// One window for every layer, or none. transformers 5 writes `layer_types`; a mix of sliding and full

@@ -75,6 +75,8 @@ pub static LLAMA: Naming = Naming {
     layer: &[
         ("norm1", Hf::Same("input_layernorm")),
         ("qkv", Hf::Rows(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])),
+        ("q_norm", Hf::Same("self_attn.q_norm")),
+        ("k_norm", Hf::Same("self_attn.k_norm")),
         ("o", Hf::Same("self_attn.o_proj")),
         ("norm2", Hf::Same("post_attention_layernorm")),
         ("mlp_in", Hf::Rows(&["mlp.gate_proj", "mlp.up_proj"])),

@@ -37,7 +37,9 @@ fn every_family_has_one_row() {
     types.sort();
     types.dedup();
     assert_eq!(types.len(), FAMILIES.len(), "a model_type has two rows");
-    assert!(types.contains(&"phi3"));
+    for t in ["phi3", "qwen3", "smollm3"] {
+        assert!(types.contains(&t), "{t}");
+    }
 }
 
 #[test]
@@ -73,6 +75,60 @@ fn phi3_config_in_both_layouts() {
     assert!(e.to_string().contains("`longrope`"), "{e}");
 }
 
+/// Both layouts of `dir`'s config give the same decoder, which is returned.
+fn both_layouts(dir: &str) -> engine::DecoderConfig {
+    let v5 = config_json(dir);
+    let a = config_from_json(v5.clone(), "config.json".as_ref()).unwrap();
+    let b = config_from_json(legacy(&v5), "config.json".as_ref()).unwrap();
+    assert_eq!(a.decoder, b.decoder, "{dir}");
+    a.decoder
+}
+
+#[test]
+fn qwen3_config_in_both_layouts() {
+    let c = both_layouts("qwen3-policy");
+    assert!(c.qk_norm && c.tied_embeddings && !c.qkv_bias && c.sliding_window.is_none());
+    assert!(c.layers_without_rope.is_empty());
+    let PositionKind::Rotary(r) = c.positions else { panic!() };
+    assert_eq!((r.theta, r.rotary_dim), (1e6, 16));
+    assert!(both_layouts("qwen3-ref").qk_norm);
+}
+
+#[test]
+fn smollm3_config_in_both_layouts() {
+    let c = both_layouts("smollm3-policy");
+    assert_eq!(c.layers_without_rope, vec![1, 3]);
+    assert!(!c.qk_norm && c.tied_embeddings);
+    let PositionKind::Rotary(r) = c.positions else { panic!() };
+    assert_eq!(r.theta, 5e6);
+    // Without the list, SmolLM3Config derives it from the interval (every 2nd layer here, 4th by default).
+    let mut v = config_json("smollm3-policy");
+    v.as_object_mut().unwrap().remove("no_rope_layers");
+    let derived = config_from_json(v.clone(), "config.json".as_ref()).unwrap().decoder;
+    assert_eq!(derived, c);
+    v.as_object_mut().unwrap().remove("no_rope_layer_interval");
+    let default = config_from_json(v.clone(), "config.json".as_ref()).unwrap().decoder;
+    assert_eq!(default.layers_without_rope, vec![3]);
+    v["no_rope_layers"] = serde_json::json!([1, 0, 1]);
+    let e = config_from_json(v.clone(), "config.json".as_ref()).unwrap_err();
+    assert!(e.to_string().contains("`no_rope_layers`: 3 flags for 4 layers"), "{e}");
+    v["no_rope_layers"] = serde_json::json!([1, 0, 2, 1]);
+    let e = config_from_json(v, "config.json".as_ref()).unwrap_err();
+    assert!(e.to_string().contains("expected 0 or 1"), "{e}");
+}
+
+#[test]
+fn qwen3_head_norms_load_by_name() {
+    let dir = more("models/qwen3-policy");
+    let m = load_model(&dir).unwrap();
+    let st = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
+    for (i, l) in m.params.layers.iter().enumerate() {
+        let raw = |n: &str| st.read_f32(&format!("model.layers.{i}.self_attn.{n}.weight")).unwrap().data;
+        assert_eq!(l.q_norm.as_ref().unwrap().data, raw("q_norm"));
+        assert_eq!(l.k_norm.as_ref().unwrap().data, raw("k_norm"));
+    }
+}
+
 #[test]
 fn phi3_fused_projections_are_the_engine_rows() {
     let dir = more("models/phi3-policy");
@@ -89,7 +145,7 @@ fn phi3_fused_projections_are_the_engine_rows() {
 /// Save writes the checkpoint's own tensor names and values back.
 #[test]
 fn save_writes_the_source_names() {
-    for arch in ["phi3"] {
+    for arch in ["phi3", "qwen3", "smollm3"] {
         let dir = more(&format!("models/{arch}-policy"));
         let m = load_model(&dir).unwrap();
         let tmp = TempDir::new(&format!("families-{arch}"));
