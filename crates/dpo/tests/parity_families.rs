@@ -13,7 +13,7 @@ use engine::{Activations, Batch};
 use common::{load, max_logp_error, run, score, scratch, trl_errors, trl_settings, MORE};
 
 /// The families of `tests/fixtures/more` this build supports.
-const ARCHS: [&str; 3] = ["phi3", "qwen3", "smollm3"];
+const ARCHS: [&str; 4] = ["phi3", "qwen3", "smollm3", "gptj"];
 
 #[test]
 fn logps_match_transformers_from_tokenized_and_text_rows() {
@@ -93,6 +93,9 @@ fn greedy_generation_matches_full_forward_argmax() {
                     d,
                     v,
                 );
+                if let Some(b) = &params.b_head {
+                    logits.iter_mut().zip(&b.data).for_each(|(l, b)| *l += b);
+                }
                 let best = (0..v).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
                 // Equal, or a near-tie that rounding may order either way.
                 assert!(

@@ -101,6 +101,11 @@ pub struct DecoderConfig {
     pub qk_norm: bool,
     /// Layers (indices) whose attention has no rotary embedding at all (SmolLM3's `no_rope_layers`).
     pub layers_without_rope: Vec<usize>,
+    /// The MLP reads the attention's norm: one norm per layer, no `norm2` (GPT-J's `ln_1`, with the
+    /// parallel residual).
+    pub shared_norm: bool,
+    /// The LM head has a bias `b_head [vocab]` (GPT-J).
+    pub head_bias: bool,
 }
 
 /// The sizes of a decoder, apart from its family's switches. `DecoderConfig::gpt2(dims)`,
@@ -151,6 +156,8 @@ impl DecoderConfig {
             sliding_window: None,
             qk_norm: false,
             layers_without_rope: Vec::new(),
+            shared_norm: false,
+            head_bias: false,
         }
     }
 

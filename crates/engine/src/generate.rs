@@ -221,7 +221,7 @@ impl<'a> Generator<'a> {
         let mut h = vec![0.0f32; rows * d];
         norm_rows(cfg.norm, &self.params.norm_f, &mut h, &x[..rows * d], rows, d);
         let mut logits = vec![0.0f32; rows * v];
-        k::linear_rows_forward(&mut logits, &h, &self.params.head().data, None, rows, d, v);
+        k::linear_rows_forward(&mut logits, &h, &self.params.head().data, bias(&self.params.b_head), rows, d, v);
         logits
     }
 
@@ -283,10 +283,10 @@ impl<'a> Generator<'a> {
 
             // MLP on norm2(x) (parallel residual, NeoX) or norm2(x + attention) (sequential).
             if cfg.parallel_residual {
-                norm_rows(cfg.norm, &lp.norm2, &mut h, &x, rows, d);
+                norm_rows(cfg.norm, lp.mlp_norm(), &mut h, &x, rows, d);
             } else {
                 k::add3(&mut mid, &x, &o);
-                norm_rows(cfg.norm, &lp.norm2, &mut h, &mid, rows, d);
+                norm_rows(cfg.norm, lp.mlp_norm(), &mut h, &mid, rows, d);
             }
             linear(&mut pre, &h, &lp.w_in.data, bias(&lp.b_in), rows, d, mi);
             crate::model::act_forward(cfg.mlp, &mut act, &pre, rows, ff);

@@ -295,11 +295,11 @@ impl Decoder {
 
         // MLP input: norm2 of x (parallel residual) or of x + attention (sequential).
         if cfg.parallel_residual {
-            norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         } else {
             fit(&mut la.x_mid, n * d);
             k::add3(&mut la.x_mid, &la.x, &s.o);
-            norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
         }
         k::linear_forward(&mut la.mlp_pre, &s.h, &lp.w_in.data, bias(&lp.b_in), n, d, mlp_in);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, cfg.ffn_hidden);
@@ -325,6 +325,7 @@ impl Decoder {
             Some(&mut out.logit_sum),
             &acts.hidden,
             &p.head().data,
+            bias(&p.b_head),
             &b.targets,
             self.cfg.hidden,
             self.cfg.vocab_size,
@@ -414,10 +415,12 @@ impl Decoder {
         k::logprob_head_backward(
             dhidden,
             Some(dw_head),
+            bias_mut(&mut grads.b_head),
             dlogp,
             &acts.head_lse,
             &acts.hidden,
             &p.head().data,
+            bias(&p.b_head),
             &b.targets,
             self.cfg.hidden,
             self.cfg.vocab_size,
@@ -518,7 +521,7 @@ impl Decoder {
         let mlp_input = if cfg.parallel_residual { &la.x } else { &la.x_mid };
 
         // MLP: recompute h2 = norm2(input) and the activation, then back through w_out, act, w_in.
-        norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
+        norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
         k::linear_backward(
             Some(&mut s.dact),
@@ -547,7 +550,18 @@ impl Decoder {
         );
         if !cfg.parallel_residual {
             // dx becomes the gradient of x_mid = x + attention.
-            norm_backward(cfg.norm, &lp.norm2, &mut lg.norm2, &mut s.dx, &s.dh, mlp_input, &s.stat_a, &s.stat_b, n, d);
+            norm_backward(
+                cfg.norm,
+                lp.mlp_norm(),
+                lg.mlp_norm_mut(),
+                &mut s.dx,
+                &s.dh,
+                mlp_input,
+                &s.stat_a,
+                &s.stat_b,
+                n,
+                d,
+            );
         } else {
             // Parallel: the MLP's norm reads x itself; its gradient joins dx after the attention branch
             // has used dx (the gradient of the layer output) as its own output gradient.
@@ -601,8 +615,19 @@ impl Decoder {
         norm_backward(cfg.norm, &lp.norm1, &mut lg.norm1, &mut s.dx, &s.dh, &la.x, &s.stat_a, &s.stat_b, n, d);
         if cfg.parallel_residual {
             // Now add the MLP branch's norm gradient (its dh was parked in s.o).
-            norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
-            norm_backward(cfg.norm, &lp.norm2, &mut lg.norm2, &mut s.dx, &s.o, &la.x, &s.stat_a, &s.stat_b, n, d);
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
+            norm_backward(
+                cfg.norm,
+                lp.mlp_norm(),
+                lg.mlp_norm_mut(),
+                &mut s.dx,
+                &s.o,
+                &la.x,
+                &s.stat_a,
+                &s.stat_b,
+                n,
+                d,
+            );
         }
     }
 }

@@ -2,7 +2,7 @@
 //! `L = sum_t g_t logp_t` for fixed random `g`, every parameter a switch adds checked element by element
 //! and a sample of the projections around it.
 
-use dpo_engine::presets::{init_random, tiny_llama};
+use dpo_engine::presets::{init_random, tiny_gptj, tiny_llama};
 use dpo_engine::rng::Rng;
 use dpo_engine::{Activations, Batch, Decoder, DecoderConfig, Params};
 
@@ -83,4 +83,17 @@ fn qk_norm_gradient() {
 fn layers_without_rope_gradient() {
     let cfg = DecoderConfig { layers_without_rope: vec![1], ..tiny_llama() };
     check(cfg, &["layers.1.w_qkv", "layers.0.w_qkv"]);
+}
+
+#[test]
+fn shared_norm_and_head_bias_gradient() {
+    let cfg = DecoderConfig {
+        shared_norm: true,
+        head_bias: true,
+        qkv_bias: false,
+        attn_out_bias: false,
+        tied_embeddings: false,
+        ..tiny_gptj()
+    };
+    check(cfg, &["norm1", "b_head", "norm_f"]);
 }

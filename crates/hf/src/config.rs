@@ -57,6 +57,7 @@ pub static FAMILIES: &[Family] = &[
     Family { model_type: "gpt_neox", naming: &naming::GPT_NEOX, positions_field: MAX_POS, decoder: gpt_neox },
     Family { model_type: "qwen3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: qwen3 },
     Family { model_type: "smollm3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: smollm3 },
+    Family { model_type: "gptj", naming: &naming::GPTJ, positions_field: "n_positions", decoder: gptj },
     Family { model_type: "phi3", naming: &naming::PHI3, positions_field: MAX_POS, decoder: |f| llama_like(f, "phi3") },
 ];
 
@@ -156,12 +157,7 @@ fn gpt2(f: &Fields) -> Result<DecoderConfig> {
         return Err(f.err("scale_attn_by_inverse_layer_idx", "true is not supported (set it false)"));
     }
     let act = f.opt_str("activation_function")?.unwrap_or("gelu_new");
-    let ffn_hidden = match f.opt_usize("n_inner")? {
-        Some(n) => n,
-        None => d
-            .checked_mul(4)
-            .ok_or_else(|| f.err("n_embd", format!("{d} is too large (4 * n_embd, the default n_inner, overflows)")))?,
-    };
+    let ffn_hidden = n_inner(f, d)?;
     let dims = Dims {
         vocab_size: f.req_usize("vocab_size")?,
         hidden: d,
@@ -219,6 +215,50 @@ fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
         tied_embeddings: f.bool_or("tie_word_embeddings", false)?,
         sliding_window,
         ..DecoderConfig::llama(dims)
+    })
+}
+
+/// GPT-2 and GPT-J's MLP width: `n_inner`, or `4 * n_embd` when null.
+fn n_inner(f: &Fields, d: usize) -> Result<usize> {
+    match f.opt_usize("n_inner")? {
+        Some(n) => Ok(n),
+        None => d
+            .checked_mul(4)
+            .ok_or_else(|| f.err("n_embd", format!("{d} is too large (4 * n_embd, the default n_inner, overflows)"))),
+    }
+}
+
+/// GPT-J: GPT-NeoX's parallel block with one norm per layer (`ln_1`), interleaved rotary over the first
+/// `rotary_dim` dimensions of each head (base 10000, fixed in `GPTJAttention`), no attention biases, MLP
+/// biases and a biased LM head.
+fn gptj(f: &Fields) -> Result<DecoderConfig> {
+    let d = f.req_usize("n_embd")?;
+    let n_heads = f.req_usize("n_head")?;
+    let head_dim = f.divide(d, n_heads, "n_head")?;
+    let act = f.opt_str("activation_function")?.unwrap_or("gelu_new");
+    let dims = Dims {
+        vocab_size: f.req_usize("vocab_size")?,
+        hidden: d,
+        n_layers: f.req_usize("n_layer")?,
+        n_heads,
+        n_kv_heads: n_heads,
+        head_dim,
+        ffn_hidden: n_inner(f, d)?,
+        max_positions: f.req_usize("n_positions")?,
+    };
+    // `rotary_dim: null` rotates the whole head.
+    let rotary_dim = f.opt_usize("rotary_dim")?.unwrap_or(head_dim);
+    let rope = RopeConfig { style: RopeStyle::Interleaved, ..RopeConfig::half(10000.0, rotary_dim) };
+    Ok(DecoderConfig {
+        norm: NormKind::LayerNorm { eps: f.f32_or("layer_norm_epsilon", 1e-5)? },
+        mlp: gelu_kind(f, "activation_function", act)?,
+        positions: PositionKind::Rotary(rope),
+        qkv_bias: false,
+        attn_out_bias: false,
+        shared_norm: true,
+        head_bias: true,
+        tied_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        ..DecoderConfig::neox(dims)
     })
 }
 

@@ -125,6 +125,25 @@ pub static GPT_NEOX: Naming = Naming {
     aliases: &[("embed_out.", "lm_head.")],
 };
 
+/// GPT-J: `transformer.h.{i}`, split q/k/v projections, one norm per layer (`ln_1`), a biased `lm_head`.
+pub static GPTJ: Naming = Naming {
+    layer_prefix: "transformer.h.{i}",
+    global: &[
+        ("embed", Hf::Same("transformer.wte")),
+        ("norm_f", Hf::Same("transformer.ln_f")),
+        ("lm_head", Hf::Same("lm_head")),
+    ],
+    layer: &[
+        ("norm1", Hf::Same("ln_1")),
+        ("qkv", Hf::Rows(&["attn.q_proj", "attn.k_proj", "attn.v_proj"])),
+        ("o", Hf::Same("attn.out_proj")),
+        ("mlp_in", Hf::Same("mlp.fc_in")),
+        ("mlp_out", Hf::Same("mlp.fc_out")),
+    ],
+    ignored: &[".attn.bias", ".attn.masked_bias"],
+    aliases: &[],
+};
+
 /// One HF tensor of an engine tensor: its name and its HF shape.
 pub type HfTensor = (String, Vec<usize>);
 
@@ -262,6 +281,8 @@ mod tests {
         assert_eq!(split_engine_name("layers.0.b_in"), Some((Some(0), "mlp_in", "bias")));
         assert_eq!(split_engine_name("layers.1.norm2.bias"), Some((Some(1), "norm2", "bias")));
         assert_eq!(split_engine_name("norm_f.weight"), Some((None, "norm_f", "weight")));
+        assert_eq!(split_engine_name("b_head"), Some((None, "lm_head", "bias")));
+        assert_eq!(split_engine_name("layers.0.q_norm.weight"), Some((Some(0), "q_norm", "weight")));
         assert_eq!(split_engine_name("layers.x.w_o"), None);
     }
 

@@ -18,14 +18,15 @@ fn config_json(dir: &str) -> Value {
 fn legacy(v5: &Value) -> Value {
     let mut v = v5.clone();
     let o = v.as_object_mut().unwrap();
-    let mut params = o.remove("rope_parameters").unwrap().as_object().unwrap().clone();
-    for k in ["rope_theta", "partial_rotary_factor"] {
-        if let Some(x) = params.remove(k) {
-            o.insert(k.into(), x);
+    if let Some(Value::Object(mut params)) = o.remove("rope_parameters") {
+        for k in ["rope_theta", "partial_rotary_factor"] {
+            if let Some(x) = params.remove(k) {
+                o.insert(k.into(), x);
+            }
         }
+        let default = params.get("rope_type").and_then(Value::as_str) == Some("default");
+        o.insert("rope_scaling".into(), if default { Value::Null } else { Value::Object(params) });
     }
-    let default = params.get("rope_type").and_then(Value::as_str) == Some("default");
-    o.insert("rope_scaling".into(), if default { Value::Null } else { Value::Object(params) });
     let dtype = o.remove("dtype").unwrap();
     o.insert("torch_dtype".into(), dtype);
     v
@@ -37,7 +38,7 @@ fn every_family_has_one_row() {
     types.sort();
     types.dedup();
     assert_eq!(types.len(), FAMILIES.len(), "a model_type has two rows");
-    for t in ["phi3", "qwen3", "smollm3"] {
+    for t in ["phi3", "qwen3", "smollm3", "gptj"] {
         assert!(types.contains(&t), "{t}");
     }
 }
@@ -118,6 +119,28 @@ fn smollm3_config_in_both_layouts() {
 }
 
 #[test]
+fn gptj_config_in_both_layouts() {
+    let c = both_layouts("gptj-policy");
+    assert_eq!((c.hidden, c.n_heads, c.head_dim, c.ffn_hidden, c.max_positions), (64, 4, 16, 256, 256));
+    assert!(c.parallel_residual && c.shared_norm && c.head_bias && c.mlp_bias);
+    assert!(!c.qkv_bias && !c.attn_out_bias && !c.tied_embeddings);
+    assert_eq!((c.mlp, c.norm), (MlpKind::GeluTanh, NormKind::LayerNorm { eps: 1e-5 }));
+    assert_eq!(
+        c.positions,
+        PositionKind::Rotary(engine::RopeConfig {
+            theta: 10000.0,
+            rotary_dim: 4,
+            style: RopeStyle::Interleaved,
+            scaling: RopeScaling::None
+        })
+    );
+    let m = load_model(&more("models/gptj-policy")).unwrap();
+    assert!(m.params.layers.iter().all(|l| l.norm2.is_none()));
+    let st = SafeTensors::open(&more("models/gptj-policy/model.safetensors")).unwrap();
+    assert_eq!(m.params.b_head.as_ref().unwrap().data, st.read_f32("lm_head.bias").unwrap().data);
+}
+
+#[test]
 fn qwen3_head_norms_load_by_name() {
     let dir = more("models/qwen3-policy");
     let m = load_model(&dir).unwrap();
@@ -145,7 +168,7 @@ fn phi3_fused_projections_are_the_engine_rows() {
 /// Save writes the checkpoint's own tensor names and values back.
 #[test]
 fn save_writes_the_source_names() {
-    for arch in ["phi3", "qwen3", "smollm3"] {
+    for arch in ["phi3", "qwen3", "smollm3", "gptj"] {
         let dir = more(&format!("models/{arch}-policy"));
         let m = load_model(&dir).unwrap();
         let tmp = TempDir::new(&format!("families-{arch}"));

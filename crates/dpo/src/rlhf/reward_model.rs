@@ -365,6 +365,7 @@ fn head_params(head: Vec<f32>) -> Params {
         layers: Vec::new(),
         norm_f: NormParams { weight: Tensor::zeros(&[0]), bias: None },
         lm_head: None,
+        b_head: None,
     }
 }
 

@@ -380,6 +380,7 @@ pub(crate) mod test_util {
                 bias: Some(tensor(&[3], |i| (i as f32 - 1.0) / 16.0)),
             },
             lm_head: None,
+            b_head: None,
         }
     }
 
