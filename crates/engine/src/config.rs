@@ -216,6 +216,30 @@ impl DecoderConfig {
         }
     }
 
+    /// Parameters of a decoder of this shape: the size of `Params::zeros(self)`, without allocating.
+    pub fn param_count(&self) -> u64 {
+        let (d, v) = (self.hidden as u64, self.vocab_size as u64);
+        let norm = match self.norm {
+            NormKind::LayerNorm { .. } => 2 * d, // weight, bias
+            NormKind::RmsNorm { .. } => d,
+        };
+        let (qkv, attn) = (self.qkv_dim() as u64, self.attn_dim() as u64);
+        let (mlp_in, ff) = (self.mlp_in_dim() as u64, self.ffn_hidden as u64);
+        let on = |b: bool, n: u64| if b { n } else { 0 };
+        let layer = 2 * norm
+            + qkv * d
+            + on(self.qkv_bias, qkv)
+            + d * attn
+            + on(self.attn_out_bias, d)
+            + mlp_in * d
+            + on(self.mlp_bias, mlp_in)
+            + d * ff
+            + on(self.mlp_bias, d);
+        let wpe = on(matches!(self.positions, PositionKind::Learned), self.max_positions as u64 * d);
+        let lm_head = on(!self.tied_embeddings, v * d);
+        v * d + wpe + self.n_layers as u64 * layer + norm + lm_head
+    }
+
     /// Checks the invariants the kernels rely on; `what` names the source in the message.
     pub fn validate(&self) -> Result<(), String> {
         let fail = |m: String| Err(m);
@@ -237,5 +261,21 @@ impl DecoderConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Params;
+    use crate::presets::{tiny_gpt2, tiny_gptj, tiny_llama, tiny_neox};
+
+    #[test]
+    fn param_count_is_the_size_of_zeroed_params() {
+        let mixed_biases = DecoderConfig { qkv_bias: true, attn_out_bias: false, mlp_bias: true, ..tiny_llama() };
+        let untied_gpt2 = DecoderConfig { tied_embeddings: false, attn_out_bias: false, ..tiny_gpt2() };
+        for cfg in [tiny_gpt2(), tiny_llama(), tiny_neox(), tiny_gptj(), mixed_biases, untied_gpt2] {
+            assert_eq!(cfg.param_count(), Params::zeros(&cfg).numel() as u64, "{cfg:?}");
+        }
     }
 }

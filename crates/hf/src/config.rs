@@ -27,12 +27,6 @@ pub struct Family {
     decoder: fn(&Fields) -> Result<DecoderConfig>,
 }
 
-impl PartialEq for Family {
-    fn eq(&self, other: &Self) -> bool {
-        self.model_type == other.model_type
-    }
-}
-
 /// Every supported family, one row per `model_type`.
 pub static FAMILIES: &[Family] = &[
     Family { model_type: "gpt2", naming: &naming::GPT2, positions_field: "n_positions", decoder: gpt2 },

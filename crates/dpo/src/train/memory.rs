@@ -6,15 +6,14 @@
 //! ```text
 //! weights     P per copy: the loaded model, the trained copy, the gradient, the optimizer's buffers
 //!             (AdamW 2, RMSprop 1-2, SGD 0-1) and a reference model (a frozen copy, or --ref-model's)
-//! activations per token of the largest micro-batch, as engine::model keeps them for backward:
-//!             per layer d (x) + qkv_dim + attn_dim + n_heads (lse) + d (x_mid) + mlp_in, then d for the
-//!             final norm input, the hidden states and their gradient, and the layer scratch
-//!             (4 d + 2 ff + mlp_in + attn_dim + qkv_dim); the reference forward keeps one layer
-//! LM head     one chunk of at most 256 targets: [256, vocab] logits and [256, d] rows twice
+//! activations per token of the largest micro-batch, as the engine counts them
+//!             (`engine::Activations::floats_per_token`): every layer's for backward, plus one layer's
+//!             for the reference forward
+//! LM head     one chunk of targets (`engine::kernels::head_scratch_floats`)
 //! checkpoint  while a checkpoint is written: the HF-layout copy of the weights, then the optimizer's
 //!             buffers (the larger of the two)
 //! base        the program, the tokenizer, thread stacks and the data (a fixed allowance), and the rotary
-//!             tables (max_positions * rotary_dim per decoder)
+//!             tables (`engine::kernels::RopeTable::floats`, per decoder)
 //! ```
 //!
 //! Against the measured peak resident set (`crates/cli/tests/bad_input.rs`,
@@ -24,15 +23,13 @@
 
 use std::path::Path;
 
+use engine::kernels::{head_scratch_floats, RopeTable};
 use engine::optim::OptimizerConfig;
-use engine::{DecoderConfig, NormKind, PositionKind};
+use engine::{Activations, DecoderConfig, PositionKind};
 
 /// Fixed allowance for the program itself, thread stacks, the tokenizer and the data (a run on the
 /// fixture model peaks at about 20 MiB, of which 13 MiB are counted by the other terms).
 pub const BASE_BYTES: u64 = 16 << 20;
-
-/// Targets per LM-head chunk (`engine::kernels::head::HEAD_CHUNK`).
-const HEAD_CHUNK: u64 = 256;
 
 /// The parts of an estimate, in bytes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -85,42 +82,6 @@ pub struct MemoryPlan<'a> {
     pub batch_size: usize,
 }
 
-/// Parameters `cfg` implies (as `engine::Params::zeros`, without allocating).
-pub fn param_count(c: &DecoderConfig) -> u64 {
-    let (d, v) = (c.hidden as u64, c.vocab_size as u64);
-    let norm = match c.norm {
-        NormKind::LayerNorm { .. } => 2 * d,
-        NormKind::RmsNorm { .. } => d,
-    };
-    let (qkv, attn, mlp_in, ff) = (c.qkv_dim() as u64, c.attn_dim() as u64, c.mlp_in_dim() as u64, c.ffn_hidden as u64);
-    let on = |b: bool, n: u64| if b { n } else { 0 };
-    let layer = 2 * norm
-        + qkv * d
-        + on(c.qkv_bias, qkv)
-        + d * attn
-        + on(c.attn_out_bias, d)
-        + mlp_in * d
-        + on(c.mlp_bias, mlp_in)
-        + d * ff
-        + on(c.mlp_bias, d);
-    let wpe = on(matches!(c.positions, PositionKind::Learned), c.max_positions as u64 * d);
-    v * d + wpe + c.n_layers as u64 * layer + norm + on(!c.tied_embeddings, v * d)
-}
-
-/// Floats per token that a forward pass keeps (`keep`: for backward, every layer) plus its scratch.
-fn floats_per_token(c: &DecoderConfig, keep: bool) -> u64 {
-    let (d, ff) = (c.hidden as u64, c.ffn_hidden as u64);
-    let (qkv, attn, mlp_in) = (c.qkv_dim() as u64, c.attn_dim() as u64, c.mlp_in_dim() as u64);
-    let x_mid = if c.parallel_residual { 0 } else { d };
-    let layer = d + qkv + attn + c.n_heads as u64 + x_mid + mlp_in;
-    if keep {
-        // layers; x_final, hidden, dhidden; forward and backward scratch; batch and head per-target vectors
-        c.n_layers as u64 * layer + 3 * d + (4 * d + 2 * ff + mlp_in + attn + qkv + 2) + 8
-    } else {
-        layer + 2 * d + (2 * d + ff + 2) + 8
-    }
-}
-
 fn optimizer_buffers(o: &OptimizerConfig) -> u64 {
     match *o {
         OptimizerConfig::AdamW { .. } => 2,
@@ -132,23 +93,22 @@ fn optimizer_buffers(o: &OptimizerConfig) -> u64 {
 /// The estimate for `plan`.
 pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     let c = plan.policy;
-    let p = param_count(c);
+    let p = c.param_count();
     let k = optimizer_buffers(plan.optimizer);
-    let reference_params = plan.reference.map(param_count).unwrap_or(0);
+    let reference_params = plan.reference.map(DecoderConfig::param_count).unwrap_or(0);
     // Loaded model + trained copy + gradient + optimizer buffers + reference.
     let weights = 4 * ((3 + k) * p + reference_params);
     let mut rows = plan.row_tokens.clone();
     rows.sort_unstable_by(|a, b| b.cmp(a));
     let largest = &rows[..plan.batch_size.min(rows.len())];
     let n: u64 = largest.iter().sum();
-    let mut per_token = floats_per_token(c, true);
+    let mut per_token = Activations::floats_per_token(c, true);
     if let Some(r) = plan.reference {
-        per_token += floats_per_token(r, false);
+        per_token += Activations::floats_per_token(r, false);
     }
-    let chunk = HEAD_CHUNK.min(n.max(1));
-    let head = 4 * chunk * (c.vocab_size as u64 + 2 * c.hidden as u64);
+    let head = 4 * head_scratch_floats(n as usize, c.hidden, c.vocab_size);
     let rope = |c: &DecoderConfig| match c.positions {
-        PositionKind::Rotary(r) => 4 * c.max_positions as u64 * r.rotary_dim as u64,
+        PositionKind::Rotary(r) => 4 * RopeTable::floats(&r, c.max_positions),
         PositionKind::Learned => 0,
     };
     MemoryEstimate {
@@ -207,7 +167,7 @@ pub fn human(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use engine::MlpKind;
+    use engine::{MlpKind, NormKind};
 
     use super::*;
 
@@ -228,17 +188,6 @@ mod tests {
                 ffn_hidden: 24,
                 max_positions: 32,
             })
-        }
-    }
-
-    #[test]
-    fn param_count_matches_the_engine() {
-        let rope = engine::RopeConfig::half(10000.0, 4);
-        for c in [
-            cfg(MlpKind::GeluTanh, NormKind::LayerNorm { eps: 1e-5 }, PositionKind::Learned, true),
-            cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-6 }, PositionKind::Rotary(rope), false),
-        ] {
-            assert_eq!(param_count(&c), engine::Params::zeros(&c).numel() as u64);
         }
     }
 
@@ -268,6 +217,6 @@ mod tests {
         let (one, two) = (estimate(&plan(1)), estimate(&plan(2)));
         assert_eq!((one.batch_tokens, two.batch_tokens, two.batch_rows), (30, 50, 2));
         assert_eq!(two.activations * 30, one.activations * 50);
-        assert_eq!(one.weights, 4 * 6 * param_count(&c));
+        assert_eq!(one.weights, 4 * 6 * c.param_count());
     }
 }

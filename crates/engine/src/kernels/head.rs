@@ -15,6 +15,13 @@ use crate::batch::Target;
 /// chunk's logits (`256 x 50257` floats = 51 MB for GPT-2) stay modest.
 pub const HEAD_CHUNK: usize = 256;
 
+/// Floats the head holds for `targets` targets: one chunk's logits `[chunk, vocab]` (this thread's,
+/// kept between calls) and its gathered rows `[chunk, d]` and their gradient `[chunk, d]`.
+pub fn head_scratch_floats(targets: usize, d: usize, vocab: usize) -> u64 {
+    let chunk = HEAD_CHUNK.min(targets.max(1)) as u64;
+    chunk * (vocab as u64 + 2 * d as u64)
+}
+
 thread_local! {
     /// The chunk's logits, kept from call to call: a fresh `HEAD_CHUNK x vocab` buffer per call (51 MB for
     /// GPT-2) was paid in page faults three times per micro-batch.

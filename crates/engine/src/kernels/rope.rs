@@ -61,6 +61,12 @@ pub(crate) fn inv_freq(cfg: &RopeConfig) -> Vec<f32> {
 }
 
 impl RopeTable {
+    /// Floats of the table [`RopeTable::new`] builds for `max_pos` positions: cos and sin, `[max_pos,
+    /// rotary_dim / 2]` each.
+    pub fn floats(cfg: &RopeConfig, max_pos: usize) -> u64 {
+        2 * max_pos as u64 * (cfg.rotary_dim / 2) as u64
+    }
+
     /// The table for positions `0..max_pos`.
     pub fn new(cfg: &RopeConfig, max_pos: usize) -> Self {
         assert!(cfg.rotary_dim.is_multiple_of(2), "rotary dimension {} is odd", cfg.rotary_dim);

@@ -1,0 +1,183 @@
+//! Text generation: batched sampling with a key/value cache.
+//!
+//! A prompt is prefilled in one causal pass (all its tokens, the training kernels: GEMM projections and
+//! the blocked attention), which leaves its keys and values after rotary in a [`KvCache`] and the logits
+//! of its last position. Decode steps then feed one token for each of `B` sequences at once: the
+//! projections are `[B, d] x W^T` products and each query row attends to its own sequence's cache
+//! ([`crate::kernels::decode_attention`]). Finished sequences leave the batch and waiting prompts are
+//! prefilled into the free places (continuous batching).
+//!
+//! Reproducibility: every sequence draws from its own [`Rng`], split off the caller's generator before
+//! anything runs; a prompt is always prefilled alone; and decode steps use the row-independent kernels
+//! of [`crate::kernels::decode`]. So a sequence's tokens depend on the seed, the prompt and the sample's
+//! index only: not on the thread count, the batch size or which other sequences share its steps.
+//!
+//! Sampling follows Hugging Face's `generate`: logits divided by the temperature, then top-k (keep every
+//! token whose scaled logit is at least the k-th largest), then top-p (keep the smallest set of most
+//! likely tokens whose probability reaches `top_p`, at least one), then one draw. Temperature 0 is
+//! greedy (the first maximal logit). The log-prob reported for each token is under the model's own
+//! distribution (temperature 1, no filtering), which is what KL estimates need.
+
+mod batched;
+mod kv_cache;
+mod sample;
+#[cfg(test)]
+mod tests;
+
+pub use batched::{generate, generate_batched, Generation, DEFAULT_MAX_BATCH};
+pub use kv_cache::{KvCache, LayerCache};
+pub use sample::{sample_token, SamplingConfig};
+
+use crate::batch::Batch;
+use crate::config::{DecoderConfig, NormKind, PositionKind};
+use crate::kernels::{self as k, RopeTable};
+use crate::model::{bias, Attend, Decoder, EngineError, LayerActs, Scratch};
+use crate::params::{NormParams, Params};
+
+/// Runs prefill and decode steps of one model (see the module doc).
+pub struct Generator<'a> {
+    model: &'a Decoder,
+    params: &'a Params,
+    /// Rotary table, grown when a sequence runs past it (rotary models extrapolate).
+    rope: Option<RopeTable>,
+}
+
+impl<'a> Generator<'a> {
+    pub fn new(model: &'a Decoder, params: &'a Params) -> Self {
+        let rope = match model.cfg.positions {
+            PositionKind::Rotary(r) => Some(RopeTable::new(&r, model.cfg.max_positions.max(1))),
+            PositionKind::Learned => None,
+        };
+        Generator { model, params, rope }
+    }
+
+    fn cfg(&self) -> &DecoderConfig {
+        &self.model.cfg
+    }
+
+    /// Makes positions `0..end` usable: refused beyond a learned table, a longer rotary table otherwise.
+    fn ensure_positions(&mut self, end: usize) -> Result<(), EngineError> {
+        match self.model.cfg.positions {
+            PositionKind::Learned => check_learned(&self.model.cfg, end),
+            PositionKind::Rotary(r) => {
+                let have = self.rope.as_ref().map_or(0, RopeTable::max_pos);
+                if have < end {
+                    self.rope = Some(RopeTable::new(&r, end.max(2 * have)));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), EngineError> {
+        let vocab = self.cfg().vocab_size;
+        match tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+            Some((index, &token)) => Err(EngineError::TokenOutOfRange { token, index, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `prompt` (positions `0..len`) through the model in one causal pass. Returns its cache, with
+    /// room reserved for `capacity` positions, and the logits `[vocab]` of its last position.
+    pub fn prefill(&mut self, prompt: &[u32], capacity: usize) -> Result<(KvCache, Vec<f32>), EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::MalformedBatch("an empty prompt: generation needs at least one token".into()));
+        }
+        self.check_tokens(prompt)?;
+        self.ensure_positions(prompt.len())?;
+        let (n, d) = (prompt.len(), self.cfg().hidden);
+        let mut cache = KvCache::new(self.cfg(), capacity.max(n));
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let x = self.trunk(prompt, &positions, &mut [&mut cache], true);
+        let logits = self.logits(&x[(n - 1) * d..], 1);
+        Ok((cache, logits))
+    }
+
+    /// One decode step: `tokens[b]` is appended to sequence `b` (at position `caches[b].len()`).
+    /// Returns the next-token logits `[B, vocab]`.
+    pub fn decode(&mut self, caches: &mut [&mut KvCache], tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        if caches.len() != tokens.len() {
+            return Err(EngineError::MalformedBatch(format!(
+                "{} tokens for {} sequences in a decode step",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        if let Some(c) = caches.iter().find(|c| c.is_empty() || c.layers.len() != self.cfg().n_layers) {
+            return Err(EngineError::MalformedBatch(format!(
+                "a decode step needs prefilled caches of {} layers (got {} layers, {} positions)",
+                self.cfg().n_layers,
+                c.layers.len(),
+                c.len()
+            )));
+        }
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_tokens(tokens)?;
+        let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
+        let end = caches.iter().map(|c| c.len() + 1).max().unwrap_or(0);
+        self.ensure_positions(end)?;
+        let x = self.trunk(tokens, &positions, caches, false);
+        Ok(self.logits(&x, tokens.len()))
+    }
+
+    /// Final norm and LM head on `rows` residual rows `[rows, d]`: logits `[rows, vocab]`.
+    fn logits(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let cfg = self.cfg();
+        let (d, v) = (cfg.hidden, cfg.vocab_size);
+        let mut h = vec![0.0f32; rows * d];
+        norm_rows(cfg.norm, &self.params.norm_f, &mut h, &x[..rows * d], rows, d);
+        let mut logits = vec![0.0f32; rows * v];
+        k::linear_rows_forward(&mut logits, &h, &self.params.head().data, bias(&self.params.b_head), rows, d, v);
+        logits
+    }
+
+    /// The blocks on `rows = tokens.len()` new tokens; appends their keys and values to the caches and
+    /// returns the residual stream after the last block `[rows, d]` (before the final norm).
+    ///
+    /// `prefill`: all rows belong to `caches[0]`, which is empty, and attend causally among themselves
+    /// ([`Attend::Packed`]: GEMM projections, blocked attention). Otherwise row `b` is one new token of
+    /// `caches[b]` ([`Attend::Cached`]).
+    fn trunk(&self, tokens: &[u32], positions: &[u32], caches: &mut [&mut KvCache], prefill: bool) -> Vec<f32> {
+        let cfg = self.cfg();
+        let p = self.params;
+        let (rows, d) = (tokens.len(), cfg.hidden);
+        let mut seq = Batch::default();
+        if prefill {
+            seq.push_sequence(tokens, rows);
+        }
+        let (mut la, mut scratch) = (LayerActs::default(), Scratch::default());
+        la.x = vec![0.0f32; rows * d]; // [rows, d] residual stream
+        k::embedding_forward(&mut la.x, &p.wte.data, tokens, p.wpe.as_ref().map(|t| &t.data[..]), positions, d);
+        let mut out = vec![0.0f32; rows * d]; // [rows, d] the next block's input
+        for (l, lp) in p.layers.iter().enumerate() {
+            let attend = if prefill {
+                Attend::Packed { batch: &seq, cache: Some(&mut caches[0].layers[l]) }
+            } else {
+                Attend::Cached { caches: &mut *caches, layer: l, positions }
+            };
+            let rope = self.model.block_rope(self.rope.as_ref(), l);
+            self.model.block_forward(lp, &mut la, &mut scratch, rope, attend, &mut out);
+            std::mem::swap(&mut la.x, &mut out);
+        }
+        for c in caches.iter_mut() {
+            c.sync_len();
+        }
+        la.x
+    }
+}
+
+/// `out = norm(x)` row by row (the statistics are not kept).
+fn norm_rows(kind: NormKind, np: &NormParams, out: &mut [f32], x: &[f32], rows: usize, d: usize) {
+    let (mut mean, mut rstd) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+    crate::model::norm_forward(kind, np, out, &mut mean, &mut rstd, x, rows, d);
+}
+
+/// Positions `0..end` against a learned position table.
+fn check_learned(cfg: &DecoderConfig, end: usize) -> Result<(), EngineError> {
+    if matches!(cfg.positions, PositionKind::Learned) && end > cfg.max_positions {
+        return Err(EngineError::PositionOutOfRange { position: end - 1, max: cfg.max_positions });
+    }
+    Ok(())
+}

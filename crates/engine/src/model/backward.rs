@@ -1,0 +1,171 @@
+//! The trunk and the LM head, backward: from per-target log-prob gradients (or a gradient on the final
+//! hidden states) to every parameter's gradient.
+
+use crate::batch::Batch;
+use crate::kernels as k;
+use crate::params::Params;
+
+use super::acts::{fit, Activations, PendingEmbeddingGrads};
+use super::{bias, bias_mut, norm_backward, norm_forward, Decoder, EngineError};
+
+impl Decoder {
+    /// Backward from per-target log-prob gradients: accumulates into `grads` (`+=`).
+    pub fn backward_logprobs(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        dlogp: &[f32],
+        grads: &mut Params,
+    ) -> Result<(), EngineError> {
+        self.backward_logprobs_inner(p, b, acts, dlogp, grads, None)
+    }
+
+    /// [`Decoder::backward_logprobs`], holding the embedding lookups' gradient back in `pending` (added
+    /// to `grads` by [`PendingEmbeddingGrads::apply`]) instead of adding it now.
+    pub fn backward_logprobs_deferred(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        dlogp: &[f32],
+        grads: &mut Params,
+        pending: &mut PendingEmbeddingGrads,
+    ) -> Result<(), EngineError> {
+        self.backward_logprobs_inner(p, b, acts, dlogp, grads, Some(pending))
+    }
+
+    fn backward_logprobs_inner(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        dlogp: &[f32],
+        grads: &mut Params,
+        pending: Option<&mut PendingEmbeddingGrads>,
+    ) -> Result<(), EngineError> {
+        let mut dhidden = std::mem::take(&mut acts.dhidden);
+        dhidden.clear();
+        dhidden.resize(b.len() * self.cfg.hidden, 0.0);
+        let result = self
+            .head_backward(p, b, acts, dlogp, grads, &mut dhidden)
+            .and_then(|_| self.backward_inner(p, b, acts, &dhidden, grads, pending));
+        acts.dhidden = dhidden;
+        result
+    }
+
+    /// The LM head's part of backward alone: `dhidden += d(logp)/d(hidden) · dlogp` (`[N, d]`) and the head
+    /// weights' gradient into `grads`. For objectives that add their own gradient on the hidden states
+    /// (a value head) before calling [`Decoder::backward`].
+    pub fn head_backward(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &Activations,
+        dlogp: &[f32],
+        grads: &mut Params,
+        dhidden: &mut [f32],
+    ) -> Result<(), EngineError> {
+        if dlogp.len() != b.targets.len() || acts.head_lse.len() != b.targets.len() {
+            return Err(EngineError::GradientLength { got: dlogp.len(), want: b.targets.len() });
+        }
+        if dhidden.len() != b.len() * self.cfg.hidden {
+            return Err(EngineError::MalformedBatch("dhidden must be [tokens, hidden]".into()));
+        }
+        let dw_head = match grads.lm_head.as_mut() {
+            Some(t) => &mut t.data,
+            None => &mut grads.wte.data,
+        };
+        k::logprob_head_backward(
+            dhidden,
+            Some(dw_head),
+            bias_mut(&mut grads.b_head),
+            dlogp,
+            &acts.head_lse,
+            &acts.hidden,
+            &p.head().data,
+            bias(&p.b_head),
+            &b.targets,
+            self.cfg.hidden,
+            self.cfg.vocab_size,
+        );
+        Ok(())
+    }
+
+    /// Backward from a gradient on the final hidden states (`[N, d]`): accumulates into `grads`.
+    /// Needs a forward with `keep = true` on the same batch.
+    pub fn backward(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        dhidden: &[f32],
+        grads: &mut Params,
+    ) -> Result<(), EngineError> {
+        self.backward_inner(p, b, acts, dhidden, grads, None)
+    }
+
+    fn backward_inner(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        dhidden: &[f32],
+        grads: &mut Params,
+        pending: Option<&mut PendingEmbeddingGrads>,
+    ) -> Result<(), EngineError> {
+        let cfg = &self.cfg;
+        let (n, d) = (b.len(), cfg.hidden);
+        if !acts.kept || acts.n != n {
+            return Err(EngineError::MalformedBatch(
+                "backward needs a forward with keep=true on the same batch".into(),
+            ));
+        }
+        let extended = self.extended_rope(b);
+        let rope = extended.as_ref().or(self.rope.as_ref());
+        let s = &mut acts.scratch;
+        fit(&mut s.dx, n * d);
+        fit(&mut s.dh, n * d);
+        fit(&mut s.dact, n * cfg.ffn_hidden);
+        fit(&mut s.dpre, n * cfg.mlp_in_dim());
+        fit(&mut s.dattn, n * cfg.attn_dim());
+        fit(&mut s.dqkv, n * cfg.qkv_dim());
+
+        // Final norm: recompute its statistics, then dx = d norm_f / d x_final.
+        s.dx.iter_mut().for_each(|v| *v = 0.0);
+        norm_forward(cfg.norm, &p.norm_f, &mut s.h, &mut s.stat_a, &mut s.stat_b, &acts.x_final, n, d);
+        norm_backward(
+            cfg.norm,
+            &p.norm_f,
+            &mut grads.norm_f,
+            &mut s.dx,
+            dhidden,
+            &acts.x_final,
+            &s.stat_a,
+            &s.stat_b,
+            n,
+            d,
+        );
+
+        for l in (0..cfg.n_layers).rev() {
+            let rope = self.block_rope(rope, l);
+            self.block_backward(&p.layers[l], &mut grads.layers[l], b, &acts.layers[l], s, rope);
+        }
+        match pending {
+            Some(pe) => {
+                pe.rows.extend_from_slice(&s.dx);
+                pe.tokens.extend_from_slice(&b.tokens);
+                pe.positions.extend_from_slice(&b.positions);
+            }
+            None => k::embedding_backward(
+                &mut grads.wte.data,
+                grads.wpe.as_mut().map(|t| &mut t.data[..]),
+                &s.dx,
+                &b.tokens,
+                &b.positions,
+                d,
+            ),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,276 @@
+//! The decoder block, forward and backward side by side: the one place that spells a layer of the
+//! family. Training, scoring, a prompt's prefill and a decode step all run [`Decoder::block_forward`];
+//! only how the rows attend ([`Attend`]) differs.
+//!
+//! ```text
+//! h      = norm1(x)                                  [N, d]
+//! qkv    = h W_qkv^T + b_qkv                         [N, qkv_dim]
+//! q, k   = per-head RMSNorm    (qk_norm: Qwen3)
+//! q, k   = rotary              (except layers_without_rope: SmolLM3)
+//! attn   = attention(qkv)                            [N, n_heads * hd]
+//! o      = attn W_o^T + b_o                          [N, d]
+//! x_mid  = x + o            (sequential residual)    [N, d]
+//! pre    = norm2(x_mid or x) W_in^T + b_in           [N, mlp_in]   (norm1 again with shared_norm: GPT-J)
+//! out    = x_mid + mlp(pre)  or  x + o + mlp(pre)    [N, d]
+//! ```
+//!
+//! A new architecture switch (a norm on q and k, a layer without rotary, a norm after each branch) is
+//! one step in `block_forward` and its mirror in `block_backward`, at the place the diagram names.
+
+use crate::batch::Batch;
+use crate::generate::KvCache;
+use crate::generate::LayerCache;
+use crate::head_norm;
+use crate::kernels::{self as k, RopeTable};
+use crate::params::LayerParams;
+
+use super::acts::{fit, LayerActs, Scratch};
+use super::{act_backward, act_forward, bias, bias_mut, norm_backward, norm_forward, Decoder};
+
+/// How the rows of a block attend.
+pub(crate) enum Attend<'a, 'c> {
+    /// A packed stream (training, scoring, a prompt's prefill): each row attends within its span by the
+    /// blocked kernel, and the projections are GEMMs. With `cache`, the rows' keys and values after
+    /// rotary are also appended to it (a prefill).
+    Packed { batch: &'a Batch, cache: Option<&'a mut LayerCache> },
+    /// A decode step: row `r` is one new token of `caches[r]` at `positions[r]`; it appends its key and
+    /// value to that cache's layer `layer` and attends to all of it. The projections are the
+    /// row-independent kernels, so a row's result does not depend on the others.
+    Cached { caches: &'a mut [&'c mut KvCache], layer: usize, positions: &'a [u32] },
+}
+
+impl Attend<'_, '_> {
+    fn positions(&self) -> &[u32] {
+        match self {
+            Attend::Packed { batch, .. } => &batch.positions,
+            Attend::Cached { positions, .. } => positions,
+        }
+    }
+}
+
+/// `y[rows, out] = x[rows, in] W[out, in]^T (+ b)`.
+type LinearFn = fn(&mut [f32], &[f32], &[f32], Option<&[f32]>, usize, usize, usize);
+
+impl Decoder {
+    /// One block on the `N = la.x.len() / d` rows of `la.x` (`[N, d]`): writes the block's output (the
+    /// next residual stream) to `out` (`[N, d]`) and keeps in `la` what [`Decoder::block_backward`] reads.
+    pub(crate) fn block_forward(
+        &self,
+        lp: &LayerParams,
+        la: &mut LayerActs,
+        s: &mut Scratch,
+        rope: Option<&RopeTable>,
+        attend: Attend,
+        out: &mut [f32],
+    ) {
+        let cfg = &self.cfg;
+        let (d, ff, hd, nh, nkv) = (cfg.hidden, cfg.ffn_hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+        let n = la.x.len() / d;
+        let (qkv_dim, attn_dim, mlp_in) = (cfg.qkv_dim(), cfg.attn_dim(), cfg.mlp_in_dim());
+        let linear: LinearFn = match attend {
+            Attend::Packed { .. } => k::linear_forward,
+            Attend::Cached { .. } => k::linear_rows_forward,
+        };
+        fit(&mut la.qkv, n * qkv_dim);
+        fit(&mut la.attn, n * attn_dim);
+        fit(&mut la.mlp_pre, n * mlp_in);
+        for v in [&mut s.h, &mut s.o] {
+            fit(v, n * d);
+        }
+        fit(&mut s.act, n * ff);
+        fit(&mut s.stat_a, n);
+        fit(&mut s.stat_b, n);
+
+        // Attention: h = norm1(x); qkv = h W_qkv^T + b; rotate q, k; attend; o = attn W_o^T + b.
+        norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
+        linear(&mut la.qkv, &s.h, &lp.w_qkv.data, bias(&lp.b_qkv), n, d, qkv_dim);
+        if let (Some(wq), Some(wk)) = (&lp.q_norm, &lp.k_norm) {
+            head_norm::forward(cfg, &wq.data, &wk.data, &mut la.qkv, &mut la.qk_pre, n);
+        }
+        if let Some(t) = rope {
+            let positions = attend.positions();
+            k::rope_apply(&mut la.qkv, qkv_dim, 0, nh, hd, positions, t, false);
+            k::rope_apply(&mut la.qkv, qkv_dim, nh * hd, nkv, hd, positions, t, false);
+        }
+        let (k_cols, v_cols) = (nh * hd..(nh + nkv) * hd, (nh + nkv) * hd..(nh + 2 * nkv) * hd);
+        match attend {
+            Attend::Packed { batch, cache } => {
+                if let Some(c) = cache {
+                    for row in la.qkv.chunks_exact(qkv_dim) {
+                        c.k.extend_from_slice(&row[k_cols.clone()]);
+                        c.v.extend_from_slice(&row[v_cols.clone()]);
+                    }
+                }
+                fit(&mut la.lse, n * nh);
+                k::attention_forward(
+                    &mut la.attn,
+                    &mut la.lse,
+                    &la.qkv,
+                    &self.attn_dims(),
+                    &batch.spans,
+                    &batch.groups,
+                );
+            }
+            Attend::Cached { caches, layer, .. } => {
+                for (c, row) in caches.iter_mut().zip(la.qkv.chunks_exact(qkv_dim)) {
+                    let c = &mut c.layers[layer];
+                    c.k.extend_from_slice(&row[k_cols.clone()]);
+                    c.v.extend_from_slice(&row[v_cols.clone()]);
+                }
+                let keys: Vec<&[f32]> = caches.iter().map(|c| &c.layers[layer].k[..]).collect();
+                let values: Vec<&[f32]> = caches.iter().map(|c| &c.layers[layer].v[..]).collect();
+                k::decode_attention(&mut la.attn, &la.qkv, qkv_dim, &keys, &values, &self.attn_dims());
+            }
+        }
+        linear(&mut s.o, &la.attn, &lp.w_o.data, bias(&lp.b_o), n, attn_dim, d);
+
+        // MLP input: norm2 of x (parallel residual) or of x_mid = x + attention (sequential).
+        if cfg.parallel_residual {
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
+        } else {
+            fit(&mut la.x_mid, n * d);
+            k::add3(&mut la.x_mid, &la.x, &s.o);
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
+        }
+        linear(&mut la.mlp_pre, &s.h, &lp.w_in.data, bias(&lp.b_in), n, d, mlp_in);
+        act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
+        // s.h is free again: it takes the MLP output.
+        linear(&mut s.h, &s.act, &lp.w_out.data, bias(&lp.b_out), n, ff, d);
+
+        // Residual: out = (x + o) + mlp (parallel) or x_mid + mlp (sequential).
+        if cfg.parallel_residual {
+            k::add3(out, &la.x, &s.o);
+            k::add_inplace(out, &s.h);
+        } else {
+            k::add3(out, &la.x_mid, &s.h);
+        }
+    }
+
+    /// The backward of [`Decoder::block_forward`] on a packed batch `b`, from what it kept in `la`. On
+    /// entry `s.dx` (`[N, d]`) holds the gradient of the block's output; on exit, of its input. Parameter
+    /// gradients accumulate into `lg`. Norm outputs and the MLP activation are recomputed, not kept.
+    pub(crate) fn block_backward(
+        &self,
+        lp: &LayerParams,
+        lg: &mut LayerParams,
+        b: &Batch,
+        la: &LayerActs,
+        s: &mut Scratch,
+        rope: Option<&RopeTable>,
+    ) {
+        let cfg = &self.cfg;
+        let (n, d, ff) = (b.len(), cfg.hidden, cfg.ffn_hidden);
+        let (qkv_dim, attn_dim, mlp_in) = (cfg.qkv_dim(), cfg.attn_dim(), cfg.mlp_in_dim());
+        let mlp_input = if cfg.parallel_residual { &la.x } else { &la.x_mid };
+
+        // MLP: recompute h2 = norm2(input) and the activation, then back through w_out, act, w_in.
+        norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
+        act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
+        k::linear_backward(
+            Some(&mut s.dact),
+            Some(&mut lg.w_out.data),
+            bias_mut(&mut lg.b_out),
+            &s.dx,
+            &s.act,
+            &lp.w_out.data,
+            n,
+            ff,
+            d,
+            false,
+        );
+        act_backward(cfg.mlp, &mut s.dpre, &s.dact, &la.mlp_pre, n, ff);
+        k::linear_backward(
+            Some(&mut s.dh),
+            Some(&mut lg.w_in.data),
+            bias_mut(&mut lg.b_in),
+            &s.dpre,
+            &s.h,
+            &lp.w_in.data,
+            n,
+            d,
+            mlp_in,
+            false,
+        );
+        if !cfg.parallel_residual {
+            // dx becomes the gradient of x_mid = x + attention.
+            norm_backward(
+                cfg.norm,
+                lp.mlp_norm(),
+                lg.mlp_norm_mut(),
+                &mut s.dx,
+                &s.dh,
+                mlp_input,
+                &s.stat_a,
+                &s.stat_b,
+                n,
+                d,
+            );
+        } else {
+            // Parallel: the MLP's norm reads x itself; its gradient joins dx after the attention branch
+            // has used dx (the gradient of the layer output) as its own output gradient.
+            std::mem::swap(&mut s.dh, &mut s.o);
+        }
+
+        // Attention: back through w_o, the attention kernel, the rotation and w_qkv.
+        k::linear_backward(
+            Some(&mut s.dattn),
+            Some(&mut lg.w_o.data),
+            bias_mut(&mut lg.b_o),
+            &s.dx,
+            &la.attn,
+            &lp.w_o.data,
+            n,
+            attn_dim,
+            d,
+            false,
+        );
+        k::attention_backward(
+            &mut s.dqkv,
+            &s.dattn,
+            &la.attn,
+            &la.lse,
+            &la.qkv,
+            &self.attn_dims(),
+            &b.spans,
+            &b.groups,
+        );
+        if let Some(t) = rope {
+            let hd = cfg.head_dim;
+            k::rope_apply(&mut s.dqkv, qkv_dim, 0, cfg.n_heads, hd, &b.positions, t, true);
+            k::rope_apply(&mut s.dqkv, qkv_dim, cfg.n_heads * hd, cfg.n_kv_heads, hd, &b.positions, t, true);
+        }
+        if let (Some(wq), Some(wk), Some(gq), Some(gk)) = (&lp.q_norm, &lp.k_norm, &mut lg.q_norm, &mut lg.k_norm) {
+            head_norm::backward(cfg, &wq.data, &wk.data, &mut gq.data, &mut gk.data, &mut s.dqkv, &la.qk_pre, n);
+        }
+        norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
+        k::linear_backward(
+            Some(&mut s.dh),
+            Some(&mut lg.w_qkv.data),
+            bias_mut(&mut lg.b_qkv),
+            &s.dqkv,
+            &s.h,
+            &lp.w_qkv.data,
+            n,
+            d,
+            qkv_dim,
+            false,
+        );
+        norm_backward(cfg.norm, &lp.norm1, &mut lg.norm1, &mut s.dx, &s.dh, &la.x, &s.stat_a, &s.stat_b, n, d);
+        if cfg.parallel_residual {
+            // Now add the MLP branch's norm gradient (its dh was parked in s.o).
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
+            norm_backward(
+                cfg.norm,
+                lp.mlp_norm(),
+                lg.mlp_norm_mut(),
+                &mut s.dx,
+                &s.o,
+                &la.x,
+                &s.stat_a,
+                &s.stat_b,
+                n,
+                d,
+            );
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The trunk and the LM head, forward: embeddings, the blocks, the final norm, log-probs at the targets.
+
+use crate::batch::Batch;
+use crate::kernels as k;
+use crate::params::Params;
+
+use super::acts::{fit, Activations, HeadOutput, LayerActs};
+use super::block::Attend;
+use super::{bias, norm_forward, Decoder, EngineError};
+
+impl Decoder {
+    /// Runs the trunk: fills `acts.hidden` (`[N, d]`, after the final norm). With `keep`, stores what
+    /// [`Decoder::backward`] needs; without it, reuses one set of buffers for every layer.
+    pub fn forward(&self, p: &Params, b: &Batch, acts: &mut Activations, keep: bool) -> Result<(), EngineError> {
+        self.check_batch(b)?;
+        let cfg = &self.cfg;
+        let (n, d) = (b.len(), cfg.hidden);
+        let extended = self.extended_rope(b);
+        let rope = extended.as_ref().or(self.rope.as_ref());
+        acts.n = n;
+        acts.kept = keep;
+        let slots = if keep { cfg.n_layers } else { 1 };
+        acts.layers.resize_with(slots, LayerActs::default);
+
+        // The residual stream lives in each layer's `x`: layer l writes its output straight into layer
+        // l+1's slot. Without `keep` there is one slot, and its input and `x_final` swap roles each layer.
+        // Buffers are reused from call to call, so a training step allocates nothing large.
+        fit(&mut acts.layers[0].x, n * d);
+        k::embedding_forward(
+            &mut acts.layers[0].x,
+            &p.wte.data,
+            &b.tokens,
+            p.wpe.as_ref().map(|t| &t.data[..]),
+            &b.positions,
+            d,
+        );
+        let n_layers = p.layers.len();
+        for (l, lp) in p.layers.iter().enumerate() {
+            let to_next_slot = keep && l + 1 < n_layers;
+            let mut out = if to_next_slot {
+                std::mem::take(&mut acts.layers[l + 1].x)
+            } else {
+                std::mem::take(&mut acts.x_final)
+            };
+            fit(&mut out, n * d);
+            let slot = if keep { l } else { 0 };
+            let attend = Attend::Packed { batch: b, cache: None };
+            let rope = self.block_rope(rope, l);
+            self.block_forward(lp, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
+            if to_next_slot {
+                acts.layers[l + 1].x = out;
+            } else if l + 1 < n_layers {
+                acts.x_final = std::mem::replace(&mut acts.layers[0].x, out);
+            } else {
+                acts.x_final = out;
+            }
+        }
+        fit(&mut acts.hidden, n * d);
+        let s = &mut acts.scratch;
+        fit(&mut s.stat_a, n);
+        fit(&mut s.stat_b, n);
+        norm_forward(cfg.norm, &p.norm_f, &mut acts.hidden, &mut s.stat_a, &mut s.stat_b, &acts.x_final, n, d);
+        Ok(())
+    }
+
+    /// Log-probs at the batch's targets from `acts.hidden` (after [`Decoder::forward`]).
+    pub fn head_forward(&self, p: &Params, b: &Batch, acts: &mut Activations) -> HeadOutput {
+        let t = b.targets.len();
+        let mut out = HeadOutput { logp: vec![0.0; t], logit_sum: vec![0.0; t] };
+        fit(&mut acts.head_lse, t);
+        k::logprob_head_forward(
+            &mut out.logp,
+            &mut acts.head_lse,
+            Some(&mut out.logit_sum),
+            &acts.hidden,
+            &p.head().data,
+            bias(&p.b_head),
+            &b.targets,
+            self.cfg.hidden,
+            self.cfg.vocab_size,
+        );
+        out
+    }
+
+    /// Forward through trunk and head: per-target log-probs.
+    pub fn logprobs(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        keep: bool,
+    ) -> Result<HeadOutput, EngineError> {
+        self.forward(p, b, acts, keep)?;
+        Ok(self.head_forward(p, b, acts))
+    }
+}
