@@ -226,9 +226,11 @@ impl DecoderConfig {
         let (qkv, attn) = (self.qkv_dim() as u64, self.attn_dim() as u64);
         let (mlp_in, ff) = (self.mlp_in_dim() as u64, self.ffn_hidden as u64);
         let on = |b: bool, n: u64| if b { n } else { 0 };
-        let layer = 2 * norm
+        let norms = if self.shared_norm { norm } else { 2 * norm };
+        let layer = norms
             + qkv * d
             + on(self.qkv_bias, qkv)
+            + on(self.qk_norm, 2 * self.head_dim as u64)
             + d * attn
             + on(self.attn_out_bias, d)
             + mlp_in * d
@@ -236,7 +238,7 @@ impl DecoderConfig {
             + d * ff
             + on(self.mlp_bias, d);
         let wpe = on(matches!(self.positions, PositionKind::Learned), self.max_positions as u64 * d);
-        let lm_head = on(!self.tied_embeddings, v * d);
+        let lm_head = on(!self.tied_embeddings, v * d) + on(self.head_bias, v);
         v * d + wpe + self.n_layers as u64 * layer + norm + lm_head
     }
 
@@ -274,7 +276,11 @@ mod tests {
     fn param_count_is_the_size_of_zeroed_params() {
         let mixed_biases = DecoderConfig { qkv_bias: true, attn_out_bias: false, mlp_bias: true, ..tiny_llama() };
         let untied_gpt2 = DecoderConfig { tied_embeddings: false, attn_out_bias: false, ..tiny_gpt2() };
-        for cfg in [tiny_gpt2(), tiny_llama(), tiny_neox(), tiny_gptj(), mixed_biases, untied_gpt2] {
+        let qwen3_smollm3 = DecoderConfig { qk_norm: true, layers_without_rope: vec![1], ..tiny_llama() };
+        let gptj_hf = DecoderConfig { shared_norm: true, head_bias: true, tied_embeddings: false, ..tiny_gptj() };
+        for cfg in
+            [tiny_gpt2(), tiny_llama(), tiny_neox(), tiny_gptj(), mixed_biases, untied_gpt2, qwen3_smollm3, gptj_hf]
+        {
             assert_eq!(cfg.param_count(), Params::zeros(&cfg).numel() as u64, "{cfg:?}");
         }
     }
