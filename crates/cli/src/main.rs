@@ -37,5 +37,26 @@ fn message(err: &anyhow::Error) -> String {
         }
         msg.push_str(&text);
     }
+    if let Some(hint) = hint(err) {
+        msg.push_str("; ");
+        msg.push_str(&hint);
+    }
     msg
+}
+
+/// The flag that fixes what a library error states as a fact (the libraries know no flags).
+fn hint(err: &anyhow::Error) -> Option<String> {
+    use engine::EngineError;
+    err.chain().find_map(|cause| {
+        let engine = cause.downcast_ref::<EngineError>().or(match cause.downcast_ref::<dpo::train::TrainError>() {
+            Some(dpo::train::TrainError::Engine(e)) => Some(e),
+            _ => None,
+        })?;
+        match engine {
+            EngineError::PositionOutOfRange { max, .. } => {
+                Some(format!("shorten the sequence (e.g. --max-length {max})"))
+            }
+            _ => None,
+        }
+    })
 }

@@ -242,7 +242,7 @@ impl DecoderConfig {
         v * d + wpe + self.n_layers as u64 * layer + norm + lm_head
     }
 
-    /// Checks the invariants the kernels rely on; `what` names the source in the message.
+    /// Checks the invariants the kernels rely on; the message names the offending sizes.
     pub fn validate(&self) -> Result<(), String> {
         let fail = |m: String| Err(m);
         if self.hidden == 0 || self.n_layers == 0 || self.vocab_size == 0 || self.head_dim == 0 {

@@ -8,7 +8,10 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::act::{exp_f32, max_lanes, multiversion, sum_lanes};
-use super::matmul::matmul;
+use super::matmul::{
+    matmul,
+    Accumulate::{Add, Overwrite},
+};
 use crate::batch::Target;
 
 /// Targets per chunk: large enough for an efficient GEMM (`[256, d] x [d, V]`), small enough that the
@@ -144,7 +147,7 @@ fn head_forward_chunked(
             let c = tg.len();
             gather(&mut h[..c * d], hidden, tg, d);
             // [c, V] = [c, d] . [V, d]^T
-            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, false);
+            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite);
             add_bias(&mut logits[..c * vocab], b, vocab);
             // (logp, lse, sum of logits) per row
             let stats: Vec<(f32, f32, f32)> = logits[..c * vocab]
@@ -225,7 +228,7 @@ fn head_backward_chunked(
                 continue; // nothing flows back through this chunk
             }
             gather(&mut h[..c * d], hidden, tg, d);
-            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, false);
+            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite);
             add_bias(&mut logits[..c * vocab], b, vocab);
             logits[..c * vocab].par_chunks_mut(vocab).zip(tg).zip(g).zip(&lse[c0..c0 + c]).for_each(
                 |(((row, t), &g), &l)| {
@@ -234,7 +237,7 @@ fn head_backward_chunked(
                 },
             );
             // [c, d] = [c, V] . [V, d]
-            matmul(&mut dh[..c * d], &logits[..c * vocab], w, c, d, vocab, false, false, false);
+            matmul(&mut dh[..c * d], &logits[..c * vocab], w, c, d, vocab, false, false, Overwrite);
             for (row, t) in dh.chunks_exact(d).zip(tg) {
                 let p = t.pos as usize;
                 dhidden[p * d..(p + 1) * d].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
@@ -247,7 +250,7 @@ fn head_backward_chunked(
             }
             if let Some(dw) = dw.as_deref_mut() {
                 // [V, d] += [c, V]^T . [c, d]
-                matmul(dw, &logits[..c * vocab], &h[..c * d], vocab, d, c, true, false, true);
+                matmul(dw, &logits[..c * vocab], &h[..c * d], vocab, d, c, true, false, Add);
             }
         }
     });
@@ -259,7 +262,7 @@ pub fn logits_forward(out: &mut [f32], hidden_rows: &[f32], w: &[f32], d: usize,
     let rows = hidden_rows.len().checked_div(d).unwrap_or_else(|| out.len().checked_div(vocab).unwrap_or(0));
     assert_eq!(hidden_rows.len(), rows * d, "logits_forward: hidden_rows is not [rows, d]");
     assert_eq!(out.len(), rows * vocab, "logits_forward: out is not [rows, vocab]");
-    matmul(out, hidden_rows, w, rows, vocab, d, false, true, false);
+    matmul(out, hidden_rows, w, rows, vocab, d, false, true, Overwrite);
 }
 
 #[cfg(test)]

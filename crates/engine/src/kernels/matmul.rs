@@ -74,7 +74,7 @@ pub(crate) unsafe fn gemm_view(
     );
 }
 
-/// `C[m, n] = (C if accumulate) + op(A) . op(B)`. `A` is stored `[m, k]` (`[k, m]` when `a_t`), `B` is
+/// `C[m, n] (= or +=, per acc) op(A) . op(B)`. `A` is stored `[m, k]` (`[k, m]` when `a_t`), `B` is
 /// stored `[k, n]` (`[n, k]` when `b_t`). Uses the thread pool for large products.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
@@ -86,7 +86,7 @@ pub fn matmul(
     k: usize,
     a_t: bool,
     b_t: bool,
-    accumulate: bool,
+    acc: Accumulate,
 ) {
     assert_eq!(c.len(), m * n, "matmul: C is not [m, n]");
     assert_eq!(a.len(), m * k, "matmul: A has the wrong size");
@@ -98,7 +98,7 @@ pub fn matmul(
     let lhs = if a_t { View { ptr: a.as_ptr(), rs: 1, cs: m_ } } else { View { ptr: a.as_ptr(), rs: k_, cs: 1 } };
     let rhs = if b_t { View { ptr: b.as_ptr(), rs: 1, cs: k_ } } else { View { ptr: b.as_ptr(), rs: n_, cs: 1 } };
     // SAFETY: the lengths were checked against the shapes, `c` is borrowed mutably and so not aliased.
-    unsafe { gemm_view(m, n, k, c.as_mut_ptr(), n_, 1, accumulate, lhs, rhs, 1.0, true) };
+    unsafe { gemm_view(m, n, k, c.as_mut_ptr(), n_, 1, acc == Accumulate::Add, lhs, rhs, 1.0, true) };
 }
 
 /// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])` (PyTorch's `nn.Linear` layout).
@@ -118,30 +118,53 @@ pub fn linear_forward(
             y.par_chunks_mut(out_dim).with_min_len(rows_per_task(out_dim)).for_each(|r| r.copy_from_slice(b));
         }
     }
-    matmul(y, x, w, rows, out_dim, in_dim, false, true, b.is_some());
+    // The bias rows are already in y: add the product to them.
+    let acc = if b.is_some() { Accumulate::Add } else { Accumulate::Overwrite };
+    matmul(y, x, w, rows, out_dim, in_dim, false, true, acc);
 }
 
-/// Backward of [`linear_forward`]: `dx[rows, in] (= or += per accumulate_dx) dy . W`,
-/// `dW[out, in] += dy^T . x`, `db[out] += column sums of dy`. Absent outputs are skipped.
-#[allow(clippy::too_many_arguments)]
+/// Whether a kernel overwrites its output (`=`) or adds to it (`+=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulate {
+    Overwrite,
+    Add,
+}
+
+/// The shapes of a linear layer applied to `rows` rows: `x[rows, inp] -> y[rows, out]`, `W[out, inp]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearDims {
+    pub rows: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+/// Where the parameter gradients of a linear layer accumulate (`+=`): `w: [out, inp]`, `b: [out]`;
+/// an absent one is not computed.
+pub struct LinearGrads<'a> {
+    pub w: Option<&'a mut [f32]>,
+    pub b: Option<&'a mut [f32]>,
+}
+
+/// Backward of [`linear_forward`] on the layer `w` (`[out, inp]`) that read `x` (`[rows, inp]`):
+/// `dx[rows, inp] (= or +=, per dx_mode) dy . W`, `grads.w += dy^T . x`, `grads.b += column sums of dy`.
+/// Absent outputs are skipped.
 pub fn linear_backward(
     dx: Option<&mut [f32]>,
-    dw: Option<&mut [f32]>,
-    db: Option<&mut [f32]>,
+    dx_mode: Accumulate,
+    grads: LinearGrads,
     dy: &[f32],
     x: &[f32],
     w: &[f32],
-    rows: usize,
-    in_dim: usize,
-    out_dim: usize,
-    accumulate_dx: bool,
+    dims: LinearDims,
 ) {
+    let LinearDims { rows, inp: in_dim, out: out_dim } = dims;
     assert_eq!(dy.len(), rows * out_dim, "linear_backward: dy is not [rows, out]");
     if let Some(dx) = dx {
-        matmul(dx, dy, w, rows, in_dim, out_dim, false, false, accumulate_dx);
+        matmul(dx, dy, w, rows, in_dim, out_dim, false, false, dx_mode);
     }
+    let LinearGrads { w: dw, b: db } = grads;
     if let Some(dw) = dw {
-        matmul(dw, dy, x, out_dim, in_dim, rows, true, false, true);
+        matmul(dw, dy, x, out_dim, in_dim, rows, true, false, Accumulate::Add);
     }
     if let Some(db) = db {
         assert_eq!(db.len(), out_dim, "linear_backward: db is not [out]");
@@ -218,24 +241,25 @@ mod tests {
         for (m, n, k) in [(1, 1, 1), (3, 5, 7), (17, 33, 9), (70, 90, 80)] {
             for a_t in [false, true] {
                 for b_t in [false, true] {
-                    for acc in [false, true] {
+                    for acc in [Accumulate::Overwrite, Accumulate::Add] {
                         let a = rng.vec(m * k, 1.0);
                         let b = rng.vec(k * n, 1.0);
                         let c0 = rng.vec(m * n, 1.0);
-                        let mut c = if acc { c0.clone() } else { vec![f32::NAN; m * n] };
+                        let add = acc == Accumulate::Add;
+                        let mut c = if add { c0.clone() } else { vec![f32::NAN; m * n] };
                         matmul(&mut c, &a, &b, m, n, k, a_t, b_t, acc);
                         let mut want = naive(&a, &b, m, n, k, a_t, b_t);
-                        if acc {
+                        if add {
                             want.iter_mut().zip(&c0).for_each(|(w, &c)| *w += c as f64);
                         }
-                        assert_close(&format!("matmul {m}x{n}x{k} {a_t} {b_t} {acc}"), &c, &want, 1e-5, 1.0);
+                        assert_close(&format!("matmul {m}x{n}x{k} {a_t} {b_t} {acc:?}"), &c, &want, 1e-5, 1.0);
                     }
                 }
             }
         }
         // k = 0: overwrite gives zeros, accumulate leaves C.
         let mut c = vec![f32::NAN; 6];
-        matmul(&mut c, &[], &[], 2, 3, 0, false, false, false);
+        matmul(&mut c, &[], &[], 2, 3, 0, false, false, Accumulate::Overwrite);
         assert_eq!(c, vec![0.0; 6]);
     }
 
@@ -251,7 +275,7 @@ mod tests {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 pool.install(|| {
                     let mut c = vec![f32::NAN; m * n];
-                    matmul(&mut c, &a, &b, m, n, k, a_t, b_t, false);
+                    matmul(&mut c, &a, &b, m, n, k, a_t, b_t, Accumulate::Overwrite);
                     c
                 })
             };
@@ -285,7 +309,9 @@ mod tests {
             let mut dx = vec![1.0f32; rows * i];
             let mut dw = vec![2.0f32; o * i];
             let mut db = vec![3.0f32; o];
-            linear_backward(Some(&mut dx), Some(&mut dw), Some(&mut db), &dy, &x, &w, rows, i, o, true);
+            let dims = LinearDims { rows, inp: i, out: o };
+            let grads = LinearGrads { w: Some(&mut dw), b: Some(&mut db) };
+            linear_backward(Some(&mut dx), Accumulate::Add, grads, &dy, &x, &w, dims);
             let gx: Vec<f64> = naive(&dy, &w, rows, i, o, false, false).iter().map(|v| v + 1.0).collect();
             let gw: Vec<f64> = naive(&dy, &x, o, i, rows, true, false).iter().map(|v| v + 2.0).collect();
             let gb: Vec<f64> = (0..o).map(|j| 3.0 + (0..rows).map(|r| dy[r * o + j] as f64).sum::<f64>()).collect();
@@ -293,7 +319,8 @@ mod tests {
             assert_close("linear dw", &dw, &gw, 1e-5, 1.0);
             assert_close("linear db", &db, &gb, 1e-5, 1.0);
             let mut dx2 = vec![f32::NAN; rows * i];
-            linear_backward(Some(&mut dx2), None, None, &dy, &x, &w, rows, i, o, false);
+            let no_grads = LinearGrads { w: None, b: None };
+            linear_backward(Some(&mut dx2), Accumulate::Overwrite, no_grads, &dy, &x, &w, dims);
             assert_close("linear dx overwrite", &dx2, &naive(&dy, &w, rows, i, o, false, false), 1e-5, 1.0);
         }
     }

@@ -1,7 +1,6 @@
 //! Every numerical operation the decoder performs, with its backward. This module is the boundary between
 //! model code (`crate::model`) and the machine: model code calls only these functions, on flat row-major
-//! f32 buffers, and never loops over elements itself. A second backend (CUDA through `cudarc`) implements
-//! the same set of functions on device buffers.
+//! f32 buffers, and never loops over elements itself. They run on the CPU (the `gemm` crate and rayon).
 //!
 //! Conventions: shapes are written `[rows, cols]`, row-major. A backward function's input-gradient
 //! argument is documented as overwritten (`=`) or accumulated (`+=`); parameter gradients always

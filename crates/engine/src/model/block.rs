@@ -21,7 +21,7 @@ use crate::batch::Batch;
 use crate::generate::KvCache;
 use crate::generate::LayerCache;
 use crate::head_norm;
-use crate::kernels::{self as k, RopeTable};
+use crate::kernels::{self as k, Accumulate::Overwrite, LinearDims, LinearGrads, RopeTable};
 use crate::params::LayerParams;
 
 use super::acts::{fit, LayerActs, Scratch};
@@ -166,31 +166,13 @@ impl Decoder {
         // MLP: recompute h2 = norm2(input) and the activation, then back through w_out, act, w_in.
         norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
-        k::linear_backward(
-            Some(&mut s.dact),
-            Some(&mut lg.w_out.data),
-            bias_mut(&mut lg.b_out),
-            &s.dx,
-            &s.act,
-            &lp.w_out.data,
-            n,
-            ff,
-            d,
-            false,
-        );
+        let grads = LinearGrads { w: Some(&mut lg.w_out.data), b: bias_mut(&mut lg.b_out) };
+        let dims = LinearDims { rows: n, inp: ff, out: d };
+        k::linear_backward(Some(&mut s.dact), Overwrite, grads, &s.dx, &s.act, &lp.w_out.data, dims);
         act_backward(cfg.mlp, &mut s.dpre, &s.dact, &la.mlp_pre, n, ff);
-        k::linear_backward(
-            Some(&mut s.dh),
-            Some(&mut lg.w_in.data),
-            bias_mut(&mut lg.b_in),
-            &s.dpre,
-            &s.h,
-            &lp.w_in.data,
-            n,
-            d,
-            mlp_in,
-            false,
-        );
+        let grads = LinearGrads { w: Some(&mut lg.w_in.data), b: bias_mut(&mut lg.b_in) };
+        let dims = LinearDims { rows: n, inp: d, out: mlp_in };
+        k::linear_backward(Some(&mut s.dh), Overwrite, grads, &s.dpre, &s.h, &lp.w_in.data, dims);
         if !cfg.parallel_residual {
             // dx becomes the gradient of x_mid = x + attention.
             norm_backward(
@@ -212,18 +194,9 @@ impl Decoder {
         }
 
         // Attention: back through w_o, the attention kernel, the rotation and w_qkv.
-        k::linear_backward(
-            Some(&mut s.dattn),
-            Some(&mut lg.w_o.data),
-            bias_mut(&mut lg.b_o),
-            &s.dx,
-            &la.attn,
-            &lp.w_o.data,
-            n,
-            attn_dim,
-            d,
-            false,
-        );
+        let grads = LinearGrads { w: Some(&mut lg.w_o.data), b: bias_mut(&mut lg.b_o) };
+        let dims = LinearDims { rows: n, inp: attn_dim, out: d };
+        k::linear_backward(Some(&mut s.dattn), Overwrite, grads, &s.dx, &la.attn, &lp.w_o.data, dims);
         k::attention_backward(
             &mut s.dqkv,
             &s.dattn,
@@ -243,18 +216,9 @@ impl Decoder {
             head_norm::backward(cfg, &wq.data, &wk.data, &mut gq.data, &mut gk.data, &mut s.dqkv, &la.qk_pre, n);
         }
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
-        k::linear_backward(
-            Some(&mut s.dh),
-            Some(&mut lg.w_qkv.data),
-            bias_mut(&mut lg.b_qkv),
-            &s.dqkv,
-            &s.h,
-            &lp.w_qkv.data,
-            n,
-            d,
-            qkv_dim,
-            false,
-        );
+        let grads = LinearGrads { w: Some(&mut lg.w_qkv.data), b: bias_mut(&mut lg.b_qkv) };
+        let dims = LinearDims { rows: n, inp: d, out: qkv_dim };
+        k::linear_backward(Some(&mut s.dh), Overwrite, grads, &s.dqkv, &s.h, &lp.w_qkv.data, dims);
         norm_backward(cfg.norm, &lp.norm1, &mut lg.norm1, &mut s.dx, &s.dh, &la.x, &s.stat_a, &s.stat_b, n, d);
         if cfg.parallel_residual {
             // Now add the MLP branch's norm gradient (its dh was parked in s.o).

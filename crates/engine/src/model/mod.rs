@@ -24,7 +24,7 @@ use crate::params::NormParams;
 pub enum EngineError {
     #[error("token id {token} at stream index {index} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange { token: u32, index: usize, vocab: usize },
-    #[error("position {position} is beyond the model's {max} learned positions; shorten the sequence (e.g. --max-length {max})")]
+    #[error("position {position} is beyond the model's {max} learned positions")]
     PositionOutOfRange { position: usize, max: usize },
     #[error("malformed batch: {0}")]
     MalformedBatch(String),
