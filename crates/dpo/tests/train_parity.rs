@@ -1,70 +1,28 @@
 //! `dpo train` against TRL's DPOTrainer on the parity fixtures (`expected/<arch>/train.jsonl` and
 //! `trained/`), and the trainer's invariants: accumulation, a frozen reference, exact resumption.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dpo::data::{load_pairs, DataOptions, Packing};
-use dpo::objectives::{KtoConfig, LossConfig, LossType};
+use dpo::objectives::KtoConfig;
 use dpo::train::{pair_batch, train, Objective, PairObjective, Reference, RunOptions, TrainConfig, Workspace};
-use engine::optim::{Optimizer, OptimizerConfig, ScheduleKind};
+use engine::optim::{Optimizer, OptimizerConfig};
 use engine::{Decoder, Params};
+
+use common::{flat, jsonl, params_of, run, scratch, trl_errors, PARITY};
 
 const ARCHS: [&str; 4] = ["gpt2", "llama", "llama3", "neox"];
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity")
+fn fixtures() -> std::path::PathBuf {
+    PARITY.root()
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dpo-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-/// The settings of MANIFEST.json's TRL run: sigmoid loss, 6 steps of 4 rows in file order, AdamW lr 5e-3
-/// constant, max_grad_norm 1, beta 0.1, no truncation.
-fn trl_settings(arch: &str, output: PathBuf) -> TrainConfig {
-    TrainConfig {
-        model: fixtures().join(format!("models/{arch}-policy")),
-        ref_model: Some(fixtures().join(format!("models/{arch}-ref"))),
-        data: fixtures().join("data/prefs.jsonl"),
-        output,
-        objective: Objective::Pairs(PairObjective {
-            losses: vec![(LossType::Sigmoid, 1.0)],
-            cfg: LossConfig { beta: 0.1, ..Default::default() },
-        }),
-        lr: 5e-3,
-        batch_size: 4,
-        grad_accum: 1,
-        max_steps: Some(6),
-        no_shuffle: true,
-        scheduler: ScheduleKind::Constant,
-        warmup_steps: 0,
-        max_grad_norm: 1.0,
-        weight_decay: 0.0,
-        max_length: None,
-        save_every: 0,
-        log_every: 0,
-        ..Default::default()
-    }
-}
-
-fn run(cfg: &TrainConfig) {
-    train(cfg, &RunOptions::default(), &AtomicBool::new(false), &mut |_| {}).unwrap();
-}
-
-fn jsonl(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-fn params_of(dir: &Path) -> Params {
-    hf::load_model(dir).unwrap().params
-}
-
-fn flat(p: &Params) -> Vec<f64> {
-    p.named().into_iter().flat_map(|(_, t)| t.data.iter().map(|&x| x as f64).collect::<Vec<_>>()).collect()
+fn trl_settings(arch: &str, output: std::path::PathBuf) -> TrainConfig {
+    common::trl_settings(PARITY, arch, output)
 }
 
 /// Every speed technique on (prefix sharing is the default; `micro_pairs = 1` pushes the step's pairs
@@ -76,41 +34,8 @@ fn six_steps_match_trl() {
         let mut cfg = trl_settings(arch, out.clone());
         cfg.micro_pairs = micro_pairs;
         run(&cfg);
-        let ours = jsonl(&out.join("metrics.jsonl"));
-        let theirs = jsonl(&fixtures().join(format!("expected/{arch}/train.jsonl")));
-        assert_eq!(ours.len(), theirs.len(), "{arch}: steps");
-        let mut worst = (0.0f64, String::new());
-        for (o, t) in ours.iter().zip(&theirs) {
-            for key in [
-                "loss",
-                "grad_norm",
-                "rewards/chosen",
-                "rewards/rejected",
-                "rewards/accuracies",
-                "rewards/margins",
-                "logps/chosen",
-                "logps/rejected",
-            ] {
-                let (a, b) = (o[key].as_f64().unwrap(), t[key].as_f64().unwrap());
-                let err = (a - b).abs() / b.abs().max(1.0);
-                if err > worst.0 {
-                    worst = (err, format!("step {} {key}: {a} vs {b}", t["step"]));
-                }
-                assert!(err < 1e-3, "{arch} step {} {key}: ours {a}, TRL {b}", t["step"]);
-            }
-            assert_eq!(o["num_tokens"].as_f64(), t["num_tokens"].as_f64(), "{arch} num_tokens");
-        }
-        // Weight change from the start, all tensors together.
-        let start = flat(&params_of(&fixtures().join(format!("models/{arch}-policy"))));
-        let mine = flat(&params_of(&out.join("final")));
-        let trl = flat(&params_of(&fixtures().join(format!("expected/{arch}/trained"))));
-        let (mut diff, mut norm) = (0.0, 0.0);
-        for i in 0..start.len() {
-            let (dm, dt) = (mine[i] - start[i], trl[i] - start[i]);
-            diff += (dm - dt) * (dm - dt);
-            norm += dt * dt;
-        }
-        let rel = (diff / norm).sqrt();
+        let (worst, rel) = trl_errors(PARITY, arch, &out);
+        assert!(worst.0 < 1e-3, "{arch}: {}", worst.1);
         println!(
             "{arch} (micro_pairs {micro_pairs}): worst metric error {:.2e} ({}); weight change relative error {rel:.2e}",
             worst.0, worst.1

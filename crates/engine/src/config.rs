@@ -96,6 +96,16 @@ pub struct DecoderConfig {
     pub tied_embeddings: bool,
     /// Keys further back than this are masked (Mistral); `None` is full causal attention.
     pub sliding_window: Option<usize>,
+    /// Per-head RMSNorm of queries and keys before the rotation, weights `q_norm`, `k_norm: [hd]`
+    /// (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Layers (indices) whose attention has no rotary embedding at all (SmolLM3's `no_rope_layers`).
+    pub layers_without_rope: Vec<usize>,
+    /// The MLP reads the attention's norm: one norm per layer, no `norm2` (GPT-J's `ln_1`, with the
+    /// parallel residual).
+    pub shared_norm: bool,
+    /// The LM head has a bias `b_head [vocab]` (GPT-J).
+    pub head_bias: bool,
 }
 
 /// The sizes of a decoder, apart from its family's switches. `DecoderConfig::gpt2(dims)`,
@@ -144,6 +154,10 @@ impl DecoderConfig {
             parallel_residual: false,
             tied_embeddings: false,
             sliding_window: None,
+            qk_norm: false,
+            layers_without_rope: Vec::new(),
+            shared_norm: false,
+            head_bias: false,
         }
     }
 
@@ -179,6 +193,11 @@ impl DecoderConfig {
         }
     }
 
+    /// Whether layer `layer` rotates its queries and keys (rotary models, except `layers_without_rope`).
+    pub fn rotary_in_layer(&self, layer: usize) -> bool {
+        matches!(self.positions, PositionKind::Rotary(_)) && !self.layers_without_rope.contains(&layer)
+    }
+
     /// Columns of the fused q/k/v projection output: `(n_heads + 2 n_kv_heads) * head_dim`.
     pub fn qkv_dim(&self) -> usize {
         (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
@@ -207,9 +226,11 @@ impl DecoderConfig {
         let (qkv, attn) = (self.qkv_dim() as u64, self.attn_dim() as u64);
         let (mlp_in, ff) = (self.mlp_in_dim() as u64, self.ffn_hidden as u64);
         let on = |b: bool, n: u64| if b { n } else { 0 };
-        let layer = 2 * norm
+        let norms = if self.shared_norm { norm } else { 2 * norm };
+        let layer = norms
             + qkv * d
             + on(self.qkv_bias, qkv)
+            + on(self.qk_norm, 2 * self.head_dim as u64)
             + d * attn
             + on(self.attn_out_bias, d)
             + mlp_in * d
@@ -217,7 +238,7 @@ impl DecoderConfig {
             + d * ff
             + on(self.mlp_bias, d);
         let wpe = on(matches!(self.positions, PositionKind::Learned), self.max_positions as u64 * d);
-        let lm_head = on(!self.tied_embeddings, v * d);
+        let lm_head = on(!self.tied_embeddings, v * d) + on(self.head_bias, v);
         v * d + wpe + self.n_layers as u64 * layer + norm + lm_head
     }
 
@@ -255,7 +276,11 @@ mod tests {
     fn param_count_is_the_size_of_zeroed_params() {
         let mixed_biases = DecoderConfig { qkv_bias: true, attn_out_bias: false, mlp_bias: true, ..tiny_llama() };
         let untied_gpt2 = DecoderConfig { tied_embeddings: false, attn_out_bias: false, ..tiny_gpt2() };
-        for cfg in [tiny_gpt2(), tiny_llama(), tiny_neox(), tiny_gptj(), mixed_biases, untied_gpt2] {
+        let qwen3_smollm3 = DecoderConfig { qk_norm: true, layers_without_rope: vec![1], ..tiny_llama() };
+        let gptj_hf = DecoderConfig { shared_norm: true, head_bias: true, tied_embeddings: false, ..tiny_gptj() };
+        for cfg in
+            [tiny_gpt2(), tiny_llama(), tiny_neox(), tiny_gptj(), mixed_biases, untied_gpt2, qwen3_smollm3, gptj_hf]
+        {
             assert_eq!(cfg.param_count(), Params::zeros(&cfg).numel() as u64, "{cfg:?}");
         }
     }

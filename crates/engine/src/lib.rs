@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod config;
 pub mod generate;
+mod head_norm;
 pub mod kernels;
 pub mod model;
 pub mod optim;

@@ -39,10 +39,15 @@ pub struct LayerParams {
     pub w_qkv: Tensor,
     /// `[qkv_dim]`
     pub b_qkv: Option<Tensor>,
+    /// `[hd]` per-head query norm (`qk_norm` only)
+    pub q_norm: Option<Tensor>,
+    /// `[hd]` per-head key norm (`qk_norm` only)
+    pub k_norm: Option<Tensor>,
     /// `[d, n_heads * hd]`
     pub w_o: Tensor,
     pub b_o: Option<Tensor>,
-    pub norm2: NormParams,
+    /// The MLP's norm; `None` when it shares `norm1` (`shared_norm`, GPT-J)
+    pub norm2: Option<NormParams>,
     /// `[ff, d]` or `[2 ff, d]` for SwiGLU (gate rows, then up rows)
     pub w_in: Tensor,
     pub b_in: Option<Tensor>,
@@ -62,6 +67,20 @@ pub struct Params {
     pub norm_f: NormParams,
     /// `[vocab, d]`; `None` when the head is tied to `wte`
     pub lm_head: Option<Tensor>,
+    /// `[vocab]` bias of the LM head (`head_bias`, GPT-J)
+    pub b_head: Option<Tensor>,
+}
+
+impl LayerParams {
+    /// The norm the MLP reads: `norm2`, or `norm1` when the two are shared.
+    pub fn mlp_norm(&self) -> &NormParams {
+        self.norm2.as_ref().unwrap_or(&self.norm1)
+    }
+
+    /// Mutable [`LayerParams::mlp_norm`] (in a gradient buffer: where the MLP's norm gradient goes).
+    pub fn mlp_norm_mut(&mut self) -> &mut NormParams {
+        self.norm2.as_mut().unwrap_or(&mut self.norm1)
+    }
 }
 
 fn norm_zeros(cfg: &DecoderConfig) -> NormParams {
@@ -87,9 +106,11 @@ impl Params {
             norm1: norm_zeros(cfg),
             w_qkv: Tensor::zeros(&[cfg.qkv_dim(), d]),
             b_qkv: opt(cfg.qkv_bias, &[cfg.qkv_dim()]),
+            q_norm: opt(cfg.qk_norm, &[cfg.head_dim]),
+            k_norm: opt(cfg.qk_norm, &[cfg.head_dim]),
             w_o: Tensor::zeros(&[d, cfg.attn_dim()]),
             b_o: opt(cfg.attn_out_bias, &[d]),
-            norm2: norm_zeros(cfg),
+            norm2: (!cfg.shared_norm).then(|| norm_zeros(cfg)),
             w_in: Tensor::zeros(&[cfg.mlp_in_dim(), d]),
             b_in: opt(cfg.mlp_bias, &[cfg.mlp_in_dim()]),
             w_out: Tensor::zeros(&[d, cfg.ffn_hidden]),
@@ -101,6 +122,7 @@ impl Params {
             layers: (0..cfg.n_layers).map(|_| layer()).collect(),
             norm_f: norm_zeros(cfg),
             lm_head: opt(!cfg.tied_embeddings, &[v, d]),
+            b_head: opt(cfg.head_bias, &[v]),
         }
     }
 
@@ -194,8 +216,8 @@ impl<T: ParamSet + ?Sized> ParamSet for &mut T {
     }
 }
 
-/// Canonical names: `wte`, `wpe`, `layers.{i}.{norm1.weight,..,w_qkv,b_qkv,w_o,b_o,norm2..,w_in,b_in,w_out,b_out}`,
-/// `norm_f.weight`, `norm_f.bias`, `lm_head`.
+/// Canonical names: `wte`, `wpe`, `layers.{i}.{norm1.weight,..,w_qkv,b_qkv,q_norm.weight,k_norm.weight,w_o,b_o,norm2..,w_in,b_in,w_out,b_out}`,
+/// `norm_f.weight`, `norm_f.bias`, `lm_head`, `b_head`.
 macro_rules! visit_impl {
     ($name:ident, $($m:tt)*) => {
         fn $name<'a>(p: &'a $($m)* Params, f: &mut dyn FnMut(String, &'a $($m)* Tensor)) {
@@ -217,9 +239,13 @@ macro_rules! visit_impl {
                 norm(&format!("{pre}.norm1"), & $($m)* l.norm1, f);
                 f(format!("{pre}.w_qkv"), & $($m)* l.w_qkv);
                 o(format!("{pre}.b_qkv"), & $($m)* l.b_qkv, f);
+                o(format!("{pre}.q_norm.weight"), & $($m)* l.q_norm, f);
+                o(format!("{pre}.k_norm.weight"), & $($m)* l.k_norm, f);
                 f(format!("{pre}.w_o"), & $($m)* l.w_o);
                 o(format!("{pre}.b_o"), & $($m)* l.b_o, f);
-                norm(&format!("{pre}.norm2"), & $($m)* l.norm2, f);
+                if let Some(n2) = & $($m)* l.norm2 {
+                    norm(&format!("{pre}.norm2"), n2, f);
+                }
                 f(format!("{pre}.w_in"), & $($m)* l.w_in);
                 o(format!("{pre}.b_in"), & $($m)* l.b_in, f);
                 f(format!("{pre}.w_out"), & $($m)* l.w_out);
@@ -227,6 +253,7 @@ macro_rules! visit_impl {
             }
             norm("norm_f", & $($m)* p.norm_f, f);
             o("lm_head".into(), & $($m)* p.lm_head, f);
+            o("b_head".into(), & $($m)* p.b_head, f);
         }
     };
 }

@@ -91,7 +91,11 @@ pub fn init_random(cfg: &DecoderConfig, std: f32, seed: u64) -> Params {
     let mut p = Params::zeros(cfg);
     let mut rng = Rng::new(seed);
     for (name, t) in p.named_mut() {
-        if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm_f.weight" {
+        if name.ends_with("norm1.weight")
+            || name.ends_with("norm2.weight")
+            || name.ends_with("_norm.weight")
+            || name == "norm_f.weight"
+        {
             t.data.iter_mut().for_each(|x| *x = 1.0);
         } else if t.shape.len() == 2 {
             t.data.iter_mut().for_each(|x| *x = (rng.normal() as f32) * std);

@@ -10,30 +10,64 @@ use engine::{DecoderConfig, Dims, MlpKind, NormKind, PositionKind, RopeConfig, R
 use serde_json::{Map, Value};
 
 use crate::error::{read_json, Error, Result};
-
-/// The `model_type` values this crate maps onto the decoder family.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2", "gpt_neox"];
+use crate::naming::{self, Naming};
 
 /// Longest context accepted from `config.json`: the rotary (or learned) position table is built for all
 /// of it up front, `max_positions * head_dim` floats.
 pub const MAX_POSITIONS: usize = 1 << 22;
 
-/// Which naming scheme and layout the checkpoint's tensors follow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    /// GPT-2: `transformer.h.{i}...`, Conv1D weights stored `[in, out]`.
-    Gpt2,
-    /// Llama, Mistral, Qwen2 (and SmolLM2, which is Llama): `model.layers.{i}...`.
-    Llama,
-    /// GPT-NeoX / Pythia: `gpt_neox.layers.{i}...`, q/k/v interleaved per head.
-    GptNeox,
+/// One supported `model_type`: how its `config.json` maps onto the engine's switches and how its
+/// checkpoint names its tensors. Adding an architecture is adding a row here (and its switches, if new).
+#[derive(Debug)]
+pub struct Family {
+    pub model_type: &'static str,
+    pub naming: &'static Naming,
+    /// The field holding the context length (named in errors).
+    pub positions_field: &'static str,
+    decoder: fn(&Fields) -> Result<DecoderConfig>,
+}
+
+/// Every supported family, one row per `model_type`.
+pub static FAMILIES: &[Family] = &[
+    Family { model_type: "gpt2", naming: &naming::GPT2, positions_field: "n_positions", decoder: gpt2 },
+    Family {
+        model_type: "llama",
+        naming: &naming::LLAMA,
+        positions_field: MAX_POS,
+        decoder: |f| llama_like(f, "llama"),
+    },
+    Family {
+        model_type: "mistral",
+        naming: &naming::LLAMA,
+        positions_field: MAX_POS,
+        decoder: |f| llama_like(f, "mistral"),
+    },
+    Family {
+        model_type: "qwen2",
+        naming: &naming::LLAMA,
+        positions_field: MAX_POS,
+        decoder: |f| llama_like(f, "qwen2"),
+    },
+    Family { model_type: "gpt_neox", naming: &naming::GPT_NEOX, positions_field: MAX_POS, decoder: gpt_neox },
+    Family { model_type: "qwen3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: qwen3 },
+    Family { model_type: "smollm3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: smollm3 },
+    Family { model_type: "gptj", naming: &naming::GPTJ, positions_field: "n_positions", decoder: gptj },
+    Family { model_type: "phi3", naming: &naming::PHI3, positions_field: MAX_POS, decoder: |f| llama_like(f, "phi3") },
+];
+
+const MAX_POS: &str = "max_position_embeddings";
+
+/// The `model_type` values this crate maps onto the decoder family, in [`FAMILIES`] order.
+pub fn supported_model_types() -> impl Iterator<Item = &'static str> {
+    FAMILIES.iter().map(|f| f.model_type)
 }
 
 /// A parsed `config.json`: the engine's switches plus what the rest of the trainer needs from it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub decoder: DecoderConfig,
-    pub arch: Arch,
+    /// How the checkpoint names its tensors.
+    pub naming: &'static Naming,
     pub model_type: String,
     /// The whole file, kept so that saving writes back every field this crate does not interpret.
     pub raw: Value,
@@ -80,18 +114,15 @@ pub fn config_from_json(raw: Value, path: &Path) -> Result<ModelConfig> {
     };
     let f = Fields { path, obj, prefix: "" };
     let model_type = f.req_str("model_type")?.to_string();
-    let (arch, decoder) = match model_type.as_str() {
-        "gpt2" => (Arch::Gpt2, gpt2(&f)?),
-        "llama" | "mistral" | "qwen2" => (Arch::Llama, llama_like(&f, &model_type)?),
-        "gpt_neox" => (Arch::GptNeox, gpt_neox(&f)?),
-        _ => return Err(Error::UnsupportedModelType { path: path.to_path_buf(), model_type }),
+    let Some(family) = FAMILIES.iter().find(|fam| fam.model_type == model_type) else {
+        return Err(Error::UnsupportedModelType { path: path.to_path_buf(), model_type });
     };
+    let decoder = (family.decoder)(&f)?;
     decoder.validate().map_err(|m| Error::field(path, "<model shape>", m))?;
     if decoder.max_positions > MAX_POSITIONS {
-        let field = if arch == Arch::Gpt2 { "n_positions" } else { "max_position_embeddings" };
         return Err(Error::field(
             path,
-            field,
+            family.positions_field,
             format!(
                 "{} positions is more than this trainer supports ({MAX_POSITIONS}); the position tables would not \
                  fit in memory. Lower it in config.json to the context length you train with",
@@ -102,7 +133,7 @@ pub fn config_from_json(raw: Value, path: &Path) -> Result<ModelConfig> {
     let dtype = f.opt_str("dtype")?.or(f.opt_str("torch_dtype")?).map(str::to_string);
     Ok(ModelConfig {
         decoder,
-        arch,
+        naming: family.naming,
         model_type,
         bos_token_id: f.ids("bos_token_id")?.first().copied(),
         eos_token_ids: f.ids("eos_token_id")?,
@@ -120,12 +151,7 @@ fn gpt2(f: &Fields) -> Result<DecoderConfig> {
         return Err(f.err("scale_attn_by_inverse_layer_idx", "true is not supported (set it false)"));
     }
     let act = f.opt_str("activation_function")?.unwrap_or("gelu_new");
-    let ffn_hidden = match f.opt_usize("n_inner")? {
-        Some(n) => n,
-        None => d
-            .checked_mul(4)
-            .ok_or_else(|| f.err("n_embd", format!("{d} is too large (4 * n_embd, the default n_inner, overflows)")))?,
-    };
+    let ffn_hidden = n_inner(f, d)?;
     let dims = Dims {
         vocab_size: f.req_usize("vocab_size")?,
         hidden: d,
@@ -161,8 +187,9 @@ fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
         let attn = f.bool_or("attention_bias", false)?;
         (attn, attn, f.bool_or("mlp_bias", false)?)
     };
-    let sliding_window =
-        if model_type == "qwen2" && !f.bool_or("use_sliding_window", false)? { None } else { sliding_window(f)? };
+    // Qwen2/3 and SmolLM3 write a `sliding_window` that only `use_sliding_window` turns on.
+    let gated = matches!(model_type, "qwen2" | "qwen3" | "smollm3");
+    let sliding_window = if gated && !f.bool_or("use_sliding_window", false)? { None } else { sliding_window(f)? };
     let dims = Dims {
         vocab_size: f.req_usize("vocab_size")?,
         hidden: d,
@@ -183,6 +210,95 @@ fn llama_like(f: &Fields, model_type: &str) -> Result<DecoderConfig> {
         sliding_window,
         ..DecoderConfig::llama(dims)
     })
+}
+
+/// GPT-2 and GPT-J's MLP width: `n_inner`, or `4 * n_embd` when null.
+fn n_inner(f: &Fields, d: usize) -> Result<usize> {
+    match f.opt_usize("n_inner")? {
+        Some(n) => Ok(n),
+        None => d
+            .checked_mul(4)
+            .ok_or_else(|| f.err("n_embd", format!("{d} is too large (4 * n_embd, the default n_inner, overflows)"))),
+    }
+}
+
+/// GPT-J: GPT-NeoX's parallel block with one norm per layer (`ln_1`), interleaved rotary over the first
+/// `rotary_dim` dimensions of each head (base 10000, fixed in `GPTJAttention`), no attention biases, MLP
+/// biases and a biased LM head.
+fn gptj(f: &Fields) -> Result<DecoderConfig> {
+    let d = f.req_usize("n_embd")?;
+    let n_heads = f.req_usize("n_head")?;
+    let head_dim = f.divide(d, n_heads, "n_head")?;
+    let act = f.opt_str("activation_function")?.unwrap_or("gelu_new");
+    let dims = Dims {
+        vocab_size: f.req_usize("vocab_size")?,
+        hidden: d,
+        n_layers: f.req_usize("n_layer")?,
+        n_heads,
+        n_kv_heads: n_heads,
+        head_dim,
+        ffn_hidden: n_inner(f, d)?,
+        max_positions: f.req_usize("n_positions")?,
+    };
+    // `rotary_dim: null` rotates the whole head.
+    let rotary_dim = f.opt_usize("rotary_dim")?.unwrap_or(head_dim);
+    let rope = RopeConfig { style: RopeStyle::Interleaved, ..RopeConfig::half(10000.0, rotary_dim) };
+    Ok(DecoderConfig {
+        norm: NormKind::LayerNorm { eps: f.f32_or("layer_norm_epsilon", 1e-5)? },
+        mlp: gelu_kind(f, "activation_function", act)?,
+        positions: PositionKind::Rotary(rope),
+        qkv_bias: false,
+        attn_out_bias: false,
+        shared_norm: true,
+        head_bias: true,
+        tied_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        ..DecoderConfig::neox(dims)
+    })
+}
+
+/// Qwen3: the Llama block with a per-head RMSNorm on queries and keys (`q_norm`, `k_norm`).
+fn qwen3(f: &Fields) -> Result<DecoderConfig> {
+    Ok(DecoderConfig { qk_norm: true, ..llama_like(f, "qwen3")? })
+}
+
+/// SmolLM3: the Llama block, without rotary embeddings in the layers that `no_rope_layers` marks 0.
+fn smollm3(f: &Fields) -> Result<DecoderConfig> {
+    let base = llama_like(f, "smollm3")?;
+    Ok(DecoderConfig { layers_without_rope: layers_without_rope(f, base.n_layers)?, ..base })
+}
+
+/// The layers without rotary: `no_rope_layers` (one 0/1 flag per layer, 1 = rotary), or when absent
+/// every `no_rope_layer_interval`-th layer (SmolLM3Config's default, 4).
+fn layers_without_rope(f: &Fields, n_layers: usize) -> Result<Vec<usize>> {
+    const FIELD: &str = "no_rope_layers";
+    match f.get(FIELD) {
+        Some(Value::Array(flags)) => {
+            if flags.len() != n_layers {
+                return Err(f.err(FIELD, format!("{} flags for {n_layers} layers", flags.len())));
+            }
+            let mut out = Vec::new();
+            for (i, v) in flags.iter().enumerate() {
+                match v.as_u64() {
+                    Some(0) => out.push(i),
+                    Some(1) => {}
+                    _ => return Err(f.err(FIELD, format!("expected 0 or 1 per layer, found {v}"))),
+                }
+            }
+            Ok(out)
+        }
+        None => {
+            let every = f.opt_usize("no_rope_layer_interval")?.unwrap_or(4);
+            if every == 0 {
+                return Err(f.err("no_rope_layer_interval", "must be positive"));
+            }
+            // The list is built before anything checks the layer count against memory: bound it.
+            if n_layers / every > 1 << 20 {
+                return Err(f.err("num_hidden_layers", format!("{n_layers} layers is more than this trainer supports")));
+            }
+            Ok((every - 1..n_layers).step_by(every).collect())
+        }
+        Some(v) => Err(f.err(FIELD, format!("expected a list of 0/1 flags, found {v}"))),
+    }
 }
 
 /// One window for every layer, or none. transformers 5 writes `layer_types`; a mix of sliding and full

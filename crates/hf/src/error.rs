@@ -19,7 +19,7 @@ pub enum Error {
     #[error(
         "{}: model_type `{model_type}` is not supported; supported: {}",
         path.display(),
-        crate::config::SUPPORTED_MODEL_TYPES.join(", ")
+        crate::config::supported_model_types().collect::<Vec<_>>().join(", ")
     )]
     UnsupportedModelType { path: PathBuf, model_type: String },
 

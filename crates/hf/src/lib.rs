@@ -3,8 +3,9 @@
 //! - [`config`]: `config.json` (transformers 4.x and 5 layouts) → [`engine::DecoderConfig`].
 //! - [`safetensors`]: a validating reader (memory-mapped, F64/F32/F16/BF16 → f32, sharded checkpoints) and
 //!   an atomic f32 writer.
-//! - [`weights`]: HF tensor names and layouts ↔ [`engine::Params`] for GPT-2, Llama/Mistral/Qwen2 and
-//!   GPT-NeoX.
+//! - [`naming`]: one row of HF tensor names per checkpoint layout, and the plan that walks the engine's
+//!   parameter names through it.
+//! - [`weights`]: HF tensors ↔ [`engine::Params`] by that plan (loading, checking, saving).
 //! - [`tokenizer`]: `tokenizer.json`, special tokens and the chat template (sandboxed minijinja).
 //! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
 //!
@@ -13,13 +14,15 @@
 pub mod config;
 pub mod error;
 pub mod model_dir;
+pub mod naming;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{config_from_json, parse_config, Arch, ModelConfig, SUPPORTED_MODEL_TYPES};
+pub use config::{config_from_json, parse_config, supported_model_types, Family, ModelConfig, FAMILIES};
 pub use error::{Error, Result};
 pub use model_dir::{load_config, load_model, load_tokenizer, load_tokenizer_if_present, save_model, HfModel};
+pub use naming::Naming;
 pub use safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
 pub use tokenizer::{ChatMessage, SpecialToken, Tokenizer};
 pub use weights::{check_params, load_params, load_params_file, params_from_checkpoint, to_hf_tensors};

@@ -1,201 +1,19 @@
 //! HF tensor names ↔ engine [`Params`], with the layout conversions between them.
 //!
-//! One `Entry` per engine tensor says which HF tensors make it and how: copied, transposed (GPT-2's
-//! Conv1D stores `[in, out]`), row-concatenated (q/k/v, gate/up) or de-interleaved (NeoX stores q/k/v rows
-//! as `[n_heads, 3, head_dim]`). Loading and saving both walk the same table, so they are inverses.
+//! The names come from the model's [`crate::naming::Naming`] row: one `Entry` per engine tensor says which
+//! HF tensors make it and how: copied, transposed (GPT-2's Conv1D stores `[in, out]`), row-concatenated
+//! (q/k/v, gate/up) or de-interleaved (NeoX stores q/k/v rows as `[n_heads, 3, head_dim]`). Loading and
+//! saving both walk the same plan, so they are inverses.
 
 use std::collections::HashSet;
 use std::path::Path;
 
-use engine::{Params, Tensor};
+use engine::{DecoderConfig, Params, Tensor};
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::naming::{aliases, ignored, plan, Entry, Hf};
 use crate::safetensors::Checkpoint;
-
-/// How HF tensors become one engine tensor.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Conv {
-    /// One HF tensor, same layout.
-    Copy,
-    /// One HF 2-D tensor stored `[in, out]`; the engine wants `[out, in]`.
-    Transpose,
-    /// Several HF tensors stacked along rows, in order.
-    Concat,
-    /// One HF tensor whose rows are `[n_heads, 3, head_dim]`; the engine wants q rows, k rows, v rows.
-    NeoxQkv { n_heads: usize, head_dim: usize },
-}
-
-/// One engine tensor and its HF sources (name, HF shape).
-#[derive(Clone, Debug)]
-struct Entry {
-    engine: String,
-    hf: Vec<(String, Vec<usize>)>,
-    conv: Conv,
-}
-
-/// The table for `cfg`, in [`Params::named`] order.
-fn plan(cfg: &ModelConfig) -> Vec<Entry> {
-    let c = &cfg.decoder;
-    let (d, v, ff) = (c.hidden, c.vocab_size, c.ffn_hidden);
-    let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    let mut out = Vec::new();
-    let mut e = |engine: String, conv: Conv, hf: Vec<(String, Vec<usize>)>| out.push(Entry { engine, hf, conv });
-    let one = |name: String, shape: Vec<usize>| vec![(name, shape)];
-    match cfg.arch {
-        Arch::Gpt2 => {
-            let t = "transformer";
-            e("wte".into(), Conv::Copy, one(format!("{t}.wte.weight"), vec![v, d]));
-            e("wpe".into(), Conv::Copy, one(format!("{t}.wpe.weight"), vec![c.max_positions, d]));
-            for i in 0..c.n_layers {
-                let (p, l) = (format!("{t}.h.{i}"), format!("layers.{i}"));
-                e(format!("{l}.norm1.weight"), Conv::Copy, one(format!("{p}.ln_1.weight"), vec![d]));
-                e(format!("{l}.norm1.bias"), Conv::Copy, one(format!("{p}.ln_1.bias"), vec![d]));
-                e(format!("{l}.w_qkv"), Conv::Transpose, one(format!("{p}.attn.c_attn.weight"), vec![d, 3 * d]));
-                e(format!("{l}.b_qkv"), Conv::Copy, one(format!("{p}.attn.c_attn.bias"), vec![3 * d]));
-                e(format!("{l}.w_o"), Conv::Transpose, one(format!("{p}.attn.c_proj.weight"), vec![d, d]));
-                e(format!("{l}.b_o"), Conv::Copy, one(format!("{p}.attn.c_proj.bias"), vec![d]));
-                e(format!("{l}.norm2.weight"), Conv::Copy, one(format!("{p}.ln_2.weight"), vec![d]));
-                e(format!("{l}.norm2.bias"), Conv::Copy, one(format!("{p}.ln_2.bias"), vec![d]));
-                e(format!("{l}.w_in"), Conv::Transpose, one(format!("{p}.mlp.c_fc.weight"), vec![d, ff]));
-                e(format!("{l}.b_in"), Conv::Copy, one(format!("{p}.mlp.c_fc.bias"), vec![ff]));
-                e(format!("{l}.w_out"), Conv::Transpose, one(format!("{p}.mlp.c_proj.weight"), vec![ff, d]));
-                e(format!("{l}.b_out"), Conv::Copy, one(format!("{p}.mlp.c_proj.bias"), vec![d]));
-            }
-            e("norm_f.weight".into(), Conv::Copy, one(format!("{t}.ln_f.weight"), vec![d]));
-            e("norm_f.bias".into(), Conv::Copy, one(format!("{t}.ln_f.bias"), vec![d]));
-            if !c.tied_embeddings {
-                e("lm_head".into(), Conv::Copy, one("lm_head.weight".into(), vec![v, d]));
-            }
-        }
-        Arch::Llama => {
-            e("wte".into(), Conv::Copy, one("model.embed_tokens.weight".into(), vec![v, d]));
-            for i in 0..c.n_layers {
-                let (p, l) = (format!("model.layers.{i}"), format!("layers.{i}"));
-                let a = format!("{p}.self_attn");
-                let m = format!("{p}.mlp");
-                e(format!("{l}.norm1.weight"), Conv::Copy, one(format!("{p}.input_layernorm.weight"), vec![d]));
-                e(
-                    format!("{l}.w_qkv"),
-                    Conv::Concat,
-                    vec![
-                        (format!("{a}.q_proj.weight"), vec![q, d]),
-                        (format!("{a}.k_proj.weight"), vec![kv, d]),
-                        (format!("{a}.v_proj.weight"), vec![kv, d]),
-                    ],
-                );
-                if c.qkv_bias {
-                    e(
-                        format!("{l}.b_qkv"),
-                        Conv::Concat,
-                        vec![
-                            (format!("{a}.q_proj.bias"), vec![q]),
-                            (format!("{a}.k_proj.bias"), vec![kv]),
-                            (format!("{a}.v_proj.bias"), vec![kv]),
-                        ],
-                    );
-                }
-                e(format!("{l}.w_o"), Conv::Copy, one(format!("{a}.o_proj.weight"), vec![d, q]));
-                if c.attn_out_bias {
-                    e(format!("{l}.b_o"), Conv::Copy, one(format!("{a}.o_proj.bias"), vec![d]));
-                }
-                e(
-                    format!("{l}.norm2.weight"),
-                    Conv::Copy,
-                    one(format!("{p}.post_attention_layernorm.weight"), vec![d]),
-                );
-                e(
-                    format!("{l}.w_in"),
-                    Conv::Concat,
-                    vec![(format!("{m}.gate_proj.weight"), vec![ff, d]), (format!("{m}.up_proj.weight"), vec![ff, d])],
-                );
-                if c.mlp_bias {
-                    e(
-                        format!("{l}.b_in"),
-                        Conv::Concat,
-                        vec![(format!("{m}.gate_proj.bias"), vec![ff]), (format!("{m}.up_proj.bias"), vec![ff])],
-                    );
-                }
-                e(format!("{l}.w_out"), Conv::Copy, one(format!("{m}.down_proj.weight"), vec![d, ff]));
-                if c.mlp_bias {
-                    e(format!("{l}.b_out"), Conv::Copy, one(format!("{m}.down_proj.bias"), vec![d]));
-                }
-            }
-            e("norm_f.weight".into(), Conv::Copy, one("model.norm.weight".into(), vec![d]));
-            if !c.tied_embeddings {
-                e("lm_head".into(), Conv::Copy, one("lm_head.weight".into(), vec![v, d]));
-            }
-        }
-        Arch::GptNeox => {
-            let qkv = Conv::NeoxQkv { n_heads: c.n_heads, head_dim: c.head_dim };
-            e("wte".into(), Conv::Copy, one("gpt_neox.embed_in.weight".into(), vec![v, d]));
-            for i in 0..c.n_layers {
-                let (p, l) = (format!("gpt_neox.layers.{i}"), format!("layers.{i}"));
-                let a = format!("{p}.attention");
-                let m = format!("{p}.mlp");
-                e(format!("{l}.norm1.weight"), Conv::Copy, one(format!("{p}.input_layernorm.weight"), vec![d]));
-                e(format!("{l}.norm1.bias"), Conv::Copy, one(format!("{p}.input_layernorm.bias"), vec![d]));
-                e(format!("{l}.w_qkv"), qkv, one(format!("{a}.query_key_value.weight"), vec![3 * q, d]));
-                if c.qkv_bias {
-                    e(format!("{l}.b_qkv"), qkv, one(format!("{a}.query_key_value.bias"), vec![3 * q]));
-                }
-                e(format!("{l}.w_o"), Conv::Copy, one(format!("{a}.dense.weight"), vec![d, q]));
-                if c.attn_out_bias {
-                    e(format!("{l}.b_o"), Conv::Copy, one(format!("{a}.dense.bias"), vec![d]));
-                }
-                e(
-                    format!("{l}.norm2.weight"),
-                    Conv::Copy,
-                    one(format!("{p}.post_attention_layernorm.weight"), vec![d]),
-                );
-                e(format!("{l}.norm2.bias"), Conv::Copy, one(format!("{p}.post_attention_layernorm.bias"), vec![d]));
-                e(format!("{l}.w_in"), Conv::Copy, one(format!("{m}.dense_h_to_4h.weight"), vec![ff, d]));
-                e(format!("{l}.b_in"), Conv::Copy, one(format!("{m}.dense_h_to_4h.bias"), vec![ff]));
-                e(format!("{l}.w_out"), Conv::Copy, one(format!("{m}.dense_4h_to_h.weight"), vec![d, ff]));
-                e(format!("{l}.b_out"), Conv::Copy, one(format!("{m}.dense_4h_to_h.bias"), vec![d]));
-            }
-            e("norm_f.weight".into(), Conv::Copy, one("gpt_neox.final_layer_norm.weight".into(), vec![d]));
-            e("norm_f.bias".into(), Conv::Copy, one("gpt_neox.final_layer_norm.bias".into(), vec![d]));
-            if !c.tied_embeddings {
-                e("lm_head".into(), Conv::Copy, one("embed_out.weight".into(), vec![v, d]));
-            }
-        }
-    }
-    out
-}
-
-/// Buffers and duplicates that checkpoints may carry and the model does not use.
-fn ignored(cfg: &ModelConfig, name: &str) -> bool {
-    let tied = cfg.decoder.tied_embeddings;
-    name.ends_with("rotary_emb.inv_freq")
-        || match cfg.arch {
-            Arch::Gpt2 => {
-                name.ends_with(".attn.bias")
-                    || name.ends_with(".attn.masked_bias")
-                    || (tied && name == "lm_head.weight")
-            }
-            Arch::Llama => tied && name == "lm_head.weight",
-            Arch::GptNeox => {
-                name.ends_with(".attention.bias")
-                    || name.ends_with(".attention.masked_bias")
-                    || (tied && (name == "embed_out.weight" || name == "lm_head.weight"))
-            }
-        }
-}
-
-/// The names a tensor may be stored under, preferred (saved) name first.
-fn aliases(arch: Arch, name: &str) -> Vec<String> {
-    let mut out = vec![name.to_string()];
-    match arch {
-        // Checkpoints saved from `GPT2Model` (not `GPT2LMHeadModel`) lack the `transformer.` prefix.
-        Arch::Gpt2 => out.extend(name.strip_prefix("transformer.").map(str::to_string)),
-        // transformers 5 names NeoX's output layer `lm_head` in memory (so gradient dumps use that name)
-        // and `embed_out` on disk.
-        Arch::GptNeox if name == "embed_out.weight" => out.push("lm_head.weight".into()),
-        _ => {}
-    }
-    out
-}
 
 /// Loads the weights of model directory `dir` (single file or sharded) into engine [`Params`].
 pub fn load_params(dir: &Path, config: &ModelConfig) -> Result<Params> {
@@ -210,8 +28,8 @@ pub fn load_params_file(path: &Path, config: &ModelConfig) -> Result<Params> {
 /// Maps an opened checkpoint onto [`Params`]. Every problem — missing, unexpected, wrong shape, unreadable
 /// dtype, NaN/infinite values — is collected and reported together, each under its HF name.
 pub fn params_from_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result<Params> {
-    let entries = plan(config);
-    let resolve = |name: &str| aliases(config.arch, name).into_iter().find(|n| ckpt.info(n).is_some());
+    let entries = plan(config.naming, &config.decoder).map_err(|e| internal(ckpt, &e.0))?;
+    let resolve = |name: &str| aliases(config.naming, name).into_iter().find(|n| ckpt.info(n).is_some());
     let mut problems = Vec::new();
     let mut used = HashSet::new();
     let mut built = Vec::with_capacity(entries.len());
@@ -245,7 +63,7 @@ pub fn params_from_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result
         }
     }
     for name in ckpt.names() {
-        if !used.contains(name) && !ignored(config, name) {
+        if !used.contains(name) && !ignored(config.naming, &config.decoder, name) {
             let shape = ckpt.info(name).map(|i| i.shape.clone()).unwrap_or_default();
             problems.push(format!("unexpected tensor `{name}` (shape {shape:?})"));
         }
@@ -262,7 +80,7 @@ pub fn params_from_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result
         let Some((_, slot)) = slots.iter_mut().find(|(n, _)| *n == entry.engine) else {
             return Err(internal(ckpt, &entry.engine));
         };
-        let data = to_engine(entry, parts);
+        let data = to_engine(entry, parts, &config.decoder);
         if data.len() != slot.data.len() {
             return Err(internal(ckpt, &entry.engine));
         }
@@ -314,11 +132,13 @@ pub fn check_params(config: &ModelConfig, params: &Params) -> std::result::Resul
 pub fn to_hf_tensors(config: &ModelConfig, params: &Params) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let named = params.named();
     let mut out = Vec::new();
-    for entry in plan(config) {
+    let entries = plan(config.naming, &config.decoder)
+        .unwrap_or_else(|e| panic!("to_hf_tensors: the naming table has no HF module for `{}`", e.0));
+    for entry in entries {
         let Some((_, t)) = named.iter().find(|(n, _)| *n == entry.engine) else {
             panic!("to_hf_tensors: params lack `{}`; they do not match the config", entry.engine)
         };
-        for ((name, shape), data) in entry.hf.iter().zip(from_engine(&entry, t)) {
+        for ((name, shape), data) in entry.hf.iter().zip(from_engine(&entry, t, &config.decoder)) {
             out.push((name.clone(), shape.clone(), data));
         }
     }
@@ -326,27 +146,24 @@ pub fn to_hf_tensors(config: &ModelConfig, params: &Params) -> Vec<(String, Vec<
 }
 
 /// HF parts (in `entry.hf` order, shapes already checked) → engine data.
-fn to_engine(entry: &Entry, parts: Vec<Vec<f32>>) -> Vec<f32> {
-    match entry.conv {
-        Conv::Copy => parts.into_iter().next().unwrap_or_default(),
-        Conv::Concat => parts.concat(),
-        Conv::Transpose => {
-            let s = &entry.hf[0].1;
-            transpose(&parts[0], s[0], s[1])
-        }
-        Conv::NeoxQkv { n_heads, head_dim } => {
-            let s = &entry.hf[0].1;
+fn to_engine(entry: &Entry, parts: Vec<Vec<f32>>, cfg: &DecoderConfig) -> Vec<f32> {
+    let s = &entry.hf[0].1;
+    match entry.layout {
+        Hf::Rows(_) => parts.concat(),
+        Hf::Conv1D(_) if s.len() == 2 => transpose(&parts[0], s[0], s[1]),
+        Hf::HeadsInterleaved(_) => {
             let cols = if s.len() == 2 { s[1] } else { 1 };
-            neox_qkv(&parts[0], n_heads, head_dim, cols, false)
+            neox_qkv(&parts[0], cfg.n_heads, cfg.head_dim, cols, false)
         }
+        Hf::Same(_) | Hf::Conv1D(_) => parts.into_iter().next().unwrap_or_default(),
     }
 }
 
 /// Engine tensor → HF parts, in `entry.hf` order.
-fn from_engine(entry: &Entry, t: &Tensor) -> Vec<Vec<f32>> {
-    match entry.conv {
-        Conv::Copy => vec![t.data.clone()],
-        Conv::Concat => {
+fn from_engine(entry: &Entry, t: &Tensor, cfg: &DecoderConfig) -> Vec<Vec<f32>> {
+    let s = &entry.hf[0].1;
+    match entry.layout {
+        Hf::Rows(_) => {
             let mut rest = &t.data[..];
             entry
                 .hf
@@ -359,15 +176,12 @@ fn from_engine(entry: &Entry, t: &Tensor) -> Vec<Vec<f32>> {
                 })
                 .collect()
         }
-        Conv::Transpose => {
-            let s = &entry.hf[0].1;
-            vec![transpose(&t.data, s[1], s[0])]
-        }
-        Conv::NeoxQkv { n_heads, head_dim } => {
-            let s = &entry.hf[0].1;
+        Hf::Conv1D(_) if s.len() == 2 => vec![transpose(&t.data, s[1], s[0])],
+        Hf::HeadsInterleaved(_) => {
             let cols = if s.len() == 2 { s[1] } else { 1 };
-            vec![neox_qkv(&t.data, n_heads, head_dim, cols, true)]
+            vec![neox_qkv(&t.data, cfg.n_heads, cfg.head_dim, cols, true)]
         }
+        Hf::Same(_) | Hf::Conv1D(_) => vec![t.data.clone()],
     }
 }
 

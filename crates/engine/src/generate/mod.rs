@@ -31,7 +31,7 @@ pub use sample::{sample_token, SamplingConfig};
 use crate::batch::Batch;
 use crate::config::{DecoderConfig, NormKind, PositionKind};
 use crate::kernels::{self as k, RopeTable};
-use crate::model::{Attend, Decoder, EngineError, LayerActs, Scratch};
+use crate::model::{bias, Attend, Decoder, EngineError, LayerActs, Scratch};
 use crate::params::{NormParams, Params};
 
 /// Runs prefill and decode steps of one model (see the module doc).
@@ -129,7 +129,7 @@ impl<'a> Generator<'a> {
         let mut h = vec![0.0f32; rows * d];
         norm_rows(cfg.norm, &self.params.norm_f, &mut h, &x[..rows * d], rows, d);
         let mut logits = vec![0.0f32; rows * v];
-        k::linear_rows_forward(&mut logits, &h, &self.params.head().data, None, rows, d, v);
+        k::linear_rows_forward(&mut logits, &h, &self.params.head().data, bias(&self.params.b_head), rows, d, v);
         logits
     }
 
@@ -157,7 +157,8 @@ impl<'a> Generator<'a> {
             } else {
                 Attend::Cached { caches: &mut *caches, layer: l, positions }
             };
-            self.model.block_forward(lp, &mut la, &mut scratch, self.rope.as_ref(), attend, &mut out);
+            let rope = self.model.block_rope(self.rope.as_ref(), l);
+            self.model.block_forward(lp, &mut la, &mut scratch, rope, attend, &mut out);
             std::mem::swap(&mut la.x, &mut out);
         }
         for c in caches.iter_mut() {

@@ -39,8 +39,32 @@ fn gptj_like() -> DecoderConfig {
     presets::tiny_gptj()
 }
 
+/// Qwen3 and SmolLM3: per-head q/k RMSNorm, and a layer without rotary.
+fn qwen3_smollm3_like() -> DecoderConfig {
+    DecoderConfig { qk_norm: true, layers_without_rope: vec![1], ..presets::tiny_llama() }
+}
+
+/// GPT-J as checkpoints have it: one norm per layer, no attention biases, a biased untied head.
+fn gptj_hf_like() -> DecoderConfig {
+    DecoderConfig {
+        shared_norm: true,
+        head_bias: true,
+        qkv_bias: false,
+        attn_out_bias: false,
+        tied_embeddings: false,
+        ..presets::tiny_gptj()
+    }
+}
+
 fn families() -> Vec<(&'static str, DecoderConfig)> {
-    vec![("gpt2", gpt2_like()), ("llama", llama_like()), ("neox", neox_like()), ("gptj", gptj_like())]
+    vec![
+        ("gpt2", gpt2_like()),
+        ("llama", llama_like()),
+        ("neox", neox_like()),
+        ("gptj", gptj_like()),
+        ("qwen3/smollm3", qwen3_smollm3_like()),
+        ("gptj (hf)", gptj_hf_like()),
+    ]
 }
 
 fn setup(cfg: &DecoderConfig, seed: u64) -> (Decoder, Params, Vec<Vec<u32>>) {
@@ -59,6 +83,9 @@ fn full_logits(m: &Decoder, p: &Params, seq: &[u32]) -> Vec<f32> {
     let (d, v) = (m.cfg.hidden, m.cfg.vocab_size);
     let mut out = vec![0.0; v];
     k::logits_forward(&mut out, &acts.hidden[(seq.len() - 1) * d..], &p.head().data, d, v);
+    if let Some(b) = &p.b_head {
+        out.iter_mut().zip(&b.data).for_each(|(l, b)| *l += b);
+    }
     out
 }
 

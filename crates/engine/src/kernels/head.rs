@@ -91,9 +91,9 @@ fn gather(h: &mut [f32], hidden: &[f32], targets: &[Target], d: usize) {
     }
 }
 
-/// `logp[t] = logits[t, token_t] - lse[t]` with `logits[t] = W . hidden[pos_t]`, saving `lse [T]` for the
-/// backward; `logit_sum[t]` (optional) is the sum of the row's logits, for metrics.
-/// `hidden: [N, d]`, `w: [vocab, d]`.
+/// `logp[t] = logits[t, token_t] - lse[t]` with `logits[t] = W . hidden[pos_t] + b`, saving `lse [T]` for
+/// the backward; `logit_sum[t]` (optional) is the sum of the row's logits, for metrics.
+/// `hidden: [N, d]`, `w: [vocab, d]`, `b: [vocab]` (GPT-J's head has one).
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_head_forward(
     logp: &mut [f32],
@@ -101,11 +101,20 @@ pub fn logprob_head_forward(
     logit_sum: Option<&mut [f32]>,
     hidden: &[f32],
     w: &[f32],
+    b: Option<&[f32]>,
     targets: &[Target],
     d: usize,
     vocab: usize,
 ) {
-    head_forward_chunked(logp, lse, logit_sum, hidden, w, targets, d, vocab, HEAD_CHUNK);
+    head_forward_chunked(logp, lse, logit_sum, hidden, w, b, targets, d, vocab, HEAD_CHUNK);
+}
+
+/// `logits[c, V] += b` row by row.
+fn add_bias(logits: &mut [f32], b: Option<&[f32]>, vocab: usize) {
+    if let Some(b) = b {
+        assert_eq!(b.len(), vocab, "logprob head: b is not [vocab]");
+        logits.par_chunks_mut(vocab).for_each(|row| row.iter_mut().zip(b).for_each(|(l, b)| *l += b));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -115,6 +124,7 @@ fn head_forward_chunked(
     mut logit_sum: Option<&mut [f32]>,
     hidden: &[f32],
     w: &[f32],
+    b: Option<&[f32]>,
     targets: &[Target],
     d: usize,
     vocab: usize,
@@ -138,6 +148,7 @@ fn head_forward_chunked(
             gather(&mut h[..c * d], hidden, tg, d);
             // [c, V] = [c, d] . [V, d]^T
             matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite);
+            add_bias(&mut logits[..c * vocab], b, vocab);
             // (logp, lse, sum of logits) per row
             let stats: Vec<(f32, f32, f32)> = logits[..c * vocab]
                 .par_chunks(vocab)
@@ -161,30 +172,35 @@ fn head_forward_chunked(
 
 /// Backward of [`logprob_head_forward`] given `dlogp [T]`: with `dlogits[t] = dlogp[t] (onehot(token_t) -
 /// softmax(logits[t]))`, `dhidden[pos_t] += dlogits[t] . W` (targets sharing a position add up) and
-/// `dw += dlogits^T . hidden[pos]` when `dw` is given.
+/// `dw += dlogits^T . hidden[pos]` when `dw` is given, `db += sum_t dlogits[t]` when `db` is (the bias `b`
+/// of the forward, if any, must be passed again: the logits are recomputed).
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_head_backward(
     dhidden: &mut [f32],
     dw: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
     dlogp: &[f32],
     lse: &[f32],
     hidden: &[f32],
     w: &[f32],
+    b: Option<&[f32]>,
     targets: &[Target],
     d: usize,
     vocab: usize,
 ) {
-    head_backward_chunked(dhidden, dw, dlogp, lse, hidden, w, targets, d, vocab, HEAD_CHUNK);
+    head_backward_chunked(dhidden, dw, db, dlogp, lse, hidden, w, b, targets, d, vocab, HEAD_CHUNK);
 }
 
 #[allow(clippy::too_many_arguments)]
 fn head_backward_chunked(
     dhidden: &mut [f32],
     mut dw: Option<&mut [f32]>,
+    mut db: Option<&mut [f32]>,
     dlogp: &[f32],
     lse: &[f32],
     hidden: &[f32],
     w: &[f32],
+    b: Option<&[f32]>,
     targets: &[Target],
     d: usize,
     vocab: usize,
@@ -213,6 +229,7 @@ fn head_backward_chunked(
             }
             gather(&mut h[..c * d], hidden, tg, d);
             matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite);
+            add_bias(&mut logits[..c * vocab], b, vocab);
             logits[..c * vocab].par_chunks_mut(vocab).zip(tg).zip(g).zip(&lse[c0..c0 + c]).for_each(
                 |(((row, t), &g), &l)| {
                     row_dlogits(row, g, l);
@@ -224,6 +241,12 @@ fn head_backward_chunked(
             for (row, t) in dh.chunks_exact(d).zip(tg) {
                 let p = t.pos as usize;
                 dhidden[p * d..(p + 1) * d].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+            }
+            if let Some(db) = db.as_deref_mut() {
+                // [V] += rows of [c, V], in target order
+                for row in logits[..c * vocab].chunks_exact(vocab) {
+                    db.iter_mut().zip(row).for_each(|(a, &g)| *a += g);
+                }
             }
             if let Some(dw) = dw.as_deref_mut() {
                 // [V, d] += [c, V]^T . [c, d]
@@ -283,7 +306,7 @@ mod tests {
         let sum_w: Vec<f64> = rows.iter().map(|r| r.iter().sum()).collect();
         for chunk in [HEAD_CHUNK, 16, 7, 1] {
             let (mut lp, mut lse, mut sum) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt]);
-            head_forward_chunked(&mut lp, &mut lse, Some(&mut sum), &hidden, &w, &targets, d, v, chunk);
+            head_forward_chunked(&mut lp, &mut lse, Some(&mut sum), &hidden, &w, None, &targets, d, v, chunk);
             assert_close("logp", &lp, &lp_w, 1e-5, 1.0);
             assert_close("lse", &lse, &lse_w, 1e-5, 1.0);
             assert_close("logit sum", &sum, &sum_w, 1e-5, 1.0);
@@ -293,7 +316,7 @@ mod tests {
         let (hidden, w, targets) = setup(n, d, v, nt, 32);
         let (_, _, lp_w) = naive(&hidden, &w, &targets, d, v);
         let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
-        logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, &targets, d, v);
+        logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v);
         assert_close("logp (public)", &lp, &lp_w, 1e-5, 1.0);
     }
 
@@ -305,7 +328,7 @@ mod tests {
         let mut g = rng.vec(nt, 1.0);
         g[3] = 0.0;
         let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
-        logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, &targets, d, v);
+        logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v);
         // L = sum_t g_t logp_t, differentiated numerically in f64.
         let loss = |h: &[f64], w: &[f64]| -> f64 {
             targets
@@ -340,11 +363,11 @@ mod tests {
         for chunk in [HEAD_CHUNK, 4, 1] {
             let mut dh = vec![1.0f32; n * d];
             let mut dw = vec![-1.0f32; v * d];
-            head_backward_chunked(&mut dh, Some(&mut dw), &g, &lse, &hidden, &w, &targets, d, v, chunk);
+            head_backward_chunked(&mut dh, Some(&mut dw), None, &g, &lse, &hidden, &w, None, &targets, d, v, chunk);
             assert_close(&format!("dhidden chunk {chunk}"), &dh, &gh, 1e-4, 1e-2);
             assert_close(&format!("dw chunk {chunk}"), &dw, &gw, 1e-4, 1e-2);
             let mut dh2 = vec![1.0f32; n * d];
-            head_backward_chunked(&mut dh2, None, &g, &lse, &hidden, &w, &targets, d, v, chunk);
+            head_backward_chunked(&mut dh2, None, None, &g, &lse, &hidden, &w, None, &targets, d, v, chunk);
             assert_eq!(dh, dh2);
         }
     }

@@ -14,6 +14,7 @@ const BATCH_FLOATS_PER_TOKEN: u64 = 8;
 pub(crate) struct LayerActs {
     pub(crate) x: Vec<f32>,       // [N, d] block input
     pub(crate) qkv: Vec<f32>,     // [N, qkv_dim] after rotary
+    pub(crate) qk_pre: Vec<f32>,  // [N * (n_heads + n_kv_heads), hd] q and k before their norm (qk_norm only)
     pub(crate) attn: Vec<f32>,    // [N, n_heads * hd]
     pub(crate) lse: Vec<f32>,     // [N, n_heads] (packed attention only)
     pub(crate) x_mid: Vec<f32>,   // [N, d] x + attention (sequential residual only)
@@ -25,7 +26,8 @@ impl LayerActs {
     fn floats_per_token(cfg: &DecoderConfig) -> u64 {
         let d = cfg.hidden as u64;
         let x_mid = if cfg.parallel_residual { 0 } else { d };
-        d + cfg.qkv_dim() as u64 + cfg.attn_dim() as u64 + cfg.n_heads as u64 + x_mid + cfg.mlp_in_dim() as u64
+        let qk_pre = if cfg.qk_norm { ((cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim) as u64 } else { 0 };
+        d + cfg.qkv_dim() as u64 + qk_pre + cfg.attn_dim() as u64 + cfg.n_heads as u64 + x_mid + cfg.mlp_in_dim() as u64
     }
 }
 
@@ -155,7 +157,9 @@ mod tests {
         let layers: usize = a
             .layers
             .iter()
-            .map(|l| l.x.len() + l.qkv.len() + l.attn.len() + l.lse.len() + l.x_mid.len() + l.mlp_pre.len())
+            .map(|l| {
+                l.x.len() + l.qkv.len() + l.qk_pre.len() + l.attn.len() + l.lse.len() + l.x_mid.len() + l.mlp_pre.len()
+            })
             .sum();
         let scratch = [&s.h, &s.o, &s.act, &s.stat_a, &s.stat_b, &s.dx, &s.dh, &s.dact, &s.dpre, &s.dattn, &s.dqkv];
         (layers + a.x_final.len() + a.hidden.len() + a.dhidden.len() + scratch.iter().map(|v| v.len()).sum::<usize>())

@@ -6,7 +6,7 @@ use crate::kernels as k;
 use crate::params::Params;
 
 use super::acts::{fit, Activations, PendingEmbeddingGrads};
-use super::{norm_backward, norm_forward, Decoder, EngineError};
+use super::{bias, bias_mut, norm_backward, norm_forward, Decoder, EngineError};
 
 impl Decoder {
     /// Backward from per-target log-prob gradients: accumulates into `grads` (`+=`).
@@ -79,10 +79,12 @@ impl Decoder {
         k::logprob_head_backward(
             dhidden,
             Some(dw_head),
+            bias_mut(&mut grads.b_head),
             dlogp,
             &acts.head_lse,
             &acts.hidden,
             &p.head().data,
+            bias(&p.b_head),
             &b.targets,
             self.cfg.hidden,
             self.cfg.vocab_size,
@@ -146,6 +148,7 @@ impl Decoder {
         );
 
         for l in (0..cfg.n_layers).rev() {
+            let rope = self.block_rope(rope, l);
             self.block_backward(&p.layers[l], &mut grads.layers[l], b, &acts.layers[l], s, rope);
         }
         match pending {

@@ -4,11 +4,13 @@
 //!
 //! ```text
 //! h      = norm1(x)                                  [N, d]
-//! qkv    = h W_qkv^T + b_qkv, rotary on q and k      [N, qkv_dim]
+//! qkv    = h W_qkv^T + b_qkv                         [N, qkv_dim]
+//! q, k   = per-head RMSNorm    (qk_norm: Qwen3)
+//! q, k   = rotary              (except layers_without_rope: SmolLM3)
 //! attn   = attention(qkv)                            [N, n_heads * hd]
 //! o      = attn W_o^T + b_o                          [N, d]
 //! x_mid  = x + o            (sequential residual)    [N, d]
-//! pre    = norm2(x_mid or x) W_in^T + b_in           [N, mlp_in]
+//! pre    = norm2(x_mid or x) W_in^T + b_in           [N, mlp_in]   (norm1 again with shared_norm: GPT-J)
 //! out    = x_mid + mlp(pre)  or  x + o + mlp(pre)    [N, d]
 //! ```
 //!
@@ -18,6 +20,7 @@
 use crate::batch::Batch;
 use crate::generate::KvCache;
 use crate::generate::LayerCache;
+use crate::head_norm;
 use crate::kernels::{self as k, Accumulate::Overwrite, LinearDims, LinearGrads, RopeTable};
 use crate::params::LayerParams;
 
@@ -81,6 +84,9 @@ impl Decoder {
         // Attention: h = norm1(x); qkv = h W_qkv^T + b; rotate q, k; attend; o = attn W_o^T + b.
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         linear(&mut la.qkv, &s.h, &lp.w_qkv.data, bias(&lp.b_qkv), n, d, qkv_dim);
+        if let (Some(wq), Some(wk)) = (&lp.q_norm, &lp.k_norm) {
+            head_norm::forward(cfg, &wq.data, &wk.data, &mut la.qkv, &mut la.qk_pre, n);
+        }
         if let Some(t) = rope {
             let positions = attend.positions();
             k::rope_apply(&mut la.qkv, qkv_dim, 0, nh, hd, positions, t, false);
@@ -120,11 +126,11 @@ impl Decoder {
 
         // MLP input: norm2 of x (parallel residual) or of x_mid = x + attention (sequential).
         if cfg.parallel_residual {
-            norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         } else {
             fit(&mut la.x_mid, n * d);
             k::add3(&mut la.x_mid, &la.x, &s.o);
-            norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
         }
         linear(&mut la.mlp_pre, &s.h, &lp.w_in.data, bias(&lp.b_in), n, d, mlp_in);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
@@ -158,7 +164,7 @@ impl Decoder {
         let mlp_input = if cfg.parallel_residual { &la.x } else { &la.x_mid };
 
         // MLP: recompute h2 = norm2(input) and the activation, then back through w_out, act, w_in.
-        norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
+        norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
         let grads = LinearGrads { w: Some(&mut lg.w_out.data), b: bias_mut(&mut lg.b_out) };
         let dims = LinearDims { rows: n, inp: ff, out: d };
@@ -169,7 +175,18 @@ impl Decoder {
         k::linear_backward(Some(&mut s.dh), Overwrite, grads, &s.dpre, &s.h, &lp.w_in.data, dims);
         if !cfg.parallel_residual {
             // dx becomes the gradient of x_mid = x + attention.
-            norm_backward(cfg.norm, &lp.norm2, &mut lg.norm2, &mut s.dx, &s.dh, mlp_input, &s.stat_a, &s.stat_b, n, d);
+            norm_backward(
+                cfg.norm,
+                lp.mlp_norm(),
+                lg.mlp_norm_mut(),
+                &mut s.dx,
+                &s.dh,
+                mlp_input,
+                &s.stat_a,
+                &s.stat_b,
+                n,
+                d,
+            );
         } else {
             // Parallel: the MLP's norm reads x itself; its gradient joins dx after the attention branch
             // has used dx (the gradient of the layer output) as its own output gradient.
@@ -195,6 +212,9 @@ impl Decoder {
             k::rope_apply(&mut s.dqkv, qkv_dim, 0, cfg.n_heads, hd, &b.positions, t, true);
             k::rope_apply(&mut s.dqkv, qkv_dim, cfg.n_heads * hd, cfg.n_kv_heads, hd, &b.positions, t, true);
         }
+        if let (Some(wq), Some(wk), Some(gq), Some(gk)) = (&lp.q_norm, &lp.k_norm, &mut lg.q_norm, &mut lg.k_norm) {
+            head_norm::backward(cfg, &wq.data, &wk.data, &mut gq.data, &mut gk.data, &mut s.dqkv, &la.qk_pre, n);
+        }
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         let grads = LinearGrads { w: Some(&mut lg.w_qkv.data), b: bias_mut(&mut lg.b_qkv) };
         let dims = LinearDims { rows: n, inp: d, out: qkv_dim };
@@ -202,8 +222,19 @@ impl Decoder {
         norm_backward(cfg.norm, &lp.norm1, &mut lg.norm1, &mut s.dx, &s.dh, &la.x, &s.stat_a, &s.stat_b, n, d);
         if cfg.parallel_residual {
             // Now add the MLP branch's norm gradient (its dh was parked in s.o).
-            norm_forward(cfg.norm, &lp.norm2, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
-            norm_backward(cfg.norm, &lp.norm2, &mut lg.norm2, &mut s.dx, &s.o, &la.x, &s.stat_a, &s.stat_b, n, d);
+            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
+            norm_backward(
+                cfg.norm,
+                lp.mlp_norm(),
+                lg.mlp_norm_mut(),
+                &mut s.dx,
+                &s.o,
+                &la.x,
+                &s.stat_a,
+                &s.stat_b,
+                n,
+                d,
+            );
         }
     }
 }

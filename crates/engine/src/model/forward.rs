@@ -6,7 +6,7 @@ use crate::params::Params;
 
 use super::acts::{fit, Activations, HeadOutput, LayerActs};
 use super::block::Attend;
-use super::{norm_forward, Decoder, EngineError};
+use super::{bias, norm_forward, Decoder, EngineError};
 
 impl Decoder {
     /// Runs the trunk: fills `acts.hidden` (`[N, d]`, after the final norm). With `keep`, stores what
@@ -45,6 +45,7 @@ impl Decoder {
             fit(&mut out, n * d);
             let slot = if keep { l } else { 0 };
             let attend = Attend::Packed { batch: b, cache: None };
+            let rope = self.block_rope(rope, l);
             self.block_forward(lp, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
             if to_next_slot {
                 acts.layers[l + 1].x = out;
@@ -73,6 +74,7 @@ impl Decoder {
             Some(&mut out.logit_sum),
             &acts.hidden,
             &p.head().data,
+            bias(&p.b_head),
             &b.targets,
             self.cfg.hidden,
             self.cfg.vocab_size,

@@ -47,6 +47,12 @@ impl Decoder {
         Decoder { cfg, rope }
     }
 
+    /// The rotary table block `layer` applies: `rope`, unless the layer has none (SmolLM3's
+    /// `no_rope_layers`).
+    pub(crate) fn block_rope<'t>(&self, rope: Option<&'t RopeTable>, layer: usize) -> Option<&'t RopeTable> {
+        rope.filter(|_| self.cfg.rotary_in_layer(layer))
+    }
+
     /// A rotary table long enough for `b` when its positions go past `max_positions` (rotary models
     /// extrapolate; learned positions are refused by `check_batch`).
     pub(crate) fn extended_rope(&self, b: &Batch) -> Option<RopeTable> {

@@ -191,6 +191,7 @@ mod tests {
             layers: vec![],
             norm_f: NormParams { weight: tensor(&[11], &|i| (i as f32 + 3.0) / 16.0), bias: None },
             lm_head: None,
+            b_head: None,
         };
         let got = trajectory_from(OptimizerConfig::adamw().with_weight_decay(0.1), p);
         for (i, (g, w)) in got[4].iter().zip(want).enumerate() {

@@ -42,6 +42,7 @@ pub fn tiny_params() -> Params {
             bias: Some(tensor(&[3], |i| (i as f32 - 1.0) / 16.0)),
         },
         lm_head: None,
+        b_head: None,
     }
 }
 

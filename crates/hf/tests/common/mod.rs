@@ -40,3 +40,10 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+pub const MORE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/more");
+
+/// A path inside the fixtures of the families added as naming-table rows.
+pub fn more(rel: &str) -> PathBuf {
+    Path::new(MORE).join(rel)
+}
