@@ -443,6 +443,7 @@ pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
             format!(": free disk space, then `{command} --resume {}` writes final/ again", output.display())
         }
         TrainError::Output { .. } => "; choose another --output".to_string(),
+        TrainError::NeedsReferenceModel { .. } => "; run it without --precompute-ref".to_string(),
         _ => return e.into(),
     };
     anyhow::anyhow!("{e}{hint}")
