@@ -248,6 +248,43 @@ fn warnings_about_rows_name_the_rows() {
     assert!(err.contains("warning: ") && err.contains("1 examples dropped") && err.contains(": line 2"), "{err}");
 }
 
+#[test]
+fn training_lowers_the_default_max_length_to_the_models_positions_and_refuses_longer_rows_up_front() {
+    let dir = scratch("train-positions");
+    // Row 2's chosen side has more tokens than the fixture's 256 positions, and fewer than 1024.
+    let data = jsonl(
+        &dir.join("long.jsonl"),
+        &[
+            json!({"prompt": "Q:", "chosen": " yes", "rejected": " no"}),
+            json!({"prompt": "Q:", "chosen": " many words".repeat(60), "rejected": " no"}),
+        ],
+    );
+    let policy = model("gpt2-policy");
+    let run = |command: &str, output: &Path| {
+        let mut c = dpo();
+        c.args([command, "--max-steps", "1"]).arg("--model").arg(&policy).arg("--data").arg(&data);
+        c.arg("--output").arg(output);
+        c
+    };
+    let notice = "max_length lowered from its default 1024 to 256, the positions the model reads";
+    // No --max-length: the default (1024) is lowered to the fixture's 256 learned positions, said once,
+    // and config.toml holds the value used, so that a resumed run truncates as this one did.
+    for command in ["train", "sft"] {
+        let err = succeeds(&mut run(command, &dir.join(command)));
+        assert_eq!(err.matches(notice).count(), 1, "{command}: {err}");
+        let config = std::fs::read_to_string(dir.join(command).join("config.toml")).unwrap();
+        assert!(config.lines().any(|l| l == "max_length = 256"), "{command}: {config}");
+    }
+    // An explicit --max-length is kept: a row longer than the learned positions is refused before the
+    // first step, naming the file, the row and the flag, and no run directory is written.
+    let wants = ["long.jsonl, line 2", "more than the 256 positions", "--max-length 256"];
+    for command in ["train", "sft"] {
+        let output = dir.join(format!("{command}-long"));
+        fails(run(command, &output).args(["--max-length", "1024"]), &wants);
+        assert!(!output.exists(), "{command}: {} was created", output.display());
+    }
+}
+
 // ---------------------------------------------------------------- gap 7: one prompt reader
 
 #[test]

@@ -382,6 +382,14 @@ fn reward_model_and_ppo_runs_share_the_layout_and_refuse_to_replace() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     let prompts = jsonl(&dir.join("prompts.jsonl"), &[serde_json::json!({"prompt": "Tell me about a kite."})]);
+    // So does best-of-N's --reward-model.
+    for reward_model in [rm.clone(), rm.join("final")] {
+        let mut c = dpo();
+        c.args(["best-of-n", "--n", "2", "--max-new-tokens", "4", "--model"]).arg(model("gpt2-policy"));
+        let out = c.arg("--reward-model").arg(&reward_model).arg("--data").arg(&prompts).output().unwrap();
+        assert!(out.status.success(), "{}: {}", reward_model.display(), stderr(&out));
+        assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1);
+    }
     let ppo = |run: &Path| {
         let mut c = dpo();
         c.args(["ppo", "--steps", "1", "--rollout-prompts", "1", "--minibatch", "1", "--max-new-tokens", "4"])

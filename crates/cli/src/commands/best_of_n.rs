@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use dpo::rlhf::best_of_n::{best_of_n, best_of_n_kl};
-use dpo::rlhf::reward_model::RewardModel;
+use dpo::rlhf::reward::RewardModel;
+use dpo::train::run_dir::model_of;
 use engine::rng::Rng;
 use engine::Decoder;
 use serde::Serialize;
@@ -19,8 +20,8 @@ pub struct Args {
     /// The policy to sample from (Hugging Face directory with its tokenizer).
     #[arg(long)]
     model: PathBuf,
-    /// The reward model that picks the best sample (`dpo reward-model train` output); it must use the
-    /// policy's tokenizer.
+    /// The reward model that picks the best sample: the run directory `dpo reward-model train` wrote
+    /// (or its final/); it must use the policy's tokenizer.
     #[arg(long)]
     reward_model: PathBuf,
     #[command(flatten)]
@@ -53,17 +54,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let model = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer(&a.model)?;
+    let reward_model = model_of(&a.reward_model);
     let same_tokenizer = |dir: &std::path::Path| {
         std::fs::read(dir.join("tokenizer.json")).ok() == std::fs::read(a.model.join("tokenizer.json")).ok()
     };
-    if !same_tokenizer(&a.reward_model) {
+    if !same_tokenizer(&reward_model) {
         bail!(
             "{} and {} have different tokenizers (tokenizer.json); the reward model must read the policy's token ids",
-            a.reward_model.display(),
+            reward_model.display(),
             a.model.display()
         );
     }
-    let rm = RewardModel::load(&a.reward_model)?;
+    let rm = RewardModel::load(&reward_model)?;
     let prompts = a.sampling.prompts(&tok, &a.model)?;
     // The reward model reads every new token, the last one included.
     a.sampling.check_positions(&prompts, a.sampling.max_new_tokens, &model, "the reward model reads")?;

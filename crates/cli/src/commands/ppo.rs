@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use dpo::data::read_prompts;
+use dpo::data::{check_generation_positions, read_prompts, stop_ids};
 use dpo::rlhf::ppo::{train_ppo, PpoConfig, PpoStepStats, RefModel, RewardFn};
-use dpo::rlhf::reward_model::{RewardModel, RewardModelError};
+use dpo::rlhf::reward::{RewardModel, RewardModelError};
 use dpo::train::run_dir::{self, model_of, RunDir, StartMode};
 use dpo::train::Reference;
 use engine::Decoder;
@@ -136,24 +136,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
     let tok = hf::load_tokenizer(&a.model)?;
     let chat = !a.no_chat && tok.chat_template().is_some();
-    let prompts: Vec<Vec<u32>> = read_prompts(&a.prompts, &tok, chat)?.into_iter().map(|p| p.ids).collect();
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        bail!("{}: prompt {} tokenizes to no tokens; sampling needs at least one", a.prompts.display(), i + 1);
+    let prompts = read_prompts(&a.prompts, &tok, chat)?;
+    // Sampling reads the prompt and every new token but the last.
+    let lens = prompts.iter().map(|p| (p.location.as_str(), p.ids.len()));
+    if let Err((location, needed, max)) =
+        check_generation_positions(lens, a.max_new_tokens.saturating_sub(1), &model.config.decoder)
+    {
+        bail!(
+            "{}, {location}: the prompt has {} tokens, and with --max-new-tokens {} needs {needed} positions; the \
+             model has {max} learned positions (shorten the prompt or lower --max-new-tokens)",
+            a.prompts.display(),
+            needed - a.max_new_tokens.saturating_sub(1),
+            a.max_new_tokens,
+        );
     }
+    let prompts: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
     let decoder = Decoder::new(model.config.decoder.clone());
-    if matches!(decoder.cfg.positions, engine::PositionKind::Learned) {
-        let max = decoder.cfg.max_positions;
-        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() + a.max_new_tokens - 1 > max) {
-            bail!(
-                "prompt {} has {} tokens, and with --max-new-tokens {} needs {} positions; the model has {max} \
-                 learned positions (shorten the prompt or lower --max-new-tokens)",
-                i + 1,
-                p.len(),
-                a.max_new_tokens,
-                p.len() + a.max_new_tokens - 1
-            );
-        }
-    }
     let reference = match &a.ref_model {
         Some(dir) => Reference::load(dir, &model.config, Some(&tok))?,
         None => Reference::Model(Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()))),
@@ -168,10 +166,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             decoder.cfg.vocab_size
         );
     }
-    let mut eos_ids = model.config.eos_token_ids.clone();
-    eos_ids.extend(tok.eos_id());
-    eos_ids.sort_unstable();
-    eos_ids.dedup();
+    let eos_ids = stop_ids(&model.config, &tok);
 
     // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
     // aside and put back if this one fails before its final model is written).

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use dpo::data::{load_pairs, load_sft, read_records, DataOptions, Example};
-use dpo::rlhf::reward_model::{evaluate, train_reward_model, RewardModel, RmTrainConfig};
+use dpo::rlhf::reward::{evaluate, train_reward_model, RewardModel, RmTrainConfig};
 use dpo::train::run_dir::{self, model_of, RunDir, StartMode};
 use serde::Serialize;
 

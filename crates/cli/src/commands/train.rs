@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::builder::PossibleValuesParser;
+use dpo::data::DataError;
 use dpo::train::config::{Method, OptimizerKind, SCHEDULE_NAMES};
 use dpo::train::run_dir::resume_target;
 use dpo::train::{train, Objective, RunOptions, TrainConfig, TrainError};
@@ -158,7 +159,8 @@ pub struct ReferenceFlags {
 #[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Data")]
 pub struct DataFlags {
-    /// Longest prompt+completion sequence in tokens; longer ones are truncated [default: 1024].
+    /// Longest prompt+completion sequence in tokens; longer ones are truncated [default: 1024, lowered to
+    /// the model's positions].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_length: Option<usize>,
@@ -443,6 +445,10 @@ pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
             format!(": free disk space, then `{command} --resume {}` writes final/ again", output.display())
         }
         TrainError::Output { .. } => "; choose another --output".to_string(),
+        TrainError::NeedsReferenceModel { .. } => "; run it without --precompute-ref".to_string(),
+        TrainError::Data(DataError::TooLong { max, .. }) => {
+            format!(": pass --max-length {max} (with --truncation keep-end to keep the ends)")
+        }
         _ => return e.into(),
     };
     anyhow::anyhow!("{e}{hint}")

@@ -18,7 +18,7 @@ use super::DemoError;
 use dpo::data::Example;
 use dpo::rlhf::best_of_n::{best_of_n, best_of_n_kl};
 use dpo::rlhf::ppo::{train_ppo, PpoConfig, RefModel, RewardFn};
-use dpo::rlhf::reward_model::{accuracy, train_reward_model, RewardModel, RmTrainConfig};
+use dpo::rlhf::reward::{accuracy, train_reward_model, RewardModel, RmTrainConfig};
 
 fn method_err(method: &str, e: impl std::fmt::Display) -> DemoError {
     DemoError::Method { method: method.to_string(), reason: e.to_string() }

@@ -161,6 +161,9 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// `max_length` when none is given (TRL's `DPOConfig` and `SFTConfig`), lowered at setup to the
+/// positions the models read.
+pub const DEFAULT_MAX_LENGTH: usize = 1024;
 /// Learning rate of a DPO-family or KTO run (TRL's `DPOConfig`).
 pub const DEFAULT_LR: f64 = 1e-6;
 /// Learning rate of an SFT run (TRL's `SFTConfig`).
@@ -186,6 +189,9 @@ pub struct TrainConfig {
     /// Directory of the reference log-prob cache (default: `$XDG_CACHE_HOME/dpo` or `~/.cache/dpo`).
     pub cache_dir: Option<PathBuf>,
 
+    /// Longest prompt+completion sequence in tokens. `None` until setup resolves it: [`DEFAULT_MAX_LENGTH`]
+    /// lowered to the positions of the models that read the rows (`data::resolve_max_length`); the run
+    /// directory's config.toml holds the resolved value, so a resumed run truncates as before.
     pub max_length: Option<usize>,
     pub max_prompt_length: Option<usize>,
     pub truncation: Truncation,
@@ -246,7 +252,7 @@ impl Default for TrainConfig {
             objective: Objective::pairs(LossType::Sigmoid),
             precompute_ref: false,
             cache_dir: None,
-            max_length: Some(1024),
+            max_length: None,
             max_prompt_length: None,
             truncation: Truncation::KeepStart,
             skip_bad_rows: false,

@@ -60,6 +60,11 @@ pub enum TrainError {
     Output { path: PathBuf, msg: String },
     #[error("{0}")]
     Memory(String),
+    #[error(
+        "{objective} scores every batch under a reference model (its KL pairs are formed per batch), and this run \
+         has no reference model loaded"
+    )]
+    NeedsReferenceModel { objective: &'static str },
 }
 
 /// What a failed checkpoint write leaves to continue from.

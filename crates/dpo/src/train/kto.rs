@@ -40,7 +40,7 @@ impl Workload for KtoWorkload<'_> {
         ws: &mut Workspace,
     ) -> Result<BatchOutcome, TrainError> {
         let Reference::Model(reference) = self.reference else {
-            return Err(TrainError::Invalid("KTO needs a reference model (not --precompute-ref)".into()));
+            return Err(TrainError::NeedsReferenceModel { objective: "KTO" });
         };
         let (ref_decoder, ref_params) = (&reference.0, &reference.1);
         let parts: Vec<(&[u32], &[u32])> = rows.iter().map(|&i| self.examples[i].parts()).collect();

@@ -28,6 +28,6 @@ pub use kto::KtoWorkload;
 pub use pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 pub use reference::Reference;
 pub use run_dir::{RunDir, StartMode};
-pub use setup::{data_options, setup, RunOptions, Setup, Start};
+pub use setup::{setup, RunOptions, Setup, Start};
 pub use train_loop::{epoch_order, evaluate, run, total_steps, train, train_sft, StepOutcome, TrainOutcome, Trainer};
 pub use workload::{PairWorkload, SftWorkload, Workload};

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use engine::optim::Optimizer;
-use engine::{Decoder, Params};
+use engine::{Decoder, DecoderConfig, Params};
 
 use super::checkpoint::{self, TrainerState};
-use super::config::Objective;
+use super::config::{Objective, DEFAULT_MAX_LENGTH};
 use super::kto::KtoWorkload;
 use super::memory::{self, MemoryPlan};
 use super::pairs::PairObjective;
@@ -19,8 +19,8 @@ use super::run_dir::{self, StartMode};
 use super::workload::{PairWorkload, SftWorkload, Workload};
 use super::{TrainConfig, TrainError};
 use crate::data::{
-    check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, pack_pairs, DataOptions, Example, Packing,
-    SftExample, UnpairedExample,
+    check_positions, check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, pack_pairs, resolve_max_length,
+    DataOptions, Example, Packing, SftExample, UnpairedExample,
 };
 
 /// Options that are about this invocation rather than the run's configuration.
@@ -113,7 +113,8 @@ impl Setup {
     }
 }
 
-pub fn data_options(cfg: &TrainConfig) -> DataOptions {
+/// The data options of a configuration whose `max_length` is resolved.
+fn data_options(cfg: &TrainConfig) -> DataOptions {
     DataOptions {
         max_length: cfg.max_length,
         max_prompt_length: cfg.max_prompt_length,
@@ -123,7 +124,7 @@ pub fn data_options(cfg: &TrainConfig) -> DataOptions {
 }
 
 /// Validates and loads everything the run needs, and where it starts; touches no file of the run
-/// directory.
+/// directory. The returned [`Setup`] holds the configuration with `max_length` resolved.
 pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) -> Result<(Setup, Start), TrainError> {
     cfg.validate()?;
     run_dir::preflight(&cfg.output, opts.start_mode())?;
@@ -132,6 +133,21 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     }
     let model_cfg = hf::load_config(&cfg.model)?;
     let tokenizer = hf::load_tokenizer_if_present(&cfg.model)?;
+    // The reference that scores the rows (checked before any weights or rows are read), if any.
+    let reference_cfg = match &cfg.objective {
+        Objective::Pairs(objective) if objective.reference_free() => None,
+        Objective::Sft => None,
+        _ => Some(match &cfg.ref_model {
+            Some(dir) => reference_config(dir, &model_cfg, tokenizer.as_ref())?,
+            None => model_cfg.decoder.clone(),
+        }),
+    };
+    let models: Vec<&DecoderConfig> = std::iter::once(&model_cfg.decoder).chain(reference_cfg.as_ref()).collect();
+    let (max_length, notice) = resolve_max_length(cfg.max_length, Some(DEFAULT_MAX_LENGTH), &models);
+    if let Some(notice) = notice {
+        log(&notice);
+    }
+    let cfg = &TrainConfig { max_length, ..cfg.clone() };
     let opts_data = data_options(cfg);
     let vocab = model_cfg.decoder.vocab_size;
     let paths = |cfg: &TrainConfig| {
@@ -139,13 +155,14 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
         v.extend(cfg.eval_data.clone());
         v
     };
-    let (data, row_tokens, reference_cfg, in_flight) = match &cfg.objective {
+    let (data, row_tokens, in_flight) = match &cfg.objective {
         Objective::Pairs(objective) => {
             let mut sets = Vec::new();
             for path in paths(cfg) {
                 let loaded = load_pairs(&path, tokenizer.as_ref(), &opts_data)?;
                 log(&format!("{}: {}", path.display(), loaded.stats.summary()));
                 check_vocab(&path, &loaded.examples, vocab)?;
+                check_positions(&path, &loaded.examples, &models)?;
                 if loaded.examples.is_empty() {
                     return Err(TrainError::Invalid(format!("{}: no usable rows left", path.display())));
                 }
@@ -154,12 +171,6 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
             let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
             let train = sets.pop().unwrap_or_default();
             let packing = if cfg.prefix_sharing { Packing::SharedPrompt } else { Packing::Separate };
-            let reference = match &cfg.ref_model {
-                _ if objective.reference_free() => None,
-                Some(dir) => Some(reference_config(dir, &model_cfg, tokenizer.as_ref())?),
-                None => Some(model_cfg.decoder.clone()),
-            };
-            let reference = reference.filter(|_| !cfg.precompute_ref);
             let rows = train.iter().chain(&eval).map(|e| pack_pairs(&[e], packing).batch.len() as u64).collect();
             let in_flight = match cfg.micro_pairs {
                 m if m > 0 && objective.per_pair() => m.min(cfg.batch_size),
@@ -173,25 +184,22 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
                 train_ref: Reference::None,
                 eval_ref: Reference::None,
             };
-            (data, rows, reference, in_flight)
+            (data, rows, in_flight)
         }
         Objective::Kto(kto) => {
             let mut sets = Vec::new();
             for path in paths(cfg) {
                 let loaded = load_unpaired(&path, tokenizer.as_ref(), &opts_data)?;
                 log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+                check_positions(&path, &loaded.examples, &models)?;
                 sets.push(loaded.examples);
             }
             let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
             let train = sets.pop().unwrap_or_default();
             let rows = train.iter().chain(&eval).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
-            let reference = match &cfg.ref_model {
-                Some(dir) => reference_config(dir, &model_cfg, tokenizer.as_ref())?,
-                None => model_cfg.decoder.clone(),
-            };
             let rows = rows.collect();
             let data = Data::Kto { train, eval, reference: Reference::None, cfg: kto.clone() };
-            (data, rows, Some(reference), cfg.batch_size)
+            (data, rows, cfg.batch_size)
         }
         Objective::Sft => {
             let mut sets = Vec::new();
@@ -199,17 +207,20 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
                 let loaded = load_sft(&path, tokenizer.as_ref(), &opts_data)?;
                 log(&format!("{}: {}", path.display(), loaded.stats.summary()));
                 check_vocab_sft(&path, &loaded.examples, vocab)?;
+                check_positions(&path, &loaded.examples, &models)?;
                 sets.push(loaded.examples);
             }
             let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
             let train = sets.pop().unwrap_or_default();
             let rows = train.iter().chain(&eval).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
             let rows = rows.collect();
-            (Data::Sft { train, eval }, rows, None, cfg.batch_size)
+            (Data::Sft { train, eval }, rows, cfg.batch_size)
         }
     };
+    // Precomputed reference log-probs hold no reference model while training.
+    let held_reference = reference_cfg.as_ref().filter(|_| !cfg.precompute_ref);
     // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
-    check_memory(cfg, &model_cfg.decoder, reference_cfg.as_ref(), row_tokens, in_flight, log)?;
+    check_memory(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, log)?;
     let model = hf::load_model(&cfg.model)?;
     let start = start_point(cfg, opts, &model, log)?;
     let data = attach_reference(cfg, data, &model, tokenizer.as_ref(), log)?;
@@ -222,7 +233,7 @@ fn reference_config(
     dir: &Path,
     policy: &hf::ModelConfig,
     tokenizer: Option<&hf::Tokenizer>,
-) -> Result<engine::DecoderConfig, TrainError> {
+) -> Result<DecoderConfig, TrainError> {
     let config = hf::load_config(dir)?;
     reference::check_fits(dir, &config, policy, tokenizer)?;
     Ok(config.decoder)
@@ -353,8 +364,8 @@ fn attach_reference(
 /// the machine's available memory).
 fn check_memory(
     cfg: &TrainConfig,
-    policy: &engine::DecoderConfig,
-    reference: Option<&engine::DecoderConfig>,
+    policy: &DecoderConfig,
+    reference: Option<&DecoderConfig>,
     row_tokens: Vec<u64>,
     rows_in_flight: usize,
     log: &mut dyn FnMut(&str),

@@ -210,7 +210,7 @@ impl TrainConfig {
             objective,
             precompute_ref: raw.precompute_ref.unwrap_or(d.precompute_ref),
             cache_dir: raw.cache_dir,
-            max_length: raw.max_length.or(d.max_length),
+            max_length: raw.max_length,
             max_prompt_length: raw.max_prompt_length,
             truncation,
             skip_bad_rows: raw.skip_bad_rows.unwrap_or(d.skip_bad_rows),
