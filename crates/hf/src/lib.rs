@@ -7,10 +7,12 @@
 //!   parameter names through it.
 //! - [`weights`]: HF tensors ↔ [`engine::Params`] by that plan (loading, checking, saving).
 //! - [`tokenizer`]: `tokenizer.json`, special tokens and the chat template (sandboxed minijinja).
+//! - [`atomic`]: writing files and directories under a temporary name, renamed into place when complete.
 //! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
 //!
 //! Every error is an [`Error`] naming the file, tensor or JSON field at fault.
 
+pub mod atomic;
 pub mod config;
 pub mod error;
 pub mod model_dir;

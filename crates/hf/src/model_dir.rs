@@ -112,25 +112,10 @@ pub fn save_model(out: &Path, config: &ModelConfig, params: &Params, source_dir:
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    // Swap: move the old directory aside, move the new one in, then delete the old one.
-    let old = sibling("old");
-    let had_old = out.exists();
-    if had_old {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, out) {
-        if had_old {
-            let _ = std::fs::rename(&old, out);
-        }
-        return Err(Error::io(out, e));
-    }
-    if had_old {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    Ok(())
+    crate::atomic::replace_dir(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        Error::io(out, e)
+    })
 }
 
 fn write_all(tmp: &Path, config: &ModelConfig, params: &Params, source_dir: Option<&Path>) -> Result<()> {

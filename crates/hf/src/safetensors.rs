@@ -309,19 +309,8 @@ pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u
 /// limit) the temporary file is removed and `path` is untouched.
 pub fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     let (header, order) = header_f32(tensors).map_err(|m| Error::st(path, None, m))?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        write_f32_to(&mut f, tensors, &header, &order)?;
-        let f = f.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    crate::atomic::write_with(path, |mut w| write_f32_to(&mut w, tensors, &header, &order))
+        .map_err(|e| Error::io(path, e))
 }
 
 /// The weights of a model directory: one `model.safetensors`, or the shards named by

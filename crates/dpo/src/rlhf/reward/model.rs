@@ -125,26 +125,10 @@ impl RewardModel {
             let _ = std::fs::remove_dir_all(&stage);
             return Err(e);
         }
-        // Swap: the old directory aside, the new one in, then the old one deleted.
-        let old = sibling("rm-old");
-        let had_old = dir.exists();
-        if had_old {
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-            }
-            std::fs::rename(dir, &old).map_err(io_err(dir))?;
-        }
-        if let Err(e) = std::fs::rename(&stage, dir) {
-            if had_old {
-                let _ = std::fs::rename(&old, dir);
-            }
+        hf::atomic::replace_dir(&stage, dir).map_err(|e| {
             let _ = std::fs::remove_dir_all(&stage);
-            return Err(RewardModelError::Io { path: dir.to_path_buf(), source: e });
-        }
-        if had_old {
-            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-        }
-        Ok(())
+            RewardModelError::Io { path: dir.to_path_buf(), source: e }
+        })
     }
 
     /// Reads a directory [`RewardModel::save`] wrote. `score.weight` may be `[1, d]` or `[d]`; a missing
