@@ -13,7 +13,7 @@ use engine::{Activations, Batch};
 use common::{load, max_logp_error, run, score, scratch, trl_errors, trl_settings, MORE};
 
 /// The families of `tests/fixtures/more` this build supports.
-const ARCHS: [&str; 4] = ["phi3", "qwen3", "smollm3", "gptj"];
+const ARCHS: [&str; 5] = ["phi3", "qwen3", "smollm3", "gptj", "gemma3"];
 
 #[test]
 fn logps_match_transformers_from_tokenized_and_text_rows() {

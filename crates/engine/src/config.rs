@@ -12,6 +12,8 @@ pub enum NormKind {
     LayerNorm { eps: f32 },
     /// `x / sqrt(mean(x^2) + eps) * w` (Llama, Mistral, Qwen2).
     RmsNorm { eps: f32 },
+    /// `x / sqrt(mean(x^2) + eps) * (1 + w)`: the weight is stored as an offset from one (Gemma).
+    RmsNormUnitOffset { eps: f32 },
 }
 
 /// The MLP between the two residual additions.
@@ -23,6 +25,8 @@ pub enum MlpKind {
     GeluErf,
     /// `W_down (silu(W_gate x) * W_up x)` (Llama's SwiGLU). `w_in` holds gate rows then up rows.
     SwiGlu,
+    /// `W_down (gelu_tanh(W_gate x) * W_up x)` (Gemma's GeGLU), `w_in` laid out as for SwiGLU.
+    GeGluTanh,
 }
 
 /// How the rotary frequencies are rescaled for long contexts (`rope_scaling` / `rope_parameters`).
@@ -58,6 +62,16 @@ pub struct RopeConfig {
     pub rotary_dim: usize,
     pub style: RopeStyle,
     pub scaling: RopeScaling,
+}
+
+/// Layers that attend to the whole context, interleaved with sliding-window ones (Gemma 3's
+/// `layer_types`): they ignore `sliding_window` and rotate with their own base.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GlobalLayers {
+    /// Indices of the full-attention layers.
+    pub layers: Vec<usize>,
+    /// Their rotary embedding (`rope_parameters.full_attention`: another base, possibly rescaled).
+    pub rope: RopeConfig,
 }
 
 /// How positions enter the model.
@@ -106,6 +120,14 @@ pub struct DecoderConfig {
     pub shared_norm: bool,
     /// The LM head has a bias `b_head [vocab]` (GPT-J).
     pub head_bias: bool,
+    /// The token embedding is multiplied by `sqrt(hidden)` (rounded to f32) before the first block
+    /// (Gemma).
+    pub scaled_embeddings: bool,
+    /// Norms on the attention and MLP outputs before each residual add, weights `post_attn_norm`,
+    /// `post_mlp_norm` (Gemma 2/3's `post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub post_norms: bool,
+    /// Full-attention layers among sliding-window ones, with their own rotary base (Gemma 3).
+    pub global_layers: Option<GlobalLayers>,
 }
 
 /// The sizes of a decoder, apart from its family's switches. `DecoderConfig::gpt2(dims)`,
@@ -158,6 +180,9 @@ impl DecoderConfig {
             layers_without_rope: Vec::new(),
             shared_norm: false,
             head_bias: false,
+            scaled_embeddings: false,
+            post_norms: false,
+            global_layers: None,
         }
     }
 
@@ -198,6 +223,24 @@ impl DecoderConfig {
         matches!(self.positions, PositionKind::Rotary(_)) && !self.layers_without_rope.contains(&layer)
     }
 
+    /// The rotary embedding of rotary models (of the non-global layers, with `global_layers`).
+    fn positions_rope(&self) -> Option<RopeConfig> {
+        match self.positions {
+            PositionKind::Rotary(r) => Some(r),
+            PositionKind::Learned => None,
+        }
+    }
+
+    /// Whether layer `layer` is one of the full-attention layers of [`DecoderConfig::global_layers`].
+    pub fn is_global_layer(&self, layer: usize) -> bool {
+        self.global_layers.as_ref().is_some_and(|g| g.layers.contains(&layer))
+    }
+
+    /// The keys layer `layer` may look back over: `sliding_window`, except in a global layer.
+    pub fn window_in_layer(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| !self.is_global_layer(layer))
+    }
+
     /// Columns of the fused q/k/v projection output: `(n_heads + 2 n_kv_heads) * head_dim`.
     pub fn qkv_dim(&self) -> usize {
         (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
@@ -211,7 +254,7 @@ impl DecoderConfig {
     /// Rows of `w_in`: `ff` for a plain MLP, `2 ff` (gate, then up) for SwiGLU.
     pub fn mlp_in_dim(&self) -> usize {
         match self.mlp {
-            MlpKind::SwiGlu => 2 * self.ffn_hidden,
+            MlpKind::SwiGlu | MlpKind::GeGluTanh => 2 * self.ffn_hidden,
             MlpKind::GeluTanh | MlpKind::GeluErf => self.ffn_hidden,
         }
     }
@@ -221,12 +264,12 @@ impl DecoderConfig {
         let (d, v) = (self.hidden as u64, self.vocab_size as u64);
         let norm = match self.norm {
             NormKind::LayerNorm { .. } => 2 * d, // weight, bias
-            NormKind::RmsNorm { .. } => d,
+            NormKind::RmsNorm { .. } | NormKind::RmsNormUnitOffset { .. } => d,
         };
         let (qkv, attn) = (self.qkv_dim() as u64, self.attn_dim() as u64);
         let (mlp_in, ff) = (self.mlp_in_dim() as u64, self.ffn_hidden as u64);
         let on = |b: bool, n: u64| if b { n } else { 0 };
-        let norms = if self.shared_norm { norm } else { 2 * norm };
+        let norms = if self.shared_norm { norm } else { 2 * norm } + on(self.post_norms, 2 * norm);
         let layer = norms
             + qkv * d
             + on(self.qkv_bias, qkv)
@@ -254,13 +297,20 @@ impl DecoderConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if let PositionKind::Rotary(r) = self.positions {
+        let global_rope = self.global_layers.as_ref().map(|g| g.rope);
+        for r in [self.positions_rope(), global_rope].into_iter().flatten() {
             if r.rotary_dim == 0 || r.rotary_dim > self.head_dim || !r.rotary_dim.is_multiple_of(2) {
                 return fail(format!(
                     "rotary dimension {} must be even and within head_dim {}",
                     r.rotary_dim, self.head_dim
                 ));
             }
+        }
+        if self.post_norms && (self.parallel_residual || self.shared_norm) {
+            return fail("norms after each branch (post_norms) need the sequential residual and two norms".into());
+        }
+        if self.global_layers.as_ref().is_some_and(|g| g.layers.iter().any(|&l| l >= self.n_layers)) {
+            return fail(format!("a full-attention layer index is not below the {} layers", self.n_layers));
         }
         Ok(())
     }
@@ -278,9 +328,18 @@ mod tests {
         let untied_gpt2 = DecoderConfig { tied_embeddings: false, attn_out_bias: false, ..tiny_gpt2() };
         let qwen3_smollm3 = DecoderConfig { qk_norm: true, layers_without_rope: vec![1], ..tiny_llama() };
         let gptj_hf = DecoderConfig { shared_norm: true, head_bias: true, tied_embeddings: false, ..tiny_gptj() };
-        for cfg in
-            [tiny_gpt2(), tiny_llama(), tiny_neox(), tiny_gptj(), mixed_biases, untied_gpt2, qwen3_smollm3, gptj_hf]
-        {
+        let gemma3 = crate::presets::tiny_gemma3();
+        for cfg in [
+            tiny_gpt2(),
+            tiny_llama(),
+            tiny_neox(),
+            tiny_gptj(),
+            mixed_biases,
+            untied_gpt2,
+            qwen3_smollm3,
+            gptj_hf,
+            gemma3,
+        ] {
             assert_eq!(cfg.param_count(), Params::zeros(&cfg).numel() as u64, "{cfg:?}");
         }
     }

@@ -2,11 +2,12 @@
 //!
 //! Each head's `hd` query values are normalised with one weight vector `q_norm [hd]` shared by all query
 //! heads, and likewise each key head with `k_norm [hd]`: HF `Qwen3RMSNorm(head_dim)` applied to
-//! `q.view(.., n_heads, head_dim)`. The q and k columns of the fused `[N, qkv_dim]` rows are gathered
+//! `q.view(.., n_heads, head_dim)`. With the model's unit-offset norm (Gemma 3) the factor is `1 + w`. The q and k columns of the fused `[N, qkv_dim]` rows are gathered
 //! into `[N * heads, hd]` blocks so that the ordinary RMSNorm kernels do the work.
 
 use crate::config::{DecoderConfig, NormKind};
 use crate::kernels as k;
+use crate::model::rms_scale;
 
 /// `[rows, width]` columns `offset..offset + width` of `[rows, stride]` rows, copied out (`to_rows` false)
 /// or back in (`to_rows` true).
@@ -24,7 +25,7 @@ fn columns(rows: &mut [f32], block: &mut [f32], stride: usize, offset: usize, wi
 /// The epsilon of the model's norms (HF passes `rms_norm_eps` to the q/k norms too).
 fn eps(cfg: &DecoderConfig) -> f32 {
     match cfg.norm {
-        NormKind::RmsNorm { eps } | NormKind::LayerNorm { eps } => eps,
+        NormKind::RmsNorm { eps } | NormKind::RmsNormUnitOffset { eps } | NormKind::LayerNorm { eps } => eps,
     }
 }
 
@@ -36,6 +37,7 @@ fn blocks(cfg: &DecoderConfig, n: usize) -> (usize, usize) {
 /// Normalises the q and k columns of `qkv [n, qkv_dim]` in place; `pre` receives them before the norm,
 /// q heads `[n * n_heads, hd]` then k heads `[n * n_kv_heads, hd]` (what backward reads).
 pub(crate) fn forward(cfg: &DecoderConfig, wq: &[f32], wk: &[f32], qkv: &mut [f32], pre: &mut Vec<f32>, n: usize) {
+    let (wq, wk) = (&*rms_scale(cfg.norm, wq), &*rms_scale(cfg.norm, wk));
     let (hd, qd) = (cfg.head_dim, cfg.qkv_dim());
     let (qr, kr) = blocks(cfg, n);
     pre.clear();
@@ -66,6 +68,7 @@ pub(crate) fn backward(
     pre: &[f32],
     n: usize,
 ) {
+    let (wq, wk) = (&*rms_scale(cfg.norm, wq), &*rms_scale(cfg.norm, wk));
     let (hd, qd) = (cfg.head_dim, cfg.qkv_dim());
     let (qr, kr) = blocks(cfg, n);
     let (pq, pk) = pre.split_at(qr * hd);

@@ -48,6 +48,10 @@ pub struct LayerParams {
     pub b_o: Option<Tensor>,
     /// The MLP's norm; `None` when it shares `norm1` (`shared_norm`, GPT-J)
     pub norm2: Option<NormParams>,
+    /// Norm of the attention output before the residual add (`post_norms`, Gemma)
+    pub post_attn_norm: Option<NormParams>,
+    /// Norm of the MLP output before the residual add (`post_norms`, Gemma)
+    pub post_mlp_norm: Option<NormParams>,
     /// `[ff, d]` or `[2 ff, d]` for SwiGLU (gate rows, then up rows)
     pub w_in: Tensor,
     pub b_in: Option<Tensor>,
@@ -89,7 +93,7 @@ fn norm_zeros(cfg: &DecoderConfig) -> NormParams {
         weight: Tensor::zeros(&[d]),
         bias: match cfg.norm {
             NormKind::LayerNorm { .. } => Some(Tensor::zeros(&[d])),
-            NormKind::RmsNorm { .. } => None,
+            NormKind::RmsNorm { .. } | NormKind::RmsNormUnitOffset { .. } => None,
         },
     }
 }
@@ -111,6 +115,8 @@ impl Params {
             w_o: Tensor::zeros(&[d, cfg.attn_dim()]),
             b_o: opt(cfg.attn_out_bias, &[d]),
             norm2: (!cfg.shared_norm).then(|| norm_zeros(cfg)),
+            post_attn_norm: cfg.post_norms.then(|| norm_zeros(cfg)),
+            post_mlp_norm: cfg.post_norms.then(|| norm_zeros(cfg)),
             w_in: Tensor::zeros(&[cfg.mlp_in_dim(), d]),
             b_in: opt(cfg.mlp_bias, &[cfg.mlp_in_dim()]),
             w_out: Tensor::zeros(&[d, cfg.ffn_hidden]),
@@ -216,7 +222,7 @@ impl<T: ParamSet + ?Sized> ParamSet for &mut T {
     }
 }
 
-/// Canonical names: `wte`, `wpe`, `layers.{i}.{norm1.weight,..,w_qkv,b_qkv,q_norm.weight,k_norm.weight,w_o,b_o,norm2..,w_in,b_in,w_out,b_out}`,
+/// Canonical names: `wte`, `wpe`, `layers.{i}.{norm1.weight,..,w_qkv,b_qkv,q_norm.weight,k_norm.weight,w_o,b_o,norm2..,post_attn_norm..,post_mlp_norm..,w_in,b_in,w_out,b_out}`,
 /// `norm_f.weight`, `norm_f.bias`, `lm_head`, `b_head`.
 macro_rules! visit_impl {
     ($name:ident, $($m:tt)*) => {
@@ -245,6 +251,12 @@ macro_rules! visit_impl {
                 o(format!("{pre}.b_o"), & $($m)* l.b_o, f);
                 if let Some(n2) = & $($m)* l.norm2 {
                     norm(&format!("{pre}.norm2"), n2, f);
+                }
+                if let Some(n) = & $($m)* l.post_attn_norm {
+                    norm(&format!("{pre}.post_attn_norm"), n, f);
+                }
+                if let Some(n) = & $($m)* l.post_mlp_norm {
+                    norm(&format!("{pre}.post_mlp_norm"), n, f);
                 }
                 f(format!("{pre}.w_in"), & $($m)* l.w_in);
                 o(format!("{pre}.b_in"), & $($m)* l.b_in, f);

@@ -77,6 +77,23 @@ pub fn tiny_gptj() -> DecoderConfig {
     }
 }
 
+/// A tiny Gemma 3 (`TINY` sizes, one key/value head, three layers): unit-offset RMSNorm, GeGLU, q/k
+/// norms, norms after each branch, scaled embeddings, a tied head, and sliding-window layers 0 and 1
+/// (window 3, theta 10000) around a full-attention layer 2 (theta 1e6), for tests.
+pub fn tiny_gemma3() -> DecoderConfig {
+    DecoderConfig {
+        norm: NormKind::RmsNormUnitOffset { eps: 1e-6 },
+        mlp: MlpKind::GeGluTanh,
+        tied_embeddings: true,
+        sliding_window: Some(3),
+        qk_norm: true,
+        scaled_embeddings: true,
+        post_norms: true,
+        global_layers: Some(GlobalLayers { layers: vec![2], rope: RopeConfig::half(1e6, TINY.head_dim) }),
+        ..DecoderConfig::llama(Dims { n_layers: 3, n_kv_heads: 1, ..TINY })
+    }
+}
+
 /// A named preset, for command-line flags.
 pub fn by_name(name: &str) -> Option<DecoderConfig> {
     match name {
@@ -86,8 +103,10 @@ pub fn by_name(name: &str) -> Option<DecoderConfig> {
     }
 }
 
-/// GPT-2-style initialisation: matrices and embeddings ~ N(0, std²), biases 0, norm scales 1.
+/// GPT-2-style initialisation: matrices and embeddings ~ N(0, std²), biases 0, norm scales 1 (a
+/// unit-offset norm's stored weight 0).
 pub fn init_random(cfg: &DecoderConfig, std: f32, seed: u64) -> Params {
+    let unit_scale = if matches!(cfg.norm, NormKind::RmsNormUnitOffset { .. }) { 0.0 } else { 1.0 };
     let mut p = Params::zeros(cfg);
     let mut rng = Rng::new(seed);
     for (name, t) in p.named_mut() {
@@ -96,7 +115,7 @@ pub fn init_random(cfg: &DecoderConfig, std: f32, seed: u64) -> Params {
             || name.ends_with("_norm.weight")
             || name == "norm_f.weight"
         {
-            t.data.iter_mut().for_each(|x| *x = 1.0);
+            t.data.iter_mut().for_each(|x| *x = unit_scale);
         } else if t.shape.len() == 2 {
             t.data.iter_mut().for_each(|x| *x = (rng.normal() as f32) * std);
         }

@@ -2,9 +2,9 @@
 //! `L = sum_t g_t logp_t` for fixed random `g`, every parameter a switch adds checked element by element
 //! and a sample of the projections around it.
 
-use dpo_engine::presets::{init_random, tiny_gptj, tiny_llama};
+use dpo_engine::presets::{init_random, tiny_gemma3, tiny_gptj, tiny_llama};
 use dpo_engine::rng::Rng;
-use dpo_engine::{Activations, Batch, Decoder, DecoderConfig, Params};
+use dpo_engine::{Activations, Batch, Decoder, DecoderConfig, GlobalLayers, MlpKind, NormKind, Params, RopeConfig};
 
 /// Two sequences (one short enough to leave positions unused) with targets after the first token.
 fn batch(cfg: &DecoderConfig) -> Batch {
@@ -17,13 +17,16 @@ fn batch(cfg: &DecoderConfig) -> Batch {
     b
 }
 
-/// Random weights, with every 1-D tensor (norm scales, biases) drawn around 1 so that none is trivial.
+/// Random weights, with every 1-D tensor (norm scales, biases) drawn around 1 so that none is trivial
+/// (a unit-offset norm's stored weight around 0: its scale `1 + w` around 1).
 fn params(cfg: &DecoderConfig) -> Params {
     let mut p = init_random(cfg, 0.4, 3);
     let mut r = Rng::new(11);
-    for (_, t) in p.named_mut() {
+    let unit_offset = matches!(cfg.norm, NormKind::RmsNormUnitOffset { .. });
+    for (name, t) in p.named_mut() {
         if t.shape.len() == 1 {
-            t.data.iter_mut().for_each(|x| *x = 1.0 + 0.3 * r.normal() as f32);
+            let centre = if unit_offset && name.contains("norm") { 0.0 } else { 1.0 };
+            t.data.iter_mut().for_each(|x| *x = centre + 0.3 * r.normal() as f32);
         }
     }
     p
@@ -96,4 +99,52 @@ fn shared_norm_and_head_bias_gradient() {
         ..tiny_gptj()
     };
     check(cfg, &["norm1", "b_head", "norm_f"]);
+}
+
+#[test]
+fn unit_offset_norm_gradient() {
+    let cfg = DecoderConfig { norm: NormKind::RmsNormUnitOffset { eps: 1e-6 }, qk_norm: true, ..tiny_llama() };
+    check(cfg, &["norm1", "norm2", "norm_f", "q_norm", "k_norm"]);
+}
+
+#[test]
+fn geglu_gradient() {
+    check(DecoderConfig { mlp: MlpKind::GeGluTanh, ..tiny_llama() }, &["w_in", "w_out"]);
+}
+
+#[test]
+fn post_norms_gradient() {
+    check(DecoderConfig { post_norms: true, ..tiny_llama() }, &["post_attn_norm", "post_mlp_norm", "w_o", "w_out"]);
+}
+
+#[test]
+fn scaled_embeddings_gradient() {
+    check(DecoderConfig { scaled_embeddings: true, tied_embeddings: true, ..tiny_llama() }, &["wte"]);
+}
+
+#[test]
+fn gemma3_gradient() {
+    check(tiny_gemma3(), &["norm", "wte", "layers.2.w_qkv", "layers.0.w_qkv"]);
+}
+
+/// Full logps of the batch under `cfg`, on the same weights for every config of these shapes.
+fn logps(cfg: DecoderConfig) -> Vec<f32> {
+    let p = params(&cfg);
+    Decoder::new(cfg.clone()).logprobs(&p, &batch(&cfg), &mut Activations::default(), false).unwrap().logp
+}
+
+#[test]
+fn global_layers_attend_fully_with_their_own_base() {
+    // Every layer global with the ordinary base is the model without a window, bit for bit.
+    let all_global = GlobalLayers { layers: vec![0, 1, 2], rope: RopeConfig::half(10000.0, 4) };
+    let windowed = DecoderConfig { global_layers: Some(all_global), ..tiny_gemma3() };
+    let unwindowed = DecoderConfig { sliding_window: None, global_layers: None, ..tiny_gemma3() };
+    assert_eq!(logps(windowed), logps(unwindowed));
+    // The window of the local layers and the global base each change the result (sequences of 9 > 3).
+    let gemma = logps(tiny_gemma3());
+    let no_window = logps(DecoderConfig { sliding_window: None, ..tiny_gemma3() });
+    let same_base = GlobalLayers { layers: vec![2], rope: RopeConfig::half(10000.0, 4) };
+    let one_base = logps(DecoderConfig { global_layers: Some(same_base), ..tiny_gemma3() });
+    assert_ne!(gemma, no_window);
+    assert_ne!(gemma, one_base);
 }

@@ -12,6 +12,8 @@ use serde_json::{Map, Value};
 use crate::error::{read_json, Error, Result};
 use crate::naming::{self, Naming};
 
+mod gemma3;
+
 /// Longest context accepted from `config.json`: the rotary (or learned) position table is built for all
 /// of it up front, `max_positions * head_dim` floats.
 pub const MAX_POSITIONS: usize = 1 << 22;
@@ -53,6 +55,7 @@ pub static FAMILIES: &[Family] = &[
     Family { model_type: "smollm3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: smollm3 },
     Family { model_type: "gptj", naming: &naming::GPTJ, positions_field: "n_positions", decoder: gptj },
     Family { model_type: "phi3", naming: &naming::PHI3, positions_field: MAX_POS, decoder: |f| llama_like(f, "phi3") },
+    Family { model_type: "gemma3_text", naming: &naming::GEMMA3, positions_field: MAX_POS, decoder: gemma3::gemma3 },
 ];
 
 const MAX_POS: &str = "max_position_embeddings";

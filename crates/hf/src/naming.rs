@@ -63,7 +63,7 @@ pub static GPT2: Naming = Naming {
     aliases: &[("transformer.", "")],
 };
 
-/// The Llama layout (Llama, Mistral, Qwen2/3, SmolLM2/3, Gemma 3): `model.layers.{i}`, split q/k/v and
+/// The Llama layout (Llama, Mistral, Qwen2/3, SmolLM2/3): `model.layers.{i}`, split q/k/v and
 /// gate/up projections.
 pub static LLAMA: Naming = Naming {
     layer_prefix: "model.layers.{i}",
@@ -79,6 +79,28 @@ pub static LLAMA: Naming = Naming {
         ("k_norm", Hf::Same("self_attn.k_norm")),
         ("o", Hf::Same("self_attn.o_proj")),
         ("norm2", Hf::Same("post_attention_layernorm")),
+        ("mlp_in", Hf::Rows(&["mlp.gate_proj", "mlp.up_proj"])),
+        ("mlp_out", Hf::Same("mlp.down_proj")),
+    ],
+    ignored: &[],
+    aliases: &[],
+};
+
+/// Gemma 3: the Llama layout with four norms per layer: `input_layernorm` (the engine's `norm1`),
+/// `post_attention_layernorm` on the attention output, `pre_feedforward_layernorm` (`norm2`) and
+/// `post_feedforward_layernorm` on the MLP output.
+pub static GEMMA3: Naming = Naming {
+    layer_prefix: "model.layers.{i}",
+    global: LLAMA.global,
+    layer: &[
+        ("norm1", Hf::Same("input_layernorm")),
+        ("qkv", Hf::Rows(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])),
+        ("q_norm", Hf::Same("self_attn.q_norm")),
+        ("k_norm", Hf::Same("self_attn.k_norm")),
+        ("o", Hf::Same("self_attn.o_proj")),
+        ("post_attn_norm", Hf::Same("post_attention_layernorm")),
+        ("norm2", Hf::Same("pre_feedforward_layernorm")),
+        ("post_mlp_norm", Hf::Same("post_feedforward_layernorm")),
         ("mlp_in", Hf::Rows(&["mlp.gate_proj", "mlp.up_proj"])),
         ("mlp_out", Hf::Same("mlp.down_proj")),
     ],

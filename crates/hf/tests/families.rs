@@ -38,7 +38,7 @@ fn every_family_has_one_row() {
     types.sort();
     types.dedup();
     assert_eq!(types.len(), FAMILIES.len(), "a model_type has two rows");
-    for t in ["phi3", "qwen3", "smollm3", "gptj"] {
+    for t in ["phi3", "qwen3", "smollm3", "gptj", "gemma3_text"] {
         assert!(types.contains(&t), "{t}");
     }
 }
@@ -168,7 +168,7 @@ fn phi3_fused_projections_are_the_engine_rows() {
 /// Save writes the checkpoint's own tensor names and values back.
 #[test]
 fn save_writes_the_source_names() {
-    for arch in ["phi3", "qwen3", "smollm3", "gptj"] {
+    for arch in ["phi3", "qwen3", "smollm3", "gptj", "gemma3"] {
         let dir = more(&format!("models/{arch}-policy"));
         let m = load_model(&dir).unwrap();
         let tmp = TempDir::new(&format!("families-{arch}"));
@@ -190,5 +190,65 @@ fn save_writes_the_source_names() {
             assert_eq!(src.read_f32(n).unwrap(), saved.read_f32(n).unwrap(), "{arch}: {n}");
         }
         assert_eq!(load_model(&out).unwrap().params, m.params, "{arch}");
+    }
+}
+
+/// The transformers 4.x layout of the gemma3 fixture's config: the window pattern instead of
+/// `layer_types`, `rope_theta` (full attention) and `rope_local_base_freq` (sliding) at the top level.
+fn gemma3_legacy(v5: &Value) -> Value {
+    let mut v = v5.clone();
+    let o = v.as_object_mut().unwrap();
+    let ropes = o.remove("rope_parameters").unwrap();
+    o.insert("rope_theta".into(), ropes["full_attention"]["rope_theta"].clone());
+    o.insert("rope_local_base_freq".into(), ropes["sliding_attention"]["rope_theta"].clone());
+    o.insert("rope_scaling".into(), Value::Null);
+    o.remove("layer_types");
+    o.insert("sliding_window_pattern".into(), 3.into());
+    v
+}
+
+#[test]
+fn gemma3_config_in_both_layouts() {
+    let v5 = config_json("gemma3-policy");
+    let c = config_from_json(v5.clone(), "config.json".as_ref()).unwrap().decoder;
+    assert_eq!(config_from_json(gemma3_legacy(&v5), "config.json".as_ref()).unwrap().decoder, c);
+    assert_eq!((c.mlp, c.norm), (MlpKind::GeGluTanh, NormKind::RmsNormUnitOffset { eps: 1e-6 }));
+    assert!(c.qk_norm && c.post_norms && c.scaled_embeddings && c.tied_embeddings && !c.qkv_bias);
+    assert_eq!(c.sliding_window, Some(6));
+    let PositionKind::Rotary(local) = c.positions else { panic!() };
+    let global = c.global_layers.unwrap();
+    assert_eq!(global.layers, vec![2]);
+    assert_eq!((local.theta, global.rope.theta, global.rope.rotary_dim), (1e4, 1e6, 16));
+}
+
+#[test]
+fn gemma3_settings_the_engine_lacks_are_refused_by_field() {
+    let v5 = config_json("gemma3-policy");
+    for (field, value) in [
+        ("final_logit_softcapping", Value::from(30.0)),
+        ("attn_logit_softcapping", Value::from(50.0)),
+        ("query_pre_attn_scalar", Value::from(32)),
+        ("use_bidirectional_attention", Value::from(true)),
+        ("hidden_activation", Value::from("relu")),
+    ] {
+        let mut v = v5.clone();
+        v.as_object_mut().unwrap().insert(field.into(), value);
+        let err = config_from_json(v, "config.json".as_ref()).unwrap_err().to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}
+
+#[test]
+fn gemma3_four_norms_load_by_name() {
+    let dir = more("models/gemma3-policy");
+    let m = load_model(&dir).unwrap();
+    let st = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
+    for (i, l) in m.params.layers.iter().enumerate() {
+        let raw = |n: &str| st.read_f32(&format!("model.layers.{i}.{n}.weight")).unwrap().data;
+        assert_eq!(l.norm1.weight.data, raw("input_layernorm"));
+        assert_eq!(l.post_attn_norm.as_ref().unwrap().weight.data, raw("post_attention_layernorm"));
+        assert_eq!(l.norm2.as_ref().unwrap().weight.data, raw("pre_feedforward_layernorm"));
+        assert_eq!(l.post_mlp_norm.as_ref().unwrap().weight.data, raw("post_feedforward_layernorm"));
+        assert_eq!(l.q_norm.as_ref().unwrap().data, raw("self_attn.q_norm"));
     }
 }

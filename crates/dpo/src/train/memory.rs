@@ -103,9 +103,14 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
         per_token += Activations::floats_per_token(r, false);
     }
     let head = 4 * head_scratch_floats(n as usize, c.hidden, c.vocab_size);
-    let rope = |c: &DecoderConfig| match c.positions {
-        PositionKind::Rotary(r) => 4 * RopeTable::floats(&r, c.max_positions),
-        PositionKind::Learned => 0,
+    // The rotary tables: one, plus the full-attention layers' own (`global_layers`, Gemma 3).
+    let rope = |c: &DecoderConfig| {
+        let global = c.global_layers.as_ref().map_or(0, |g| 4 * RopeTable::floats(&g.rope, c.max_positions));
+        global
+            + match c.positions {
+                PositionKind::Rotary(r) => 4 * RopeTable::floats(&r, c.max_positions),
+                PositionKind::Learned => 0,
+            }
     };
     MemoryEstimate {
         params: p,

@@ -30,8 +30,8 @@ pub use sample::{sample_token, SamplingConfig};
 
 use crate::batch::Batch;
 use crate::config::{DecoderConfig, NormKind, PositionKind};
-use crate::kernels::{self as k, RopeTable};
-use crate::model::{bias, Attend, Decoder, EngineError, LayerActs, Scratch};
+use crate::kernels as k;
+use crate::model::{bias, embedding_scale, Attend, Decoder, EngineError, LayerActs, Ropes, Scratch};
 use crate::params::{NormParams, Params};
 
 /// Runs prefill and decode steps of one model (see the module doc).
@@ -39,15 +39,12 @@ pub struct Generator<'a> {
     model: &'a Decoder,
     params: &'a Params,
     /// Rotary table, grown when a sequence runs past it (rotary models extrapolate).
-    rope: Option<RopeTable>,
+    rope: Option<Ropes>,
 }
 
 impl<'a> Generator<'a> {
     pub fn new(model: &'a Decoder, params: &'a Params) -> Self {
-        let rope = match model.cfg.positions {
-            PositionKind::Rotary(r) => Some(RopeTable::new(&r, model.cfg.max_positions.max(1))),
-            PositionKind::Learned => None,
-        };
+        let rope = Ropes::new(&model.cfg, model.cfg.max_positions.max(1));
         Generator { model, params, rope }
     }
 
@@ -59,10 +56,10 @@ impl<'a> Generator<'a> {
     fn ensure_positions(&mut self, end: usize) -> Result<(), EngineError> {
         match self.model.cfg.positions {
             PositionKind::Learned => check_learned(&self.model.cfg, end),
-            PositionKind::Rotary(r) => {
-                let have = self.rope.as_ref().map_or(0, RopeTable::max_pos);
+            PositionKind::Rotary(_) => {
+                let have = self.rope.as_ref().map_or(0, Ropes::max_pos);
                 if have < end {
-                    self.rope = Some(RopeTable::new(&r, end.max(2 * have)));
+                    self.rope = Ropes::new(&self.model.cfg, end.max(2 * have));
                 }
                 Ok(())
             }
@@ -150,6 +147,9 @@ impl<'a> Generator<'a> {
         let (mut la, mut scratch) = (LayerActs::default(), Scratch::default());
         la.x = vec![0.0f32; rows * d]; // [rows, d] residual stream
         k::embedding_forward(&mut la.x, &p.wte.data, tokens, p.wpe.as_ref().map(|t| &t.data[..]), positions, d);
+        if let Some(scale) = embedding_scale(cfg) {
+            la.x.iter_mut().for_each(|v| *v *= scale);
+        }
         let mut out = vec![0.0f32; rows * d]; // [rows, d] the next block's input
         for (l, lp) in p.layers.iter().enumerate() {
             let attend = if prefill {
@@ -158,7 +158,7 @@ impl<'a> Generator<'a> {
                 Attend::Cached { caches: &mut *caches, layer: l, positions }
             };
             let rope = self.model.block_rope(self.rope.as_ref(), l);
-            self.model.block_forward(lp, &mut la, &mut scratch, rope, attend, &mut out);
+            self.model.block_forward(lp, l, &mut la, &mut scratch, rope, attend, &mut out);
             std::mem::swap(&mut la.x, &mut out);
         }
         for c in caches.iter_mut() {

@@ -322,6 +322,44 @@ pub fn swiglu_backward(d_gate_up: &mut [f32], dout: &[f32], gate_up: &[f32], row
         });
 }
 
+/// `out = gelu_tanh(gate) * up` (Gemma's MLP), `out: [rows, ff]`, `gate_up: [rows, 2 ff]` (gate columns
+/// `0..ff`, up columns `ff..2ff`).
+pub fn geglu_tanh_forward(out: &mut [f32], gate_up: &[f32], rows: usize, ff: usize) {
+    assert!(out.len() == rows * ff && gate_up.len() == rows * 2 * ff, "geglu_tanh_forward: shapes");
+    if ff == 0 {
+        return;
+    }
+    out.par_chunks_mut(ff).zip(gate_up.par_chunks(2 * ff)).with_min_len(rows_per_task(ff)).for_each(|(o, gu)| {
+        gelu_tanh_fwd_k(o, &gu[..ff]);
+        o.iter_mut().zip(&gu[ff..]).for_each(|(o, &u)| *o *= u);
+    });
+}
+
+/// Backward of [`geglu_tanh_forward`]: `d_gate_up: [rows, 2 ff]` is overwritten.
+pub fn geglu_tanh_backward(d_gate_up: &mut [f32], dout: &[f32], gate_up: &[f32], rows: usize, ff: usize) {
+    assert!(
+        d_gate_up.len() == rows * 2 * ff && dout.len() == rows * ff && gate_up.len() == rows * 2 * ff,
+        "geglu_tanh_backward: shapes"
+    );
+    if ff == 0 {
+        return;
+    }
+    d_gate_up
+        .par_chunks_mut(2 * ff)
+        .zip(dout.par_chunks(ff))
+        .zip(gate_up.par_chunks(2 * ff))
+        .with_min_len(rows_per_task(ff))
+        .for_each(|((dgu, dy), gu)| {
+            let (dg, du) = dgu.split_at_mut(ff);
+            let (gate, up) = gu.split_at(ff);
+            // out = gelu(g) u:  d/du = gelu(g);  d/dg = u gelu'(g). `du` first holds dy * u.
+            du.iter_mut().zip(dy).zip(up).for_each(|((d, &y), &u)| *d = y * u);
+            gelu_tanh_bwd_k(dg, du, gate);
+            gelu_tanh_fwd_k(du, gate);
+            du.iter_mut().zip(dy).for_each(|(d, &y)| *d *= y);
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,8 @@ pub(crate) struct LayerActs {
     pub(crate) lse: Vec<f32>,     // [N, n_heads] (packed attention only)
     pub(crate) x_mid: Vec<f32>,   // [N, d] x + attention (sequential residual only)
     pub(crate) mlp_pre: Vec<f32>, // [N, mlp_in_dim]
+    pub(crate) o_pre: Vec<f32>,   // [N, d] attention projection before its norm (post_norms only)
+    pub(crate) mlp_out: Vec<f32>, // [N, d] MLP output before its norm (post_norms only)
 }
 
 impl LayerActs {
@@ -27,7 +29,14 @@ impl LayerActs {
         let d = cfg.hidden as u64;
         let x_mid = if cfg.parallel_residual { 0 } else { d };
         let qk_pre = if cfg.qk_norm { ((cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim) as u64 } else { 0 };
-        d + cfg.qkv_dim() as u64 + qk_pre + cfg.attn_dim() as u64 + cfg.n_heads as u64 + x_mid + cfg.mlp_in_dim() as u64
+        let post_norm_inputs = if cfg.post_norms { 2 * d } else { 0 };
+        d + cfg.qkv_dim() as u64
+            + qk_pre
+            + cfg.attn_dim() as u64
+            + cfg.n_heads as u64
+            + x_mid
+            + cfg.mlp_in_dim() as u64
+            + post_norm_inputs
     }
 }
 
@@ -158,7 +167,15 @@ mod tests {
             .layers
             .iter()
             .map(|l| {
-                l.x.len() + l.qkv.len() + l.qk_pre.len() + l.attn.len() + l.lse.len() + l.x_mid.len() + l.mlp_pre.len()
+                l.x.len()
+                    + l.qkv.len()
+                    + l.qk_pre.len()
+                    + l.attn.len()
+                    + l.lse.len()
+                    + l.x_mid.len()
+                    + l.mlp_pre.len()
+                    + l.o_pre.len()
+                    + l.mlp_out.len()
             })
             .sum();
         let scratch = [&s.h, &s.o, &s.act, &s.stat_a, &s.stat_b, &s.dx, &s.dh, &s.dact, &s.dpre, &s.dattn, &s.dqkv];
@@ -168,7 +185,13 @@ mod tests {
 
     #[test]
     fn floats_per_token_is_what_a_forward_and_backward_hold() {
-        for cfg in [presets::tiny_gpt2(), presets::tiny_llama(), presets::tiny_neox(), presets::tiny_gptj()] {
+        for cfg in [
+            presets::tiny_gpt2(),
+            presets::tiny_llama(),
+            presets::tiny_neox(),
+            presets::tiny_gptj(),
+            presets::tiny_gemma3(),
+        ] {
             let (m, p) = (Decoder::new(cfg.clone()), init_random(&cfg, 0.1, 3));
             let mut b = Batch::default();
             b.push_sequence(&[1, 2, 3, 4, 5], 1);

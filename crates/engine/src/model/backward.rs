@@ -6,7 +6,7 @@ use crate::kernels as k;
 use crate::params::Params;
 
 use super::acts::{fit, Activations, PendingEmbeddingGrads};
-use super::{bias, bias_mut, norm_backward, norm_forward, Decoder, EngineError};
+use super::{bias, bias_mut, embedding_scale, norm_backward, norm_forward, Decoder, EngineError};
 
 impl Decoder {
     /// Backward from per-target log-prob gradients: accumulates into `grads` (`+=`).
@@ -149,7 +149,11 @@ impl Decoder {
 
         for l in (0..cfg.n_layers).rev() {
             let rope = self.block_rope(rope, l);
-            self.block_backward(&p.layers[l], &mut grads.layers[l], b, &acts.layers[l], s, rope);
+            self.block_backward(&p.layers[l], l, &mut grads.layers[l], b, &acts.layers[l], s, rope);
+        }
+        if let Some(scale) = embedding_scale(cfg) {
+            // The lookups' output was scaled: so is the gradient that reaches the table.
+            s.dx.iter_mut().for_each(|v| *v *= scale);
         }
         match pending {
             Some(pe) => {

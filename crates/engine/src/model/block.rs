@@ -9,9 +9,11 @@
 //! q, k   = rotary              (except layers_without_rope: SmolLM3)
 //! attn   = attention(qkv)                            [N, n_heads * hd]
 //! o      = attn W_o^T + b_o                          [N, d]
+//! o      = post_attn_norm(o)   (post_norms: Gemma)
 //! x_mid  = x + o            (sequential residual)    [N, d]
 //! pre    = norm2(x_mid or x) W_in^T + b_in           [N, mlp_in]   (norm1 again with shared_norm: GPT-J)
-//! out    = x_mid + mlp(pre)  or  x + o + mlp(pre)    [N, d]
+//! m      = mlp(pre), then post_mlp_norm(m) (post_norms: Gemma)  [N, d]
+//! out    = x_mid + m  or  x + o + m                  [N, d]
 //! ```
 //!
 //! A new architecture switch (a norm on q and k, a layer without rotary, a norm after each branch) is
@@ -52,11 +54,14 @@ impl Attend<'_, '_> {
 type LinearFn = fn(&mut [f32], &[f32], &[f32], Option<&[f32]>, usize, usize, usize);
 
 impl Decoder {
-    /// One block on the `N = la.x.len() / d` rows of `la.x` (`[N, d]`): writes the block's output (the
-    /// next residual stream) to `out` (`[N, d]`) and keeps in `la` what [`Decoder::block_backward`] reads.
+    /// Block `layer` on the `N = la.x.len() / d` rows of `la.x` (`[N, d]`): writes the block's output
+    /// (the next residual stream) to `out` (`[N, d]`) and keeps in `la` what [`Decoder::block_backward`]
+    /// reads.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_forward(
         &self,
         lp: &LayerParams,
+        layer: usize,
         la: &mut LayerActs,
         s: &mut Scratch,
         rope: Option<&RopeTable>,
@@ -106,23 +111,29 @@ impl Decoder {
                     &mut la.attn,
                     &mut la.lse,
                     &la.qkv,
-                    &self.attn_dims(),
+                    &self.attn_dims(layer),
                     &batch.spans,
                     &batch.groups,
                 );
             }
-            Attend::Cached { caches, layer, .. } => {
+            Attend::Cached { caches, layer: cache_layer, .. } => {
                 for (c, row) in caches.iter_mut().zip(la.qkv.chunks_exact(qkv_dim)) {
-                    let c = &mut c.layers[layer];
+                    let c = &mut c.layers[cache_layer];
                     c.k.extend_from_slice(&row[k_cols.clone()]);
                     c.v.extend_from_slice(&row[v_cols.clone()]);
                 }
-                let keys: Vec<&[f32]> = caches.iter().map(|c| &c.layers[layer].k[..]).collect();
-                let values: Vec<&[f32]> = caches.iter().map(|c| &c.layers[layer].v[..]).collect();
-                k::decode_attention(&mut la.attn, &la.qkv, qkv_dim, &keys, &values, &self.attn_dims());
+                let keys: Vec<&[f32]> = caches.iter().map(|c| &c.layers[cache_layer].k[..]).collect();
+                let values: Vec<&[f32]> = caches.iter().map(|c| &c.layers[cache_layer].v[..]).collect();
+                k::decode_attention(&mut la.attn, &la.qkv, qkv_dim, &keys, &values, &self.attn_dims(layer));
             }
         }
         linear(&mut s.o, &la.attn, &lp.w_o.data, bias(&lp.b_o), n, attn_dim, d);
+        if let Some(post) = &lp.post_attn_norm {
+            // o = post_attn_norm(o); the norm's input is kept for backward.
+            fit(&mut la.o_pre, n * d);
+            la.o_pre.copy_from_slice(&s.o);
+            norm_forward(cfg.norm, post, &mut s.o, &mut s.stat_a, &mut s.stat_b, &la.o_pre, n, d);
+        }
 
         // MLP input: norm2 of x (parallel residual) or of x_mid = x + attention (sequential).
         if cfg.parallel_residual {
@@ -136,6 +147,11 @@ impl Decoder {
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
         // s.h is free again: it takes the MLP output.
         linear(&mut s.h, &s.act, &lp.w_out.data, bias(&lp.b_out), n, ff, d);
+        if let Some(post) = &lp.post_mlp_norm {
+            fit(&mut la.mlp_out, n * d);
+            la.mlp_out.copy_from_slice(&s.h);
+            norm_forward(cfg.norm, post, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.mlp_out, n, d);
+        }
 
         // Residual: out = (x + o) + mlp (parallel) or x_mid + mlp (sequential).
         if cfg.parallel_residual {
@@ -149,9 +165,11 @@ impl Decoder {
     /// The backward of [`Decoder::block_forward`] on a packed batch `b`, from what it kept in `la`. On
     /// entry `s.dx` (`[N, d]`) holds the gradient of the block's output; on exit, of its input. Parameter
     /// gradients accumulate into `lg`. Norm outputs and the MLP activation are recomputed, not kept.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_backward(
         &self,
         lp: &LayerParams,
+        layer: usize,
         lg: &mut LayerParams,
         b: &Batch,
         la: &LayerActs,
@@ -163,12 +181,19 @@ impl Decoder {
         let (qkv_dim, attn_dim, mlp_in) = (cfg.qkv_dim(), cfg.attn_dim(), cfg.mlp_in_dim());
         let mlp_input = if cfg.parallel_residual { &la.x } else { &la.x_mid };
 
+        // MLP output norm (post_norms): s.dh = its input's gradient; otherwise the MLP output's gradient
+        // is dx itself.
+        if let (Some(post), Some(gpost)) = (&lp.post_mlp_norm, &mut lg.post_mlp_norm) {
+            post_norm_backward(cfg.norm, post, gpost, s, &la.mlp_out, n, d);
+        }
+        let dmlp_out = if cfg.post_norms { &s.dh } else { &s.dx };
+
         // MLP: recompute h2 = norm2(input) and the activation, then back through w_out, act, w_in.
         norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
         let grads = LinearGrads { w: Some(&mut lg.w_out.data), b: bias_mut(&mut lg.b_out) };
         let dims = LinearDims { rows: n, inp: ff, out: d };
-        k::linear_backward(Some(&mut s.dact), Overwrite, grads, &s.dx, &s.act, &lp.w_out.data, dims);
+        k::linear_backward(Some(&mut s.dact), Overwrite, grads, dmlp_out, &s.act, &lp.w_out.data, dims);
         act_backward(cfg.mlp, &mut s.dpre, &s.dact, &la.mlp_pre, n, ff);
         let grads = LinearGrads { w: Some(&mut lg.w_in.data), b: bias_mut(&mut lg.b_in) };
         let dims = LinearDims { rows: n, inp: d, out: mlp_in };
@@ -193,17 +218,22 @@ impl Decoder {
             std::mem::swap(&mut s.dh, &mut s.o);
         }
 
-        // Attention: back through w_o, the attention kernel, the rotation and w_qkv.
+        // Attention: back through its output norm (post_norms), w_o, the attention kernel, the rotation
+        // and w_qkv.
+        if let (Some(post), Some(gpost)) = (&lp.post_attn_norm, &mut lg.post_attn_norm) {
+            post_norm_backward(cfg.norm, post, gpost, s, &la.o_pre, n, d);
+        }
+        let do_proj = if cfg.post_norms { &s.dh } else { &s.dx };
         let grads = LinearGrads { w: Some(&mut lg.w_o.data), b: bias_mut(&mut lg.b_o) };
         let dims = LinearDims { rows: n, inp: attn_dim, out: d };
-        k::linear_backward(Some(&mut s.dattn), Overwrite, grads, &s.dx, &la.attn, &lp.w_o.data, dims);
+        k::linear_backward(Some(&mut s.dattn), Overwrite, grads, do_proj, &la.attn, &lp.w_o.data, dims);
         k::attention_backward(
             &mut s.dqkv,
             &s.dattn,
             &la.attn,
             &la.lse,
             &la.qkv,
-            &self.attn_dims(),
+            &self.attn_dims(layer),
             &b.spans,
             &b.groups,
         );
@@ -237,4 +267,21 @@ impl Decoder {
             );
         }
     }
+}
+
+/// Backward of a norm on a branch's output (`post_norms`): from the gradient of its output in `s.dx`,
+/// writes that of its input `x` (`[N, d]`) to `s.dh`; the weight gradient accumulates into `g`. Uses
+/// `s.h` and the statistics as scratch.
+fn post_norm_backward(
+    kind: crate::config::NormKind,
+    np: &crate::params::NormParams,
+    g: &mut crate::params::NormParams,
+    s: &mut Scratch,
+    x: &[f32],
+    n: usize,
+    d: usize,
+) {
+    norm_forward(kind, np, &mut s.h, &mut s.stat_a, &mut s.stat_b, x, n, d);
+    s.dh.iter_mut().for_each(|v| *v = 0.0);
+    norm_backward(kind, np, g, &mut s.dh, &s.dx, x, &s.stat_a, &s.stat_b, n, d);
 }

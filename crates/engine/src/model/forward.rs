@@ -6,7 +6,7 @@ use crate::params::Params;
 
 use super::acts::{fit, Activations, HeadOutput, LayerActs};
 use super::block::Attend;
-use super::{bias, norm_forward, Decoder, EngineError};
+use super::{bias, embedding_scale, norm_forward, Decoder, EngineError};
 
 impl Decoder {
     /// Runs the trunk: fills `acts.hidden` (`[N, d]`, after the final norm). With `keep`, stores what
@@ -34,6 +34,9 @@ impl Decoder {
             &b.positions,
             d,
         );
+        if let Some(scale) = embedding_scale(cfg) {
+            acts.layers[0].x.iter_mut().for_each(|v| *v *= scale);
+        }
         let n_layers = p.layers.len();
         for (l, lp) in p.layers.iter().enumerate() {
             let to_next_slot = keep && l + 1 < n_layers;
@@ -46,7 +49,7 @@ impl Decoder {
             let slot = if keep { l } else { 0 };
             let attend = Attend::Packed { batch: b, cache: None };
             let rope = self.block_rope(rope, l);
-            self.block_forward(lp, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
+            self.block_forward(lp, l, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
             if to_next_slot {
                 acts.layers[l + 1].x = out;
             } else if l + 1 < n_layers {

@@ -15,10 +15,16 @@ pub use acts::{Activations, HeadOutput, PendingEmbeddingGrads};
 pub(crate) use acts::{LayerActs, Scratch};
 pub(crate) use block::Attend;
 
+/// The factor `sqrt(hidden)` of scaled embeddings, rounded to f32 as HF casts it to the weights' dtype.
+pub(crate) fn embedding_scale(cfg: &DecoderConfig) -> Option<f32> {
+    cfg.scaled_embeddings.then(|| (cfg.hidden as f64).sqrt() as f32)
+}
+
 use crate::batch::Batch;
 use crate::config::{DecoderConfig, MlpKind, NormKind, PositionKind};
 use crate::kernels::{self as k, AttnDims, RopeTable};
 use crate::params::NormParams;
+use std::borrow::Cow;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EngineError {
@@ -32,44 +38,65 @@ pub enum EngineError {
     GradientLength { got: usize, want: usize },
 }
 
-/// One decoder: its configuration and the rotary table derived from it.
+/// The rotary tables of a rotary model: the one most layers use and, with
+/// [`DecoderConfig::global_layers`], the full-attention layers' own (another base).
+pub(crate) struct Ropes {
+    pub(crate) local: RopeTable,
+    pub(crate) global: Option<RopeTable>,
+}
+
+impl Ropes {
+    /// The tables for positions `0..max_pos`; `None` for learned positions.
+    pub(crate) fn new(cfg: &DecoderConfig, max_pos: usize) -> Option<Ropes> {
+        let PositionKind::Rotary(r) = cfg.positions else { return None };
+        let global = cfg.global_layers.as_ref().map(|g| RopeTable::new(&g.rope, max_pos));
+        Some(Ropes { local: RopeTable::new(&r, max_pos), global })
+    }
+
+    pub(crate) fn max_pos(&self) -> usize {
+        self.local.max_pos()
+    }
+}
+
+/// One decoder: its configuration and the rotary tables derived from it.
 pub struct Decoder {
     pub cfg: DecoderConfig,
-    rope: Option<RopeTable>,
+    rope: Option<Ropes>,
 }
 
 impl Decoder {
     pub fn new(cfg: DecoderConfig) -> Self {
-        let rope = match cfg.positions {
-            PositionKind::Rotary(r) => Some(RopeTable::new(&r, cfg.max_positions.max(1))),
-            PositionKind::Learned => None,
-        };
+        let rope = Ropes::new(&cfg, cfg.max_positions.max(1));
         Decoder { cfg, rope }
     }
 
-    /// The rotary table block `layer` applies: `rope`, unless the layer has none (SmolLM3's
-    /// `no_rope_layers`).
-    pub(crate) fn block_rope<'t>(&self, rope: Option<&'t RopeTable>, layer: usize) -> Option<&'t RopeTable> {
-        rope.filter(|_| self.cfg.rotary_in_layer(layer))
-    }
-
-    /// A rotary table long enough for `b` when its positions go past `max_positions` (rotary models
-    /// extrapolate; learned positions are refused by `check_batch`).
-    pub(crate) fn extended_rope(&self, b: &Batch) -> Option<RopeTable> {
-        match self.cfg.positions {
-            PositionKind::Rotary(r) if b.max_position() > self.cfg.max_positions => {
-                Some(RopeTable::new(&r, b.max_position()))
-            }
-            _ => None,
+    /// The rotary table block `layer` applies: from `ropes`, the global table in a full-attention layer,
+    /// none in a layer without rotary (SmolLM3's `no_rope_layers`).
+    pub(crate) fn block_rope<'t>(&self, ropes: Option<&'t Ropes>, layer: usize) -> Option<&'t RopeTable> {
+        let ropes = ropes.filter(|_| self.cfg.rotary_in_layer(layer))?;
+        match &ropes.global {
+            Some(g) if self.cfg.is_global_layer(layer) => Some(g),
+            _ => Some(&ropes.local),
         }
     }
 
-    pub(crate) fn attn_dims(&self) -> AttnDims {
+    /// Rotary tables long enough for `b` when its positions go past `max_positions` (rotary models
+    /// extrapolate; learned positions are refused by `check_batch`).
+    pub(crate) fn extended_rope(&self, b: &Batch) -> Option<Ropes> {
+        if b.max_position() > self.cfg.max_positions {
+            Ropes::new(&self.cfg, b.max_position())
+        } else {
+            None
+        }
+    }
+
+    /// The attention geometry of layer `layer` (its window: none in a full-attention layer).
+    pub(crate) fn attn_dims(&self, layer: usize) -> AttnDims {
         AttnDims {
             n_heads: self.cfg.n_heads,
             n_kv_heads: self.cfg.n_kv_heads,
             head_dim: self.cfg.head_dim,
-            window: self.cfg.sliding_window,
+            window: self.cfg.window_in_layer(layer),
         }
     }
 
@@ -151,7 +178,18 @@ pub(crate) fn norm_forward(
             let bias = np.bias.as_ref().expect("LayerNorm has a bias");
             k::layer_norm_forward(out, a, b, x, &np.weight.data, &bias.data, n, d, eps)
         }
-        NormKind::RmsNorm { eps } => k::rms_norm_forward(out, b, x, &np.weight.data, n, d, eps),
+        NormKind::RmsNorm { eps } | NormKind::RmsNormUnitOffset { eps } => {
+            k::rms_norm_forward(out, b, x, &rms_scale(kind, &np.weight.data), n, d, eps)
+        }
+    }
+}
+
+/// The factor an RMSNorm multiplies by: its weight, or `1 + w` for a unit-offset norm (Gemma). The
+/// gradient of either with respect to `w` is that with respect to the factor.
+pub(crate) fn rms_scale(kind: NormKind, w: &[f32]) -> Cow<'_, [f32]> {
+    match kind {
+        NormKind::RmsNormUnitOffset { .. } => Cow::Owned(w.iter().map(|&w| 1.0 + w).collect()),
+        NormKind::RmsNorm { .. } | NormKind::LayerNorm { .. } => Cow::Borrowed(w),
     }
 }
 
@@ -174,7 +212,10 @@ pub(crate) fn norm_backward(
             let gb = g.bias.as_mut().expect("LayerNorm has a bias");
             k::layer_norm_backward(dx, &mut g.weight.data, &mut gb.data, dout, x, a, b, &np.weight.data, n, d)
         }
-        NormKind::RmsNorm { .. } => k::rms_norm_backward(dx, &mut g.weight.data, dout, x, b, &np.weight.data, n, d),
+        NormKind::RmsNorm { .. } | NormKind::RmsNormUnitOffset { .. } => {
+            let w = rms_scale(kind, &np.weight.data);
+            k::rms_norm_backward(dx, &mut g.weight.data, dout, x, b, &w, n, d)
+        }
     }
 }
 
@@ -183,6 +224,7 @@ pub(crate) fn act_forward(kind: MlpKind, out: &mut [f32], pre: &[f32], n: usize,
         MlpKind::GeluTanh => k::gelu_tanh_forward(out, pre),
         MlpKind::GeluErf => k::gelu_erf_forward(out, pre),
         MlpKind::SwiGlu => k::swiglu_forward(out, pre, n, ff),
+        MlpKind::GeGluTanh => k::geglu_tanh_forward(out, pre, n, ff),
     }
 }
 
@@ -191,5 +233,6 @@ pub(crate) fn act_backward(kind: MlpKind, dpre: &mut [f32], dout: &[f32], pre: &
         MlpKind::GeluTanh => k::gelu_tanh_backward(dpre, dout, pre),
         MlpKind::GeluErf => k::gelu_erf_backward(dpre, dout, pre),
         MlpKind::SwiGlu => k::swiglu_backward(dpre, dout, pre, n, ff),
+        MlpKind::GeGluTanh => k::geglu_tanh_backward(dpre, dout, pre, n, ff),
     }
 }
