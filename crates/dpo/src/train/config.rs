@@ -387,7 +387,7 @@ impl TrainConfig {
             }
         }
         if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
-            return Err(invalid("adam_eps", format!("{} must be a positive number", self.adam_eps)));
+            return Err(invalid("adam_eps", format!("{} must be a finite number > 0", self.adam_eps)));
         }
         let positive_beta = |beta: f64| {
             if beta.is_finite() && beta > 0.0 {
@@ -395,7 +395,7 @@ impl TrainConfig {
             } else {
                 Err(invalid(
                     "beta",
-                    format!("{beta} must be a positive number (0 trains nothing, < 0 inverts the objective)"),
+                    format!("{beta} must be a finite number > 0 (0 trains nothing, < 0 inverts the objective)"),
                 ))
             }
         };
