@@ -377,7 +377,10 @@ pub fn run_reward_model(
         let g = Grads { trunk: &mut trunk_grads, head: &mut head_grads };
         let out = pair_batch(&rm.decoder, &rm.params, &rm.head, &batch, &mut acts, Some(g))?;
         let mut grads = (&mut trunk_grads, &mut head_grads);
-        let grad_norm = if rc.max_grad_norm > 0.0 {
+        // A loss that is not finite left the gradient unset (pair_batch): its norm is not a number either.
+        let grad_norm = if !out.loss.is_finite() {
+            f64::NAN
+        } else if rc.max_grad_norm > 0.0 {
             clip_grad_norm(&mut grads, rc.max_grad_norm)
         } else {
             global_grad_norm(&grads)
