@@ -156,8 +156,6 @@ pub struct Loaded {
     /// The checkpoint directory.
     pub dir: PathBuf,
     pub model: hf::HfModel,
-    /// The scalar head, for checkpoints loaded with [`load_with_head`].
-    pub head: Option<ScalarHead>,
     pub optimizer: Optimizer,
     pub state: TrainerState,
     /// The steps the run that wrote it was to take (absent in checkpoints of older versions).
@@ -199,7 +197,7 @@ pub fn load(path: &Path, opt_cfg: OptimizerConfig) -> Result<Loaded, TrainError>
     let (dir, model, state, total_steps, opt_state) = read(path)?;
     let optimizer = Optimizer::restore(opt_cfg, &model.params, opt_state)
         .map_err(|e| TrainError::Checkpoint(dir.clone(), e.to_string()))?;
-    Ok(Loaded { dir, model, head: None, optimizer, state, total_steps })
+    Ok(Loaded { dir, model, optimizer, state, total_steps })
 }
 
 /// [`load`] for a run that trains the decoder and a scalar head as one parameter set (decoder first),
@@ -208,7 +206,7 @@ pub fn load_with_head(
     path: &Path,
     opt_cfg: OptimizerConfig,
     trainable: &dyn Fn(&str) -> bool,
-) -> Result<Loaded, TrainError> {
+) -> Result<(Loaded, ScalarHead), TrainError> {
     let (dir, model, state, total_steps, opt_state) = read(path)?;
     let head = read_head(&dir.join(HEAD_FILE), model.config.decoder.hidden)?;
     let hf::HfModel { config, params, dir: model_dir } = model;
@@ -216,14 +214,8 @@ pub fn load_with_head(
     let optimizer = Optimizer::restore_with_trainable(opt_cfg, &set, trainable, opt_state)
         .map_err(|e| TrainError::Checkpoint(dir.clone(), e.to_string()))?;
     let (params, head) = set;
-    Ok(Loaded {
-        dir,
-        model: hf::HfModel { config, params, dir: model_dir },
-        head: Some(head),
-        optimizer,
-        state,
-        total_steps,
-    })
+    let model = hf::HfModel { config, params, dir: model_dir };
+    Ok((Loaded { dir, model, optimizer, state, total_steps }, head))
 }
 
 type Read = (PathBuf, hf::HfModel, TrainerState, Option<u64>, OptimizerState);

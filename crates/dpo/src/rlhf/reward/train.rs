@@ -252,8 +252,7 @@ impl RmStart {
     /// The checkpoint `path` names (`checkpoints/step-N`, or a run directory: its newest), with its
     /// model configuration.
     pub fn resume(path: &Path, rc: &RmTrainConfig) -> Result<(Self, hf::ModelConfig), RewardModelError> {
-        let c = checkpoint::load_with_head(path, optimizer_config(rc), &trainable)?;
-        let head = c.head.expect("load_with_head returns the head");
+        let (c, head) = checkpoint::load_with_head(path, optimizer_config(rc), &trainable)?;
         let rm = RewardModel { decoder: Decoder::new(c.model.config.decoder.clone()), params: c.model.params, head };
         let start = RmStart { rm, optimizer: c.optimizer, state: c.state, resumed_total: c.total_steps, resumed: true };
         Ok((start, c.model.config))
