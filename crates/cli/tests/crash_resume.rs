@@ -159,3 +159,66 @@ fn sigkill_at_random_moments_never_leaves_a_checkpoint_that_does_not_load() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// `dpo reward-model train` on the GPT-2 fixture, batches of 4 in a seeded shuffle.
+fn reward_model_train(data: &Path, run: &Path, steps: u64) -> Command {
+    let mut c = dpo();
+    c.args(["reward-model", "train", "--lr", "5e-3", "--batch-size", "4", "--max-steps", &steps.to_string()])
+        .arg("--model")
+        .arg(model("gpt2-policy"))
+        .arg("--data")
+        .arg(data)
+        .arg("--output")
+        .arg(run);
+    c
+}
+
+#[test]
+fn reward_model_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run() {
+    let dir = scratch("rm-sigterm");
+    let steps = 300;
+    let whole = dir.join("whole");
+    succeeds(&mut reward_model_train(&prefs(), &whole, steps));
+
+    let run = dir.join("run");
+    let mut child = reward_model_train(&prefs(), &run, steps)
+        .args(["--save-every", "7"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while lines(&run.join("metrics.jsonl")) < 20 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the run did not get going");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let at = err.find("interrupted after step ").unwrap_or_else(|| panic!("no interruption message:\n{err}"));
+    let step: u64 = err[at + 23..].split('/').next().unwrap().parse().unwrap();
+    assert!((20..steps).contains(&step), "{err}");
+    let ckpt = run.join(format!("checkpoints/step-{step}"));
+    assert!(err.contains(&format!("checkpoint written to {}", ckpt.display())), "{err}");
+    assert!(err.contains(&format!("resume with: dpo reward-model train --resume {}", run.display())), "{err}");
+    assert_eq!(checkpoints(&run).last().map(|(s, _)| *s), Some(step));
+    assert!(checkpoints(&run).iter().all(|(s, _)| *s == step || s % 7 == 0));
+    assert_checkpoint_loads(&ckpt);
+    assert!(ckpt.join("reward_head.safetensors").is_file());
+    assert!(!run.join("final").exists());
+    println!("SIGTERM after step {step}/{steps}");
+
+    let err = succeeds(dpo().args(["reward-model", "train", "--resume"]).arg(&run));
+    assert!(err.contains(&format!("resuming at step {step}")), "{err}");
+    for f in ["final/model.safetensors", "final/reward_head.safetensors"] {
+        let (a, b) = (std::fs::read(run.join(f)).unwrap(), std::fs::read(whole.join(f)).unwrap());
+        assert!(a == b, "{f}: the resumed run differs from the uninterrupted one");
+    }
+    let metrics = |r: &Path| std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics(&run).lines().count() as u64, steps);
+    assert_eq!(metrics(&run), metrics(&whole), "metrics.jsonl of the resumed run");
+}

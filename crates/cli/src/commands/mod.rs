@@ -73,7 +73,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => other(Box::new(move || eval::run(*a))),
         Command::Reward(a) => other(Box::new(move || reward::run(a))),
         Command::Generate(a) => other(Box::new(move || generate::run(a))),
-        Command::RewardModel(a) => other(Box::new(move || reward_model::run(a))),
+        Command::RewardModel(a) => {
+            init_threads(threads);
+            reward_model::run(a)
+        }
         Command::BestOfN(a) => other(Box::new(move || best_of_n::run(a))),
         Command::Ppo(a) => other(Box::new(move || ppo::run(*a))),
         Command::Logps(a) => other(Box::new(move || logps::run(a))),

@@ -2,14 +2,16 @@
 //! stage), or score rows with one.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use dpo::data::{load_pairs, load_sft, read_records, DataOptions, Example};
-use dpo::rlhf::reward::{evaluate, train_reward_model, RewardModel, RmTrainConfig};
-use dpo::train::run_dir::{self, model_of, RunDir, StartMode};
-use serde::Serialize;
+use dpo::rlhf::reward::{evaluate, run_reward_model, RewardModel, RewardModelError, RmRun, RmStart, RmTrainConfig};
+use dpo::train::run_dir::{self, model_of, resume_target, RunDir, StartMode};
+use dpo::train::OnNonFinite;
+use serde::{Deserialize, Serialize};
 
-use super::train::with_hint;
+use super::train::{stop_flag, with_hint};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -21,7 +23,8 @@ pub struct Args {
 enum Command {
     /// Train a reward model (a scalar head on the last token's hidden state, trunk and head trained with
     /// the loss -log sigmoid(r_chosen - r_rejected)) and write it as a run directory (config.toml,
-    /// metrics.jsonl, final/ the reward model).
+    /// metrics.jsonl, checkpoints/, final/ the reward model). Ctrl-C or SIGTERM writes a checkpoint;
+    /// --resume continues the run bit-identically.
     Train(TrainArgs),
     /// Score the completions of every row with a reward model, one JSON line per row.
     Score(ScoreArgs),
@@ -30,16 +33,29 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// The starting model (Hugging Face directory), usually the SFT model.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    model: Option<PathBuf>,
     /// Preference rows (JSONL, JSON or Parquet).
-    #[arg(long)]
-    data: PathBuf,
-    /// Run directory: config.toml, metrics.jsonl and final/ (the reward model: an HF directory plus
-    /// reward_head.safetensors).
-    #[arg(long)]
-    output: PathBuf,
-    /// Replace a previous run in --output instead of refusing (it is replaced once the new model is written).
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
+    /// Run directory: config.toml, metrics.jsonl, checkpoints/step-N and final/ (the reward model: an HF
+    /// directory plus reward_head.safetensors).
+    #[arg(long, required_unless_present = "resume")]
+    output: Option<PathBuf>,
+    /// Continue an interrupted run: its directory (from its newest checkpoint) or one of its
+    /// checkpoints/step-N. The settings come from the run's config.toml (except --on-nonfinite; the
+    /// other training flags are not read).
+    #[arg(long, conflicts_with_all = ["model", "data", "output", "overwrite", "eval_data"])]
+    resume: Option<PathBuf>,
+    /// Write a resumable checkpoint every N steps (0: at the end and on interruption only).
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// On a NaN or infinite loss or gradient: stop (the checkpoint of the last good state is written) or
+    /// skip the step [default: stop].
+    #[arg(long, value_parser = ["stop", "skip"])]
+    on_nonfinite: Option<String>,
+    /// Replace a previous run in --output instead of refusing (it is replaced once the first checkpoint
+    /// or the new model is written).
     #[arg(long)]
     overwrite: bool,
     /// Preference rows to report loss and accuracy on (after the last step, or every --eval-every steps).
@@ -97,10 +113,10 @@ struct ScoreArgs {
     out: Option<PathBuf>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.command {
         Command::Train(t) => train(t),
-        Command::Score(s) => score(s),
+        Command::Score(s) => score(s).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -113,76 +129,154 @@ fn load(path: &Path, tok: Option<&hf::Tokenizer>, opts: &DataOptions) -> anyhow:
     Ok(loaded.examples)
 }
 
-/// config.toml of a reward-model run.
-#[derive(Serialize)]
-struct RmRunConfig<'a> {
-    model: &'a Path,
-    data: &'a Path,
-    eval_data: Option<&'a Path>,
+/// config.toml of a reward-model run (read back by --resume).
+#[derive(Serialize, Deserialize)]
+struct RmRunConfig {
+    model: PathBuf,
+    data: PathBuf,
+    eval_data: Option<PathBuf>,
     max_length: Option<usize>,
-    train: &'a RmTrainConfig,
+    save_every: u64,
+    on_nonfinite: OnNonFinite,
+    train: RmTrainConfig,
 }
 
-fn train(a: TrainArgs) -> anyhow::Result<()> {
-    let mode = if a.overwrite { StartMode::Overwrite } else { StartMode::Fresh };
-    run_dir::preflight(&a.output, mode).map_err(|e| with_hint(e, "dpo reward-model train"))?;
-    let hf::HfModel { config, params, .. } = hf::load_model(&a.model)?;
-    let tok = hf::load_tokenizer_if_present(&a.model)?;
-    let opts = DataOptions { max_length: a.max_length, ..Default::default() };
-    let pairs = load(&a.data, tok.as_ref(), &opts)?;
-    let eval = match &a.eval_data {
+impl RmRunConfig {
+    fn from_args(a: &TrainArgs) -> anyhow::Result<Self> {
+        let (Some(model), Some(data)) = (&a.model, &a.data) else { bail!("--model and --data are required") };
+        Ok(RmRunConfig {
+            model: model.clone(),
+            data: data.clone(),
+            eval_data: a.eval_data.clone(),
+            max_length: a.max_length,
+            save_every: a.save_every,
+            on_nonfinite: on_nonfinite(a).unwrap_or_default(),
+            train: RmTrainConfig {
+                lr: a.lr,
+                batch_size: a.batch_size,
+                epochs: a.epochs,
+                max_steps: a.max_steps,
+                weight_decay: a.weight_decay,
+                max_grad_norm: a.max_grad_norm,
+                seed: a.seed,
+                shuffle: !a.no_shuffle,
+                head_init_std: a.head_init_std,
+                eval_every: a.eval_every,
+            },
+        })
+    }
+
+    /// The config.toml of the run `--resume` names.
+    fn of_run(run: &Path) -> anyhow::Result<Self> {
+        let path = run.join("config.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "--resume {}: no config.toml of a reward-model run there; pass the run directory that \
+                 `dpo reward-model train --output` wrote, or one of its checkpoints/step-N",
+                run.display()
+            )
+        })?;
+        toml::from_str(&text)
+            .with_context(|| format!("{}: not the configuration of a reward-model run", path.display()))
+    }
+}
+
+const COMMAND: &str = "dpo reward-model train";
+
+fn on_nonfinite(a: &TrainArgs) -> Option<OnNonFinite> {
+    a.on_nonfinite.as_deref().map(|v| if v == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop })
+}
+
+/// The run's errors with the flag hints `dpo train` gives.
+fn hint(e: RewardModelError, output: &Path) -> anyhow::Error {
+    match e {
+        RewardModelError::Run(e) => with_hint(e, COMMAND),
+        RewardModelError::NonFinite { .. } => anyhow::Error::from(e).context(format!(
+            "`{COMMAND} --resume {} --on-nonfinite skip` continues from the last good checkpoint and skips such \
+             steps",
+            output.display()
+        )),
+        e => e.into(),
+    }
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    let log = &mut |l: &str| eprintln!("{l}");
+    let (c, output, mode) = match &a.resume {
+        Some(resume) => {
+            let run = resume_target(resume).run;
+            let mut c = RmRunConfig::of_run(&run)?;
+            c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
+            (c, run, StartMode::Resume)
+        }
+        None => {
+            let mode = if a.overwrite { StartMode::Overwrite } else { StartMode::Fresh };
+            let output = a.output.clone().context("--output is required")?;
+            (RmRunConfig::from_args(&a)?, output, mode)
+        }
+    };
+    run_dir::preflight(&output, mode).map_err(|e| with_hint(e, COMMAND))?;
+    let rc = &c.train;
+    let (start, config) = match &a.resume {
+        Some(resume) => RmStart::resume(resume, rc).map_err(|e| hint(e, &output))?,
+        None => {
+            let hf::HfModel { config, params, .. } = hf::load_model(&c.model)?;
+            (RmStart::fresh(&config.decoder, params, rc), config)
+        }
+    };
+    let tok = hf::load_tokenizer_if_present(&c.model)?;
+    let opts = DataOptions { max_length: c.max_length, ..Default::default() };
+    let pairs = load(&c.data, tok.as_ref(), &opts)?;
+    let eval = match &c.eval_data {
         Some(p) => load(p, tok.as_ref(), &opts)?,
         None => Vec::new(),
     };
-    let rc = RmTrainConfig {
-        lr: a.lr,
-        batch_size: a.batch_size,
-        epochs: a.epochs,
-        max_steps: a.max_steps,
-        weight_decay: a.weight_decay,
-        max_grad_norm: a.max_grad_norm,
-        seed: a.seed,
-        shuffle: !a.no_shuffle,
-        head_init_std: a.head_init_std,
-        eval_every: a.eval_every,
-    };
     // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
-    // aside and put back if this one fails before its model is written).
-    let mut dir =
-        RunDir::open(&a.output, mode, &mut |l| eprintln!("{l}")).map_err(|e| with_hint(e, "dpo reward-model train"))?;
-    let resolved = RmRunConfig {
-        model: &a.model,
-        data: &a.data,
-        eval_data: a.eval_data.as_deref(),
-        max_length: a.max_length,
-        train: &rc,
+    // aside and put back if this one fails before its first checkpoint or model is written).
+    let mut dir = RunDir::open(&output, mode, log).map_err(|e| with_hint(e, COMMAND))?;
+    dir.write_config(&toml::to_string_pretty(&c).context("writing config.toml")?)?;
+    let stop = stop_flag()?;
+    let run = RmRun {
+        dir: &mut dir,
+        model_cfg: &config,
+        source: &c.model,
+        save_every: c.save_every,
+        on_nonfinite: c.on_nonfinite,
+        stop: &stop,
     };
-    dir.write_config(&toml::to_string_pretty(&resolved).context("writing config.toml")?)?;
-    let (rm, stats) = train_reward_model(&config.decoder, params, &pairs, &eval, &rc, &mut |l| eprintln!("{l}"))
-        .with_context(|| format!("training a reward model on {}", a.data.display()))?;
-    let mut metrics = dir.metrics(None)?;
-    for s in &stats {
-        metrics.append(&serde_json::to_value(s)?)?;
+    let out = run_reward_model(start, &pairs, &eval, rc, Some(run), log)
+        .map_err(|e| hint(e, &output))
+        .with_context(|| format!("training a reward model on {}", c.data.display()))?;
+    if out.interrupted {
+        let ck = out.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        eprintln!(
+            "interrupted after step {}/{}; checkpoint written to {ck}\nresume with: {COMMAND} --resume {}",
+            out.steps,
+            out.total_steps,
+            output.display()
+        );
+        return Ok(ExitCode::from(130));
     }
-    let final_dir = a.output.join("final");
-    rm.save(&final_dir, &config, Some(&a.model))?;
+    let rm = out.rm;
+    let final_dir = output.join("final");
+    rm.save(&final_dir, &config, Some(&c.model))?;
     dir.started();
 
     // Accuracy of the final model over whole data sets (the step lines show one batch each).
-    let (train_loss, train_accuracy) = evaluate(&rm, &pairs, a.batch_size)?;
+    let (train_loss, train_accuracy) = evaluate(&rm, &pairs, rc.batch_size)?;
     let mut summary = serde_json::json!({
-        "steps": stats.len(),
+        "steps": out.steps,
         "train_loss": train_loss,
         "train_accuracy": train_accuracy,
         "output": final_dir,
     });
     if !eval.is_empty() {
-        let (l, acc) = evaluate(&rm, &eval, a.batch_size)?;
+        let (l, acc) = evaluate(&rm, &eval, rc.batch_size)?;
         summary["eval_loss"] = l.into();
         summary["eval_accuracy"] = acc.into();
     }
     println!("{summary}");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Whether a data file holds preference rows (judged by its first row).

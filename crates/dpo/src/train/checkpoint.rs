@@ -2,11 +2,13 @@
 //! the optimizer's state (`optimizer.safetensors`) and the trainer's position (`trainer_state.json`:
 //! step, epoch, place in the epoch's row order, token count). A checkpoint is written under a temporary
 //! name and renamed into place when complete, so a `step-<N>` directory either loads or does not exist.
+//! A run that trains a scalar head beside the decoder (the reward model) adds [`HEAD_FILE`] beside
+//! `model/`; the head's optimizer moments sit in `optimizer.safetensors` under their parameter-set names.
 
 use std::path::{Path, PathBuf};
 
 use engine::optim::{Optimizer, OptimizerConfig, OptimizerState};
-use engine::Params;
+use engine::{ParamSet, Params, ScalarHead};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
@@ -25,6 +27,9 @@ pub struct TrainerState {
     /// Steps skipped because their loss or gradient was not finite.
     pub skipped_steps: u64,
 }
+
+/// The scalar head of a checkpoint that trains one (`score.weight` `[1, d]`, `score.bias` `[1]`).
+pub const HEAD_FILE: &str = "reward_head.safetensors";
 
 pub fn checkpoints_dir(output: &Path) -> PathBuf {
     output.join("checkpoints")
@@ -46,6 +51,21 @@ pub fn save(
     state: &TrainerState,
     total_steps: u64,
 ) -> Result<PathBuf, TrainError> {
+    save_with_head(output, model_cfg, params, None, source_dir, optimizer, state, total_steps)
+}
+
+/// [`save`], with the scalar head trained beside the decoder (written to [`HEAD_FILE`]).
+#[allow(clippy::too_many_arguments)]
+pub fn save_with_head(
+    output: &Path,
+    model_cfg: &hf::ModelConfig,
+    params: &Params,
+    head: Option<&ScalarHead>,
+    source_dir: &Path,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    total_steps: u64,
+) -> Result<PathBuf, TrainError> {
     let root = checkpoints_dir(output);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
     let fin = root.join(format!("step-{}", state.step));
@@ -57,6 +77,11 @@ pub fn save(
     let result = (|| -> Result<(), TrainError> {
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         hf::save_model(&tmp.join("model"), model_cfg, params, Some(source_dir))?;
+        if let Some(head) = head {
+            let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+                head.named().into_iter().map(|(n, t)| (n, t.shape.clone(), t.data.clone())).collect();
+            hf::safetensors::write_f32(&tmp.join(HEAD_FILE), &tensors)?;
+        }
         let opt = optimizer.state();
         let steps = opt.steps;
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
@@ -169,6 +194,33 @@ pub fn newest(run: &Path) -> Result<PathBuf, TrainError> {
 
 /// Loads a checkpoint directory (`.../checkpoints/step-N`) or, given a run directory, its newest checkpoint.
 pub fn load(path: &Path, opt_cfg: OptimizerConfig) -> Result<Loaded, TrainError> {
+    let (dir, model, state, total_steps, opt_state) = read(path)?;
+    let optimizer = Optimizer::restore(opt_cfg, &model.params, opt_state)
+        .map_err(|e| TrainError::Checkpoint(dir.clone(), e.to_string()))?;
+    Ok(Loaded { dir, model, optimizer, state, total_steps })
+}
+
+/// [`load`] for a run that trains the decoder and a scalar head as one parameter set (decoder first),
+/// the optimizer training the tensors `trainable` accepts.
+pub fn load_with_head(
+    path: &Path,
+    opt_cfg: OptimizerConfig,
+    trainable: &dyn Fn(&str) -> bool,
+) -> Result<(Loaded, ScalarHead), TrainError> {
+    let (dir, model, state, total_steps, opt_state) = read(path)?;
+    let head = read_head(&dir.join(HEAD_FILE), model.config.decoder.hidden)?;
+    let hf::HfModel { config, params, dir: model_dir } = model;
+    let set = (params, head);
+    let optimizer = Optimizer::restore_with_trainable(opt_cfg, &set, trainable, opt_state)
+        .map_err(|e| TrainError::Checkpoint(dir.clone(), e.to_string()))?;
+    let (params, head) = set;
+    let model = hf::HfModel { config, params, dir: model_dir };
+    Ok((Loaded { dir, model, optimizer, state, total_steps }, head))
+}
+
+type Read = (PathBuf, hf::HfModel, TrainerState, Option<u64>, OptimizerState);
+
+fn read(path: &Path) -> Result<Read, TrainError> {
     let dir = if path.join("trainer_state.json").is_file() { path.to_path_buf() } else { newest(path)? };
     let meta_path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| TrainError::io(&meta_path, e))?;
@@ -186,7 +238,23 @@ pub fn load(path: &Path, opt_cfg: OptimizerConfig) -> Result<Loaded, TrainError>
     for info in st.tensors() {
         tensors.push((info.name.clone(), st.read_f32(&info.name)?));
     }
-    let optimizer = Optimizer::restore(opt_cfg, &model.params, OptimizerState { steps: opt_step, buffers: tensors })
-        .map_err(|e| TrainError::Checkpoint(dir.clone(), e.to_string()))?;
-    Ok(Loaded { dir, model, optimizer, state, total_steps })
+    Ok((dir, model, state, total_steps, OptimizerState { steps: opt_step, buffers: tensors }))
+}
+
+/// A checkpoint's head: `score.weight` `[1, hidden]` and `score.bias` `[1]`, both required.
+fn read_head(path: &Path, hidden: usize) -> Result<ScalarHead, TrainError> {
+    let bad = |msg: String| TrainError::Checkpoint(path.to_path_buf(), msg);
+    if !path.is_file() {
+        return Err(bad("missing: this checkpoint holds no scalar head".into()));
+    }
+    let st = hf::SafeTensors::open(path)?;
+    let w = st.read_f32(ScalarHead::WEIGHT)?;
+    if w.shape != [1, hidden] {
+        return Err(bad(format!("`{}` has shape {:?}; the trunk needs [1, {hidden}]", ScalarHead::WEIGHT, w.shape)));
+    }
+    let b = st.read_f32(ScalarHead::BIAS)?;
+    if b.data.len() != 1 {
+        return Err(bad(format!("`{}` has shape {:?}; expected [1]", ScalarHead::BIAS, b.shape)));
+    }
+    Ok(ScalarHead::new(w.data, b.data[0]))
 }

@@ -30,7 +30,9 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 pub use model::{RewardModel, HEAD_FILE};
-pub use train::{accuracy, evaluate, train_reward_model, RmStepStats, RmTrainConfig};
+pub use train::{
+    accuracy, evaluate, run_reward_model, train_reward_model, RmOutcome, RmRun, RmStart, RmStepStats, RmTrainConfig,
+};
 
 /// Why building, training, scoring, saving or loading a reward model failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,9 @@ pub enum RewardModelError {
     Head { path: PathBuf, msg: String },
     #[error("{0}")]
     Invalid(String),
+    /// Checkpoints, the run directory, metrics.
+    #[error(transparent)]
+    Run(#[from] crate::train::TrainError),
     #[error(
         "reward-model step {step}: the {what} is not finite (rows {rows}); lower the learning rate or check these rows"
     )]

@@ -255,3 +255,76 @@ fn save_then_load_gives_identical_scores() {
     assert!(foreign.join("notes.txt").is_file());
     let _ = std::fs::remove_dir_all(dir.parent().unwrap());
 }
+
+/// Named tensors of a reward model as bits, trunk then head.
+fn bits(rm: &RewardModel) -> Vec<(String, Vec<u32>)> {
+    use engine::ParamSet;
+    let mut out: Vec<(String, Vec<u32>)> =
+        rm.params.named().into_iter().map(|(n, t)| (n, t.data.iter().map(|x| x.to_bits()).collect())).collect();
+    out.extend(rm.head.named().into_iter().map(|(n, t)| (n, t.data.iter().map(|x| x.to_bits()).collect())));
+    out
+}
+
+#[test]
+fn an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one() {
+    use crate::train::{OnNonFinite, RunDir, StartMode};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let model = hf::load_model(Path::new(GPT2)).unwrap();
+    let data = separable(10, 5);
+    // 10 rows in batches of 4, shuffled: the stop after step 5 falls inside the second epoch.
+    let rc = RmTrainConfig { lr: 1e-3, batch_size: 4, max_steps: Some(8), ..Default::default() };
+    let root = std::env::temp_dir().join(format!("dpo-rm-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let source = Path::new(GPT2);
+    let go = |path: &Path, mode: StartMode, start: RmStart, stop: &AtomicBool, stop_after: Option<u64>| {
+        let mut dir = RunDir::open(path, mode, &mut |_| {}).unwrap();
+        let run = RmRun {
+            dir: &mut dir,
+            model_cfg: &model.config,
+            source,
+            save_every: 3,
+            on_nonfinite: OnNonFinite::Stop,
+            stop,
+        };
+        let mut taken = 0;
+        run_reward_model(start, &data, &[], &rc, Some(run), &mut |_| {
+            taken += 1;
+            if Some(taken) == stop_after {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap()
+    };
+    let fresh = || RmStart::fresh(&model.config.decoder, model.params.clone(), &rc);
+
+    let whole_dir = root.join("whole");
+    let whole = go(&whole_dir, StartMode::Fresh, fresh(), &AtomicBool::new(false), None);
+    assert!(!whole.interrupted);
+    assert_eq!((whole.steps, whole.stats.len()), (8, 8));
+
+    let run_dir = root.join("run");
+    let first = go(&run_dir, StartMode::Fresh, fresh(), &AtomicBool::new(false), Some(5));
+    assert!(first.interrupted);
+    assert_eq!((first.steps, first.stats.len()), (5, 5));
+    let ckpt = run_dir.join("checkpoints/step-5");
+    assert_eq!(first.checkpoint.as_deref(), Some(ckpt.as_path()));
+    assert!(ckpt.join(crate::train::checkpoint::HEAD_FILE).is_file());
+    assert!(run_dir.join("checkpoints/step-3").is_dir(), "--save-every 3");
+
+    let (start, _) = RmStart::resume(&run_dir, &rc).unwrap();
+    assert_eq!(start.state.step, 5);
+    assert_eq!((start.state.epoch, start.state.cursor), (1, 8));
+    let second = go(&run_dir, StartMode::Resume, start, &AtomicBool::new(false), None);
+    assert!(!second.interrupted);
+    assert_eq!((second.steps, second.stats.len()), (8, 3));
+
+    assert!(bits(&second.rm) == bits(&whole.rm), "resumed weights or head differ from the uninterrupted run");
+    assert_ne!(whole.rm.head, RewardModel::new(&model.config.decoder, model.params.clone(), 0.02, 42).head);
+    let losses = |s: &[RmStepStats]| s.iter().map(|x| x.loss.to_bits()).collect::<Vec<_>>();
+    let resumed: Vec<RmStepStats> = first.stats.iter().chain(&second.stats).cloned().collect();
+    assert_eq!(losses(&resumed), losses(&whole.stats));
+    let metrics = |d: &Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics(&run_dir), metrics(&whole_dir), "metrics.jsonl of the resumed run");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -3,13 +3,18 @@
 //! one global-norm clip, a linear schedule).
 
 use engine::optim::{clip_grad_norm, global_grad_norm, lr_at, Optimizer, OptimizerConfig, ScheduleKind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use engine::{Activations, Batch, Decoder, DecoderConfig, ParamSet, Params, ScalarHead};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{RewardModel, RewardModelError};
 use crate::data::Example;
 use crate::objectives::math::{log_sigmoid, sigmoid};
-use crate::train::epoch_order;
+use crate::train::checkpoint::{self, TrainerState};
+use crate::train::run_dir::RunDir;
+use crate::train::{epoch_order, OnNonFinite};
 
 /// One batch of pairs packed for rewards, and the stream rows of each sequence's last token.
 pub(super) fn pack_pairs_for_rewards(pairs: &[&Example]) -> Result<(Batch, Vec<(usize, usize)>), RewardModelError> {
@@ -105,7 +110,7 @@ pub(super) fn pair_batch(
 
 /// How a reward model is trained. Defaults follow TRL's `RewardConfig` / HF `TrainingArguments` where it
 /// has one (AdamW, linear schedule without warmup, clipping at 1.0).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RmTrainConfig {
     pub lr: f64,
     /// Pairs per optimizer step.
@@ -216,11 +221,75 @@ pub fn accuracy(rm: &RewardModel, pairs: &[Example]) -> Result<f64, RewardModelE
     Ok(evaluate(rm, pairs, 8)?.1)
 }
 
+/// Tensors the optimizer trains: the trunk's LM head is unused and the head's bias gets zero gradient.
+fn trainable(name: &str) -> bool {
+    name != "lm_head" && name != ScalarHead::BIAS
+}
+
+fn optimizer_config(rc: &RmTrainConfig) -> OptimizerConfig {
+    OptimizerConfig::adamw().with_weight_decay(rc.weight_decay)
+}
+
+/// Where a reward-model run starts: a fresh head on a trunk, or a checkpoint of an earlier run.
+pub struct RmStart {
+    pub rm: RewardModel,
+    pub optimizer: Optimizer,
+    pub state: TrainerState,
+    /// The steps the checkpoint's run was to take; `None` for a fresh start.
+    pub resumed_total: Option<u64>,
+    pub resumed: bool,
+}
+
+impl RmStart {
+    /// A trunk (`cfg`, `params`) with a fresh head, at step 0.
+    pub fn fresh(cfg: &DecoderConfig, params: Params, rc: &RmTrainConfig) -> Self {
+        let mut rm = RewardModel::new(cfg, params, rc.head_init_std, rc.seed);
+        let optimizer = Optimizer::with_trainable(optimizer_config(rc), &(&mut rm.params, &mut rm.head), trainable);
+        let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
+        RmStart { rm, optimizer, state, resumed_total: None, resumed: false }
+    }
+
+    /// The checkpoint `path` names (`checkpoints/step-N`, or a run directory: its newest), with its
+    /// model configuration.
+    pub fn resume(path: &Path, rc: &RmTrainConfig) -> Result<(Self, hf::ModelConfig), RewardModelError> {
+        let (c, head) = checkpoint::load_with_head(path, optimizer_config(rc), &trainable)?;
+        let rm = RewardModel { decoder: Decoder::new(c.model.config.decoder.clone()), params: c.model.params, head };
+        let start = RmStart { rm, optimizer: c.optimizer, state: c.state, resumed_total: c.total_steps, resumed: true };
+        Ok((start, c.model.config))
+    }
+}
+
+/// The run directory of a resumable run: checkpoints every `save_every` steps, when `stop` is set
+/// (polled between steps) and after the last step, `metrics.jsonl` one line per step.
+pub struct RmRun<'a> {
+    pub dir: &'a mut RunDir,
+    /// Describes the trunk (written as `model/` of each checkpoint).
+    pub model_cfg: &'a hf::ModelConfig,
+    /// The starting model's directory (tokenizer files are copied from it).
+    pub source: &'a Path,
+    /// 0: only when stopped and at the end.
+    pub save_every: u64,
+    pub on_nonfinite: OnNonFinite,
+    pub stop: &'a AtomicBool,
+}
+
+/// How a reward-model run ended.
+pub struct RmOutcome {
+    pub rm: RewardModel,
+    /// Metrics of the steps this call took.
+    pub stats: Vec<RmStepStats>,
+    pub steps: u64,
+    pub total_steps: u64,
+    /// Newest checkpoint this call wrote.
+    pub checkpoint: Option<PathBuf>,
+    pub interrupted: bool,
+}
+
 /// Trains a reward model from a trunk (`cfg`, `params`, usually the SFT model) on preference pairs:
 /// one AdamW over the trunk and the head (the trunk's LM head, unused, and the head's bias, whose gradient
 /// is zero, stay frozen), global-norm clipping over both, a linear schedule. The epoch order is
 /// `dpo train`'s with the same seed. Logs one line per step and the evaluation results; returns the model and the
-/// per-step metrics.
+/// per-step metrics. Without a run directory: [`run_reward_model`] has checkpoints and resume.
 pub fn train_reward_model(
     cfg: &DecoderConfig,
     params: Params,
@@ -230,63 +299,126 @@ pub fn train_reward_model(
     log: &mut dyn FnMut(&str),
 ) -> Result<(RewardModel, Vec<RmStepStats>), RewardModelError> {
     rc.validate()?;
+    let out = run_reward_model(RmStart::fresh(cfg, params, rc), pairs, eval, rc, None, log)?;
+    Ok((out.rm, out.stats))
+}
+
+/// The reward-model training loop from `start`, with checkpoints, resume, stop and non-finite handling
+/// when given a run (`run`), as `dpo train`'s loop: a checkpoint holds the trunk, the head, the
+/// optimizer's moments of both and the position in the data, so a resumed run ends bit-identical to an
+/// uninterrupted one.
+pub fn run_reward_model(
+    start: RmStart,
+    pairs: &[Example],
+    eval: &[Example],
+    rc: &RmTrainConfig,
+    mut run: Option<RmRun>,
+    log: &mut dyn FnMut(&str),
+) -> Result<RmOutcome, RewardModelError> {
+    rc.validate()?;
     if pairs.is_empty() {
         return Err(RewardModelError::Invalid("no preference pairs to train the reward model on".into()));
     }
-    let mut rm = RewardModel::new(cfg, params, rc.head_init_std, rc.seed);
-    let opt_cfg = OptimizerConfig::adamw().with_weight_decay(rc.weight_decay);
-    let trainable = |n: &str| n != "lm_head" && n != ScalarHead::BIAS;
-    let mut opt = Optimizer::with_trainable(opt_cfg, &(&mut rm.params, &mut rm.head), trainable);
-    let mut trunk_grads = Params::zeros(cfg);
+    let RmStart { mut rm, mut optimizer, mut state, resumed_total, resumed } = start;
+    let cfg = rm.decoder.cfg.clone();
+    let mut trunk_grads = Params::zeros(&cfg);
     let mut head_grads = ScalarHead::zeros(cfg.hidden);
     let mut acts = Activations::default();
 
     let rows = pairs.len();
     let total = rc.total_steps(rows);
-    let (mut epoch, mut cursor) = (0u64, 0usize);
-    let mut order = epoch_order(rows, epoch, rc.seed, rc.shuffle);
-    let mut stats = Vec::with_capacity(total as usize);
-    let mut num_tokens = 0u64;
-    for step in 0..total {
-        if cursor >= rows {
-            epoch += 1;
-            cursor = 0;
-            order = epoch_order(rows, epoch, rc.seed, rc.shuffle);
+    if let Some(before) = resumed_total.filter(|&b| b != total) {
+        log(&format!(
+            "the run was to take {before} steps and now takes {total}: the linear learning-rate schedule changes \
+             from step {} on",
+            state.step + 1
+        ));
+    }
+    let mut metrics = match run.as_mut() {
+        Some(r) => {
+            if resumed {
+                log(&format!("resuming at step {}", state.step));
+                r.dir.abandon_after(state.step, log)?;
+            }
+            Some(r.dir.metrics(resumed.then_some(state.step))?)
         }
-        let end = (cursor + rc.batch_size).min(rows);
-        let batch: Vec<&Example> = order[cursor..end].iter().map(|&i| &pairs[i]).collect();
-        cursor = end;
+        None => None,
+    };
+    let save = |run: &mut RmRun, rm: &RewardModel, optimizer: &Optimizer, state: &TrainerState| {
+        let output = run.dir.path().to_path_buf();
+        let (p, h) = (&rm.params, Some(&rm.head));
+        let path = checkpoint::save_with_head(&output, run.model_cfg, p, h, run.source, optimizer, state, total)?;
+        checkpoint::prune(&output, 0);
+        run.dir.started();
+        Ok::<_, RewardModelError>(path)
+    };
+    let mut order = epoch_order(rows, state.epoch, rc.seed, rc.shuffle);
+    let mut stats = Vec::with_capacity(total.saturating_sub(state.step) as usize);
+    let mut newest = None;
+    while state.step < total {
+        if let Some(r) = run.as_mut().filter(|r| r.stop.load(Ordering::SeqCst)) {
+            let p = save(r, &rm, &optimizer, &state)?;
+            let steps = state.step;
+            return Ok(RmOutcome { rm, stats, steps, total_steps: total, checkpoint: Some(p), interrupted: true });
+        }
+        let before = state.clone();
+        if state.cursor >= rows {
+            state.epoch += 1;
+            state.cursor = 0;
+            order = epoch_order(rows, state.epoch, rc.seed, rc.shuffle);
+        }
+        let end = (state.cursor + rc.batch_size).min(rows);
+        let batch: Vec<&Example> = order[state.cursor..end].iter().map(|&i| &pairs[i]).collect();
+        state.cursor = end;
 
         trunk_grads.fill_zero();
         head_grads.fill_zero();
         let g = Grads { trunk: &mut trunk_grads, head: &mut head_grads };
         let out = pair_batch(&rm.decoder, &rm.params, &rm.head, &batch, &mut acts, Some(g))?;
         let mut grads = (&mut trunk_grads, &mut head_grads);
-        let grad_norm = if rc.max_grad_norm > 0.0 {
+        // A loss that is not finite left the gradient unset (pair_batch): its norm is not a number either.
+        let grad_norm = if !out.loss.is_finite() {
+            f64::NAN
+        } else if rc.max_grad_norm > 0.0 {
             clip_grad_norm(&mut grads, rc.max_grad_norm)
         } else {
             global_grad_norm(&grads)
         };
+        let lr = lr_at(ScheduleKind::Linear, rc.lr, 0, total, state.step);
+        state.num_tokens += out.tokens as u64;
+        state.step += 1;
         if !out.loss.is_finite() || !grad_norm.is_finite() {
             let rows = batch.iter().map(|e| e.location.as_str()).collect::<Vec<_>>().join(", ");
             let what = if out.loss.is_finite() { "gradient" } else { "loss" };
-            return Err(RewardModelError::NonFinite { step: step + 1, what, rows });
+            match run.as_mut() {
+                Some(r) if r.on_nonfinite == OnNonFinite::Skip => {
+                    log(&format!("step {}: {what} not finite (rows {rows}); step skipped", state.step));
+                    state.skipped_steps += 1;
+                }
+                Some(r) => {
+                    // Not applied: the weights and optimizer are those after the last good step, and the
+                    // checkpoint of that state resumes before this batch.
+                    let p = save(r, &rm, &optimizer, &before)?;
+                    log(&format!("checkpoint of the last good state written to {}", p.display()));
+                    return Err(RewardModelError::NonFinite { step: state.step, what, rows });
+                }
+                None => return Err(RewardModelError::NonFinite { step: state.step, what, rows }),
+            }
+        } else {
+            optimizer.step(&mut (&mut rm.params, &mut rm.head), &grads, lr);
         }
-        let lr = lr_at(ScheduleKind::Linear, rc.lr, 0, total, step);
-        opt.step(&mut (&mut rm.params, &mut rm.head), &grads, lr);
-        num_tokens += out.tokens as u64;
 
         let k = out.chosen.len() as f64;
         let mut s = RmStepStats {
-            step: step + 1,
-            epoch: epoch as f64 + cursor as f64 / rows as f64,
+            step: state.step,
+            epoch: state.epoch as f64 + state.cursor as f64 / rows as f64,
             loss: out.loss,
             accuracy: out.accuracy(),
             margin: out.chosen.iter().zip(&out.rejected).map(|(w, l)| w - l).sum::<f64>() / k,
             mean_reward: (out.chosen.iter().sum::<f64>() + out.rejected.iter().sum::<f64>()) / (2.0 * k),
             grad_norm,
             learning_rate: lr,
-            num_tokens,
+            num_tokens: state.num_tokens,
             eval_loss: None,
             eval_accuracy: None,
         };
@@ -301,7 +433,15 @@ pub fn train_reward_model(
             line += &format!("  eval loss {l:.4}  eval acc {a:.3}");
         }
         log(&line);
+        if let Some(m) = metrics.as_mut() {
+            m.append(&serde_json::to_value(&s).expect("metrics serialize"))?;
+        }
         stats.push(s);
+        if let Some(r) = run.as_mut() {
+            if state.step == total || (r.save_every > 0 && state.step.is_multiple_of(r.save_every)) {
+                newest = Some(save(r, &rm, &optimizer, &state)?);
+            }
+        }
     }
-    Ok((rm, stats))
+    Ok(RmOutcome { rm, stats, steps: state.step, total_steps: total, checkpoint: newest, interrupted: false })
 }
