@@ -231,15 +231,15 @@ pub fn pair_batch(
 
 #[cfg(test)]
 mod tests {
-    use engine::presets::{gpt2_small, init_random};
-    use engine::DecoderConfig;
+    use engine::presets::init_random;
+    use engine::{DecoderConfig, Dims};
 
     use super::*;
     use crate::data::pack::pack_sequences;
     use crate::objectives::pair_loss;
 
     fn tiny() -> (Decoder, Params) {
-        let cfg = DecoderConfig {
+        let cfg = DecoderConfig::gpt2(Dims {
             vocab_size: 32,
             hidden: 16,
             n_layers: 2,
@@ -248,8 +248,7 @@ mod tests {
             head_dim: 8,
             ffn_hidden: 32,
             max_positions: 64,
-            ..gpt2_small()
-        };
+        });
         let params = init_random(&cfg, 0.5, 7);
         (Decoder::new(cfg), params)
     }
