@@ -7,6 +7,7 @@ pub mod config;
 pub mod generate;
 mod head_norm;
 pub mod kernels;
+pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod params;
@@ -16,6 +17,7 @@ pub mod scalar_head;
 
 pub use batch::{Batch, Span, Target};
 pub use config::*;
+pub use lora::{Adapter, LayerAdapter, LoraPair, LoraTarget, Site};
 pub use model::{Activations, Decoder, EngineError, HeadOutput, PendingEmbeddingGrads};
 pub use params::{LayerParams, NormParams, ParamSet, Params, Tensor};
 pub use scalar_head::ScalarHead;
