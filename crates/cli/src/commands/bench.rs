@@ -10,9 +10,11 @@ use dpo::data::{Example, Packing};
 use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
 use dpo::train::checkpoint::TrainerState;
+use dpo::train::memory::{self, AdapterPlan, MemoryPlan};
 use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trained, Trainer, Workload};
 use engine::optim::{Optimizer, ScheduleKind};
 use engine::rng::Rng;
+use engine::ParamSet;
 use engine::{presets, Adapter, Decoder, DecoderConfig};
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +145,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
     let mut trainer = Trainer::new(&train_cfg, decoder, trained, base, optimizer, state, workload.rows())?;
     let setup_s = t_setup.elapsed().as_secs_f64();
+    let estimate = estimated_peak(&cfg, &a, trainer.trained.adapter(), &train_cfg);
 
     let mut times = Vec::new();
     for step in 0..a.steps {
@@ -175,6 +178,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "gflop_per_s": (gflop / med * 10.0).round() / 10.0,
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "peak_rss_mb": peak_rss_mb(),
+        "estimated_peak_mb": estimate >> 20,
     });
     println!("{line}");
     Ok(())
@@ -199,6 +203,27 @@ fn step_flops(cfg: &engine::DecoderConfig, a: &Args) -> f64 {
     let backward = if a.lora_r.is_some() { 1.0 } else { 2.0 };
     let passes = 1.0 + backward + if a.precompute_ref { 0.0 } else { 1.0 };
     passes * forward * a.pairs as f64
+}
+
+/// The trainer's own estimate of this run's peak memory (`dpo train`'s, before it loads anything).
+fn estimated_peak(cfg: &DecoderConfig, a: &Args, adapter: Option<&Adapter>, train: &TrainConfig) -> u64 {
+    let opt = train.optimizer_config();
+    let row = if a.no_prefix_sharing { 2 * (a.prompt + a.completion) } else { a.prompt + 2 * a.completion };
+    let adapter = adapter.map(|ad| AdapterPlan {
+        params: ad.numel() as u64,
+        kept_per_token: ad.layers.iter().flat_map(|l| &l.pairs).map(|p| p.target.r as u64).sum(),
+        ..AdapterPlan::default()
+    });
+    let in_flight = if a.micro_pairs > 0 { a.micro_pairs.min(a.pairs) } else { a.pairs };
+    let plan = MemoryPlan {
+        policy: cfg,
+        optimizer: &opt,
+        reference: (!a.precompute_ref).then_some(cfg),
+        row_tokens: vec![row as u64; a.pairs],
+        batch_size: in_flight,
+        adapter,
+    };
+    memory::estimate(&plan).total()
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MiB; 0 where unavailable.
