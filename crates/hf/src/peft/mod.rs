@@ -109,4 +109,3 @@ pub fn save_merged(out: &Path, base: &HfModel, adapter: &Adapter) -> Result<()> 
     let merged = merged_params(&base.params, adapter, &base.config)?;
     save_model(out, &base.config, &merged, Some(&base.dir))
 }
-
