@@ -456,3 +456,74 @@ fn fresh_configs_from_flags() {
     other.layers[0].pairs.pop();
     assert!(save_adapter(&tmp.path().join("b"), &c, &other, &llama).is_err());
 }
+
+/// PEFT itself loads what is saved here: for every family, a random adapter on all linear layers (B
+/// nonzero) saved with [`save_adapter`] must make `PeftModel.from_pretrained(base, dir)` create exactly
+/// the file's LoRA modules and give the logits of our merged model; the fixtures re-saved give PEFT's
+/// logits of the originals. Needs the reference venv (`DPO_REFERENCE_PYTHON`, default
+/// /work/venv/bin/python): `cargo test --release -p dpo-hf --test peft -- --ignored --nocapture`.
+#[test]
+#[ignore = "needs Python with torch, transformers and peft"]
+fn peft_loads_what_we_save() {
+    let python = std::env::var("DPO_REFERENCE_PYTHON").unwrap_or_else(|_| "/work/venv/bin/python".into());
+    let tmp = scratch("peft-python");
+    let mut cases = Vec::new();
+    let families = [
+        parity("models/gpt2-policy"),
+        parity("models/llama-policy"),
+        parity("models/neox-policy"),
+        more("models/qwen3-policy"),
+        more("models/phi3-policy"),
+        more("models/gptj-policy"),
+        more("models/gemma3-policy"),
+        more("models/smollm3-policy"),
+    ];
+    for (i, dir) in families.iter().enumerate() {
+        let base = load_model(dir).unwrap();
+        let cfg = fresh_config(4, 8.0, 0.0, i % 2 == 1, &["all-linear".into()], &base.config).unwrap();
+        let mut adapter = Adapter::zeros(&base.config.decoder, &resolve_targets(&cfg, &base.config).unwrap(), 0.0);
+        let mut rng = Rng::new(11 + i as u64);
+        adapter.init_peft(&mut rng);
+        for p in adapter.layers.iter_mut().flat_map(|l| l.pairs.iter_mut()) {
+            p.b.data.iter_mut().for_each(|v| *v = (rng.uniform() as f32 - 0.5) * 0.2);
+        }
+        let (a, m) = (tmp.path().join(format!("{i}-adapter")), tmp.path().join(format!("{i}-merged")));
+        save_adapter(&a, &cfg, &adapter, &base.config).unwrap();
+        save_merged(&m, &base, &adapter).unwrap();
+        cases.push(json!({"base": dir, "adapter": a, "merged": m, "reference": null}));
+    }
+    for arch in ARCHS {
+        let base = load_model(&lora(arch, "base")).unwrap();
+        for which in ["init_adapter", "trained_adapter"] {
+            let loaded = load_adapter(&lora(arch, which), &base.config).unwrap();
+            let a = tmp.path().join(format!("{arch}-{which}"));
+            save_adapter(&a, &loaded.config, &loaded.adapter, &base.config).unwrap();
+            let m = tmp.path().join(format!("{arch}-{which}-merged"));
+            save_merged(&m, &base, &loaded.adapter).unwrap();
+            cases.push(json!({"base": lora(arch, "base"), "adapter": a, "merged": m, "reference": lora(arch, which)}));
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peft_check.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args(cases.iter().map(Value::to_string))
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), cases.len());
+    for r in &rows {
+        eprintln!("{r}");
+        assert_eq!(r["modules_match"], true, "{r}");
+        assert_eq!(r["values_equal"], true, "{r}");
+        // llama's starting adapter is PEFT's own initialisation: B zero, the base's outputs exactly.
+        let fresh_peft_init = r["adapter"].as_str().unwrap().ends_with("llama-init_adapter");
+        let change = r["max_abs_logit_change_by_adapter"].as_f64().unwrap();
+        assert!(if fresh_peft_init { change == 0.0 } else { change > 1e-3 }, "{r}");
+        assert!(r["max_abs_logit_diff_vs_merged"].as_f64().unwrap() <= 1e-4, "{r}");
+        if let Some(d) = r["max_abs_logit_diff_vs_reference"].as_f64() {
+            assert_eq!(d, 0.0, "{r}");
+        }
+    }
+}
