@@ -449,6 +449,9 @@ fn fresh_configs_from_flags() {
     let tmp = TempDir::new("peft-fresh");
     save_adapter(&tmp.path().join("a"), &c, &a, &llama).unwrap();
     let back = load_adapter(&tmp.path().join("a"), &llama).unwrap();
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("a").join(CONFIG_FILE)).unwrap()).unwrap();
+    assert_eq!((&written["lora_dropout"], &written["target_modules"]), (&json!(0.1), &json!("all-linear")));
     assert_eq!(back.adapter, a);
     assert_eq!(back.config.base_model_name_or_path, c.base_model_name_or_path);
     // An adapter its configuration does not describe is not saved.

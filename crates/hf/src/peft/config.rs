@@ -302,7 +302,8 @@ impl LoraConfig {
             "loftq_config": {},
             "lora_alpha": number(self.lora_alpha),
             "lora_bias": false,
-            "lora_dropout": dropout as f64,
+            // The f32's shortest decimal (0.1, not 0.10000000149011612).
+            "lora_dropout": dropout.to_string().parse::<f64>().unwrap_or(dropout as f64),
             "lora_ga_config": null,
             "megatron_config": null,
             "megatron_core": "megatron.core",
