@@ -530,3 +530,28 @@ fn peft_loads_what_we_save() {
         }
     }
 }
+
+#[test]
+fn rank_patterns_apply_in_file_order() {
+    // PEFT takes the first matching pattern in the file's order; sorted, `layers.1...` would come first.
+    let tmp = scratch("peft-order");
+    let p = tmp.path().join(CONFIG_FILE);
+    let text = r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8.5,
+        "target_modules": ["q_proj"], "layers_to_transform": 1,
+        "rank_pattern": {"q_proj": 2, "layers.1.self_attn.q_proj": 16}}"#;
+    std::fs::write(&p, text).unwrap();
+    let c = LoraConfig::read(&p).unwrap();
+    assert_eq!(c.rank_pattern, [("q_proj".to_string(), 2), ("layers.1.self_attn.q_proj".to_string(), 16)]);
+    assert_eq!(c.layers_to_transform, Some(vec![1]));
+    let ts = resolve_targets(&c, &base_config("llama")).unwrap();
+    assert!(ts[0].is_empty());
+    assert_eq!((ts[1][0].r, ts[1][0].scale), (2, 4.25));
+    // Written back with PEFT's defaults for the fields the file left out, and read back the same.
+    let out = tmp.path().join("saved");
+    let model = base_config("llama");
+    let mut a = Adapter::zeros(&model.decoder, &ts, 0.0);
+    a.init_peft(&mut Rng::new(5));
+    save_adapter(&out, &c, &a, &model).unwrap();
+    let back = load_adapter(&out, &model).unwrap();
+    assert_eq!((back.adapter, back.config.lora_alpha), (a, 8.5));
+}
