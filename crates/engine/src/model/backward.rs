@@ -5,7 +5,8 @@ use crate::batch::Batch;
 use crate::kernels as k;
 use crate::params::Params;
 
-use super::acts::{fit, Activations, PendingEmbeddingGrads};
+use super::acts::{fit, Activations, Keep, PendingEmbeddingGrads};
+use super::block::Attend;
 use super::{bias, bias_mut, embedding_scale, norm_backward, norm_forward, Decoder, EngineError};
 
 impl Decoder {
@@ -93,7 +94,7 @@ impl Decoder {
     }
 
     /// Backward from a gradient on the final hidden states (`[N, d]`): accumulates into `grads`.
-    /// Needs a forward with `keep = true` on the same batch.
+    /// Needs a forward with [`Keep::All`] or [`Keep::LayerInputs`] on the same batch.
     pub fn backward(
         &self,
         p: &Params,
@@ -116,9 +117,9 @@ impl Decoder {
     ) -> Result<(), EngineError> {
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
-        if !acts.kept || acts.n != n {
+        if acts.kept == Keep::None || acts.n != n {
             return Err(EngineError::MalformedBatch(
-                "backward needs a forward with keep=true on the same batch".into(),
+                "backward needs a forward with Keep::All or Keep::LayerInputs on the same batch".into(),
             ));
         }
         let extended = self.extended_rope(b);
@@ -149,7 +150,26 @@ impl Decoder {
 
         for l in (0..cfg.n_layers).rev() {
             let rope = self.block_rope(rope, l);
-            self.block_backward(&p.layers[l], l, &mut grads.layers[l], b, &acts.layers[l], s, rope);
+            let (lp, lg) = (&p.layers[l], &mut grads.layers[l]);
+            if acts.kept != Keep::LayerInputs {
+                self.block_backward(lp, l, lg, b, &acts.layers[l], s, rope);
+                continue;
+            }
+            // Checkpointed: the layer's kept input moves into the slot for the block's backward (which
+            // reads it) and back out after it.
+            std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
+            if acts.work_layer != Some(l) {
+                // Re-run the block from its input into the slot. Its output (layer l+1's input again)
+                // goes to s.dh, which block_backward overwrites before reading; s.dx, the gradient carried
+                // from layer to layer, is not touched by a forward.
+                let mut out = std::mem::take(&mut s.dh);
+                let attend = Attend::Packed { batch: b, cache: None };
+                self.block_forward(lp, l, &mut acts.work, s, rope, attend, &mut out);
+                s.dh = out;
+                acts.work_layer = Some(l);
+            }
+            self.block_backward(lp, l, lg, b, &acts.work, s, rope);
+            std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
         }
         if let Some(scale) = embedding_scale(cfg) {
             // The lookups' output was scaled: so is the gradient that reaches the table.

@@ -4,27 +4,33 @@ use crate::batch::Batch;
 use crate::kernels as k;
 use crate::params::Params;
 
-use super::acts::{fit, Activations, HeadOutput, LayerActs};
+use super::acts::{fit, Activations, HeadOutput, Keep};
 use super::block::Attend;
 use super::{bias, embedding_scale, norm_forward, Decoder, EngineError};
 
 impl Decoder {
-    /// Runs the trunk: fills `acts.hidden` (`[N, d]`, after the final norm). With `keep`, stores what
-    /// [`Decoder::backward`] needs; without it, reuses one set of buffers for every layer.
-    pub fn forward(&self, p: &Params, b: &Batch, acts: &mut Activations, keep: bool) -> Result<(), EngineError> {
+    /// Runs the trunk: fills `acts.hidden` (`[N, d]`, after the final norm). What it keeps for
+    /// [`Decoder::backward`] is `keep` (a `bool`: [`Keep::All`] or [`Keep::None`]); without it, one set
+    /// of buffers serves every layer.
+    pub fn forward(
+        &self,
+        p: &Params,
+        b: &Batch,
+        acts: &mut Activations,
+        keep: impl Into<Keep>,
+    ) -> Result<(), EngineError> {
+        let keep = keep.into();
         self.check_batch(b)?;
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
         let extended = self.extended_rope(b);
         let rope = extended.as_ref().or(self.rope.as_ref());
         acts.n = n;
-        acts.kept = keep;
-        let slots = if keep { cfg.n_layers } else { 1 };
-        acts.layers.resize_with(slots, LayerActs::default);
+        acts.prepare_layers(keep, cfg.n_layers);
 
         // The residual stream lives in each layer's `x`: layer l writes its output straight into layer
-        // l+1's slot. Without `keep` there is one slot, and its input and `x_final` swap roles each layer.
-        // Buffers are reused from call to call, so a training step allocates nothing large.
+        // l+1's slot. With `Keep::None` there is one slot, and its input and `x_final` swap roles each
+        // layer. Buffers are reused from call to call, so a training step allocates nothing large.
         fit(&mut acts.layers[0].x, n * d);
         k::embedding_forward(
             &mut acts.layers[0].x,
@@ -39,17 +45,27 @@ impl Decoder {
         }
         let n_layers = p.layers.len();
         for (l, lp) in p.layers.iter().enumerate() {
-            let to_next_slot = keep && l + 1 < n_layers;
+            let to_next_slot = keep != Keep::None && l + 1 < n_layers;
             let mut out = if to_next_slot {
                 std::mem::take(&mut acts.layers[l + 1].x)
             } else {
                 std::mem::take(&mut acts.x_final)
             };
             fit(&mut out, n * d);
-            let slot = if keep { l } else { 0 };
             let attend = Attend::Packed { batch: b, cache: None };
             let rope = self.block_rope(rope, l);
-            self.block_forward(lp, l, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
+            match keep {
+                Keep::LayerInputs => {
+                    // The block runs in the one slot: the input moves in for it and back out after, and
+                    // the slot's other buffers hold this layer's activations until the next block.
+                    std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
+                    self.block_forward(lp, l, &mut acts.work, &mut acts.scratch, rope, attend, &mut out);
+                    std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
+                    acts.work_layer = Some(l);
+                }
+                Keep::All => self.block_forward(lp, l, &mut acts.layers[l], &mut acts.scratch, rope, attend, &mut out),
+                Keep::None => self.block_forward(lp, l, &mut acts.layers[0], &mut acts.scratch, rope, attend, &mut out),
+            }
             if to_next_slot {
                 acts.layers[l + 1].x = out;
             } else if l + 1 < n_layers {
@@ -91,7 +107,7 @@ impl Decoder {
         p: &Params,
         b: &Batch,
         acts: &mut Activations,
-        keep: bool,
+        keep: impl Into<Keep>,
     ) -> Result<HeadOutput, EngineError> {
         self.forward(p, b, acts, keep)?;
         Ok(self.head_forward(p, b, acts))

@@ -11,7 +11,7 @@ mod backward;
 mod block;
 mod forward;
 
-pub use acts::{Activations, HeadOutput, PendingEmbeddingGrads};
+pub use acts::{Activations, HeadOutput, Keep, PendingEmbeddingGrads};
 pub(crate) use acts::{LayerActs, Scratch};
 pub(crate) use block::Attend;
 
@@ -101,7 +101,7 @@ impl Decoder {
     }
 
     /// Floats per token that [`Decoder::forward`] holds (see [`Activations::floats_per_token`]).
-    pub fn activation_floats_per_token(&self, keep: bool) -> u64 {
+    pub fn activation_floats_per_token(&self, keep: impl Into<Keep>) -> u64 {
         Activations::floats_per_token(&self.cfg, keep)
     }
 
