@@ -5,6 +5,8 @@ use crate::config::DecoderConfig;
 use crate::kernels as k;
 use crate::params::Params;
 
+use super::lora_block::{LoraActs, LoraScratch};
+
 /// Per-token words of the batch (token, position) and of the head's per-target vectors (target position
 /// and token, log-sum-exp, log-prob, logit sum, log-prob gradient), counting one target per token.
 const BATCH_FLOATS_PER_TOKEN: u64 = 8;
@@ -47,6 +49,7 @@ pub(crate) struct LayerActs {
     pub(crate) mlp_pre: Vec<f32>, // [N, mlp_in_dim]
     pub(crate) o_pre: Vec<f32>,   // [N, d] attention projection before its norm (post_norms only)
     pub(crate) mlp_out: Vec<f32>, // [N, d] MLP output before its norm (post_norms only)
+    pub(crate) lora: LoraActs,    // the adapter's `u` per pair (with an adapter only)
 }
 
 impl LayerActs {
@@ -77,17 +80,18 @@ impl LayerActs {
 /// Buffers a block overwrites before reading; one set serves every layer.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    pub(crate) h: Vec<f32>,      // [N, d] norm output, then (forward) the MLP output
-    pub(crate) o: Vec<f32>,      // [N, d] attention projection output
-    pub(crate) act: Vec<f32>,    // [N, ff] MLP activation
-    pub(crate) stat_a: Vec<f32>, // [N] mean
-    pub(crate) stat_b: Vec<f32>, // [N] rstd
-    pub(crate) dx: Vec<f32>,     // [N, d]
-    pub(crate) dh: Vec<f32>,     // [N, d]
-    pub(crate) dact: Vec<f32>,   // [N, ff]
-    pub(crate) dpre: Vec<f32>,   // [N, mlp_in]
-    pub(crate) dattn: Vec<f32>,  // [N, attn_dim]
-    pub(crate) dqkv: Vec<f32>,   // [N, qkv_dim]
+    pub(crate) h: Vec<f32>,       // [N, d] norm output, then (forward) the MLP output
+    pub(crate) o: Vec<f32>,       // [N, d] attention projection output
+    pub(crate) act: Vec<f32>,     // [N, ff] MLP activation
+    pub(crate) stat_a: Vec<f32>,  // [N] mean
+    pub(crate) stat_b: Vec<f32>,  // [N] rstd
+    pub(crate) dx: Vec<f32>,      // [N, d]
+    pub(crate) dh: Vec<f32>,      // [N, d]
+    pub(crate) dact: Vec<f32>,    // [N, ff]
+    pub(crate) dpre: Vec<f32>,    // [N, mlp_in]
+    pub(crate) dattn: Vec<f32>,   // [N, attn_dim]
+    pub(crate) dqkv: Vec<f32>,    // [N, qkv_dim]
+    pub(crate) lora: LoraScratch, // the adapter's (with an adapter only)
 }
 
 impl Scratch {
@@ -115,6 +119,9 @@ pub struct Activations {
     /// The layer whose activations `work` holds: the last after forward, then each layer backward
     /// recomputed, so that the last layer's block is not run twice in a row.
     pub(crate) work_layer: Option<usize>,
+    /// The adapter's dropout seed of the pass ([`super::Model::dropout_seed`]): a checkpointed backward
+    /// recomputes each block with the masks its forward drew.
+    pub(crate) dropout_seed: Option<u64>,
     /// `[N, d]` input of the final norm
     pub(crate) x_final: Vec<f32>,
     /// `[N, d]` final hidden states (after the final norm): what the LM head, a reward head or a value

@@ -1,32 +1,35 @@
 //! The trunk and the LM head, forward: embeddings, the blocks, the final norm, log-probs at the targets.
 
-use crate::batch::Batch;
-use crate::kernels as k;
-use crate::params::Params;
-
 use super::acts::{fit, Activations, HeadOutput, Keep};
 use super::block::Attend;
-use super::{bias, embedding_scale, norm_forward, Decoder, EngineError};
+use super::{bias, embedding_scale, norm_forward, Decoder, EngineError, Model};
+use crate::batch::Batch;
+use crate::kernels as k;
 
 impl Decoder {
-    /// Runs the trunk: fills `acts.hidden` (`[N, d]`, after the final norm). What it keeps for
-    /// [`Decoder::backward`] is `keep` (a `bool`: [`Keep::All`] or [`Keep::None`]); without it, one set
-    /// of buffers serves every layer.
-    pub fn forward(
+    /// Runs the trunk of `model` (a `&Params`, or a [`Model`] with an adapter): fills `acts.hidden`
+    /// (`[N, d]`, after the final norm). What it keeps for [`Decoder::backward`] is `keep` (a `bool`:
+    /// [`Keep::All`] or [`Keep::None`]); a pass that keeps something applies the adapter's dropout if
+    /// [`Model::dropout_seed`] is set. With [`Keep::None`], one set of buffers serves every layer.
+    pub fn forward<'m>(
         &self,
-        p: &Params,
+        model: impl Into<Model<'m>>,
         b: &Batch,
         acts: &mut Activations,
         keep: impl Into<Keep>,
     ) -> Result<(), EngineError> {
-        let keep = keep.into();
+        let (model, keep) = (model.into(), keep.into());
         self.check_batch(b)?;
+        model.check(&self.cfg)?;
+        let p = model.base;
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
         let extended = self.extended_rope(b);
         let rope = extended.as_ref().or(self.rope.as_ref());
         acts.n = n;
         acts.prepare_layers(keep, cfg.n_layers);
+        acts.dropout_seed = model.dropout_seed;
+        let train = keep != Keep::None;
 
         // The residual stream lives in each layer's `x`: layer l writes its output straight into layer
         // l+1's slot. With `Keep::None` there is one slot, and its input and `x_final` swap roles each
@@ -45,7 +48,7 @@ impl Decoder {
         }
         let n_layers = p.layers.len();
         for (l, lp) in p.layers.iter().enumerate() {
-            let to_next_slot = keep != Keep::None && l + 1 < n_layers;
+            let to_next_slot = train && l + 1 < n_layers;
             let mut out = if to_next_slot {
                 std::mem::take(&mut acts.layers[l + 1].x)
             } else {
@@ -54,17 +57,19 @@ impl Decoder {
             fit(&mut out, n * d);
             let attend = Attend::Packed { batch: b, cache: None };
             let rope = self.block_rope(rope, l);
+            let adapter = model.layer_lora(l, train);
+            let s = &mut acts.scratch;
             match keep {
                 Keep::LayerInputs => {
                     // The block runs in the one slot: the input moves in for it and back out after, and
                     // the slot's other buffers hold this layer's activations until the next block.
                     std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
-                    self.block_forward(lp, l, &mut acts.work, &mut acts.scratch, rope, attend, &mut out);
+                    self.block_forward(lp, l, adapter, &mut acts.work, s, rope, attend, &mut out);
                     std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
                     acts.work_layer = Some(l);
                 }
-                Keep::All => self.block_forward(lp, l, &mut acts.layers[l], &mut acts.scratch, rope, attend, &mut out),
-                Keep::None => self.block_forward(lp, l, &mut acts.layers[0], &mut acts.scratch, rope, attend, &mut out),
+                Keep::All => self.block_forward(lp, l, adapter, &mut acts.layers[l], s, rope, attend, &mut out),
+                Keep::None => self.block_forward(lp, l, adapter, &mut acts.layers[0], s, rope, attend, &mut out),
             }
             if to_next_slot {
                 acts.layers[l + 1].x = out;
@@ -83,7 +88,8 @@ impl Decoder {
     }
 
     /// Log-probs at the batch's targets from `acts.hidden` (after [`Decoder::forward`]).
-    pub fn head_forward(&self, p: &Params, b: &Batch, acts: &mut Activations) -> HeadOutput {
+    pub fn head_forward<'m>(&self, model: impl Into<Model<'m>>, b: &Batch, acts: &mut Activations) -> HeadOutput {
+        let p = model.into().base;
         let t = b.targets.len();
         let mut out = HeadOutput { logp: vec![0.0; t], logit_sum: vec![0.0; t] };
         fit(&mut acts.head_lse, t);
@@ -102,14 +108,15 @@ impl Decoder {
     }
 
     /// Forward through trunk and head: per-target log-probs.
-    pub fn logprobs(
+    pub fn logprobs<'m>(
         &self,
-        p: &Params,
+        model: impl Into<Model<'m>>,
         b: &Batch,
         acts: &mut Activations,
         keep: impl Into<Keep>,
     ) -> Result<HeadOutput, EngineError> {
-        self.forward(p, b, acts, keep)?;
-        Ok(self.head_forward(p, b, acts))
+        let model = model.into();
+        self.forward(model, b, acts, keep)?;
+        Ok(self.head_forward(model, b, acts))
     }
 }
