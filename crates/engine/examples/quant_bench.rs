@@ -2,7 +2,11 @@
 //!
 //!     cargo run --release -p dpo-engine --example quant_bench [-- OUT IN N]   (default 2048 2048 256)
 //!
-//! Prints the median of several runs per storage in GFLOP/s (`2 N in out` flops per product).
+//! Prints, per storage and product, the median of several runs in GFLOP/s (`2 N in out` flops per
+//! product) of wall time, and in GFLOP per second of CPU time that the process's threads ran (from
+//! `/proc/self/task/*/schedstat`, Linux): on a shared machine the wall figure depends on what else runs,
+//! the CPU-time one much less (it still includes the pool's brief spinning and cache contention).
+//! Run with `RAYON_NUM_THREADS=1` for one core's figure.
 
 use std::time::Instant;
 
@@ -27,7 +31,8 @@ fn main() {
     let dy: Vec<f32> = (0..n * out).map(|_| next()).collect();
     let flops = 2.0 * (n * inp * out) as f64;
     println!("W [{out}, {inp}], N = {n}, {} threads", rayon::current_num_threads());
-    println!("{:<16} {:>10} {:>16} {:>16}", "storage", "MiB", "forward GFLOP/s", "input-grad GFLOP/s");
+    println!("{:<12} {:>8} {:>22} {:>22}", "storage", "MiB", "forward GFLOP/s", "input-grad GFLOP/s");
+    println!("{:<12} {:>8} {:>22} {:>22}", "", "", "wall / per CPU-s", "wall / per CPU-s");
     let storages = [
         ("f32", Storage::F32),
         ("bf16", Storage::Bf16),
@@ -41,22 +46,34 @@ fn main() {
         let fwd = median_secs(|| m.linear_forward(&mut y, &x, None, n));
         let bwd = median_secs(|| m.linear_input_grad(&mut dx, &dy, n, Accumulate::Overwrite));
         let mib = m.bytes() as f64 / (1 << 20) as f64;
-        println!("{name:<16} {mib:>10.2} {:>16.1} {:>16.1}", flops / fwd / 1e9, flops / bwd / 1e9);
+        let rate = |(wall, cpu): (f64, f64)| format!("{:.1} / {:.1}", flops / wall / 1e9, flops / cpu / 1e9);
+        println!("{name:<12} {mib:>8.2} {:>22} {:>22}", rate(fwd), rate(bwd));
     }
 }
 
-/// Median wall time of 9 runs after 2 warm-up runs.
-fn median_secs(mut f: impl FnMut()) -> f64 {
-    for _ in 0..2 {
+/// Median wall time and median CPU time (seconds) of 15 runs after 3 warm-up runs.
+fn median_secs(mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..3 {
         f();
     }
-    let mut t: Vec<f64> = (0..9)
+    let (mut wall, mut cpu): (Vec<f64>, Vec<f64>) = (0..15)
         .map(|_| {
-            let s = Instant::now();
+            let (s, c) = (Instant::now(), cpu_secs());
             f();
-            s.elapsed().as_secs_f64()
+            (s.elapsed().as_secs_f64(), cpu_secs() - c)
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+        .unzip();
+    wall.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
+    (wall[wall.len() / 2], cpu[cpu.len() / 2])
+}
+
+/// Seconds all of this process's threads have run on a CPU (NaN where /proc is missing).
+fn cpu_secs() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return f64::NAN };
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 * 1e-9
 }
