@@ -101,6 +101,73 @@ pub fn matmul(
     unsafe { gemm_view(m, n, k, c.as_mut_ptr(), n_, 1, acc == Accumulate::Add, lhs, rhs, 1.0, true) };
 }
 
+/// A row-major matrix of `ld` floats per row, of which a product reads or writes the columns from `col`
+/// on: a block of columns of a wider matrix (one LoRA module's rows of a fused projection's output).
+#[derive(Clone, Copy, Debug)]
+pub struct Cols<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+    pub col: usize,
+}
+
+impl<'a> Cols<'a> {
+    /// A whole contiguous matrix of `ld` columns.
+    pub fn all(data: &'a [f32], ld: usize) -> Self {
+        Cols { data, ld, col: 0 }
+    }
+
+    /// The view of the `rows x cols` block from column `col` (transposed: read as `cols x rows`), after
+    /// checking it lies inside `data`.
+    fn view(self, rows: usize, cols: usize, transposed: bool, what: &str) -> View {
+        let in_bounds = rows == 0
+            || cols == 0
+            || (self.col + cols <= self.ld && (rows - 1) * self.ld + self.col + cols <= self.data.len());
+        assert!(
+            in_bounds,
+            "matmul_cols: {what} block [{rows}, {cols}] at column {} is outside [_, {}]",
+            self.col, self.ld
+        );
+        let ptr = self.data[self.col.min(self.data.len())..].as_ptr();
+        let ld = self.ld as isize;
+        if transposed {
+            View { ptr, rs: 1, cs: ld }
+        } else {
+            View { ptr, rs: ld, cs: 1 }
+        }
+    }
+}
+
+/// [`matmul`] on blocks of columns: `C[m, n] (= or +=, per acc) alpha · op(A) . op(B)` where `C` is the
+/// columns `c_col..c_col + n` of the row-major `[m, c_ld]` matrix `c`, `op(A)` is `[m, k]` (`A` stored
+/// `[k, m]` when `a_t`) and `op(B)` is `[k, n]` (`B` stored `[n, k]` when `b_t`). Uses the thread pool for
+/// large products.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_cols(
+    c: &mut [f32],
+    c_ld: usize,
+    c_col: usize,
+    a: Cols,
+    a_t: bool,
+    b: Cols,
+    b_t: bool,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    acc: Accumulate,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    Cols { data: c, ld: c_ld, col: c_col }.view(m, n, false, "C");
+    let lhs = if a_t { a.view(k, m, true, "A") } else { a.view(m, k, false, "A") };
+    let rhs = if b_t { b.view(n, k, true, "B") } else { b.view(k, n, false, "B") };
+    // SAFETY: every block was checked to lie inside its slice (C's just above, so `c_col < c.len()`); `c`
+    // is borrowed mutably, so not aliased by `a` or `b`, and `dst` derives from that exclusive borrow.
+    unsafe {
+        let dst = c.as_mut_ptr().add(c_col);
+        gemm_view(m, n, k, dst, c_ld as isize, 1, acc == Accumulate::Add, lhs, rhs, alpha, true)
+    };
+}
+
 /// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])` (PyTorch's `nn.Linear` layout).
 pub fn linear_forward(
     y: &mut [f32],
