@@ -181,7 +181,7 @@ impl Decoder {
         for l in (0..cfg.n_layers).rev() {
             let rope = self.block_rope(rope, l);
             let adapter = model.adapter.map(|a| &a.layers[l]);
-            self.block_backward(&p.layers[l], l, adapter, grads.layer(l), b, &acts.layers[l], s, rope);
+            self.block_backward(model.layer(l), l, adapter, grads.layer(l), b, &acts.layers[l], s, rope);
         }
         // A frozen base has no embedding gradient.
         let Some(grads) = grads.base() else { return Ok(()) };

@@ -47,7 +47,7 @@ impl Decoder {
             acts.layers[0].x.iter_mut().for_each(|v| *v *= scale);
         }
         let n_layers = p.layers.len();
-        for (l, lp) in p.layers.iter().enumerate() {
+        for l in 0..n_layers {
             let to_next_slot = keep && l + 1 < n_layers;
             let mut out = if to_next_slot {
                 std::mem::take(&mut acts.layers[l + 1].x)
@@ -59,7 +59,16 @@ impl Decoder {
             let attend = Attend::Packed { batch: b, cache: None };
             let rope = self.block_rope(rope, l);
             let adapter = model.layer_lora(l, keep);
-            self.block_forward(lp, l, adapter, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
+            self.block_forward(
+                model.layer(l),
+                l,
+                adapter,
+                &mut acts.layers[slot],
+                &mut acts.scratch,
+                rope,
+                attend,
+                &mut out,
+            );
             if to_next_slot {
                 acts.layers[l + 1].x = out;
             } else if l + 1 < n_layers {

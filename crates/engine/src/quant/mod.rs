@@ -12,17 +12,20 @@
 
 pub mod bf16;
 pub mod double_quant;
+mod frozen;
 pub mod nf4;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
 pub use double_quant::DoubleQuant;
+pub use frozen::{FrozenError, FrozenLayer, FrozenLinears};
 pub use nf4::{Nf4, Scales, BLOCK, NF4_CODE};
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use crate::kernels::decode::linear_rows_forward;
 use crate::kernels::matmul::{gemm_view, linear_forward as f32_linear_forward, matmul, Accumulate, View};
 use crate::kernels::threads::num_threads;
 
@@ -186,6 +189,38 @@ impl Matrix {
                 }
             });
         });
+    }
+
+    /// [`Self::linear_forward`] for the few rows of a decode step, through
+    /// [`crate::kernels::linear_rows_forward`]: row `r` of `y` is bit-for-bit the same whatever `n` is,
+    /// and the same as that kernel on the widened weight. Tiles of rows of `W` are widened one after the
+    /// other (the kernel is parallel within a tile).
+    pub fn linear_rows_forward(&self, y: &mut [f32], x: &[f32], b: Option<&[f32]>, n: usize) {
+        let (out_dim, in_dim) = (self.rows, self.cols);
+        if let Data::F32(w) = &self.data {
+            return linear_rows_forward(y, x, w, b, n, in_dim, out_dim);
+        }
+        assert_eq!(y.len(), n * out_dim, "Matrix::linear_rows_forward: y is not [n, out]");
+        if let Some(b) = b {
+            assert_eq!(b.len(), out_dim, "Matrix::linear_rows_forward: bias is not [out]");
+        }
+        if n == 0 || out_dim == 0 {
+            return;
+        }
+        let tile = (TILE_FLOATS / in_dim.max(1)).clamp(1, out_dim);
+        let mut part = Vec::new();
+        for r0 in (0..out_dim).step_by(tile) {
+            let r1 = (r0 + tile).min(out_dim);
+            with_scratch((r1 - r0) * in_dim, |w| {
+                self.widen_into(r0 * in_dim, w); // [r1 - r0, in]
+                part.resize(n * (r1 - r0), 0.0);
+                let bias = b.map(|b| &b[r0..r1]);
+                linear_rows_forward(&mut part, x, w, bias, n, in_dim, r1 - r0); // [n, r1 - r0]
+            });
+            for (yr, pr) in y.chunks_exact_mut(out_dim).zip(part.chunks_exact(r1 - r0)) {
+                yr[r0..r1].copy_from_slice(pr);
+            }
+        }
     }
 
     /// `dx[n, cols] (= or +=, per acc) dy[n, rows] . W`: the input gradient of [`Self::linear_forward`].

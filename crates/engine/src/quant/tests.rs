@@ -285,6 +285,28 @@ fn linear_input_grad_is_the_product_with_the_widened_weight() {
 }
 
 #[test]
+fn decode_rows_are_the_row_kernel_on_the_widened_weight() {
+    let mut rng = Rng::new(8);
+    let (out, inp) = (150, 128);
+    let w = rng.vec(out * inp, 0.5);
+    let b = rng.vec(out, 1.0);
+    let x = rng.vec(3 * inp, 1.0);
+    for storage in storages() {
+        let m = Matrix::new(w.clone(), out, inp, storage).unwrap();
+        let wf = m.to_f32();
+        let mut want = vec![f32::NAN; 3 * out];
+        crate::kernels::linear_rows_forward(&mut want, &x, &wf, Some(&b), 3, inp, out);
+        let mut got = vec![f32::NAN; 3 * out];
+        m.linear_rows_forward(&mut got, &x, Some(&b), 3);
+        assert_eq!(bits(&got), bits(&want), "{storage:?}");
+        // One row alone gives that row of the batch.
+        let mut one = vec![f32::NAN; out];
+        m.linear_rows_forward(&mut one, &x[inp..2 * inp], Some(&b), 1);
+        assert_eq!(bits(&one), bits(&want[out..2 * out]), "{storage:?}: row independence");
+    }
+}
+
+#[test]
 fn products_do_not_depend_on_the_thread_count() {
     let (n, out, inp) = (40, 320, 192);
     let mut rng = Rng::new(7);
