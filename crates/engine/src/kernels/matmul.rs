@@ -331,6 +331,50 @@ mod tests {
     }
 
     #[test]
+    fn matmul_cols_reads_and_writes_column_blocks() {
+        // C = cols 3..3+n of a [m, 11] matrix; A = cols 2..2+k of a [m, 9] matrix (or cols 1..1+m of a
+        // [k, 9] one, transposed); B likewise inside [k, 13] (or [n, 13]).
+        let mut rng = Rng::new(12);
+        let (m, n, k, alpha) = (6, 5, 4, 0.5f32);
+        for a_t in [false, true] {
+            for b_t in [false, true] {
+                for acc in [Accumulate::Overwrite, Accumulate::Add] {
+                    let a_rows = if a_t { k } else { m };
+                    let b_rows = if b_t { n } else { k };
+                    let (a_wide, b_wide) = (rng.vec(a_rows * 9, 1.0), rng.vec(b_rows * 13, 1.0));
+                    let a_col = if a_t { 1 } else { 2 };
+                    let take = |w: &[f32], ld: usize, col: usize, rows: usize, cols: usize| -> Vec<f32> {
+                        (0..rows).flat_map(|i| w[i * ld + col..i * ld + col + cols].to_vec()).collect()
+                    };
+                    let a = take(&a_wide, 9, a_col, a_rows, if a_t { m } else { k });
+                    let b = take(&b_wide, 13, 2, b_rows, if b_t { k } else { n });
+                    let c0 = rng.vec(m * 11, 1.0);
+                    let mut c = c0.clone();
+                    let (av, bv) = (Cols { data: &a_wide, ld: 9, col: a_col }, Cols { data: &b_wide, ld: 13, col: 2 });
+                    matmul_cols(&mut c, 11, 3, av, a_t, bv, b_t, (m, n, k), alpha, acc);
+                    let prod = naive(&a, &b, m, n, k, a_t, b_t);
+                    let mut want: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let keep = if acc == Accumulate::Add { want[i * 11 + 3 + j] } else { 0.0 };
+                            want[i * 11 + 3 + j] = keep + alpha as f64 * prod[i * n + j];
+                        }
+                    }
+                    assert_close(&format!("matmul_cols {a_t} {b_t} {acc:?}"), &c, &want, 1e-5, 1.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn matmul_cols_refuses_a_block_past_the_row() {
+        let (a, b) = (vec![1.0f32; 8], vec![1.0f32; 8]);
+        let mut c = vec![0.0f32; 8];
+        matmul_cols(&mut c, 4, 3, Cols::all(&a, 2), false, Cols::all(&b, 2), false, (4, 2, 2), 1.0, Accumulate::Add);
+    }
+
+    #[test]
     fn matmul_is_bitwise_the_same_on_one_and_two_threads() {
         // Large enough for the parallel path (and, on AVX-512 CPUs, the crate's own kernel).
         let (m, n, k) = (301, 517, 263);

@@ -149,14 +149,7 @@ pub(crate) fn forward(
     for (i, pair) in lora.adapter.pairs.iter().enumerate().filter(|(_, p)| p.target.site == site) {
         let t = &pair.target;
         let (r, rows) = (t.r, t.rows.len());
-        let xin: &[f32] = match lora.dropout {
-            Some(d) => {
-                fit(xd, n * inp);
-                d.apply(i, x, xd);
-                xd
-            }
-            None => x,
-        };
+        let xin = dropped_input(lora.dropout, i, x, xd);
         let u = &mut acts.u[i];
         fit(u, n * r);
         if packed {
@@ -165,13 +158,35 @@ pub(crate) fn forward(
             k::matmul_cols(y, out, t.rows.start, u, false, b, true, (n, rows, r), t.scale, Accumulate::Add);
         } else {
             k::linear_rows_forward(u, xin, &pair.a.data, None, n, inp, r); // [N, r]
-            fit(v, n * rows);
+            let v = at_least(v, n * rows);
             k::linear_rows_forward(v, u, &pair.b.data, None, n, r, rows); // [N, |R|]
             for (y, v) in y.chunks_exact_mut(out).zip(v.chunks_exact(rows)) {
                 y[t.rows.clone()].iter_mut().zip(v).for_each(|(y, &v)| *y += t.scale * v);
             }
         }
     }
+}
+
+/// The input pair `pair` reads: `x` itself, or with `dropout` its dropped-out copy, written to `xd`.
+fn dropped_input<'s>(dropout: Option<Dropout>, pair: usize, x: &'s [f32], xd: &'s mut Vec<f32>) -> &'s [f32] {
+    match dropout {
+        Some(d) => {
+            let xd = at_least(xd, x.len());
+            d.apply(pair, x, xd);
+            xd
+        }
+        None => x,
+    }
+}
+
+/// The first `len` floats of the scratch vector `v`, grown to exactly `len` if shorter: a scratch keeps
+/// its largest size, which is what [`floats_per_token`] counts.
+fn at_least(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.reserve_exact(len - v.len());
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
 }
 
 /// Where a layer's backward sends its adapter's gradients: the pairs the forward applied, their
@@ -196,27 +211,21 @@ impl PairGrads<'_> {
             }
             let t = &pair.target;
             let (r, rows) = (t.r, t.rows.len());
-            let (u, dy_rows) = (Cols::all(&self.acts.u[i], r), Cols { data: dy, ld: out, col: t.rows.start });
+            let u = Cols::all(&self.acts.u[i], r);
+            let dy_rows = Cols { data: dy, ld: out, col: t.rows.start };
             // dB += scale · dy[:, R]^T u    [|R|, r]
             k::matmul_cols(&mut g.b.data, r, 0, dy_rows, true, u, false, (rows, r, n), t.scale, Accumulate::Add);
             // du = scale · dy[:, R] B        [N, r]
-            fit(du, n * r);
+            let du = at_least(du, n * r);
             let b = Cols::all(&pair.b.data, r);
             k::matmul_cols(du, r, 0, dy_rows, false, b, false, (n, r, rows), t.scale, Accumulate::Overwrite);
             // dA += du^T xd                  [r, in]
-            let xin: &[f32] = match dropout {
-                Some(d) => {
-                    fit(xd, n * inp);
-                    d.apply(i, x, xd);
-                    xd
-                }
-                None => x,
-            };
+            let xin = dropped_input(dropout, i, x, xd);
             k::matmul(&mut g.a.data, du, xin, r, inp, n, true, false, Accumulate::Add);
             // dx += du A, through the forward's dropout mask when it had one    [N, in]
             match dropout {
                 Some(d) => {
-                    fit(dxd, n * inp);
+                    let dxd = at_least(dxd, n * inp);
                     k::matmul(dxd, du, &pair.a.data, n, inp, r, false, false, Accumulate::Overwrite);
                     d.apply_add(i, dxd, dx);
                 }
@@ -225,3 +234,7 @@ impl PairGrads<'_> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "lora_block_tests.rs"]
+mod tests;
