@@ -172,4 +172,34 @@ fn stored_linears_cost_their_bytes() {
     assert_eq!(nf4.bytes(), linears / 2 + 4 * linears / 64);
     let (_, bf16, _) = stored_and_widened(&cfg, Storage::Bf16);
     assert_eq!(bf16.bytes(), 2 * linears);
+    for storage in storages() {
+        let (_, frozen, _) = stored_and_widened(&cfg, storage);
+        assert_eq!(FrozenLinears::estimate_bytes(&cfg, storage), frozen.bytes(), "{storage:?}");
+    }
+}
+
+#[test]
+fn a_random_base_built_frozen_is_init_random_stored() {
+    for cfg in configs() {
+        let storage = Storage::Nf4 { double_quant: true };
+        let (params, frozen) = FrozenLinears::init_random(&cfg, 0.2, 5, storage).unwrap();
+        let (base, stored, _) = stored_and_widened(&cfg, storage);
+        assert_eq!(params, base, "the f32 part");
+        assert_eq!(frozen, stored, "the stored linears");
+    }
+}
+
+#[test]
+fn scale_shapes_have_their_published_sizes() {
+    use dpo_engine::presets::by_name;
+    // Parameter counts of the Hugging Face checkpoints (SmolLM2-360M, SmolLM2-1.7B, Meta-Llama-3-8B).
+    for (name, params) in
+        [("smollm2-360m", 361_821_120u64), ("smollm2-1.7b", 1_711_376_384), ("llama3-8b", 8_030_261_248)]
+    {
+        let cfg = by_name(name).unwrap();
+        assert_eq!(cfg.param_count(), params, "{name}");
+    }
+    // QLoRA's storage of Llama-3-8B's block linears: NF4 with double quantisation, about 3.4 GiB.
+    let nf4 = FrozenLinears::estimate_bytes(&by_name("llama3-8b").unwrap(), Storage::Nf4 { double_quant: true });
+    assert!((3.3..3.5).contains(&(nf4 as f64 / (1u64 << 30) as f64)), "{nf4}");
 }

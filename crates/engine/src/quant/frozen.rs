@@ -5,7 +5,8 @@
 
 use crate::config::DecoderConfig;
 use crate::lora::Site;
-use crate::params::Params;
+use crate::params::{Params, Tensor};
+use crate::presets::init_random_each;
 
 use super::{Matrix, QuantError, Storage};
 
@@ -18,14 +19,7 @@ pub struct FrozenLayer {
 impl FrozenLayer {
     /// The weight at `site`.
     pub fn get(&self, site: Site) -> &Matrix {
-        // Kept in `Site::ALL` order.
-        let i = match site {
-            Site::Qkv => 0,
-            Site::AttnOut => 1,
-            Site::MlpIn => 2,
-            Site::MlpOut => 3,
-        };
-        &self.matrices[i]
+        &self.matrices[site_index(site)]
     }
 
     pub fn bytes(&self) -> usize {
@@ -49,6 +43,24 @@ pub struct FrozenError {
     pub source: QuantError,
 }
 
+/// Where a layer keeps the matrix of `site` (`Site::ALL` order).
+fn site_index(site: Site) -> usize {
+    match site {
+        Site::Qkv => 0,
+        Site::AttnOut => 1,
+        Site::MlpIn => 2,
+        Site::MlpOut => 3,
+    }
+}
+
+/// The layer and site of a block linear's [`Params::named`] name (`layers.3.w_in`), if it is one.
+fn linear_of(name: &str) -> Option<(usize, Site)> {
+    let (layer, tensor) = name.strip_prefix("layers.")?.split_once('.')?;
+    let site = Site::ALL.into_iter().find(|&s| tensor_name(s) == tensor)?;
+    Some((layer.parse().ok()?, site))
+}
+
+/// The [`Params::named`] name of `site`'s weight within a layer.
 fn tensor_name(site: Site) -> &'static str {
     match site {
         Site::Qkv => "w_qkv",
@@ -83,6 +95,49 @@ impl FrozenLinears {
             layers.push(FrozenLayer { matrices });
         }
         Ok(FrozenLinears { layers })
+    }
+
+    /// A random base as [`crate::presets::init_random`] draws it (the same values), with its block linears
+    /// stored as they are drawn: the f32 set never exists, so a model larger than memory in f32 can be
+    /// built (the returned `Params` holds the rest; its linear tensors are empty).
+    pub fn init_random(
+        cfg: &DecoderConfig,
+        std: f32,
+        seed: u64,
+        storage: Storage,
+    ) -> Result<(Params, Self), FrozenError> {
+        let mut slots: Vec<[Option<Matrix>; 4]> = (0..cfg.n_layers).map(|_| Default::default()).collect();
+        let mut failed = None;
+        let params = init_random_each(cfg, std, seed, |name, t: &mut Tensor| {
+            let Some((layer, site)) = linear_of(name) else { return };
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            match Matrix::new(std::mem::take(&mut t.data), rows, cols, storage) {
+                Ok(m) => slots[layer][site_index(site)] = Some(m),
+                Err(source) => {
+                    failed.get_or_insert(FrozenError { layer, tensor: tensor_name(site), source });
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let layers = slots
+            .into_iter()
+            .map(|ms| FrozenLayer { matrices: ms.map(|m| m.expect("Params::named lists every block linear")) })
+            .collect();
+        Ok((params, FrozenLinears { layers }))
+    }
+
+    /// Bytes the block linears of `cfg` take in `storage`: the memory estimate, before anything is built.
+    pub fn estimate_bytes(cfg: &DecoderConfig, storage: Storage) -> usize {
+        let per_layer: usize = Site::ALL
+            .iter()
+            .map(|&site| {
+                let (inp, out) = site.dims(cfg);
+                storage.bytes(inp * out)
+            })
+            .sum();
+        cfg.n_layers * per_layer
     }
 
     /// Widens the linears back into `base`'s (emptied) tensors: for merging or exporting.

@@ -56,6 +56,21 @@ pub enum Storage {
     },
 }
 
+impl Storage {
+    /// Bytes `numel` values take in this storage ([`Matrix::bytes`] of such a matrix).
+    pub fn bytes(self, numel: usize) -> usize {
+        let blocks = numel.div_ceil(BLOCK);
+        match self {
+            Storage::F32 => 4 * numel,
+            Storage::Bf16 => 2 * numel,
+            Storage::Nf4 { double_quant: false } => numel.div_ceil(2) + 4 * blocks,
+            Storage::Nf4 { double_quant: true } => {
+                numel.div_ceil(2) + blocks + 4 * blocks.div_ceil(double_quant::STATS_BLOCK) + 4
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 enum Data {
     F32(Vec<f32>),

@@ -338,4 +338,11 @@ fn memory_is_the_stored_bytes() {
     // 4.5 bits per weight; 4.127 with double quantisation (2048 blocks: 8 second-level scales).
     assert_eq!(bytes(Storage::Nf4 { double_quant: false }), out * inp / 2 + 4 * out * inp / 64);
     assert_eq!(bytes(Storage::Nf4 { double_quant: true }), out * inp / 2 + out * inp / 64 + 8 * 4 + 4);
+    // The estimate without building: the same figures, odd sizes included.
+    for (rows, cols) in [(out, inp), (3, 37), (1, 64 * 300 + 5)] {
+        let w = vec![0.5f32; rows * cols];
+        for s in storages() {
+            assert_eq!(Matrix::new(w.clone(), rows, cols, s).unwrap().bytes(), s.bytes(rows * cols), "{s:?}");
+        }
+    }
 }
