@@ -12,6 +12,8 @@
 //! `[-1, 1]`, and bucketed against the f32 midpoints `(code[i] + code[i + 1]) / 2` with ties (a value
 //! exactly on a midpoint) going to the lower code. A block of zeros has absmax 0 and all nibbles 7 (0.0).
 
+use rayon::prelude::*;
+
 use super::double_quant::DoubleQuant;
 use super::QuantError;
 
@@ -52,7 +54,22 @@ fn midpoints() -> [f32; 15] {
 /// strictly below it, so a value on a midpoint takes the lower code (torch.bucketize, right=False).
 fn nibble(scaled: f32, mids: &[f32; 15]) -> u8 {
     let x = scaled.clamp(-1.0, 1.0);
-    mids.iter().take_while(|&&m| m < x).count() as u8
+    // The midpoints are sorted, so counting those below is the bucket; branch-free, it vectorises.
+    mids.iter().map(|&m| (m < x) as u8).sum()
+}
+
+/// Quantises one block into `bytes` (`block.len().div_ceil(2)` of them, an odd last value padded with
+/// 0.0's nibble) and returns its absmax.
+fn quantize_block(block: &[f32], bytes: &mut [u8], mids: &[f32; 15]) -> f32 {
+    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // bitsandbytes clamps the divisor to 1e-38 (a zero block scales to zeros).
+    let recip = 1.0 / amax.max(1e-38);
+    for (byte, pair) in bytes.iter_mut().zip(block.chunks(2)) {
+        let high = nibble(pair[0] * recip, mids);
+        let low = pair.get(1).map_or(ZERO_NIBBLE, |&v| nibble(v * recip, mids));
+        *byte = (high << 4) | low;
+    }
+    amax
 }
 
 /// The absmax of each block: either the f32 values or their double quantisation.
@@ -108,21 +125,17 @@ impl Nf4 {
         }
         let mids = midpoints();
         let mut packed = vec![0u8; values.len().div_ceil(2)];
-        let mut absmax = Vec::with_capacity(values.len().div_ceil(BLOCK));
-        for (b, block) in values.chunks(BLOCK).enumerate() {
-            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            absmax.push(amax);
-            // bitsandbytes clamps the divisor to 1e-38 (a zero block scales to zeros).
-            let recip = 1.0 / amax.max(1e-38);
-            for (i, &v) in block.iter().enumerate() {
-                let e = b * BLOCK + i;
-                let q = nibble(v * recip, &mids);
-                packed[e / 2] |= if e.is_multiple_of(2) { q << 4 } else { q };
-            }
-        }
-        if !values.len().is_multiple_of(2) {
-            packed[values.len() / 2] |= ZERO_NIBBLE;
-        }
+        let mut absmax = vec![0.0f32; values.len().div_ceil(BLOCK)];
+        // Blocks are independent and whole bytes (BLOCK is even): 64 blocks per task.
+        packed
+            .par_chunks_mut(64 * BLOCK / 2)
+            .zip(absmax.par_chunks_mut(64))
+            .zip(values.par_chunks(64 * BLOCK))
+            .for_each(|((bytes, amax), v)| {
+                for ((bytes, amax), block) in bytes.chunks_mut(BLOCK / 2).zip(amax).zip(v.chunks(BLOCK)) {
+                    *amax = quantize_block(block, bytes, &mids);
+                }
+            });
         let scales = if double_quant { Scales::Double(DoubleQuant::quantize(&absmax)) } else { Scales::F32(absmax) };
         Ok(Nf4 { len: values.len(), packed, scales })
     }
