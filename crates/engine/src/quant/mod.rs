@@ -227,7 +227,11 @@ impl Matrix {
         for r0 in (0..out_dim).step_by(tile) {
             let r1 = (r0 + tile).min(out_dim);
             with_scratch((r1 - r0) * in_dim, |w| {
-                self.widen_into(r0 * in_dim, w); // [r1 - r0, in]
+                // [r1 - r0, in], widened in parallel: a decode step has few rows, so widening is most of it.
+                let rows_per_task = (1 << 16) / in_dim.max(1) + 1;
+                w.par_chunks_mut(rows_per_task * in_dim.max(1))
+                    .enumerate()
+                    .for_each(|(i, c)| self.widen_into((r0 + i * rows_per_task) * in_dim, c));
                 part.resize(n * (r1 - r0), 0.0);
                 let bias = b.map(|b| &b[r0..r1]);
                 linear_rows_forward(&mut part, x, w, bias, n, in_dim, r1 - r0); // [n, r1 - r0]

@@ -287,7 +287,8 @@ fn linear_input_grad_is_the_product_with_the_widened_weight() {
 #[test]
 fn decode_rows_are_the_row_kernel_on_the_widened_weight() {
     let mut rng = Rng::new(8);
-    let (out, inp) = (150, 128);
+    // 1100 rows of 128: widened by three parallel tasks of 513 rows.
+    let (out, inp) = (1100, 128);
     let w = rng.vec(out * inp, 0.5);
     let b = rng.vec(out, 1.0);
     let x = rng.vec(3 * inp, 1.0);
