@@ -6,9 +6,10 @@
 //!
 //! Numerics: every stored value widens to one exact f32 (`code * absmax` is the one rounding NF4
 //! defines), and each output element is one f32 product over the whole reduction, in the same order as
-//! [`crate::kernels::matmul`] on the widened matrix. On CPUs where that product runs on the crate's
-//! AVX-512 kernel the results are bitwise those of the f32 product on the widened matrix; elsewhere
-//! they agree within f32 rounding of the reduction.
+//! [`crate::kernels::matmul`] on the widened matrix. Where the tiles and the whole product both run on
+//! the crate's AVX-512 kernel (whose results do not depend on how columns are cut) the results are
+//! bitwise those of the f32 product on the widened matrix; elsewhere they agree within f32 rounding of
+//! the reduction.
 
 pub mod bf16;
 pub mod double_quant;
