@@ -8,7 +8,7 @@
 use dpo_engine::generate::{generate, SamplingConfig};
 use dpo_engine::model::Model;
 use dpo_engine::presets::init_random;
-use dpo_engine::quant::{FrozenLinears, Storage};
+use dpo_engine::quant::{FrozenLayer, FrozenLinears, Storage};
 use dpo_engine::rng::Rng;
 use dpo_engine::{
     Activations, Adapter, Batch, Decoder, DecoderConfig, Dims, EngineError, LoraTarget, ParamSet, Params, Site,
@@ -186,6 +186,16 @@ fn a_random_base_built_frozen_is_init_random_stored() {
         let (base, stored, _) = stored_and_widened(&cfg, storage);
         assert_eq!(params, base, "the f32 part");
         assert_eq!(frozen, stored, "the stored linears");
+        // A loader's way: layer by layer from its matrices.
+        let layers = stored
+            .layers()
+            .iter()
+            .map(|l| {
+                let [a, b, c, d] = Site::ALL.map(|s| l.get(s).clone());
+                FrozenLayer::new(a, b, c, d)
+            })
+            .collect();
+        assert_eq!(FrozenLinears::new(layers), stored);
     }
 }
 

@@ -17,6 +17,12 @@ pub struct FrozenLayer {
 }
 
 impl FrozenLayer {
+    /// A layer's four weights (`w_qkv`, `w_o`, `w_in`, `w_out`), e.g. stored by a loader one tensor at a
+    /// time as it reads a checkpoint; [`FrozenLinears::check`] (run by every pass) checks their shapes.
+    pub fn new(w_qkv: Matrix, w_o: Matrix, w_in: Matrix, w_out: Matrix) -> Self {
+        FrozenLayer { matrices: [w_qkv, w_o, w_in, w_out] }
+    }
+
     /// The weight at `site`.
     pub fn get(&self, site: Site) -> &Matrix {
         &self.matrices[site_index(site)]
@@ -71,6 +77,11 @@ fn tensor_name(site: Site) -> &'static str {
 }
 
 impl FrozenLinears {
+    /// The linears of every layer, in order.
+    pub fn new(layers: Vec<FrozenLayer>) -> Self {
+        FrozenLinears { layers }
+    }
+
     /// Moves the block linears of `base` into `storage`, layer by layer, leaving those tensors in `base`
     /// empty (their shape kept, no data): the f32 copies are freed as each is stored, so converting needs
     /// one f32 matrix beyond the result at a time.
