@@ -40,6 +40,10 @@ pub struct Args {
     /// --micro-pairs`: less activation memory for the same step.
     #[arg(long, default_value_t = 0)]
     micro_pairs: usize,
+    /// Keep only each layer's input and recompute the layer in backward, as `dpo train
+    /// --gradient-checkpointing`: about one extra forward per step for the activation memory of one layer.
+    #[arg(long)]
+    gradient_checkpointing: bool,
 
     /// Compute the prompt twice, once per completion, as TRL does (to measure what prefix sharing saves).
     #[arg(long)]
@@ -90,6 +94,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         no_shuffle: true,
         max_steps: Some(a.steps as u64),
         scheduler: ScheduleKind::Constant,
+        gradient_checkpointing: a.gradient_checkpointing,
         ..Default::default()
     };
     let optimizer = Optimizer::new(train_cfg.optimizer_config(), &params);
@@ -120,6 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "precompute_ref": a.precompute_ref,
         "prefix_sharing": !a.no_prefix_sharing,
         "micro_pairs": a.micro_pairs,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "median_step_s": (med * 1000.0).round() / 1000.0,
         "pairs_per_s": ((a.pairs as f64 / med) * 1000.0).round() / 1000.0,
         "tokens_per_s": (tokens / med * 10.0).round() / 10.0,
@@ -134,7 +140,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// Model FLOPs of one optimizer step (the standard count: a backward costs twice its forward): the policy's
 /// forward and backward on every row, and the reference model's forward unless it was precomputed. The
-/// head's recomputation of the logits in the backward is real work but not counted.
+/// head's recomputation of the logits in the backward is real work but not counted, nor is gradient
+/// checkpointing's second forward of the blocks (the same step costs more time, not more model FLOPs).
 fn step_flops(cfg: &engine::DecoderConfig, a: &Args) -> f64 {
     let (p, c) = (a.prompt as f64, a.completion as f64);
     let (rows, targets) = if a.no_prefix_sharing {

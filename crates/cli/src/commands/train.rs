@@ -208,6 +208,12 @@ pub struct OptimFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     micro_pairs: Option<usize>,
+    /// Gradient checkpointing: keep only each layer's input in the forward pass and recompute the layer
+    /// in backward. About one extra forward per step (roughly a third more compute) for the activation
+    /// memory of one layer instead of all of them; the gradients are the same bit for bit.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    gradient_checkpointing: bool,
     /// Optimizer steps to run (overrides --epochs).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -101,7 +101,8 @@ impl<'c> Trainer<'c> {
         let order = epoch_order(rows, state.epoch, cfg.seed, !cfg.no_shuffle);
         let grads = Params::zeros(&decoder.cfg);
         let total = total_steps(cfg, rows);
-        Trainer { cfg, decoder, params, optimizer, state, total, grads, ws: Workspace::default(), order, rows }
+        let ws = Workspace { gradient_checkpointing: cfg.gradient_checkpointing, ..Default::default() };
+        Trainer { cfg, decoder, params, optimizer, state, total, grads, ws, order, rows }
     }
 
     /// Takes the next micro-batch of row indices, moving to the next epoch at the end of one.

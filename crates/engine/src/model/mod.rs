@@ -10,10 +10,11 @@ mod acts;
 mod backward;
 mod block;
 mod forward;
+mod linear;
 mod lora_block;
 mod view;
 
-pub use acts::{Activations, HeadOutput, PendingEmbeddingGrads};
+pub use acts::{Activations, HeadOutput, Keep, PendingEmbeddingGrads};
 pub(crate) use acts::{LayerActs, Scratch};
 pub(crate) use block::Attend;
 pub use view::{Grads, Model};
@@ -46,6 +47,13 @@ pub enum EngineError {
          dropped; use Grads::Adapter (frozen base) or merge the adapter into the base first"
     )]
     FullGradsWithAdapter,
+    #[error("frozen base linears do not fit: {0}")]
+    FrozenMismatch(String),
+    #[error(
+        "full gradients were asked of a base whose linears are stored frozen (bf16/NF4): they have no \
+         gradients; train an adapter (Grads::Adapter) on it"
+    )]
+    FullGradsOfFrozenBase,
 }
 
 /// The rotary tables of a rotary model: the one most layers use and, with
@@ -111,15 +119,15 @@ impl Decoder {
     }
 
     /// Floats per token that [`Decoder::forward`] holds (see [`Activations::floats_per_token`]).
-    pub fn activation_floats_per_token(&self, keep: bool) -> u64 {
+    pub fn activation_floats_per_token(&self, keep: impl Into<Keep>) -> u64 {
         Activations::floats_per_token(&self.cfg, keep)
     }
 
     /// Floats per token that a pass through `adapter` holds on top of
     /// [`Decoder::activation_floats_per_token`] (the adapter's `u = x A^T` per pair and its scratch; with
     /// `keep`, dropout's buffers counted when `adapter.dropout > 0`).
-    pub fn adapter_activation_floats_per_token(&self, adapter: &crate::lora::Adapter, keep: bool) -> u64 {
-        lora_block::floats_per_token(&self.cfg, adapter, keep)
+    pub fn adapter_activation_floats_per_token(&self, adapter: &crate::lora::Adapter, keep: impl Into<Keep>) -> u64 {
+        lora_block::floats_per_token(&self.cfg, adapter, keep.into())
     }
 
     /// Checks token ids, positions and the span/group structure before any kernel touches them.

@@ -87,3 +87,14 @@ fn relative_paths_in_a_file_resolve_against_its_directory() {
     assert_eq!((c.model, c.data), (dir.join("m"), PathBuf::from("/abs/d.jsonl")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn gradient_checkpointing_is_a_key_and_is_recorded() {
+    assert!(!parse("").unwrap().gradient_checkpointing);
+    let c = parse("gradient_checkpointing = true\n").unwrap();
+    assert!(c.gradient_checkpointing);
+    let text = c.to_toml();
+    assert!(text.contains("gradient_checkpointing = true"), "{text}");
+    assert_eq!(TrainConfig::from_layers(None, toml::from_str(&text).unwrap(), Method::Pairs).unwrap(), c);
+    assert!(parse("gradient_checkpointing = 1\n").unwrap_err().contains("gradient_checkpointing"));
+}
