@@ -260,7 +260,7 @@ fn estimated_peak(
 ) -> u64 {
     let opt = train.optimizer_config();
     let row = if a.no_prefix_sharing { 2 * (a.prompt + a.completion) } else { a.prompt + 2 * a.completion };
-    let keep = if a.gradient_checkpointing { Keep::LayerInputs } else { Keep::All };
+    let keep = Keep::for_backward(a.gradient_checkpointing);
     let adapter = adapter.map(|ad| AdapterPlan {
         params: ad.numel() as u64,
         kept_per_token: Decoder::new(cfg.clone()).adapter_activation_floats_per_token(ad, keep),

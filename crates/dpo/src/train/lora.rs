@@ -73,7 +73,7 @@ impl LoraRun {
         let targets = hf::peft::resolve_targets(&self.config, model)?;
         let shape = Adapter::zeros(&model.decoder, &targets, self.config.lora_dropout);
         let decoder = Decoder::new(model.decoder.clone());
-        let keep = if cfg.gradient_checkpointing { Keep::LayerInputs } else { Keep::All };
+        let keep = Keep::for_backward(cfg.gradient_checkpointing);
         let mut kept = decoder.adapter_activation_floats_per_token(&shape, keep);
         // The reference's pass through the frozen starting adapter.
         if self.start.is_some() && cfg.ref_model.is_none() {

@@ -136,7 +136,7 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     rows.sort_unstable_by(|a, b| b.cmp(a));
     let largest = &rows[..plan.batch_size.min(rows.len())];
     let n: u64 = largest.iter().sum();
-    let keep = if plan.gradient_checkpointing { Keep::LayerInputs } else { Keep::All };
+    let keep = Keep::for_backward(plan.gradient_checkpointing);
     let mut per_token = Activations::floats_per_token(c, keep) + plan.adapter.map_or(0, |a| a.kept_per_token);
     if let Some(r) = plan.reference {
         per_token += Activations::floats_per_token(r, false);
