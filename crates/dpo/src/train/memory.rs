@@ -101,8 +101,7 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     rows.sort_unstable_by(|a, b| b.cmp(a));
     let largest = &rows[..plan.batch_size.min(rows.len())];
     let n: u64 = largest.iter().sum();
-    let keep = if plan.gradient_checkpointing { Keep::LayerInputs } else { Keep::All };
-    let mut per_token = Activations::floats_per_token(c, keep);
+    let mut per_token = Activations::floats_per_token(c, Keep::for_backward(plan.gradient_checkpointing));
     if let Some(r) = plan.reference {
         per_token += Activations::floats_per_token(r, false);
     }

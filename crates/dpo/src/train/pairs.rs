@@ -64,10 +64,10 @@ impl Workspace {
     /// What the policy's forward keeps: nothing without a backward; with one, every layer's activations,
     /// or each layer's input alone under gradient checkpointing.
     pub fn policy_keep(&self, backward: bool) -> Keep {
-        match (backward, self.gradient_checkpointing) {
-            (false, _) => Keep::None,
-            (true, false) => Keep::All,
-            (true, true) => Keep::LayerInputs,
+        if backward {
+            Keep::for_backward(self.gradient_checkpointing)
+        } else {
+            Keep::None
         }
     }
 }

@@ -26,6 +26,18 @@ pub enum Keep {
     LayerInputs,
 }
 
+impl Keep {
+    /// What a forward for backward keeps: every layer's activations, or with `checkpointing` each
+    /// layer's input alone.
+    pub fn for_backward(checkpointing: bool) -> Keep {
+        if checkpointing {
+            Keep::LayerInputs
+        } else {
+            Keep::All
+        }
+    }
+}
+
 impl From<bool> for Keep {
     /// `true`: [`Keep::All`]; `false`: [`Keep::None`].
     fn from(keep: bool) -> Keep {
