@@ -283,7 +283,7 @@ fn start_point(
 }
 
 /// A checkpoint continues the run of one model: every tensor must have the starting model's shape.
-fn check_checkpoint_fits(
+pub(crate) fn check_checkpoint_fits(
     checkpoint: &Path,
     model_dir: &Path,
     saved: &Params,
