@@ -239,12 +239,12 @@ fn ppo(rm: &Path, prompts: &Path, run: &Path, steps: u64) -> Command {
     c
 }
 
-/// metrics.jsonl without the wall-clock seconds of each step.
-fn metrics_without_time(run: &Path) -> Vec<serde_json::Value> {
+/// metrics.jsonl without the entry that times each step (`time`: `seconds`, `tokens_per_s`).
+fn metrics_without(run: &Path, time: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let mut lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for l in &mut lines {
-        assert!(l.as_object_mut().unwrap().remove("seconds").is_some(), "{l}");
+        assert!(l.as_object_mut().unwrap().remove(time).is_some(), "{l}");
     }
     lines
 }
@@ -337,7 +337,37 @@ fn ppo_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run() {
             (std::fs::read(run.join(&last).join(f)).unwrap(), std::fs::read(whole.join(&last).join(f)).unwrap());
         assert!(a == b, "{last}/{f}: the resumed run differs from the uninterrupted one");
     }
-    let metrics = metrics_without_time(&run);
+    let metrics = metrics_without(&run, "seconds");
     assert_eq!(metrics.len() as u64, steps);
-    assert!(metrics == metrics_without_time(&whole), "metrics.jsonl of the resumed run");
+    assert!(metrics == metrics_without(&whole, "seconds"), "metrics.jsonl of the resumed run");
+}
+
+/// Unlikelihood is a loss of the one training loop (`dpo train --loss unlikelihood`): interrupted and
+/// resumed, it ends with the weights and metrics of an uninterrupted run.
+#[test]
+fn unlikelihood_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run() {
+    let dir = scratch("unlikelihood-sigterm");
+    let (m, steps) = (model("gpt2-policy"), 300);
+    let unlikelihood = |run: &Path| {
+        let mut c = train(&m, &prefs(), run);
+        run_args(&mut c, steps, 7).args(["--loss", "unlikelihood", "--unlikelihood-alpha", "0.5"]);
+        c
+    };
+    let whole = dir.join("whole");
+    succeeds(&mut unlikelihood(&whole));
+
+    let run = dir.join("run");
+    let step = interrupt(unlikelihood(&run), &run, 20, steps, "dpo train");
+    assert_eq!(checkpoints(&run).last().map(|(s, _)| *s), Some(step));
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("method = \"unlikelihood\"") && config.contains("unlikelihood_alpha = 0.5"), "{config}");
+    println!("SIGTERM after unlikelihood step {step}/{steps}");
+
+    let err = succeeds(dpo().args(["train", "--resume"]).arg(&run));
+    assert!(err.contains(&format!("resuming at step {step}")), "{err}");
+    assert!(final_weights(&run) == final_weights(&whole), "resumed weights differ from the uninterrupted run");
+    let metrics = metrics_without(&run, "tokens_per_s");
+    assert_eq!(metrics.len() as u64, steps);
+    assert!(metrics[0]["logps/rejected"].is_f64(), "{}", metrics[0]);
+    assert!(metrics == metrics_without(&whole, "tokens_per_s"), "metrics.jsonl of the resumed run");
 }

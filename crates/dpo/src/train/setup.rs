@@ -22,6 +22,7 @@ use crate::data::{
     check_positions, check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, pack_pairs, resolve_max_length,
     DataOptions, Example, Packing, SftExample, UnpairedExample,
 };
+use crate::objectives::unlikelihood::{UnlikelihoodConfig, UnlikelihoodWorkload};
 
 /// Options that are about this invocation rather than the run's configuration.
 #[derive(Clone, Debug, Default)]
@@ -61,6 +62,13 @@ pub enum Data {
     Sft {
         train: Vec<SftExample>,
         eval: Vec<SftExample>,
+    },
+    Unlikelihood {
+        train: Vec<Example>,
+        eval: Vec<Example>,
+        cfg: UnlikelihoodConfig,
+        /// The tokens that end a completion (the model's and the tokenizer's EOS).
+        eos_ids: Vec<u32>,
     },
 }
 
@@ -109,6 +117,11 @@ impl Setup {
                     (!eval.is_empty()).then(|| Box::new(e) as Box<dyn Workload>),
                 )
             }
+            Data::Unlikelihood { train, eval, cfg, eos_ids } => {
+                let t = UnlikelihoodWorkload { examples: train, cfg: *cfg, eos_ids };
+                let e = UnlikelihoodWorkload { examples: eval, ..t };
+                (Box::new(t), (!eval.is_empty()).then(|| Box::new(e) as Box<dyn Workload>))
+            }
         }
     }
 }
@@ -136,7 +149,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     // The reference that scores the rows (checked before any weights or rows are read), if any.
     let reference_cfg = match &cfg.objective {
         Objective::Pairs(objective) if objective.reference_free() => None,
-        Objective::Sft => None,
+        Objective::Sft | Objective::Unlikelihood(_) => None,
         _ => Some(match &cfg.ref_model {
             Some(dir) => reference_config(dir, &model_cfg, tokenizer.as_ref())?,
             None => model_cfg.decoder.clone(),
@@ -215,6 +228,29 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
             let rows = train.iter().chain(&eval).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
             let rows = rows.collect();
             (Data::Sft { train, eval }, rows, cfg.batch_size)
+        }
+        Objective::Unlikelihood(u) => {
+            let mut sets = Vec::new();
+            for path in paths(cfg) {
+                let loaded = load_pairs(&path, tokenizer.as_ref(), &opts_data)?;
+                log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+                check_vocab(&path, &loaded.examples, vocab)?;
+                check_positions(&path, &loaded.examples, &models)?;
+                if loaded.examples.is_empty() {
+                    return Err(TrainError::Invalid(format!("{}: no usable rows left", path.display())));
+                }
+                sets.push(loaded.examples);
+            }
+            let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
+            let train = sets.pop().unwrap_or_default();
+            // Both completions of a row are in flight at once, each after its own copy of the prompt.
+            let rows = train.iter().chain(&eval).map(|e| pack_pairs(&[e], Packing::Separate).batch.len() as u64);
+            let rows = rows.collect();
+            let eos_ids = match tokenizer.as_ref() {
+                Some(t) => crate::data::stop_ids(&model_cfg, t),
+                None => model_cfg.eos_token_ids.clone(),
+            };
+            (Data::Unlikelihood { train, eval, cfg: *u, eos_ids }, rows, cfg.batch_size)
         }
     };
     // Precomputed reference log-probs hold no reference model while training.
