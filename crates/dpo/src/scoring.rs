@@ -1,7 +1,8 @@
 //! Sequence log-probs of preference pairs under one model, batch by batch, without keeping activations:
 //! what `dpo logps`, evaluation and the reference pass share.
 
-use engine::{Activations, Decoder, EngineError, Params};
+use engine::model::Model;
+use engine::{Activations, Decoder, EngineError};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{pack::sum_ranges, pack_pairs, Example, Packing};
@@ -15,16 +16,18 @@ pub struct PairScore {
     pub rejected_len: usize,
 }
 
-/// Scores every example, `pairs_per_batch` pairs per forward pass; `progress` is called with the number
-/// of pairs done after each batch.
-pub fn score_pairs(
+/// Scores every example under `params` (a model's weights, or a base with an adapter on it),
+/// `pairs_per_batch` pairs per forward pass; `progress` is called with the number of pairs done after
+/// each batch.
+pub fn score_pairs<'m>(
     model: &Decoder,
-    params: &Params,
+    params: impl Into<Model<'m>>,
     examples: &[Example],
     packing: Packing,
     pairs_per_batch: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<PairScore>, EngineError> {
+    let params = params.into();
     let mut acts = Activations::default();
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(pairs_per_batch.max(1)) {

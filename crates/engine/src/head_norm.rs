@@ -56,14 +56,13 @@ pub(crate) fn forward(cfg: &DecoderConfig, wq: &[f32], wk: &[f32], qkv: &mut [f3
 }
 
 /// Backward of [`forward`]: on entry the q and k columns of `dqkv [n, qkv_dim]` hold the gradient of the
-/// normalised values, on exit of the values before the norm; `dwq`, `dwk +=` the weight gradients.
-#[allow(clippy::too_many_arguments)]
+/// normalised values, on exit of the values before the norm; `dw = (dwq, dwk) +=` the weight gradients
+/// (`None`: frozen norms, the input gradient alone).
 pub(crate) fn backward(
     cfg: &DecoderConfig,
     wq: &[f32],
     wk: &[f32],
-    dwq: &mut [f32],
-    dwk: &mut [f32],
+    dw: Option<(&mut [f32], &mut [f32])>,
     dqkv: &mut [f32],
     pre: &[f32],
     n: usize,
@@ -88,8 +87,16 @@ pub(crate) fn backward(
     let mut dx = vec![0.0f32; (qr + kr) * hd];
     let (xq, xk) = dx.split_at_mut(qr * hd);
     let (rq, rk) = rstd.split_at(qr);
-    k::rms_norm_backward(xq, dwq, dq, pq, rq, wq, qr, hd);
-    k::rms_norm_backward(xk, dwk, dk, pk, rk, wk, kr, hd);
+    match dw {
+        Some((dwq, dwk)) => {
+            k::rms_norm_backward(xq, dwq, dq, pq, rq, wq, qr, hd);
+            k::rms_norm_backward(xk, dwk, dk, pk, rk, wk, kr, hd);
+        }
+        None => {
+            k::rms_norm_input_grad(xq, dq, pq, rq, wq, qr, hd);
+            k::rms_norm_input_grad(xk, dk, pk, rk, wk, kr, hd);
+        }
+    }
     columns(dqkv, xq, qd, 0, cfg.n_heads * hd, true);
     columns(dqkv, xk, qd, cfg.n_heads * hd, cfg.n_kv_heads * hd, true);
 }

@@ -38,6 +38,62 @@ pub fn smollm2_135m() -> DecoderConfig {
     }
 }
 
+/// A Llama-family shape with RMSNorm (eps 1e-5), half-split rotary of head width 64 and `theta`.
+fn llama_shape(dims: Dims, theta: f32, tied: bool) -> DecoderConfig {
+    DecoderConfig {
+        norm: NormKind::RmsNorm { eps: 1e-5 },
+        positions: PositionKind::Rotary(RopeConfig::half(theta, dims.head_dim)),
+        tied_embeddings: tied,
+        ..DecoderConfig::llama(dims)
+    }
+}
+
+/// SmolLM2-360M: 32 layers, d 960, 15 heads over 5 key/value heads, SwiGLU 2560, vocabulary 49152, tied.
+pub fn smollm2_360m() -> DecoderConfig {
+    let dims = Dims {
+        vocab_size: 49152,
+        hidden: 960,
+        n_layers: 32,
+        n_heads: 15,
+        n_kv_heads: 5,
+        head_dim: 64,
+        ffn_hidden: 2560,
+        max_positions: 8192,
+    };
+    llama_shape(dims, 100000.0, true)
+}
+
+/// SmolLM2-1.7B: 24 layers, d 2048, 32 heads (no grouping), SwiGLU 8192, vocabulary 49152, tied.
+pub fn smollm2_1_7b() -> DecoderConfig {
+    let dims = Dims {
+        vocab_size: 49152,
+        hidden: 2048,
+        n_layers: 24,
+        n_heads: 32,
+        n_kv_heads: 32,
+        head_dim: 64,
+        ffn_hidden: 8192,
+        max_positions: 8192,
+    };
+    llama_shape(dims, 130000.0, true)
+}
+
+/// Llama-3-8B: 32 layers, d 4096, 32 heads over 8 key/value heads, SwiGLU 14336, vocabulary 128256,
+/// an untied head.
+pub fn llama3_8b() -> DecoderConfig {
+    let dims = Dims {
+        vocab_size: 128256,
+        hidden: 4096,
+        n_layers: 32,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        ffn_hidden: 14336,
+        max_positions: 8192,
+    };
+    llama_shape(dims, 500000.0, false)
+}
+
 /// Sizes for tests: vocabulary 61, d 16, 2 layers, 4 heads of 4, MLP 24, 32 positions.
 pub const TINY: Dims = Dims {
     vocab_size: 61,
@@ -99,6 +155,9 @@ pub fn by_name(name: &str) -> Option<DecoderConfig> {
     match name {
         "gpt2-small" | "gpt2" => Some(gpt2_small()),
         "smollm2-135m" | "llama" => Some(smollm2_135m()),
+        "smollm2-360m" => Some(smollm2_360m()),
+        "smollm2-1.7b" => Some(smollm2_1_7b()),
+        "llama3-8b" => Some(llama3_8b()),
         _ => None,
     }
 }

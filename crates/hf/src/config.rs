@@ -26,37 +26,82 @@ pub struct Family {
     pub naming: &'static Naming,
     /// The field holding the context length (named in errors).
     pub positions_field: &'static str,
+    /// PEFT's default LoRA `target_modules` for this model type (its
+    /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`); empty where PEFT has none.
+    pub lora_targets: &'static [&'static str],
     decoder: fn(&Fields) -> Result<DecoderConfig>,
 }
 
 /// Every supported family, one row per `model_type`.
 pub static FAMILIES: &[Family] = &[
-    Family { model_type: "gpt2", naming: &naming::GPT2, positions_field: "n_positions", decoder: gpt2 },
+    Family {
+        model_type: "gpt2",
+        naming: &naming::GPT2,
+        positions_field: "n_positions",
+        lora_targets: &["c_attn"],
+        decoder: gpt2,
+    },
     Family {
         model_type: "llama",
         naming: &naming::LLAMA,
         positions_field: MAX_POS,
+        lora_targets: QV,
         decoder: |f| llama_like(f, "llama"),
     },
     Family {
         model_type: "mistral",
         naming: &naming::LLAMA,
         positions_field: MAX_POS,
+        lora_targets: QV,
         decoder: |f| llama_like(f, "mistral"),
     },
     Family {
         model_type: "qwen2",
         naming: &naming::LLAMA,
         positions_field: MAX_POS,
+        lora_targets: QV,
         decoder: |f| llama_like(f, "qwen2"),
     },
-    Family { model_type: "gpt_neox", naming: &naming::GPT_NEOX, positions_field: MAX_POS, decoder: gpt_neox },
-    Family { model_type: "qwen3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: qwen3 },
-    Family { model_type: "smollm3", naming: &naming::LLAMA, positions_field: MAX_POS, decoder: smollm3 },
-    Family { model_type: "gptj", naming: &naming::GPTJ, positions_field: "n_positions", decoder: gptj },
-    Family { model_type: "phi3", naming: &naming::PHI3, positions_field: MAX_POS, decoder: |f| llama_like(f, "phi3") },
-    Family { model_type: "gemma3_text", naming: &naming::GEMMA3, positions_field: MAX_POS, decoder: gemma3::gemma3 },
+    Family {
+        model_type: "gpt_neox",
+        naming: &naming::GPT_NEOX,
+        positions_field: MAX_POS,
+        lora_targets: &["query_key_value"],
+        decoder: gpt_neox,
+    },
+    Family { model_type: "qwen3", naming: &naming::LLAMA, positions_field: MAX_POS, lora_targets: QV, decoder: qwen3 },
+    Family {
+        model_type: "smollm3",
+        naming: &naming::LLAMA,
+        positions_field: MAX_POS,
+        lora_targets: &[],
+        decoder: smollm3,
+    },
+    Family {
+        model_type: "gptj",
+        naming: &naming::GPTJ,
+        positions_field: "n_positions",
+        lora_targets: QV,
+        decoder: gptj,
+    },
+    Family {
+        model_type: "phi3",
+        naming: &naming::PHI3,
+        positions_field: MAX_POS,
+        lora_targets: &[],
+        decoder: |f| llama_like(f, "phi3"),
+    },
+    Family {
+        model_type: "gemma3_text",
+        naming: &naming::GEMMA3,
+        positions_field: MAX_POS,
+        lora_targets: QV,
+        decoder: gemma3::gemma3,
+    },
 ];
+
+/// PEFT's default targets for most families: the query and value projections.
+const QV: &[&str] = &["q_proj", "v_proj"];
 
 const MAX_POS: &str = "max_position_embeddings";
 

@@ -68,6 +68,15 @@ pub enum Error {
              pass the prompt as plain text or add a template", dir.display())]
     NoChatTemplate { dir: PathBuf },
 
+    /// A LoRA target (a `target_modules` entry, a `--lora-targets` name) that does not resolve to linear
+    /// layers of the model. `origin` is the file and field, or the flag, it came from.
+    #[error("{origin}: target `{target}`: {msg}")]
+    LoraTarget { origin: String, target: String, msg: String },
+
+    /// LoRA settings given on the command line that cannot make an adapter.
+    #[error("LoRA {what}: {msg}")]
+    InvalidLora { what: String, msg: String },
+
     /// A model directory that is missing, not a directory, incomplete, or unsafe to overwrite.
     #[error("{}: {msg}", path.display())]
     ModelDir { path: PathBuf, msg: String },

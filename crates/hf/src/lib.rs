@@ -7,6 +7,7 @@
 //!   parameter names through it.
 //! - [`weights`]: HF tensors ↔ [`engine::Params`] by that plan (loading, checking, saving).
 //! - [`tokenizer`]: `tokenizer.json`, special tokens and the chat template (sandboxed minijinja).
+//! - [`peft`]: PEFT LoRA adapter directories ↔ [`engine::Adapter`], target resolution, merged models.
 //! - [`atomic`]: writing files and directories under a temporary name, renamed into place when complete.
 //! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
 //!
@@ -17,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod model_dir;
 pub mod naming;
+pub mod peft;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod weights;

@@ -86,21 +86,28 @@ pub fn load_tokenizer_if_present(dir: &Path) -> Result<Option<Tokenizer>> {
 pub fn save_model(out: &Path, config: &ModelConfig, params: &Params, source_dir: Option<&Path>) -> Result<()> {
     check_params(config, params)
         .map_err(|m| Error::dir(out, format!("parameters do not match the model config: {m}")))?;
+    write_dir(out, "config.json", |tmp| write_all(tmp, config, params, source_dir))
+}
+
+/// Writes a directory atomically: `fill` writes the files into `out.tmp-<pid>`, which is then renamed
+/// onto `out` ([`crate::atomic::replace_dir`]), so `out` is either the old directory, the complete new one,
+/// or absent. An existing `out` is replaced only if it is empty or holds `marker` (the file that says it is
+/// a directory of this kind: `config.json`, `adapter_config.json`).
+pub(crate) fn write_dir(out: &Path, marker: &str, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out.exists() {
         if !out.is_dir() {
             return Err(Error::dir(out, "exists and is not a directory; choose another output path"));
         }
         let empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_none();
-        if !empty && !out.join("config.json").is_file() {
+        if !empty && !out.join(marker).is_file() {
             return Err(Error::dir(
                 out,
-                "exists, is not empty and holds no config.json; refusing to replace it (choose another path)",
+                format!("exists, is not empty and holds no {marker}; refusing to replace it (choose another path)"),
             ));
         }
     }
     let name = out.file_name().ok_or_else(|| Error::dir(out, "output path has no final component"))?;
-    let sibling = |tag: &str| out.with_file_name(format!("{}.{tag}-{}", name.to_string_lossy(), std::process::id()));
-    let tmp = sibling("tmp");
+    let tmp = out.with_file_name(format!("{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -108,7 +115,7 @@ pub fn save_model(out: &Path, config: &ModelConfig, params: &Params, source_dir:
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    if let Err(e) = write_all(&tmp, config, params, source_dir) {
+    if let Err(e) = fill(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -156,7 +163,7 @@ fn write_all(tmp: &Path, config: &ModelConfig, params: &Params, source_dir: Opti
     Ok(())
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(v).map_err(|e| Error::json(path, e))?;
     text.push('\n');
     std::fs::write(path, text).map_err(|e| Error::io(path, e))

@@ -6,7 +6,9 @@
 //! says where each module lives in the HF checkpoint and how its tensors are laid out there; the plan
 //! appends `.weight` / `.bias`. Loading and saving both walk the plan, so they are inverses.
 
-use engine::{DecoderConfig, Params};
+use std::ops::Range;
+
+use engine::{DecoderConfig, Params, Site};
 
 /// Where a module's tensors live in the checkpoint and how they are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,6 +292,85 @@ pub fn aliases(naming: &Naming, name: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The engine modules of a layer that are linear layers LoRA can adapt, and the fused weight each lives in.
+const LINEAR_SITES: [(&str, Site); 4] =
+    [("qkv", Site::Qkv), ("o", Site::AttnOut), ("mlp_in", Site::MlpIn), ("mlp_out", Site::MlpOut)];
+
+/// One HF linear module of one layer: where its rows sit in the engine's fused weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearModule {
+    pub layer: usize,
+    /// The module's path inside the layer (`self_attn.q_proj`, `attn.c_attn`).
+    pub module: &'static str,
+    /// The full module path in the HF model (`model.layers.0.self_attn.q_proj`): what PEFT matches
+    /// `target_modules` against and prefixes its tensor names with.
+    pub key: String,
+    pub site: Site,
+    /// Rows of the site's fused weight this module owns.
+    pub rows: Range<usize>,
+    /// How the module's weight is stored (GPT-2's `Conv1D`, NeoX's interleaved heads).
+    pub layout: Hf,
+}
+
+/// The full path of layer `layer` (`model.layers.3`).
+pub fn layer_path(naming: &Naming, layer: usize) -> String {
+    naming.layer_prefix.replace("{i}", &layer.to_string())
+}
+
+/// Every block linear module of a model under `naming`, layer by layer in the row's order (q, k, v, o,
+/// gate, up, down): what PEFT calls the linear layers, less the LM head.
+pub fn linear_modules(naming: &Naming, cfg: &DecoderConfig) -> Vec<LinearModule> {
+    let mut out = Vec::new();
+    for layer in 0..cfg.n_layers {
+        let prefix = layer_path(naming, layer);
+        for (engine_module, hf) in naming.layer {
+            let Some(&(_, site)) = LINEAR_SITES.iter().find(|(m, _)| m == engine_module) else { continue };
+            let (_, rows) = site.dims(cfg);
+            let parts: Vec<(&'static str, usize)> = match *hf {
+                Hf::Rows(ms) => ms.iter().copied().zip(row_split(engine_module, cfg, rows, ms.len())).collect(),
+                Hf::Same(m) | Hf::Conv1D(m) | Hf::HeadsInterleaved(m) => vec![(m, rows)],
+            };
+            let mut start = 0;
+            for (module, n) in parts {
+                out.push(LinearModule {
+                    layer,
+                    module,
+                    key: format!("{prefix}.{module}"),
+                    site,
+                    rows: start..start + n,
+                    layout: *hf,
+                });
+                start += n;
+            }
+        }
+    }
+    out
+}
+
+/// The paths of every module of the HF model that holds tensors (`model.norm`, `lm_head`,
+/// `model.layers.0.self_attn.q_proj`) and of the modules that contain them (`model.layers.0.self_attn`,
+/// `model.layers.0`, `model`): the names PEFT's `target_modules` may match.
+pub fn module_paths(naming: &Naming, cfg: &DecoderConfig) -> Result<Vec<String>, NoModule> {
+    let mut out: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for entry in plan(naming, cfg)? {
+        for (name, _) in &entry.hf {
+            let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
+            let mut path = module;
+            loop {
+                if seen.insert(path.to_string()) {
+                    out.push(path.to_string());
+                }
+                match path.rsplit_once('.') {
+                    Some((parent, _)) => path = parent,
+                    None => break,
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

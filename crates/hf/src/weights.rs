@@ -198,7 +198,7 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Rows `[n_heads, 3, head_dim]` (NeoX) ↔ `[3, n_heads, head_dim]` (engine: q rows, k rows, v rows); each
 /// row has `cols` values. `to_hf` selects the direction.
-fn neox_qkv(x: &[f32], n_heads: usize, head_dim: usize, cols: usize, to_hf: bool) -> Vec<f32> {
+pub(crate) fn neox_qkv(x: &[f32], n_heads: usize, head_dim: usize, cols: usize, to_hf: bool) -> Vec<f32> {
     let mut out = vec![0.0; x.len()];
     let block = head_dim * cols;
     for h in 0..n_heads {

@@ -10,14 +10,15 @@ use dpo::data::{Example, Packing};
 use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
 use dpo::train::checkpoint::TrainerState;
-use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trainer, Workload};
+use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trained, Trainer, Workload};
 use engine::optim::{Optimizer, ScheduleKind};
 use engine::rng::Rng;
-use engine::{presets, Decoder};
+use engine::{presets, Adapter, Decoder, DecoderConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model shape: gpt2 (GPT-2 small, 124M, vocabulary 50257) or llama (SmolLM2-135M shape).
+    /// Model shape: gpt2 (GPT-2 small, 124M, vocabulary 50257), llama (SmolLM2-135M shape), smollm2-360m,
+    /// smollm2-1.7b or llama3-8b.
     #[arg(long, default_value = "gpt2")]
     arch: String,
     /// Preference pairs per optimizer step.
@@ -44,12 +45,49 @@ pub struct Args {
     /// Compute the prompt twice, once per completion, as TRL does (to measure what prefix sharing saves).
     #[arg(long)]
     no_prefix_sharing: bool,
+    /// Train a LoRA adapter of rank R on every linear layer (alpha 2R, no dropout: trl_bench.py's --lora R)
+    /// on the frozen model; the reference is the model with the adapter off.
+    #[arg(long, value_name = "R")]
+    lora_r: Option<usize>,
+}
+
+/// The shape as an HF configuration (model type, naming), so that PEFT's target rules resolve on it.
+fn hf_config(cfg: &DecoderConfig) -> anyhow::Result<hf::ModelConfig> {
+    let json = if matches!(cfg.positions, engine::PositionKind::Learned) {
+        serde_json::json!({"model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_embd": cfg.hidden,
+            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_positions": cfg.max_positions})
+    } else {
+        serde_json::json!({"model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.ffn_hidden,
+            "max_position_embeddings": cfg.max_positions, "tie_word_embeddings": cfg.tied_embeddings})
+    };
+    let mut m = hf::config_from_json(json, std::path::Path::new("<bench shape>"))?;
+    m.decoder = cfg.clone();
+    Ok(m)
+}
+
+/// A LoRA adapter of rank `r` (alpha 2r) on every linear layer, initialised as PEFT does.
+fn all_linear_adapter(cfg: &DecoderConfig, r: usize) -> anyhow::Result<Adapter> {
+    let model = hf_config(cfg)?;
+    let config = hf::peft::fresh_config(r, 2.0 * r as f64, 0.0, false, &["all-linear".to_string()], &model)?;
+    let targets = hf::peft::resolve_targets(&config, &model)?;
+    let mut adapter = Adapter::zeros(cfg, &targets, 0.0);
+    adapter.init_peft(&mut Rng::new(2));
+    Ok(adapter)
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let Some(cfg) = presets::by_name(&a.arch) else {
-        bail!("unknown --arch {:?}; use gpt2 (GPT-2 small) or llama (SmolLM2-135M shape)", a.arch);
+        bail!(
+            "unknown --arch {:?}; use gpt2 (GPT-2 small), llama (SmolLM2-135M shape), smollm2-360m, smollm2-1.7b or \
+             llama3-8b",
+            a.arch
+        );
     };
+    if a.lora_r == Some(0) {
+        bail!("--lora-r must be at least 1");
+    }
     if a.pairs == 0 || a.steps < 2 || a.completion < 1 || a.prompt < 1 {
         bail!("--pairs, --prompt and --completion must be at least 1, --steps at least 2");
     }
@@ -69,11 +107,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let decoder = Decoder::new(cfg.clone());
     let params = presets::init_random(&cfg, 0.02, 0);
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
-    let reference = if a.precompute_ref {
-        let r = presets::init_random(&cfg, 0.02, 1);
-        Reference::Cached(score_pairs(&decoder, &r, &examples, packing, a.pairs, |_| {})?)
-    } else {
-        Reference::Model(Arc::new((Decoder::new(cfg.clone()), presets::init_random(&cfg, 0.02, 1))))
+    let adapter = a.lora_r.map(|r| all_linear_adapter(&cfg, r)).transpose()?;
+    let reference = match (a.precompute_ref, &adapter) {
+        // A new adapter's reference is the base with the adapter off (TRL's with a PEFT model).
+        (true, Some(_)) => Reference::Cached(score_pairs(&decoder, &params, &examples, packing, a.pairs, |_| {})?),
+        (false, Some(_)) => Reference::PolicyBase(None),
+        (true, None) => {
+            let r = presets::init_random(&cfg, 0.02, 1);
+            Reference::Cached(score_pairs(&decoder, &r, &examples, packing, a.pairs, |_| {})?)
+        }
+        (false, None) => Reference::Model(Arc::new((Decoder::new(cfg.clone()), presets::init_random(&cfg, 0.02, 1)))),
     };
     let objective = PairObjective { losses: vec![(LossType::Sigmoid, 1.0)], cfg: LossConfig::default() };
     let workload = PairWorkload {
@@ -92,9 +135,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         scheduler: ScheduleKind::Constant,
         ..Default::default()
     };
-    let optimizer = Optimizer::new(train_cfg.optimizer_config(), &params);
+    let (trained, base) = match adapter {
+        Some(adapter) => (Trained::Adapter(adapter), Some(&params)),
+        None => (Trained::Full(params), None),
+    };
+    let optimizer = Optimizer::new(train_cfg.optimizer_config(), &trained);
     let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
-    let mut trainer = Trainer::new(&train_cfg, decoder, params, optimizer, state, workload.rows());
+    let mut trainer = Trainer::new(&train_cfg, decoder, trained, base, optimizer, state, workload.rows())?;
     let setup_s = t_setup.elapsed().as_secs_f64();
 
     let mut times = Vec::new();
@@ -120,6 +167,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "precompute_ref": a.precompute_ref,
         "prefix_sharing": !a.no_prefix_sharing,
         "micro_pairs": a.micro_pairs,
+        "lora_r": a.lora_r,
         "median_step_s": (med * 1000.0).round() / 1000.0,
         "pairs_per_s": ((a.pairs as f64 / med) * 1000.0).round() / 1000.0,
         "tokens_per_s": (tokens / med * 10.0).round() / 10.0,
@@ -146,7 +194,10 @@ fn step_flops(cfg: &engine::DecoderConfig, a: &Args) -> f64 {
     };
     let forward: f64 = rows.iter().map(|&(n, keys)| presets::forward_flops(cfg, n as usize, keys, 0)).sum::<f64>()
         + presets::forward_flops(cfg, 0, 0.0, targets);
-    let passes = if a.precompute_ref { 3.0 } else { 4.0 };
+    // Forward, backward (twice a forward; input gradients only, half of it, on a frozen base with an
+    // adapter), and the reference's forward unless precomputed.
+    let backward = if a.lora_r.is_some() { 1.0 } else { 2.0 };
+    let passes = 1.0 + backward + if a.precompute_ref { 0.0 } else { 1.0 };
     passes * forward * a.pairs as f64
 }
 

@@ -20,6 +20,8 @@ pub struct Args {
     /// The policy to sample from (Hugging Face directory with its tokenizer).
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    adapter: super::adapter::AdapterFlag,
     /// The reward model that picks the best sample: the run directory `dpo reward-model train` wrote
     /// (or its final/); it must use the policy's tokenizer.
     #[arg(long)]
@@ -52,7 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
-    let model = hf::load_model(&a.model)?;
+    let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
     let tok = hf::load_tokenizer(&a.model)?;
     let reward_model = model_of(&a.reward_model);
     let same_tokenizer = |dir: &std::path::Path| {

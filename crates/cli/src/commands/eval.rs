@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use dpo::data::Packing;
 use dpo::objectives::parse_loss_list;
 use dpo::train::{evaluate, PairObjective, PairWorkload, Reference, Workspace};
+use engine::model::Model;
 use engine::Decoder;
 
 use super::train::ObjectiveFlags;
@@ -15,7 +16,10 @@ pub struct Args {
     /// The model to evaluate (Hugging Face directory).
     #[arg(long)]
     model: PathBuf,
-    /// Reference model; required by losses that compare with a reference (all but simpo, orpo, sft).
+    #[command(flatten)]
+    adapter: super::adapter::AdapterFlag,
+    /// Reference model; required by losses that compare with a reference (all but simpo, orpo, sft), except
+    /// with --adapter, where it defaults to --model with the adapter off (a new adapter's reference).
     #[arg(long)]
     ref_model: Option<PathBuf>,
     /// Preference rows (JSONL, JSON or Parquet).
@@ -52,10 +56,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cfg,
     };
     let model = hf::load_model(&a.model)?;
+    let adapter = a.adapter.load(&model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = match &a.ref_model {
         Some(dir) => Reference::load(dir, &model.config, tok.as_ref())?,
         None if objective.reference_free() => Reference::None,
+        None if adapter.is_some() => Reference::PolicyBase(None),
         None => bail!(
             "--ref-model is required for {} (or pass --reference-free)",
             a.objective.loss.as_deref().unwrap_or("sigmoid")
@@ -73,7 +79,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         packing: Packing::SharedPrompt,
         micro_pairs: 0,
     };
-    let metrics = evaluate(&decoder, &model.params, &workload, a.batch_size, &mut ws)
+    let policy = Model::new(&model.params, adapter.as_ref());
+    let metrics = evaluate(&decoder, policy, &workload, a.batch_size, &mut ws)
         .with_context(|| format!("evaluating {}", a.data.display()))?;
     let mut obj = serde_json::Map::new();
     obj.insert("rows".into(), examples.len().into());

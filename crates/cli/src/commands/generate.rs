@@ -19,6 +19,8 @@ pub struct Args {
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
+    adapter: super::adapter::AdapterFlag,
+    #[command(flatten)]
     sampling: SamplingFlags,
     /// Completions per prompt.
     #[arg(long, default_value_t = 1)]
@@ -173,7 +175,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
-    let model = hf::load_model(&a.model)?;
+    let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
     let tok = hf::load_tokenizer(&a.model)?;
     let prompts = a.sampling.prompts(&tok, &a.model)?;
     // The last new token is not read back, so a prompt needs max_new_tokens - 1 more positions.

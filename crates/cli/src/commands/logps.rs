@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context};
 use dpo::data::{check_positions, load_pairs, DataError, DataOptions, Example, Packing, Truncation};
 use dpo::scoring::score_pairs;
+use engine::model::Model;
 use engine::{Decoder, DecoderConfig};
 
 /// Length limits of the rows, shared by `dpo logps`, `dpo eval` and `dpo reward`.
@@ -62,6 +63,8 @@ pub struct Args {
     /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    adapter: super::adapter::AdapterFlag,
     /// Preference rows: JSONL or JSON with `prompt`/`chosen`/`rejected` (text or chat messages) or
     /// `prompt_ids`/`chosen_ids`/`rejected_ids`.
     #[arg(long)]
@@ -82,11 +85,13 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::load_model(&a.model)?;
+    let adapter = a.adapter.load(&model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&model.config.decoder])?;
     let decoder = Decoder::new(model.config.decoder.clone());
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
-    let scores = score_pairs(&decoder, &model.params, &examples, packing, a.batch_size, |_| {})
+    let policy = Model::new(&model.params, adapter.as_ref());
+    let scores = score_pairs(&decoder, policy, &examples, packing, a.batch_size, |_| {})
         .with_context(|| format!("scoring {}", a.data.display()))?;
     let bad: Vec<&str> = scores
         .iter()

@@ -1,5 +1,6 @@
 //! One file per command.
 
+mod adapter;
 mod bench;
 mod bench_engine;
 mod best_of_n;
@@ -7,6 +8,7 @@ mod demo;
 mod eval;
 mod generate;
 mod logps;
+mod merge;
 mod ppo;
 mod progress;
 mod reward;
@@ -52,6 +54,8 @@ enum Command {
     Ppo(Box<ppo::Args>),
     /// Summed log-probs of the chosen and rejected completions of every preference row.
     Logps(logps::Args),
+    /// Merge a PEFT LoRA adapter into its base model and write a Hugging Face model directory.
+    Merge(merge::Args),
     /// DPO training throughput and peak memory on a model shape with random weights (compare with TRL).
     Bench(bench::Args),
     /// Forward and forward+backward throughput of the engine on a model shape with random weights.
@@ -83,6 +87,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ppo::run(*a)
         }
         Command::Logps(a) => other(Box::new(move || logps::run(a))),
+        Command::Merge(a) => other(Box::new(move || merge::run(a))),
         Command::Bench(a) => other(Box::new(move || bench::run(a))),
         Command::BenchEngine(a) => other(Box::new(move || bench_engine::run(a))),
         Command::Demo(a) => other(Box::new(move || demo::run(a))),

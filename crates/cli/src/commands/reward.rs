@@ -7,16 +7,20 @@ use anyhow::{bail, Context};
 use dpo::data::Packing;
 use dpo::scoring::score_pairs;
 use dpo::train::Reference;
-use engine::{Decoder, Params};
+use engine::model::Model;
+use engine::Decoder;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The policy (a DPO-trained model).
     #[arg(long)]
     model: PathBuf,
-    /// The reference it was trained against.
+    #[command(flatten)]
+    adapter: super::adapter::AdapterFlag,
+    /// The reference it was trained against [required, except with --adapter: then --model with the adapter
+    /// off, the reference of a new adapter].
     #[arg(long)]
-    ref_model: PathBuf,
+    ref_model: Option<PathBuf>,
     /// Preference rows (JSONL, JSON or Parquet); each row's chosen and rejected completions are scored.
     #[arg(long)]
     data: PathBuf,
@@ -36,18 +40,25 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     super::eval::check_beta(a.beta)?;
     let policy = hf::load_model(&a.model)?;
+    let adapter = a.adapter.load(&policy)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
-    let reference = Reference::load(&a.ref_model, &policy.config, tok.as_ref())?;
-    let Some((ref_decoder, ref_params)) = reference.model() else {
-        bail!("{} gave no reference model", a.ref_model.display());
+    let decoder = Decoder::new(policy.config.decoder.clone());
+    let policy_model = Model::new(&policy.params, adapter.as_ref());
+    let (reference, ref_name) = match (&a.ref_model, &adapter) {
+        (Some(dir), _) => (Reference::load(dir, &policy.config, tok.as_ref())?, dir.display().to_string()),
+        (None, Some(_)) => (Reference::PolicyBase(None), format!("{} (adapter off)", a.model.display())),
+        (None, None) => bail!("--ref-model is required (the reference the policy was trained against)"),
+    };
+    let Some((ref_decoder, ref_model)) = reference.frozen((&decoder, policy_model)) else {
+        bail!("{ref_name} gave no reference model");
     };
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&policy.config.decoder, &ref_decoder.cfg])?;
-    let score = |decoder: &Decoder, params: &Params, dir: &std::path::Path| {
-        score_pairs(decoder, params, &examples, Packing::SharedPrompt, a.batch_size, |_| {})
-            .with_context(|| format!("scoring {} with {}", a.data.display(), dir.display()))
+    let score = |decoder: &Decoder, model: Model, name: &str| {
+        score_pairs(decoder, model, &examples, Packing::SharedPrompt, a.batch_size, |_| {})
+            .with_context(|| format!("scoring {} with {name}", a.data.display()))
     };
-    let p = score(&Decoder::new(policy.config.decoder.clone()), &policy.params, &a.model)?;
-    let r = score(ref_decoder, ref_params, &a.ref_model)?;
+    let p = score(&decoder, policy_model, &a.model.display().to_string())?;
+    let r = score(ref_decoder, ref_model, &ref_name)?;
     let mut text = String::new();
     for (p, r) in p.iter().zip(&r) {
         let (c, j) = (a.beta * (p.chosen_logps - r.chosen_logps), a.beta * (p.rejected_logps - r.rejected_logps));

@@ -8,13 +8,16 @@ use dpo::train::config::Method;
 use dpo::train::RunOptions;
 use serde::Serialize;
 
-use super::train::{execute, resolve, DataFlags, InputFlags, OptimFlags, RunFlags};
+use super::train::{execute, resolve, DataFlags, InputFlags, LoraFlags, OptimFlags, RunFlags};
 
 #[derive(clap::Args, Debug, Default, Serialize)]
 pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     inputs: InputFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    lora: LoraFlags,
     #[command(flatten)]
     #[serde(flatten)]
     data: DataFlags,

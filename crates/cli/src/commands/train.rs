@@ -51,6 +51,9 @@ pub struct Args {
     reference: ReferenceFlags,
     #[command(flatten)]
     #[serde(flatten)]
+    lora: LoraFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
     data: DataFlags,
     #[command(flatten)]
     #[serde(flatten)]
@@ -160,6 +163,46 @@ pub struct ReferenceFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     cache_dir: Option<PathBuf>,
+}
+
+/// LoRA: train a low-rank adapter on the frozen model instead of every weight, in PEFT's format.
+#[derive(clap::Args, Debug, Default, Serialize)]
+#[command(next_help_heading = "LoRA (train an adapter on the frozen model)")]
+pub struct LoraFlags {
+    /// Train a new LoRA adapter of rank R on the frozen --model instead of every weight (TRL's `trl dpo
+    /// --use_peft` uses 16). The reference is then the base with the adapter off; final/ is a PEFT adapter
+    /// directory.
+    #[arg(long, value_name = "R")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_r: Option<usize>,
+    /// Scale numerator: the update is alpha/r * B A [default: 32, TRL's].
+    #[arg(long, value_name = "ALPHA", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_alpha: Option<f64>,
+    /// Dropout on the adapter's input while training [default: 0, PEFT's; TRL's command line uses 0.05].
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_dropout: Option<f64>,
+    /// Linear layers that get an adapter: all-linear, or HF module names, comma-separated (q_proj,v_proj;
+    /// c_attn,c_fc for GPT-2; query_key_value for GPT-NeoX) [default: PEFT's for the architecture, e.g.
+    /// q_proj,v_proj for Llama and Qwen, c_attn for GPT-2].
+    #[arg(long, value_name = "MODULES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_targets: Option<String>,
+    /// Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    use_rslora: bool,
+    /// Start from this PEFT adapter directory (adapter_config.json, adapter_model.safetensors), e.g. an SFT
+    /// adapter or a previous run's final/: r, alpha, dropout and targets are its own (a --lora-* flag that
+    /// says otherwise is refused) and the reference is a frozen copy of it on --model, as TRL keeps.
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adapter: Option<PathBuf>,
+    /// Also write OUTPUT/final-merged: the trained adapter merged into --model, a Hugging Face model directory.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    merge: bool,
 }
 
 #[derive(clap::Args, Debug, Default, Serialize)]
@@ -332,7 +375,7 @@ fn settings_file(inputs: &InputFlags) -> anyhow::Result<Option<PathBuf>> {
 pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Method>) -> anyhow::Result<TrainConfig> {
     let file = settings_file(inputs)?;
     let mut table = toml::Table::try_from(flags).context("reading the flags")?;
-    for key in ["model", "data", "output", "ref_model", "eval_data", "cache_dir"] {
+    for key in dpo::train::config::PATH_KEYS {
         if let Some(toml::Value::String(p)) = table.get_mut(key) {
             *p = std::path::absolute(Path::new(p.as_str()))?.to_string_lossy().into_owned();
         }

@@ -28,7 +28,7 @@
 
 use std::collections::BTreeMap;
 
-use engine::{Decoder, Params};
+use engine::{Decoder, Grads, Model};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{pack_sequences, Example};
@@ -75,8 +75,8 @@ impl Workload for UnlikelihoodWorkload<'_> {
     fn run(
         &self,
         decoder: &Decoder,
-        params: &Params,
-        grads: Option<(&mut Params, f64)>,
+        params: Model<'_>,
+        grads: Option<(Grads<'_>, f64)>,
         rows: &[usize],
         ws: &mut Workspace,
     ) -> Result<BatchOutcome, TrainError> {

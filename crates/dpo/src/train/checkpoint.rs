@@ -4,6 +4,8 @@
 //! name and renamed into place when complete, so a `step-<N>` directory either loads or does not exist.
 //! A run that trains a scalar head beside the decoder (the reward model) adds [`HEAD_FILE`] beside
 //! `model/`; the head's optimizer moments sit in `optimizer.safetensors` under their parameter-set names.
+//! A LoRA run's checkpoint holds no model: `adapter/` (a PEFT adapter directory) and the adapter's
+//! optimizer state, the base being the run's `--model`.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +13,11 @@ use engine::optim::{Optimizer, OptimizerConfig, OptimizerState};
 use engine::{ParamSet, Params, ScalarHead};
 use serde::{Deserialize, Serialize};
 
+use super::policy::Trained;
 use super::TrainError;
+
+/// The adapter of a LoRA run's checkpoint (a PEFT adapter directory).
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// Where the trainer is; everything else is derived from the configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,16 +48,30 @@ pub fn checkpoints_dir(output: &Path) -> PathBuf {
 /// --overwrite moves a previous run aside, a resume from an older checkpoint moves the newer ones
 /// aside), so it is kept as it is: an existing checkpoint is never replaced, and no moment exists at
 /// which neither the old nor the new copy is in place.
+///
+/// A LoRA run (`trained` an adapter) writes the adapter with its PEFT configuration `lora`.
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     output: &Path,
     model_cfg: &hf::ModelConfig,
-    params: &Params,
+    trained: &Trained,
+    lora: Option<&hf::peft::LoraConfig>,
     source_dir: &Path,
     optimizer: &Optimizer,
     state: &TrainerState,
     total_steps: u64,
 ) -> Result<PathBuf, TrainError> {
-    save_with_head(output, model_cfg, params, None, source_dir, optimizer, state, total_steps)
+    match (trained, lora) {
+        (Trained::Full(params), _) => {
+            save_with_head(output, model_cfg, params, None, source_dir, optimizer, state, total_steps)
+        }
+        (Trained::Adapter(adapter), Some(config)) => write(output, optimizer, state, total_steps, |tmp| {
+            Ok(hf::peft::save_adapter(&tmp.join(ADAPTER_DIR), config, adapter, model_cfg)?)
+        }),
+        (Trained::Adapter(_), None) => {
+            Err(TrainError::Invalid("an adapter checkpoint needs the adapter's PEFT configuration".into()))
+        }
+    }
 }
 
 /// [`save`], with the scalar head trained beside the decoder (written to [`HEAD_FILE`]).
@@ -83,16 +103,7 @@ pub fn save_with_extras(
     state: &TrainerState,
     total_steps: u64,
 ) -> Result<PathBuf, TrainError> {
-    let root = checkpoints_dir(output);
-    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-    let fin = root.join(format!("step-{}", state.step));
-    if fin.join("trainer_state.json").is_file() {
-        return Ok(fin);
-    }
-    let tmp = root.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<(), TrainError> {
-        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    write(output, optimizer, state, total_steps, |tmp| {
         hf::save_model(&tmp.join("model"), model_cfg, params, Some(source_dir))?;
         if let Some(head) = head {
             let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
@@ -103,6 +114,30 @@ pub fn save_with_extras(
             let path = tmp.join(name);
             std::fs::write(&path, bytes).map_err(|e| TrainError::io(&path, e))?;
         }
+        Ok(())
+    })
+}
+
+/// Writes a checkpoint atomically: `trained` writes what is trained into the temporary directory, then
+/// the optimizer's state and the trainer's position follow.
+fn write(
+    output: &Path,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    total_steps: u64,
+    trained: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<PathBuf, TrainError> {
+    let root = checkpoints_dir(output);
+    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
+    let fin = root.join(format!("step-{}", state.step));
+    if fin.join("trainer_state.json").is_file() {
+        return Ok(fin);
+    }
+    let tmp = root.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<(), TrainError> {
+        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        trained(&tmp)?;
         let opt = optimizer.state();
         let steps = opt.steps;
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
@@ -213,12 +248,43 @@ pub fn newest(run: &Path) -> Result<PathBuf, TrainError> {
     Err(TrainError::NoCheckpoint { run: run.to_path_buf(), detail })
 }
 
-/// Loads a checkpoint directory (`.../checkpoints/step-N`) or, given a run directory, its newest checkpoint.
-pub fn load(path: &Path, opt_cfg: OptimizerConfig) -> Result<Loaded, TrainError> {
-    let (dir, model, state, total_steps, opt_state) = read(path)?;
-    let optimizer = Optimizer::restore(opt_cfg, &model.params, opt_state)
+/// What a checkpoint of `dpo train` or `dpo sft` holds.
+pub struct Resumed {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Every weight, or a LoRA run's adapter.
+    pub trained: Trained,
+    pub optimizer: Optimizer,
+    pub state: TrainerState,
+    /// The steps the run that wrote it was to take (absent in checkpoints of older versions).
+    pub total_steps: Option<u64>,
+}
+
+/// Loads a checkpoint directory (`.../checkpoints/step-N`) or, given a run directory, its newest
+/// checkpoint, of a run on the model configured as `model`: its weights, or (a LoRA run, `lora` its
+/// adapter's configuration) its adapter.
+pub fn load(
+    path: &Path,
+    opt_cfg: OptimizerConfig,
+    model: &hf::ModelConfig,
+    lora: Option<&hf::peft::LoraConfig>,
+) -> Result<Resumed, TrainError> {
+    let dir = if path.join("trainer_state.json").is_file() { path.to_path_buf() } else { newest(path)? };
+    let has_adapter = dir.join(ADAPTER_DIR).is_dir();
+    let trained = match (lora, has_adapter) {
+        (Some(_), true) => Trained::Adapter(hf::peft::load_adapter(&dir.join(ADAPTER_DIR), model)?.adapter),
+        (None, false) => Trained::Full(hf::load_model(&dir.join("model"))?.params),
+        (Some(_), false) => {
+            return Err(TrainError::Checkpoint(dir, "holds a full model, and this run trains a LoRA adapter".into()))
+        }
+        (None, true) => {
+            return Err(TrainError::Checkpoint(dir, "holds a LoRA adapter, and this run trains every weight".into()))
+        }
+    };
+    let (state, total_steps, opt_state) = read_meta(&dir)?;
+    let optimizer = Optimizer::restore(opt_cfg, &trained, opt_state)
         .map_err(|e| TrainError::Checkpoint(dir.clone(), e.to_string()))?;
-    Ok(Loaded { dir, model, optimizer, state, total_steps })
+    Ok(Resumed { dir, trained, optimizer, state, total_steps })
 }
 
 /// [`load`] for a run that trains the decoder and a scalar head as one parameter set (decoder first),
@@ -243,6 +309,13 @@ type Read = (PathBuf, hf::HfModel, TrainerState, Option<u64>, OptimizerState);
 
 fn read(path: &Path) -> Result<Read, TrainError> {
     let dir = if path.join("trainer_state.json").is_file() { path.to_path_buf() } else { newest(path)? };
+    let model = hf::load_model(&dir.join("model"))?;
+    let (state, total_steps, opt_state) = read_meta(&dir)?;
+    Ok((dir, model, state, total_steps, opt_state))
+}
+
+/// A checkpoint's position, planned steps and optimizer state.
+fn read_meta(dir: &Path) -> Result<(TrainerState, Option<u64>, OptimizerState), TrainError> {
     let meta_path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| TrainError::io(&meta_path, e))?;
     let meta: serde_json::Value =
@@ -253,13 +326,12 @@ fn read(path: &Path) -> Result<Read, TrainError> {
         .as_u64()
         .ok_or_else(|| TrainError::Checkpoint(meta_path.clone(), "missing optimizer_step".into()))?;
     let total_steps = meta["total_steps"].as_u64();
-    let model = hf::load_model(&dir.join("model"))?;
     let st = hf::SafeTensors::open(&dir.join("optimizer.safetensors"))?;
     let mut tensors = Vec::new();
     for info in st.tensors() {
         tensors.push((info.name.clone(), st.read_f32(&info.name)?));
     }
-    Ok((dir, model, state, total_steps, OptimizerState { steps: opt_step, buffers: tensors }))
+    Ok((state, total_steps, OptimizerState { steps: opt_step, buffers: tensors }))
 }
 
 /// A checkpoint's head: `score.weight` `[1, hidden]` and `score.bias` `[1]`, both required.

@@ -246,6 +246,14 @@ pub struct TrainConfig {
     /// Memory the run may use; default: the machine's available memory (`MemAvailable`). A run whose
     /// estimated peak exceeds it is refused before training.
     pub max_memory: Option<ByteSize>,
+
+    /// LoRA settings as given (`lora_r` starts a new adapter; see [`LoraFlags`]).
+    pub lora: LoraFlags,
+    /// Start from this PEFT adapter directory (a LoRA run whose r, alpha, dropout and targets are the
+    /// adapter's); the base is `model`.
+    pub adapter: Option<PathBuf>,
+    /// Also write `OUTPUT/final-merged`, the adapter merged into the base (an HF model directory).
+    pub merge: bool,
 }
 
 impl Default for TrainConfig {
@@ -288,6 +296,9 @@ impl Default for TrainConfig {
             log_every: 1,
             on_nonfinite: OnNonFinite::Stop,
             max_memory: None,
+            lora: LoraFlags::default(),
+            adapter: None,
+            merge: false,
         }
     }
 }
@@ -325,6 +336,11 @@ impl TrainConfig {
         let cfg = TrainConfig::resolve(raw, method)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Whether the run trains a LoRA adapter (new, or from `adapter`) on a frozen base.
+    pub fn is_lora(&self) -> bool {
+        self.lora.r.is_some() || self.adapter.is_some()
     }
 
     pub fn to_toml(&self) -> String {
@@ -437,13 +453,23 @@ impl TrainConfig {
             Objective::Sft => {}
             Objective::Unlikelihood(u) => at_least("unlikelihood_alpha", u.alpha, 0.0)?,
         }
+        self.lora.validate(self.adapter.is_some())?;
+        if self.merge && !self.is_lora() {
+            return Err(invalid(
+                "merge",
+                "applies to a LoRA run (give lora_r or adapter); final/ of a full run is a whole model already",
+            ));
+        }
         Ok(())
     }
 }
 
+mod lora;
 mod raw;
 #[cfg(test)]
 mod tests;
 
+pub use lora::{LoraFlags, LoraTargets, DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT};
+
 use raw::toml_error;
-pub use raw::{read_toml_table, ListOrString, RawConfig};
+pub use raw::{read_toml_table, ListOrString, RawConfig, PATH_KEYS};

@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use engine::{Decoder, Params};
+use engine::model::{Grads, Model};
+use engine::Decoder;
 
 use super::pairs::{BatchOutcome, Workspace};
 use super::reference::Reference;
@@ -34,15 +35,14 @@ impl Workload for KtoWorkload<'_> {
     fn run(
         &self,
         decoder: &Decoder,
-        params: &Params,
-        grads: Option<(&mut Params, f64)>,
+        params: Model<'_>,
+        grads: Option<(Grads<'_>, f64)>,
         rows: &[usize],
         ws: &mut Workspace,
     ) -> Result<BatchOutcome, TrainError> {
-        let Reference::Model(reference) = self.reference else {
+        let Some((ref_decoder, ref_params)) = self.reference.frozen((decoder, params)) else {
             return Err(TrainError::NeedsReferenceModel { objective: "KTO" });
         };
-        let (ref_decoder, ref_params) = (&reference.0, &reference.1);
         let parts: Vec<(&[u32], &[u32])> = rows.iter().map(|&i| self.examples[i].parts()).collect();
         // Mismatched pairs for the KL estimate: prompt i with completion i+1 (a batch of one pairs itself).
         let mismatched: Vec<(&[u32], &[u32])> =

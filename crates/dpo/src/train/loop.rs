@@ -13,16 +13,21 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use engine::model::Model;
 use engine::optim::{clip_grad_norm, lr_at, Optimizer};
 use engine::rng::Rng;
-use engine::{Decoder, Params};
+use engine::{Decoder, ParamSet, Params};
 
 use super::checkpoint::{self, TrainerState};
 use super::pairs::Workspace;
+use super::policy::Trained;
 use super::run_dir::RunDir;
 use super::setup::{setup, RunOptions, Setup, Start};
 use super::workload::Workload;
 use super::{OnNonFinite, TrainConfig, TrainError};
+
+/// Where `--merge` writes the trained adapter merged into the base (an HF model directory).
+pub const MERGED_DIR: &str = "final-merged";
 
 /// How a run ended.
 #[derive(Debug)]
@@ -79,29 +84,44 @@ pub struct StepOutcome {
 pub struct Trainer<'c> {
     pub cfg: &'c TrainConfig,
     pub decoder: Decoder,
-    pub params: Params,
+    /// Every weight, or the adapter of a LoRA run.
+    pub trained: Trained,
+    /// The frozen base a trained adapter sits on (`None` when every weight is trained).
+    pub base: Option<&'c Params>,
     pub optimizer: Optimizer,
     pub state: TrainerState,
     pub total: u64,
-    grads: Params,
+    /// The gradient, in `trained`'s layout (an adapter's only, in a LoRA run).
+    grads: Trained,
     ws: Workspace,
     order: Vec<usize>,
     rows: usize,
 }
 
 impl<'c> Trainer<'c> {
+    /// A trainer of `trained`; an adapter needs the `base` it sits on.
     pub fn new(
         cfg: &'c TrainConfig,
         decoder: Decoder,
-        params: Params,
+        trained: Trained,
+        base: Option<&'c Params>,
         optimizer: Optimizer,
         state: TrainerState,
         rows: usize,
-    ) -> Self {
+    ) -> Result<Self, TrainError> {
+        if matches!(trained, Trained::Adapter(_)) && base.is_none() {
+            return Err(TrainError::Invalid("a LoRA adapter is trained on a base model, and none was given".into()));
+        }
         let order = epoch_order(rows, state.epoch, cfg.seed, !cfg.no_shuffle);
-        let grads = Params::zeros(&decoder.cfg);
+        let grads = trained.zeros_like(&decoder.cfg);
         let total = total_steps(cfg, rows);
-        Trainer { cfg, decoder, params, optimizer, state, total, grads, ws: Workspace::default(), order, rows }
+        let ws = Workspace::default();
+        Ok(Trainer { cfg, decoder, trained, base, optimizer, state, total, grads, ws, order, rows })
+    }
+
+    /// The policy as the passes read it: the trained weights, or the base with the trained adapter.
+    pub fn model(&self) -> Model<'_> {
+        policy_model(&self.trained, self.base)
     }
 
     /// Takes the next micro-batch of row indices, moving to the next epoch at the end of one.
@@ -128,10 +148,13 @@ impl<'c> Trainer<'c> {
         let mut tokens = 0u64;
         let mut finite = true;
         let scale = 1.0 / self.cfg.grad_accum as f64;
-        for _ in 0..self.cfg.grad_accum {
+        for micro in 0..self.cfg.grad_accum {
             let batch = self.next_micro_batch();
-            let grads = Some((&mut self.grads, scale));
-            let out = workload.run(&self.decoder, &self.params, grads, &batch, &mut self.ws)?;
+            // An adapter's dropout draws its masks from the run's seed, the step and the micro-batch, so a
+            // resumed run draws the same ones.
+            let seed = self.cfg.seed ^ (self.state.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ micro as u64;
+            let model = policy_model(&self.trained, self.base).with_dropout_seed(seed);
+            let out = workload.run(&self.decoder, model, Some((self.grads.grads(), scale)), &batch, &mut self.ws)?;
             finite &= out.finite;
             tokens += out.num_tokens;
             for (k, v) in out.metrics {
@@ -150,7 +173,7 @@ impl<'c> Trainer<'c> {
             (true, false) => Some("gradient"),
         };
         if nonfinite.is_none() {
-            self.optimizer.step(&mut self.params, &self.grads, lr);
+            self.optimizer.step(&mut self.trained, &self.grads, lr);
         } else {
             self.state.skipped_steps += 1;
         }
@@ -172,22 +195,34 @@ impl<'c> Trainer<'c> {
 
     /// Mean of each metric over the rows of `workload`, at the current weights.
     pub fn evaluate(&mut self, workload: &dyn Workload) -> Result<BTreeMap<String, f64>, TrainError> {
-        evaluate(&self.decoder, &self.params, workload, self.cfg.batch_size, &mut self.ws)
+        let model = policy_model(&self.trained, self.base);
+        evaluate(&self.decoder, model, workload, self.cfg.batch_size, &mut self.ws)
     }
 }
 
-/// Mean of each metric over rows (TRL's names, unprefixed).
-pub fn evaluate(
+/// The trained weights, or `base` with the trained adapter on it.
+fn policy_model<'a>(trained: &'a Trained, base: Option<&'a Params>) -> Model<'a> {
+    match (trained, base) {
+        (Trained::Full(p), _) => Model::new(p, None),
+        (Trained::Adapter(a), Some(base)) => Model::new(base, Some(a)),
+        (Trained::Adapter(_), None) => unreachable!("Trainer::new refuses an adapter without a base"),
+    }
+}
+
+/// Mean of each metric over rows (TRL's names, unprefixed), under `model` (a decoder's weights, or a
+/// base with an adapter on it).
+pub fn evaluate<'m>(
     decoder: &Decoder,
-    params: &Params,
+    model: impl Into<Model<'m>>,
     workload: &dyn Workload,
     batch_size: usize,
     ws: &mut Workspace,
 ) -> Result<BTreeMap<String, f64>, TrainError> {
+    let model = model.into();
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let rows: Vec<usize> = (0..workload.rows()).collect();
     for chunk in rows.chunks(batch_size.max(1)) {
-        let out = workload.run(decoder, params, None, chunk, ws)?;
+        let out = workload.run(decoder, model, None, chunk, ws)?;
         for (k, v) in out.metrics {
             *sums.entry(k).or_default() += v * chunk.len() as f64;
         }
@@ -245,7 +280,8 @@ pub fn run(
     let (workload, eval) = s.workloads();
     let decoder = Decoder::new(s.model.config.decoder.clone());
     let resumed = start.resumed;
-    let mut t = Trainer::new(cfg, decoder, start.params, start.optimizer, start.state, workload.rows());
+    let base = s.lora.as_ref().map(|_| &s.model.params);
+    let mut t = Trainer::new(cfg, decoder, start.trained, base, start.optimizer, start.state, workload.rows())?;
     let total = t.total;
     if let Some((_, Some(before))) = &resumed {
         if *before != total {
@@ -267,10 +303,12 @@ pub fn run(
     let mut metrics = dir.metrics(resumed.as_ref().map(|_| t.state.step))?;
     let output = dir.path().to_path_buf();
 
-    let save = |dir: &mut RunDir, params: &Params, optimizer: &Optimizer, state: &TrainerState| match checkpoint::save(
+    let lora = s.lora.as_ref().map(|l| &l.config);
+    let save = |dir: &mut RunDir, trained: &Trained, optimizer: &Optimizer, state: &TrainerState| match checkpoint::save(
         &output,
         &s.model.config,
-        params,
+        trained,
+        lora,
         &cfg.model,
         optimizer,
         state,
@@ -291,7 +329,7 @@ pub fn run(
 
     while t.state.step < total {
         if stop.load(Ordering::SeqCst) {
-            let p = save(dir, &t.params, &t.optimizer, &t.state)?;
+            let p = save(dir, &t.trained, &t.optimizer, &t.state)?;
             let outcome = TrainOutcome {
                 steps: t.state.step,
                 total_steps: total,
@@ -308,7 +346,7 @@ pub fn run(
                 OnNonFinite::Stop => {
                     // The step was not applied: the weights and optimizer are still those after the last
                     // good step, and the checkpoint of that state resumes before this batch.
-                    let checkpoint = save(dir, &t.params, &t.optimizer, &out.before)?;
+                    let checkpoint = save(dir, &t.trained, &t.optimizer, &out.before)?;
                     return Err(TrainError::NonFinite {
                         step: out.before.step + 1,
                         what,
@@ -347,16 +385,32 @@ pub fn run(
             log(&step_summary(step, total, &out));
         }
         if due(cfg.save_every) && step < total {
-            save(dir, &t.params, &t.optimizer, &t.state)?;
+            save(dir, &t.trained, &t.optimizer, &t.state)?;
         }
     }
-    let checkpoint = save(dir, &t.params, &t.optimizer, &t.state)?;
+    let checkpoint = save(dir, &t.trained, &t.optimizer, &t.state)?;
     let final_dir = output.join("final");
-    hf::save_model(&final_dir, &s.model.config, &t.params, Some(&cfg.model)).map_err(|e| TrainError::FinalWrite {
+    let final_error = |e: hf::Error| TrainError::FinalWrite {
         message: e.to_string(),
         checkpoint: checkpoint.clone(),
         output: output.clone(),
-    })?;
+    };
+    match (&t.trained, lora) {
+        (Trained::Full(params), _) => {
+            hf::save_model(&final_dir, &s.model.config, params, Some(&cfg.model)).map_err(final_error)?
+        }
+        (Trained::Adapter(adapter), Some(config)) => {
+            hf::peft::save_adapter(&final_dir, config, adapter, &s.model.config).map_err(final_error)?;
+            if cfg.merge {
+                let merged = output.join(MERGED_DIR);
+                hf::peft::save_merged(&merged, &s.model, adapter).map_err(final_error)?;
+                log(&format!("merged model written to {}", merged.display()));
+            }
+        }
+        (Trained::Adapter(_), None) => {
+            return Err(TrainError::Invalid("a LoRA run's setup holds no adapter configuration".into()))
+        }
+    }
     dir.started();
     Ok(TrainOutcome {
         steps: t.state.step,

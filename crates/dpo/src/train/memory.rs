@@ -16,6 +16,12 @@
 //!             tables (`engine::kernels::RopeTable::floats`, per decoder)
 //! ```
 //!
+//! A LoRA run ([`AdapterPlan`]) holds the base once (frozen: no gradient, no optimizer state, no copy; the
+//! reference is the same base with the adapter off, or with a frozen copy of the starting adapter), and
+//! the adapter A times over: trained, gradient, optimizer buffers, the frozen copy. Its activations add each
+//! pair's `x A^T` (`r` floats per token, kept for backward); its checkpoints hold the adapter and its
+//! moments, and `--merge` writes a merged copy of the base at the end.
+//!
 //! Against the measured peak resident set (`crates/cli/tests/bad_input.rs`,
 //! `memory_estimate_tracks_measured_peak`: GPT-2 shape, d = 256, 4 layers, micro-batches of 2000 tokens)
 //! the estimate is 284 MiB for 279 MiB measured; the test allows a factor 1.5 either way. On the tiny
@@ -80,6 +86,23 @@ pub struct MemoryPlan<'a> {
     /// Tokens each row (pair, or prompt + completion) packs into, training and evaluation rows together.
     pub row_tokens: Vec<u64>,
     pub batch_size: usize,
+    /// A LoRA run: the adapter trained on the frozen policy; `None` trains every weight.
+    pub adapter: Option<AdapterPlan>,
+}
+
+/// The adapter of a LoRA run, as far as memory goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdapterPlan {
+    /// Values in all `A` and `B` tensors.
+    pub params: u64,
+    /// Floats each token keeps for the adapter's backward: the sum of every pair's rank.
+    pub kept_per_token: u64,
+    /// The reference reads a frozen copy of the starting adapter (a run from `--adapter`).
+    pub frozen_copy: bool,
+    /// `--merge`: a merged copy of the base is written at the end.
+    pub merge: bool,
+    /// The reference is another model (`--ref-model`), held beside the base.
+    pub reference_model: bool,
 }
 
 fn optimizer_buffers(o: &OptimizerConfig) -> u64 {
@@ -92,13 +115,21 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     let p = c.param_count();
     let k = optimizer_buffers(plan.optimizer);
     let reference_params = plan.reference.map(DecoderConfig::param_count).unwrap_or(0);
-    // Loaded model + trained copy + gradient + optimizer buffers + reference.
-    let weights = 4 * ((3 + k) * p + reference_params);
+    let weights = match &plan.adapter {
+        // Loaded model + trained copy + gradient + optimizer buffers + reference.
+        None => 4 * ((3 + k) * p + reference_params),
+        // The frozen base (also the reference's, unless another model is loaded as reference) + the
+        // adapter trained, its gradient, its optimizer buffers and the frozen starting copy.
+        Some(a) => {
+            let separate_reference = if a.reference_model { reference_params } else { 0 };
+            4 * (p + separate_reference + (2 + k + a.frozen_copy as u64) * a.params)
+        }
+    };
     let mut rows = plan.row_tokens.clone();
     rows.sort_unstable_by(|a, b| b.cmp(a));
     let largest = &rows[..plan.batch_size.min(rows.len())];
     let n: u64 = largest.iter().sum();
-    let mut per_token = Activations::floats_per_token(c, true);
+    let mut per_token = Activations::floats_per_token(c, true) + plan.adapter.map_or(0, |a| a.kept_per_token);
     if let Some(r) = plan.reference {
         per_token += Activations::floats_per_token(r, false);
     }
@@ -119,7 +150,11 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
         batch_rows: largest.len() as u64,
         activations: 4 * n * per_token,
         head,
-        checkpoint: 4 * p * k.max(1),
+        checkpoint: match &plan.adapter {
+            None => 4 * p * k.max(1),
+            Some(a) if a.merge => (4 * p).max(4 * a.params * k.max(1)),
+            Some(a) => 4 * a.params * k.max(1),
+        },
         base: BASE_BYTES + rope(c) + plan.reference.map(rope).unwrap_or(0),
     }
 }
@@ -214,10 +249,38 @@ mod tests {
             reference: Some(&c),
             row_tokens: vec![10, 30, 20],
             batch_size,
+            adapter: None,
         };
         let (one, two) = (estimate(&plan(1)), estimate(&plan(2)));
         assert_eq!((one.batch_tokens, two.batch_tokens, two.batch_rows), (30, 50, 2));
         assert_eq!(two.activations * 30, one.activations * 50);
         assert_eq!(one.weights, 4 * 6 * c.param_count());
+    }
+
+    /// A LoRA run holds the base once and the adapter four times (AdamW): a model refused for full
+    /// training fits with an adapter.
+    #[test]
+    fn an_adapter_run_holds_the_base_once() {
+        let c = cfg(MlpKind::GeluTanh, NormKind::LayerNorm { eps: 1e-5 }, PositionKind::Learned, true);
+        let o = OptimizerConfig::adamw();
+        let adapter =
+            AdapterPlan { params: 1000, kept_per_token: 16, frozen_copy: false, merge: false, reference_model: false };
+        let plan = |adapter| MemoryPlan {
+            policy: &c,
+            optimizer: &o,
+            reference: Some(&c),
+            row_tokens: vec![10, 30, 20],
+            batch_size: 1,
+            adapter,
+        };
+        let (full, lora) = (estimate(&plan(None)), estimate(&plan(Some(adapter))));
+        let p = c.param_count();
+        assert_eq!(lora.weights, 4 * (p + 4 * 1000));
+        assert_eq!(lora.activations, full.activations + 4 * 30 * 16);
+        assert_eq!(lora.checkpoint, 4 * 1000 * 2);
+        assert!(lora.total() < full.total() - 4 * 4 * p);
+        let from_adapter = estimate(&plan(Some(AdapterPlan { frozen_copy: true, merge: true, ..adapter })));
+        assert_eq!(from_adapter.weights, 4 * (p + 5 * 1000));
+        assert_eq!(from_adapter.checkpoint, 4 * p);
     }
 }

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use engine::batch::Target;
-use engine::{Activations, Decoder, Params, PendingEmbeddingGrads};
+use engine::model::{Grads, Model};
+use engine::{Activations, Decoder, PendingEmbeddingGrads};
 
 use super::reference::Reference;
 use super::TrainError;
@@ -119,18 +120,19 @@ fn push_prompt_targets(packed: &mut PackedPairs, examples: &[&Example]) -> Vec<R
     ranges
 }
 
-/// Runs one micro-batch. With `grads = Some((g, scale))` it also back-propagates `scale * dloss` into
-/// `g` (`scale` is 1 / gradient-accumulation steps), unless the loss is not finite.
+/// Runs one micro-batch of the policy `model` (a decoder's weights, or a frozen base with the trained
+/// adapter on it). With `grads = Some((g, scale))` it also back-propagates `scale * dloss` into `g` (every
+/// weight, or the adapter alone; `scale` is 1 / gradient-accumulation steps), unless the loss is not finite.
 ///
 /// When training with an objective that is a mean of per-pair terms, the pairs go through forward and
 /// backward `micro_pairs` at a time (0: all at once): the gradient of the mean is the sum of each chunk's
 /// gradient weighted by its share of the pairs, so the step is the same while only one chunk's activations
 /// are held. Metrics are computed once over the whole micro-batch either way.
 #[allow(clippy::too_many_arguments)]
-pub fn pair_batch(
+pub fn pair_batch<'m, 'g, G: Into<Grads<'g>>>(
     policy: &Decoder,
-    params: &Params,
-    mut grads: Option<(&mut Params, f64)>,
+    model: impl Into<Model<'m>>,
+    grads: Option<(G, f64)>,
     reference: &Reference,
     objective: &PairObjective,
     examples: &[Example],
@@ -139,6 +141,8 @@ pub fn pair_batch(
     micro_pairs: usize,
     ws: &mut Workspace,
 ) -> Result<BatchOutcome, TrainError> {
+    let params = model.into();
+    let mut grads: Option<(Grads, f64)> = grads.map(|(g, scale)| (g.into(), scale));
     let chunk = match micro_pairs {
         m if m > 0 && grads.is_some() && objective.per_pair() => m,
         _ => rows.len().max(1),
@@ -150,7 +154,7 @@ pub fn pair_batch(
     for part in rows.chunks(chunk) {
         let batch: Vec<&Example> = part.iter().map(|&i| &examples[i]).collect();
         let mut packed = pack_pairs(&batch, packing);
-        let refs = reference.pair_logps(part, &packed, &mut ws.reference)?;
+        let refs = reference.pair_logps(part, &packed, &mut ws.reference, (policy, params))?;
         let prompt = objective.reads_prompt().then(|| push_prompt_targets(&mut packed, &batch));
         let head = policy.logprobs(params, &packed.batch, &mut ws.policy, grads.is_some())?;
         let first = sums.policy_chosen.len();
@@ -193,9 +197,17 @@ pub fn pair_batch(
                 prompt[i].clone().for_each(|t| dlogp[t] = dp);
             }
         }
-        policy.backward_logprobs_deferred(params, &packed.batch, &mut ws.policy, &dlogp, g, &mut ws.embedding)?;
+        policy.backward_logprobs_deferred(
+            params,
+            &packed.batch,
+            &mut ws.policy,
+            &dlogp,
+            reborrow(g),
+            &mut ws.embedding,
+        )?;
     }
-    if let Some((g, _)) = grads {
+    // An adapter's backward leaves the (frozen) embedding alone: nothing is pending then.
+    if let Some((Grads::Full(g), _)) = grads {
         ws.embedding.apply(g);
     }
 
@@ -229,10 +241,18 @@ pub fn pair_batch(
     Ok(BatchOutcome { metrics, num_tokens, finite: finite && lg.loss.is_finite() })
 }
 
+/// The same gradient target, borrowed again (one backward per chunk of a micro-batch).
+pub(crate) fn reborrow<'a>(g: &'a mut Grads<'_>) -> Grads<'a> {
+    match g {
+        Grads::Full(p) => Grads::Full(p),
+        Grads::Adapter(a) => Grads::Adapter(a),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use engine::presets::init_random;
-    use engine::{DecoderConfig, Dims};
+    use engine::{DecoderConfig, Dims, Params};
 
     use super::*;
     use crate::data::pack::pack_sequences;

@@ -1,11 +1,13 @@
 //! Where reference log-probs come from: a frozen model evaluated on each batch (by default a copy of the
-//! starting weights, loaded once), a cache filled by one pass before training (`--precompute-ref`), or
-//! nothing at all for reference-free objectives.
+//! starting weights, loaded once), the policy's own frozen base in a LoRA run (with the adapter off, or
+//! with a frozen copy of the adapter the run started from, as TRL keeps it), a cache filled by one pass
+//! before training (`--precompute-ref`), or nothing at all for reference-free objectives.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use engine::{Activations, Decoder, EngineError, Params};
+use engine::model::Model;
+use engine::{Activations, Adapter, Decoder, EngineError, ParamSet, Params};
 use hf::{ModelConfig, Tokenizer};
 use sha2::{Digest, Sha256};
 
@@ -20,6 +22,10 @@ pub enum Reference {
     /// Evaluated on every batch; never written to (the optimizer only sees the policy's parameters).
     /// Shared between the training and the evaluation data.
     Model(Arc<(Decoder, Params)>),
+    /// A LoRA run's reference: the policy's frozen base (read through the policy's view, never copied)
+    /// with this frozen adapter on it, or with none (a new adapter's reference: the base with the adapter
+    /// off). The trained adapter is never read.
+    PolicyBase(Option<Adapter>),
     /// One score per example, in example order.
     Cached(Vec<PairScore>),
     /// Reference-free: every reference log-prob is absent.
@@ -67,18 +73,30 @@ impl Reference {
         }
     }
 
+    /// The frozen model a batch is scored with, when log-probs come from one: its decoder and view. A
+    /// [`Reference::PolicyBase`] reads `policy`'s decoder and base.
+    pub fn frozen<'a>(&'a self, policy: (&'a Decoder, Model<'a>)) -> Option<(&'a Decoder, Model<'a>)> {
+        match self {
+            Reference::Model(m) => Some((&m.0, Model::new(&m.1, None))),
+            Reference::PolicyBase(adapter) => Some((policy.0, Model::new(policy.1.base, adapter.as_ref()))),
+            Reference::Cached(_) | Reference::None => None,
+        }
+    }
+
     /// Reference log-probs of the examples `rows` (indices into the example list the reference was built
-    /// for), packed as `packed`. `None` when reference-free.
+    /// for), packed as `packed`. `None` when reference-free. `policy` is the decoder and view of the policy
+    /// being trained (a [`Reference::PolicyBase`] reads its base).
     pub fn pair_logps(
         &self,
         rows: &[usize],
         packed: &PackedPairs,
         acts: &mut Activations,
+        policy: (&Decoder, Model<'_>),
     ) -> Result<Option<RefLogps>, EngineError> {
         match self {
-            Reference::Model(m) => {
-                let (decoder, params) = (&m.0, &m.1);
-                let head = decoder.logprobs(params, &packed.batch, acts, false)?;
+            Reference::Model(_) | Reference::PolicyBase(_) => {
+                let Some((decoder, model)) = self.frozen(policy) else { unreachable!("a model reference") };
+                let head = decoder.logprobs(model, &packed.batch, acts, false)?;
                 Ok(Some((sum_ranges(&head.logp, &packed.chosen), sum_ranges(&head.logp, &packed.rejected))))
             }
             Reference::Cached(scores) => Ok(Some((
@@ -131,11 +149,24 @@ fn vocab_difference(policy: &Tokenizer, reference: &Tokenizer) -> Option<String>
     })
 }
 
-/// The cache key of precomputed reference log-probs: a SHA-256 over the reference weights and the exact
-/// token ids of every example (which captures the data file, the tokenizer and every truncation setting).
-pub fn cache_key(params: &Params, examples: &[Example]) -> String {
+/// The cache key of precomputed reference log-probs: a SHA-256 over the reference weights (the base and,
+/// when the reference reads one, the adapter on it: its tensors, targets and scales) and the exact token
+/// ids of every example (which captures the data file, the tokenizer and every truncation setting). A
+/// model without an adapter hashes as it always has, so the base with a new adapter off shares the
+/// base's cache.
+pub fn cache_key<'m>(model: impl Into<Model<'m>>, examples: &[Example]) -> String {
+    let model = model.into();
     let mut h = Sha256::new();
-    for (name, t) in params.named() {
+    let mut tensors = model.base.named();
+    if let Some(adapter) = model.adapter {
+        h.update(b"lora adapter");
+        for pair in adapter.layers.iter().flat_map(|l| &l.pairs) {
+            let t = &pair.target;
+            h.update(format!("{}:{:?}:{:?}:{}:{}", t.module, t.site, t.rows, t.r, t.scale.to_bits()).as_bytes());
+        }
+        tensors.extend(ParamSet::named(adapter));
+    }
+    for (name, t) in tensors {
         h.update(name.as_bytes());
         for d in &t.shape {
             h.update((*d as u64).to_le_bytes());
@@ -219,16 +250,17 @@ impl Precomputed {
 /// same weights and token ids. The cache file is written atomically; an unreadable one is recomputed.
 /// A cache directory that cannot be written does not stop the run (the cache only saves the next run a
 /// pass): the scores are computed and the outcome says why they were not cached.
-pub fn precompute(
+pub fn precompute<'m>(
     decoder: &Decoder,
-    params: &Params,
+    model: impl Into<Model<'m>>,
     examples: &[Example],
     packing: Packing,
     batch_size: usize,
     cache_dir: &Path,
     progress: impl FnMut(usize),
 ) -> Result<Precomputed, EngineError> {
-    let key = cache_key(params, examples);
+    let model = model.into();
+    let key = cache_key(model, examples);
     let cache_file = cache_dir.join(format!("ref-logps-{}.json", &key[..32]));
     if let Ok(text) = std::fs::read_to_string(&cache_file) {
         if let Ok(scores) = serde_json::from_str::<Vec<PairScore>>(&text) {
@@ -238,7 +270,7 @@ pub fn precompute(
         }
     }
     let writable = check_cache_dir(cache_dir);
-    let scores = score_pairs(decoder, params, examples, packing, batch_size, progress)?;
+    let scores = score_pairs(decoder, model, examples, packing, batch_size, progress)?;
     let cache = match writable {
         Err(why) => CacheOutcome::NotWritten(why),
         Ok(()) => {

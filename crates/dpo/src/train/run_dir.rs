@@ -5,7 +5,8 @@
 //! RUN/config.toml      the resolved configuration, written once the run's inputs checked out
 //! RUN/metrics.jsonl    one JSON line per step
 //! RUN/checkpoints/step-N/   complete checkpoints (written under a temporary name, renamed into place)
-//! RUN/final/           the trained model
+//! RUN/final/           the trained model (a LoRA run: the trained adapter, a PEFT adapter directory)
+//! RUN/final-merged/    a LoRA run with --merge: the adapter merged into the base (an HF model directory)
 //! RUN/abandoned/       checkpoints newer than the one a run was resumed from (another trajectory)
 //! RUN/.replaced-PID/   a previous run that --overwrite replaces, kept until the new run's first checkpoint
 //! ```
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use super::TrainError;
 
 /// The files and directories that make up a run (what --overwrite moves aside).
-const RUN_ENTRIES: [&str; 5] = ["config.toml", "metrics.jsonl", "checkpoints", "final", "abandoned"];
+const RUN_ENTRIES: [&str; 6] = ["config.toml", "metrics.jsonl", "checkpoints", "final", "final-merged", "abandoned"];
 
 /// How a run starts in its directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,9 +229,13 @@ impl RunDir {
             .filter(|(s, _)| *s > step)
             .map(|(s, p)| (format!("step-{s}"), p))
             .collect();
-        let fin = self.path.join("final");
-        if !entries.is_empty() && fin.exists() {
-            entries.push(("final".into(), fin));
+        if !entries.is_empty() {
+            for name in ["final", super::MERGED_DIR] {
+                let fin = self.path.join(name);
+                if fin.exists() {
+                    entries.push((name.into(), fin));
+                }
+            }
         }
         if entries.is_empty() {
             return Ok(());

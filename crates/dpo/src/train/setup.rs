@@ -6,14 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use engine::model::Model;
 use engine::optim::Optimizer;
 use engine::{Decoder, DecoderConfig, Params};
 
 use super::checkpoint::{self, TrainerState};
 use super::config::{Objective, DEFAULT_MAX_LENGTH};
 use super::kto::KtoWorkload;
-use super::memory::{self, MemoryPlan};
+use super::lora::LoraRun;
+use super::memory::{self, AdapterPlan, MemoryPlan};
 use super::pairs::PairObjective;
+use super::policy::Trained;
 use super::reference::{self, default_cache_dir, precompute, Reference};
 use super::run_dir::{self, StartMode};
 use super::workload::{PairWorkload, SftWorkload, Workload};
@@ -72,9 +75,9 @@ pub enum Data {
     },
 }
 
-/// Where training starts: the starting weights, or a checkpoint.
+/// Where training starts: the starting weights (or adapter), or a checkpoint.
 pub struct Start {
-    pub params: Params,
+    pub trained: Trained,
     pub optimizer: Optimizer,
     pub state: TrainerState,
     /// The checkpoint resumed from, and the total steps its run was to take.
@@ -84,8 +87,11 @@ pub struct Start {
 /// A run, ready to train.
 pub struct Setup {
     pub cfg: TrainConfig,
+    /// The starting model; in a LoRA run, the frozen base the adapter sits on.
     pub model: hf::HfModel,
     pub data: Data,
+    /// A LoRA run's adapter configuration (`None`: every weight is trained).
+    pub lora: Option<LoraRun>,
 }
 
 impl Setup {
@@ -146,6 +152,10 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     }
     let model_cfg = hf::load_config(&cfg.model)?;
     let tokenizer = hf::load_tokenizer_if_present(&cfg.model)?;
+    // The adapter's settings (and an --adapter's weights) are checked against the model first.
+    let mut cfg = cfg.clone();
+    let lora = LoraRun::prepare(&mut cfg, &model_cfg)?;
+    let cfg = &cfg;
     // The reference that scores the rows (checked before any weights or rows are read), if any.
     let reference_cfg = match &cfg.objective {
         Objective::Pairs(objective) if objective.reference_free() => None,
@@ -256,11 +266,12 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     // Precomputed reference log-probs hold no reference model while training.
     let held_reference = reference_cfg.as_ref().filter(|_| !cfg.precompute_ref);
     // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
-    check_memory(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, log)?;
+    let adapter = lora.as_ref().map(|l| l.plan(&model_cfg, cfg)).transpose()?;
+    check_memory(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
     let model = hf::load_model(&cfg.model)?;
-    let start = start_point(cfg, opts, &model, log)?;
-    let data = attach_reference(cfg, data, &model, tokenizer.as_ref(), log)?;
-    Ok((Setup { cfg: cfg.clone(), model, data }, start))
+    let start = start_point(cfg, opts, &model, lora.as_ref(), log)?;
+    let data = attach_reference(cfg, data, &model, lora.as_ref(), tokenizer.as_ref(), log)?;
+    Ok((Setup { cfg: cfg.clone(), model, data, lora }, start))
 }
 
 /// The reference's configuration, after checking that it reads the policy's token ids (before any
@@ -279,12 +290,13 @@ fn reference_config(
 /// (`--model RUN/final --output RUN`) would be deleted with it, so such a run is refused.
 fn refuse_inputs_inside(cfg: &TrainConfig) -> Result<(), TrainError> {
     let Ok(out) = cfg.output.canonicalize() else { return Ok(()) };
-    let inputs = [Some(&cfg.model), Some(&cfg.data), cfg.ref_model.as_ref(), cfg.eval_data.as_ref()];
+    let inputs =
+        [Some(&cfg.model), Some(&cfg.data), cfg.ref_model.as_ref(), cfg.eval_data.as_ref(), cfg.adapter.as_ref()];
     for input in inputs.into_iter().flatten() {
         let Ok(p) = input.canonicalize() else { continue };
         let Ok(rel) = p.strip_prefix(&out) else { continue };
         let first = rel.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
-        if first.is_some_and(|f| ["final", "checkpoints", "abandoned"].contains(&f.as_str())) {
+        if first.is_some_and(|f| ["final", super::MERGED_DIR, "checkpoints", "abandoned"].contains(&f.as_str())) {
             return Err(TrainError::Output {
                 path: cfg.output.clone(),
                 msg: format!(
@@ -297,33 +309,56 @@ fn refuse_inputs_inside(cfg: &TrainConfig) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// The starting weights, or the checkpoint to resume from after checking that it fits the model.
+/// The starting weights (or adapter), or the checkpoint to resume from after checking that it fits the
+/// model.
 fn start_point(
     cfg: &TrainConfig,
     opts: &RunOptions,
     model: &hf::HfModel,
+    lora: Option<&LoraRun>,
     log: &mut dyn FnMut(&str),
 ) -> Result<Start, TrainError> {
     let opt_cfg = cfg.optimizer_config();
+    let initial = match lora {
+        Some(l) => Trained::Adapter(l.initial(&model.config, cfg.seed)?),
+        None => Trained::Full(model.params.clone()),
+    };
     let Some(path) = &opts.resume else {
-        let params = model.params.clone();
-        let optimizer = Optimizer::new(opt_cfg, &params);
+        let optimizer = Optimizer::new(opt_cfg, &initial);
         let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
-        return Ok(Start { params, optimizer, state, resumed: None });
+        return Ok(Start { trained: initial, optimizer, state, resumed: None });
     };
     let dir = if path.join("trainer_state.json").is_file() { path.clone() } else { checkpoint::newest(path)? };
-    let c = checkpoint::load(&dir, opt_cfg)?;
-    check_checkpoint_fits(&dir, &cfg.model, &c.model.params, &model.params)?;
+    let c = checkpoint::load(&dir, opt_cfg, &model.config, lora.map(|l| &l.config))?;
+    check_checkpoint_fits(&dir, &cfg.model, &c.trained, &initial)?;
     log(&format!("resuming at step {} from {}", c.state.step, path.display()));
-    Ok(Start { params: c.model.params, optimizer: c.optimizer, state: c.state, resumed: Some((c.dir, c.total_steps)) })
+    Ok(Start { trained: c.trained, optimizer: c.optimizer, state: c.state, resumed: Some((c.dir, c.total_steps)) })
 }
 
-/// A checkpoint continues the run of one model: every tensor must have the starting model's shape.
-pub(crate) fn check_checkpoint_fits(
+/// A checkpoint continues the run of one model (and adapter): every tensor must have the starting shape.
+fn check_checkpoint_fits(
     checkpoint: &Path,
     model_dir: &Path,
-    saved: &Params,
-    start: &Params,
+    saved: &Trained,
+    start: &Trained,
+) -> Result<(), TrainError> {
+    if matches!(saved, Trained::Full(_)) != matches!(start, Trained::Full(_)) {
+        let what = |t: &Trained| if matches!(t, Trained::Full(_)) { "every weight" } else { "a LoRA adapter" };
+        return Err(TrainError::ModelMismatch {
+            checkpoint: checkpoint.display().to_string(),
+            model: model_dir.display().to_string(),
+            detail: format!("the checkpoint trains {} and this run {}", what(saved), what(start)),
+        });
+    }
+    check_shapes_fit(checkpoint, model_dir, saved, start)
+}
+
+/// Every tensor of `saved` (a checkpoint's) has the name and shape of one of `start`'s, and none is missing.
+pub(crate) fn check_shapes_fit(
+    checkpoint: &Path,
+    model_dir: &Path,
+    saved: &impl engine::ParamSet,
+    start: &impl engine::ParamSet,
 ) -> Result<(), TrainError> {
     let (a, b) = (saved.named(), start.named());
     let mismatch = |detail: String| TrainError::ModelMismatch {
@@ -349,15 +384,18 @@ pub(crate) fn check_checkpoint_fits(
     Ok(())
 }
 
-/// Loads the reference (`--ref-model` or the starting weights) and, with `precompute_ref`, scores the
-/// rows under it once.
+/// Loads the reference (`--ref-model`, the starting weights, or in a LoRA run the base with the starting
+/// adapter or none) and, with `precompute_ref`, scores the rows under it once.
 fn attach_reference(
     cfg: &TrainConfig,
     data: Data,
     model: &hf::HfModel,
+    lora: Option<&LoraRun>,
     tokenizer: Option<&hf::Tokenizer>,
     log: &mut dyn FnMut(&str),
 ) -> Result<Data, TrainError> {
+    // A LoRA run's own reference reads the base it trains on: nothing is loaded or copied.
+    let base_reference = lora.filter(|_| cfg.ref_model.is_none()).map(|l| Reference::PolicyBase(l.start.clone()));
     let load = || -> Result<Arc<(Decoder, Params)>, TrainError> {
         let starting = || Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()));
         Ok(match &cfg.ref_model {
@@ -370,27 +408,42 @@ fn attach_reference(
     };
     Ok(match data {
         Data::Pairs { train, eval, objective, packing, .. } if !objective.reference_free() => {
-            let shared = load()?;
             let (train_ref, eval_ref) = if cfg.precompute_ref {
+                let shared = match &base_reference {
+                    Some(_) => None,
+                    None => Some(load()?),
+                };
+                let base_decoder = Decoder::new(model.config.decoder.clone());
+                let (d, frozen) = match (&shared, &base_reference) {
+                    (Some(m), _) => (&m.0, Model::new(&m.1, None)),
+                    (None, Some(Reference::PolicyBase(a))) => (&base_decoder, Model::new(&model.params, a.as_ref())),
+                    (None, _) => unreachable!("a LoRA run's reference is its base"),
+                };
                 let cache = cfg.cache_dir.clone().unwrap_or_else(default_cache_dir);
                 let mut cached = |examples: &[Example], what: &str| -> Result<Reference, TrainError> {
                     if examples.is_empty() {
                         return Ok(Reference::None);
                     }
-                    let (d, p) = (&shared.0, &shared.1);
-                    let r = precompute(d, p, examples, packing, cfg.batch_size, &cache, |_| {})?;
+                    let r = precompute(d, frozen, examples, packing, cfg.batch_size, &cache, |_| {})?;
                     let n = examples.len();
                     log(&format!("reference log-probs of {n} {what} rows {}", r.summary()));
                     Ok(Reference::Cached(r.scores))
                 };
                 (cached(&train, "training")?, cached(&eval, "evaluation")?)
+            } else if let Some(r) = base_reference {
+                (r, Reference::None)
             } else {
+                let shared = load()?;
                 (Reference::Model(shared.clone()), Reference::Model(shared))
             };
             Data::Pairs { train, eval, objective, packing, train_ref, eval_ref }
         }
         Data::Kto { train, eval, cfg: kto, .. } => {
-            Data::Kto { train, eval, reference: Reference::Model(load()?), cfg: kto }
+            let reference = match base_reference {
+                Some(r) => r,
+                None => Reference::Model(load()?),
+            };
+            Data::Kto { train, eval, reference, cfg: kto }
         }
         other => other,
     })
@@ -404,10 +457,11 @@ fn check_memory(
     reference: Option<&DecoderConfig>,
     row_tokens: Vec<u64>,
     rows_in_flight: usize,
+    adapter: Option<AdapterPlan>,
     log: &mut dyn FnMut(&str),
 ) -> Result<(), TrainError> {
     let opt = cfg.optimizer_config();
-    let plan = MemoryPlan { policy, optimizer: &opt, reference, row_tokens, batch_size: rows_in_flight };
+    let plan = MemoryPlan { policy, optimizer: &opt, reference, row_tokens, batch_size: rows_in_flight, adapter };
     let est = memory::estimate(&plan);
     let limit = match &cfg.max_memory {
         Some(m) => Some((m.0, "the --max-memory limit of")),
@@ -423,8 +477,11 @@ fn check_memory(
     }
     let advice = if est.activations >= est.weights {
         "lower --batch-size, --micro-pairs or --max-length"
+    } else if cfg.is_lora() {
+        "use a smaller model, a lower --lora-r or fewer --lora-targets"
     } else {
-        "use a smaller model, --precompute-ref (no reference model in memory) or --optimizer sgd"
+        "train a LoRA adapter (--lora-r 16), use a smaller model, --precompute-ref (no reference model in memory) \
+         or --optimizer sgd"
     };
     Err(TrainError::Memory(format!(
         "the run needs an estimated {} of memory, more than {what} {}: activations {} for the largest micro-batch \

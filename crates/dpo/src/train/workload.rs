@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use engine::{Decoder, Params};
+use engine::model::{Grads, Model};
+use engine::Decoder;
 
 use super::pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 use super::reference::Reference;
@@ -16,12 +17,13 @@ pub trait Workload {
     fn rows(&self) -> usize;
     /// Where a row came from ("line 12"), for messages about bad steps.
     fn location(&self, row: usize) -> String;
-    /// Forward (and, with `grads`, backward scaled by the given factor) on the rows.
+    /// Forward of the policy `model` (and, with `grads`, backward scaled by the given factor into every
+    /// weight or the adapter alone) on the rows.
     fn run(
         &self,
         decoder: &Decoder,
-        params: &Params,
-        grads: Option<(&mut Params, f64)>,
+        model: Model<'_>,
+        grads: Option<(Grads<'_>, f64)>,
         rows: &[usize],
         ws: &mut Workspace,
     ) -> Result<BatchOutcome, TrainError>;
@@ -50,13 +52,13 @@ impl Workload for PairWorkload<'_> {
     fn run(
         &self,
         decoder: &Decoder,
-        params: &Params,
-        grads: Option<(&mut Params, f64)>,
+        model: Model<'_>,
+        grads: Option<(Grads<'_>, f64)>,
         rows: &[usize],
         ws: &mut Workspace,
     ) -> Result<BatchOutcome, TrainError> {
         let (ex, pk, mp) = (self.examples, self.packing, self.micro_pairs);
-        pair_batch(decoder, params, grads, self.reference, self.objective, ex, rows, pk, mp, ws)
+        pair_batch(decoder, model, grads, self.reference, self.objective, ex, rows, pk, mp, ws)
     }
 }
 
@@ -78,8 +80,8 @@ impl Workload for SftWorkload<'_> {
     fn run(
         &self,
         decoder: &Decoder,
-        params: &Params,
-        grads: Option<(&mut Params, f64)>,
+        params: Model<'_>,
+        grads: Option<(Grads<'_>, f64)>,
         rows: &[usize],
         ws: &mut Workspace,
     ) -> Result<BatchOutcome, TrainError> {

@@ -2,8 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::model::{Decoder, EngineError};
-use crate::params::Params;
+use crate::model::{Decoder, EngineError, Model};
 use crate::rng::Rng;
 
 use super::sample::{sample_token, SamplingConfig};
@@ -36,9 +35,9 @@ fn record(g: &mut Generation, tok: u32, logp: f32, cfg: &SamplingConfig) -> bool
 }
 
 /// [`generate_batched`] with [`DEFAULT_MAX_BATCH`] sequences per decode step.
-pub fn generate(
-    model: &Decoder,
-    params: &Params,
+pub fn generate<'a>(
+    model: &'a Decoder,
+    params: impl Into<Model<'a>>,
     prompts: &[Vec<u32>],
     n: usize,
     cfg: &SamplingConfig,
@@ -59,13 +58,13 @@ struct Active {
 /// `n` continuations of every prompt, `prompts.len() * n` in all, in prompt order (prompt 0's samples,
 /// then prompt 1's, ...). Decodes up to `max_batch` sequences per step (at least the `n` of one
 /// prompt). Draws one `u64` from `rng` per sequence; the output does not depend on `max_batch` or the
-/// thread count.
+/// thread count. `params`: the base (`&Params`) or a [`Model`] with a LoRA adapter on it.
 ///
-/// Errors before any work on an empty prompt, a token outside the vocabulary, or (learned positions) a
-/// prompt plus `max_new_tokens` longer than the position table.
-pub fn generate_batched(
-    model: &Decoder,
-    params: &Params,
+/// Errors before any work on an empty prompt, a token outside the vocabulary, (learned positions) a
+/// prompt plus `max_new_tokens` longer than the position table, or an adapter that does not fit.
+pub fn generate_batched<'a>(
+    model: &'a Decoder,
+    params: impl Into<Model<'a>>,
     prompts: &[Vec<u32>],
     n: usize,
     cfg: &SamplingConfig,
@@ -74,6 +73,8 @@ pub fn generate_batched(
 ) -> Result<Vec<Generation>, EngineError> {
     let total = prompts.len() * n;
     let mut streams: Vec<Option<Rng>> = (0..total).map(|_| Some(Rng::new(rng.next_u64()))).collect();
+    let params = params.into();
+    params.check(&model.cfg)?;
     let mut gen = Generator::new(model, params);
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {

@@ -31,21 +31,25 @@ pub use sample::{sample_token, SamplingConfig};
 use crate::batch::Batch;
 use crate::config::{DecoderConfig, NormKind, PositionKind};
 use crate::kernels as k;
-use crate::model::{bias, embedding_scale, Attend, Decoder, EngineError, LayerActs, Ropes, Scratch};
-use crate::params::{NormParams, Params};
+use crate::model::{bias, embedding_scale, Attend, Decoder, EngineError, LayerActs, Model, Ropes, Scratch};
+use crate::params::NormParams;
+#[cfg(test)]
+use crate::params::Params; // the tests' `use super::*`
 
 /// Runs prefill and decode steps of one model (see the module doc).
 pub struct Generator<'a> {
     model: &'a Decoder,
-    params: &'a Params,
+    /// The weights: a base and, optionally, a LoRA adapter on it (never with dropout: generation is not
+    /// a training pass).
+    params: Model<'a>,
     /// Rotary table, grown when a sequence runs past it (rotary models extrapolate).
     rope: Option<Ropes>,
 }
 
 impl<'a> Generator<'a> {
-    pub fn new(model: &'a Decoder, params: &'a Params) -> Self {
+    pub fn new(model: &'a Decoder, params: impl Into<Model<'a>>) -> Self {
         let rope = Ropes::new(&model.cfg, model.cfg.max_positions.max(1));
-        Generator { model, params, rope }
+        Generator { model, params: params.into(), rope }
     }
 
     fn cfg(&self) -> &DecoderConfig {
@@ -80,6 +84,7 @@ impl<'a> Generator<'a> {
         if prompt.is_empty() {
             return Err(EngineError::MalformedBatch("an empty prompt: generation needs at least one token".into()));
         }
+        self.params.check(self.cfg())?;
         self.check_tokens(prompt)?;
         self.ensure_positions(prompt.len())?;
         let (n, d) = (prompt.len(), self.cfg().hidden);
@@ -111,6 +116,7 @@ impl<'a> Generator<'a> {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
+        self.params.check(self.cfg())?;
         self.check_tokens(tokens)?;
         let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
         let end = caches.iter().map(|c| c.len() + 1).max().unwrap_or(0);
@@ -124,9 +130,10 @@ impl<'a> Generator<'a> {
         let cfg = self.cfg();
         let (d, v) = (cfg.hidden, cfg.vocab_size);
         let mut h = vec![0.0f32; rows * d];
-        norm_rows(cfg.norm, &self.params.norm_f, &mut h, &x[..rows * d], rows, d);
+        let p = self.params.base;
+        norm_rows(cfg.norm, &p.norm_f, &mut h, &x[..rows * d], rows, d);
         let mut logits = vec![0.0f32; rows * v];
-        k::linear_rows_forward(&mut logits, &h, &self.params.head().data, bias(&self.params.b_head), rows, d, v);
+        k::linear_rows_forward(&mut logits, &h, &p.head().data, bias(&p.b_head), rows, d, v);
         logits
     }
 
@@ -138,7 +145,7 @@ impl<'a> Generator<'a> {
     /// `caches[b]` ([`Attend::Cached`]).
     fn trunk(&self, tokens: &[u32], positions: &[u32], caches: &mut [&mut KvCache], prefill: bool) -> Vec<f32> {
         let cfg = self.cfg();
-        let p = self.params;
+        let p = self.params.base;
         let (rows, d) = (tokens.len(), cfg.hidden);
         let mut seq = Batch::default();
         if prefill {
@@ -158,7 +165,8 @@ impl<'a> Generator<'a> {
                 Attend::Cached { caches: &mut *caches, layer: l, positions }
             };
             let rope = self.model.block_rope(self.rope.as_ref(), l);
-            self.model.block_forward(lp, l, &mut la, &mut scratch, rope, attend, &mut out);
+            let adapter = self.params.layer_lora(l, false);
+            self.model.block_forward(lp, l, adapter, &mut la, &mut scratch, rope, attend, &mut out);
             std::mem::swap(&mut la.x, &mut out);
         }
         for c in caches.iter_mut() {

@@ -101,6 +101,73 @@ pub fn matmul(
     unsafe { gemm_view(m, n, k, c.as_mut_ptr(), n_, 1, acc == Accumulate::Add, lhs, rhs, 1.0, true) };
 }
 
+/// A row-major matrix of `ld` floats per row, of which a product reads or writes the columns from `col`
+/// on: a block of columns of a wider matrix (one LoRA module's rows of a fused projection's output).
+#[derive(Clone, Copy, Debug)]
+pub struct Cols<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+    pub col: usize,
+}
+
+impl<'a> Cols<'a> {
+    /// A whole contiguous matrix of `ld` columns.
+    pub fn all(data: &'a [f32], ld: usize) -> Self {
+        Cols { data, ld, col: 0 }
+    }
+
+    /// The view of the `rows x cols` block from column `col` (transposed: read as `cols x rows`), after
+    /// checking it lies inside `data`.
+    fn view(self, rows: usize, cols: usize, transposed: bool, what: &str) -> View {
+        let in_bounds = rows == 0
+            || cols == 0
+            || (self.col + cols <= self.ld && (rows - 1) * self.ld + self.col + cols <= self.data.len());
+        assert!(
+            in_bounds,
+            "matmul_cols: {what} block [{rows}, {cols}] at column {} is outside [_, {}]",
+            self.col, self.ld
+        );
+        let ptr = self.data[self.col.min(self.data.len())..].as_ptr();
+        let ld = self.ld as isize;
+        if transposed {
+            View { ptr, rs: 1, cs: ld }
+        } else {
+            View { ptr, rs: ld, cs: 1 }
+        }
+    }
+}
+
+/// [`matmul`] on blocks of columns: `C[m, n] (= or +=, per acc) alpha · op(A) . op(B)` where `C` is the
+/// columns `c_col..c_col + n` of the row-major `[m, c_ld]` matrix `c`, `op(A)` is `[m, k]` (`A` stored
+/// `[k, m]` when `a_t`) and `op(B)` is `[k, n]` (`B` stored `[n, k]` when `b_t`). Uses the thread pool for
+/// large products.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_cols(
+    c: &mut [f32],
+    c_ld: usize,
+    c_col: usize,
+    a: Cols,
+    a_t: bool,
+    b: Cols,
+    b_t: bool,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    acc: Accumulate,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    Cols { data: c, ld: c_ld, col: c_col }.view(m, n, false, "C");
+    let lhs = if a_t { a.view(k, m, true, "A") } else { a.view(m, k, false, "A") };
+    let rhs = if b_t { b.view(n, k, true, "B") } else { b.view(k, n, false, "B") };
+    // SAFETY: every block was checked to lie inside its slice (C's just above, so `c_col < c.len()`); `c`
+    // is borrowed mutably, so not aliased by `a` or `b`, and `dst` derives from that exclusive borrow.
+    unsafe {
+        let dst = c.as_mut_ptr().add(c_col);
+        gemm_view(m, n, k, dst, c_ld as isize, 1, acc == Accumulate::Add, lhs, rhs, alpha, true)
+    };
+}
+
 /// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])` (PyTorch's `nn.Linear` layout).
 pub fn linear_forward(
     y: &mut [f32],
@@ -261,6 +328,50 @@ mod tests {
         let mut c = vec![f32::NAN; 6];
         matmul(&mut c, &[], &[], 2, 3, 0, false, false, Accumulate::Overwrite);
         assert_eq!(c, vec![0.0; 6]);
+    }
+
+    #[test]
+    fn matmul_cols_reads_and_writes_column_blocks() {
+        // C = cols 3..3+n of a [m, 11] matrix; A = cols 2..2+k of a [m, 9] matrix (or cols 1..1+m of a
+        // [k, 9] one, transposed); B likewise inside [k, 13] (or [n, 13]).
+        let mut rng = Rng::new(12);
+        let (m, n, k, alpha) = (6, 5, 4, 0.5f32);
+        for a_t in [false, true] {
+            for b_t in [false, true] {
+                for acc in [Accumulate::Overwrite, Accumulate::Add] {
+                    let a_rows = if a_t { k } else { m };
+                    let b_rows = if b_t { n } else { k };
+                    let (a_wide, b_wide) = (rng.vec(a_rows * 9, 1.0), rng.vec(b_rows * 13, 1.0));
+                    let a_col = if a_t { 1 } else { 2 };
+                    let take = |w: &[f32], ld: usize, col: usize, rows: usize, cols: usize| -> Vec<f32> {
+                        (0..rows).flat_map(|i| w[i * ld + col..i * ld + col + cols].to_vec()).collect()
+                    };
+                    let a = take(&a_wide, 9, a_col, a_rows, if a_t { m } else { k });
+                    let b = take(&b_wide, 13, 2, b_rows, if b_t { k } else { n });
+                    let c0 = rng.vec(m * 11, 1.0);
+                    let mut c = c0.clone();
+                    let (av, bv) = (Cols { data: &a_wide, ld: 9, col: a_col }, Cols { data: &b_wide, ld: 13, col: 2 });
+                    matmul_cols(&mut c, 11, 3, av, a_t, bv, b_t, (m, n, k), alpha, acc);
+                    let prod = naive(&a, &b, m, n, k, a_t, b_t);
+                    let mut want: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let keep = if acc == Accumulate::Add { want[i * 11 + 3 + j] } else { 0.0 };
+                            want[i * 11 + 3 + j] = keep + alpha as f64 * prod[i * n + j];
+                        }
+                    }
+                    assert_close(&format!("matmul_cols {a_t} {b_t} {acc:?}"), &c, &want, 1e-5, 1.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn matmul_cols_refuses_a_block_past_the_row() {
+        let (a, b) = (vec![1.0f32; 8], vec![1.0f32; 8]);
+        let mut c = vec![0.0f32; 8];
+        matmul_cols(&mut c, 4, 3, Cols::all(&a, 2), false, Cols::all(&b, 2), false, (4, 2, 2), 1.0, Accumulate::Add);
     }
 
     #[test]

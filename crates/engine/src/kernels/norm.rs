@@ -202,6 +202,34 @@ pub fn layer_norm_backward(
         "layer_norm_backward: shapes"
     );
     assert!(w.len() == d && dw.len() == d && db.len() == d, "layer_norm_backward: parameter shapes");
+    layer_norm_input_grad(dx, dout, x, mean, rstd, w, rows, d);
+    if d == 0 || rows == 0 {
+        return;
+    }
+    param_grads(dw, Some(db), dout, d, |i, j| (x[i * d + j] - mean[i]) * rstd[i]);
+}
+
+/// The input half of [`layer_norm_backward`]: `dx += ` only, for a frozen norm (no weight gradients).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_input_grad(
+    dx: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    rows: usize,
+    d: usize,
+) {
+    assert!(
+        dx.len() == rows * d
+            && dout.len() == rows * d
+            && x.len() == rows * d
+            && mean.len() == rows
+            && rstd.len() == rows
+            && w.len() == d,
+        "layer_norm_input_grad: shapes"
+    );
     if d == 0 || rows == 0 {
         return;
     }
@@ -211,7 +239,6 @@ pub fn layer_norm_backward(
         .zip(mean.par_iter().zip(rstd.par_iter()))
         .with_min_len(rows_per_task(d))
         .for_each(|(((dx, dy), x), (&m, &r))| ln_bwd_row(dx, dy, x, w, m, r));
-    param_grads(dw, Some(db), dout, d, |i, j| (x[i * d + j] - mean[i]) * rstd[i]);
 }
 
 /// `out = w * (x / sqrt(mean(x^2) + eps))` per row (HF `LlamaRMSNorm`), saving `rstd` `[rows]`.
@@ -245,6 +272,19 @@ pub fn rms_norm_backward(
         "rms_norm_backward: shapes"
     );
     assert!(w.len() == d && dw.len() == d, "rms_norm_backward: parameter shapes");
+    rms_norm_input_grad(dx, dout, x, rstd, w, rows, d);
+    if d == 0 || rows == 0 {
+        return;
+    }
+    param_grads(dw, None, dout, d, |i, j| x[i * d + j] * rstd[i]);
+}
+
+/// The input half of [`rms_norm_backward`]: `dx += ` only, for a frozen norm (no weight gradient).
+pub fn rms_norm_input_grad(dx: &mut [f32], dout: &[f32], x: &[f32], rstd: &[f32], w: &[f32], rows: usize, d: usize) {
+    assert!(
+        dx.len() == rows * d && dout.len() == rows * d && x.len() == rows * d && rstd.len() == rows && w.len() == d,
+        "rms_norm_input_grad: shapes"
+    );
     if d == 0 || rows == 0 {
         return;
     }
@@ -254,7 +294,6 @@ pub fn rms_norm_backward(
         .zip(rstd.par_iter())
         .with_min_len(rows_per_task(d))
         .for_each(|(((dx, dy), x), &r)| rms_bwd_row(dx, dy, x, w, r));
-    param_grads(dw, None, dout, d, |i, j| x[i * d + j] * rstd[i]);
 }
 
 #[cfg(test)]

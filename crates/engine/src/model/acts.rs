@@ -5,6 +5,8 @@ use crate::config::DecoderConfig;
 use crate::kernels as k;
 use crate::params::Params;
 
+use super::lora_block::{LoraActs, LoraScratch};
+
 /// Per-token words of the batch (token, position) and of the head's per-target vectors (target position
 /// and token, log-sum-exp, log-prob, logit sum, log-prob gradient), counting one target per token.
 const BATCH_FLOATS_PER_TOKEN: u64 = 8;
@@ -21,6 +23,7 @@ pub(crate) struct LayerActs {
     pub(crate) mlp_pre: Vec<f32>, // [N, mlp_in_dim]
     pub(crate) o_pre: Vec<f32>,   // [N, d] attention projection before its norm (post_norms only)
     pub(crate) mlp_out: Vec<f32>, // [N, d] MLP output before its norm (post_norms only)
+    pub(crate) lora: LoraActs,    // the adapter's `u` per pair (with an adapter only)
 }
 
 impl LayerActs {
@@ -43,17 +46,18 @@ impl LayerActs {
 /// Buffers a block overwrites before reading; one set serves every layer.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    pub(crate) h: Vec<f32>,      // [N, d] norm output, then (forward) the MLP output
-    pub(crate) o: Vec<f32>,      // [N, d] attention projection output
-    pub(crate) act: Vec<f32>,    // [N, ff] MLP activation
-    pub(crate) stat_a: Vec<f32>, // [N] mean
-    pub(crate) stat_b: Vec<f32>, // [N] rstd
-    pub(crate) dx: Vec<f32>,     // [N, d]
-    pub(crate) dh: Vec<f32>,     // [N, d]
-    pub(crate) dact: Vec<f32>,   // [N, ff]
-    pub(crate) dpre: Vec<f32>,   // [N, mlp_in]
-    pub(crate) dattn: Vec<f32>,  // [N, attn_dim]
-    pub(crate) dqkv: Vec<f32>,   // [N, qkv_dim]
+    pub(crate) h: Vec<f32>,       // [N, d] norm output, then (forward) the MLP output
+    pub(crate) o: Vec<f32>,       // [N, d] attention projection output
+    pub(crate) act: Vec<f32>,     // [N, ff] MLP activation
+    pub(crate) stat_a: Vec<f32>,  // [N] mean
+    pub(crate) stat_b: Vec<f32>,  // [N] rstd
+    pub(crate) dx: Vec<f32>,      // [N, d]
+    pub(crate) dh: Vec<f32>,      // [N, d]
+    pub(crate) dact: Vec<f32>,    // [N, ff]
+    pub(crate) dpre: Vec<f32>,    // [N, mlp_in]
+    pub(crate) dattn: Vec<f32>,   // [N, attn_dim]
+    pub(crate) dqkv: Vec<f32>,    // [N, qkv_dim]
+    pub(crate) lora: LoraScratch, // the adapter's (with an adapter only)
 }
 
 impl Scratch {

@@ -1,69 +1,87 @@
 //! The trunk and the LM head, backward: from per-target log-prob gradients (or a gradient on the final
-//! hidden states) to every parameter's gradient.
+//! hidden states) to every parameter's gradient, or (frozen base, [`Grads::Adapter`]) to the adapter's.
 
 use crate::batch::Batch;
 use crate::kernels as k;
 use crate::params::Params;
 
 use super::acts::{fit, Activations, PendingEmbeddingGrads};
-use super::{bias, bias_mut, embedding_scale, norm_backward, norm_forward, Decoder, EngineError};
+use super::{bias, bias_mut, embedding_scale, norm_backward, norm_forward, Decoder, EngineError, Grads, Model};
 
 impl Decoder {
-    /// Backward from per-target log-prob gradients: accumulates into `grads` (`+=`).
-    pub fn backward_logprobs(
+    /// Backward from per-target log-prob gradients: accumulates into `grads` (`+=`): a `&mut Params`, or
+    /// [`Grads::Adapter`] for a pass through an adapter on a frozen base. `model` is the one the forward
+    /// read.
+    pub fn backward_logprobs<'m, 'g>(
         &self,
-        p: &Params,
+        model: impl Into<Model<'m>>,
         b: &Batch,
         acts: &mut Activations,
         dlogp: &[f32],
-        grads: &mut Params,
+        grads: impl Into<Grads<'g>>,
     ) -> Result<(), EngineError> {
-        self.backward_logprobs_inner(p, b, acts, dlogp, grads, None)
+        self.backward_logprobs_inner(model.into(), b, acts, dlogp, &mut grads.into(), None)
     }
 
     /// [`Decoder::backward_logprobs`], holding the embedding lookups' gradient back in `pending` (added
-    /// to `grads` by [`PendingEmbeddingGrads::apply`]) instead of adding it now.
-    pub fn backward_logprobs_deferred(
+    /// to `grads` by [`PendingEmbeddingGrads::apply`]) instead of adding it now. With a frozen base there
+    /// is no embedding gradient and nothing is held back.
+    pub fn backward_logprobs_deferred<'m, 'g>(
         &self,
-        p: &Params,
+        model: impl Into<Model<'m>>,
         b: &Batch,
         acts: &mut Activations,
         dlogp: &[f32],
-        grads: &mut Params,
+        grads: impl Into<Grads<'g>>,
         pending: &mut PendingEmbeddingGrads,
     ) -> Result<(), EngineError> {
-        self.backward_logprobs_inner(p, b, acts, dlogp, grads, Some(pending))
+        self.backward_logprobs_inner(model.into(), b, acts, dlogp, &mut grads.into(), Some(pending))
     }
 
     fn backward_logprobs_inner(
         &self,
-        p: &Params,
+        model: Model,
         b: &Batch,
         acts: &mut Activations,
         dlogp: &[f32],
-        grads: &mut Params,
+        grads: &mut Grads,
         pending: Option<&mut PendingEmbeddingGrads>,
     ) -> Result<(), EngineError> {
+        grads.check(&model)?;
         let mut dhidden = std::mem::take(&mut acts.dhidden);
         dhidden.clear();
         dhidden.resize(b.len() * self.cfg.hidden, 0.0);
         let result = self
-            .head_backward(p, b, acts, dlogp, grads, &mut dhidden)
-            .and_then(|_| self.backward_inner(p, b, acts, &dhidden, grads, pending));
+            .head_backward_inner(model.base, b, acts, dlogp, grads, &mut dhidden)
+            .and_then(|_| self.backward_inner(model, b, acts, &dhidden, grads, pending));
         acts.dhidden = dhidden;
         result
     }
 
     /// The LM head's part of backward alone: `dhidden += d(logp)/d(hidden) · dlogp` (`[N, d]`) and the head
-    /// weights' gradient into `grads`. For objectives that add their own gradient on the hidden states
-    /// (a value head) before calling [`Decoder::backward`].
-    pub fn head_backward(
+    /// weights' gradient into `grads` (none with a frozen base). For objectives that add their own
+    /// gradient on the hidden states (a value head) before calling [`Decoder::backward`].
+    pub fn head_backward<'m, 'g>(
+        &self,
+        model: impl Into<Model<'m>>,
+        b: &Batch,
+        acts: &Activations,
+        dlogp: &[f32],
+        grads: impl Into<Grads<'g>>,
+        dhidden: &mut [f32],
+    ) -> Result<(), EngineError> {
+        let (model, mut grads) = (model.into(), grads.into());
+        grads.check(&model)?;
+        self.head_backward_inner(model.base, b, acts, dlogp, &mut grads, dhidden)
+    }
+
+    fn head_backward_inner(
         &self,
         p: &Params,
         b: &Batch,
         acts: &Activations,
         dlogp: &[f32],
-        grads: &mut Params,
+        grads: &mut Grads,
         dhidden: &mut [f32],
     ) -> Result<(), EngineError> {
         if dlogp.len() != b.targets.len() || acts.head_lse.len() != b.targets.len() {
@@ -72,14 +90,20 @@ impl Decoder {
         if dhidden.len() != b.len() * self.cfg.hidden {
             return Err(EngineError::MalformedBatch("dhidden must be [tokens, hidden]".into()));
         }
-        let dw_head = match grads.lm_head.as_mut() {
-            Some(t) => &mut t.data,
-            None => &mut grads.wte.data,
+        let (dw_head, db_head) = match grads.base() {
+            Some(g) => {
+                let dw = match g.lm_head.as_mut() {
+                    Some(t) => &mut t.data,
+                    None => &mut g.wte.data,
+                };
+                (Some(&mut dw[..]), bias_mut(&mut g.b_head))
+            }
+            None => (None, None),
         };
         k::logprob_head_backward(
             dhidden,
-            Some(dw_head),
-            bias_mut(&mut grads.b_head),
+            dw_head,
+            db_head,
             dlogp,
             &acts.head_lse,
             &acts.hidden,
@@ -93,33 +117,40 @@ impl Decoder {
     }
 
     /// Backward from a gradient on the final hidden states (`[N, d]`): accumulates into `grads`.
-    /// Needs a forward with `keep = true` on the same batch.
-    pub fn backward(
+    /// Needs a forward with `keep = true` of the same `model` on the same batch.
+    pub fn backward<'m, 'g>(
         &self,
-        p: &Params,
+        model: impl Into<Model<'m>>,
         b: &Batch,
         acts: &mut Activations,
         dhidden: &[f32],
-        grads: &mut Params,
+        grads: impl Into<Grads<'g>>,
     ) -> Result<(), EngineError> {
-        self.backward_inner(p, b, acts, dhidden, grads, None)
+        let (model, mut grads) = (model.into(), grads.into());
+        grads.check(&model)?;
+        self.backward_inner(model, b, acts, dhidden, &mut grads, None)
     }
 
     fn backward_inner(
         &self,
-        p: &Params,
+        model: Model,
         b: &Batch,
         acts: &mut Activations,
         dhidden: &[f32],
-        grads: &mut Params,
+        grads: &mut Grads,
         pending: Option<&mut PendingEmbeddingGrads>,
     ) -> Result<(), EngineError> {
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
+        let p = model.base;
         if !acts.kept || acts.n != n {
             return Err(EngineError::MalformedBatch(
                 "backward needs a forward with keep=true on the same batch".into(),
             ));
+        }
+        let pairs = |l: usize| model.adapter.map_or(0, |a| a.layers[l].pairs.len());
+        if acts.layers.iter().enumerate().any(|(l, la)| la.lora.u.len() != pairs(l)) {
+            return Err(EngineError::MalformedBatch("backward needs a forward through the same adapter".into()));
         }
         let extended = self.extended_rope(b);
         let rope = extended.as_ref().or(self.rope.as_ref());
@@ -137,7 +168,7 @@ impl Decoder {
         norm_backward(
             cfg.norm,
             &p.norm_f,
-            &mut grads.norm_f,
+            grads.base().map(|g| &mut g.norm_f),
             &mut s.dx,
             dhidden,
             &acts.x_final,
@@ -149,8 +180,11 @@ impl Decoder {
 
         for l in (0..cfg.n_layers).rev() {
             let rope = self.block_rope(rope, l);
-            self.block_backward(&p.layers[l], l, &mut grads.layers[l], b, &acts.layers[l], s, rope);
+            let adapter = model.adapter.map(|a| &a.layers[l]);
+            self.block_backward(&p.layers[l], l, adapter, grads.layer(l), b, &acts.layers[l], s, rope);
         }
+        // A frozen base has no embedding gradient.
+        let Some(grads) = grads.base() else { return Ok(()) };
         if let Some(scale) = embedding_scale(cfg) {
             // The lookups' output was scaled: so is the gradient that reaches the table.
             s.dx.iter_mut().for_each(|v| *v *= scale);

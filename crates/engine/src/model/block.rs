@@ -18,15 +18,22 @@
 //!
 //! A new architecture switch (a norm on q and k, a layer without rotary, a norm after each branch) is
 //! one step in `block_forward` and its mirror in `block_backward`, at the place the diagram names.
+//!
+//! A LoRA adapter adds its pairs' low-rank updates after each of the four linears ([`super::lora_block`]).
+//! With a frozen base ([`LayerGrads::Adapter`]) backward computes input gradients only: no weight, bias
+//! or norm gradient of the base.
 
 use crate::batch::Batch;
 use crate::generate::KvCache;
 use crate::generate::LayerCache;
 use crate::head_norm;
 use crate::kernels::{self as k, Accumulate::Overwrite, LinearDims, LinearGrads, RopeTable};
+use crate::lora::{LayerAdapter, Site};
 use crate::params::LayerParams;
 
 use super::acts::{fit, LayerActs, Scratch};
+use super::lora_block::{self as lora, LayerLora};
+use super::view::LayerGrads;
 use super::{act_backward, act_forward, bias, bias_mut, norm_backward, norm_forward, Decoder};
 
 /// How the rows of a block attend.
@@ -54,14 +61,15 @@ impl Attend<'_, '_> {
 type LinearFn = fn(&mut [f32], &[f32], &[f32], Option<&[f32]>, usize, usize, usize);
 
 impl Decoder {
-    /// Block `layer` on the `N = la.x.len() / d` rows of `la.x` (`[N, d]`): writes the block's output
-    /// (the next residual stream) to `out` (`[N, d]`) and keeps in `la` what [`Decoder::block_backward`]
-    /// reads.
+    /// Block `layer` on the `N = la.x.len() / d` rows of `la.x` (`[N, d]`), with the layer's adapter
+    /// `adapter` if any: writes the block's output (the next residual stream) to `out` (`[N, d]`) and
+    /// keeps in `la` what [`Decoder::block_backward`] reads.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_forward(
         &self,
         lp: &LayerParams,
         layer: usize,
+        adapter: Option<LayerLora>,
         la: &mut LayerActs,
         s: &mut Scratch,
         rope: Option<&RopeTable>,
@@ -72,10 +80,9 @@ impl Decoder {
         let (d, ff, hd, nh, nkv) = (cfg.hidden, cfg.ffn_hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
         let n = la.x.len() / d;
         let (qkv_dim, attn_dim, mlp_in) = (cfg.qkv_dim(), cfg.attn_dim(), cfg.mlp_in_dim());
-        let linear: LinearFn = match attend {
-            Attend::Packed { .. } => k::linear_forward,
-            Attend::Cached { .. } => k::linear_rows_forward,
-        };
+        let packed = matches!(attend, Attend::Packed { .. });
+        let linear: LinearFn = if packed { k::linear_forward } else { k::linear_rows_forward };
+        la.lora.begin(adapter);
         fit(&mut la.qkv, n * qkv_dim);
         fit(&mut la.attn, n * attn_dim);
         fit(&mut la.mlp_pre, n * mlp_in);
@@ -89,6 +96,7 @@ impl Decoder {
         // Attention: h = norm1(x); qkv = h W_qkv^T + b; rotate q, k; attend; o = attn W_o^T + b.
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         linear(&mut la.qkv, &s.h, &lp.w_qkv.data, bias(&lp.b_qkv), n, d, qkv_dim);
+        lora::forward(Site::Qkv, adapter, &s.h, &mut la.qkv, &mut la.lora, &mut s.lora, n, packed);
         if let (Some(wq), Some(wk)) = (&lp.q_norm, &lp.k_norm) {
             head_norm::forward(cfg, &wq.data, &wk.data, &mut la.qkv, &mut la.qk_pre, n);
         }
@@ -128,6 +136,7 @@ impl Decoder {
             }
         }
         linear(&mut s.o, &la.attn, &lp.w_o.data, bias(&lp.b_o), n, attn_dim, d);
+        lora::forward(Site::AttnOut, adapter, &la.attn, &mut s.o, &mut la.lora, &mut s.lora, n, packed);
         if let Some(post) = &lp.post_attn_norm {
             // o = post_attn_norm(o); the norm's input is kept for backward.
             fit(&mut la.o_pre, n * d);
@@ -144,9 +153,11 @@ impl Decoder {
             norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
         }
         linear(&mut la.mlp_pre, &s.h, &lp.w_in.data, bias(&lp.b_in), n, d, mlp_in);
+        lora::forward(Site::MlpIn, adapter, &s.h, &mut la.mlp_pre, &mut la.lora, &mut s.lora, n, packed);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
         // s.h is free again: it takes the MLP output.
         linear(&mut s.h, &s.act, &lp.w_out.data, bias(&lp.b_out), n, ff, d);
+        lora::forward(Site::MlpOut, adapter, &s.act, &mut s.h, &mut la.lora, &mut s.lora, n, packed);
         if let Some(post) = &lp.post_mlp_norm {
             fit(&mut la.mlp_out, n * d);
             la.mlp_out.copy_from_slice(&s.h);
@@ -163,14 +174,16 @@ impl Decoder {
     }
 
     /// The backward of [`Decoder::block_forward`] on a packed batch `b`, from what it kept in `la`. On
-    /// entry `s.dx` (`[N, d]`) holds the gradient of the block's output; on exit, of its input. Parameter
-    /// gradients accumulate into `lg`. Norm outputs and the MLP activation are recomputed, not kept.
+    /// entry `s.dx` (`[N, d]`) holds the gradient of the block's output; on exit, of its input. Gradients
+    /// accumulate into `lg`: the base's parameters, or (frozen base) the pairs of the layer's adapter
+    /// `adapter`, the one the forward applied. Norm outputs and the MLP activation are recomputed, not kept.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_backward(
         &self,
         lp: &LayerParams,
         layer: usize,
-        lg: &mut LayerParams,
+        adapter: Option<&LayerAdapter>,
+        lg: LayerGrads,
         b: &Batch,
         la: &LayerActs,
         s: &mut Scratch,
@@ -180,38 +193,44 @@ impl Decoder {
         let (n, d, ff) = (b.len(), cfg.hidden, cfg.ffn_hidden);
         let (qkv_dim, attn_dim, mlp_in) = (cfg.qkv_dim(), cfg.attn_dim(), cfg.mlp_in_dim());
         let mlp_input = if cfg.parallel_residual { &la.x } else { &la.x_mid };
+        // `base`: where the base's gradients go (none when frozen); `pairs`: the adapter's, after each
+        // linear's input gradient.
+        let (mut base, mut pairs) = match lg {
+            LayerGrads::Full(g) => (Some(g), None),
+            LayerGrads::Adapter(g) => {
+                (None, adapter.map(|adapter| lora::PairGrads { adapter, grads: g, acts: &la.lora }))
+            }
+        };
 
         // MLP output norm (post_norms): s.dh = its input's gradient; otherwise the MLP output's gradient
         // is dx itself.
-        if let (Some(post), Some(gpost)) = (&lp.post_mlp_norm, &mut lg.post_mlp_norm) {
-            post_norm_backward(cfg.norm, post, gpost, s, &la.mlp_out, n, d);
+        if let Some(post) = &lp.post_mlp_norm {
+            let g = base.as_deref_mut().and_then(|g| g.post_mlp_norm.as_mut());
+            post_norm_backward(cfg.norm, post, g, s, &la.mlp_out, n, d);
         }
         let dmlp_out = if cfg.post_norms { &s.dh } else { &s.dx };
 
         // MLP: recompute h2 = norm2(input) and the activation, then back through w_out, act, w_in.
         norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
-        let grads = LinearGrads { w: Some(&mut lg.w_out.data), b: bias_mut(&mut lg.b_out) };
+        let grads = linear_grads(base.as_deref_mut(), Site::MlpOut);
         let dims = LinearDims { rows: n, inp: ff, out: d };
         k::linear_backward(Some(&mut s.dact), Overwrite, grads, dmlp_out, &s.act, &lp.w_out.data, dims);
+        if let Some(pg) = &mut pairs {
+            pg.site(Site::MlpOut, &mut s.lora, &s.act, dmlp_out, &mut s.dact, n);
+        }
         act_backward(cfg.mlp, &mut s.dpre, &s.dact, &la.mlp_pre, n, ff);
-        let grads = LinearGrads { w: Some(&mut lg.w_in.data), b: bias_mut(&mut lg.b_in) };
+        let grads = linear_grads(base.as_deref_mut(), Site::MlpIn);
         let dims = LinearDims { rows: n, inp: d, out: mlp_in };
         k::linear_backward(Some(&mut s.dh), Overwrite, grads, &s.dpre, &s.h, &lp.w_in.data, dims);
+        if let Some(pg) = &mut pairs {
+            pg.site(Site::MlpIn, &mut s.lora, &s.h, &s.dpre, &mut s.dh, n);
+        }
         if !cfg.parallel_residual {
             // dx becomes the gradient of x_mid = x + attention.
-            norm_backward(
-                cfg.norm,
-                lp.mlp_norm(),
-                lg.mlp_norm_mut(),
-                &mut s.dx,
-                &s.dh,
-                mlp_input,
-                &s.stat_a,
-                &s.stat_b,
-                n,
-                d,
-            );
+            let g = base.as_deref_mut().map(LayerParams::mlp_norm_mut);
+            let (stat_a, stat_b) = (&s.stat_a, &s.stat_b);
+            norm_backward(cfg.norm, lp.mlp_norm(), g, &mut s.dx, &s.dh, mlp_input, stat_a, stat_b, n, d);
         } else {
             // Parallel: the MLP's norm reads x itself; its gradient joins dx after the attention branch
             // has used dx (the gradient of the layer output) as its own output gradient.
@@ -220,13 +239,17 @@ impl Decoder {
 
         // Attention: back through its output norm (post_norms), w_o, the attention kernel, the rotation
         // and w_qkv.
-        if let (Some(post), Some(gpost)) = (&lp.post_attn_norm, &mut lg.post_attn_norm) {
-            post_norm_backward(cfg.norm, post, gpost, s, &la.o_pre, n, d);
+        if let Some(post) = &lp.post_attn_norm {
+            let g = base.as_deref_mut().and_then(|g| g.post_attn_norm.as_mut());
+            post_norm_backward(cfg.norm, post, g, s, &la.o_pre, n, d);
         }
         let do_proj = if cfg.post_norms { &s.dh } else { &s.dx };
-        let grads = LinearGrads { w: Some(&mut lg.w_o.data), b: bias_mut(&mut lg.b_o) };
+        let grads = linear_grads(base.as_deref_mut(), Site::AttnOut);
         let dims = LinearDims { rows: n, inp: attn_dim, out: d };
         k::linear_backward(Some(&mut s.dattn), Overwrite, grads, do_proj, &la.attn, &lp.w_o.data, dims);
+        if let Some(pg) = &mut pairs {
+            pg.site(Site::AttnOut, &mut s.lora, &la.attn, do_proj, &mut s.dattn, n);
+        }
         k::attention_backward(
             &mut s.dqkv,
             &s.dattn,
@@ -242,40 +265,49 @@ impl Decoder {
             k::rope_apply(&mut s.dqkv, qkv_dim, 0, cfg.n_heads, hd, &b.positions, t, true);
             k::rope_apply(&mut s.dqkv, qkv_dim, cfg.n_heads * hd, cfg.n_kv_heads, hd, &b.positions, t, true);
         }
-        if let (Some(wq), Some(wk), Some(gq), Some(gk)) = (&lp.q_norm, &lp.k_norm, &mut lg.q_norm, &mut lg.k_norm) {
-            head_norm::backward(cfg, &wq.data, &wk.data, &mut gq.data, &mut gk.data, &mut s.dqkv, &la.qk_pre, n);
+        if let (Some(wq), Some(wk)) = (&lp.q_norm, &lp.k_norm) {
+            let g = base.as_deref_mut().and_then(|g| g.q_norm.as_mut().zip(g.k_norm.as_mut()));
+            let g = g.map(|(gq, gk)| (&mut gq.data[..], &mut gk.data[..]));
+            head_norm::backward(cfg, &wq.data, &wk.data, g, &mut s.dqkv, &la.qk_pre, n);
         }
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
-        let grads = LinearGrads { w: Some(&mut lg.w_qkv.data), b: bias_mut(&mut lg.b_qkv) };
+        let grads = linear_grads(base.as_deref_mut(), Site::Qkv);
         let dims = LinearDims { rows: n, inp: d, out: qkv_dim };
         k::linear_backward(Some(&mut s.dh), Overwrite, grads, &s.dqkv, &s.h, &lp.w_qkv.data, dims);
-        norm_backward(cfg.norm, &lp.norm1, &mut lg.norm1, &mut s.dx, &s.dh, &la.x, &s.stat_a, &s.stat_b, n, d);
+        if let Some(pg) = &mut pairs {
+            pg.site(Site::Qkv, &mut s.lora, &s.h, &s.dqkv, &mut s.dh, n);
+        }
+        let g = base.as_deref_mut().map(|g| &mut g.norm1);
+        norm_backward(cfg.norm, &lp.norm1, g, &mut s.dx, &s.dh, &la.x, &s.stat_a, &s.stat_b, n, d);
         if cfg.parallel_residual {
             // Now add the MLP branch's norm gradient (its dh was parked in s.o).
             norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
-            norm_backward(
-                cfg.norm,
-                lp.mlp_norm(),
-                lg.mlp_norm_mut(),
-                &mut s.dx,
-                &s.o,
-                &la.x,
-                &s.stat_a,
-                &s.stat_b,
-                n,
-                d,
-            );
+            let g = base.map(LayerParams::mlp_norm_mut);
+            norm_backward(cfg.norm, lp.mlp_norm(), g, &mut s.dx, &s.o, &la.x, &s.stat_a, &s.stat_b, n, d);
         }
     }
 }
 
+/// The gradient slots of `site`'s weight and bias in `g`; none with a frozen base (`g = None`), which
+/// skips the weight-gradient GEMM and leaves the input gradient alone.
+fn linear_grads(g: Option<&mut LayerParams>, site: Site) -> LinearGrads<'_> {
+    let Some(g) = g else { return LinearGrads { w: None, b: None } };
+    let (w, b) = match site {
+        Site::Qkv => (&mut g.w_qkv, &mut g.b_qkv),
+        Site::AttnOut => (&mut g.w_o, &mut g.b_o),
+        Site::MlpIn => (&mut g.w_in, &mut g.b_in),
+        Site::MlpOut => (&mut g.w_out, &mut g.b_out),
+    };
+    LinearGrads { w: Some(&mut w.data), b: bias_mut(b) }
+}
+
 /// Backward of a norm on a branch's output (`post_norms`): from the gradient of its output in `s.dx`,
-/// writes that of its input `x` (`[N, d]`) to `s.dh`; the weight gradient accumulates into `g`. Uses
+/// writes that of its input `x` (`[N, d]`) to `s.dh`; the weight gradient accumulates into `g` (none: frozen). Uses
 /// `s.h` and the statistics as scratch.
 fn post_norm_backward(
     kind: crate::config::NormKind,
     np: &crate::params::NormParams,
-    g: &mut crate::params::NormParams,
+    g: Option<&mut crate::params::NormParams>,
     s: &mut Scratch,
     x: &[f32],
     n: usize,

@@ -1,18 +1,27 @@
 //! The trunk and the LM head, forward: embeddings, the blocks, the final norm, log-probs at the targets.
 
-use crate::batch::Batch;
-use crate::kernels as k;
-use crate::params::Params;
-
 use super::acts::{fit, Activations, HeadOutput, LayerActs};
 use super::block::Attend;
-use super::{bias, embedding_scale, norm_forward, Decoder, EngineError};
+use super::{bias, embedding_scale, norm_forward, Decoder, EngineError, Model};
+use crate::batch::Batch;
+use crate::kernels as k;
 
 impl Decoder {
-    /// Runs the trunk: fills `acts.hidden` (`[N, d]`, after the final norm). With `keep`, stores what
-    /// [`Decoder::backward`] needs; without it, reuses one set of buffers for every layer.
-    pub fn forward(&self, p: &Params, b: &Batch, acts: &mut Activations, keep: bool) -> Result<(), EngineError> {
+    /// Runs the trunk of `model` (a `&Params`, or a [`Model`] with an adapter): fills `acts.hidden`
+    /// (`[N, d]`, after the final norm). With `keep`, stores what [`Decoder::backward`] needs (and applies
+    /// the adapter's dropout if [`Model::dropout_seed`] is set); without it, reuses one set of buffers for
+    /// every layer.
+    pub fn forward<'m>(
+        &self,
+        model: impl Into<Model<'m>>,
+        b: &Batch,
+        acts: &mut Activations,
+        keep: bool,
+    ) -> Result<(), EngineError> {
+        let model = model.into();
         self.check_batch(b)?;
+        model.check(&self.cfg)?;
+        let p = model.base;
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
         let extended = self.extended_rope(b);
@@ -49,7 +58,8 @@ impl Decoder {
             let slot = if keep { l } else { 0 };
             let attend = Attend::Packed { batch: b, cache: None };
             let rope = self.block_rope(rope, l);
-            self.block_forward(lp, l, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
+            let adapter = model.layer_lora(l, keep);
+            self.block_forward(lp, l, adapter, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
             if to_next_slot {
                 acts.layers[l + 1].x = out;
             } else if l + 1 < n_layers {
@@ -67,7 +77,8 @@ impl Decoder {
     }
 
     /// Log-probs at the batch's targets from `acts.hidden` (after [`Decoder::forward`]).
-    pub fn head_forward(&self, p: &Params, b: &Batch, acts: &mut Activations) -> HeadOutput {
+    pub fn head_forward<'m>(&self, model: impl Into<Model<'m>>, b: &Batch, acts: &mut Activations) -> HeadOutput {
+        let p = model.into().base;
         let t = b.targets.len();
         let mut out = HeadOutput { logp: vec![0.0; t], logit_sum: vec![0.0; t] };
         fit(&mut acts.head_lse, t);
@@ -86,14 +97,15 @@ impl Decoder {
     }
 
     /// Forward through trunk and head: per-target log-probs.
-    pub fn logprobs(
+    pub fn logprobs<'m>(
         &self,
-        p: &Params,
+        model: impl Into<Model<'m>>,
         b: &Batch,
         acts: &mut Activations,
         keep: bool,
     ) -> Result<HeadOutput, EngineError> {
-        self.forward(p, b, acts, keep)?;
-        Ok(self.head_forward(p, b, acts))
+        let model = model.into();
+        self.forward(model, b, acts, keep)?;
+        Ok(self.head_forward(model, b, acts))
     }
 }

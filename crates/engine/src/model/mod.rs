@@ -10,10 +10,13 @@ mod acts;
 mod backward;
 mod block;
 mod forward;
+mod lora_block;
+mod view;
 
 pub use acts::{Activations, HeadOutput, PendingEmbeddingGrads};
 pub(crate) use acts::{LayerActs, Scratch};
 pub(crate) use block::Attend;
+pub use view::{Grads, Model};
 
 /// The factor `sqrt(hidden)` of scaled embeddings, rounded to f32 as HF casts it to the weights' dtype.
 pub(crate) fn embedding_scale(cfg: &DecoderConfig) -> Option<f32> {
@@ -36,6 +39,13 @@ pub enum EngineError {
     MalformedBatch(String),
     #[error("gradient length {got} does not match the {want} targets of the batch")]
     GradientLength { got: usize, want: usize },
+    #[error("LoRA adapter does not fit: {0}")]
+    AdapterMismatch(String),
+    #[error(
+        "full gradients were asked of a pass through a LoRA adapter: the adapter's own gradient would be \
+         dropped; use Grads::Adapter (frozen base) or merge the adapter into the base first"
+    )]
+    FullGradsWithAdapter,
 }
 
 /// The rotary tables of a rotary model: the one most layers use and, with
@@ -103,6 +113,13 @@ impl Decoder {
     /// Floats per token that [`Decoder::forward`] holds (see [`Activations::floats_per_token`]).
     pub fn activation_floats_per_token(&self, keep: bool) -> u64 {
         Activations::floats_per_token(&self.cfg, keep)
+    }
+
+    /// Floats per token that a pass through `adapter` holds on top of
+    /// [`Decoder::activation_floats_per_token`] (the adapter's `u = x A^T` per pair and its scratch; with
+    /// `keep`, dropout's buffers counted when `adapter.dropout > 0`).
+    pub fn adapter_activation_floats_per_token(&self, adapter: &crate::lora::Adapter, keep: bool) -> u64 {
+        lora_block::floats_per_token(&self.cfg, adapter, keep)
     }
 
     /// Checks token ids, positions and the span/group structure before any kernel touches them.
@@ -193,12 +210,12 @@ pub(crate) fn rms_scale(kind: NormKind, w: &[f32]) -> Cow<'_, [f32]> {
     }
 }
 
-/// `dx += d norm / d x · dout`, parameter gradients into `g`.
+/// `dx += d norm / d x · dout`, parameter gradients into `g` (none: a frozen norm, not computed).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn norm_backward(
     kind: NormKind,
     np: &NormParams,
-    g: &mut NormParams,
+    g: Option<&mut NormParams>,
     dx: &mut [f32],
     dout: &[f32],
     x: &[f32],
@@ -207,14 +224,18 @@ pub(crate) fn norm_backward(
     n: usize,
     d: usize,
 ) {
-    match kind {
-        NormKind::LayerNorm { .. } => {
+    match (kind, g) {
+        (NormKind::LayerNorm { .. }, Some(g)) => {
             let gb = g.bias.as_mut().expect("LayerNorm has a bias");
             k::layer_norm_backward(dx, &mut g.weight.data, &mut gb.data, dout, x, a, b, &np.weight.data, n, d)
         }
-        NormKind::RmsNorm { .. } | NormKind::RmsNormUnitOffset { .. } => {
+        (NormKind::LayerNorm { .. }, None) => k::layer_norm_input_grad(dx, dout, x, a, b, &np.weight.data, n, d),
+        (NormKind::RmsNorm { .. } | NormKind::RmsNormUnitOffset { .. }, g) => {
             let w = rms_scale(kind, &np.weight.data);
-            k::rms_norm_backward(dx, &mut g.weight.data, dout, x, b, &w, n, d)
+            match g {
+                Some(g) => k::rms_norm_backward(dx, &mut g.weight.data, dout, x, b, &w, n, d),
+                None => k::rms_norm_input_grad(dx, dout, x, b, &w, n, d),
+            }
         }
     }
 }

@@ -114,7 +114,7 @@ impl PpoState {
         model_dir: &Path,
     ) -> Result<(Self, PathBuf), PpoError> {
         let (c, value_head) = checkpoint::load_with_head(path, optimizer_config(), &|_| true)?;
-        crate::train::setup::check_checkpoint_fits(&c.dir, model_dir, &c.model.params, model)?;
+        crate::train::setup::check_shapes_fit(&c.dir, model_dir, &c.model.params, model)?;
         let file = c.dir.join(PPO_STATE_FILE);
         let bad = |msg: String| PpoError::Run(crate::train::TrainError::Checkpoint(file.clone(), msg));
         let text = std::fs::read_to_string(&file).map_err(|e| bad(format!("{e} (not a checkpoint of a PPO run?)")))?;

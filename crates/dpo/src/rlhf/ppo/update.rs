@@ -71,7 +71,7 @@ pub fn minibatch_loss(
         let dvalues: Vec<f64> = vf.grad.iter().map(|&v| cfg.vf_coef * v).collect();
         g.dhidden.clear();
         g.dhidden.resize(batch.len() * decoder.cfg.hidden, 0.0);
-        decoder.head_backward(params, &batch, acts, &dlogp, g.policy, g.dhidden)?;
+        decoder.head_backward(params, &batch, acts, &dlogp, &mut *g.policy, g.dhidden)?;
         head.backward(&acts.hidden, positions(), &dvalues, g.head, g.dhidden);
         decoder.backward(params, &batch, acts, g.dhidden, g.policy)?;
     }

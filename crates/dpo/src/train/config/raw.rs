@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    invalid, schedule_name, truncation_name, ByteSize, ConfigError, Method, Objective, OnNonFinite, TrainConfig,
-    DEFAULT_LR, DEFAULT_SFT_LR,
+    invalid, schedule_name, truncation_name, ByteSize, ConfigError, LoraFlags, LoraTargets, Method, Objective,
+    OnNonFinite, TrainConfig, DEFAULT_LR, DEFAULT_SFT_LR,
 };
 use crate::data::Truncation;
 use crate::objectives::unlikelihood::{UnlikelihoodConfig, UNLIKELIHOOD};
@@ -84,10 +84,17 @@ pub struct RawConfig {
     pub log_every: Option<u64>,
     pub on_nonfinite: Option<OnNonFinite>,
     pub max_memory: Option<String>,
+    pub lora_r: Option<usize>,
+    pub lora_alpha: Option<f64>,
+    pub lora_dropout: Option<f64>,
+    pub lora_targets: Option<ListOrString<String>>,
+    pub use_rslora: Option<bool>,
+    pub adapter: Option<PathBuf>,
+    pub merge: Option<bool>,
 }
 
 /// The keys that hold paths: relative ones resolve against the directory of the file that names them.
-const PATH_KEYS: [&str; 6] = ["model", "data", "output", "ref_model", "eval_data", "cache_dir"];
+pub const PATH_KEYS: [&str; 7] = ["model", "data", "output", "ref_model", "eval_data", "cache_dir", "adapter"];
 
 pub(super) fn toml_error(path: &Path, e: impl fmt::Display) -> ConfigError {
     ConfigError::Toml { path: path.into(), message: e.to_string() }
@@ -209,6 +216,21 @@ impl TrainConfig {
             Some(t) => Some(t.parse::<ByteSize>().map_err(|m| invalid("max_memory", m))?),
             None => None,
         };
+        let lora_targets = match raw.lora_targets {
+            None => None,
+            Some(ListOrString::List(v)) => Some(v.join(",")),
+            Some(ListOrString::Text(t)) => Some(t),
+        };
+        let lora = LoraFlags {
+            r: raw.lora_r,
+            alpha: raw.lora_alpha,
+            dropout: raw.lora_dropout,
+            targets: match lora_targets {
+                Some(t) => Some(t.parse::<LoraTargets>().map_err(|m| invalid("lora_targets", format!("{t:?} {m}")))?),
+                None => None,
+            },
+            use_rslora: raw.use_rslora,
+        };
         let prefix_sharing = match (raw.no_prefix_sharing, raw.prefix_sharing) {
             (Some(no), _) => !no,
             (None, Some(yes)) => yes,
@@ -252,6 +274,9 @@ impl TrainConfig {
             log_every: raw.log_every.unwrap_or(d.log_every),
             on_nonfinite: raw.on_nonfinite.unwrap_or(d.on_nonfinite),
             max_memory,
+            lora,
+            adapter: raw.adapter,
+            merge: raw.merge.unwrap_or(d.merge),
         })
     }
 
@@ -295,6 +320,13 @@ impl TrainConfig {
             log_every: Some(self.log_every),
             on_nonfinite: Some(self.on_nonfinite),
             max_memory: self.max_memory.map(|b| b.to_string()),
+            lora_r: self.lora.r,
+            lora_alpha: self.lora.alpha,
+            lora_dropout: self.lora.dropout,
+            lora_targets: self.lora.targets.as_ref().and_then(|t| t.to_flag()).map(ListOrString::Text),
+            use_rslora: self.lora.use_rslora,
+            adapter: self.adapter.clone(),
+            merge: Some(self.merge).filter(|&m| m),
             ..Default::default()
         };
         match &self.objective {

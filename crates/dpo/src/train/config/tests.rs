@@ -87,3 +87,35 @@ fn relative_paths_in_a_file_resolve_against_its_directory() {
     assert_eq!((c.model, c.data), (dir.join("m"), PathBuf::from("/abs/d.jsonl")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn lora_settings_are_typed_recorded_and_checked() {
+    let c = parse("lora_r = 16\nlora_targets = \"q_proj, v_proj\"\nuse_rslora = true\nmerge = true\n").unwrap();
+    assert!(c.is_lora() && c.merge);
+    assert_eq!(c.lora.targets, Some(LoraTargets::Modules(vec!["q_proj".into(), "v_proj".into()])));
+    let list =
+        parse("lora_r = 16\nlora_targets = [\"q_proj\", \"v_proj\"]\nuse_rslora = true\nmerge = true\n").unwrap();
+    assert_eq!(list, c);
+    let table: toml::Table = toml::from_str(&c.to_toml()).unwrap();
+    assert_eq!(TrainConfig::from_layers(None, table, Method::Pairs).unwrap(), c);
+    assert_eq!(
+        parse("lora_r = 4\nlora_targets = \"all-linear\"\n").unwrap().lora.targets,
+        Some(LoraTargets::AllLinear)
+    );
+    let full = parse("lr = 0.1\n").unwrap();
+    assert!(!full.is_lora() && !full.to_toml().contains("lora"), "{}", full.to_toml());
+    for (text, want) in [
+        ("lora_r = 0\n", "lora_r"),
+        ("lora_r = 4\nlora_alpha = -1.0\n", "lora_alpha"),
+        ("lora_r = 4\nlora_dropout = 1.0\n", "lora_dropout"),
+        ("lora_alpha = 8.0\n", "give lora_r"),
+        ("lora_r = 4\nlora_targets = \"all-linear,q_proj\"\n", "cannot be combined"),
+        ("lora_r = 4\nlora_targets = \",\"\n", "names no module"),
+        ("merge = true\n", "applies to a LoRA run"),
+    ] {
+        let e = parse(text).unwrap_err();
+        assert!(e.contains(want), "{text}: {e}");
+    }
+    // With an adapter, lora_* settings are checked against it at setup, not refused here.
+    assert!(parse("adapter = \"/a\"\nlora_alpha = 8.0\n").is_ok());
+}

@@ -1,0 +1,179 @@
+//! LoRA through the real binary: `dpo train --lora-r` writes a PEFT adapter (and with `--merge` a merged
+//! model equal to `dpo merge`'s), `--adapter` on `logps`/`eval`/`reward`/`generate` reads it as it is,
+//! conflicting `--lora-*` flags are refused, and an adapter run killed at random moments leaves
+//! checkpoints that load and resumes bit-identically.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn lora_train(run: &Path, steps: u64, save_every: u64) -> Command {
+    let mut c = train(&model("gpt2-policy"), &prefs(), run);
+    c.args(["--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "c_attn,c_fc,mlp.c_proj", "--batch-size", "4"])
+        .args(["--max-steps", &steps.to_string(), "--save-every", &save_every.to_string()]);
+    c
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+/// `dpo logps` output as (chosen, rejected) per row.
+fn logps(args: &[&std::ffi::OsStr]) -> Vec<(f64, f64)> {
+    let out = dpo().arg("logps").args(args).arg("--data").arg(prefs()).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["chosen_logps"].as_f64().unwrap(), v["rejected_logps"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn an_adapter_run_writes_peft_and_merged_outputs_that_the_commands_read() {
+    let dir = scratch("lora-e2e");
+    let run = dir.join("run");
+    let err = succeeds(lora_train(&run, 4, 2).arg("--merge"));
+    assert!(err.contains("merged model written to"), "{err}");
+    let fin = run.join("final");
+    assert!(fin.join("adapter_config.json").is_file() && !fin.join("model.safetensors").exists());
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("lora_r = 4") && config.contains("merge = true"), "{config}");
+
+    // dpo merge writes what --merge wrote.
+    let merged = dir.join("merged");
+    succeeds(
+        dpo()
+            .arg("merge")
+            .arg("--model")
+            .arg(model("gpt2-policy"))
+            .arg("--adapter")
+            .arg(&fin)
+            .arg("--output")
+            .arg(&merged),
+    );
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(weights(&merged) == weights(&run.join("final-merged")), "dpo merge and --merge differ");
+
+    // The adapter read as it is scores as the merged model does (merging rounds once per weight).
+    let m = model("gpt2-policy");
+    let unmerged = logps(&["--model".as_ref(), m.as_os_str(), "--adapter".as_ref(), run.as_os_str()]);
+    let by_merge = logps(&["--model".as_ref(), merged.as_os_str()]);
+    let base = logps(&["--model".as_ref(), m.as_os_str()]);
+    let worst =
+        unmerged.iter().zip(&by_merge).map(|(a, b)| (a.0 - b.0).abs().max((a.1 - b.1).abs())).fold(0.0, f64::max);
+    assert!(worst < 1e-3, "adapter and merged log-probs differ by {worst}");
+    assert!(unmerged.iter().zip(&base).any(|(a, b)| (a.0 - b.0).abs() > 1e-3), "the adapter changed nothing");
+
+    // eval and reward default the reference to the base with the adapter off; generate reads the adapter.
+    let out = dpo()
+        .arg("eval")
+        .arg("--model")
+        .arg(&m)
+        .arg("--adapter")
+        .arg(&fin)
+        .arg("--data")
+        .arg(prefs())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ev: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(ev["rewards/margins"].as_f64().unwrap() != 0.0, "{ev}");
+    succeeds(dpo().arg("reward").arg("--model").arg(&m).arg("--adapter").arg(&fin).arg("--data").arg(prefs()));
+    let g = |extra: &[&std::ffi::OsStr]| {
+        let out = dpo()
+            .args(["generate", "--prompt", "hello", "--temperature", "0", "--max-new-tokens", "6", "--model"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        out.stdout
+    };
+    assert_eq!(g(&[m.as_os_str(), "--adapter".as_ref(), fin.as_os_str()]), g(&[merged.as_os_str()]));
+}
+
+#[test]
+fn lora_flags_that_contradict_the_adapter_are_refused() {
+    let dir = scratch("lora-conflict");
+    let run = dir.join("run");
+    succeeds(&mut lora_train(&run, 1, 0));
+    let mut c = train(&model("gpt2-policy"), &prefs(), &dir.join("again"));
+    c.arg("--adapter").arg(run.join("final")).args(["--lora-r", "8", "--max-steps", "1"]);
+    fails(&mut c, &["lora_r", "8 differs from the adapter's 4"]);
+    let mut c = train(&model("gpt2-policy"), &prefs(), &dir.join("alpha"));
+    c.args(["--lora-alpha", "8", "--max-steps", "1"]);
+    fails(&mut c, &["lora_alpha", "give lora_r"]);
+    let mut c = train(&model("gpt2-policy"), &prefs(), &dir.join("targets"));
+    c.args(["--lora-r", "2", "--lora-targets", "no_such_proj", "--max-steps", "1"]);
+    fails(&mut c, &["no_such_proj"]);
+    assert!(!dir.join("again").exists() && !dir.join("alpha").exists() && !dir.join("targets").exists());
+}
+
+/// SIGKILL at seeded random moments of an adapter run: every checkpoint left loads (a PEFT adapter, the
+/// optimizer state, the position), and resuming ends with the adapter of an uninterrupted run, bit for bit.
+#[test]
+fn an_adapter_run_killed_at_random_moments_resumes_exactly() {
+    let dir = scratch("lora-sigkill");
+    let steps = 12;
+    let whole = dir.join("whole");
+    let t0 = Instant::now();
+    succeeds(&mut lora_train(&whole, steps, 1));
+    let span = (t0.elapsed().as_millis() as u64 * 5 / 4).max(20);
+    let want = adapter_bytes(&whole.join("final"));
+    let check = |run: &Path| {
+        for (step, ck) in checkpoints(run) {
+            let base = hf::load_config(&model("gpt2-policy")).unwrap();
+            let adapter = hf::peft::load_adapter(&ck.join("adapter"), &base);
+            assert!(adapter.is_ok(), "{}: {}", ck.display(), adapter.unwrap_err());
+            assert!(hf::SafeTensors::open(&ck.join("optimizer.safetensors")).is_ok(), "{}", ck.display());
+            let state: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap()).unwrap();
+            assert_eq!(state["state"]["step"].as_u64(), Some(step));
+        }
+    };
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut kills = 0;
+    for chain in 0..3 {
+        let run = dir.join(format!("run-{chain}"));
+        for _ in 0..3 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut cmd = if checkpoints(&run).is_empty() {
+                let mut c = lora_train(&run, steps, 1);
+                c.arg("--overwrite");
+                c
+            } else {
+                let mut c = dpo();
+                c.args(["train", "--resume"]).arg(&run);
+                c
+            };
+            let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+            std::thread::sleep(Duration::from_millis(seed % span));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                kills += 1;
+            }
+            child.wait().unwrap();
+            check(&run);
+        }
+        if checkpoints(&run).is_empty() {
+            succeeds(lora_train(&run, steps, 1).arg("--overwrite"));
+        } else {
+            succeeds(dpo().args(["train", "--resume"]).arg(&run));
+        }
+        assert!(
+            adapter_bytes(&run.join("final")) == want,
+            "chain {chain}: the adapter differs from the uninterrupted run"
+        );
+        check(&run);
+    }
+    println!("SIGKILL of adapter runs: {kills} kills, every resumed run bit-identical (kill times 0..{span} ms)");
+}

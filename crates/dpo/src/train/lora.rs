@@ -1,0 +1,92 @@
+//! A LoRA run's adapter: where it comes from (new, as PEFT initialises one, or a PEFT adapter directory)
+//! and what the reference reads, decided before any base weight is loaded.
+//!
+//! ```text
+//! --lora-r R ...      PEFT LoraConfig from the flags -> targets on the model -> A Kaiming-uniform, B zero
+//!                     reference: the base with the adapter off
+//! --adapter DIR       adapter_config.json (a --lora-* flag that says otherwise is refused) + its weights
+//!                     reference: the base with a frozen copy of that adapter (TRL's `ref` adapter)
+//! ```
+
+use engine::rng::Rng;
+use engine::{Adapter, Site};
+
+use super::config::{invalid, LoraFlags, TrainConfig, DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT};
+use super::memory::AdapterPlan;
+use super::TrainError;
+
+/// The adapter of a LoRA run, as configured.
+#[derive(Clone, Debug)]
+pub struct LoraRun {
+    /// PEFT's configuration of the adapter (written to every checkpoint and to `final/`).
+    pub config: hf::peft::LoraConfig,
+    /// The adapter read from `--adapter`: where training starts, and what the reference keeps frozen.
+    /// `None` for a new adapter (the reference is then the base alone).
+    pub start: Option<Adapter>,
+}
+
+impl LoraRun {
+    /// The run's adapter settings, or `None` for a run that trains every weight. With `--adapter`, the
+    /// adapter is read (its weights too: they are small) and `cfg.lora` is filled with its settings so that
+    /// config.toml records them; a `lora_*` setting that differs from the adapter's is refused.
+    pub fn prepare(cfg: &mut TrainConfig, model: &hf::ModelConfig) -> Result<Option<Self>, TrainError> {
+        if let Some(dir) = &cfg.adapter {
+            let read = hf::peft::load_adapter(dir, model)?;
+            if let Some((key, given, theirs)) = cfg.lora.conflict_with(&read.config) {
+                let message = format!(
+                    "{given} differs from the adapter's {theirs} ({}); a run from an adapter keeps its r, alpha, \
+                     dropout and targets",
+                    dir.join(hf::peft::CONFIG_FILE).display()
+                );
+                return Err(invalid(key, message).into());
+            }
+            cfg.lora = LoraFlags::of_adapter(&read.config);
+            return Ok(Some(LoraRun { config: read.config, start: Some(read.adapter) }));
+        }
+        let Some(r) = cfg.lora.r else { return Ok(None) };
+        let l = &cfg.lora;
+        let config = hf::peft::fresh_config(
+            r,
+            l.alpha.unwrap_or(DEFAULT_LORA_ALPHA),
+            l.dropout.unwrap_or(DEFAULT_LORA_DROPOUT) as f32,
+            l.use_rslora.unwrap_or(false),
+            &l.targets.clone().unwrap_or_default().names(),
+            model,
+        )?;
+        Ok(Some(LoraRun { config, start: None }))
+    }
+
+    /// Where training starts: the adapter read, or a new one initialised as PEFT does (A Kaiming-uniform
+    /// from the run's seed, B zero: the policy starts equal to the base).
+    pub fn initial(&self, model: &hf::ModelConfig, seed: u64) -> Result<Adapter, TrainError> {
+        if let Some(a) = &self.start {
+            return Ok(a.clone());
+        }
+        let targets = hf::peft::resolve_targets(&self.config, model)?;
+        let mut adapter = Adapter::zeros(&model.decoder, &targets, self.config.lora_dropout);
+        adapter.init_peft(&mut Rng::new(seed));
+        Ok(adapter)
+    }
+
+    /// The adapter's size, for the memory estimate.
+    pub fn plan(&self, model: &hf::ModelConfig, cfg: &TrainConfig) -> Result<AdapterPlan, TrainError> {
+        let targets = hf::peft::resolve_targets(&self.config, model)?;
+        let (mut params, mut kept) = (0u64, 0u64);
+        for t in targets.iter().flatten() {
+            let (inp, _) = t.site.dims(&model.decoder);
+            params += (t.r * (inp + t.rows.len())) as u64;
+            kept += t.r as u64;
+        }
+        // With dropout each pair reads a masked copy of its site's input while it runs.
+        if self.config.lora_dropout > 0.0 {
+            kept += Site::ALL.iter().map(|s| s.dims(&model.decoder).0 as u64).max().unwrap_or(0);
+        }
+        Ok(AdapterPlan {
+            params,
+            kept_per_token: kept,
+            frozen_copy: self.start.is_some() && cfg.ref_model.is_none(),
+            merge: cfg.merge,
+            reference_model: cfg.ref_model.is_some(),
+        })
+    }
+}

@@ -1,0 +1,183 @@
+//! What a pass reads ([`Model`]: the base and, optionally, a LoRA adapter on it) and where its backward
+//! accumulates ([`Grads`]: every parameter, or the adapter alone on a frozen base).
+
+use crate::config::DecoderConfig;
+use crate::lora::{Adapter, LayerAdapter};
+use crate::params::{LayerParams, Params, Tensor};
+
+use super::lora_block::{Dropout, LayerLora};
+use super::EngineError;
+
+/// What a pass reads: the base and, optionally, an adapter on it (`None` = the base alone: the reference
+/// of a fresh adapter, "adapter off").
+///
+/// `dropout_seed` turns on the adapter's dropout (`Adapter::dropout`, PEFT's `lora_dropout` on the
+/// adapter's input) in a forward pass that keeps activations for backward (`keep`): a training pass. Give
+/// every such pass its own seed (step and micro-batch); backward regenerates the same masks from the seed
+/// the forward recorded. Passes without `keep` (scoring, evaluation) and generation never drop.
+#[derive(Clone, Copy)]
+pub struct Model<'a> {
+    pub base: &'a Params,
+    pub adapter: Option<&'a Adapter>,
+    pub dropout_seed: Option<u64>,
+}
+
+impl<'a> Model<'a> {
+    /// The base with `adapter` on it (none: the base alone), without dropout.
+    pub fn new(base: &'a Params, adapter: Option<&'a Adapter>) -> Self {
+        Model { base, adapter, dropout_seed: None }
+    }
+
+    /// This view with the adapter's dropout drawn from `seed` in training passes.
+    pub fn with_dropout_seed(self, seed: u64) -> Self {
+        Model { dropout_seed: Some(seed), ..self }
+    }
+
+    /// The adapter of layer `l` as the block applies it; dropout only when `train` and a seed was given.
+    pub(crate) fn layer_lora(&self, l: usize, train: bool) -> Option<LayerLora<'a>> {
+        let adapter = self.adapter?;
+        let layer = adapter.layers.get(l).filter(|la| !la.pairs.is_empty())?;
+        let dropout = match self.dropout_seed {
+            Some(seed) if train && adapter.dropout > 0.0 => Some(Dropout::new(adapter.dropout, seed, l)),
+            _ => None,
+        };
+        Some(LayerLora { adapter: layer, dropout })
+    }
+
+    /// Checks that the adapter fits `cfg` (a pair's shapes, its rows inside its site, one entry per
+    /// layer) before any kernel reads it.
+    pub(crate) fn check(&self, cfg: &DecoderConfig) -> Result<(), EngineError> {
+        let Some(adapter) = self.adapter else { return Ok(()) };
+        if adapter.layers.len() != cfg.n_layers {
+            return Err(EngineError::AdapterMismatch(format!(
+                "{} adapter layers for a model of {} layers",
+                adapter.layers.len(),
+                cfg.n_layers
+            )));
+        }
+        if !(0.0..1.0).contains(&adapter.dropout) {
+            return Err(EngineError::AdapterMismatch(format!("dropout {} is outside [0, 1)", adapter.dropout)));
+        }
+        for (l, layer) in adapter.layers.iter().enumerate() {
+            for (i, pair) in layer.pairs.iter().enumerate() {
+                let t = &pair.target;
+                let (inp, out) = t.site.dims(cfg);
+                let name = format!("layers.{l}.{}", t.module);
+                if t.rows.start > t.rows.end || t.rows.end > out {
+                    return Err(EngineError::AdapterMismatch(format!(
+                        "{name}: rows {:?} are outside the {out} outputs of {:?}",
+                        t.rows, t.site
+                    )));
+                }
+                if pair.a.shape != [t.r, inp] || pair.a.data.len() != t.r * inp {
+                    return Err(EngineError::AdapterMismatch(format!(
+                        "{name}.lora_A is {:?}, want [{}, {inp}]",
+                        pair.a.shape, t.r
+                    )));
+                }
+                if pair.b.shape != [t.rows.len(), t.r] || pair.b.data.len() != t.rows.len() * t.r {
+                    return Err(EngineError::AdapterMismatch(format!(
+                        "{name}.lora_B is {:?}, want [{}, {}]",
+                        pair.b.shape,
+                        t.rows.len(),
+                        t.r
+                    )));
+                }
+                if layer.pairs[..i].iter().any(|p| p.target.module == t.module) {
+                    return Err(EngineError::AdapterMismatch(format!("{name} appears twice")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'a> From<&'a Params> for Model<'a> {
+    fn from(base: &'a Params) -> Self {
+        Model::new(base, None)
+    }
+}
+
+/// Where backward accumulates (`+=`): every parameter of the base, or the adapter alone (the base frozen:
+/// its weight gradients are never computed, which skips the weight-gradient GEMMs, and no base-sized
+/// gradient buffer exists). A pass through an adapter takes [`Grads::Adapter`]; [`Grads::Full`] with an
+/// adapter is refused ([`EngineError::FullGradsWithAdapter`]) rather than silently dropping its part.
+pub enum Grads<'a> {
+    Full(&'a mut Params),
+    Adapter(&'a mut Adapter),
+}
+
+impl<'a> From<&'a mut Params> for Grads<'a> {
+    fn from(g: &'a mut Params) -> Self {
+        Grads::Full(g)
+    }
+}
+
+/// A `&mut Params` held in a variable (`if let Some(g) = &mut grads`) passes as itself.
+impl<'a, 'b> From<&'a mut &'b mut Params> for Grads<'a> {
+    fn from(g: &'a mut &'b mut Params) -> Self {
+        Grads::Full(g)
+    }
+}
+
+impl<'a> From<&'a mut Adapter> for Grads<'a> {
+    fn from(g: &'a mut Adapter) -> Self {
+        Grads::Adapter(g)
+    }
+}
+
+/// Where one block's backward accumulates (see [`Grads`]).
+pub(crate) enum LayerGrads<'g> {
+    Full(&'g mut LayerParams),
+    Adapter(&'g mut LayerAdapter),
+}
+
+impl Grads<'_> {
+    /// Checks this target against the model the pass read: full gradients need the base alone, adapter
+    /// gradients an adapter of the same layout (modules, ranks, shapes).
+    pub(crate) fn check(&self, model: &Model) -> Result<(), EngineError> {
+        match (self, model.adapter) {
+            (Grads::Full(_), None) => Ok(()),
+            (Grads::Full(_), Some(_)) => Err(EngineError::FullGradsWithAdapter),
+            (Grads::Adapter(_), None) => {
+                Err(EngineError::AdapterMismatch("adapter gradients were asked of a pass without an adapter".into()))
+            }
+            (Grads::Adapter(g), Some(a)) => {
+                let same = |x: &Tensor, y: &Tensor| x.shape == y.shape && x.data.len() == y.data.len();
+                let same_layout = g.layers.len() == a.layers.len()
+                    && g.layers.iter().zip(&a.layers).all(|(gl, al)| {
+                        gl.pairs.len() == al.pairs.len()
+                            && gl
+                                .pairs
+                                .iter()
+                                .zip(&al.pairs)
+                                .all(|(gp, ap)| gp.target == ap.target && same(&gp.a, &ap.a) && same(&gp.b, &ap.b))
+                    });
+                if same_layout {
+                    Ok(())
+                } else {
+                    Err(EngineError::AdapterMismatch(
+                        "the gradient buffer's layout differs from the adapter's (build it with Adapter::zeros_like)"
+                            .into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The base's gradient buffer, if the base is trained.
+    pub(crate) fn base(&mut self) -> Option<&mut Params> {
+        match self {
+            Grads::Full(g) => Some(g),
+            Grads::Adapter(_) => None,
+        }
+    }
+
+    /// Layer `l`'s part.
+    pub(crate) fn layer(&mut self, l: usize) -> LayerGrads<'_> {
+        match self {
+            Grads::Full(g) => LayerGrads::Full(&mut g.layers[l]),
+            Grads::Adapter(g) => LayerGrads::Adapter(&mut g.layers[l]),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! PEFT LoRA adapter directories (`adapter_config.json` + `adapter_model.safetensors`) ↔ the engine's
+//! [`Adapter`], and merged models.
+//!
+//! - [`config`]: the configuration file: what is read, what is refused, what is written.
+//! - [`targets`]: PEFT's rules for which modules a configuration selects, resolved on the model's naming
+//!   row into [`engine::LoraTarget`]s (fused weight, rows, rank, scale); a new adapter's configuration
+//!   from command-line input.
+//! - [`tensors`]: the weights file, PEFT's tensor names and layouts.
+//!
+//! What is saved loads with `PeftModel.from_pretrained(base, dir)` (PEFT 0.21), and an adapter read and
+//! saved again has the same tensor names and bits.
+
+use std::path::Path;
+
+use engine::{Adapter, Params};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model_dir::{save_model, write_dir, write_json, HfModel};
+use crate::safetensors::write_f32;
+
+pub mod config;
+pub mod targets;
+pub mod tensors;
+
+pub use config::{LoraConfig, LoraInit, TargetModules, CONFIG_FILE, WEIGHTS_FILE};
+pub use targets::{fresh_config, resolve_targets};
+
+/// A PEFT adapter as read: its configuration and its weights.
+#[derive(Clone, Debug)]
+pub struct PeftAdapter {
+    pub config: LoraConfig,
+    pub adapter: Adapter,
+}
+
+/// Reads the PEFT LoRA adapter in `dir` for `model`: the configuration is checked, its targets resolved
+/// on the model, and the weights file must hold exactly their pairs at their shapes.
+pub fn load_adapter(dir: &Path, model: &ModelConfig) -> Result<PeftAdapter> {
+    if !dir.is_dir() {
+        return Err(Error::dir(dir, "is not a directory; pass a PEFT adapter directory (holding adapter_config.json)"));
+    }
+    let config_path = dir.join(CONFIG_FILE);
+    if !config_path.is_file() {
+        return Err(Error::dir(dir, "no adapter_config.json; this is not a PEFT adapter directory"));
+    }
+    let config = LoraConfig::read(&config_path)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    if !weights.is_file() {
+        let msg = if dir.join("adapter_model.bin").is_file() {
+            "only adapter_model.bin (pickle) found; pickle files are not loaded (they can run code). Save the \
+             adapter with safe_serialization=True"
+        } else {
+            "no adapter_model.safetensors"
+        };
+        return Err(Error::dir(dir, msg));
+    }
+    let targets = resolve_targets(&config, model)?;
+    let adapter = tensors::adapter_from_file(&weights, &targets, model, config.lora_dropout)?;
+    Ok(PeftAdapter { config, adapter })
+}
+
+/// Writes `adapter` as a PEFT adapter directory `dir` (atomically: the complete new directory or the old
+/// one). `config` must select exactly the adapter's modules, ranks and scales on `model` (it does for a
+/// configuration the adapter was loaded or built from); its `lora_dropout` is written as the adapter's.
+pub fn save_adapter(dir: &Path, config: &LoraConfig, adapter: &Adapter, model: &ModelConfig) -> Result<()> {
+    tensors::check_adapter(adapter, model)
+        .map_err(|p| Error::dir(dir, format!("the adapter does not fit the model: {}", p.join("; "))))?;
+    let selected = resolve_targets(config, model)?;
+    for (layer, (want, la)) in selected.iter().zip(&adapter.layers).enumerate() {
+        let same = want.len() == la.pairs.len() && want.iter().all(|t| la.pairs.iter().any(|p| &p.target == t));
+        if !same {
+            let have: Vec<String> = la
+                .pairs
+                .iter()
+                .map(|p| format!("{} (r {}, scale {})", p.target.module, p.target.r, p.target.scale))
+                .collect();
+            let want: Vec<String> =
+                want.iter().map(|t| format!("{} (r {}, scale {})", t.module, t.r, t.scale)).collect();
+            return Err(Error::dir(
+                dir,
+                format!(
+                    "layer {layer}: the adapter has [{}] but its configuration selects [{}]; PEFT would not load it",
+                    have.join(", "),
+                    want.join(", ")
+                ),
+            ));
+        }
+    }
+    let json = config.to_json(adapter.dropout);
+    let tensors = tensors::adapter_tensors(adapter, model);
+    write_dir(dir, CONFIG_FILE, |tmp| {
+        write_json(&tmp.join(CONFIG_FILE), &json)?;
+        write_f32(&tmp.join(WEIGHTS_FILE), &tensors)
+    })
+}
+
+/// The base weights with `adapter` merged in (PEFT's `merge_and_unload`).
+pub fn merged_params(base: &Params, adapter: &Adapter, model: &ModelConfig) -> Result<Params> {
+    tensors::check_adapter(adapter, model)
+        .map_err(|p| Error::dir(&model.path, format!("the adapter does not fit this model: {}", p.join("; "))))?;
+    let mut merged = base.clone();
+    adapter.merge_into(&mut merged);
+    Ok(merged)
+}
+
+/// Writes `base` with `adapter` merged in as a model directory `out` (config, weights, tokenizer files
+/// from the base's directory) that transformers loads without PEFT.
+pub fn save_merged(out: &Path, base: &HfModel, adapter: &Adapter) -> Result<()> {
+    let merged = merged_params(&base.params, adapter, &base.config)?;
+    save_model(out, &base.config, &merged, Some(&base.dir))
+}
