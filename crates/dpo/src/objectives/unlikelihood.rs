@@ -197,6 +197,26 @@ mod tests {
         }
     }
 
+    /// `loss = "unlikelihood"` is its own method, recorded in config.toml and read back as such (a resumed
+    /// run names no loss), trained alone, with a non-negative alpha.
+    #[test]
+    fn the_loss_is_a_typed_objective_of_the_training_configuration() {
+        use crate::train::config::Method;
+        use crate::train::{Objective, TrainConfig};
+        let parse = |text: &str, method| TrainConfig::from_layers(None, toml::from_str(text).unwrap(), method);
+        let c = parse("loss = \"unlikelihood\"\nunlikelihood_alpha = 0.5", Method::Pairs).unwrap();
+        assert_eq!(c.objective, Objective::Unlikelihood(UnlikelihoodConfig { alpha: 0.5 }));
+        let text = c.to_toml();
+        assert!(text.contains("method = \"unlikelihood\"") && text.contains("unlikelihood_alpha = 0.5"), "{text}");
+        assert_eq!(parse(&text, Method::Pairs).unwrap(), c);
+        let default = parse("method = \"unlikelihood\"", Method::Pairs).unwrap();
+        assert_eq!(default.objective, Objective::Unlikelihood(UnlikelihoodConfig::default()));
+        let e = parse("loss = \"unlikelihood,sigmoid\"", Method::Pairs).unwrap_err().to_string();
+        assert!(e.contains("trained alone"), "{e}");
+        let e = parse("loss = \"unlikelihood\"\nunlikelihood_alpha = -1.0", Method::Pairs).unwrap_err().to_string();
+        assert!(e.contains("unlikelihood_alpha"), "{e}");
+    }
+
     /// The shared start and EOS are skipped; an unscored first token (empty prompt) shifts the targets.
     #[test]
     fn rejected_roles_skip_the_shared_start_and_eos() {
