@@ -218,6 +218,9 @@ pub enum PpoError {
     Reward(String),
     #[error("PPO step {step}: the loss or its gradient is not finite (try a lower learning rate)")]
     NonFinite { step: u64 },
+    /// A checkpoint resumed with other settings or inputs than it was written with.
+    #[error("{} was written {detail}; a resumed run continues as it started (nothing was written)", checkpoint.display())]
+    ResumeMismatch { checkpoint: PathBuf, detail: String },
     /// Checkpoints, the run directory, metrics.
     #[error(transparent)]
     Run(#[from] crate::train::TrainError),

@@ -126,20 +126,13 @@ impl PpoState {
             .map(|(k, _)| k.as_str())
             .collect();
         if !other.is_empty() {
-            return Err(PpoError::Invalid(format!(
-                "{} was written by a run with another {}; a resumed run continues from the inputs it started with",
-                c.dir.display(),
-                other.join(", another ")
-            )));
+            let detail = format!("by a run with another {}", other.join(", another "));
+            return Err(PpoError::ResumeMismatch { checkpoint: c.dir, detail });
         }
         let differ = config_differences(&saved.config, cfg);
         if !differ.is_empty() {
-            return Err(PpoError::Invalid(format!(
-                "{} was written with other settings than the run's config.toml now holds ({}); a resumed run \
-                 continues with the settings it started with",
-                c.dir.display(),
-                differ.join(", ")
-            )));
+            let detail = format!("with other settings than the run's config.toml now holds ({})", differ.join(", "));
+            return Err(PpoError::ResumeMismatch { checkpoint: c.dir, detail });
         }
         let state = PpoState {
             params: c.model.params,
