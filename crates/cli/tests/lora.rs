@@ -87,6 +87,24 @@ fn an_adapter_run_writes_peft_and_merged_outputs_that_the_commands_read() {
     let ev: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(ev["rewards/margins"].as_f64().unwrap() != 0.0, "{ev}");
     succeeds(dpo().arg("reward").arg("--model").arg(&m).arg("--adapter").arg(&fin).arg("--data").arg(prefs()));
+    // --ref-adapter: the reference is --model with that adapter; the same adapter on both sides rewards nothing.
+    let out = dpo()
+        .arg("reward")
+        .arg("--model")
+        .arg(&m)
+        .arg("--adapter")
+        .arg(&fin)
+        .arg("--ref-adapter")
+        .arg(&fin)
+        .arg("--data")
+        .arg(prefs())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["margin"].as_f64(), Some(0.0), "{line}");
+    }
     let g = |extra: &[&std::ffi::OsStr]| {
         let out = dpo()
             .args(["generate", "--prompt", "hello", "--temperature", "0", "--max-new-tokens", "6", "--model"])
@@ -97,6 +115,56 @@ fn an_adapter_run_writes_peft_and_merged_outputs_that_the_commands_read() {
         out.stdout
     };
     assert_eq!(g(&[m.as_os_str(), "--adapter".as_ref(), fin.as_os_str()]), g(&[merged.as_os_str()]));
+}
+
+/// `dpo sft --lora-r` trains an adapter (the SFT-then-DPO pipeline's first half), and the end-of-run
+/// message names the base and the adapter.
+#[test]
+fn sft_trains_an_adapter() {
+    let dir = scratch("lora-sft");
+    let run = dir.join("run");
+    let mut c = dpo();
+    c.args(["sft", "--lr", "1e-2", "--lora-r", "8", "--lora-targets", "all-linear", "--max-steps", "8"])
+        .arg("--model")
+        .arg(model("gpt2-policy"))
+        .arg("--data")
+        .arg(prefs())
+        .arg("--output")
+        .arg(&run);
+    let err = succeeds(&mut c);
+    assert!(err.contains("adapter (PEFT) written to") && err.contains("--adapter"), "{err}");
+    let losses: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    assert!(losses[7] < 0.9 * losses[0], "SFT loss of the adapter did not fall: {losses:?}");
+    assert!(run.join("final/adapter_model.safetensors").is_file());
+}
+
+/// A memory limit that refuses training every weight accepts the same run with an adapter: the estimate
+/// counts no gradient, optimizer state or copy of the frozen base.
+#[test]
+fn a_run_refused_for_full_training_fits_with_an_adapter() {
+    let dir = scratch("lora-memory");
+    let estimate = |extra: &[&str], run: &str| {
+        let mut c = train(&model("gpt2-policy"), &prefs(), &dir.join(run));
+        c.args(["--max-steps", "1", "--batch-size", "1", "--max-memory", "1K"]).args(extra);
+        let msg = fails(&mut c, &["the run needs an estimated"]);
+        let at = msg.find("an estimated ").unwrap() + 13;
+        let mib: f64 = msg[at..].split(' ').next().unwrap().parse().unwrap();
+        assert!(msg[at..].split(' ').nth(1) == Some("MiB"), "{msg}");
+        mib
+    };
+    let (full, lora) = (estimate(&[], "full"), estimate(&["--lora-r", "4"], "lora"));
+    assert!(lora < full - 0.2, "full {full} MiB, LoRA {lora} MiB");
+    let limit = format!("{:.1}M", (full + lora) / 2.0);
+    let mut c = train(&model("gpt2-policy"), &prefs(), &dir.join("full"));
+    c.args(["--max-steps", "1", "--batch-size", "1", "--max-memory", &limit]);
+    fails(&mut c, &["the run needs an estimated", "--lora-r 16"]);
+    let mut c = train(&model("gpt2-policy"), &prefs(), &dir.join("lora"));
+    c.args(["--max-steps", "1", "--batch-size", "1", "--lora-r", "4", "--max-memory", &limit]);
+    succeeds(&mut c);
 }
 
 #[test]

@@ -18,6 +18,6 @@ pub mod scalar_head;
 pub use batch::{Batch, Span, Target};
 pub use config::*;
 pub use lora::{Adapter, LayerAdapter, LoraPair, LoraTarget, Site};
-pub use model::{Activations, Decoder, EngineError, Grads, HeadOutput, Model, PendingEmbeddingGrads};
+pub use model::{Activations, Decoder, EngineError, Grads, HeadOutput, Keep, Model, PendingEmbeddingGrads};
 pub use params::{LayerParams, NormParams, ParamSet, Params, Tensor};
 pub use scalar_head::ScalarHead;

@@ -1,7 +1,8 @@
 //! The adapter's gradients against central finite differences of the whole model (`L = sum_t g_t logp_t`
 //! for fixed random `g`), with the base frozen: every element of every pair's A and B, in llama-like
 //! (GQA, gated MLP, pairs on part of a fused weight's rows), GPT-2-like (LayerNorm, biases, `c_attn` on all
-//! q/k/v rows) and GPT-NeoX-like (parallel residual) models, without and with dropout.
+//! q/k/v rows), GPT-NeoX-like (parallel residual) and Gemma-3-like (q/k norms, norms after each branch)
+//! models, without and with dropout.
 
 mod lora_common;
 

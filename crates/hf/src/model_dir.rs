@@ -163,7 +163,7 @@ fn write_all(tmp: &Path, config: &ModelConfig, params: &Params, source_dir: Opti
     Ok(())
 }
 
-pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
+fn write_json(path: &Path, v: &Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(v).map_err(|e| Error::json(path, e))?;
     text.push('\n');
     std::fs::write(path, text).map_err(|e| Error::io(path, e))

@@ -10,10 +10,12 @@ use dpo::data::{Example, Packing};
 use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
 use dpo::train::checkpoint::TrainerState;
+use dpo::train::memory::{self, AdapterPlan, MemoryPlan};
 use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trained, Trainer, Workload};
 use engine::optim::{Optimizer, ScheduleKind};
 use engine::rng::Rng;
-use engine::{presets, Adapter, Decoder, DecoderConfig};
+use engine::ParamSet;
+use engine::{presets, Adapter, Decoder, DecoderConfig, Keep};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -41,6 +43,10 @@ pub struct Args {
     /// --micro-pairs`: less activation memory for the same step.
     #[arg(long, default_value_t = 0)]
     micro_pairs: usize,
+    /// Keep only each layer's input and recompute the layer in backward, as `dpo train
+    /// --gradient-checkpointing`: about one extra forward per step for the activation memory of one layer.
+    #[arg(long)]
+    gradient_checkpointing: bool,
 
     /// Compute the prompt twice, once per completion, as TRL does (to measure what prefix sharing saves).
     #[arg(long)]
@@ -133,6 +139,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         no_shuffle: true,
         max_steps: Some(a.steps as u64),
         scheduler: ScheduleKind::Constant,
+        gradient_checkpointing: a.gradient_checkpointing,
         ..Default::default()
     };
     let (trained, base) = match adapter {
@@ -143,6 +150,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
     let mut trainer = Trainer::new(&train_cfg, decoder, trained, base, optimizer, state, workload.rows())?;
     let setup_s = t_setup.elapsed().as_secs_f64();
+    let estimate = estimated_peak(&cfg, &a, trainer.trained.adapter(), &train_cfg);
 
     let mut times = Vec::new();
     for step in 0..a.steps {
@@ -168,6 +176,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "prefix_sharing": !a.no_prefix_sharing,
         "micro_pairs": a.micro_pairs,
         "lora_r": a.lora_r,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "median_step_s": (med * 1000.0).round() / 1000.0,
         "pairs_per_s": ((a.pairs as f64 / med) * 1000.0).round() / 1000.0,
         "tokens_per_s": (tokens / med * 10.0).round() / 10.0,
@@ -175,6 +184,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "gflop_per_s": (gflop / med * 10.0).round() / 10.0,
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "peak_rss_mb": peak_rss_mb(),
+        "estimated_peak_mb": estimate >> 20,
     });
     println!("{line}");
     Ok(())
@@ -182,7 +192,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// Model FLOPs of one optimizer step (the standard count: a backward costs twice its forward): the policy's
 /// forward and backward on every row, and the reference model's forward unless it was precomputed. The
-/// head's recomputation of the logits in the backward is real work but not counted.
+/// head's recomputation of the logits in the backward is real work but not counted, nor is gradient
+/// checkpointing's second forward of the blocks (the same step costs more time, not more model FLOPs).
 fn step_flops(cfg: &engine::DecoderConfig, a: &Args) -> f64 {
     let (p, c) = (a.prompt as f64, a.completion as f64);
     let (rows, targets) = if a.no_prefix_sharing {
@@ -199,6 +210,29 @@ fn step_flops(cfg: &engine::DecoderConfig, a: &Args) -> f64 {
     let backward = if a.lora_r.is_some() { 1.0 } else { 2.0 };
     let passes = 1.0 + backward + if a.precompute_ref { 0.0 } else { 1.0 };
     passes * forward * a.pairs as f64
+}
+
+/// The trainer's own estimate of this run's peak memory (`dpo train`'s, before it loads anything).
+fn estimated_peak(cfg: &DecoderConfig, a: &Args, adapter: Option<&Adapter>, train: &TrainConfig) -> u64 {
+    let opt = train.optimizer_config();
+    let row = if a.no_prefix_sharing { 2 * (a.prompt + a.completion) } else { a.prompt + 2 * a.completion };
+    let keep = if a.gradient_checkpointing { Keep::LayerInputs } else { Keep::All };
+    let adapter = adapter.map(|ad| AdapterPlan {
+        params: ad.numel() as u64,
+        kept_per_token: Decoder::new(cfg.clone()).adapter_activation_floats_per_token(ad, keep),
+        ..AdapterPlan::default()
+    });
+    let in_flight = if a.micro_pairs > 0 { a.micro_pairs.min(a.pairs) } else { a.pairs };
+    let plan = MemoryPlan {
+        policy: cfg,
+        optimizer: &opt,
+        reference: (!a.precompute_ref).then_some(cfg),
+        row_tokens: vec![row as u64; a.pairs],
+        batch_size: in_flight,
+        gradient_checkpointing: a.gradient_checkpointing,
+        adapter,
+    };
+    memory::estimate(&plan).total()
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MiB; 0 where unavailable.

@@ -18,6 +18,10 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
+    /// With --adapter and no --ref-model: the reference is --model with this PEFT adapter (the adapter a
+    /// `dpo train --adapter` run started from, its frozen reference) instead of with no adapter.
+    #[arg(long, value_name = "DIR", requires = "adapter", conflicts_with = "ref_model")]
+    ref_adapter: Option<PathBuf>,
     /// Reference model; required by losses that compare with a reference (all but simpo, orpo, sft), except
     /// with --adapter, where it defaults to --model with the adapter off (a new adapter's reference).
     #[arg(long)]
@@ -35,6 +39,12 @@ pub struct Args {
     truncation: super::logps::TruncationFlags,
     #[command(flatten)]
     objective: ObjectiveFlags,
+}
+
+/// `--ref-adapter DIR`, read for `model`.
+pub(super) fn ref_adapter(dir: &Option<PathBuf>, model: &hf::HfModel) -> anyhow::Result<Option<engine::Adapter>> {
+    let flag = super::adapter::AdapterFlag { adapter: dir.clone() };
+    flag.load(model).context("--ref-adapter")
 }
 
 /// The scale of the implicit reward: a positive, finite number (NaN or infinity would print `null` or
@@ -61,7 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let reference = match &a.ref_model {
         Some(dir) => Reference::load(dir, &model.config, tok.as_ref())?,
         None if objective.reference_free() => Reference::None,
-        None if adapter.is_some() => Reference::PolicyBase(None),
+        None if adapter.is_some() => Reference::PolicyBase(ref_adapter(&a.ref_adapter, &model)?),
         None => bail!(
             "--ref-model is required for {} (or pass --reference-free)",
             a.objective.loss.as_deref().unwrap_or("sigmoid")

@@ -17,6 +17,10 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
+    /// With --adapter and no --ref-model: the reference is --model with this PEFT adapter (the adapter a
+    /// `dpo train --adapter` run started from, its frozen reference) instead of with no adapter.
+    #[arg(long, value_name = "DIR", requires = "adapter", conflicts_with = "ref_model")]
+    ref_adapter: Option<PathBuf>,
     /// The reference it was trained against [required, except with --adapter: then --model with the adapter
     /// off, the reference of a new adapter].
     #[arg(long)]
@@ -46,7 +50,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let policy_model = Model::new(&policy.params, adapter.as_ref());
     let (reference, ref_name) = match (&a.ref_model, &adapter) {
         (Some(dir), _) => (Reference::load(dir, &policy.config, tok.as_ref())?, dir.display().to_string()),
-        (None, Some(_)) => (Reference::PolicyBase(None), format!("{} (adapter off)", a.model.display())),
+        (None, Some(_)) => match super::eval::ref_adapter(&a.ref_adapter, &policy)? {
+            Some(r) => (Reference::PolicyBase(Some(r)), format!("{} with --ref-adapter", a.model.display())),
+            None => (Reference::PolicyBase(None), format!("{} (adapter off)", a.model.display())),
+        },
         (None, None) => bail!("--ref-model is required (the reference the policy was trained against)"),
     };
     let Some((ref_decoder, ref_model)) = reference.frozen((&decoder, policy_model)) else {

@@ -216,6 +216,10 @@ pub struct TrainConfig {
     /// Pairs of a micro-batch pushed through forward and backward at once when the loss is a mean of
     /// per-pair terms (0: the whole micro-batch). Same step, activations for this many pairs only.
     pub micro_pairs: usize,
+    /// Keep only each layer's input in the forward pass and recompute the layer in backward
+    /// (`engine::Keep::LayerInputs`): about one extra forward per step for the activation memory of one
+    /// layer; the gradients are the same bit for bit.
+    pub gradient_checkpointing: bool,
     /// Stop after this many optimizer steps (overrides `epochs`).
     pub max_steps: Option<u64>,
     pub epochs: f64,
@@ -276,6 +280,7 @@ impl Default for TrainConfig {
             lr: DEFAULT_LR,
             batch_size: 8,
             micro_pairs: 0,
+            gradient_checkpointing: false,
             grad_accum: 1,
             max_steps: None,
             epochs: 3.0,

@@ -50,7 +50,8 @@ impl Workload for KtoWorkload<'_> {
 
         let (batch, ranges) = pack_sequences(&parts);
         let (kl_batch, kl_ranges) = pack_sequences(&mismatched);
-        let head = decoder.logprobs(params, &batch, &mut ws.policy, grads.is_some())?;
+        let keep = ws.policy_keep(grads.is_some());
+        let head = decoder.logprobs(params, &batch, &mut ws.policy, keep)?;
         let policy = sum_ranges(&head.logp, &ranges);
         let kl_policy = sum_ranges(&decoder.logprobs(params, &kl_batch, &mut ws.reference, false)?.logp, &kl_ranges);
         let reference = sum_ranges(&ref_decoder.logprobs(ref_params, &batch, &mut ws.reference, false)?.logp, &ranges);

@@ -115,7 +115,7 @@ impl<'c> Trainer<'c> {
         let order = epoch_order(rows, state.epoch, cfg.seed, !cfg.no_shuffle);
         let grads = trained.zeros_like(&decoder.cfg);
         let total = total_steps(cfg, rows);
-        let ws = Workspace::default();
+        let ws = Workspace { gradient_checkpointing: cfg.gradient_checkpointing, ..Default::default() };
         Ok(Trainer { cfg, decoder, trained, base, optimizer, state, total, grads, ws, order, rows })
     }
 

@@ -9,7 +9,7 @@
 //! ```
 
 use engine::rng::Rng;
-use engine::{Adapter, Site};
+use engine::{Adapter, Decoder, Keep, ParamSet};
 
 use super::config::{invalid, LoraFlags, TrainConfig, DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT};
 use super::memory::AdapterPlan;
@@ -68,19 +68,18 @@ impl LoraRun {
         Ok(adapter)
     }
 
-    /// The adapter's size, for the memory estimate.
+    /// The adapter's size and activations, for the memory estimate.
     pub fn plan(&self, model: &hf::ModelConfig, cfg: &TrainConfig) -> Result<AdapterPlan, TrainError> {
         let targets = hf::peft::resolve_targets(&self.config, model)?;
-        let (mut params, mut kept) = (0u64, 0u64);
-        for t in targets.iter().flatten() {
-            let (inp, _) = t.site.dims(&model.decoder);
-            params += (t.r * (inp + t.rows.len())) as u64;
-            kept += t.r as u64;
+        let shape = Adapter::zeros(&model.decoder, &targets, self.config.lora_dropout);
+        let decoder = Decoder::new(model.decoder.clone());
+        let keep = if cfg.gradient_checkpointing { Keep::LayerInputs } else { Keep::All };
+        let mut kept = decoder.adapter_activation_floats_per_token(&shape, keep);
+        // The reference's pass through the frozen starting adapter.
+        if self.start.is_some() && cfg.ref_model.is_none() {
+            kept += decoder.adapter_activation_floats_per_token(&shape, Keep::None);
         }
-        // With dropout each pair reads a masked copy of its site's input while it runs.
-        if self.config.lora_dropout > 0.0 {
-            kept += Site::ALL.iter().map(|s| s.dims(&model.decoder).0 as u64).max().unwrap_or(0);
-        }
+        let params = ParamSet::numel(&shape) as u64;
         Ok(AdapterPlan {
             params,
             kept_per_token: kept,

@@ -7,8 +7,9 @@
 //! weights     P per copy: the loaded model, the trained copy, the gradient, the optimizer's buffers
 //!             (AdamW 2, RMSprop 1-2, SGD 0-1) and a reference model (a frozen copy, or --ref-model's)
 //! activations per token of the largest micro-batch, as the engine counts them
-//!             (`engine::Activations::floats_per_token`): every layer's for backward, plus one layer's
-//!             for the reference forward
+//!             (`engine::Activations::floats_per_token`): every layer's for backward (with gradient
+//!             checkpointing, every layer's input and one layer's), plus one layer's for the reference
+//!             forward
 //! LM head     one chunk of targets (`engine::kernels::head_scratch_floats`)
 //! checkpoint  while a checkpoint is written: the HF-layout copy of the weights, then the optimizer's
 //!             buffers (the larger of the two)
@@ -31,7 +32,7 @@ use std::path::Path;
 
 use engine::kernels::{head_scratch_floats, RopeTable};
 use engine::optim::OptimizerConfig;
-use engine::{Activations, DecoderConfig, PositionKind};
+use engine::{Activations, DecoderConfig, Keep, PositionKind};
 
 /// Fixed allowance for the program itself, thread stacks, the tokenizer and the data (a run on the
 /// fixture model peaks at about 20 MiB, of which 13 MiB are counted by the other terms).
@@ -86,6 +87,8 @@ pub struct MemoryPlan<'a> {
     /// Tokens each row (pair, or prompt + completion) packs into, training and evaluation rows together.
     pub row_tokens: Vec<u64>,
     pub batch_size: usize,
+    /// The training forward keeps each layer's input only (`engine::Keep::LayerInputs`).
+    pub gradient_checkpointing: bool,
     /// A LoRA run: the adapter trained on the frozen policy; `None` trains every weight.
     pub adapter: Option<AdapterPlan>,
 }
@@ -95,7 +98,8 @@ pub struct MemoryPlan<'a> {
 pub struct AdapterPlan {
     /// Values in all `A` and `B` tensors.
     pub params: u64,
-    /// Floats each token keeps for the adapter's backward: the sum of every pair's rank.
+    /// Floats each token holds for the adapter in a training pass, as the engine counts them
+    /// (`engine::Decoder::adapter_activation_floats_per_token`, with the run's `Keep`).
     pub kept_per_token: u64,
     /// The reference reads a frozen copy of the starting adapter (a run from `--adapter`).
     pub frozen_copy: bool,
@@ -129,7 +133,8 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     rows.sort_unstable_by(|a, b| b.cmp(a));
     let largest = &rows[..plan.batch_size.min(rows.len())];
     let n: u64 = largest.iter().sum();
-    let mut per_token = Activations::floats_per_token(c, true) + plan.adapter.map_or(0, |a| a.kept_per_token);
+    let keep = if plan.gradient_checkpointing { Keep::LayerInputs } else { Keep::All };
+    let mut per_token = Activations::floats_per_token(c, keep) + plan.adapter.map_or(0, |a| a.kept_per_token);
     if let Some(r) = plan.reference {
         per_token += Activations::floats_per_token(r, false);
     }
@@ -249,6 +254,7 @@ mod tests {
             reference: Some(&c),
             row_tokens: vec![10, 30, 20],
             batch_size,
+            gradient_checkpointing: false,
             adapter: None,
         };
         let (one, two) = (estimate(&plan(1)), estimate(&plan(2)));
@@ -271,6 +277,7 @@ mod tests {
             reference: Some(&c),
             row_tokens: vec![10, 30, 20],
             batch_size: 1,
+            gradient_checkpointing: false,
             adapter,
         };
         let (full, lora) = (estimate(&plan(None)), estimate(&plan(Some(adapter))));
@@ -282,5 +289,26 @@ mod tests {
         let from_adapter = estimate(&plan(Some(AdapterPlan { frozen_copy: true, merge: true, ..adapter })));
         assert_eq!(from_adapter.weights, 4 * (p + 5 * 1000));
         assert_eq!(from_adapter.checkpoint, 4 * p);
+    }
+
+    #[test]
+    fn gradient_checkpointing_counts_layer_inputs_only() {
+        let c = cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }, PositionKind::Learned, false);
+        let o = OptimizerConfig::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let plan = |gradient_checkpointing| MemoryPlan {
+            policy: &c,
+            optimizer: &o,
+            reference: Some(&c),
+            row_tokens: vec![10, 30, 20],
+            batch_size: 2,
+            gradient_checkpointing,
+            adapter: None,
+        };
+        let (kept, checkpointed) = (estimate(&plan(false)), estimate(&plan(true)));
+        let reference = Activations::floats_per_token(&c, Keep::None);
+        let want = 4 * 50 * (Activations::floats_per_token(&c, Keep::LayerInputs) + reference);
+        assert_eq!(checkpointed.activations, want);
+        assert!(checkpointed.activations < kept.activations);
+        assert_eq!(checkpointed.weights, kept.weights);
     }
 }

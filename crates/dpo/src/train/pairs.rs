@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use engine::batch::Target;
 use engine::model::{Grads, Model};
-use engine::{Activations, Decoder, PendingEmbeddingGrads};
+use engine::{Activations, Decoder, Keep, PendingEmbeddingGrads};
 
 use super::reference::Reference;
 use super::TrainError;
@@ -56,6 +56,21 @@ pub struct Workspace {
     /// The embedding lookups' gradient of a micro-batch's chunks, added once every chunk's head gradient
     /// is in (see [`PendingEmbeddingGrads`]).
     pub embedding: PendingEmbeddingGrads,
+    /// A training forward keeps each layer's input only and backward recomputes the layer
+    /// ([`TrainConfig::gradient_checkpointing`](super::TrainConfig::gradient_checkpointing)).
+    pub gradient_checkpointing: bool,
+}
+
+impl Workspace {
+    /// What the policy's forward keeps: nothing without a backward; with one, every layer's activations,
+    /// or each layer's input alone under gradient checkpointing.
+    pub fn policy_keep(&self, backward: bool) -> Keep {
+        match (backward, self.gradient_checkpointing) {
+            (false, _) => Keep::None,
+            (true, false) => Keep::All,
+            (true, true) => Keep::LayerInputs,
+        }
+    }
 }
 
 /// Per-pair results of the forward passes over a micro-batch, gathered chunk by chunk.
@@ -84,8 +99,8 @@ impl PairSums {
         PairLogps {
             policy_chosen: &self.policy_chosen[first..],
             policy_rejected: &self.policy_rejected[first..],
-            ref_chosen: self.has_ref.then_some(&self.ref_chosen[first..]),
-            ref_rejected: self.has_ref.then_some(&self.ref_rejected[first..]),
+            ref_chosen: self.has_ref.then(|| &self.ref_chosen[first..]),
+            ref_rejected: self.has_ref.then(|| &self.ref_rejected[first..]),
             chosen_len: &self.chosen_len[first..],
             rejected_len: &self.rejected_len[first..],
             prompt: self
@@ -156,7 +171,8 @@ pub fn pair_batch<'m, 'g, G: Into<Grads<'g>>>(
         let mut packed = pack_pairs(&batch, packing);
         let refs = reference.pair_logps(part, &packed, &mut ws.reference, (policy, params))?;
         let prompt = objective.reads_prompt().then(|| push_prompt_targets(&mut packed, &batch));
-        let head = policy.logprobs(params, &packed.batch, &mut ws.policy, grads.is_some())?;
+        let keep = ws.policy_keep(grads.is_some());
+        let head = policy.logprobs(params, &packed.batch, &mut ws.policy, keep)?;
         let first = sums.policy_chosen.len();
         sums.policy_chosen.extend(sum_ranges(&head.logp, &packed.chosen));
         sums.policy_rejected.extend(sum_ranges(&head.logp, &packed.rejected));
@@ -351,5 +367,43 @@ mod tests {
         };
         let slope = (moved(1.0) - moved(-1.0)) / (2.0 * eps);
         assert!((slope - norm2).abs() < 1e-2 * norm2, "{slope} vs {norm2}");
+    }
+
+    /// Gradient checkpointing changes what the policy's forward keeps, not the step: the same gradient bit
+    /// for bit, also when the micro-batch goes through in chunks of pairs.
+    #[test]
+    fn gradient_checkpointing_gives_the_same_gradient() {
+        let (dec, params) = tiny();
+        let ex = examples();
+        let cfg = LossConfig { reference_free: true, ..LossConfig::default() };
+        let sigmoid = PairObjective { losses: vec![(LossType::Sigmoid, 1.0)], cfg };
+        for micro_pairs in [0, 2] {
+            let grads = |gradient_checkpointing| {
+                let mut g = Params::zeros(&dec.cfg);
+                let mut ws = Workspace { gradient_checkpointing, ..Workspace::default() };
+                let rows = [0, 1, 2];
+                let packing = Packing::SharedPrompt;
+                pair_batch(
+                    &dec,
+                    &params,
+                    Some((&mut g, 1.0)),
+                    &Reference::None,
+                    &sigmoid,
+                    &ex,
+                    &rows,
+                    packing,
+                    micro_pairs,
+                    &mut ws,
+                )
+                .unwrap();
+                g
+            };
+            let (kept, checkpointed) = (grads(false), grads(true));
+            for ((name, a), (_, b)) in kept.named().iter().zip(checkpointed.named()) {
+                let bits = |t: &engine::Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert!(a.data.iter().any(|&v| v != 0.0), "{name}: no gradient");
+                assert_eq!(bits(a), bits(b), "micro_pairs {micro_pairs}: {name}");
+            }
+        }
     }
 }

@@ -461,7 +461,15 @@ fn check_memory(
     log: &mut dyn FnMut(&str),
 ) -> Result<(), TrainError> {
     let opt = cfg.optimizer_config();
-    let plan = MemoryPlan { policy, optimizer: &opt, reference, row_tokens, batch_size: rows_in_flight, adapter };
+    let plan = MemoryPlan {
+        policy,
+        optimizer: &opt,
+        reference,
+        row_tokens,
+        batch_size: rows_in_flight,
+        gradient_checkpointing: cfg.gradient_checkpointing,
+        adapter,
+    };
     let est = memory::estimate(&plan);
     let limit = match &cfg.max_memory {
         Some(m) => Some((m.0, "the --max-memory limit of")),

@@ -87,7 +87,8 @@ impl Workload for SftWorkload<'_> {
     ) -> Result<BatchOutcome, TrainError> {
         let parts: Vec<(&[u32], &[u32])> = rows.iter().map(|&i| self.examples[i].parts()).collect();
         let (batch, ranges) = pack_sequences(&parts);
-        let head = decoder.logprobs(params, &batch, &mut ws.policy, grads.is_some())?;
+        let keep = ws.policy_keep(grads.is_some());
+        let head = decoder.logprobs(params, &batch, &mut ws.policy, keep)?;
         let n: usize = ranges.iter().map(|r| r.len()).sum();
         let sum: f64 = head.logp.iter().map(|&v| v as f64).sum();
         let loss = if n == 0 { 0.0 } else { -sum / n as f64 };

@@ -11,6 +11,32 @@ use super::lora_block::{LoraActs, LoraScratch};
 /// and token, log-sum-exp, log-prob, logit sum, log-prob gradient), counting one target per token.
 const BATCH_FLOATS_PER_TOKEN: u64 = 8;
 
+/// What a forward pass keeps for a backward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Keep {
+    /// Nothing: one set of buffers serves every layer (scoring, a reference pass). No backward.
+    #[default]
+    None,
+    /// Every layer's [`LayerActs`]: backward reads them as they are.
+    All,
+    /// Each layer's input `x` (`[N, d]`) only, every block running in one reusable slot (gradient
+    /// checkpointing): backward re-runs each block's forward from its input into that slot before its
+    /// backward, about one extra forward per step for the activation memory of one layer. The gradients
+    /// are those of [`Keep::All`] bit for bit: the same kernels on the same inputs, in the same order.
+    LayerInputs,
+}
+
+impl From<bool> for Keep {
+    /// `true`: [`Keep::All`]; `false`: [`Keep::None`].
+    fn from(keep: bool) -> Keep {
+        if keep {
+            Keep::All
+        } else {
+            Keep::None
+        }
+    }
+}
+
 /// What forward keeps for one block (see the module doc of [`crate::model`]). `N` rows, `d = hidden`.
 #[derive(Default)]
 pub(crate) struct LayerActs {
@@ -24,6 +50,14 @@ pub(crate) struct LayerActs {
     pub(crate) o_pre: Vec<f32>,   // [N, d] attention projection before its norm (post_norms only)
     pub(crate) mlp_out: Vec<f32>, // [N, d] MLP output before its norm (post_norms only)
     pub(crate) lora: LoraActs,    // the adapter's `u` per pair (with an adapter only)
+}
+
+impl LayerActs {
+    /// Frees every buffer but the input `x` (a layer of a [`Keep::LayerInputs`] pass).
+    fn keep_only_input(&mut self) {
+        let x = std::mem::take(&mut self.x);
+        *self = LayerActs { x, ..LayerActs::default() };
+    }
 }
 
 impl LayerActs {
@@ -75,8 +109,19 @@ impl Scratch {
 #[derive(Default)]
 pub struct Activations {
     pub(crate) n: usize,
-    pub(crate) kept: bool,
+    pub(crate) kept: Keep,
+    /// One per layer ([`Keep::All`]: all of a layer's buffers; [`Keep::LayerInputs`]: its input alone), or
+    /// the one slot of [`Keep::None`].
     pub(crate) layers: Vec<LayerActs>,
+    /// The slot every block of a [`Keep::LayerInputs`] pass runs in (its `x` borrowed from `layers` while
+    /// a block runs), empty otherwise.
+    pub(crate) work: LayerActs,
+    /// The layer whose activations `work` holds: the last after forward, then each layer backward
+    /// recomputed, so that the last layer's block is not run twice in a row.
+    pub(crate) work_layer: Option<usize>,
+    /// The adapter's dropout seed of the pass ([`super::Model::dropout_seed`]): a checkpointed backward
+    /// recomputes each block with the masks its forward drew.
+    pub(crate) dropout_seed: Option<u64>,
     /// `[N, d]` input of the final norm
     pub(crate) x_final: Vec<f32>,
     /// `[N, d]` final hidden states (after the final norm): what the LM head, a reward head or a value
@@ -91,18 +136,34 @@ pub struct Activations {
 
 impl Activations {
     /// Floats per token that a forward pass of `cfg` holds, with the batch's and the head's per-target
-    /// vectors. `keep` (a forward for backward, then the backward): every block's [`LayerActs`], the
-    /// final norm's input, the hidden states and their gradient, and the forward and backward scratch.
-    /// Without `keep`: one block's buffers, reused by every block, the final norm's input, the hidden
-    /// states and the forward scratch.
-    pub fn floats_per_token(cfg: &DecoderConfig, keep: bool) -> u64 {
+    /// vectors. [`Keep::All`] (a forward for backward, then the backward): every block's [`LayerActs`],
+    /// the final norm's input, the hidden states and their gradient, and the forward and backward
+    /// scratch. [`Keep::LayerInputs`]: the same with every block's input alone plus one slot for the
+    /// rest of a block. [`Keep::None`]: one block's buffers, reused by every block, the final norm's
+    /// input, the hidden states and the forward scratch.
+    pub fn floats_per_token(cfg: &DecoderConfig, keep: impl Into<Keep>) -> u64 {
         let (d, layer) = (cfg.hidden as u64, LayerActs::floats_per_token(cfg));
-        let held = if keep {
-            cfg.n_layers as u64 * layer + 3 * d + Scratch::floats_per_token(cfg, true)
-        } else {
-            layer + 2 * d + Scratch::floats_per_token(cfg, false)
+        let layers = cfg.n_layers as u64;
+        let held = match keep.into() {
+            Keep::All => layers * layer + 3 * d + Scratch::floats_per_token(cfg, true),
+            Keep::LayerInputs => layers * d + (layer - d) + 3 * d + Scratch::floats_per_token(cfg, true),
+            Keep::None => layer + 2 * d + Scratch::floats_per_token(cfg, false),
         };
         held + BATCH_FLOATS_PER_TOKEN
+    }
+
+    /// Sets up the layer buffers for a pass that keeps `keep`, freeing what it does not use (the buffers
+    /// of another mode, left by an earlier pass).
+    pub(crate) fn prepare_layers(&mut self, keep: Keep, n_layers: usize) {
+        self.kept = keep;
+        self.work_layer = None;
+        let slots = if keep == Keep::None { 1 } else { n_layers };
+        self.layers.resize_with(slots, LayerActs::default);
+        if keep == Keep::LayerInputs {
+            self.layers.iter_mut().for_each(LayerActs::keep_only_input);
+        } else {
+            self.work = LayerActs::default();
+        }
     }
 }
 
@@ -170,6 +231,7 @@ mod tests {
         let layers: usize = a
             .layers
             .iter()
+            .chain([&a.work])
             .map(|l| {
                 l.x.len()
                     + l.qkv.len()
@@ -212,6 +274,13 @@ mod tests {
             let mut grads = crate::Params::zeros(&cfg);
             m.backward_logprobs(&p, &b, &mut acts, &vec![1.0; out.logp.len()], &mut grads).unwrap();
             assert_eq!(held(&acts) + extra, n * Activations::floats_per_token(&cfg, true), "{cfg:?}");
+
+            // The same buffers through a checkpointed pass: the layers' other buffers are freed.
+            let out = m.logprobs(&p, &b, &mut acts, Keep::LayerInputs).unwrap();
+            m.backward_logprobs(&p, &b, &mut acts, &vec![1.0; out.logp.len()], &mut grads).unwrap();
+            let checkpointed = Activations::floats_per_token(&cfg, Keep::LayerInputs);
+            assert_eq!(held(&acts) + extra, n * checkpointed, "{cfg:?}");
+            assert!(checkpointed < Activations::floats_per_token(&cfg, Keep::All));
         }
     }
 }

@@ -5,7 +5,8 @@ use crate::batch::Batch;
 use crate::kernels as k;
 use crate::params::Params;
 
-use super::acts::{fit, Activations, PendingEmbeddingGrads};
+use super::acts::{fit, Activations, Keep, PendingEmbeddingGrads};
+use super::block::Attend;
 use super::{bias, bias_mut, embedding_scale, norm_backward, norm_forward, Decoder, EngineError, Grads, Model};
 
 impl Decoder {
@@ -117,7 +118,7 @@ impl Decoder {
     }
 
     /// Backward from a gradient on the final hidden states (`[N, d]`): accumulates into `grads`.
-    /// Needs a forward with `keep = true` of the same `model` on the same batch.
+    /// Needs a forward with [`Keep::All`] or [`Keep::LayerInputs`] of the same `model` on the same batch.
     pub fn backward<'m, 'g>(
         &self,
         model: impl Into<Model<'m>>,
@@ -143,13 +144,18 @@ impl Decoder {
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
         let p = model.base;
-        if !acts.kept || acts.n != n {
+        if acts.kept == Keep::None || acts.n != n {
             return Err(EngineError::MalformedBatch(
-                "backward needs a forward with keep=true on the same batch".into(),
+                "backward needs a forward with Keep::All or Keep::LayerInputs on the same batch".into(),
             ));
         }
         let pairs = |l: usize| model.adapter.map_or(0, |a| a.layers[l].pairs.len());
-        if acts.layers.iter().enumerate().any(|(l, la)| la.lora.u.len() != pairs(l)) {
+        let other_adapter = match acts.kept {
+            // Checkpointed: the slot holds one layer's adapter activations.
+            Keep::LayerInputs => acts.work_layer.is_some_and(|l| acts.work.lora.u.len() != pairs(l)),
+            Keep::All | Keep::None => acts.layers.iter().enumerate().any(|(l, la)| la.lora.u.len() != pairs(l)),
+        };
+        if other_adapter {
             return Err(EngineError::MalformedBatch("backward needs a forward through the same adapter".into()));
         }
         let extended = self.extended_rope(b);
@@ -178,10 +184,31 @@ impl Decoder {
             d,
         );
 
+        // A recomputed block draws the adapter's dropout masks from the seed its forward had.
+        let forward_model = Model { dropout_seed: acts.dropout_seed, ..model };
         for l in (0..cfg.n_layers).rev() {
             let rope = self.block_rope(rope, l);
-            let adapter = model.adapter.map(|a| &a.layers[l]);
-            self.block_backward(&p.layers[l], l, adapter, grads.layer(l), b, &acts.layers[l], s, rope);
+            let (lp, adapter) = (&p.layers[l], model.adapter.map(|a| &a.layers[l]));
+            if acts.kept != Keep::LayerInputs {
+                self.block_backward(lp, l, adapter, grads.layer(l), b, &acts.layers[l], s, rope);
+                continue;
+            }
+            // Checkpointed: the layer's kept input moves into the slot for the block's backward (which
+            // reads it) and back out after it.
+            std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
+            if acts.work_layer != Some(l) {
+                // Re-run the block from its input into the slot. Its output (layer l+1's input again)
+                // goes to s.dh, which block_backward overwrites before reading; s.dx, the gradient carried
+                // from layer to layer, is not touched by a forward.
+                let mut out = std::mem::take(&mut s.dh);
+                let attend = Attend::Packed { batch: b, cache: None };
+                let lora = forward_model.layer_lora(l, true);
+                self.block_forward(lp, l, lora, &mut acts.work, s, rope, attend, &mut out);
+                s.dh = out;
+                acts.work_layer = Some(l);
+            }
+            self.block_backward(lp, l, adapter, grads.layer(l), b, &acts.work, s, rope);
+            std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
         }
         // A frozen base has no embedding gradient.
         let Some(grads) = grads.base() else { return Ok(()) };

@@ -1,6 +1,6 @@
 //! The trunk and the LM head, forward: embeddings, the blocks, the final norm, log-probs at the targets.
 
-use super::acts::{fit, Activations, HeadOutput, LayerActs};
+use super::acts::{fit, Activations, HeadOutput, Keep};
 use super::block::Attend;
 use super::{bias, embedding_scale, norm_forward, Decoder, EngineError, Model};
 use crate::batch::Batch;
@@ -8,17 +8,17 @@ use crate::kernels as k;
 
 impl Decoder {
     /// Runs the trunk of `model` (a `&Params`, or a [`Model`] with an adapter): fills `acts.hidden`
-    /// (`[N, d]`, after the final norm). With `keep`, stores what [`Decoder::backward`] needs (and applies
-    /// the adapter's dropout if [`Model::dropout_seed`] is set); without it, reuses one set of buffers for
-    /// every layer.
+    /// (`[N, d]`, after the final norm). What it keeps for [`Decoder::backward`] is `keep` (a `bool`:
+    /// [`Keep::All`] or [`Keep::None`]); a pass that keeps something applies the adapter's dropout if
+    /// [`Model::dropout_seed`] is set. With [`Keep::None`], one set of buffers serves every layer.
     pub fn forward<'m>(
         &self,
         model: impl Into<Model<'m>>,
         b: &Batch,
         acts: &mut Activations,
-        keep: bool,
+        keep: impl Into<Keep>,
     ) -> Result<(), EngineError> {
-        let model = model.into();
+        let (model, keep) = (model.into(), keep.into());
         self.check_batch(b)?;
         model.check(&self.cfg)?;
         let p = model.base;
@@ -27,13 +27,13 @@ impl Decoder {
         let extended = self.extended_rope(b);
         let rope = extended.as_ref().or(self.rope.as_ref());
         acts.n = n;
-        acts.kept = keep;
-        let slots = if keep { cfg.n_layers } else { 1 };
-        acts.layers.resize_with(slots, LayerActs::default);
+        acts.prepare_layers(keep, cfg.n_layers);
+        acts.dropout_seed = model.dropout_seed;
+        let train = keep != Keep::None;
 
         // The residual stream lives in each layer's `x`: layer l writes its output straight into layer
-        // l+1's slot. Without `keep` there is one slot, and its input and `x_final` swap roles each layer.
-        // Buffers are reused from call to call, so a training step allocates nothing large.
+        // l+1's slot. With `Keep::None` there is one slot, and its input and `x_final` swap roles each
+        // layer. Buffers are reused from call to call, so a training step allocates nothing large.
         fit(&mut acts.layers[0].x, n * d);
         k::embedding_forward(
             &mut acts.layers[0].x,
@@ -48,18 +48,29 @@ impl Decoder {
         }
         let n_layers = p.layers.len();
         for (l, lp) in p.layers.iter().enumerate() {
-            let to_next_slot = keep && l + 1 < n_layers;
+            let to_next_slot = train && l + 1 < n_layers;
             let mut out = if to_next_slot {
                 std::mem::take(&mut acts.layers[l + 1].x)
             } else {
                 std::mem::take(&mut acts.x_final)
             };
             fit(&mut out, n * d);
-            let slot = if keep { l } else { 0 };
             let attend = Attend::Packed { batch: b, cache: None };
             let rope = self.block_rope(rope, l);
-            let adapter = model.layer_lora(l, keep);
-            self.block_forward(lp, l, adapter, &mut acts.layers[slot], &mut acts.scratch, rope, attend, &mut out);
+            let adapter = model.layer_lora(l, train);
+            let s = &mut acts.scratch;
+            match keep {
+                Keep::LayerInputs => {
+                    // The block runs in the one slot: the input moves in for it and back out after, and
+                    // the slot's other buffers hold this layer's activations until the next block.
+                    std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
+                    self.block_forward(lp, l, adapter, &mut acts.work, s, rope, attend, &mut out);
+                    std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
+                    acts.work_layer = Some(l);
+                }
+                Keep::All => self.block_forward(lp, l, adapter, &mut acts.layers[l], s, rope, attend, &mut out),
+                Keep::None => self.block_forward(lp, l, adapter, &mut acts.layers[0], s, rope, attend, &mut out),
+            }
             if to_next_slot {
                 acts.layers[l + 1].x = out;
             } else if l + 1 < n_layers {
@@ -102,7 +113,7 @@ impl Decoder {
         model: impl Into<Model<'m>>,
         b: &Batch,
         acts: &mut Activations,
-        keep: bool,
+        keep: impl Into<Keep>,
     ) -> Result<HeadOutput, EngineError> {
         let model = model.into();
         self.forward(model, b, acts, keep)?;

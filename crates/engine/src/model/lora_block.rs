@@ -20,7 +20,7 @@ use crate::config::DecoderConfig;
 use crate::kernels::{self as k, Accumulate, Cols};
 use crate::lora::{Adapter, LayerAdapter, Site};
 
-use super::acts::fit;
+use super::acts::{fit, Keep};
 
 /// One layer's adapter as a pass applies it.
 #[derive(Clone, Copy)]
@@ -105,19 +105,22 @@ impl LoraActs {
     }
 }
 
-/// Floats per token that a pass through `adapter` holds on top of the base's activations: with `keep`
-/// (a forward for backward, then the backward), every layer's `u` and the backward's scratch (`du`,
-/// and with dropout the dropped input and `du A` before the mask); without it, one layer's `u` at a time.
-pub(crate) fn floats_per_token(cfg: &DecoderConfig, adapter: &Adapter, keep: bool) -> u64 {
+/// Floats per token that a pass through `adapter` holds on top of the base's activations: with
+/// [`Keep::All`] (a forward for backward, then the backward), every layer's `u` and the backward's scratch
+/// (`du`, and with dropout the dropped input and `du A` before the mask); with [`Keep::LayerInputs`], one
+/// layer's `u` (the slot's) and that scratch; with [`Keep::None`], one layer's `u` at a time.
+pub(crate) fn floats_per_token(cfg: &DecoderConfig, adapter: &Adapter, keep: Keep) -> u64 {
     let u = |l: &LayerAdapter| l.pairs.iter().map(|p| p.target.r as u64).sum::<u64>();
-    if !keep {
-        return adapter.layers.iter().map(u).max().unwrap_or(0);
+    let one_layer = adapter.layers.iter().map(u).max().unwrap_or(0);
+    if keep == Keep::None {
+        return one_layer;
     }
     let pairs = adapter.layers.iter().flat_map(|l| &l.pairs);
     let max_r = pairs.clone().map(|p| p.target.r as u64).max().unwrap_or(0);
     let max_in = pairs.map(|p| p.target.site.dims(cfg).0 as u64).max().unwrap_or(0);
     let dropped = if adapter.dropout > 0.0 { 2 * max_in } else { 0 };
-    adapter.layers.iter().map(u).sum::<u64>() + max_r + dropped
+    let held = if keep == Keep::All { adapter.layers.iter().map(u).sum::<u64>() } else { one_layer };
+    held + max_r + dropped
 }
 
 /// Scratch the adapter's kernels overwrite before reading; one set serves every layer.

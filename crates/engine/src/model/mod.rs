@@ -13,7 +13,7 @@ mod forward;
 mod lora_block;
 mod view;
 
-pub use acts::{Activations, HeadOutput, PendingEmbeddingGrads};
+pub use acts::{Activations, HeadOutput, Keep, PendingEmbeddingGrads};
 pub(crate) use acts::{LayerActs, Scratch};
 pub(crate) use block::Attend;
 pub use view::{Grads, Model};
@@ -111,15 +111,15 @@ impl Decoder {
     }
 
     /// Floats per token that [`Decoder::forward`] holds (see [`Activations::floats_per_token`]).
-    pub fn activation_floats_per_token(&self, keep: bool) -> u64 {
+    pub fn activation_floats_per_token(&self, keep: impl Into<Keep>) -> u64 {
         Activations::floats_per_token(&self.cfg, keep)
     }
 
     /// Floats per token that a pass through `adapter` holds on top of
     /// [`Decoder::activation_floats_per_token`] (the adapter's `u = x A^T` per pair and its scratch; with
     /// `keep`, dropout's buffers counted when `adapter.dropout > 0`).
-    pub fn adapter_activation_floats_per_token(&self, adapter: &crate::lora::Adapter, keep: bool) -> u64 {
-        lora_block::floats_per_token(&self.cfg, adapter, keep)
+    pub fn adapter_activation_floats_per_token(&self, adapter: &crate::lora::Adapter, keep: impl Into<Keep>) -> u64 {
+        lora_block::floats_per_token(&self.cfg, adapter, keep.into())
     }
 
     /// Checks token ids, positions and the span/group structure before any kernel touches them.

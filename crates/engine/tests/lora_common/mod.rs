@@ -4,9 +4,9 @@
 
 use std::ops::Range;
 
-use dpo_engine::presets::{init_random, tiny_gpt2, tiny_llama, tiny_neox};
+use dpo_engine::presets::{init_random, tiny_gemma3, tiny_gpt2, tiny_llama, tiny_neox};
 use dpo_engine::rng::Rng;
-use dpo_engine::{Adapter, Batch, DecoderConfig, LoraTarget, Params, Site};
+use dpo_engine::{Adapter, Batch, DecoderConfig, LoraTarget, NormKind, Params, Site};
 
 /// A module of one layer: `(HF name, site, rows of the site's output)`.
 pub type Module = (&'static str, Site, Range<usize>);
@@ -55,9 +55,26 @@ pub fn neox() -> (DecoderConfig, Vec<Vec<Module>>) {
     (c, vec![all, vec![qkv]])
 }
 
+/// Gemma 3 (q/k norms, norms after each branch, unit-offset RMSNorm, sliding windows): every linear in
+/// each of its three layers, so the frozen norms' input gradients are all on the path.
+pub fn gemma3() -> (DecoderConfig, Vec<Vec<Module>>) {
+    let c = tiny_gemma3();
+    let (q, kv, ff) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_hidden);
+    let all = vec![
+        ("self_attn.q_proj", Site::Qkv, 0..q),
+        ("self_attn.k_proj", Site::Qkv, q..q + kv),
+        ("self_attn.v_proj", Site::Qkv, q + kv..q + 2 * kv),
+        ("self_attn.o_proj", Site::AttnOut, 0..c.hidden),
+        ("mlp.gate_proj", Site::MlpIn, 0..ff),
+        ("mlp.up_proj", Site::MlpIn, ff..2 * ff),
+        ("mlp.down_proj", Site::MlpOut, 0..c.hidden),
+    ];
+    (c, vec![all.clone(), all.clone(), all])
+}
+
 pub fn families() -> Vec<(&'static str, DecoderConfig, Vec<Vec<Module>>)> {
     let named = |name, (c, m)| (name, c, m);
-    vec![named("llama", llama()), named("gpt2", gpt2()), named("neox", neox())]
+    vec![named("llama", llama()), named("gpt2", gpt2()), named("neox", neox()), named("gemma3", gemma3())]
 }
 
 /// An adapter on `modules` (ranks 2 and 3 alternately, alpha 6) with A and B drawn from `seed`, so that
@@ -85,13 +102,16 @@ pub fn adapter(cfg: &DecoderConfig, modules: &[Vec<Module>], dropout: f32, seed:
     a
 }
 
-/// Random base weights with every 1-D tensor (norm scales, biases) around 1, none trivial.
+/// Random base weights with every 1-D tensor (norm scales, biases) drawn around 1, none trivial (a
+/// unit-offset norm's stored weight around 0: its scale `1 + w` around 1).
 pub fn base(cfg: &DecoderConfig) -> Params {
     let mut p = init_random(cfg, 0.4, 3);
     let mut r = Rng::new(11);
-    for (_, t) in p.named_mut() {
+    let unit_offset = matches!(cfg.norm, NormKind::RmsNormUnitOffset { .. });
+    for (name, t) in p.named_mut() {
         if t.shape.len() == 1 {
-            t.data.iter_mut().for_each(|x| *x = 1.0 + 0.3 * r.normal() as f32);
+            let centre = if unit_offset && name.contains("norm") { 0.0 } else { 1.0 };
+            t.data.iter_mut().for_each(|x| *x = centre + 0.3 * r.normal() as f32);
         }
     }
     p

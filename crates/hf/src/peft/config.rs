@@ -259,15 +259,39 @@ impl LoraConfig {
         }
     }
 
-    /// The `adapter_config.json` PEFT 0.21 writes for this configuration, with `lora_dropout` set to
-    /// `dropout` (the adapter's own).
+    /// The text of the `adapter_config.json` PEFT 0.21 writes for this configuration, with `lora_dropout`
+    /// set to `dropout` (the adapter's own): keys sorted as PEFT sorts them, except inside `rank_pattern`
+    /// and `alpha_pattern`, whose order decides which pattern applies and is kept.
+    pub fn to_json_text(&self, dropout: f32) -> String {
+        let mut fields = self.to_json(dropout);
+        let fields = fields.as_object_mut().map(std::mem::take).unwrap_or_default();
+        let ordered =
+            |pairs: Vec<(String, Value)>| Field::Object(pairs.into_iter().map(|(k, v)| (k, Field::Plain(v))).collect());
+        let entries: Vec<(String, Field)> = fields
+            .into_iter()
+            .map(|(k, v)| {
+                let f = match k.as_str() {
+                    "rank_pattern" => ordered(self.rank_pattern.iter().map(|(p, r)| (p.clone(), json!(r))).collect()),
+                    "alpha_pattern" => {
+                        ordered(self.alpha_pattern.iter().map(|(p, a)| (p.clone(), number(*a))).collect())
+                    }
+                    _ => Field::Plain(v),
+                };
+                (k, f)
+            })
+            .collect();
+        let mut text = serde_json::to_string_pretty(&Field::Object(entries)).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+
+    /// [`LoraConfig::to_json_text`] as a value (its patterns sorted by key, as a JSON object keeps them).
     pub fn to_json(&self, dropout: f32) -> Value {
         let targets = |t: &TargetModules| match t {
             TargetModules::Names(n) => json!(n),
             TargetModules::AllLinear => json!("all-linear"),
             TargetModules::Regex(r) => json!(r),
         };
-        let number = |x: f64| if x.fract() == 0.0 && x.abs() < 1e15 { json!(x as i64) } else { json!(x) };
         let rank_pattern: Map<String, Value> = self.rank_pattern.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         let alpha_pattern: Map<String, Value> =
             self.alpha_pattern.iter().map(|(k, v)| (k.clone(), number(*v))).collect();
@@ -302,7 +326,8 @@ impl LoraConfig {
             "loftq_config": {},
             "lora_alpha": number(self.lora_alpha),
             "lora_bias": false,
-            "lora_dropout": dropout as f64,
+            // The f32's shortest decimal (0.1, not 0.10000000149011612).
+            "lora_dropout": dropout.to_string().parse::<f64>().unwrap_or(dropout as f64),
             "lora_ga_config": null,
             "megatron_config": null,
             "megatron_core": "megatron.core",
@@ -324,6 +349,38 @@ impl LoraConfig {
             "use_rslora": self.use_rslora,
             "velora_config": null,
         })
+    }
+}
+
+/// An integral alpha as an integer (PEFT writes `"lora_alpha": 16`), any other as a float.
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// A JSON value written with a chosen key order (`serde_json::Map` sorts its keys).
+enum Field {
+    Plain(Value),
+    /// An object whose keys are written in this order.
+    Object(Vec<(String, Field)>),
+}
+
+impl serde::Serialize for Field {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Field::Plain(v) => v.serialize(s),
+            Field::Object(pairs) => {
+                let mut m = s.serialize_map(Some(pairs.len()))?;
+                for (k, v) in pairs {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use engine::{Adapter, Params};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model_dir::{save_model, write_dir, write_json, HfModel};
+use crate::model_dir::{save_model, write_dir, HfModel};
 use crate::safetensors::write_f32;
 
 pub mod config;
@@ -86,10 +86,11 @@ pub fn save_adapter(dir: &Path, config: &LoraConfig, adapter: &Adapter, model: &
             ));
         }
     }
-    let json = config.to_json(adapter.dropout);
+    let json = config.to_json_text(adapter.dropout);
     let tensors = tensors::adapter_tensors(adapter, model);
     write_dir(dir, CONFIG_FILE, |tmp| {
-        write_json(&tmp.join(CONFIG_FILE), &json)?;
+        let path = tmp.join(CONFIG_FILE);
+        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
         write_f32(&tmp.join(WEIGHTS_FILE), &tensors)
     })
 }

@@ -119,3 +119,14 @@ fn lora_settings_are_typed_recorded_and_checked() {
     // With an adapter, lora_* settings are checked against it at setup, not refused here.
     assert!(parse("adapter = \"/a\"\nlora_alpha = 8.0\n").is_ok());
 }
+
+#[test]
+fn gradient_checkpointing_is_a_key_and_is_recorded() {
+    assert!(!parse("").unwrap().gradient_checkpointing);
+    let c = parse("gradient_checkpointing = true\n").unwrap();
+    assert!(c.gradient_checkpointing);
+    let text = c.to_toml();
+    assert!(text.contains("gradient_checkpointing = true"), "{text}");
+    assert_eq!(TrainConfig::from_layers(None, toml::from_str(&text).unwrap(), Method::Pairs).unwrap(), c);
+    assert!(parse("gradient_checkpointing = 1\n").unwrap_err().contains("gradient_checkpointing"));
+}
