@@ -371,3 +371,40 @@ fn unlikelihood_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_
     assert!(metrics[0]["logps/rejected"].is_f64(), "{}", metrics[0]);
     assert!(metrics == metrics_without(&whole, "tokens_per_s"), "metrics.jsonl of the resumed run");
 }
+
+/// A PPO minibatch whose loss is not finite (a learning rate that blows the weights up): by default the run
+/// stops, writes the checkpoint of the state before that PPO step and says how to go on; resumed with
+/// `--on-nonfinite skip` it drops such updates, counts them in metrics.jsonl and ends without a panic.
+#[test]
+fn ppo_nonfinite_stops_at_the_last_good_state_and_skip_goes_on() {
+    let dir = scratch("ppo-nonfinite");
+    let rm = dir.join("rm");
+    succeeds(&mut reward_model_train(&prefs(), &rm, 2));
+    let prompts = jsonl(&dir.join("prompts.jsonl"), &[serde_json::json!({"prompt": "Name a fruit."})]);
+    let run = dir.join("run");
+    let mut c = dpo();
+    c.args(["ppo", "--lr", "1e30", "--max-grad-norm", "1e30", "--rollout-prompts", "2", "--minibatch", "1"])
+        .args(["--max-new-tokens", "4", "--steps", "4", "--model"])
+        .arg(model("gpt2-policy"))
+        .arg("--reward-model")
+        .arg(&rm)
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--output")
+        .arg(&run);
+    let out = c.output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("error: ") && !err.contains("panicked"), "{err}");
+    for want in ["PPO step 1: the loss or its gradient is not finite", "--on-nonfinite skip"] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(err.contains(&format!("last good state written to {}", run.join("checkpoints/step-0").display())), "{err}");
+    assert_checkpoint_loads(&run.join("checkpoints/step-0"));
+    let err = succeeds(dpo().args(["ppo", "--resume"]).arg(&run).args(["--on-nonfinite", "skip"]));
+    assert!(err.contains("update skipped") && !err.contains("panicked"), "{err}");
+    let metrics = metrics_without(&run, "seconds");
+    assert_eq!(metrics.len(), 4);
+    assert!(metrics.iter().any(|m| m["skipped_updates"].as_u64() > Some(0)), "{metrics:?}");
+    assert!(run.join("final/model.safetensors").is_file());
+}

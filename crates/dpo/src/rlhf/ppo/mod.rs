@@ -184,6 +184,13 @@ pub struct PpoStepStats {
     pub completion_len: f64,
     /// Wall-clock seconds of the step (`time/ppo/total`).
     pub seconds: f64,
+    /// Minibatch updates skipped as not finite (`--on-nonfinite skip`); the means above leave them out.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped_updates: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The trained policy, its value head, and one record per step taken.

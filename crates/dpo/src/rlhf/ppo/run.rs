@@ -287,7 +287,7 @@ pub fn run_ppo(
 
         let mut sums = MinibatchLoss::default();
         let mut grad_norm_sum = 0.0;
-        let mut updates = 0usize;
+        let (mut updates, mut skipped_updates) = (0usize, 0u64);
         for _ in 0..cfg.ppo_epochs {
             let mut seqs: Vec<usize> = (0..ro.len()).collect();
             s.rng.shuffle(&mut seqs);
@@ -304,6 +304,7 @@ pub fn run_ppo(
                         (Some(r), _) if r.on_nonfinite == OnNonFinite::Skip => {
                             (r.log)(&format!("step {step}: a minibatch's {what} is not finite; update skipped"));
                             s.state.skipped_steps += 1;
+                            skipped_updates += 1;
                             continue;
                         }
                         (Some(r), Some(good)) => {
@@ -345,6 +346,7 @@ pub fn run_ppo(
             grad_norm: grad_norm_sum / u,
             completion_len: sampled as f64 / n,
             seconds: t0.elapsed().as_secs_f64(),
+            skipped_updates,
         };
         s.state.step = step;
         s.state.num_tokens += sampled as u64;
