@@ -182,6 +182,8 @@ fn lora_flags_that_contradict_the_adapter_are_refused() {
     c.args(["--lora-r", "2", "--lora-targets", "no_such_proj", "--max-steps", "1"]);
     fails(&mut c, &["no_such_proj"]);
     assert!(!dir.join("again").exists() && !dir.join("alpha").exists() && !dir.join("targets").exists());
+    // A stored (quantised) base is a frozen one: only an adapter trains on it.
+    fails(dpo().args(["bench", "--quantize", "nf4"]), &["--quantize", "need --lora-r"]);
 }
 
 /// SIGKILL at seeded random moments of an adapter run: every checkpoint left loads (a PEFT adapter, the

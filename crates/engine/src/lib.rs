@@ -12,6 +12,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod presets;
+pub mod quant;
 pub mod rng;
 pub mod scalar_head;
 

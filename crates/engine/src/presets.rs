@@ -1,7 +1,7 @@
 //! Model shapes used by benchmarks and the built-in experiment, and random initialisation.
 
 use crate::config::*;
-use crate::params::Params;
+use crate::params::{Params, Tensor};
 use crate::rng::Rng;
 
 /// GPT-2 small: 12 layers, d 768, 12 heads, vocabulary 50257, 1024 positions (124M parameters).
@@ -38,60 +38,53 @@ pub fn smollm2_135m() -> DecoderConfig {
     }
 }
 
-/// A Llama-family shape with RMSNorm (eps 1e-5), half-split rotary of head width 64 and `theta`.
-fn llama_shape(dims: Dims, theta: f32, tied: bool) -> DecoderConfig {
+/// A SmolLM2-shaped Llama (RMSNorm eps 1e-5, vocabulary 49152, tied embeddings, 8192 positions, head 64).
+fn smollm2(theta: f32, hidden: usize, n_layers: usize, n_heads: usize, n_kv_heads: usize, ffn: usize) -> DecoderConfig {
     DecoderConfig {
         norm: NormKind::RmsNorm { eps: 1e-5 },
-        positions: PositionKind::Rotary(RopeConfig::half(theta, dims.head_dim)),
-        tied_embeddings: tied,
-        ..DecoderConfig::llama(dims)
+        positions: PositionKind::Rotary(RopeConfig::half(theta, 64)),
+        tied_embeddings: true,
+        ..DecoderConfig::llama(Dims {
+            vocab_size: 49152,
+            hidden,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim: 64,
+            ffn_hidden: ffn,
+            max_positions: 8192,
+        })
     }
 }
 
-/// SmolLM2-360M: 32 layers, d 960, 15 heads over 5 key/value heads, SwiGLU 2560, vocabulary 49152, tied.
+/// SmolLM2-360M: 32 layers, d 960, 15 heads over 5 key/value heads, SwiGLU 2560 (362M parameters).
 pub fn smollm2_360m() -> DecoderConfig {
-    let dims = Dims {
-        vocab_size: 49152,
-        hidden: 960,
-        n_layers: 32,
-        n_heads: 15,
-        n_kv_heads: 5,
-        head_dim: 64,
-        ffn_hidden: 2560,
-        max_positions: 8192,
-    };
-    llama_shape(dims, 100000.0, true)
+    smollm2(100000.0, 960, 32, 15, 5, 2560)
 }
 
-/// SmolLM2-1.7B: 24 layers, d 2048, 32 heads (no grouping), SwiGLU 8192, vocabulary 49152, tied.
+/// SmolLM2-1.7B: 24 layers, d 2048, 32 heads (no GQA), SwiGLU 8192 (1.71B parameters).
 pub fn smollm2_1_7b() -> DecoderConfig {
-    let dims = Dims {
-        vocab_size: 49152,
-        hidden: 2048,
-        n_layers: 24,
-        n_heads: 32,
-        n_kv_heads: 32,
-        head_dim: 64,
-        ffn_hidden: 8192,
-        max_positions: 8192,
-    };
-    llama_shape(dims, 130000.0, true)
+    smollm2(130000.0, 2048, 24, 32, 32, 8192)
 }
 
-/// Llama-3-8B: 32 layers, d 4096, 32 heads over 8 key/value heads, SwiGLU 14336, vocabulary 128256,
-/// an untied head.
+/// Llama-3-8B's shape: 32 layers, d 4096, 32 heads over 8 key/value heads of 128, SwiGLU 14336,
+/// vocabulary 128256, untied head, rotary theta 500000 (plain rotary: Llama 3.1's frequency scaling
+/// is not modelled), 8192 positions (8.03B parameters).
 pub fn llama3_8b() -> DecoderConfig {
-    let dims = Dims {
-        vocab_size: 128256,
-        hidden: 4096,
-        n_layers: 32,
-        n_heads: 32,
-        n_kv_heads: 8,
-        head_dim: 128,
-        ffn_hidden: 14336,
-        max_positions: 8192,
-    };
-    llama_shape(dims, 500000.0, false)
+    DecoderConfig {
+        norm: NormKind::RmsNorm { eps: 1e-5 },
+        positions: PositionKind::Rotary(RopeConfig::half(500000.0, 128)),
+        ..DecoderConfig::llama(Dims {
+            vocab_size: 128256,
+            hidden: 4096,
+            n_layers: 32,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            ffn_hidden: 14336,
+            max_positions: 8192,
+        })
+    }
 }
 
 /// Sizes for tests: vocabulary 61, d 16, 2 layers, 4 heads of 4, MLP 24, 32 positions.
@@ -165,6 +158,13 @@ pub fn by_name(name: &str) -> Option<DecoderConfig> {
 /// GPT-2-style initialisation: matrices and embeddings ~ N(0, std²), biases 0, norm scales 1 (a
 /// unit-offset norm's stored weight 0).
 pub fn init_random(cfg: &DecoderConfig, std: f32, seed: u64) -> Params {
+    init_random_each(cfg, std, seed, |_, _| {})
+}
+
+/// [`init_random`], handing each tensor to `each` (name, tensor) as soon as it is drawn, in
+/// [`Params::named`] order: a caller can store it another way and free it (e.g. quantise a frozen base
+/// without ever holding all of it in f32; `Params::zeros`' untouched pages cost no memory).
+pub fn init_random_each(cfg: &DecoderConfig, std: f32, seed: u64, mut each: impl FnMut(&str, &mut Tensor)) -> Params {
     let unit_scale = if matches!(cfg.norm, NormKind::RmsNormUnitOffset { .. }) { 0.0 } else { 1.0 };
     let mut p = Params::zeros(cfg);
     let mut rng = Rng::new(seed);
@@ -178,6 +178,7 @@ pub fn init_random(cfg: &DecoderConfig, std: f32, seed: u64) -> Params {
         } else if t.shape.len() == 2 {
             t.data.iter_mut().for_each(|x| *x = (rng.normal() as f32) * std);
         }
+        each(&name, t);
     }
     p
 }

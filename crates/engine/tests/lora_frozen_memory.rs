@@ -67,14 +67,18 @@ fn an_adapter_step_allocates_nothing_of_the_base_size() {
         m.logprobs(model, &b, &mut acts, true).unwrap();
         m.backward_logprobs(model, &b, &mut acts, &dlogp, Grads::Adapter(&mut grads)).unwrap();
     };
-    // The first step fills the kernels' per-thread caches (GEMM packing, the head's logits chunk), kept
-    // for the life of each thread whatever the step; the second shows what a step itself allocates, its
-    // activations included.
-    step();
-    let start = LIVE.load(SeqCst);
-    PEAK.store(start, SeqCst);
-    step();
-    let step_peak = PEAK.load(SeqCst) - start;
+    // The first step fills the kernels' per-thread caches (GEMM packing, about 1 MB; the head's logits
+    // chunk), kept for the life of each thread whatever the step; the second shows what a step itself
+    // allocates, its activations included. Both run on a pool of one thread, so that the second cannot
+    // land on a thread whose caches the first did not fill.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let step_peak = pool.install(|| {
+        step();
+        let start = LIVE.load(SeqCst);
+        PEAK.store(start, SeqCst);
+        step();
+        PEAK.load(SeqCst) - start
+    });
 
     assert!(grads.layers[1].pairs[0].b.data.iter().any(|&v| v != 0.0), "the step produced no gradient");
     assert!(

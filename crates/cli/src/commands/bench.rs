@@ -12,7 +12,9 @@ use dpo::scoring::score_pairs;
 use dpo::train::checkpoint::TrainerState;
 use dpo::train::memory::{self, AdapterPlan, MemoryPlan};
 use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trained, Trainer, Workload};
+use engine::model::Model;
 use engine::optim::{Optimizer, ScheduleKind};
+use engine::quant::{FrozenLinears, Storage};
 use engine::rng::Rng;
 use engine::ParamSet;
 use engine::{presets, Adapter, Decoder, DecoderConfig, Keep};
@@ -55,6 +57,16 @@ pub struct Args {
     /// on the frozen model; the reference is the model with the adapter off.
     #[arg(long, value_name = "R")]
     lora_r: Option<usize>,
+    /// Store the frozen base's block linears in 4-bit NF4 (QLoRA; bitsandbytes' code book, blocks of 64,
+    /// dequantised on the fly): with --lora-r only.
+    #[arg(long, value_parser = ["nf4"])]
+    quantize: Option<String>,
+    /// With --quantize nf4: quantise the absmax scales too (bitsandbytes' double quantisation).
+    #[arg(long)]
+    double_quant: bool,
+    /// Store the frozen base's block linears in bf16 (with --lora-r; f32 by default).
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    base_dtype: Option<String>,
 }
 
 /// The shape as an HF configuration (model type, naming), so that PEFT's target rules resolve on it.
@@ -91,6 +103,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.arch
         );
     };
+    let storage = match (a.quantize.as_deref(), a.base_dtype.as_deref()) {
+        (Some(_), Some("bf16")) => bail!("--quantize nf4 and --base-dtype bf16 both store the base; pick one"),
+        (Some(_), _) => Storage::Nf4 { double_quant: a.double_quant },
+        (None, Some("bf16")) => Storage::Bf16,
+        (None, _) => Storage::F32,
+    };
+    if storage != Storage::F32 && a.lora_r.is_none() {
+        bail!("--quantize and --base-dtype store a frozen base: they need --lora-r (the trained part stays f32)");
+    }
+    if a.double_quant && a.quantize.is_none() {
+        bail!("--double-quant applies to --quantize nf4");
+    }
     if a.lora_r == Some(0) {
         bail!("--lora-r must be at least 1");
     }
@@ -111,12 +135,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
         .collect();
     let decoder = Decoder::new(cfg.clone());
-    let params = presets::init_random(&cfg, 0.02, 0);
+    // A stored base is drawn tensor by tensor: its block linears never exist whole in f32.
+    let (params, frozen) = match storage {
+        Storage::F32 => (presets::init_random(&cfg, 0.02, 0), None),
+        s => {
+            let (p, f) = FrozenLinears::init_random(&cfg, 0.02, 0, s)?;
+            (p, Some(f))
+        }
+    };
+    // The stored linears, and the rest of the model (embeddings, norms, head) in f32.
+    let base_bytes = frozen.as_ref().map(|f| (f.bytes() + 4 * ParamSet::numel(&params)) as u64);
+    let base = match &frozen {
+        Some(f) => Model::new(&params, None).with_frozen(f),
+        None => Model::new(&params, None),
+    };
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
     let adapter = a.lora_r.map(|r| all_linear_adapter(&cfg, r)).transpose()?;
     let reference = match (a.precompute_ref, &adapter) {
         // A new adapter's reference is the base with the adapter off (TRL's with a PEFT model).
-        (true, Some(_)) => Reference::Cached(score_pairs(&decoder, &params, &examples, packing, a.pairs, |_| {})?),
+        (true, Some(_)) => Reference::Cached(score_pairs(&decoder, base, &examples, packing, a.pairs, |_| {})?),
         (false, Some(_)) => Reference::PolicyBase(None),
         (true, None) => {
             let r = presets::init_random(&cfg, 0.02, 1);
@@ -143,14 +180,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (trained, base) = match adapter {
-        Some(adapter) => (Trained::Adapter(adapter), Some(&params)),
+        Some(adapter) => (Trained::Adapter(adapter), Some(base)),
         None => (Trained::Full(params), None),
     };
     let optimizer = Optimizer::new(train_cfg.optimizer_config(), &trained);
     let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
     let mut trainer = Trainer::new(&train_cfg, decoder, trained, base, optimizer, state, workload.rows())?;
     let setup_s = t_setup.elapsed().as_secs_f64();
-    let estimate = estimated_peak(&cfg, &a, trainer.trained.adapter(), &train_cfg);
+    let estimate = estimated_peak(&cfg, &a, trainer.trained.adapter(), base_bytes, &train_cfg);
 
     let mut times = Vec::new();
     for step in 0..a.steps {
@@ -176,6 +213,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "prefix_sharing": !a.no_prefix_sharing,
         "micro_pairs": a.micro_pairs,
         "lora_r": a.lora_r,
+        "base_storage": format!("{storage:?}"),
         "gradient_checkpointing": a.gradient_checkpointing,
         "median_step_s": (med * 1000.0).round() / 1000.0,
         "pairs_per_s": ((a.pairs as f64 / med) * 1000.0).round() / 1000.0,
@@ -213,13 +251,20 @@ fn step_flops(cfg: &engine::DecoderConfig, a: &Args) -> f64 {
 }
 
 /// The trainer's own estimate of this run's peak memory (`dpo train`'s, before it loads anything).
-fn estimated_peak(cfg: &DecoderConfig, a: &Args, adapter: Option<&Adapter>, train: &TrainConfig) -> u64 {
+fn estimated_peak(
+    cfg: &DecoderConfig,
+    a: &Args,
+    adapter: Option<&Adapter>,
+    base_bytes: Option<u64>,
+    train: &TrainConfig,
+) -> u64 {
     let opt = train.optimizer_config();
     let row = if a.no_prefix_sharing { 2 * (a.prompt + a.completion) } else { a.prompt + 2 * a.completion };
     let keep = if a.gradient_checkpointing { Keep::LayerInputs } else { Keep::All };
     let adapter = adapter.map(|ad| AdapterPlan {
         params: ad.numel() as u64,
         kept_per_token: Decoder::new(cfg.clone()).adapter_activation_floats_per_token(ad, keep),
+        base_bytes,
         ..AdapterPlan::default()
     });
     let in_flight = if a.micro_pairs > 0 { a.micro_pairs.min(a.pairs) } else { a.pairs };

@@ -16,7 +16,7 @@ use std::time::Instant;
 use engine::model::Model;
 use engine::optim::{clip_grad_norm, lr_at, Optimizer};
 use engine::rng::Rng;
-use engine::{Decoder, ParamSet, Params};
+use engine::{Decoder, ParamSet};
 
 use super::checkpoint::{self, TrainerState};
 use super::pairs::Workspace;
@@ -86,8 +86,9 @@ pub struct Trainer<'c> {
     pub decoder: Decoder,
     /// Every weight, or the adapter of a LoRA run.
     pub trained: Trained,
-    /// The frozen base a trained adapter sits on (`None` when every weight is trained).
-    pub base: Option<&'c Params>,
+    /// The frozen base a trained adapter sits on, as the passes read it (its `Params`, and its block
+    /// linears in another storage where it has one); `None` when every weight is trained.
+    pub base: Option<Model<'c>>,
     pub optimizer: Optimizer,
     pub state: TrainerState,
     pub total: u64,
@@ -104,7 +105,7 @@ impl<'c> Trainer<'c> {
         cfg: &'c TrainConfig,
         decoder: Decoder,
         trained: Trained,
-        base: Option<&'c Params>,
+        base: Option<Model<'c>>,
         optimizer: Optimizer,
         state: TrainerState,
         rows: usize,
@@ -201,10 +202,10 @@ impl<'c> Trainer<'c> {
 }
 
 /// The trained weights, or `base` with the trained adapter on it.
-fn policy_model<'a>(trained: &'a Trained, base: Option<&'a Params>) -> Model<'a> {
+fn policy_model<'a>(trained: &'a Trained, base: Option<Model<'a>>) -> Model<'a> {
     match (trained, base) {
         (Trained::Full(p), _) => Model::new(p, None),
-        (Trained::Adapter(a), Some(base)) => Model::new(base, Some(a)),
+        (Trained::Adapter(a), Some(base)) => Model { adapter: Some(a), ..base },
         (Trained::Adapter(_), None) => unreachable!("Trainer::new refuses an adapter without a base"),
     }
 }
@@ -280,7 +281,7 @@ pub fn run(
     let (workload, eval) = s.workloads();
     let decoder = Decoder::new(s.model.config.decoder.clone());
     let resumed = start.resumed;
-    let base = s.lora.as_ref().map(|_| &s.model.params);
+    let base = s.lora.as_ref().map(|_| Model::new(&s.model.params, None));
     let mut t = Trainer::new(cfg, decoder, start.trained, base, start.optimizer, start.state, workload.rows())?;
     let total = t.total;
     if let Some((_, Some(before))) = &resumed {

@@ -86,6 +86,7 @@ impl LoraRun {
             frozen_copy: self.start.is_some() && cfg.ref_model.is_none(),
             merge: cfg.merge,
             reference_model: cfg.ref_model.is_some(),
+            base_bytes: None,
         })
     }
 }

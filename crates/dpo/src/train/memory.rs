@@ -107,6 +107,9 @@ pub struct AdapterPlan {
     pub merge: bool,
     /// The reference is another model (`--ref-model`), held beside the base.
     pub reference_model: bool,
+    /// Bytes of the frozen base when its block linears are stored other than in f32 (NF4, bf16: the
+    /// stored linears plus the rest of the model in f32); `None` for an f32 base (4 bytes a parameter).
+    pub base_bytes: Option<u64>,
 }
 
 fn optimizer_buffers(o: &OptimizerConfig) -> u64 {
@@ -126,7 +129,7 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
         // adapter trained, its gradient, its optimizer buffers and the frozen starting copy.
         Some(a) => {
             let separate_reference = if a.reference_model { reference_params } else { 0 };
-            4 * (p + separate_reference + (2 + k + a.frozen_copy as u64) * a.params)
+            a.base_bytes.unwrap_or(4 * p) + 4 * (separate_reference + (2 + k + a.frozen_copy as u64) * a.params)
         }
     };
     let mut rows = plan.row_tokens.clone();
@@ -269,8 +272,7 @@ mod tests {
     fn an_adapter_run_holds_the_base_once() {
         let c = cfg(MlpKind::GeluTanh, NormKind::LayerNorm { eps: 1e-5 }, PositionKind::Learned, true);
         let o = OptimizerConfig::adamw();
-        let adapter =
-            AdapterPlan { params: 1000, kept_per_token: 16, frozen_copy: false, merge: false, reference_model: false };
+        let adapter = AdapterPlan { params: 1000, kept_per_token: 16, ..AdapterPlan::default() };
         let plan = |adapter| MemoryPlan {
             policy: &c,
             optimizer: &o,
@@ -289,6 +291,8 @@ mod tests {
         let from_adapter = estimate(&plan(Some(AdapterPlan { frozen_copy: true, merge: true, ..adapter })));
         assert_eq!(from_adapter.weights, 4 * (p + 5 * 1000));
         assert_eq!(from_adapter.checkpoint, 4 * p);
+        let quantized = estimate(&plan(Some(AdapterPlan { base_bytes: Some(p), ..adapter })));
+        assert_eq!(quantized.weights, p + 4 * 4 * 1000);
     }
 
     #[test]

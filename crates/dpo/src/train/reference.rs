@@ -78,7 +78,10 @@ impl Reference {
     pub fn frozen<'a>(&'a self, policy: (&'a Decoder, Model<'a>)) -> Option<(&'a Decoder, Model<'a>)> {
         match self {
             Reference::Model(m) => Some((&m.0, Model::new(&m.1, None))),
-            Reference::PolicyBase(adapter) => Some((policy.0, Model::new(policy.1.base, adapter.as_ref()))),
+            // The policy's view less its adapter: the same base (and frozen storage), never dropping.
+            Reference::PolicyBase(adapter) => {
+                Some((policy.0, Model { adapter: adapter.as_ref(), dropout_seed: None, ..policy.1 }))
+            }
             Reference::Cached(_) | Reference::None => None,
         }
     }

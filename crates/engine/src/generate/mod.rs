@@ -158,7 +158,7 @@ impl<'a> Generator<'a> {
             la.x.iter_mut().for_each(|v| *v *= scale);
         }
         let mut out = vec![0.0f32; rows * d]; // [rows, d] the next block's input
-        for (l, lp) in p.layers.iter().enumerate() {
+        for l in 0..p.layers.len() {
             let attend = if prefill {
                 Attend::Packed { batch: &seq, cache: Some(&mut caches[0].layers[l]) }
             } else {
@@ -166,7 +166,7 @@ impl<'a> Generator<'a> {
             };
             let rope = self.model.block_rope(self.rope.as_ref(), l);
             let adapter = self.params.layer_lora(l, false);
-            self.model.block_forward(lp, l, adapter, &mut la, &mut scratch, rope, attend, &mut out);
+            self.model.block_forward(self.params.layer(l), l, adapter, &mut la, &mut scratch, rope, attend, &mut out);
             std::mem::swap(&mut la.x, &mut out);
         }
         for c in caches.iter_mut() {

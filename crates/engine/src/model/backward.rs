@@ -188,7 +188,7 @@ impl Decoder {
         let forward_model = Model { dropout_seed: acts.dropout_seed, ..model };
         for l in (0..cfg.n_layers).rev() {
             let rope = self.block_rope(rope, l);
-            let (lp, adapter) = (&p.layers[l], model.adapter.map(|a| &a.layers[l]));
+            let (lp, adapter) = (model.layer(l), model.adapter.map(|a| &a.layers[l]));
             if acts.kept != Keep::LayerInputs {
                 self.block_backward(lp, l, adapter, grads.layer(l), b, &acts.layers[l], s, rope);
                 continue;

@@ -22,16 +22,20 @@
 //! A LoRA adapter adds its pairs' low-rank updates after each of the four linears ([`super::lora_block`]).
 //! With a frozen base ([`LayerGrads::Adapter`]) backward computes input gradients only: no weight, bias
 //! or norm gradient of the base.
+//!
+//! The four linears read their weights through [`LayerView::weight`]: the layer's f32 tensors, or a
+//! frozen base's stored matrices (bf16, NF4: [`crate::quant`]), widened tile by tile inside the product.
 
 use crate::batch::Batch;
 use crate::generate::KvCache;
 use crate::generate::LayerCache;
 use crate::head_norm;
-use crate::kernels::{self as k, Accumulate::Overwrite, LinearDims, LinearGrads, RopeTable};
+use crate::kernels::{self as k, LinearDims, LinearGrads, RopeTable};
 use crate::lora::{LayerAdapter, Site};
 use crate::params::LayerParams;
 
 use super::acts::{fit, LayerActs, Scratch};
+use super::linear::LayerView;
 use super::lora_block::{self as lora, LayerLora};
 use super::view::LayerGrads;
 use super::{act_backward, act_forward, bias, bias_mut, norm_backward, norm_forward, Decoder};
@@ -57,9 +61,6 @@ impl Attend<'_, '_> {
     }
 }
 
-/// `y[rows, out] = x[rows, in] W[out, in]^T (+ b)`.
-type LinearFn = fn(&mut [f32], &[f32], &[f32], Option<&[f32]>, usize, usize, usize);
-
 impl Decoder {
     /// Block `layer` on the `N = la.x.len() / d` rows of `la.x` (`[N, d]`), with the layer's adapter
     /// `adapter` if any: writes the block's output (the next residual stream) to `out` (`[N, d]`) and
@@ -67,7 +68,7 @@ impl Decoder {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_forward(
         &self,
-        lp: &LayerParams,
+        lp: LayerView,
         layer: usize,
         adapter: Option<LayerLora>,
         la: &mut LayerActs,
@@ -81,7 +82,10 @@ impl Decoder {
         let n = la.x.len() / d;
         let (qkv_dim, attn_dim, mlp_in) = (cfg.qkv_dim(), cfg.attn_dim(), cfg.mlp_in_dim());
         let packed = matches!(attend, Attend::Packed { .. });
-        let linear: LinearFn = if packed { k::linear_forward } else { k::linear_rows_forward };
+        // y[n, out] = x[n, in] W^T + b, W the site's weight (f32 or stored), [out, in].
+        let linear = |site: Site, y: &mut [f32], x: &[f32], b, inp, out| {
+            lp.weight(site).forward(y, x, b, LinearDims { rows: n, inp, out }, packed)
+        };
         la.lora.begin(adapter);
         fit(&mut la.qkv, n * qkv_dim);
         fit(&mut la.attn, n * attn_dim);
@@ -95,7 +99,7 @@ impl Decoder {
 
         // Attention: h = norm1(x); qkv = h W_qkv^T + b; rotate q, k; attend; o = attn W_o^T + b.
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
-        linear(&mut la.qkv, &s.h, &lp.w_qkv.data, bias(&lp.b_qkv), n, d, qkv_dim);
+        linear(Site::Qkv, &mut la.qkv, &s.h, bias(&lp.b_qkv), d, qkv_dim);
         lora::forward(Site::Qkv, adapter, &s.h, &mut la.qkv, &mut la.lora, &mut s.lora, n, packed);
         if let (Some(wq), Some(wk)) = (&lp.q_norm, &lp.k_norm) {
             head_norm::forward(cfg, &wq.data, &wk.data, &mut la.qkv, &mut la.qk_pre, n);
@@ -135,7 +139,7 @@ impl Decoder {
                 k::decode_attention(&mut la.attn, &la.qkv, qkv_dim, &keys, &values, &self.attn_dims(layer));
             }
         }
-        linear(&mut s.o, &la.attn, &lp.w_o.data, bias(&lp.b_o), n, attn_dim, d);
+        linear(Site::AttnOut, &mut s.o, &la.attn, bias(&lp.b_o), attn_dim, d);
         lora::forward(Site::AttnOut, adapter, &la.attn, &mut s.o, &mut la.lora, &mut s.lora, n, packed);
         if let Some(post) = &lp.post_attn_norm {
             // o = post_attn_norm(o); the norm's input is kept for backward.
@@ -152,11 +156,11 @@ impl Decoder {
             k::add3(&mut la.x_mid, &la.x, &s.o);
             norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
         }
-        linear(&mut la.mlp_pre, &s.h, &lp.w_in.data, bias(&lp.b_in), n, d, mlp_in);
+        linear(Site::MlpIn, &mut la.mlp_pre, &s.h, bias(&lp.b_in), d, mlp_in);
         lora::forward(Site::MlpIn, adapter, &s.h, &mut la.mlp_pre, &mut la.lora, &mut s.lora, n, packed);
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
         // s.h is free again: it takes the MLP output.
-        linear(&mut s.h, &s.act, &lp.w_out.data, bias(&lp.b_out), n, ff, d);
+        linear(Site::MlpOut, &mut s.h, &s.act, bias(&lp.b_out), ff, d);
         lora::forward(Site::MlpOut, adapter, &s.act, &mut s.h, &mut la.lora, &mut s.lora, n, packed);
         if let Some(post) = &lp.post_mlp_norm {
             fit(&mut la.mlp_out, n * d);
@@ -180,7 +184,7 @@ impl Decoder {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_backward(
         &self,
-        lp: &LayerParams,
+        lp: LayerView,
         layer: usize,
         adapter: Option<&LayerAdapter>,
         lg: LayerGrads,
@@ -215,14 +219,14 @@ impl Decoder {
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
         let grads = linear_grads(base.as_deref_mut(), Site::MlpOut);
         let dims = LinearDims { rows: n, inp: ff, out: d };
-        k::linear_backward(Some(&mut s.dact), Overwrite, grads, dmlp_out, &s.act, &lp.w_out.data, dims);
+        lp.weight(Site::MlpOut).backward(&mut s.dact, grads, dmlp_out, &s.act, dims);
         if let Some(pg) = &mut pairs {
             pg.site(Site::MlpOut, &mut s.lora, &s.act, dmlp_out, &mut s.dact, n);
         }
         act_backward(cfg.mlp, &mut s.dpre, &s.dact, &la.mlp_pre, n, ff);
         let grads = linear_grads(base.as_deref_mut(), Site::MlpIn);
         let dims = LinearDims { rows: n, inp: d, out: mlp_in };
-        k::linear_backward(Some(&mut s.dh), Overwrite, grads, &s.dpre, &s.h, &lp.w_in.data, dims);
+        lp.weight(Site::MlpIn).backward(&mut s.dh, grads, &s.dpre, &s.h, dims);
         if let Some(pg) = &mut pairs {
             pg.site(Site::MlpIn, &mut s.lora, &s.h, &s.dpre, &mut s.dh, n);
         }
@@ -246,7 +250,7 @@ impl Decoder {
         let do_proj = if cfg.post_norms { &s.dh } else { &s.dx };
         let grads = linear_grads(base.as_deref_mut(), Site::AttnOut);
         let dims = LinearDims { rows: n, inp: attn_dim, out: d };
-        k::linear_backward(Some(&mut s.dattn), Overwrite, grads, do_proj, &la.attn, &lp.w_o.data, dims);
+        lp.weight(Site::AttnOut).backward(&mut s.dattn, grads, do_proj, &la.attn, dims);
         if let Some(pg) = &mut pairs {
             pg.site(Site::AttnOut, &mut s.lora, &la.attn, do_proj, &mut s.dattn, n);
         }
@@ -273,7 +277,7 @@ impl Decoder {
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         let grads = linear_grads(base.as_deref_mut(), Site::Qkv);
         let dims = LinearDims { rows: n, inp: d, out: qkv_dim };
-        k::linear_backward(Some(&mut s.dh), Overwrite, grads, &s.dqkv, &s.h, &lp.w_qkv.data, dims);
+        lp.weight(Site::Qkv).backward(&mut s.dh, grads, &s.dqkv, &s.h, dims);
         if let Some(pg) = &mut pairs {
             pg.site(Site::Qkv, &mut s.lora, &s.h, &s.dqkv, &mut s.dh, n);
         }

@@ -47,7 +47,8 @@ impl Decoder {
             acts.layers[0].x.iter_mut().for_each(|v| *v *= scale);
         }
         let n_layers = p.layers.len();
-        for (l, lp) in p.layers.iter().enumerate() {
+        for l in 0..n_layers {
+            let lp = model.layer(l);
             let to_next_slot = train && l + 1 < n_layers;
             let mut out = if to_next_slot {
                 std::mem::take(&mut acts.layers[l + 1].x)

@@ -10,6 +10,7 @@ mod acts;
 mod backward;
 mod block;
 mod forward;
+mod linear;
 mod lora_block;
 mod view;
 
@@ -46,6 +47,13 @@ pub enum EngineError {
          dropped; use Grads::Adapter (frozen base) or merge the adapter into the base first"
     )]
     FullGradsWithAdapter,
+    #[error("frozen base linears do not fit: {0}")]
+    FrozenMismatch(String),
+    #[error(
+        "full gradients were asked of a base whose linears are stored frozen (bf16/NF4): they have no \
+         gradients; train an adapter (Grads::Adapter) on it"
+    )]
+    FullGradsOfFrozenBase,
 }
 
 /// The rotary tables of a rotary model: the one most layers use and, with

@@ -4,7 +4,9 @@
 use crate::config::DecoderConfig;
 use crate::lora::{Adapter, LayerAdapter};
 use crate::params::{LayerParams, Params, Tensor};
+use crate::quant::FrozenLinears;
 
+use super::linear::LayerView;
 use super::lora_block::{Dropout, LayerLora};
 use super::EngineError;
 
@@ -15,17 +17,32 @@ use super::EngineError;
 /// adapter's input) in a forward pass that keeps activations for backward (`keep`): a training pass. Give
 /// every such pass its own seed (step and micro-batch); backward regenerates the same masks from the seed
 /// the forward recorded. Passes without `keep` (scoring, evaluation) and generation never drop.
+///
+/// `frozen`: the base's block linears stored below f32 (QLoRA's NF4, or bf16); they replace the four
+/// linear weights of `base`'s layers, whose tensors are then empty. Such a base is frozen: only
+/// [`Grads::Adapter`] may be asked of it.
 #[derive(Clone, Copy)]
 pub struct Model<'a> {
     pub base: &'a Params,
     pub adapter: Option<&'a Adapter>,
     pub dropout_seed: Option<u64>,
+    pub frozen: Option<&'a FrozenLinears>,
 }
 
 impl<'a> Model<'a> {
     /// The base with `adapter` on it (none: the base alone), without dropout.
     pub fn new(base: &'a Params, adapter: Option<&'a Adapter>) -> Self {
-        Model { base, adapter, dropout_seed: None }
+        Model { base, adapter, dropout_seed: None, frozen: None }
+    }
+
+    /// This view with the base's block linears read from `frozen` ([`FrozenLinears::take_from`] `base`).
+    pub fn with_frozen(self, frozen: &'a FrozenLinears) -> Self {
+        Model { frozen: Some(frozen), ..self }
+    }
+
+    /// Layer `l` of the base as the block reads it.
+    pub(crate) fn layer(&self, l: usize) -> LayerView<'a> {
+        LayerView { params: &self.base.layers[l], frozen: self.frozen.map(|f| &f.layers()[l]) }
     }
 
     /// This view with the adapter's dropout drawn from `seed` in training passes.
@@ -47,6 +64,9 @@ impl<'a> Model<'a> {
     /// Checks that the adapter fits `cfg` (a pair's shapes, its rows inside its site, one entry per
     /// layer) before any kernel reads it.
     pub(crate) fn check(&self, cfg: &DecoderConfig) -> Result<(), EngineError> {
+        if let Some(frozen) = self.frozen {
+            frozen.check(cfg).map_err(EngineError::FrozenMismatch)?;
+        }
         let Some(adapter) = self.adapter else { return Ok(()) };
         if adapter.layers.len() != cfg.n_layers {
             return Err(EngineError::AdapterMismatch(format!(
@@ -137,6 +157,7 @@ impl Grads<'_> {
     /// gradients an adapter of the same layout (modules, ranks, shapes).
     pub(crate) fn check(&self, model: &Model) -> Result<(), EngineError> {
         match (self, model.adapter) {
+            (Grads::Full(_), _) if model.frozen.is_some() => Err(EngineError::FullGradsOfFrozenBase),
             (Grads::Full(_), None) => Ok(()),
             (Grads::Full(_), Some(_)) => Err(EngineError::FullGradsWithAdapter),
             (Grads::Adapter(_), None) => {
