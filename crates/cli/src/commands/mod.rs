@@ -82,7 +82,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reward_model::run(a)
         }
         Command::BestOfN(a) => other(Box::new(move || best_of_n::run(a))),
-        Command::Ppo(a) => other(Box::new(move || ppo::run(*a))),
+        Command::Ppo(a) => {
+            init_threads(threads);
+            ppo::run(*a)
+        }
         Command::Logps(a) => other(Box::new(move || logps::run(a))),
         Command::Merge(a) => other(Box::new(move || merge::run(a))),
         Command::Bench(a) => other(Box::new(move || bench::run(a))),

@@ -1,19 +1,22 @@
 //! `dpo ppo`: RLHF with PPO against a learned reward model (the baseline of the DPO paper's reward-vs-KL
 //! frontier). Samples from the policy, scores with the reward model, penalises the KL to a frozen
-//! reference, and writes one metrics line per PPO step and the trained model.
+//! reference, and writes one metrics line per PPO step, resumable checkpoints and the trained model.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use dpo::data::{check_generation_positions, read_prompts, stop_ids};
-use dpo::rlhf::ppo::{train_ppo, PpoConfig, PpoStepStats, RefModel, RewardFn};
+use dpo::rlhf::ppo::{
+    fingerprint, run_ppo, InputFingerprints, PpoConfig, PpoError, PpoInputs, PpoRun, PpoState, PpoStepStats, RefModel,
+    RewardFn,
+};
 use dpo::rlhf::reward::{RewardModel, RewardModelError};
-use dpo::train::run_dir::{self, model_of, RunDir, StartMode};
-use dpo::train::Reference;
-use engine::Decoder;
-use serde::Serialize;
+use dpo::train::run_dir::{self, model_of, resume_target, RunDir, StartMode};
+use dpo::train::{OnNonFinite, Reference};
+use engine::{Decoder, ParamSet};
+use serde::{Deserialize, Serialize};
 
 use super::progress::Progress;
 use super::train::{stop_flag, with_hint};
@@ -21,25 +24,39 @@ use super::train::{stop_flag, with_hint};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The starting policy (Hugging Face directory), usually the SFT model.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    model: Option<PathBuf>,
     /// The reference of the KL penalty (default: a frozen copy of --model).
     #[arg(long)]
     ref_model: Option<PathBuf>,
     /// The reward model: the run directory `dpo reward-model train` wrote (or its final/, a model
     /// directory with reward_head.safetensors); it must share the policy's tokenizer.
-    #[arg(long)]
-    reward_model: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    reward_model: Option<PathBuf>,
     /// Prompts: JSONL (or a JSON list) of rows with `prompt` as text or as a list of chat messages; text
     /// goes through the chat template when the tokenizer has one, as in `dpo generate`.
-    #[arg(long)]
-    prompts: PathBuf,
-    /// Run directory: config.toml, metrics.jsonl, final/.
-    #[arg(long)]
-    output: PathBuf,
-    /// Replace a previous run in --output.
+    #[arg(long, required_unless_present = "resume")]
+    prompts: Option<PathBuf>,
+    /// Run directory: config.toml, metrics.jsonl, checkpoints/step-N (policy, value head, optimizer and
+    /// sampler state), final/ the trained policy.
+    #[arg(long, required_unless_present = "resume")]
+    output: Option<PathBuf>,
+    /// Replace a previous run in --output (it is replaced once the first checkpoint or the new model is
+    /// written).
     #[arg(long)]
     overwrite: bool,
+    /// Continue an interrupted run: its directory (from its newest checkpoint) or one of its
+    /// checkpoints/step-N. The settings come from the run's config.toml (except --save-every and
+    /// --on-nonfinite; the other PPO flags are not read).
+    #[arg(long, conflicts_with_all = ["model", "ref_model", "reward_model", "prompts", "output", "overwrite", "no_chat"])]
+    resume: Option<PathBuf>,
+    /// Write a resumable checkpoint every N PPO steps (0: at the end and on interruption only).
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// On a NaN or infinite loss or gradient: stop (the checkpoint of the state before the PPO step is
+    /// written) or skip the minibatch update [default: stop].
+    #[arg(long, value_parser = ["stop", "skip"])]
+    on_nonfinite: Option<String>,
     /// Coefficient of the per-token KL penalty -kl_coef * (log pi - log ref).
     #[arg(long, default_value_t = 0.05)]
     kl_coef: f64,
@@ -101,19 +118,75 @@ impl RewardFn for ModelReward {
     }
 }
 
-/// config.toml of a PPO run.
-#[derive(Serialize)]
-struct PpoRunConfig<'a> {
-    model: &'a Path,
-    ref_model: Option<&'a Path>,
-    reward_model: &'a Path,
-    prompts: &'a Path,
+/// config.toml of a PPO run (read back by --resume).
+#[derive(Serialize, Deserialize)]
+struct PpoRunConfig {
+    model: PathBuf,
+    ref_model: Option<PathBuf>,
+    reward_model: PathBuf,
+    prompts: PathBuf,
     chat: bool,
-    eos_ids: &'a [u32],
-    ppo: &'a PpoConfig,
+    eos_ids: Vec<u32>,
+    #[serde(default)]
+    save_every: u64,
+    #[serde(default)]
+    on_nonfinite: OnNonFinite,
+    ppo: PpoConfig,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+impl PpoRunConfig {
+    /// The settings of a new run; paths made absolute, so that `--resume` finds them from anywhere.
+    fn from_args(a: &Args, cfg: PpoConfig) -> anyhow::Result<Self> {
+        let (Some(model), Some(reward_model), Some(prompts)) = (&a.model, &a.reward_model, &a.prompts) else {
+            bail!("--model, --reward-model and --prompts are required")
+        };
+        Ok(PpoRunConfig {
+            model: std::path::absolute(model)?,
+            ref_model: a.ref_model.as_ref().map(std::path::absolute).transpose()?,
+            reward_model: std::path::absolute(reward_model)?,
+            prompts: std::path::absolute(prompts)?,
+            chat: !a.no_chat,
+            eos_ids: Vec::new(),
+            save_every: a.save_every.unwrap_or(0),
+            on_nonfinite: on_nonfinite(a).unwrap_or_default(),
+            ppo: cfg,
+        })
+    }
+
+    /// The config.toml of the run `--resume` names.
+    fn of_run(run: &Path) -> anyhow::Result<Self> {
+        let path = run.join("config.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "--resume {}: no config.toml of a PPO run there; pass the run directory that `dpo ppo --output` \
+                 wrote, or one of its checkpoints/step-N",
+                run.display()
+            )
+        })?;
+        toml::from_str(&text).with_context(|| format!("{}: not the configuration of a PPO run", path.display()))
+    }
+}
+
+const COMMAND: &str = "dpo ppo";
+
+fn on_nonfinite(a: &Args) -> Option<OnNonFinite> {
+    a.on_nonfinite.as_deref().map(|v| if v == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop })
+}
+
+/// The run's errors with the flag hints `dpo train` gives.
+fn hint(e: PpoError, output: &Path) -> anyhow::Error {
+    match e {
+        PpoError::Run(e) => with_hint(e, COMMAND),
+        PpoError::NonFinite { .. } => anyhow::Error::from(e).context(format!(
+            "`{COMMAND} --resume {} --on-nonfinite skip` continues from the last good checkpoint and skips such \
+             updates",
+            output.display()
+        )),
+        e => e.into(),
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let cfg = PpoConfig {
         kl_coef: a.kl_coef,
         lr: a.lr,
@@ -129,36 +202,50 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_grad_norm: a.max_grad_norm,
         ..PpoConfig::default()
     };
+    let (mut c, output, mode) = match &a.resume {
+        Some(resume) => {
+            let run = resume_target(resume).run;
+            let mut c = PpoRunConfig::of_run(&run)?;
+            c.save_every = a.save_every.unwrap_or(c.save_every);
+            c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
+            (c, run, StartMode::Resume)
+        }
+        None => {
+            let mode = if a.overwrite { StartMode::Overwrite } else { StartMode::Fresh };
+            let output = a.output.clone().context("--output is required")?;
+            (PpoRunConfig::from_args(&a, cfg)?, output, mode)
+        }
+    };
+    let cfg = c.ppo.clone();
     cfg.validate()?;
-    let mode = if a.overwrite { StartMode::Overwrite } else { StartMode::Fresh };
-    run_dir::preflight(&a.output, mode).map_err(|e| with_hint(e, "dpo ppo"))?;
+    run_dir::preflight(&output, mode).map_err(|e| with_hint(e, COMMAND))?;
 
-    let model = hf::load_model(&a.model)?;
-    let tok = hf::load_tokenizer(&a.model)?;
-    let chat = !a.no_chat && tok.chat_template().is_some();
-    let prompts = read_prompts(&a.prompts, &tok, chat)?;
+    let model = hf::load_model(&c.model)?;
+    let tok = hf::load_tokenizer(&c.model)?;
+    let chat = c.chat && tok.chat_template().is_some();
+    let prompts = read_prompts(&c.prompts, &tok, chat)?;
     // Sampling reads the prompt and every new token but the last.
     let lens = prompts.iter().map(|p| (p.location.as_str(), p.ids.len()));
+    let max_new = cfg.max_new_tokens;
     if let Err((location, needed, max)) =
-        check_generation_positions(lens, a.max_new_tokens.saturating_sub(1), &model.config.decoder)
+        check_generation_positions(lens, max_new.saturating_sub(1), &model.config.decoder)
     {
         bail!(
-            "{}, {location}: the prompt has {} tokens, and with --max-new-tokens {} needs {needed} positions; the \
-             model has {max} learned positions (shorten the prompt or lower --max-new-tokens)",
-            a.prompts.display(),
-            needed - a.max_new_tokens.saturating_sub(1),
-            a.max_new_tokens,
+            "{}, {location}: the prompt has {} tokens, and with --max-new-tokens {max_new} needs {needed} positions; \
+             the model has {max} learned positions (shorten the prompt or lower --max-new-tokens)",
+            c.prompts.display(),
+            needed - max_new.saturating_sub(1),
         );
     }
     let prompts: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
     let decoder = Decoder::new(model.config.decoder.clone());
-    let reference = match &a.ref_model {
+    let reference = match &c.ref_model {
         Some(dir) => Reference::load(dir, &model.config, Some(&tok))?,
         None => Reference::Model(Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()))),
     };
     let Some((ref_decoder, ref_params)) = reference.model() else { bail!("the reference holds no model") };
-    let rm = RewardModel::load(&model_of(&a.reward_model))
-        .with_context(|| format!("loading the reward model {}", a.reward_model.display()))?;
+    let rm = RewardModel::load(&model_of(&c.reward_model))
+        .with_context(|| format!("loading the reward model {}", c.reward_model.display()))?;
     let vocab = rm.decoder.cfg.vocab_size;
     if vocab != decoder.cfg.vocab_size {
         bail!(
@@ -166,23 +253,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             decoder.cfg.vocab_size
         );
     }
-    let eos_ids = stop_ids(&model.config, &tok);
+    if a.resume.is_none() {
+        c.chat = chat;
+        c.eos_ids = stop_ids(&model.config, &tok);
+    }
+    let mut inputs = InputFingerprints::new();
+    inputs.insert("starting policy".into(), fingerprint(model.params.named(), &[]));
+    if c.ref_model.is_some() {
+        inputs.insert("reference".into(), fingerprint(ref_params.named(), &[]));
+    }
+    let rm_tensors = rm.params.named().into_iter().chain(rm.head.named());
+    inputs.insert("reward model".into(), fingerprint(rm_tensors, &[]));
+    inputs.insert("prompt set".into(), fingerprint([], &prompts));
+    let start = match &a.resume {
+        // Checked against the starting policy, its inputs and settings before anything is written.
+        Some(resume) => {
+            let (s, _) =
+                PpoState::resume(resume, &cfg, &inputs, &model.params, &c.model).map_err(|e| hint(e, &output))?;
+            s
+        }
+        None => PpoState::fresh(model.params.clone(), decoder.cfg.hidden, &cfg),
+    };
 
     // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
-    // aside and put back if this one fails before its final model is written).
-    let mut dir = RunDir::open(&a.output, mode, &mut |l| eprintln!("{l}")).map_err(|e| with_hint(e, "dpo ppo"))?;
-    let final_dir = a.output.join("final");
-    let config = PpoRunConfig {
-        model: &a.model,
-        ref_model: a.ref_model.as_deref(),
-        reward_model: &a.reward_model,
-        prompts: &a.prompts,
-        chat,
-        eos_ids: &eos_ids,
-        ppo: &cfg,
-    };
-    dir.write_config(&toml::to_string_pretty(&config).context("writing config.toml")?)?;
-    let mut metrics = dir.metrics(None)?;
+    // aside and put back if this one fails before its first checkpoint or model is written).
+    let log = &mut |l: &str| eprintln!("{l}");
+    let mut dir = RunDir::open(&output, mode, log).map_err(|e| with_hint(e, COMMAND))?;
+    dir.write_config(&toml::to_string_pretty(&c).context("writing config.toml")?)?;
 
     let stop = stop_flag()?;
     let mut progress = Progress::new();
@@ -195,40 +292,48 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cfg.minibatch
     ));
     let mut reward = ModelReward { rm, error: None };
-    let mut write_error = None;
     let mut on_step = |s: &PpoStepStats, _: &engine::Params| {
-        let line = serde_json::to_value(s).expect("stats serialise");
-        if let Err(e) = metrics.append(&line) {
-            write_error = Some(e);
-            return false;
-        }
         progress.line(&step_line(s, cfg.steps));
-        !stop.load(Ordering::SeqCst)
+        true
     };
-    let outcome = train_ppo(
-        &decoder,
-        &model.params,
-        RefModel { decoder: ref_decoder, params: ref_params },
-        &prompts,
-        &eos_ids,
-        &mut reward,
-        &cfg,
-        &mut on_step,
-    );
+    let run = PpoRun {
+        dir: &mut dir,
+        model_cfg: &model.config,
+        source: &c.model,
+        save_every: c.save_every,
+        on_nonfinite: c.on_nonfinite,
+        stop: &stop,
+        resumed: a.resume.is_some(),
+        inputs: &inputs,
+        log,
+    };
+    let inputs = PpoInputs {
+        decoder: &decoder,
+        reference: RefModel { decoder: ref_decoder, params: ref_params },
+        prompts: &prompts,
+        eos_ids: &c.eos_ids,
+    };
+    let outcome = run_ppo(start, inputs, &mut reward, &cfg, Some(run), &mut on_step);
     progress.finish();
     if let Some(e) = reward.error {
         return Err(e).context("scoring completions with the reward model");
     }
-    if let Some(e) = write_error {
-        return Err(e.into());
+    let outcome = outcome.map_err(|e| hint(e, &output))?;
+    if outcome.interrupted {
+        let ck = outcome.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        eprintln!(
+            "interrupted after step {}/{}; checkpoint written to {ck}\nresume with: {COMMAND} --resume {}",
+            outcome.steps,
+            cfg.steps,
+            output.display()
+        );
+        return Ok(ExitCode::from(130));
     }
-    let outcome = outcome?;
-    hf::save_model(&final_dir, &model.config, &outcome.params, Some(&a.model))?;
+    let final_dir = output.join("final");
+    hf::save_model(&final_dir, &model.config, &outcome.params, Some(&c.model))?;
     dir.started();
-    let steps = outcome.history.len();
-    let how = if (steps as u64) < cfg.steps { "stopped" } else { "done" };
-    eprintln!("{how}: {steps} PPO steps; model written to {}", final_dir.display());
-    Ok(())
+    eprintln!("done: {} PPO steps; model written to {}", outcome.steps, final_dir.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `step N/M  reward R  kl K ...`: the reward-vs-KL trade-off as it moves.

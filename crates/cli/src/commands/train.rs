@@ -24,7 +24,9 @@ use super::progress::Progress;
 fn loss_help() -> String {
     let mut s = String::from(
         "Loss types, comma-separated, weighted by --loss-weights [default: sigmoid]. kto or apo_zero_unpaired \
-         (alone) train on unpaired rows (prompt, completion, label).\n",
+         (alone) train on unpaired rows (prompt, completion, label). unlikelihood (alone) trains without a \
+         reference: likelihood of the chosen tokens, unlikelihood (weight --unlikelihood-alpha) of the rejected \
+         ones after the tokens both completions share (Welleck et al. 2019, the DPO paper's baseline).\n",
     );
     for (name, help) in dpo::objectives::LossType::names_and_help() {
         s += &format!("\n  {name}: {help}");
@@ -135,6 +137,10 @@ pub struct ObjectiveFlags {
     #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub undesirable_weight: Option<f64>,
+    /// Unlikelihood: weight of the unlikelihood term on the rejected tokens [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unlikelihood_alpha: Option<f64>,
     /// Treat every reference log-prob as 0 (DPO-family losses without a reference model).
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
@@ -461,7 +467,7 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode>
             eprintln!("  merged:      {}", merged.display());
         }
         let reference = match (&cfg.objective, &cfg.ref_model, &cfg.adapter) {
-            (Objective::Sft, _, _) => String::new(),
+            (Objective::Sft | Objective::Unlikelihood(_), _, _) => String::new(),
             (_, Some(r), _) => format!(" --ref-model {}", r.display()),
             (_, None, Some(start)) if cfg.is_lora() => format!(" --ref-adapter {}", start.display()),
             (_, None, _) if cfg.is_lora() => String::new(),

@@ -1,6 +1,6 @@
 //! Step 3: the methods of the paper's figure 2, each trained from the SFT model on the same pairs and
 //! measured at several points of its run: DPO (the trainer's `sigmoid` loss) for several betas,
-//! Preferred-FT (`train_sft` on the chosen completions), Unlikelihood (its own loop, `unlikelihood.rs`).
+//! Preferred-FT (`train_sft` on the chosen completions), Unlikelihood (the trainer's `unlikelihood` loss).
 //! PPO and Best-of-N live in `rlhf_methods.rs`.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use super::evaluate::{Evaluator, Point, World};
 use super::plan::{Plan, Steps};
 use super::DemoError;
 use dpo::data::{Example, Packing};
+use dpo::objectives::unlikelihood::UnlikelihoodConfig;
 use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
 use dpo::train::{checkpoint, train, train_sft, Objective, PairObjective, RunOptions, TrainConfig};
@@ -153,36 +154,29 @@ pub fn preferred_ft(ctx: &Ctx, log: &mut dyn FnMut(&str)) -> Result<MethodRun, D
     })
 }
 
-/// Unlikelihood: likelihood of the chosen completions, unlikelihood of the rejected ones.
-pub fn unlikelihood(ctx: &Ctx, start: &Params, log: &mut dyn FnMut(&str)) -> Result<MethodRun, DemoError> {
-    let dir = ctx.run_dir("unlikelihood");
-    let _ = std::fs::remove_dir_all(&dir);
+/// Unlikelihood: likelihood of the chosen completions, unlikelihood of the rejected ones (the trainer's
+/// `unlikelihood` loss).
+pub fn unlikelihood(ctx: &Ctx, log: &mut dyn FnMut(&str)) -> Result<MethodRun, DemoError> {
     let alpha = ctx.plan.unlikelihood_alpha;
+    let cfg = TrainConfig {
+        objective: Objective::Unlikelihood(UnlikelihoodConfig { alpha }),
+        ..ctx.train_config("unlikelihood", &ctx.plan.unlikelihood)
+    };
     let t = Instant::now();
-    let snapshots = super::unlikelihood::train_unlikelihood(
-        &ctx.world.decoder,
-        ctx.model_cfg,
-        ctx.sft_dir,
-        start,
-        ctx.pairs,
-        &ctx.plan.unlikelihood,
-        alpha,
-        &ctx.world.eos_ids,
-        ctx.plan.seed,
-        &dir,
-        log,
-    )?;
+    let outcome = train(&cfg, &overwrite(), ctx.stop, log)?;
+    if outcome.interrupted {
+        return Err(DemoError::Interrupted);
+    }
     let train_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let points =
-        snapshots.iter().map(|(step, p)| ctx.evaluator.evaluate(ctx.world, p, *step)).collect::<Result<Vec<_>, _>>()?;
+    let points = ctx.evaluate_checkpoints(&cfg.output)?;
     Ok(MethodRun {
         method: "Unlikelihood".into(),
         setting: format!("alpha={alpha}"),
         points,
         train_s,
         eval_s: t.elapsed().as_secs_f64(),
-        dir: Some(ctx.rel(&dir)),
+        dir: Some(ctx.rel(&cfg.output)),
     })
 }
 

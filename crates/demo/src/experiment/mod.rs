@@ -4,7 +4,7 @@
 //! ```text
 //! 1. world      reviews -> BPE tokenizer -> GPT-2 from scratch -> train_sft           (sft.rs)
 //! 2. pairs      held-out prompts -> 4 SFT samples each -> all pairs ranked by VADER   (pairs.rs)
-//! 3. methods    DPO (several beta), Preferred-FT, Unlikelihood                        (methods.rs, unlikelihood.rs)
+//! 3. methods    DPO (several beta), Preferred-FT, Unlikelihood                        (methods.rs)
 //!               reward model, PPO (learned and true reward), Best-of-N               (rlhf_methods.rs)
 //! 4. measure    reward and KL(pi||ref) on held-out prompts at points of every run    (evaluate.rs)
 //!               implicit reward vs reward model accuracy, DPO gradient weight
@@ -20,7 +20,6 @@ mod plan;
 mod report;
 mod rlhf_methods;
 mod sft;
-mod unlikelihood;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -276,7 +275,7 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
     }
     if plan.unlikelihood.steps > 0 {
         log("[3/5] Unlikelihood");
-        let r = methods::unlikelihood(&ctx, &model.params, log)?;
+        let r = methods::unlikelihood(&ctx, log)?;
         report_point(&r, log);
         runs.push(r);
     }

@@ -22,9 +22,98 @@
 //! - `1 - p` is floored at [`MIN_COMPLEMENT`] (0.1), with zero gradient below the floor: a token the model
 //!   is almost sure of (the rest of a word after its first BPE piece) is not a choice of the review's
 //!   sentiment, and `p / (1 - p)` would otherwise let exactly those tokens dominate the step.
+//!
+//! [`UnlikelihoodWorkload`] trains it in the one training loop (`dpo train --loss unlikelihood`), which
+//! brings checkpoints, resume and the non-finite policy.
+
+use std::collections::BTreeMap;
+
+use engine::{Decoder, Grads, Model};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{pack_sequences, Example};
+use crate::train::{BatchOutcome, TrainError, Workload, Workspace};
+
+/// The loss's name (`--loss unlikelihood`, alone).
+pub const UNLIKELIHOOD: &str = "unlikelihood";
 
 /// The floor of `1 - p` in the unlikelihood term.
 pub const MIN_COMPLEMENT: f64 = 0.1;
+
+/// Unlikelihood's setting.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnlikelihoodConfig {
+    /// Weight of the unlikelihood term (the likelihood term has weight 1).
+    pub alpha: f64,
+}
+
+impl Default for UnlikelihoodConfig {
+    fn default() -> Self {
+        UnlikelihoodConfig { alpha: 1.0 }
+    }
+}
+
+/// Preference pairs under the unlikelihood objective, a workload of the training loop: per micro-batch,
+/// `prompt ++ chosen` and `prompt ++ rejected` of each row packed as separate sequences, one loss over
+/// all their targets ([`unlikelihood_loss`]), its gradient scaled by the loop's factor.
+pub struct UnlikelihoodWorkload<'a> {
+    pub examples: &'a [Example],
+    pub cfg: UnlikelihoodConfig,
+    /// Tokens that end a completion (skipped by the unlikelihood term).
+    pub eos_ids: &'a [u32],
+}
+
+impl Workload for UnlikelihoodWorkload<'_> {
+    fn rows(&self) -> usize {
+        self.examples.len()
+    }
+
+    fn location(&self, row: usize) -> String {
+        self.examples[row].location.clone()
+    }
+
+    fn run(
+        &self,
+        decoder: &Decoder,
+        params: Model<'_>,
+        grads: Option<(Grads<'_>, f64)>,
+        rows: &[usize],
+        ws: &mut Workspace,
+    ) -> Result<BatchOutcome, TrainError> {
+        let mut seqs: Vec<(&[u32], &[u32])> = Vec::with_capacity(2 * rows.len());
+        for &r in rows {
+            let ex = &self.examples[r];
+            seqs.push((ex.chosen_prompt(), &ex.chosen_ids));
+            seqs.push((ex.rejected_prompt(), &ex.rejected_ids));
+        }
+        let (batch, ranges) = pack_sequences(&seqs);
+        let head = decoder.logprobs(params, &batch, &mut ws.policy, grads.is_some())?;
+        let mut roles = vec![Role::Chosen; head.logp.len()];
+        for (k, &row) in rows.iter().enumerate() {
+            let (ex, r) = (&self.examples[row], &ranges[2 * k + 1]);
+            roles[r.clone()].copy_from_slice(&rejected_roles(&ex.chosen_ids, &ex.rejected_ids, r.len(), self.eos_ids));
+        }
+        let (loss, dlogp) = unlikelihood_loss(&head.logp, &roles, self.cfg.alpha);
+        // Mean over rows of each completion's summed log-prob.
+        let side_mean = |side: usize| {
+            let sums = ranges.iter().skip(side).step_by(2);
+            sums.map(|r| head.logp[r.clone()].iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>()
+                / rows.len().max(1) as f64
+        };
+        let metrics = BTreeMap::from([
+            ("loss".to_string(), loss),
+            ("logps/chosen".to_string(), side_mean(0)),
+            ("logps/rejected".to_string(), side_mean(1)),
+        ]);
+        let finite = loss.is_finite();
+        if let (Some((g, scale)), true) = (grads, finite) {
+            let dlogp: Vec<f32> = dlogp.iter().map(|&d| (d as f64 * scale) as f32).collect();
+            decoder.backward_logprobs(params, &batch, &mut ws.policy, &dlogp, g)?;
+        }
+        let num_tokens = seqs.iter().map(|(p, c)| (p.len() + c.len()) as u64).sum();
+        Ok(BatchOutcome { metrics, num_tokens, finite })
+    }
+}
 
 /// What a target token contributes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +195,26 @@ mod tests {
             let fd = (unlikelihood_loss(&a, &rej, alpha).0 - unlikelihood_loss(&b, &rej, alpha).0) / (2.0 * h as f64);
             assert!((fd - grad[i] as f64).abs() < 1e-3 * fd.abs().max(1.0), "{i}: {fd} vs {}", grad[i]);
         }
+    }
+
+    /// `loss = "unlikelihood"` is its own method, recorded in config.toml and read back as such (a resumed
+    /// run names no loss), trained alone, with a non-negative alpha.
+    #[test]
+    fn the_loss_is_a_typed_objective_of_the_training_configuration() {
+        use crate::train::config::Method;
+        use crate::train::{Objective, TrainConfig};
+        let parse = |text: &str, method| TrainConfig::from_layers(None, toml::from_str(text).unwrap(), method);
+        let c = parse("loss = \"unlikelihood\"\nunlikelihood_alpha = 0.5", Method::Pairs).unwrap();
+        assert_eq!(c.objective, Objective::Unlikelihood(UnlikelihoodConfig { alpha: 0.5 }));
+        let text = c.to_toml();
+        assert!(text.contains("method = \"unlikelihood\"") && text.contains("unlikelihood_alpha = 0.5"), "{text}");
+        assert_eq!(parse(&text, Method::Pairs).unwrap(), c);
+        let default = parse("method = \"unlikelihood\"", Method::Pairs).unwrap();
+        assert_eq!(default.objective, Objective::Unlikelihood(UnlikelihoodConfig::default()));
+        let e = parse("loss = \"unlikelihood,sigmoid\"", Method::Pairs).unwrap_err().to_string();
+        assert!(e.contains("trained alone"), "{e}");
+        let e = parse("loss = \"unlikelihood\"\nunlikelihood_alpha = -1.0", Method::Pairs).unwrap_err().to_string();
+        assert!(e.contains("unlikelihood_alpha"), "{e}");
     }
 
     /// The shared start and EOS are skipped; an unscored first token (empty prompt) shifts the targets.

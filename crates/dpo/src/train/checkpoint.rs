@@ -86,12 +86,33 @@ pub fn save_with_head(
     state: &TrainerState,
     total_steps: u64,
 ) -> Result<PathBuf, TrainError> {
+    save_with_extras(output, model_cfg, params, head, &[], source_dir, optimizer, state, total_steps)
+}
+
+/// [`save_with_head`], plus files a trainer keeps beside the model (`extras`: name and contents, e.g.
+/// PPO's sampler state), written inside the same temporary directory so that they appear with the rest.
+#[allow(clippy::too_many_arguments)]
+pub fn save_with_extras(
+    output: &Path,
+    model_cfg: &hf::ModelConfig,
+    params: &Params,
+    head: Option<&ScalarHead>,
+    extras: &[(&str, &[u8])],
+    source_dir: &Path,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    total_steps: u64,
+) -> Result<PathBuf, TrainError> {
     write(output, optimizer, state, total_steps, |tmp| {
         hf::save_model(&tmp.join("model"), model_cfg, params, Some(source_dir))?;
         if let Some(head) = head {
             let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
                 head.named().into_iter().map(|(n, t)| (n, t.shape.clone(), t.data.clone())).collect();
             hf::safetensors::write_f32(&tmp.join(HEAD_FILE), &tensors)?;
+        }
+        for (name, bytes) in extras {
+            let path = tmp.join(name);
+            std::fs::write(&path, bytes).map_err(|e| TrainError::io(&path, e))?;
         }
         Ok(())
     })

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pairs::PairObjective;
 use crate::data::Truncation;
+use crate::objectives::unlikelihood::UnlikelihoodConfig;
 use crate::objectives::{KtoConfig, LossConfig, LossType};
 
 /// What to do when a step's loss or gradient is NaN or infinite.
@@ -39,6 +40,8 @@ pub enum Objective {
     Kto(KtoConfig),
     /// Supervised fine-tuning on prompt/completion rows or the chosen side of preference rows.
     Sft,
+    /// Unlikelihood training on preference pairs (`objectives::unlikelihood`).
+    Unlikelihood(UnlikelihoodConfig),
 }
 
 impl PartialEq for Objective {
@@ -47,6 +50,7 @@ impl PartialEq for Objective {
             (Objective::Pairs(a), Objective::Pairs(b)) => a.losses == b.losses && a.cfg == b.cfg,
             (Objective::Kto(a), Objective::Kto(b)) => a == b,
             (Objective::Sft, Objective::Sft) => true,
+            (Objective::Unlikelihood(a), Objective::Unlikelihood(b)) => a == b,
             _ => false,
         }
     }
@@ -59,6 +63,7 @@ impl Objective {
             Objective::Pairs(_) => Method::Pairs,
             Objective::Kto(_) => Method::Kto,
             Objective::Sft => Method::Sft,
+            Objective::Unlikelihood(_) => Method::Unlikelihood,
         }
     }
 
@@ -67,7 +72,7 @@ impl Objective {
         match self {
             Objective::Pairs(p) => Some(p.cfg.beta),
             Objective::Kto(k) => Some(k.beta),
-            Objective::Sft => None,
+            Objective::Sft | Objective::Unlikelihood(_) => None,
         }
     }
 
@@ -88,6 +93,8 @@ pub enum Method {
     Kto,
     /// Supervised fine-tuning (`dpo sft`).
     Sft,
+    /// Unlikelihood training on preference pairs (`dpo train --loss unlikelihood`).
+    Unlikelihood,
 }
 
 /// The optimizer, with PyTorch's semantics.
@@ -449,6 +456,7 @@ impl TrainConfig {
                 }
             }
             Objective::Sft => {}
+            Objective::Unlikelihood(u) => at_least("unlikelihood_alpha", u.alpha, 0.0)?,
         }
         self.lora.validate(self.adapter.is_some())?;
         if self.merge && !self.is_lora() {

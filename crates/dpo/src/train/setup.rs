@@ -25,6 +25,7 @@ use crate::data::{
     check_positions, check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, pack_pairs, resolve_max_length,
     DataOptions, Example, Packing, SftExample, UnpairedExample,
 };
+use crate::objectives::unlikelihood::{UnlikelihoodConfig, UnlikelihoodWorkload};
 
 /// Options that are about this invocation rather than the run's configuration.
 #[derive(Clone, Debug, Default)]
@@ -64,6 +65,13 @@ pub enum Data {
     Sft {
         train: Vec<SftExample>,
         eval: Vec<SftExample>,
+    },
+    Unlikelihood {
+        train: Vec<Example>,
+        eval: Vec<Example>,
+        cfg: UnlikelihoodConfig,
+        /// The tokens that end a completion (the model's and the tokenizer's EOS).
+        eos_ids: Vec<u32>,
     },
 }
 
@@ -115,6 +123,11 @@ impl Setup {
                     (!eval.is_empty()).then(|| Box::new(e) as Box<dyn Workload>),
                 )
             }
+            Data::Unlikelihood { train, eval, cfg, eos_ids } => {
+                let t = UnlikelihoodWorkload { examples: train, cfg: *cfg, eos_ids };
+                let e = UnlikelihoodWorkload { examples: eval, ..t };
+                (Box::new(t), (!eval.is_empty()).then(|| Box::new(e) as Box<dyn Workload>))
+            }
         }
     }
 }
@@ -146,7 +159,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     // The reference that scores the rows (checked before any weights or rows are read), if any.
     let reference_cfg = match &cfg.objective {
         Objective::Pairs(objective) if objective.reference_free() => None,
-        Objective::Sft => None,
+        Objective::Sft | Objective::Unlikelihood(_) => None,
         _ => Some(match &cfg.ref_model {
             Some(dir) => reference_config(dir, &model_cfg, tokenizer.as_ref())?,
             None => model_cfg.decoder.clone(),
@@ -225,6 +238,29 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
             let rows = train.iter().chain(&eval).map(|e| (e.prompt_ids.len() + e.completion_ids.len()) as u64);
             let rows = rows.collect();
             (Data::Sft { train, eval }, rows, cfg.batch_size)
+        }
+        Objective::Unlikelihood(u) => {
+            let mut sets = Vec::new();
+            for path in paths(cfg) {
+                let loaded = load_pairs(&path, tokenizer.as_ref(), &opts_data)?;
+                log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+                check_vocab(&path, &loaded.examples, vocab)?;
+                check_positions(&path, &loaded.examples, &models)?;
+                if loaded.examples.is_empty() {
+                    return Err(TrainError::Invalid(format!("{}: no usable rows left", path.display())));
+                }
+                sets.push(loaded.examples);
+            }
+            let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
+            let train = sets.pop().unwrap_or_default();
+            // Both completions of a row are in flight at once, each after its own copy of the prompt.
+            let rows = train.iter().chain(&eval).map(|e| pack_pairs(&[e], Packing::Separate).batch.len() as u64);
+            let rows = rows.collect();
+            let eos_ids = match tokenizer.as_ref() {
+                Some(t) => crate::data::stop_ids(&model_cfg, t),
+                None => model_cfg.eos_token_ids.clone(),
+            };
+            (Data::Unlikelihood { train, eval, cfg: *u, eos_ids }, rows, cfg.batch_size)
         }
     };
     // Precomputed reference log-probs hold no reference model while training.
@@ -306,7 +342,6 @@ fn check_checkpoint_fits(
     saved: &Trained,
     start: &Trained,
 ) -> Result<(), TrainError> {
-    use engine::ParamSet;
     if matches!(saved, Trained::Full(_)) != matches!(start, Trained::Full(_)) {
         let what = |t: &Trained| if matches!(t, Trained::Full(_)) { "every weight" } else { "a LoRA adapter" };
         return Err(TrainError::ModelMismatch {
@@ -315,6 +350,16 @@ fn check_checkpoint_fits(
             detail: format!("the checkpoint trains {} and this run {}", what(saved), what(start)),
         });
     }
+    check_shapes_fit(checkpoint, model_dir, saved, start)
+}
+
+/// Every tensor of `saved` (a checkpoint's) has the name and shape of one of `start`'s, and none is missing.
+pub(crate) fn check_shapes_fit(
+    checkpoint: &Path,
+    model_dir: &Path,
+    saved: &impl engine::ParamSet,
+    start: &impl engine::ParamSet,
+) -> Result<(), TrainError> {
     let (a, b) = (saved.named(), start.named());
     let mismatch = |detail: String| TrainError::ModelMismatch {
         checkpoint: checkpoint.display().to_string(),

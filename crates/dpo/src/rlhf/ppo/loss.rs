@@ -73,7 +73,15 @@ pub fn value_loss(values: &[f64], old_values: &[f64], returns: &[f64], clip_rang
     let mut grad = Vec::with_capacity(n);
     for ((&v, &o), &r) in values.iter().zip(old_values).zip(returns) {
         let (lo, hi) = (o - clip_range_value, o + clip_range_value);
-        let v_clipped = v.clamp(lo, hi);
+        // `clamp` by hand: a rollout whose values are not finite (weights gone bad) must give a loss that
+        // is not finite, which the loop reports, rather than a panic on NaN bounds.
+        let v_clipped = if v < lo {
+            lo
+        } else if v > hi {
+            hi
+        } else {
+            v
+        };
         let unclipped = (v - r) * (v - r);
         let clipped_term = (v_clipped - r) * (v_clipped - r);
         loss += unclipped.max(clipped_term);

@@ -29,16 +29,19 @@
 pub mod gae;
 pub mod loss;
 pub mod rollout;
+pub mod run;
 pub mod update;
 
-use std::time::Instant;
+use std::path::PathBuf;
 
-use engine::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
-use engine::rng::Rng;
-use engine::{Activations, Decoder, EngineError, ParamSet, Params, ScalarHead};
-use serde::Serialize;
+use engine::{Decoder, EngineError, Params, ScalarHead};
+use serde::{Deserialize, Serialize};
+// The tests build rollouts by hand.
+#[cfg(test)]
+use engine::{rng::Rng, Activations};
 
 pub use rollout::{collect_rollout, Rollout};
+pub use run::{fingerprint, run_ppo, InputFingerprints, PpoInputs, PpoRun, PpoState, PPO_STATE_FILE};
 pub use update::{minibatch_loss, Grads, MinibatchLoss};
 
 /// The reward: a learned reward model, or a ground-truth scorer (the built-in experiment's sentiment
@@ -58,7 +61,7 @@ pub struct RefModel<'a> {
 }
 
 /// PPO's settings; defaults follow TRL's classic `PPOConfig` except where the module doc says otherwise.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PpoConfig {
     /// Coefficient of the per-token KL penalty `-kl_coef (logp - ref_logp)`.
     pub kl_coef: f64,
@@ -181,6 +184,13 @@ pub struct PpoStepStats {
     pub completion_len: f64,
     /// Wall-clock seconds of the step (`time/ppo/total`).
     pub seconds: f64,
+    /// Minibatch updates skipped as not finite (`--on-nonfinite skip`); the means above leave them out.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped_updates: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The trained policy, its value head, and one record per step taken.
@@ -188,7 +198,21 @@ pub struct PpoStepStats {
 pub struct PpoOutcome {
     pub params: Params,
     pub value_head: ScalarHead,
+    /// The steps this call took (a resumed run's earlier steps are in its metrics.jsonl).
     pub history: Vec<PpoStepStats>,
+    /// Steps completed in all, a resumed run's earlier ones included.
+    pub steps: u64,
+    /// Newest checkpoint this call wrote.
+    pub checkpoint: Option<PathBuf>,
+    /// Stopped by the run's stop flag (a checkpoint was written).
+    pub interrupted: bool,
+}
+
+impl PpoOutcome {
+    fn of(s: PpoState, history: Vec<PpoStepStats>, checkpoint: Option<PathBuf>, interrupted: bool) -> Self {
+        let steps = s.state.step;
+        PpoOutcome { params: s.params, value_head: s.value_head, history, steps, checkpoint, interrupted }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,10 +225,17 @@ pub enum PpoError {
     Reward(String),
     #[error("PPO step {step}: the loss or its gradient is not finite (try a lower learning rate)")]
     NonFinite { step: u64 },
+    /// A checkpoint resumed with other settings or inputs than it was written with.
+    #[error("{} was written {detail}; a resumed run continues as it started (nothing was written)", checkpoint.display())]
+    ResumeMismatch { checkpoint: PathBuf, detail: String },
+    /// Checkpoints, the run directory, metrics.
+    #[error(transparent)]
+    Run(#[from] crate::train::TrainError),
 }
 
 /// Trains `start` with PPO against `reward`, penalised by the KL to `reference`, for `cfg.steps` steps
 /// or until `on_step` (called after every step with its stats and the current weights) returns false.
+/// Without a run directory; [`run_ppo`] has checkpoints and resume.
 #[allow(clippy::too_many_arguments)]
 pub fn train_ppo(
     decoder: &Decoder,
@@ -218,89 +249,9 @@ pub fn train_ppo(
 ) -> Result<PpoOutcome, PpoError> {
     cfg.validate()?;
     check_inputs(decoder, start, reference, prompts)?;
-    let d = decoder.cfg.hidden;
-    let mut params = start.clone();
-    let mut head = ScalarHead::zeros(d);
-    // Weight decay 0 (the default here): the value head's `w` is a matrix but is not decayed.
-    let mut opt = Optimizer::new(OptimizerConfig::adamw(), &(&mut params, &mut head));
-    let mut grads = Params::zeros(&decoder.cfg);
-    let mut head_grad = ScalarHead::zeros(d);
-    let mut dhidden = Vec::new();
-    let mut acts = Activations::default();
-    let mut rng = Rng::new(cfg.seed);
-    let mut history = Vec::new();
-    // Prompts in a seeded shuffle per pass over the list, as a shuffling data loader.
-    let mut order: Vec<usize> = Vec::new();
-    let mut cursor = 0;
-
-    for step in 1..=cfg.steps {
-        let t0 = Instant::now();
-        let batch: Vec<Vec<u32>> = (0..cfg.rollout_prompts)
-            .map(|_| {
-                if cursor == order.len() {
-                    order = (0..prompts.len()).collect();
-                    rng.shuffle(&mut order);
-                    cursor = 0;
-                }
-                cursor += 1;
-                prompts[order[cursor - 1]].clone()
-            })
-            .collect();
-        let ro = collect_rollout(decoder, &params, &head, reference, batch, eos_ids, reward, cfg, &mut rng, &mut acts)?;
-
-        let mut sums = MinibatchLoss::default();
-        let mut grad_norm_sum = 0.0;
-        let mut updates = 0usize;
-        for _ in 0..cfg.ppo_epochs {
-            let mut seqs: Vec<usize> = (0..ro.len()).collect();
-            rng.shuffle(&mut seqs);
-            for rows in seqs.chunks(cfg.minibatch) {
-                grads.fill_zero();
-                head_grad.fill_zero();
-                let g = Grads { policy: &mut grads, head: &mut head_grad, dhidden: &mut dhidden };
-                let m = minibatch_loss(decoder, &params, &head, &ro, rows, cfg, &mut acts, Some(g))?;
-                let mut all_grads = (&mut grads, &mut head_grad);
-                let norm = clip_grad_norm(&mut all_grads, cfg.max_grad_norm);
-                if !m.loss.is_finite() || !norm.is_finite() {
-                    return Err(PpoError::NonFinite { step });
-                }
-                opt.step(&mut (&mut params, &mut head), &all_grads, cfg.lr);
-                sums.policy_loss += m.policy_loss;
-                sums.value_loss += m.value_loss;
-                sums.clip_frac += m.clip_frac;
-                sums.value_clip_frac += m.value_clip_frac;
-                sums.approx_kl += m.approx_kl;
-                grad_norm_sum += norm;
-                updates += 1;
-            }
-        }
-
-        let n = ro.len() as f64;
-        let u = updates.max(1) as f64;
-        let mean = |x: &[f64]| x.iter().sum::<f64>() / n;
-        let reward_mean = mean(&ro.scores);
-        let stats = PpoStepStats {
-            step,
-            reward: reward_mean,
-            reward_std: (ro.scores.iter().map(|s| (s - reward_mean).powi(2)).sum::<f64>() / n).sqrt(),
-            kl: mean(&ro.kl),
-            non_score_reward: mean(&ro.non_score),
-            entropy: ro.logp.iter().map(|l| -l.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / n,
-            policy_loss: sums.policy_loss / u,
-            value_loss: sums.value_loss / u,
-            clip_frac: sums.clip_frac / u,
-            value_clip_frac: sums.value_clip_frac / u,
-            approx_kl: sums.approx_kl / u,
-            grad_norm: grad_norm_sum / u,
-            completion_len: ro.completions.iter().map(|c| c.len() as f64).sum::<f64>() / n,
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        history.push(stats.clone());
-        if !on_step(&stats, &params) {
-            break;
-        }
-    }
-    Ok(PpoOutcome { params, value_head: head, history })
+    let state = PpoState::fresh(start.clone(), decoder.cfg.hidden, cfg);
+    let inputs = PpoInputs { decoder, reference, prompts, eos_ids };
+    run_ppo(state, inputs, reward, cfg, None, on_step)
 }
 
 /// Refuses what would otherwise fail deep inside a step (or silently score the wrong tokens).

@@ -217,3 +217,81 @@ fn on_step_stops_and_bad_inputs_are_refused() {
     let e = run(&cfg, &ps, &mut Short);
     assert!(e.contains("1 scores for 4 completions"), "{e}");
 }
+
+/// Stopped after step 3 of 7 (inside the second pass over 5 prompts, with checkpoints every 2 steps) and
+/// resumed from the checkpoint: the policy, the value head and every step's stats are those of a run never
+/// stopped. A resume under other settings or with another input is refused, naming them.
+#[test]
+fn an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one() {
+    use crate::train::{OnNonFinite, RunDir, StartMode};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const GPT2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/parity/models/gpt2-policy");
+    /// Pays the completion's token ids (scaled): every sample earns something different.
+    struct TokenSum;
+    impl RewardFn for TokenSum {
+        fn rewards(&mut self, _: &[&[u32]], completions: &[&[u32]]) -> Vec<f64> {
+            completions.iter().map(|c| c.iter().map(|&t| t as f64).sum::<f64>() / 100.0).collect()
+        }
+    }
+    let model = hf::load_model(Path::new(GPT2)).unwrap();
+    let decoder = Decoder::new(model.config.decoder.clone());
+    let reference = RefModel { decoder: &decoder, params: &model.params };
+    let ps: Vec<Vec<u32>> = prompts(5, 12).into_iter().map(|p| p.into_iter().map(|t| t * 7).collect()).collect();
+    let inputs = PpoInputs { decoder: &decoder, reference, prompts: &ps, eos_ids: &[] };
+    let cfg =
+        PpoConfig { lr: 1e-3, steps: 7, rollout_prompts: 3, minibatch: 2, max_new_tokens: 4, ..Default::default() };
+    let fingerprints = InputFingerprints::from([("prompt set".to_string(), fingerprint([], &ps))]);
+    let root = std::env::temp_dir().join(format!("dpo-ppo-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let go = |path: &Path, mode: StartMode, start: PpoState, stop_after: Option<u64>| {
+        let stop = AtomicBool::new(false);
+        let mut dir = RunDir::open(path, mode, &mut |_| {}).unwrap();
+        let run = PpoRun {
+            dir: &mut dir,
+            model_cfg: &model.config,
+            source: Path::new(GPT2),
+            save_every: 2,
+            on_nonfinite: OnNonFinite::Stop,
+            stop: &stop,
+            resumed: mode == StartMode::Resume,
+            inputs: &fingerprints,
+            log: &mut |_| {},
+        };
+        let mut on_step = |s: &PpoStepStats, _: &Params| {
+            if Some(s.step) == stop_after {
+                stop.store(true, Ordering::SeqCst);
+            }
+            true
+        };
+        run_ppo(start, inputs, &mut TokenSum, &cfg, Some(run), &mut on_step).unwrap()
+    };
+    let fresh = || PpoState::fresh(model.params.clone(), decoder.cfg.hidden, &cfg);
+
+    let whole = go(&root.join("whole"), StartMode::Fresh, fresh(), None);
+    assert_eq!((whole.steps, whole.history.len(), whole.interrupted), (7, 7, false));
+    let run_dir = root.join("run");
+    let first = go(&run_dir, StartMode::Fresh, fresh(), Some(3));
+    assert_eq!((first.steps, first.history.len(), first.interrupted), (3, 3, true));
+    assert!(run_dir.join("checkpoints/step-2").is_dir() && run_dir.join("checkpoints/step-3").is_dir());
+
+    let (start, _) = PpoState::resume(&run_dir, &cfg, &fingerprints, &model.params, Path::new(GPT2)).unwrap();
+    assert_eq!((start.state.step, start.state.epoch, start.state.cursor), (3, 2, 4));
+    let other = PpoConfig { clip_range: 0.3, ..cfg.clone() };
+    let e = PpoState::resume(&run_dir, &other, &fingerprints, &model.params, Path::new(GPT2)).unwrap_err();
+    assert!(e.to_string().contains("clip_range 0.2 in the checkpoint, 0.3 now"), "{e}");
+    let moved = InputFingerprints::from([("prompt set".to_string(), fingerprint([], &ps[1..]))]);
+    let e = PpoState::resume(&run_dir, &cfg, &moved, &model.params, Path::new(GPT2)).unwrap_err();
+    assert!(e.to_string().contains("another prompt set"), "{e}");
+
+    let second = go(&run_dir, StartMode::Resume, start, None);
+    assert_eq!((second.steps, second.history.len(), second.interrupted), (7, 4, false));
+    assert!(second.params == whole.params && second.value_head == whole.value_head);
+    assert_ne!(whole.value_head, ScalarHead::zeros(decoder.cfg.hidden));
+    assert!(whole.params != model.params);
+    let untimed = |h: &[PpoStepStats]| h.iter().map(|s| PpoStepStats { seconds: 0.0, ..s.clone() }).collect::<Vec<_>>();
+    let resumed: Vec<PpoStepStats> = first.history.iter().chain(&second.history).cloned().collect();
+    assert_eq!(untimed(&resumed), untimed(&whole.history));
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -11,6 +11,7 @@ use super::{
     OnNonFinite, TrainConfig, DEFAULT_LR, DEFAULT_SFT_LR,
 };
 use crate::data::Truncation;
+use crate::objectives::unlikelihood::{UnlikelihoodConfig, UNLIKELIHOOD};
 use crate::objectives::{FDivergence, KtoConfig, KtoLossType, LossConfig, LossType};
 use crate::train::pairs::PairObjective;
 
@@ -45,6 +46,7 @@ pub struct RawConfig {
     pub reference_free: Option<bool>,
     pub desirable_weight: Option<f64>,
     pub undesirable_weight: Option<f64>,
+    pub unlikelihood_alpha: Option<f64>,
     /// The `[objective]` table of config.toml files written before the keys were the flags' names.
     #[serde(skip_serializing)]
     pub objective: Option<LossConfig>,
@@ -133,7 +135,18 @@ impl TrainConfig {
             _ => None,
         };
         let beta = raw.beta.unwrap_or(legacy.beta);
+        let unlikelihood = losses.iter().any(|l| l == UNLIKELIHOOD);
+        if unlikelihood && losses.len() > 1 {
+            return Err(invalid("loss", "unlikelihood is trained alone, not weighted with other losses"));
+        }
+        let method = if unlikelihood && method == Method::Pairs { Method::Unlikelihood } else { method };
         let objective = match (method, kto) {
+            (Method::Unlikelihood, _) if !losses.is_empty() && !unlikelihood => {
+                return Err(invalid("loss", "an unlikelihood run takes the loss unlikelihood"))
+            }
+            (Method::Unlikelihood, _) => Objective::Unlikelihood(UnlikelihoodConfig {
+                alpha: raw.unlikelihood_alpha.unwrap_or(UnlikelihoodConfig::default().alpha),
+            }),
             (Method::Sft, _) if !losses.is_empty() => {
                 return Err(invalid("loss", "an SFT run has no loss types (its loss is the completion NLL)"))
             }
@@ -340,6 +353,10 @@ impl TrainConfig {
                 raw.undesirable_weight = Some(k.undesirable_weight);
             }
             Objective::Sft => {}
+            Objective::Unlikelihood(u) => {
+                raw.loss = Some(ListOrString::List(vec![UNLIKELIHOOD.to_string()]));
+                raw.unlikelihood_alpha = Some(u.alpha);
+            }
         }
         raw
     }
