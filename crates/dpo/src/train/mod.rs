@@ -24,6 +24,7 @@ pub mod run_dir;
 pub mod setup;
 #[path = "loop.rs"]
 pub mod train_loop;
+pub mod unlikelihood;
 pub mod workload;
 
 pub use config::{ByteSize, Method, Objective, OnNonFinite, OptimizerKind, TrainConfig};
@@ -38,4 +39,5 @@ pub use setup::{setup, RunOptions, Setup, Start};
 pub use train_loop::{
     epoch_order, evaluate, run, total_steps, train, train_sft, StepOutcome, TrainOutcome, Trainer, MERGED_DIR,
 };
+pub use unlikelihood::UnlikelihoodWorkload;
 pub use workload::{PairWorkload, SftWorkload, Workload};

@@ -20,12 +20,13 @@ use super::policy::Trained;
 use super::reference::{self, default_cache_dir, precompute, Reference};
 use super::run_dir::{self, StartMode};
 use super::workload::{PairWorkload, SftWorkload, Workload};
+use super::UnlikelihoodWorkload;
 use super::{TrainConfig, TrainError};
 use crate::data::{
     check_positions, check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, pack_pairs, resolve_max_length,
     DataOptions, Example, Packing, SftExample, UnpairedExample,
 };
-use crate::objectives::unlikelihood::{UnlikelihoodConfig, UnlikelihoodWorkload};
+use crate::objectives::unlikelihood::UnlikelihoodConfig;
 
 /// Options that are about this invocation rather than the run's configuration.
 #[derive(Clone, Debug, Default)]
