@@ -71,6 +71,25 @@ fn trains_resumes_and_scores_as_its_widened_base(name: &str, storage: Storage, f
     for (a, b) in [(stored.0, f32.0), (stored.1, f32.1)] {
         assert!((a - b).abs() <= 1e-5 * b.abs(), "first-step log-probs {a} (stored) vs {b} (widened f32)");
     }
+    // `dpo logps --adapter` with the run's storage flags scores the trained adapter as on the widened base.
+    let logps = |model: &Path, extra: &[&str]| -> Vec<f64> {
+        let mut c = dpo();
+        c.arg("logps").arg("--model").arg(model).arg("--adapter").arg(&fin).arg("--data").arg(prefs()).args(extra);
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let rows = String::from_utf8(out.stdout).unwrap();
+        rows.lines()
+            .flat_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                [v["chosen_logps"].as_f64().unwrap(), v["rejected_logps"].as_f64().unwrap()]
+            })
+            .collect()
+    };
+    let (on_stored, on_widened) = (logps(&base(), flags), logps(&widened, &[]));
+    assert_eq!(on_stored.len(), on_widened.len());
+    for (a, b) in on_stored.iter().zip(&on_widened) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "dpo logps {a} (stored) vs {b} (widened f32)");
+    }
     // The stored base really is not the f32 one.
     let plain = dir.join("plain");
     succeeds(&mut lora_train(&base(), &plain, &[]));
