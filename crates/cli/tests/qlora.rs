@@ -46,7 +46,7 @@ fn widened_base(storage: Storage, out: &Path) -> PathBuf {
 fn trains_resumes_and_scores_as_its_widened_base(name: &str, storage: Storage, flags: &[&str], key: &str) {
     let dir = scratch(name);
     let run = dir.join("run");
-    succeeds(&mut lora_train(&base(), &run, flags));
+    succeeds(lora_train(&base(), &run, flags).arg("--merge"));
     let fin = run.join("final");
     assert!(fin.join("adapter_config.json").is_file() && !fin.join("model.safetensors").exists());
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
@@ -62,6 +62,12 @@ fn trains_resumes_and_scores_as_its_widened_base(name: &str, storage: Storage, f
     std::fs::remove_dir_all(&newest.1).unwrap();
     succeeds(dpo().args(["train", "--resume"]).arg(&run));
     assert!(adapter_bytes(&fin) == want, "the resumed adapter differs");
+
+    // --merge merged into the f32 base read from disk: what `dpo merge` writes from the f32 --model.
+    let merged = dir.join("merged");
+    succeeds(dpo().arg("merge").arg("--model").arg(base()).arg("--adapter").arg(&fin).arg("--output").arg(&merged));
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(weights(&merged) == weights(&run.join("final-merged")), "--merge differs from dpo merge on f32");
 
     // Step 1 (B = 0: the base's own log-probs) equals an f32 run on the widened weights.
     let widened = widened_base(storage, &dir.join("widened"));
