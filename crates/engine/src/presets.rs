@@ -167,22 +167,8 @@ pub fn init_random(cfg: &DecoderConfig, std: f32, seed: u64) -> Params {
 pub fn init_random_each(cfg: &DecoderConfig, std: f32, seed: u64, mut each: impl FnMut(&str, &mut Tensor)) -> Params {
     let unit_scale = if matches!(cfg.norm, NormKind::RmsNormUnitOffset { .. }) { 0.0 } else { 1.0 };
     let mut p = Params::zeros(cfg);
-    // A matrix is allocated only when its turn comes: `each` may store it another way and free it, and the
-    // next matrix then reuses that memory (allocated up front, the freed ones would sit between live tensors
-    // and the whole f32 set would stay resident).
-    let mut shapes = Vec::new();
-    for (_, t) in p.named_mut() {
-        if t.shape.len() == 2 {
-            shapes.push(t.data.len());
-            t.data = Vec::new();
-        }
-    }
     let mut rng = Rng::new(seed);
-    let mut matrix = shapes.into_iter();
     for (name, t) in p.named_mut() {
-        if t.shape.len() == 2 {
-            t.data = vec![0.0; matrix.next().unwrap_or(0)];
-        }
         if name.ends_with("norm1.weight")
             || name.ends_with("norm2.weight")
             || name.ends_with("_norm.weight")
