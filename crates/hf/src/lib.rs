@@ -10,6 +10,7 @@
 //! - [`peft`]: PEFT LoRA adapter directories ↔ [`engine::Adapter`], target resolution, merged models.
 //! - [`atomic`]: writing files and directories under a temporary name, renamed into place when complete.
 //! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
+//! - [`stored`]: loading a frozen base with its block linears stored (NF4/bf16) tensor by tensor (QLoRA).
 //!
 //! Every error is an [`Error`] naming the file, tensor or JSON field at fault.
 
@@ -20,6 +21,7 @@ pub mod model_dir;
 pub mod naming;
 pub mod peft;
 pub mod safetensors;
+pub mod stored;
 pub mod tokenizer;
 pub mod weights;
 
@@ -28,5 +30,6 @@ pub use error::{Error, Result};
 pub use model_dir::{load_config, load_model, load_tokenizer, load_tokenizer_if_present, save_model, HfModel};
 pub use naming::Naming;
 pub use safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
+pub use stored::load_model_stored;
 pub use tokenizer::{ChatMessage, SpecialToken, Tokenizer};
 pub use weights::{check_params, load_params, load_params_file, params_from_checkpoint, to_hf_tensors};

@@ -28,11 +28,39 @@ pub fn load_params_file(path: &Path, config: &ModelConfig) -> Result<Params> {
 /// Maps an opened checkpoint onto [`Params`]. Every problem — missing, unexpected, wrong shape, unreadable
 /// dtype, NaN/infinite values — is collected and reported together, each under its HF name.
 pub fn params_from_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result<Params> {
+    let mut params = Params::zeros(&config.decoder);
+    let mut slots = params.named_mut();
+    let count = slots.len();
+    let placed = read_tensors(ckpt, config, |engine_name, data| {
+        let slot = slots.iter_mut().find(|(n, _)| *n == engine_name).map(|(_, t)| t);
+        match slot {
+            Some(t) if t.data.len() == data.len() => {
+                t.data = data;
+                Ok(())
+            }
+            _ => Err(internal(ckpt, engine_name)),
+        }
+    })?;
+    if placed != count {
+        return Err(internal(ckpt, "<count>"));
+    }
+    Ok(params)
+}
+
+/// Reads the checkpoint tensor by tensor in engine layout, handing each engine tensor (`layers.3.w_in`)
+/// to `place` as soon as it is built, so a caller can store it another way and free it (the whole model
+/// in f32 need never exist). Every problem is collected as [`params_from_checkpoint`] says; once one is
+/// found nothing more is placed (the rest is still read, to report every problem). Returns how many tensors were placed.
+pub(crate) fn read_tensors(
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    mut place: impl FnMut(&str, Vec<f32>) -> Result<()>,
+) -> Result<usize> {
     let entries = plan(config.naming, &config.decoder).map_err(|e| internal(ckpt, &e.0))?;
     let resolve = |name: &str| aliases(config.naming, name).into_iter().find(|n| ckpt.info(n).is_some());
     let mut problems = Vec::new();
     let mut used = HashSet::new();
-    let mut built = Vec::with_capacity(entries.len());
+    let mut placed = 0;
     for entry in &entries {
         let mut parts = Vec::with_capacity(entry.hf.len());
         for (name, want) in &entry.hf {
@@ -58,8 +86,9 @@ pub fn params_from_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result
                 Err(e) => problems.push(e.to_string()),
             }
         }
-        if parts.len() == entry.hf.len() {
-            built.push((entry, parts));
+        if problems.is_empty() && parts.len() == entry.hf.len() {
+            place(&entry.engine, to_engine(entry, parts, &config.decoder))?;
+            placed += 1;
         }
     }
     for name in ckpt.names() {
@@ -71,22 +100,7 @@ pub fn params_from_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result
     if !problems.is_empty() {
         return Err(Error::Weights { path: ckpt.path.clone(), problems });
     }
-    let mut params = Params::zeros(&config.decoder);
-    let mut slots = params.named_mut();
-    if built.len() != slots.len() {
-        return Err(internal(ckpt, "<count>"));
-    }
-    for (entry, parts) in built {
-        let Some((_, slot)) = slots.iter_mut().find(|(n, _)| *n == entry.engine) else {
-            return Err(internal(ckpt, &entry.engine));
-        };
-        let data = to_engine(entry, parts, &config.decoder);
-        if data.len() != slot.data.len() {
-            return Err(internal(ckpt, &entry.engine));
-        }
-        slot.data = data;
-    }
-    Ok(params)
+    Ok(placed)
 }
 
 fn internal(ckpt: &Checkpoint, engine_name: &str) -> Error {

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use engine::Adapter;
+use engine::quant::{FrozenLinears, Storage};
+use engine::{Adapter, Model};
 
 #[derive(clap::Args, Debug, Default)]
 pub(super) struct AdapterFlag {
@@ -37,5 +38,55 @@ impl AdapterFlag {
             model.params = hf::peft::merged_params(&model.params, &adapter, &model.config)?;
         }
         Ok(model)
+    }
+}
+
+/// `--quantize nf4 [--double-quant]` / `--base-dtype` of the commands that score an `--adapter`: read
+/// --model as a QLoRA run holds its frozen base (block linears stored as they are read).
+#[derive(clap::Args, Debug, Default)]
+pub(super) struct StoredBaseFlags {
+    /// With --adapter: store --model's block linears in 4-bit NF4 as they are read, as `dpo train
+    /// --quantize nf4` held its base (scores then match the QLoRA run's, not the f32 base's).
+    #[arg(long, value_parser = ["nf4"], requires = "adapter")]
+    quantize: Option<String>,
+    /// With --quantize nf4: quantise the absmax scales too (bitsandbytes' double quantisation).
+    #[arg(long, requires = "quantize")]
+    double_quant: bool,
+    /// With --adapter: store --model's block linears in this dtype [default: f32].
+    #[arg(long, value_parser = ["f32", "bf16"], value_name = "DTYPE", requires = "adapter", conflicts_with = "quantize")]
+    base_dtype: Option<String>,
+}
+
+impl StoredBaseFlags {
+    fn storage(&self) -> Storage {
+        match (self.quantize.is_some(), self.base_dtype.as_deref()) {
+            (true, _) => Storage::Nf4 { double_quant: self.double_quant },
+            (false, Some("bf16")) => Storage::Bf16,
+            (false, _) => Storage::F32,
+        }
+    }
+
+    /// `dir` as the flags say: the whole model in f32, or its block linears stored.
+    pub(super) fn load(&self, dir: &Path) -> anyhow::Result<(hf::HfModel, Option<FrozenLinears>)> {
+        Ok(match self.storage() {
+            Storage::F32 => (hf::load_model(dir)?, None),
+            s => {
+                let (model, frozen) = hf::load_model_stored(dir, s)?;
+                (model, Some(frozen))
+            }
+        })
+    }
+}
+
+/// `model` (with its stored linears, if any) and `adapter` on it, as a pass reads them.
+pub(super) fn model_view<'a>(
+    model: &'a hf::HfModel,
+    frozen: Option<&'a FrozenLinears>,
+    adapter: Option<&'a Adapter>,
+) -> Model<'a> {
+    let m = Model::new(&model.params, adapter);
+    match frozen {
+        Some(f) => m.with_frozen(f),
+        None => m,
     }
 }

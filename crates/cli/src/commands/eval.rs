@@ -6,7 +6,6 @@ use anyhow::{bail, Context};
 use dpo::data::Packing;
 use dpo::objectives::parse_loss_list;
 use dpo::train::{evaluate, PairObjective, PairWorkload, Reference, Workspace};
-use engine::model::Model;
 use engine::Decoder;
 
 use super::train::ObjectiveFlags;
@@ -18,6 +17,8 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
+    #[command(flatten)]
+    stored_base: super::adapter::StoredBaseFlags,
     /// With --adapter and no --ref-model: the reference is --model with this PEFT adapter (the adapter a
     /// `dpo train --adapter` run started from, its frozen reference) instead of with no adapter.
     #[arg(long, value_name = "DIR", requires = "adapter", conflicts_with = "ref_model")]
@@ -65,7 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         losses: parse_loss_list(a.objective.loss.as_deref().unwrap_or("sigmoid"), a.objective.loss_weights.as_deref())?,
         cfg,
     };
-    let model = hf::load_model(&a.model)?;
+    let (model, frozen) = a.stored_base.load(&a.model)?;
     let adapter = a.adapter.load(&model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = match &a.ref_model {
@@ -89,7 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         packing: Packing::SharedPrompt,
         micro_pairs: 0,
     };
-    let policy = Model::new(&model.params, adapter.as_ref());
+    let policy = super::adapter::model_view(&model, frozen.as_ref(), adapter.as_ref());
     let metrics = evaluate(&decoder, policy, &workload, a.batch_size, &mut ws)
         .with_context(|| format!("evaluating {}", a.data.display()))?;
     let mut obj = serde_json::Map::new();

@@ -8,7 +8,6 @@ use std::path::Path;
 use anyhow::{anyhow, Context};
 use dpo::data::{check_positions, load_pairs, DataError, DataOptions, Example, Packing, Truncation};
 use dpo::scoring::score_pairs;
-use engine::model::Model;
 use engine::{Decoder, DecoderConfig};
 
 /// Length limits of the rows, shared by `dpo logps`, `dpo eval` and `dpo reward`.
@@ -65,6 +64,8 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
+    #[command(flatten)]
+    stored_base: super::adapter::StoredBaseFlags,
     /// Preference rows: JSONL or JSON with `prompt`/`chosen`/`rejected` (text or chat messages) or
     /// `prompt_ids`/`chosen_ids`/`rejected_ids`.
     #[arg(long)]
@@ -84,13 +85,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = hf::load_model(&a.model)?;
+    let (model, frozen) = a.stored_base.load(&a.model)?;
     let adapter = a.adapter.load(&model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&model.config.decoder])?;
     let decoder = Decoder::new(model.config.decoder.clone());
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
-    let policy = Model::new(&model.params, adapter.as_ref());
+    let policy = super::adapter::model_view(&model, frozen.as_ref(), adapter.as_ref());
     let scores = score_pairs(&decoder, policy, &examples, packing, a.batch_size, |_| {})
         .with_context(|| format!("scoring {}", a.data.display()))?;
     let bad: Vec<&str> = scores

@@ -9,7 +9,8 @@ use super::adapter::AdapterFlag;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The base model the adapter was trained on (Hugging Face directory).
+    /// The base model the adapter was trained on (Hugging Face directory), read in f32: an adapter trained
+    /// with --quantize nf4 or --base-dtype bf16 is merged into these f32 weights, not into dequantised ones.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]

@@ -65,6 +65,7 @@ enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    dpo::train::memory::fix_allocator_threshold();
     let threads = cli.threads;
     // The trainers read `threads` from their configuration too, so they start the pool themselves.
     let other = |f: Box<dyn FnOnce() -> anyhow::Result<()>>| {

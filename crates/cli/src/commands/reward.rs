@@ -17,6 +17,8 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
+    #[command(flatten)]
+    stored_base: super::adapter::StoredBaseFlags,
     /// With --adapter and no --ref-model: the reference is --model with this PEFT adapter (the adapter a
     /// `dpo train --adapter` run started from, its frozen reference) instead of with no adapter.
     #[arg(long, value_name = "DIR", requires = "adapter", conflicts_with = "ref_model")]
@@ -43,11 +45,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     super::eval::check_beta(a.beta)?;
-    let policy = hf::load_model(&a.model)?;
+    let (policy, frozen) = a.stored_base.load(&a.model)?;
     let adapter = a.adapter.load(&policy)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let decoder = Decoder::new(policy.config.decoder.clone());
-    let policy_model = Model::new(&policy.params, adapter.as_ref());
+    let policy_model = super::adapter::model_view(&policy, frozen.as_ref(), adapter.as_ref());
     let (reference, ref_name) = match (&a.ref_model, &adapter) {
         (Some(dir), _) => (Reference::load(dir, &policy.config, tok.as_ref())?, dir.display().to_string()),
         (None, Some(_)) => match super::eval::ref_adapter(&a.ref_adapter, &policy)? {

@@ -200,9 +200,26 @@ pub struct LoraFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     adapter: Option<PathBuf>,
     /// Also write OUTPUT/final-merged: the trained adapter merged into --model, a Hugging Face model directory.
+    /// With --quantize or --base-dtype bf16 the merge is into the f32 --model read fresh from disk, never into
+    /// the stored weights.
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     merge: bool,
+    /// QLoRA: store the frozen base's block linears in 4-bit NF4 as they are read (bitsandbytes' code book,
+    /// blocks of 64, dequantised on the fly; the adapter, embeddings, norms and head stay f32). With
+    /// --lora-r or --adapter only.
+    #[arg(long, value_parser = ["nf4"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quantize: Option<String>,
+    /// With --quantize nf4: quantise the absmax scales too (bitsandbytes' double quantisation).
+    #[arg(long, requires = "quantize")]
+    #[serde(skip_serializing_if = "is_false")]
+    double_quant: bool,
+    /// Store the frozen base's block linears in this dtype [default: f32]; bf16 halves them. With --lora-r or
+    /// --adapter only.
+    #[arg(long, value_parser = ["f32", "bf16"], value_name = "DTYPE", conflicts_with = "quantize")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_dtype: Option<String>,
 }
 
 #[derive(clap::Args, Debug, Default, Serialize)]

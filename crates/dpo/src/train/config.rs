@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use engine::optim::{OptimizerConfig, ScheduleKind};
+use engine::quant::Storage;
 use serde::{Deserialize, Serialize};
 
 use super::pairs::PairObjective;
@@ -258,6 +259,10 @@ pub struct TrainConfig {
     pub adapter: Option<PathBuf>,
     /// Also write `OUTPUT/final-merged`, the adapter merged into the base (an HF model directory).
     pub merge: bool,
+    /// How a LoRA run holds the frozen base's block linears (`quantize = "nf4"`, `double_quant`,
+    /// `base_dtype = "bf16"`): QLoRA. The rest of the base and the adapter stay f32; a merge reads the f32
+    /// base fresh from `model`.
+    pub base_storage: Storage,
 }
 
 impl Default for TrainConfig {
@@ -304,6 +309,7 @@ impl Default for TrainConfig {
             lora: LoraFlags::default(),
             adapter: None,
             merge: false,
+            base_storage: Storage::F32,
         }
     }
 }
@@ -459,6 +465,10 @@ impl TrainConfig {
             Objective::Unlikelihood(u) => at_least("unlikelihood_alpha", u.alpha, 0.0)?,
         }
         self.lora.validate(self.adapter.is_some())?;
+        if self.base_storage != Storage::F32 && !self.is_lora() {
+            let key = if self.base_storage == Storage::Bf16 { "base_dtype" } else { "quantize" };
+            return Err(invalid(key, "stores a frozen base: it applies to a LoRA run (give lora_r or adapter)"));
+        }
         if self.merge && !self.is_lora() {
             return Err(invalid(
                 "merge",

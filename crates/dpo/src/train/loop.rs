@@ -281,7 +281,7 @@ pub fn run(
     let (workload, eval) = s.workloads();
     let decoder = Decoder::new(s.model.config.decoder.clone());
     let resumed = start.resumed;
-    let base = s.lora.as_ref().map(|_| Model::new(&s.model.params, None));
+    let base = s.lora.as_ref().map(|_| s.base());
     let mut t = Trainer::new(cfg, decoder, start.trained, base, start.optimizer, start.state, workload.rows())?;
     let total = t.total;
     if let Some((_, Some(before))) = &resumed {
@@ -404,7 +404,16 @@ pub fn run(
             hf::peft::save_adapter(&final_dir, config, adapter, &s.model.config).map_err(final_error)?;
             if cfg.merge {
                 let merged = output.join(MERGED_DIR);
-                hf::peft::save_merged(&merged, &s.model, adapter).map_err(final_error)?;
+                // A stored (NF4/bf16) base is never merged into: the f32 base is read fresh from disk.
+                let fresh;
+                let base = match &s.frozen {
+                    Some(_) => {
+                        fresh = hf::load_model(&cfg.model).map_err(final_error)?;
+                        &fresh
+                    }
+                    None => &s.model,
+                };
+                hf::peft::save_merged(&merged, base, adapter).map_err(final_error)?;
                 log(&format!("merged model written to {}", merged.display()));
             }
         }

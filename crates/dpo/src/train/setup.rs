@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use engine::model::Model;
 use engine::optim::Optimizer;
-use engine::{Decoder, DecoderConfig, Params};
+use engine::quant::{FrozenLinears, Storage};
+use engine::{Adapter, Decoder, DecoderConfig, Params};
 
 use super::checkpoint::{self, TrainerState};
 use super::config::{Objective, DEFAULT_MAX_LENGTH};
@@ -93,9 +94,17 @@ pub struct Setup {
     pub data: Data,
     /// A LoRA run's adapter configuration (`None`: every weight is trained).
     pub lora: Option<LoraRun>,
+    /// The base's block linears when `base_storage` keeps them other than in f32 (QLoRA); `model.params`
+    /// then holds the rest of the base and empty linear tensors.
+    pub frozen: Option<FrozenLinears>,
 }
 
 impl Setup {
+    /// The frozen base a LoRA run's adapter sits on (its stored linears included).
+    pub fn base(&self) -> Model<'_> {
+        base_model(&self.model, self.frozen.as_ref(), None)
+    }
+
     /// The training workload and, when there are evaluation rows, the evaluation one.
     pub fn workloads(&self) -> (Box<dyn Workload + '_>, Option<Box<dyn Workload + '_>>) {
         match &self.data {
@@ -269,10 +278,18 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
     let adapter = lora.as_ref().map(|l| l.plan(&model_cfg, cfg)).transpose()?;
     check_memory(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
-    let model = hf::load_model(&cfg.model)?;
+    let (model, frozen) = match cfg.base_storage {
+        Storage::F32 => (hf::load_model(&cfg.model)?, None),
+        storage => {
+            // Each block linear is stored as it is read: the base never exists whole in f32.
+            let (model, frozen) = hf::load_model_stored(&cfg.model, storage)?;
+            log(&format!("frozen base linears stored as {storage:?}: {}", memory::human(frozen.bytes() as u64)));
+            (model, Some(frozen))
+        }
+    };
     let start = start_point(cfg, opts, &model, lora.as_ref(), log)?;
-    let data = attach_reference(cfg, data, &model, lora.as_ref(), tokenizer.as_ref(), log)?;
-    Ok((Setup { cfg: cfg.clone(), model, data, lora }, start))
+    let data = attach_reference(cfg, data, &model, frozen.as_ref(), lora.as_ref(), tokenizer.as_ref(), log)?;
+    Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen }, start))
 }
 
 /// The reference's configuration, after checking that it reads the policy's token ids (before any
@@ -391,6 +408,7 @@ fn attach_reference(
     cfg: &TrainConfig,
     data: Data,
     model: &hf::HfModel,
+    frozen: Option<&FrozenLinears>,
     lora: Option<&LoraRun>,
     tokenizer: Option<&hf::Tokenizer>,
     log: &mut dyn FnMut(&str),
@@ -417,7 +435,7 @@ fn attach_reference(
                 let base_decoder = Decoder::new(model.config.decoder.clone());
                 let (d, frozen) = match (&shared, &base_reference) {
                     (Some(m), _) => (&m.0, Model::new(&m.1, None)),
-                    (None, Some(Reference::PolicyBase(a))) => (&base_decoder, Model::new(&model.params, a.as_ref())),
+                    (None, Some(Reference::PolicyBase(a))) => (&base_decoder, base_model(model, frozen, a.as_ref())),
                     (None, _) => unreachable!("a LoRA run's reference is its base"),
                 };
                 let cache = cfg.cache_dir.clone().unwrap_or_else(default_cache_dir);
@@ -448,6 +466,19 @@ fn attach_reference(
         }
         other => other,
     })
+}
+
+/// `model`'s weights as a pass reads them: with its stored linears, and `adapter` on it.
+fn base_model<'a>(
+    model: &'a hf::HfModel,
+    frozen: Option<&'a FrozenLinears>,
+    adapter: Option<&'a Adapter>,
+) -> Model<'a> {
+    let m = Model::new(&model.params, adapter);
+    match frozen {
+        Some(f) => m.with_frozen(f),
+        None => m,
+    }
 }
 
 /// Estimates the run's peak memory, logs it, and refuses a run that would not fit in `max_memory` (or

@@ -139,6 +139,30 @@ impl FrozenLinears {
         Ok((params, FrozenLinears { layers }))
     }
 
+    /// The layer and site of a block linear's [`Params::named`] name (`layers.3.w_in`); `None` for any
+    /// other tensor (embeddings, norms, biases, head), which a stored base keeps in f32.
+    pub fn linear_of(name: &str) -> Option<(usize, Site)> {
+        linear_of(name)
+    }
+
+    /// Builds the linears from per-layer `[w_qkv, w_o, w_in, w_out]` slots a loader filled in any order;
+    /// `None` when a slot is empty (names the first one).
+    pub fn from_slots(slots: Vec<[Option<Matrix>; 4]>) -> Result<Self, String> {
+        let mut layers = Vec::with_capacity(slots.len());
+        for (l, ms) in slots.into_iter().enumerate() {
+            if let Some(i) = ms.iter().position(Option::is_none) {
+                return Err(format!("layers.{l}.{} was never stored", tensor_name(Site::ALL[i])));
+            }
+            layers.push(FrozenLayer { matrices: ms.map(|m| m.expect("checked above")) });
+        }
+        Ok(FrozenLinears { layers })
+    }
+
+    /// Where [`Self::from_slots`] expects `site`'s matrix.
+    pub fn slot_of(site: Site) -> usize {
+        site_index(site)
+    }
+
     /// Bytes the block linears of `cfg` take in `storage`: the memory estimate, before anything is built.
     pub fn estimate_bytes(cfg: &DecoderConfig, storage: Storage) -> usize {
         let per_layer: usize = Site::ALL

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use engine::quant::Storage;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -92,10 +93,34 @@ pub struct RawConfig {
     pub use_rslora: Option<bool>,
     pub adapter: Option<PathBuf>,
     pub merge: Option<bool>,
+    pub quantize: Option<String>,
+    pub double_quant: Option<bool>,
+    pub base_dtype: Option<String>,
 }
 
 /// The keys that hold paths: relative ones resolve against the directory of the file that names them.
 pub const PATH_KEYS: [&str; 7] = ["model", "data", "output", "ref_model", "eval_data", "cache_dir", "adapter"];
+
+/// The frozen base's storage from `quantize` (nf4), `double_quant` and `base_dtype` (f32, bf16).
+fn base_storage(
+    quantize: Option<&str>,
+    double_quant: Option<bool>,
+    dtype: Option<&str>,
+) -> Result<Storage, ConfigError> {
+    let double_quant = double_quant.unwrap_or(false);
+    let dtype = match dtype {
+        None | Some("f32") => Storage::F32,
+        Some("bf16") => Storage::Bf16,
+        Some(t) => return Err(invalid("base_dtype", format!("{t:?}: use f32 or bf16"))),
+    };
+    match quantize {
+        Some("nf4") if dtype == Storage::F32 => Ok(Storage::Nf4 { double_quant }),
+        Some("nf4") => Err(invalid("quantize", "nf4 and base_dtype bf16 both store the base; give one")),
+        Some(t) => Err(invalid("quantize", format!("{t:?}: the one quantisation is nf4"))),
+        None if double_quant => Err(invalid("double_quant", "applies to quantize = \"nf4\"")),
+        None => Ok(dtype),
+    }
+}
 
 pub(super) fn toml_error(path: &Path, e: impl fmt::Display) -> ConfigError {
     ConfigError::Toml { path: path.into(), message: e.to_string() }
@@ -279,6 +304,7 @@ impl TrainConfig {
             lora,
             adapter: raw.adapter,
             merge: raw.merge.unwrap_or(d.merge),
+            base_storage: base_storage(raw.quantize.as_deref(), raw.double_quant, raw.base_dtype.as_deref())?,
         })
     }
 
@@ -330,6 +356,9 @@ impl TrainConfig {
             use_rslora: self.lora.use_rslora,
             adapter: self.adapter.clone(),
             merge: Some(self.merge).filter(|&m| m),
+            quantize: matches!(self.base_storage, Storage::Nf4 { .. }).then(|| "nf4".into()),
+            double_quant: Some(true).filter(|_| self.base_storage == Storage::Nf4 { double_quant: true }),
+            base_dtype: (self.base_storage == Storage::Bf16).then(|| "bf16".into()),
             ..Default::default()
         };
         match &self.objective {

@@ -130,3 +130,31 @@ fn gradient_checkpointing_is_a_key_and_is_recorded() {
     assert_eq!(TrainConfig::from_layers(None, toml::from_str(&text).unwrap(), Method::Pairs).unwrap(), c);
     assert!(parse("gradient_checkpointing = 1\n").unwrap_err().contains("gradient_checkpointing"));
 }
+
+#[test]
+fn a_stored_base_is_typed_recorded_and_needs_an_adapter() {
+    use engine::quant::Storage;
+    assert_eq!(parse("").unwrap().base_storage, Storage::F32);
+    for (text, want) in [
+        ("lora_r = 4\nquantize = \"nf4\"\n", Storage::Nf4 { double_quant: false }),
+        ("lora_r = 4\nquantize = \"nf4\"\ndouble_quant = true\n", Storage::Nf4 { double_quant: true }),
+        ("lora_r = 4\nbase_dtype = \"bf16\"\n", Storage::Bf16),
+        ("lora_r = 4\nbase_dtype = \"f32\"\n", Storage::F32),
+    ] {
+        let c = parse(text).unwrap();
+        assert_eq!(c.base_storage, want, "{text}");
+        let back = TrainConfig::from_layers(None, toml::from_str(&c.to_toml()).unwrap(), Method::Pairs).unwrap();
+        assert_eq!(back, c, "{text}");
+    }
+    for (text, key) in [
+        ("quantize = \"nf4\"\n", "quantize"),
+        ("base_dtype = \"bf16\"\n", "base_dtype"),
+        ("lora_r = 4\nquantize = \"int8\"\n", "quantize"),
+        ("lora_r = 4\nbase_dtype = \"f16\"\n", "base_dtype"),
+        ("lora_r = 4\ndouble_quant = true\n", "double_quant"),
+        ("lora_r = 4\nquantize = \"nf4\"\nbase_dtype = \"bf16\"\n", "quantize"),
+    ] {
+        let e = parse(text).unwrap_err();
+        assert!(e.contains(key), "{text}: {e}");
+    }
+}

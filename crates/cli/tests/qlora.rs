@@ -1,0 +1,140 @@
+//! QLoRA through the real binary: `dpo train --lora-r 4 --quantize nf4` (and `--base-dtype bf16`) on a
+//! tiny Llama trains an adapter on a stored base, records the setting in config.toml, writes a PEFT
+//! final/, resumes bit-identically, and scores its first step as the f32 base holding the same
+//! (dequantised) weights does; a stored base without an adapter is refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use engine::quant::Storage;
+
+fn base() -> PathBuf {
+    fixtures().join("../more/lora/llama/base")
+}
+
+fn lora_train(model: &Path, run: &Path, storage: &[&str]) -> Command {
+    let mut c = train(model, &prefs(), run);
+    c.args(["--lora-r", "4", "--lora-targets", "all-linear", "--batch-size", "4", "--max-steps", "4"])
+        .args(["--save-every", "2"])
+        .args(storage);
+    c
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+/// `(logps/chosen, logps/rejected)` of a run's first logged step.
+fn first_logps(run: &Path) -> (f64, f64) {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["step"].as_u64(), Some(1), "{first}");
+    (first["logps/chosen"].as_f64().unwrap(), first["logps/rejected"].as_f64().unwrap())
+}
+
+/// The fixture base with its block linears as `storage` holds them, widened back to f32 and saved.
+fn widened_base(storage: Storage, out: &Path) -> PathBuf {
+    let (mut model, frozen) = hf::load_model_stored(&base(), storage).unwrap();
+    frozen.restore_into(&mut model.params);
+    hf::save_model(out, &model.config, &model.params, Some(&base())).unwrap();
+    out.to_path_buf()
+}
+
+fn trains_resumes_and_scores_as_its_widened_base(name: &str, storage: Storage, flags: &[&str], key: &str) {
+    let dir = scratch(name);
+    let run = dir.join("run");
+    succeeds(lora_train(&base(), &run, flags).arg("--merge"));
+    let fin = run.join("final");
+    assert!(fin.join("adapter_config.json").is_file() && !fin.join("model.safetensors").exists());
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains(key), "{config}");
+    let want = adapter_bytes(&fin);
+    let at_step_2 = checkpoints(&run).into_iter().find(|(s, _)| *s == 2).unwrap().1;
+    assert!(adapter_bytes(&at_step_2.join("adapter")) != want, "steps 3 and 4 changed nothing");
+
+    // Resume from the step-2 checkpoint: the same final adapter, bit for bit.
+    std::fs::remove_dir_all(&fin).unwrap();
+    let newest = checkpoints(&run).pop().unwrap();
+    assert_eq!(newest.0, 4);
+    std::fs::remove_dir_all(&newest.1).unwrap();
+    succeeds(dpo().args(["train", "--resume"]).arg(&run));
+    assert!(adapter_bytes(&fin) == want, "the resumed adapter differs");
+
+    // --merge merged into the f32 base read from disk: what `dpo merge` writes from the f32 --model.
+    let merged = dir.join("merged");
+    succeeds(dpo().arg("merge").arg("--model").arg(base()).arg("--adapter").arg(&fin).arg("--output").arg(&merged));
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(weights(&merged) == weights(&run.join("final-merged")), "--merge differs from dpo merge on f32");
+
+    // Step 1 (B = 0: the base's own log-probs) equals an f32 run on the widened weights.
+    let widened = widened_base(storage, &dir.join("widened"));
+    let f32_run = dir.join("f32");
+    succeeds(&mut lora_train(&widened, &f32_run, &[]));
+    let (stored, f32) = (first_logps(&run), first_logps(&f32_run));
+    for (a, b) in [(stored.0, f32.0), (stored.1, f32.1)] {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "first-step log-probs {a} (stored) vs {b} (widened f32)");
+    }
+    // `dpo logps --adapter` with the run's storage flags scores the trained adapter as on the widened base.
+    let logps = |model: &Path, extra: &[&str]| -> Vec<f64> {
+        let mut c = dpo();
+        c.arg("logps").arg("--model").arg(model).arg("--adapter").arg(&fin).arg("--data").arg(prefs()).args(extra);
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let rows = String::from_utf8(out.stdout).unwrap();
+        rows.lines()
+            .flat_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                [v["chosen_logps"].as_f64().unwrap(), v["rejected_logps"].as_f64().unwrap()]
+            })
+            .collect()
+    };
+    let (on_stored, on_widened) = (logps(&base(), flags), logps(&widened, &[]));
+    assert_eq!(on_stored.len(), on_widened.len());
+    for (a, b) in on_stored.iter().zip(&on_widened) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "dpo logps {a} (stored) vs {b} (widened f32)");
+    }
+    // The stored base really is not the f32 one.
+    let plain = dir.join("plain");
+    succeeds(&mut lora_train(&base(), &plain, &[]));
+    assert!(first_logps(&plain) != stored, "storing the base changed no log-prob");
+}
+
+#[test]
+fn a_qlora_nf4_run_trains_resumes_and_scores_as_its_dequantised_base() {
+    let nf4 = Storage::Nf4 { double_quant: false };
+    trains_resumes_and_scores_as_its_widened_base("qlora-nf4", nf4, &["--quantize", "nf4"], "quantize = \"nf4\"");
+}
+
+#[test]
+fn a_double_quant_nf4_run_trains_resumes_and_scores_as_its_dequantised_base() {
+    let dq = Storage::Nf4 { double_quant: true };
+    let flags = ["--quantize", "nf4", "--double-quant"];
+    trains_resumes_and_scores_as_its_widened_base("qlora-nf4-dq", dq, &flags, "double_quant = true");
+}
+
+#[test]
+fn a_bf16_base_run_trains_resumes_and_scores_as_its_widened_base() {
+    let flags = ["--base-dtype", "bf16"];
+    trains_resumes_and_scores_as_its_widened_base("qlora-bf16", Storage::Bf16, &flags, "base_dtype = \"bf16\"");
+}
+
+#[test]
+fn a_stored_base_without_an_adapter_is_refused() {
+    let run = scratch("qlora-refused").join("run");
+    fails(train(&base(), &prefs(), &run).args(["--quantize", "nf4"]), &["quantize", "LoRA run", "lora_r"]);
+    fails(train(&base(), &prefs(), &run).args(["--base-dtype", "bf16"]), &["base_dtype", "LoRA run"]);
+    let mut sft = dpo();
+    sft.args(["sft", "--quantize", "nf4", "--model"]).arg(base()).arg("--data").arg(prefs()).arg("--output").arg(&run);
+    fails(&mut sft, &["quantize", "LoRA run"]);
+    // The two storages exclude each other, and double quantisation is NF4's (clap's usage errors).
+    let usage = |args: &[&str], want: &str| {
+        let out = train(&base(), &prefs(), &run).args(args).output().unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success() && err.contains(want) && !err.contains("panicked"), "{err}");
+    };
+    usage(&["--lora-r", "4", "--quantize", "nf4", "--base-dtype", "bf16"], "cannot be used with");
+    usage(&["--lora-r", "4", "--double-quant"], "--quantize");
+}
