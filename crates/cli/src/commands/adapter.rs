@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use engine::quant::{FrozenLinears, Storage};
-use engine::{Adapter, Model};
+use engine::Adapter;
 
 #[derive(clap::Args, Debug, Default)]
 pub(super) struct AdapterFlag {
@@ -75,18 +75,5 @@ impl StoredBaseFlags {
                 (model, Some(frozen))
             }
         })
-    }
-}
-
-/// `model` (with its stored linears, if any) and `adapter` on it, as a pass reads them.
-pub(super) fn model_view<'a>(
-    model: &'a hf::HfModel,
-    frozen: Option<&'a FrozenLinears>,
-    adapter: Option<&'a Adapter>,
-) -> Model<'a> {
-    let m = Model::new(&model.params, adapter);
-    match frozen {
-        Some(f) => m.with_frozen(f),
-        None => m,
     }
 }

@@ -90,7 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         packing: Packing::SharedPrompt,
         micro_pairs: 0,
     };
-    let policy = super::adapter::model_view(&model, frozen.as_ref(), adapter.as_ref());
+    let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref());
     let metrics = evaluate(&decoder, policy, &workload, a.batch_size, &mut ws)
         .with_context(|| format!("evaluating {}", a.data.display()))?;
     let mut obj = serde_json::Map::new();

@@ -91,7 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&model.config.decoder])?;
     let decoder = Decoder::new(model.config.decoder.clone());
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
-    let policy = super::adapter::model_view(&model, frozen.as_ref(), adapter.as_ref());
+    let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref());
     let scores = score_pairs(&decoder, policy, &examples, packing, a.batch_size, |_| {})
         .with_context(|| format!("scoring {}", a.data.display()))?;
     let bad: Vec<&str> = scores

@@ -49,7 +49,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let adapter = a.adapter.load(&policy)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let decoder = Decoder::new(policy.config.decoder.clone());
-    let policy_model = super::adapter::model_view(&policy, frozen.as_ref(), adapter.as_ref());
+    let policy_model = dpo::train::setup::base_model(&policy, frozen.as_ref(), adapter.as_ref());
     let (reference, ref_name) = match (&a.ref_model, &adapter) {
         (Some(dir), _) => (Reference::load(dir, &policy.config, tok.as_ref())?, dir.display().to_string()),
         (None, Some(_)) => match super::eval::ref_adapter(&a.ref_adapter, &policy)? {

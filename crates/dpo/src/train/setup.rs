@@ -188,21 +188,25 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
         v.extend(cfg.eval_data.clone());
         v
     };
+    // Preference rows of the training file and (if given) the eval file, each checked and non-empty.
+    let mut load_pair_sets = || -> Result<(Vec<Example>, Vec<Example>), TrainError> {
+        let mut sets = Vec::new();
+        for path in paths(cfg) {
+            let loaded = load_pairs(&path, tokenizer.as_ref(), &opts_data)?;
+            log(&format!("{}: {}", path.display(), loaded.stats.summary()));
+            check_vocab(&path, &loaded.examples, vocab)?;
+            check_positions(&path, &loaded.examples, &models)?;
+            if loaded.examples.is_empty() {
+                return Err(TrainError::Invalid(format!("{}: no usable rows left", path.display())));
+            }
+            sets.push(loaded.examples);
+        }
+        let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
+        Ok((sets.pop().unwrap_or_default(), eval))
+    };
     let (data, row_tokens, in_flight) = match &cfg.objective {
         Objective::Pairs(objective) => {
-            let mut sets = Vec::new();
-            for path in paths(cfg) {
-                let loaded = load_pairs(&path, tokenizer.as_ref(), &opts_data)?;
-                log(&format!("{}: {}", path.display(), loaded.stats.summary()));
-                check_vocab(&path, &loaded.examples, vocab)?;
-                check_positions(&path, &loaded.examples, &models)?;
-                if loaded.examples.is_empty() {
-                    return Err(TrainError::Invalid(format!("{}: no usable rows left", path.display())));
-                }
-                sets.push(loaded.examples);
-            }
-            let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
-            let train = sets.pop().unwrap_or_default();
+            let (train, eval) = load_pair_sets()?;
             let packing = if cfg.prefix_sharing { Packing::SharedPrompt } else { Packing::Separate };
             let rows = train.iter().chain(&eval).map(|e| pack_pairs(&[e], packing).batch.len() as u64).collect();
             let in_flight = match cfg.micro_pairs {
@@ -250,19 +254,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
             (Data::Sft { train, eval }, rows, cfg.batch_size)
         }
         Objective::Unlikelihood(u) => {
-            let mut sets = Vec::new();
-            for path in paths(cfg) {
-                let loaded = load_pairs(&path, tokenizer.as_ref(), &opts_data)?;
-                log(&format!("{}: {}", path.display(), loaded.stats.summary()));
-                check_vocab(&path, &loaded.examples, vocab)?;
-                check_positions(&path, &loaded.examples, &models)?;
-                if loaded.examples.is_empty() {
-                    return Err(TrainError::Invalid(format!("{}: no usable rows left", path.display())));
-                }
-                sets.push(loaded.examples);
-            }
-            let eval = if sets.len() > 1 { sets.pop().unwrap_or_default() } else { Vec::new() };
-            let train = sets.pop().unwrap_or_default();
+            let (train, eval) = load_pair_sets()?;
             // Both completions of a row are in flight at once, each after its own copy of the prompt.
             let rows = train.iter().chain(&eval).map(|e| pack_pairs(&[e], Packing::Separate).batch.len() as u64);
             let rows = rows.collect();
@@ -469,7 +461,7 @@ fn attach_reference(
 }
 
 /// `model`'s weights as a pass reads them: with its stored linears, and `adapter` on it.
-fn base_model<'a>(
+pub fn base_model<'a>(
     model: &'a hf::HfModel,
     frozen: Option<&'a FrozenLinears>,
     adapter: Option<&'a Adapter>,
