@@ -17,7 +17,7 @@ use dpo::data::{Example, Packing};
 use dpo::objectives::unlikelihood::UnlikelihoodConfig;
 use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
-use dpo::train::{checkpoint, train, train_sft, Objective, PairObjective, RunOptions, TrainConfig};
+use dpo::train::{checkpoint, train, Objective, PairObjective, RunOptions, TrainConfig};
 
 /// One run of one method (or, for Best-of-N, one sweep over N) and its measured points.
 #[derive(Clone, Debug, Serialize)]
@@ -112,46 +112,17 @@ pub fn dpo(ctx: &Ctx, beta: f64, log: &mut dyn FnMut(&str)) -> Result<(MethodRun
         }),
         ..ctx.train_config(&name, &ctx.plan.dpo)
     };
-    let t = Instant::now();
-    let outcome = train(&cfg, &overwrite(), ctx.stop, log)?;
-    if outcome.interrupted {
-        return Err(DemoError::Interrupted);
-    }
-    let train_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let points = ctx.evaluate_checkpoints(&cfg.output)?;
-    let final_dir = outcome.final_dir.ok_or(DemoError::NoFinalModel { run: "DPO" })?;
+    let (run, final_dir) = train_and_evaluate(ctx, &cfg, "DPO", beta_name(beta), log)?;
+    let final_dir = final_dir.ok_or(DemoError::NoFinalModel { run: "DPO" })?;
     let params = hf::load_model(&final_dir)?.params;
-    let run = MethodRun {
-        method: "DPO".into(),
-        setting: beta_name(beta),
-        points,
-        train_s,
-        eval_s: t.elapsed().as_secs_f64(),
-        dir: Some(ctx.rel(&cfg.output)),
-    };
     Ok((run, params))
 }
 
 /// Preferred-FT: supervised fine-tuning on the chosen completion of every pair.
 pub fn preferred_ft(ctx: &Ctx, log: &mut dyn FnMut(&str)) -> Result<MethodRun, DemoError> {
-    let cfg = ctx.train_config("preferred-ft", &ctx.plan.preferred_ft);
-    let t = Instant::now();
-    let outcome = train_sft(&cfg, &overwrite(), ctx.stop, log)?;
-    if outcome.interrupted {
-        return Err(DemoError::Interrupted);
-    }
-    let train_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let points = ctx.evaluate_checkpoints(&cfg.output)?;
-    Ok(MethodRun {
-        method: "Preferred-FT".into(),
-        setting: format!("lr={}", cfg.lr),
-        points,
-        train_s,
-        eval_s: t.elapsed().as_secs_f64(),
-        dir: Some(ctx.rel(&cfg.output)),
-    })
+    let cfg = TrainConfig { objective: Objective::Sft, ..ctx.train_config("preferred-ft", &ctx.plan.preferred_ft) };
+    let setting = format!("lr={}", cfg.lr);
+    Ok(train_and_evaluate(ctx, &cfg, "Preferred-FT", setting, log)?.0)
 }
 
 /// Unlikelihood: likelihood of the chosen completions, unlikelihood of the rejected ones (the trainer's
@@ -162,22 +133,35 @@ pub fn unlikelihood(ctx: &Ctx, log: &mut dyn FnMut(&str)) -> Result<MethodRun, D
         objective: Objective::Unlikelihood(UnlikelihoodConfig { alpha }),
         ..ctx.train_config("unlikelihood", &ctx.plan.unlikelihood)
     };
+    Ok(train_and_evaluate(ctx, &cfg, "Unlikelihood", format!("alpha={alpha}"), log)?.0)
+}
+
+/// Trains `cfg` (a fresh run, replacing an old one) and evaluates its checkpoints: the method's run and
+/// its final model's directory.
+fn train_and_evaluate(
+    ctx: &Ctx,
+    cfg: &TrainConfig,
+    method: &str,
+    setting: String,
+    log: &mut dyn FnMut(&str),
+) -> Result<(MethodRun, Option<PathBuf>), DemoError> {
     let t = Instant::now();
-    let outcome = train(&cfg, &overwrite(), ctx.stop, log)?;
+    let outcome = train(cfg, &overwrite(), ctx.stop, log)?;
     if outcome.interrupted {
         return Err(DemoError::Interrupted);
     }
     let train_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let points = ctx.evaluate_checkpoints(&cfg.output)?;
-    Ok(MethodRun {
-        method: "Unlikelihood".into(),
-        setting: format!("alpha={alpha}"),
+    let run = MethodRun {
+        method: method.into(),
+        setting,
         points,
         train_s,
         eval_s: t.elapsed().as_secs_f64(),
         dir: Some(ctx.rel(&cfg.output)),
-    })
+    };
+    Ok((run, outcome.final_dir))
 }
 
 /// How often an implicit reward `beta * log(pi/ref)` ranks a held-out pair as the ground truth does.
