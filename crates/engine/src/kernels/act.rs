@@ -304,9 +304,25 @@ pub fn swiglu_forward(out: &mut [f32], gate_up: &[f32], rows: usize, ff: usize) 
 
 /// Backward of [`swiglu_forward`]: `d_gate_up: [rows, 2 ff]` is overwritten.
 pub fn swiglu_backward(d_gate_up: &mut [f32], dout: &[f32], gate_up: &[f32], rows: usize, ff: usize) {
+    gated_backward("swiglu_backward", d_gate_up, dout, gate_up, rows, ff, |dg, du, dy, gate, up| {
+        swiglu_bwd_row(dg, du, dy, gate, up)
+    });
+}
+
+/// The row loop of a gated MLP's backward: per row, `row(d_gate, d_up, dout, gate, up)` with
+/// `d_gate, d_up, dout, gate, up: [ff]`, rows in parallel.
+fn gated_backward(
+    name: &str,
+    d_gate_up: &mut [f32],
+    dout: &[f32],
+    gate_up: &[f32],
+    rows: usize,
+    ff: usize,
+    row: impl Fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]) + Sync,
+) {
     assert!(
         d_gate_up.len() == rows * 2 * ff && dout.len() == rows * ff && gate_up.len() == rows * 2 * ff,
-        "swiglu_backward: shapes"
+        "{name}: shapes"
     );
     if ff == 0 {
         return;
@@ -318,7 +334,8 @@ pub fn swiglu_backward(d_gate_up: &mut [f32], dout: &[f32], gate_up: &[f32], row
         .with_min_len(rows_per_task(ff))
         .for_each(|((dgu, dy), gu)| {
             let (dg, du) = dgu.split_at_mut(ff);
-            swiglu_bwd_row(dg, du, dy, &gu[..ff], &gu[ff..]);
+            let (gate, up) = gu.split_at(ff);
+            row(dg, du, dy, gate, up);
         });
 }
 
@@ -337,27 +354,13 @@ pub fn geglu_tanh_forward(out: &mut [f32], gate_up: &[f32], rows: usize, ff: usi
 
 /// Backward of [`geglu_tanh_forward`]: `d_gate_up: [rows, 2 ff]` is overwritten.
 pub fn geglu_tanh_backward(d_gate_up: &mut [f32], dout: &[f32], gate_up: &[f32], rows: usize, ff: usize) {
-    assert!(
-        d_gate_up.len() == rows * 2 * ff && dout.len() == rows * ff && gate_up.len() == rows * 2 * ff,
-        "geglu_tanh_backward: shapes"
-    );
-    if ff == 0 {
-        return;
-    }
-    d_gate_up
-        .par_chunks_mut(2 * ff)
-        .zip(dout.par_chunks(ff))
-        .zip(gate_up.par_chunks(2 * ff))
-        .with_min_len(rows_per_task(ff))
-        .for_each(|((dgu, dy), gu)| {
-            let (dg, du) = dgu.split_at_mut(ff);
-            let (gate, up) = gu.split_at(ff);
-            // out = gelu(g) u:  d/du = gelu(g);  d/dg = u gelu'(g). `du` first holds dy * u.
-            du.iter_mut().zip(dy).zip(up).for_each(|((d, &y), &u)| *d = y * u);
-            gelu_tanh_bwd_k(dg, du, gate);
-            gelu_tanh_fwd_k(du, gate);
-            du.iter_mut().zip(dy).for_each(|(d, &y)| *d *= y);
-        });
+    gated_backward("geglu_tanh_backward", d_gate_up, dout, gate_up, rows, ff, |dg, du, dy, gate, up| {
+        // out = gelu(g) u:  d/du = gelu(g);  d/dg = u gelu'(g). `du` first holds dy * u.
+        du.iter_mut().zip(dy).zip(up).for_each(|((d, &y), &u)| *d = y * u);
+        gelu_tanh_bwd_k(dg, du, gate);
+        gelu_tanh_fwd_k(du, gate);
+        du.iter_mut().zip(dy).for_each(|(d, &y)| *d *= y);
+    });
 }
 
 #[cfg(test)]
