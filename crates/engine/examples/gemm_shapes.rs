@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use dpo_engine::kernels::{init_threads, matmul, Accumulate};
+use dpo_engine::kernels::{init_threads, matmul, Accumulate, Precision};
 
 fn main() {
     init_threads(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
@@ -27,11 +27,11 @@ fn main() {
         let a = vec![0.01f32; m * k];
         let b = vec![0.02f32; k * nn];
         let mut c = vec![0.0f32; m * nn];
-        matmul(&mut c, &a, &b, m, nn, k, a_t, b_t, Accumulate::Overwrite);
+        matmul(&mut c, &a, &b, m, nn, k, a_t, b_t, Accumulate::Overwrite, Precision::F32);
         let reps = 3;
         let t = Instant::now();
         for _ in 0..reps {
-            matmul(&mut c, &a, &b, m, nn, k, a_t, b_t, Accumulate::Add);
+            matmul(&mut c, &a, &b, m, nn, k, a_t, b_t, Accumulate::Add, Precision::F32);
         }
         let s = t.elapsed().as_secs_f64() / reps as f64;
         println!("{label}: {:.1} GFLOP/s", 2.0 * (m * nn * k) as f64 / s / 1e9);

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use dpo_engine::kernels::{init_threads, Accumulate};
+use dpo_engine::kernels::{init_threads, Accumulate, Precision};
 use dpo_engine::quant::{Matrix, Storage};
 
 fn main() {
@@ -43,8 +43,8 @@ fn main() {
         let m = Matrix::new(w.clone(), out, inp, storage).unwrap();
         let mut y = vec![0.0; n * out];
         let mut dx = vec![0.0; n * inp];
-        let fwd = median_secs(|| m.linear_forward(&mut y, &x, None, n));
-        let bwd = median_secs(|| m.linear_input_grad(&mut dx, &dy, n, Accumulate::Overwrite));
+        let fwd = median_secs(|| m.linear_forward(&mut y, &x, None, n, Precision::F32));
+        let bwd = median_secs(|| m.linear_input_grad(&mut dx, &dy, n, Accumulate::Overwrite, Precision::F32));
         let mib = m.bytes() as f64 / (1 << 20) as f64;
         let rate = |(wall, cpu): (f64, f64)| format!("{:.1} / {:.1}", flops / wall / 1e9, flops / cpu / 1e9);
         println!("{name:<12} {mib:>8.2} {:>22} {:>22}", rate(fwd), rate(bwd));

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use super::act::{dot_lanes, exp_f32, max_lanes, multiversion, sum_lanes};
 use super::matmul::{gemm_view, View};
+use super::precision::Precision;
 use crate::batch::Span;
 
 /// Shape of one attention layer. `qkv` rows hold the query heads, then the key heads, then the value
@@ -44,6 +45,10 @@ impl AttnDims {
         self.n_heads / self.n_kv_heads
     }
 }
+
+/// Attention's products stay f32 whatever the pass's precision: at the lengths trained here (a few hundred
+/// tokens) they are a few percent of a step's FLOPs, and f32 scores keep the softmax as exact as before.
+const ATTN_PRECISION: Precision = Precision::F32;
 
 /// Query rows per block.
 pub const BQ: usize = 64;
@@ -197,7 +202,20 @@ impl Geo {
         for (k0, n, c0) in b.parts() {
             let rhs = View { ptr: qkv.as_ptr().add(k0 * self.qd + self.koff), rs: 1, cs: self.qd as isize };
             let lhs = View { ptr: qs.as_ptr(), rs: self.hd as isize, cs: 1 };
-            gemm_view(m, n, self.hd, s.as_mut_ptr().add(c0), nk as isize, 1, false, lhs, rhs, 1.0, false);
+            gemm_view(
+                m,
+                n,
+                self.hd,
+                s.as_mut_ptr().add(c0),
+                nk as isize,
+                1,
+                false,
+                lhs,
+                rhs,
+                1.0,
+                false,
+                ATTN_PRECISION,
+            );
         }
     }
 
@@ -212,7 +230,20 @@ impl Geo {
             let lhs = View { ptr: p.as_ptr().add(c0), rs: nk as isize, cs: 1 };
             let rhs = View { ptr: qkv.as_ptr().add(k0 * self.qd + xoff), rs: self.qd as isize, cs: 1 };
             // The first part overwrites (zero-fills when it has no keys), the second accumulates.
-            gemm_view(m, self.hd, n, dst.as_mut_ptr(), self.hd as isize, 1, part > 0, lhs, rhs, 1.0, false);
+            gemm_view(
+                m,
+                self.hd,
+                n,
+                dst.as_mut_ptr(),
+                self.hd as isize,
+                1,
+                part > 0,
+                lhs,
+                rhs,
+                1.0,
+                false,
+                ATTN_PRECISION,
+            );
         }
     }
 }
@@ -397,7 +428,20 @@ pub fn attention_backward(
                     let lhs = View { ptr: dos.as_ptr(), rs: hd as isize, cs: 1 };
                     let rhs = unsafe { View { ptr: qkv.as_ptr().add(k0 * qd + geo.voff), rs: 1, cs: qd as isize } };
                     unsafe {
-                        gemm_view(m, nkp, hd, dp.as_mut_ptr().add(c0), nk as isize, 1, false, lhs, rhs, 1.0, false)
+                        gemm_view(
+                            m,
+                            nkp,
+                            hd,
+                            dp.as_mut_ptr().add(c0),
+                            nk as isize,
+                            1,
+                            false,
+                            lhs,
+                            rhs,
+                            1.0,
+                            false,
+                            ATTN_PRECISION,
+                        )
                     };
                 }
                 for (mi, (g, p)) in dp[..m * nk].chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate() {
@@ -429,6 +473,7 @@ pub fn attention_backward(
                                 rhs,
                                 1.0,
                                 false,
+                                ATTN_PRECISION,
                             )
                         };
                     }

@@ -12,6 +12,7 @@ use super::matmul::{
     matmul,
     Accumulate::{Add, Overwrite},
 };
+use super::precision::Precision;
 use crate::batch::Target;
 
 /// Targets per chunk: large enough for an efficient GEMM (`[256, d] x [d, V]`), small enough that the
@@ -105,8 +106,9 @@ pub fn logprob_head_forward(
     targets: &[Target],
     d: usize,
     vocab: usize,
+    prec: Precision,
 ) {
-    head_forward_chunked(logp, lse, logit_sum, hidden, w, b, targets, d, vocab, HEAD_CHUNK);
+    head_forward_chunked(logp, lse, logit_sum, hidden, w, b, targets, d, vocab, HEAD_CHUNK, prec);
 }
 
 /// `logits[c, V] += b` row by row.
@@ -129,6 +131,7 @@ fn head_forward_chunked(
     d: usize,
     vocab: usize,
     chunk: usize,
+    prec: Precision,
 ) {
     let nt = targets.len();
     assert!(logp.len() == nt && lse.len() == nt, "logprob_head_forward: logp and lse must be [targets]");
@@ -147,7 +150,7 @@ fn head_forward_chunked(
             let c = tg.len();
             gather(&mut h[..c * d], hidden, tg, d);
             // [c, V] = [c, d] . [V, d]^T
-            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite);
+            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite, prec);
             add_bias(&mut logits[..c * vocab], b, vocab);
             // (logp, lse, sum of logits) per row
             let stats: Vec<(f32, f32, f32)> = logits[..c * vocab]
@@ -187,8 +190,9 @@ pub fn logprob_head_backward(
     targets: &[Target],
     d: usize,
     vocab: usize,
+    prec: Precision,
 ) {
-    head_backward_chunked(dhidden, dw, db, dlogp, lse, hidden, w, b, targets, d, vocab, HEAD_CHUNK);
+    head_backward_chunked(dhidden, dw, db, dlogp, lse, hidden, w, b, targets, d, vocab, HEAD_CHUNK, prec);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -205,6 +209,7 @@ fn head_backward_chunked(
     d: usize,
     vocab: usize,
     chunk: usize,
+    prec: Precision,
 ) {
     let nt = targets.len();
     assert!(dlogp.len() == nt && lse.len() == nt, "logprob_head_backward: dlogp and lse must be [targets]");
@@ -228,7 +233,7 @@ fn head_backward_chunked(
                 continue; // nothing flows back through this chunk
             }
             gather(&mut h[..c * d], hidden, tg, d);
-            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite);
+            matmul(&mut logits[..c * vocab], &h[..c * d], w, c, vocab, d, false, true, Overwrite, prec);
             add_bias(&mut logits[..c * vocab], b, vocab);
             logits[..c * vocab].par_chunks_mut(vocab).zip(tg).zip(g).zip(&lse[c0..c0 + c]).for_each(
                 |(((row, t), &g), &l)| {
@@ -237,7 +242,7 @@ fn head_backward_chunked(
                 },
             );
             // [c, d] = [c, V] . [V, d]
-            matmul(&mut dh[..c * d], &logits[..c * vocab], w, c, d, vocab, false, false, Overwrite);
+            matmul(&mut dh[..c * d], &logits[..c * vocab], w, c, d, vocab, false, false, Overwrite, prec);
             for (row, t) in dh.chunks_exact(d).zip(tg) {
                 let p = t.pos as usize;
                 dhidden[p * d..(p + 1) * d].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
@@ -250,19 +255,19 @@ fn head_backward_chunked(
             }
             if let Some(dw) = dw.as_deref_mut() {
                 // [V, d] += [c, V]^T . [c, d]
-                matmul(dw, &logits[..c * vocab], &h[..c * d], vocab, d, c, true, false, Add);
+                matmul(dw, &logits[..c * vocab], &h[..c * d], vocab, d, c, true, false, Add, prec);
             }
         }
     });
 }
 
-/// `out[rows, V] = hidden_rows[rows, d] . W[V, d]^T` (full logits, for sampling).
+/// `out[rows, V] = hidden_rows[rows, d] . W[V, d]^T` in f32 (full logits, for tests of sampling).
 pub fn logits_forward(out: &mut [f32], hidden_rows: &[f32], w: &[f32], d: usize, vocab: usize) {
     assert_eq!(w.len(), vocab * d, "logits_forward: W is not [vocab, d]");
     let rows = hidden_rows.len().checked_div(d).unwrap_or_else(|| out.len().checked_div(vocab).unwrap_or(0));
     assert_eq!(hidden_rows.len(), rows * d, "logits_forward: hidden_rows is not [rows, d]");
     assert_eq!(out.len(), rows * vocab, "logits_forward: out is not [rows, vocab]");
-    matmul(out, hidden_rows, w, rows, vocab, d, false, true, Overwrite);
+    matmul(out, hidden_rows, w, rows, vocab, d, false, true, Overwrite, Precision::F32);
 }
 
 #[cfg(test)]
@@ -306,7 +311,19 @@ mod tests {
         let sum_w: Vec<f64> = rows.iter().map(|r| r.iter().sum()).collect();
         for chunk in [HEAD_CHUNK, 16, 7, 1] {
             let (mut lp, mut lse, mut sum) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt]);
-            head_forward_chunked(&mut lp, &mut lse, Some(&mut sum), &hidden, &w, None, &targets, d, v, chunk);
+            head_forward_chunked(
+                &mut lp,
+                &mut lse,
+                Some(&mut sum),
+                &hidden,
+                &w,
+                None,
+                &targets,
+                d,
+                v,
+                chunk,
+                Precision::F32,
+            );
             assert_close("logp", &lp, &lp_w, 1e-5, 1.0);
             assert_close("lse", &lse, &lse_w, 1e-5, 1.0);
             assert_close("logit sum", &sum, &sum_w, 1e-5, 1.0);
@@ -316,7 +333,7 @@ mod tests {
         let (hidden, w, targets) = setup(n, d, v, nt, 32);
         let (_, _, lp_w) = naive(&hidden, &w, &targets, d, v);
         let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
-        logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v);
+        logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v, Precision::F32);
         assert_close("logp (public)", &lp, &lp_w, 1e-5, 1.0);
     }
 
@@ -328,7 +345,7 @@ mod tests {
         let mut g = rng.vec(nt, 1.0);
         g[3] = 0.0;
         let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
-        logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v);
+        logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v, Precision::F32);
         // L = sum_t g_t logp_t, differentiated numerically in f64.
         let loss = |h: &[f64], w: &[f64]| -> f64 {
             targets
@@ -363,11 +380,39 @@ mod tests {
         for chunk in [HEAD_CHUNK, 4, 1] {
             let mut dh = vec![1.0f32; n * d];
             let mut dw = vec![-1.0f32; v * d];
-            head_backward_chunked(&mut dh, Some(&mut dw), None, &g, &lse, &hidden, &w, None, &targets, d, v, chunk);
+            head_backward_chunked(
+                &mut dh,
+                Some(&mut dw),
+                None,
+                &g,
+                &lse,
+                &hidden,
+                &w,
+                None,
+                &targets,
+                d,
+                v,
+                chunk,
+                Precision::F32,
+            );
             assert_close(&format!("dhidden chunk {chunk}"), &dh, &gh, 1e-4, 1e-2);
             assert_close(&format!("dw chunk {chunk}"), &dw, &gw, 1e-4, 1e-2);
             let mut dh2 = vec![1.0f32; n * d];
-            head_backward_chunked(&mut dh2, None, None, &g, &lse, &hidden, &w, None, &targets, d, v, chunk);
+            head_backward_chunked(
+                &mut dh2,
+                None,
+                None,
+                &g,
+                &lse,
+                &hidden,
+                &w,
+                None,
+                &targets,
+                d,
+                v,
+                chunk,
+                Precision::F32,
+            );
             assert_eq!(dh, dh2);
         }
     }

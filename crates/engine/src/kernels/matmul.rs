@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use super::act::{rows_per_task, CHUNK};
+use super::precision::Precision;
 use super::threads::num_threads;
 
 /// Products with more multiply-adds than this use the thread pool; smaller ones run on the caller.
@@ -37,7 +38,7 @@ pub(crate) struct View {
 }
 
 /// `dst[m, n] = (dst if accumulate) + alpha * lhs[m, k] . rhs[k, n]` on strided views, single-threaded
-/// unless `parallel`.
+/// unless `parallel`, with the operands rounded as `prec` says.
 ///
 /// # Safety
 /// Every element the views address for these sizes must be in bounds (and `dst`'s writable, not aliased
@@ -55,7 +56,11 @@ pub(crate) unsafe fn gemm_view(
     rhs: View,
     alpha: f32,
     parallel: bool,
+    prec: Precision,
 ) {
+    if prec == Precision::Bf16 {
+        return bf16_emulated(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, alpha, parallel);
+    }
     #[cfg(target_arch = "x86_64")]
     if dst_cs == 1 && alpha == 1.0 && use_sgemm(m, n, k) {
         let strides = [dst_rs, lhs.rs, lhs.cs, rhs.rs, rhs.cs];
@@ -74,6 +79,37 @@ pub(crate) unsafe fn gemm_view(
     );
 }
 
+/// [`gemm_view`] in bf16, for now by rounding copies of both operands and running the f32 product on them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn bf16_emulated(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    alpha: f32,
+    parallel: bool,
+) {
+    let round = |v: View, rows: usize, cols: usize| -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            for j in 0..cols {
+                let x = *v.ptr.offset(i as isize * v.rs + j as isize * v.cs);
+                out.push(crate::quant::bf16::to_f32(crate::quant::bf16::from_f32(x)));
+            }
+        }
+        out
+    };
+    let (a, b) = (round(lhs, m, k), round(rhs, k, n));
+    let a_view = View { ptr: a.as_ptr(), rs: k as isize, cs: 1 };
+    let b_view = View { ptr: b.as_ptr(), rs: n as isize, cs: 1 };
+    gemm_view(m, n, k, dst, dst_rs, dst_cs, accumulate, a_view, b_view, alpha, parallel, Precision::F32);
+}
+
 /// `C[m, n] (= or +=, per acc) op(A) . op(B)`. `A` is stored `[m, k]` (`[k, m]` when `a_t`), `B` is
 /// stored `[k, n]` (`[n, k]` when `b_t`). Uses the thread pool for large products.
 #[allow(clippy::too_many_arguments)]
@@ -87,6 +123,7 @@ pub fn matmul(
     a_t: bool,
     b_t: bool,
     acc: Accumulate,
+    prec: Precision,
 ) {
     assert_eq!(c.len(), m * n, "matmul: C is not [m, n]");
     assert_eq!(a.len(), m * k, "matmul: A has the wrong size");
@@ -98,7 +135,7 @@ pub fn matmul(
     let lhs = if a_t { View { ptr: a.as_ptr(), rs: 1, cs: m_ } } else { View { ptr: a.as_ptr(), rs: k_, cs: 1 } };
     let rhs = if b_t { View { ptr: b.as_ptr(), rs: 1, cs: k_ } } else { View { ptr: b.as_ptr(), rs: n_, cs: 1 } };
     // SAFETY: the lengths were checked against the shapes, `c` is borrowed mutably and so not aliased.
-    unsafe { gemm_view(m, n, k, c.as_mut_ptr(), n_, 1, acc == Accumulate::Add, lhs, rhs, 1.0, true) };
+    unsafe { gemm_view(m, n, k, c.as_mut_ptr(), n_, 1, acc == Accumulate::Add, lhs, rhs, 1.0, true, prec) };
 }
 
 /// A row-major matrix of `ld` floats per row, of which a product reads or writes the columns from `col`
@@ -153,6 +190,7 @@ pub fn matmul_cols(
     (m, n, k): (usize, usize, usize),
     alpha: f32,
     acc: Accumulate,
+    prec: Precision,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -164,11 +202,12 @@ pub fn matmul_cols(
     // is borrowed mutably, so not aliased by `a` or `b`, and `dst` derives from that exclusive borrow.
     unsafe {
         let dst = c.as_mut_ptr().add(c_col);
-        gemm_view(m, n, k, dst, c_ld as isize, 1, acc == Accumulate::Add, lhs, rhs, alpha, true)
+        gemm_view(m, n, k, dst, c_ld as isize, 1, acc == Accumulate::Add, lhs, rhs, alpha, true, prec)
     };
 }
 
-/// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])` (PyTorch's `nn.Linear` layout).
+/// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])` (PyTorch's `nn.Linear` layout), the product in `prec`.
+#[allow(clippy::too_many_arguments)]
 pub fn linear_forward(
     y: &mut [f32],
     x: &[f32],
@@ -177,6 +216,7 @@ pub fn linear_forward(
     rows: usize,
     in_dim: usize,
     out_dim: usize,
+    prec: Precision,
 ) {
     assert_eq!(y.len(), rows * out_dim, "linear_forward: y is not [rows, out]");
     if let Some(b) = b {
@@ -187,7 +227,7 @@ pub fn linear_forward(
     }
     // The bias rows are already in y: add the product to them.
     let acc = if b.is_some() { Accumulate::Add } else { Accumulate::Overwrite };
-    matmul(y, x, w, rows, out_dim, in_dim, false, true, acc);
+    matmul(y, x, w, rows, out_dim, in_dim, false, true, acc, prec);
 }
 
 /// Whether a kernel overwrites its output (`=`) or adds to it (`+=`).
@@ -215,6 +255,7 @@ pub struct LinearGrads<'a> {
 /// Backward of [`linear_forward`] on the layer `w` (`[out, inp]`) that read `x` (`[rows, inp]`):
 /// `dx[rows, inp] (= or +=, per dx_mode) dy . W`, `grads.w += dy^T . x`, `grads.b += column sums of dy`.
 /// Absent outputs are skipped.
+#[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     dx: Option<&mut [f32]>,
     dx_mode: Accumulate,
@@ -223,15 +264,16 @@ pub fn linear_backward(
     x: &[f32],
     w: &[f32],
     dims: LinearDims,
+    prec: Precision,
 ) {
     let LinearDims { rows, inp: in_dim, out: out_dim } = dims;
     assert_eq!(dy.len(), rows * out_dim, "linear_backward: dy is not [rows, out]");
     if let Some(dx) = dx {
-        matmul(dx, dy, w, rows, in_dim, out_dim, false, false, dx_mode);
+        matmul(dx, dy, w, rows, in_dim, out_dim, false, false, dx_mode, prec);
     }
     let LinearGrads { w: dw, b: db } = grads;
     if let Some(dw) = dw {
-        matmul(dw, dy, x, out_dim, in_dim, rows, true, false, Accumulate::Add);
+        matmul(dw, dy, x, out_dim, in_dim, rows, true, false, Accumulate::Add, prec);
     }
     if let Some(db) = db {
         assert_eq!(db.len(), out_dim, "linear_backward: db is not [out]");
@@ -314,7 +356,7 @@ mod tests {
                         let c0 = rng.vec(m * n, 1.0);
                         let add = acc == Accumulate::Add;
                         let mut c = if add { c0.clone() } else { vec![f32::NAN; m * n] };
-                        matmul(&mut c, &a, &b, m, n, k, a_t, b_t, acc);
+                        matmul(&mut c, &a, &b, m, n, k, a_t, b_t, acc, Precision::F32);
                         let mut want = naive(&a, &b, m, n, k, a_t, b_t);
                         if add {
                             want.iter_mut().zip(&c0).for_each(|(w, &c)| *w += c as f64);
@@ -326,7 +368,7 @@ mod tests {
         }
         // k = 0: overwrite gives zeros, accumulate leaves C.
         let mut c = vec![f32::NAN; 6];
-        matmul(&mut c, &[], &[], 2, 3, 0, false, false, Accumulate::Overwrite);
+        matmul(&mut c, &[], &[], 2, 3, 0, false, false, Accumulate::Overwrite, Precision::F32);
         assert_eq!(c, vec![0.0; 6]);
     }
 
@@ -351,7 +393,7 @@ mod tests {
                     let c0 = rng.vec(m * 11, 1.0);
                     let mut c = c0.clone();
                     let (av, bv) = (Cols { data: &a_wide, ld: 9, col: a_col }, Cols { data: &b_wide, ld: 13, col: 2 });
-                    matmul_cols(&mut c, 11, 3, av, a_t, bv, b_t, (m, n, k), alpha, acc);
+                    matmul_cols(&mut c, 11, 3, av, a_t, bv, b_t, (m, n, k), alpha, acc, Precision::F32);
                     let prod = naive(&a, &b, m, n, k, a_t, b_t);
                     let mut want: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
                     for i in 0..m {
@@ -371,7 +413,19 @@ mod tests {
     fn matmul_cols_refuses_a_block_past_the_row() {
         let (a, b) = (vec![1.0f32; 8], vec![1.0f32; 8]);
         let mut c = vec![0.0f32; 8];
-        matmul_cols(&mut c, 4, 3, Cols::all(&a, 2), false, Cols::all(&b, 2), false, (4, 2, 2), 1.0, Accumulate::Add);
+        matmul_cols(
+            &mut c,
+            4,
+            3,
+            Cols::all(&a, 2),
+            false,
+            Cols::all(&b, 2),
+            false,
+            (4, 2, 2),
+            1.0,
+            Accumulate::Add,
+            Precision::F32,
+        );
     }
 
     #[test]
@@ -386,7 +440,7 @@ mod tests {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 pool.install(|| {
                     let mut c = vec![f32::NAN; m * n];
-                    matmul(&mut c, &a, &b, m, n, k, a_t, b_t, Accumulate::Overwrite);
+                    matmul(&mut c, &a, &b, m, n, k, a_t, b_t, Accumulate::Overwrite, Precision::F32);
                     c
                 })
             };
@@ -404,7 +458,7 @@ mod tests {
             let w = rng.vec(o * i, 1.0);
             let b = rng.vec(o, 1.0);
             let mut y = vec![f32::NAN; rows * o];
-            linear_forward(&mut y, &x, &w, Some(&b), rows, i, o);
+            linear_forward(&mut y, &x, &w, Some(&b), rows, i, o, Precision::F32);
             let mut want = naive(&x, &w, rows, o, i, false, true);
             for r in 0..rows {
                 for j in 0..o {
@@ -413,7 +467,7 @@ mod tests {
             }
             assert_close("linear forward", &y, &want, 1e-5, 1.0);
             let mut y2 = vec![f32::NAN; rows * o];
-            linear_forward(&mut y2, &x, &w, None, rows, i, o);
+            linear_forward(&mut y2, &x, &w, None, rows, i, o, Precision::F32);
             assert_close("linear forward no bias", &y2, &naive(&x, &w, rows, o, i, false, true), 1e-5, 1.0);
 
             let dy = rng.vec(rows * o, 1.0);
@@ -422,7 +476,7 @@ mod tests {
             let mut db = vec![3.0f32; o];
             let dims = LinearDims { rows, inp: i, out: o };
             let grads = LinearGrads { w: Some(&mut dw), b: Some(&mut db) };
-            linear_backward(Some(&mut dx), Accumulate::Add, grads, &dy, &x, &w, dims);
+            linear_backward(Some(&mut dx), Accumulate::Add, grads, &dy, &x, &w, dims, Precision::F32);
             let gx: Vec<f64> = naive(&dy, &w, rows, i, o, false, false).iter().map(|v| v + 1.0).collect();
             let gw: Vec<f64> = naive(&dy, &x, o, i, rows, true, false).iter().map(|v| v + 2.0).collect();
             let gb: Vec<f64> = (0..o).map(|j| 3.0 + (0..rows).map(|r| dy[r * o + j] as f64).sum::<f64>()).collect();
@@ -431,7 +485,7 @@ mod tests {
             assert_close("linear db", &db, &gb, 1e-5, 1.0);
             let mut dx2 = vec![f32::NAN; rows * i];
             let no_grads = LinearGrads { w: None, b: None };
-            linear_backward(Some(&mut dx2), Accumulate::Overwrite, no_grads, &dy, &x, &w, dims);
+            linear_backward(Some(&mut dx2), Accumulate::Overwrite, no_grads, &dy, &x, &w, dims, Precision::F32);
             assert_close("linear dx overwrite", &dx2, &naive(&dy, &w, rows, i, o, false, false), 1e-5, 1.0);
         }
     }

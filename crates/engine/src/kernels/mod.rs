@@ -13,6 +13,7 @@ pub mod embed;
 pub mod head;
 pub mod matmul;
 pub mod norm;
+pub mod precision;
 pub mod rope;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
@@ -25,5 +26,6 @@ pub use embed::*;
 pub use head::*;
 pub use matmul::*;
 pub use norm::*;
+pub use precision::*;
 pub use rope::*;
 pub use threads::*;

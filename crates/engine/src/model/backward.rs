@@ -3,7 +3,6 @@
 
 use crate::batch::Batch;
 use crate::kernels as k;
-use crate::params::Params;
 
 use super::acts::{fit, Activations, Keep, PendingEmbeddingGrads};
 use super::block::Attend;
@@ -53,7 +52,7 @@ impl Decoder {
         dhidden.clear();
         dhidden.resize(b.len() * self.cfg.hidden, 0.0);
         let result = self
-            .head_backward_inner(model.base, b, acts, dlogp, grads, &mut dhidden)
+            .head_backward_inner(model, b, acts, dlogp, grads, &mut dhidden)
             .and_then(|_| self.backward_inner(model, b, acts, &dhidden, grads, pending));
         acts.dhidden = dhidden;
         result
@@ -73,12 +72,12 @@ impl Decoder {
     ) -> Result<(), EngineError> {
         let (model, mut grads) = (model.into(), grads.into());
         grads.check(&model)?;
-        self.head_backward_inner(model.base, b, acts, dlogp, &mut grads, dhidden)
+        self.head_backward_inner(model, b, acts, dlogp, &mut grads, dhidden)
     }
 
     fn head_backward_inner(
         &self,
-        p: &Params,
+        model: Model,
         b: &Batch,
         acts: &Activations,
         dlogp: &[f32],
@@ -108,11 +107,12 @@ impl Decoder {
             dlogp,
             &acts.head_lse,
             &acts.hidden,
-            &p.head().data,
-            bias(&p.b_head),
+            &model.base.head().data,
+            bias(&model.base.b_head),
             &b.targets,
             self.cfg.hidden,
             self.cfg.vocab_size,
+            model.precision,
         );
         Ok(())
     }

@@ -84,7 +84,7 @@ impl Decoder {
         let packed = matches!(attend, Attend::Packed { .. });
         // y[n, out] = x[n, in] W^T + b, W the site's weight (f32 or stored), [out, in].
         let linear = |site: Site, y: &mut [f32], x: &[f32], b, inp, out| {
-            lp.weight(site).forward(y, x, b, LinearDims { rows: n, inp, out }, packed)
+            lp.weight(site).forward(y, x, b, LinearDims { rows: n, inp, out }, packed, lp.precision)
         };
         la.lora.begin(adapter);
         fit(&mut la.qkv, n * qkv_dim);
@@ -219,14 +219,14 @@ impl Decoder {
         act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
         let grads = linear_grads(base.as_deref_mut(), Site::MlpOut);
         let dims = LinearDims { rows: n, inp: ff, out: d };
-        lp.weight(Site::MlpOut).backward(&mut s.dact, grads, dmlp_out, &s.act, dims);
+        lp.weight(Site::MlpOut).backward(&mut s.dact, grads, dmlp_out, &s.act, dims, lp.precision);
         if let Some(pg) = &mut pairs {
             pg.site(Site::MlpOut, &mut s.lora, &s.act, dmlp_out, &mut s.dact, n);
         }
         act_backward(cfg.mlp, &mut s.dpre, &s.dact, &la.mlp_pre, n, ff);
         let grads = linear_grads(base.as_deref_mut(), Site::MlpIn);
         let dims = LinearDims { rows: n, inp: d, out: mlp_in };
-        lp.weight(Site::MlpIn).backward(&mut s.dh, grads, &s.dpre, &s.h, dims);
+        lp.weight(Site::MlpIn).backward(&mut s.dh, grads, &s.dpre, &s.h, dims, lp.precision);
         if let Some(pg) = &mut pairs {
             pg.site(Site::MlpIn, &mut s.lora, &s.h, &s.dpre, &mut s.dh, n);
         }
@@ -250,7 +250,7 @@ impl Decoder {
         let do_proj = if cfg.post_norms { &s.dh } else { &s.dx };
         let grads = linear_grads(base.as_deref_mut(), Site::AttnOut);
         let dims = LinearDims { rows: n, inp: attn_dim, out: d };
-        lp.weight(Site::AttnOut).backward(&mut s.dattn, grads, do_proj, &la.attn, dims);
+        lp.weight(Site::AttnOut).backward(&mut s.dattn, grads, do_proj, &la.attn, dims, lp.precision);
         if let Some(pg) = &mut pairs {
             pg.site(Site::AttnOut, &mut s.lora, &la.attn, do_proj, &mut s.dattn, n);
         }
@@ -277,7 +277,7 @@ impl Decoder {
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
         let grads = linear_grads(base.as_deref_mut(), Site::Qkv);
         let dims = LinearDims { rows: n, inp: d, out: qkv_dim };
-        lp.weight(Site::Qkv).backward(&mut s.dh, grads, &s.dqkv, &s.h, dims);
+        lp.weight(Site::Qkv).backward(&mut s.dh, grads, &s.dqkv, &s.h, dims, lp.precision);
         if let Some(pg) = &mut pairs {
             pg.site(Site::Qkv, &mut s.lora, &s.h, &s.dqkv, &mut s.dh, n);
         }

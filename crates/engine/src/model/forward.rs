@@ -90,7 +90,8 @@ impl Decoder {
 
     /// Log-probs at the batch's targets from `acts.hidden` (after [`Decoder::forward`]).
     pub fn head_forward<'m>(&self, model: impl Into<Model<'m>>, b: &Batch, acts: &mut Activations) -> HeadOutput {
-        let p = model.into().base;
+        let model = model.into();
+        let p = model.base;
         let t = b.targets.len();
         let mut out = HeadOutput { logp: vec![0.0; t], logit_sum: vec![0.0; t] };
         fit(&mut acts.head_lse, t);
@@ -104,6 +105,7 @@ impl Decoder {
             &b.targets,
             self.cfg.hidden,
             self.cfg.vocab_size,
+            model.precision,
         );
         out
     }

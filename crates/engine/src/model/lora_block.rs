@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use crate::config::DecoderConfig;
-use crate::kernels::{self as k, Accumulate, Cols};
+use crate::kernels::{self as k, Accumulate, Cols, Precision};
 use crate::lora::{Adapter, LayerAdapter, Site};
 
 use super::acts::{fit, Keep};
@@ -41,6 +41,10 @@ pub(crate) struct Dropout {
 
 /// Elements per parallel task of the mask kernels.
 const MASK_CHUNK: usize = 1 << 14;
+
+/// The adapter's products stay f32 whatever the pass's precision: rank-r products are a few percent of a
+/// step's FLOPs, and f32 operands keep the small early values of `B` (zero at the start) exact.
+const LORA_PRECISION: Precision = Precision::F32;
 
 impl Dropout {
     pub(crate) fn new(p: f32, seed: u64, layer: usize) -> Self {
@@ -156,9 +160,21 @@ pub(crate) fn forward(
         let u = &mut acts.u[i];
         fit(u, n * r);
         if packed {
-            k::linear_forward(u, xin, &pair.a.data, None, n, inp, r); // [N, r]
+            k::linear_forward(u, xin, &pair.a.data, None, n, inp, r, LORA_PRECISION); // [N, r]
             let (u, b) = (Cols::all(u, r), Cols::all(&pair.b.data, r));
-            k::matmul_cols(y, out, t.rows.start, u, false, b, true, (n, rows, r), t.scale, Accumulate::Add);
+            k::matmul_cols(
+                y,
+                out,
+                t.rows.start,
+                u,
+                false,
+                b,
+                true,
+                (n, rows, r),
+                t.scale,
+                Accumulate::Add,
+                LORA_PRECISION,
+            );
         } else {
             k::linear_rows_forward(u, xin, &pair.a.data, None, n, inp, r); // [N, r]
             let v = at_least(v, n * rows);
@@ -217,22 +233,46 @@ impl PairGrads<'_> {
             let u = Cols::all(&self.acts.u[i], r);
             let dy_rows = Cols { data: dy, ld: out, col: t.rows.start };
             // dB += scale · dy[:, R]^T u    [|R|, r]
-            k::matmul_cols(&mut g.b.data, r, 0, dy_rows, true, u, false, (rows, r, n), t.scale, Accumulate::Add);
+            k::matmul_cols(
+                &mut g.b.data,
+                r,
+                0,
+                dy_rows,
+                true,
+                u,
+                false,
+                (rows, r, n),
+                t.scale,
+                Accumulate::Add,
+                LORA_PRECISION,
+            );
             // du = scale · dy[:, R] B        [N, r]
             let du = at_least(du, n * r);
             let b = Cols::all(&pair.b.data, r);
-            k::matmul_cols(du, r, 0, dy_rows, false, b, false, (n, r, rows), t.scale, Accumulate::Overwrite);
+            k::matmul_cols(
+                du,
+                r,
+                0,
+                dy_rows,
+                false,
+                b,
+                false,
+                (n, r, rows),
+                t.scale,
+                Accumulate::Overwrite,
+                LORA_PRECISION,
+            );
             // dA += du^T xd                  [r, in]
             let xin = dropped_input(dropout, i, x, xd);
-            k::matmul(&mut g.a.data, du, xin, r, inp, n, true, false, Accumulate::Add);
+            k::matmul(&mut g.a.data, du, xin, r, inp, n, true, false, Accumulate::Add, LORA_PRECISION);
             // dx += du A, through the forward's dropout mask when it had one    [N, in]
             match dropout {
                 Some(d) => {
                     let dxd = at_least(dxd, n * inp);
-                    k::matmul(dxd, du, &pair.a.data, n, inp, r, false, false, Accumulate::Overwrite);
+                    k::matmul(dxd, du, &pair.a.data, n, inp, r, false, false, Accumulate::Overwrite, LORA_PRECISION);
                     d.apply_add(i, dxd, dx);
                 }
-                None => k::matmul(dx, du, &pair.a.data, n, inp, r, false, false, Accumulate::Add),
+                None => k::matmul(dx, du, &pair.a.data, n, inp, r, false, false, Accumulate::Add, LORA_PRECISION),
             }
         }
     }

@@ -2,6 +2,7 @@
 //! accumulates ([`Grads`]: every parameter, or the adapter alone on a frozen base).
 
 use crate::config::DecoderConfig;
+use crate::kernels::Precision;
 use crate::lora::{Adapter, LayerAdapter};
 use crate::params::{LayerParams, Params, Tensor};
 use crate::quant::FrozenLinears;
@@ -21,18 +22,27 @@ use super::EngineError;
 /// `frozen`: the base's block linears stored below f32 (QLoRA's NF4, or bf16); they replace the four
 /// linear weights of `base`'s layers, whose tensors are then empty. Such a base is frozen: only
 /// [`Grads::Adapter`] may be asked of it.
+///
+/// `precision`: the arithmetic of the block linears' and the LM head's products, forward and backward
+/// ([`Precision::Bf16`]: autocast's bf16). Attention's and the adapter's products stay f32.
 #[derive(Clone, Copy)]
 pub struct Model<'a> {
     pub base: &'a Params,
     pub adapter: Option<&'a Adapter>,
     pub dropout_seed: Option<u64>,
     pub frozen: Option<&'a FrozenLinears>,
+    pub precision: Precision,
 }
 
 impl<'a> Model<'a> {
-    /// The base with `adapter` on it (none: the base alone), without dropout.
+    /// The base with `adapter` on it (none: the base alone), without dropout, in f32.
     pub fn new(base: &'a Params, adapter: Option<&'a Adapter>) -> Self {
-        Model { base, adapter, dropout_seed: None, frozen: None }
+        Model { base, adapter, dropout_seed: None, frozen: None, precision: Precision::F32 }
+    }
+
+    /// This view with its products in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Model { precision, ..self }
     }
 
     /// This view with the base's block linears read from `frozen` ([`FrozenLinears::take_from`] `base`).
@@ -42,7 +52,11 @@ impl<'a> Model<'a> {
 
     /// Layer `l` of the base as the block reads it.
     pub(crate) fn layer(&self, l: usize) -> LayerView<'a> {
-        LayerView { params: &self.base.layers[l], frozen: self.frozen.map(|f| &f.layers()[l]) }
+        LayerView {
+            params: &self.base.layers[l],
+            frozen: self.frozen.map(|f| &f.layers()[l]),
+            precision: self.precision,
+        }
     }
 
     /// This view with the adapter's dropout drawn from `seed` in training passes.

@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use crate::kernels::decode::linear_rows_forward;
 use crate::kernels::matmul::{gemm_view, linear_forward as f32_linear_forward, matmul, Accumulate, View};
+use crate::kernels::precision::Precision;
 use crate::kernels::threads::num_threads;
 
 /// Floats in one tile of a widened weight (4 MiB per thread): each tile repacks the activations for the
@@ -172,11 +173,11 @@ impl Matrix {
         out
     }
 
-    /// `y[n, rows] = x[n, cols] . W^T (+ b[rows])`.
-    pub fn linear_forward(&self, y: &mut [f32], x: &[f32], b: Option<&[f32]>, n: usize) {
+    /// `y[n, rows] = x[n, cols] . W^T (+ b[rows])`, the product in `prec`.
+    pub fn linear_forward(&self, y: &mut [f32], x: &[f32], b: Option<&[f32]>, n: usize, prec: Precision) {
         let (out_dim, in_dim) = (self.rows, self.cols);
         if let Data::F32(w) = &self.data {
-            return f32_linear_forward(y, x, w, b, n, in_dim, out_dim);
+            return f32_linear_forward(y, x, w, b, n, in_dim, out_dim, prec);
         }
         assert_eq!(y.len(), n * out_dim, "Matrix::linear_forward: y is not [n, out]");
         assert_eq!(x.len(), n * in_dim, "Matrix::linear_forward: x is not [n, in]");
@@ -201,7 +202,7 @@ impl Matrix {
                                                                                 // bounds and written by this task alone; neither operand aliases y.
                 unsafe {
                     let (d, ld) = (dst.at(r0), out_dim as isize);
-                    gemm_view(n, r1 - r0, in_dim, d, ld, 1, b.is_some(), lhs, rhs, 1.0, false);
+                    gemm_view(n, r1 - r0, in_dim, d, ld, 1, b.is_some(), lhs, rhs, 1.0, false, prec);
                 }
             });
         });
@@ -243,11 +244,12 @@ impl Matrix {
         }
     }
 
-    /// `dx[n, cols] (= or +=, per acc) dy[n, rows] . W`: the input gradient of [`Self::linear_forward`].
-    pub fn linear_input_grad(&self, dx: &mut [f32], dy: &[f32], n: usize, acc: Accumulate) {
+    /// `dx[n, cols] (= or +=, per acc) dy[n, rows] . W`: the input gradient of [`Self::linear_forward`],
+    /// the product in `prec`.
+    pub fn linear_input_grad(&self, dx: &mut [f32], dy: &[f32], n: usize, acc: Accumulate, prec: Precision) {
         let (out_dim, in_dim) = (self.rows, self.cols);
         if let Data::F32(w) = &self.data {
-            return matmul(dx, dy, w, n, in_dim, out_dim, false, false, acc);
+            return matmul(dx, dy, w, n, in_dim, out_dim, false, false, acc, prec);
         }
         assert_eq!(dx.len(), n * in_dim, "Matrix::linear_input_grad: dx is not [n, in]");
         assert_eq!(dy.len(), n * out_dim, "Matrix::linear_input_grad: dy is not [n, out]");
@@ -271,7 +273,7 @@ impl Matrix {
                 // bounds and written by this task alone; neither operand aliases dx.
                 unsafe {
                     let (d, ld) = (dst.at(c0), in_dim as isize);
-                    gemm_view(n, width, out_dim, d, ld, 1, acc == Accumulate::Add, lhs, rhs, 1.0, false);
+                    gemm_view(n, width, out_dim, d, ld, 1, acc == Accumulate::Add, lhs, rhs, 1.0, false, prec);
                 }
             });
         });

@@ -221,14 +221,14 @@ fn linear_forward_is_the_product_with_the_widened_weight() {
             let wf = m.to_f32();
             let (mut want, mag) = reference_xwt(&x, &wf, n, out, inp);
             let mut y = vec![f32::NAN; n * out];
-            m.linear_forward(&mut y, &x, None, n);
+            m.linear_forward(&mut y, &x, None, n, Precision::F32);
             let zero = vec![0.0; n * out];
             assert_within_dot_bound(&format!("{storage:?} {n}x{out}x{inp}"), &y, &want, &mag, &zero, inp);
             // With a bias the products add to it.
             let start: Vec<f64> = (0..n * out).map(|i| b[i % out] as f64).collect();
             want.iter_mut().zip(&start).for_each(|(w, s)| *w += s);
             let mut yb = vec![f32::NAN; n * out];
-            m.linear_forward(&mut yb, &x, Some(&b), n);
+            m.linear_forward(&mut yb, &x, Some(&b), n, Precision::F32);
             assert_within_dot_bound(&format!("{storage:?} bias"), &yb, &want, &mag, &start, inp);
             // Tiling adds no rounding: on two threads (fixed tiles) the first shape's tiles and the whole
             // weight run on the same kernel, and the result is the f32 path's on the widened weight.
@@ -238,8 +238,8 @@ fn linear_forward_is_the_product_with_the_widened_weight() {
                 if same {
                     let f = Matrix::new(wf.clone(), out, inp, Storage::F32).unwrap();
                     let (mut yq, mut yf) = (vec![f32::NAN; n * out], vec![f32::NAN; n * out]);
-                    m.linear_forward(&mut yq, &x, Some(&b), n);
-                    f.linear_forward(&mut yf, &x, Some(&b), n);
+                    m.linear_forward(&mut yq, &x, Some(&b), n, Precision::F32);
+                    f.linear_forward(&mut yf, &x, Some(&b), n, Precision::F32);
                     assert_eq!(bits(&yq), bits(&yf), "{storage:?}: bitwise");
                 }
             });
@@ -261,13 +261,13 @@ fn linear_input_grad_is_the_product_with_the_widened_weight() {
             let wt = transpose(&m.to_f32());
             let (mut want, mag) = reference_xwt(&dy, &wt, n, inp, out);
             let mut dx = vec![f32::NAN; n * inp];
-            m.linear_input_grad(&mut dx, &dy, n, Accumulate::Overwrite);
+            m.linear_input_grad(&mut dx, &dy, n, Accumulate::Overwrite, Precision::F32);
             let zero = vec![0.0; n * inp];
             assert_within_dot_bound(&format!("{storage:?} {n}x{out}x{inp}"), &dx, &want, &mag, &zero, out);
             let start: Vec<f64> = dx0.iter().map(|&v| v as f64).collect();
             want.iter_mut().zip(&start).for_each(|(w, s)| *w += s);
             let mut dxa = dx0.clone();
-            m.linear_input_grad(&mut dxa, &dy, n, Accumulate::Add);
+            m.linear_input_grad(&mut dxa, &dy, n, Accumulate::Add, Precision::F32);
             assert_within_dot_bound(&format!("{storage:?} +="), &dxa, &want, &mag, &start, out);
             on_two_threads(|| {
                 let same = same_kernel_as_f32(n, inp, out, tile_len(inp, out, BLOCK));
@@ -275,8 +275,8 @@ fn linear_input_grad_is_the_product_with_the_widened_weight() {
                 if same {
                     let f = Matrix::new(m.to_f32(), out, inp, Storage::F32).unwrap();
                     let (mut dxq, mut dxf) = (dx0.clone(), dx0.clone());
-                    m.linear_input_grad(&mut dxq, &dy, n, Accumulate::Add);
-                    f.linear_input_grad(&mut dxf, &dy, n, Accumulate::Add);
+                    m.linear_input_grad(&mut dxq, &dy, n, Accumulate::Add, Precision::F32);
+                    f.linear_input_grad(&mut dxf, &dy, n, Accumulate::Add, Precision::F32);
                     assert_eq!(bits(&dxq), bits(&dxf), "{storage:?}: bitwise");
                 }
             });
@@ -318,9 +318,9 @@ fn products_do_not_depend_on_the_thread_count() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let mut y = vec![0.0; n * out];
-            m.linear_forward(&mut y, &x, None, n);
+            m.linear_forward(&mut y, &x, None, n, Precision::F32);
             let mut dx = vec![0.0; n * inp];
-            m.linear_input_grad(&mut dx, &dy, n, Accumulate::Overwrite);
+            m.linear_input_grad(&mut dx, &dy, n, Accumulate::Overwrite, Precision::F32);
             (y, dx)
         })
     };

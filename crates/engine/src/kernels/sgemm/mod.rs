@@ -59,6 +59,11 @@ pub(crate) fn available() -> bool {
     })
 }
 
+/// Whether the CPU has AVX512_BF16 (`vdpbf16ps`) and the bf16 kernel may run on it.
+pub(crate) fn bf16_available() -> bool {
+    false
+}
+
 /// `C[m, n] = (C if accumulate) + A[m, k] . B[k, n]`, C row-major with row stride `ldc`, on up to `tasks`
 /// parallel tasks of the rayon pool (fewer for small products; 1 runs on the caller). The result does not
 /// depend on `tasks`.

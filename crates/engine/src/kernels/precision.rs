@@ -1,0 +1,96 @@
+//! The arithmetic of the matrix products: f32, or bf16 as PyTorch's autocast means it (both operands
+//! rounded to bf16, nearest with ties to even; products and sums in f32). Everything else (norms, softmax,
+//! log-softmax, the losses, the optimizer, master weights) is f32 whatever the precision; the precision is
+//! chosen per product by the caller, so a pass carries it from [`crate::model::Model`] down to
+//! [`super::matmul::gemm_view`], where the kernel is picked.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// How a matrix product rounds its operands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 operands, f32 products and sums.
+    #[default]
+    F32,
+    /// bf16 operands (rounded from f32), f32 products and sums: autocast's `torch.bfloat16`.
+    Bf16,
+}
+
+impl Precision {
+    /// Every precision, in the order the help lists them.
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Bf16];
+
+    /// The name flags and files use: `f32`, `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A precision name that is not `f32` or `bf16`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown precision `{0}`: expected f32 or bf16")]
+pub struct UnknownPrecision(pub String);
+
+impl FromStr for Precision {
+    type Err = UnknownPrecision;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Precision::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| UnknownPrecision(s.to_string()))
+    }
+}
+
+/// What runs a bf16 product on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// `vdpbf16ps` (AVX512_BF16): bf16 pairs multiplied and summed into f32 lanes.
+    Avx512Bf16,
+    /// The f32 kernels on operands rounded to bf16: the same numbers, at f32 speed (CPUs without bf16
+    /// instructions, other architectures).
+    Emulated,
+}
+
+impl Bf16Kernel {
+    /// The kernel bf16 products use here (detected once; `DPO_GEMM=portable` forces the emulation).
+    pub fn detect() -> Bf16Kernel {
+        static KERNEL: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if super::sgemm::bf16_available() {
+                return Bf16Kernel::Avx512Bf16;
+            }
+            Bf16Kernel::Emulated
+        })
+    }
+
+    /// A short description for logs and `--version`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Bf16Kernel::Avx512Bf16 => "avx512_bf16 (vdpbf16ps)",
+            Bf16Kernel::Emulated => "emulated (f32 kernels on bf16-rounded operands; no bf16 instructions found)",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for p in Precision::ALL {
+            assert_eq!(p.name().parse::<Precision>(), Ok(p));
+        }
+        assert_eq!("fp16".parse::<Precision>(), Err(UnknownPrecision("fp16".into())));
+        assert_eq!(Precision::default(), Precision::F32);
+    }
+}
