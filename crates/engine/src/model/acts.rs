@@ -5,6 +5,7 @@ use crate::config::DecoderConfig;
 use crate::kernels::{self as k, Precision};
 use crate::params::Params;
 use crate::quant::bf16;
+use rayon::prelude::*;
 
 use super::lora_block::{LoraActs, LoraScratch};
 
@@ -71,6 +72,11 @@ pub(crate) struct LayerActs {
 /// How many of a layer's buffers are [`LayerActs::products_mut`].
 const PRODUCTS: usize = 6;
 
+/// Values per parallel task when products are narrowed or widened: about 20 µs of the loop on one core,
+/// long enough to pay for the task. (A step converts each product twice: about 60 ms of a GPT-2-small
+/// step of 1280 tokens on one core, under 1%.)
+const CONVERT_CHUNK: usize = 1 << 16;
+
 /// A layer's products in bf16, in the order of [`LayerActs::products_mut`].
 #[derive(Default)]
 pub(crate) struct Bf16Products([Vec<u16>; PRODUCTS]);
@@ -105,7 +111,8 @@ impl LayerActs {
         let mut kept = std::mem::take(&mut self.bf16);
         for (src, dst) in self.products_mut().into_iter().zip(&mut kept.0) {
             dst.resize(src.len(), 0);
-            bf16::narrow_into(src, dst);
+            let chunks = src.par_chunks(CONVERT_CHUNK).zip(dst.par_chunks_mut(CONVERT_CHUNK));
+            chunks.for_each(|(src, dst)| bf16::narrow_into(src, dst));
         }
         self.bf16 = kept;
     }
@@ -116,7 +123,8 @@ impl LayerActs {
         let kept = std::mem::take(&mut self.bf16);
         for (src, dst) in kept.0.iter().zip(self.products_mut()) {
             fit(dst, src.len());
-            bf16::widen_into(src, dst);
+            let chunks = src.par_chunks(CONVERT_CHUNK).zip(dst.par_chunks_mut(CONVERT_CHUNK));
+            chunks.for_each(|(src, dst)| bf16::widen_into(src, dst));
         }
         self.bf16 = kept;
     }
@@ -124,7 +132,9 @@ impl LayerActs {
     /// Rounds the f32 products to bf16 in place: what [`LayerActs::narrow_products`] then
     /// [`LayerActs::widen_products`] give, for the one slot of a [`Keep::LayerInputs`] pass.
     pub(crate) fn round_products(&mut self) {
-        self.products_mut().into_iter().for_each(|v| bf16::round_in_place(v));
+        for v in self.products_mut() {
+            v.par_chunks_mut(CONVERT_CHUNK).for_each(bf16::round_in_place);
+        }
     }
 
     /// Frees the f32 products (a layer that keeps them in bf16).
