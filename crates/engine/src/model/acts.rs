@@ -232,9 +232,10 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// Buffers whose bf16 passes keep every activation in f32, as an f32 pass does: the backward then
-    /// reads the products unrounded (more accurate than autocast, [`Activations::bytes_per_token`] of an
-    /// f32 pass). The reference the bf16 storage is measured against.
+    /// Buffers whose bf16 passes keep every activation in f32, as an f32 pass does: backward reads the
+    /// products unrounded, more accurate than autocast, for the memory of an f32 pass
+    /// ([`Activations::bytes_per_token`] with [`Precision::F32`]). The reference that keeping bf16 is
+    /// tested and measured against.
     pub fn keeping_f32(self) -> Self {
         Activations { keep_f32: true, ..self }
     }
