@@ -20,7 +20,7 @@ the run the parity tests already hold dpo to.
 Usage (from the repository root, in the reference venv):
   /work/venv/bin/python tools/bf16_autocast_reference.py logps
   /work/venv/bin/python tools/bf16_autocast_reference.py smollm2 --model /work/models/smollm2-hf
-  /work/venv/bin/python tools/bf16_autocast_reference.py train --arch llama
+  /work/venv/bin/python tools/bf16_autocast_reference.py train [--arch gpt2 llama llama3 neox]
 """
 import argparse
 import json
@@ -29,11 +29,13 @@ import shutil
 import sys
 import tempfile
 
+import datasets
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 transformers.utils.logging.disable_progress_bar()
+datasets.disable_progress_bars()
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -162,7 +164,7 @@ def trl_run(arch, bf16):
     """TRL's DPOTrainer with the fixture's settings (tools/make_fixtures.py run_trl) from the fixture's weights:
     the logged metrics of every step and the trained policy's parameters."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     base = os.path.join(FIXTURES, "parity")
@@ -181,9 +183,10 @@ def trl_run(arch, bf16):
     keep = logs
     out_dir = tempfile.mkdtemp()
     cfg = DPOConfig(output_dir=out_dir, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=bf16,
-                    fp16=False, dataloader_num_workers=0, **settings)
+                    fp16=False, dataloader_num_workers=0, disable_tqdm=True, **settings)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, callbacks=[Keep()])
+    trainer.remove_callback(PrinterCallback)  # the metrics go to the JSON, not to stdout
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
     start = load_model(os.path.join(base, "models", f"{arch}-policy"))
@@ -196,22 +199,27 @@ def trl_run(arch, bf16):
 
 def cmd_train(args):
     torch.set_num_threads(args.threads)
-    expected = read_jsonl(os.path.join(FIXTURES, "parity", "expected", args.arch, "train.jsonl"))
-    f32, d32 = trl_run(args.arch, bf16=False)
-    bf16, d16 = trl_run(args.arch, bf16=True)
+    for arch in args.arch:
+        train_reference(arch)
+
+
+def train_reference(arch):
+    expected = read_jsonl(os.path.join(FIXTURES, "parity", "expected", arch, "train.jsonl"))
+    f32, d32 = trl_run(arch, bf16=False)
+    bf16, d16 = trl_run(arch, bf16=True)
     assert len(f32) == len(bf16) == len(expected) == 6
     # this f32 run is the fixture's run: same steps, same metrics within the fixture's tolerance
     drift = max(abs(a[k] - e[k]) / max(abs(e[k]), 1.0) for a, e in zip(f32, expected) for k in TRAIN_METRICS)
-    assert drift < METRIC_TOL, f"{args.arch}: this f32 run is {drift:.2e} from expected/train.jsonl"
+    assert drift < METRIC_TOL, f"{arch}: this f32 run is {drift:.2e} from expected/train.jsonl"
     distance = {k: max(abs(a[k] - b[k]) for a, b in zip(f32, bf16)) for k in TRAIN_METRICS}
     weight_change = ((d16 - d32).norm() / d32.norm()).item()
-    out = {"fixture": f"parity/{args.arch}", "settings": "MANIFEST.json archs.{arch}.train (sigmoid, beta 0.1, "
+    out = {"fixture": f"parity/{arch}", "settings": "MANIFEST.json archs.{arch}.train (sigmoid, beta 0.1, "
            "lr 5e-3 constant, 6 steps of 4 rows in file order, clip 1.0)", **versions(),
            "f32_vs_expected_max_rel": drift, "trl_f32": f32, "trl_bf16": bf16, "autocast_distance": distance,
            "autocast_weight_change_rel": weight_change}
-    write_json(os.path.join(OUT, f"train_{args.arch}.json"), out)
+    write_json(os.path.join(OUT, f"train_{arch}.json"), out)
     for k in TRAIN_METRICS:
-        print(f"  {args.arch} {k:20s} autocast distance {distance[k]:.3e}")
+        print(f"  {arch} {k:20s} autocast distance {distance[k]:.3e}")
     print(f"  weight change: |bf16 - f32| / |f32| = {weight_change:.3e}; f32 run vs expected {drift:.1e}")
 
 
@@ -223,7 +231,7 @@ def main():
     s.add_argument("--model", required=True, help="SmolLM2-135M-Instruct HF directory")
     s.add_argument("--threads", type=int, default=2)
     t = sub.add_parser("train")
-    t.add_argument("--arch", default="llama", choices=FIXTURE_SETS["parity"])
+    t.add_argument("--arch", nargs="+", default=FIXTURE_SETS["parity"], choices=FIXTURE_SETS["parity"])
     t.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     os.makedirs(OUT, exist_ok=True)
