@@ -2,7 +2,7 @@
 //! `tests/fixtures/bf16` (its README; made by `tools/bf16_autocast_reference.py` in the reference venv):
 //! - log-probs: on every parity fixture's rows, the mean absolute error of dpo's bf16 log-probs against
 //!   PyTorch's f32 ones is at most 1.5x autocast's on the same rows;
-//! - training: see `bf16_train.rs`.
+//! - training: `bf16_train.rs`.
 //!
 //! dpo's bf16 rounds the operands of every block linear and of the LM head to bf16 and accumulates in f32;
 //! autocast also rounds every product's output to bf16 (the logits included), so dpo should land well
@@ -23,6 +23,8 @@ use common::{load, read_json, Fixtures, MORE, PARITY};
 const AUTOCAST_FACTOR: f64 = 1.5;
 /// `tests/fixtures/parity/README.md`: f32 sequence log-probs within this of PyTorch's.
 const F32_TOL: f64 = 2e-4;
+/// `tests/fixtures/bf16`: the goldens.
+const BF16: Fixtures = Fixtures("bf16");
 /// Every fixture with the rows its goldens were made on (`data/prefs.tokenized.jsonl`; the text rows of
 /// `data/prefs.jsonl` tokenize to the same ids).
 const FIXTURES: [(Fixtures, &str); 9] = [
@@ -48,7 +50,7 @@ struct Golden {
 
 impl Golden {
     fn read(name: &str) -> Golden {
-        let v = read_json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bf16").join(name));
+        let v = read_json(&BF16.path(name));
         let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{name}: no {k}"));
         let len = |x: &serde_json::Value| x.as_u64().unwrap() as usize;
         let lens = v["lens"].as_array().unwrap().iter().map(|l| (len(&l[0]), len(&l[1]))).collect();
@@ -140,7 +142,7 @@ fn bf16_logps_within_autocast_error_on_smollm2() {
     let dir = std::env::var_os("DPO_SMOLLM2").expect("set DPO_SMOLLM2 to a SmolLM2-135M-Instruct HF directory");
     let dir = Path::new(&dir);
     let golden = Golden::read("smollm2-135m.json");
-    let rows = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bf16/smollm2-135m.rows.jsonl");
+    let rows = BF16.path("smollm2-135m.rows.jsonl");
     let examples = |dir: &Path| {
         let tok = hf::load_tokenizer(dir).unwrap();
         dpo::data::load_pairs(&rows, Some(&tok), &Default::default()).unwrap().examples
