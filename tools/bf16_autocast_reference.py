@@ -10,12 +10,13 @@ reads them):
             -> <arch>.json
   smollm2   the same on 16 chat rows (tools/make_smollm2_prefs.py's, spread over the set) of a SmolLM2-135M-Instruct
             HF directory -> smollm2-135m.json and smollm2-135m.rows.jsonl (the rows, for `dpo`)
-  train     TRL's DPOTrainer on a parity fixture with the fixture's own settings (MANIFEST.json), 6 steps in f32 and 6
-            with bf16=True (CPU autocast): both trajectories and autocast's distance per metric -> train_<arch>.json
+  train     TRL's DPOTrainer on the 4 parity fixtures with the fixture's own settings (MANIFEST.json), 6 steps in f32
+            and 6 with bf16=True (CPU autocast), on 8 orders of the rows (file order first): both trajectories and
+            autocast's distance per metric of every run -> train_<arch>.json
 
 The f32 log-probs are checked against the fixture's expected/<arch>/logps.jsonl (2e-4, its README's tolerance) and the
-f32 training run against expected/<arch>/train.jsonl (1e-3 of max(|x|, 1)), so the goldens are tied to the rows and
-the run the parity tests already hold dpo to.
+file-order f32 training run against expected/<arch>/train.jsonl (1e-3 of max(|x|, 1)), so the goldens are tied to the
+rows and the run the parity tests already hold dpo to.
 
 Usage (from the repository root, in the reference venv):
   /work/venv/bin/python tools/bf16_autocast_reference.py logps
@@ -25,6 +26,7 @@ Usage (from the repository root, in the reference venv):
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -46,6 +48,7 @@ METRIC_TOL = 1e-3  # the same README: a 6-step run's per-step metrics, relative 
 TRAIN_METRICS = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected"]
 SMOLLM2_ROWS = 16
+TRAIN_ORDERS = 8  # data orders per training golden: independent draws of the rounding noise
 
 
 def versions():
@@ -93,9 +96,20 @@ def reference(models, rows):
     return {"lens": lens, "f32": f32, "autocast": autocast, "autocast_mae": mae, "autocast_max": worst}
 
 
+def f32_digits(obj):
+    """`obj` with every float written with 9 significant digits: exact for an f32 value, a third the size."""
+    if isinstance(obj, float):
+        return float(f"{obj:.9g}")
+    if isinstance(obj, dict):
+        return {k: f32_digits(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [f32_digits(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     with open(path, "w") as f:
-        json.dump(obj, f, indent=None, separators=(",", ":"))
+        json.dump(f32_digits(obj), f, indent=None, separators=(",", ":"))
         f.write("\n")
     print(f"wrote {os.path.relpath(path, ROOT)}")
 
@@ -160,9 +174,21 @@ def cmd_smollm2(args):
     print(f"  SmolLM2-135M: autocast MAE {res['autocast_mae']:.3e}, max {res['autocast_max']:.3e}")
 
 
-def trl_run(arch, bf16):
-    """TRL's DPOTrainer with the fixture's settings (tools/make_fixtures.py run_trl) from the fixture's weights:
-    the logged metrics of every step and the trained policy's parameters."""
+def row_orders(n):
+    """The data orders of the training goldens: file order first (the fixture's own run), then seeded shuffles.
+    Each order is one more independent draw of bf16's rounding noise along a 6-step trajectory."""
+    orders = [list(range(n))]
+    for seed in range(1, TRAIN_ORDERS):
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def trl_run(arch, order, bf16):
+    """TRL's DPOTrainer with the fixture's settings (tools/make_fixtures.py run_trl) from the fixture's weights on
+    the rows of data/prefs.jsonl in `order`: each logged metric's values at steps 1..6 and the policy's weight
+    change."""
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -170,6 +196,7 @@ def trl_run(arch, bf16):
     base = os.path.join(FIXTURES, "parity")
     settings = json.load(open(os.path.join(base, "MANIFEST.json")))["archs"][arch]["train"]
     rows = read_jsonl(os.path.join(base, "data", "prefs.jsonl"))
+    rows = [rows[i] for i in order]
     policy = load_model(os.path.join(base, "models", f"{arch}-policy"))
     ref = load_model(os.path.join(base, "models", f"{arch}-ref"))
     tok = AutoTokenizer.from_pretrained(os.path.join(base, "models", f"{arch}-policy"))
@@ -178,7 +205,7 @@ def trl_run(arch, bf16):
     class Keep(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                keep.append({"step": state.global_step, **{k: logs[k] for k in TRAIN_METRICS}})
+                keep.append({k: logs[k] for k in TRAIN_METRICS + ["num_tokens"]})
 
     keep = logs
     out_dir = tempfile.mkdtemp()
@@ -194,7 +221,8 @@ def trl_run(arch, bf16):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     delta = torch.cat([(p.detach() - q.detach()).flatten()
                        for p, q in zip(trainer.model.parameters(), start.parameters())])
-    return logs, delta
+    # one list of per-step values per metric: the file stays small
+    return {k: [step[k] for step in logs] for k in logs[0]}, delta
 
 
 def cmd_train(args):
@@ -205,22 +233,28 @@ def cmd_train(args):
 
 def train_reference(arch):
     expected = read_jsonl(os.path.join(FIXTURES, "parity", "expected", arch, "train.jsonl"))
-    f32, d32 = trl_run(arch, bf16=False)
-    bf16, d16 = trl_run(arch, bf16=True)
-    assert len(f32) == len(bf16) == len(expected) == 6
-    # this f32 run is the fixture's run: same steps, same metrics within the fixture's tolerance
-    drift = max(abs(a[k] - e[k]) / max(abs(e[k]), 1.0) for a, e in zip(f32, expected) for k in TRAIN_METRICS)
-    assert drift < METRIC_TOL, f"{arch}: this f32 run is {drift:.2e} from expected/train.jsonl"
-    distance = {k: max(abs(a[k] - b[k]) for a, b in zip(f32, bf16)) for k in TRAIN_METRICS}
-    weight_change = ((d16 - d32).norm() / d32.norm()).item()
-    out = {"fixture": f"parity/{arch}", "settings": "MANIFEST.json archs.{arch}.train (sigmoid, beta 0.1, "
-           "lr 5e-3 constant, 6 steps of 4 rows in file order, clip 1.0)", **versions(),
-           "f32_vs_expected_max_rel": drift, "trl_f32": f32, "trl_bf16": bf16, "autocast_distance": distance,
-           "autocast_weight_change_rel": weight_change}
+    runs = []
+    for k, order in enumerate(row_orders(len(read_jsonl(os.path.join(FIXTURES, "parity", "data", "prefs.jsonl"))))):
+        f32, d32 = trl_run(arch, order, bf16=False)
+        bf16, d16 = trl_run(arch, order, bf16=True)
+        assert len(f32["loss"]) == len(bf16["loss"]) == 6 and f32["num_tokens"] == bf16["num_tokens"]
+        run = {"order": order, "trl_f32": f32, "trl_bf16": bf16,
+               "autocast_distance": {m: max(abs(a - b) for a, b in zip(f32[m], bf16[m])) for m in TRAIN_METRICS}}
+        if k == 0:
+            # file order is the fixture's run: same metrics within its tolerance, and its trained weights
+            # (expected/<arch>/trained) are what a weight-change distance is measured against
+            drift = max(abs(a - e[m]) / max(abs(e[m]), 1.0) for m in TRAIN_METRICS for a, e in zip(f32[m], expected))
+            assert drift < METRIC_TOL, f"{arch}: this f32 run is {drift:.2e} from expected/train.jsonl"
+            run["f32_vs_expected_max_rel"] = drift
+            run["autocast_weight_change_rel"] = ((d16 - d32).norm() / d32.norm()).item()
+        runs.append(run)
+        print(f"  {arch} order {k}: " + ", ".join(f"{m} {v:.2e}" for m, v in run["autocast_distance"].items()))
+    out = {"fixture": f"parity/{arch}", "settings": f"MANIFEST.json archs.{arch}.train (sigmoid, beta 0.1, lr 5e-3 "
+           "constant, 6 steps of 4 rows, clip 1.0), rows of data/prefs.jsonl in each run's order", **versions(),
+           "runs": runs}
     write_json(os.path.join(OUT, f"train_{arch}.json"), out)
-    for k in TRAIN_METRICS:
-        print(f"  {arch} {k:20s} autocast distance {distance[k]:.3e}")
-    print(f"  weight change: |bf16 - f32| / |f32| = {weight_change:.3e}; f32 run vs expected {drift:.1e}")
+    print(f"  {arch}: weight change |bf16 - f32| / |f32| = {runs[0]['autocast_weight_change_rel']:.3e} (file order); "
+          f"f32 run vs expected {runs[0]['f32_vs_expected_max_rel']:.1e}")
 
 
 def main():
