@@ -2,6 +2,11 @@
 //! them. On CPUs with AVX-512F the products run on this crate's own kernel ([`super::sgemm`]: the `gemm`
 //! crate only uses AVX2 on stable Rust, half the FMA width); elsewhere, and for shapes too thin for that
 //! kernel's tiles, through the `gemm` crate.
+//!
+//! bf16 products ([`Precision::Bf16`]) run, in order of preference, on the bf16 kernel (`vdpbf16ps`, where
+//! the CPU has AVX512_BF16), on the f32 kernel rounding its operands as it packs them (AVX-512F), or on
+//! rounded copies of the operands through the `gemm` crate. All three compute the product of the
+//! bf16-rounded operands in f32 arithmetic; they differ only in how the sums are grouped.
 
 use rayon::prelude::*;
 
@@ -27,6 +32,17 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 #[cfg(target_arch = "x86_64")]
 fn use_sgemm(m: usize, n: usize, k: usize) -> bool {
     m >= 4 && n >= 32 && m.saturating_mul(n).saturating_mul(k) > 1 << 15 && super::sgemm::available()
+}
+
+/// Whether a bf16 product of these sizes runs on the bf16 kernel: the shapes of [`use_sgemm`] (the
+/// kernels share tiles and packing), on a CPU with AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn use_bf16_kernel(m: usize, n: usize, k: usize) -> bool {
+    #[cfg(test)]
+    if tests::EMULATE_BF16.get() {
+        return false;
+    }
+    use_sgemm(m, n, k) && super::sgemm::bf16_available()
 }
 
 /// A strided view of an f32 matrix operand: element `(i, j)` is at `ptr + i * rs + j * cs`.
@@ -58,18 +74,26 @@ pub(crate) unsafe fn gemm_view(
     parallel: bool,
     prec: Precision,
 ) {
-    if prec == Precision::Bf16 {
-        return bf16_emulated(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, alpha, parallel);
-    }
     #[cfg(target_arch = "x86_64")]
     if dst_cs == 1 && alpha == 1.0 && use_sgemm(m, n, k) {
         let strides = [dst_rs, lhs.rs, lhs.cs, rhs.rs, rhs.cs];
         if strides.iter().all(|&s| s >= 0) {
-            let mat = |v: View| super::sgemm::Mat { ptr: v.ptr, rs: v.rs as usize, cs: v.cs as usize };
+            use super::sgemm;
+            let mat = |v: View| sgemm::Mat { ptr: v.ptr, rs: v.rs as usize, cs: v.cs as usize };
+            let (a, b, ldc) = (mat(lhs), mat(rhs), dst_rs as usize);
             let tasks = if parallel { num_threads() } else { 1 };
-            super::sgemm::sgemm(m, n, k, mat(lhs), mat(rhs), dst, dst_rs as usize, accumulate, tasks);
+            match prec {
+                Precision::F32 => sgemm::sgemm(m, n, k, a, b, dst, ldc, accumulate, tasks),
+                Precision::Bf16 if use_bf16_kernel(m, n, k) => {
+                    sgemm::bf16_gemm(m, n, k, a, b, dst, ldc, accumulate, tasks)
+                }
+                Precision::Bf16 => sgemm::sgemm_rounded_to_bf16(m, n, k, a, b, dst, ldc, accumulate, tasks),
+            }
             return;
         }
+    }
+    if prec == Precision::Bf16 {
+        return bf16_emulated(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, alpha, parallel);
     }
     let par = if parallel { parallelism(m, n, k) } else { gemm::Parallelism::None };
     // gemm computes dst := a * dst + b * lhs . rhs; `a` is ignored when dst is not read.
@@ -79,7 +103,9 @@ pub(crate) unsafe fn gemm_view(
     );
 }
 
-/// [`gemm_view`] in bf16, for now by rounding copies of both operands and running the f32 product on them.
+/// [`gemm_view`] in bf16 where neither AVX-512 kernel takes the product (thin shapes, `alpha != 1`,
+/// negative strides, CPUs without AVX-512F): the `gemm` crate's f32 product on rounded copies of both
+/// operands.
 #[allow(clippy::too_many_arguments)]
 unsafe fn bf16_emulated(
     m: usize,
@@ -323,9 +349,15 @@ pub fn add3(out: &mut [f32], a: &[f32], b: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::threads::test_util::*;
+
+    thread_local! {
+        /// Test-only switch: bf16 products started on this thread skip the bf16 kernel (the emulation
+        /// runs), so that both paths can be compared in one test without touching other tests' threads.
+        pub(crate) static EMULATE_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
