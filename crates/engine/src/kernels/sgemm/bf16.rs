@@ -5,7 +5,7 @@
 //! tile shapes are the f32 kernel's ([`super::Flavor`]); only the packing and the inner loop differ.
 //!
 //! Sources are f32, rounded as they are packed exactly as [`crate::quant::bf16::from_f32`] (on the
-//! integer bits: [`super::pack::bf16_bits`]), or bf16 bits taken as they are (a stored bf16 weight: the
+//! integer bits: [`super::pack::bf16_high_halves`]), or bf16 bits taken as they are (a stored bf16 weight: the
 //! same packed words as widening it to f32 and rounding back, without the widening).
 //!
 //! Numerics: products of two bf16 are exact in f32; `vdpbf16ps` adds them to the accumulator in f32,
@@ -17,13 +17,13 @@ use core::arch::x86_64::*;
 use std::marker::PhantomData;
 
 use super::kernel::{row_of_tiles, Store, Tile, AW, MR};
-use super::pack::{bf16_bits, mask, transpose16, Lines, Src};
+use super::pack::{bf16_high_halves, mask, transpose16, Lines, Src};
 use super::Flavor;
 
 /// An element the bf16 packing reads: f32 (rounded to bf16) or `u16` (bf16 bits, already rounded).
 pub(crate) trait Bf16Elem: Sized {
     /// Lanes `mask` of 16 consecutive elements at `ptr`: each lane's bf16 bits in its high half, the low
-    /// half zero (masked-off lanes zero; they touch no memory).
+    /// half unspecified (masked-off lanes zero; they touch no memory).
     unsafe fn load_lanes(ptr: *const Self, mask: __mmask16) -> __m512i;
     /// The first `count <= 32` of 32 consecutive elements at `ptr` (the rest zero) as 16 pair words.
     unsafe fn load_pairs(ptr: *const Self, count: usize) -> __m512i;
@@ -46,13 +46,13 @@ static HIGH_HALVES: [u16; 32] = {
 impl Bf16Elem for f32 {
     #[inline(always)]
     unsafe fn load_lanes(ptr: *const f32, mask: __mmask16) -> __m512i {
-        bf16_bits(_mm512_maskz_loadu_ps(mask, ptr))
+        bf16_high_halves(_mm512_maskz_loadu_ps(mask, ptr))
     }
 
     #[inline(always)]
     unsafe fn load_pairs(ptr: *const f32, count: usize) -> __m512i {
-        let lo = bf16_bits(_mm512_maskz_loadu_ps(mask(count), ptr));
-        let hi = bf16_bits(_mm512_maskz_loadu_ps(mask(count.saturating_sub(16)), ptr.wrapping_add(16)));
+        let lo = bf16_high_halves(_mm512_maskz_loadu_ps(mask(count), ptr));
+        let hi = bf16_high_halves(_mm512_maskz_loadu_ps(mask(count.saturating_sub(16)), ptr.wrapping_add(16)));
         let idx = _mm512_loadu_si512(HIGH_HALVES.as_ptr() as *const _);
         _mm512_permutex2var_epi16(lo, idx, hi)
     }
@@ -144,7 +144,8 @@ unsafe fn pair_rows<const W: usize, T: Bf16Elem>(dst: *mut u32, src: Src<T>, p: 
         let valid = mask(w.saturating_sub(16 * ch).min(lanes));
         let lo = T::load_lanes(even.wrapping_add(16 * ch), valid);
         let hi = T::load_lanes(odd.wrapping_add(16 * ch), if has_odd { valid } else { 0 });
-        let word = _mm512_or_si512(_mm512_srli_epi32::<16>(lo), hi);
+        // The even value's bits shifted to the low half, the odd value's high half kept.
+        let word = _mm512_mask_blend_epi16(0xAAAA_AAAA, _mm512_srli_epi32::<16>(lo), hi);
         _mm512_mask_storeu_epi32(dst.add(16 * ch) as *mut i32, mask(lanes), word);
     }
 }

@@ -94,24 +94,25 @@ pub(super) fn mask(n: usize) -> __mmask16 {
     }
 }
 
-/// The f32 bits of each lane of `v` rounded to bf16 (low 16 bits zero), exactly as
-/// [`crate::quant::bf16::from_f32`]: nearest with ties to even, a NaN becomes `0x7FC0`, denormals are kept
-/// (`vcvtne2ps2bf16` would flush them and keep NaN signs, so the rounding is done on the integer bits).
+/// Each lane of `v` rounded to bf16, in the lane's high 16 bits (the low 16 bits are left unspecified:
+/// callers keep only the high halves), exactly as [`crate::quant::bf16::from_f32`]: nearest with ties to
+/// even, a NaN becomes `0x7FC0`, denormals are kept (`vcvtne2ps2bf16` would flush them and keep NaN
+/// signs, so the rounding is done on the integer bits).
 #[inline(always)]
-pub(super) unsafe fn bf16_bits(v: __m512) -> __m512i {
+pub(super) unsafe fn bf16_high_halves(v: __m512) -> __m512i {
     let bits = _mm512_castps_si512(v);
     let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
     let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    let top = _mm512_and_si512(rounded, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-    _mm512_mask_mov_epi32(top, nan, _mm512_set1_epi32(0x7FC0_0000))
+    _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0_0000))
 }
 
 /// `v`, rounded to bf16 and widened back when `ROUND`.
 #[inline(always)]
 unsafe fn rounded<const ROUND: bool>(v: __m512) -> __m512 {
     if ROUND {
-        _mm512_castsi512_ps(bf16_bits(v))
+        let top = _mm512_and_si512(bf16_high_halves(v), _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+        _mm512_castsi512_ps(top)
     } else {
         v
     }
