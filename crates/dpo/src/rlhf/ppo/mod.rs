@@ -34,6 +34,7 @@ pub mod update;
 
 use std::path::PathBuf;
 
+use engine::kernels::Precision;
 use engine::{Decoder, EngineError, Params, ScalarHead};
 use serde::{Deserialize, Serialize};
 // The tests build rollouts by hand.
@@ -93,6 +94,10 @@ pub struct PpoConfig {
     pub seed: u64,
     /// Clip the global gradient norm (policy and value head together) to this.
     pub max_grad_norm: f64,
+    /// The precision of every pass: the rollouts' prefill and scoring, the reference's, the updates
+    /// (decode steps stay f32). A resumed run keeps it, as every setting here.
+    #[serde(with = "crate::precision::by_name", default)]
+    pub precision: Precision,
 }
 
 impl Default for PpoConfig {
@@ -113,6 +118,7 @@ impl Default for PpoConfig {
             steps: 100,
             seed: 42,
             max_grad_norm: 1.0,
+            precision: Precision::F32,
         }
     }
 }
