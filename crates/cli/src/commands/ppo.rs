@@ -13,8 +13,10 @@ use dpo::rlhf::ppo::{
     RewardFn,
 };
 use dpo::rlhf::reward::{RewardModel, RewardModelError};
+use dpo::train::reference::ReferenceModel;
 use dpo::train::run_dir::{self, model_of, resume_target, RunDir, StartMode};
 use dpo::train::{OnNonFinite, Reference};
+use engine::kernels::Precision;
 use engine::{Decoder, ParamSet};
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +98,9 @@ pub struct Args {
     /// Tokenize text prompts as they are, even when the tokenizer has a chat template.
     #[arg(long)]
     no_chat: bool,
+    /// (With --resume, a precision other than the run's is refused by name.)
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 /// The reward model as PPO's reward; an error is kept for the command to report (PPO sees NaN scores
@@ -200,6 +205,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         steps: a.steps,
         seed: a.seed,
         max_grad_norm: a.max_grad_norm,
+        precision: a.precision.get(),
         ..PpoConfig::default()
     };
     let (mut c, output, mode) = match &a.resume {
@@ -208,6 +214,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             let mut c = PpoRunConfig::of_run(&run)?;
             c.save_every = a.save_every.unwrap_or(c.save_every);
             c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
+            // Compared with the checkpoint's settings below: another precision is refused, by name.
+            c.ppo.precision = a.precision.given().unwrap_or(c.ppo.precision);
             (c, run, StartMode::Resume)
         }
         None => {
@@ -239,13 +247,22 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let prompts: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
     let decoder = Decoder::new(model.config.decoder.clone());
+    // PPO's reference is held in f32 (`RefModel` reads whole f32 weights); its passes run in
+    // `cfg.precision` like every other pass of the run.
     let reference = match &c.ref_model {
-        Some(dir) => Reference::load(dir, &model.config, Some(&tok))?,
-        None => Reference::Model(Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()))),
+        Some(dir) => Reference::load(dir, &model.config, Some(&tok), Precision::F32)?,
+        None => {
+            let copy =
+                ReferenceModel::new(Decoder::new(model.config.decoder.clone()), model.params.clone(), Precision::F32)?;
+            Reference::Model(Arc::new(copy))
+        }
     };
-    let Some((ref_decoder, ref_params)) = reference.model() else { bail!("the reference holds no model") };
+    let Some(ReferenceModel { decoder: ref_decoder, params: ref_params, .. }) = reference.model() else {
+        bail!("the reference holds no model")
+    };
     let rm = RewardModel::load(&model_of(&c.reward_model))
-        .with_context(|| format!("loading the reward model {}", c.reward_model.display()))?;
+        .with_context(|| format!("loading the reward model {}", c.reward_model.display()))?
+        .with_precision(cfg.precision);
     let vocab = rm.decoder.cfg.vocab_size;
     if vocab != decoder.cfg.vocab_size {
         bail!(

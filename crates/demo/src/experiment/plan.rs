@@ -2,6 +2,7 @@
 //! (prompts, samples per prompt), and each method's sweep. `--quick` and `--model` differ from the full
 //! run only here.
 
+use engine::kernels::Precision;
 use serde::{Deserialize, Serialize};
 
 /// The small GPT-2 trained from scratch as the SFT (and reference) model.
@@ -74,6 +75,10 @@ pub struct Plan {
     pub reward_model: Steps,
     pub ppo: PpoPlan,
     pub bon_ns: Vec<usize>,
+    /// The precision of every model pass of the experiment (`dpo demo --precision`): training, sampling's
+    /// prefill, scoring, the reward model, PPO.
+    #[serde(with = "dpo::precision::by_name", default)]
+    pub precision: Precision,
 }
 
 impl Plan {
@@ -109,6 +114,7 @@ impl Plan {
                 evals: 3,
             },
             bon_ns: vec![1, 2, 4, 8, 16, 32, 64, 128],
+            precision: Precision::F32,
         }
     }
 
