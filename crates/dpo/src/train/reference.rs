@@ -397,4 +397,30 @@ mod tests {
         assert!(p.summary().starts_with("computed, not cached: cannot create"), "{}", p.summary());
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    /// Precomputed log-probs of one precision never serve another; an f32 model keys as it always did
+    /// (caches written before precisions existed stay valid); stored linears key by their values.
+    #[test]
+    fn the_cache_key_distinguishes_precisions_and_stored_linears() {
+        let dir = fixture("gpt2-ref");
+        let m = hf::load_model(&dir).unwrap();
+        let tok = hf::load_tokenizer(&dir).unwrap();
+        let data = dir.join("../../data/prefs.jsonl");
+        let examples = crate::data::load_pairs(&data, Some(&tok), &Default::default()).unwrap().examples;
+        let key = |model: Model| cache_key(model, &examples);
+        let plain = key(Model::new(&m.params, None));
+        assert_eq!(key(Model::new(&m.params, None).with_precision(Precision::F32)), plain);
+        let bf16 = key(Model::new(&m.params, None).with_precision(Precision::Bf16));
+        assert_ne!(bf16, plain);
+        // The same weights held with bf16-stored linears: the stored values (equal to what a bf16 pass
+        // reads) are hashed, and differ from another model's.
+        let held =
+            ReferenceModel::new(Decoder::new(m.config.decoder.clone()), m.params.clone(), Precision::Bf16).unwrap();
+        let stored = key(held.view(Precision::Bf16));
+        assert_ne!(stored, plain);
+        let other = hf::load_model(&fixture("gpt2-policy")).unwrap();
+        let other =
+            ReferenceModel::new(Decoder::new(other.config.decoder.clone()), other.params, Precision::Bf16).unwrap();
+        assert_ne!(key(other.view(Precision::Bf16)), stored);
+    }
 }

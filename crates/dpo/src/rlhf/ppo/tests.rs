@@ -281,6 +281,9 @@ fn an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one() {
     let other = PpoConfig { clip_range: 0.3, ..cfg.clone() };
     let e = PpoState::resume(&run_dir, &other, &fingerprints, &model.params, Path::new(GPT2)).unwrap_err();
     assert!(e.to_string().contains("clip_range 0.2 in the checkpoint, 0.3 now"), "{e}");
+    let bf16 = PpoConfig { precision: engine::kernels::Precision::Bf16, ..cfg.clone() };
+    let e = PpoState::resume(&run_dir, &bf16, &fingerprints, &model.params, Path::new(GPT2)).unwrap_err();
+    assert!(e.to_string().contains(r#"precision "f32" in the checkpoint, "bf16" now"#), "{e}");
     let moved = InputFingerprints::from([("prompt set".to_string(), fingerprint([], &ps[1..]))]);
     let e = PpoState::resume(&run_dir, &cfg, &moved, &model.params, Path::new(GPT2)).unwrap_err();
     assert!(e.to_string().contains("another prompt set"), "{e}");

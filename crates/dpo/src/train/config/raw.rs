@@ -373,7 +373,12 @@ impl TrainConfig {
             merge: Some(self.merge).filter(|&m| m),
             quantize: matches!(self.base_storage, Storage::Nf4 { .. }).then(|| "nf4".into()),
             double_quant: Some(true).filter(|_| self.base_storage == Storage::Nf4 { double_quant: true }),
-            base_dtype: (self.base_storage == Storage::Bf16).then(|| "bf16".into()),
+            // A LoRA run records an f32 base too: a bf16 run's base would otherwise read back as bf16.
+            base_dtype: match self.base_storage {
+                Storage::Bf16 => Some("bf16".into()),
+                Storage::F32 if self.is_lora() => Some("f32".into()),
+                _ => None,
+            },
             ..Default::default()
         };
         match &self.objective {
