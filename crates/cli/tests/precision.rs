@@ -128,3 +128,115 @@ fn a_bad_precision_is_refused_by_name() {
     let mut c = train(&model("gpt2-policy"), &prefs(), &dir.join("run"));
     fails(c.arg("--config").arg(&config), &["precision", "fp16"]);
 }
+
+/// Runs `cmd` with `--precision p` (and the arguments after it) and returns its standard output.
+fn output_with(cmd: &[&str], p: &str, args: impl FnOnce(&mut std::process::Command)) -> String {
+    let mut c = dpo();
+    c.args(cmd).args(["--precision", p]);
+    args(&mut c);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "dpo {} --precision {p} failed:\n{}", cmd.join(" "), stderr(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+/// The commands beside `train` and `logps`: each reads the flag, and its passes (policy, reference,
+/// reward model) come out in bf16, not f32; the RLHF runs record it and refuse to resume in another.
+#[test]
+fn every_command_that_runs_the_model_takes_the_precision() {
+    let dir = scratch("precision-commands");
+    let (policy, reference) = (model("gpt2-policy"), model("gpt2-ref"));
+    let pair_args = |c: &mut std::process::Command| {
+        c.arg("--model").arg(&policy).arg("--ref-model").arg(&reference).arg("--data").arg(prefs());
+    };
+    // eval and reward: the policy's and the reference's passes.
+    let (a, b) = (json(&output_with(&["eval"], "f32", pair_args)), json(&output_with(&["eval"], "bf16", pair_args)));
+    for key in ["logps/chosen", "rewards/chosen"] {
+        assert!(a[key] != b[key], "eval {key}: {a} / {b}");
+    }
+    let (a, b) =
+        (json(&output_with(&["reward"], "f32", pair_args)), json(&output_with(&["reward"], "bf16", pair_args)));
+    for key in ["chosen_logps", "ref_chosen_logps"] {
+        assert!(a[key] != b[key] && (a[key].as_f64().unwrap() - b[key].as_f64().unwrap()).abs() < 2.0, "reward {key}");
+    }
+    // generate: the prompt's prefill in bf16, decode steps in f32.
+    let greedy = |c: &mut std::process::Command| {
+        c.args(["--prompt", "hello", "--temperature", "0", "--max-new-tokens", "6", "--model"]).arg(&policy);
+    };
+    assert!(json(&output_with(&["generate"], "bf16", greedy))["tokens"].as_u64().unwrap() > 0);
+
+    // sft records it like train.
+    let sft = dir.join("sft");
+    output_with(&["sft"], "bf16", |c| {
+        c.args(["--max-steps", "1", "--batch-size", "4", "--model"]).arg(&policy);
+        c.arg("--data").arg(prefs()).arg("--output").arg(&sft);
+    });
+    assert!(std::fs::read_to_string(sft.join("config.toml")).unwrap().contains("precision = \"bf16\""));
+
+    // reward-model train / score, best-of-n and ppo on the bf16 reward model.
+    let rm = dir.join("rm");
+    output_with(&["reward-model", "train"], "bf16", |c| {
+        c.args(["--lr", "5e-3", "--batch-size", "4", "--max-steps", "2", "--model"]).arg(&policy);
+        c.arg("--data").arg(prefs()).arg("--output").arg(&rm);
+    });
+    assert!(std::fs::read_to_string(rm.join("config.toml")).unwrap().contains("precision = \"bf16\""));
+    fails(
+        dpo().args(["reward-model", "train", "--precision", "f32", "--resume"]).arg(&rm),
+        &["--precision f32", "bf16"],
+    );
+    let score = |p| {
+        json(&output_with(&["reward-model", "score"], p, |c| {
+            c.arg("--model").arg(&rm).arg("--data").arg(prefs());
+        }))
+    };
+    assert!(score("f32")["chosen_score"] != score("bf16")["chosen_score"]);
+    let prompts = jsonl(&dir.join("prompts.jsonl"), &[serde_json::json!({"prompt": "Name a fruit."})]);
+    let best = output_with(&["best-of-n"], "bf16", |c| {
+        c.args(["--n", "2", "--max-new-tokens", "4", "--model"]).arg(&policy);
+        c.arg("--reward-model").arg(&rm).arg("--data").arg(&prompts);
+    });
+    assert!(json(&best)["score"].is_number(), "{best}");
+    let ppo = dir.join("ppo");
+    output_with(&["ppo"], "bf16", |c| {
+        c.args(["--rollout-prompts", "2", "--minibatch", "1", "--ppo-epochs", "1", "--max-new-tokens", "4"]);
+        c.args(["--steps", "1", "--model"]).arg(&policy).arg("--reward-model").arg(&rm);
+        c.arg("--prompts").arg(&prompts).arg("--output").arg(&ppo);
+    });
+    assert!(std::fs::read_to_string(ppo.join("config.toml")).unwrap().contains("precision = \"bf16\""));
+    fails(
+        dpo().args(["ppo", "--precision", "f32", "--resume"]).arg(&ppo),
+        &[r#"precision "bf16" in the checkpoint, "f32" now"#],
+    );
+}
+
+/// `dpo bench` and `dpo bench-engine` say which precision they measured and what ran its products; a
+/// bf16 LoRA bench stores its base in bf16 as `dpo train` does.
+#[test]
+fn the_benchmarks_report_their_precision_and_kernel() {
+    let engine = json(&output_with(&["bench-engine"], "bf16", |c| {
+        c.args(["--arch", "gpt2-small", "--batch", "1", "--seq", "8", "--iters", "1"]);
+    }));
+    assert_eq!(engine["precision"], "bf16", "{engine}");
+    assert!(engine["bf16_kernel"].as_str().is_some_and(|k| !k.is_empty()), "{engine}");
+    let bench = json(&output_with(&["bench"], "bf16", |c| {
+        c.args([
+            "--arch",
+            "llama",
+            "--lora-r",
+            "1",
+            "--pairs",
+            "1",
+            "--prompt",
+            "4",
+            "--completion",
+            "4",
+            "--steps",
+            "2",
+        ]);
+    }));
+    assert_eq!((&bench["precision"], &bench["base_storage"]), (&"bf16".into(), &"Bf16".into()), "{bench}");
+    assert!(bench["bf16_kernel"].as_str().is_some_and(|k| !k.is_empty()), "{bench}");
+}
