@@ -241,4 +241,18 @@ mod tests {
         assert!(p.ppo.kl_coefs_true.is_empty() && p.unlikelihood.steps == 0 && !p.bon_ns.is_empty());
         assert!(p.restrict(&["sft".into()]).is_err());
     }
+
+    /// `dpo demo --precision bf16` and `--set precision=bf16` give the plan (report.json's) its precision;
+    /// an unknown one is refused.
+    #[test]
+    fn the_precision_is_a_plan_setting() {
+        assert_eq!(Plan::quick().precision, Precision::F32);
+        let opts = super::super::DemoOptions { quick: true, precision: Some(Precision::Bf16), ..Default::default() };
+        assert_eq!(opts.plan().unwrap().precision, Precision::Bf16);
+        let mut p = Plan::full();
+        p.set("precision=bf16").unwrap();
+        assert_eq!(p.precision, Precision::Bf16);
+        assert!(serde_json::to_string(&p).unwrap().contains("\"precision\":\"bf16\""));
+        assert!(p.set("precision=fp16").unwrap_err().contains("unknown precision `fp16`"));
+    }
 }
