@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # DPO training speed and memory, dpo against TRL, back to back on this machine (BENCHMARKS.md).
 #
-#   scripts/bench_vs_trl.sh [main|techniques|scaling|all] [RESULTS.jsonl]
+#   scripts/bench_vs_trl.sh [main|bf16|techniques|scaling|all] [RESULTS.jsonl]
 #
 # main:       the issue's settings (4 pairs, prompt 64, completion 128), both shapes, reference in memory and
 #             precomputed, TRL then dpo.
+# bf16:       issue 12's settings: both shapes, reference in memory, TRL f32 and bf16 (autocast), then dpo
+#             --precision f32 and bf16 (and with --micro-pairs 1).
 # techniques: dpo with one technique changed at a time (prefix sharing, micro-pairs, threads, GEMM kernel).
 # scaling:    dpo step time for rows of 128 to 2048 tokens (1 pair, prompt:completion 1:3), and a 4096-token row.
 # Every run prints one JSON line, appended to RESULTS.jsonl (default bench-results.jsonl).
@@ -31,6 +33,15 @@ if [[ $what == main || $what == all ]]; then
         trl --arch "$arch" --precompute
         run $dpo bench --arch "$arch" --precompute
         run $dpo bench --arch "$arch" --precompute --micro-pairs 1
+    done
+fi
+if [[ $what == bf16 || $what == all ]]; then
+    for arch in gpt2 llama; do
+        trl --arch "$arch"
+        trl --arch "$arch" --bf16
+        run $dpo bench --arch "$arch"
+        run $dpo bench --arch "$arch" --precision bf16
+        run $dpo bench --arch "$arch" --precision bf16 --micro-pairs 1
     done
 fi
 if [[ $what == techniques || $what == all ]]; then

@@ -2,8 +2,10 @@
 //! embedding gradients a split batch holds back.
 
 use crate::config::DecoderConfig;
-use crate::kernels as k;
+use crate::kernels::{self as k, Precision};
 use crate::params::Params;
+use crate::quant::bf16;
+use rayon::prelude::*;
 
 use super::lora_block::{LoraActs, LoraScratch};
 
@@ -62,7 +64,22 @@ pub(crate) struct LayerActs {
     pub(crate) o_pre: Vec<f32>,   // [N, d] attention projection before its norm (post_norms only)
     pub(crate) mlp_out: Vec<f32>, // [N, d] MLP output before its norm (post_norms only)
     pub(crate) lora: LoraActs,    // the adapter's `u` per pair (with an adapter only)
+    /// The products ([`LayerActs::products_mut`]) in bf16, for a layer of a [`Keep::All`] pass that keeps
+    /// them so ([`Activations::kept_bf16`]); its f32 products are then empty between blocks.
+    pub(crate) bf16: Bf16Products,
 }
+
+/// How many of a layer's buffers are [`LayerActs::products_mut`].
+const PRODUCTS: usize = 6;
+
+/// Values per parallel task when products are narrowed or widened: about 20 µs of the loop on one core,
+/// long enough to pay for the task. (A step converts each product twice: about 60 ms of a GPT-2-small
+/// step of 1280 tokens on one core, under 1%.)
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// A layer's products in bf16, in the order of [`LayerActs::products_mut`].
+#[derive(Default)]
+pub(crate) struct Bf16Products([Vec<u16>; PRODUCTS]);
 
 impl LayerActs {
     /// Frees every buffer but the input `x` (a layer of a [`Keep::LayerInputs`] pass).
@@ -70,23 +87,85 @@ impl LayerActs {
         let x = std::mem::take(&mut self.x);
         *self = LayerActs { x, ..LayerActs::default() };
     }
-}
 
-impl LayerActs {
-    /// Floats per token of the buffers above, as [`crate::Decoder::block_forward`] sizes them.
-    fn floats_per_token(cfg: &DecoderConfig) -> u64 {
+    /// The kept outputs of the block's matrix products and of attention: `qkv`, `qk_pre`, `attn`,
+    /// `mlp_pre`, `o_pre`, `mlp_out`. Under autocast each is a bf16 tensor (the output of a bf16 linear,
+    /// or of attention on bf16 operands), and the backward reads it as such, so a bf16 pass may keep
+    /// them in bf16 at no cost in accuracy beyond autocast's. The rest stays f32, as autocast keeps it:
+    /// the residual stream (`x`, `x_mid`: each layer adds to it, and the norms read it), attention's
+    /// log-sum-exp, and the adapter's `u` (its products are f32).
+    fn products_mut(&mut self) -> [&mut Vec<f32>; PRODUCTS] {
+        [&mut self.qkv, &mut self.qk_pre, &mut self.attn, &mut self.mlp_pre, &mut self.o_pre, &mut self.mlp_out]
+    }
+
+    /// Exchanges the f32 products of `self` and `other`: a layer kept in bf16 borrows the pass's one set
+    /// of f32 product buffers (`other`, [`Activations::work`]) while its block runs.
+    pub(crate) fn swap_products(&mut self, other: &mut LayerActs) {
+        for (a, b) in self.products_mut().into_iter().zip(other.products_mut()) {
+            std::mem::swap(a, b);
+        }
+    }
+
+    /// Keeps the f32 products in `self.bf16`, each value rounded to the nearest bf16.
+    pub(crate) fn narrow_products(&mut self) {
+        let mut kept = std::mem::take(&mut self.bf16);
+        for (src, dst) in self.products_mut().into_iter().zip(&mut kept.0) {
+            dst.resize(src.len(), 0);
+            let chunks = src.par_chunks(CONVERT_CHUNK).zip(dst.par_chunks_mut(CONVERT_CHUNK));
+            chunks.for_each(|(src, dst)| bf16::narrow_into(src, dst));
+        }
+        self.bf16 = kept;
+    }
+
+    /// Widens `self.bf16` into the f32 products (the inverse of [`LayerActs::narrow_products`], up to
+    /// the rounding).
+    pub(crate) fn widen_products(&mut self) {
+        let kept = std::mem::take(&mut self.bf16);
+        for (src, dst) in kept.0.iter().zip(self.products_mut()) {
+            fit(dst, src.len());
+            let chunks = src.par_chunks(CONVERT_CHUNK).zip(dst.par_chunks_mut(CONVERT_CHUNK));
+            chunks.for_each(|(src, dst)| bf16::widen_into(src, dst));
+        }
+        self.bf16 = kept;
+    }
+
+    /// Rounds the f32 products to bf16 in place: what [`LayerActs::narrow_products`] then
+    /// [`LayerActs::widen_products`] give, for the one slot of a [`Keep::LayerInputs`] pass.
+    pub(crate) fn round_products(&mut self) {
+        for v in self.products_mut() {
+            v.par_chunks_mut(CONVERT_CHUNK).for_each(bf16::round_in_place);
+        }
+    }
+
+    /// Frees the f32 products (a layer that keeps them in bf16).
+    fn free_f32_products(&mut self) {
+        self.products_mut().into_iter().for_each(|v| *v = Vec::new());
+    }
+
+    /// Floats per token of the buffers above, as [`crate::Decoder::block_forward`] sizes them: those
+    /// always kept in f32, and the products ([`LayerActs::products_mut`]).
+    fn floats_per_token(cfg: &DecoderConfig) -> LayerFloats {
         let d = cfg.hidden as u64;
         let x_mid = if cfg.parallel_residual { 0 } else { d };
         let qk_pre = if cfg.qk_norm { ((cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim) as u64 } else { 0 };
         let post_norm_inputs = if cfg.post_norms { 2 * d } else { 0 };
-        d + cfg.qkv_dim() as u64
-            + qk_pre
-            + cfg.attn_dim() as u64
-            + cfg.n_heads as u64
-            + x_mid
-            + cfg.mlp_in_dim() as u64
-            + post_norm_inputs
+        LayerFloats {
+            f32: d + cfg.n_heads as u64 + x_mid,
+            products: cfg.qkv_dim() as u64
+                + qk_pre
+                + cfg.attn_dim() as u64
+                + cfg.mlp_in_dim() as u64
+                + post_norm_inputs,
+        }
     }
+}
+
+/// Per-token values of a layer's [`LayerActs`].
+struct LayerFloats {
+    /// `x`, `lse`, `x_mid`: f32 in every pass.
+    f32: u64,
+    /// [`LayerActs::products_mut`]: bf16 in a bf16 pass that keeps every layer.
+    products: u64,
 }
 
 /// Buffers a block overwrites before reading; one set serves every layer.
@@ -126,11 +205,17 @@ pub struct Activations {
     /// the one slot of [`Keep::None`].
     pub(crate) layers: Vec<LayerActs>,
     /// The slot every block of a [`Keep::LayerInputs`] pass runs in (its `x` borrowed from `layers` while
-    /// a block runs), empty otherwise.
+    /// a block runs); in a [`Keep::All`] pass that keeps bf16, the f32 products every layer borrows while
+    /// its block runs, forward and backward; empty otherwise.
     pub(crate) work: LayerActs,
-    /// The layer whose activations `work` holds: the last after forward, then each layer backward
-    /// recomputed, so that the last layer's block is not run twice in a row.
+    /// The layer whose activations `work` holds in a [`Keep::LayerInputs`] pass: the last after forward,
+    /// then each layer backward recomputed, so that the last layer's block is not run twice in a row.
     pub(crate) work_layer: Option<usize>,
+    /// The pass keeps its layers' products ([`LayerActs::products_mut`]) rounded to bf16: a bf16 pass
+    /// that keeps something, unless [`Activations::keeping_f32`].
+    pub(crate) kept_bf16: bool,
+    /// [`Activations::keeping_f32`].
+    keep_f32: bool,
     /// The adapter's dropout seed of the pass ([`super::Model::dropout_seed`]): a checkpointed backward
     /// recomputes each block with the masks its forward drew.
     pub(crate) dropout_seed: Option<u64>,
@@ -147,34 +232,66 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// Floats per token that a forward pass of `cfg` holds, with the batch's and the head's per-target
-    /// vectors. [`Keep::All`] (a forward for backward, then the backward): every block's [`LayerActs`],
-    /// the final norm's input, the hidden states and their gradient, and the forward and backward
-    /// scratch. [`Keep::LayerInputs`]: the same with every block's input alone plus one slot for the
-    /// rest of a block. [`Keep::None`]: one block's buffers, reused by every block, the final norm's
-    /// input, the hidden states and the forward scratch.
-    pub fn floats_per_token(cfg: &DecoderConfig, keep: impl Into<Keep>) -> u64 {
-        let (d, layer) = (cfg.hidden as u64, LayerActs::floats_per_token(cfg));
-        let layers = cfg.n_layers as u64;
-        let held = match keep.into() {
-            Keep::All => layers * layer + 3 * d + Scratch::floats_per_token(cfg, true),
-            Keep::LayerInputs => layers * d + (layer - d) + 3 * d + Scratch::floats_per_token(cfg, true),
-            Keep::None => layer + 2 * d + Scratch::floats_per_token(cfg, false),
-        };
-        held + BATCH_FLOATS_PER_TOKEN
+    /// Buffers whose bf16 passes keep every activation in f32, as an f32 pass does: backward reads the
+    /// products unrounded, more accurate than autocast, for the memory of an f32 pass
+    /// ([`Activations::bytes_per_token`] with [`Precision::F32`]). The reference that keeping bf16 is
+    /// tested and measured against.
+    pub fn keeping_f32(self) -> Self {
+        Activations { keep_f32: true, ..self }
     }
 
-    /// Sets up the layer buffers for a pass that keeps `keep`, freeing what it does not use (the buffers
-    /// of another mode, left by an earlier pass).
-    pub(crate) fn prepare_layers(&mut self, keep: Keep, n_layers: usize) {
+    /// Bytes per token that a forward pass of `cfg` in `precision` holds (then its backward, when it
+    /// keeps something), with the batch's and the head's per-target vectors.
+    ///
+    /// [`Keep::All`] (a forward for backward, then the backward): every block's [`LayerActs`], the final
+    /// norm's input, the hidden states and their gradient, and the forward and backward scratch. In
+    /// bf16, each layer's products ([`LayerActs::products_mut`]) are kept in bf16, and one set of f32
+    /// product buffers serves every block while it runs. [`Keep::LayerInputs`]: the same with every
+    /// block's input alone plus one f32 slot for the rest of a block (in bf16 too: the slot holds one
+    /// layer, rounded in place). [`Keep::None`]: one block's buffers, reused by every block, the final
+    /// norm's input, the hidden states and the forward scratch.
+    pub fn bytes_per_token(cfg: &DecoderConfig, keep: impl Into<Keep>, precision: Precision) -> u64 {
+        let (d, layers) = (cfg.hidden as u64, cfg.n_layers as u64);
+        let LayerFloats { f32: kept_f32, products } = LayerActs::floats_per_token(cfg);
+        let layer = kept_f32 + products;
+        let (f32_floats, bf16_values) = match keep.into() {
+            Keep::All if precision == Precision::Bf16 => {
+                (layers * kept_f32 + products + 3 * d + Scratch::floats_per_token(cfg, true), layers * products)
+            }
+            Keep::All => (layers * layer + 3 * d + Scratch::floats_per_token(cfg, true), 0),
+            Keep::LayerInputs => (layers * d + (layer - d) + 3 * d + Scratch::floats_per_token(cfg, true), 0),
+            Keep::None => (layer + 2 * d + Scratch::floats_per_token(cfg, false), 0),
+        };
+        4 * (f32_floats + BATCH_FLOATS_PER_TOKEN) + 2 * bf16_values
+    }
+
+    /// [`Activations::bytes_per_token`] of an f32 pass, in floats. Kept for the callers that count
+    /// floats; a bf16 pass is counted only in bytes.
+    pub fn floats_per_token(cfg: &DecoderConfig, keep: impl Into<Keep>) -> u64 {
+        Activations::bytes_per_token(cfg, keep, Precision::F32) / 4
+    }
+
+    /// Sets up the layer buffers for a pass in `precision` that keeps `keep`, freeing what it does not
+    /// use (the buffers of another mode or precision, left by an earlier pass).
+    pub(crate) fn prepare_layers(&mut self, keep: Keep, n_layers: usize, precision: Precision) {
         self.kept = keep;
         self.work_layer = None;
+        self.kept_bf16 = precision == Precision::Bf16 && keep != Keep::None && !self.keep_f32;
         let slots = if keep == Keep::None { 1 } else { n_layers };
         self.layers.resize_with(slots, LayerActs::default);
-        if keep == Keep::LayerInputs {
-            self.layers.iter_mut().for_each(LayerActs::keep_only_input);
-        } else {
-            self.work = LayerActs::default();
+        match keep {
+            Keep::LayerInputs => self.layers.iter_mut().for_each(LayerActs::keep_only_input),
+            // Kept in bf16: each layer's bf16 products, and the f32 ones in `work` alone.
+            Keep::All if self.kept_bf16 => {
+                self.layers.iter_mut().for_each(LayerActs::free_f32_products);
+                let mut work = LayerActs::default();
+                work.swap_products(&mut self.work);
+                self.work = work;
+            }
+            Keep::All | Keep::None => {
+                self.layers.iter_mut().for_each(|la| la.bf16 = Bf16Products::default());
+                self.work = LayerActs::default();
+            }
         }
     }
 }
@@ -235,64 +352,75 @@ mod tests {
     use super::*;
     use crate::batch::Batch;
     use crate::presets::{self, init_random};
-    use crate::Decoder;
+    use crate::{Decoder, Model};
 
-    /// Every float the buffers of `a` hold, the per-target head vector aside.
+    /// Every byte the buffers of `a` hold, the per-target head vector aside.
     fn held(a: &Activations) -> u64 {
         let s = &a.scratch;
-        let layers: usize = a
-            .layers
-            .iter()
-            .chain([&a.work])
-            .map(|l| {
-                l.x.len()
-                    + l.qkv.len()
-                    + l.qk_pre.len()
-                    + l.attn.len()
-                    + l.lse.len()
-                    + l.x_mid.len()
-                    + l.mlp_pre.len()
-                    + l.o_pre.len()
-                    + l.mlp_out.len()
-            })
-            .sum();
+        let (mut f32s, mut bf16s) = (0, 0);
+        for l in a.layers.iter().chain([&a.work]) {
+            f32s += [&l.x, &l.qkv, &l.qk_pre, &l.attn, &l.lse, &l.x_mid, &l.mlp_pre, &l.o_pre, &l.mlp_out]
+                .iter()
+                .map(|v| v.len())
+                .sum::<usize>();
+            bf16s += l.bf16.0.iter().map(Vec::len).sum::<usize>();
+        }
         let scratch = [&s.h, &s.o, &s.act, &s.stat_a, &s.stat_b, &s.dx, &s.dh, &s.dact, &s.dpre, &s.dattn, &s.dqkv];
-        (layers + a.x_final.len() + a.hidden.len() + a.dhidden.len() + scratch.iter().map(|v| v.len()).sum::<usize>())
-            as u64
+        f32s += a.x_final.len() + a.hidden.len() + a.dhidden.len() + scratch.iter().map(|v| v.len()).sum::<usize>();
+        (4 * f32s + 2 * bf16s) as u64
     }
 
     #[test]
-    fn floats_per_token_is_what_a_forward_and_backward_hold() {
+    fn bytes_per_token_is_what_a_forward_and_backward_hold() {
         for cfg in [
             presets::tiny_gpt2(),
             presets::tiny_llama(),
             presets::tiny_neox(),
             presets::tiny_gptj(),
             presets::tiny_gemma3(),
+            DecoderConfig { n_layers: 5, ..presets::tiny_llama() },
         ] {
             let (m, p) = (Decoder::new(cfg.clone()), init_random(&cfg, 0.1, 3));
             let mut b = Batch::default();
             b.push_sequence(&[1, 2, 3, 4, 5], 1);
             b.push_sequence(&[6, 7, 8], 1);
             let n = b.len() as u64;
-            let extra = n * BATCH_FLOATS_PER_TOKEN;
-
-            let mut acts = Activations::default();
-            m.forward(&p, &b, &mut acts, false).unwrap();
-            assert_eq!(held(&acts) + extra, n * Activations::floats_per_token(&cfg, false), "{cfg:?}");
-
-            let mut acts = Activations::default();
-            let out = m.logprobs(&p, &b, &mut acts, true).unwrap();
+            let extra = 4 * n * BATCH_FLOATS_PER_TOKEN;
             let mut grads = crate::Params::zeros(&cfg);
-            m.backward_logprobs(&p, &b, &mut acts, &vec![1.0; out.logp.len()], &mut grads).unwrap();
-            assert_eq!(held(&acts) + extra, n * Activations::floats_per_token(&cfg, true), "{cfg:?}");
+            // One set of buffers through every precision and training mode in turn: each pass frees what
+            // an earlier one left and it does not use (a pass without backward leaves the backward's
+            // scratch allocated: it gets fresh buffers).
+            let mut acts = Activations::default();
+            for precision in Precision::ALL {
+                let model = Model::new(&p, None).with_precision(precision);
+                let bytes = |keep: Keep| n * Activations::bytes_per_token(&cfg, keep, precision);
+                let mut scoring = Activations::default();
+                m.forward(model, &b, &mut scoring, false).unwrap();
+                assert_eq!(held(&scoring) + extra, bytes(Keep::None), "{cfg:?} {precision}");
 
-            // The same buffers through a checkpointed pass: the layers' other buffers are freed.
-            let out = m.logprobs(&p, &b, &mut acts, Keep::LayerInputs).unwrap();
-            m.backward_logprobs(&p, &b, &mut acts, &vec![1.0; out.logp.len()], &mut grads).unwrap();
-            let checkpointed = Activations::floats_per_token(&cfg, Keep::LayerInputs);
-            assert_eq!(held(&acts) + extra, n * checkpointed, "{cfg:?}");
-            assert!(checkpointed < Activations::floats_per_token(&cfg, Keep::All));
+                for keep in [Keep::All, Keep::LayerInputs] {
+                    let out = m.logprobs(model, &b, &mut acts, keep).unwrap();
+                    m.backward_logprobs(model, &b, &mut acts, &vec![1.0; out.logp.len()], &mut grads).unwrap();
+                    assert_eq!(held(&acts) + extra, bytes(keep), "{cfg:?} {precision} {keep:?}");
+                }
+                assert!(bytes(Keep::LayerInputs) < bytes(Keep::All), "{cfg:?} {precision}");
+                // Buffers that keep f32 in a bf16 pass hold what an f32 pass does.
+                let mut f32_kept = Activations::default().keeping_f32();
+                let out = m.logprobs(model, &b, &mut f32_kept, Keep::All).unwrap();
+                m.backward_logprobs(model, &b, &mut f32_kept, &vec![1.0; out.logp.len()], &mut grads).unwrap();
+                let f32_bytes = n * Activations::bytes_per_token(&cfg, Keep::All, Precision::F32);
+                assert_eq!(held(&f32_kept) + extra, f32_bytes, "{cfg:?} {precision}");
+            }
+            // The floats of an f32 pass are its bytes over 4. A bf16 pass that keeps every layer holds
+            // 2 bytes of each product per layer and 4 in the one f32 set: less from 3 layers on.
+            for keep in [Keep::None, Keep::All, Keep::LayerInputs] {
+                let f32_bytes = Activations::bytes_per_token(&cfg, keep, Precision::F32);
+                assert_eq!(4 * Activations::floats_per_token(&cfg, keep), f32_bytes);
+                let bf16_bytes = Activations::bytes_per_token(&cfg, keep, Precision::Bf16);
+                let products = LayerActs::floats_per_token(&cfg).products as i64;
+                let saved = if keep == Keep::All { (2 * cfg.n_layers as i64 - 4) * products } else { 0 };
+                assert_eq!(bf16_bytes as i64 + saved, f32_bytes as i64, "{cfg:?} {keep:?}");
+            }
         }
     }
 }

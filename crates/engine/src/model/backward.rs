@@ -190,7 +190,16 @@ impl Decoder {
             let rope = self.block_rope(rope, l);
             let (lp, adapter) = (model.layer(l), model.adapter.map(|a| &a.layers[l]));
             if acts.kept != Keep::LayerInputs {
-                self.block_backward(lp, l, adapter, grads.layer(l), b, &acts.layers[l], s, rope);
+                let la = &mut acts.layers[l];
+                if acts.kept_bf16 {
+                    // The layer's bf16 products, widened into the pass's f32 products for its backward.
+                    la.swap_products(&mut acts.work);
+                    la.widen_products();
+                }
+                self.block_backward(lp, l, adapter, grads.layer(l), b, la, s, rope);
+                if acts.kept_bf16 {
+                    la.swap_products(&mut acts.work);
+                }
                 continue;
             }
             // Checkpointed: the layer's kept input moves into the slot for the block's backward (which
@@ -204,6 +213,9 @@ impl Decoder {
                 let attend = Attend::Packed { batch: b, cache: None };
                 let lora = forward_model.layer_lora(l, true);
                 self.block_forward(lp, l, lora, &mut acts.work, s, rope, attend, &mut out);
+                if acts.kept_bf16 {
+                    acts.work.round_products();
+                }
                 s.dh = out;
                 acts.work_layer = Some(l);
             }

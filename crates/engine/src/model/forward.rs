@@ -27,7 +27,7 @@ impl Decoder {
         let extended = self.extended_rope(b);
         let rope = extended.as_ref().or(self.rope.as_ref());
         acts.n = n;
-        acts.prepare_layers(keep, cfg.n_layers);
+        acts.prepare_layers(keep, cfg.n_layers, model.precision);
         acts.dropout_seed = model.dropout_seed;
         let train = keep != Keep::None;
 
@@ -66,8 +66,21 @@ impl Decoder {
                     // the slot's other buffers hold this layer's activations until the next block.
                     std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
                     self.block_forward(lp, l, adapter, &mut acts.work, s, rope, attend, &mut out);
+                    if acts.kept_bf16 {
+                        // What backward reads, as a layer of a `Keep::All` pass keeps it in bf16.
+                        acts.work.round_products();
+                    }
                     std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
                     acts.work_layer = Some(l);
+                }
+                Keep::All if acts.kept_bf16 => {
+                    // The block runs on the pass's f32 products (lent by `work`), kept in bf16 after it:
+                    // the block's output, computed from the f32 values, is that of an f32-keeping pass.
+                    let la = &mut acts.layers[l];
+                    la.swap_products(&mut acts.work);
+                    self.block_forward(lp, l, adapter, la, s, rope, attend, &mut out);
+                    la.narrow_products();
+                    la.swap_products(&mut acts.work);
                 }
                 Keep::All => self.block_forward(lp, l, adapter, &mut acts.layers[l], s, rope, attend, &mut out),
                 Keep::None => self.block_forward(lp, l, adapter, &mut acts.layers[0], s, rope, attend, &mut out),

@@ -4,7 +4,9 @@
 //! post-rotary `qkv`, the attention output and its log-sum-exp, the mid-layer residual (sequential
 //! layout only) and the MLP pre-activation. Norm outputs and MLP activations are recomputed in backward
 //! (two passes over `[N, d]` instead of storing them), which keeps activation memory near
-//! `N * (2d + qkv + attn + mlp_in)` floats per layer.
+//! `N * (2d + qkv + attn + mlp_in)` floats per layer. A bf16 pass keeps the products among them (`qkv`,
+//! `attn`, `mlp_pre`: all but the residual stream) in bf16, as autocast does: `N * (2d + (qkv + attn +
+//! mlp_in) / 2)` floats' worth ([`Activations::bytes_per_token`]).
 
 mod acts;
 mod backward;
@@ -26,7 +28,7 @@ pub(crate) fn embedding_scale(cfg: &DecoderConfig) -> Option<f32> {
 
 use crate::batch::Batch;
 use crate::config::{DecoderConfig, MlpKind, NormKind, PositionKind};
-use crate::kernels::{self as k, AttnDims, RopeTable};
+use crate::kernels::{self as k, AttnDims, Precision, RopeTable};
 use crate::params::NormParams;
 use std::borrow::Cow;
 
@@ -118,9 +120,15 @@ impl Decoder {
         }
     }
 
-    /// Floats per token that [`Decoder::forward`] holds (see [`Activations::floats_per_token`]).
+    /// Floats per token that an f32 [`Decoder::forward`] holds (see [`Activations::floats_per_token`]).
     pub fn activation_floats_per_token(&self, keep: impl Into<Keep>) -> u64 {
         Activations::floats_per_token(&self.cfg, keep)
+    }
+
+    /// Bytes per token that [`Decoder::forward`] in `precision` holds (see
+    /// [`Activations::bytes_per_token`]).
+    pub fn activation_bytes_per_token(&self, keep: impl Into<Keep>, precision: Precision) -> u64 {
+        Activations::bytes_per_token(&self.cfg, keep, precision)
     }
 
     /// Floats per token that a pass through `adapter` holds on top of
