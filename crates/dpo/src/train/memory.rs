@@ -19,7 +19,8 @@
 //!
 //! A bf16 run (`MemoryPlan::precision`) holds the reference model's block linears in bf16 (its products
 //! round them to bf16 anyway); a LoRA base is stored in bf16 by default then, counted through
-//! [`AdapterPlan::base_bytes`]. Activations are counted as the engine counts them (f32 today).
+//! [`AdapterPlan::base_bytes`]. Its activations are counted as the engine keeps them
+//! (`engine::Activations::bytes_per_token` with the precision: each layer's products in bf16).
 //!
 //! A LoRA run ([`AdapterPlan`]) holds the base once (frozen: no gradient, no optimizer state, no copy; the
 //! reference is the same base with the adapter off, or with a frozen copy of the starting adapter), and
@@ -161,9 +162,13 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     let largest = &rows[..plan.batch_size.min(rows.len())];
     let n: u64 = largest.iter().sum();
     let keep = Keep::for_backward(plan.gradient_checkpointing);
-    let mut per_token = Activations::floats_per_token(c, keep) + plan.adapter.map_or(0, |a| a.kept_per_token);
+    // Bytes per token as the engine keeps them in this precision (a bf16 pass keeps each layer's products
+    // in bf16); the adapter's `x A^T` stays f32 in every precision.
+    let precision = plan.precision;
+    let mut per_token =
+        Activations::bytes_per_token(c, keep, precision) + 4 * plan.adapter.map_or(0, |a| a.kept_per_token);
     if let Some(r) = plan.reference {
-        per_token += Activations::floats_per_token(r, false);
+        per_token += Activations::bytes_per_token(r, Keep::None, precision);
     }
     let head = 4 * head_scratch_floats(n as usize, c.hidden, c.vocab_size);
     // The rotary tables: one, plus the full-attention layers' own (`global_layers`, Gemma 3).
@@ -180,7 +185,7 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
         weights,
         batch_tokens: n,
         batch_rows: largest.len() as u64,
-        activations: 4 * n * per_token,
+        activations: n * per_token,
         head,
         checkpoint: match &plan.adapter {
             None => 4 * p * k.max(1),
@@ -349,15 +354,15 @@ mod tests {
             precision: Precision::F32,
         };
         let (kept, checkpointed) = (estimate(&plan(false)), estimate(&plan(true)));
-        let reference = Activations::floats_per_token(&c, Keep::None);
-        let want = 4 * 50 * (Activations::floats_per_token(&c, Keep::LayerInputs) + reference);
+        let reference = Activations::bytes_per_token(&c, Keep::None, Precision::F32);
+        let want = 50 * (Activations::bytes_per_token(&c, Keep::LayerInputs, Precision::F32) + reference);
         assert_eq!(checkpointed.activations, want);
         assert!(checkpointed.activations < kept.activations);
         assert_eq!(checkpointed.weights, kept.weights);
     }
 
-    /// A bf16 run holds the reference's block linears in bf16: the weights shrink by two bytes for each of
-    /// their values, and nothing else changes.
+    /// A bf16 run holds the reference's block linears in bf16 (the weights shrink by two bytes for each of
+    /// their values) and keeps the policy's products in bf16 (the activations shrink as the engine says).
     #[test]
     fn a_bf16_run_counts_the_reference_linears_at_two_bytes() {
         let c = cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }, PositionKind::Learned, false);
@@ -377,7 +382,11 @@ mod tests {
         assert!(linears > 0);
         assert_eq!(f32_run.weights - bf16_run.weights, 2 * linears);
         assert_eq!(stored_model_bytes(&c, Storage::F32), 4 * c.param_count());
-        assert_eq!(f32_run.activations, bf16_run.activations);
+        let per_token =
+            |p| Activations::bytes_per_token(&c, Keep::All, p) + Activations::bytes_per_token(&c, Keep::None, p);
+        assert_eq!(bf16_run.activations, 50 * per_token(Precision::Bf16));
+        assert_eq!(f32_run.activations, 50 * per_token(Precision::F32));
+        assert!(bf16_run.activations < f32_run.activations);
         let no_reference = estimate(&MemoryPlan { reference: None, ..plan(Precision::Bf16) });
         assert_eq!(no_reference.weights, 4 * 5 * c.param_count());
     }
