@@ -52,8 +52,8 @@ fn bf16_logps_are_close_to_f32_and_not_equal() {
 /// The metrics line of `step` of a run.
 fn metrics_at(run: &Path, step: u64) -> serde_json::Value {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let lines = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
-    lines.filter(|m| m["step"].as_u64() == Some(step)).last().unwrap()
+    let mut lines = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    lines.rfind(|m| m["step"].as_u64() == Some(step)).unwrap()
 }
 
 #[test]
