@@ -196,6 +196,62 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     }
 }
 
+/// Estimates the run's peak memory, logs it, and refuses a run that would not fit in `max_memory` (or
+/// the machine's available memory).
+pub(super) fn check(
+    cfg: &super::TrainConfig,
+    policy: &DecoderConfig,
+    reference: Option<&DecoderConfig>,
+    row_tokens: Vec<u64>,
+    rows_in_flight: usize,
+    adapter: Option<AdapterPlan>,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), super::TrainError> {
+    let opt = cfg.optimizer_config();
+    let plan = MemoryPlan {
+        policy,
+        optimizer: &opt,
+        reference,
+        row_tokens,
+        batch_size: rows_in_flight,
+        gradient_checkpointing: cfg.gradient_checkpointing,
+        adapter,
+        precision: cfg.precision,
+    };
+    let est = estimate(&plan);
+    let limit = match &cfg.max_memory {
+        Some(m) => Some((m.0, "the --max-memory limit of")),
+        None => available_memory().map(|b| (b, "the available memory (MemAvailable) of")),
+    };
+    let Some((limit, what)) = limit else {
+        log(&format!("memory: {}", est.summary()));
+        return Ok(());
+    };
+    log(&format!("memory: {}; limit {}", est.summary(), human(limit)));
+    if est.total() <= limit {
+        return Ok(());
+    }
+    let advice = if est.activations >= est.weights {
+        "lower --batch-size, --micro-pairs or --max-length"
+    } else if cfg.is_lora() {
+        "use a smaller model, a lower --lora-r or fewer --lora-targets"
+    } else {
+        "train a LoRA adapter (--lora-r 16), use a smaller model, --precompute-ref (no reference model in memory) \
+         or --optimizer sgd"
+    };
+    Err(super::TrainError::Memory(format!(
+        "the run needs an estimated {} of memory, more than {what} {}: activations {} for the largest micro-batch \
+         ({} rows, {} tokens), weights, gradient, optimizer and reference {}; {advice}, or pass --max-memory \
+         SIZE to run anyway",
+        human(est.total()),
+        human(limit),
+        human(est.activations),
+        est.batch_rows,
+        est.batch_tokens,
+        human(est.weights),
+    )))
+}
+
 /// Fixes glibc's mmap threshold at its default (128 KiB). glibc otherwise raises it to the size of each
 /// mmap'd block freed (up to 32 MiB): once a stored base's f32 linears are freed after quantising (or any
 /// large tensor is), later multi-MiB buffers come from the heap, whose freed holes stay resident, and the

@@ -16,7 +16,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::{Objective, DEFAULT_MAX_LENGTH};
 use super::kto::KtoWorkload;
 use super::lora::LoraRun;
-use super::memory::{self, AdapterPlan, MemoryPlan};
+use super::memory;
 use super::pairs::PairObjective;
 use super::policy::Trained;
 use super::reference::{self, default_cache_dir, precompute, Reference, ReferenceModel};
@@ -274,7 +274,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let held_reference = reference_cfg.as_ref().filter(|_| !cfg.precompute_ref);
     // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
     let adapter = lora.as_ref().map(|l| l.plan(&model_cfg, cfg)).transpose()?;
-    check_memory(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
+    memory::check(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
     let (model, frozen) = match cfg.base_storage {
         Storage::F32 => (hf::load_model(&cfg.model)?, None),
         storage => {
@@ -488,60 +488,4 @@ pub fn base_model<'a>(
         Some(f) => m.with_frozen(f),
         None => m,
     }
-}
-
-/// Estimates the run's peak memory, logs it, and refuses a run that would not fit in `max_memory` (or
-/// the machine's available memory).
-fn check_memory(
-    cfg: &TrainConfig,
-    policy: &DecoderConfig,
-    reference: Option<&DecoderConfig>,
-    row_tokens: Vec<u64>,
-    rows_in_flight: usize,
-    adapter: Option<AdapterPlan>,
-    log: &mut dyn FnMut(&str),
-) -> Result<(), TrainError> {
-    let opt = cfg.optimizer_config();
-    let plan = MemoryPlan {
-        policy,
-        optimizer: &opt,
-        reference,
-        row_tokens,
-        batch_size: rows_in_flight,
-        gradient_checkpointing: cfg.gradient_checkpointing,
-        adapter,
-        precision: cfg.precision,
-    };
-    let est = memory::estimate(&plan);
-    let limit = match &cfg.max_memory {
-        Some(m) => Some((m.0, "the --max-memory limit of")),
-        None => memory::available_memory().map(|b| (b, "the available memory (MemAvailable) of")),
-    };
-    let Some((limit, what)) = limit else {
-        log(&format!("memory: {}", est.summary()));
-        return Ok(());
-    };
-    log(&format!("memory: {}; limit {}", est.summary(), memory::human(limit)));
-    if est.total() <= limit {
-        return Ok(());
-    }
-    let advice = if est.activations >= est.weights {
-        "lower --batch-size, --micro-pairs or --max-length"
-    } else if cfg.is_lora() {
-        "use a smaller model, a lower --lora-r or fewer --lora-targets"
-    } else {
-        "train a LoRA adapter (--lora-r 16), use a smaller model, --precompute-ref (no reference model in memory) \
-         or --optimizer sgd"
-    };
-    Err(TrainError::Memory(format!(
-        "the run needs an estimated {} of memory, more than {what} {}: activations {} for the largest micro-batch \
-         ({} rows, {} tokens), weights, gradient, optimizer and reference {}; {advice}, or pass --max-memory \
-         SIZE to run anyway",
-        memory::human(est.total()),
-        memory::human(limit),
-        memory::human(est.activations),
-        est.batch_rows,
-        est.batch_tokens,
-        memory::human(est.weights),
-    )))
 }
