@@ -212,7 +212,14 @@ pub fn cache_key<'m>(model: impl Into<Model<'m>>, examples: &[Example]) -> Strin
             for site in engine::Site::ALL {
                 let m = layer.get(site);
                 h.update(format!("{l}:{site:?}:{:?}:{}x{}", m.storage(), m.rows(), m.cols()).as_bytes());
-                hash_words(&mut h, m.to_f32().into_iter().map(f32::to_bits));
+                // Widened a block at a time: no f32 copy of a whole matrix.
+                let n = m.rows() * m.cols();
+                let mut block = vec![0.0f32; n.min(1 << 14)];
+                for start in (0..n).step_by(block.len().max(1)) {
+                    let part = &mut block[..(n - start).min(1 << 14)];
+                    m.widen_into(start, part);
+                    hash_words(&mut h, part.iter().map(|x| x.to_bits()));
+                }
             }
         }
     }
