@@ -206,6 +206,8 @@ fn every_command_that_runs_the_model_takes_the_precision() {
         c.arg("--prompts").arg(&prompts).arg("--output").arg(&ppo);
     });
     assert!(std::fs::read_to_string(ppo.join("config.toml")).unwrap().contains("precision = \"bf16\""));
+    // The first rollout's KL compares the policy with its bf16-stored reference copy: exactly 0.
+    assert_eq!(metrics_at(&ppo, 1)["kl"].as_f64(), Some(0.0), "{}", metrics_at(&ppo, 1));
     fails(
         dpo().args(["ppo", "--precision", "f32", "--resume"]).arg(&ppo),
         &[r#"precision "bf16" in the checkpoint, "f32" now"#],

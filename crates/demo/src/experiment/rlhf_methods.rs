@@ -199,7 +199,7 @@ fn ppo(
     let mut eval_s = 0.0;
     let mut metrics = String::new();
     let t = Instant::now();
-    let reference = RefModel { decoder: &ctx.world.decoder, params: &ctx.world.reference };
+    let reference = RefModel { decoder: &ctx.world.decoder, params: &ctx.world.reference, linears: None };
     let mut on_step = |s: &dpo::rlhf::ppo::PpoStepStats, params: &Params| -> bool {
         metrics += &serde_json::to_string(s).unwrap_or_default();
         metrics.push('\n');

@@ -133,8 +133,8 @@ pub fn collect_rollout(
     let pairs: Vec<(&[u32], &[u32])> = prompt_refs.iter().copied().zip(completion_refs.iter().copied()).collect();
     let CompletionScores { logp, values } =
         completion_scores(decoder, policy, Some(head), &pairs, cfg.minibatch, acts)?;
-    let ref_model = Model::new(reference.params, None).with_precision(cfg.precision);
-    let ref_logp = completion_scores(reference.decoder, ref_model, None, &pairs, cfg.minibatch, acts)?.logp;
+    let ref_logp =
+        completion_scores(reference.decoder, reference.view(cfg.precision), None, &pairs, cfg.minibatch, acts)?.logp;
 
     let n = prompts.len();
     let (mut advantages, mut returns) = (Vec::with_capacity(n), Vec::with_capacity(n));
