@@ -2,6 +2,11 @@
 //! them. On CPUs with AVX-512F the products run on this crate's own kernel ([`super::sgemm`]: the `gemm`
 //! crate only uses AVX2 on stable Rust, half the FMA width); elsewhere, and for shapes too thin for that
 //! kernel's tiles, through the `gemm` crate.
+//!
+//! bf16 products ([`Precision::Bf16`]) run, in order of preference, on the bf16 kernel (`vdpbf16ps`, where
+//! the CPU has AVX512_BF16), on the f32 kernel rounding its operands as it packs them (AVX-512F), or on
+//! rounded copies of the operands through the `gemm` crate. All three compute the product of the
+//! bf16-rounded operands in f32 arithmetic; they differ only in how the sums are grouped.
 
 use rayon::prelude::*;
 
@@ -29,10 +34,22 @@ fn use_sgemm(m: usize, n: usize, k: usize) -> bool {
     m >= 4 && n >= 32 && m.saturating_mul(n).saturating_mul(k) > 1 << 15 && super::sgemm::available()
 }
 
-/// A strided view of an f32 matrix operand: element `(i, j)` is at `ptr + i * rs + j * cs`.
+/// Whether a bf16 product of these sizes runs on the bf16 kernel: the shapes of [`use_sgemm`] (the
+/// kernels share tiles and packing), on a CPU with AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn use_bf16_kernel(m: usize, n: usize, k: usize) -> bool {
+    #[cfg(test)]
+    if tests::EMULATE_BF16.get() {
+        return false;
+    }
+    use_sgemm(m, n, k) && super::sgemm::bf16_available()
+}
+
+/// A strided view of a matrix operand of f32 (or of bf16 bits, `u16`, for [`bf16_stored_gemm`]): element
+/// `(i, j)` is at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy)]
-pub(crate) struct View {
-    pub ptr: *const f32,
+pub(crate) struct View<T = f32> {
+    pub ptr: *const T,
     pub rs: isize,
     pub cs: isize,
 }
@@ -58,18 +75,26 @@ pub(crate) unsafe fn gemm_view(
     parallel: bool,
     prec: Precision,
 ) {
-    if prec == Precision::Bf16 {
-        return bf16_emulated(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, alpha, parallel);
-    }
     #[cfg(target_arch = "x86_64")]
     if dst_cs == 1 && alpha == 1.0 && use_sgemm(m, n, k) {
         let strides = [dst_rs, lhs.rs, lhs.cs, rhs.rs, rhs.cs];
         if strides.iter().all(|&s| s >= 0) {
-            let mat = |v: View| super::sgemm::Mat { ptr: v.ptr, rs: v.rs as usize, cs: v.cs as usize };
+            use super::sgemm;
+            let mat = |v: View| sgemm::Mat { ptr: v.ptr, rs: v.rs as usize, cs: v.cs as usize };
+            let (a, b, ldc) = (mat(lhs), mat(rhs), dst_rs as usize);
             let tasks = if parallel { num_threads() } else { 1 };
-            super::sgemm::sgemm(m, n, k, mat(lhs), mat(rhs), dst, dst_rs as usize, accumulate, tasks);
+            match prec {
+                Precision::F32 => sgemm::sgemm(m, n, k, a, b, dst, ldc, accumulate, tasks),
+                Precision::Bf16 if use_bf16_kernel(m, n, k) => {
+                    sgemm::bf16_gemm(m, n, k, a, b, dst, ldc, accumulate, tasks)
+                }
+                Precision::Bf16 => sgemm::sgemm_rounded_to_bf16(m, n, k, a, b, dst, ldc, accumulate, tasks),
+            }
             return;
         }
+    }
+    if prec == Precision::Bf16 {
+        return bf16_emulated(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, alpha, parallel);
     }
     let par = if parallel { parallelism(m, n, k) } else { gemm::Parallelism::None };
     // gemm computes dst := a * dst + b * lhs . rhs; `a` is ignored when dst is not read.
@@ -79,7 +104,9 @@ pub(crate) unsafe fn gemm_view(
     );
 }
 
-/// [`gemm_view`] in bf16, for now by rounding copies of both operands and running the f32 product on them.
+/// [`gemm_view`] in bf16 where neither AVX-512 kernel takes the product (thin shapes, `alpha != 1`,
+/// negative strides, CPUs without AVX-512F): the `gemm` crate's f32 product on rounded copies of both
+/// operands.
 #[allow(clippy::too_many_arguments)]
 unsafe fn bf16_emulated(
     m: usize,
@@ -108,6 +135,38 @@ unsafe fn bf16_emulated(
     let a_view = View { ptr: a.as_ptr(), rs: k as isize, cs: 1 };
     let b_view = View { ptr: b.as_ptr(), rs: n as isize, cs: 1 };
     gemm_view(m, n, k, dst, dst_rs, dst_cs, accumulate, a_view, b_view, alpha, parallel, Precision::F32);
+}
+
+/// `dst[m, n] = (dst if accumulate) + lhs[m, k] . rhs[k, n]` in bf16 where `rhs` is stored in bf16 (a
+/// frozen weight): its bits are packed as they are, no widened copy, the same numbers as widening it and
+/// calling [`gemm_view`] with [`Precision::Bf16`]. Returns false, having done nothing, where the bf16
+/// kernel does not take the product (the caller then widens).
+///
+/// # Safety
+/// As [`gemm_view`], with `dst`'s columns contiguous.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn bf16_stored_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View<u16>,
+    parallel: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if use_bf16_kernel(m, n, k) && [dst_rs, lhs.rs, lhs.cs, rhs.rs, rhs.cs].iter().all(|&s| s >= 0) {
+        use super::sgemm::{bf16_gemm, Mat};
+        let a = Mat { ptr: lhs.ptr, rs: lhs.rs as usize, cs: lhs.cs as usize };
+        let b = Mat { ptr: rhs.ptr, rs: rhs.rs as usize, cs: rhs.cs as usize };
+        let tasks = if parallel { num_threads() } else { 1 };
+        bf16_gemm(m, n, k, a, b, dst, dst_rs as usize, accumulate, tasks);
+        return true;
+    }
+    let _ = (m, n, k, dst, dst_rs, accumulate, lhs, rhs, parallel);
+    false
 }
 
 /// `C[m, n] (= or +=, per acc) op(A) . op(B)`. `A` is stored `[m, k]` (`[k, m]` when `a_t`), `B` is
@@ -323,187 +382,5 @@ pub fn add3(out: &mut [f32], a: &[f32], b: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::threads::test_util::*;
-
-    fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -> Vec<f64> {
-        let mut c = vec![0.0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let mut s = 0.0f64;
-                for p in 0..k {
-                    let av = if a_t { a[p * m + i] } else { a[i * k + p] };
-                    let bv = if b_t { b[j * k + p] } else { b[p * n + j] };
-                    s += av as f64 * bv as f64;
-                }
-                c[i * n + j] = s;
-            }
-        }
-        c
-    }
-
-    #[test]
-    fn matmul_all_transposes_and_accumulate() {
-        let mut rng = Rng::new(5);
-        // The last shape is above the parallel threshold.
-        for (m, n, k) in [(1, 1, 1), (3, 5, 7), (17, 33, 9), (70, 90, 80)] {
-            for a_t in [false, true] {
-                for b_t in [false, true] {
-                    for acc in [Accumulate::Overwrite, Accumulate::Add] {
-                        let a = rng.vec(m * k, 1.0);
-                        let b = rng.vec(k * n, 1.0);
-                        let c0 = rng.vec(m * n, 1.0);
-                        let add = acc == Accumulate::Add;
-                        let mut c = if add { c0.clone() } else { vec![f32::NAN; m * n] };
-                        matmul(&mut c, &a, &b, m, n, k, a_t, b_t, acc, Precision::F32);
-                        let mut want = naive(&a, &b, m, n, k, a_t, b_t);
-                        if add {
-                            want.iter_mut().zip(&c0).for_each(|(w, &c)| *w += c as f64);
-                        }
-                        assert_close(&format!("matmul {m}x{n}x{k} {a_t} {b_t} {acc:?}"), &c, &want, 1e-5, 1.0);
-                    }
-                }
-            }
-        }
-        // k = 0: overwrite gives zeros, accumulate leaves C.
-        let mut c = vec![f32::NAN; 6];
-        matmul(&mut c, &[], &[], 2, 3, 0, false, false, Accumulate::Overwrite, Precision::F32);
-        assert_eq!(c, vec![0.0; 6]);
-    }
-
-    #[test]
-    fn matmul_cols_reads_and_writes_column_blocks() {
-        // C = cols 3..3+n of a [m, 11] matrix; A = cols 2..2+k of a [m, 9] matrix (or cols 1..1+m of a
-        // [k, 9] one, transposed); B likewise inside [k, 13] (or [n, 13]).
-        let mut rng = Rng::new(12);
-        let (m, n, k, alpha) = (6, 5, 4, 0.5f32);
-        for a_t in [false, true] {
-            for b_t in [false, true] {
-                for acc in [Accumulate::Overwrite, Accumulate::Add] {
-                    let a_rows = if a_t { k } else { m };
-                    let b_rows = if b_t { n } else { k };
-                    let (a_wide, b_wide) = (rng.vec(a_rows * 9, 1.0), rng.vec(b_rows * 13, 1.0));
-                    let a_col = if a_t { 1 } else { 2 };
-                    let take = |w: &[f32], ld: usize, col: usize, rows: usize, cols: usize| -> Vec<f32> {
-                        (0..rows).flat_map(|i| w[i * ld + col..i * ld + col + cols].to_vec()).collect()
-                    };
-                    let a = take(&a_wide, 9, a_col, a_rows, if a_t { m } else { k });
-                    let b = take(&b_wide, 13, 2, b_rows, if b_t { k } else { n });
-                    let c0 = rng.vec(m * 11, 1.0);
-                    let mut c = c0.clone();
-                    let (av, bv) = (Cols { data: &a_wide, ld: 9, col: a_col }, Cols { data: &b_wide, ld: 13, col: 2 });
-                    matmul_cols(&mut c, 11, 3, av, a_t, bv, b_t, (m, n, k), alpha, acc, Precision::F32);
-                    let prod = naive(&a, &b, m, n, k, a_t, b_t);
-                    let mut want: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
-                    for i in 0..m {
-                        for j in 0..n {
-                            let keep = if acc == Accumulate::Add { want[i * 11 + 3 + j] } else { 0.0 };
-                            want[i * 11 + 3 + j] = keep + alpha as f64 * prod[i * n + j];
-                        }
-                    }
-                    assert_close(&format!("matmul_cols {a_t} {b_t} {acc:?}"), &c, &want, 1e-5, 1.0);
-                }
-            }
-        }
-    }
-
-    #[test]
-    #[should_panic(expected = "outside")]
-    fn matmul_cols_refuses_a_block_past_the_row() {
-        let (a, b) = (vec![1.0f32; 8], vec![1.0f32; 8]);
-        let mut c = vec![0.0f32; 8];
-        matmul_cols(
-            &mut c,
-            4,
-            3,
-            Cols::all(&a, 2),
-            false,
-            Cols::all(&b, 2),
-            false,
-            (4, 2, 2),
-            1.0,
-            Accumulate::Add,
-            Precision::F32,
-        );
-    }
-
-    #[test]
-    fn matmul_is_bitwise_the_same_on_one_and_two_threads() {
-        // Large enough for the parallel path (and, on AVX-512 CPUs, the crate's own kernel).
-        let (m, n, k) = (301, 517, 263);
-        let mut rng = Rng::new(9);
-        for (a_t, b_t) in [(false, true), (true, false), (false, false), (true, true)] {
-            let a = rng.vec(m * k, 1.0);
-            let b = rng.vec(k * n, 1.0);
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| {
-                    let mut c = vec![f32::NAN; m * n];
-                    matmul(&mut c, &a, &b, m, n, k, a_t, b_t, Accumulate::Overwrite, Precision::F32);
-                    c
-                })
-            };
-            let (c1, c2) = (run(1), run(2));
-            assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{a_t} {b_t}");
-            assert_close("matmul 301x517x263", &c1, &naive(&a, &b, m, n, k, a_t, b_t), 1e-4, 1.0);
-        }
-    }
-
-    #[test]
-    fn linear_forward_and_backward() {
-        let mut rng = Rng::new(6);
-        for (rows, i, o) in [(4, 3, 5), (300, 20, 70)] {
-            let x = rng.vec(rows * i, 1.0);
-            let w = rng.vec(o * i, 1.0);
-            let b = rng.vec(o, 1.0);
-            let mut y = vec![f32::NAN; rows * o];
-            linear_forward(&mut y, &x, &w, Some(&b), rows, i, o, Precision::F32);
-            let mut want = naive(&x, &w, rows, o, i, false, true);
-            for r in 0..rows {
-                for j in 0..o {
-                    want[r * o + j] += b[j] as f64;
-                }
-            }
-            assert_close("linear forward", &y, &want, 1e-5, 1.0);
-            let mut y2 = vec![f32::NAN; rows * o];
-            linear_forward(&mut y2, &x, &w, None, rows, i, o, Precision::F32);
-            assert_close("linear forward no bias", &y2, &naive(&x, &w, rows, o, i, false, true), 1e-5, 1.0);
-
-            let dy = rng.vec(rows * o, 1.0);
-            let mut dx = vec![1.0f32; rows * i];
-            let mut dw = vec![2.0f32; o * i];
-            let mut db = vec![3.0f32; o];
-            let dims = LinearDims { rows, inp: i, out: o };
-            let grads = LinearGrads { w: Some(&mut dw), b: Some(&mut db) };
-            linear_backward(Some(&mut dx), Accumulate::Add, grads, &dy, &x, &w, dims, Precision::F32);
-            let gx: Vec<f64> = naive(&dy, &w, rows, i, o, false, false).iter().map(|v| v + 1.0).collect();
-            let gw: Vec<f64> = naive(&dy, &x, o, i, rows, true, false).iter().map(|v| v + 2.0).collect();
-            let gb: Vec<f64> = (0..o).map(|j| 3.0 + (0..rows).map(|r| dy[r * o + j] as f64).sum::<f64>()).collect();
-            assert_close("linear dx", &dx, &gx, 1e-5, 1.0);
-            assert_close("linear dw", &dw, &gw, 1e-5, 1.0);
-            assert_close("linear db", &db, &gb, 1e-5, 1.0);
-            let mut dx2 = vec![f32::NAN; rows * i];
-            let no_grads = LinearGrads { w: None, b: None };
-            linear_backward(Some(&mut dx2), Accumulate::Overwrite, no_grads, &dy, &x, &w, dims, Precision::F32);
-            assert_close("linear dx overwrite", &dx2, &naive(&dy, &w, rows, i, o, false, false), 1e-5, 1.0);
-        }
-    }
-
-    #[test]
-    fn adds() {
-        let mut rng = Rng::new(8);
-        for n in [5, 3 * CHUNK + 1] {
-            let a = rng.vec(n, 1.0);
-            let b = rng.vec(n, 1.0);
-            let mut c = vec![0.0; n];
-            add3(&mut c, &a, &b);
-            let mut a2 = a.clone();
-            add_inplace(&mut a2, &b);
-            for i in 0..n {
-                assert_eq!(c[i], a[i] + b[i]);
-                assert_eq!(a2[i], a[i] + b[i]);
-            }
-        }
-    }
-}
+#[path = "matmul_tests.rs"]
+pub(crate) mod tests;

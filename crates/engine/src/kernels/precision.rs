@@ -54,8 +54,8 @@ impl FromStr for Precision {
 pub enum Bf16Kernel {
     /// `vdpbf16ps` (AVX512_BF16): bf16 pairs multiplied and summed into f32 lanes.
     Avx512Bf16,
-    /// The f32 kernels on operands rounded to bf16: the same numbers, at f32 speed (CPUs without bf16
-    /// instructions, other architectures).
+    /// The f32 kernels on operands rounded to bf16: the same numbers up to the grouping of the f32 sums,
+    /// at f32 speed (CPUs without bf16 instructions, other architectures, `DPO_GEMM=portable`).
     Emulated,
 }
 
@@ -76,7 +76,9 @@ impl Bf16Kernel {
     pub fn describe(self) -> &'static str {
         match self {
             Bf16Kernel::Avx512Bf16 => "avx512_bf16 (vdpbf16ps)",
-            Bf16Kernel::Emulated => "emulated (f32 kernels on bf16-rounded operands; no bf16 instructions found)",
+            Bf16Kernel::Emulated => {
+                "emulated (f32 kernels on bf16-rounded operands: no AVX512_BF16, or DPO_GEMM=portable)"
+            }
         }
     }
 }

@@ -4,6 +4,10 @@
 //! products widen a tile of `W` at a time into a per-thread scratch (about [`TILE_FLOATS`] floats) and run
 //! the f32 matrix product on it, so a matrix costs its stored bytes plus that scratch.
 //!
+//! A bf16 weight in a bf16 product ([`Precision::Bf16`]) is not widened at all where the bf16 kernel runs:
+//! its bits are packed for `vdpbf16ps` as they are ([`bf16_stored_gemm`]), the same numbers as widening
+//! them and rounding back.
+//!
 //! Numerics: every stored value widens to one exact f32 (`code * absmax` is the one rounding NF4
 //! defines), and each output element is one f32 product over the whole reduction, in the same order as
 //! [`crate::kernels::matmul`] on the widened matrix. Where the tiles and the whole product both run on
@@ -27,7 +31,9 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::kernels::decode::linear_rows_forward;
-use crate::kernels::matmul::{gemm_view, linear_forward as f32_linear_forward, matmul, Accumulate, View};
+use crate::kernels::matmul::{
+    bf16_stored_gemm, gemm_view, linear_forward as f32_linear_forward, matmul, Accumulate, View,
+};
 use crate::kernels::precision::Precision;
 use crate::kernels::threads::num_threads;
 
@@ -188,6 +194,15 @@ impl Matrix {
         if n == 0 || out_dim == 0 {
             return;
         }
+        if let (Data::Bf16(w), Precision::Bf16) = (&self.data, prec) {
+            let lhs = View { ptr: x.as_ptr(), rs: in_dim as isize, cs: 1 }; // [n, in]
+            let rhs = View { ptr: w.as_ptr(), rs: 1, cs: in_dim as isize }; // W^T: [in, out]
+                                                                            // SAFETY: x is [n, in], W [out, in], y [n, out] (checked above); y is borrowed mutably.
+            let ld = out_dim as isize;
+            if unsafe { bf16_stored_gemm(n, out_dim, in_dim, y.as_mut_ptr(), ld, b.is_some(), lhs, rhs, true) } {
+                return;
+            }
+        }
         // Tiles of whole rows of W, i.e. of columns of y: each task widens `W[r0..r1, :]` and writes
         // `y[:, r0..r1]`, the whole reduction in one product.
         let tile = tile_len(out_dim, in_dim, 16);
@@ -255,6 +270,15 @@ impl Matrix {
         assert_eq!(dy.len(), n * out_dim, "Matrix::linear_input_grad: dy is not [n, out]");
         if n == 0 || in_dim == 0 {
             return;
+        }
+        if let (Data::Bf16(w), Precision::Bf16) = (&self.data, prec) {
+            let lhs = View { ptr: dy.as_ptr(), rs: out_dim as isize, cs: 1 }; // [n, out]
+            let rhs = View { ptr: w.as_ptr(), rs: in_dim as isize, cs: 1 }; // W: [out, in]
+            let (d, ld, add) = (dx.as_mut_ptr(), in_dim as isize, acc == Accumulate::Add);
+            // SAFETY: dy is [n, out], W [out, in], dx [n, in] (checked above); dx is borrowed mutably.
+            if unsafe { bf16_stored_gemm(n, in_dim, out_dim, d, ld, add, lhs, rhs, true) } {
+                return;
+            }
         }
         // Tiles of columns of W, i.e. of columns of dx: each task widens `W[:, c0..c1]` (64-aligned, so
         // NF4 blocks do not straddle tiles when rows are whole blocks) and writes `dx[:, c0..c1]`.

@@ -284,6 +284,56 @@ fn linear_input_grad_is_the_product_with_the_widened_weight() {
     }
 }
 
+/// In a bf16 product a bf16 weight is used as stored (packed from its bits where the bf16 kernel runs,
+/// widened tile by tile elsewhere): within the f32 bound of the product of the rounded operands, and
+/// bitwise the bf16 product with the widened weight stored in f32 wherever both run on the same AVX-512
+/// kernel. Forward with and without bias, input gradient overwriting and accumulating.
+#[test]
+fn bf16_products_of_a_bf16_weight_are_those_of_the_widened_weight() {
+    let mut rng = Rng::new(9);
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| bf16::to_f32(bf16::from_f32(x))).collect() };
+    for (n, out, inp) in [(37, 300, 256), (9, 70, 101), (1, 130, 64)] {
+        let m = Matrix::new(rng.vec(out * inp, 0.5), out, inp, Storage::Bf16).unwrap();
+        let wf = m.to_f32();
+        let f = Matrix::new(wf.clone(), out, inp, Storage::F32).unwrap();
+        let (x, b, dy, dx0) = (rng.vec(n * inp, 1.0), rng.vec(out, 1.0), rng.vec(n * out, 1.0), rng.vec(n * inp, 1.0));
+        on_two_threads(|| {
+            let (want, mag) = reference_xwt(&round(&x), &wf, n, out, inp);
+            let start: Vec<f64> = (0..n * out).map(|i| b[i % out] as f64).collect();
+            let want: Vec<f64> = want.iter().zip(&start).map(|(w, s)| w + s).collect();
+            let (mut y, mut yf) = (vec![f32::NAN; n * out], vec![f32::NAN; n * out]);
+            m.linear_forward(&mut y, &x, Some(&b), n, Precision::Bf16);
+            f.linear_forward(&mut yf, &x, Some(&b), n, Precision::Bf16);
+            assert_within_dot_bound(&format!("bf16 {n}x{out}x{inp}"), &y, &want, &mag, &start, inp);
+            let mut y0 = vec![f32::NAN; n * out];
+            m.linear_forward(&mut y0, &x, None, n, Precision::Bf16);
+            let shifted: Vec<f64> = want.iter().zip(&start).map(|(w, s)| w - s).collect();
+            assert_within_dot_bound("bf16 no bias", &y0, &shifted, &mag, &vec![0.0; n * out], inp);
+
+            let wt: Vec<f32> = (0..inp * out).map(|i| wf[(i % out) * inp + i / out]).collect(); // [inp, out]
+            let (want, mag) = reference_xwt(&round(&dy), &wt, n, inp, out);
+            let start: Vec<f64> = dx0.iter().map(|&v| v as f64).collect();
+            let want: Vec<f64> = want.iter().zip(&start).map(|(w, s)| w + s).collect();
+            let (mut dx, mut dxf) = (dx0.clone(), dx0.clone());
+            m.linear_input_grad(&mut dx, &dy, n, Accumulate::Add, Precision::Bf16);
+            f.linear_input_grad(&mut dxf, &dy, n, Accumulate::Add, Precision::Bf16);
+            assert_within_dot_bound("bf16 dx +=", &dx, &want, &mag, &start, out);
+            let mut dxo = vec![f32::NAN; n * inp];
+            m.linear_input_grad(&mut dxo, &dy, n, Accumulate::Overwrite, Precision::Bf16);
+            let shifted: Vec<f64> = want.iter().zip(&start).map(|(w, s)| w - s).collect();
+            assert_within_dot_bound("bf16 dx =", &dxo, &shifted, &mag, &vec![0.0; n * inp], out);
+
+            let same = same_kernel_as_f32(n, out, inp, tile_len(out, inp, 16))
+                && same_kernel_as_f32(n, inp, out, tile_len(inp, out, BLOCK));
+            assert!(same || n != 37 || !avx512(), "the bitwise case must run on AVX-512 CPUs");
+            if same {
+                assert_eq!(bits(&y), bits(&yf), "{n}x{out}x{inp} forward: bitwise");
+                assert_eq!(bits(&dx), bits(&dxf), "{n}x{out}x{inp} input grad: bitwise");
+            }
+        });
+    }
+}
+
 #[test]
 fn decode_rows_are_the_row_kernel_on_the_widened_weight() {
     let mut rng = Rng::new(8);

@@ -7,6 +7,9 @@
 //! (768, 2304, 3072). `NV = 2` (8 x 32) serves widths such as 64 that 48 would pad by half; both reach
 //! ~97% of the FMA peak on L1-resident panels. Tile width changes no result: each C element is the same
 //! chain of FMAs either way.
+//!
+//! The loop over a row of tiles and the loads and stores of C are shared with the bf16 kernel, which
+//! differs only in its inner [`Tile`] (`vdpbf16ps` on k pairs, in `bf16.rs`).
 
 use core::arch::x86_64::*;
 
@@ -27,25 +30,77 @@ pub(super) enum Store {
     Add,
 }
 
-/// `C[0..mr, 0..n] (= or +=) Ap . Bp` for one packed A panel (`MR` rows at the start of a `[kc][AW]`
-/// sliver) against `n.div_ceil(NR)` packed B panels (`[kc][NR]` each, consecutive, `NR = 16 * NV`), C
-/// row-major with row stride `ldc`. Columns past `n` and rows past `mr` are computed from the packing's
+/// The inner loop of a micro-kernel: `acc[r][v] += ` the products of `steps` packed steps of an A
+/// micro-panel (`MR` words per step, `AW` apart) and of a B panel (`16 * NV` words per step, 64-byte
+/// aligned).
+pub(super) trait Tile {
+    unsafe fn tile<const NV: usize>(acc: &mut [[__m512; NV]; MR], steps: usize, a: *const f32, b: *const f32);
+}
+
+/// f32 FMAs, one `k` per step.
+pub(super) struct Fma;
+
+impl Tile for Fma {
+    #[inline(always)]
+    unsafe fn tile<const NV: usize>(acc: &mut [[__m512; NV]; MR], steps: usize, a: *const f32, b: *const f32) {
+        let (mut a, mut b) = (a, b);
+        for _ in 0..steps {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_load_ps(b.add(16 * v));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(r));
+                for (x, &bvv) in row.iter_mut().zip(&bv) {
+                    *x = _mm512_fmadd_ps(av, bvv, *x);
+                }
+            }
+            a = a.add(AW);
+            b = b.add(16 * NV);
+        }
+    }
+}
+
+/// [`row_of_tiles`] with the f32 [`Fma`] tile.
+///
+/// # Safety
+/// As [`row_of_tiles`].
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn row_of_tiles_f32<const NV: usize>(
+    steps: usize,
+    ap: *const f32,
+    bp: *const f32,
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    store: Store,
+    prefetch: [(&mut Lines, usize); 2],
+) {
+    row_of_tiles::<NV, Fma>(steps, ap, bp, n, c, ldc, mr, store, prefetch)
+}
+
+/// `C[0..mr, 0..n] (= or +=) Ap . Bp` for one packed A panel (`MR` rows at the start of a `[steps][AW]`
+/// sliver) against `n.div_ceil(NR)` packed B panels (`[steps][NR]` each, consecutive, `NR = 16 * NV`),
+/// C row-major with row stride `ldc`. Columns past `n` and rows past `mr` are computed from the packing's
 /// zero padding and not stored.
 ///
-/// Each C element is one chain of FMAs in `k` order, starting from zero (`Overwrite`) or from C's value
-/// (`Add`): the result depends neither on where the tile lies or which thread runs it, nor on how `k` is
-/// split into blocks or into separate accumulating calls (a gradient summed over tokens in one call or in
-/// several is the same number).
+/// Each C element is one chain of FMAs (or of pair dot products) in `k` order, starting from zero
+/// (`Overwrite`) or from C's value (`Add`): the result depends neither on where the tile lies or which
+/// thread runs it, nor on how `k` is split into blocks or into separate accumulating calls (a gradient
+/// summed over tokens in one call or in several is the same number; for pairs, at even cuts).
 ///
 /// Before each tile, `prefetch` issues that many lines of each of two sources that are packed next.
 ///
 /// # Safety
-/// AVX-512F must be available; `ap` addresses `kc` steps of `AW` floats; `bp` holds `kc * NR` floats per
-/// panel and is 64-byte aligned; C addresses `mr` rows of `n` writable floats.
-#[target_feature(enable = "avx512f")]
+/// The CPU features of `T`'s instructions and AVX-512F must be available (callers are `#[target_feature]`
+/// wrappers, into which this inlines); `ap` addresses `steps` steps of `AW` words; `bp` holds
+/// `steps * NR` words per panel and is 64-byte aligned; C addresses `mr` rows of `n` writable floats.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn row_of_tiles<const NV: usize>(
-    kc: usize,
+pub(super) unsafe fn row_of_tiles<const NV: usize, T: Tile>(
+    steps: usize,
     ap: *const f32,
     bp: *const f32,
     n: usize,
@@ -92,31 +147,12 @@ pub(super) unsafe fn row_of_tiles<const NV: usize>(
                 load_edge(&mut acc, ct, ldc, mr, cols);
             }
         }
-        tile::<NV>(&mut acc, kc, ap, bp.add(jp * kc * nr));
+        T::tile::<NV>(&mut acc, steps, ap, bp.add(jp * steps * nr));
         if full {
             store_full(&acc, ct, ldc);
         } else {
             store_edge(&acc, ct, ldc, mr, cols);
         }
-    }
-}
-
-#[inline(always)]
-unsafe fn tile<const NV: usize>(acc: &mut [[__m512; NV]; MR], kc: usize, a: *const f32, b: *const f32) {
-    let (mut a, mut b) = (a, b);
-    for _ in 0..kc {
-        let mut bv = [_mm512_setzero_ps(); NV];
-        for (v, x) in bv.iter_mut().enumerate() {
-            *x = _mm512_load_ps(b.add(16 * v));
-        }
-        for (r, row) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*a.add(r));
-            for (x, &bvv) in row.iter_mut().zip(&bv) {
-                *x = _mm512_fmadd_ps(av, bvv, *x);
-            }
-        }
-        a = a.add(AW);
-        b = b.add(16 * NV);
     }
 }
 

@@ -5,16 +5,25 @@
 //! - `sx == 1` (A stored `[k, m]`, B stored `[k, n]`): each `p` is a contiguous run of `w` floats, a copy;
 //! - `sp == 1` (A stored `[m, k]`, B stored `[n, k]`): each `x` is a contiguous run along `k`, a transpose,
 //!   done 16 x 16 in registers.
+//!
+//! With `ROUND`, every value is rounded to bf16 as it is packed ([`round_to_bf16`]): the bf16 product
+//! computed by the f32 micro-kernel.
 
 use core::arch::x86_64::*;
 
-/// A strided sliver source: element `(x, p)` at `ptr + x * sx + p * sp`.
-#[derive(Clone, Copy)]
-pub(super) struct Src {
-    pub ptr: *const f32,
+/// A strided sliver source of `T` (f32, or bf16 bits): element `(x, p)` at `ptr + x * sx + p * sp`.
+pub(super) struct Src<T> {
+    pub ptr: *const T,
     pub sx: usize,
     pub sp: usize,
 }
+
+impl<T> Clone for Src<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Src<T> {}
 
 /// The cache lines of a sliver `w x kc` of a source, prefetched into L2 a few at a time while the
 /// micro-kernel runs, so that packing it later reads L2 instead of memory.
@@ -34,11 +43,12 @@ impl Lines {
     }
 
     /// The lines of `w` lanes by `kc` steps of `src` (none for the element-wise layout).
-    pub fn of(src: Src, w: usize, kc: usize) -> Self {
+    pub fn of<T>(src: Src<T>, w: usize, kc: usize) -> Self {
+        let size = std::mem::size_of::<T>();
         let (stride, runs, len) = if src.sx == 1 {
-            (src.sp * 4, kc, w * 4)
+            (src.sp * size, kc, w * size)
         } else if src.sp == 1 {
-            (src.sx * 4, w, kc * 4)
+            (src.sx * size, w, kc * size)
         } else {
             return Self::none();
         };
@@ -74,8 +84,9 @@ impl Lines {
     }
 }
 
+/// Lanes `0..n` (all 16 from `n = 16` on).
 #[inline(always)]
-fn mask(n: usize) -> __mmask16 {
+pub(super) fn mask(n: usize) -> __mmask16 {
     if n >= 16 {
         0xFFFF
     } else {
@@ -83,23 +94,48 @@ fn mask(n: usize) -> __mmask16 {
     }
 }
 
-/// Packs `w <= W` lanes by `kc` steps of `src` into `dst[kc][W]`.
+/// Each lane of `v` rounded to bf16, in the lane's high 16 bits (the low 16 bits are left unspecified:
+/// callers keep only the high halves), exactly as [`crate::quant::bf16::from_f32`]: nearest with ties to
+/// even, a NaN becomes `0x7FC0`, denormals are kept (`vcvtne2ps2bf16` would flush them and keep NaN
+/// signs, so the rounding is done on the integer bits).
+#[inline(always)]
+pub(super) unsafe fn bf16_high_halves(v: __m512) -> __m512i {
+    let bits = _mm512_castps_si512(v);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0_0000))
+}
+
+/// `v`, rounded to bf16 and widened back when `ROUND`.
+#[inline(always)]
+unsafe fn rounded<const ROUND: bool>(v: __m512) -> __m512 {
+    if ROUND {
+        let top = _mm512_and_si512(bf16_high_halves(v), _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+        _mm512_castsi512_ps(top)
+    } else {
+        v
+    }
+}
+
+/// Packs `w <= W` lanes by `kc` steps of `src` into `dst[kc][W]` (rounded to bf16 when `ROUND`).
 ///
 /// # Safety
 /// AVX-512F must be available; `src` addresses every `(x, p)` with `x < w`, `p < kc`; `dst` holds `kc * W`
 /// writable floats.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn pack<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
+pub(super) unsafe fn pack<const W: usize, const ROUND: bool>(dst: *mut f32, src: Src<f32>, w: usize, kc: usize) {
     debug_assert!(w <= W);
     if src.sx == 1 {
-        pack_copy::<W>(dst, src, w, kc);
+        pack_copy::<W, ROUND>(dst, src, w, kc);
     } else if src.sp == 1 {
-        pack_transpose::<W>(dst, src, w, kc);
+        pack_transpose::<W, ROUND>(dst, src, w, kc);
     } else {
+        use crate::quant::bf16::{from_f32, to_f32};
         for p in 0..kc {
             for x in 0..W {
                 let v = if x < w { *src.ptr.add(x * src.sx + p * src.sp) } else { 0.0 };
-                *dst.add(p * W + x) = v;
+                *dst.add(p * W + x) = if ROUND { to_f32(from_f32(v)) } else { v };
             }
         }
     }
@@ -110,7 +146,7 @@ pub(super) unsafe fn pack<const W: usize>(dst: *mut f32, src: Src, w: usize, kc:
 /// # Safety
 /// As [`pack`], for `w` lanes and `dst` holding `ceil(w / W) * kc * W` floats.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn pack_panels<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
+pub(super) unsafe fn pack_panels<const W: usize, const ROUND: bool>(dst: *mut f32, src: Src<f32>, w: usize, kc: usize) {
     let panels = w.div_ceil(W);
     if src.sx == 1 {
         // Row by row along the source, so its reads are sequential whatever the panel width.
@@ -124,7 +160,7 @@ pub(super) unsafe fn pack_panels<const W: usize>(dst: *mut f32, src: Src, w: usi
                     let x = jp * W + 16 * ch;
                     let lanes = (W - 16 * ch).min(16);
                     let valid = w.saturating_sub(x).min(lanes);
-                    let v = _mm512_maskz_loadu_ps(mask(valid), s.wrapping_add(x));
+                    let v = rounded::<ROUND>(_mm512_maskz_loadu_ps(mask(valid), s.wrapping_add(x)));
                     _mm512_mask_storeu_ps(d.add(16 * ch), mask(lanes), v);
                 }
                 if jp % 2 == 1 {
@@ -135,13 +171,13 @@ pub(super) unsafe fn pack_panels<const W: usize>(dst: *mut f32, src: Src, w: usi
     } else {
         for jp in 0..panels {
             let s = Src { ptr: src.ptr.add(jp * W * src.sx), ..src };
-            pack::<W>(dst.add(jp * kc * W), s, (w - jp * W).min(W), kc);
+            pack::<W, ROUND>(dst.add(jp * kc * W), s, (w - jp * W).min(W), kc);
         }
     }
 }
 
 #[inline(always)]
-unsafe fn pack_copy<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
+unsafe fn pack_copy<const W: usize, const ROUND: bool>(dst: *mut f32, src: Src<f32>, w: usize, kc: usize) {
     let chunks = W.div_ceil(16);
     for p in 0..kc {
         let s = src.ptr.add(p * src.sp);
@@ -149,14 +185,14 @@ unsafe fn pack_copy<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize
         for ch in 0..chunks {
             let lanes = (W - 16 * ch).min(16);
             let valid = w.saturating_sub(16 * ch).min(lanes);
-            let v = _mm512_maskz_loadu_ps(mask(valid), s.wrapping_add(16 * ch));
+            let v = rounded::<ROUND>(_mm512_maskz_loadu_ps(mask(valid), s.wrapping_add(16 * ch)));
             _mm512_mask_storeu_ps(d.add(16 * ch), mask(lanes), v);
         }
     }
 }
 
 #[inline(always)]
-unsafe fn pack_transpose<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: usize) {
+unsafe fn pack_transpose<const W: usize, const ROUND: bool>(dst: *mut f32, src: Src<f32>, w: usize, kc: usize) {
     for x0 in (0..W).step_by(16) {
         let lanes = (W - x0).min(16);
         let rows = w.saturating_sub(x0).min(lanes);
@@ -173,7 +209,7 @@ unsafe fn pack_transpose<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: 
             let mut r = [_mm512_setzero_ps(); 16];
             for (i, ri) in r.iter_mut().enumerate() {
                 let m = if i < rows { cm } else { 0 };
-                *ri = _mm512_maskz_loadu_ps(m, src.ptr.wrapping_add((x0 + i) * src.sx + p0));
+                *ri = rounded::<ROUND>(_mm512_maskz_loadu_ps(m, src.ptr.wrapping_add((x0 + i) * src.sx + p0)));
             }
             transpose16(&mut r);
             let sm = mask(lanes);
@@ -185,9 +221,9 @@ unsafe fn pack_transpose<const W: usize>(dst: *mut f32, src: Src, w: usize, kc: 
     }
 }
 
-/// Transposes the 16 x 16 matrix held in `r` (row `i` in `r[i]`) in place.
+/// Transposes the 16 x 16 matrix of 32-bit lanes held in `r` (row `i` in `r[i]`) in place.
 #[inline(always)]
-unsafe fn transpose16(r: &mut [__m512; 16]) {
+pub(super) unsafe fn transpose16(r: &mut [__m512; 16]) {
     // t: pairs of rows interleaved within each 128-bit lane.
     let mut t = [_mm512_setzero_ps(); 16];
     for i in 0..8 {
