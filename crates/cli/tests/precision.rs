@@ -12,11 +12,13 @@ use common::*;
 const MODELS: [&str; 4] = ["gpt2-policy", "llama-policy", "llama3-policy", "neox-policy"];
 
 /// Largest |bf16 - f32| of a row's summed log-prob, per scored token. Summed log-probs of the fixture rows
-/// (about 36 completion tokens) differ by up to 0.28 nats, 0.019 per token (llama3; gpt2 0.008, neox
-/// 0.005): autocast's 8-bit mantissa rounds every product's operands by up to 2^-9 relative. 0.05 per
-/// token leaves 2.5x room over the worst family and is still far below what would signal a wrong pass
-/// (a missing layer or a wrong weight moves a token's log-prob by whole nats).
-const BF16_NATS_PER_TOKEN: f64 = 0.05;
+/// (about 36 completion tokens) differ by up to 0.37 nats, 0.034 per token (llama3; llama 0.019, gpt2 0.009,
+/// neox 0.003; measured with the vdpbf16ps kernel and q/k/v rounded before attention, as autocast does):
+/// every product's operands are rounded to bf16's 8-bit mantissa, up to 2^-9 relative. 0.1 per token leaves
+/// 3x room over the worst family and is still far below what a wrong pass would do (a missing layer or a
+/// wrong weight moves a token's log-prob by whole nats). The accuracy against PyTorch's autocast is held by
+/// crates/dpo/tests/bf16_accuracy.rs.
+const BF16_NATS_PER_TOKEN: f64 = 0.1;
 
 fn logps(model: &Path, precision: &str) -> Vec<serde_json::Value> {
     let out =

@@ -7,9 +7,9 @@ use serde::Serialize;
 fn long_help() -> String {
     format!(
         "Arithmetic of the matrix products [default: f32]. bf16 is PyTorch autocast's: the block linears' and \
-         the LM head's products (forward and backward) take operands rounded to bf16 and sum in f32. \
-         Attention, the LoRA adapter's products, decode steps, norms, softmax, log-softmax, the loss, the \
-         master weights and the optimizer stay f32. Frozen weights are stored in bf16 where that changes no \
+         the LM head's products (forward and backward) take operands rounded to bf16 and sum in f32; attention \
+         reads q, k, v rounded to bf16. Attention's own products, the LoRA adapter's products, decode steps, \
+         norms, softmax, log-softmax, the loss, the master weights and the optimizer stay f32. Frozen weights are stored in bf16 where that changes no \
          number (a full run's reference model; a LoRA base unless --base-dtype or --quantize say otherwise).\n\n\
          On this CPU bf16 products run as: {}",
         Bf16Kernel::detect().describe()
