@@ -11,7 +11,10 @@ fn snapshot_dir() -> PathBuf {
 }
 
 fn help(args: &[&str]) -> String {
-    let out = common::dpo().args(args).arg("--help").env_remove("COLUMNS").output().unwrap();
+    // `DPO_GEMM=portable` forces the emulated bf16 products, so `--precision`'s help (which says what
+    // runs them on this CPU) reads the same on every machine.
+    let out =
+        common::dpo().args(args).arg("--help").env_remove("COLUMNS").env("DPO_GEMM", "portable").output().unwrap();
     assert!(out.status.success(), "`dpo {} --help` failed:\n{}", args.join(" "), common::stderr(&out));
     String::from_utf8(out.stdout).unwrap()
 }

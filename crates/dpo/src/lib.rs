@@ -4,6 +4,7 @@
 pub mod data;
 pub mod io;
 pub mod objectives;
+pub mod precision;
 pub mod rlhf;
 pub mod scoring;
 pub mod train;

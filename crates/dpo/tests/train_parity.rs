@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use dpo::data::{load_pairs, DataOptions, Packing};
 use dpo::objectives::KtoConfig;
+use dpo::train::reference::ReferenceModel;
 use dpo::train::{pair_batch, train, Objective, PairObjective, Reference, RunOptions, TrainConfig, Workspace};
+use engine::kernels::Precision;
 use engine::optim::{Optimizer, OptimizerConfig};
 use engine::{Decoder, Params};
 
@@ -100,7 +102,9 @@ fn micro_pairs_change_no_bit_of_the_gradient() {
         let ex =
             load_pairs(&fixtures().join("data/prefs.jsonl"), Some(&tok), &DataOptions::default()).unwrap().examples;
         let decoder = Decoder::new(m.config.decoder.clone());
-        let reference = Reference::Model(Arc::new((Decoder::new(m.config.decoder.clone()), m.params.clone())));
+        let reference = Reference::Model(Arc::new(
+            ReferenceModel::new(Decoder::new(m.config.decoder.clone()), m.params.clone(), Precision::F32).unwrap(),
+        ));
         let objective = PairObjective { losses: vec![("sigmoid".parse().unwrap(), 1.0)], cfg: Default::default() };
         let rows: Vec<usize> = (0..8).collect();
         let grads = |micro_pairs: usize| {
@@ -147,7 +151,9 @@ fn reference_stays_frozen() {
     let ex = load_pairs(&fixtures().join("data/prefs.jsonl"), Some(&tok), &DataOptions::default()).unwrap().examples;
     let decoder = Decoder::new(m.config.decoder.clone());
     let pristine = m.params.clone();
-    let reference = Reference::Model(Arc::new((Decoder::new(m.config.decoder.clone()), m.params.clone())));
+    let reference = Reference::Model(Arc::new(
+        ReferenceModel::new(Decoder::new(m.config.decoder.clone()), m.params.clone(), Precision::F32).unwrap(),
+    ));
     let objective = PairObjective { losses: vec![("sigmoid".parse().unwrap(), 1.0)], cfg: Default::default() };
     let mut params = m.params.clone();
     let mut opt =
@@ -173,7 +179,7 @@ fn reference_stays_frozen() {
     }
     assert_ne!(params, pristine, "the policy trained");
     let Reference::Model(r) = &reference else { unreachable!() };
-    assert!(r.1 == pristine, "the reference changed");
+    assert!(r.params == pristine, "the reference changed");
 }
 
 /// A run interrupted after a checkpoint and resumed ends bit-identical to an uninterrupted run.

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use engine::kernels::Precision;
 use engine::quant::{FrozenLinears, Storage};
 use engine::Adapter;
 
@@ -52,23 +53,35 @@ pub(super) struct StoredBaseFlags {
     /// With --quantize nf4: quantise the absmax scales too (bitsandbytes' double quantisation).
     #[arg(long, requires = "quantize")]
     double_quant: bool,
-    /// With --adapter: store --model's block linears in this dtype [default: f32].
+    /// With --adapter: store --model's block linears in this dtype [default: f32; bf16 with --precision
+    /// bf16, whose products round them to bf16 anyway].
     #[arg(long, value_parser = ["f32", "bf16"], value_name = "DTYPE", requires = "adapter", conflicts_with = "quantize")]
     base_dtype: Option<String>,
 }
 
 impl StoredBaseFlags {
-    fn storage(&self) -> Storage {
+    /// How the base's block linears are held for passes in `precision`. Under an adapter, a bf16 pass
+    /// rounds them to bf16 anyway, so they are stored so unless the flags say otherwise, as `dpo train`
+    /// holds a LoRA base (`TrainConfig::base_storage`).
+    fn storage(&self, with_adapter: bool, precision: Precision) -> Storage {
         match (self.quantize.is_some(), self.base_dtype.as_deref()) {
             (true, _) => Storage::Nf4 { double_quant: self.double_quant },
             (false, Some("bf16")) => Storage::Bf16,
-            (false, _) => Storage::F32,
+            (false, Some(_)) => Storage::F32,
+            (false, None) if with_adapter && precision == Precision::Bf16 => Storage::Bf16,
+            (false, None) => Storage::F32,
         }
     }
 
-    /// `dir` as the flags say: the whole model in f32, or its block linears stored.
-    pub(super) fn load(&self, dir: &Path) -> anyhow::Result<(hf::HfModel, Option<FrozenLinears>)> {
-        Ok(match self.storage() {
+    /// `dir` as the flags say, for passes in `precision` with `adapter` on it: the whole model in f32, or
+    /// its block linears stored.
+    pub(super) fn load(
+        &self,
+        dir: &Path,
+        adapter: &AdapterFlag,
+        precision: Precision,
+    ) -> anyhow::Result<(hf::HfModel, Option<FrozenLinears>)> {
+        Ok(match self.storage(adapter.adapter.is_some(), precision) {
             Storage::F32 => (hf::load_model(dir)?, None),
             s => {
                 let (model, frozen) = hf::load_model_stored(dir, s)?;

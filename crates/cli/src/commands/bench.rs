@@ -11,7 +11,9 @@ use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
 use dpo::train::checkpoint::TrainerState;
 use dpo::train::memory::{self, AdapterPlan, MemoryPlan};
+use dpo::train::reference::ReferenceModel;
 use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trained, Trainer, Workload};
+use engine::kernels::{Bf16Kernel, Precision};
 use engine::model::Model;
 use engine::optim::{Optimizer, ScheduleKind};
 use engine::quant::{FrozenLinears, Storage};
@@ -64,9 +66,12 @@ pub struct Args {
     /// With --quantize nf4: quantise the absmax scales too (bitsandbytes' double quantisation).
     #[arg(long)]
     double_quant: bool,
-    /// Store the frozen base's block linears in bf16 (with --lora-r; f32 by default).
+    /// Store the frozen base's block linears in bf16 (with --lora-r; f32 by default, bf16 with --precision
+    /// bf16, as `dpo train` holds a LoRA base).
     #[arg(long, value_parser = ["f32", "bf16"])]
     base_dtype: Option<String>,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 /// The shape as an HF configuration (model type, naming), so that PEFT's target rules resolve on it.
@@ -103,11 +108,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.arch
         );
     };
+    let precision = a.precision.get();
     let storage = match (a.quantize.as_deref(), a.base_dtype.as_deref()) {
         (Some(_), Some("bf16")) => bail!("--quantize nf4 and --base-dtype bf16 both store the base; pick one"),
         (Some(_), _) => Storage::Nf4 { double_quant: a.double_quant },
         (None, Some("bf16")) => Storage::Bf16,
-        (None, _) => Storage::F32,
+        (None, Some(_)) => Storage::F32,
+        // A bf16 pass rounds a LoRA base's weights to bf16 anyway (`dpo train`'s default then).
+        (None, None) if a.lora_r.is_some() && precision == Precision::Bf16 => Storage::Bf16,
+        (None, None) => Storage::F32,
     };
     if storage != Storage::F32 && a.lora_r.is_none() {
         bail!("--quantize and --base-dtype store a frozen base: they need --lora-r (the trained part stays f32)");
@@ -148,7 +157,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let base = match &frozen {
         Some(f) => Model::new(&params, None).with_frozen(f),
         None => Model::new(&params, None),
-    };
+    }
+    .with_precision(precision);
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
     let adapter = a.lora_r.map(|r| all_linear_adapter(&cfg, r)).transpose()?;
     let reference = match (a.precompute_ref, &adapter) {
@@ -157,9 +167,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (false, Some(_)) => Reference::PolicyBase(None),
         (true, None) => {
             let r = presets::init_random(&cfg, 0.02, 1);
-            Reference::Cached(score_pairs(&decoder, &r, &examples, packing, a.pairs, |_| {})?)
+            let r = Model::new(&r, None).with_precision(precision);
+            Reference::Cached(score_pairs(&decoder, r, &examples, packing, a.pairs, |_| {})?)
         }
-        (false, None) => Reference::Model(Arc::new((Decoder::new(cfg.clone()), presets::init_random(&cfg, 0.02, 1)))),
+        (false, None) => {
+            let r = ReferenceModel::new(Decoder::new(cfg.clone()), presets::init_random(&cfg, 0.02, 1), precision)?;
+            Reference::Model(Arc::new(r))
+        }
     };
     let objective = PairObjective { losses: vec![(LossType::Sigmoid, 1.0)], cfg: LossConfig::default() };
     let workload = PairWorkload {
@@ -177,6 +191,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_steps: Some(a.steps as u64),
         scheduler: ScheduleKind::Constant,
         gradient_checkpointing: a.gradient_checkpointing,
+        precision,
         ..Default::default()
     };
     let (trained, base) = match adapter {
@@ -214,6 +229,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "micro_pairs": a.micro_pairs,
         "lora_r": a.lora_r,
         "base_storage": format!("{storage:?}"),
+        "precision": precision.name(),
+        "bf16_kernel": Bf16Kernel::detect().describe(),
         "gradient_checkpointing": a.gradient_checkpointing,
         "median_step_s": (med * 1000.0).round() / 1000.0,
         "pairs_per_s": ((a.pairs as f64 / med) * 1000.0).round() / 1000.0,
@@ -276,6 +293,7 @@ fn estimated_peak(
         batch_size: in_flight,
         gradient_checkpointing: a.gradient_checkpointing,
         adapter,
+        precision: train.precision,
     };
     memory::estimate(&plan).total()
 }

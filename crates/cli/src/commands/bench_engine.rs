@@ -5,6 +5,8 @@
 use std::time::Instant;
 
 use anyhow::bail;
+use engine::kernels::Bf16Kernel;
+use engine::model::Model;
 use engine::{presets, Activations, Batch, Decoder};
 
 #[derive(clap::Args, Debug)]
@@ -21,6 +23,8 @@ pub struct Args {
     /// Timed iterations (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 4)]
     iters: usize,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -31,6 +35,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--seq must be at least 2 and --batch at least 1");
     }
     let params = presets::init_random(&cfg, 0.02, 0);
+    let precision = a.precision.get();
+    let view = Model::new(&params, None).with_precision(precision);
     let model = Decoder::new(cfg.clone());
     let mut rng = engine::rng::Rng::new(1);
     let mut batch = Batch::default();
@@ -46,11 +52,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut fwd_bwd = Vec::new();
     for i in 0..=a.iters {
         let t = Instant::now();
-        model.logprobs(&params, &batch, &mut acts, false)?;
+        model.logprobs(view, &batch, &mut acts, false)?;
         let f = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        model.logprobs(&params, &batch, &mut acts, true)?;
-        model.backward_logprobs(&params, &batch, &mut acts, &dlogp, &mut grads)?;
+        model.logprobs(view, &batch, &mut acts, true)?;
+        model.backward_logprobs(view, &batch, &mut acts, &dlogp, &mut grads)?;
         let fb = t.elapsed().as_secs_f64();
         if i > 0 {
             fwd.push(f);
@@ -65,6 +71,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "batch": a.batch,
         "seq": a.seq,
         "threads": engine::kernels::num_threads(),
+        "precision": precision.name(),
+        "bf16_kernel": Bf16Kernel::detect().describe(),
         "fwd_tokens_per_s": round1(tokens / f),
         "fwd_bwd_tokens_per_s": round1(tokens / fb),
         "fwd_gflops": round1(flops / f / 1e9),

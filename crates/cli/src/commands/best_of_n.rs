@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use dpo::rlhf::best_of_n::{best_of_n, best_of_n_kl};
 use dpo::rlhf::reward::RewardModel;
 use dpo::train::run_dir::model_of;
+use engine::model::Model;
 use engine::rng::Rng;
 use engine::Decoder;
 use serde::Serialize;
@@ -34,6 +35,8 @@ pub struct Args {
     /// Write the JSON lines here (atomically) instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 /// One output line.
@@ -54,6 +57,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
+    let precision = a.precision.get();
     let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
     let tok = hf::load_tokenizer(&a.model)?;
     let reward_model = model_of(&a.reward_model);
@@ -67,12 +71,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.model.display()
         );
     }
-    let rm = RewardModel::load(&reward_model)?;
+    let rm = RewardModel::load(&reward_model)?.with_precision(precision);
     let prompts = a.sampling.prompts(&tok, &a.model)?;
     // The reward model reads every new token, the last one included.
     a.sampling.check_positions(&prompts, a.sampling.max_new_tokens, &model, "the reward model reads")?;
     let cfg = a.sampling.config(&model, &tok);
     let decoder = Decoder::new(model.config.decoder.clone());
+    // The policy's prefill and the reward model's passes in the flag's precision; decode steps stay f32.
+    let policy = Model::new(&model.params, None).with_precision(precision);
     let mut rng = Rng::new(a.sampling.seed);
     let mut text = String::new();
     let mut stdout = std::io::stdout().lock();
@@ -81,7 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let chunk = (64 / a.n).max(1);
     for (c, part) in prompts.chunks(chunk).enumerate() {
         let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
-        let best = best_of_n(&decoder, &model.params, &ids, a.n, &cfg, &mut |pairs| rm.score(pairs), &mut rng)
+        let best = best_of_n(&decoder, policy, &ids, a.n, &cfg, &mut |pairs| rm.score(pairs), &mut rng)
             .with_context(|| format!("best-of-{} for prompts {}..{}", a.n, c * chunk + 1, c * chunk + part.len()))?;
         let mut lines = String::new();
         for (p, b) in part.iter().zip(&best) {

@@ -32,6 +32,8 @@ pub struct Args {
     /// `--set dpo.lr=1e-4 --set 'dpo_betas=[0.1,1]'`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -42,6 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         model: a.model.clone(),
         methods: a.methods.clone(),
         set: a.set.clone(),
+        precision: a.precision.given(),
     };
     let t = Instant::now();
     let mut progress = Progress::new();

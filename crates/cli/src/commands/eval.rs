@@ -40,6 +40,8 @@ pub struct Args {
     truncation: super::logps::TruncationFlags,
     #[command(flatten)]
     objective: ObjectiveFlags,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 /// `--ref-adapter DIR`, read for `model`.
@@ -66,11 +68,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         losses: parse_loss_list(a.objective.loss.as_deref().unwrap_or("sigmoid"), a.objective.loss_weights.as_deref())?,
         cfg,
     };
-    let (model, frozen) = a.stored_base.load(&a.model)?;
+    let precision = a.precision.get();
+    let (model, frozen) = a.stored_base.load(&a.model, &a.adapter, precision)?;
     let adapter = a.adapter.load(&model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = match &a.ref_model {
-        Some(dir) => Reference::load(dir, &model.config, tok.as_ref())?,
+        Some(dir) => Reference::load(dir, &model.config, tok.as_ref(), precision)?,
         None if objective.reference_free() => Reference::None,
         None if adapter.is_some() => Reference::PolicyBase(ref_adapter(&a.ref_adapter, &model)?),
         None => bail!(
@@ -79,7 +82,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ),
     };
     let mut models = vec![&model.config.decoder];
-    models.extend(reference.model().map(|(d, _)| &d.cfg));
+    models.extend(reference.model().map(|m| &m.decoder.cfg));
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &models)?;
     let decoder = Decoder::new(model.config.decoder.clone());
     let mut ws = Workspace::default();
@@ -90,7 +93,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         packing: Packing::SharedPrompt,
         micro_pairs: 0,
     };
-    let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref());
+    let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref(), precision);
     let metrics = evaluate(&decoder, policy, &workload, a.batch_size, &mut ws)
         .with_context(|| format!("evaluating {}", a.data.display()))?;
     let mut obj = serde_json::Map::new();

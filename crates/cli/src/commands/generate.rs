@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use dpo::data::prompts::{encode_text, read_prompts, stop_ids, Prompt};
 use engine::generate::{generate_batched, Generation, SamplingConfig};
+use engine::model::Model;
 use engine::rng::Rng;
 use engine::Decoder;
 use hf::Tokenizer;
@@ -32,6 +33,8 @@ pub struct Args {
     /// Write the JSON lines here (atomically) instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 /// Prompts and sampling, shared by `dpo generate` and `dpo best-of-n`.
@@ -182,6 +185,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     a.sampling.check_positions(&prompts, a.sampling.max_new_tokens - 1, &model, "needs")?;
     let cfg = a.sampling.config(&model, &tok);
     let decoder = Decoder::new(model.config.decoder.clone());
+    // The prompt's prefill in the flag's precision; decode steps stay f32.
+    let policy = Model::new(&model.params, None).with_precision(a.precision.get());
     let mut rng = Rng::new(a.sampling.seed);
     let started = Instant::now();
     let (mut text, mut new_tokens, mut count) = (String::new(), 0usize, 0usize);
@@ -191,7 +196,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let chunk = a.batch_size.div_ceil(a.n.max(1)).max(1) * 4;
     for (c, part) in prompts.chunks(chunk).enumerate() {
         let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
-        let gens = generate_batched(&decoder, &model.params, &ids, a.n, &cfg, &mut rng, a.batch_size.max(1))
+        let gens = generate_batched(&decoder, policy, &ids, a.n, &cfg, &mut rng, a.batch_size.max(1))
             .with_context(|| format!("generating from prompts {}..{}", c * chunk, c * chunk + part.len()))?;
         let mut lines = String::new();
         for g in &gens {

@@ -82,16 +82,18 @@ pub struct Args {
     /// (same numbers, more work; for checking).
     #[arg(long)]
     no_prefix_sharing: bool,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (model, frozen) = a.stored_base.load(&a.model)?;
+    let (model, frozen) = a.stored_base.load(&a.model, &a.adapter, a.precision.get())?;
     let adapter = a.adapter.load(&model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&model.config.decoder])?;
     let decoder = Decoder::new(model.config.decoder.clone());
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
-    let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref());
+    let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref(), a.precision.get());
     let scores = score_pairs(&decoder, policy, &examples, packing, a.batch_size, |_| {})
         .with_context(|| format!("scoring {}", a.data.display()))?;
     let bad: Vec<&str> = scores

@@ -10,6 +10,7 @@ mod generate;
 mod logps;
 mod merge;
 mod ppo;
+mod precision;
 mod progress;
 mod reward;
 mod reward_model;

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use dpo::data::{check_generation_positions, read_prompts, stop_ids};
@@ -13,8 +12,9 @@ use dpo::rlhf::ppo::{
     RewardFn,
 };
 use dpo::rlhf::reward::{RewardModel, RewardModelError};
+use dpo::train::reference::{check_fits, ReferenceModel};
 use dpo::train::run_dir::{self, model_of, resume_target, RunDir, StartMode};
-use dpo::train::{OnNonFinite, Reference};
+use dpo::train::OnNonFinite;
 use engine::{Decoder, ParamSet};
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +96,9 @@ pub struct Args {
     /// Tokenize text prompts as they are, even when the tokenizer has a chat template.
     #[arg(long)]
     no_chat: bool,
+    /// (With --resume, a precision other than the run's is refused by name.)
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 /// The reward model as PPO's reward; an error is kept for the command to report (PPO sees NaN scores
@@ -200,6 +203,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         steps: a.steps,
         seed: a.seed,
         max_grad_norm: a.max_grad_norm,
+        precision: a.precision.get(),
         ..PpoConfig::default()
     };
     let (mut c, output, mode) = match &a.resume {
@@ -208,6 +212,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             let mut c = PpoRunConfig::of_run(&run)?;
             c.save_every = a.save_every.unwrap_or(c.save_every);
             c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
+            // Compared with the checkpoint's settings below: another precision is refused, by name.
+            c.ppo.precision = a.precision.given().unwrap_or(c.ppo.precision);
             (c, run, StartMode::Resume)
         }
         None => {
@@ -239,13 +245,23 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let prompts: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
     let decoder = Decoder::new(model.config.decoder.clone());
-    let reference = match &c.ref_model {
-        Some(dir) => Reference::load(dir, &model.config, Some(&tok))?,
-        None => Reference::Model(Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()))),
+    // The reference: --ref-model (checked to read the policy's token ids) or a copy of --model,
+    // fingerprinted as read, then held for passes in the run's precision (block linears in bf16 in a bf16
+    // run: the same log-probs, half the memory).
+    let (ref_config, ref_params) = match &c.ref_model {
+        Some(dir) => {
+            let config = hf::load_config(dir)?;
+            check_fits(dir, &config, &model.config, Some(&tok))?;
+            let m = hf::load_model(dir)?;
+            (m.config.decoder, m.params)
+        }
+        None => (model.config.decoder.clone(), model.params.clone()),
     };
-    let Some((ref_decoder, ref_params)) = reference.model() else { bail!("the reference holds no model") };
+    let ref_fingerprint = c.ref_model.as_ref().map(|_| fingerprint(ref_params.named(), &[]));
+    let reference = ReferenceModel::new(Decoder::new(ref_config), ref_params, cfg.precision)?;
     let rm = RewardModel::load(&model_of(&c.reward_model))
-        .with_context(|| format!("loading the reward model {}", c.reward_model.display()))?;
+        .with_context(|| format!("loading the reward model {}", c.reward_model.display()))?
+        .with_precision(cfg.precision);
     let vocab = rm.decoder.cfg.vocab_size;
     if vocab != decoder.cfg.vocab_size {
         bail!(
@@ -259,8 +275,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let mut inputs = InputFingerprints::new();
     inputs.insert("starting policy".into(), fingerprint(model.params.named(), &[]));
-    if c.ref_model.is_some() {
-        inputs.insert("reference".into(), fingerprint(ref_params.named(), &[]));
+    if let Some(f) = ref_fingerprint {
+        inputs.insert("reference".into(), f);
     }
     let rm_tensors = rm.params.named().into_iter().chain(rm.head.named());
     inputs.insert("reward model".into(), fingerprint(rm_tensors, &[]));
@@ -309,7 +325,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let inputs = PpoInputs {
         decoder: &decoder,
-        reference: RefModel { decoder: ref_decoder, params: ref_params },
+        reference: RefModel {
+            decoder: &reference.decoder,
+            params: &reference.params,
+            linears: reference.linears.as_ref(),
+        },
         prompts: &prompts,
         eos_ids: &c.eos_ids,
     };

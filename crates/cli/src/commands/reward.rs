@@ -41,17 +41,20 @@ pub struct Args {
     out: Option<PathBuf>,
     #[command(flatten)]
     truncation: super::logps::TruncationFlags,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     super::eval::check_beta(a.beta)?;
-    let (policy, frozen) = a.stored_base.load(&a.model)?;
+    let precision = a.precision.get();
+    let (policy, frozen) = a.stored_base.load(&a.model, &a.adapter, precision)?;
     let adapter = a.adapter.load(&policy)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let decoder = Decoder::new(policy.config.decoder.clone());
-    let policy_model = dpo::train::setup::base_model(&policy, frozen.as_ref(), adapter.as_ref());
+    let policy_model = dpo::train::setup::base_model(&policy, frozen.as_ref(), adapter.as_ref(), precision);
     let (reference, ref_name) = match (&a.ref_model, &adapter) {
-        (Some(dir), _) => (Reference::load(dir, &policy.config, tok.as_ref())?, dir.display().to_string()),
+        (Some(dir), _) => (Reference::load(dir, &policy.config, tok.as_ref(), precision)?, dir.display().to_string()),
         (None, Some(_)) => match super::eval::ref_adapter(&a.ref_adapter, &policy)? {
             Some(r) => (Reference::PolicyBase(Some(r)), format!("{} with --ref-adapter", a.model.display())),
             None => (Reference::PolicyBase(None), format!("{} (adapter off)", a.model.display())),

@@ -94,6 +94,9 @@ struct TrainArgs {
     /// Longest prompt+completion in tokens (longer ones are truncated, keeping the start).
     #[arg(long)]
     max_length: Option<usize>,
+    /// (With --resume, a precision other than the run's is refused.)
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 #[derive(clap::Args, Debug)]
@@ -111,6 +114,8 @@ struct ScoreArgs {
     /// Write the JSON lines here (atomically) instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -162,6 +167,7 @@ impl RmRunConfig {
                 shuffle: !a.no_shuffle,
                 head_init_std: a.head_init_std,
                 eval_every: a.eval_every,
+                precision: a.precision.get(),
             },
         })
     }
@@ -207,6 +213,15 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             let run = resume_target(resume).run;
             let mut c = RmRunConfig::of_run(&run)?;
             c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
+            if let Some(p) = a.precision.given().filter(|&p| p != c.train.precision) {
+                bail!(
+                    "--precision {p}: {} was trained with precision {}; a resumed run keeps the settings that change \
+                     the numbers of its passes (continue it with --precision {} or without the flag)",
+                    run.display(),
+                    c.train.precision,
+                    c.train.precision
+                );
+            }
             (c, run, StartMode::Resume)
         }
         None => {
@@ -288,7 +303,7 @@ fn holds_pairs(path: &Path) -> anyhow::Result<bool> {
 
 fn score(a: ScoreArgs) -> anyhow::Result<()> {
     let model = model_of(&a.model);
-    let rm = RewardModel::load(&model)?;
+    let rm = RewardModel::load(&model)?.with_precision(a.precision.get());
     let tok = hf::load_tokenizer_if_present(&model)?;
     let opts = DataOptions { max_length: a.max_length, ..Default::default() };
     let context = || format!("scoring {} with {}", a.data.display(), a.model.display());

@@ -27,6 +27,9 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     run: RunFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 pub fn run(a: Args, threads: Option<usize>) -> anyhow::Result<ExitCode> {

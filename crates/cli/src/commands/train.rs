@@ -61,6 +61,9 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     run: RunFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    precision: super::precision::PrecisionFlag,
 }
 
 #[derive(clap::Args, Debug, Default, Serialize)]
@@ -530,6 +533,13 @@ pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
         }
         TrainError::Output { .. } => "; choose another --output".to_string(),
         TrainError::NeedsReferenceModel { .. } => "; run it without --precompute-ref".to_string(),
+        TrainError::SettingChanged { run, key, was, .. } => format!(
+            "; continue it with --{} {} (or without the flag), or start a new run from a checkpoint's weights \
+             with --model {}/checkpoints/step-N/model",
+            key.replace('_', "-"),
+            was.trim_matches('"'),
+            run.display()
+        ),
         TrainError::Data(DataError::TooLong { max, .. }) => {
             format!(": pass --max-length {max} (with --truncation keep-end to keep the ends)")
         }

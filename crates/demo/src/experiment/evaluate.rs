@@ -4,6 +4,8 @@
 //! with both models' log-probs computed by one forward pass each.
 
 use engine::generate::{generate, Generation, SamplingConfig};
+use engine::kernels::Precision;
+use engine::model::Model;
 use engine::rng::Rng;
 use engine::{Activations, Decoder, Params};
 use serde::Serialize;
@@ -26,6 +28,8 @@ pub struct World {
     /// Prepended to every prompt (the from-scratch model's `<|endoftext|>`); `None` when the tokenizer
     /// adds its own special tokens.
     pub bos: Option<u32>,
+    /// The precision of every pass (the plan's).
+    pub precision: Precision,
 }
 
 impl World {
@@ -37,6 +41,11 @@ impl World {
             return Err(DemoError::EmptyPrompt { text: text.to_string() });
         }
         Ok(ids)
+    }
+
+    /// `params` as this world's passes read them.
+    pub fn view<'a>(&self, params: &'a Params) -> Model<'a> {
+        Model::new(params, None).with_precision(self.precision)
     }
 
     pub fn sampling(&self, max_new_tokens: usize) -> SamplingConfig {
@@ -52,7 +61,7 @@ impl World {
         sampling: &SamplingConfig,
         seed: u64,
     ) -> Result<Vec<Generation>, DemoError> {
-        Ok(generate(&self.decoder, params, prompts, n, sampling, &mut Rng::new(seed))?)
+        Ok(generate(&self.decoder, self.view(params), prompts, n, sampling, &mut Rng::new(seed))?)
     }
 
     /// Ground-truth rewards of `(prompt, completion)` pairs, on all cores: VADER's compound score of the
@@ -74,7 +83,7 @@ impl World {
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(SCORE_BATCH) {
             let (batch, ranges) = pack_sequences(chunk);
-            let head = self.decoder.logprobs(params, &batch, &mut acts, false)?;
+            let head = self.decoder.logprobs(self.view(params), &batch, &mut acts, false)?;
             out.extend(sum_ranges(&head.logp, &ranges));
         }
         Ok(out)

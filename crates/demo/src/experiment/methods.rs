@@ -79,6 +79,7 @@ impl Ctx<'_> {
             log_every: (s.steps / 4).max(1),
             seed: self.plan.seed,
             no_shuffle: false,
+            precision: self.plan.precision,
             ..Default::default()
         }
     }
@@ -172,7 +173,7 @@ pub fn implicit_reward_accuracy(
     ref_scores: &[dpo::scoring::PairScore],
     pairs: &[Example],
 ) -> Result<f64, DemoError> {
-    let scores = score_pairs(&world.decoder, policy, pairs, Packing::SharedPrompt, 64, |_| {})?;
+    let scores = score_pairs(&world.decoder, world.view(policy), pairs, Packing::SharedPrompt, 64, |_| {})?;
     let correct = scores
         .iter()
         .zip(ref_scores)

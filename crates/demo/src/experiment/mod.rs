@@ -86,6 +86,8 @@ pub struct DemoOptions {
     pub methods: Vec<String>,
     /// Plan settings to change (`dpo.lr=1e-4`), applied in order.
     pub set: Vec<String>,
+    /// The precision of every pass (the plan's `precision`), before `set` is applied.
+    pub precision: Option<engine::kernels::Precision>,
 }
 
 impl DemoOptions {
@@ -95,6 +97,9 @@ impl DemoOptions {
             (None, true) => Plan::quick(),
             (None, false) => Plan::full(),
         };
+        if let Some(p) = self.precision {
+            plan.precision = p;
+        }
         for s in &self.set {
             plan.set(s).map_err(DemoError::Plan)?;
         }
@@ -166,6 +171,7 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
         sentiment: Sentiment::new(),
         eos_ids,
         bos,
+        precision: plan.precision,
     };
     take_lap("SFT model", &mut seconds);
 
@@ -254,8 +260,14 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
     };
 
     // 3. Methods. DPO first, then the likelihood baselines, then the RLHF baselines.
-    let ref_scores =
-        score_pairs(&world.decoder, &model.params, &heldout_pairs, dpo::data::Packing::SharedPrompt, 64, |_| {})?;
+    let ref_scores = score_pairs(
+        &world.decoder,
+        world.view(&model.params),
+        &heldout_pairs,
+        dpo::data::Packing::SharedPrompt,
+        64,
+        |_| {},
+    )?;
     for &beta in &plan.dpo_betas {
         log(&format!("[3/5] DPO beta={beta}"));
         let (r, params) = methods::dpo(&ctx, beta, log)?;
@@ -301,8 +313,11 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
     let checks = report::checks(&sft_point, &runs);
     let verdict = report::verdict(&runs);
     let sft_model = sft_dir.strip_prefix(&out).unwrap_or(&sft_dir).display().to_string();
+    let bf16_kernel = (plan.precision == engine::kernels::Precision::Bf16)
+        .then(|| engine::kernels::Bf16Kernel::detect().describe().into());
     let mut report = Report {
         plan,
+        bf16_kernel,
         sft_model,
         sft: sft_point,
         pairs: pair_stats,

@@ -2,6 +2,7 @@
 //! (prompts, samples per prompt), and each method's sweep. `--quick` and `--model` differ from the full
 //! run only here.
 
+use engine::kernels::Precision;
 use serde::{Deserialize, Serialize};
 
 /// The small GPT-2 trained from scratch as the SFT (and reference) model.
@@ -74,6 +75,10 @@ pub struct Plan {
     pub reward_model: Steps,
     pub ppo: PpoPlan,
     pub bon_ns: Vec<usize>,
+    /// The precision of every model pass of the experiment (`dpo demo --precision`): training, sampling's
+    /// prefill, scoring, the reward model, PPO.
+    #[serde(with = "dpo::precision::by_name", default)]
+    pub precision: Precision,
 }
 
 impl Plan {
@@ -109,6 +114,7 @@ impl Plan {
                 evals: 3,
             },
             bon_ns: vec![1, 2, 4, 8, 16, 32, 64, 128],
+            precision: Precision::F32,
         }
     }
 
@@ -234,5 +240,19 @@ mod tests {
         p.restrict(&["dpo".into(), "bon".into()]).unwrap();
         assert!(p.ppo.kl_coefs_true.is_empty() && p.unlikelihood.steps == 0 && !p.bon_ns.is_empty());
         assert!(p.restrict(&["sft".into()]).is_err());
+    }
+
+    /// `dpo demo --precision bf16` and `--set precision=bf16` give the plan (report.json's) its precision;
+    /// an unknown one is refused.
+    #[test]
+    fn the_precision_is_a_plan_setting() {
+        assert_eq!(Plan::quick().precision, Precision::F32);
+        let opts = super::super::DemoOptions { quick: true, precision: Some(Precision::Bf16), ..Default::default() };
+        assert_eq!(opts.plan().unwrap().precision, Precision::Bf16);
+        let mut p = Plan::full();
+        p.set("precision=bf16").unwrap();
+        assert_eq!(p.precision, Precision::Bf16);
+        assert!(serde_json::to_string(&p).unwrap().contains("\"precision\":\"bf16\""));
+        assert!(p.set("precision=fp16").unwrap_err().contains("unknown precision `fp16`"));
     }
 }

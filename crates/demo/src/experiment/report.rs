@@ -31,6 +31,9 @@ pub struct RewardAccuracy {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub plan: Plan,
+    /// What ran the bf16 products (`engine::kernels::Bf16Kernel::describe`), in a bf16 run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bf16_kernel: Option<String>,
     /// The model every method starts from (a directory, relative to the output when built here).
     pub sft_model: String,
     /// The SFT model measured like every method (KL 0).
@@ -208,6 +211,14 @@ impl Report {
              sequence-level KL(pi||ref), the mean over samples of the summed per-token log-ratio.\n",
             p.name, p.seed, self.sft_model, p.eval_prompts, p.eval_samples, p.max_new_tokens
         );
+        if let Some(kernel) = &self.bf16_kernel {
+            let _ = writeln!(
+                s,
+                "Every model pass ran in {} (autocast's semantics: bf16 operands, f32 sums), its products run as: \
+                 {kernel}.\n",
+                p.precision
+            );
+        }
         let _ = writeln!(
             s,
             "Pairs: {} training and {} held-out, from {} samples per prompt of the SFT model (every two with different \

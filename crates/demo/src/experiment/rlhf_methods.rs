@@ -110,6 +110,7 @@ pub fn run_all(
         batch_size: plan.reward_model.batch,
         max_steps: Some(plan.reward_model.steps),
         seed: plan.seed,
+        precision: plan.precision,
         ..Default::default()
     };
     let mut every = 0u64;
@@ -185,6 +186,7 @@ fn ppo(
         max_new_tokens: ctx.plan.max_new_tokens,
         steps: p.steps as u64,
         seed: ctx.plan.seed,
+        precision: ctx.plan.precision,
         ..Default::default()
     };
     let name = format!("{}-kl{kl_coef}", method.to_lowercase());
@@ -197,7 +199,7 @@ fn ppo(
     let mut eval_s = 0.0;
     let mut metrics = String::new();
     let t = Instant::now();
-    let reference = RefModel { decoder: &ctx.world.decoder, params: &ctx.world.reference };
+    let reference = RefModel { decoder: &ctx.world.decoder, params: &ctx.world.reference, linears: None };
     let mut on_step = |s: &dpo::rlhf::ppo::PpoStepStats, params: &Params| -> bool {
         metrics += &serde_json::to_string(s).unwrap_or_default();
         metrics.push('\n');
@@ -271,7 +273,7 @@ fn bon(ctx: &Ctx, sft: &Params, learned: &mut Learned, max_n: usize) -> Result<M
         Ok(r)
     };
     let mut rng = Rng::new(ctx.evaluator.seed ^ 0xB0B0);
-    best_of_n(&world.decoder, sft, prompts, max_n, &ctx.evaluator.sampling, &mut score, &mut rng)
+    best_of_n(&world.decoder, world.view(sft), prompts, max_n, &ctx.evaluator.sampling, &mut score, &mut rng)
         .map_err(|e| method_err("Best-of-N", e))?;
     if let Some(e) = gt_error {
         return Err(method_err("Best-of-N reward", e));

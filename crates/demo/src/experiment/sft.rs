@@ -50,11 +50,15 @@ pub fn gpt2_config(plan: &Plan) -> serde_json::Value {
 pub fn pretrain(plan: &Plan, out: &Path, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> Result<PathBuf, DemoError> {
     let run = out.join("runs").join("sft");
     let stamp_path = run.join("world.json");
-    let stamp = json!({
+    let mut stamp = json!({
         "seed": plan.seed, "corpus_size": plan.corpus_size, "vocab_size": plan.vocab_size,
         "shape": plan.shape, "sft": plan.sft,
-    })
-    .to_string();
+    });
+    // An f32 world keeps the stamp it had before precisions existed (its model is reused).
+    if plan.precision != engine::kernels::Precision::F32 {
+        stamp["precision"] = plan.precision.name().into();
+    }
+    let stamp = stamp.to_string();
     let final_dir = run.join("final");
     if final_dir.join("config.json").is_file() && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(&stamp) {
         log(&format!("reusing the SFT model in {} (same world settings)", final_dir.display()));
@@ -108,6 +112,7 @@ pub fn pretrain(plan: &Plan, out: &Path, stop: &AtomicBool, log: &mut dyn FnMut(
         save_every: 0,
         log_every: (plan.sft.steps / 5).max(1),
         seed: plan.seed,
+        precision: plan.precision,
         ..Default::default()
     };
     let outcome = train_sft(&cfg, &RunOptions { overwrite: true, ..Default::default() }, stop, log)?;

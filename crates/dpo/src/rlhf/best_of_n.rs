@@ -4,8 +4,9 @@
 //! its cost is `n` samples and `n` reward evaluations per prompt.
 
 use engine::generate::{generate, Generation, SamplingConfig};
+use engine::model::Model;
 use engine::rng::Rng;
-use engine::{Decoder, EngineError, Params};
+use engine::{Decoder, EngineError};
 
 /// Why a Best-of-N run failed: sampling, the scorer, or what the scorer returned.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +42,10 @@ pub struct BestOfN {
 /// and keeps, per prompt, the first one with the highest score. `score` receives all
 /// `(prompt, completion)` pairs at once, prompt by prompt, completions with their EOS token when they
 /// produced one (as a reward model trained on TRL-tokenized pairs saw them), and returns one score each.
+/// `model` is the policy's weights as its prefill reads them (its precision).
 pub fn best_of_n<E>(
     policy: &Decoder,
-    params: &Params,
+    model: Model<'_>,
     prompts: &[Vec<u32>],
     n: usize,
     sampling: &SamplingConfig,
@@ -53,7 +55,7 @@ pub fn best_of_n<E>(
     if n == 0 || prompts.is_empty() {
         return Ok(Vec::new());
     }
-    let gens = generate(policy, params, prompts, n, sampling, rng)?;
+    let gens = generate(policy, model, prompts, n, sampling, rng)?;
     let pairs: Vec<(&[u32], &[u32])> = gens.iter().map(|g| (&prompts[g.prompt_index][..], &g.tokens[..])).collect();
     let scores = score(&pairs).map_err(BestOfNError::Scorer)?;
     if scores.len() != gens.len() {
@@ -88,7 +90,7 @@ mod tests {
 
     use super::*;
     use engine::presets::init_random;
-    use engine::DecoderConfig;
+    use engine::{DecoderConfig, Params};
 
     fn setup() -> (Decoder, Params, Vec<Vec<u32>>) {
         let cfg = DecoderConfig::gpt2(engine::Dims {
@@ -125,7 +127,7 @@ mod tests {
             calls += 1;
             reward(pairs)
         };
-        let got = best_of_n(&m, &p, &prompts, n, &sampling(), &mut scorer, &mut Rng::new(3)).unwrap();
+        let got = best_of_n(&m, (&p).into(), &prompts, n, &sampling(), &mut scorer, &mut Rng::new(3)).unwrap();
         assert_eq!(calls, 1);
         assert_eq!(got.len(), prompts.len());
         for (i, b) in got.iter().enumerate() {
@@ -148,7 +150,7 @@ mod tests {
         let (m, p, prompts) = setup();
         let plain = generate(&m, &p, &prompts, 1, &sampling(), &mut Rng::new(21)).unwrap();
         let mut rng = Rng::new(21);
-        let got = best_of_n(&m, &p, &prompts, 1, &sampling(), &mut reward, &mut rng).unwrap();
+        let got = best_of_n(&m, (&p).into(), &prompts, 1, &sampling(), &mut reward, &mut rng).unwrap();
         assert_eq!(got.iter().map(|b| b.best.clone()).collect::<Vec<_>>(), plain);
         assert!(got.iter().all(|b| b.index == 0 && b.scores.len() == 1));
         let mut after = Rng::new(21);
@@ -163,17 +165,17 @@ mod tests {
         let (m, p, prompts) = setup();
         let s = sampling();
         let mut short = |_: &[(&[u32], &[u32])]| Ok::<_, Infallible>(vec![1.0]);
-        let err = best_of_n(&m, &p, &prompts, 2, &s, &mut short, &mut Rng::new(0)).unwrap_err();
+        let err = best_of_n(&m, (&p).into(), &prompts, 2, &s, &mut short, &mut Rng::new(0)).unwrap_err();
         assert!(matches!(err, BestOfNError::ScoreCount { got: 1, want: 6 }), "{err}");
         let mut nan = |x: &[(&[u32], &[u32])]| {
             Ok::<_, Infallible>((0..x.len()).map(|i| if i == 3 { f64::NAN } else { 0.0 }).collect())
         };
-        let err = best_of_n(&m, &p, &prompts, 2, &s, &mut nan, &mut Rng::new(0)).unwrap_err();
+        let err = best_of_n(&m, (&p).into(), &prompts, 2, &s, &mut nan, &mut Rng::new(0)).unwrap_err();
         assert!(matches!(err, BestOfNError::NotANumber { prompt: 1, sample: 1 }), "{err}");
         let mut failing = |_: &[(&[u32], &[u32])]| Err::<Vec<f64>, _>("no reward model");
-        let err = best_of_n(&m, &p, &prompts, 2, &s, &mut failing, &mut Rng::new(0)).unwrap_err();
+        let err = best_of_n(&m, (&p).into(), &prompts, 2, &s, &mut failing, &mut Rng::new(0)).unwrap_err();
         assert_eq!(err.to_string(), "scoring completions: no reward model");
-        assert!(best_of_n(&m, &p, &[vec![]], 2, &s, &mut reward, &mut Rng::new(0)).is_err(), "empty prompt");
+        assert!(best_of_n(&m, (&p).into(), &[vec![]], 2, &s, &mut reward, &mut Rng::new(0)).is_err(), "empty prompt");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use engine::kernels::Precision;
 use engine::optim::{OptimizerConfig, ScheduleKind};
 use engine::quant::Storage;
 use serde::{Deserialize, Serialize};
@@ -238,6 +239,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Worker threads for the math (default: all cores); the command line's `--threads` wins.
     pub threads: Option<usize>,
+    /// The arithmetic of every pass's block linears and LM head (policy, reference, evaluation):
+    /// [`Precision::Bf16`] is autocast's bf16 (operands rounded, f32 sums); the rest of the step, the
+    /// master weights and the optimizer stay f32. A resumed run keeps its precision.
+    pub precision: Precision,
 
     /// Evaluate on `eval_data` every this many steps (0: only at the end).
     pub eval_every: u64,
@@ -261,7 +266,8 @@ pub struct TrainConfig {
     pub merge: bool,
     /// How a LoRA run holds the frozen base's block linears (`quantize = "nf4"`, `double_quant`,
     /// `base_dtype = "bf16"`): QLoRA. The rest of the base and the adapter stay f32; a merge reads the f32
-    /// base fresh from `model`.
+    /// base fresh from `model`. A bf16 run stores a LoRA base in bf16 unless these keys say otherwise:
+    /// its products round the weights to bf16 anyway, so that costs nothing and halves the base.
     pub base_storage: Storage,
 }
 
@@ -300,6 +306,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             seed: 42,
             threads: None,
+            precision: Precision::F32,
             eval_every: 0,
             save_every: 500,
             save_total_limit: 0,

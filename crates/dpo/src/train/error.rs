@@ -36,6 +36,12 @@ pub enum TrainError {
          (nothing was written)"
     )]
     ModelMismatch { checkpoint: String, model: String, detail: String },
+    #[error(
+        "{} was trained with {key} = {was} and this run asks for {key} = {now}; a resumed run keeps the settings \
+         that change the numbers of its passes (nothing was written)",
+        run.display()
+    )]
+    SettingChanged { run: PathBuf, key: &'static str, was: String, now: String },
     #[error("checkpoint {0} is unusable: {1}")]
     Checkpoint(PathBuf, String),
     #[error("{0}")]

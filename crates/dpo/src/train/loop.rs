@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use engine::kernels::Precision;
 use engine::model::Model;
 use engine::optim::{clip_grad_norm, lr_at, Optimizer};
 use engine::rng::Rng;
@@ -122,7 +123,7 @@ impl<'c> Trainer<'c> {
 
     /// The policy as the passes read it: the trained weights, or the base with the trained adapter.
     pub fn model(&self) -> Model<'_> {
-        policy_model(&self.trained, self.base)
+        policy_model(&self.trained, self.base, self.cfg.precision)
     }
 
     /// Takes the next micro-batch of row indices, moving to the next epoch at the end of one.
@@ -154,7 +155,7 @@ impl<'c> Trainer<'c> {
             // An adapter's dropout draws its masks from the run's seed, the step and the micro-batch, so a
             // resumed run draws the same ones.
             let seed = self.cfg.seed ^ (self.state.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ micro as u64;
-            let model = policy_model(&self.trained, self.base).with_dropout_seed(seed);
+            let model = policy_model(&self.trained, self.base, self.cfg.precision).with_dropout_seed(seed);
             let out = workload.run(&self.decoder, model, Some((self.grads.grads(), scale)), &batch, &mut self.ws)?;
             finite &= out.finite;
             tokens += out.num_tokens;
@@ -196,16 +197,16 @@ impl<'c> Trainer<'c> {
 
     /// Mean of each metric over the rows of `workload`, at the current weights.
     pub fn evaluate(&mut self, workload: &dyn Workload) -> Result<BTreeMap<String, f64>, TrainError> {
-        let model = policy_model(&self.trained, self.base);
+        let model = policy_model(&self.trained, self.base, self.cfg.precision);
         evaluate(&self.decoder, model, workload, self.cfg.batch_size, &mut self.ws)
     }
 }
 
-/// The trained weights, or `base` with the trained adapter on it.
-fn policy_model<'a>(trained: &'a Trained, base: Option<Model<'a>>) -> Model<'a> {
+/// The trained weights, or `base` with the trained adapter on it, its products in `precision`.
+fn policy_model<'a>(trained: &'a Trained, base: Option<Model<'a>>, precision: Precision) -> Model<'a> {
     match (trained, base) {
-        (Trained::Full(p), _) => Model::new(p, None),
-        (Trained::Adapter(a), Some(base)) => Model { adapter: Some(a), ..base },
+        (Trained::Full(p), _) => Model::new(p, None).with_precision(precision),
+        (Trained::Adapter(a), Some(base)) => Model { adapter: Some(a), ..base }.with_precision(precision),
         (Trained::Adapter(_), None) => unreachable!("Trainer::new refuses an adapter without a base"),
     }
 }

@@ -8,9 +8,9 @@
 //!                     reference: the base with a frozen copy of that adapter (TRL's `ref` adapter)
 //! ```
 
-use engine::quant::{FrozenLinears, Storage};
+use engine::quant::Storage;
 use engine::rng::Rng;
-use engine::{Adapter, Decoder, DecoderConfig, Keep, ParamSet};
+use engine::{Adapter, Decoder, Keep, ParamSet};
 
 use super::config::{invalid, LoraFlags, TrainConfig, DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT};
 use super::memory::AdapterPlan;
@@ -87,18 +87,8 @@ impl LoraRun {
             frozen_copy: self.start.is_some() && cfg.ref_model.is_none(),
             merge: cfg.merge,
             reference_model: cfg.ref_model.is_some(),
-            base_bytes: base_bytes(&model.decoder, cfg.base_storage),
+            base_bytes: (cfg.base_storage != Storage::F32)
+                .then(|| super::memory::stored_model_bytes(&model.decoder, cfg.base_storage)),
         })
     }
-}
-
-/// Bytes of a frozen base whose block linears are kept in `storage` (the rest of it in f32); `None` for
-/// an f32 base, which the estimate counts at 4 bytes a parameter.
-fn base_bytes(cfg: &DecoderConfig, storage: Storage) -> Option<u64> {
-    if storage == Storage::F32 {
-        return None;
-    }
-    let linears = FrozenLinears::estimate_bytes(cfg, Storage::F32) as u64 / 4;
-    let rest = cfg.param_count() - linears;
-    Some(FrozenLinears::estimate_bytes(cfg, storage) as u64 + 4 * rest)
 }

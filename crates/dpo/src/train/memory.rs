@@ -17,6 +17,11 @@
 //!             tables (`engine::kernels::RopeTable::floats`, per decoder)
 //! ```
 //!
+//! A bf16 run (`MemoryPlan::precision`) holds the reference model's block linears in bf16 (its products
+//! round them to bf16 anyway); a LoRA base is stored in bf16 by default then, counted through
+//! [`AdapterPlan::base_bytes`]. Its activations are counted as the engine keeps them
+//! (`engine::Activations::bytes_per_token` with the precision: each layer's products in bf16).
+//!
 //! A LoRA run ([`AdapterPlan`]) holds the base once (frozen: no gradient, no optimizer state, no copy; the
 //! reference is the same base with the adapter off, or with a frozen copy of the starting adapter), and
 //! the adapter A times over: trained, gradient, optimizer buffers, the frozen copy. Its activations add each
@@ -30,8 +35,9 @@
 
 use std::path::Path;
 
-use engine::kernels::{head_scratch_floats, RopeTable};
+use engine::kernels::{head_scratch_floats, Precision, RopeTable};
 use engine::optim::OptimizerConfig;
+use engine::quant::{FrozenLinears, Storage};
 use engine::{Activations, DecoderConfig, Keep, PositionKind};
 
 /// Fixed allowance for the program itself, thread stacks, the tokenizer and the data (a run on the
@@ -91,6 +97,24 @@ pub struct MemoryPlan<'a> {
     pub gradient_checkpointing: bool,
     /// A LoRA run: the adapter trained on the frozen policy; `None` trains every weight.
     pub adapter: Option<AdapterPlan>,
+    /// The precision of the passes: a bf16 run holds a reference model's block linears in bf16.
+    pub precision: Precision,
+}
+
+/// Bytes of a model whose block linears are kept in `storage` and the rest of it in f32.
+pub fn stored_model_bytes(cfg: &DecoderConfig, storage: Storage) -> u64 {
+    let linears = FrozenLinears::estimate_bytes(cfg, Storage::F32) as u64 / 4;
+    let rest = cfg.param_count() - linears;
+    FrozenLinears::estimate_bytes(cfg, storage) as u64 + 4 * rest
+}
+
+/// How a reference model held beside the policy stores its block linears in a run of `precision`
+/// (`crate::train::reference::ReferenceModel::new`).
+pub fn reference_storage(precision: Precision) -> Storage {
+    match precision {
+        Precision::Bf16 => Storage::Bf16,
+        Precision::F32 => Storage::F32,
+    }
 }
 
 /// The adapter of a LoRA run, as far as memory goes.
@@ -121,15 +145,16 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     let c = plan.policy;
     let p = c.param_count();
     let k = optimizer_buffers(plan.optimizer);
-    let reference_params = plan.reference.map(DecoderConfig::param_count).unwrap_or(0);
+    let storage = reference_storage(plan.precision);
+    let reference_bytes = plan.reference.map_or(0, |r| stored_model_bytes(r, storage));
     let weights = match &plan.adapter {
         // Loaded model + trained copy + gradient + optimizer buffers + reference.
-        None => 4 * ((3 + k) * p + reference_params),
+        None => 4 * (3 + k) * p + reference_bytes,
         // The frozen base (also the reference's, unless another model is loaded as reference) + the
         // adapter trained, its gradient, its optimizer buffers and the frozen starting copy.
         Some(a) => {
-            let separate_reference = if a.reference_model { reference_params } else { 0 };
-            a.base_bytes.unwrap_or(4 * p) + 4 * (separate_reference + (2 + k + a.frozen_copy as u64) * a.params)
+            let separate_reference = if a.reference_model { reference_bytes } else { 0 };
+            a.base_bytes.unwrap_or(4 * p) + separate_reference + 4 * (2 + k + a.frozen_copy as u64) * a.params
         }
     };
     let mut rows = plan.row_tokens.clone();
@@ -137,9 +162,13 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     let largest = &rows[..plan.batch_size.min(rows.len())];
     let n: u64 = largest.iter().sum();
     let keep = Keep::for_backward(plan.gradient_checkpointing);
-    let mut per_token = Activations::floats_per_token(c, keep) + plan.adapter.map_or(0, |a| a.kept_per_token);
+    // Bytes per token as the engine keeps them in this precision (a bf16 pass keeps each layer's products
+    // in bf16); the adapter's `x A^T` stays f32 in every precision.
+    let precision = plan.precision;
+    let mut per_token =
+        Activations::bytes_per_token(c, keep, precision) + 4 * plan.adapter.map_or(0, |a| a.kept_per_token);
     if let Some(r) = plan.reference {
-        per_token += Activations::floats_per_token(r, false);
+        per_token += Activations::bytes_per_token(r, Keep::None, precision);
     }
     let head = 4 * head_scratch_floats(n as usize, c.hidden, c.vocab_size);
     // The rotary tables: one, plus the full-attention layers' own (`global_layers`, Gemma 3).
@@ -156,7 +185,7 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
         weights,
         batch_tokens: n,
         batch_rows: largest.len() as u64,
-        activations: 4 * n * per_token,
+        activations: n * per_token,
         head,
         checkpoint: match &plan.adapter {
             None => 4 * p * k.max(1),
@@ -165,6 +194,62 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
         },
         base: BASE_BYTES + rope(c) + plan.reference.map(rope).unwrap_or(0),
     }
+}
+
+/// Estimates the run's peak memory, logs it, and refuses a run that would not fit in `max_memory` (or
+/// the machine's available memory).
+pub(super) fn check(
+    cfg: &super::TrainConfig,
+    policy: &DecoderConfig,
+    reference: Option<&DecoderConfig>,
+    row_tokens: Vec<u64>,
+    rows_in_flight: usize,
+    adapter: Option<AdapterPlan>,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), super::TrainError> {
+    let opt = cfg.optimizer_config();
+    let plan = MemoryPlan {
+        policy,
+        optimizer: &opt,
+        reference,
+        row_tokens,
+        batch_size: rows_in_flight,
+        gradient_checkpointing: cfg.gradient_checkpointing,
+        adapter,
+        precision: cfg.precision,
+    };
+    let est = estimate(&plan);
+    let limit = match &cfg.max_memory {
+        Some(m) => Some((m.0, "the --max-memory limit of")),
+        None => available_memory().map(|b| (b, "the available memory (MemAvailable) of")),
+    };
+    let Some((limit, what)) = limit else {
+        log(&format!("memory: {}", est.summary()));
+        return Ok(());
+    };
+    log(&format!("memory: {}; limit {}", est.summary(), human(limit)));
+    if est.total() <= limit {
+        return Ok(());
+    }
+    let advice = if est.activations >= est.weights {
+        "lower --batch-size, --micro-pairs or --max-length"
+    } else if cfg.is_lora() {
+        "use a smaller model, a lower --lora-r or fewer --lora-targets"
+    } else {
+        "train a LoRA adapter (--lora-r 16), use a smaller model, --precompute-ref (no reference model in memory) \
+         or --optimizer sgd"
+    };
+    Err(super::TrainError::Memory(format!(
+        "the run needs an estimated {} of memory, more than {what} {}: activations {} for the largest micro-batch \
+         ({} rows, {} tokens), weights, gradient, optimizer and reference {}; {advice}, or pass --max-memory \
+         SIZE to run anyway",
+        human(est.total()),
+        human(limit),
+        human(est.activations),
+        est.batch_rows,
+        est.batch_tokens,
+        human(est.weights),
+    )))
 }
 
 /// Fixes glibc's mmap threshold at its default (128 KiB). glibc otherwise raises it to the size of each
@@ -272,6 +357,7 @@ mod tests {
             batch_size,
             gradient_checkpointing: false,
             adapter: None,
+            precision: Precision::F32,
         };
         let (one, two) = (estimate(&plan(1)), estimate(&plan(2)));
         assert_eq!((one.batch_tokens, two.batch_tokens, two.batch_rows), (30, 50, 2));
@@ -294,6 +380,7 @@ mod tests {
             batch_size: 1,
             gradient_checkpointing: false,
             adapter,
+            precision: Precision::F32,
         };
         let (full, lora) = (estimate(&plan(None)), estimate(&plan(Some(adapter))));
         let p = c.param_count();
@@ -320,12 +407,43 @@ mod tests {
             batch_size: 2,
             gradient_checkpointing,
             adapter: None,
+            precision: Precision::F32,
         };
         let (kept, checkpointed) = (estimate(&plan(false)), estimate(&plan(true)));
-        let reference = Activations::floats_per_token(&c, Keep::None);
-        let want = 4 * 50 * (Activations::floats_per_token(&c, Keep::LayerInputs) + reference);
+        let reference = Activations::bytes_per_token(&c, Keep::None, Precision::F32);
+        let want = 50 * (Activations::bytes_per_token(&c, Keep::LayerInputs, Precision::F32) + reference);
         assert_eq!(checkpointed.activations, want);
         assert!(checkpointed.activations < kept.activations);
         assert_eq!(checkpointed.weights, kept.weights);
+    }
+
+    /// A bf16 run holds the reference's block linears in bf16 (the weights shrink by two bytes for each of
+    /// their values) and keeps the policy's products in bf16 (the activations shrink as the engine says).
+    #[test]
+    fn a_bf16_run_counts_the_reference_linears_at_two_bytes() {
+        let c = cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }, PositionKind::Learned, false);
+        let o = OptimizerConfig::adamw();
+        let plan = |precision| MemoryPlan {
+            policy: &c,
+            optimizer: &o,
+            reference: Some(&c),
+            row_tokens: vec![10, 30, 20],
+            batch_size: 2,
+            gradient_checkpointing: false,
+            adapter: None,
+            precision,
+        };
+        let (f32_run, bf16_run) = (estimate(&plan(Precision::F32)), estimate(&plan(Precision::Bf16)));
+        let linears = FrozenLinears::estimate_bytes(&c, Storage::F32) as u64 / 4;
+        assert!(linears > 0);
+        assert_eq!(f32_run.weights - bf16_run.weights, 2 * linears);
+        assert_eq!(stored_model_bytes(&c, Storage::F32), 4 * c.param_count());
+        let per_token =
+            |p| Activations::bytes_per_token(&c, Keep::All, p) + Activations::bytes_per_token(&c, Keep::None, p);
+        assert_eq!(bf16_run.activations, 50 * per_token(Precision::Bf16));
+        assert_eq!(f32_run.activations, 50 * per_token(Precision::F32));
+        assert!(bf16_run.activations < f32_run.activations);
+        let no_reference = estimate(&MemoryPlan { reference: None, ..plan(Precision::Bf16) });
+        assert_eq!(no_reference.weights, 4 * 5 * c.param_count());
     }
 }

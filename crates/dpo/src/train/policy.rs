@@ -3,7 +3,7 @@
 //! what the optimizer, clipping, the non-finite check and checkpoints work on, so none of them holds a
 //! full-size buffer in a LoRA run.
 
-use engine::model::{Grads, Model};
+use engine::model::Grads;
 use engine::{Adapter, DecoderConfig, ParamSet, Params, Tensor};
 
 /// The trained tensors (or a gradient buffer of the same layout).
@@ -23,14 +23,6 @@ impl Trained {
         match self {
             Trained::Full(_) => Trained::Full(Params::zeros(cfg)),
             Trained::Adapter(a) => Trained::Adapter(a.zeros_like()),
-        }
-    }
-
-    /// The policy as a pass reads it: these weights, or `base` with this adapter on it.
-    pub fn model<'a>(&'a self, base: &'a Params) -> Model<'a> {
-        match self {
-            Trained::Full(p) => Model::new(p, None),
-            Trained::Adapter(a) => Model::new(base, Some(a)),
         }
     }
 

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use engine::kernels::Precision;
 use engine::model::Model;
+use engine::quant::{FrozenError, FrozenLinears, Storage};
 use engine::{Activations, Adapter, Decoder, EngineError, ParamSet, Params};
 use hf::{ModelConfig, Tokenizer};
 use sha2::{Digest, Sha256};
@@ -18,10 +20,41 @@ use crate::scoring::{score_pairs, PairScore};
 /// Reference log-probs of a batch: chosen and rejected sequence sums, one per row.
 pub type RefLogps = (Vec<f64>, Vec<f64>);
 
+/// A reference model held beside the policy, never written to.
+pub struct ReferenceModel {
+    pub decoder: Decoder,
+    /// Its weights; with `linears`, every tensor but the block linears' (those are then empty).
+    pub params: Params,
+    /// The block linears stored in bf16, in a bf16 run: its products round them to bf16 anyway, so the
+    /// log-probs are bit for bit those of the f32 copy, in half the memory. Embeddings, norms and the
+    /// head stay f32.
+    pub linears: Option<FrozenLinears>,
+}
+
+impl ReferenceModel {
+    /// `params` held for passes in `precision`: in bf16, with the block linears stored in bf16.
+    pub fn new(decoder: Decoder, mut params: Params, precision: Precision) -> Result<Self, FrozenError> {
+        let linears = match precision {
+            Precision::Bf16 => Some(FrozenLinears::take_from(&mut params, Storage::Bf16)?),
+            Precision::F32 => None,
+        };
+        Ok(ReferenceModel { decoder, params, linears })
+    }
+
+    /// The weights as a pass in `precision` reads them.
+    pub fn view(&self, precision: Precision) -> Model<'_> {
+        let m = Model::new(&self.params, None).with_precision(precision);
+        match &self.linears {
+            Some(f) => m.with_frozen(f),
+            None => m,
+        }
+    }
+}
+
 pub enum Reference {
     /// Evaluated on every batch; never written to (the optimizer only sees the policy's parameters).
     /// Shared between the training and the evaluation data.
-    Model(Arc<(Decoder, Params)>),
+    Model(Arc<ReferenceModel>),
     /// A LoRA run's reference: the policy's frozen base (read through the policy's view, never copied)
     /// with this frozen adapter on it, or with none (a new adapter's reference: the base with the adapter
     /// off). The trained adapter is never read.
@@ -47,37 +80,44 @@ pub enum ReferenceError {
          ({detail}): the reference must read the policy's token ids (use a reference with the policy's tokenizer)"
     )]
     Tokenizer { dir: PathBuf, reference: PathBuf, policy: PathBuf, detail: String },
+    #[error("reference {dir}: its block linears cannot be stored in bf16: {source}")]
+    Store { dir: PathBuf, source: FrozenError },
 }
 
 impl Reference {
     /// Loads the reference model in `dir` for a policy configured as `policy` (whose tokenizer, when it has
     /// one, is `policy_tokenizer`), and checks that it reads the same token ids: the same vocabulary size
     /// and, where both directories have a `tokenizer.json`, the same token-to-id map. Every command that
-    /// compares a policy with a reference loads it here.
+    /// compares a policy with a reference loads it here, held for passes in `precision`
+    /// ([`ReferenceModel::new`]).
     pub fn load(
         dir: &Path,
         policy: &ModelConfig,
         policy_tokenizer: Option<&Tokenizer>,
+        precision: Precision,
     ) -> Result<Self, ReferenceError> {
         let config = hf::load_config(dir)?;
         check_fits(dir, &config, policy, policy_tokenizer)?;
         let model = hf::load_model(dir)?;
-        Ok(Reference::Model(Arc::new((Decoder::new(model.config.decoder.clone()), model.params))))
+        let decoder = Decoder::new(model.config.decoder.clone());
+        let held = ReferenceModel::new(decoder, model.params, precision)
+            .map_err(|source| ReferenceError::Store { dir: dir.to_path_buf(), source })?;
+        Ok(Reference::Model(Arc::new(held)))
     }
 
     /// The reference model, when log-probs come from one.
-    pub fn model(&self) -> Option<(&Decoder, &Params)> {
+    pub fn model(&self) -> Option<&ReferenceModel> {
         match self {
-            Reference::Model(m) => Some((&m.0, &m.1)),
+            Reference::Model(m) => Some(m),
             _ => None,
         }
     }
 
-    /// The frozen model a batch is scored with, when log-probs come from one: its decoder and view. A
-    /// [`Reference::PolicyBase`] reads `policy`'s decoder and base.
+    /// The frozen model a batch is scored with, when log-probs come from one: its decoder and view, in
+    /// the policy's precision. A [`Reference::PolicyBase`] reads `policy`'s decoder and base.
     pub fn frozen<'a>(&'a self, policy: (&'a Decoder, Model<'a>)) -> Option<(&'a Decoder, Model<'a>)> {
         match self {
-            Reference::Model(m) => Some((&m.0, Model::new(&m.1, None))),
+            Reference::Model(m) => Some((&m.decoder, m.view(policy.1.precision))),
             // The policy's view less its adapter: the same base (and frozen storage), never dropping.
             Reference::PolicyBase(adapter) => {
                 Some((policy.0, Model { adapter: adapter.as_ref(), dropout_seed: None, ..policy.1 }))
@@ -152,14 +192,37 @@ fn vocab_difference(policy: &Tokenizer, reference: &Tokenizer) -> Option<String>
     })
 }
 
-/// The cache key of precomputed reference log-probs: a SHA-256 over the reference weights (the base and,
-/// when the reference reads one, the adapter on it: its tensors, targets and scales) and the exact token
-/// ids of every example (which captures the data file, the tokenizer and every truncation setting). A
-/// model without an adapter hashes as it always has, so the base with a new adapter off shares the
-/// base's cache.
+/// The cache key of precomputed reference log-probs: a SHA-256 over the reference weights (the base, its
+/// stored block linears when it has them, and, when the reference reads one, the adapter on it: its
+/// tensors, targets and scales), the precision of its products, and the exact token ids of every example
+/// (which captures the data file, the tokenizer and every truncation setting). An f32 model without an
+/// adapter hashes as it always has, so the base with a new adapter off shares the base's cache, and
+/// caches written before bf16 existed stay valid for f32 runs.
 pub fn cache_key<'m>(model: impl Into<Model<'m>>, examples: &[Example]) -> String {
     let model = model.into();
     let mut h = Sha256::new();
+    if model.precision != Precision::F32 {
+        // bf16 log-probs differ from f32 ones: a cache of one precision never serves the other.
+        h.update(format!("precision {}", model.precision).as_bytes());
+    }
+    if let Some(frozen) = model.frozen {
+        // The stored linears replace the base's (emptied) tensors: their values are the weights.
+        h.update(b"stored linears");
+        for (l, layer) in frozen.layers().iter().enumerate() {
+            for site in engine::Site::ALL {
+                let m = layer.get(site);
+                h.update(format!("{l}:{site:?}:{:?}:{}x{}", m.storage(), m.rows(), m.cols()).as_bytes());
+                // Widened a block at a time: no f32 copy of a whole matrix.
+                let n = m.rows() * m.cols();
+                let mut block = vec![0.0f32; n.min(1 << 14)];
+                for start in (0..n).step_by(block.len().max(1)) {
+                    let part = &mut block[..(n - start).min(1 << 14)];
+                    m.widen_into(start, part);
+                    hash_words(&mut h, part.iter().map(|x| x.to_bits()));
+                }
+            }
+        }
+    }
     let mut tensors = model.base.named();
     if let Some(adapter) = model.adapter {
         h.update(b"lora adapter");
@@ -302,7 +365,7 @@ mod tests {
         let tok = hf::load_tokenizer(&policy_dir).unwrap();
         let reference = hf::load_config(&ref_dir).unwrap();
         check_fits(&ref_dir, &reference, &policy, Some(&tok)).unwrap();
-        assert!(matches!(Reference::load(&ref_dir, &policy, Some(&tok)), Ok(Reference::Model(_))));
+        assert!(matches!(Reference::load(&ref_dir, &policy, Some(&tok), Precision::F32), Ok(Reference::Model(_))));
 
         let mut wider = reference.clone();
         wider.decoder.vocab_size += 8;
@@ -340,5 +403,31 @@ mod tests {
         let p = Precomputed { scores: vec![], cache: CacheOutcome::NotWritten(e) };
         assert!(p.summary().starts_with("computed, not cached: cannot create"), "{}", p.summary());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Precomputed log-probs of one precision never serve another; an f32 model keys as it always did
+    /// (caches written before precisions existed stay valid); stored linears key by their values.
+    #[test]
+    fn the_cache_key_distinguishes_precisions_and_stored_linears() {
+        let dir = fixture("gpt2-ref");
+        let m = hf::load_model(&dir).unwrap();
+        let tok = hf::load_tokenizer(&dir).unwrap();
+        let data = dir.join("../../data/prefs.jsonl");
+        let examples = crate::data::load_pairs(&data, Some(&tok), &Default::default()).unwrap().examples;
+        let key = |model: Model| cache_key(model, &examples);
+        let plain = key(Model::new(&m.params, None));
+        assert_eq!(key(Model::new(&m.params, None).with_precision(Precision::F32)), plain);
+        let bf16 = key(Model::new(&m.params, None).with_precision(Precision::Bf16));
+        assert_ne!(bf16, plain);
+        // The same weights held with bf16-stored linears: the stored values (equal to what a bf16 pass
+        // reads) are hashed, and differ from another model's.
+        let held =
+            ReferenceModel::new(Decoder::new(m.config.decoder.clone()), m.params.clone(), Precision::Bf16).unwrap();
+        let stored = key(held.view(Precision::Bf16));
+        assert_ne!(stored, plain);
+        let other = hf::load_model(&fixture("gpt2-policy")).unwrap();
+        let other =
+            ReferenceModel::new(Decoder::new(other.config.decoder.clone()), other.params, Precision::Bf16).unwrap();
+        assert_ne!(key(other.view(Precision::Bf16)), stored);
     }
 }

@@ -54,6 +54,33 @@ pub fn resume_target(path: &Path) -> ResumeTarget {
     ResumeTarget { run: path.to_path_buf(), checkpoint: None }
 }
 
+/// The settings a resumed run must keep: they change the numbers of every pass, so a run that switched
+/// would be neither of the two runs (the key, as config.toml names it).
+const KEPT_ON_RESUME: [&str; 1] = ["precision"];
+
+/// Refuses a resume of the run `resume` points into whose config.toml (written when its checkpoints
+/// were) holds another value of a [`KEPT_ON_RESUME`] setting than `now` (this run's resolved
+/// configuration, as config.toml would hold it); a key the file lacks had its default. Nothing to compare
+/// without a config.toml.
+pub fn check_kept_settings(resume: &Path, now: &toml::Table) -> Result<(), TrainError> {
+    let run = resume_target(resume).run;
+    let file = run.join("config.toml");
+    if !file.is_file() {
+        return Ok(());
+    }
+    let saved = super::config::read_toml_table(&file)?;
+    let default = toml::Table::try_from(super::TrainConfig::default().to_raw()).expect("the defaults serialise");
+    for key in KEPT_ON_RESUME {
+        let value = |t: &toml::Table| t.get(key).or(default.get(key)).cloned();
+        let (was, is) = (value(&saved), value(now));
+        if was != is {
+            let show = |v: Option<toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+            return Err(TrainError::SettingChanged { run, key, was: show(was), now: show(is) });
+        }
+    }
+    Ok(())
+}
+
 /// The model a run directory holds (`RUN/final`), or `dir` itself when it is a model directory: commands
 /// that read a trained model accept either.
 pub fn model_of(dir: &Path) -> PathBuf {

@@ -6,19 +6,20 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use engine::kernels::Precision;
 use engine::model::Model;
 use engine::optim::Optimizer;
 use engine::quant::{FrozenLinears, Storage};
-use engine::{Adapter, Decoder, DecoderConfig, Params};
+use engine::{Adapter, Decoder, DecoderConfig};
 
 use super::checkpoint::{self, TrainerState};
 use super::config::{Objective, DEFAULT_MAX_LENGTH};
 use super::kto::KtoWorkload;
 use super::lora::LoraRun;
-use super::memory::{self, AdapterPlan, MemoryPlan};
+use super::memory;
 use super::pairs::PairObjective;
 use super::policy::Trained;
-use super::reference::{self, default_cache_dir, precompute, Reference};
+use super::reference::{self, default_cache_dir, precompute, Reference, ReferenceModel};
 use super::run_dir::{self, StartMode};
 use super::workload::{PairWorkload, SftWorkload, Workload};
 use super::UnlikelihoodWorkload;
@@ -102,7 +103,7 @@ pub struct Setup {
 impl Setup {
     /// The frozen base a LoRA run's adapter sits on (its stored linears included).
     pub fn base(&self) -> Model<'_> {
-        base_model(&self.model, self.frozen.as_ref(), None)
+        base_model(&self.model, self.frozen.as_ref(), None, self.cfg.precision)
     }
 
     /// The training workload and, when there are evaluation rows, the evaluation one.
@@ -157,6 +158,10 @@ fn data_options(cfg: &TrainConfig) -> DataOptions {
 pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) -> Result<(Setup, Start), TrainError> {
     cfg.validate()?;
     run_dir::preflight(&cfg.output, opts.start_mode())?;
+    if let Some(resume) = &opts.resume {
+        let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        run_dir::check_kept_settings(resume, &now)?;
+    }
     if opts.overwrite && opts.resume.is_none() {
         refuse_inputs_inside(cfg)?;
     }
@@ -269,7 +274,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let held_reference = reference_cfg.as_ref().filter(|_| !cfg.precompute_ref);
     // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
     let adapter = lora.as_ref().map(|l| l.plan(&model_cfg, cfg)).transpose()?;
-    check_memory(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
+    memory::check(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
     let (model, frozen) = match cfg.base_storage {
         Storage::F32 => (hf::load_model(&cfg.model)?, None),
         storage => {
@@ -407,15 +412,23 @@ fn attach_reference(
 ) -> Result<Data, TrainError> {
     // A LoRA run's own reference reads the base it trains on: nothing is loaded or copied.
     let base_reference = lora.filter(|_| cfg.ref_model.is_none()).map(|l| Reference::PolicyBase(l.start.clone()));
-    let load = || -> Result<Arc<(Decoder, Params)>, TrainError> {
-        let starting = || Arc::new((Decoder::new(model.config.decoder.clone()), model.params.clone()));
-        Ok(match &cfg.ref_model {
-            Some(dir) => match Reference::load(dir, &model.config, tokenizer)? {
+    let mut load = || -> Result<Arc<ReferenceModel>, TrainError> {
+        let held = match &cfg.ref_model {
+            Some(dir) => match Reference::load(dir, &model.config, tokenizer, cfg.precision)? {
                 Reference::Model(m) => m,
                 _ => return Err(TrainError::Invalid(format!("reference {}: no model loaded", dir.display()))),
             },
-            None => starting(),
-        })
+            None => {
+                let decoder = Decoder::new(model.config.decoder.clone());
+                let held = ReferenceModel::new(decoder, model.params.clone(), cfg.precision)
+                    .map_err(|e| TrainError::Invalid(format!("the reference copy of {}: {e}", cfg.model.display())))?;
+                Arc::new(held)
+            }
+        };
+        if let Some(linears) = &held.linears {
+            log(&format!("reference block linears stored in bf16: {}", memory::human(linears.bytes() as u64)));
+        }
+        Ok(held)
     };
     Ok(match data {
         Data::Pairs { train, eval, objective, packing, .. } if !objective.reference_free() => {
@@ -426,8 +439,10 @@ fn attach_reference(
                 };
                 let base_decoder = Decoder::new(model.config.decoder.clone());
                 let (d, frozen) = match (&shared, &base_reference) {
-                    (Some(m), _) => (&m.0, Model::new(&m.1, None)),
-                    (None, Some(Reference::PolicyBase(a))) => (&base_decoder, base_model(model, frozen, a.as_ref())),
+                    (Some(m), _) => (&m.decoder, m.view(cfg.precision)),
+                    (None, Some(Reference::PolicyBase(a))) => {
+                        (&base_decoder, base_model(model, frozen, a.as_ref(), cfg.precision))
+                    }
                     (None, _) => unreachable!("a LoRA run's reference is its base"),
                 };
                 let cache = cfg.cache_dir.clone().unwrap_or_else(default_cache_dir);
@@ -460,70 +475,17 @@ fn attach_reference(
     })
 }
 
-/// `model`'s weights as a pass reads them: with its stored linears, and `adapter` on it.
+/// `model`'s weights as a pass reads them: with its stored linears, and `adapter` on it, the products in
+/// `precision`.
 pub fn base_model<'a>(
     model: &'a hf::HfModel,
     frozen: Option<&'a FrozenLinears>,
     adapter: Option<&'a Adapter>,
+    precision: Precision,
 ) -> Model<'a> {
-    let m = Model::new(&model.params, adapter);
+    let m = Model::new(&model.params, adapter).with_precision(precision);
     match frozen {
         Some(f) => m.with_frozen(f),
         None => m,
     }
-}
-
-/// Estimates the run's peak memory, logs it, and refuses a run that would not fit in `max_memory` (or
-/// the machine's available memory).
-fn check_memory(
-    cfg: &TrainConfig,
-    policy: &DecoderConfig,
-    reference: Option<&DecoderConfig>,
-    row_tokens: Vec<u64>,
-    rows_in_flight: usize,
-    adapter: Option<AdapterPlan>,
-    log: &mut dyn FnMut(&str),
-) -> Result<(), TrainError> {
-    let opt = cfg.optimizer_config();
-    let plan = MemoryPlan {
-        policy,
-        optimizer: &opt,
-        reference,
-        row_tokens,
-        batch_size: rows_in_flight,
-        gradient_checkpointing: cfg.gradient_checkpointing,
-        adapter,
-    };
-    let est = memory::estimate(&plan);
-    let limit = match &cfg.max_memory {
-        Some(m) => Some((m.0, "the --max-memory limit of")),
-        None => memory::available_memory().map(|b| (b, "the available memory (MemAvailable) of")),
-    };
-    let Some((limit, what)) = limit else {
-        log(&format!("memory: {}", est.summary()));
-        return Ok(());
-    };
-    log(&format!("memory: {}; limit {}", est.summary(), memory::human(limit)));
-    if est.total() <= limit {
-        return Ok(());
-    }
-    let advice = if est.activations >= est.weights {
-        "lower --batch-size, --micro-pairs or --max-length"
-    } else if cfg.is_lora() {
-        "use a smaller model, a lower --lora-r or fewer --lora-targets"
-    } else {
-        "train a LoRA adapter (--lora-r 16), use a smaller model, --precompute-ref (no reference model in memory) \
-         or --optimizer sgd"
-    };
-    Err(TrainError::Memory(format!(
-        "the run needs an estimated {} of memory, more than {what} {}: activations {} for the largest micro-batch \
-         ({} rows, {} tokens), weights, gradient, optimizer and reference {}; {advice}, or pass --max-memory \
-         SIZE to run anyway",
-        memory::human(est.total()),
-        memory::human(limit),
-        memory::human(est.activations),
-        est.batch_rows,
-        est.batch_tokens,
-        memory::human(est.weights),
-    )))
 }

@@ -75,7 +75,7 @@ const PRODUCTS: usize = 6;
 /// Values per parallel task when products are narrowed or widened: about 20 µs of the loop on one core,
 /// long enough to pay for the task. (A step converts each product twice: about 60 ms of a GPT-2-small
 /// step of 1280 tokens on one core, under 1%.)
-const CONVERT_CHUNK: usize = 1 << 16;
+pub(crate) const CONVERT_CHUNK: usize = 1 << 16;
 
 /// A layer's products in bf16, in the order of [`LayerActs::products_mut`].
 #[derive(Default)]

@@ -26,15 +26,18 @@
 //! The four linears read their weights through [`LayerView::weight`]: the layer's f32 tensors, or a
 //! frozen base's stored matrices (bf16, NF4: [`crate::quant`]), widened tile by tile inside the product.
 
+use rayon::prelude::*;
+
 use crate::batch::Batch;
 use crate::generate::KvCache;
 use crate::generate::LayerCache;
 use crate::head_norm;
-use crate::kernels::{self as k, LinearDims, LinearGrads, RopeTable};
+use crate::kernels::{self as k, LinearDims, LinearGrads, Precision, RopeTable};
 use crate::lora::{LayerAdapter, Site};
 use crate::params::LayerParams;
+use crate::quant::bf16;
 
-use super::acts::{fit, LayerActs, Scratch};
+use super::acts::{fit, LayerActs, Scratch, CONVERT_CHUNK};
 use super::linear::LayerView;
 use super::lora_block::{self as lora, LayerLora};
 use super::view::LayerGrads;
@@ -108,6 +111,11 @@ impl Decoder {
             let positions = attend.positions();
             k::rope_apply(&mut la.qkv, qkv_dim, 0, nh, hd, positions, t, false);
             k::rope_apply(&mut la.qkv, qkv_dim, nh * hd, nkv, hd, positions, t, false);
+        }
+        if lp.precision == Precision::Bf16 {
+            // Attention reads q, k and v in bf16, as under autocast (where they are the outputs of a bf16
+            // product): its softmax statistics then belong to the values a bf16 pass keeps for backward.
+            la.qkv.par_chunks_mut(CONVERT_CHUNK).for_each(bf16::round_in_place);
         }
         let (k_cols, v_cols) = (nh * hd..(nh + nkv) * hd, (nh + nkv) * hd..(nh + 2 * nkv) * hd);
         match attend {

@@ -34,6 +34,9 @@ pub mod update;
 
 use std::path::PathBuf;
 
+use engine::kernels::Precision;
+use engine::model::Model;
+use engine::quant::FrozenLinears;
 use engine::{Decoder, EngineError, Params, ScalarHead};
 use serde::{Deserialize, Serialize};
 // The tests build rollouts by hand.
@@ -57,7 +60,22 @@ pub trait RewardFn {
 #[derive(Clone, Copy)]
 pub struct RefModel<'a> {
     pub decoder: &'a Decoder,
+    /// Its weights; with `linears`, all but the block linears (those tensors are then empty).
     pub params: &'a Params,
+    /// The block linears stored in bf16 (`crate::train::reference::ReferenceModel` in a bf16 run): the
+    /// same log-probs in a bf16 pass, half the memory.
+    pub linears: Option<&'a FrozenLinears>,
+}
+
+impl<'a> RefModel<'a> {
+    /// The reference as a pass in `precision` reads it.
+    pub fn view(&self, precision: Precision) -> Model<'a> {
+        let m = Model::new(self.params, None).with_precision(precision);
+        match self.linears {
+            Some(f) => m.with_frozen(f),
+            None => m,
+        }
+    }
 }
 
 /// PPO's settings; defaults follow TRL's classic `PPOConfig` except where the module doc says otherwise.
@@ -93,6 +111,10 @@ pub struct PpoConfig {
     pub seed: u64,
     /// Clip the global gradient norm (policy and value head together) to this.
     pub max_grad_norm: f64,
+    /// The precision of every pass: the rollouts' prefill and scoring, the reference's, the updates
+    /// (decode steps stay f32). A resumed run keeps it, as every setting here.
+    #[serde(with = "crate::precision::by_name", default)]
+    pub precision: Precision,
 }
 
 impl Default for PpoConfig {
@@ -113,6 +135,7 @@ impl Default for PpoConfig {
             steps: 100,
             seed: 42,
             max_grad_norm: 1.0,
+            precision: Precision::F32,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! that the first minibatch of a rollout sees a ratio of exactly 1 (TRL recomputes them the same way).
 
 use engine::generate::{generate, SamplingConfig};
+use engine::model::Model;
 use engine::rng::Rng;
 use engine::{Activations, Decoder, EngineError, Params, ScalarHead};
 
@@ -72,7 +73,7 @@ pub struct CompletionScores {
 /// the hidden states that predict them. Forward only, `chunk` sequences per pass.
 pub fn completion_scores(
     decoder: &Decoder,
-    params: &Params,
+    model: Model<'_>,
     head: Option<&ScalarHead>,
     pairs: &[(&[u32], &[u32])],
     chunk: usize,
@@ -81,7 +82,7 @@ pub fn completion_scores(
     let (mut logps, mut values) = (Vec::with_capacity(pairs.len()), Vec::with_capacity(pairs.len()));
     for part in pairs.chunks(chunk.max(1)) {
         let (batch, ranges) = pack_sequences(part);
-        let out = decoder.logprobs(params, &batch, acts, false)?;
+        let out = decoder.logprobs(model, &batch, acts, false)?;
         for r in ranges {
             logps.push(out.logp[r.clone()].to_vec());
             values.push(match head {
@@ -114,7 +115,8 @@ pub fn collect_rollout(
         max_new_tokens: cfg.max_new_tokens,
         eos_ids: eos_ids.to_vec(),
     };
-    let gens = generate(decoder, params, &prompts, 1, &sampling, rng)?;
+    let policy = Model::new(params, None).with_precision(cfg.precision);
+    let gens = generate(decoder, policy, &prompts, 1, &sampling, rng)?;
     let finished = gens.iter().map(|g| g.finished).collect();
     let completions: Vec<Vec<u32>> = gens.into_iter().map(|g| g.tokens).collect();
 
@@ -130,8 +132,9 @@ pub fn collect_rollout(
 
     let pairs: Vec<(&[u32], &[u32])> = prompt_refs.iter().copied().zip(completion_refs.iter().copied()).collect();
     let CompletionScores { logp, values } =
-        completion_scores(decoder, params, Some(head), &pairs, cfg.minibatch, acts)?;
-    let ref_logp = completion_scores(reference.decoder, reference.params, None, &pairs, cfg.minibatch, acts)?.logp;
+        completion_scores(decoder, policy, Some(head), &pairs, cfg.minibatch, acts)?;
+    let ref_logp =
+        completion_scores(reference.decoder, reference.view(cfg.precision), None, &pairs, cfg.minibatch, acts)?.logp;
 
     let n = prompts.len();
     let (mut advantages, mut returns) = (Vec::with_capacity(n), Vec::with_capacity(n));

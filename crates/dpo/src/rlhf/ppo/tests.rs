@@ -38,7 +38,7 @@ fn kl_is_zero_when_the_policy_is_the_reference() {
     let decoder = Decoder::new(tiny());
     let params = init_random(&decoder.cfg, 0.3, 1);
     let cfg = PpoConfig { max_new_tokens: 8, ..PpoConfig::default() };
-    let reference = RefModel { decoder: &decoder, params: &params };
+    let reference = RefModel { decoder: &decoder, params: &params, linears: None };
     let (mut rng, mut acts) = (Rng::new(3), Activations::default());
     let head = ScalarHead::zeros(decoder.cfg.hidden);
     let ro = collect_rollout(
@@ -88,7 +88,7 @@ fn minibatch_gradient_matches_finite_differences() {
     head.w.data.iter_mut().for_each(|w| *w = (r.normal() * 0.3) as f32);
     head.b.data[0] = 0.1;
     let cfg = PpoConfig { max_new_tokens: 6, ..PpoConfig::default() };
-    let reference = RefModel { decoder: &decoder, params: &init_random(&decoder.cfg, 0.3, 8) };
+    let reference = RefModel { decoder: &decoder, params: &init_random(&decoder.cfg, 0.3, 8), linears: None };
     let (mut rng, mut acts) = (Rng::new(5), Activations::default());
     let ro = collect_rollout(
         &decoder,
@@ -166,7 +166,7 @@ fn ppo_learns_to_collect_a_token_reward() {
         seed: 1,
         ..PpoConfig::default()
     };
-    let reference = RefModel { decoder: &decoder, params: &params };
+    let reference = RefModel { decoder: &decoder, params: &params, linears: None };
     let mut last = None;
     let out = train_ppo(&decoder, &params, reference, &prompts(32, 6), &[], &mut CountToken(5), &cfg, &mut |s, _| {
         last = Some(s.step);
@@ -187,7 +187,7 @@ fn ppo_learns_to_collect_a_token_reward() {
 fn on_step_stops_and_bad_inputs_are_refused() {
     let decoder = Decoder::new(tiny());
     let params = init_random(&decoder.cfg, 0.02, 3);
-    let reference = RefModel { decoder: &decoder, params: &params };
+    let reference = RefModel { decoder: &decoder, params: &params, linears: None };
     let cfg = PpoConfig {
         max_new_tokens: 4,
         rollout_prompts: 4,
@@ -237,7 +237,7 @@ fn an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one() {
     }
     let model = hf::load_model(Path::new(GPT2)).unwrap();
     let decoder = Decoder::new(model.config.decoder.clone());
-    let reference = RefModel { decoder: &decoder, params: &model.params };
+    let reference = RefModel { decoder: &decoder, params: &model.params, linears: None };
     let ps: Vec<Vec<u32>> = prompts(5, 12).into_iter().map(|p| p.into_iter().map(|t| t * 7).collect()).collect();
     let inputs = PpoInputs { decoder: &decoder, reference, prompts: &ps, eos_ids: &[] };
     let cfg =
@@ -281,6 +281,9 @@ fn an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one() {
     let other = PpoConfig { clip_range: 0.3, ..cfg.clone() };
     let e = PpoState::resume(&run_dir, &other, &fingerprints, &model.params, Path::new(GPT2)).unwrap_err();
     assert!(e.to_string().contains("clip_range 0.2 in the checkpoint, 0.3 now"), "{e}");
+    let bf16 = PpoConfig { precision: engine::kernels::Precision::Bf16, ..cfg.clone() };
+    let e = PpoState::resume(&run_dir, &bf16, &fingerprints, &model.params, Path::new(GPT2)).unwrap_err();
+    assert!(e.to_string().contains(r#"precision "f32" in the checkpoint, "bf16" now"#), "{e}");
     let moved = InputFingerprints::from([("prompt set".to_string(), fingerprint([], &ps[1..]))]);
     let e = PpoState::resume(&run_dir, &cfg, &moved, &model.params, Path::new(GPT2)).unwrap_err();
     assert!(e.to_string().contains("another prompt set"), "{e}");

@@ -8,6 +8,7 @@
 //! backward(dhidden)                                           trunk
 //! ```
 
+use engine::model::Model;
 use engine::{Activations, Decoder, EngineError, Params, ScalarHead};
 
 use super::loss::{policy_loss, value_loss};
@@ -51,7 +52,8 @@ pub fn minibatch_loss(
 ) -> Result<MinibatchLoss, EngineError> {
     let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|&i| rollout.pair(i)).collect();
     let (batch, ranges) = pack_sequences(&pairs);
-    let out = decoder.logprobs(params, &batch, acts, grads.is_some())?;
+    let model = Model::new(params, None).with_precision(cfg.precision);
+    let out = decoder.logprobs(model, &batch, acts, grads.is_some())?;
     // Per-token arrays of the minibatch, in target order (the sequences' targets are contiguous and in
     // row order, so concatenating the rollout's per-sequence vectors lines them up).
     let logp: Vec<f64> = out.logp.iter().map(|&v| v as f64).collect();
@@ -71,9 +73,9 @@ pub fn minibatch_loss(
         let dvalues: Vec<f64> = vf.grad.iter().map(|&v| cfg.vf_coef * v).collect();
         g.dhidden.clear();
         g.dhidden.resize(batch.len() * decoder.cfg.hidden, 0.0);
-        decoder.head_backward(params, &batch, acts, &dlogp, &mut *g.policy, g.dhidden)?;
+        decoder.head_backward(model, &batch, acts, &dlogp, &mut *g.policy, g.dhidden)?;
         head.backward(&acts.hidden, positions(), &dvalues, g.head, g.dhidden);
-        decoder.backward(params, &batch, acts, g.dhidden, g.policy)?;
+        decoder.backward(model, &batch, acts, g.dhidden, g.policy)?;
     }
     Ok(MinibatchLoss {
         loss,

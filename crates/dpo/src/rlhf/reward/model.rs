@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use engine::kernels::Precision;
+use engine::model::Model;
 use engine::rng::Rng;
 use engine::{Activations, Batch, Decoder, DecoderConfig, ParamSet, Params, ScalarHead};
 
@@ -21,6 +23,8 @@ pub struct RewardModel {
     pub params: Params,
     /// `score.weight` `[1, d]` and `score.bias` `[1]`
     pub head: ScalarHead,
+    /// The precision of the trunk's passes (its block linears' products).
+    pub precision: Precision,
 }
 
 impl RewardModel {
@@ -30,7 +34,18 @@ impl RewardModel {
         let w = (0..cfg.hidden)
             .map(|_| if head_init_std > 0.0 { (rng.normal() * head_init_std) as f32 } else { 0.0 })
             .collect();
-        RewardModel { decoder: Decoder::new(cfg.clone()), params, head: ScalarHead::new(w, 0.0) }
+        let head = ScalarHead::new(w, 0.0);
+        RewardModel { decoder: Decoder::new(cfg.clone()), params, head, precision: Precision::F32 }
+    }
+
+    /// This reward model with its trunk's passes in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        RewardModel { precision, ..self }
+    }
+
+    /// The trunk as its passes read it.
+    pub fn trunk(&self) -> Model<'_> {
+        Model::new(&self.params, None).with_precision(self.precision)
     }
 
     /// `r(prompt ++ completion)` of each sequence. Sequences are batched (activations are not kept); the
@@ -60,7 +75,7 @@ impl RewardModel {
                 batch.push_sequence(&ids, ids.len());
                 last.push(s + ids.len() - 1);
             }
-            self.decoder.forward(&self.params, &batch, &mut acts, false)?;
+            self.decoder.forward(self.trunk(), &batch, &mut acts, false)?;
             out.extend(self.head.forward(&acts.hidden, last));
             start = end;
         }
@@ -162,6 +177,11 @@ impl RewardModel {
             return Err(bad("the head holds non-finite values".into()));
         }
         let head = ScalarHead::new(w.data, bias);
-        Ok(RewardModel { decoder: Decoder::new(model.config.decoder), params: model.params, head })
+        Ok(RewardModel {
+            decoder: Decoder::new(model.config.decoder),
+            params: model.params,
+            head,
+            precision: Precision::F32,
+        })
     }
 }

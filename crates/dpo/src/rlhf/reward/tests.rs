@@ -68,7 +68,7 @@ fn pairs_for_gradients() -> Vec<Example> {
 fn loss_of(cfg: &DecoderConfig, p: &Params, head: &[f32], bias: f32, pairs: &[&Example]) -> f64 {
     let mut acts = Activations::default();
     let head = ScalarHead::new(head.to_vec(), bias);
-    pair_batch(&Decoder::new(cfg.clone()), p, &head, pairs, &mut acts, None).unwrap().loss
+    pair_batch(&Decoder::new(cfg.clone()), p.into(), &head, pairs, &mut acts, None).unwrap().loss
 }
 
 #[test]
@@ -87,10 +87,11 @@ fn loss_and_gradient_match_finite_differences() {
         let mut acts = Activations::default();
         let g = Grads { trunk: &mut grads, head: &mut dhead };
         let scalar_head = ScalarHead::new(head.clone(), bias);
-        let out = pair_batch(&decoder, &params, &scalar_head, &pairs, &mut acts, Some(g)).unwrap();
+        let out = pair_batch(&decoder, (&params).into(), &scalar_head, &pairs, &mut acts, Some(g)).unwrap();
 
         // The loss from the rewards of `score`, sequence by sequence.
-        let rm = RewardModel { decoder: Decoder::new(cfg.clone()), params: params.clone(), head: scalar_head.clone() };
+        let rm = RewardModel::new(&cfg, params.clone(), 0.0, 0);
+        let rm = RewardModel { head: scalar_head.clone(), ..rm };
         let scored = rm.score_pairs(&examples).unwrap();
         let want: f64 = scored.iter().map(|(w, l)| (1.0 + (-(w - l)).exp()).ln()).sum::<f64>() / 4.0;
         assert!((out.loss - want).abs() < 1e-6, "{name}: loss {} from scores {want}", out.loss);

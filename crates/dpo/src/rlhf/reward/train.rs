@@ -6,6 +6,8 @@ use engine::optim::{clip_grad_norm, global_grad_norm, lr_at, Optimizer, Optimize
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use engine::kernels::Precision;
+use engine::model::Model;
 use engine::{Activations, Batch, Decoder, DecoderConfig, ParamSet, Params, ScalarHead};
 use serde::{Deserialize, Serialize};
 
@@ -75,7 +77,7 @@ pub(super) struct Grads<'a> {
 /// (forward then keeps activations).
 pub(super) fn pair_batch(
     decoder: &Decoder,
-    params: &Params,
+    params: Model<'_>,
     head: &ScalarHead,
     pairs: &[&Example],
     acts: &mut Activations,
@@ -131,6 +133,9 @@ pub struct RmTrainConfig {
     pub head_init_std: f64,
     /// Evaluate on the evaluation pairs every this many steps (0: only after the last step).
     pub eval_every: u64,
+    /// The precision of the trunk's passes (training and evaluation).
+    #[serde(with = "crate::precision::by_name", default)]
+    pub precision: Precision,
 }
 
 impl Default for RmTrainConfig {
@@ -146,6 +151,7 @@ impl Default for RmTrainConfig {
             shuffle: true,
             head_init_std: 0.02,
             eval_every: 0,
+            precision: Precision::F32,
         }
     }
 }
@@ -208,7 +214,7 @@ pub fn evaluate(rm: &RewardModel, pairs: &[Example], batch_size: usize) -> Resul
     let (mut loss, mut correct) = (0.0, 0.0);
     let refs: Vec<&Example> = pairs.iter().collect();
     for chunk in refs.chunks(batch_size.max(1)) {
-        let out = pair_batch(&rm.decoder, &rm.params, &rm.head, chunk, &mut acts, None)?;
+        let out = pair_batch(&rm.decoder, rm.trunk(), &rm.head, chunk, &mut acts, None)?;
         loss += out.loss * chunk.len() as f64;
         correct += out.accuracy() * chunk.len() as f64;
     }
@@ -243,7 +249,7 @@ pub struct RmStart {
 impl RmStart {
     /// A trunk (`cfg`, `params`) with a fresh head, at step 0.
     pub fn fresh(cfg: &DecoderConfig, params: Params, rc: &RmTrainConfig) -> Self {
-        let mut rm = RewardModel::new(cfg, params, rc.head_init_std, rc.seed);
+        let mut rm = RewardModel::new(cfg, params, rc.head_init_std, rc.seed).with_precision(rc.precision);
         let optimizer = Optimizer::with_trainable(optimizer_config(rc), &(&mut rm.params, &mut rm.head), trainable);
         let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
         RmStart { rm, optimizer, state, resumed_total: None, resumed: false }
@@ -253,7 +259,8 @@ impl RmStart {
     /// model configuration.
     pub fn resume(path: &Path, rc: &RmTrainConfig) -> Result<(Self, hf::ModelConfig), RewardModelError> {
         let (c, head) = checkpoint::load_with_head(path, optimizer_config(rc), &trainable)?;
-        let rm = RewardModel { decoder: Decoder::new(c.model.config.decoder.clone()), params: c.model.params, head };
+        let decoder = Decoder::new(c.model.config.decoder.clone());
+        let rm = RewardModel { decoder, params: c.model.params, head, precision: rc.precision };
         let start = RmStart { rm, optimizer: c.optimizer, state: c.state, resumed_total: c.total_steps, resumed: true };
         Ok((start, c.model.config))
     }
@@ -374,7 +381,7 @@ pub fn run_reward_model(
         trunk_grads.fill_zero();
         head_grads.fill_zero();
         let g = Grads { trunk: &mut trunk_grads, head: &mut head_grads };
-        let out = pair_batch(&rm.decoder, &rm.params, &rm.head, &batch, &mut acts, Some(g))?;
+        let out = pair_batch(&rm.decoder, rm.trunk(), &rm.head, &batch, &mut acts, Some(g))?;
         let mut grads = (&mut trunk_grads, &mut head_grads);
         // A loss that is not finite left the gradient unset (pair_batch): its norm is not a number either.
         let grad_norm = if !out.loss.is_finite() {

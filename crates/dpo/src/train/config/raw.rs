@@ -4,6 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use engine::kernels::Precision;
 use engine::quant::Storage;
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +81,7 @@ pub struct RawConfig {
     pub max_grad_norm: Option<f64>,
     pub seed: Option<u64>,
     pub threads: Option<usize>,
+    pub precision: Option<String>,
     pub eval_every: Option<u64>,
     pub save_every: Option<u64>,
     pub save_total_limit: Option<usize>,
@@ -257,6 +259,17 @@ impl TrainConfig {
             },
             use_rslora: raw.use_rslora,
         };
+        let precision = match raw.precision {
+            Some(p) => p.parse::<Precision>().map_err(|e| invalid("precision", e.to_string()))?,
+            None => d.precision,
+        };
+        let mut stored_base = base_storage(raw.quantize.as_deref(), raw.double_quant, raw.base_dtype.as_deref())?;
+        // A bf16 pass rounds every block linear's weight to bf16 anyway: a frozen LoRA base stored so gives
+        // the same numbers in half the memory (unless the settings name the base's storage themselves).
+        let lora_run = raw.lora_r.is_some() || raw.adapter.is_some();
+        if precision == Precision::Bf16 && lora_run && raw.quantize.is_none() && raw.base_dtype.is_none() {
+            stored_base = Storage::Bf16;
+        }
         let prefix_sharing = match (raw.no_prefix_sharing, raw.prefix_sharing) {
             (Some(no), _) => !no,
             (None, Some(yes)) => yes,
@@ -295,6 +308,7 @@ impl TrainConfig {
             max_grad_norm: raw.max_grad_norm.unwrap_or(d.max_grad_norm),
             seed: raw.seed.unwrap_or(d.seed),
             threads: raw.threads,
+            precision,
             eval_every: raw.eval_every.unwrap_or(d.eval_every),
             save_every: raw.save_every.unwrap_or(d.save_every),
             save_total_limit: raw.save_total_limit.unwrap_or(d.save_total_limit),
@@ -304,7 +318,7 @@ impl TrainConfig {
             lora,
             adapter: raw.adapter,
             merge: raw.merge.unwrap_or(d.merge),
-            base_storage: base_storage(raw.quantize.as_deref(), raw.double_quant, raw.base_dtype.as_deref())?,
+            base_storage: stored_base,
         })
     }
 
@@ -343,6 +357,7 @@ impl TrainConfig {
             max_grad_norm: Some(self.max_grad_norm),
             seed: Some(self.seed),
             threads: self.threads,
+            precision: Some(self.precision.name().into()),
             eval_every: Some(self.eval_every),
             save_every: Some(self.save_every),
             save_total_limit: Some(self.save_total_limit),
@@ -358,7 +373,12 @@ impl TrainConfig {
             merge: Some(self.merge).filter(|&m| m),
             quantize: matches!(self.base_storage, Storage::Nf4 { .. }).then(|| "nf4".into()),
             double_quant: Some(true).filter(|_| self.base_storage == Storage::Nf4 { double_quant: true }),
-            base_dtype: (self.base_storage == Storage::Bf16).then(|| "bf16".into()),
+            // A LoRA run records an f32 base too: a bf16 run's base would otherwise read back as bf16.
+            base_dtype: match self.base_storage {
+                Storage::Bf16 => Some("bf16".into()),
+                Storage::F32 if self.is_lora() => Some("f32".into()),
+                _ => None,
+            },
             ..Default::default()
         };
         match &self.objective {

@@ -158,3 +158,26 @@ fn a_stored_base_is_typed_recorded_and_needs_an_adapter() {
         assert!(e.contains(key), "{text}: {e}");
     }
 }
+
+#[test]
+fn precision_is_a_key_recorded_and_stores_a_lora_base_in_bf16() {
+    assert_eq!(parse("").unwrap().precision, Precision::F32);
+    let c = parse("precision = \"bf16\"\n").unwrap();
+    // Every weight trained: no base to store (the reference's storage follows the precision in setup).
+    assert_eq!((c.precision, c.base_storage), (Precision::Bf16, Storage::F32));
+    let text = c.to_toml();
+    assert!(text.contains("precision = \"bf16\""), "{text}");
+    assert_eq!(parse(&text).unwrap(), c);
+    for (text, want) in [
+        ("lora_r = 4\nprecision = \"bf16\"\n", Storage::Bf16),
+        ("lora_r = 4\nprecision = \"bf16\"\nbase_dtype = \"f32\"\n", Storage::F32),
+        ("lora_r = 4\nprecision = \"bf16\"\nquantize = \"nf4\"\n", Storage::Nf4 { double_quant: false }),
+        ("lora_r = 4\nprecision = \"f32\"\n", Storage::F32),
+    ] {
+        let c = parse(text).unwrap();
+        assert_eq!(c.base_storage, want, "{text}");
+        assert_eq!(parse(&c.to_toml()).unwrap(), c, "{text}");
+    }
+    let e = parse("precision = \"fp16\"\n").unwrap_err();
+    assert!(e.contains("`precision`") && e.contains("fp16"), "{e}");
+}

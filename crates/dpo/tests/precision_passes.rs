@@ -1,0 +1,61 @@
+//! Frozen weights stored in bf16 where a bf16 run loses nothing by it: every block linear's product
+//! rounds its weight to bf16 anyway, so a reference model (or a LoRA base) whose block linears are stored
+//! in bf16 scores bit for bit as the f32 weights do in a bf16 pass, in half their memory. On every
+//! fixture family.
+
+mod common;
+
+use dpo::data::Packing;
+use dpo::scoring::{score_pairs, PairScore};
+use dpo::train::reference::ReferenceModel;
+use engine::kernels::Precision;
+use engine::model::Model;
+use engine::quant::{FrozenLinears, Storage};
+use engine::Decoder;
+
+use common::{Fixtures, MORE, PARITY};
+
+const FAMILIES: [(Fixtures, &str); 9] = [
+    (PARITY, "gpt2"),
+    (PARITY, "llama"),
+    (PARITY, "llama3"),
+    (PARITY, "neox"),
+    (MORE, "phi3"),
+    (MORE, "qwen3"),
+    (MORE, "smollm3"),
+    (MORE, "gptj"),
+    (MORE, "gemma3"),
+];
+
+fn bits(scores: &[PairScore]) -> Vec<(u64, u64)> {
+    scores.iter().map(|s| (s.chosen_logps.to_bits(), s.rejected_logps.to_bits())).collect()
+}
+
+#[test]
+fn a_bf16_stored_reference_scores_bit_for_bit_as_its_f32_weights_in_bf16() {
+    for (fx, arch) in FAMILIES {
+        let dir = fx.model(arch, "ref");
+        let examples = fx.examples("prefs.tokenized.jsonl", &dir);
+        let m = hf::load_model(&dir).unwrap();
+        let decoder = Decoder::new(m.config.decoder.clone());
+        let score = |model: Model| score_pairs(&decoder, model, &examples, Packing::SharedPrompt, 5, |_| {}).unwrap();
+        let f32_weights = score(Model::new(&m.params, None).with_precision(Precision::Bf16));
+
+        let held =
+            ReferenceModel::new(Decoder::new(m.config.decoder.clone()), m.params.clone(), Precision::Bf16).unwrap();
+        let linears = held.linears.as_ref().expect("a bf16 reference stores its block linears");
+        let f32_bytes = FrozenLinears::estimate_bytes(&m.config.decoder, Storage::F32);
+        assert_eq!(2 * linears.bytes(), f32_bytes, "{arch}: the stored linears are not half the f32 ones");
+        assert!(bits(&score(held.view(Precision::Bf16))) == bits(&f32_weights), "{arch}: the stored reference differs");
+
+        // A LoRA base read into bf16 storage (`--base-dtype bf16`, a bf16 run's default) likewise.
+        let (base, frozen) = hf::load_model_stored(&dir, Storage::Bf16).unwrap();
+        let stored_base = dpo::train::setup::base_model(&base, Some(&frozen), None, Precision::Bf16);
+        assert!(bits(&score(stored_base)) == bits(&f32_weights), "{arch}: the stored base differs");
+
+        // An f32 run keeps the f32 copy: nothing is stored.
+        let f32_held =
+            ReferenceModel::new(Decoder::new(m.config.decoder.clone()), m.params.clone(), Precision::F32).unwrap();
+        assert!(f32_held.linears.is_none());
+    }
+}
