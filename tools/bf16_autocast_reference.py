@@ -11,7 +11,7 @@ reads them):
   smollm2   the same on 16 chat rows (tools/make_smollm2_prefs.py's, spread over the set) of a SmolLM2-135M-Instruct
             HF directory -> smollm2-135m.json and smollm2-135m.rows.jsonl (the rows, for `dpo`)
   train     TRL's DPOTrainer on the 4 parity fixtures with the fixture's own settings (MANIFEST.json), 6 steps in f32
-            and 6 with bf16=True (CPU autocast), on 8 orders of the rows (file order first): both trajectories and
+            and 6 with bf16=True (CPU autocast), on 16 orders of the rows (file order first): both trajectories and
             autocast's distance per metric of every run -> train_<arch>.json
 
 The f32 log-probs are checked against the fixture's expected/<arch>/logps.jsonl (2e-4, its README's tolerance) and the
@@ -48,7 +48,7 @@ METRIC_TOL = 1e-3  # the same README: a 6-step run's per-step metrics, relative 
 TRAIN_METRICS = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected"]
 SMOLLM2_ROWS = 16
-TRAIN_ORDERS = 8  # data orders per training golden: independent draws of the rounding noise
+TRAIN_ORDERS = 16  # data orders per training golden: independent draws of the rounding noise
 
 
 def versions():
