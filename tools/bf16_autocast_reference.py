@@ -22,6 +22,7 @@ Usage (from the repository root, in the reference venv):
   /work/venv/bin/python tools/bf16_autocast_reference.py logps
   /work/venv/bin/python tools/bf16_autocast_reference.py smollm2 --model /work/models/smollm2-hf
   /work/venv/bin/python tools/bf16_autocast_reference.py train [--arch gpt2 llama llama3 neox]
+  /work/venv/bin/python tools/bf16_autocast_reference.py cli [--dpo target/release/dpo] [--smollm2 DIR]
 """
 import argparse
 import json
@@ -257,6 +258,37 @@ def train_reference(arch):
           f"f32 run vs expected {runs[0]['f32_vs_expected_max_rel']:.1e}")
 
 
+def cmd_cli(args):
+    """`dpo logps --precision bf16` (the command line itself) on every golden's rows: its MAE against the golden's
+    f32 log-probs next to autocast's. The same figures as crates/dpo/tests/bf16_accuracy.rs, through the binary."""
+    import glob
+    import subprocess
+    worst = 0.0
+    for path in sorted(glob.glob(os.path.join(OUT, "*.json"))):
+        golden = json.load(open(path))
+        if "autocast_mae" not in golden:
+            continue  # a training golden
+        smollm2 = golden["fixture"].startswith("SmolLM2")
+        if smollm2 and not args.smollm2:
+            continue
+        rows = os.path.join(OUT, "smollm2-135m.rows.jsonl") if smollm2 else os.path.join(ROOT, golden["rows"])
+        diffs = []
+        for name, rel in golden["models"].items():
+            model = args.smollm2 if smollm2 else os.path.join(ROOT, rel)
+            out = subprocess.run([args.dpo, "logps", "--model", model, "--data", rows, "--precision", "bf16"],
+                                 check=True, capture_output=True, text=True).stdout
+            got = [json.loads(line) for line in out.splitlines() if line.strip()]
+            assert [[g["chosen_len"], g["rejected_len"]] for g in got] == golden["lens"], f"{path}: other tokens"
+            diffs += [abs(g[f"{side}_logps"] - w[j]) for g, w in zip(got, golden["f32"][name])
+                      for j, side in enumerate(("chosen", "rejected"))]
+        mae, autocast = sum(diffs) / len(diffs), golden["autocast_mae"]
+        worst = max(worst, mae / autocast)
+        print(f"{golden['fixture']:24s} dpo logps --precision bf16 MAE {mae:.3e}, autocast {autocast:.3e}, "
+              f"ratio {mae / autocast:.2f}")
+    print(f"worst ratio {worst:.2f} (target <= 1.5)")
+    sys.exit(0 if worst <= 1.5 else 1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -264,12 +296,15 @@ def main():
     s = sub.add_parser("smollm2")
     s.add_argument("--model", required=True, help="SmolLM2-135M-Instruct HF directory")
     s.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("cli")
+    c.add_argument("--dpo", default=os.path.join(ROOT, "target", "release", "dpo"))
+    c.add_argument("--smollm2", help="SmolLM2-135M-Instruct HF directory (else its golden is skipped)")
     t = sub.add_parser("train")
     t.add_argument("--arch", nargs="+", default=FIXTURE_SETS["parity"], choices=FIXTURE_SETS["parity"])
     t.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     os.makedirs(OUT, exist_ok=True)
-    {"logps": cmd_logps, "smollm2": cmd_smollm2, "train": cmd_train}[a.cmd](a)
+    {"logps": cmd_logps, "smollm2": cmd_smollm2, "train": cmd_train, "cli": cmd_cli}[a.cmd](a)
 
 
 if __name__ == "__main__":
