@@ -5,9 +5,9 @@
 //! - training: a 6-step bf16 run stays within autocast's own distance of TRL's f32 trajectory (see
 //!   [`six_bf16_steps_stay_within_autocast_distance_of_trl_f32`] for what that is held as).
 //!
-//! dpo's bf16 rounds the operands of every block linear and of the LM head to bf16 and accumulates in f32;
-//! autocast also rounds every product's output to bf16 (the logits included), so dpo should land inside
-//! the bounds.
+//! dpo's bf16 rounds the operands of every block linear and of the LM head, and attention's q, k, v, to bf16
+//! and accumulates in f32; autocast also rounds every product's output to bf16 (the logits included), so dpo
+//! should land inside the bounds.
 
 mod common;
 
