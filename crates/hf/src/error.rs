@@ -77,6 +77,10 @@ pub enum Error {
     #[error("LoRA {what}: {msg}")]
     InvalidLora { what: String, msg: String },
 
+    /// A hub id (`org/name[@revision]`) that the local Hugging Face cache at `cache` cannot provide.
+    #[error("`{spec}`: {msg} (Hugging Face cache searched: {})", cache.display())]
+    Hub { spec: String, cache: PathBuf, msg: String },
+
     /// A model directory that is missing, not a directory, incomplete, or unsafe to overwrite.
     #[error("{}: {msg}", path.display())]
     ModelDir { path: PathBuf, msg: String },

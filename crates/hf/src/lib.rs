@@ -8,6 +8,7 @@
 //! - [`weights`]: HF tensors ↔ [`engine::Params`] by that plan (loading, checking, saving).
 //! - [`tokenizer`]: `tokenizer.json`, special tokens and the chat template (sandboxed minijinja).
 //! - [`peft`]: PEFT LoRA adapter directories ↔ [`engine::Adapter`], target resolution, merged models.
+//! - [`hub_cache`]: models and datasets by hub id (`org/name[@revision]`) from the local Hugging Face cache.
 //! - [`atomic`]: writing files and directories under a temporary name, renamed into place when complete.
 //! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
 //! - [`stored`]: loading a frozen base with its block linears stored (NF4/bf16) tensor by tensor (QLoRA).
@@ -17,6 +18,7 @@
 pub mod atomic;
 pub mod config;
 pub mod error;
+pub mod hub_cache;
 pub mod model_dir;
 pub mod naming;
 pub mod peft;

@@ -12,7 +12,7 @@ use engine::Adapter;
 pub(super) struct AdapterFlag {
     /// A PEFT LoRA adapter on --model (a directory with adapter_config.json and adapter_model.safetensors,
     /// e.g. RUN/final of `dpo train --lora-r`, or the run directory itself), used without merging.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = super::source::model_arg, value_name = "DIR")]
     pub(super) adapter: Option<PathBuf>,
 }
 

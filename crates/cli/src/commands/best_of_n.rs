@@ -19,13 +19,13 @@ use super::generate::SamplingFlags;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The policy to sample from (Hugging Face directory with its tokenizer).
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
     /// The reward model that picks the best sample: the run directory `dpo reward-model train` wrote
     /// (or its final/); it must use the policy's tokenizer.
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     reward_model: PathBuf,
     #[command(flatten)]
     sampling: SamplingFlags,

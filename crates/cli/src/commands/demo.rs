@@ -23,7 +23,7 @@ pub struct Args {
     /// Run the experiment on this Hugging Face checkpoint instead of pretraining the built-in model:
     /// pairs are sampled from it on the built-in review prompts, and it is the start and the reference
     /// of every method (fewer settings and steps).
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     pub model: Option<PathBuf>,
     /// Run only these methods (comma-separated): dpo, preferred-ft, unlikelihood, ppo, ppo-gt, bon.
     #[arg(long, value_delimiter = ',')]

@@ -13,7 +13,7 @@ use super::train::ObjectiveFlags;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The model to evaluate (Hugging Face directory).
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
@@ -21,11 +21,11 @@ pub struct Args {
     stored_base: super::adapter::StoredBaseFlags,
     /// With --adapter and no --ref-model: the reference is --model with this PEFT adapter (the adapter a
     /// `dpo train --adapter` run started from, its frozen reference) instead of with no adapter.
-    #[arg(long, value_name = "DIR", requires = "adapter", conflicts_with = "ref_model")]
+    #[arg(long, value_parser = super::source::model_arg, value_name = "DIR", requires = "adapter", conflicts_with = "ref_model")]
     ref_adapter: Option<PathBuf>,
     /// Reference model; required by losses that compare with a reference (all but simpo, orpo, sft), except
     /// with --adapter, where it defaults to --model with the adapter off (a new adapter's reference).
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     ref_model: Option<PathBuf>,
     /// Preference rows (JSONL, JSON or Parquet).
     #[arg(long)]

@@ -17,7 +17,7 @@ use serde_json::Value;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,

@@ -59,8 +59,9 @@ impl TruncationFlags {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json), or a hub id
+    /// org/name[@revision] in the local Hugging Face cache.
+    #[arg(long, value_parser = super::source::model_arg)]
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,

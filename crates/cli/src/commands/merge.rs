@@ -11,7 +11,7 @@ use super::adapter::AdapterFlag;
 pub struct Args {
     /// The base model the adapter was trained on (Hugging Face directory), read in f32: an adapter trained
     /// with --quantize nf4 or --base-dtype bf16 is merged into these f32 weights, not into dequantised ones.
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     model: PathBuf,
     #[command(flatten)]
     adapter: AdapterFlag,

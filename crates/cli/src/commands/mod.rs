@@ -15,6 +15,7 @@ mod progress;
 mod reward;
 mod reward_model;
 mod sft;
+mod source;
 mod train;
 
 use std::io::Write;

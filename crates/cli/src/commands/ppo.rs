@@ -24,14 +24,14 @@ use super::train::{stop_flag, with_hint};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The starting policy (Hugging Face directory), usually the SFT model.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, value_parser = super::source::model_arg, required_unless_present = "resume")]
     model: Option<PathBuf>,
     /// The reference of the KL penalty (default: a frozen copy of --model).
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     ref_model: Option<PathBuf>,
     /// The reward model: the run directory `dpo reward-model train` wrote (or its final/, a model
     /// directory with reward_head.safetensors); it must share the policy's tokenizer.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, value_parser = super::source::model_arg, required_unless_present = "resume")]
     reward_model: Option<PathBuf>,
     /// Prompts: JSONL (or a JSON list) of rows with `prompt` as text or as a list of chat messages; text
     /// goes through the chat template when the tokenizer has one, as in `dpo generate`.

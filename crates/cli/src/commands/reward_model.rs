@@ -33,7 +33,7 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// The starting model (Hugging Face directory), usually the SFT model.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, value_parser = super::source::model_arg, required_unless_present = "resume")]
     model: Option<PathBuf>,
     /// Preference rows (JSONL, JSON or Parquet).
     #[arg(long, required_unless_present = "resume")]
@@ -102,7 +102,7 @@ struct TrainArgs {
 #[derive(clap::Args, Debug)]
 struct ScoreArgs {
     /// A reward model: the run directory written by `dpo reward-model train` (or its final/).
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     model: PathBuf,
     /// Preference rows (scores `chosen_score`, `rejected_score`, `margin`) or `prompt`/`completion` rows
     /// (scores `score`), JSONL, JSON or Parquet.

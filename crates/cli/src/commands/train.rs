@@ -74,8 +74,9 @@ pub struct InputFlags {
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
-    /// Starting checkpoint: a Hugging Face model directory (safetensors).
-    #[arg(long)]
+    /// Starting checkpoint: a Hugging Face model directory (safetensors), or a hub id org/name[@revision]
+    /// read from the local Hugging Face cache (nothing is downloaded).
+    #[arg(long, value_parser = super::source::model_arg)]
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<PathBuf>,
     /// Training data: JSONL, JSON or Parquet rows (see README: data formats).
@@ -154,7 +155,7 @@ pub struct ObjectiveFlags {
 #[command(next_help_heading = "Reference model")]
 pub struct ReferenceFlags {
     /// Reference model directory [default: a frozen copy of the starting weights].
-    #[arg(long)]
+    #[arg(long, value_parser = super::source::model_arg)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ref_model: Option<PathBuf>,
     /// Score every row under the reference once before training, cache the result on disk (keyed by the
@@ -199,7 +200,7 @@ pub struct LoraFlags {
     /// Start from this PEFT adapter directory (adapter_config.json, adapter_model.safetensors), e.g. an SFT
     /// adapter or a previous run's final/: r, alpha, dropout and targets are its own (a --lora-* flag that
     /// says otherwise is refused) and the reference is a frozen copy of it on --model, as TRL keeps.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = super::source::model_arg, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     adapter: Option<PathBuf>,
     /// Also write OUTPUT/final-merged: the trained adapter merged into --model, a Hugging Face model directory.
@@ -423,7 +424,12 @@ pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Metho
         }
         table.insert("output".into(), run.to_string_lossy().into_owned().into());
     }
-    let c = TrainConfig::from_layers(file.as_deref(), table, method.unwrap_or_default())?;
+    let mut c = TrainConfig::from_layers(file.as_deref(), table, method.unwrap_or_default())?;
+    // Flags came through `source::model_arg`; a --config file's hub ids resolve here, the same way.
+    c.model = hf::hub_cache::resolve_model(&c.model)?;
+    for p in [&mut c.ref_model, &mut c.adapter].into_iter().flatten() {
+        *p = hf::hub_cache::resolve_model(p)?;
+    }
     for (name, p) in [("--model", &c.model), ("--data", &c.data), ("--output", &c.output)] {
         if p.as_os_str().is_empty() {
             bail!("{name} is required (on the command line or in --config)");

@@ -137,7 +137,9 @@ pub fn read_toml_table(path: &Path) -> Result<toml::Table, ConfigError> {
     let base = path.parent().unwrap_or(Path::new(""));
     for key in PATH_KEYS {
         if let Some(toml::Value::String(p)) = table.get_mut(key) {
-            if Path::new(p.as_str()).is_relative() {
+            // A hub id (`org/name`) stays as it is unless the file's directory holds that path.
+            let hub_id = hf::hub_cache::HubId::parse(p).is_some() && !base.join(&*p).exists();
+            if Path::new(p.as_str()).is_relative() && !hub_id {
                 *p = base.join(&*p).to_string_lossy().into_owned();
             }
         }
