@@ -1,4 +1,4 @@
-//! Models by hub id through the real binary, with `HF_HUB_CACHE` pointing at a cache laid
+//! Models and datasets by hub id through the real binary, with `HF_HUB_CACHE` pointing at a cache laid
 //! out by the test as `hf download` leaves it (blobs and relative symlinks; nothing can be downloaded).
 
 mod common;
@@ -75,4 +75,68 @@ fn a_missing_hub_id_names_the_cache_and_downloads_nothing() {
     c.env_remove("HF_HUB_CACHE").env("HF_HOME", dir.join("home"));
     let err = stderr(&c.output().unwrap());
     assert!(err.contains(&dir.join("home/hub").display().to_string()), "{err}");
+}
+
+fn datasets(rel: &str) -> PathBuf {
+    fixtures().join("../datasets").join(rel)
+}
+
+/// `dpo logps` of gpt2-policy on `data` (and extra flags), with the cache at `cache`.
+fn logps_data(cache: &Path, data: &str, extra: &[&str]) -> String {
+    let mut c = dpo();
+    c.env("HF_HUB_CACHE", cache).args(["logps", "--model"]).arg(model("gpt2-policy"));
+    c.args(["--data", data]).args(extra);
+    stdout(&mut c)
+}
+
+#[test]
+fn dataset_by_hub_id_save_to_disk_and_dataset_dict() {
+    let dir = scratch("hub-datasets");
+    let root = dir.join("hub-cache");
+    store_snapshot(&root, RepoKind::Dataset, "org/prefs", C1, &datasets("hub"), &["main"]).unwrap();
+    // The same 16 rows as JSONL: the reference every route must match.
+    let rows: Vec<&str> = std::fs::read_to_string(prefs()).unwrap().leak().lines().collect();
+    let first16 = dir.join("first16.jsonl");
+    std::fs::write(&first16, rows[..16].join("\n")).unwrap();
+    let want = logps_data(&root, first16.to_str().unwrap(), &[]);
+    assert_eq!(want.lines().count(), 16);
+    assert_eq!(logps_data(&root, "org/prefs", &[]), want);
+    assert_eq!(logps_data(&root, &format!("org/prefs@{C1}"), &["--split", "train"]), want);
+    assert_eq!(logps_data(&root, datasets("dict").to_str().unwrap(), &[]), want);
+    // save_to_disk of all 24 rows reads as prefs.jsonl.
+    let all = logps_data(&root, prefs().to_str().unwrap(), &[]);
+    assert_eq!(logps_data(&root, datasets("saved").to_str().unwrap(), &[]), all);
+    // The test split by hub id is the last 8 rows.
+    let test = logps_data(&root, "org/prefs", &["--split", "test"]);
+    assert_eq!(test.lines().collect::<Vec<_>>(), all.lines().skip(16).collect::<Vec<_>>());
+
+    // A dataset id missing from the cache names the cache; a missing split lists the splits.
+    let mut c = dpo();
+    c.env("HF_HUB_CACHE", &root).args(["logps", "--model"]).arg(model("gpt2-policy"));
+    fails(
+        c.args(["--data", "org/absent"]),
+        &["datasets--org--absent", root.display().to_string().as_str(), "downloads nothing"],
+    );
+    let mut c = dpo();
+    c.env("HF_HUB_CACHE", &root).args(["logps", "--model"]).arg(model("gpt2-policy"));
+    fails(c.args(["--data", "org/prefs", "--split", "dev"]), &["split `dev`", "splits found: test, train"]);
+}
+
+#[test]
+fn train_records_the_resolved_dataset() {
+    let dir = scratch("hub-train");
+    let root = cache(&dir);
+    store_snapshot(&root, RepoKind::Dataset, "org/prefs", C1, &datasets("hub"), &["main"]).unwrap();
+    let run = dir.join("run");
+    let mut c = dpo();
+    c.env("HF_HUB_CACHE", &root).current_dir(&dir);
+    c.args(["train", "--model", "org/tiny", "--data", "org/prefs", "--eval-data", "org/prefs", "--max-steps", "1"]);
+    c.args(["--batch-size", "4", "--save-every", "0"]).arg("--output").arg(&run);
+    succeeds(&mut c);
+    let cfg: toml::Table = std::fs::read_to_string(run.join("config.toml")).unwrap().parse().unwrap();
+    let snap = root.join("datasets--org--prefs/snapshots").join(C1);
+    assert_eq!(cfg["data"].as_str().unwrap(), snap.join("data/train-*.parquet").to_str().unwrap());
+    assert_eq!(cfg["eval_data"].as_str().unwrap(), snap.join("data/test-00000-of-00001.parquet").to_str().unwrap());
+    let model_dir = root.join("models--org--tiny/snapshots").join(C1);
+    assert_eq!(cfg["model"].as_str().unwrap(), model_dir.to_str().unwrap());
 }

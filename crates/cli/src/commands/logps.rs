@@ -24,10 +24,12 @@ pub(super) struct TruncationFlags {
     /// Which part of a sequence longer than --max-length is kept: keep-start (TRL's default) or keep-end.
     #[arg(long, default_value = "keep-start")]
     truncation: Truncation,
+    #[command(flatten)]
+    source: super::source::SplitFlags,
 }
 
 impl TruncationFlags {
-    /// Reads, tokenizes and truncates the pairs of `data` for the models `models` (the policy first, then
+    /// Resolves `data` (`--split`, `--subset`), then reads, tokenizes and truncates its pairs for the models `models` (the policy first, then
     /// any reference): refuses token ids outside the policy's vocabulary and rows longer than any model's
     /// learned positions, and warns about dropped rows and prompts that are not a prefix, naming them.
     pub(super) fn load_pairs(
@@ -42,6 +44,7 @@ impl TruncationFlags {
             truncation: self.truncation,
             skip_bad_rows: false,
         };
+        let data = &self.source.data(data)?;
         let loaded = load_pairs(data, tok, &opts)?;
         for w in loaded.stats.warnings() {
             eprintln!("warning: {}: {w}", data.display());
@@ -67,8 +70,8 @@ pub struct Args {
     adapter: super::adapter::AdapterFlag,
     #[command(flatten)]
     stored_base: super::adapter::StoredBaseFlags,
-    /// Preference rows: JSONL or JSON with `prompt`/`chosen`/`rejected` (text or chat messages) or
-    /// `prompt_ids`/`chosen_ids`/`rejected_ids`.
+    /// Preference rows: JSONL, JSON, Parquet or Arrow with `prompt`/`chosen`/`rejected` (text or chat
+    /// messages) or `prompt_ids`/`chosen_ids`/`rejected_ids`; or a dataset (hub id, save_to_disk directory).
     #[arg(long)]
     data: PathBuf,
     /// Write the JSON lines here (atomically) instead of standard output.

@@ -61,6 +61,11 @@ struct TrainArgs {
     /// Preference rows to report loss and accuracy on (after the last step, or every --eval-every steps).
     #[arg(long)]
     eval_data: Option<PathBuf>,
+    #[command(flatten)]
+    source: super::source::SplitFlags,
+    /// With a dataset as --eval-data: its split [default: test].
+    #[arg(long)]
+    eval_split: Option<String>,
     /// Peak learning rate (AdamW, linear decay to 0).
     #[arg(long, default_value_t = 1e-5)]
     lr: f64,
@@ -111,6 +116,8 @@ struct ScoreArgs {
     /// Longest prompt+completion in tokens (longer ones are truncated, keeping the start).
     #[arg(long)]
     max_length: Option<usize>,
+    #[command(flatten)]
+    source: super::source::SplitFlags,
     /// Write the JSON lines here (atomically) instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -151,8 +158,8 @@ impl RmRunConfig {
         let (Some(model), Some(data)) = (&a.model, &a.data) else { bail!("--model and --data are required") };
         Ok(RmRunConfig {
             model: model.clone(),
-            data: data.clone(),
-            eval_data: a.eval_data.clone(),
+            data: a.source.data(data)?,
+            eval_data: a.eval_data.as_deref().map(|e| a.source.eval_data(e, a.eval_split.as_deref())).transpose()?,
             max_length: a.max_length,
             save_every: a.save_every,
             on_nonfinite: on_nonfinite(a).unwrap_or_default(),
@@ -301,7 +308,8 @@ fn holds_pairs(path: &Path) -> anyhow::Result<bool> {
     Ok(["chosen", "rejected", "chosen_ids", "rejected_ids"].iter().any(|k| first.fields.contains_key(*k)))
 }
 
-fn score(a: ScoreArgs) -> anyhow::Result<()> {
+fn score(mut a: ScoreArgs) -> anyhow::Result<()> {
+    a.data = a.source.data(&a.data)?;
     let model = model_of(&a.model);
     let rm = RewardModel::load(&model)?.with_precision(a.precision.get());
     let tok = hf::load_tokenizer_if_present(&model)?;

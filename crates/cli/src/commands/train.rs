@@ -79,7 +79,8 @@ pub struct InputFlags {
     #[arg(long, value_parser = super::source::model_arg)]
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<PathBuf>,
-    /// Training data: JSONL, JSON or Parquet rows (see README: data formats).
+    /// Training data: JSONL, JSON, Parquet or Arrow rows (see README: data formats), or a dataset: a hub id
+    /// org/name in the local Hugging Face cache, a repository directory, a datasets save_to_disk directory.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<PathBuf>,
@@ -99,6 +100,13 @@ pub struct InputFlags {
     #[arg(long)]
     #[serde(skip)]
     pub overwrite: bool,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub source: super::source::SplitFlags,
+    /// With a dataset as --eval-data: its split [default: test].
+    #[arg(long)]
+    #[serde(skip)]
+    pub eval_split: Option<String>,
 }
 
 #[derive(clap::Args, Debug, Default, Serialize)]
@@ -404,6 +412,10 @@ pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Metho
     let mut table = toml::Table::try_from(flags).context("reading the flags")?;
     for key in dpo::train::config::PATH_KEYS {
         if let Some(toml::Value::String(p)) = table.get_mut(key) {
+            // A dataset hub id is resolved below, with the file's; a local path of that spelling wins.
+            if !Path::new(p.as_str()).exists() && hf::hub_cache::HubId::parse(p).is_some() {
+                continue;
+            }
             *p = std::path::absolute(Path::new(p.as_str()))?.to_string_lossy().into_owned();
         }
     }
@@ -429,6 +441,14 @@ pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Metho
     c.model = hf::hub_cache::resolve_model(&c.model)?;
     for p in [&mut c.ref_model, &mut c.adapter].into_iter().flatten() {
         *p = hf::hub_cache::resolve_model(p)?;
+    }
+    // Datasets (hub ids, repositories, save_to_disk directories) to what the reader reads; config.toml
+    // records the result, so a resumed run reads the same files.
+    if !c.data.as_os_str().is_empty() {
+        c.data = inputs.source.data(&c.data)?;
+    }
+    if let Some(e) = &c.eval_data {
+        c.eval_data = Some(inputs.source.eval_data(e, inputs.eval_split.as_deref())?);
     }
     for (name, p) in [("--model", &c.model), ("--data", &c.data), ("--output", &c.output)] {
         if p.as_os_str().is_empty() {

@@ -6,11 +6,14 @@ use std::path::PathBuf;
 pub enum DataError {
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} is a directory; pass a data file (.jsonl, .json, .parquet)")]
+    #[error(
+        "{path} is a directory; pass a data file (.jsonl, .json, .parquet, .arrow), a datasets save_to_disk \
+         directory or a dataset repository with --split"
+    )]
     IsDirectory { path: PathBuf },
     #[error("{path} holds no rows")]
     Empty { path: PathBuf },
-    #[error("{path}: unsupported file type {ext:?}; use .jsonl, .json or .parquet")]
+    #[error("{path}: unsupported file type {ext:?}; use .jsonl, .json, .parquet or .arrow")]
     UnsupportedFormat { path: PathBuf, ext: String },
     #[error("{path}, {location}: {message}")]
     Parse { path: PathBuf, location: String, message: String },
@@ -27,6 +30,12 @@ pub enum DataError {
          model has (learned positions; truncate rows to at most {max} tokens)"
     )]
     TooLong { path: PathBuf, location: String, tokens: usize, max: usize },
+    /// A dataset directory, repository or pattern that does not give the rows asked for.
+    #[error("{path}: {message}")]
+    Dataset { path: PathBuf, message: String },
+    /// A dataset hub id the local Hugging Face cache cannot provide.
+    #[error(transparent)]
+    Hub(#[from] hf::Error),
     #[error("invalid data option: {0}")]
     Options(String),
 }

@@ -1,7 +1,8 @@
 //! Training data, from a file on disk to the engine's packed batches:
 //!
 //! ```text
-//! read     JSONL / JSON array / Parquet -> Record { location, fields }
+//! source   a file, saved dataset, repository directory or hub id (+ split, subset) -> what `read` reads
+//! read     JSONL / JSON array / Parquet / Arrow IPC -> Record { location, fields }
 //! rows     Record   -> PreferenceRow | UnpairedRow | SftRow (explicit or implicit prompt, conversational, ids)
 //! tokenize row      -> Example | UnpairedExample | SftExample                  (TRL 1.x rules)
 //! truncate example  -> the same, limited to max_prompt_length / max_length      (or dropped)
@@ -11,6 +12,7 @@
 //! pack     [Example] / [(prompt, completion)] -> engine::Batch + where each sequence's targets are
 //! ```
 
+mod arrow;
 pub mod error;
 pub mod load;
 pub mod pack;
@@ -19,6 +21,7 @@ pub mod positions;
 pub mod prompts;
 pub mod read;
 pub mod rows;
+pub mod source;
 #[cfg(test)]
 mod testutil;
 pub mod tokenize;
@@ -31,6 +34,7 @@ pub use positions::{check_generation_positions, check_positions, resolve_max_len
 pub use prompts::{read_prompts, stop_ids, Prompt};
 pub use read::{read_records, Record};
 pub use rows::{parse_preference_row, parse_sft_row, parse_unpaired_rows, PreferenceRow, SftRow, Text, UnpairedRow};
+pub use source::resolve_data;
 pub use tokenize::{
     tokenize_row, tokenize_sft, tokenize_unpaired, Example, SftExample, TokenizeError, UnpairedExample,
 };

@@ -20,7 +20,8 @@ pub struct Record {
 }
 
 /// Reads every record of a `.jsonl` (one object per line; blank lines skipped), `.json` (an array of
-/// objects, or JSON Lines as `datasets.Dataset.to_json` writes them) or `.parquet` file. Bytes that are
+/// objects, or JSON Lines as `datasets.Dataset.to_json` writes them), `.parquet` or `.arrow` (IPC stream)
+/// file, of a `Dataset.save_to_disk` directory, or of the files a pattern (`data/train-*.parquet`) names. Bytes that are
 /// not UTF-8 and lines that are not JSON objects are errors naming the line.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
     map_records(path, |r| r)?.into_iter().collect()
@@ -36,31 +37,50 @@ where
     F: Fn(Result<Record, DataError>) -> T + Sync + Send,
 {
     let p = || path.to_path_buf();
+    // A row too large to tokenize is that row's error, like any other bad row.
+    let f = |r: Result<Record, DataError>| f(r.and_then(|rec| check_row_size(path, rec)));
+    let out = if path.is_dir() && path.join("state.json").is_file() {
+        // A `Dataset.save_to_disk` directory: its Arrow files, numbered as one dataset.
+        super::arrow::map_rows(&super::source::saved_dataset_files(path)?, &f)?
+    } else if super::source::has_pattern(path) && !path.exists() {
+        // A split's shards (`data/train-*.parquet`), in name order.
+        let mut out = Vec::new();
+        for file in super::source::expand_pattern(path)? {
+            out.extend(map_file(&file, &f)?);
+        }
+        out
+    } else {
+        map_file(path, &f)?
+    };
+    if out.is_empty() {
+        return Err(DataError::Empty { path: p() });
+    }
+    Ok(out)
+}
+
+/// [`map_records`] of one file, by its extension (an empty file gives no records here).
+fn map_file<T: Send>(path: &Path, f: &(impl Fn(Result<Record, DataError>) -> T + Sync)) -> Result<Vec<T>, DataError> {
+    let p = || path.to_path_buf();
     if path.is_dir() {
         return Err(DataError::IsDirectory { path: p() });
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    // A row too large to tokenize is that row's error, like any other bad row.
-    let f = |r: Result<Record, DataError>| f(r.and_then(|rec| check_row_size(path, rec)));
-    let out = match ext.as_str() {
-        "parquet" => super::parquet::map_rows(path, &f)?,
+    Ok(match ext.as_str() {
+        "parquet" => super::parquet::map_rows(path, f)?,
+        "arrow" => super::arrow::map_rows(&[path.to_path_buf()], f)?,
         "jsonl" | "ndjson" | "json" => {
             let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: p(), source })?;
             let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
             // `Dataset.to_json` writes JSON Lines under a `.json` name, so the first byte decides, not the name.
             let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
             if ext == "json" && first == Some(&b'[') {
-                json_array(path, bytes, &f)?
+                json_array(path, bytes, f)?
             } else {
-                jsonl(path, bytes, &f)
+                jsonl(path, bytes, f)
             }
         }
         _ => return Err(DataError::UnsupportedFormat { path: p(), ext }),
-    };
-    if out.is_empty() {
-        return Err(DataError::Empty { path: p() });
-    }
-    Ok(out)
+    })
 }
 
 fn jsonl<T: Send>(path: &Path, bytes: &[u8], f: &(impl Fn(Result<Record, DataError>) -> T + Sync)) -> Vec<T> {
