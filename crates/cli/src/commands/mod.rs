@@ -17,6 +17,7 @@ mod reward_model;
 mod sft;
 mod source;
 mod train;
+mod version;
 
 use std::io::Write;
 use std::path::Path;
@@ -27,7 +28,7 @@ use clap::{Parser, Subcommand};
 
 /// Direct Preference Optimization for Hugging Face decoder models, on the CPU, without Python.
 #[derive(Parser, Debug)]
-#[command(name = "dpo", version, about, long_about = None)]
+#[command(name = "dpo", version = version::text(), about, long_about = None)]
 pub struct Cli {
     /// Worker threads for the math (default: all cores).
     #[arg(long, global = true)]

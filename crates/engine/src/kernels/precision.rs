@@ -83,6 +83,15 @@ impl Bf16Kernel {
     }
 }
 
+/// What runs f32 matrix products on this CPU, for logs and `--version`.
+pub fn describe_f32_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if super::sgemm::available() {
+        return "avx512f (hand-written sgemm)";
+    }
+    "gemm crate (portable: no AVX-512F, or DPO_GEMM=portable)"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
