@@ -1,14 +1,18 @@
-//! The safetensors format, read and written by hand: an 8-byte little-endian header length, a JSON header
-//! `{name: {dtype, shape, data_offsets: [start, end]}, "__metadata__": {..}}`, then the data section that
-//! the offsets index into. Reading memory-maps the file and validates the whole header before any tensor
-//! is touched; floating-point tensors (F64, F32, F16, BF16) are converted to f32.
+//! Safetensors files through Hugging Face's `safetensors` crate, which parses and validates the format (an
+//! 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}, "__metadata__":
+//! {..}}`, then the data section the offsets index into, every byte of it owned by exactly one tensor).
+//! What is the project's own is this thin layer: the file memory-mapped and validated before any tensor
+//! is touched, floating-point tensors (F64, F32, F16, BF16) converted to f32, sharded checkpoints with
+//! their index's path checks, atomic writes, and errors that name the file and the tensor at fault.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo as StInfo};
+use safetensors::{Dtype as StDtype, SafeTensorError, View};
 use serde_json::Value;
 
 use crate::error::{read_json, Error, Result};
@@ -21,30 +25,37 @@ pub enum Dtype {
     F32,
     F16,
     BF16,
-    /// Any other dtype of the format (`I64`, `U8`, `BOOL`, `F8_E4M3`, ...): its name and byte size.
+    /// Any other whole-byte dtype of the format (`I64`, `U8`, `BOOL`, `F8_E4M3`, ...): its name and byte size.
     Other(&'static str, usize),
 }
 
 impl Dtype {
-    fn parse(s: &str) -> Option<Dtype> {
-        Some(match s {
-            "F64" => Dtype::F64,
-            "F32" => Dtype::F32,
-            "F16" => Dtype::F16,
-            "BF16" => Dtype::BF16,
-            "I64" => Dtype::Other("I64", 8),
-            "U64" => Dtype::Other("U64", 8),
-            "I32" => Dtype::Other("I32", 4),
-            "U32" => Dtype::Other("U32", 4),
-            "I16" => Dtype::Other("I16", 2),
-            "U16" => Dtype::Other("U16", 2),
-            "I8" => Dtype::Other("I8", 1),
-            "U8" => Dtype::Other("U8", 1),
-            "BOOL" => Dtype::Other("BOOL", 1),
-            "F8_E4M3" => Dtype::Other("F8_E4M3", 1),
-            "F8_E5M2" => Dtype::Other("F8_E5M2", 1),
-            _ => return None,
-        })
+    /// The crate's dtype as ours; `Err` names one whose elements are not whole bytes (F4, F6), which no
+    /// layer here can address.
+    fn from_st(d: StDtype) -> std::result::Result<Dtype, String> {
+        let other = |name: &'static str| Ok(Dtype::Other(name, d.bitsize() / 8));
+        match d {
+            StDtype::F64 => Ok(Dtype::F64),
+            StDtype::F32 => Ok(Dtype::F32),
+            StDtype::F16 => Ok(Dtype::F16),
+            StDtype::BF16 => Ok(Dtype::BF16),
+            StDtype::I64 => other("I64"),
+            StDtype::U64 => other("U64"),
+            StDtype::I32 => other("I32"),
+            StDtype::U32 => other("U32"),
+            StDtype::I16 => other("I16"),
+            StDtype::U16 => other("U16"),
+            StDtype::I8 => other("I8"),
+            StDtype::U8 => other("U8"),
+            StDtype::BOOL => other("BOOL"),
+            StDtype::C64 => other("C64"),
+            StDtype::F8_E4M3 => other("F8_E4M3"),
+            StDtype::F8_E5M2 => other("F8_E5M2"),
+            StDtype::F8_E8M0 => other("F8_E8M0"),
+            StDtype::F8_E4M3FNUZ => other("F8_E4M3FNUZ"),
+            StDtype::F8_E5M2FNUZ => other("F8_E5M2FNUZ"),
+            d => Err(format!("dtype {d} ({} bits per element) is not supported", d.bitsize())),
+        }
     }
 
     pub fn size(self) -> usize {
@@ -86,7 +97,7 @@ pub struct SafeTensors {
     /// Sorted by name.
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
-    metadata: Option<Value>,
+    metadata: Option<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for SafeTensors {
@@ -120,8 +131,8 @@ impl SafeTensors {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// The `__metadata__` object, if any.
-    pub fn metadata(&self) -> Option<&Value> {
+    /// The `__metadata__` map, if any.
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
         self.metadata.as_ref()
     }
 
@@ -155,102 +166,153 @@ impl SafeTensors {
     }
 }
 
-type Header = (usize, Vec<TensorInfo>, Option<Value>);
+type Header = (usize, Vec<TensorInfo>, Option<HashMap<String, String>>);
 
+/// The crate validates; a refusal is explained by [`explain`] in terms of the tensor at fault.
 fn parse_header(path: &Path, file: &[u8]) -> Result<Header> {
+    let (n, meta) = safetensors::SafeTensors::read_metadata(file).map_err(|e| explain(path, file, e))?;
+    let mut tensors = Vec::with_capacity(meta.tensors().len());
+    for (name, info) in meta.tensors() {
+        let dtype = Dtype::from_st(info.dtype).map_err(|m| Error::st(path, Some(&name), m))?;
+        let (start, end) = info.data_offsets;
+        tensors.push(TensorInfo { name, dtype, shape: info.shape.clone(), start, end });
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((8 + n, tensors, meta.metadata().clone()))
+}
+
+/// The crate's reason for refusing `file`, said in terms of the file and, where one is at fault, the
+/// tensor: the header is re-read as plain JSON (only to find the culprit; the crate decided).
+fn explain(path: &Path, file: &[u8], e: SafeTensorError) -> Error {
     let bad = |tensor: Option<&str>, msg: String| Error::st(path, tensor, msg);
-    if file.len() < 8 {
-        return Err(bad(None, format!("file is {} bytes, too short for a safetensors header", file.len())));
+    let avail = file.len().saturating_sub(8);
+    let n = file.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    match (&e, n) {
+        (SafeTensorError::HeaderTooSmall, _) | (_, None) => {
+            return bad(None, format!("file is {} bytes, too short for a safetensors header", file.len()))
+        }
+        (SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength, Some(n)) => {
+            return bad(
+                None,
+                format!(
+                    "header length {n} exceeds the {avail} bytes after it (or the format's 100 MB limit); the \
+                     file is truncated or not safetensors"
+                ),
+            )
+        }
+        (SafeTensorError::InvalidHeader(u), _) => return bad(None, format!("header is not UTF-8 text: {u}")),
+        _ => {}
     }
-    let mut len8 = [0u8; 8];
-    len8.copy_from_slice(&file[..8]);
-    let n = u64::from_le_bytes(len8);
-    let avail = (file.len() - 8) as u64;
-    if n > avail {
-        return Err(bad(
-            None,
-            format!("header length {n} exceeds the {avail} bytes after it; the file is truncated or not safetensors"),
-        ));
-    }
-    let n = n as usize;
-    let header: Value =
-        serde_json::from_slice(&file[8..8 + n]).map_err(|e| bad(None, format!("header is not valid JSON: {e}")))?;
-    let Value::Object(entries) = header else {
-        return Err(bad(None, "header is not a JSON object".into()));
+    let n = n.unwrap_or(0) as usize;
+    let header: Value = match serde_json::from_slice(&file[8..8 + n]) {
+        Ok(v) => v,
+        Err(j) => return bad(None, format!("header is not valid JSON: {j}")),
     };
-    let data_start = 8 + n;
-    let data_len = file.len() - data_start;
-    let mut metadata = None;
-    let mut tensors = Vec::with_capacity(entries.len());
-    for (name, entry) in entries {
+    let Value::Object(entries) = header else { return bad(None, "header is not a JSON object".into()) };
+    let data_len = file.len() - 8 - n;
+    let mut ranges = Vec::new();
+    for (name, entry) in &entries {
         if name == "__metadata__" {
-            metadata = Some(entry);
             continue;
         }
         let t = Some(name.as_str());
-        let dtype_s = entry.get("dtype").and_then(Value::as_str).ok_or_else(|| bad(t, "missing `dtype`".into()))?;
-        let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(t, format!("unknown dtype `{dtype_s}`")))?;
-        let shape = entry
-            .get("shape")
-            .and_then(Value::as_array)
-            .and_then(|a| {
-                a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<_>>>()
-            })
-            .ok_or_else(|| bad(t, "`shape` must be a list of non-negative integers".into()))?;
-        let offs = entry
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .filter(|a| a.len() == 2)
-            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
-            .ok_or_else(|| bad(t, "`data_offsets` must be [start, end]".into()))?;
-        let (start, end) = offs;
-        if start > end || end > data_len as u64 {
-            return Err(bad(
+        let dtype_s = entry.get("dtype").and_then(Value::as_str);
+        let Some(dtype) = dtype_s.and_then(|d| serde_json::from_value::<StDtype>(Value::from(d)).ok()) else {
+            return bad(t, format!("unknown dtype `{}`", dtype_s.unwrap_or("(missing)")));
+        };
+        let Some(shape) = entry.get("shape").and_then(|s| serde_json::from_value::<Vec<usize>>(s.clone()).ok()) else {
+            return bad(t, "`shape` must be a list of non-negative integers".into());
+        };
+        let Some((start, end)) =
+            entry.get("data_offsets").and_then(|o| serde_json::from_value::<(usize, usize)>(o.clone()).ok())
+        else {
+            return bad(t, "`data_offsets` must be [start, end]".into());
+        };
+        if start > end || end > data_len {
+            return bad(
                 t,
                 format!(
                     "data_offsets [{start}, {end}] lie outside the data section of {data_len} bytes; the file is \
                      truncated or corrupt (copy or download it again)"
                 ),
-            ));
+            );
         }
-        let (start, end) = (start as usize, end as usize);
-        let want = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad(t, format!("shape {shape:?} overflows")))?;
-        if want != end - start {
-            return Err(bad(
-                t,
-                format!("shape {shape:?} of {} needs {want} bytes but data_offsets span {}", dtype.name(), end - start),
-            ));
+        let want = shape.iter().try_fold(dtype.bitsize(), |acc, &d| acc.checked_mul(d)).map(|bits| bits / 8);
+        match want {
+            None => return bad(t, format!("shape {shape:?} overflows")),
+            Some(w) if w != end - start => {
+                return bad(
+                    t,
+                    format!("shape {shape:?} of {dtype} needs {w} bytes but data_offsets span {}", end - start),
+                )
+            }
+            _ => {}
         }
-        tensors.push(TensorInfo { name, dtype, shape, start, end });
+        ranges.push((start, end, name.as_str()));
     }
-    // In the data section the tensors follow one another without overlapping.
-    let mut order: Vec<&TensorInfo> = tensors.iter().filter(|t| t.end > t.start).collect();
-    order.sort_by_key(|t| t.start);
-    for w in order.windows(2) {
-        if w[1].start < w[0].end {
-            return Err(bad(
-                Some(&w[1].name),
-                format!("data_offsets overlap those of `{}`; the file is corrupt", w[0].name),
-            ));
+    // In the data section the tensors follow one another, without overlaps or gaps, to its end.
+    ranges.sort();
+    let mut at = (0, "");
+    for &(start, end, name) in &ranges {
+        if start < at.0 {
+            return bad(Some(name), format!("data_offsets overlap those of `{}`; the file is corrupt", at.1));
         }
+        if start > at.0 {
+            return bad(
+                Some(name),
+                format!("bytes {}..{start} before it belong to no tensor; the file is corrupt", at.0),
+            );
+        }
+        at = (end, name);
     }
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((data_start, tensors, metadata))
+    if at.0 != data_len {
+        return bad(
+            None,
+            format!("{} bytes after the last tensor belong to no tensor; the file is corrupt", data_len - at.0),
+        );
+    }
+    bad(None, format!("not a valid safetensors file: {e}"))
 }
 
-/// The header of f32 `tensors` (sorted by name; `__metadata__` `{"format": "pt"}` first, as the Python
-/// library writes it; padded with spaces to a multiple of 8 bytes), and the order the data follows.
-fn header_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(String, Vec<usize>), String> {
-    let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by(|&a, &b| tensors[a].0.cmp(&tensors[b].0));
-    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
-    let mut offset = 0usize;
-    for (i, &k) in order.iter().enumerate() {
-        let (name, shape, data) = &tensors[k];
-        if i > 0 && tensors[order[i - 1]].0 == *name {
+/// f32 values as the crate's [`View`]: borrowed as bytes on little-endian machines (no copy).
+struct F32View<'a> {
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl View for F32View<'_> {
+    fn dtype(&self) -> StDtype {
+        StDtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        #[cfg(target_endian = "little")]
+        {
+            // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is the same memory.
+            Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), 4 * self.data.len()) })
+        }
+        #[cfg(not(target_endian = "little"))]
+        Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        4 * self.data.len()
+    }
+}
+
+/// `{"format": "pt"}`, as the Python library writes it.
+fn pt_metadata() -> Option<HashMap<String, String>> {
+    Some(HashMap::from([("format".to_string(), "pt".to_string())]))
+}
+
+/// The views of f32 `tensors` in name order, after the checks the crate leaves to us (a repeated name,
+/// one that would be read as the metadata, values that do not fill the shape).
+fn views(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<(&str, F32View<'_>)>, String> {
+    let mut order: Vec<&(String, Vec<usize>, Vec<f32>)> = tensors.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    for (i, (name, shape, data)) in order.iter().enumerate() {
+        if i > 0 && order[i - 1].0 == *name {
             return Err(format!("tensor `{name}` appears twice"));
         }
         if name == "__metadata__" {
@@ -259,58 +321,47 @@ fn header_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(String, Vec
         if shape.iter().product::<usize>() != data.len() {
             return Err(format!("tensor `{name}`: shape {shape:?} does not match its {} values", data.len()));
         }
-        let end = offset + 4 * data.len();
-        header.push(',');
-        header.push_str(&Value::String(name.clone()).to_string());
-        header.push_str(&format!(
-            ":{{\"dtype\":\"F32\",\"shape\":{},\"data_offsets\":[{offset},{end}]}}",
-            Value::from(shape.clone())
-        ));
-        offset = end;
     }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    Ok((header, order))
+    Ok(order.into_iter().map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d })).collect())
 }
 
-/// Writes the safetensors form of f32 `tensors` to `out`, tensor by tensor (no copy of the whole file).
-fn write_f32_to(
-    out: &mut impl Write,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    header: &str,
-    order: &[usize],
-) -> std::io::Result<()> {
-    out.write_all(&(header.len() as u64).to_le_bytes())?;
-    out.write_all(header.as_bytes())?;
-    let mut buf = Vec::with_capacity(1 << 16);
-    for &k in order {
-        for chunk in tensors[k].2.chunks(1 << 14) {
-            buf.clear();
-            chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
-            out.write_all(&buf)?;
-        }
-    }
-    Ok(())
+/// The crate's header for `views` (tensors in this order), padded with spaces to a multiple of 8 bytes.
+fn header(views: &[(&str, F32View<'_>)]) -> Result<Vec<u8>, String> {
+    let mut offset = 0;
+    let infos = views
+        .iter()
+        .map(|(name, v)| {
+            let info =
+                StInfo { dtype: StDtype::F32, shape: v.shape.to_vec(), data_offsets: (offset, offset + v.data_len()) };
+            offset += v.data_len();
+            (name.to_string(), info)
+        })
+        .collect();
+    let meta = Metadata::new(pt_metadata(), infos).map_err(|e| e.to_string())?;
+    let mut h = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
+    h.resize(h.len().next_multiple_of(8), b' ');
+    Ok(h)
 }
 
 /// The serialized bytes of f32 `tensors` (sorted by name; `__metadata__` `{"format": "pt"}` first, as the
 /// Python library writes it; the header is padded with spaces to a multiple of 8 bytes).
 pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>, String> {
-    let (header, order) = header_f32(tensors)?;
-    let mut out = Vec::with_capacity(8 + header.len() + tensors.iter().map(|t| 4 * t.2.len()).sum::<usize>());
-    write_f32_to(&mut out, tensors, &header, &order).map_err(|e| e.to_string())?;
-    Ok(out)
+    safetensors::serialize(views(tensors)?, pt_metadata()).map_err(|e| e.to_string())
 }
 
-/// Writes f32 `tensors` to `path` atomically: streamed into a temporary file in the same directory (no
-/// second copy of the weights in memory), synced, then renamed. On failure (a full disk, a file-size
-/// limit) the temporary file is removed and `path` is untouched.
+/// Writes f32 `tensors` to `path` atomically, the same bytes as [`serialize_f32`]: the crate's header, then
+/// the data streamed tensor by tensor into a temporary file in the same directory (no second copy of the
+/// weights in memory), synced, then renamed. On failure (a full disk, a file-size limit) the temporary
+/// file is removed and `path` is untouched.
 pub fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
-    let (header, order) = header_f32(tensors).map_err(|m| Error::st(path, None, m))?;
-    crate::atomic::write_with(path, |mut w| write_f32_to(&mut w, tensors, &header, &order))
-        .map_err(|e| Error::io(path, e))
+    let views = views(tensors).map_err(|m| Error::st(path, None, m))?;
+    let header = header(&views).map_err(|m| Error::st(path, None, m))?;
+    crate::atomic::write_with(path, |out| {
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        views.iter().try_for_each(|(_, v)| out.write_all(&v.data()))
+    })
+    .map_err(|e| Error::io(path, e))
 }
 
 /// The weights of a model directory: one `model.safetensors`, or the shards named by
