@@ -139,4 +139,17 @@ fn train_records_the_resolved_dataset() {
     assert_eq!(cfg["eval_data"].as_str().unwrap(), snap.join("data/test-00000-of-00001.parquet").to_str().unwrap());
     let model_dir = root.join("models--org--tiny/snapshots").join(C1);
     assert_eq!(cfg["model"].as_str().unwrap(), model_dir.to_str().unwrap());
+
+    // The same ids in a --config file; its other relative paths still resolve against the file.
+    let conf = dir.join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    let toml = "model = \"org/tiny@v2\"\ndata = \"org/prefs\"\noutput = \"out\"\nmax_steps = 1\nbatch_size = 4\n";
+    std::fs::write(conf.join("run.toml"), toml).unwrap();
+    let mut c = dpo();
+    c.env("HF_HUB_CACHE", &root).current_dir("/").args(["train", "--config"]).arg(conf.join("run.toml"));
+    succeeds(&mut c);
+    let cfg: toml::Table = std::fs::read_to_string(conf.join("out/config.toml")).unwrap().parse().unwrap();
+    let llama = root.join("models--org--tiny/snapshots").join(C2);
+    assert_eq!(cfg["model"].as_str().unwrap(), llama.to_str().unwrap());
+    assert_eq!(cfg["data"].as_str().unwrap(), snap.join("data/train-*.parquet").to_str().unwrap());
 }

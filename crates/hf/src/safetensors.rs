@@ -1,6 +1,7 @@
 //! Safetensors files through Hugging Face's `safetensors` crate, which parses and validates the format (an
 //! 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}, "__metadata__":
-//! {..}}`, then the data section the offsets index into, every byte of it owned by exactly one tensor).
+//! {..}}`, then the data section the offsets index into, every byte of it owned by exactly one tensor;
+//! a file whose only fault is bytes owned by no tensor is still read, as this project always has).
 //! What is the project's own is this thin layer: the file memory-mapped and validated before any tensor
 //! is touched, floating-point tensors (F64, F32, F16, BF16) converted to f32, sharded checkpoints with
 //! their index's path checks, atomic writes, and errors that name the file and the tensor at fault.
@@ -168,23 +169,34 @@ impl SafeTensors {
 
 type Header = (usize, Vec<TensorInfo>, Option<HashMap<String, String>>);
 
-/// The crate validates; a refusal is explained by [`explain`] in terms of the tensor at fault.
+/// The crate validates. A file it refuses only because some bytes of the data section belong to no
+/// tensor (a tensor dropped from the header, padding) is still read, as this project's reader always has
+/// (every tensor's range, size and dtype checked, no overlaps): the weights check then names what is
+/// missing. Any other refusal is explained by [`explain`] in terms of the tensor at fault.
 fn parse_header(path: &Path, file: &[u8]) -> Result<Header> {
-    let (n, meta) = safetensors::SafeTensors::read_metadata(file).map_err(|e| explain(path, file, e))?;
+    let (n, meta) = match safetensors::SafeTensors::read_metadata(file) {
+        Ok(ok) => ok,
+        Err(e) => return explain(path, file, e),
+    };
     let mut tensors = Vec::with_capacity(meta.tensors().len());
     for (name, info) in meta.tensors() {
-        let dtype = Dtype::from_st(info.dtype).map_err(|m| Error::st(path, Some(&name), m))?;
-        let (start, end) = info.data_offsets;
-        tensors.push(TensorInfo { name, dtype, shape: info.shape.clone(), start, end });
+        tensors.push(tensor_info(path, name, info)?);
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     Ok((8 + n, tensors, meta.metadata().clone()))
 }
 
-/// The crate's reason for refusing `file`, said in terms of the file and, where one is at fault, the
-/// tensor: the header is re-read as plain JSON (only to find the culprit; the crate decided).
-fn explain(path: &Path, file: &[u8], e: SafeTensorError) -> Error {
-    let bad = |tensor: Option<&str>, msg: String| Error::st(path, tensor, msg);
+fn tensor_info(path: &Path, name: String, info: &StInfo) -> Result<TensorInfo> {
+    let dtype = Dtype::from_st(info.dtype).map_err(|m| Error::st(path, Some(&name), m))?;
+    let (start, end) = info.data_offsets;
+    Ok(TensorInfo { name, dtype, shape: info.shape.clone(), start, end })
+}
+
+/// Why the crate refused `file`, said in terms of the file and, where one is at fault, the tensor; or the
+/// header, when the only fault is bytes that belong to no tensor (see [`parse_header`]). The header is
+/// re-read as JSON into the crate's own types.
+fn explain(path: &Path, file: &[u8], e: SafeTensorError) -> Result<Header> {
+    let bad = |tensor: Option<&str>, msg: String| Err(Error::st(path, tensor, msg));
     let avail = file.len().saturating_sub(8);
     let n = file.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
     match (&e, n) {
@@ -210,9 +222,14 @@ fn explain(path: &Path, file: &[u8], e: SafeTensorError) -> Error {
     };
     let Value::Object(entries) = header else { return bad(None, "header is not a JSON object".into()) };
     let data_len = file.len() - 8 - n;
-    let mut ranges = Vec::new();
-    for (name, entry) in &entries {
+    let mut metadata = None;
+    let mut tensors = Vec::new();
+    for (name, entry) in entries {
         if name == "__metadata__" {
+            match serde_json::from_value::<HashMap<String, String>>(entry) {
+                Ok(m) => metadata = Some(m),
+                Err(j) => return bad(None, format!("`__metadata__` must map strings to strings: {j}")),
+            }
             continue;
         }
         let t = Some(name.as_str());
@@ -248,30 +265,27 @@ fn explain(path: &Path, file: &[u8], e: SafeTensorError) -> Error {
             }
             _ => {}
         }
-        ranges.push((start, end, name.as_str()));
+        tensors.push((name, StInfo { dtype, shape, data_offsets: (start, end) }));
     }
-    // In the data section the tensors follow one another, without overlaps or gaps, to its end.
-    ranges.sort();
-    let mut at = (0, "");
-    for &(start, end, name) in &ranges {
-        if start < at.0 {
-            return bad(Some(name), format!("data_offsets overlap those of `{}`; the file is corrupt", at.1));
+    // In the data section the tensors follow one another without overlapping.
+    let mut order: Vec<&(String, StInfo)> =
+        tensors.iter().filter(|(_, i)| i.data_offsets.1 > i.data_offsets.0).collect();
+    order.sort_by_key(|(_, i)| i.data_offsets);
+    for w in order.windows(2) {
+        if w[1].1.data_offsets.0 < w[0].1.data_offsets.1 {
+            return bad(Some(&w[1].0), format!("data_offsets overlap those of `{}`; the file is corrupt", w[0].0));
         }
-        if start > at.0 {
-            return bad(
-                Some(name),
-                format!("bytes {}..{start} before it belong to no tensor; the file is corrupt", at.0),
-            );
-        }
-        at = (end, name);
     }
-    if at.0 != data_len {
-        return bad(
-            None,
-            format!("{} bytes after the last tensor belong to no tensor; the file is corrupt", data_len - at.0),
-        );
+    let tidy = matches!(e, SafeTensorError::InvalidOffset(_) | SafeTensorError::MetadataIncompleteBuffer);
+    if !tidy {
+        return bad(None, format!("not a valid safetensors file: {e}"));
     }
-    bad(None, format!("not a valid safetensors file: {e}"))
+    let mut infos = Vec::with_capacity(tensors.len());
+    for (name, info) in tensors {
+        infos.push(tensor_info(path, name, &info)?);
+    }
+    infos.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((8 + n, infos, metadata))
 }
 
 /// f32 values as the crate's [`View`]: borrowed as bytes on little-endian machines (no copy).

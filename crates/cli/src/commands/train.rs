@@ -413,7 +413,8 @@ pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Metho
     for key in dpo::train::config::PATH_KEYS {
         if let Some(toml::Value::String(p)) = table.get_mut(key) {
             // A dataset hub id is resolved below, with the file's; a local path of that spelling wins.
-            if !Path::new(p.as_str()).exists() && hf::hub_cache::HubId::parse(p).is_some() {
+            let dataset = matches!(key, "data" | "eval_data");
+            if dataset && !Path::new(p.as_str()).exists() && hf::hub_cache::HubId::parse(p).is_some() {
                 continue;
             }
             *p = std::path::absolute(Path::new(p.as_str()))?.to_string_lossy().into_owned();

@@ -32,7 +32,10 @@ pub fn resolve_data(spec: &Path, split: Option<&str>, subset: Option<&str>) -> R
         if spec.join("dataset_dict.json").is_file() {
             return dict_split(spec, split_name);
         }
-        if spec.join("state.json").is_file() {
+        // A saved dataset, or a directory holding no data files at all (which the reader refuses, saying
+        // that it is a directory).
+        let empty = || splits_in(&[spec.join("data"), spec.to_path_buf()]).is_empty() && subsets_in(spec).is_empty();
+        if spec.join("state.json").is_file() || empty() {
             return Ok(spec.to_path_buf());
         }
         return split_files(spec, split_name, subset);

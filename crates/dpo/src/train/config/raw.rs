@@ -137,8 +137,11 @@ pub fn read_toml_table(path: &Path) -> Result<toml::Table, ConfigError> {
     let base = path.parent().unwrap_or(Path::new(""));
     for key in PATH_KEYS {
         if let Some(toml::Value::String(p)) = table.get_mut(key) {
-            // A hub id (`org/name`) stays as it is unless the file's directory holds that path.
-            let hub_id = hf::hub_cache::HubId::parse(p).is_some() && !base.join(&*p).exists();
+            // A hub id (`org/name`, the org required here) of a model or dataset stays as it is unless the
+            // file's directory holds that path.
+            let hub_key = matches!(key, "model" | "ref_model" | "adapter" | "data" | "eval_data");
+            let hub_id = hub_key && p.contains('/') && hf::hub_cache::HubId::parse(p).is_some();
+            let hub_id = hub_id && !base.join(&*p).exists();
             if Path::new(p.as_str()).is_relative() && !hub_id {
                 *p = base.join(&*p).to_string_lossy().into_owned();
             }
