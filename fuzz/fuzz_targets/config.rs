@@ -3,20 +3,14 @@
 //! config promises.
 #![no_main]
 
-use hf::{config_from_json, parse_config, Arch, ModelConfig, SUPPORTED_MODEL_TYPES};
+use hf::{config_from_json, parse_config, supported_model_types, ModelConfig};
 use libfuzzer_sys::fuzz_target;
 
 fn check(cfg: &ModelConfig) {
     let d = &cfg.decoder;
     d.validate().expect("a parsed config passes DecoderConfig::validate");
     assert!(d.max_positions <= hf::config::MAX_POSITIONS);
-    assert!(SUPPORTED_MODEL_TYPES.contains(&cfg.model_type.as_str()));
-    let arch = match cfg.model_type.as_str() {
-        "gpt2" => Arch::Gpt2,
-        "gpt_neox" => Arch::GptNeox,
-        _ => Arch::Llama,
-    };
-    assert_eq!(cfg.arch, arch);
+    assert!(supported_model_types().any(|t| t == cfg.model_type));
     // Parsing what was kept gives the same config again.
     let again = config_from_json(cfg.raw.clone(), &cfg.path).expect("reparse the kept JSON");
     let (mut a, mut b) = (again.clone(), cfg.clone());
