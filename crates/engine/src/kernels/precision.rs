@@ -106,4 +106,22 @@ mod tests {
         assert_eq!("fp16".parse::<Precision>(), Err(UnknownPrecision("fp16".into())));
         assert_eq!(Precision::default(), Precision::F32);
     }
+
+    /// Without `DPO_GEMM` (the unit tests do not set it), the fastest kernel the CPU has is chosen.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn detect_prefers_amx_then_vdpbf16ps() {
+        use crate::kernels::sgemm::{amx_available, avx512_bf16_available};
+        let want = if amx_available() {
+            Bf16Kernel::Amx
+        } else if avx512_bf16_available() {
+            Bf16Kernel::Avx512Bf16
+        } else {
+            Bf16Kernel::Emulated
+        };
+        assert_eq!(Bf16Kernel::detect(), want);
+        if std::env::var_os("DPO_GEMM").is_none() && std::arch::is_x86_feature_detected!("avx512bf16") {
+            assert_ne!(want, Bf16Kernel::Emulated);
+        }
+    }
 }
