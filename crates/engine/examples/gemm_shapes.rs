@@ -82,7 +82,8 @@ fn main() {
             let flop = 2.0 * (m * nn * k) as f64 / 1e9;
             (flop / best, flop / best_cpu)
         };
-        let ((f32_rate, f32_cpu), (bf16_rate, bf16_cpu)) = (rate(Precision::F32, &mut c), rate(Precision::Bf16, &mut c));
+        let ((f32_rate, f32_cpu), (bf16_rate, bf16_cpu)) =
+            (rate(Precision::F32, &mut c), rate(Precision::Bf16, &mut c));
         println!(
             "{label:<38} {f32_rate:>12.1} {bf16_rate:>12.1} {:>6.2}x {f32_cpu:>16.1} {bf16_cpu:>16.1}",
             bf16_rate / f32_rate

@@ -189,7 +189,8 @@ impl<TA: Bf16Elem, TB: Bf16Elem> Flavor for Amx<TA, TB> {
 }
 
 /// Packs `w <= 32` rows of A by `kc` values of `k` into `[half][k tile][16 rows][16 pair words]` (halves
-/// of 16 rows; only the halves that have rows), zero-padded to whole tiles.
+/// of 16 rows; only the halves that have rows), zero-padded to whole tiles: rows contiguous along `k`
+/// directly, other layouts through the pair packing and a transpose.
 ///
 /// # Safety
 /// As [`pack_pairs`]; `dst` is 64-byte aligned and holds `KC_MAX * 3 * AW` words (the tiles, then the
@@ -197,6 +198,19 @@ impl<TA: Bf16Elem, TB: Bf16Elem> Flavor for Amx<TA, TB> {
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_a_tiles<TA: Bf16Elem>(dst: *mut u32, src: Src<TA>, w: usize, kc: usize) {
     let (real, tiles) = (kc.div_ceil(2), kc.div_ceil(2 * TK));
+    if src.sp == 1 {
+        // Rows contiguous along k (A stored `[m, k]`): 32 values are one tile row, no transpose.
+        for x in 0..w.div_ceil(T) * T {
+            let row = src.ptr.wrapping_add(x * src.sx);
+            let half = dst.add(x / T * tiles * T * TK);
+            for t in 0..tiles {
+                let count = if x < w { (kc - t * 2 * TK).min(2 * TK) } else { 0 };
+                let v = TA::load_pairs(row.wrapping_add(t * 2 * TK), count);
+                _mm512_store_si512(half.add((t * T + x % T) * TK) as *mut _, v);
+            }
+        }
+        return;
+    }
     let stage = dst.add(2 * AW * KC_MAX);
     for h in 0..w.div_ceil(T) {
         let s = Src { ptr: src.ptr.add(h * T * src.sx), ..src };
