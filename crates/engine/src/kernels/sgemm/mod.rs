@@ -26,6 +26,12 @@
 //! EPYC). There, on L1-resident panels, 8 x 48 and 8 x 32 tiles both run `vdpbf16ps` at one per cycle,
 //! the FMA's rate: twice the f32 multiply-adds. The f32 product can also round its operands to bf16 as
 //! it packs them ([`sgemm_rounded_to_bf16`]): the bf16 product where AVX512_BF16 is missing.
+//!
+//! Where the CPU has AMX-BF16 tiles (and Linux grants them), the bf16 product runs on a third flavour
+//! (`amx.rs`): 32 x 32 micro-tiles of four 16 x 16 accumulator tiles, `tdpbf16ps` doing 8192 multiply-adds
+//! where `vdpbf16ps` does 32; same driver, blocks and determinism rule, its own packing of A (32-row
+//! slivers in tile rows) and the `vdpbf16ps` pair panels for B. `DPO_GEMM` picks a slower path by hand:
+//! `portable` (no AVX-512 kernel at all), `avx512_bf16` (`vdpbf16ps` even where AMX is there).
 
 mod amx;
 mod bf16;
