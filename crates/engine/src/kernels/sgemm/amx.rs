@@ -196,7 +196,7 @@ impl<TA: Bf16Elem, TB: Bf16Elem> Flavor for Amx<TA, TB> {
 /// As [`pack_pairs`]; `dst` is 64-byte aligned and holds `KC_MAX * 3 * AW` words (the tiles, then the
 /// staging area of the pair packing).
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_a_tiles<TA: Bf16Elem>(dst: *mut u32, src: Src<TA>, w: usize, kc: usize) {
+pub(super) unsafe fn pack_a_tiles<TA: Bf16Elem>(dst: *mut u32, src: Src<TA>, w: usize, kc: usize) {
     let (real, tiles) = (kc.div_ceil(2), kc.div_ceil(2 * TK));
     if src.sp == 1 {
         // Rows contiguous along k (A stored `[m, k]`): 32 values are one tile row, no transpose.

@@ -398,3 +398,41 @@ fn rounded_f32_product_matches_the_bf16_reference() {
         }
     }
 }
+
+#[test]
+fn amx_a_tiles_round_exactly_as_from_f32_and_pad_with_zeros() {
+    if !have_amx() {
+        return;
+    }
+    let v = special_values();
+    // Two halves (32 rows) and one (20); whole tiles (64 values of k) and a padded odd tail (37).
+    for (w, kc) in [(32usize, 64usize), (20, 37), (32, 37)] {
+        let tiles = kc.div_ceil(32);
+        // Rows contiguous along k (the direct path), rows interleaved (pairs of rows and a transpose), and
+        // neither stride 1.
+        for (sx, sp) in [(kc, 1), (1, w), (2, 2 * w)] {
+            let mut src = vec![0.0f32; w * sx + kc * sp];
+            for x in 0..w {
+                for p in 0..kc {
+                    src[x * sx + p * sp] = v[(x * kc + p) % v.len()];
+                }
+            }
+            let mut buf = vec![0xDEAD_BEEFu32; KC_MAX * 3 * AW + 16];
+            let off = buf.as_ptr().align_offset(64);
+            let dst = buf[off..].as_mut_ptr();
+            let s = pack::Src { ptr: src.as_ptr(), sx, sp };
+            // SAFETY: the source holds `w x kc` elements at these strides; dst is aligned and long enough.
+            unsafe { amx::pack_a_tiles::<f32>(dst, s, w, kc) };
+            let out = &buf[off..];
+            for x in 0..w.div_ceil(16) * 16 {
+                for p in 0..tiles * 32 {
+                    let q = p / 2 % 16;
+                    let word = out[(x / 16 * tiles + p / 32) * 256 + x % 16 * 16 + q];
+                    let got = if p % 2 == 0 { word as u16 } else { (word >> 16) as u16 };
+                    let want = if x < w && p < kc { from_f32(v[(x * kc + p) % v.len()]) } else { 0 };
+                    assert_eq!(got, want, "row {x} k {p}, {w}x{kc} at strides ({sx}, {sp})");
+                }
+            }
+        }
+    }
+}
