@@ -466,7 +466,7 @@ fn command_of(cfg: &TrainConfig) -> &'static str {
 /// finished one put its outputs and how to evaluate them.
 pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode> {
     let stop = stop_flag()?;
-    let mut progress = Progress::new();
+    let mut progress = Progress::new().per_step(cfg.batch_size * cfg.grad_accum, "pairs");
     let t0 = Instant::now();
     let out = train(cfg, opts, &stop, &mut |line| progress.line(line)).map_err(|e| with_hint(e, command_of(cfg)))?;
     progress.finish();
