@@ -491,6 +491,7 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode>
             let events = cfg.output.join(dpo::tensorboard::EVENTS_DIR);
             eprintln!("  tensorboard: {} (tensorboard --logdir {})", events.display(), events.display());
         }
+        eprintln!("  curves:      dpo plot {run}");
         let merged = cfg.output.join(dpo::train::MERGED_DIR);
         if cfg.merge {
             eprintln!("  merged:      {}", merged.display());
