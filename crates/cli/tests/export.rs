@@ -213,6 +213,46 @@ fn gguf_python_package_reads_the_export() {
     }
 }
 
+/// A Qwen2 checkpoint for llama.cpp's `qwen2` path (NeoX rotary, q/k/v biases): the Llama fixture's weights
+/// and tokenizer under `model_type: qwen2`, with random q/k/v biases.
+fn qwen2_fixture(dir: &Path) -> PathBuf {
+    let src = model("llama-policy");
+    common::copy_model("llama-policy", dir);
+    let mut cfg: Json = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "qwen2".into();
+    cfg["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let m = hf::load_model(&src).unwrap();
+    let mut tensors = hf::to_hf_tensors(&m.config, &m.params);
+    let mut rng = engine::rng::Rng::new(7);
+    for layer in 0..m.config.decoder.n_layers {
+        for p in ["q", "k", "v"] {
+            let rows = tensors
+                .iter()
+                .find(|(n, _, _)| n == &format!("model.layers.{layer}.self_attn.{p}_proj.weight"))
+                .unwrap()
+                .1[0];
+            let bias: Vec<f32> = (0..rows).map(|_| rng.uniform() as f32 - 0.5).collect();
+            tensors.push((format!("model.layers.{layer}.self_attn.{p}_proj.bias"), vec![rows], bias));
+        }
+    }
+    hf::safetensors::write_f32(&dir.join("model.safetensors"), &tensors).unwrap();
+    let loaded = hf::load_model(dir).unwrap();
+    assert!(loaded.config.decoder.qkv_bias, "the fixture is read as Qwen2 with biases");
+    dir.to_path_buf()
+}
+
+/// `tools/llamacpp_check.mjs` on `gguf`: its JSON output.
+fn llama_cpp(node_dir: &str, gguf: &Path, prompt: &[u32], steps: usize) -> Json {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/llamacpp_check.mjs");
+    let input =
+        serde_json::json!({"gguf": gguf, "text": "Hello world, 12345 tokens!", "prompt": prompt, "steps": steps});
+    let o =
+        Command::new("node").arg(script).arg(input.to_string()).env("DPO_NODE_LLAMA_CPP", node_dir).output().unwrap();
+    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 /// Greedy decoding and next-token logits of `prompt` in llama.cpp (the exported f32 file) and in the
 /// engine; returns (llama.cpp tokens, engine tokens, max |logit difference|, largest |logit|).
 fn compare_with_llama_cpp(
@@ -223,13 +263,7 @@ fn compare_with_llama_cpp(
     steps: usize,
 ) -> (Vec<u32>, Vec<u32>, f32, f32) {
     export(src, out, "f32", &[]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/llamacpp_check.mjs");
-    let input =
-        serde_json::json!({"gguf": out, "text": "Hello world, 12345 tokens!", "prompt": prompt, "steps": steps});
-    let o =
-        Command::new("node").arg(script).arg(input.to_string()).env("DPO_NODE_LLAMA_CPP", node_dir).output().unwrap();
-    assert!(o.status.success(), "node: {}", String::from_utf8_lossy(&o.stderr));
-    let j: Json = serde_json::from_slice(&o.stdout).unwrap();
+    let j = llama_cpp(node_dir, out, prompt, steps);
     let tok = hf::load_tokenizer(src).unwrap();
     let ours = tok.encode("Hello world, 12345 tokens!", false).unwrap();
     let theirs: Vec<u32> = j["tokens_of_text"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -256,7 +290,7 @@ fn compare_with_llama_cpp(
 
 /// The exported f32 file in llama.cpp (f32 key/value cache): same tokenization, same greedy tokens, and
 /// next-token logits within 1e-5 of the largest logit for the Llama family (f32 sums in another order;
-/// measured 8.5e-6 absolute on the fixtures, 4.1e-5 of 34 on SmolLM2-135M) and 1e-3 for GPT-2, whose GELU
+/// measured 8.5e-6 absolute on the Llama fixtures, 1.2e-5 on the Qwen2 one, 4.1e-5 of 34 on SmolLM2-135M) and 1e-3 for GPT-2, whose GELU
 /// llama.cpp's CPU backend reads from an f16 table (measured 2.6e-3 of 5.7). Also checks the tokens against
 /// `dpo generate --temperature 0` on the same prompt ids.
 #[test]
@@ -268,7 +302,13 @@ fn gguf_llamacpp_matches_dpo_greedy_and_logits() {
     };
     let dir = scratch("export-llamacpp");
     let smollm = PathBuf::from(std::env::var("DPO_SMOLLM2").unwrap_or_else(|_| "/work/models/smollm2-hf".into()));
-    let mut cases = vec![(model("llama-policy"), 1e-5), (model("llama3-policy"), 1e-5), (model("gpt2-policy"), 1e-3)];
+    let qwen2 = qwen2_fixture(&dir.join("qwen2-policy"));
+    let mut cases = vec![
+        (model("llama-policy"), 1e-5),
+        (model("llama3-policy"), 1e-5),
+        (model("gpt2-policy"), 1e-3),
+        (qwen2, 1e-5),
+    ];
     if smollm.join("config.json").is_file() {
         cases.push((smollm, 1e-5));
     } else {
@@ -286,6 +326,18 @@ fn gguf_llamacpp_matches_dpo_greedy_and_logits() {
         );
         assert_eq!(theirs, ours, "{}: greedy tokens differ", src.display());
         assert!(diff <= tol * scale.max(1.0), "{}: logits differ by {diff}", src.display());
+        if src.file_name().is_some_and(|n| n.to_string_lossy().contains("smollm")) {
+            // The real model keeps its greedy continuation in f16 and Q8_0 too (measured: all 12 tokens).
+            for dtype in ["f16", "q8_0"] {
+                let q = dir.join(format!("smollm2-{dtype}.gguf"));
+                export(&src, &q, dtype, &[]);
+                let j = llama_cpp(&node_dir, &q, &prompt, steps);
+                let tokens: Vec<u32> =
+                    j["steps"].as_array().unwrap().iter().map(|s| s["token"].as_u64().unwrap() as u32).collect();
+                eprintln!("SmolLM2 {dtype} in llama.cpp: {tokens:?}");
+                assert_eq!(tokens, ours, "SmolLM2 {dtype}: greedy tokens differ from dpo's f32");
+            }
+        }
 
         // `dpo generate --temperature 0` on the same ids gives the same continuation.
         let data = dir.join("prompt.jsonl");
