@@ -44,14 +44,13 @@ fn metrics(run: &Path) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn tensorboard_events_hold_every_metric_under_trl_tags() {
-    let run = run_with_tensorboard("tb-train", "train");
-    let bytes = std::fs::read(event_file(&run)).unwrap();
+/// The run's event file holds every number of every metrics line, at its step, under its TRL tag, and
+/// nothing else; returns the scalars.
+fn events_match_metrics(run: &Path) -> Vec<dpo::tensorboard::Scalar> {
+    let bytes = std::fs::read(event_file(run)).unwrap();
     let (version, scalars) = dpo::tensorboard::read_scalars(&bytes).unwrap();
     assert_eq!(version.as_deref(), Some("brain.Event:2"));
-    let lines = metrics(&run);
-    assert_eq!(lines.len(), 4);
+    let lines = metrics(run);
     let mut expected = 0;
     for line in &lines {
         let step = line["step"].as_i64().unwrap();
@@ -63,6 +62,14 @@ fn tensorboard_events_hold_every_metric_under_trl_tags() {
         }
     }
     assert_eq!(scalars.len(), expected);
+    scalars
+}
+
+#[test]
+fn tensorboard_events_hold_every_metric_under_trl_tags() {
+    let run = run_with_tensorboard("tb-train", "train");
+    assert_eq!(metrics(&run).len(), 4);
+    let scalars = events_match_metrics(&run);
     for tag in ["train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "eval/loss"] {
         assert!(scalars.iter().any(|s| s.tag == tag), "no {tag}");
     }
@@ -70,6 +77,27 @@ fn tensorboard_events_hold_every_metric_under_trl_tags() {
     assert_eq!(eval_steps, vec![2, 4]);
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(config.contains("report_to = \"jsonl,tensorboard\""), "{config}");
+}
+
+#[test]
+fn reward_model_training_reports_to_tensorboard_too() {
+    let run = scratch("tb-rm").join("run");
+    let o = common::dpo()
+        .args(["reward-model", "train", "--max-steps", "3", "--report-to", "tensorboard", "--model"])
+        .arg(model("gpt2-policy"))
+        .arg("--data")
+        .arg(prefs())
+        .arg("--output")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["tensorboard"].as_str(), Some(run.join("runs").to_str().unwrap()));
+    let scalars = events_match_metrics(&run);
+    for tag in ["train/loss", "train/accuracy", "train/margin"] {
+        assert_eq!(scalars.iter().filter(|s| s.tag == tag).count(), 3, "{tag}");
+    }
 }
 
 #[test]
