@@ -6,9 +6,11 @@ mod bench_engine;
 mod best_of_n;
 mod demo;
 mod eval;
+mod export;
 mod generate;
 mod logps;
 mod merge;
+mod plot;
 mod ppo;
 mod precision;
 mod progress;
@@ -57,6 +59,10 @@ enum Command {
     Logps(logps::Args),
     /// Merge a PEFT LoRA adapter into its base model and write a Hugging Face model directory.
     Merge(merge::Args),
+    /// Write a model (and merged LoRA adapter) as a GGUF file for llama.cpp, with its tokenizer.
+    Export(export::Args),
+    /// A run's training curves (loss, rewards, accuracy, eval) from metrics.jsonl, as one PNG.
+    Plot(plot::Args),
     /// DPO training throughput and peak memory on a model shape with random weights (compare with TRL).
     Bench(bench::Args),
     /// Forward and forward+backward throughput of the engine on a model shape with random weights.
@@ -90,6 +96,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Logps(a) => other(Box::new(move || logps::run(a))),
         Command::Merge(a) => other(Box::new(move || merge::run(a))),
+        Command::Export(a) => other(Box::new(move || export::run(a))),
+        Command::Plot(a) => other(Box::new(move || plot::run(a))),
         Command::Bench(a) => other(Box::new(move || bench::run(a))),
         Command::BenchEngine(a) => other(Box::new(move || bench_engine::run(a))),
         Command::Demo(a) => other(Box::new(move || demo::run(a))),

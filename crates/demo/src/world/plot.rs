@@ -1,5 +1,5 @@
 //! PNG charts for the experiment's report: the reward / KL frontier of every method (the paper's
-//! figure 2, left) and training curves.
+//! figure 2, left) and training curves; and several charts tiled in one picture (`dpo plot`).
 //!
 //! plotters maps coordinates and draws grid, lines and markers into a pixel buffer; text is drawn
 //! afterwards with `ab_glyph` from DejaVu Sans embedded in the binary (no system fonts), because
@@ -49,7 +49,7 @@ pub fn frontier_png(
     y_label: &str,
 ) -> Result<(), WorldError> {
     let rgb = render(series, [title, x_label, y_label], usize::MAX).map_err(|reason| chart_error(path, reason))?;
-    write_png(path, &rgb)
+    write_png(path, &rgb, (WIDTH, HEIGHT))
 }
 
 /// Curves over training steps (e.g. the mean DPO weight sigma(r_l - r_w) per pair): long series get
@@ -62,7 +62,34 @@ pub fn line_chart_png(
     y_label: &str,
 ) -> Result<(), WorldError> {
     let rgb = render(series, [title, x_label, y_label], 24).map_err(|reason| chart_error(path, reason))?;
-    write_png(path, &rgb)
+    write_png(path, &rgb, (WIDTH, HEIGHT))
+}
+
+/// One chart of a picture of several ([`panels_png`]), drawn as [`line_chart_png`] draws it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Panel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+/// Line charts tiled `columns` wide, row by row, in one PNG (each `WIDTH x HEIGHT`; an unused tile of the
+/// last row stays white).
+pub fn panels_png(path: &Path, panels: &[Panel], columns: usize) -> Result<(), WorldError> {
+    let columns = columns.clamp(1, panels.len().max(1));
+    let rows = panels.len().div_ceil(columns).max(1);
+    let (w, h) = (WIDTH as usize, HEIGHT as usize);
+    let mut out = vec![255u8; w * columns * h * rows * 3];
+    for (i, p) in panels.iter().enumerate() {
+        let rgb = render(&p.series, [&p.title, &p.x_label, &p.y_label], 24).map_err(|r| chart_error(path, r))?;
+        let (col, row) = (i % columns, i / columns);
+        for (y, line) in rgb.chunks_exact(w * 3).enumerate() {
+            let at = ((row * h + y) * w * columns + col * w) * 3;
+            out[at..at + w * 3].copy_from_slice(line);
+        }
+    }
+    write_png(path, &out, ((w * columns) as u32, (h * rows) as u32))
 }
 
 fn chart_error(path: &Path, reason: String) -> WorldError {
@@ -450,10 +477,10 @@ fn draw_text(buf: &mut [u8], font: &FontRef, t: &Text) {
 
 /// Encodes the RGB buffer and writes it atomically, so a reader (or an interrupted run) never sees half
 /// a PNG.
-fn write_png(path: &Path, rgb: &[u8]) -> Result<(), WorldError> {
+fn write_png(path: &Path, rgb: &[u8], (width, height): (u32, u32)) -> Result<(), WorldError> {
     let mut bytes = Vec::new();
     let encoded = (|| {
-        let mut enc = png::Encoder::new(&mut bytes, WIDTH, HEIGHT);
+        let mut enc = png::Encoder::new(&mut bytes, width, height);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut w = enc.write_header()?;
@@ -476,12 +503,35 @@ mod tests {
     }
 
     fn check_png(path: &Path) {
+        check_png_size(path, (WIDTH, HEIGHT));
+    }
+
+    fn check_png_size(path: &Path, (width, height): (u32, u32)) {
         let bytes = std::fs::read(path).expect("png written");
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         // IHDR: width and height, big-endian, at bytes 16..24.
-        assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")), WIDTH);
-        assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().expect("4 bytes")), HEIGHT);
+        assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")), width);
+        assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().expect("4 bytes")), height);
         assert!(bytes.len() > 15_000, "{} bytes: a blank image?", bytes.len());
+    }
+
+    #[test]
+    fn panels_tile_row_by_row() {
+        let path = out_dir().join("panels.png");
+        let curve = |k: f64| (0..50).map(|s| (s as f64, (-(s as f64) * k).exp())).collect::<Vec<_>>();
+        let panel = |t: &str, k: f64| Panel {
+            title: t.into(),
+            x_label: "step".into(),
+            y_label: t.into(),
+            series: vec![Series::new("train", curve(k), Style::Line)],
+        };
+        let panels = vec![panel("a", 0.1), panel("b", 0.05), panel("c", 0.02), panel("d", 0.2)];
+        panels_png(&path, &panels, 3).expect("draw");
+        check_png_size(&path, (3 * WIDTH, 2 * HEIGHT));
+        // A panel with nothing finite is refused with its title.
+        let bad = vec![Panel { series: vec![Series::new("x", vec![(f64::NAN, 1.0)], Style::Line)], ..panel("e", 0.1) }];
+        let err = panels_png(&out_dir().join("bad.png"), &bad, 3).unwrap_err().to_string();
+        assert!(err.contains("e: no finite points"), "{err}");
     }
 
     /// A frontier shaped like the paper's figure 2: reward rising with KL and saturating.
