@@ -8,3 +8,4 @@ pub mod precision;
 pub mod rlhf;
 pub mod scoring;
 pub mod train;
+pub mod winrate;
