@@ -16,6 +16,7 @@ mod reward;
 mod reward_model;
 mod sft;
 mod train;
+mod win_rate;
 
 use std::io::Write;
 use std::path::Path;
@@ -63,6 +64,8 @@ enum Command {
     BenchEngine(bench_engine::Args),
     /// The DPO paper's sentiment experiment, built in: reward vs KL of DPO, PPO, Best-of-N and baselines.
     Demo(demo::Args),
+    /// Win rate of a model against another (or a file's chosen completions) by a judge, per temperature.
+    WinRate(Box<win_rate::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -93,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => other(Box::new(move || bench::run(a))),
         Command::BenchEngine(a) => other(Box::new(move || bench_engine::run(a))),
         Command::Demo(a) => other(Box::new(move || demo::run(a))),
+        Command::WinRate(a) => other(Box::new(move || win_rate::run(*a))),
     }
 }
 
