@@ -20,6 +20,7 @@ mod plan;
 mod report;
 mod rlhf_methods;
 mod sft;
+mod winrates;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -303,11 +304,24 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
             plan.name
         ));
     }
-    rlhf_methods::run_all(&ctx, &model.params, &heldout_pairs, &mut runs, &mut reward_accuracy, log)?;
+    let learned = rlhf_methods::run_all(&ctx, &model.params, &heldout_pairs, &mut runs, &mut reward_accuracy, log)?;
     for r in runs.iter().filter(|r| r.method.starts_with("PPO") || r.method == "Best-of-N") {
         report_point(r, log);
     }
     take_lap("reward model, PPO and Best-of-N", &mut seconds);
+
+    // Win rates against the preferred completion of each held-out pair prompt.
+    let wr_set = winrates::WinRateSet {
+        prompts: heldout_prompts.to_vec(),
+        preferred: heldout_set.preferred.iter().map(|(c, _)| c.clone()).collect(),
+        samples: plan.win_rate_samples.max(1),
+        max_new_tokens: plan.max_new_tokens,
+        seed: seed_of(&plan, 5),
+    };
+    let (win_rate_vs_temperature, win_rate_vs_chosen) =
+        win_rates(&plan, &out, &world, &model.params, &wr_set, &runs, learned.as_ref(), log)?;
+    let win_rate_verdict = winrates::temperature_verdict(&win_rate_vs_temperature);
+    take_lap("win rates", &mut seconds);
 
     // 4-5. Report.
     let checks = report::checks(&sft_point, &runs);
@@ -324,6 +338,9 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
         runs,
         reward_accuracy,
         gradient_weight,
+        win_rate_vs_temperature,
+        win_rate_vs_chosen,
+        win_rate_verdict,
         checks,
         verdict,
         gaps,
@@ -334,4 +351,68 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
     log("[5/5] writing report.md, report.json, frontier.png, gradient_weight.png");
     report.write(&out)?;
     Ok(report)
+}
+
+/// Each method's representative run: the one whose last point has the highest reward on the evaluation
+/// prompts (not the win-rate prompts), as (setting, final weights' directory).
+fn representative(runs: &[MethodRun], out: &Path, method: &str) -> Option<(String, PathBuf)> {
+    let best = runs
+        .iter()
+        .filter(|r| r.method == method && r.dir.is_some())
+        .filter_map(|r| r.last().map(|p| (r, p.reward)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))?
+        .0;
+    Some((best.setting.clone(), out.join(best.dir.as_ref()?).join("final")))
+}
+
+/// The win rates of the methods that ran: DPO, PPO, Preferred-FT and SFT against the temperature, and
+/// every method (with Best-of-N's largest N under the learned reward model) at temperature 1.
+#[allow(clippy::too_many_arguments)]
+fn win_rates(
+    plan: &Plan,
+    out: &Path,
+    world: &World,
+    sft: &engine::Params,
+    set: &winrates::WinRateSet,
+    runs: &[MethodRun],
+    learned: Option<&rlhf_methods::LearnedRm>,
+    log: &mut dyn FnMut(&str),
+) -> Result<(winrates::VsTemperature, winrates::VsChosen), DemoError> {
+    let mut vs_t = winrates::VsTemperature::new();
+    let mut vs_c = winrates::VsChosen::new();
+    let temps = &plan.win_rate_temperatures;
+    if temps.is_empty() {
+        return Ok((vs_t, vs_c));
+    }
+    log(&format!("[5/5] win rates against the preferred completions, temperatures {temps:?}"));
+    let mut policies: Vec<(String, String, engine::Params)> = vec![("SFT".into(), "reference".into(), sft.clone())];
+    for method in ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood"] {
+        if let Some((setting, dir)) = representative(runs, out, method) {
+            policies.push((method.into(), setting, hf::load_model(&dir)?.params));
+        }
+    }
+    for (method, setting, params) in &policies {
+        let curve = if ["SFT", "DPO", "PPO", "Preferred-FT"].contains(&method.as_str()) {
+            let c = set.curve(world, params, temps)?;
+            let text: Vec<String> = c.iter().map(|p| format!("T={} {:.3}", p.temperature, p.rate.win_rate)).collect();
+            log(&format!("      {method} {setting}: {}", text.join(", ")));
+            vs_t.insert(method.clone(), c.clone());
+            c
+        } else {
+            Vec::new()
+        };
+        let rate = match curve.iter().find(|p| p.temperature == 1.0) {
+            Some(p) => p.rate,
+            None => set.at_temperature(world, params, 1.0)?,
+        };
+        vs_c.insert(method.clone(), winrates::MethodWinRate { setting: setting.clone(), rate });
+    }
+    if let (Some(rm), Some(&n)) = (learned, plan.bon_ns.iter().max()) {
+        let kept = rm.best_of_n(world, sft, &set.prompts, n, &world.sampling(set.max_new_tokens), set.seed ^ 0xB0B0)?;
+        let items: Vec<(usize, &[u32])> = kept.iter().enumerate().map(|(p, c)| (p, &c[..])).collect();
+        let rate = set.judge(world, &items)?;
+        log(&format!("      Best-of-{n} (learned reward model): {:.3}", rate.win_rate));
+        vs_c.insert(format!("Best-of-{n}"), winrates::MethodWinRate { setting: format!("N={n}"), rate });
+    }
+    Ok((vs_t, vs_c))
 }

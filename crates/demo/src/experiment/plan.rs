@@ -75,6 +75,12 @@ pub struct Plan {
     pub reward_model: Steps,
     pub ppo: PpoPlan,
     pub bon_ns: Vec<usize>,
+    /// Sampling temperatures of the win rates against the preferred completions (empty: none measured).
+    #[serde(default)]
+    pub win_rate_temperatures: Vec<f64>,
+    /// Samples per held-out pair prompt at each temperature above 0 (one at temperature 0).
+    #[serde(default)]
+    pub win_rate_samples: usize,
     /// The precision of every model pass of the experiment (`dpo demo --precision`): training, sampling's
     /// prefill, scoring, the reward model, PPO.
     #[serde(with = "dpo::precision::by_name", default)]
@@ -114,6 +120,8 @@ impl Plan {
                 evals: 3,
             },
             bon_ns: vec![1, 2, 4, 8, 16, 32, 64, 128],
+            win_rate_temperatures: vec![0.0, 0.25, 0.5, 0.75, 1.0],
+            win_rate_samples: 2,
             precision: Precision::F32,
         }
     }
@@ -146,6 +154,7 @@ impl Plan {
                 ..f.ppo.clone()
             },
             bon_ns: vec![1, 4, 16],
+            win_rate_samples: 1,
             ..f
         }
     }
@@ -175,7 +184,7 @@ impl Plan {
 }
 
 /// The methods `--methods` can pick.
-pub const METHODS: &[&str] = &["dpo", "preferred-ft", "unlikelihood", "ppo", "ppo-gt", "bon"];
+pub const METHODS: &[&str] = &["dpo", "preferred-ft", "unlikelihood", "ppo", "ppo-gt", "bon", "win-rate"];
 
 impl Plan {
     /// Keeps only the named methods (from [`METHODS`]); the others' sweeps are emptied.
@@ -201,6 +210,9 @@ impl Plan {
         }
         if off("bon") {
             self.bon_ns.clear();
+        }
+        if off("win-rate") {
+            self.win_rate_temperatures.clear();
         }
         Ok(())
     }

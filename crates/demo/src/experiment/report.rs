@@ -8,8 +8,9 @@ use serde::Serialize;
 use super::evaluate::Point;
 use super::methods::MethodRun;
 use super::plan::Plan;
+use super::winrates::{VsChosen, VsTemperature};
 use super::DemoError;
-use crate::world::plot::{frontier_png, line_chart_png, Series, Style};
+use crate::world::plot::{frontier_png, interval_chart_png, line_chart_png, Series, Style};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PairStats {
@@ -43,6 +44,13 @@ pub struct Report {
     pub reward_accuracy: Vec<RewardAccuracy>,
     /// `dpo/gradient_weight` per step of each DPO run: (setting, [(step, weight)]).
     pub gradient_weight: Vec<(String, Vec<(f64, f64)>)>,
+    /// Win rate against the preferred completion of each held-out pair prompt, judged by the ground
+    /// truth, by sampling temperature: `{method: [{temperature, win_rate, ci_low, ci_high, n, ..}]}`.
+    pub win_rate_vs_temperature: VsTemperature,
+    /// The same at temperature 1 for every method: `{method: {setting, win_rate, ci_low, ci_high, n, ..}}`.
+    pub win_rate_vs_chosen: VsChosen,
+    /// What the win rates say about the paper's claims.
+    pub win_rate_verdict: String,
     /// Acceptance checks, as sentences with their numbers.
     pub checks: Vec<String>,
     pub verdict: String,
@@ -238,6 +246,7 @@ impl Report {
         for c in &self.checks {
             let _ = writeln!(s, "- {c}");
         }
+        s += &self.win_rate_markdown();
         s += "\n## Your language model is secretly a reward model\n\n";
         s += "Ranking accuracy on held-out pairs ranked by the ground truth (ties excluded):\n\n";
         s += "| scorer | accuracy |\n| --- | ---: |\n";
@@ -261,6 +270,65 @@ impl Report {
             let _ = writeln!(s, "| {k} | {v:.1} |");
         }
         let _ = writeln!(s, "| total | {:.1} |", self.total_s);
+        s
+    }
+
+    /// The win-rate section: against temperature and against the chosen completions, with intervals.
+    fn win_rate_markdown(&self) -> String {
+        let mut s = String::new();
+        if self.win_rate_vs_temperature.is_empty() && self.win_rate_vs_chosen.is_empty() {
+            return s;
+        }
+        let p = &self.plan;
+        s += "\n## Win rates against the preferred completions\n\n";
+        let _ = writeln!(
+            s,
+            "The paper's summarization and dialogue measurements in miniature: on each of the {} held-out pair \
+             prompts, a policy's sample against the prompt's preferred completion (the highest-reward of its {} \
+             SFT samples), judged by the ground truth; ties count half. {} sample(s) per prompt above temperature \
+             0, one at 0 (greedy samples repeat). Brackets: 95% Wilson score intervals (`dpo::winrate`). Each \
+             method is its run with the highest final reward on the evaluation prompts (a different prompt set).\n",
+            p.heldout_pair_prompts, p.samples_per_prompt, p.win_rate_samples
+        );
+        if !self.win_rate_vs_temperature.is_empty() {
+            s += "![win rate against temperature](win_rate_temperature.png)\n\n";
+            let temps: Vec<f64> = p.win_rate_temperatures.clone();
+            s += "| method |";
+            for t in &temps {
+                let _ = write!(s, " T={t} |");
+            }
+            s += "\n| --- |";
+            s += &" ---: |".repeat(temps.len());
+            s += "\n";
+            for (m, curve) in &self.win_rate_vs_temperature {
+                let _ = write!(s, "| {m} |");
+                for pt in curve {
+                    let _ = write!(
+                        s,
+                        " {:.3} [{:.3}, {:.3}] (n={}) |",
+                        pt.rate.win_rate, pt.rate.ci_low, pt.rate.ci_high, pt.rate.n
+                    );
+                }
+                s += "\n";
+            }
+            s += "\n";
+        }
+        if !self.win_rate_vs_chosen.is_empty() {
+            s += "At temperature 1, every method:\n\n| method | run | win rate | 95% interval | wins / ties / losses |\n";
+            s += "| --- | --- | ---: | --- | --- |\n";
+            let mut rows: Vec<_> = self.win_rate_vs_chosen.iter().collect();
+            rows.sort_by(|a, b| b.1.rate.win_rate.total_cmp(&a.1.rate.win_rate));
+            for (m, w) in rows {
+                let r = &w.rate;
+                let _ = writeln!(
+                    s,
+                    "| {m} | {} | {:.3} | [{:.3}, {:.3}] | {} / {} / {} |",
+                    w.setting, r.win_rate, r.ci_low, r.ci_high, r.wins, r.ties, r.losses
+                );
+            }
+            s += "\n";
+        }
+        let _ = writeln!(s, "{}\n", self.win_rate_verdict);
         s
     }
 
@@ -289,6 +357,33 @@ impl Report {
             "KL(pi || ref), nats per sequence",
             "ground-truth reward (VADER)",
         )?;
+
+        if !self.win_rate_vs_temperature.is_empty() {
+            // Methods side by side at each temperature (a small offset each), so the bars do not overlap.
+            let k = self.win_rate_vs_temperature.len() as f64;
+            let series: Vec<Series> = self
+                .win_rate_vs_temperature
+                .iter()
+                .enumerate()
+                .map(|(i, (m, c))| {
+                    let dx = (i as f64 - (k - 1.0) / 2.0) * 0.012;
+                    Series::new(
+                        m.clone(),
+                        c.iter().map(|p| (p.temperature + dx, p.rate.win_rate)).collect(),
+                        Style::LineAndPoints,
+                    )
+                    .with_intervals(c.iter().map(|p| (p.rate.ci_low, p.rate.ci_high)).collect())
+                })
+                .collect();
+            interval_chart_png(
+                &out.join("win_rate_temperature.png"),
+                &series,
+                Some(0.5),
+                "Win rate against the preferred completion",
+                "sampling temperature",
+                "win rate (ground truth judge), 95% interval",
+            )?;
+        }
 
         let curves: Vec<Series> = self
             .gradient_weight
