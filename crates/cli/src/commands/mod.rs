@@ -9,6 +9,7 @@ mod eval;
 mod generate;
 mod logps;
 mod merge;
+mod online;
 mod ppo;
 mod precision;
 mod progress;

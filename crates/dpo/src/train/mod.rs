@@ -17,6 +17,7 @@ mod error;
 pub mod kto;
 pub mod lora;
 pub mod memory;
+pub mod online;
 pub mod pairs;
 pub mod policy;
 pub mod reference;
