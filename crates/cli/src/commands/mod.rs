@@ -7,6 +7,7 @@ mod best_of_n;
 mod demo;
 mod eval;
 mod generate;
+mod iterate;
 mod logps;
 mod merge;
 mod online;
@@ -67,6 +68,8 @@ enum Command {
     Demo(demo::Args),
     /// Win rate of a model against another (or a file's chosen completions) by a judge, per temperature.
     WinRate(Box<win_rate::Args>),
+    /// Iterative DPO: rounds of sampling pairs from the policy, labelling them with a reward model, DPO.
+    Iterate(Box<iterate::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -98,6 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchEngine(a) => other(Box::new(move || bench_engine::run(a))),
         Command::Demo(a) => other(Box::new(move || demo::run(a))),
         Command::WinRate(a) => other(Box::new(move || win_rate::run(*a))),
+        Command::Iterate(a) => other(Box::new(move || iterate::run(*a))),
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod config;
 mod error;
+pub mod iterative;
 pub mod kto;
 pub mod lora;
 pub mod memory;
