@@ -62,9 +62,19 @@ fn quick_demo_writes_the_report() {
         curve.iter().for_each(in_interval);
     }
     let vs_chosen = report["win_rate_vs_chosen"].as_object().unwrap();
-    for method in ["DPO", "PPO", "Preferred-FT", "SFT", "Best-of-16"] {
+    for method in ["DPO", "PPO", "Preferred-FT", "SFT", "Best-of-16", "Online DPO", "Iterative DPO"] {
         in_interval(&vs_chosen[method]);
     }
+    // Online and iterative DPO on the reward-KL frontier judged by the learned reward model, beside
+    // offline DPO and the SFT model, and compared at equal KL.
+    let frontier = report["frontier"].as_object().unwrap();
+    for method in ["SFT", "Online DPO", "Iterative DPO", "DPO beta=0.1"] {
+        let pts = frontier[method].as_array().unwrap();
+        assert!(!pts.is_empty() && pts.iter().all(|p| p["kl"].as_f64().unwrap().is_finite()), "{method}");
+    }
+    assert!(runs.iter().any(|r| r["method"] == "Online DPO") && runs.iter().any(|r| r["method"] == "Iterative DPO"));
+    assert!(!report["online_vs_offline"].as_array().unwrap().is_empty());
+    assert!(out.join("frontier_learned.png").is_file());
     assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("## Win rates against the preferred"));
     // The checkpoints every point was measured at are kept.
     assert!(out.join("runs/sft/final/config.json").is_file());

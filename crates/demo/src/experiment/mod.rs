@@ -15,6 +15,7 @@
 
 mod evaluate;
 mod methods;
+mod online_methods;
 mod pairs;
 mod plan;
 mod report;
@@ -310,6 +311,32 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
     }
     take_lap("reward model, PPO and Best-of-N", &mut seconds);
 
+    // Online and iterative DPO, labelled by the learned reward model, and the frontier it judges.
+    let mut frontier = online_methods::Frontier::new();
+    let mut online_vs_offline = Vec::new();
+    if let Some(rm) = &learned {
+        if plan.online.steps.steps > 0 {
+            log(&format!("[4/5] online DPO beta={} (labels: the learned reward model)", plan.online.beta));
+            let r = online_methods::online_dpo(&ctx, rm, train_prompts, log)?;
+            report_point(&r, log);
+            runs.push(r);
+        }
+        if plan.iterative.rounds > 0 {
+            log(&format!("[4/5] iterative DPO, {} rounds (labels: the learned reward model)", plan.iterative.rounds));
+            let r = online_methods::iterative_dpo(&ctx, rm, train_prompts, log)?;
+            report_point(&r, log);
+            runs.push(r);
+        }
+        if runs.iter().any(|r| r.method.contains("Online") || r.method.contains("Iterative")) {
+            frontier = online_methods::frontier(&ctx, rm, &runs)?;
+            online_vs_offline = online_comparison(&sft_point, &runs, &frontier);
+            for line in &online_vs_offline {
+                log(&format!("      {line}"));
+            }
+        }
+    }
+    take_lap("online and iterative DPO", &mut seconds);
+
     // Win rates against the preferred completion of each held-out pair prompt.
     let wr_set = winrates::WinRateSet {
         prompts: heldout_prompts.to_vec(),
@@ -341,6 +368,8 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
         win_rate_vs_temperature,
         win_rate_vs_chosen,
         win_rate_verdict,
+        frontier,
+        online_vs_offline,
         checks,
         verdict,
         gaps,
@@ -362,7 +391,32 @@ fn representative(runs: &[MethodRun], out: &Path, method: &str) -> Option<(Strin
         .filter_map(|r| r.last().map(|p| (r, p.reward)))
         .max_by(|a, b| a.1.total_cmp(&b.1))?
         .0;
-    Some((best.setting.clone(), out.join(best.dir.as_ref()?).join("final")))
+    let dir = out.join(best.dir.as_ref()?);
+    let last = match method {
+        "Iterative DPO" => dpo::train::iterative::round_dir(&dir, best.points.len()).join("run").join("final"),
+        _ => dir.join("final"),
+    };
+    Some((best.setting.clone(), last))
+}
+
+/// Online and iterative DPO against offline DPO at equal KL, under the learned reward model (the
+/// frontier) and the ground truth (the runs' points).
+/// Offline DPO's points include its start, the SFT model at KL 0.
+fn online_comparison(sft: &Point, runs: &[MethodRun], frontier: &online_methods::Frontier) -> Vec<String> {
+    let offline_rm: Vec<&Point> =
+        frontier.iter().filter(|(k, _)| k.starts_with("DPO ") || *k == "SFT").flat_map(|(_, v)| v.iter()).collect();
+    let online_rm: Vec<(&str, &[Point])> =
+        ["Online DPO", "Iterative DPO"].iter().filter_map(|m| frontier.get(*m).map(|v| (*m, &v[..]))).collect();
+    let offline_gt: Vec<&Point> =
+        runs.iter().filter(|r| r.method == "DPO").flat_map(|r| r.points.iter()).chain([sft]).collect();
+    let online_gt: Vec<(&str, &[Point])> = runs
+        .iter()
+        .filter(|r| r.method == "Online DPO" || r.method == "Iterative DPO")
+        .map(|r| (r.method.as_str(), &r.points[..]))
+        .collect();
+    let mut rows = online_methods::equal_kl("learned reward model", &online_rm, &offline_rm);
+    rows.extend(online_methods::equal_kl("ground truth", &online_gt, &offline_gt));
+    online_methods::equal_kl_sentences(&rows)
 }
 
 /// The win rates of the methods that ran: DPO, PPO, Preferred-FT and SFT against the temperature, and
@@ -386,7 +440,7 @@ fn win_rates(
     }
     log(&format!("[5/5] win rates against the preferred completions, temperatures {temps:?}"));
     let mut policies: Vec<(String, String, engine::Params)> = vec![("SFT".into(), "reference".into(), sft.clone())];
-    for method in ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood"] {
+    for method in ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Online DPO", "Iterative DPO"] {
         if let Some((setting, dir)) = representative(runs, out, method) {
             policies.push((method.into(), setting, hf::load_model(&dir)?.params));
         }

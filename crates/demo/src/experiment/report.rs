@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::evaluate::Point;
 use super::methods::MethodRun;
+use super::online_methods::Frontier;
 use super::plan::Plan;
 use super::winrates::{VsChosen, VsTemperature};
 use super::DemoError;
@@ -51,6 +52,11 @@ pub struct Report {
     pub win_rate_vs_chosen: VsChosen,
     /// What the win rates say about the paper's claims.
     pub win_rate_verdict: String,
+    /// Reward (the learned reward model's, standardised) against KL of offline DPO (per beta, every
+    /// checkpoint) and online and iterative DPO: `{method: [points]}`.
+    pub frontier: Frontier,
+    /// Online and iterative DPO against offline DPO at equal KL, one sentence per point and judge.
+    pub online_vs_offline: Vec<String>,
     /// Acceptance checks, as sentences with their numbers.
     pub checks: Vec<String>,
     pub verdict: String,
@@ -246,6 +252,7 @@ impl Report {
         for c in &self.checks {
             let _ = writeln!(s, "- {c}");
         }
+        s += &self.online_markdown();
         s += &self.win_rate_markdown();
         s += "\n## Your language model is secretly a reward model\n\n";
         s += "Ranking accuracy on held-out pairs ranked by the ground truth (ties excluded):\n\n";
@@ -270,6 +277,47 @@ impl Report {
             let _ = writeln!(s, "| {k} | {v:.1} |");
         }
         let _ = writeln!(s, "| total | {:.1} |", self.total_s);
+        s
+    }
+
+    /// The online and iterative DPO section.
+    fn online_markdown(&self) -> String {
+        let mut s = String::new();
+        if self.frontier.is_empty() {
+            return s;
+        }
+        let (o, it) = (&self.plan.online, &self.plan.iterative);
+        s += "\n## Online and iterative DPO\n\n";
+        let _ = writeln!(
+            s,
+            "Both label their pairs with the learned Bradley-Terry reward model (not the ground truth), best against \
+             worst of {} samples per prompt from the current policy, and train the DPO loss at beta {}. Online DPO: \
+             {} steps of {} prompts (lr {}). Iterative DPO: {} rounds of {} steps on pairs sampled from {} prompts \
+             (lr {}, reference {}). Offline DPO: {} steps of {} pairs sampled once from the SFT model, at every beta.\n",
+            o.samples,
+            o.beta,
+            o.steps.steps,
+            o.steps.batch,
+            o.steps.lr,
+            it.rounds,
+            it.steps.steps,
+            it.prompts,
+            it.steps.lr,
+            if it.move_reference { "moved to each round's start" } else { "fixed (the SFT model)" },
+            self.plan.dpo.steps,
+            self.plan.dpo.batch
+        );
+        s += "![frontier judged by the learned reward model](frontier_learned.png)\n\n";
+        s += "| method | points (KL: learned reward ± s.e.) |\n| --- | --- |\n";
+        for (m, pts) in &self.frontier {
+            let text: Vec<String> =
+                pts.iter().map(|p| format!("{:.2}: {:.3} ± {:.3}", p.kl, p.reward, p.reward_se)).collect();
+            let _ = writeln!(s, "| {m} | {} |", text.join("; "));
+        }
+        s += "\nAt equal KL (each online point against offline DPO's best point with no more KL, the SFT model at KL 0 included):\n\n";
+        for line in &self.online_vs_offline {
+            let _ = writeln!(s, "- {line}");
+        }
         s
     }
 
@@ -343,7 +391,9 @@ impl Report {
         write("report.md", self.markdown().as_bytes())?;
 
         let mut series = vec![Series::new("SFT", vec![(self.sft.kl, self.sft.reward)], Style::Points)];
-        for method in ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-N"] {
+        for method in
+            ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-N", "Online DPO", "Iterative DPO"]
+        {
             let pts: Vec<(f64, f64)> = points_of(&self.runs, method).into_iter().map(|p| (p.kl, p.reward)).collect();
             if !pts.is_empty() {
                 let style = if method == "Best-of-N" { Style::LineAndPoints } else { Style::Points };
@@ -358,6 +408,22 @@ impl Report {
             "ground-truth reward (VADER)",
         )?;
 
+        if !self.frontier.is_empty() {
+            let series: Vec<Series> = self
+                .frontier
+                .iter()
+                .map(|(m, pts)| {
+                    Series::new(m.clone(), pts.iter().map(|p| (p.kl, p.reward)).collect(), Style::LineAndPoints)
+                })
+                .collect();
+            frontier_png(
+                &out.join("frontier_learned.png"),
+                &series,
+                "Offline, online and iterative DPO: learned reward vs KL",
+                "KL(pi || ref), nats per sequence",
+                "learned reward model (standardised)",
+            )?;
+        }
         if !self.win_rate_vs_temperature.is_empty() {
             // Methods side by side at each temperature (a small offset each), so the bars do not overlap.
             let k = self.win_rate_vs_temperature.len() as f64;

@@ -41,6 +41,16 @@ impl LearnedRm {
         Learned { rm: &self.rm, shift: self.shift, scale: self.scale, error: None }
     }
 
+    /// Standardised rewards of `(prompt, completion)` items.
+    pub fn rewards(&self, items: &[(&[u32], &[u32])]) -> Result<Vec<f64>, DemoError> {
+        let mut s = self.scorer();
+        let r = s.score(items);
+        match s.error {
+            Some(e) => Err(rm_err(e)),
+            None => Ok(r),
+        }
+    }
+
     /// Best-of-`n` of `params` on `prompts` under this reward (temperature 1): the kept completion of
     /// each prompt.
     pub fn best_of_n(
@@ -121,7 +131,11 @@ pub fn run_all(
     log: &mut dyn FnMut(&str),
 ) -> Result<Option<LearnedRm>, DemoError> {
     let plan = ctx.plan;
-    let needs_rm = !plan.ppo.kl_coefs_learned.is_empty() || !plan.bon_ns.is_empty();
+    // The reward model also labels online and iterative DPO's pairs.
+    let needs_rm = !plan.ppo.kl_coefs_learned.is_empty()
+        || !plan.bon_ns.is_empty()
+        || plan.online.steps.steps > 0
+        || plan.iterative.rounds > 0;
     let mut truth = Truth { world: ctx.world, error: None };
     let prompts: Vec<Vec<u32>> = ctx.pairs.iter().map(|e| e.prompt_ids.clone()).fold(Vec::new(), |mut v, p| {
         if v.last() != Some(&p) {
