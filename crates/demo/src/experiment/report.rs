@@ -252,6 +252,7 @@ impl Report {
         for c in &self.checks {
             let _ = writeln!(s, "- {c}");
         }
+        s += &self.kl_drift_markdown();
         s += &self.online_markdown();
         s += &self.win_rate_markdown();
         s += "\n## Your language model is secretly a reward model\n\n";
@@ -277,6 +278,42 @@ impl Report {
             let _ = writeln!(s, "| {k} | {v:.1} |");
         }
         let _ = writeln!(s, "| total | {:.1} |", self.total_s);
+        s
+    }
+
+    /// Why a small beta drifts to a high KL: each DPO run's KL, reward and completion length along its run
+    /// and the weight its gradient still puts on a pair at the end.
+    fn kl_drift_markdown(&self) -> String {
+        let dpo: Vec<&MethodRun> = self.runs.iter().filter(|r| r.method == "DPO").collect();
+        if dpo.len() < 2 {
+            return String::new();
+        }
+        let mut s = String::from("\n## Why a small beta drifts to a high KL\n\n");
+        s += "| run | KL along the run | reward along the run | length (SFT: ";
+        let _ = write!(s, "{:.1}", self.sft.length);
+        s += " tokens) | final mean sigma(r_l - r_w) |\n| --- | --- | --- | --- | ---: |\n";
+        for r in dpo {
+            let kl: Vec<String> = r.points.iter().map(|p| format!("{:.2}", p.kl)).collect();
+            let rw: Vec<String> = r.points.iter().map(|p| format!("{:.3}", p.reward)).collect();
+            let len: Vec<String> = r.points.iter().map(|p| format!("{:.1}", p.length)).collect();
+            let gw = self
+                .gradient_weight
+                .iter()
+                .find(|(k, _)| *k == r.setting)
+                .and_then(|(_, v)| v.last().map(|&(_, w)| format!("{w:.3}")))
+                .unwrap_or_default();
+            let _ =
+                writeln!(s, "| {} | {} | {} | {} | {gw} |", r.setting, kl.join(" → "), rw.join(" → "), len.join(" → "));
+        }
+        s += "\nEvery beta trains at the same learning rate under AdamW, which divides each gradient by its running scale: \
+              beta scales DPO's gradient (beta sigma(-beta m) grad m) but not the size of the step. What beta does set \
+              is when the loss saturates: the weight sigma(-beta m) of a pair falls only once its log-ratio margin m \
+              is several times 1/beta. With a small beta that takes tens of nats, so the weight stays high (the last \
+              column) and the policy keeps moving at the optimizer's pace: KL grows with every step instead of levelling \
+              off, and since the margin is mostly won by lowering both completions' likelihoods (see logps/chosen and \
+              logps/rejected in each run's metrics.jsonl), the mass goes to other, longer completions that the \
+              temperature-1 evaluation samples, with no gain in reward. A lower learning rate (fewer nats per step), \
+              fewer steps, or a larger beta bound the KL; the pair set, one pass over it, is not what is overfitted.\n";
         s
     }
 
