@@ -9,3 +9,4 @@ pub mod rlhf;
 pub mod scoring;
 pub mod tensorboard;
 pub mod train;
+pub mod winrate;

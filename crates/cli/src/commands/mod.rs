@@ -8,8 +8,10 @@ mod demo;
 mod eval;
 mod export;
 mod generate;
+mod iterate;
 mod logps;
 mod merge;
+mod online;
 mod plot;
 mod ppo;
 mod precision;
@@ -18,6 +20,7 @@ mod reward;
 mod reward_model;
 mod sft;
 mod train;
+mod win_rate;
 
 use std::io::Write;
 use std::path::Path;
@@ -69,6 +72,10 @@ enum Command {
     BenchEngine(bench_engine::Args),
     /// The DPO paper's sentiment experiment, built in: reward vs KL of DPO, PPO, Best-of-N and baselines.
     Demo(demo::Args),
+    /// Win rate of a model against another (or a file's chosen completions) by a judge, per temperature.
+    WinRate(Box<win_rate::Args>),
+    /// Iterative DPO: rounds of sampling pairs from the policy, labelling them with a reward model, DPO.
+    Iterate(Box<iterate::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -101,6 +108,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => other(Box::new(move || bench::run(a))),
         Command::BenchEngine(a) => other(Box::new(move || bench_engine::run(a))),
         Command::Demo(a) => other(Box::new(move || demo::run(a))),
+        Command::WinRate(a) => other(Box::new(move || win_rate::run(*a))),
+        Command::Iterate(a) => other(Box::new(move || iterate::run(*a))),
     }
 }
 

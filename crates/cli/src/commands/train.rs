@@ -64,6 +64,9 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     precision: super::precision::PrecisionFlag,
+    #[command(flatten)]
+    #[serde(skip)]
+    online: super::online::OnlineFlags,
 }
 
 #[derive(clap::Args, Debug, Default, Serialize)]
@@ -447,9 +450,14 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-pub fn run(a: Args, threads: Option<usize>) -> anyhow::Result<ExitCode> {
+pub fn run(mut a: Args, threads: Option<usize>) -> anyhow::Result<ExitCode> {
+    a.inputs.data = a.inputs.data.or(a.online.prompts.clone()); // --online: the prompts are the data
     let cfg = resolve(&a.inputs, &a, None)?;
     super::init_threads(threads.or(cfg.threads));
+    if a.online.online {
+        let resume = a.inputs.resume.is_some();
+        return super::online::run(&a.online, &cfg, a.inputs.overwrite, resume).map(|()| ExitCode::SUCCESS);
+    }
     let opts = RunOptions { resume: a.inputs.resume.clone(), overwrite: a.inputs.overwrite };
     execute(&cfg, &opts)
 }

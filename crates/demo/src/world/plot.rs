@@ -31,12 +31,51 @@ pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
     pub style: Style,
+    /// `(low, high)` of an interval around each point's y (a 95% interval), drawn as a vertical bar;
+    /// empty: none.
+    pub intervals: Vec<(f64, f64)>,
 }
 
 impl Series {
     pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>, style: Style) -> Self {
-        Series { name: name.into(), points, style }
+        Series { name: name.into(), points, style, intervals: Vec::new() }
     }
+
+    /// This series with an interval `(low, high)` around each point's y.
+    pub fn with_intervals(self, intervals: Vec<(f64, f64)>) -> Self {
+        Series { intervals, ..self }
+    }
+
+    /// The bars of the intervals: `(x, low, high)` of every point that has a finite one.
+    fn bars(&self) -> impl Iterator<Item = (f64, f64, f64)> + '_ {
+        let ok = |v: &f64| v.is_finite();
+        self.points
+            .iter()
+            .zip(&self.intervals)
+            .filter_map(move |(&(x, _), &(lo, hi))| (ok(&x) && ok(&lo) && ok(&hi)).then_some((x, lo, hi)))
+    }
+}
+
+/// Win rate (or any rate) against a setting such as the sampling temperature, each point with its 95%
+/// interval as a bar, and a reference line at `reference` (0.5: a tie).
+pub fn interval_chart_png(
+    path: &Path,
+    series: &[Series],
+    reference: Option<f64>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+) -> Result<(), WorldError> {
+    let mut all = series.to_vec();
+    if let Some(r) = reference {
+        let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).filter(|x| x.is_finite());
+        let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+        if lo.is_finite() {
+            all.push(Series::new(format!("{r} (tie)"), vec![(lo, r), (hi, r)], Style::Line));
+        }
+    }
+    let rgb = render(&all, [title, x_label, y_label], usize::MAX).map_err(|reason| chart_error(path, reason))?;
+    write_png(path, &rgb)
 }
 
 /// Reward against KL(pi || ref), one series per method: every point gets a marker (each point is a
@@ -132,7 +171,11 @@ fn render(series: &[Series], labels: [&str; 3], max_markers: usize) -> Result<Ve
         .iter()
         .map(|s| s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect())
         .collect();
-    let (xr, yr) = ranges(finite.iter().flatten()).ok_or_else(|| format!("{title}: no finite points to plot"))?;
+    // The interval bars' ends are in the frame too.
+    let ends: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.bars().flat_map(|(x, lo, hi)| [(x, lo), (x, hi)])).collect();
+    let (xr, yr) =
+        ranges(finite.iter().flatten().chain(&ends)).ok_or_else(|| format!("{title}: no finite points to plot"))?;
     let (xt, yt) = (Ticks::new(&xr, 9), Ticks::new(&yr, 7));
 
     // Room for the labels: the widest y tick label decides the left margin.
@@ -209,6 +252,13 @@ fn draw<DB: DrawingBackend>(
 
     for (i, (s, pts)) in series.iter().zip(finite).enumerate() {
         let color = PALETTE[i % PALETTE.len()];
+        for (x, lo, hi) in s.bars() {
+            let ((px_x, px_lo), (_, px_hi)) = (px(x, lo), px(x, hi));
+            root.draw(&PathElement::new(vec![(px_x, px_lo), (px_x, px_hi)], color.stroke_width(2)))?;
+            for y in [px_lo, px_hi] {
+                root.draw(&PathElement::new(vec![(px_x - 6, y), (px_x + 6, y)], color.stroke_width(2)))?;
+            }
+        }
         if matches!(s.style, Style::Line | Style::LineAndPoints) && pts.len() > 1 {
             area.draw(&PathElement::new(pts.clone(), color.stroke_width(3)))?;
         }
@@ -567,6 +617,22 @@ mod tests {
         ];
         line_chart_png(&path, &series, "Mean weight σ(r_l − r_w) per pair", "training step", "mean weight")
             .expect("draw");
+        check_png(&path);
+    }
+
+    #[test]
+    fn interval_chart() {
+        let path = out_dir().join("win_rate.png");
+        let temps = [0.0, 0.25, 0.5, 0.75, 1.0];
+        let dpo: Vec<(f64, f64)> = temps.iter().map(|&t| (t, 0.7 - 0.1 * t)).collect();
+        let ppo: Vec<(f64, f64)> = temps.iter().map(|&t| (t, 0.6 - 0.3 * t)).collect();
+        let bars = |v: &[(f64, f64)]| v.iter().map(|&(_, y)| (y - 0.08, y + 0.08)).collect();
+        let series = vec![
+            Series::new("DPO", dpo.clone(), Style::LineAndPoints).with_intervals(bars(&dpo)),
+            Series::new("PPO", ppo.clone(), Style::LineAndPoints).with_intervals(bars(&ppo)),
+        ];
+        assert_eq!(series[0].bars().count(), 5);
+        interval_chart_png(&path, &series, Some(0.5), "Win rate", "temperature", "win rate").expect("draw");
         check_png(&path);
     }
 
