@@ -11,6 +11,7 @@
 //! - [`hub_cache`]: models and datasets by hub id (`org/name[@revision]`) from the local Hugging Face cache.
 //! - [`atomic`]: writing files and directories under a temporary name, renamed into place when complete.
 //! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
+//! - [`gguf`]: llama.cpp's GGUF file: writer, reader, and the export of a model with its tokenizer.
 //! - [`stored`]: loading a frozen base with its block linears stored (NF4/bf16) tensor by tensor (QLoRA).
 //!
 //! Every error is an [`Error`] naming the file, tensor or JSON field at fault.
@@ -18,6 +19,7 @@
 pub mod atomic;
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod hub_cache;
 pub mod model_dir;
 pub mod naming;

@@ -302,7 +302,7 @@ pub fn run(
         dir.abandon_after(t.state.step, log)?;
     }
     dir.write_config(&cfg.to_toml())?;
-    let mut metrics = dir.metrics(resumed.as_ref().map(|_| t.state.step))?;
+    let mut metrics = dir.metrics_to(resumed.as_ref().map(|_| t.state.step), cfg.report_to)?;
     let output = dir.path().to_path_buf();
 
     let lora = s.lora.as_ref().map(|l| &l.config);

@@ -278,6 +278,8 @@ pub struct RmRun<'a> {
     pub save_every: u64,
     pub on_nonfinite: OnNonFinite,
     pub stop: &'a AtomicBool,
+    /// TensorBoard event files besides metrics.jsonl.
+    pub report_to: crate::tensorboard::ReportTo,
 }
 
 /// How a reward-model run ended.
@@ -347,7 +349,7 @@ pub fn run_reward_model(
                 log(&format!("resuming at step {}", state.step));
                 r.dir.abandon_after(state.step, log)?;
             }
-            Some(r.dir.metrics(resumed.then_some(state.step))?)
+            Some(r.dir.metrics_to(resumed.then_some(state.step), r.report_to)?)
         }
         None => None,
     };
