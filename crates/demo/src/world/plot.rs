@@ -75,7 +75,7 @@ pub fn interval_chart_png(
         }
     }
     let rgb = render(&all, [title, x_label, y_label], usize::MAX).map_err(|reason| chart_error(path, reason))?;
-    write_png(path, &rgb)
+    write_png(path, &rgb, (WIDTH, HEIGHT))
 }
 
 /// Reward against KL(pi || ref), one series per method: every point gets a marker (each point is a
