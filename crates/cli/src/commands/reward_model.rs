@@ -25,7 +25,7 @@ enum Command {
     /// the loss -log sigmoid(r_chosen - r_rejected)) and write it as a run directory (config.toml,
     /// metrics.jsonl, checkpoints/, final/ the reward model). Ctrl-C or SIGTERM writes a checkpoint;
     /// --resume continues the run bit-identically.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score the completions of every row with a reward model, one JSON line per row.
     Score(ScoreArgs),
 }
@@ -131,7 +131,7 @@ struct ScoreArgs {
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.command {
-        Command::Train(t) => train(t),
+        Command::Train(t) => train(*t),
         Command::Score(s) => score(s).map(|()| ExitCode::SUCCESS),
     }
 }
