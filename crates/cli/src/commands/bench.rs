@@ -205,22 +205,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let estimate = estimated_peak(&cfg, &a, trainer.trained.adapter(), base_bytes, &train_cfg);
 
     let mut times = Vec::new();
+    // Data parallelism (`mpirun -np N dpo bench`): seconds and bytes of each step's gradient sum.
+    let mut comm = Vec::new();
     for step in 0..a.steps {
+        let (c0, b0) = dpo::dist::comm_stats();
         let out = trainer.step(&workload)?;
+        let (c1, b1) = dpo::dist::comm_stats();
         let (s, update) = (out.secs, out.update_secs);
         eprintln!("step {}/{}: {s:.3} s (clip + AdamW + zeroing {update:.3} s)", step + 1, a.steps);
         if step > 0 {
             times.push(s);
+            comm.push((c1 - c0, b1 - b0));
         }
     }
     times.sort_by(|x, y| x.total_cmp(y));
     let med = times[times.len() / 2];
+    comm.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (comm_s, comm_bytes) = comm.get(comm.len() / 2).copied().unwrap_or_default();
     let tokens = (a.pairs * 2 * (a.prompt + a.completion)) as f64;
     let gflop = step_flops(&cfg, &a) / 1e9;
     let line = serde_json::json!({
         "tool": "dpo",
         "arch": a.arch,
         "threads": engine::kernels::num_threads(),
+        "ranks": dpo::dist::world().size(),
+        "comm_s_per_step": (comm_s * 1e4).round() / 1e4,
+        "comm_bytes_per_step_per_rank": comm_bytes,
         "pairs_per_step": a.pairs,
         "prompt": a.prompt,
         "completion": a.completion,

@@ -107,6 +107,10 @@ fn default_threads() -> usize {
 
 /// Writes a command's output to `out` atomically, or to standard output.
 fn emit(out: Option<&Path>, text: &str) -> anyhow::Result<()> {
+    // A data-parallel launch: every rank holds the result, rank 0 writes it.
+    if !dpo::dist::is_root() {
+        return Ok(());
+    }
     match out {
         Some(path) => {
             dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
