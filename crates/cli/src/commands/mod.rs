@@ -73,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         init_threads(threads);
         f().map(|()| ExitCode::SUCCESS)
     };
+    refuse_ranks(&cli.command)?;
     match cli.command {
         Command::Train(a) => train::run(*a, threads),
         Command::Sft(a) => sft::run(*a, threads),
@@ -94,6 +95,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchEngine(a) => other(Box::new(move || bench_engine::run(a))),
         Command::Demo(a) => other(Box::new(move || demo::run(a))),
     }
+}
+
+/// Under `mpirun -np N` (N > 1), the commands that split their work across the ranks run; the others
+/// would run N times over the same files, and are refused.
+fn refuse_ranks(command: &Command) -> anyhow::Result<()> {
+    let ranks = dpo::dist::world().size();
+    let parallel = matches!(
+        command,
+        Command::Train(_) | Command::Sft(_) | Command::Eval(_) | Command::Logps(_) | Command::Bench(_)
+    );
+    if ranks > 1 && !parallel {
+        anyhow::bail!(
+            "this command does not run data-parallel ({ranks} processes were started); run it as one process \
+             (data parallelism: train, sft, eval, logps, bench)"
+        );
+    }
+    Ok(())
 }
 
 /// Starts the thread pool of the math: `threads`, or all cores.

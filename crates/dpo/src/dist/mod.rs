@@ -122,12 +122,16 @@ pub fn barrier() {
 }
 
 /// Sums the ranks' gradients into every rank's `grads` (tensor by tensor, in the set's order), and counts
-/// the time and bytes it took in [`comm_stats`]. Nothing happens with one process.
+/// the time and bytes it took in [`comm_stats`]: first the wait for the slowest rank (a barrier), then
+/// the sum itself. Nothing happens with one process.
 pub fn reduce_grads(grads: &mut impl ParamSet) {
     let w = world();
     if w.size() == 1 {
         return;
     }
+    let t_wait = Instant::now();
+    barrier();
+    WAIT_NANOS.fetch_add(t_wait.elapsed().as_nanos() as u64, Ordering::Relaxed);
     let t0 = Instant::now();
     let mut values = 0u64;
     for (_, t) in grads.named_mut() {
@@ -145,12 +149,24 @@ pub fn reduce_bytes_per_rank(values: u64, ranks: usize) -> u64 {
     2 * 4 * values * (n - 1) / n
 }
 
+static WAIT_NANOS: AtomicU64 = AtomicU64::new(0);
 static COMM_NANOS: AtomicU64 = AtomicU64::new(0);
 static COMM_BYTES: AtomicU64 = AtomicU64::new(0);
 
-/// Seconds spent summing gradients, and bytes this rank sent doing so, since the process started.
-pub fn comm_stats() -> (f64, u64) {
-    (COMM_NANOS.load(Ordering::Relaxed) as f64 * 1e-9, COMM_BYTES.load(Ordering::Relaxed))
+/// What the gradient sums of this process have cost since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CommStats {
+    /// Seconds waiting for the slowest rank to reach the sum (load imbalance, not communication).
+    pub wait_s: f64,
+    /// Seconds moving and adding the values once every rank was there.
+    pub sum_s: f64,
+    /// Bytes this rank sent (it received as many).
+    pub bytes: u64,
+}
+
+pub fn comm_stats() -> CommStats {
+    let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+    CommStats { wait_s: s(&WAIT_NANOS), sum_s: s(&COMM_NANOS), bytes: COMM_BYTES.load(Ordering::Relaxed) }
 }
 
 #[cfg(test)]
