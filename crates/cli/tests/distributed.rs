@@ -240,6 +240,30 @@ fn two_ranks_sft_as_one_process() {
     ranks_match_one_process("dp2-sft", "sft", "llama-policy", &ADAMW, 2, 5, Weights::Norm);
 }
 
+/// `--precompute-ref` with an empty cache: the ranks score their shares of the rows, every rank gets all
+/// the scores, and the run trains as one process does with its own cache.
+#[test]
+fn three_ranks_precompute_the_reference_together() {
+    let dir = scratch("dp-precompute");
+    let (one, many) = (dir.join("one"), dir.join("many"));
+    let flags = |cache: &Path| {
+        let mut f: Vec<String> = ADAMW.iter().map(|s| s.to_string()).collect();
+        f.extend(["--precompute-ref".into(), "--cache-dir".into(), cache.to_string_lossy().into_owned()]);
+        f
+    };
+    succeeds(train_args(&mut single(), "train", "llama-policy", &one, 5, 6).args(flags(&dir.join("cache-one"))));
+    succeeds(train_args(&mut mpirun(3), "train", "llama-policy", &many, 5, 6).args(flags(&dir.join("cache-many"))));
+    let cache = |d: &str| {
+        let e = std::fs::read_dir(dir.join(d)).unwrap().next().expect("a cache file").unwrap();
+        let scores: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).unwrap();
+        scores
+    };
+    assert_eq!(cache("cache-one"), cache("cache-many"), "the reference log-probs");
+    let m = same_metrics(&one, &many);
+    let (w, _, _) = same_weights(&one, &many, Weights::Norm);
+    println!("--precompute-ref on 3 ranks: the same cache; metrics within {m:.1e}, weights {w:.1e}");
+}
+
 #[test]
 fn stopped_on_two_ranks_resumed_on_one_ends_as_an_uninterrupted_run() {
     let dir = scratch("dp-resume");
