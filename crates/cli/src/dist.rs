@@ -8,6 +8,7 @@ mod imp {
     use std::fs::File;
     use std::io::Write;
     use std::os::fd::{AsRawFd, FromRawFd};
+    use std::process::ExitCode;
 
     pub struct Launch {
         guard: Option<dpo::dist::mpi::MpiGuard>,
@@ -35,6 +36,16 @@ mod imp {
     }
 
     impl Launch {
+        /// The process's exit status: `code` on rank 0; 0 on the others once their command returned (an
+        /// interrupted run's 130 from a rank that ended before rank 0 wrote its checkpoint would make
+        /// `mpirun` kill rank 0 in the middle of it).
+        pub fn exit_code(&self, code: ExitCode) -> ExitCode {
+            if self.guard.is_some() && !dpo::dist::is_root() {
+                return ExitCode::SUCCESS;
+            }
+            code
+        }
+
         /// Prints `msg` (an error) as the single process would, naming the rank on the others, and ends
         /// every rank of a launch.
         pub fn fail(&mut self, msg: &str) {
@@ -55,6 +66,8 @@ mod imp {
 
 #[cfg(not(feature = "mpi"))]
 mod imp {
+    use std::process::ExitCode;
+
     /// One process: nothing to start.
     pub struct Launch;
 
@@ -63,6 +76,10 @@ mod imp {
     }
 
     impl Launch {
+        pub fn exit_code(&self, code: ExitCode) -> ExitCode {
+            code
+        }
+
         pub fn fail(&mut self, msg: &str) {
             eprintln!("error: {msg}");
         }

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     let mut launch = dist::start();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
-        Ok(code) => code,
+        Ok(code) => launch.exit_code(code),
         Err(err) => {
             launch.fail(&message(&err));
             ExitCode::FAILURE

@@ -5,7 +5,8 @@
 //!   that does not divide evenly; SFT);
 //! - a run stopped after 3 steps on 2 ranks and resumed on one process to 6 steps ends where an
 //!   uninterrupted 6-step run ends;
-//! - `dpo eval` and `dpo logps` sharded across ranks print what one process prints;
+//! - `dpo eval` and `dpo logps` sharded across ranks print what one process prints; `--precompute-ref`
+//!   sharded writes the same cache; `dpo reward-model train` on 3 ranks trains as one process;
 //! - SIGTERM to `mpirun` stops every rank after one consistent checkpoint; a rank killed outright ends
 //!   the others within a bounded time.
 //!
@@ -63,7 +64,7 @@ fn train_args<'a>(
     batch: usize,
     steps: u64,
 ) -> &'a mut Command {
-    c.args([sub, "--scheduler", "constant", "--save-every", "1000"])
+    c.args([sub, "--scheduler", "constant", "--save-every", "1000000"])
         .arg("--model")
         .arg(model(fixture))
         .arg("--data")
@@ -320,7 +321,8 @@ fn lines(path: &Path) -> usize {
 /// Starts a long 2-rank run and waits until it has logged `steps` steps.
 fn long_run(run: &Path, steps: usize) -> std::process::Child {
     let mut c = mpirun(2);
-    train_args(&mut c, "train", "gpt2-policy", run, 4, 100_000).args(ADAMW);
+    // No step lines: nothing reads the pipe until the run ends, and a full pipe would stall rank 0.
+    train_args(&mut c, "train", "gpt2-policy", run, 4, 100_000).args(ADAMW).args(["--log-every", "0"]);
     let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let t0 = Instant::now();
     while lines(&run.join("metrics.jsonl")) < steps {
@@ -388,10 +390,36 @@ fn a_killed_rank_ends_the_run_in_bounded_time() {
 fn a_command_that_does_not_split_its_work_is_refused_on_several_ranks() {
     let dir = scratch("dp-refused");
     let mut c = mpirun(2);
-    c.args(["reward-model", "train", "--model"]).arg(model("gpt2-policy")).arg("--data").arg(prefs());
-    let out = c.arg("--output").arg(dir.join("rm")).output().unwrap();
+    c.args(["reward-model", "score", "--model"]).arg(model("gpt2-policy")).arg("--data").arg(prefs());
+    let out = c.arg("--out").arg(dir.join("scores.jsonl")).output().unwrap();
     let err = stderr(&out);
     assert!(!out.status.success());
-    assert!(err.contains("error: this command does not run data-parallel (2 processes were started)"), "{err}");
-    assert!(!dir.join("rm").exists(), "nothing is written");
+    // Every rank reports (the lines of the two may interleave).
+    assert!(err.contains("this command does not run data-parallel (2 processes were started)"), "{err}");
+    assert!(!dir.join("scores.jsonl").exists(), "nothing is written");
+}
+
+/// `dpo reward-model train` (its own loop): 3 ranks on batches of 5 against one process, with evaluation.
+#[test]
+fn three_ranks_train_a_reward_model_as_one_process() {
+    let dir = scratch("dp-rm");
+    let (one, many) = (dir.join("one"), dir.join("many"));
+    let args = |c: &mut Command, out: &Path| {
+        c.args(["reward-model", "train", "--model"]).arg(model("llama-policy")).arg("--data").arg(prefs());
+        c.arg("--eval-data").arg(prefs()).args(["--eval-every", "3", "--batch-size", "5", "--max-steps", "6"]);
+        c.args(["--lr", "1e-3"]).arg("--output").arg(out);
+    };
+    let mut c = single();
+    args(&mut c, &one);
+    let a = stdout(&mut c);
+    let mut c = mpirun(3);
+    args(&mut c, &many);
+    let b = stdout(&mut c);
+    assert_eq!(b.lines().count(), 1, "rank 0 alone prints the summary:\n{b}");
+    let m = same_metrics(&one, &many);
+    let (w, elem, _) = same_weights(&one, &many, Weights::Norm);
+    let summary = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap()["eval_loss"].as_f64().unwrap();
+    let (x, y) = (summary(&a), summary(&b));
+    assert!((x - y).abs() <= TOL * x, "final eval loss {x} vs {y}");
+    println!("reward model, 3 ranks: metrics within {m:.1e}, trunk within {w:.1e} (worst element {elem:.1e})");
 }

@@ -104,11 +104,11 @@ fn refuse_ranks(command: &Command) -> anyhow::Result<()> {
     let parallel = matches!(
         command,
         Command::Train(_) | Command::Sft(_) | Command::Eval(_) | Command::Logps(_) | Command::Bench(_)
-    );
+    ) || matches!(command, Command::RewardModel(a) if a.trains());
     if ranks > 1 && !parallel {
         anyhow::bail!(
             "this command does not run data-parallel ({ranks} processes were started); run it as one process \
-             (data parallelism: train, sft, eval, logps, bench)"
+             (data parallelism: train, sft, reward-model train, eval, logps, bench)"
         );
     }
     Ok(())
