@@ -8,4 +8,6 @@ pub mod objectives;
 pub mod precision;
 pub mod rlhf;
 pub mod scoring;
+pub mod tensorboard;
 pub mod train;
+pub mod winrate;

@@ -64,6 +64,25 @@ fn score_share(
     Ok(out)
 }
 
+/// Summed completion log-probs of each `(prompt, completion)` under `params`, `seqs_per_batch` sequences
+/// per forward pass (activations not kept): what an implicit-reward judge and KL estimates read.
+pub fn score_sequences<'m>(
+    model: &Decoder,
+    params: impl Into<Model<'m>>,
+    seqs: &[(&[u32], &[u32])],
+    seqs_per_batch: usize,
+) -> Result<Vec<f64>, EngineError> {
+    let params = params.into();
+    let mut acts = Activations::default();
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(seqs_per_batch.max(1)) {
+        let (batch, ranges) = crate::data::pack_sequences(chunk);
+        let head = model.logprobs(params, &batch, &mut acts, false)?;
+        out.extend(sum_ranges(&head.logp, &ranges));
+    }
+    Ok(out)
+}
+
 impl crate::dist::Wire for PairScore {
     fn put(&self, b: &mut Vec<u8>) {
         b.extend(self.chosen_logps.to_bits().to_le_bytes());

@@ -1,6 +1,10 @@
 //! GFLOP/s of the engine's matmul, in f32 and in bf16, on the GEMM shapes of a GPT-2-small and a
 //! SmolLM2-135M/360M training step (forward, input gradient, weight gradient), to compare with the `gemm`
-//! crate's peak and with PyTorch. Prints the CPU and the kernel bf16 products run on.
+//! crate's peak and with PyTorch. Prints the CPU and the kernel bf16 products run on (`DPO_GEMM=avx512_bf16`
+//! or `portable` forces a slower one). Beside the wall-clock rate, the rate per core of CPU time the
+//! process's threads got (Linux's `/proc/self/task/*/schedstat`): on a machine others load, that one is
+//! close to the quiet machine's wall-clock rate, as long as the cores are not oversubscribed to the point
+//! of thrashing the caches.
 //! `cargo run --release -p dpo-engine --example gemm_shapes [label filter]`
 
 use std::time::Instant;
@@ -19,6 +23,16 @@ fn cpu_model() -> String {
                 .map(String::from)
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Nanoseconds of CPU time all this process's threads have run (0 where `/proc` does not say).
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum()
 }
 
 fn main() {
@@ -45,24 +59,34 @@ fn main() {
         ("360m gate/up[1280x960]x[960x5120]", 1280, 5120, 960, false, true),
         ("360m down   [1280x2560]x[2560x960]", 1280, 960, 2560, false, true),
     ];
-    println!("{:<38} {:>12} {:>12} {:>7}", "shape", "f32 GFLOP/s", "bf16 GFLOP/s", "ratio");
+    println!(
+        "{:<38} {:>12} {:>12} {:>7} {:>16} {:>16}",
+        "shape", "f32 GFLOP/s", "bf16 GFLOP/s", "ratio", "f32 per CPU-s", "bf16 per CPU-s"
+    );
     for (label, m, nn, k, a_t, b_t) in shapes.into_iter().filter(|s| s.0.contains(filter.as_str())) {
         let a: Vec<f32> = (0..m * k).map(|i| 0.01 + (i % 97) as f32 * 1e-4).collect();
         let b: Vec<f32> = (0..k * nn).map(|i| 0.02 - (i % 89) as f32 * 1e-4).collect();
         let mut c = vec![0.0f32; m * nn];
-        // The best of a few runs: the machine may be shared, and the best run is the kernel's rate.
+        // The best of a few runs: the machine may be shared, and the best run is the kernel's rate. Per CPU
+        // second: GFLOP per second of CPU time the threads ran, best run.
         let rate = |prec: Precision, c: &mut [f32]| {
             matmul(c, &a, &b, m, nn, k, a_t, b_t, Accumulate::Overwrite, prec);
             let reps = 5;
-            let mut best = f64::MAX;
+            let (mut best, mut best_cpu) = (f64::MAX, f64::MAX);
             for _ in 0..reps {
-                let t = Instant::now();
+                let (t, cpu) = (Instant::now(), cpu_ns());
                 matmul(c, &a, &b, m, nn, k, a_t, b_t, Accumulate::Add, prec);
                 best = best.min(t.elapsed().as_secs_f64());
+                best_cpu = best_cpu.min((cpu_ns() - cpu) as f64 * 1e-9);
             }
-            2.0 * (m * nn * k) as f64 / best / 1e9
+            let flop = 2.0 * (m * nn * k) as f64 / 1e9;
+            (flop / best, flop / best_cpu)
         };
-        let (f32_rate, bf16_rate) = (rate(Precision::F32, &mut c), rate(Precision::Bf16, &mut c));
-        println!("{label:<38} {f32_rate:>12.1} {bf16_rate:>12.1} {:>6.2}x", bf16_rate / f32_rate);
+        let ((f32_rate, f32_cpu), (bf16_rate, bf16_cpu)) =
+            (rate(Precision::F32, &mut c), rate(Precision::Bf16, &mut c));
+        println!(
+            "{label:<38} {f32_rate:>12.1} {bf16_rate:>12.1} {:>6.2}x {f32_cpu:>16.1} {bf16_cpu:>16.1}",
+            bf16_rate / f32_rate
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! - [`peft`]: PEFT LoRA adapter directories ↔ [`engine::Adapter`], target resolution, merged models.
 //! - [`atomic`]: writing files and directories under a temporary name, renamed into place when complete.
 //! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
+//! - [`gguf`]: llama.cpp's GGUF file: writer, reader, and the export of a model with its tokenizer.
 //! - [`stored`]: loading a frozen base with its block linears stored (NF4/bf16) tensor by tensor (QLoRA).
 //!
 //! Every error is an [`Error`] naming the file, tensor or JSON field at fault.
@@ -17,6 +18,7 @@
 pub mod atomic;
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod model_dir;
 pub mod naming;
 pub mod peft;

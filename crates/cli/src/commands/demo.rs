@@ -25,7 +25,8 @@ pub struct Args {
     /// of every method (fewer settings and steps).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Run only these methods (comma-separated): dpo, preferred-ft, unlikelihood, ppo, ppo-gt, bon.
+    /// Run only these methods (comma-separated): dpo, preferred-ft, unlikelihood, ppo, ppo-gt, bon, online,
+    /// iterative, win-rate (the win rates of the methods that ran).
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Change a setting of the experiment's plan (repeatable), by its path in report.json's `plan`:

@@ -6,9 +6,13 @@ mod bench_engine;
 mod best_of_n;
 mod demo;
 mod eval;
+mod export;
 mod generate;
+mod iterate;
 mod logps;
 mod merge;
+mod online;
+mod plot;
 mod ppo;
 mod precision;
 mod progress;
@@ -16,6 +20,7 @@ mod reward;
 mod reward_model;
 mod sft;
 mod train;
+mod win_rate;
 
 use std::io::Write;
 use std::path::Path;
@@ -57,12 +62,20 @@ enum Command {
     Logps(logps::Args),
     /// Merge a PEFT LoRA adapter into its base model and write a Hugging Face model directory.
     Merge(merge::Args),
+    /// Write a model (and merged LoRA adapter) as a GGUF file for llama.cpp, with its tokenizer.
+    Export(export::Args),
+    /// A run's training curves (loss, rewards, accuracy, eval) from metrics.jsonl, as one PNG.
+    Plot(plot::Args),
     /// DPO training throughput and peak memory on a model shape with random weights (compare with TRL).
     Bench(bench::Args),
     /// Forward and forward+backward throughput of the engine on a model shape with random weights.
     BenchEngine(bench_engine::Args),
     /// The DPO paper's sentiment experiment, built in: reward vs KL of DPO, PPO, Best-of-N and baselines.
     Demo(demo::Args),
+    /// Win rate of a model against another (or a file's chosen completions) by a judge, per temperature.
+    WinRate(Box<win_rate::Args>),
+    /// Iterative DPO: rounds of sampling pairs from the policy, labelling them with a reward model, DPO.
+    Iterate(Box<iterate::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -91,9 +104,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Logps(a) => other(Box::new(move || logps::run(a))),
         Command::Merge(a) => other(Box::new(move || merge::run(a))),
+        Command::Export(a) => other(Box::new(move || export::run(a))),
+        Command::Plot(a) => other(Box::new(move || plot::run(a))),
         Command::Bench(a) => other(Box::new(move || bench::run(a))),
         Command::BenchEngine(a) => other(Box::new(move || bench_engine::run(a))),
         Command::Demo(a) => other(Box::new(move || demo::run(a))),
+        Command::WinRate(a) => other(Box::new(move || win_rate::run(*a))),
+        Command::Iterate(a) => other(Box::new(move || iterate::run(*a))),
     }
 }
 

@@ -54,6 +54,10 @@ struct TrainArgs {
     /// skip the step [default: stop].
     #[arg(long, value_parser = ["stop", "skip"])]
     on_nonfinite: Option<String>,
+    /// Where metrics go: jsonl (metrics.jsonl, always written), tensorboard (event files under RUN/runs/
+    /// with TRL's tags), or both comma-separated [default: jsonl; a resumed run: as it was].
+    #[arg(long, value_name = "jsonl,tensorboard")]
+    report_to: Option<String>,
     /// Replace a previous run in --output instead of refusing (it is replaced once the first checkpoint
     /// or the new model is written).
     #[arg(long)]
@@ -150,6 +154,9 @@ struct RmRunConfig {
     max_length: Option<usize>,
     save_every: u64,
     on_nonfinite: OnNonFinite,
+    /// `--report-to` (absent in runs written before it existed: jsonl).
+    #[serde(default)]
+    report_to: Option<String>,
     train: RmTrainConfig,
 }
 
@@ -163,6 +170,7 @@ impl RmRunConfig {
             max_length: a.max_length,
             save_every: a.save_every,
             on_nonfinite: on_nonfinite(a).unwrap_or_default(),
+            report_to: a.report_to.clone(),
             train: RmTrainConfig {
                 lr: a.lr,
                 batch_size: a.batch_size,
@@ -220,6 +228,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             let run = resume_target(resume).run;
             let mut c = RmRunConfig::of_run(&run)?;
             c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
+            c.report_to = a.report_to.clone().or(c.report_to);
             if let Some(p) = a.precision.given().filter(|&p| p != c.train.precision) {
                 bail!(
                     "--precision {p}: {} was trained with precision {}; a resumed run keeps the settings that change \
@@ -237,6 +246,8 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             (RmRunConfig::from_args(&a)?, output, mode)
         }
     };
+    let report_to = dpo::tensorboard::ReportTo::parse(c.report_to.as_deref().unwrap_or("jsonl"))
+        .map_err(|m| anyhow::anyhow!("--report-to: {m}"))?;
     // Data parallelism (`mpirun -np N`): rank 0 alone takes and writes the run directory.
     let root = dpo::dist::is_root();
     if root {
@@ -272,6 +283,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         save_every: c.save_every,
         on_nonfinite: c.on_nonfinite,
         stop: &stop,
+        report_to,
     };
     let out = run_reward_model(start, &pairs, &eval, rc, Some(run), log)
         .map_err(|e| hint(e, &output))
@@ -300,7 +312,11 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         "train_loss": train_loss,
         "train_accuracy": train_accuracy,
         "output": final_dir,
+        "metrics": output.join("metrics.jsonl"),
     });
+    if report_to.tensorboard {
+        summary["tensorboard"] = serde_json::json!(output.join(dpo::tensorboard::EVENTS_DIR));
+    }
     if !eval.is_empty() {
         let (l, acc) = evaluate(&rm, &eval, rc.batch_size)?;
         summary["eval_loss"] = l.into();

@@ -64,6 +64,9 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     precision: super::precision::PrecisionFlag,
+    #[command(flatten)]
+    #[serde(skip)]
+    online: super::online::OnlineFlags,
 }
 
 #[derive(clap::Args, Debug, Default, Serialize)]
@@ -356,6 +359,11 @@ pub struct RunFlags {
     #[arg(long, value_parser = ["stop", "skip"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     on_nonfinite: Option<String>,
+    /// Where metrics go: jsonl (metrics.jsonl, always written), tensorboard (event files under RUN/runs/
+    /// with TRL's tags), or both comma-separated [default: jsonl].
+    #[arg(long, value_name = "jsonl,tensorboard")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    report_to: Option<String>,
     /// Memory the run may use (e.g. 12GiB, 512M). The peak is estimated before training and a run above
     /// this (default: the machine's available memory) is refused.
     #[arg(long)]
@@ -446,9 +454,14 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-pub fn run(a: Args, threads: Option<usize>) -> anyhow::Result<ExitCode> {
+pub fn run(mut a: Args, threads: Option<usize>) -> anyhow::Result<ExitCode> {
+    a.inputs.data = a.inputs.data.or(a.online.prompts.clone()); // --online: the prompts are the data
     let cfg = resolve(&a.inputs, &a, None)?;
     super::init_threads(threads.or(cfg.threads));
+    if a.online.online {
+        let resume = a.inputs.resume.is_some();
+        return super::online::run(&a.online, &cfg, a.inputs.overwrite, resume).map(|()| ExitCode::SUCCESS);
+    }
     let opts = RunOptions { resume: a.inputs.resume.clone(), overwrite: a.inputs.overwrite };
     execute(&cfg, &opts)
 }
@@ -465,7 +478,7 @@ fn command_of(cfg: &TrainConfig) -> &'static str {
 /// finished one put its outputs and how to evaluate them.
 pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode> {
     let stop = stop_flag()?;
-    let mut progress = Progress::new();
+    let mut progress = Progress::new().per_step(cfg.batch_size * cfg.grad_accum, "pairs");
     let t0 = Instant::now();
     let out = train(cfg, opts, &stop, &mut |line| progress.line(line)).map_err(|e| with_hint(e, command_of(cfg)))?;
     progress.finish();
@@ -486,6 +499,11 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode>
         eprintln!("done: {} steps in {}; {what} written to {}", out.steps, human_duration(elapsed), f.display());
         eprintln!("  metrics:     {}", cfg.output.join("metrics.jsonl").display());
         eprintln!("  checkpoints: {}", cfg.output.join("checkpoints").display());
+        if cfg.report_to.tensorboard {
+            let events = cfg.output.join(dpo::tensorboard::EVENTS_DIR);
+            eprintln!("  tensorboard: {} (tensorboard --logdir {})", events.display(), events.display());
+        }
+        eprintln!("  curves:      dpo plot {run}");
         let merged = cfg.output.join(dpo::train::MERGED_DIR);
         if cfg.merge {
             eprintln!("  merged:      {}", merged.display());

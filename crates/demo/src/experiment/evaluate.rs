@@ -90,6 +90,9 @@ impl World {
     }
 }
 
+/// Rewards of `(prompt, completion)` items: the ground truth, or a learned reward model.
+pub type RewardOf<'a> = dyn Fn(&[(&[u32], &[u32])]) -> Result<Vec<f64>, DemoError> + 'a;
+
 /// One measured point: a policy's mean reward and KL from the reference on the evaluation prompts.
 #[derive(Clone, Debug, Serialize)]
 pub struct Point {
@@ -113,12 +116,23 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    /// Samples the policy and measures reward and KL.
+    /// Samples the policy and measures reward (the ground truth) and KL.
     pub fn evaluate(&self, world: &World, params: &Params, step: u64) -> Result<Point, DemoError> {
+        self.evaluate_by(world, params, step, &|items| world.ground_truth_all(items))
+    }
+
+    /// Samples the policy and measures `reward` (the ground truth, or a learned reward model) and KL.
+    pub fn evaluate_by(
+        &self,
+        world: &World,
+        params: &Params,
+        step: u64,
+        reward: &RewardOf,
+    ) -> Result<Point, DemoError> {
         let gens = world.sample(params, &self.prompts, self.samples, &self.sampling, self.seed)?;
         let items: Vec<(&[u32], &[u32])> =
             gens.iter().map(|g| (&self.prompts[g.prompt_index][..], &g.tokens[..])).collect();
-        let rewards = world.ground_truth_all(&items)?;
+        let rewards = reward(&items)?;
         let pi = world.sequence_logps(params, &items)?;
         let rf = world.sequence_logps(&world.reference, &items)?;
         let kls: Vec<f64> = pi.iter().zip(&rf).map(|(a, b)| a - b).collect();

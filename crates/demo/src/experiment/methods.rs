@@ -58,16 +58,16 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn run_dir(&self, name: &str) -> PathBuf {
+    pub(super) fn run_dir(&self, name: &str) -> PathBuf {
         self.out.join("runs").join(name)
     }
 
-    fn rel(&self, p: &Path) -> String {
+    pub(super) fn rel(&self, p: &Path) -> String {
         p.strip_prefix(self.out).unwrap_or(p).display().to_string()
     }
 
     /// The trainer's configuration for a run from the SFT model on the pairs.
-    fn train_config(&self, name: &str, s: &Steps) -> TrainConfig {
+    pub(super) fn train_config(&self, name: &str, s: &Steps) -> TrainConfig {
         TrainConfig {
             model: self.sft_dir.to_path_buf(),
             data: self.pairs_path.to_path_buf(),
@@ -85,7 +85,7 @@ impl Ctx<'_> {
     }
 
     /// Measures every checkpoint a trainer run wrote, oldest first.
-    fn evaluate_checkpoints(&self, run: &Path) -> Result<Vec<Point>, DemoError> {
+    pub(super) fn evaluate_checkpoints(&self, run: &Path) -> Result<Vec<Point>, DemoError> {
         let mut points = Vec::new();
         for (step, dir) in checkpoint::list(run) {
             let m = hf::load_model(&dir.join("model"))?;

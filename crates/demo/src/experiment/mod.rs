@@ -15,11 +15,13 @@
 
 mod evaluate;
 mod methods;
+mod online_methods;
 mod pairs;
 mod plan;
 mod report;
 mod rlhf_methods;
 mod sft;
+mod winrates;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -303,11 +305,50 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
             plan.name
         ));
     }
-    rlhf_methods::run_all(&ctx, &model.params, &heldout_pairs, &mut runs, &mut reward_accuracy, log)?;
+    let learned = rlhf_methods::run_all(&ctx, &model.params, &heldout_pairs, &mut runs, &mut reward_accuracy, log)?;
     for r in runs.iter().filter(|r| r.method.starts_with("PPO") || r.method == "Best-of-N") {
         report_point(r, log);
     }
     take_lap("reward model, PPO and Best-of-N", &mut seconds);
+
+    // Online and iterative DPO, labelled by the learned reward model, and the frontier it judges.
+    let mut frontier = online_methods::Frontier::new();
+    let mut online_vs_offline = Vec::new();
+    if let Some(rm) = &learned {
+        if plan.online.steps.steps > 0 {
+            log(&format!("[4/5] online DPO beta={} (labels: the learned reward model)", plan.online.beta));
+            let r = online_methods::online_dpo(&ctx, rm, train_prompts, log)?;
+            report_point(&r, log);
+            runs.push(r);
+        }
+        if plan.iterative.rounds > 0 {
+            log(&format!("[4/5] iterative DPO, {} rounds (labels: the learned reward model)", plan.iterative.rounds));
+            let r = online_methods::iterative_dpo(&ctx, rm, train_prompts, log)?;
+            report_point(&r, log);
+            runs.push(r);
+        }
+        if runs.iter().any(|r| r.method.contains("Online") || r.method.contains("Iterative")) {
+            frontier = online_methods::frontier(&ctx, rm, &runs)?;
+            online_vs_offline = online_comparison(&sft_point, &runs, &frontier);
+            for line in &online_vs_offline {
+                log(&format!("      {line}"));
+            }
+        }
+    }
+    take_lap("online and iterative DPO", &mut seconds);
+
+    // Win rates against the preferred completion of each held-out pair prompt.
+    let wr_set = winrates::WinRateSet {
+        prompts: heldout_prompts.to_vec(),
+        preferred: heldout_set.preferred.iter().map(|(c, _)| c.clone()).collect(),
+        samples: plan.win_rate_samples.max(1),
+        max_new_tokens: plan.max_new_tokens,
+        seed: seed_of(&plan, 5),
+    };
+    let (win_rate_vs_temperature, win_rate_vs_chosen) =
+        win_rates(&plan, &out, &world, &model.params, &wr_set, &runs, learned.as_ref(), log)?;
+    let win_rate_verdict = winrates::temperature_verdict(&win_rate_vs_temperature);
+    take_lap("win rates", &mut seconds);
 
     // 4-5. Report.
     let checks = report::checks(&sft_point, &runs);
@@ -324,6 +365,11 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
         runs,
         reward_accuracy,
         gradient_weight,
+        win_rate_vs_temperature,
+        win_rate_vs_chosen,
+        win_rate_verdict,
+        frontier,
+        online_vs_offline,
         checks,
         verdict,
         gaps,
@@ -334,4 +380,93 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
     log("[5/5] writing report.md, report.json, frontier.png, gradient_weight.png");
     report.write(&out)?;
     Ok(report)
+}
+
+/// Each method's representative run: the one whose last point has the highest reward on the evaluation
+/// prompts (not the win-rate prompts), as (setting, final weights' directory).
+fn representative(runs: &[MethodRun], out: &Path, method: &str) -> Option<(String, PathBuf)> {
+    let best = runs
+        .iter()
+        .filter(|r| r.method == method && r.dir.is_some())
+        .filter_map(|r| r.last().map(|p| (r, p.reward)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))?
+        .0;
+    let dir = out.join(best.dir.as_ref()?);
+    let last = match method {
+        "Iterative DPO" => dpo::train::iterative::round_dir(&dir, best.points.len()).join("run").join("final"),
+        _ => dir.join("final"),
+    };
+    Some((best.setting.clone(), last))
+}
+
+/// Online and iterative DPO against offline DPO at equal KL, under the learned reward model (the
+/// frontier) and the ground truth (the runs' points).
+/// Offline DPO's points include its start, the SFT model at KL 0.
+fn online_comparison(sft: &Point, runs: &[MethodRun], frontier: &online_methods::Frontier) -> Vec<String> {
+    let offline_rm: Vec<&Point> =
+        frontier.iter().filter(|(k, _)| k.starts_with("DPO ") || *k == "SFT").flat_map(|(_, v)| v.iter()).collect();
+    let online_rm: Vec<(&str, &[Point])> =
+        ["Online DPO", "Iterative DPO"].iter().filter_map(|m| frontier.get(*m).map(|v| (*m, &v[..]))).collect();
+    let offline_gt: Vec<&Point> =
+        runs.iter().filter(|r| r.method == "DPO").flat_map(|r| r.points.iter()).chain([sft]).collect();
+    let online_gt: Vec<(&str, &[Point])> = runs
+        .iter()
+        .filter(|r| r.method == "Online DPO" || r.method == "Iterative DPO")
+        .map(|r| (r.method.as_str(), &r.points[..]))
+        .collect();
+    let mut rows = online_methods::equal_kl("learned reward model", &online_rm, &offline_rm);
+    rows.extend(online_methods::equal_kl("ground truth", &online_gt, &offline_gt));
+    online_methods::equal_kl_sentences(&rows)
+}
+
+/// The win rates of the methods that ran: DPO, PPO, Preferred-FT and SFT against the temperature, and
+/// every method (with Best-of-N's largest N under the learned reward model) at temperature 1.
+#[allow(clippy::too_many_arguments)]
+fn win_rates(
+    plan: &Plan,
+    out: &Path,
+    world: &World,
+    sft: &engine::Params,
+    set: &winrates::WinRateSet,
+    runs: &[MethodRun],
+    learned: Option<&rlhf_methods::LearnedRm>,
+    log: &mut dyn FnMut(&str),
+) -> Result<(winrates::VsTemperature, winrates::VsChosen), DemoError> {
+    let mut vs_t = winrates::VsTemperature::new();
+    let mut vs_c = winrates::VsChosen::new();
+    let temps = &plan.win_rate_temperatures;
+    if temps.is_empty() {
+        return Ok((vs_t, vs_c));
+    }
+    log(&format!("[5/5] win rates against the preferred completions, temperatures {temps:?}"));
+    let mut policies: Vec<(String, String, engine::Params)> = vec![("SFT".into(), "reference".into(), sft.clone())];
+    for method in ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Online DPO", "Iterative DPO"] {
+        if let Some((setting, dir)) = representative(runs, out, method) {
+            policies.push((method.into(), setting, hf::load_model(&dir)?.params));
+        }
+    }
+    for (method, setting, params) in &policies {
+        let curve = if ["SFT", "DPO", "PPO", "Preferred-FT"].contains(&method.as_str()) {
+            let c = set.curve(world, params, temps)?;
+            let text: Vec<String> = c.iter().map(|p| format!("T={} {:.3}", p.temperature, p.rate.win_rate)).collect();
+            log(&format!("      {method} {setting}: {}", text.join(", ")));
+            vs_t.insert(method.clone(), c.clone());
+            c
+        } else {
+            Vec::new()
+        };
+        let rate = match curve.iter().find(|p| p.temperature == 1.0) {
+            Some(p) => p.rate,
+            None => set.at_temperature(world, params, 1.0)?,
+        };
+        vs_c.insert(method.clone(), winrates::MethodWinRate { setting: setting.clone(), rate });
+    }
+    if let (Some(rm), Some(&n)) = (learned, plan.bon_ns.iter().max()) {
+        let kept = rm.best_of_n(world, sft, &set.prompts, n, &world.sampling(set.max_new_tokens), set.seed ^ 0xB0B0)?;
+        let items: Vec<(usize, &[u32])> = kept.iter().enumerate().map(|(p, c)| (p, &c[..])).collect();
+        let rate = set.judge(world, &items)?;
+        log(&format!("      Best-of-{n} (learned reward model): {:.3}", rate.win_rate));
+        vs_c.insert(format!("Best-of-{n}"), winrates::MethodWinRate { setting: format!("N={n}"), rate });
+    }
+    Ok((vs_t, vs_c))
 }

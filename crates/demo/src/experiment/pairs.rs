@@ -27,6 +27,9 @@ pub struct PairSet {
     pub sample_reward: f64,
     /// Pairs skipped because both samples scored the same.
     pub ties: usize,
+    /// Per prompt, its highest-reward sample and that reward: the prompt's preferred completion, which
+    /// win rates are measured against (the paper's reference summaries or chosen responses).
+    pub preferred: Vec<(Vec<u32>, f64)>,
 }
 
 impl PairSet {
@@ -51,8 +54,12 @@ pub fn sample_pairs(
     let rewards = world.ground_truth_all(&items)?;
     let mut pairs = Vec::new();
     let mut ties = 0;
+    let mut preferred = Vec::with_capacity(prompts.len());
     for (p, prompt) in prompts.iter().enumerate() {
         let base = p * k;
+        if let Some(best) = (base..base + k).reduce(|b, i| if rewards[i] > rewards[b] { i } else { b }) {
+            preferred.push((gens[best].tokens.clone(), rewards[best]));
+        }
         for i in 0..k {
             for j in i + 1..k {
                 let (a, b) = (base + i, base + j);
@@ -74,7 +81,7 @@ pub fn sample_pairs(
             }
         }
     }
-    Ok(PairSet { pairs, sample_reward: mean(&rewards), ties })
+    Ok(PairSet { pairs, sample_reward: mean(&rewards), ties, preferred })
 }
 
 /// Writes pairs as pre-tokenized preference rows, with their rewards for the curious.

@@ -47,6 +47,28 @@ pub struct PpoPlan {
     pub evals: usize,
 }
 
+/// Online DPO (`dpo train --online`), labelled by the learned reward model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OnlinePlan {
+    pub beta: f64,
+    /// `batch` prompts per step, `samples` completions each (one pair per prompt).
+    pub steps: Steps,
+    pub samples: usize,
+}
+
+/// Iterative DPO (`dpo iterate`), labelled by the learned reward model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IterativePlan {
+    pub beta: f64,
+    pub rounds: usize,
+    /// Training prompts sampled in every round (the first this many).
+    pub prompts: usize,
+    pub samples: usize,
+    /// Steps of every round's DPO run.
+    pub steps: Steps,
+    pub move_reference: bool,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Plan {
     pub name: String,
@@ -75,6 +97,14 @@ pub struct Plan {
     pub reward_model: Steps,
     pub ppo: PpoPlan,
     pub bon_ns: Vec<usize>,
+    pub online: OnlinePlan,
+    pub iterative: IterativePlan,
+    /// Sampling temperatures of the win rates against the preferred completions (empty: none measured).
+    #[serde(default)]
+    pub win_rate_temperatures: Vec<f64>,
+    /// Samples per held-out pair prompt at each temperature above 0 (one at temperature 0).
+    #[serde(default)]
+    pub win_rate_samples: usize,
     /// The precision of every model pass of the experiment (`dpo demo --precision`): training, sampling's
     /// prefill, scoring, the reward model, PPO.
     #[serde(with = "dpo::precision::by_name", default)]
@@ -114,6 +144,17 @@ impl Plan {
                 evals: 3,
             },
             bon_ns: vec![1, 2, 4, 8, 16, 32, 64, 128],
+            online: OnlinePlan { beta: 0.5, steps: Steps { lr: 2e-4, batch: 32, steps: 60, evals: 3 }, samples: 2 },
+            iterative: IterativePlan {
+                beta: 0.5,
+                rounds: 3,
+                prompts: 320,
+                samples: 2,
+                steps: Steps { lr: 2e-4, batch: 32, steps: 20, evals: 1 },
+                move_reference: false,
+            },
+            win_rate_temperatures: vec![0.0, 0.25, 0.5, 0.75, 1.0],
+            win_rate_samples: 2,
             precision: Precision::F32,
         }
     }
@@ -146,6 +187,14 @@ impl Plan {
                 ..f.ppo.clone()
             },
             bon_ns: vec![1, 4, 16],
+            online: OnlinePlan { beta: 0.5, steps: Steps { lr: 2e-4, batch: 16, steps: 16, evals: 2 }, samples: 2 },
+            iterative: IterativePlan {
+                rounds: 2,
+                prompts: 64,
+                steps: Steps { lr: 2e-4, batch: 16, steps: 6, evals: 1 },
+                ..f.iterative.clone()
+            },
+            win_rate_samples: 1,
             ..f
         }
     }
@@ -169,13 +218,24 @@ impl Plan {
             reward_model: Steps { lr: 1e-5, batch: 8, ..scale(&base.reward_model, if quick { 10 } else { 40 }) },
             ppo: PpoPlan { kl_coefs_learned: vec![], kl_coefs_true: vec![], ..base.ppo.clone() },
             bon_ns: vec![1, 4, 16],
+            online: OnlinePlan {
+                steps: Steps { lr: 2e-5, batch: 8, ..scale(&base.online.steps, if quick { 4 } else { 16 }) },
+                ..base.online.clone()
+            },
+            iterative: IterativePlan {
+                rounds: 2,
+                prompts: 32,
+                steps: Steps { lr: 2e-5, batch: 8, ..scale(&base.iterative.steps, if quick { 4 } else { 8 }) },
+                ..base.iterative.clone()
+            },
             ..base
         }
     }
 }
 
 /// The methods `--methods` can pick.
-pub const METHODS: &[&str] = &["dpo", "preferred-ft", "unlikelihood", "ppo", "ppo-gt", "bon"];
+pub const METHODS: &[&str] =
+    &["dpo", "preferred-ft", "unlikelihood", "ppo", "ppo-gt", "bon", "online", "iterative", "win-rate"];
 
 impl Plan {
     /// Keeps only the named methods (from [`METHODS`]); the others' sweeps are emptied.
@@ -201,6 +261,15 @@ impl Plan {
         }
         if off("bon") {
             self.bon_ns.clear();
+        }
+        if off("online") {
+            self.online.steps.steps = 0;
+        }
+        if off("iterative") {
+            self.iterative.rounds = 0;
+        }
+        if off("win-rate") {
+            self.win_rate_temperatures.clear();
         }
         Ok(())
     }

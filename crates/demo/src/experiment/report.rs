@@ -7,9 +7,11 @@ use serde::Serialize;
 
 use super::evaluate::Point;
 use super::methods::MethodRun;
+use super::online_methods::Frontier;
 use super::plan::Plan;
+use super::winrates::{VsChosen, VsTemperature};
 use super::DemoError;
-use crate::world::plot::{frontier_png, line_chart_png, Series, Style};
+use crate::world::plot::{frontier_png, interval_chart_png, line_chart_png, Series, Style};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PairStats {
@@ -43,6 +45,18 @@ pub struct Report {
     pub reward_accuracy: Vec<RewardAccuracy>,
     /// `dpo/gradient_weight` per step of each DPO run: (setting, [(step, weight)]).
     pub gradient_weight: Vec<(String, Vec<(f64, f64)>)>,
+    /// Win rate against the preferred completion of each held-out pair prompt, judged by the ground
+    /// truth, by sampling temperature: `{method: [{temperature, win_rate, ci_low, ci_high, n, ..}]}`.
+    pub win_rate_vs_temperature: VsTemperature,
+    /// The same at temperature 1 for every method: `{method: {setting, win_rate, ci_low, ci_high, n, ..}}`.
+    pub win_rate_vs_chosen: VsChosen,
+    /// What the win rates say about the paper's claims.
+    pub win_rate_verdict: String,
+    /// Reward (the learned reward model's, standardised) against KL of offline DPO (per beta, every
+    /// checkpoint) and online and iterative DPO: `{method: [points]}`.
+    pub frontier: Frontier,
+    /// Online and iterative DPO against offline DPO at equal KL, one sentence per point and judge.
+    pub online_vs_offline: Vec<String>,
     /// Acceptance checks, as sentences with their numbers.
     pub checks: Vec<String>,
     pub verdict: String,
@@ -238,6 +252,9 @@ impl Report {
         for c in &self.checks {
             let _ = writeln!(s, "- {c}");
         }
+        s += &self.kl_drift_markdown();
+        s += &self.online_markdown();
+        s += &self.win_rate_markdown();
         s += "\n## Your language model is secretly a reward model\n\n";
         s += "Ranking accuracy on held-out pairs ranked by the ground truth (ties excluded):\n\n";
         s += "| scorer | accuracy |\n| --- | ---: |\n";
@@ -264,6 +281,142 @@ impl Report {
         s
     }
 
+    /// Why a small beta drifts to a high KL: each DPO run's KL, reward and completion length along its run
+    /// and the weight its gradient still puts on a pair at the end.
+    fn kl_drift_markdown(&self) -> String {
+        let dpo: Vec<&MethodRun> = self.runs.iter().filter(|r| r.method == "DPO").collect();
+        if dpo.len() < 2 {
+            return String::new();
+        }
+        let mut s = String::from("\n## Why a small beta drifts to a high KL\n\n");
+        s += "| run | KL along the run | reward along the run | length (SFT: ";
+        let _ = write!(s, "{:.1}", self.sft.length);
+        s += " tokens) | final mean sigma(r_l - r_w) |\n| --- | --- | --- | --- | ---: |\n";
+        for r in dpo {
+            let kl: Vec<String> = r.points.iter().map(|p| format!("{:.2}", p.kl)).collect();
+            let rw: Vec<String> = r.points.iter().map(|p| format!("{:.3}", p.reward)).collect();
+            let len: Vec<String> = r.points.iter().map(|p| format!("{:.1}", p.length)).collect();
+            let gw = self
+                .gradient_weight
+                .iter()
+                .find(|(k, _)| *k == r.setting)
+                .and_then(|(_, v)| v.last().map(|&(_, w)| format!("{w:.3}")))
+                .unwrap_or_default();
+            let _ =
+                writeln!(s, "| {} | {} | {} | {} | {gw} |", r.setting, kl.join(" → "), rw.join(" → "), len.join(" → "));
+        }
+        s += "\nEvery beta trains at the same learning rate under AdamW, which divides each gradient by its running scale: \
+              beta scales DPO's gradient (beta sigma(-beta m) grad m) but not the size of the step. What beta does set \
+              is when the loss saturates: the weight sigma(-beta m) of a pair falls only once its log-ratio margin m \
+              is several times 1/beta. With a small beta that takes tens of nats, so the weight stays high (the last \
+              column) and the policy keeps moving at the optimizer's pace: KL grows with every step instead of levelling \
+              off, and since the margin is mostly won by lowering both completions' likelihoods (see logps/chosen and \
+              logps/rejected in each run's metrics.jsonl), the mass goes to other, longer completions that the \
+              temperature-1 evaluation samples, with no gain in reward. A lower learning rate (fewer nats per step), \
+              fewer steps, or a larger beta bound the KL; the pair set, one pass over it, is not what is overfitted.\n";
+        s
+    }
+
+    /// The online and iterative DPO section.
+    fn online_markdown(&self) -> String {
+        let mut s = String::new();
+        if self.frontier.is_empty() {
+            return s;
+        }
+        let (o, it) = (&self.plan.online, &self.plan.iterative);
+        s += "\n## Online and iterative DPO\n\n";
+        let _ = writeln!(
+            s,
+            "Both label their pairs with the learned Bradley-Terry reward model (not the ground truth), best against \
+             worst of {} samples per prompt from the current policy, and train the DPO loss at beta {}. Online DPO: \
+             {} steps of {} prompts (lr {}). Iterative DPO: {} rounds of {} steps on pairs sampled from {} prompts \
+             (lr {}, reference {}). Offline DPO: {} steps of {} pairs sampled once from the SFT model, at every beta.\n",
+            o.samples,
+            o.beta,
+            o.steps.steps,
+            o.steps.batch,
+            o.steps.lr,
+            it.rounds,
+            it.steps.steps,
+            it.prompts,
+            it.steps.lr,
+            if it.move_reference { "moved to each round's start" } else { "fixed (the SFT model)" },
+            self.plan.dpo.steps,
+            self.plan.dpo.batch
+        );
+        s += "![frontier judged by the learned reward model](frontier_learned.png)\n\n";
+        s += "| method | points (KL: learned reward ± s.e.) |\n| --- | --- |\n";
+        for (m, pts) in &self.frontier {
+            let text: Vec<String> =
+                pts.iter().map(|p| format!("{:.2}: {:.3} ± {:.3}", p.kl, p.reward, p.reward_se)).collect();
+            let _ = writeln!(s, "| {m} | {} |", text.join("; "));
+        }
+        s += "\nAt equal KL (each online point against offline DPO's best point with no more KL, the SFT model at KL 0 included):\n\n";
+        for line in &self.online_vs_offline {
+            let _ = writeln!(s, "- {line}");
+        }
+        s
+    }
+
+    /// The win-rate section: against temperature and against the chosen completions, with intervals.
+    fn win_rate_markdown(&self) -> String {
+        let mut s = String::new();
+        if self.win_rate_vs_temperature.is_empty() && self.win_rate_vs_chosen.is_empty() {
+            return s;
+        }
+        let p = &self.plan;
+        s += "\n## Win rates against the preferred completions\n\n";
+        let _ = writeln!(
+            s,
+            "The paper's summarization and dialogue measurements in miniature: on each of the {} held-out pair \
+             prompts, a policy's sample against the prompt's preferred completion (the highest-reward of its {} \
+             SFT samples), judged by the ground truth; ties count half. {} sample(s) per prompt above temperature \
+             0, one at 0 (greedy samples repeat). Brackets: 95% Wilson score intervals (`dpo::winrate`). Each \
+             method is its run with the highest final reward on the evaluation prompts (a different prompt set).\n",
+            p.heldout_pair_prompts, p.samples_per_prompt, p.win_rate_samples
+        );
+        if !self.win_rate_vs_temperature.is_empty() {
+            s += "![win rate against temperature](win_rate_temperature.png)\n\n";
+            let temps: Vec<f64> = p.win_rate_temperatures.clone();
+            s += "| method |";
+            for t in &temps {
+                let _ = write!(s, " T={t} |");
+            }
+            s += "\n| --- |";
+            s += &" ---: |".repeat(temps.len());
+            s += "\n";
+            for (m, curve) in &self.win_rate_vs_temperature {
+                let _ = write!(s, "| {m} |");
+                for pt in curve {
+                    let _ = write!(
+                        s,
+                        " {:.3} [{:.3}, {:.3}] (n={}) |",
+                        pt.rate.win_rate, pt.rate.ci_low, pt.rate.ci_high, pt.rate.n
+                    );
+                }
+                s += "\n";
+            }
+            s += "\n";
+        }
+        if !self.win_rate_vs_chosen.is_empty() {
+            s += "At temperature 1, every method:\n\n| method | run | win rate | 95% interval | wins / ties / losses |\n";
+            s += "| --- | --- | ---: | --- | --- |\n";
+            let mut rows: Vec<_> = self.win_rate_vs_chosen.iter().collect();
+            rows.sort_by(|a, b| b.1.rate.win_rate.total_cmp(&a.1.rate.win_rate));
+            for (m, w) in rows {
+                let r = &w.rate;
+                let _ = writeln!(
+                    s,
+                    "| {m} | {} | {:.3} | [{:.3}, {:.3}] | {} / {} / {} |",
+                    w.setting, r.win_rate, r.ci_low, r.ci_high, r.wins, r.ties, r.losses
+                );
+            }
+            s += "\n";
+        }
+        let _ = writeln!(s, "{}\n", self.win_rate_verdict);
+        s
+    }
+
     /// Writes `report.md`, `report.json`, `frontier.png` and `gradient_weight.png` into `out`.
     pub fn write(&self, out: &Path) -> Result<(), DemoError> {
         let json = serde_json::to_string_pretty(self)?;
@@ -275,7 +428,9 @@ impl Report {
         write("report.md", self.markdown().as_bytes())?;
 
         let mut series = vec![Series::new("SFT", vec![(self.sft.kl, self.sft.reward)], Style::Points)];
-        for method in ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-N"] {
+        for method in
+            ["DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-N", "Online DPO", "Iterative DPO"]
+        {
             let pts: Vec<(f64, f64)> = points_of(&self.runs, method).into_iter().map(|p| (p.kl, p.reward)).collect();
             if !pts.is_empty() {
                 let style = if method == "Best-of-N" { Style::LineAndPoints } else { Style::Points };
@@ -289,6 +444,49 @@ impl Report {
             "KL(pi || ref), nats per sequence",
             "ground-truth reward (VADER)",
         )?;
+
+        if !self.frontier.is_empty() {
+            let series: Vec<Series> = self
+                .frontier
+                .iter()
+                .map(|(m, pts)| {
+                    Series::new(m.clone(), pts.iter().map(|p| (p.kl, p.reward)).collect(), Style::LineAndPoints)
+                })
+                .collect();
+            frontier_png(
+                &out.join("frontier_learned.png"),
+                &series,
+                "Offline, online and iterative DPO: learned reward vs KL",
+                "KL(pi || ref), nats per sequence",
+                "learned reward model (standardised)",
+            )?;
+        }
+        if !self.win_rate_vs_temperature.is_empty() {
+            // Methods side by side at each temperature (a small offset each), so the bars do not overlap.
+            let k = self.win_rate_vs_temperature.len() as f64;
+            let series: Vec<Series> = self
+                .win_rate_vs_temperature
+                .iter()
+                .enumerate()
+                .map(|(i, (m, c))| {
+                    let dx = (i as f64 - (k - 1.0) / 2.0) * 0.012;
+                    Series::new(
+                        m.clone(),
+                        c.iter().map(|p| (p.temperature + dx, p.rate.win_rate)).collect(),
+                        Style::LineAndPoints,
+                    )
+                    .with_intervals(c.iter().map(|p| (p.rate.ci_low, p.rate.ci_high)).collect())
+                })
+                .collect();
+            interval_chart_png(
+                &out.join("win_rate_temperature.png"),
+                &series,
+                Some(0.5),
+                "Win rate against the preferred completion",
+                "sampling temperature",
+                "win rate (ground truth judge), 95% interval",
+            )?;
+        }
 
         let curves: Vec<Series> = self
             .gradient_weight

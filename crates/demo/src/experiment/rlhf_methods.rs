@@ -28,8 +28,54 @@ fn rm_err(e: impl std::fmt::Display) -> DemoError {
     method_err("reward model", e)
 }
 
+/// The trained reward model and its standardisation, kept for the later judges (Best-of-N on the
+/// win-rate prompts, online DPO's labels).
+pub struct LearnedRm {
+    pub rm: RewardModel,
+    pub shift: f64,
+    pub scale: f64,
+}
+
+impl LearnedRm {
+    pub fn scorer(&self) -> Learned<'_> {
+        Learned { rm: &self.rm, shift: self.shift, scale: self.scale, error: None }
+    }
+
+    /// Standardised rewards of `(prompt, completion)` items.
+    pub fn rewards(&self, items: &[(&[u32], &[u32])]) -> Result<Vec<f64>, DemoError> {
+        let mut s = self.scorer();
+        let r = s.score(items);
+        match s.error {
+            Some(e) => Err(rm_err(e)),
+            None => Ok(r),
+        }
+    }
+
+    /// Best-of-`n` of `params` on `prompts` under this reward (temperature 1): the kept completion of
+    /// each prompt.
+    pub fn best_of_n(
+        &self,
+        world: &World,
+        params: &Params,
+        prompts: &[Vec<u32>],
+        n: usize,
+        sampling: &engine::generate::SamplingConfig,
+        seed: u64,
+    ) -> Result<Vec<Vec<u32>>, DemoError> {
+        let mut learned = self.scorer();
+        let mut score = |items: &[(&[u32], &[u32])]| -> Result<Vec<f64>, String> { Ok(learned.score(items)) };
+        let mut rng = Rng::new(seed);
+        let best = best_of_n(&world.decoder, world.view(params), prompts, n, sampling, &mut score, &mut rng)
+            .map_err(|e| method_err("Best-of-N", e))?;
+        if let Some(e) = learned.error {
+            return Err(rm_err(e));
+        }
+        Ok(best.into_iter().map(|b| b.best.tokens).collect())
+    }
+}
+
 /// The reward model's score, standardised.
-struct Learned<'a> {
+pub struct Learned<'a> {
     rm: &'a RewardModel,
     shift: f64,
     scale: f64,
@@ -75,7 +121,7 @@ impl RewardFn for Truth<'_> {
 }
 
 /// Runs PPO against the ground truth, trains the reward model, then runs PPO against it and Best-of-N; appends their runs and the
-/// reward model's held-out accuracy.
+/// reward model's held-out accuracy. Returns the reward model when one was trained.
 pub fn run_all(
     ctx: &Ctx,
     sft: &Params,
@@ -83,9 +129,13 @@ pub fn run_all(
     runs: &mut Vec<MethodRun>,
     accuracies: &mut Vec<RewardAccuracy>,
     log: &mut dyn FnMut(&str),
-) -> Result<(), DemoError> {
+) -> Result<Option<LearnedRm>, DemoError> {
     let plan = ctx.plan;
-    let needs_rm = !plan.ppo.kl_coefs_learned.is_empty() || !plan.bon_ns.is_empty();
+    // The reward model also labels online and iterative DPO's pairs.
+    let needs_rm = !plan.ppo.kl_coefs_learned.is_empty()
+        || !plan.bon_ns.is_empty()
+        || plan.online.steps.steps > 0
+        || plan.iterative.rounds > 0;
     let mut truth = Truth { world: ctx.world, error: None };
     let prompts: Vec<Vec<u32>> = ctx.pairs.iter().map(|e| e.prompt_ids.clone()).fold(Vec::new(), |mut v, p| {
         if v.last() != Some(&p) {
@@ -101,7 +151,7 @@ pub fn run_all(
         runs.push(r);
     }
     if !needs_rm {
-        return Ok(());
+        return Ok(None);
     }
     log("[4/5] reward model (Bradley-Terry, from the SFT model)");
     let t = Instant::now();
@@ -162,7 +212,7 @@ pub fn run_all(
         }
         runs.push(r);
     }
-    Ok(())
+    Ok(Some(LearnedRm { rm, shift, scale }))
 }
 
 /// One PPO run, measured at evenly spaced steps; each measured policy is saved as a checkpoint.

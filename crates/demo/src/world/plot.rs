@@ -1,5 +1,5 @@
 //! PNG charts for the experiment's report: the reward / KL frontier of every method (the paper's
-//! figure 2, left) and training curves.
+//! figure 2, left) and training curves; and several charts tiled in one picture (`dpo plot`).
 //!
 //! plotters maps coordinates and draws grid, lines and markers into a pixel buffer; text is drawn
 //! afterwards with `ab_glyph` from DejaVu Sans embedded in the binary (no system fonts), because
@@ -31,12 +31,51 @@ pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
     pub style: Style,
+    /// `(low, high)` of an interval around each point's y (a 95% interval), drawn as a vertical bar;
+    /// empty: none.
+    pub intervals: Vec<(f64, f64)>,
 }
 
 impl Series {
     pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>, style: Style) -> Self {
-        Series { name: name.into(), points, style }
+        Series { name: name.into(), points, style, intervals: Vec::new() }
     }
+
+    /// This series with an interval `(low, high)` around each point's y.
+    pub fn with_intervals(self, intervals: Vec<(f64, f64)>) -> Self {
+        Series { intervals, ..self }
+    }
+
+    /// The bars of the intervals: `(x, low, high)` of every point that has a finite one.
+    fn bars(&self) -> impl Iterator<Item = (f64, f64, f64)> + '_ {
+        let ok = |v: &f64| v.is_finite();
+        self.points
+            .iter()
+            .zip(&self.intervals)
+            .filter_map(move |(&(x, _), &(lo, hi))| (ok(&x) && ok(&lo) && ok(&hi)).then_some((x, lo, hi)))
+    }
+}
+
+/// Win rate (or any rate) against a setting such as the sampling temperature, each point with its 95%
+/// interval as a bar, and a reference line at `reference` (0.5: a tie).
+pub fn interval_chart_png(
+    path: &Path,
+    series: &[Series],
+    reference: Option<f64>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+) -> Result<(), WorldError> {
+    let mut all = series.to_vec();
+    if let Some(r) = reference {
+        let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).filter(|x| x.is_finite());
+        let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+        if lo.is_finite() {
+            all.push(Series::new(format!("{r} (tie)"), vec![(lo, r), (hi, r)], Style::Line));
+        }
+    }
+    let rgb = render(&all, [title, x_label, y_label], usize::MAX).map_err(|reason| chart_error(path, reason))?;
+    write_png(path, &rgb, (WIDTH, HEIGHT))
 }
 
 /// Reward against KL(pi || ref), one series per method: every point gets a marker (each point is a
@@ -49,7 +88,7 @@ pub fn frontier_png(
     y_label: &str,
 ) -> Result<(), WorldError> {
     let rgb = render(series, [title, x_label, y_label], usize::MAX).map_err(|reason| chart_error(path, reason))?;
-    write_png(path, &rgb)
+    write_png(path, &rgb, (WIDTH, HEIGHT))
 }
 
 /// Curves over training steps (e.g. the mean DPO weight sigma(r_l - r_w) per pair): long series get
@@ -62,7 +101,34 @@ pub fn line_chart_png(
     y_label: &str,
 ) -> Result<(), WorldError> {
     let rgb = render(series, [title, x_label, y_label], 24).map_err(|reason| chart_error(path, reason))?;
-    write_png(path, &rgb)
+    write_png(path, &rgb, (WIDTH, HEIGHT))
+}
+
+/// One chart of a picture of several ([`panels_png`]), drawn as [`line_chart_png`] draws it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Panel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+/// Line charts tiled `columns` wide, row by row, in one PNG (each `WIDTH x HEIGHT`; an unused tile of the
+/// last row stays white).
+pub fn panels_png(path: &Path, panels: &[Panel], columns: usize) -> Result<(), WorldError> {
+    let columns = columns.clamp(1, panels.len().max(1));
+    let rows = panels.len().div_ceil(columns).max(1);
+    let (w, h) = (WIDTH as usize, HEIGHT as usize);
+    let mut out = vec![255u8; w * columns * h * rows * 3];
+    for (i, p) in panels.iter().enumerate() {
+        let rgb = render(&p.series, [&p.title, &p.x_label, &p.y_label], 24).map_err(|r| chart_error(path, r))?;
+        let (col, row) = (i % columns, i / columns);
+        for (y, line) in rgb.chunks_exact(w * 3).enumerate() {
+            let at = ((row * h + y) * w * columns + col * w) * 3;
+            out[at..at + w * 3].copy_from_slice(line);
+        }
+    }
+    write_png(path, &out, ((w * columns) as u32, (h * rows) as u32))
 }
 
 fn chart_error(path: &Path, reason: String) -> WorldError {
@@ -105,7 +171,11 @@ fn render(series: &[Series], labels: [&str; 3], max_markers: usize) -> Result<Ve
         .iter()
         .map(|s| s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect())
         .collect();
-    let (xr, yr) = ranges(finite.iter().flatten()).ok_or_else(|| format!("{title}: no finite points to plot"))?;
+    // The interval bars' ends are in the frame too.
+    let ends: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.bars().flat_map(|(x, lo, hi)| [(x, lo), (x, hi)])).collect();
+    let (xr, yr) =
+        ranges(finite.iter().flatten().chain(&ends)).ok_or_else(|| format!("{title}: no finite points to plot"))?;
     let (xt, yt) = (Ticks::new(&xr, 9), Ticks::new(&yr, 7));
 
     // Room for the labels: the widest y tick label decides the left margin.
@@ -182,6 +252,13 @@ fn draw<DB: DrawingBackend>(
 
     for (i, (s, pts)) in series.iter().zip(finite).enumerate() {
         let color = PALETTE[i % PALETTE.len()];
+        for (x, lo, hi) in s.bars() {
+            let ((px_x, px_lo), (_, px_hi)) = (px(x, lo), px(x, hi));
+            root.draw(&PathElement::new(vec![(px_x, px_lo), (px_x, px_hi)], color.stroke_width(2)))?;
+            for y in [px_lo, px_hi] {
+                root.draw(&PathElement::new(vec![(px_x - 6, y), (px_x + 6, y)], color.stroke_width(2)))?;
+            }
+        }
         if matches!(s.style, Style::Line | Style::LineAndPoints) && pts.len() > 1 {
             area.draw(&PathElement::new(pts.clone(), color.stroke_width(3)))?;
         }
@@ -450,10 +527,10 @@ fn draw_text(buf: &mut [u8], font: &FontRef, t: &Text) {
 
 /// Encodes the RGB buffer and writes it atomically, so a reader (or an interrupted run) never sees half
 /// a PNG.
-fn write_png(path: &Path, rgb: &[u8]) -> Result<(), WorldError> {
+fn write_png(path: &Path, rgb: &[u8], (width, height): (u32, u32)) -> Result<(), WorldError> {
     let mut bytes = Vec::new();
     let encoded = (|| {
-        let mut enc = png::Encoder::new(&mut bytes, WIDTH, HEIGHT);
+        let mut enc = png::Encoder::new(&mut bytes, width, height);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut w = enc.write_header()?;
@@ -476,12 +553,35 @@ mod tests {
     }
 
     fn check_png(path: &Path) {
+        check_png_size(path, (WIDTH, HEIGHT));
+    }
+
+    fn check_png_size(path: &Path, (width, height): (u32, u32)) {
         let bytes = std::fs::read(path).expect("png written");
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         // IHDR: width and height, big-endian, at bytes 16..24.
-        assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")), WIDTH);
-        assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().expect("4 bytes")), HEIGHT);
+        assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")), width);
+        assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().expect("4 bytes")), height);
         assert!(bytes.len() > 15_000, "{} bytes: a blank image?", bytes.len());
+    }
+
+    #[test]
+    fn panels_tile_row_by_row() {
+        let path = out_dir().join("panels.png");
+        let curve = |k: f64| (0..50).map(|s| (s as f64, (-(s as f64) * k).exp())).collect::<Vec<_>>();
+        let panel = |t: &str, k: f64| Panel {
+            title: t.into(),
+            x_label: "step".into(),
+            y_label: t.into(),
+            series: vec![Series::new("train", curve(k), Style::Line)],
+        };
+        let panels = vec![panel("a", 0.1), panel("b", 0.05), panel("c", 0.02), panel("d", 0.2)];
+        panels_png(&path, &panels, 3).expect("draw");
+        check_png_size(&path, (3 * WIDTH, 2 * HEIGHT));
+        // A panel with nothing finite is refused with its title.
+        let bad = vec![Panel { series: vec![Series::new("x", vec![(f64::NAN, 1.0)], Style::Line)], ..panel("e", 0.1) }];
+        let err = panels_png(&out_dir().join("bad.png"), &bad, 3).unwrap_err().to_string();
+        assert!(err.contains("e: no finite points"), "{err}");
     }
 
     /// A frontier shaped like the paper's figure 2: reward rising with KL and saturating.
@@ -517,6 +617,22 @@ mod tests {
         ];
         line_chart_png(&path, &series, "Mean weight σ(r_l − r_w) per pair", "training step", "mean weight")
             .expect("draw");
+        check_png(&path);
+    }
+
+    #[test]
+    fn interval_chart() {
+        let path = out_dir().join("win_rate.png");
+        let temps = [0.0, 0.25, 0.5, 0.75, 1.0];
+        let dpo: Vec<(f64, f64)> = temps.iter().map(|&t| (t, 0.7 - 0.1 * t)).collect();
+        let ppo: Vec<(f64, f64)> = temps.iter().map(|&t| (t, 0.6 - 0.3 * t)).collect();
+        let bars = |v: &[(f64, f64)]| v.iter().map(|&(_, y)| (y - 0.08, y + 0.08)).collect();
+        let series = vec![
+            Series::new("DPO", dpo.clone(), Style::LineAndPoints).with_intervals(bars(&dpo)),
+            Series::new("PPO", ppo.clone(), Style::LineAndPoints).with_intervals(bars(&ppo)),
+        ];
+        assert_eq!(series[0].bars().count(), 5);
+        interval_chart_png(&path, &series, Some(0.5), "Win rate", "temperature", "win rate").expect("draw");
         check_png(&path);
     }
 

@@ -253,6 +253,8 @@ pub struct TrainConfig {
     /// Print a metrics line every this many steps.
     pub log_every: u64,
     pub on_nonfinite: OnNonFinite,
+    /// Where the metrics go besides `metrics.jsonl`: TensorBoard event files under `RUN/runs/`.
+    pub report_to: crate::tensorboard::ReportTo,
     /// Memory the run may use; default: the machine's available memory (`MemAvailable`). A run whose
     /// estimated peak exceeds it is refused before training.
     pub max_memory: Option<ByteSize>,
@@ -312,6 +314,7 @@ impl Default for TrainConfig {
             save_total_limit: 0,
             log_every: 1,
             on_nonfinite: OnNonFinite::Stop,
+            report_to: Default::default(),
             max_memory: None,
             lora: LoraFlags::default(),
             adapter: None,

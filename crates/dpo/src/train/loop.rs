@@ -312,7 +312,7 @@ pub fn run(
         dir.write_config(&cfg.to_toml())?;
     }
     let resumed_at = resumed.as_ref().map(|_| t.state.step);
-    let mut metrics = dir.as_deref().map(|d| d.metrics(resumed_at)).transpose()?;
+    let mut metrics = dir.as_deref().map(|d| d.metrics_to(resumed_at, cfg.report_to)).transpose()?;
     let output = cfg.output.clone();
 
     let lora = s.lora.as_ref().map(|l| &l.config);

@@ -14,9 +14,11 @@
 pub mod checkpoint;
 pub mod config;
 mod error;
+pub mod iterative;
 pub mod kto;
 pub mod lora;
 pub mod memory;
+pub mod online;
 pub mod pairs;
 pub mod policy;
 pub mod reference;

@@ -19,9 +19,18 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::TrainError;
+use crate::tensorboard::{EventWriter, ReportTo};
 
 /// The files and directories that make up a run (what --overwrite moves aside).
-const RUN_ENTRIES: [&str; 6] = ["config.toml", "metrics.jsonl", "checkpoints", "final", "final-merged", "abandoned"];
+const RUN_ENTRIES: [&str; 7] = [
+    "config.toml",
+    "metrics.jsonl",
+    "checkpoints",
+    "final",
+    "final-merged",
+    "abandoned",
+    crate::tensorboard::EVENTS_DIR,
+];
 
 /// How a run starts in its directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,6 +244,11 @@ impl RunDir {
     /// The metrics file: started afresh, or, when resuming at `resumed_at`, kept up to that step (the
     /// resumed run writes the later steps again).
     pub fn metrics(&self, resumed_at: Option<u64>) -> Result<Metrics, TrainError> {
+        self.metrics_to(resumed_at, ReportTo::default())
+    }
+
+    /// [`Self::metrics`], also written as TensorBoard event files under `RUN/runs/` when `report_to` says so.
+    pub fn metrics_to(&self, resumed_at: Option<u64>, report_to: ReportTo) -> Result<Metrics, TrainError> {
         let path = self.path.join("metrics.jsonl");
         match resumed_at {
             Some(step) => truncate_metrics(&path, step)?,
@@ -244,7 +258,14 @@ impl RunDir {
         }
         let file =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainError::io(&path, e))?;
-        Ok(Metrics { path, file })
+        let events = match report_to.tensorboard {
+            true => {
+                let dir = self.path.join(crate::tensorboard::EVENTS_DIR);
+                Some(EventWriter::create(&dir).map_err(|e| TrainError::io(&dir, e))?)
+            }
+            false => None,
+        };
+        Ok(Metrics { path, file, events })
     }
 
     /// Moves checkpoints newer than `step` (and a final model) to `RUN/abandoned/`: a run resumed from an
@@ -317,16 +338,27 @@ fn restore(run: &Path, aside: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// `metrics.jsonl`, one line per step, flushed as written.
+/// `metrics.jsonl`, one line per step, flushed as written; and the same numbers as TensorBoard scalars
+/// when the run reports there.
 pub struct Metrics {
     path: PathBuf,
     file: std::fs::File,
+    events: Option<EventWriter>,
 }
 
 impl Metrics {
     pub fn append(&mut self, line: &serde_json::Value) -> Result<(), TrainError> {
         writeln!(self.file, "{line}").map_err(|e| TrainError::io(&self.path, e))?;
-        self.file.flush().map_err(|e| TrainError::io(&self.path, e))
+        self.file.flush().map_err(|e| TrainError::io(&self.path, e))?;
+        if let Some(ev) = &mut self.events {
+            ev.metrics_line(line).map_err(|e| TrainError::io(ev.path(), e))?;
+        }
+        Ok(())
+    }
+
+    /// The files written: `metrics.jsonl` and the event file, if any (for the run's closing summary).
+    pub fn files(&self) -> Vec<PathBuf> {
+        std::iter::once(self.path.clone()).chain(self.events.as_ref().map(|e| e.path().to_path_buf())).collect()
     }
 }
 

@@ -3,10 +3,11 @@
 //! crate only uses AVX2 on stable Rust, half the FMA width); elsewhere, and for shapes too thin for that
 //! kernel's tiles, through the `gemm` crate.
 //!
-//! bf16 products ([`Precision::Bf16`]) run, in order of preference, on the bf16 kernel (`vdpbf16ps`, where
-//! the CPU has AVX512_BF16), on the f32 kernel rounding its operands as it packs them (AVX-512F), or on
-//! rounded copies of the operands through the `gemm` crate. All three compute the product of the
-//! bf16-rounded operands in f32 arithmetic; they differ only in how the sums are grouped.
+//! bf16 products ([`Precision::Bf16`]) run, in order of preference, on a bf16 kernel (AMX tiles where the
+//! CPU has AMX-BF16, else `vdpbf16ps` where it has AVX512_BF16; see [`super::precision::Bf16Kernel`]), on
+//! the f32 kernel rounding its operands as it packs them (AVX-512F), or on rounded copies of the operands
+//! through the `gemm` crate. All compute the product of the bf16-rounded operands in f32 arithmetic; they
+//! differ only in how the sums are grouped.
 
 use rayon::prelude::*;
 
@@ -34,8 +35,8 @@ fn use_sgemm(m: usize, n: usize, k: usize) -> bool {
     m >= 4 && n >= 32 && m.saturating_mul(n).saturating_mul(k) > 1 << 15 && super::sgemm::available()
 }
 
-/// Whether a bf16 product of these sizes runs on the bf16 kernel: the shapes of [`use_sgemm`] (the
-/// kernels share tiles and packing), on a CPU with AVX512_BF16.
+/// Whether a bf16 product of these sizes runs on a bf16 kernel: the shapes of [`use_sgemm`] (the kernels
+/// share the blocked driver), on a CPU with AVX512_BF16 or AMX-BF16.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn use_bf16_kernel(m: usize, n: usize, k: usize) -> bool {
     #[cfg(test)]

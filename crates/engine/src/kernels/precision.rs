@@ -52,7 +52,11 @@ impl FromStr for Precision {
 /// What runs a bf16 product on this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bf16Kernel {
-    /// `vdpbf16ps` (AVX512_BF16): bf16 pairs multiplied and summed into f32 lanes.
+    /// AMX-BF16 (`tdpbf16ps`): 16 x 16 tiles of C from tiles of bf16 pairs, where the CPU has AMX and the
+    /// OS grants this process the tile state.
+    Amx,
+    /// `vdpbf16ps` (AVX512_BF16): bf16 pairs multiplied and summed into f32 lanes (CPUs without AMX, or
+    /// `DPO_GEMM=avx512_bf16`).
     Avx512Bf16,
     /// The f32 kernels on operands rounded to bf16: the same numbers up to the grouping of the f32 sums,
     /// at f32 speed (CPUs without bf16 instructions, other architectures, `DPO_GEMM=portable`).
@@ -60,13 +64,19 @@ pub enum Bf16Kernel {
 }
 
 impl Bf16Kernel {
-    /// The kernel bf16 products use here (detected once; `DPO_GEMM=portable` forces the emulation).
+    /// The kernel bf16 products use here, detected once: the fastest the CPU has, unless `DPO_GEMM` says
+    /// `avx512_bf16` (no AMX) or `portable` (the emulation).
     pub fn detect() -> Bf16Kernel {
         static KERNEL: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
         *KERNEL.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
-            if super::sgemm::bf16_available() {
-                return Bf16Kernel::Avx512Bf16;
+            {
+                if super::sgemm::amx_available() {
+                    return Bf16Kernel::Amx;
+                }
+                if super::sgemm::avx512_bf16_available() {
+                    return Bf16Kernel::Avx512Bf16;
+                }
             }
             Bf16Kernel::Emulated
         })
@@ -75,6 +85,7 @@ impl Bf16Kernel {
     /// A short description for logs and `--version`.
     pub fn describe(self) -> &'static str {
         match self {
+            Bf16Kernel::Amx => "amx_bf16 (tdpbf16ps tiles)",
             Bf16Kernel::Avx512Bf16 => "avx512_bf16 (vdpbf16ps)",
             Bf16Kernel::Emulated => {
                 "emulated (f32 kernels on bf16-rounded operands: no AVX512_BF16, or DPO_GEMM=portable)"
@@ -94,5 +105,23 @@ mod tests {
         }
         assert_eq!("fp16".parse::<Precision>(), Err(UnknownPrecision("fp16".into())));
         assert_eq!(Precision::default(), Precision::F32);
+    }
+
+    /// Without `DPO_GEMM` (the unit tests do not set it), the fastest kernel the CPU has is chosen.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn detect_prefers_amx_then_vdpbf16ps() {
+        use crate::kernels::sgemm::{amx_available, avx512_bf16_available};
+        let want = if amx_available() {
+            Bf16Kernel::Amx
+        } else if avx512_bf16_available() {
+            Bf16Kernel::Avx512Bf16
+        } else {
+            Bf16Kernel::Emulated
+        };
+        assert_eq!(Bf16Kernel::detect(), want);
+        if std::env::var_os("DPO_GEMM").is_none() && std::arch::is_x86_feature_detected!("avx512bf16") {
+            assert_ne!(want, Bf16Kernel::Emulated);
+        }
     }
 }

@@ -287,6 +287,7 @@ fn an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one() {
             save_every: 3,
             on_nonfinite: OnNonFinite::Stop,
             stop,
+            report_to: Default::default(),
         };
         let mut taken = 0;
         run_reward_model(start, &data, &[], &rc, Some(run), &mut |_| {

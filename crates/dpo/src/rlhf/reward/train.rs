@@ -279,6 +279,8 @@ pub struct RmRun<'a> {
     pub save_every: u64,
     pub on_nonfinite: OnNonFinite,
     pub stop: &'a AtomicBool,
+    /// TensorBoard event files besides metrics.jsonl.
+    pub report_to: crate::tensorboard::ReportTo,
 }
 
 /// How a reward-model run ended.
@@ -350,7 +352,7 @@ pub fn run_reward_model(
                     dir.abandon_after(state.step, log)?;
                 }
             }
-            r.dir.as_deref().map(|dir| dir.metrics(resumed.then_some(state.step))).transpose()?
+            r.dir.as_deref().map(|dir| dir.metrics_to(resumed.then_some(state.step), r.report_to)).transpose()?
         }
         None => None,
     };

@@ -18,7 +18,7 @@ use std::marker::PhantomData;
 
 use super::kernel::{row_of_tiles, Store, Tile, AW, MR};
 use super::pack::{bf16_high_halves, mask, transpose16, Lines, Src};
-use super::Flavor;
+use super::{sliver_of_panels, Flavor};
 
 /// An element the bf16 packing reads: f32 (rounded to bf16) or `u16` (bf16 bits, already rounded).
 pub(crate) trait Bf16Elem: Sized {
@@ -150,25 +150,33 @@ unsafe fn pair_rows<const W: usize, T: Bf16Elem>(dst: *mut u32, src: Src<T>, p: 
     }
 }
 
-/// Packs `w` lanes of `src` into `ceil(w / W)` consecutive panels of `[ceil(kc / 2)][W]` pair words.
+/// Packs `w` lanes of `src` into `ceil(w / W)` panels of `[ceil(kc / 2)][W]` pair words, `stride` steps
+/// apart (`stride >= ceil(kc / 2)`; the steps between are left as they are).
 ///
 /// # Safety
-/// As [`pack_pairs`], for `w` lanes and `dst` holding `ceil(w / W) * ceil(kc / 2) * W` words.
+/// As [`pack_pairs`], for `w` lanes and `dst` holding `ceil(w / W) * stride * W` words.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_pair_panels<const W: usize, T: Bf16Elem>(dst: *mut u32, src: Src<T>, w: usize, kc: usize) {
+pub(super) unsafe fn pack_pair_panels<const W: usize, T: Bf16Elem>(
+    dst: *mut u32,
+    src: Src<T>,
+    w: usize,
+    kc: usize,
+    stride: usize,
+) {
     let (panels, steps) = (w.div_ceil(W), kc.div_ceil(2));
+    debug_assert!(stride >= steps);
     if src.sx == 1 {
         // Step by step across all panels, so the source is read sequentially whatever the panel width.
         for q in 0..steps {
             for jp in 0..panels {
                 let s = Src { ptr: src.ptr.add(jp * W), ..src };
-                pair_rows::<W, T>(dst.add(jp * steps * W + q * W), s, 2 * q, kc, (w - jp * W).min(W));
+                pair_rows::<W, T>(dst.add(jp * stride * W + q * W), s, 2 * q, kc, (w - jp * W).min(W));
             }
         }
     } else {
         for jp in 0..panels {
             let s = Src { ptr: src.ptr.add(jp * W * src.sx), ..src };
-            pack_pairs::<W, T>(dst.add(jp * steps * W), s, (w - jp * W).min(W), kc);
+            pack_pairs::<W, T>(dst.add(jp * stride * W), s, (w - jp * W).min(W), kc);
         }
     }
 }
@@ -230,6 +238,8 @@ impl<TA: Bf16Elem, TB: Bf16Elem> Flavor for Bf16<TA, TB> {
     type A = TA;
     type B = TB;
     const K_STEP: usize = 2;
+    const ROWS: usize = AW;
+    const CALLS: usize = AW / MR;
 
     #[inline(always)]
     unsafe fn pack_a(&self, dst: *mut f32, src: Src<TA>, w: usize, kc: usize) {
@@ -238,11 +248,11 @@ impl<TA: Bf16Elem, TB: Bf16Elem> Flavor for Bf16<TA, TB> {
 
     #[inline(always)]
     unsafe fn pack_b<const NR: usize>(&self, dst: *mut f32, src: Src<TB>, w: usize, kc: usize) {
-        pack_pair_panels::<NR, TB>(dst as *mut u32, src, w, kc)
+        pack_pair_panels::<NR, TB>(dst as *mut u32, src, w, kc, kc.div_ceil(2))
     }
 
     #[inline(always)]
-    unsafe fn row_of_tiles<const NV: usize>(
+    unsafe fn sliver<const NV: usize>(
         &self,
         steps: usize,
         ap: *const f32,
@@ -250,10 +260,12 @@ impl<TA: Bf16Elem, TB: Bf16Elem> Flavor for Bf16<TA, TB> {
         n: usize,
         c: *mut f32,
         ldc: usize,
-        mr: usize,
+        rows: usize,
         store: Store,
         prefetch: [(&mut Lines, usize); 2],
     ) {
-        row_of_tiles_bf16::<NV>(steps, ap, bp, n, c, ldc, mr, store, prefetch)
+        sliver_of_panels(ap, c, ldc, rows, prefetch, |ap, c, mr, pf| {
+            row_of_tiles_bf16::<NV>(steps, ap, bp, n, c, ldc, mr, store, pf)
+        })
     }
 }

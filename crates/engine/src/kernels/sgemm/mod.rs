@@ -26,7 +26,14 @@
 //! EPYC). There, on L1-resident panels, 8 x 48 and 8 x 32 tiles both run `vdpbf16ps` at one per cycle,
 //! the FMA's rate: twice the f32 multiply-adds. The f32 product can also round its operands to bf16 as
 //! it packs them ([`sgemm_rounded_to_bf16`]): the bf16 product where AVX512_BF16 is missing.
+//!
+//! Where the CPU has AMX-BF16 tiles (and Linux grants them), the bf16 product runs on a third flavour
+//! (`amx.rs`): 32 x 32 micro-tiles of four 16 x 16 accumulator tiles, `tdpbf16ps` doing 8192 multiply-adds
+//! where `vdpbf16ps` does 32; same driver, blocks and determinism rule, its own packing of A (32-row
+//! slivers in tile rows) and the `vdpbf16ps` pair panels for B. `DPO_GEMM` picks a slower path by hand:
+//! `portable` (no AVX-512 kernel at all), `avx512_bf16` (`vdpbf16ps` even where AMX is there).
 
+mod amx;
 mod bf16;
 mod kernel;
 mod pack;
@@ -45,8 +52,9 @@ const KC_MAX: usize = 256;
 /// Largest column block (a multiple of both tile widths, 32 and 48): the `KC x NC` packed B block
 /// (960 KiB) stays in L2 (2 MiB) beside the source of the next block, which is prefetched meanwhile.
 const NC_MAX: usize = 960;
-/// 32-bit words (f32, or bf16 pairs) in one thread's pack buffers: the B block, then one A sliver.
-const BUF_LEN: usize = KC_MAX * NC_MAX + KC_MAX * AW;
+/// 32-bit words (f32, or bf16 pairs) in one thread's pack buffers: the B block, then one A sliver (the
+/// AMX flavour's: 32 rows, and a 16-row staging area for its transpose).
+const BUF_LEN: usize = KC_MAX * NC_MAX + KC_MAX * 3 * AW;
 /// Fewest multiply-adds worth a parallel task (~25 us): waking the pool costs more below that.
 const TASK_FMAS: usize = 1 << 22;
 
@@ -70,20 +78,43 @@ impl<T> Copy for Mat<T> {}
 /// exercise the fallback on an AVX-512 machine).
 pub(crate) fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512f") && std::env::var("DPO_GEMM").map_or(true, |v| v != "portable")
-    })
+    *ON.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f") && gemm_switch() != Some("portable"))
 }
 
-/// Whether the bf16 kernel runs: [`available`], and the CPU has AVX512_BF16 (`vdpbf16ps`) and AVX512BW
+/// The value of `DPO_GEMM`, which forces a slower path: `portable` (no AVX-512 kernel: the `gemm` crate,
+/// and bf16 products emulated in f32), `avx512_bf16` (bf16 products on `vdpbf16ps` where the CPU also has
+/// AMX). Other values, and none, leave the choice to the CPU.
+fn gemm_switch() -> Option<&'static str> {
+    static VALUE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    VALUE.get_or_init(|| std::env::var("DPO_GEMM").ok()).as_deref()
+}
+
+/// Whether the `vdpbf16ps` kernel can run: [`available`], and the CPU has AVX512_BF16 and AVX512BW
 /// (16-bit lane moves in its packing; every CPU with AVX512_BF16 has it).
-pub(crate) fn bf16_available() -> bool {
+pub(crate) fn avx512_bf16_available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         available()
             && std::arch::is_x86_feature_detected!("avx512bf16")
             && std::arch::is_x86_feature_detected!("avx512bw")
     })
+}
+
+/// Whether the AMX kernel runs: [`available`] with AVX512BW (its packing), the CPU has AMX-BF16 and the
+/// OS lets this process use the tiles (`amx.rs`), and `DPO_GEMM` is not `avx512_bf16`.
+pub(crate) fn amx_available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        available()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && gemm_switch() != Some("avx512_bf16")
+            && amx::permitted()
+    })
+}
+
+/// Whether a bf16 kernel runs ([`bf16_gemm`]): AMX tiles or `vdpbf16ps`.
+pub(crate) fn bf16_available() -> bool {
+    amx_available() || avx512_bf16_available()
 }
 
 /// `C[m, n] = (C if accumulate) + A[m, k] . B[k, n]`, C row-major with row stride `ldc`, on up to `tasks`
@@ -128,10 +159,11 @@ pub(crate) unsafe fn sgemm_rounded_to_bf16(
     gemm(F32 { round_to_bf16: true }, m, n, k, a, b, c, ldc, accumulate, tasks)
 }
 
-/// The bf16 product: `C[m, n] = (C if accumulate) + bf16(A)[m, k] . bf16(B)[k, n]` in f32 arithmetic
-/// (`vdpbf16ps`), each operand f32 (rounded as it is packed) or bf16 bits (taken as they are). Each C
-/// element is one chain of pair-wise dot products in `k` order: the result does not depend on `tasks`,
-/// nor on how `k` is split into accumulating calls at even offsets.
+/// The bf16 product: `C[m, n] = (C if accumulate) + bf16(A)[m, k] . bf16(B)[k, n]` in f32 arithmetic,
+/// each operand f32 (rounded as it is packed) or bf16 bits (taken as they are), on AMX tiles where
+/// [`amx_available`], else on `vdpbf16ps`. The result does not depend on `tasks`. On `vdpbf16ps` each C
+/// element is one chain of pair-wise dot products in `k` order, so neither does it depend on how `k` is
+/// split into accumulating calls at even offsets; AMX groups `k` by tiles of 32.
 ///
 /// # Safety
 /// [`bf16_available`] must be true; otherwise as [`sgemm`].
@@ -147,24 +179,66 @@ pub(crate) unsafe fn bf16_gemm<TA: Bf16Elem, TB: Bf16Elem>(
     accumulate: bool,
     tasks: usize,
 ) {
-    gemm(bf16::Bf16::<TA, TB>::new(), m, n, k, a, b, c, ldc, accumulate, tasks)
+    bf16_gemm_on(amx_available(), m, n, k, a, b, c, ldc, accumulate, tasks)
 }
 
-/// One kind of product the blocked driver runs: how a sliver of each operand is packed into
-/// `[steps][W]` 32-bit words (a step is `K_STEP` values of `k`), and the micro-kernel over them.
+/// [`bf16_gemm`] on AMX tiles (`amx`) or on `vdpbf16ps`.
+///
+/// # Safety
+/// [`amx_available`] (`amx`) or [`avx512_bf16_available`] must be true; otherwise as [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn bf16_gemm_on<TA: Bf16Elem, TB: Bf16Elem>(
+    amx: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat<TA>,
+    b: Mat<TB>,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    tasks: usize,
+) {
+    if amx {
+        gemm(amx::Amx::<TA, TB>::new(), m, n, k, a, b, c, ldc, accumulate, tasks)
+    } else {
+        gemm(bf16::Bf16::<TA, TB>::new(), m, n, k, a, b, c, ldc, accumulate, tasks)
+    }
+}
+
+/// One kind of product the blocked driver runs: how a sliver of each operand is packed, and the
+/// micro-kernel over them. The f32 and bf16 flavours pack `[steps][W]` 32-bit words (a step is `K_STEP`
+/// values of `k`) and sweep `MR`-row micro-panels; the AMX flavour packs its own tile layouts (`amx.rs`).
 trait Flavor: Sync {
     /// Source element types of A and B.
     type A;
     type B;
-    /// Values of `k` per packed step (and per micro-kernel iteration).
+    /// Values of `k` per packed step.
     const K_STEP: usize;
-    /// Packs `w <= AW` rows of A by `kc` values of `k` into `dst[steps][AW]`, zero-padded.
+    /// `k` blocks are multiples of this but the last (whole steps, or whole tiles).
+    const K_ALIGN: usize = Self::K_STEP;
+    /// Rows of C per packed A sliver (a multiple of [`AW`]), the unit in which rows are split among tasks.
+    const ROWS: usize;
+    /// Micro-kernel calls per sliver and column tile (prefetches are spread over them).
+    const CALLS: usize;
+    /// Packed steps of a block of `kc` values of `k`: B panels are `steps * NR` words apart.
+    fn steps(kc: usize) -> usize {
+        kc.div_ceil(Self::K_STEP)
+    }
+    /// zmm vectors per tile row for `n` columns (`NR = 16 * NV`).
+    fn tile_vectors(n: usize) -> usize {
+        tile_vectors(n)
+    }
+    /// Called once per task before its first micro-kernel, and once after its last, on its thread.
+    unsafe fn begin(&self) {}
+    unsafe fn end(&self) {}
+    /// Packs `w <= ROWS` rows of A by `kc` values of `k` into `dst`, zero-padded.
     unsafe fn pack_a(&self, dst: *mut f32, src: Src<Self::A>, w: usize, kc: usize);
-    /// Packs `w` columns of B by `kc` values of `k` into `ceil(w / NR)` panels `[steps][NR]`, zero-padded.
+    /// Packs `w` columns of B by `kc` values of `k` into `ceil(w / NR)` panels of `steps(kc)` steps.
     unsafe fn pack_b<const NR: usize>(&self, dst: *mut f32, src: Src<Self::B>, w: usize, kc: usize);
-    /// The micro-kernel over one A micro-panel and a row of B panels ([`kernel::row_of_tiles`]).
+    /// `C[0..rows, 0..n] (= or +=)` the packed sliver `ap` times the row of packed B panels `bp`.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn row_of_tiles<const NV: usize>(
+    unsafe fn sliver<const NV: usize>(
         &self,
         steps: usize,
         ap: *const f32,
@@ -172,10 +246,28 @@ trait Flavor: Sync {
         n: usize,
         c: *mut f32,
         ldc: usize,
-        mr: usize,
+        rows: usize,
         store: Store,
         prefetch: [(&mut Lines, usize); 2],
     );
+}
+
+/// The sliver of the f32 and bf16 flavours: its `AW` rows as two micro-panels of `MR` rows, each swept
+/// across the B panels by `row_of_tiles` (the flavour's micro-kernel).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sliver_of_panels(
+    ap: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    prefetch: [(&mut Lines, usize); 2],
+    mut row_of_tiles: impl FnMut(*const f32, *mut f32, usize, [(&mut Lines, usize); 2]),
+) {
+    let [(pa, na), (pb, nb)] = prefetch;
+    for i2 in (0..rows).step_by(MR) {
+        row_of_tiles(ap.add(i2), c.add(i2 * ldc), MR.min(rows - i2), [(&mut *pa, na), (&mut *pb, nb)]);
+    }
 }
 
 /// The f32 product, its operands optionally rounded to bf16 as they are packed.
@@ -187,6 +279,8 @@ impl Flavor for F32 {
     type A = f32;
     type B = f32;
     const K_STEP: usize = 1;
+    const ROWS: usize = AW;
+    const CALLS: usize = AW / MR;
 
     #[inline(always)]
     unsafe fn pack_a(&self, dst: *mut f32, src: Src<f32>, w: usize, kc: usize) {
@@ -207,7 +301,7 @@ impl Flavor for F32 {
     }
 
     #[inline(always)]
-    unsafe fn row_of_tiles<const NV: usize>(
+    unsafe fn sliver<const NV: usize>(
         &self,
         steps: usize,
         ap: *const f32,
@@ -215,11 +309,13 @@ impl Flavor for F32 {
         n: usize,
         c: *mut f32,
         ldc: usize,
-        mr: usize,
+        rows: usize,
         store: Store,
         prefetch: [(&mut Lines, usize); 2],
     ) {
-        kernel::row_of_tiles_f32::<NV>(steps, ap, bp, n, c, ldc, mr, store, prefetch)
+        sliver_of_panels(ap, c, ldc, rows, prefetch, |ap, c, mr, pf| {
+            kernel::row_of_tiles_f32::<NV>(steps, ap, bp, n, c, ldc, mr, store, pf)
+        })
     }
 }
 
@@ -252,9 +348,9 @@ unsafe fn gemm<F: Flavor>(
         return;
     }
     let p = Problem { flavor, k, a, b, c: SendPtr(c), ldc, accumulate };
-    let nv = tile_vectors(n);
+    let nv = F::tile_vectors(n);
     let tasks = tasks.min(m.saturating_mul(n).saturating_mul(k) / TASK_FMAS).max(1);
-    let parts = partition(m, n, tasks, 16 * nv);
+    let parts = partition(m, n, tasks, F::ROWS, 16 * nv);
     let run = |(rows, cols): (Range, Range)| {
         with_buffer(|buf| {
             // SAFETY: the caller checked the CPU and the operands; `partition` gives disjoint rectangles.
@@ -306,10 +402,10 @@ unsafe impl<F: Flavor> Sync for Problem<F> {}
 
 type Range = std::ops::Range<usize>;
 
-/// Splits C into at most `tasks` disjoint rectangles of whole tiles (`nr` columns, `AW` rows): column
+/// Splits C into at most `tasks` disjoint rectangles of whole tiles (`nr` columns, `mr` rows): column
 /// ranges when that packs less than row ranges, else row ranges.
-fn partition(m: usize, n: usize, tasks: usize, nr: usize) -> Vec<(Range, Range)> {
-    let (mt, nt) = (m.div_ceil(AW), n.div_ceil(nr));
+fn partition(m: usize, n: usize, tasks: usize, mr: usize, nr: usize) -> Vec<(Range, Range)> {
+    let (mt, nt) = (m.div_ceil(mr), n.div_ceil(nr));
     let tasks = tasks.max(1);
     // Packing per multiply-add: splitting columns packs all of A once per task and column block
     // (`1 / min(n / tasks, NC)`) and B once (`1 / m`); splitting rows packs A once per column block
@@ -317,7 +413,7 @@ fn partition(m: usize, n: usize, tasks: usize, nr: usize) -> Vec<(Range, Range)>
     let cost_cols = 1.0 / n.div_ceil(tasks).min(NC_MAX) as f64 + 1.0 / m as f64;
     let cost_rows = 1.0 / n.min(NC_MAX) as f64 + tasks as f64 / m as f64;
     let split_cols = (nt >= tasks && cost_cols <= cost_rows) || mt < tasks;
-    let (tiles, step, len) = if split_cols { (nt, nr, n) } else { (mt, AW, m) };
+    let (tiles, step, len) = if split_cols { (nt, nr, n) } else { (mt, mr, m) };
     let t = tasks.min(tiles);
     (0..t)
         .map(|i| {
@@ -364,21 +460,22 @@ impl<F: Flavor> Problem<F> {
         // k blocks depend on k alone (determinism), whole steps but the last; column blocks are balanced
         // multiples of NR.
         let kc_max = KC_MAX * F::K_STEP;
-        let kc_step = k.div_ceil(k.div_ceil(kc_max)).next_multiple_of(F::K_STEP);
+        let kc_step = k.div_ceil(k.div_ceil(kc_max)).next_multiple_of(F::K_ALIGN);
         let ncols = cols.len();
         let nc_step = ncols.div_ceil(ncols.div_ceil(NC_MAX)).next_multiple_of(NR);
         let (bbuf, abuf) = (buf, buf.add(KC_MAX * NC_MAX));
         let a_src = |i: usize, pc: usize| Src { ptr: a.ptr.add(i * a.rs + pc * a.cs), sx: a.rs, sp: a.cs };
         let b_src = |pc: usize, jc: usize| Src { ptr: b.ptr.add(pc * b.rs + jc * b.cs), sx: b.cs, sp: b.rs };
-        let slivers = rows.len().div_ceil(AW);
+        let slivers = rows.len().div_ceil(F::ROWS);
         // Blocks in order: column block, then k block within it.
         let blocks: Vec<(usize, usize)> =
             cols.clone().step_by(nc_step).flat_map(|jc| (0..k).step_by(kc_step).map(move |pc| (jc, pc))).collect();
+        flavor.begin();
         for (bi, &(jc, pc)) in blocks.iter().enumerate() {
             let nc = nc_step.min(cols.end - jc);
             let kc = kc_step.min(k - pc);
             let tiles_per_row = nc.div_ceil(NR);
-            let steps = kc.div_ceil(F::K_STEP);
+            let steps = F::steps(kc);
             flavor.pack_b::<NR>(bbuf, b_src(pc, jc), nc, kc);
             // While this block runs, the next block's B source is fetched into L2, a few lines per tile.
             let next = blocks.get(bi + 1).copied();
@@ -386,28 +483,26 @@ impl<F: Flavor> Problem<F> {
                 Some((jn, pn)) => Lines::of(b_src(pn, jn), nc_step.min(cols.end - jn), kc_step.min(k - pn)),
                 None => Lines::none(),
             };
-            let per_tile_b = pf_b.left().div_ceil(slivers * 2 * tiles_per_row);
+            let per_tile_b = pf_b.left().div_ceil(slivers * F::CALLS * tiles_per_row);
             let store = if pc == 0 && !self.accumulate { Store::Overwrite } else { Store::Add };
-            for i in rows.clone().step_by(AW) {
-                flavor.pack_a(abuf, a_src(i, pc), AW.min(rows.end - i), kc);
+            for i in rows.clone().step_by(F::ROWS) {
+                let h = F::ROWS.min(rows.end - i);
+                flavor.pack_a(abuf, a_src(i, pc), h, kc);
                 // ... and the next A sliver's source.
-                let mut pf_a = if i + AW < rows.end {
-                    Lines::of(a_src(i + AW, pc), AW.min(rows.end - i - AW), kc)
+                let mut pf_a = if i + F::ROWS < rows.end {
+                    Lines::of(a_src(i + F::ROWS, pc), F::ROWS.min(rows.end - i - F::ROWS), kc)
                 } else if let Some((_, pn)) = next {
-                    Lines::of(a_src(rows.start, pn), AW.min(rows.len()), kc_step.min(k - pn))
+                    Lines::of(a_src(rows.start, pn), F::ROWS.min(rows.len()), kc_step.min(k - pn))
                 } else {
                     Lines::none()
                 };
-                let per_tile_a = pf_a.left().div_ceil(2 * tiles_per_row);
-                // The sliver's two halves are micro-panels of MR rows each.
-                for i2 in (i..rows.end.min(i + AW)).step_by(MR) {
-                    let c = self.c.0.add(i2 * self.ldc + jc);
-                    let prefetch = [(&mut pf_a, per_tile_a), (&mut pf_b, per_tile_b)];
-                    let mr = MR.min(rows.end - i2);
-                    flavor.row_of_tiles::<NV>(steps, abuf.add(i2 - i), bbuf, nc, c, self.ldc, mr, store, prefetch);
-                }
+                let per_tile_a = pf_a.left().div_ceil(F::CALLS * tiles_per_row);
+                let c = self.c.0.add(i * self.ldc + jc);
+                let prefetch = [(&mut pf_a, per_tile_a), (&mut pf_b, per_tile_b)];
+                flavor.sliver::<NV>(steps, abuf, bbuf, nc, c, self.ldc, h, store, prefetch);
             }
         }
+        flavor.end();
     }
 }
 

@@ -202,7 +202,7 @@ fn tile_width_follows_padding() {
 #[test]
 fn partitions_are_disjoint_and_cover_c() {
     for (m, n, tasks) in [(1024, 3072, 2), (3072, 768, 2), (50257, 768, 2), (5, 7, 4), (100, 1000, 3), (9, 9, 16)] {
-        let parts = partition(m, n, tasks, 48);
+        let parts = partition(m, n, tasks, AW, 48);
         assert!(!parts.is_empty() && parts.len() <= tasks);
         let mut seen = vec![0u8; m * n];
         for (rows, cols) in parts {

@@ -1,0 +1,48 @@
+//! `dpo export`: a model (with a LoRA adapter merged in, if given) as a GGUF file for llama.cpp / Ollama,
+//! with its tokenizer and chat template in the metadata.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use hf::gguf::GgufDtype;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The Hugging Face model directory (Llama, Mistral, SmolLM2, Qwen2 or GPT-2), read in f32.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    adapter: super::adapter::AdapterFlag,
+    /// The GGUF file to write (atomically: the complete file or none).
+    #[arg(long, value_name = "OUT.gguf")]
+    gguf: PathBuf,
+    /// Type of the 2-D weights; norms and biases stay f32. q8_0 falls back to f16 for rows whose length is
+    /// not a multiple of 32.
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8_0"])]
+    dtype: String,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" => GgufDtype::F32,
+        "bf16" => GgufDtype::Bf16,
+        "q8_0" => GgufDtype::Q8_0,
+        _ => GgufDtype::F16,
+    };
+    let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
+    let tok = hf::load_tokenizer(&a.model)?;
+    let done = hf::gguf::export_gguf(&a.gguf, &model, &tok, dtype)
+        .with_context(|| format!("exporting {} to {}", a.model.display(), a.gguf.display()))?;
+    let merged = a.adapter.adapter.as_ref().map(|d| format!(" with {} merged", d.display())).unwrap_or_default();
+    eprintln!(
+        "wrote {} ({} MB): llama.cpp architecture `{}`, {} tensors ({}), {} metadata keys; from {}{merged}",
+        a.gguf.display(),
+        done.bytes / 1_000_000,
+        done.architecture,
+        done.tensors,
+        a.dtype,
+        done.metadata,
+        a.model.display()
+    );
+    Ok(())
+}

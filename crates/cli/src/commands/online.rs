@@ -1,0 +1,79 @@
+//! `dpo train --online`: online DPO ([`dpo::train::online`]): every step samples completions of its
+//! prompts from the current policy, a reward model labels each prompt's best and worst, and the step is
+//! the DPO objective's on those pairs (TRL's `OnlineDPOTrainer`).
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use dpo::data::prompts::{read_prompts, stop_ids};
+use dpo::rlhf::reward::RewardModel;
+use dpo::train::online::{train_online, OnlineSampling};
+use dpo::train::run_dir::model_of;
+use dpo::train::TrainConfig;
+
+#[derive(clap::Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Online DPO (--online)")]
+pub struct OnlineFlags {
+    /// Online DPO: sample pairs from the policy at every step and label them with --judge-reward-model,
+    /// instead of reading preference pairs (--prompts replaces --data).
+    #[arg(long, requires_all = ["judge_reward_model", "prompts"])]
+    pub online: bool,
+    /// The judge of the sampled completions: `dpo reward-model train`'s run directory (or its final/).
+    #[arg(long, value_name = "RM", requires = "online")]
+    pub judge_reward_model: Option<PathBuf>,
+    /// Prompts (rows with `prompt` or `prompt_ids`); --batch-size of them per micro-batch.
+    #[arg(long, value_name = "FILE", requires = "online", conflicts_with = "data")]
+    pub prompts: Option<PathBuf>,
+    /// Completions sampled per prompt; the best and the worst by the judge form its pair.
+    #[arg(long, default_value_t = 2, requires = "online")]
+    pub online_samples: usize,
+    /// New tokens per sampled completion at most.
+    #[arg(long, default_value_t = 64, requires = "online")]
+    pub online_max_new_tokens: usize,
+    /// Sampling temperature of the completions.
+    #[arg(long, default_value_t = 1.0, requires = "online")]
+    pub online_temperature: f32,
+    /// Subtracted from the judge's score of a completion that ends without EOS (TRL's missing_eos_penalty).
+    #[arg(long, requires = "online")]
+    pub missing_eos_penalty: Option<f64>,
+}
+
+pub fn run(f: &OnlineFlags, cfg: &TrainConfig, overwrite: bool, resume: bool) -> anyhow::Result<()> {
+    if resume {
+        bail!("--online runs cannot be resumed (their samples would differ from an uninterrupted run's); start again");
+    }
+    if f.online_samples < 2 {
+        bail!("--online-samples must be at least 2 (a pair)");
+    }
+    if f.online_max_new_tokens == 0 || !(f.online_temperature > 0.0 && f.online_temperature.is_finite()) {
+        bail!("--online-max-new-tokens must be at least 1 and --online-temperature a finite number > 0");
+    }
+    let (Some(rm_dir), Some(prompts_path)) = (&f.judge_reward_model, &f.prompts) else {
+        bail!("--online needs --judge-reward-model RM and --prompts FILE");
+    };
+    let model = hf::load_model(&cfg.model)?;
+    let tok = hf::load_tokenizer(&cfg.model)?;
+    let rm_dir = model_of(rm_dir);
+    if std::fs::read(rm_dir.join("tokenizer.json")).ok() != std::fs::read(cfg.model.join("tokenizer.json")).ok() {
+        bail!("--judge-reward-model {} and --model have different tokenizers", rm_dir.display());
+    }
+    let rm = RewardModel::load(&rm_dir)?.with_precision(cfg.precision);
+    let prompts: Vec<Vec<u32>> =
+        read_prompts(prompts_path, &tok, tok.chat_template().is_some())?.into_iter().map(|p| p.ids).collect();
+    let sampling = OnlineSampling {
+        samples: f.online_samples,
+        max_new_tokens: f.online_max_new_tokens,
+        temperature: f.online_temperature,
+        eos_ids: stop_ids(&model.config, &tok),
+        missing_eos_penalty: f.missing_eos_penalty,
+    };
+    let judge = |items: &[(&[u32], &[u32])]| rm.score(items).map_err(|e| e.to_string());
+    let stop = super::train::stop_flag()?;
+    let out = train_online(cfg, &sampling, &prompts, &judge, overwrite, &stop, &mut |l| eprintln!("{l}"))
+        .map_err(|e| super::train::with_hint(e, "dpo train --online"))?;
+    match out.final_dir {
+        Some(d) => eprintln!("done: {} online steps; model written to {}", out.steps, d.display()),
+        None => eprintln!("interrupted after step {}/{}", out.steps, out.total_steps),
+    }
+    Ok(())
+}

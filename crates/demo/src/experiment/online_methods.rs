@@ -1,0 +1,225 @@
+//! Online and iterative DPO in the demo, labelled by the learned reward model (as Guo et al. 2024 and
+//! Llama 3 label with a judge, not with the ground truth), and the reward-KL frontier judged by that
+//! reward model: offline DPO's checkpoints against the online methods', on the same evaluation samples.
+//!
+//! Budgets: online DPO takes `online.steps` steps of `online.batch` prompts, two samples each (one pair
+//! per prompt); iterative DPO `iterative.rounds` rounds of `iterative.steps` steps on pairs sampled from
+//! `iterative.prompts` prompts. Both at the offline runs' learning rate, and at `beta`, one of the
+//! offline betas, so the comparison at equal KL is between the same objective fed differently.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::evaluate::Point;
+use super::methods::{Ctx, MethodRun};
+use super::plan::Steps;
+use super::rlhf_methods::LearnedRm;
+use super::DemoError;
+use dpo::objectives::{LossConfig, LossType};
+use dpo::train::iterative::{iterate, IterativeConfig};
+use dpo::train::online::{train_online, OnlineSampling};
+use dpo::train::{checkpoint, Objective, PairObjective, TrainConfig};
+
+/// `{method: [points]}`, the reward the learned reward model's (standardised).
+pub type Frontier = BTreeMap<String, Vec<Point>>;
+
+/// One online-vs-offline comparison at equal KL.
+#[derive(Clone, Debug, Serialize)]
+pub struct EqualKl {
+    pub method: String,
+    /// "learned reward model" or "ground truth".
+    pub judge: String,
+    pub kl: f64,
+    pub reward: f64,
+    /// The best offline DPO point with no more KL, and the difference.
+    pub offline_kl: Option<f64>,
+    pub offline_reward: Option<f64>,
+    pub difference: Option<f64>,
+    /// Two standard errors of the difference.
+    pub two_se: Option<f64>,
+}
+
+fn err(method: &str, e: impl std::fmt::Display) -> DemoError {
+    DemoError::Method { method: method.into(), reason: e.to_string() }
+}
+
+fn dpo_config(ctx: &Ctx, name: &str, steps: &Steps, beta: f64) -> TrainConfig {
+    TrainConfig {
+        objective: Objective::Pairs(PairObjective {
+            losses: vec![(LossType::Sigmoid, 1.0)],
+            cfg: LossConfig { beta, ..Default::default() },
+        }),
+        ..ctx.train_config(name, steps)
+    }
+}
+
+fn sampling(ctx: &Ctx, samples: usize) -> OnlineSampling {
+    OnlineSampling {
+        samples,
+        max_new_tokens: ctx.plan.max_new_tokens,
+        temperature: 1.0,
+        eos_ids: ctx.world.eos_ids.clone(),
+        missing_eos_penalty: None,
+    }
+}
+
+/// Online DPO from the SFT model on the training prompts, measured at its checkpoints.
+pub fn online_dpo(
+    ctx: &Ctx,
+    rm: &LearnedRm,
+    prompts: &[Vec<u32>],
+    log: &mut dyn FnMut(&str),
+) -> Result<MethodRun, DemoError> {
+    let p = &ctx.plan.online;
+    let cfg = dpo_config(ctx, "online-dpo", &p.steps, p.beta);
+    let judge = |items: &[(&[u32], &[u32])]| rm.rewards(items).map_err(|e| e.to_string());
+    let t = Instant::now();
+    let o = train_online(&cfg, &sampling(ctx, p.samples), prompts, &judge, true, ctx.stop, log)?;
+    if o.interrupted {
+        return Err(DemoError::Interrupted);
+    }
+    let train_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let points = ctx.evaluate_checkpoints(&cfg.output)?;
+    Ok(MethodRun {
+        method: "Online DPO".into(),
+        setting: format!("beta={}", p.beta),
+        points,
+        train_s,
+        eval_s: t.elapsed().as_secs_f64(),
+        dir: Some(ctx.rel(&cfg.output)),
+    })
+}
+
+/// Iterative DPO from the SFT model, the reference fixed or moved, measured at every round's end.
+pub fn iterative_dpo(
+    ctx: &Ctx,
+    rm: &LearnedRm,
+    prompts: &[Vec<u32>],
+    log: &mut dyn FnMut(&str),
+) -> Result<MethodRun, DemoError> {
+    let p = &ctx.plan.iterative;
+    let out = ctx.run_dir("iterative-dpo");
+    let _ = std::fs::remove_dir_all(&out);
+    let base = TrainConfig { output: out.clone(), save_every: 0, ..dpo_config(ctx, "iterative-dpo", &p.steps, p.beta) };
+    let it = IterativeConfig { rounds: p.rounds, move_reference: p.move_reference, sampling: sampling(ctx, p.samples) };
+    let judge = |items: &[(&[u32], &[u32])]| rm.rewards(items).map_err(|e| e.to_string());
+    let prompts = &prompts[..p.prompts.min(prompts.len())];
+    let t = Instant::now();
+    let o = iterate(&base, &it, prompts, &judge, ctx.stop, log)?;
+    if o.interrupted {
+        return Err(DemoError::Interrupted);
+    }
+    let train_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut points = Vec::new();
+    for (round, dir) in o.finals.iter().enumerate() {
+        let m = hf::load_model(dir)?;
+        points.push(ctx.evaluator.evaluate(ctx.world, &m.params, (round + 1) as u64 * p.steps.steps)?);
+    }
+    let reference = if p.move_reference { "moved each round" } else { "fixed" };
+    Ok(MethodRun {
+        method: "Iterative DPO".into(),
+        setting: format!("beta={}, {} rounds, reference {reference}", p.beta, p.rounds),
+        points,
+        train_s,
+        eval_s: t.elapsed().as_secs_f64(),
+        dir: Some(ctx.rel(&out)),
+    })
+}
+
+/// The reward-KL points of the SFT model, offline DPO (every beta, every checkpoint) and the online methods, the
+/// reward the learned reward model's, on the evaluator's samples.
+pub fn frontier(ctx: &Ctx, rm: &LearnedRm, runs: &[MethodRun]) -> Result<Frontier, DemoError> {
+    let mut f = Frontier::new();
+    let score = |items: &[(&[u32], &[u32])]| rm.rewards(items);
+    // Every run's start, KL 0.
+    f.insert("SFT".into(), vec![ctx.evaluator.evaluate_by(ctx.world, &ctx.world.reference, 0, &score)?]);
+    for r in runs.iter().filter(|r| ["DPO", "Online DPO", "Iterative DPO"].contains(&r.method.as_str())) {
+        let Some(dir) = &r.dir else { continue };
+        let dir = ctx.out.join(dir);
+        let mut models: Vec<(u64, std::path::PathBuf)> =
+            checkpoint::list(&dir).into_iter().map(|(s, d)| (s, d.join("model"))).collect();
+        if r.method == "Iterative DPO" {
+            models =
+                r.points.iter().zip(1..).map(|(p, k)| (p.step, dir.join(format!("round-{k}/run/final")))).collect();
+        }
+        let key = if r.method == "DPO" { format!("DPO {}", r.setting) } else { r.method.clone() };
+        for (step, m) in models {
+            let params = hf::load_model(&m).map_err(|e| err(&key, e))?.params;
+            f.entry(key.clone()).or_default().push(ctx.evaluator.evaluate_by(ctx.world, &params, step, &score)?);
+        }
+    }
+    Ok(f)
+}
+
+/// Each online-method point against the best offline DPO point with no more KL, under one judge.
+pub fn equal_kl(judge: &str, online: &[(&str, &[Point])], offline: &[&Point]) -> Vec<EqualKl> {
+    let mut out = Vec::new();
+    for (method, points) in online {
+        for p in *points {
+            let best = offline.iter().filter(|o| o.kl <= p.kl).max_by(|a, b| a.reward.total_cmp(&b.reward));
+            out.push(EqualKl {
+                method: method.to_string(),
+                judge: judge.into(),
+                kl: p.kl,
+                reward: p.reward,
+                offline_kl: best.map(|b| b.kl),
+                offline_reward: best.map(|b| b.reward),
+                difference: best.map(|b| p.reward - b.reward),
+                two_se: best.map(|b| 2.0 * (p.reward_se.powi(2) + b.reward_se.powi(2)).sqrt()),
+            });
+        }
+    }
+    out
+}
+
+/// A sentence per comparison: ahead, behind or level beyond two standard errors.
+pub fn equal_kl_sentences(rows: &[EqualKl]) -> Vec<String> {
+    rows.iter()
+        .map(|r| match (r.offline_kl, r.offline_reward, r.difference, r.two_se) {
+            (Some(ok), Some(or), Some(d), Some(se)) => {
+                format!(
+                "{} at KL {:.2}: reward {:.3} ({}) against offline DPO's best with no more KL, {:.3} at KL {ok:.2}: \
+                 {d:+.3}, {} two standard errors ({se:.3}){}.",
+                r.method,
+                r.kl,
+                r.reward,
+                r.judge,
+                or,
+                if d.abs() > se { "more than" } else { "within" },
+                if d > se { ", online ahead" } else if d < -se { ", offline ahead" } else { "" }
+            )
+            }
+            _ => format!(
+                "{} at KL {:.2}: reward {:.3} ({}); no offline DPO point has that little KL.",
+                r.method, r.kl, r.reward, r.judge
+            ),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pt(kl: f64, reward: f64) -> Point {
+        Point { step: 1, kl, reward, reward_se: 0.01, length: 10.0 }
+    }
+
+    #[test]
+    fn equal_kl_takes_the_best_offline_point_with_no_more_kl() {
+        let offline = [pt(1.0, 0.3), pt(2.0, 0.5), pt(5.0, 0.9)];
+        let refs: Vec<&Point> = offline.iter().collect();
+        let online = [pt(2.5, 0.6), pt(0.5, 0.2)];
+        let rows = equal_kl("ground truth", &[("Online DPO", &online)], &refs);
+        assert_eq!((rows[0].offline_kl, rows[0].offline_reward), (Some(2.0), Some(0.5)));
+        assert!((rows[0].difference.unwrap() - 0.1).abs() < 1e-12);
+        assert_eq!(rows[1].offline_kl, None);
+        let s = equal_kl_sentences(&rows);
+        assert!(s[0].contains("more than two standard errors") && s[0].contains("online ahead"), "{}", s[0]);
+        assert!(s[1].contains("no offline DPO point"), "{}", s[1]);
+    }
+}
