@@ -1,6 +1,7 @@
 //! The `dpo` command: `main -> run -> ExitCode`; every error is printed once, with its context.
 
 mod commands;
+mod dist;
 
 use std::process::ExitCode;
 
@@ -13,11 +14,13 @@ fn main() -> ExitCode {
         signal_hook::consts::SIGXFSZ,
         std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
     );
+    // Under `mpirun` / `srun` (feature `mpi`): MPI up before anything runs, down when `launch` drops.
+    let mut launch = dist::start();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
-        Ok(code) => code,
+        Ok(code) => launch.exit_code(code),
         Err(err) => {
-            eprintln!("error: {}", message(&err));
+            launch.fail(&message(&err));
             ExitCode::FAILURE
         }
     }

@@ -2,6 +2,7 @@
 //! programs built from them.
 
 pub mod data;
+pub mod dist;
 pub mod io;
 pub mod objectives;
 pub mod precision;

@@ -18,16 +18,31 @@ pub struct PairScore {
 
 /// Scores every example under `params` (a model's weights, or a base with an adapter on it),
 /// `pairs_per_batch` pairs per forward pass; `progress` is called with the number of pairs done after
-/// each batch.
+/// each batch. In a data-parallel run each rank scores its contiguous share of the examples and every
+/// rank gets all the scores ([`crate::dist::gather_shares`]).
 pub fn score_pairs<'m>(
     model: &Decoder,
     params: impl Into<Model<'m>>,
     examples: &[Example],
     packing: Packing,
     pairs_per_batch: usize,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<Vec<PairScore>, EngineError> {
     let params = params.into();
+    crate::dist::gather_shares(examples.len(), |share| {
+        score_share(model, params, &examples[share], packing, pairs_per_batch, progress)
+    })
+}
+
+/// [`score_pairs`] in this process.
+fn score_share(
+    model: &Decoder,
+    params: Model<'_>,
+    examples: &[Example],
+    packing: Packing,
+    pairs_per_batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<PairScore>, EngineError> {
     let mut acts = Activations::default();
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(pairs_per_batch.max(1)) {
@@ -66,4 +81,28 @@ pub fn score_sequences<'m>(
         out.extend(sum_ranges(&head.logp, &ranges));
     }
     Ok(out)
+}
+
+impl crate::dist::Wire for PairScore {
+    fn put(&self, b: &mut Vec<u8>) {
+        b.extend(self.chosen_logps.to_bits().to_le_bytes());
+        b.extend(self.rejected_logps.to_bits().to_le_bytes());
+        b.extend((self.chosen_len as u64).to_le_bytes());
+        b.extend((self.rejected_len as u64).to_le_bytes());
+    }
+
+    fn get(b: &mut &[u8]) -> Self {
+        let mut u = || {
+            let (head, rest) = b.split_at(8);
+            *b = rest;
+            u64::from_le_bytes(head.try_into().expect("8 bytes"))
+        };
+        let (c, r, cl, rl) = (u(), u(), u(), u());
+        PairScore {
+            chosen_logps: f64::from_bits(c),
+            rejected_logps: f64::from_bits(r),
+            chosen_len: cl as usize,
+            rejected_len: rl as usize,
+        }
+    }
 }

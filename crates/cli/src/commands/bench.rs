@@ -205,22 +205,38 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let estimate = estimated_peak(&cfg, &a, trainer.trained.adapter(), base_bytes, &train_cfg);
 
     let mut times = Vec::new();
+    // Data parallelism (`mpirun -np N dpo bench`): seconds and bytes of each step's gradient sum.
+    let mut comm = Vec::new();
+    // CPU seconds of this process per step (all its threads): the work, whatever else the machine runs.
+    let mut cpu = Vec::new();
     for step in 0..a.steps {
+        let (c0, u0) = (dpo::dist::comm_stats(), process_cpu_s());
         let out = trainer.step(&workload)?;
+        let (c1, u1) = (dpo::dist::comm_stats(), process_cpu_s());
         let (s, update) = (out.secs, out.update_secs);
         eprintln!("step {}/{}: {s:.3} s (clip + AdamW + zeroing {update:.3} s)", step + 1, a.steps);
         if step > 0 {
             times.push(s);
+            comm.push((c1.sum_s - c0.sum_s, c1.wait_s - c0.wait_s, c1.bytes - c0.bytes));
+            cpu.push(u1 - u0);
         }
     }
     times.sort_by(|x, y| x.total_cmp(y));
     let med = times[times.len() / 2];
+    comm.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (comm_s, wait_s, comm_bytes) = comm.get(comm.len() / 2).copied().unwrap_or_default();
+    cpu.sort_by(|x, y| x.total_cmp(y));
+    let cpu_s = cpu.get(cpu.len() / 2).copied().unwrap_or_default();
     let tokens = (a.pairs * 2 * (a.prompt + a.completion)) as f64;
     let gflop = step_flops(&cfg, &a) / 1e9;
     let line = serde_json::json!({
         "tool": "dpo",
         "arch": a.arch,
         "threads": engine::kernels::num_threads(),
+        "ranks": dpo::dist::world().size(),
+        "comm_s_per_step": (comm_s * 1e4).round() / 1e4,
+        "comm_wait_s_per_step": (wait_s * 1e4).round() / 1e4,
+        "comm_bytes_per_step_per_rank": comm_bytes,
         "pairs_per_step": a.pairs,
         "prompt": a.prompt,
         "completion": a.completion,
@@ -233,6 +249,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "bf16_kernel": Bf16Kernel::detect().describe(),
         "gradient_checkpointing": a.gradient_checkpointing,
         "median_step_s": (med * 1000.0).round() / 1000.0,
+        "median_step_cpu_s": (cpu_s * 1000.0).round() / 1000.0,
         "pairs_per_s": ((a.pairs as f64 / med) * 1000.0).round() / 1000.0,
         "tokens_per_s": (tokens / med * 10.0).round() / 10.0,
         "step_gflop": gflop.round(),
@@ -296,6 +313,20 @@ fn estimated_peak(
         precision: train.precision,
     };
     memory::estimate(&plan).total()
+}
+
+/// CPU time of this process so far (user + system, all threads; Linux `/proc/self/stat`, 10 ms ticks on
+/// most kernels), in seconds; 0 where unavailable.
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the 3rd field, utime the 14th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    // rest starts at the state (not a number): utime and stime are fields 14 and 15, i.e. 11 and 12 here.
+    match (f.get(10), f.get(11)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => 0.0,
+    }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MiB; 0 where unavailable.

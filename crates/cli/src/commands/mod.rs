@@ -88,6 +88,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         init_threads(threads);
         f().map(|()| ExitCode::SUCCESS)
     };
+    refuse_ranks(&cli.command)?;
     match cli.command {
         Command::Train(a) => train::run(*a, threads),
         Command::Sft(a) => sft::run(*a, threads),
@@ -115,6 +116,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Under `mpirun -np N` (N > 1), the commands that split their work across the ranks run; the others
+/// would run N times over the same files, and are refused.
+fn refuse_ranks(command: &Command) -> anyhow::Result<()> {
+    let ranks = dpo::dist::world().size();
+    let parallel = matches!(
+        command,
+        Command::Train(_) | Command::Sft(_) | Command::Eval(_) | Command::Logps(_) | Command::Bench(_)
+    ) || matches!(command, Command::RewardModel(a) if a.trains());
+    if ranks > 1 && !parallel {
+        anyhow::bail!(
+            "this command does not run data-parallel ({ranks} processes were started); run it as one process \
+             (data parallelism: train, sft, reward-model train, eval, logps, bench)"
+        );
+    }
+    Ok(())
+}
+
 /// Starts the thread pool of the math: `threads`, or all cores.
 fn init_threads(threads: Option<usize>) {
     engine::kernels::init_threads(threads.unwrap_or_else(default_threads));
@@ -126,6 +144,10 @@ fn default_threads() -> usize {
 
 /// Writes a command's output to `out` atomically, or to standard output.
 fn emit(out: Option<&Path>, text: &str) -> anyhow::Result<()> {
+    // A data-parallel launch: every rank holds the result, rank 0 writes it.
+    if !dpo::dist::is_root() {
+        return Ok(());
+    }
     match out {
         Some(path) => {
             dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))

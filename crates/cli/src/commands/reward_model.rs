@@ -129,6 +129,13 @@ struct ScoreArgs {
     precision: super::precision::PrecisionFlag,
 }
 
+impl Args {
+    /// True for `reward-model train` (which runs data-parallel under `mpirun`).
+    pub fn trains(&self) -> bool {
+        matches!(self.command, Command::Train(_))
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.command {
         Command::Train(t) => train(*t),
@@ -248,7 +255,11 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let report_to = dpo::tensorboard::ReportTo::parse(c.report_to.as_deref().unwrap_or("jsonl"))
         .map_err(|m| anyhow::anyhow!("--report-to: {m}"))?;
-    run_dir::preflight(&output, mode).map_err(|e| with_hint(e, COMMAND))?;
+    // Data parallelism (`mpirun -np N`): rank 0 alone takes and writes the run directory.
+    let root = dpo::dist::is_root();
+    if root {
+        run_dir::preflight(&output, mode).map_err(|e| with_hint(e, COMMAND))?;
+    }
     let rc = &c.train;
     let (start, config) = match &a.resume {
         Some(resume) => RmStart::resume(resume, rc).map_err(|e| hint(e, &output))?,
@@ -266,11 +277,14 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
     // aside and put back if this one fails before its first checkpoint or model is written).
-    let mut dir = RunDir::open(&output, mode, log).map_err(|e| with_hint(e, COMMAND))?;
-    dir.write_config(&toml::to_string_pretty(&c).context("writing config.toml")?)?;
+    dpo::dist::barrier();
+    let mut dir = root.then(|| RunDir::open(&output, mode, log)).transpose().map_err(|e| with_hint(e, COMMAND))?;
+    if let Some(dir) = &dir {
+        dir.write_config(&toml::to_string_pretty(&c).context("writing config.toml")?)?;
+    }
     let stop = stop_flag()?;
     let run = RmRun {
-        dir: &mut dir,
+        dir: dir.as_mut(),
         model_cfg: &config,
         source: &c.model,
         save_every: c.save_every,
@@ -293,8 +307,10 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     let rm = out.rm;
     let final_dir = output.join("final");
-    rm.save(&final_dir, &config, Some(&c.model))?;
-    dir.started();
+    if let Some(dir) = dir.as_mut() {
+        rm.save(&final_dir, &config, Some(&c.model))?;
+        dir.started();
+    }
 
     // Accuracy of the final model over whole data sets (the step lines show one batch each).
     let (train_loss, train_accuracy) = evaluate(&rm, &pairs, rc.batch_size)?;

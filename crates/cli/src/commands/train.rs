@@ -467,11 +467,15 @@ pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Metho
     Ok(c)
 }
 
-/// SIGINT/SIGTERM set the flag the trainer polls between steps; a second signal exits at once.
+/// SIGINT/SIGTERM set the flag the trainer polls between steps; a second signal exits at once (one process).
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        // Under mpirun the launcher itself may signal a rank again while rank 0 writes the checkpoint; it
+        // kills the ranks after its own timeout, so there a second signal only asks again.
+        if dpo::dist::world().size() == 1 {
+            signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        }
         signal_hook::flag::register(sig, flag.clone())?;
     }
     Ok(flag)

@@ -156,7 +156,8 @@ impl<'c> Trainer<'c> {
             // resumed run draws the same ones.
             let seed = self.cfg.seed ^ (self.state.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) ^ micro as u64;
             let model = policy_model(&self.trained, self.base, self.cfg.precision).with_dropout_seed(seed);
-            let out = workload.run(&self.decoder, model, Some((self.grads.grads(), scale)), &batch, &mut self.ws)?;
+            let grads = Some((self.grads.grads(), scale));
+            let out = crate::dist::run_share(workload, &self.decoder, model, grads, &batch, &mut self.ws)?;
             finite &= out.finite;
             tokens += out.num_tokens;
             for (k, v) in out.metrics {
@@ -164,6 +165,8 @@ impl<'c> Trainer<'c> {
             }
             rows.extend(batch);
         }
+        // Data parallelism: every rank now holds the sum of the ranks' shares (nothing with one process).
+        crate::dist::reduce_grads(&mut self.grads);
         let t_update = Instant::now();
         let grad_norm = if finite { clip_grad_norm(&mut self.grads, self.cfg.max_grad_norm) } else { f64::NAN };
         let cfg = self.cfg;
@@ -224,7 +227,7 @@ pub fn evaluate<'m>(
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let rows: Vec<usize> = (0..workload.rows()).collect();
     for chunk in rows.chunks(batch_size.max(1)) {
-        let out = workload.run(decoder, model, None, chunk, ws)?;
+        let out = crate::dist::run_share(workload, decoder, model, None, chunk, ws)?;
         for (k, v) in out.metrics {
             *sums.entry(k).or_default() += v * chunk.len() as f64;
         }
@@ -242,8 +245,11 @@ pub fn train(
     log: &mut dyn FnMut(&str),
 ) -> Result<TrainOutcome, TrainError> {
     let (s, start) = setup(cfg, opts, log)?;
-    let mut dir = RunDir::open(&cfg.output, opts.start_mode(), log)?;
-    run(&s, start, &mut dir, stop, log)
+    // Data parallelism: every rank has read its checkpoint before rank 0 takes the directory, and only
+    // rank 0 writes in it.
+    crate::dist::barrier();
+    let mut dir = crate::dist::is_root().then(|| RunDir::open(&cfg.output, opts.start_mode(), log)).transpose()?;
+    run(&s, start, dir.as_mut(), stop, log)
 }
 
 /// Supervised fine-tuning (the reference model of DPO, or the paper's preferred-FT) on prompt/completion
@@ -270,11 +276,12 @@ fn step_summary(step: u64, total: u64, out: &StepOutcome) -> String {
 }
 
 /// The loop itself, for a prepared run in its directory. `stop` is polled between steps: when set, a
-/// checkpoint is written and the run returns with `interrupted`.
+/// checkpoint is written and the run returns with `interrupted`. `dir` is `None` on the ranks of a
+/// data-parallel run other than rank 0 (which alone writes the run's files; all stop at the same step).
 pub fn run(
     s: &Setup,
     start: Start,
-    dir: &mut RunDir,
+    mut dir: Option<&mut RunDir>,
     stop: &AtomicBool,
     log: &mut dyn FnMut(&str),
 ) -> Result<TrainOutcome, TrainError> {
@@ -298,15 +305,18 @@ pub fn run(
         }
     }
     // The resumed checkpoint checked out against the model (setup): only now is the configuration written.
-    if resumed.is_some() {
+    if let (Some(dir), Some(_)) = (dir.as_deref(), &resumed) {
         dir.abandon_after(t.state.step, log)?;
     }
-    dir.write_config(&cfg.to_toml())?;
-    let mut metrics = dir.metrics_to(resumed.as_ref().map(|_| t.state.step), cfg.report_to)?;
-    let output = dir.path().to_path_buf();
+    if let Some(dir) = dir.as_deref() {
+        dir.write_config(&cfg.to_toml())?;
+    }
+    let resumed_at = resumed.as_ref().map(|_| t.state.step);
+    let mut metrics = dir.as_deref().map(|d| d.metrics_to(resumed_at, cfg.report_to)).transpose()?;
+    let output = cfg.output.clone();
 
     let lora = s.lora.as_ref().map(|l| &l.config);
-    let save = |dir: &mut RunDir, trained: &Trained, optimizer: &Optimizer, state: &TrainerState| match checkpoint::save(
+    let ckpt = |dir: &mut RunDir, trained: &Trained, optimizer: &Optimizer, state: &TrainerState| match checkpoint::save(
         &output,
         &s.model.config,
         trained,
@@ -328,10 +338,16 @@ pub fn run(
             output: output.clone(),
         }),
     };
+    // Rank 0 writes the checkpoint; the other ranks of a data-parallel run only name it.
+    let save = |dir: &mut Option<&mut RunDir>, trained: &Trained, optimizer: &Optimizer, state: &TrainerState| match dir
+    {
+        Some(dir) => ckpt(dir, trained, optimizer, state),
+        None => Ok(checkpoint::checkpoints_dir(&output).join(format!("step-{}", state.step))),
+    };
 
     while t.state.step < total {
-        if stop.load(Ordering::SeqCst) {
-            let p = save(dir, &t.trained, &t.optimizer, &t.state)?;
+        if crate::dist::any(stop.load(Ordering::SeqCst)) {
+            let p = save(&mut dir, &t.trained, &t.optimizer, &t.state)?;
             let outcome = TrainOutcome {
                 steps: t.state.step,
                 total_steps: total,
@@ -348,7 +364,7 @@ pub fn run(
                 OnNonFinite::Stop => {
                     // The step was not applied: the weights and optimizer are still those after the last
                     // good step, and the checkpoint of that state resumes before this batch.
-                    let checkpoint = save(dir, &t.trained, &t.optimizer, &out.before)?;
+                    let checkpoint = save(&mut dir, &t.trained, &t.optimizer, &out.before)?;
                     return Err(TrainError::NonFinite {
                         step: out.before.step + 1,
                         what,
@@ -382,16 +398,28 @@ pub fn run(
             let m = t.evaluate(ev)?;
             line.extend(m.into_iter().map(|(k, v)| (format!("eval_{k}"), v.into())));
         }
-        metrics.append(&serde_json::Value::Object(line))?;
+        if let Some(metrics) = metrics.as_mut() {
+            metrics.append(&serde_json::Value::Object(line))?;
+        }
         if cfg.log_every > 0 && (step.is_multiple_of(cfg.log_every) || step == total) {
             log(&step_summary(step, total, &out));
         }
         if due(cfg.save_every) && step < total {
-            save(dir, &t.trained, &t.optimizer, &t.state)?;
+            save(&mut dir, &t.trained, &t.optimizer, &t.state)?;
         }
     }
-    let checkpoint = save(dir, &t.trained, &t.optimizer, &t.state)?;
+    let checkpoint = save(&mut dir, &t.trained, &t.optimizer, &t.state)?;
     let final_dir = output.join("final");
+    let (steps, total_steps) = (t.state.step, total);
+    let Some(dir) = dir else {
+        return Ok(TrainOutcome {
+            steps,
+            total_steps,
+            final_dir: Some(final_dir),
+            checkpoint: Some(checkpoint),
+            interrupted: false,
+        });
+    };
     let final_error = |e: hf::Error| TrainError::FinalWrite {
         message: e.to_string(),
         checkpoint: checkpoint.clone(),

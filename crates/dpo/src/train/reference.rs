@@ -328,12 +328,14 @@ pub fn precompute<'m>(
     let model = model.into();
     let key = cache_key(model, examples);
     let cache_file = cache_dir.join(format!("ref-logps-{}.json", &key[..32]));
-    if let Ok(text) = std::fs::read_to_string(&cache_file) {
-        if let Ok(scores) = serde_json::from_str::<Vec<PairScore>>(&text) {
-            if scores.len() == examples.len() {
-                return Ok(Precomputed { scores, cache: CacheOutcome::Read(cache_file) });
-            }
-        }
+    let cached = std::fs::read_to_string(&cache_file)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Vec<PairScore>>(&text).ok())
+        .filter(|scores| scores.len() == examples.len());
+    // The ranks of a data-parallel run score the rows together unless every one found the cache.
+    let everyone = crate::dist::all(cached.is_some());
+    if let Some(scores) = cached.filter(|_| everyone) {
+        return Ok(Precomputed { scores, cache: CacheOutcome::Read(cache_file) });
     }
     let writable = check_cache_dir(cache_dir);
     let scores = score_pairs(decoder, model, examples, packing, batch_size, progress)?;

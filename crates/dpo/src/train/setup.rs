@@ -157,7 +157,10 @@ fn data_options(cfg: &TrainConfig) -> DataOptions {
 /// directory. The returned [`Setup`] holds the configuration with `max_length` resolved.
 pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) -> Result<(Setup, Start), TrainError> {
     cfg.validate()?;
-    run_dir::preflight(&cfg.output, opts.start_mode())?;
+    // Rank 0 alone takes the run directory (the others only read it, when resuming).
+    if crate::dist::is_root() {
+        run_dir::preflight(&cfg.output, opts.start_mode())?;
+    }
     if let Some(resume) = &opts.resume {
         let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
         run_dir::check_kept_settings(resume, &now)?;

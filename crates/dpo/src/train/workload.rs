@@ -10,7 +10,8 @@ use engine::Decoder;
 use super::pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 use super::reference::Reference;
 use super::TrainError;
-use crate::data::{pack_sequences, Example, Packing, SftExample};
+use crate::data::{pack_pairs, pack_sequences, Example, Packing, SftExample};
+use crate::dist::SplitWeight;
 
 pub trait Workload {
     /// Rows available.
@@ -27,6 +28,12 @@ pub trait Workload {
         rows: &[usize],
         ws: &mut Workspace,
     ) -> Result<BatchOutcome, TrainError>;
+    /// The weight of `rows` in a micro-batch's loss when the micro-batch is split across the ranks of a
+    /// data-parallel run ([`crate::dist`]); `None` (the default) when the loss of a batch is not a
+    /// weighted mean of its parts' (one rank then computes the whole micro-batch).
+    fn split_weight(&self, _rows: &[usize]) -> Option<SplitWeight> {
+        None
+    }
 }
 
 /// Preference pairs under an objective of the DPO family.
@@ -59,6 +66,22 @@ impl Workload for PairWorkload<'_> {
     ) -> Result<BatchOutcome, TrainError> {
         let (ex, pk, mp) = (self.examples, self.packing, self.micro_pairs);
         pair_batch(decoder, model, grads, self.reference, self.objective, ex, rows, pk, mp, ws)
+    }
+
+    /// A mean over pairs when every loss term is a pair's own; the `logits/*` metrics are means over
+    /// the completions' tokens.
+    fn split_weight(&self, rows: &[usize]) -> Option<SplitWeight> {
+        if !self.objective.per_pair() {
+            return None;
+        }
+        let batch: Vec<&Example> = rows.iter().map(|&i| &self.examples[i]).collect();
+        let packed = pack_pairs(&batch, self.packing);
+        let tokens = |r: &[std::ops::Range<usize>]| r.iter().map(|r| r.len()).sum::<usize>() as f64;
+        let metrics = [
+            ("logits/chosen".to_string(), tokens(&packed.chosen)),
+            ("logits/rejected".to_string(), tokens(&packed.rejected)),
+        ];
+        Some(SplitWeight { loss: rows.len() as f64, metrics: metrics.into() })
     }
 }
 
@@ -105,5 +128,13 @@ impl Workload for SftWorkload<'_> {
         }
         let num_tokens = parts.iter().map(|(p, c)| (p.len() + c.len()) as u64).sum();
         Ok(BatchOutcome { metrics, num_tokens, finite })
+    }
+
+    /// A mean over the completion tokens.
+    fn split_weight(&self, rows: &[usize]) -> Option<SplitWeight> {
+        let parts: Vec<(&[u32], &[u32])> = rows.iter().map(|&i| self.examples[i].parts()).collect();
+        let (_, ranges) = pack_sequences(&parts);
+        let tokens = ranges.iter().map(|r| r.len()).sum::<usize>() as f64;
+        Some(SplitWeight { loss: tokens, ..Default::default() })
     }
 }

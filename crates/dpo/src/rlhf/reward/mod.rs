@@ -25,6 +25,7 @@
 //! [`model`] scores, saves and loads; [`train`] trains on preference pairs.
 
 pub mod model;
+mod shard;
 pub mod train;
 
 use std::path::{Path, PathBuf};

@@ -281,7 +281,7 @@ fn an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one() {
     let go = |path: &Path, mode: StartMode, start: RmStart, stop: &AtomicBool, stop_after: Option<u64>| {
         let mut dir = RunDir::open(path, mode, &mut |_| {}).unwrap();
         let run = RmRun {
-            dir: &mut dir,
+            dir: Some(&mut dir),
             model_cfg: &model.config,
             source,
             save_every: 3,

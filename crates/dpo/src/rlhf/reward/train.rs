@@ -214,7 +214,7 @@ pub fn evaluate(rm: &RewardModel, pairs: &[Example], batch_size: usize) -> Resul
     let (mut loss, mut correct) = (0.0, 0.0);
     let refs: Vec<&Example> = pairs.iter().collect();
     for chunk in refs.chunks(batch_size.max(1)) {
-        let out = pair_batch(&rm.decoder, rm.trunk(), &rm.head, chunk, &mut acts, None)?;
+        let out = super::shard::pair_batch_shared(&rm.decoder, rm.trunk(), &rm.head, chunk, &mut acts, None)?;
         loss += out.loss * chunk.len() as f64;
         correct += out.accuracy() * chunk.len() as f64;
     }
@@ -269,7 +269,8 @@ impl RmStart {
 /// The run directory of a resumable run: checkpoints every `save_every` steps, when `stop` is set
 /// (polled between steps) and after the last step, `metrics.jsonl` one line per step.
 pub struct RmRun<'a> {
-    pub dir: &'a mut RunDir,
+    /// `None` on the ranks of a data-parallel run other than rank 0, which alone writes the run's files.
+    pub dir: Option<&'a mut RunDir>,
     /// Describes the trunk (written as `model/` of each checkpoint).
     pub model_cfg: &'a hf::ModelConfig,
     /// The starting model's directory (tokenizer files are copied from it).
@@ -347,25 +348,32 @@ pub fn run_reward_model(
         Some(r) => {
             if resumed {
                 log(&format!("resuming at step {}", state.step));
-                r.dir.abandon_after(state.step, log)?;
+                if let Some(dir) = r.dir.as_deref() {
+                    dir.abandon_after(state.step, log)?;
+                }
             }
-            Some(r.dir.metrics_to(resumed.then_some(state.step), r.report_to)?)
+            r.dir.as_deref().map(|dir| dir.metrics_to(resumed.then_some(state.step), r.report_to)).transpose()?
         }
         None => None,
     };
     let save = |run: &mut RmRun, rm: &RewardModel, optimizer: &Optimizer, state: &TrainerState| {
-        let output = run.dir.path().to_path_buf();
+        let Some(dir) = run.dir.as_deref_mut() else {
+            return Ok(PathBuf::new());
+        };
+        let output = dir.path().to_path_buf();
         let (p, h) = (&rm.params, Some(&rm.head));
         let path = checkpoint::save_with_head(&output, run.model_cfg, p, h, run.source, optimizer, state, total)?;
         checkpoint::prune(&output, 0);
-        run.dir.started();
+        dir.started();
         Ok::<_, RewardModelError>(path)
     };
     let mut order = epoch_order(rows, state.epoch, rc.seed, rc.shuffle);
     let mut stats = Vec::with_capacity(total.saturating_sub(state.step) as usize);
     let mut newest = None;
     while state.step < total {
-        if let Some(r) = run.as_mut().filter(|r| r.stop.load(Ordering::SeqCst)) {
+        // The ranks of a data-parallel run stop together, at the first step boundary any of them saw a stop.
+        let stop = crate::dist::any(run.as_ref().is_some_and(|r| r.stop.load(Ordering::SeqCst)));
+        if let Some(r) = run.as_mut().filter(|_| stop) {
             let p = save(r, &rm, &optimizer, &state)?;
             let steps = state.step;
             return Ok(RmOutcome { rm, stats, steps, total_steps: total, checkpoint: Some(p), interrupted: true });
@@ -383,8 +391,9 @@ pub fn run_reward_model(
         trunk_grads.fill_zero();
         head_grads.fill_zero();
         let g = Grads { trunk: &mut trunk_grads, head: &mut head_grads };
-        let out = pair_batch(&rm.decoder, rm.trunk(), &rm.head, &batch, &mut acts, Some(g))?;
+        let out = super::shard::pair_batch_shared(&rm.decoder, rm.trunk(), &rm.head, &batch, &mut acts, Some(g))?;
         let mut grads = (&mut trunk_grads, &mut head_grads);
+        crate::dist::reduce_grads(&mut grads);
         // A loss that is not finite left the gradient unset (pair_batch): its norm is not a number either.
         let grad_norm = if !out.loss.is_finite() {
             f64::NAN
