@@ -8,6 +8,7 @@ mod demo;
 mod eval;
 mod export;
 mod generate;
+mod hints;
 mod iterate;
 mod logps;
 mod merge;

@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::builder::PossibleValuesParser;
-use dpo::data::DataError;
 use dpo::train::config::{Method, OptimizerKind, SCHEDULE_NAMES};
 use dpo::train::run_dir::resume_target;
-use dpo::train::{train, Objective, RunOptions, TrainConfig, TrainError};
+use dpo::train::{train, Objective, RunOptions, TrainConfig};
 use serde::Serialize;
 
+pub use super::hints::with_hint;
 use super::progress::Progress;
 
 /// `--loss`'s long help: every loss the objectives' registry holds.
@@ -554,47 +554,6 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode>
         eprintln!("peak memory (resident): {}", dpo::train::memory::human(peak));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A run error with what to do about it, in `command`'s flags (the library states only the facts).
-pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
-    let hint = match &e {
-        TrainError::OutputExists(p) => {
-            format!("; pass --overwrite to replace it or --resume {} to continue it", p.display())
-        }
-        TrainError::NoCheckpoint { .. } => "; start it again with --overwrite (or pass a run directory with \
-             checkpoints/step-N, or such a checkpoint directory, to --resume)"
-            .to_string(),
-        TrainError::Locked { .. } => ": wait for it to end, or choose another --output".to_string(),
-        TrainError::NonFinite { output, .. } => format!(
-            ": `{command} --resume {} --on-nonfinite skip` continues and skips such steps (or lower --lr or \
-             --beta, or look at those rows)",
-            output.display()
-        ),
-        TrainError::CheckpointWrite { newest: Some(_), output, .. } => {
-            format!(": free disk space, then continue with `{command} --resume {}`", output.display())
-        }
-        TrainError::CheckpointWrite { newest: None, .. } => {
-            ": free disk space, then start again with --overwrite".to_string()
-        }
-        TrainError::FinalWrite { output, .. } => {
-            format!(": free disk space, then `{command} --resume {}` writes final/ again", output.display())
-        }
-        TrainError::Output { .. } => "; choose another --output".to_string(),
-        TrainError::NeedsReferenceModel { .. } => "; run it without --precompute-ref".to_string(),
-        TrainError::SettingChanged { run, key, was, .. } => format!(
-            "; continue it with --{} {} (or without the flag), or start a new run from a checkpoint's weights \
-             with --model {}/checkpoints/step-N/model",
-            key.replace('_', "-"),
-            was.trim_matches('"'),
-            run.display()
-        ),
-        TrainError::Data(DataError::TooLong { max, .. }) => {
-            format!(": pass --max-length {max} (with --truncation keep-end to keep the ends)")
-        }
-        _ => return e.into(),
-    };
-    anyhow::anyhow!("{e}{hint}")
 }
 
 fn human_duration(secs: f64) -> String {

@@ -1,0 +1,46 @@
+//! What to do about a run error, in the flags of the command that ran it: the library's `TrainError`
+//! states only the facts (which file, which setting); the binary adds the way out.
+
+use dpo::data::DataError;
+use dpo::train::TrainError;
+
+/// A run error with what to do about it, in `command`'s flags (the library states only the facts).
+pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
+    let hint = match &e {
+        TrainError::OutputExists(p) => {
+            format!("; pass --overwrite to replace it or --resume {} to continue it", p.display())
+        }
+        TrainError::NoCheckpoint { .. } => "; start it again with --overwrite (or pass a run directory with \
+             checkpoints/step-N, or such a checkpoint directory, to --resume)"
+            .to_string(),
+        TrainError::Locked { .. } => ": wait for it to end, or choose another --output".to_string(),
+        TrainError::NonFinite { output, .. } => format!(
+            ": `{command} --resume {} --on-nonfinite skip` continues and skips such steps (or lower --lr or \
+             --beta, or look at those rows)",
+            output.display()
+        ),
+        TrainError::CheckpointWrite { newest: Some(_), output, .. } => {
+            format!(": free disk space, then continue with `{command} --resume {}`", output.display())
+        }
+        TrainError::CheckpointWrite { newest: None, .. } => {
+            ": free disk space, then start again with --overwrite".to_string()
+        }
+        TrainError::FinalWrite { output, .. } => {
+            format!(": free disk space, then `{command} --resume {}` writes final/ again", output.display())
+        }
+        TrainError::Output { .. } => "; choose another --output".to_string(),
+        TrainError::NeedsReferenceModel { .. } => "; run it without --precompute-ref".to_string(),
+        TrainError::SettingChanged { run, key, was, .. } => format!(
+            "; continue it with --{} {} (or without the flag), or start a new run from a checkpoint's weights \
+             with --model {}/checkpoints/step-N/model",
+            key.replace('_', "-"),
+            was.trim_matches('"'),
+            run.display()
+        ),
+        TrainError::Data(DataError::TooLong { max, .. }) => {
+            format!(": pass --max-length {max} (with --truncation keep-end to keep the ends)")
+        }
+        _ => return e.into(),
+    };
+    anyhow::anyhow!("{e}{hint}")
+}
