@@ -5,9 +5,8 @@ mod common;
 
 use common::*;
 
-#[test]
-fn online_dpo_writes_a_run_with_its_sampled_pairs_metrics() {
-    let dir = scratch("online-dpo");
+/// A reward model trained for 2 steps in `dir/rm` (the judge) and two prompts in `dir/prompts.jsonl`.
+fn judge_and_prompts(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let rm = dir.join("rm");
     let mut c = dpo();
     c.args(["reward-model", "train", "--max-steps", "2", "--batch-size", "4", "--model"])
@@ -23,6 +22,13 @@ fn online_dpo_writes_a_run_with_its_sampled_pairs_metrics() {
         "{\"prompt\": \"Tell me about a kite.\"}\n{\"prompt\": \"Tell me about my grandmother.\"}\n",
     )
     .unwrap();
+    (rm, prompts)
+}
+
+#[test]
+fn online_dpo_writes_a_run_with_its_sampled_pairs_metrics() {
+    let dir = scratch("online-dpo");
+    let (rm, prompts) = judge_and_prompts(&dir);
     let run = dir.join("run");
     let online = || {
         let mut c = dpo();
@@ -61,21 +67,7 @@ fn online_dpo_writes_a_run_with_its_sampled_pairs_metrics() {
 #[test]
 fn iterate_runs_rounds_and_a_rerun_skips_the_finished_ones() {
     let dir = scratch("iterate");
-    let rm = dir.join("rm");
-    let mut c = dpo();
-    c.args(["reward-model", "train", "--max-steps", "2", "--batch-size", "4", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--data")
-        .arg(prefs())
-        .arg("--output")
-        .arg(&rm);
-    succeeds(&mut c);
-    let prompts = dir.join("prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        "{\"prompt\": \"Tell me about a kite.\"}\n{\"prompt\": \"Tell me about my grandmother.\"}\n",
-    )
-    .unwrap();
+    let (rm, prompts) = judge_and_prompts(&dir);
     let out = dir.join("rounds");
     let iterate = |rounds: &str| {
         let mut c = dpo();
