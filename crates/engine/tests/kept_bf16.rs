@@ -6,34 +6,14 @@
 //! equal the kept pass's bit for bit.
 
 use dpo_engine::kernels::Precision;
-use dpo_engine::presets::{init_random, tiny_gemma3, tiny_gpt2, tiny_gptj, tiny_llama, tiny_neox};
+use dpo_engine::presets::{tiny_gemma3, tiny_gpt2, tiny_gptj, tiny_llama, tiny_neox};
 use dpo_engine::rng::Rng;
 use dpo_engine::{
     Activations, Adapter, Batch, Decoder, DecoderConfig, Keep, LoraTarget, Model, ParamSet, Params, Site,
 };
 
-/// Three sequences of different lengths (longer than Gemma's window of 3), targets after the first token.
-fn batch(cfg: &DecoderConfig) -> Batch {
-    let mut r = Rng::new(7);
-    let mut b = Batch::default();
-    for len in [11, 6, 9] {
-        let ids: Vec<u32> = (0..len).map(|_| r.below(cfg.vocab_size) as u32).collect();
-        b.push_sequence(&ids, 1);
-    }
-    b
-}
-
-/// Random weights, the 1-D tensors (norm scales, biases) perturbed so that every gradient is non-trivial.
-fn params(cfg: &DecoderConfig) -> Params {
-    let mut p = init_random(cfg, 0.3, 3);
-    let mut r = Rng::new(11);
-    for (_, t) in p.named_mut() {
-        if t.shape.len() == 1 {
-            t.data.iter_mut().for_each(|x| *x += 0.2 * r.normal() as f32);
-        }
-    }
-    p
-}
+mod random_model;
+use random_model::{batch, params};
 
 /// Every model of the family's switches, and one deep enough that keeping bf16 saves memory.
 fn configs() -> Vec<DecoderConfig> {
