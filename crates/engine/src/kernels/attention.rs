@@ -46,10 +46,6 @@ impl AttnDims {
     }
 }
 
-/// Attention's products stay f32 whatever the pass's precision: at the lengths trained here (a few hundred
-/// tokens) they are a few percent of a step's FLOPs, and f32 scores keep the softmax as exact as before.
-const ATTN_PRECISION: Precision = Precision::F32;
-
 /// Query rows per block.
 pub const BQ: usize = 64;
 
@@ -166,10 +162,13 @@ struct Geo {
     koff: usize,
     voff: usize,
     scale: f32,
+    /// The products' arithmetic: the pass's, as autocast runs `scaled_dot_product_attention` in bf16
+    /// (`Q K^T`, `P V` and their backward take bf16 operands; the softmax and its statistics stay f32).
+    precision: Precision,
 }
 
 impl Geo {
-    fn new(dims: &AttnDims, kv: usize) -> Self {
+    fn new(dims: &AttnDims, kv: usize, precision: Precision) -> Self {
         let (nh, hd, rep) = (dims.n_heads, dims.head_dim, dims.rep());
         Geo {
             hd,
@@ -179,6 +178,7 @@ impl Geo {
             koff: (nh + kv) * hd,
             voff: (nh + dims.n_kv_heads + kv) * hd,
             scale: 1.0 / (hd as f32).sqrt(),
+            precision,
         }
     }
 
@@ -214,7 +214,7 @@ impl Geo {
                 rhs,
                 1.0,
                 false,
-                ATTN_PRECISION,
+                self.precision,
             );
         }
     }
@@ -242,7 +242,7 @@ impl Geo {
                 rhs,
                 1.0,
                 false,
-                ATTN_PRECISION,
+                self.precision,
             );
         }
     }
@@ -296,7 +296,7 @@ fn tasks(groups: &[Range<u32>], n_kv: usize) -> Vec<(usize, usize)> {
 
 /// `out[N, n_heads * hd]`: softmax(scale q k^T, masked) v per query head; `lse[N, n_heads]`: the
 /// log-sum-exp of each row of scaled scores, for the backward. Rows outside every span are left as they
-/// are. `qkv: [N, qkv_dim]`.
+/// are. `qkv: [N, qkv_dim]`. The products run in `precision` (see [`Geo::precision`]).
 pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
@@ -304,6 +304,7 @@ pub fn attention_forward(
     dims: &AttnDims,
     spans: &[Span],
     groups: &[Range<u32>],
+    precision: Precision,
 ) {
     let (nh, hd) = (dims.n_heads, dims.head_dim);
     let n = qkv.len() / dims.qkv_dim().max(1);
@@ -317,7 +318,7 @@ pub fn attention_forward(
         if spans.is_empty() {
             return;
         }
-        let geo = Geo::new(dims, kv);
+        let geo = Geo::new(dims, kv, precision);
         let m_max = geo.rep * BQ;
         let mut qs = vec![0.0f32; m_max * hd];
         let mut o = vec![0.0f32; m_max * hd];
@@ -365,6 +366,7 @@ pub fn attention_backward(
     dims: &AttnDims,
     spans: &[Span],
     groups: &[Range<u32>],
+    precision: Precision,
 ) {
     let (nh, hd, qd) = (dims.n_heads, dims.head_dim, dims.qkv_dim());
     let n = qkv.len() / qd.max(1);
@@ -383,7 +385,7 @@ pub fn attention_backward(
 
     let dqkv_p = SharedMut(dqkv.as_mut_ptr());
     tasks(groups, dims.n_kv_heads).into_par_iter().for_each(|(gi, kv)| {
-        let geo = Geo::new(dims, kv);
+        let geo = Geo::new(dims, kv, precision);
         let g = &groups[gi];
         // Zero this task's columns of its rows: its query heads, its key head, its value head.
         for r in g.start as usize..g.end as usize {
@@ -440,7 +442,7 @@ pub fn attention_backward(
                             rhs,
                             1.0,
                             false,
-                            ATTN_PRECISION,
+                            geo.precision,
                         )
                     };
                 }
@@ -473,7 +475,7 @@ pub fn attention_backward(
                                 rhs,
                                 1.0,
                                 false,
-                                ATTN_PRECISION,
+                                geo.precision,
                             )
                         };
                     }

@@ -99,13 +99,13 @@ fn run(dims: AttnDims, b: &Batch, seed: u64) {
     let qkv = rng.vec(n * qd, 1.5);
     let dout = rng.vec(n * nh * hd, 1.0);
     let (mut out, mut lse) = (vec![f32::NAN; n * nh * hd], vec![f32::NAN; n * nh]);
-    attention_forward(&mut out, &mut lse, &qkv, &dims, &b.spans, &b.groups);
+    attention_forward(&mut out, &mut lse, &qkv, &dims, &b.spans, &b.groups, Precision::F32);
     let (q64, g64) = (to_f64(&qkv), to_f64(&dout));
     let (want_out, want_lse) = naive_forward(&q64, &dims, &b.spans);
     assert_close("attention out", &out, &want_out, 1e-5, 1e-1);
     assert_close("attention lse", &lse, &want_lse, 1e-5, 1.0);
     let mut dqkv = vec![f32::NAN; n * qd];
-    attention_backward(&mut dqkv, &dout, &out, &lse, &qkv, &dims, &b.spans, &b.groups);
+    attention_backward(&mut dqkv, &dout, &out, &lse, &qkv, &dims, &b.spans, &b.groups, Precision::F32);
     let want = naive_backward(&q64, &g64, &dims, &b.spans);
     assert_close("attention dqkv", &dqkv, &want, 1e-4, 1e-1);
 }
@@ -170,10 +170,10 @@ fn three_completions_and_untouched_rows() {
     let groups = [0..2, 2..4];
     let mut out = vec![7.0; 4 * 32];
     let mut lse = vec![7.0; 4 * 4];
-    attention_forward(&mut out, &mut lse, &qkv, &dims, &spans, &groups);
+    attention_forward(&mut out, &mut lse, &qkv, &dims, &spans, &groups, Precision::F32);
     assert!(out[64..].iter().all(|&v| v == 7.0) && lse[8..].iter().all(|&v| v == 7.0));
     let mut dqkv = vec![f32::NAN; 4 * qd];
-    attention_backward(&mut dqkv, &vec![1.0; 4 * 32], &out, &lse, &qkv, &dims, &spans, &groups);
+    attention_backward(&mut dqkv, &vec![1.0; 4 * 32], &out, &lse, &qkv, &dims, &spans, &groups, Precision::F32);
     assert!(dqkv[2 * qd..].iter().all(|&v| v == 0.0) && dqkv.iter().all(|v| v.is_finite()));
 }
 
@@ -184,5 +184,46 @@ fn span_reading_another_group_is_refused() {
     let spans = [Span { start: 2, end: 4, own_start: 0, ctx_start: 0, ctx_end: 0 }];
     let mut out = vec![0.0; 4 * 32];
     let mut lse = vec![0.0; 16];
-    attention_forward(&mut out, &mut lse, &vec![0.0; 4 * dims.qkv_dim()], &dims, &spans, &[0..2, 2..4]);
+    attention_forward(&mut out, &mut lse, &vec![0.0; 4 * dims.qkv_dim()], &dims, &spans, &[0..2, 2..4], Precision::F32);
+}
+
+/// `(out, lse, dqkv)` of one forward and backward in `precision` on a pool of `threads`.
+fn pass(dims: &AttnDims, b: &Batch, qkv: &[f32], dout: &[f32], precision: Precision, threads: usize) -> [Vec<f32>; 3] {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        let n = b.len();
+        let (mut out, mut lse) = (vec![f32::NAN; n * dims.n_heads * dims.head_dim], vec![f32::NAN; n * dims.n_heads]);
+        attention_forward(&mut out, &mut lse, qkv, dims, &b.spans, &b.groups, precision);
+        let mut dqkv = vec![f32::NAN; n * dims.qkv_dim()];
+        attention_backward(&mut dqkv, dout, &out, &lse, qkv, dims, &b.spans, &b.groups, precision);
+        [out, lse, dqkv]
+    })
+}
+
+/// bf16 products (autocast's SDPA): within bf16 rounding of the f64 reference, not the f32 numbers, and the
+/// same bits for any thread count.
+#[test]
+fn bf16_products_within_rounding_and_deterministic() {
+    let dims = AttnDims { n_heads: 4, n_kv_heads: 2, head_dim: 64, window: None };
+    let b = layout(150, 70, 80, 66);
+    let mut rng = Rng::new(50);
+    let (n, nh, hd) = (b.len(), dims.n_heads, dims.head_dim);
+    let mut qkv = rng.vec(n * dims.qkv_dim(), 1.5);
+    crate::quant::bf16::round_in_place(&mut qkv);
+    let dout = rng.vec(n * nh * hd, 1.0);
+    let [out, lse, dqkv] = pass(&dims, &b, &qkv, &dout, Precision::Bf16, 2);
+    let (q64, g64) = (to_f64(&qkv), to_f64(&dout));
+    let (want_out, want_lse) = naive_forward(&q64, &dims, &b.spans);
+    // bf16 keeps 8 bits of mantissa: a relative rounding of 2^-9 per operand.
+    assert_close_norm("bf16 attention out", &out, &want_out, 1e-2);
+    assert_close_norm("bf16 attention lse", &lse, &want_lse, 1e-2);
+    assert_close_norm("bf16 attention dqkv", &dqkv, &naive_backward(&q64, &g64, &dims, &b.spans), 2e-2);
+    let f32_out = &pass(&dims, &b, &qkv, &dout, Precision::F32, 2)[0];
+    assert_ne!(&out, f32_out, "bf16 attention gave the f32 numbers: its products were not rounded");
+    for threads in [1, 3] {
+        let again = pass(&dims, &b, &qkv, &dout, Precision::Bf16, threads);
+        for (what, (a, b)) in ["out", "lse", "dqkv"].iter().zip(again.iter().zip([&out, &lse, &dqkv])) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: {threads} threads differ");
+        }
+    }
 }

@@ -134,6 +134,7 @@ impl Decoder {
                     &self.attn_dims(layer),
                     &batch.spans,
                     &batch.groups,
+                    lp.precision,
                 );
             }
             Attend::Cached { caches, layer: cache_layer, .. } => {
@@ -271,6 +272,7 @@ impl Decoder {
             &self.attn_dims(layer),
             &b.spans,
             &b.groups,
+            lp.precision,
         );
         if let Some(t) = rope {
             let hd = cfg.head_dim;
