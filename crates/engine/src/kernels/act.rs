@@ -1,7 +1,7 @@
 //! Elementwise activations (GELU in both forms, SwiGLU) and the vector helpers the other kernels share:
 //! a branch-free `exp` that the compiler vectorises, lane-parallel sums, and [`multiversion!`], which
-//! compiles a hot loop a second time for AVX2+FMA and picks that copy at run time (the crate is built for
-//! the x86-64 baseline, SSE2, where these loops are 2-4x slower).
+//! compiles a hot loop again for AVX2+FMA and for AVX-512 and picks the widest copy the CPU runs (the crate
+//! is built for the x86-64 baseline, SSE2, where these loops are 2-4x slower).
 
 use rayon::prelude::*;
 
@@ -15,9 +15,24 @@ pub(crate) fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// Defines `fn $name(args) -> ret` whose body is compiled twice, for the baseline and for AVX2+FMA, and
-/// dispatches at run time. Arguments are plain identifiers (no patterns); the body becomes an inner
-/// `#[inline(always)]` function, so everything it calls that is `#[inline(always)]` is compiled with AVX2.
+/// Whether the CPU has AVX-512F (and BW, VL), the widest variant [`multiversion!`] compiles.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        has_avx2()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// Defines `fn $name(args) -> ret` whose body is compiled three times, for the baseline, for AVX2+FMA and
+/// for AVX-512, and dispatches at run time. Arguments are plain identifiers (no patterns); the body becomes
+/// an inner `#[inline(always)]` function, so everything it calls that is `#[inline(always)]` is compiled
+/// with the variant's features. The variants give the same bits: the bodies spell out their lanes (16
+/// accumulators, fixed reduction trees) and the compiler does not fuse or reorder f32 arithmetic, so the
+/// vector width changes only how many lanes one instruction carries.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -31,6 +46,17 @@ macro_rules! multiversion {
             #[allow(clippy::too_many_arguments)]
             unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                 inner($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                inner($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if $crate::kernels::act::has_avx512() {
+                // SAFETY: the CPU supports the features `avx512` was compiled for.
+                return unsafe { avx512($($arg),*) };
             }
             #[cfg(target_arch = "x86_64")]
             if $crate::kernels::act::has_avx2() {

@@ -30,8 +30,9 @@ use rayon::prelude::*;
 /// Elements per parallel task; tensors up to this size are updated on the calling thread.
 const CHUNK: usize = 1 << 14;
 
-/// Defines `fn $name(args)` whose body is compiled twice, for the x86-64 baseline and for AVX2+FMA, and
-/// picks the second at run time when the CPU has it. The updates use `f32::mul_add` where torch's kernels
+/// Defines `fn $name(args)` whose body is compiled three times, for the x86-64 baseline, for AVX2+FMA and
+/// for AVX-512, and picks the widest the CPU has at run time (same bits: elementwise updates, and
+/// `mul_add` is fused whatever the width). The updates use `f32::mul_add` where torch's kernels
 /// fuse; without FMA in the target that is a libm call per element, with it one vector instruction.
 /// (A local copy of `kernels::act::multiversion`, so this module does not depend on kernel internals.)
 macro_rules! multiversion {
@@ -44,6 +45,20 @@ macro_rules! multiversion {
             #[target_feature(enable = "avx2,fma")]
             unsafe fn fast($($arg: $ty),*) {
                 inner($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+            unsafe fn widest($($arg: $ty),*) {
+                inner($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the running CPU has the features `widest` was compiled for.
+                return unsafe { widest($($arg),*) };
             }
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
