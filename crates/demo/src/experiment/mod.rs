@@ -178,14 +178,21 @@ fn run_seed(
     log: &mut dyn FnMut(&str),
 ) -> Result<Report, DemoError> {
     let t_all = Instant::now();
+    let cpu_all = dpo::io::process_cpu_s();
     let out = out.to_path_buf();
     std::fs::create_dir_all(&out).map_err(|e| DemoError::io(&out, e))?;
     let mut seconds: Vec<(String, f64)> = Vec::new();
+    let mut cpu_seconds: Vec<(String, f64)> = Vec::new();
     let mut gaps: Vec<String> = Vec::new();
-    let mut lap = Instant::now();
+    let (mut lap, mut cpu_lap) = (Instant::now(), cpu_all);
+    // Wall and CPU time (this process, all threads) of each part: on a shared machine the CPU time is the
+    // figure that says where the work goes.
     let mut take_lap = |name: &str, seconds: &mut Vec<(String, f64)>| {
         seconds.push((name.to_string(), lap.elapsed().as_secs_f64()));
+        let cpu = dpo::io::process_cpu_s();
+        cpu_seconds.push((name.to_string(), cpu - cpu_lap));
         lap = Instant::now();
+        cpu_lap = cpu;
     };
 
     // 1. The SFT model: pretrained here, or the given checkpoint.
@@ -419,10 +426,13 @@ fn run_seed(
         gaps,
         seconds,
         total_s: 0.0,
+        cpu_seconds,
+        total_cpu_s: 0.0,
         seeds: None,
         across_seeds: None,
     };
     report.total_s = t_all.elapsed().as_secs_f64();
+    report.total_cpu_s = dpo::io::process_cpu_s() - cpu_all;
     log("[5/5] writing report.md, report.json, frontier.png, gradient_weight.png");
     report.write(&out)?;
     Ok(report)
