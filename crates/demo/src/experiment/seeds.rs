@@ -133,7 +133,7 @@ pub fn summarize(report: &Report, dir: String) -> SeedResult {
     // Each online method's final point against offline DPO's best with no more KL.
     for m in ["Online DPO", "Iterative DPO"] {
         for judge in ["ground truth", "learned reward model"] {
-            let last = report.equal_kl.iter().filter(|r| r.method == m && r.judge == judge).next_back();
+            let last = report.equal_kl.iter().rfind(|r| r.method == m && r.judge == judge);
             if let Some(EqualKl { difference: Some(d), .. }) = last {
                 put(m, equal_kl_metric(judge), *d);
             }
@@ -212,13 +212,12 @@ pub fn ordering(a: &str, b: &str, metric: &str, diffs: &[f64]) -> Ordering {
     };
     let per_seed: Vec<String> = diffs.iter().map(|x| format!("{x:+.3}")).collect();
     let sentence = format!(
-        "{a} − {b}, {metric}: {:+.3} ± {:.3} (s.e.) over {k} seed(s) [{}], 95% t interval [{:+.3}, {:+.3}]: {}{}.",
+        "{a} − {b}, {metric}: {:+.3} ± {:.3} (s.e.) over {k} seed(s) [{}], 95% t interval [{:+.3}, {:+.3}]: {beyond_interval} beyond the interval{}.",
         d.mean,
         d.se,
         per_seed.join(", "),
         d.ci_low,
         d.ci_high,
-        format!("{beyond_interval} beyond the interval"),
         if beyond_two_se != beyond_interval && k >= 2 {
             format!(" ({} by two standard errors)", beyond_two_se)
         } else {
