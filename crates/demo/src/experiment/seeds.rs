@@ -32,7 +32,8 @@ pub struct SeedResult {
     pub total_s: f64,
     /// Per method: `best_reward` (ground truth, the highest over the method's points) and `kl_at_best`,
     /// `win_rate_vs_chosen` (temperature 1), `best_win_rate_vs_temperature`; the online methods'
-    /// `final_minus_offline_at_equal_kl` under each judge.
+    /// `final_minus_offline_at_equal_kl` under each judge and the KL of the offline point it was compared
+    /// with (`offline_kl_compared`: 0 when only the SFT model had no more KL).
     pub metrics: Metrics,
 }
 
@@ -134,8 +135,10 @@ pub fn summarize(report: &Report, dir: String) -> SeedResult {
     for m in ["Online DPO", "Iterative DPO"] {
         for judge in ["ground truth", "learned reward model"] {
             let last = report.equal_kl.iter().rfind(|r| r.method == m && r.judge == judge);
-            if let Some(EqualKl { difference: Some(d), .. }) = last {
+            if let Some(EqualKl { difference: Some(d), offline_kl: Some(kl), .. }) = last {
                 put(m, equal_kl_metric(judge), *d);
+                // KL 0 is the SFT model: offline DPO had no point with that little KL.
+                put(m, &format!("offline_kl_compared ({judge})"), *kl);
             }
         }
     }
@@ -245,7 +248,10 @@ pub fn markdown(results: &[SeedResult], across: &AcrossSeeds) -> String {
         "The whole experiment (corpus, SFT model, pairs, every run, evaluation and win-rate samples) repeated over \
          {} seeds: {}. The sections above are the first seed's. Each figure below: the mean across seeds, its \
          standard error and its 95% Student-t interval (t(0.975, k-1) s/sqrt(k); with few seeds the t quantile \
-         is large: 12.71 for 2 seeds, 4.30 for 3). An ordering is judged on the per-seed differences.\n",
+         is large: 12.71 for 2 seeds, 4.30 for 3). An ordering is judged on the per-seed differences. \
+         Online and iterative DPO are compared by their final point against offline DPO's best point with no \
+         more KL (`offline_kl_compared`: where that is 0, offline DPO had no point with so little KL and the \
+         comparison is with the SFT model, not with offline DPO at equal KL).\n",
         results.len(),
         dirs.join(", ")
     );
