@@ -210,9 +210,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // CPU seconds of this process per step (all its threads): the work, whatever else the machine runs.
     let mut cpu = Vec::new();
     for step in 0..a.steps {
-        let (c0, u0) = (dpo::dist::comm_stats(), process_cpu_s());
+        let (c0, u0) = (dpo::dist::comm_stats(), dpo::io::process_cpu_s());
         let out = trainer.step(&workload)?;
-        let (c1, u1) = (dpo::dist::comm_stats(), process_cpu_s());
+        let (c1, u1) = (dpo::dist::comm_stats(), dpo::io::process_cpu_s());
         let (s, update) = (out.secs, out.update_secs);
         eprintln!("step {}/{}: {s:.3} s (clip + AdamW + zeroing {update:.3} s)", step + 1, a.steps);
         if step > 0 {
@@ -313,20 +313,6 @@ fn estimated_peak(
         precision: train.precision,
     };
     memory::estimate(&plan).total()
-}
-
-/// CPU time of this process so far (user + system, all threads; Linux `/proc/self/stat`, 10 ms ticks on
-/// most kernels), in seconds; 0 where unavailable.
-fn process_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces): state is the 3rd field, utime the 14th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    // rest starts at the state (not a number): utime and stime are fields 14 and 15, i.e. 11 and 12 here.
-    match (f.get(10), f.get(11)) {
-        (Some(u), Some(s)) => (u + s) / 100.0,
-        _ => 0.0,
-    }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MiB; 0 where unavailable.

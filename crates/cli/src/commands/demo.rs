@@ -33,6 +33,11 @@ pub struct Args {
     /// `--set dpo.lr=1e-4 --set 'dpo_betas=[0.1,1]'`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Repeat the whole experiment with this many seeds (the plan's seed, then the next ones; the first in
+    /// OUTPUT, seed s in OUTPUT/seeds/seed-s) and report means with 95% intervals across seeds, and which
+    /// orderings hold beyond them, in report.md ("Across seeds") and report.json (`seeds`, `across_seeds`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub seeds: u64,
     #[command(flatten)]
     precision: super::precision::PrecisionFlag,
 }
@@ -46,6 +51,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         methods: a.methods.clone(),
         set: a.set.clone(),
         precision: a.precision.given(),
+        seeds: a.seeds as usize,
     };
     let t = Instant::now();
     let mut progress = Progress::new();
@@ -59,6 +65,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     for r in &report.reward_accuracy {
         println!("ranking accuracy on held-out pairs, {}: {:.3}", r.scorer, r.accuracy);
+    }
+    if let Some(across) = &report.across_seeds {
+        println!("across {} seeds:", across.seeds.len());
+        for o in &across.orderings {
+            println!("- {}", o.sentence);
+        }
     }
     for g in &report.gaps {
         println!("gap: {g}");

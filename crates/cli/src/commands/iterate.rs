@@ -106,6 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             eos_ids: stop_ids(&model.config, &tok),
             missing_eos_penalty: a.missing_eos_penalty,
         },
+        judge: format!("reward model {}", rm_dir.display()),
     };
     let judge = |items: &[(&[u32], &[u32])]| rm.score(items).map_err(|e| e.to_string());
     let stop = super::train::stop_flag()?;

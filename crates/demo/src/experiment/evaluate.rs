@@ -2,8 +2,15 @@
 //! mean ground-truth reward (VADER on the decoded prompt and completion), and the sequence-level
 //! KL(pi || ref) = E_{y ~ pi} [sum_t log pi(y_t | .) - log ref(y_t | .)], estimated from the same samples
 //! with both models' log-probs computed by one forward pass each.
+//!
+//! A policy's samples and KL are kept (by a fingerprint of its weights), so judging the same checkpoint
+//! again with another reward (the learned reward model's frontier) only scores the kept samples.
 
-use engine::generate::{generate, Generation, SamplingConfig};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use engine::generate::{generate_batched, Generation, SamplingConfig};
 use engine::kernels::Precision;
 use engine::model::Model;
 use engine::rng::Rng;
@@ -16,6 +23,10 @@ use dpo::data::pack::{pack_sequences, sum_ranges};
 
 /// Sequences per forward pass when scoring samples.
 const SCORE_BATCH: usize = 64;
+
+/// Sequences decoded together when sampling: more than the engine's default (16), since this model's
+/// decode step is small enough that its fixed cost per step dominates. The samples do not depend on it.
+const SAMPLE_BATCH: usize = 64;
 
 /// The things every measurement needs: the model family, the reference weights, the tokenizer and the
 /// ground truth.
@@ -61,7 +72,7 @@ impl World {
         sampling: &SamplingConfig,
         seed: u64,
     ) -> Result<Vec<Generation>, DemoError> {
-        Ok(generate(&self.decoder, self.view(params), prompts, n, sampling, &mut Rng::new(seed))?)
+        Ok(generate_batched(&self.decoder, self.view(params), prompts, n, sampling, &mut Rng::new(seed), SAMPLE_BATCH)?)
     }
 
     /// Ground-truth rewards of `(prompt, completion)` pairs, on all cores: VADER's compound score of the
@@ -113,9 +124,52 @@ pub struct Evaluator {
     pub samples: usize,
     pub sampling: SamplingConfig,
     pub seed: u64,
+    /// Samples and KL of the policies measured so far, by [`fingerprint`] of their weights.
+    kept: Mutex<HashMap<u64, Arc<Sampled>>>,
+}
+
+/// A policy's evaluation samples: `[prompts * samples]` completions (prompt order) and their KL terms.
+struct Sampled {
+    gens: Vec<Generation>,
+    /// `log pi(y) - log ref(y)` of each sample.
+    kls: Vec<f64>,
+}
+
+/// A 64-bit hash of every weight's bits: the same policy measured twice is sampled once.
+fn fingerprint(params: &Params) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (name, t) in params.named() {
+        name.hash(&mut h);
+        t.shape.hash(&mut h);
+        for x in &t.data {
+            x.to_bits().hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 impl Evaluator {
+    pub fn new(prompts: Vec<Vec<u32>>, samples: usize, sampling: SamplingConfig, seed: u64) -> Self {
+        Evaluator { prompts, samples, sampling, seed, kept: Mutex::new(HashMap::new()) }
+    }
+
+    /// The policy's samples and KL terms, drawn (and kept) on first use.
+    fn sampled(&self, world: &World, params: &Params) -> Result<Arc<Sampled>, DemoError> {
+        let key = fingerprint(params);
+        if let Some(s) = self.kept.lock().expect("evaluator cache").get(&key) {
+            return Ok(s.clone());
+        }
+        let gens = world.sample(params, &self.prompts, self.samples, &self.sampling, self.seed)?;
+        let items: Vec<(&[u32], &[u32])> =
+            gens.iter().map(|g| (&self.prompts[g.prompt_index][..], &g.tokens[..])).collect();
+        let pi = world.sequence_logps(params, &items)?;
+        let rf = world.sequence_logps(&world.reference, &items)?;
+        let kls: Vec<f64> = pi.iter().zip(&rf).map(|(a, b)| a - b).collect();
+        let s = Arc::new(Sampled { gens, kls });
+        self.kept.lock().expect("evaluator cache").insert(key, s.clone());
+        Ok(s)
+    }
+
     /// Samples the policy and measures reward (the ground truth) and KL.
     pub fn evaluate(&self, world: &World, params: &Params, step: u64) -> Result<Point, DemoError> {
         self.evaluate_by(world, params, step, &|items| world.ground_truth_all(items))
@@ -129,15 +183,12 @@ impl Evaluator {
         step: u64,
         reward: &RewardOf,
     ) -> Result<Point, DemoError> {
-        let gens = world.sample(params, &self.prompts, self.samples, &self.sampling, self.seed)?;
+        let s = self.sampled(world, params)?;
         let items: Vec<(&[u32], &[u32])> =
-            gens.iter().map(|g| (&self.prompts[g.prompt_index][..], &g.tokens[..])).collect();
+            s.gens.iter().map(|g| (&self.prompts[g.prompt_index][..], &g.tokens[..])).collect();
         let rewards = reward(&items)?;
-        let pi = world.sequence_logps(params, &items)?;
-        let rf = world.sequence_logps(&world.reference, &items)?;
-        let kls: Vec<f64> = pi.iter().zip(&rf).map(|(a, b)| a - b).collect();
-        let length = gens.iter().map(|g| g.tokens.len() as f64).sum::<f64>() / gens.len().max(1) as f64;
-        Ok(Point { step, kl: mean(&kls), reward: mean(&rewards), reward_se: std_err(&rewards), length })
+        let length = s.gens.iter().map(|g| g.tokens.len() as f64).sum::<f64>() / s.gens.len().max(1) as f64;
+        Ok(Point { step, kl: mean(&s.kls), reward: mean(&rewards), reward_se: std_err(&rewards), length })
     }
 }
 

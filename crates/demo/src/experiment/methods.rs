@@ -104,6 +104,10 @@ pub fn beta_name(beta: f64) -> String {
 }
 
 /// DPO with the given beta; returns the run and its final weights.
+///
+/// The reference's log-probs of the pairs are computed once, by the first beta's run, and read from
+/// `OUTPUT/cache` by the others (the trainer's `precompute_ref`, keyed by the reference weights and the
+/// token ids): the same numbers every run's reference pass would compute, without the pass.
 pub fn dpo(ctx: &Ctx, beta: f64, log: &mut dyn FnMut(&str)) -> Result<(MethodRun, Params), DemoError> {
     let name = format!("dpo-beta{beta}");
     let cfg = TrainConfig {
@@ -111,6 +115,8 @@ pub fn dpo(ctx: &Ctx, beta: f64, log: &mut dyn FnMut(&str)) -> Result<(MethodRun
             losses: vec![(LossType::Sigmoid, 1.0)],
             cfg: LossConfig { beta, ..Default::default() },
         }),
+        precompute_ref: true,
+        cache_dir: Some(ctx.out.join("cache")),
         ..ctx.train_config(&name, &ctx.plan.dpo)
     };
     let (run, final_dir) = train_and_evaluate(ctx, &cfg, "DPO", beta_name(beta), log)?;

@@ -20,6 +20,7 @@ mod pairs;
 mod plan;
 mod report;
 mod rlhf_methods;
+mod seeds;
 mod sft;
 mod winrates;
 
@@ -90,6 +91,8 @@ pub struct DemoOptions {
     pub set: Vec<String>,
     /// The precision of every pass (the plan's `precision`), before `set` is applied.
     pub precision: Option<engine::kernels::Precision>,
+    /// Repeat the experiment with this many seeds (the plan's seed, then the next ones); 0 or 1: once.
+    pub seeds: usize,
 }
 
 impl DemoOptions {
@@ -133,18 +136,63 @@ fn seed_of(plan: &Plan, stream: u64) -> u64 {
     plan.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream
 }
 
-/// Runs the whole experiment into `opts.output` and returns (and writes) the report.
+/// Runs the whole experiment into `opts.output` and returns (and writes) the report. With `opts.seeds`
+/// above 1 the first seed runs there and seed `s` in `OUTPUT/seeds/seed-s`, and the first seed's report
+/// gets the summaries of all and the aggregates across them (`seeds.rs`).
 pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> Result<Report, DemoError> {
     let plan = opts.plan()?;
+    if opts.seeds <= 1 {
+        return run_seed(opts, plan, &opts.output, stop, log);
+    }
+    let mut reports = Vec::with_capacity(opts.seeds);
+    for k in 0..opts.seeds as u64 {
+        let seed = plan.seed.wrapping_add(k);
+        let (dir, rel) = if k == 0 {
+            (opts.output.clone(), ".".to_string())
+        } else {
+            let rel = format!("seeds/seed-{seed}");
+            (opts.output.join(&rel), rel)
+        };
+        log(&format!("=== seed {seed} ({} of {}) in {}", k + 1, opts.seeds, dir.display()));
+        let report = run_seed(opts, Plan { seed, ..plan.clone() }, &dir, stop, log)?;
+        reports.push((rel, report));
+    }
+    let results: Vec<seeds::SeedResult> = reports.iter().map(|(rel, r)| seeds::summarize(r, rel.clone())).collect();
+    let across = seeds::aggregate(&results);
+    for o in &across.orderings {
+        log(&format!("      {}", o.sentence));
+    }
+    let mut report = reports.swap_remove(0).1;
+    report.seeds = Some(results);
+    report.across_seeds = Some(across);
+    report.write(&opts.output)?;
+    Ok(report)
+}
+
+/// One seed's experiment (`plan.seed`) into `out`.
+fn run_seed(
+    opts: &DemoOptions,
+    plan: Plan,
+    out: &Path,
+    stop: &AtomicBool,
+    log: &mut dyn FnMut(&str),
+) -> Result<Report, DemoError> {
     let t_all = Instant::now();
-    let out = opts.output.clone();
+    let cpu_all = dpo::io::process_cpu_s();
+    let out = out.to_path_buf();
     std::fs::create_dir_all(&out).map_err(|e| DemoError::io(&out, e))?;
     let mut seconds: Vec<(String, f64)> = Vec::new();
+    let mut cpu_seconds: Vec<(String, f64)> = Vec::new();
     let mut gaps: Vec<String> = Vec::new();
-    let mut lap = Instant::now();
+    let (mut lap, mut cpu_lap) = (Instant::now(), cpu_all);
+    // Wall and CPU time (this process, all threads) of each part: on a shared machine the CPU time is the
+    // figure that says where the work goes.
     let mut take_lap = |name: &str, seconds: &mut Vec<(String, f64)>| {
         seconds.push((name.to_string(), lap.elapsed().as_secs_f64()));
+        let cpu = dpo::io::process_cpu_s();
+        cpu_seconds.push((name.to_string(), cpu - cpu_lap));
         lap = Instant::now();
+        cpu_lap = cpu;
     };
 
     // 1. The SFT model: pretrained here, or the given checkpoint.
@@ -222,12 +270,12 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
     ));
     take_lap("pairs", &mut seconds);
 
-    let evaluator = Evaluator {
-        prompts: eval_prompts.to_vec(),
-        samples: plan.eval_samples,
-        sampling: world.sampling(plan.max_new_tokens),
-        seed: seed_of(&plan, 4),
-    };
+    let evaluator = Evaluator::new(
+        eval_prompts.to_vec(),
+        plan.eval_samples,
+        world.sampling(plan.max_new_tokens),
+        seed_of(&plan, 4),
+    );
     let sft_point = evaluator.evaluate(&world, &model.params, 0)?;
     log(&format!(
         "      SFT model: reward {:.3} ± {:.3}, KL {:.3}",
@@ -314,6 +362,7 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
     // Online and iterative DPO, labelled by the learned reward model, and the frontier it judges.
     let mut frontier = online_methods::Frontier::new();
     let mut online_vs_offline = Vec::new();
+    let mut equal_kl = Vec::new();
     if let Some(rm) = &learned {
         if plan.online.steps.steps > 0 {
             log(&format!("[4/5] online DPO beta={} (labels: the learned reward model)", plan.online.beta));
@@ -329,7 +378,8 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
         }
         if runs.iter().any(|r| r.method.contains("Online") || r.method.contains("Iterative")) {
             frontier = online_methods::frontier(&ctx, rm, &runs)?;
-            online_vs_offline = online_comparison(&sft_point, &runs, &frontier);
+            equal_kl = online_comparison(&sft_point, &runs, &frontier);
+            online_vs_offline = online_methods::equal_kl_sentences(&equal_kl);
             for line in &online_vs_offline {
                 log(&format!("      {line}"));
             }
@@ -370,13 +420,19 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool, log: &mut dyn FnMut(&str)) -> 
         win_rate_verdict,
         frontier,
         online_vs_offline,
+        equal_kl,
         checks,
         verdict,
         gaps,
         seconds,
         total_s: 0.0,
+        cpu_seconds,
+        total_cpu_s: 0.0,
+        seeds: None,
+        across_seeds: None,
     };
     report.total_s = t_all.elapsed().as_secs_f64();
+    report.total_cpu_s = dpo::io::process_cpu_s() - cpu_all;
     log("[5/5] writing report.md, report.json, frontier.png, gradient_weight.png");
     report.write(&out)?;
     Ok(report)
@@ -402,7 +458,11 @@ fn representative(runs: &[MethodRun], out: &Path, method: &str) -> Option<(Strin
 /// Online and iterative DPO against offline DPO at equal KL, under the learned reward model (the
 /// frontier) and the ground truth (the runs' points).
 /// Offline DPO's points include its start, the SFT model at KL 0.
-fn online_comparison(sft: &Point, runs: &[MethodRun], frontier: &online_methods::Frontier) -> Vec<String> {
+fn online_comparison(
+    sft: &Point,
+    runs: &[MethodRun],
+    frontier: &online_methods::Frontier,
+) -> Vec<online_methods::EqualKl> {
     let offline_rm: Vec<&Point> =
         frontier.iter().filter(|(k, _)| k.starts_with("DPO ") || *k == "SFT").flat_map(|(_, v)| v.iter()).collect();
     let online_rm: Vec<(&str, &[Point])> =
@@ -416,7 +476,7 @@ fn online_comparison(sft: &Point, runs: &[MethodRun], frontier: &online_methods:
         .collect();
     let mut rows = online_methods::equal_kl("learned reward model", &online_rm, &offline_rm);
     rows.extend(online_methods::equal_kl("ground truth", &online_gt, &offline_gt));
-    online_methods::equal_kl_sentences(&rows)
+    rows
 }
 
 /// The win rates of the methods that ran: DPO, PPO, Preferred-FT and SFT against the temperature, and

@@ -104,7 +104,12 @@ pub fn iterative_dpo(
     let out = ctx.run_dir("iterative-dpo");
     let _ = std::fs::remove_dir_all(&out);
     let base = TrainConfig { output: out.clone(), save_every: 0, ..dpo_config(ctx, "iterative-dpo", &p.steps, p.beta) };
-    let it = IterativeConfig { rounds: p.rounds, move_reference: p.move_reference, sampling: sampling(ctx, p.samples) };
+    let it = IterativeConfig {
+        rounds: p.rounds,
+        move_reference: p.move_reference,
+        sampling: sampling(ctx, p.samples),
+        judge: "the demo's learned reward model".into(),
+    };
     let judge = |items: &[(&[u32], &[u32])]| rm.rewards(items).map_err(|e| e.to_string());
     let prompts = &prompts[..p.prompts.min(prompts.len())];
     let t = Instant::now();

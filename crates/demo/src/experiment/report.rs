@@ -7,8 +7,9 @@ use serde::Serialize;
 
 use super::evaluate::Point;
 use super::methods::MethodRun;
-use super::online_methods::Frontier;
+use super::online_methods::{EqualKl, Frontier};
 use super::plan::Plan;
+use super::seeds::{AcrossSeeds, SeedResult};
 use super::winrates::{VsChosen, VsTemperature};
 use super::DemoError;
 use crate::world::plot::{frontier_png, interval_chart_png, line_chart_png, Series, Style};
@@ -57,6 +58,8 @@ pub struct Report {
     pub frontier: Frontier,
     /// Online and iterative DPO against offline DPO at equal KL, one sentence per point and judge.
     pub online_vs_offline: Vec<String>,
+    /// The same comparisons as numbers.
+    pub equal_kl: Vec<EqualKl>,
     /// Acceptance checks, as sentences with their numbers.
     pub checks: Vec<String>,
     pub verdict: String,
@@ -64,6 +67,15 @@ pub struct Report {
     pub gaps: Vec<String>,
     pub seconds: Vec<(String, f64)>,
     pub total_s: f64,
+    /// CPU time (user + system, every thread of the process) of the same parts.
+    pub cpu_seconds: Vec<(String, f64)>,
+    pub total_cpu_s: f64,
+    /// `--seeds N` (N > 1): every seed's summary, this report's seed first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<SeedResult>>,
+    /// `--seeds N`: means and intervals across seeds, and the orderings they support.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub across_seeds: Option<AcrossSeeds>,
 }
 
 fn points_of<'a>(runs: &'a [MethodRun], method: &str) -> Vec<&'a Point> {
@@ -266,6 +278,10 @@ impl Report {
         s += "![gradient weight](gradient_weight.png)\n\n";
         s += "Mean weight `sigma(r_l - r_w)` DPO's gradient puts on a training pair, per step: high while the \
               implicit reward ranks pairs wrongly, falling as it learns them.\n\n";
+        if let (Some(results), Some(across)) = (&self.seeds, &self.across_seeds) {
+            s += &super::seeds::markdown(results, across);
+            s += "\n";
+        }
         if !self.gaps.is_empty() {
             s += "## Gaps\n\n";
             for g in &self.gaps {
@@ -273,11 +289,20 @@ impl Report {
             }
             s += "\n";
         }
-        s += "## Time\n\n| part | seconds |\n| --- | ---: |\n";
+        s += "## Time\n\nWall-clock and CPU seconds (user + system, all threads of this process) of each part; on a \
+              machine others share, the CPU time says where the work goes.\n\n| part | wall s | CPU s |\n\
+              | --- | ---: | ---: |\n";
         for (k, v) in &self.seconds {
-            let _ = writeln!(s, "| {k} | {v:.1} |");
+            let cpu = self.cpu_seconds.iter().find(|(c, _)| c == k).map(|(_, c)| format!("{c:.1}")).unwrap_or_default();
+            let _ = writeln!(s, "| {k} | {v:.1} | {cpu} |");
         }
-        let _ = writeln!(s, "| total | {:.1} |", self.total_s);
+        let _ = writeln!(s, "| total | {:.1} | {:.1} |", self.total_s, self.total_cpu_s);
+        s +=
+            "\nHow each method is tuned: every method gets the plan's fixed budget (`plan` in report.json: its steps, \
+              batch and learning rate; DPO one run per beta, PPO one per KL coefficient, Best-of-N every N from one \
+              draw), the same for every seed; no method is tuned on the evaluation prompts. Shared work is done \
+              once: the reference log-probs of the training pairs (all DPO betas), a checkpoint's evaluation samples \
+              and KL (judged again by the learned reward model for its frontier).\n";
         s
     }
 

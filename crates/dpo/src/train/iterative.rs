@@ -14,7 +14,9 @@
 //! Resuming: a round whose run has `final/` is done and skipped; a round with its pairs but no final
 //! model continues its run from its newest checkpoint (or starts it again when it has none). Every
 //! round's samples draw from the seed and the round number only, so a resumed or extended run matches an
-//! uninterrupted one.
+//! uninterrupted one. `OUTPUT/iterate.json` records the settings every round shares (the DPO run's, the
+//! sampling's, the judge's name and a hash of the prompts; not the number of rounds): a resume or an
+//! extension with other settings is refused, since its rounds would belong to neither run.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -23,7 +25,8 @@ use engine::generate::{generate, SamplingConfig};
 use engine::model::Model;
 use engine::rng::Rng;
 use engine::Decoder;
-use serde_json::json;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::online::{label_pairs, JudgeFn, OnlineSampling};
 use super::{checkpoint, train, RunOptions, TrainConfig, TrainError};
@@ -35,6 +38,9 @@ pub struct IterativeConfig {
     /// The reference of round `k` is the policy round `k` starts from, instead of the starting model.
     pub move_reference: bool,
     pub sampling: OnlineSampling,
+    /// What labels the pairs (a reward model's directory, say), recorded in `iterate.json`: a resume
+    /// with another judge is refused.
+    pub judge: String,
 }
 
 /// The final model of every round, in order.
@@ -67,6 +73,7 @@ pub fn iterate(
         return Err(TrainError::Invalid("iterative DPO needs at least one prompt".into()));
     }
     let io = |path: &Path, e: std::io::Error| TrainError::Output { path: path.to_path_buf(), msg: e.to_string() };
+    check_settings(&base.output, &settings(base, it, prompts))?;
     let start_ref = base.ref_model.clone().unwrap_or_else(|| base.model.clone());
     let mut policy = base.model.clone();
     let mut out = IterativeOutcome::default();
@@ -104,6 +111,82 @@ pub fn iterate(
         policy = final_dir;
     }
     Ok(out)
+}
+
+/// The DPO run's settings that do not change its numbers (where it writes, how often it logs or saves),
+/// left out of `iterate.json`.
+const NOT_COMPARED: [&str; 10] = [
+    "output",
+    "data",
+    "log_every",
+    "save_every",
+    "save_total_limit",
+    "eval_every",
+    "report_to",
+    "cache_dir",
+    "threads",
+    "max_memory",
+];
+
+/// What every round of a run shares, as `iterate.json` holds it: one flat object.
+fn settings(base: &TrainConfig, it: &IterativeConfig, prompts: &[Vec<u32>]) -> Value {
+    let mut v = serde_json::to_value(base.to_raw()).expect("the configuration serialises");
+    let o = v.as_object_mut().expect("a table");
+    o.retain(|k, val| !NOT_COMPARED.contains(&k.as_str()) && !val.is_null());
+    let s = &it.sampling;
+    let mut h = Sha256::new();
+    for p in prompts {
+        h.update((p.len() as u64).to_le_bytes());
+        p.iter().for_each(|t| h.update(t.to_le_bytes()));
+    }
+    let hash: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    for (k, val) in [
+        ("move_reference", json!(it.move_reference)),
+        ("samples", json!(s.samples)),
+        ("max_new_tokens", json!(s.max_new_tokens)),
+        ("temperature", json!(s.temperature)),
+        ("eos_ids", json!(s.eos_ids)),
+        ("missing_eos_penalty", json!(s.missing_eos_penalty)),
+        ("judge", json!(it.judge)),
+        ("prompts", json!(format!("{} prompts, sha256 {hash}", prompts.len()))),
+    ] {
+        o.insert(k.into(), val);
+    }
+    v
+}
+
+/// Refuses `now` when `OUTPUT/iterate.json` holds other settings, naming each that changed; writes it
+/// when absent (a run from before the file existed is not checked, only recorded).
+fn check_settings(output: &Path, now: &Value) -> Result<(), TrainError> {
+    let file = output.join("iterate.json");
+    let out_err = |msg: String| TrainError::Output { path: file.clone(), msg };
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        std::fs::create_dir_all(output).map_err(|e| out_err(e.to_string()))?;
+        let text = serde_json::to_string_pretty(now).expect("settings serialise");
+        return crate::io::write_atomic(&file, text.as_bytes()).map_err(|e| out_err(e.to_string()));
+    };
+    let saved: Value = serde_json::from_str(&text).map_err(|e| out_err(format!("unreadable ({e})")))?;
+    let (Some(was), Some(is)) = (saved.as_object(), now.as_object()) else {
+        return Err(out_err("not a JSON object".into()));
+    };
+    let mut keys: Vec<&String> = was.keys().chain(is.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "unset".into());
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| was.get(*k) != is.get(*k))
+        .map(|k| format!("{k}: was {}, now {}", show(was.get(k)), show(is.get(k))))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Invalid(format!(
+        "{}: its rounds were run with other settings ({}); resume or extend it with the same settings \
+         (only --rounds may change), or write the new run to another output",
+        output.display(),
+        changed.join("; ")
+    )))
 }
 
 /// Samples the round's completions from `policy`, labels them, and returns the preference file's text.
@@ -173,15 +256,12 @@ mod tests {
         std::fs::read(dir.join("model.safetensors")).unwrap()
     }
 
-    /// Two rounds in one go, and the same two rounds as one round then an extension to two (round 1
-    /// skipped, its pairs untouched), and with round 2's final model lost after a checkpoint (resumed
-    /// from it): the same weights, bit for bit.
-    #[test]
-    fn rounds_resume() {
-        let judge = |items: &[(&[u32], &[u32])]| -> Result<Vec<f64>, String> {
-            Ok(items.iter().map(|(_, c)| c.iter().map(|&t| (t % 7) as f64).sum()).collect())
-        };
-        let base = |out: &Path| TrainConfig {
+    fn judge(items: &[(&[u32], &[u32])]) -> Result<Vec<f64>, String> {
+        Ok(items.iter().map(|(_, c)| c.iter().map(|&t| (t % 7) as f64).sum()).collect())
+    }
+
+    fn base(out: &Path) -> TrainConfig {
+        TrainConfig {
             model: fixture("gpt2-policy"),
             output: out.to_path_buf(),
             lr: 1e-3,
@@ -194,8 +274,11 @@ mod tests {
                 cfg: LossConfig { beta: 0.1, ..Default::default() },
             }),
             ..Default::default()
-        };
-        let it = |rounds| IterativeConfig {
+        }
+    }
+
+    fn it(rounds: usize) -> IterativeConfig {
+        IterativeConfig {
             rounds,
             move_reference: true,
             sampling: OnlineSampling {
@@ -205,8 +288,53 @@ mod tests {
                 eos_ids: vec![0],
                 missing_eos_penalty: None,
             },
-        };
-        let prompts = vec![vec![10, 11, 12], vec![20, 21], vec![30, 31, 32, 33]];
+            judge: "token ids mod 7".into(),
+        }
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        vec![vec![10, 11, 12], vec![20, 21], vec![30, 31, 32, 33]]
+    }
+
+    /// A finished round is not run again with other settings: another beta, sample count, judge or prompt
+    /// set is refused with each change named; the same settings with more rounds extend the run.
+    #[test]
+    fn resume_refuses_changed_settings() {
+        let stop = AtomicBool::new(false);
+        let out = scratch("changed");
+        iterate(&base(&out), &it(1), &prompts(), &judge, &stop, &mut |_| {}).unwrap();
+        let recorded = std::fs::read_to_string(out.join("iterate.json")).unwrap();
+        assert!(
+            recorded.contains("\"beta\": 0.1") && recorded.contains("\"judge\": \"token ids mod 7\""),
+            "{recorded}"
+        );
+
+        let mut beta = base(&out);
+        if let Objective::Pairs(p) = &mut beta.objective {
+            p.cfg.beta = 0.2;
+        }
+        let e = iterate(&beta, &it(2), &prompts(), &judge, &stop, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("its rounds were run with other settings (beta: was 0.1, now 0.2)"), "{e}");
+        let mut three = it(2);
+        three.sampling.samples = 3;
+        three.judge = "another".into();
+        let e = iterate(&base(&out), &three, &prompts(), &judge, &stop, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("judge: was \"token ids mod 7\", now \"another\"; samples: was 2, now 3"), "{e}");
+        let e = iterate(&base(&out), &it(2), &prompts()[..2], &judge, &stop, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("prompts: was \"3 prompts, sha256"), "{e}");
+        // Where it logs does not matter.
+        let o = iterate(&TrainConfig { log_every: 1, ..base(&out) }, &it(2), &prompts(), &judge, &stop, &mut |_| {})
+            .unwrap();
+        assert_eq!(o.finals.len(), 2);
+        let _ = std::fs::remove_dir_all(out);
+    }
+
+    /// Two rounds in one go, and the same two rounds as one round then an extension to two (round 1
+    /// skipped, its pairs untouched), and with round 2's final model lost after a checkpoint (resumed
+    /// from it): the same weights, bit for bit.
+    #[test]
+    fn rounds_resume() {
+        let prompts = prompts();
         let stop = AtomicBool::new(false);
         let lines = std::cell::RefCell::new(Vec::<String>::new());
         let mut log = |l: &str| lines.borrow_mut().push(l.to_string());
