@@ -16,7 +16,17 @@ fn main() -> ExitCode {
     );
     // Under `mpirun` / `srun` (feature `mpi`): MPI up before anything runs, down when `launch` drops.
     let mut launch = dist::start();
-    let cli = commands::Cli::parse();
+    let cli = match commands::Cli::try_parse() {
+        Ok(cli) => cli,
+        // A model argument that does not resolve is failed input (status 1), not a usage error.
+        Err(e) => match commands::input_error(&e) {
+            Some(msg) => {
+                launch.fail(&msg);
+                return ExitCode::FAILURE;
+            }
+            None => e.exit(),
+        },
+    };
     match commands::run(cli) {
         Ok(code) => launch.exit_code(code),
         Err(err) => {

@@ -127,6 +127,42 @@ fn llama_export_reads_back_with_llama_cpp_names_layout_and_tokenizer() {
     }
 }
 
+/// The Llama-3-style and Qwen2-style fixtures (`tests/fixtures/gguf`, made by
+/// `tools/make_gguf_tokenizer_fixtures.py`: each family's own split regex, a BPE trained with it).
+fn pretok_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf").join(name)
+}
+
+/// Each family's pre-tokenizer gets llama.cpp's name for its splitting, and the merges go over in order.
+/// The two split digits differently (Llama 3 in threes, Qwen2 one by one), which is what the name picks.
+#[test]
+fn llama3_and_qwen2_pre_tokenizers_get_llama_cpp_names_and_merges() {
+    let dir = scratch("export-pretok");
+    for (name, arch, pre) in [("llama3-bpe", "llama", "llama-bpe"), ("qwen2-bpe", "qwen2", "qwen2")] {
+        let src = pretok_fixture(name);
+        let out = dir.join(format!("{name}.gguf"));
+        export(&src, &out, "f32", &[]);
+        let f = gguf::parse(&std::fs::read(&out).unwrap()).unwrap();
+        let s = |k: &str| f.get(k).and_then(Value::as_str).unwrap_or_else(|| panic!("{name}: {k}")).to_string();
+        assert_eq!((s("general.architecture"), s("tokenizer.ggml.pre")), (arch.to_string(), pre.to_string()));
+        let json: Json = serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+        let want: Vec<String> = json["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect::<Vec<_>>().join(" "))
+            .collect();
+        let Some(Value::Array { items, .. }) = f.get("tokenizer.ggml.merges") else { panic!("{name}: merges") };
+        let got: Vec<&str> = items.iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(got, want, "{name}: merges in order");
+        let tok = hf::load_tokenizer(&src).unwrap();
+        let digits: Vec<String> =
+            tok.encode("12345", false).unwrap().iter().map(|&id| tok.id_to_token(id).unwrap()).collect();
+        let split = if pre == "qwen2" { vec!["1", "2", "3", "4", "5"] } else { vec!["123", "45"] };
+        assert_eq!(digits, split, "{name}");
+    }
+}
+
 #[test]
 fn gpt2_export_transposes_conv1d_and_keeps_biases() {
     let dir = scratch("export-gpt2");
@@ -308,6 +344,10 @@ fn gguf_llamacpp_matches_dpo_greedy_and_logits() {
         (model("llama3-policy"), 1e-5),
         (model("gpt2-policy"), 1e-3),
         (qwen2, 1e-5),
+        // The Llama 3 and Qwen2 splitting (`tokenizer.ggml.pre` llama-bpe, qwen2): the tokens of a text
+        // with digits must match, and greedy decoding too.
+        (pretok_fixture("llama3-bpe"), 1e-5),
+        (pretok_fixture("qwen2-bpe"), 1e-5),
     ];
     if smollm.join("config.json").is_file() {
         cases.push((smollm, 1e-5));

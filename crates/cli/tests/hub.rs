@@ -77,6 +77,29 @@ fn a_missing_hub_id_names_the_cache_and_downloads_nothing() {
     assert!(err.contains(&dir.join("home/hub").display().to_string()), "{err}");
 }
 
+/// A model id that does not resolve (missing, unknown revision, malformed) is failed input: one `error:`
+/// line from the binary, status 1, naming the flag and the cache searched; not clap's usage error
+/// (status 2, "For more information, try '--help'").
+#[test]
+fn a_bad_hub_id_is_one_typed_error_with_status_1() {
+    let dir = scratch("hub-bad-id");
+    let root = cache(&dir);
+    let cases: [(&[&str], &str); 4] = [
+        (&["logps", "--model", "org/absent", "--data"], "models--org--absent"),
+        (&["eval", "--model", "org/tiny@v3", "--ref-model", "org/tiny", "--data"], "revision `v3`"),
+        (&["logps", "--model", "org/tiny@", "--data"], "revision after `@` is empty"),
+        (&["generate", "--model", "org/ti--ny", "--data"], "`ti--ny` is not a repository"),
+    ];
+    for (args, why) in cases {
+        let out = dpo().env("HF_HUB_CACHE", &root).current_dir(&dir).args(args).arg(prefs()).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.matches("error").count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: --model: ") && !err.contains("--help"), "{args:?}: {err}");
+        assert!(err.contains(why) && err.contains(&root.display().to_string()), "{args:?}: {err}");
+    }
+}
+
 fn datasets(rel: &str) -> PathBuf {
     fixtures().join("../datasets").join(rel)
 }

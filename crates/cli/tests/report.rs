@@ -1,6 +1,7 @@
-//! `--report-to tensorboard`: the run's metrics as TensorBoard scalars under TRL's tags, read back by the
-//! crate's own event reader (in the suite) and by TensorBoard's `EventAccumulator` (ignored test: needs
-//! the reference venv, `DPO_REFERENCE_PYTHON`, default /work/venv/bin/python).
+//! `--report-to tensorboard` on every trainer (train, sft, reward-model train, ppo, train --online,
+//! iterate): the run's metrics as TensorBoard scalars under TRL's tags, read back by the crate's own event
+//! reader (in the suite) and by TensorBoard's `EventAccumulator` (ignored test: needs the reference venv,
+//! `DPO_REFERENCE_PYTHON`, default /work/venv/bin/python).
 
 mod common;
 
@@ -47,6 +48,11 @@ fn metrics(run: &Path) -> Vec<Value> {
 /// The run's event file holds every number of every metrics line, at its step, under its TRL tag, and
 /// nothing else; returns the scalars.
 fn events_match_metrics(run: &Path) -> Vec<dpo::tensorboard::Scalar> {
+    events_match_metrics_tagged(run, dpo::tensorboard::trl_tag)
+}
+
+/// [`events_match_metrics`] under a trainer's own tags.
+fn events_match_metrics_tagged(run: &Path, tags: dpo::tensorboard::TagFn) -> Vec<dpo::tensorboard::Scalar> {
     let bytes = std::fs::read(event_file(run)).unwrap();
     let (version, scalars) = dpo::tensorboard::read_scalars(&bytes).unwrap();
     assert_eq!(version.as_deref(), Some("brain.Event:2"));
@@ -55,7 +61,7 @@ fn events_match_metrics(run: &Path) -> Vec<dpo::tensorboard::Scalar> {
     for line in &lines {
         let step = line["step"].as_i64().unwrap();
         for (k, v) in line.as_object().unwrap() {
-            let (Some(tag), Some(v)) = (dpo::tensorboard::trl_tag(k), v.as_f64()) else { continue };
+            let (Some(tag), Some(v)) = (tags(k), v.as_f64()) else { continue };
             expected += 1;
             let got: Vec<f32> = scalars.iter().filter(|s| s.step == step && s.tag == tag).map(|s| s.value).collect();
             assert_eq!(got, vec![v as f32], "step {step} {tag}");
@@ -100,6 +106,66 @@ fn reward_model_training_reports_to_tensorboard_too() {
     }
 }
 
+/// A reward model (2 steps), then PPO, online DPO and iterative DPO against it, each reporting to both and
+/// for 2 steps (2 rounds of 1); returns (name, run directory, tags, stderr) of each of the four runs.
+fn rlhf_runs(name: &str) -> Vec<(&'static str, PathBuf, dpo::tensorboard::TagFn, String)> {
+    let dir = scratch(name);
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"Tell me about a kite.\"}\n{\"prompt\": \"Tell me a story.\"}\n").unwrap();
+    let rm = dir.join("rm");
+    let mut c = common::dpo();
+    c.args(["reward-model", "train", "--max-steps", "2", "--batch-size", "4", "--report-to", "jsonl,tensorboard"]);
+    c.arg("--model").arg(model("gpt2-policy")).arg("--data").arg(prefs()).arg("--output").arg(&rm);
+    let rm_err = common::succeeds(&mut c);
+    let mut ppo = common::dpo();
+    ppo.args(["ppo", "--steps", "2", "--rollout-prompts", "2", "--minibatch", "1", "--max-new-tokens", "4"]);
+    ppo.args(["--report-to", "jsonl,tensorboard", "--model"]).arg(model("gpt2-policy"));
+    ppo.arg("--reward-model").arg(&rm).arg("--prompts").arg(&prompts).arg("--output").arg(dir.join("ppo"));
+    let mut online = common::dpo();
+    online.args(["train", "--online", "--max-steps", "2", "--batch-size", "2", "--online-max-new-tokens", "4"]);
+    online.args(["--report-to", "jsonl,tensorboard", "--model"]).arg(model("gpt2-policy"));
+    online.arg("--judge-reward-model").arg(&rm).arg("--prompts").arg(&prompts).arg("--output").arg(dir.join("online"));
+    let mut iterate = common::dpo();
+    iterate.args(["iterate", "--rounds", "2", "--max-new-tokens", "4", "--steps-per-round", "1", "--batch-size", "2"]);
+    iterate.args(["--report-to", "jsonl,tensorboard", "--model"]).arg(model("gpt2-policy"));
+    iterate.arg("--judge-reward-model").arg(&rm).arg("--prompts").arg(&prompts).arg("--output").arg(dir.join("it"));
+    let trl: dpo::tensorboard::TagFn = dpo::tensorboard::trl_tag;
+    vec![
+        ("reward-model", rm.clone(), trl, rm_err),
+        ("ppo", dir.join("ppo"), dpo::rlhf::ppo::tensorboard_tag, common::succeeds(&mut ppo)),
+        ("online", dir.join("online"), trl, common::succeeds(&mut online)),
+        ("iterate", dir.join("it/round-2/run"), trl, common::succeeds(&mut iterate)),
+    ]
+}
+
+#[test]
+fn every_trainer_reports_to_tensorboard_under_trl_tags_and_says_where() {
+    let runs = rlhf_runs("tb-rlhf");
+    for (name, run, tags, err) in &runs {
+        let scalars = events_match_metrics_tagged(run, *tags);
+        assert_eq!(metrics(run).len(), if *name == "iterate" { 1 } else { 2 }, "{name}");
+        let wanted: &[&str] = match *name {
+            "reward-model" => &["train/loss", "train/accuracy"],
+            "ppo" => {
+                &["train/objective/kl", "train/objective/scores", "train/loss/policy_avg", "train/val/clipfrac_avg"]
+            }
+            "online" | "iterate" => &["train/loss", "train/rewards/margins"],
+            _ => unreachable!(),
+        };
+        for tag in wanted {
+            assert!(scalars.iter().any(|s| s.tag == *tag), "{name}: no {tag}");
+        }
+        // The closing summary says where the metrics and event files are; the step lines are the ones the
+        // progress bar reads (`step N/M  ...`).
+        let events = run.join("runs");
+        assert!(err.contains(&format!("tensorboard: {}", events.display())), "{name}:\n{err}");
+        assert!(err.contains(&format!("metrics:     {}", run.join("metrics.jsonl").display())), "{name}:\n{err}");
+        let last = if *name == "iterate" { "step 1/1  " } else { "step 2/2  " };
+        assert!(err.lines().any(|l| l.starts_with(last)), "{name}: no `{last}` line:\n{err}");
+    }
+    assert!(runs[3].1.parent().unwrap().parent().unwrap().join("round-1/run/runs").is_dir());
+}
+
 #[test]
 fn report_to_is_checked_and_jsonl_alone_writes_no_events() {
     let dir = scratch("tb-flags");
@@ -124,8 +190,13 @@ fn tensorboard_event_accumulator_reads_the_run() {
         eprintln!("skipped: no {python} (set DPO_REFERENCE_PYTHON)");
         return;
     }
-    for cmd in ["train", "sft"] {
-        let run = run_with_tensorboard(&format!("tb-accumulator-{cmd}"), cmd);
+    let trl: dpo::tensorboard::TagFn = dpo::tensorboard::trl_tag;
+    let mut runs: Vec<(&str, PathBuf, dpo::tensorboard::TagFn)> = ["train", "sft"]
+        .into_iter()
+        .map(|cmd| (cmd, run_with_tensorboard(&format!("tb-accumulator-{cmd}"), cmd), trl))
+        .collect();
+    runs.extend(rlhf_runs("tb-accumulator-rlhf").into_iter().map(|(n, r, t, _)| (n, r, t)));
+    for (cmd, run, tags) in runs {
         let script = "import sys, json\n\
             from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
             ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
@@ -137,12 +208,13 @@ fn tensorboard_event_accumulator_reads_the_run() {
         for line in &lines {
             let step = line["step"].as_i64().unwrap();
             for (k, v) in line.as_object().unwrap() {
-                let (Some(tag), Some(v)) = (dpo::tensorboard::trl_tag(k), v.as_f64()) else { continue };
+                let (Some(tag), Some(v)) = (tags(k), v.as_f64()) else { continue };
                 let points = tb[&tag].as_array().unwrap_or_else(|| panic!("{cmd}: TensorBoard has no {tag}"));
                 let p = points.iter().find(|p| p[0].as_i64() == Some(step)).unwrap();
                 assert_eq!(p[1].as_f64().unwrap() as f32, v as f32, "{cmd} step {step} {tag}");
             }
         }
-        assert!(tb["train/loss"].as_array().unwrap().len() == 4, "{cmd}");
+        let curve = if cmd == "ppo" { "train/objective/kl" } else { "train/loss" };
+        assert_eq!(tb[curve].as_array().unwrap().len(), lines.len(), "{cmd}");
     }
 }

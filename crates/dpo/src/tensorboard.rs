@@ -49,6 +49,9 @@ impl ReportTo {
 /// The subdirectory of a run that holds the event files (TRL's `logging_dir` default is `RUN/runs/...`).
 pub const EVENTS_DIR: &str = "runs";
 
+/// A trainer's TensorBoard tag for one of its metrics keys; `None` for keys that are not curves.
+pub type TagFn = fn(&str) -> Option<String>;
+
 /// TRL's tag for a metrics key; `None` for keys that are not curves (`step`).
 pub fn trl_tag(key: &str) -> Option<String> {
     match key {
@@ -121,17 +124,19 @@ fn now() -> f64 {
 pub struct EventWriter {
     path: PathBuf,
     file: std::fs::File,
+    tags: TagFn,
 }
 
 impl EventWriter {
     /// Creates `dir` and a new event file in it (named `events.out.tfevents.<time>.dpo.<pid>`, the
-    /// `tfevents` that TensorBoard looks for), starting with the file-version event.
-    pub fn create(dir: &Path) -> std::io::Result<Self> {
+    /// `tfevents` that TensorBoard looks for), starting with the file-version event. `tags` names each
+    /// metrics key's curve ([`trl_tag`] for the DPO-family trainers).
+    pub fn create(dir: &Path, tags: TagFn) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let t = now();
         let path = dir.join(format!("events.out.tfevents.{}.dpo.{}", t as u64, std::process::id()));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        let mut w = EventWriter { path, file };
+        let mut w = EventWriter { path, file, tags };
         w.write(&event(t, 0, Some("brain.Event:2"), &[]))?;
         Ok(w)
     }
@@ -145,12 +150,12 @@ impl EventWriter {
         self.file.flush()
     }
 
-    /// The numbers of one metrics line (a JSON object) at its `step`, under TRL's tags.
+    /// The numbers of one metrics line (a JSON object) at its `step`, under the writer's tags.
     pub fn metrics_line(&mut self, line: &serde_json::Value) -> std::io::Result<()> {
         let Some(obj) = line.as_object() else { return Ok(()) };
         let step = obj.get("step").and_then(serde_json::Value::as_i64).unwrap_or(0);
         let scalars: Vec<(String, f32)> =
-            obj.iter().filter_map(|(k, v)| Some((trl_tag(k)?, v.as_f64()? as f32))).collect();
+            obj.iter().filter_map(|(k, v)| Some(((self.tags)(k)?, v.as_f64()? as f32))).collect();
         if scalars.is_empty() {
             return Ok(());
         }
@@ -290,7 +295,7 @@ mod tests {
     #[test]
     fn written_lines_read_back_and_corruption_is_caught() {
         let dir = std::env::temp_dir().join(format!("dpo-tb-{}", std::process::id()));
-        let mut w = EventWriter::create(&dir).unwrap();
+        let mut w = EventWriter::create(&dir, trl_tag).unwrap();
         for step in 1..=3u64 {
             let line = serde_json::json!({"step": step, "loss": 0.5 / step as f64, "rewards/margins": step as f64,
                 "eval_loss": 0.25, "skipped": true});

@@ -59,16 +59,35 @@ impl HubId {
     /// Parses a hub id. `None` for anything that cannot be one (an absolute path, `./x`, `a/b/c`, `..`),
     /// which a caller then treats as a plain path.
     pub fn parse(spec: &str) -> Option<HubId> {
+        Self::parse_checked(spec).ok()
+    }
+
+    /// [`Self::parse`], with what makes `spec` not a hub id when it is not one.
+    pub fn parse_checked(spec: &str) -> std::result::Result<HubId, String> {
         let (repo, revision) = match spec.split_once('@') {
-            Some((r, rev)) if !rev.is_empty() && valid_revision(rev) => (r, Some(rev.to_string())),
-            Some(_) => return None,
+            Some((_, "")) => return Err("the revision after `@` is empty".into()),
+            Some((r, rev)) if valid_revision(rev) => (r, Some(rev.to_string())),
+            Some((_, rev)) => {
+                return Err(format!(
+                    "revision `{rev}` is not a branch, tag or commit (letters, digits, `-_./`, no `..`)"
+                ))
+            }
             None => (spec, None),
         };
         let parts: Vec<&str> = repo.split('/').collect();
-        if parts.is_empty() || parts.len() > 2 || !parts.iter().all(|p| valid_name(p)) || repo.len() > 96 {
-            return None;
+        if parts.len() > 2 {
+            return Err(format!("`{repo}` has {} parts; a hub id is `org/name` or `name`", parts.len()));
         }
-        Some(HubId { repo: repo.to_string(), revision })
+        if let Some(bad) = parts.iter().find(|p| !valid_name(p)) {
+            return Err(format!(
+                "`{bad}` is not a repository or organisation name (letters, digits, `-_.`, not starting or \
+                 ending with `-` or `.`, no `--` or `..`)"
+            ));
+        }
+        if repo.len() > 96 {
+            return Err(format!("`{repo}` is longer than the hub's 96 characters"));
+        }
+        Ok(HubId { repo: repo.to_string(), revision })
     }
 
     /// `models--org--name`.
@@ -143,8 +162,18 @@ pub fn resolve_arg(kind: RepoKind, spec: &Path) -> Result<PathBuf> {
     if spec.exists() {
         return Ok(spec.to_path_buf());
     }
-    let Some(id) = spec.to_str().and_then(HubId::parse) else { return Ok(spec.to_path_buf()) };
+    let Some(text) = spec.to_str() else { return Ok(spec.to_path_buf()) };
     let root = cache_root();
+    let id = match HubId::parse_checked(text) {
+        Ok(id) => id,
+        // Meant as a hub id (`org/name@rev`, or two relative parts) but not one: said as such, rather than
+        // as a missing directory of that name.
+        Err(why) if meant_as_id(spec) => {
+            let msg = format!("no such local path, and not a hub id `org/name[@revision]`: {why}");
+            return Err(Error::Hub { spec: text.to_string(), cache: root.unwrap_or_else(default_cache), msg });
+        }
+        Err(_) => return Ok(spec.to_path_buf()),
+    };
     // A bare `name` is a hub id only when the cache holds it (`gpt2`); otherwise it is a missing path.
     if !id.repo.contains('/') && id.revision.is_none() {
         match &root {
@@ -154,10 +183,22 @@ pub fn resolve_arg(kind: RepoKind, spec: &Path) -> Result<PathBuf> {
     }
     let root = root.ok_or_else(|| Error::Hub {
         spec: id.repo.clone(),
-        cache: PathBuf::from("~/.cache/huggingface/hub"),
+        cache: default_cache(),
         msg: "no Hugging Face cache: HF_HUB_CACHE, HF_HOME and HOME are all unset".into(),
     })?;
     snapshot(&root, kind, &id)
+}
+
+/// The cache named in errors when the environment gives none.
+fn default_cache() -> PathBuf {
+    PathBuf::from("~/.cache/huggingface/hub")
+}
+
+/// A missing argument written like a hub id: with an `@`, or two relative parts (`org/name`), none `.`/`..`.
+fn meant_as_id(spec: &Path) -> bool {
+    let parts: Vec<Component> = spec.components().collect();
+    spec.to_string_lossy().contains('@')
+        || (parts.len() == 2 && parts.iter().all(|c| matches!(c, Component::Normal(_))))
 }
 
 /// The snapshot directory of `id` in the cache at `root`.
@@ -299,6 +340,29 @@ mod tests {
         assert_eq!(HubId::parse("a/b@refs/pr/1").unwrap().revision.as_deref(), Some("refs/pr/1"));
         for bad in ["/abs/path", "./x", "a/b/c", "../x", "a/..", "a@", "a/b@../x", "a--b/c", "-a/b", "a b/c", ""] {
             assert_eq!(HubId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_id_says_why_and_a_path_stays_a_path() {
+        let why = |s: &str| HubId::parse_checked(s).unwrap_err();
+        assert!(why("org/name@").contains("revision after `@` is empty"));
+        assert!(why("org/name@../x").contains("revision `../x`"));
+        assert!(why("org/na--me").contains("`na--me` is not a repository"));
+        assert!(why("a/b/c@main").contains("3 parts"));
+        let root = std::env::temp_dir();
+        for meant in ["org/na--me", "org/name@", "x@y"] {
+            assert!(meant_as_id(Path::new(meant)), "{meant}");
+        }
+        for path in ["./x", "../x/y", "/abs/x", "a/b/c", "name"] {
+            assert!(!meant_as_id(Path::new(path)), "{path}");
+        }
+        // Through the resolver: the typed error, naming the cache; a path stays a path for its loader.
+        let missing = root.join("dpo-no-such-dir").join("a b");
+        assert_eq!(resolve_model(&missing).unwrap(), missing);
+        match resolve_model(Path::new("org/na--me")) {
+            Err(Error::Hub { spec, msg, .. }) => assert!(spec == "org/na--me" && msg.contains("not a hub id"), "{msg}"),
+            other => panic!("{other:?}"),
         }
     }
 

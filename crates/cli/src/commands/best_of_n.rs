@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::generate::SamplingFlags;
+use super::progress::Progress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -85,6 +86,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // Prompts go in chunks so that lines come out as they are done; every sample draws its random
     // stream from `rng` in order, so chunking does not change them.
     let chunk = (64 / a.n).max(1);
+    let mut progress = Progress::new().per_step(1, "prompts");
     for (c, part) in prompts.chunks(chunk).enumerate() {
         let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
         let best = best_of_n(&decoder, policy, &ids, a.n, &cfg, &mut |pairs| rm.score(pairs), &mut rng)
@@ -103,9 +105,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 stdout.flush()?;
             }
         }
+        progress.count(c * chunk + part.len(), prompts.len());
     }
-    if let Some(path) = &a.out {
-        dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    progress.finish();
+    if a.out.is_some() {
+        super::emit(a.out.as_deref(), &text)?;
     }
     eprintln!("{} prompts, best of {} (KL from the policy at most {:.3} nats)", prompts.len(), a.n, best_of_n_kl(a.n));
     Ok(())

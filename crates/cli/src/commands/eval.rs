@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use dpo::data::Packing;
 use dpo::objectives::parse_loss_list;
-use dpo::train::{evaluate, PairObjective, PairWorkload, Reference, Workspace};
+use dpo::train::{evaluate_counting, PairObjective, PairWorkload, Reference, Workspace};
 use engine::Decoder;
 
 use super::train::ObjectiveFlags;
@@ -94,8 +94,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         micro_pairs: 0,
     };
     let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref(), precision);
-    let metrics = evaluate(&decoder, policy, &workload, a.batch_size, &mut ws)
-        .with_context(|| format!("evaluating {}", a.data.display()))?;
+    let mut progress = super::progress::Progress::new().per_step(1, "pairs");
+    let rows = examples.len();
+    let metrics =
+        evaluate_counting(&decoder, policy, &workload, a.batch_size, &mut ws, &mut |done| progress.count(done, rows));
+    progress.finish();
+    let metrics = metrics.with_context(|| format!("evaluating {}", a.data.display()))?;
     let mut obj = serde_json::Map::new();
     obj.insert("rows".into(), examples.len().into());
     obj.extend(metrics.into_iter().map(|(k, v)| (k, v.into())));

@@ -194,6 +194,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // Prompts go in chunks so that lines reach standard output as they are done; every sequence draws
     // its random stream from `rng` in order, so chunking does not change the completions.
     let chunk = a.batch_size.div_ceil(a.n.max(1)).max(1) * 4;
+    let mut progress = super::progress::Progress::new().per_step(1, "prompts");
     for (c, part) in prompts.chunks(chunk).enumerate() {
         let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
         let gens = generate_batched(&decoder, policy, &ids, a.n, &cfg, &mut rng, a.batch_size.max(1))
@@ -215,9 +216,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 stdout.flush()?;
             }
         }
+        progress.count(c * chunk + part.len(), prompts.len());
     }
-    if let Some(path) = &a.out {
-        dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    progress.finish();
+    if a.out.is_some() {
+        super::emit(a.out.as_deref(), &text)?;
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(

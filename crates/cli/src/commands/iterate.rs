@@ -12,6 +12,8 @@ use dpo::train::online::OnlineSampling;
 use dpo::train::run_dir::model_of;
 use dpo::train::{Objective, PairObjective, TrainConfig};
 
+use super::progress::{written, Progress};
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The starting policy (Hugging Face directory with its tokenizer); also the reference, unless --ref-model.
@@ -58,6 +60,10 @@ pub struct Args {
     steps_per_round: Option<u64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where each round's metrics go: jsonl (round-K/run/metrics.jsonl, always written), tensorboard (event
+    /// files under round-K/run/runs/ with TRL's tags), or both [default: jsonl].
+    #[arg(long, value_name = "jsonl,tensorboard")]
+    report_to: Option<String>,
     #[command(flatten)]
     precision: super::precision::PrecisionFlag,
 }
@@ -77,6 +83,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--judge-reward-model {} and --model have different tokenizers", rm_dir.display());
     }
     let precision = a.precision.get();
+    let report_to = super::train::report_to_flag(a.report_to.as_deref())?;
     let rm = RewardModel::load(&rm_dir)?.with_precision(precision);
     let prompts: Vec<Vec<u32>> =
         read_prompts(&a.prompts, &tok, tok.chat_template().is_some())?.into_iter().map(|p| p.ids).collect();
@@ -94,6 +101,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         epochs: 1.0,
         seed: a.seed,
         precision,
+        report_to,
         ..Default::default()
     };
     let it = IterativeConfig {
@@ -110,12 +118,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let judge = |items: &[(&[u32], &[u32])]| rm.score(items).map_err(|e| e.to_string());
     let stop = super::train::stop_flag()?;
-    let out = iterate(&base, &it, &prompts, &judge, &stop, &mut |l| eprintln!("{l}"))
-        .map_err(|e| super::train::with_hint(e, "dpo iterate"))?;
+    // One bar per round's DPO run (a round's step 1 starts the next bar).
+    let mut progress = Progress::new().per_step(a.batch_size, "pairs");
+    let out = iterate(&base, &it, &prompts, &judge, &stop, &mut |l| progress.line(l));
+    progress.finish();
+    let out = out.map_err(|e| super::train::with_hint(e, "dpo iterate"))?;
     if out.interrupted {
         eprintln!("interrupted after {} rounds; run the same command again to resume", out.finals.len());
     } else if let Some(last) = out.finals.last() {
         eprintln!("done: {} rounds; the last round's model is {}", out.finals.len(), last.display());
+        let mut items = vec![("rounds", format!("{} (round-K/pairs.jsonl, round-K/run/)", a.output.display()))];
+        items.extend(last.parent().map(|run| super::train::run_outputs(run, report_to)).unwrap_or_default());
+        written(&items);
     }
     Ok(())
 }

@@ -1,14 +1,13 @@
 //! `dpo logps`: the engine's log-probs on a preference file, one JSON line per row.
 
-use std::io::Write;
-use std::path::PathBuf;
-
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
 use dpo::data::{check_positions, load_pairs, DataError, DataOptions, Example, Packing, Truncation};
 use dpo::scoring::score_pairs;
 use engine::{Decoder, DecoderConfig};
+
+use super::progress::Progress;
 
 /// Length limits of the rows, shared by `dpo logps`, `dpo eval` and `dpo reward`.
 #[derive(clap::Args, Debug)]
@@ -98,8 +97,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let decoder = Decoder::new(model.config.decoder.clone());
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
     let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref(), a.precision.get());
-    let scores = score_pairs(&decoder, policy, &examples, packing, a.batch_size, |_| {})
-        .with_context(|| format!("scoring {}", a.data.display()))?;
+    let mut progress = Progress::new().per_step(1, "pairs");
+    let scores =
+        score_pairs(&decoder, policy, &examples, packing, a.batch_size, |done| progress.count(done, examples.len()));
+    progress.finish();
+    let scores = scores.with_context(|| format!("scoring {}", a.data.display()))?;
     let bad: Vec<&str> = scores
         .iter()
         .zip(&examples)
@@ -120,11 +122,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         text.push_str(&serde_json::to_string(s)?);
         text.push('\n');
     }
-    match &a.out {
-        Some(path) => {
-            dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?
-        }
-        None => std::io::stdout().lock().write_all(text.as_bytes())?,
-    }
-    Ok(())
+    super::emit(a.out.as_deref(), &text)
 }

@@ -32,6 +32,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+pub use source::input_error;
+
 /// Direct Preference Optimization for Hugging Face decoder models, on the CPU, without Python.
 #[derive(Parser, Debug)]
 #[command(name = "dpo", version = version::text(), about, long_about = None)]
@@ -143,7 +145,7 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Writes a command's output to `out` atomically, or to standard output.
+/// Writes a command's output to `out` atomically (and says where), or to standard output.
 fn emit(out: Option<&Path>, text: &str) -> anyhow::Result<()> {
     // A data-parallel launch: every rank holds the result, rank 0 writes it.
     if !dpo::dist::is_root() {
@@ -151,7 +153,9 @@ fn emit(out: Option<&Path>, text: &str) -> anyhow::Result<()> {
     }
     match out {
         Some(path) => {
-            dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+            dpo::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            progress::written(&[("output", progress::at(path))]);
+            Ok(())
         }
         None => Ok(std::io::stdout().lock().write_all(text.as_bytes())?),
     }

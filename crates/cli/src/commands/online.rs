@@ -11,6 +11,8 @@ use dpo::train::online::{train_online, OnlineSampling};
 use dpo::train::run_dir::model_of;
 use dpo::train::TrainConfig;
 
+use super::progress::{written, Progress};
+
 #[derive(clap::Args, Debug, Default, Clone)]
 #[command(next_help_heading = "Online DPO (--online)")]
 pub struct OnlineFlags {
@@ -69,10 +71,15 @@ pub fn run(f: &OnlineFlags, cfg: &TrainConfig, overwrite: bool, resume: bool) ->
     };
     let judge = |items: &[(&[u32], &[u32])]| rm.score(items).map_err(|e| e.to_string());
     let stop = super::train::stop_flag()?;
-    let out = train_online(cfg, &sampling, &prompts, &judge, overwrite, &stop, &mut |l| eprintln!("{l}"))
-        .map_err(|e| super::train::with_hint(e, "dpo train --online"))?;
+    let mut progress = Progress::new().per_step(cfg.batch_size * cfg.grad_accum, "prompts");
+    let out = train_online(cfg, &sampling, &prompts, &judge, overwrite, &stop, &mut |l| progress.line(l));
+    progress.finish();
+    let out = out.map_err(|e| super::train::with_hint(e, "dpo train --online"))?;
     match out.final_dir {
-        Some(d) => eprintln!("done: {} online steps; model written to {}", out.steps, d.display()),
+        Some(d) => {
+            eprintln!("done: {} online steps; model written to {}", out.steps, d.display());
+            written(&super::train::run_outputs(&cfg.output, cfg.report_to));
+        }
         None => eprintln!("interrupted after step {}/{}", out.steps, out.total_steps),
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! frontier). Samples from the policy, scores with the reward model, penalises the KL to a frozen
 //! reference, and writes one metrics line per PPO step, resumable checkpoints and the trained model.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,8 +19,8 @@ use dpo::train::OnNonFinite;
 use engine::{Decoder, ParamSet};
 use serde::{Deserialize, Serialize};
 
-use super::progress::Progress;
-use super::train::{stop_flag, with_hint};
+use super::progress::{written, Progress};
+use super::train::{run_outputs, stop_flag, with_hint};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -96,6 +97,10 @@ pub struct Args {
     /// Tokenize text prompts as they are, even when the tokenizer has a chat template.
     #[arg(long)]
     no_chat: bool,
+    /// Where metrics go: jsonl (metrics.jsonl, always written), tensorboard (event files under RUN/runs/
+    /// with TRL's PPO tags: train/objective/kl, train/objective/scores, ...), or both [default: jsonl].
+    #[arg(long, value_name = "jsonl,tensorboard")]
+    report_to: Option<String>,
     /// (With --resume, a precision other than the run's is refused by name.)
     #[command(flatten)]
     precision: super::precision::PrecisionFlag,
@@ -134,6 +139,9 @@ struct PpoRunConfig {
     save_every: u64,
     #[serde(default)]
     on_nonfinite: OnNonFinite,
+    /// `--report-to` (absent in runs written before it existed: jsonl).
+    #[serde(default)]
+    report_to: Option<String>,
     ppo: PpoConfig,
 }
 
@@ -152,6 +160,7 @@ impl PpoRunConfig {
             eos_ids: Vec::new(),
             save_every: a.save_every.unwrap_or(0),
             on_nonfinite: on_nonfinite(a).unwrap_or_default(),
+            report_to: a.report_to.clone(),
             ppo: cfg,
         })
     }
@@ -212,6 +221,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             let mut c = PpoRunConfig::of_run(&run)?;
             c.save_every = a.save_every.unwrap_or(c.save_every);
             c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
+            c.report_to = a.report_to.clone().or(c.report_to);
             // Compared with the checkpoint's settings below: another precision is refused, by name.
             c.ppo.precision = a.precision.given().unwrap_or(c.ppo.precision);
             (c, run, StartMode::Resume)
@@ -224,6 +234,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let cfg = c.ppo.clone();
     cfg.validate()?;
+    let report_to = super::train::report_to_flag(c.report_to.as_deref())?;
     run_dir::preflight(&output, mode).map_err(|e| with_hint(e, COMMAND))?;
 
     let model = hf::load_model(&c.model)?;
@@ -293,13 +304,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
     // Everything is loaded and checked: the run directory is taken (locked; a previous run is moved
     // aside and put back if this one fails before its first checkpoint or model is written).
-    let log = &mut |l: &str| eprintln!("{l}");
+    let progress = &RefCell::new(Progress::new().per_step(cfg.rollout_prompts, "prompts"));
+    let log = &mut |l: &str| progress.borrow_mut().line(l);
     let mut dir = RunDir::open(&output, mode, log).map_err(|e| with_hint(e, COMMAND))?;
     dir.write_config(&toml::to_string_pretty(&c).context("writing config.toml")?)?;
 
     let stop = stop_flag()?;
-    let mut progress = Progress::new();
-    progress.line(&format!(
+    progress.borrow_mut().line(&format!(
         "{} prompts; {} PPO steps of {} rollouts, {} epochs of minibatches of {}",
         prompts.len(),
         cfg.steps,
@@ -309,7 +320,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     ));
     let mut reward = ModelReward { rm, error: None };
     let mut on_step = |s: &PpoStepStats, _: &engine::Params| {
-        progress.line(&step_line(s, cfg.steps));
+        progress.borrow_mut().line(&step_line(s, cfg.steps));
         true
     };
     let run = PpoRun {
@@ -321,6 +332,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         stop: &stop,
         resumed: a.resume.is_some(),
         inputs: &inputs,
+        report_to,
         log,
     };
     let inputs = PpoInputs {
@@ -334,7 +346,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         eos_ids: &c.eos_ids,
     };
     let outcome = run_ppo(start, inputs, &mut reward, &cfg, Some(run), &mut on_step);
-    progress.finish();
+    progress.borrow_mut().finish();
     if let Some(e) = reward.error {
         return Err(e).context("scoring completions with the reward model");
     }
@@ -353,6 +365,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     hf::save_model(&final_dir, &model.config, &outcome.params, Some(&c.model))?;
     dir.started();
     eprintln!("done: {} PPO steps; model written to {}", outcome.steps, final_dir.display());
+    written(&run_outputs(&output, report_to));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,9 +1,11 @@
 //! Progress on standard error. On a terminal, step lines (`step N/M ...`) drive an `indicatif` bar with
 //! the elapsed time, the ETA, items per second (pairs, rows) and the rest of the latest step line (loss,
 //! reward accuracy and margin, ...); other lines print above it. Elsewhere (CI, files) every line is kept
-//! as it comes, unchanged.
+//! as it comes, unchanged. Commands that count rows or prompts rather than print step lines move the same
+//! bar with [`Progress::count`]. [`written`] is the closing summary of what a command wrote where.
 
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -56,7 +58,18 @@ impl Progress {
         }
     }
 
+    /// `done` of `total` items (rows, prompts) on a terminal's bar; elsewhere nothing (no line per batch).
+    pub fn count(&mut self, done: usize, total: usize) {
+        if let Some(target) = self.target {
+            self.step(target, done as u64, total as u64, "");
+        }
+    }
+
     fn step(&mut self, target: fn() -> ProgressDrawTarget, n: u64, m: u64, rest: &str) {
+        // A step below the bar's: the next run of a command that trains several (iterate's rounds).
+        if self.bar.as_ref().is_some_and(|b| n < b.bar.position()) {
+            self.finish();
+        }
         let b = self.bar.get_or_insert_with(|| {
             let bar = ProgressBar::with_draw_target(Some(m), target());
             let style = ProgressStyle::with_template(
@@ -99,6 +112,21 @@ impl Progress {
     }
 }
 
+/// The closing summary of what a command wrote where: one `  what:  path` line each, aligned.
+pub fn written(items: &[(&str, String)]) {
+    eprint!("{}", written_text(items));
+}
+
+/// `path` as the summary shows it.
+pub fn at(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn written_text(items: &[(&str, String)]) -> String {
+    let width = items.iter().map(|(what, _)| what.len()).max().unwrap_or(0) + 1;
+    items.iter().map(|(what, path)| format!("  {:<width$} {path}\n", format!("{what}:"))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +155,31 @@ mod tests {
         assert!(rate > 0.0 && rate < 2.0 * 8.0 / 0.02, "{msg}");
         p.finish();
         assert!(p.bar.is_none());
+    }
+
+    #[test]
+    fn a_step_below_the_bar_starts_the_next_run_and_counts_drive_the_same_bar() {
+        let mut p = Progress { target: Some(ProgressDrawTarget::hidden), bar: None, per_step: None };
+        p.line("step 3/3  loss 0.5");
+        p.line("step 1/4  loss 0.7");
+        let bar = &p.bar.as_ref().unwrap().bar;
+        assert_eq!((bar.position(), bar.length()), (1, Some(4)));
+        let mut rows = Progress { target: Some(ProgressDrawTarget::hidden), bar: None, per_step: Some((1.0, "rows")) };
+        rows.count(8, 20);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        rows.count(16, 20);
+        let bar = &rows.bar.as_ref().unwrap().bar;
+        assert_eq!((bar.position(), bar.length()), (16, Some(20)));
+        assert!(bar.message().ends_with(" rows/s"), "{}", bar.message());
+        // Not on a terminal: counting draws and prints nothing.
+        let mut plain = Progress { target: None, bar: None, per_step: None };
+        plain.count(1, 2);
+        assert!(plain.bar.is_none());
+    }
+
+    #[test]
+    fn the_summary_aligns_what_was_written_where() {
+        let text = written_text(&[("model", at(Path::new("/r/final"))), ("tensorboard", "/r/runs".into())]);
+        assert_eq!(text, "  model:       /r/final\n  tensorboard: /r/runs\n");
     }
 }

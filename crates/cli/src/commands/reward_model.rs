@@ -11,7 +11,8 @@ use dpo::train::run_dir::{self, model_of, resume_target, RunDir, StartMode};
 use dpo::train::OnNonFinite;
 use serde::{Deserialize, Serialize};
 
-use super::train::{stop_flag, with_hint};
+use super::progress::{written, Progress};
+use super::train::{run_outputs, stop_flag, with_hint};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -229,7 +230,6 @@ fn hint(e: RewardModelError, output: &Path) -> anyhow::Error {
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    let log = &mut |l: &str| eprintln!("{l}");
     let (c, output, mode) = match &a.resume {
         Some(resume) => {
             let run = resume_target(resume).run;
@@ -253,8 +253,9 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             (RmRunConfig::from_args(&a)?, output, mode)
         }
     };
-    let report_to = dpo::tensorboard::ReportTo::parse(c.report_to.as_deref().unwrap_or("jsonl"))
-        .map_err(|m| anyhow::anyhow!("--report-to: {m}"))?;
+    let report_to = super::train::report_to_flag(c.report_to.as_deref())?;
+    let mut progress = Progress::new().per_step(c.train.batch_size, "pairs");
+    let log = &mut |l: &str| progress.line(l);
     // Data parallelism (`mpirun -np N`): rank 0 alone takes and writes the run directory.
     let root = dpo::dist::is_root();
     if root {
@@ -294,7 +295,9 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let out = run_reward_model(start, &pairs, &eval, rc, Some(run), log)
         .map_err(|e| hint(e, &output))
-        .with_context(|| format!("training a reward model on {}", c.data.display()))?;
+        .with_context(|| format!("training a reward model on {}", c.data.display()));
+    progress.finish();
+    let out = out?;
     if out.interrupted {
         let ck = out.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         eprintln!(
@@ -330,6 +333,10 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         summary["eval_accuracy"] = acc.into();
     }
     println!("{summary}");
+    if dir.is_some() {
+        eprintln!("done: {} steps; reward model written to {}", out.steps, final_dir.display());
+        written(&run_outputs(&output, report_to));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,9 +5,21 @@
 
 use std::path::{Path, PathBuf};
 
-/// Clap's value parser for a model (or adapter) argument.
-pub fn model_arg(s: &str) -> Result<PathBuf, String> {
-    hf::hub_cache::resolve_model(Path::new(s)).map_err(|e| e.to_string())
+/// Clap's value parser for a model (or adapter) argument. Its error stays typed for [`input_error`].
+pub fn model_arg(s: &str) -> Result<PathBuf, hf::Error> {
+    hf::hub_cache::resolve_model(Path::new(s))
+}
+
+/// A model argument that does not resolve (a hub id missing from the cache, a malformed one) is input
+/// that fails, not a usage mistake: the message the binary prints once, with status 1, in place of clap's
+/// usage error (status 2). `None` for every other parse error, which clap reports itself.
+pub fn input_error(e: &clap::Error) -> Option<String> {
+    let hub = std::error::Error::source(e)?.downcast_ref::<hf::Error>()?;
+    let flag = match e.get(clap::error::ContextKind::InvalidArg) {
+        Some(clap::error::ContextValue::String(arg)) => arg.split_whitespace().next().unwrap_or(arg).to_string(),
+        _ => "the model argument".into(),
+    };
+    Some(format!("{flag}: {hub}"))
 }
 
 /// Which rows of a dataset `--data` reads when it names a dataset rather than a file: a hub id

@@ -18,7 +18,7 @@ use dpo::train::{train, Objective, RunOptions, TrainConfig};
 use serde::Serialize;
 
 pub use super::hints::with_hint;
-use super::progress::Progress;
+use super::progress::{at, written, Progress};
 
 /// `--loss`'s long help: every loss the objectives' registry holds.
 fn loss_help() -> String {
@@ -467,6 +467,11 @@ pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Metho
     Ok(c)
 }
 
+/// A `--report-to` flag of the commands that take it outside the training configuration (jsonl when absent).
+pub fn report_to_flag(flag: Option<&str>) -> anyhow::Result<dpo::tensorboard::ReportTo> {
+    dpo::tensorboard::ReportTo::parse(flag.unwrap_or("jsonl")).map_err(|m| anyhow::anyhow!("--report-to: {m}"))
+}
+
 /// SIGINT/SIGTERM set the flag the trainer polls between steps; a second signal exits at once (one process).
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
@@ -524,17 +529,12 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode>
     if let Some(f) = &out.final_dir {
         let what = if cfg.is_lora() { "adapter (PEFT)" } else { "model" };
         eprintln!("done: {} steps in {}; {what} written to {}", out.steps, human_duration(elapsed), f.display());
-        eprintln!("  metrics:     {}", cfg.output.join("metrics.jsonl").display());
-        eprintln!("  checkpoints: {}", cfg.output.join("checkpoints").display());
-        if cfg.report_to.tensorboard {
-            let events = cfg.output.join(dpo::tensorboard::EVENTS_DIR);
-            eprintln!("  tensorboard: {} (tensorboard --logdir {})", events.display(), events.display());
-        }
-        eprintln!("  curves:      dpo plot {run}");
-        let merged = cfg.output.join(dpo::train::MERGED_DIR);
+        let mut items = run_outputs(&cfg.output, cfg.report_to);
+        items.push(("curves", format!("dpo plot {run}")));
         if cfg.merge {
-            eprintln!("  merged:      {}", merged.display());
+            items.push(("merged", at(&cfg.output.join(dpo::train::MERGED_DIR))));
         }
+        written(&items);
         let reference = match (&cfg.objective, &cfg.ref_model, &cfg.adapter) {
             (Objective::Sft | Objective::Unlikelihood(_), _, _) => String::new(),
             (_, Some(r), _) => format!(" --ref-model {}", r.display()),
@@ -554,6 +554,16 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode>
         eprintln!("peak memory (resident): {}", dpo::train::memory::human(peak));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What every run directory holds, for the closing summary: metrics, checkpoints and the event files.
+pub fn run_outputs(run: &Path, report_to: dpo::tensorboard::ReportTo) -> Vec<(&'static str, String)> {
+    let mut items = vec![("metrics", at(&run.join("metrics.jsonl"))), ("checkpoints", at(&run.join("checkpoints")))];
+    if report_to.tensorboard {
+        let events = run.join(dpo::tensorboard::EVENTS_DIR);
+        items.push(("tensorboard", format!("{} (tensorboard --logdir {})", events.display(), events.display())));
+    }
+    items
 }
 
 fn human_duration(secs: f64) -> String {

@@ -209,6 +209,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let eos_ids = stop_ids(&model.config, &tok);
     let mut lines = String::new();
     let mut points = Vec::new();
+    let mut progress = super::progress::Progress::new().per_step(1, "prompts");
     for (ti, &temperature) in a.temperatures.iter().enumerate() {
         let cfg = SamplingConfig {
             temperature,
@@ -243,7 +244,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             print!("{line}");
         }
         lines += &line;
+        progress.count((ti + 1) * prompts.len(), a.temperatures.len() * prompts.len());
     }
+    progress.finish();
     if let Some(path) = &a.out {
         super::emit(Some(path), &lines)?;
     }

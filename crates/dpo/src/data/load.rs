@@ -373,6 +373,14 @@ mod tests {
         }
         let e = load_pairs(&dir, Some(&tok), &DataOptions::default()).unwrap_err().to_string();
         assert!(e.contains("load-errors is a directory"), "{e}");
+        // A split's shards: the row's location names the shard it is in.
+        let shards = dir.join("shards");
+        std::fs::create_dir_all(&shards).unwrap();
+        let good = "{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\"}\n";
+        write(&shards, "train-00000-of-00002.jsonl", good);
+        write(&shards, "train-00001-of-00002.jsonl", format!("{good}{{\"prompt\": \"p\", \"chosen\": \"c\"}}\n"));
+        let e = load_pairs(&shards.join("train-*.jsonl"), Some(&tok), &DataOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("train-00001-of-00002.jsonl, line 2, field `rejected`: missing"), "{e}");
         let bad = DataOptions { max_length: Some(0), ..DataOptions::default() };
         let e = load_pairs(&data("prefs.jsonl"), Some(&tok), &bad).unwrap_err().to_string();
         assert_eq!(e, "invalid data option: max_length must be at least 1");

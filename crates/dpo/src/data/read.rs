@@ -43,10 +43,18 @@ where
         // A `Dataset.save_to_disk` directory: its Arrow files, numbered as one dataset.
         super::arrow::map_rows(&super::source::saved_dataset_files(path)?, &f)?
     } else if super::source::has_pattern(path) && !path.exists() {
-        // A split's shards (`data/train-*.parquet`), in name order.
+        // A split's shards (`data/train-*.parquet`), in name order; a row's location names its shard (the
+        // errors of a shard as a whole name its path already).
         let mut out = Vec::new();
         for file in super::source::expand_pattern(path)? {
-            out.extend(map_file(&file, &f)?);
+            let shard = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let in_shard = |r: Result<Record, DataError>| {
+                f(r.map(|mut rec| {
+                    rec.location = format!("{shard}, {}", rec.location);
+                    rec
+                }))
+            };
+            out.extend(map_file(&file, &in_shard)?);
         }
         out
     } else {

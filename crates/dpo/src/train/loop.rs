@@ -223,14 +223,27 @@ pub fn evaluate<'m>(
     batch_size: usize,
     ws: &mut Workspace,
 ) -> Result<BTreeMap<String, f64>, TrainError> {
+    evaluate_counting(decoder, model, workload, batch_size, ws, &mut |_| {})
+}
+
+/// [`evaluate`], telling `done` the rows evaluated so far after each batch (a command's progress bar).
+pub fn evaluate_counting<'m>(
+    decoder: &Decoder,
+    model: impl Into<Model<'m>>,
+    workload: &dyn Workload,
+    batch_size: usize,
+    ws: &mut Workspace,
+    done: &mut dyn FnMut(usize),
+) -> Result<BTreeMap<String, f64>, TrainError> {
     let model = model.into();
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let rows: Vec<usize> = (0..workload.rows()).collect();
-    for chunk in rows.chunks(batch_size.max(1)) {
+    for (i, chunk) in rows.chunks(batch_size.max(1)).enumerate() {
         let out = crate::dist::run_share(workload, decoder, model, None, chunk, ws)?;
         for (k, v) in out.metrics {
             *sums.entry(k).or_default() += v * chunk.len() as f64;
         }
+        done((i * batch_size.max(1) + chunk.len()).min(rows.len()));
     }
     let n = workload.rows().max(1) as f64;
     Ok(sums.into_iter().map(|(k, v)| (k, v / n)).collect())

@@ -39,7 +39,8 @@ pub use reference::Reference;
 pub use run_dir::{RunDir, StartMode};
 pub use setup::{setup, RunOptions, Setup, Start};
 pub use train_loop::{
-    epoch_order, evaluate, run, total_steps, train, train_sft, StepOutcome, TrainOutcome, Trainer, MERGED_DIR,
+    epoch_order, evaluate, evaluate_counting, run, total_steps, train, train_sft, StepOutcome, TrainOutcome, Trainer,
+    MERGED_DIR,
 };
 pub use unlikelihood::UnlikelihoodWorkload;
 pub use workload::{PairWorkload, SftWorkload, Workload};

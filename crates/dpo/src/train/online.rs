@@ -206,7 +206,7 @@ pub fn train_online(
     let mode = if overwrite { StartMode::Overwrite } else { StartMode::Fresh };
     let mut dir = RunDir::open(&cfg.output, mode, log)?;
     dir.write_config(&cfg.to_toml())?;
-    let mut metrics = dir.metrics(None)?;
+    let mut metrics = dir.metrics_to(None, cfg.report_to)?;
     let trained = Trained::Full(model.params.clone());
     let optimizer = Optimizer::new(cfg.optimizer_config(), &trained);
     let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
@@ -249,7 +249,7 @@ pub fn train_online(
             let m = &out.metrics;
             let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
             log(&format!(
-                "online step {step}/{total}  loss {:.4}  score {:+.3}  margin {:+.4}  eos {:.2}  grad_norm {:.3}",
+                "step {step}/{total}  loss {:.4}  score {:+.3}  margin {:+.4}  eos {:.2}  grad_norm {:.3}",
                 get("loss"),
                 get("objective/scores"),
                 get("rewards/margins"),

@@ -249,6 +249,16 @@ impl RunDir {
 
     /// [`Self::metrics`], also written as TensorBoard event files under `RUN/runs/` when `report_to` says so.
     pub fn metrics_to(&self, resumed_at: Option<u64>, report_to: ReportTo) -> Result<Metrics, TrainError> {
+        self.metrics_tagged(resumed_at, report_to, crate::tensorboard::trl_tag)
+    }
+
+    /// [`Self::metrics_to`] with a trainer's own TensorBoard tags (PPO's are not the DPO family's).
+    pub fn metrics_tagged(
+        &self,
+        resumed_at: Option<u64>,
+        report_to: ReportTo,
+        tags: crate::tensorboard::TagFn,
+    ) -> Result<Metrics, TrainError> {
         let path = self.path.join("metrics.jsonl");
         match resumed_at {
             Some(step) => truncate_metrics(&path, step)?,
@@ -261,7 +271,7 @@ impl RunDir {
         let events = match report_to.tensorboard {
             true => {
                 let dir = self.path.join(crate::tensorboard::EVENTS_DIR);
-                Some(EventWriter::create(&dir).map_err(|e| TrainError::io(&dir, e))?)
+                Some(EventWriter::create(&dir, tags).map_err(|e| TrainError::io(&dir, e))?)
             }
             false => None,
         };

@@ -212,6 +212,24 @@ pub struct PpoStepStats {
     pub skipped_updates: u64,
 }
 
+/// The TensorBoard tag of a [`PpoStepStats`] key: TRL's `PPOTrainer` name (its docs' "PPO Logging") under
+/// `train/`, as its `TensorBoardCallback` writes it; keys TRL has no name for keep theirs under `train/`.
+pub fn tensorboard_tag(key: &str) -> Option<String> {
+    let trl = match key {
+        "reward" => "objective/scores",
+        "kl" => "objective/kl",
+        "non_score_reward" => "objective/non_score_reward",
+        "entropy" => "objective/entropy",
+        "policy_loss" => "loss/policy_avg",
+        "value_loss" => "loss/value_avg",
+        "clip_frac" => "policy/clipfrac_avg",
+        "value_clip_frac" => "val/clipfrac_avg",
+        "approx_kl" => "policy/approxkl_avg",
+        other => return crate::tensorboard::trl_tag(other),
+    };
+    Some(format!("train/{trl}"))
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

@@ -200,6 +200,8 @@ pub struct PpoRun<'a> {
     pub resumed: bool,
     /// Recorded in every checkpoint, compared by [`PpoState::resume`].
     pub inputs: &'a InputFingerprints,
+    /// TensorBoard event files besides metrics.jsonl, under TRL's PPO tags ([`super::tensorboard_tag`]).
+    pub report_to: crate::tensorboard::ReportTo,
     pub log: &'a mut dyn FnMut(&str),
 }
 
@@ -259,7 +261,8 @@ pub fn run_ppo(
                 (r.log)(&format!("resuming at step {}", s.state.step));
                 r.dir.abandon_after(s.state.step, r.log)?;
             }
-            Some(r.dir.metrics(r.resumed.then_some(s.state.step))?)
+            let resumed_at = r.resumed.then_some(s.state.step);
+            Some(r.dir.metrics_tagged(resumed_at, r.report_to, super::tensorboard_tag)?)
         }
         None => None,
     };

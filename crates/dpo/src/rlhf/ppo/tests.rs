@@ -257,6 +257,7 @@ fn an_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one() {
             stop: &stop,
             resumed: mode == StartMode::Resume,
             inputs: &fingerprints,
+            report_to: Default::default(),
             log: &mut |_| {},
         };
         let mut on_step = |s: &PpoStepStats, _: &Params| {

@@ -441,7 +441,7 @@ pub fn run_reward_model(
             eval_accuracy: None,
         };
         let mut line = format!(
-            "reward model step {}/{total}  loss {:.4}  acc {:.2}  margin {:+.4}  grad_norm {:.3}  lr {:.2e}",
+            "step {}/{total}  loss {:.4}  acc {:.2}  margin {:+.4}  grad_norm {:.3}  lr {:.2e}",
             s.step, s.loss, s.accuracy, s.margin, s.grad_norm, s.learning_rate
         );
         let due = s.step == total || (rc.eval_every > 0 && s.step.is_multiple_of(rc.eval_every));
