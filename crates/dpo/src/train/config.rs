@@ -364,8 +364,9 @@ impl TrainConfig {
         self.lora.r.is_some() || self.adapter.is_some()
     }
 
+    /// The settings as TOML. Total for a validated config (`validate` keeps the seed within TOML's i64).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(&self.to_raw()).expect("a TrainConfig always serialises")
+        toml::to_string_pretty(&self.to_raw()).expect("a validated TrainConfig always serialises")
     }
 
     /// The optimizer with this run's settings.
@@ -401,6 +402,13 @@ impl TrainConfig {
                 Err(invalid(field, format!("{v} must be >= {lo}")))
             }
         };
+        // The seed is written to the run's config.toml, and TOML integers are signed 64-bit.
+        if self.seed > i64::MAX as u64 {
+            return Err(invalid(
+                "seed",
+                format!("{} must be at most {} (TOML integers are signed 64-bit)", self.seed, i64::MAX),
+            ));
+        }
         if self.batch_size == 0 {
             return Err(invalid("batch_size", "must be at least 1"));
         }

@@ -78,6 +78,16 @@ fn settings_follow_torchs_rules() {
 }
 
 #[test]
+fn a_seed_beyond_tomls_integers_is_refused_and_the_largest_round_trips() {
+    let e = TrainConfig { seed: 1 << 63, ..Default::default() }.validate().unwrap_err().to_string();
+    assert!(e.contains("`seed`") && e.contains("9223372036854775807"), "{e}");
+    let c = TrainConfig { seed: i64::MAX as u64, ..Default::default() };
+    c.validate().unwrap();
+    let table: toml::Table = toml::from_str(&c.to_toml()).unwrap();
+    assert_eq!(TrainConfig::from_layers(None, table, Method::Pairs).unwrap().seed, i64::MAX as u64);
+}
+
+#[test]
 fn relative_paths_in_a_file_resolve_against_its_directory() {
     let dir = std::env::temp_dir().join(format!("dpo-config-paths-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
