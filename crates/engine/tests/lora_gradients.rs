@@ -66,6 +66,17 @@ fn adapter_gradients_match_finite_differences() {
     }
 }
 
+/// With the lowest layers unadapted, backward stops at the lowest adapted layer and skips its input
+/// gradient: the adapter's gradients must not notice (sequential and parallel residual).
+#[test]
+fn adapter_gradients_on_upper_layers_only_match_finite_differences() {
+    for (name, cfg, mut modules) in families() {
+        modules[0].clear();
+        let m = Decoder::new(cfg.clone());
+        check(name, &m, &base(&cfg), &adapter(&cfg, &modules, 0.0, 23), None);
+    }
+}
+
 #[test]
 fn adapter_gradients_with_dropout_match_finite_differences() {
     for (name, cfg, modules) in families() {

@@ -186,9 +186,17 @@ impl Decoder {
 
         // A recomputed block draws the adapter's dropout masks from the seed its forward had.
         let forward_model = Model { dropout_seed: acts.dropout_seed, ..model };
-        for l in (0..cfg.n_layers).rev() {
+        // With a frozen base only the adapter is trained: backward stops at the lowest layer with pairs, and
+        // that layer's input gradient (the embeddings' or a lower frozen layer's) is not computed.
+        let lowest = match (grads.base(), model.adapter) {
+            (None, Some(a)) => a.layers.iter().position(|l| !l.pairs.is_empty()).unwrap_or(cfg.n_layers),
+            _ => 0,
+        };
+        let full = grads.base().is_some();
+        for l in (lowest..cfg.n_layers).rev() {
             let rope = self.block_rope(rope, l);
             let (lp, adapter) = (model.layer(l), model.adapter.map(|a| &a.layers[l]));
+            let input_grad = full || l > lowest;
             if acts.kept != Keep::LayerInputs {
                 let la = &mut acts.layers[l];
                 if acts.kept_bf16 {
@@ -196,7 +204,7 @@ impl Decoder {
                     la.swap_products(&mut acts.work);
                     la.widen_products();
                 }
-                self.block_backward(lp, l, adapter, grads.layer(l), b, la, s, rope);
+                self.block_backward(lp, l, adapter, grads.layer(l), input_grad, b, la, s, rope);
                 if acts.kept_bf16 {
                     la.swap_products(&mut acts.work);
                 }
@@ -219,7 +227,7 @@ impl Decoder {
                 s.dh = out;
                 acts.work_layer = Some(l);
             }
-            self.block_backward(lp, l, adapter, grads.layer(l), b, &acts.work, s, rope);
+            self.block_backward(lp, l, adapter, grads.layer(l), input_grad, b, &acts.work, s, rope);
             std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
         }
         // A frozen base has no embedding gradient.

@@ -190,6 +190,9 @@ impl Decoder {
     /// entry `s.dx` (`[N, d]`) holds the gradient of the block's output; on exit, of its input. Gradients
     /// accumulate into `lg`: the base's parameters, or (frozen base) the pairs of the layer's adapter
     /// `adapter`, the one the forward applied. Norm outputs and the MLP activation are recomputed, not kept.
+    /// `input_grad: false` (nothing below the block is trained: the lowest adapted layer of a frozen base)
+    /// skips the products that only feed the input's gradient (the input gradients of w_qkv and, parallel
+    /// residual, of w_in, and the norms'); `s.dx` is then left unspecified.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_backward(
         &self,
@@ -197,6 +200,7 @@ impl Decoder {
         layer: usize,
         adapter: Option<&LayerAdapter>,
         lg: LayerGrads,
+        input_grad: bool,
         b: &Batch,
         la: &LayerActs,
         s: &mut Scratch,
@@ -214,6 +218,8 @@ impl Decoder {
                 (None, adapter.map(|adapter| lora::PairGrads { adapter, grads: g, acts: &la.lora }))
             }
         };
+        // Parallel residual: w_in's input gradient reaches the adapters only through the block's input.
+        let mlp_in_grad = input_grad || !cfg.parallel_residual;
 
         // MLP output norm (post_norms): s.dh = its input's gradient; otherwise the MLP output's gradient
         // is dx itself.
@@ -230,14 +236,16 @@ impl Decoder {
         let dims = LinearDims { rows: n, inp: ff, out: d };
         lp.weight(Site::MlpOut).backward(&mut s.dact, grads, dmlp_out, &s.act, dims, lp.precision);
         if let Some(pg) = &mut pairs {
-            pg.site(Site::MlpOut, &mut s.lora, &s.act, dmlp_out, &mut s.dact, n);
+            pg.site(Site::MlpOut, &mut s.lora, &s.act, dmlp_out, Some(&mut s.dact), n);
         }
         act_backward(cfg.mlp, &mut s.dpre, &s.dact, &la.mlp_pre, n, ff);
-        let grads = linear_grads(base.as_deref_mut(), Site::MlpIn);
-        let dims = LinearDims { rows: n, inp: d, out: mlp_in };
-        lp.weight(Site::MlpIn).backward(&mut s.dh, grads, &s.dpre, &s.h, dims, lp.precision);
+        if mlp_in_grad {
+            let grads = linear_grads(base.as_deref_mut(), Site::MlpIn);
+            let dims = LinearDims { rows: n, inp: d, out: mlp_in };
+            lp.weight(Site::MlpIn).backward(&mut s.dh, grads, &s.dpre, &s.h, dims, lp.precision);
+        }
         if let Some(pg) = &mut pairs {
-            pg.site(Site::MlpIn, &mut s.lora, &s.h, &s.dpre, &mut s.dh, n);
+            pg.site(Site::MlpIn, &mut s.lora, &s.h, &s.dpre, mlp_in_grad.then_some(&mut s.dh[..]), n);
         }
         if !cfg.parallel_residual {
             // dx becomes the gradient of x_mid = x + attention.
@@ -261,7 +269,7 @@ impl Decoder {
         let dims = LinearDims { rows: n, inp: attn_dim, out: d };
         lp.weight(Site::AttnOut).backward(&mut s.dattn, grads, do_proj, &la.attn, dims, lp.precision);
         if let Some(pg) = &mut pairs {
-            pg.site(Site::AttnOut, &mut s.lora, &la.attn, do_proj, &mut s.dattn, n);
+            pg.site(Site::AttnOut, &mut s.lora, &la.attn, do_proj, Some(&mut s.dattn), n);
         }
         k::attention_backward(
             &mut s.dqkv,
@@ -285,11 +293,16 @@ impl Decoder {
             head_norm::backward(cfg, &wq.data, &wk.data, g, &mut s.dqkv, &la.qk_pre, n);
         }
         norm_forward(cfg.norm, &lp.norm1, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
-        let grads = linear_grads(base.as_deref_mut(), Site::Qkv);
-        let dims = LinearDims { rows: n, inp: d, out: qkv_dim };
-        lp.weight(Site::Qkv).backward(&mut s.dh, grads, &s.dqkv, &s.h, dims, lp.precision);
+        if input_grad {
+            let grads = linear_grads(base.as_deref_mut(), Site::Qkv);
+            let dims = LinearDims { rows: n, inp: d, out: qkv_dim };
+            lp.weight(Site::Qkv).backward(&mut s.dh, grads, &s.dqkv, &s.h, dims, lp.precision);
+        }
         if let Some(pg) = &mut pairs {
-            pg.site(Site::Qkv, &mut s.lora, &s.h, &s.dqkv, &mut s.dh, n);
+            pg.site(Site::Qkv, &mut s.lora, &s.h, &s.dqkv, input_grad.then_some(&mut s.dh[..]), n);
+        }
+        if !input_grad {
+            return;
         }
         let g = base.as_deref_mut().map(|g| &mut g.norm1);
         norm_backward(cfg.norm, &lp.norm1, g, &mut s.dx, &s.dh, &la.x, &s.stat_a, &s.stat_b, n, d);

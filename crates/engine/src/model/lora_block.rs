@@ -219,8 +219,17 @@ pub(crate) struct PairGrads<'a> {
 impl PairGrads<'_> {
     /// Backward of [`forward`] on `site`: from `dy` (`[N, out]`, the gradient of the site's output) and
     /// the site's input `x` (`[N, in]`) the forward read, accumulates the pairs' gradients and adds their
-    /// input gradient to `dx` (`[N, in]`, which already holds the base linear's).
-    pub(crate) fn site(&mut self, site: Site, s: &mut LoraScratch, x: &[f32], dy: &[f32], dx: &mut [f32], n: usize) {
+    /// input gradient to `dx` (`[N, in]`, which already holds the base linear's); `None` when nothing
+    /// reads the input's gradient (the first layer of a frozen base), which skips that product.
+    pub(crate) fn site(
+        &mut self,
+        site: Site,
+        s: &mut LoraScratch,
+        x: &[f32],
+        dy: &[f32],
+        mut dx: Option<&mut [f32]>,
+        n: usize,
+    ) {
         let (inp, out) = (x.len() / n.max(1), dy.len() / n.max(1));
         let LoraScratch { xd, du, dxd, .. } = s;
         let dropout = self.acts.dropout;
@@ -266,6 +275,7 @@ impl PairGrads<'_> {
             let xin = dropped_input(dropout, i, x, xd);
             k::matmul(&mut g.a.data, du, xin, r, inp, n, true, false, Accumulate::Add, LORA_PRECISION);
             // dx += du A, through the forward's dropout mask when it had one    [N, in]
+            let Some(dx) = dx.as_deref_mut() else { continue };
             match dropout {
                 Some(d) => {
                     let dxd = at_least(dxd, n * inp);
