@@ -278,6 +278,19 @@ fn qwen2_fixture(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The llama fixture relabelled as a Mistral checkpoint (`MistralForCausalLM`, a sliding window longer than any
+/// test sequence): llama.cpp runs Mistral as its `llama` architecture, as its own converter writes it.
+fn mistral_fixture(dir: &Path) -> PathBuf {
+    common::copy_model("llama-policy", dir);
+    let mut cfg: Json =
+        serde_json::from_str(&std::fs::read_to_string(model("llama-policy").join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "mistral".into();
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    cfg["sliding_window"] = 4096.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
 /// `tools/llamacpp_check.mjs` on `gguf`: its JSON output.
 fn llama_cpp(node_dir: &str, gguf: &Path, prompt: &[u32], steps: usize) -> Json {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/llamacpp_check.mjs");
@@ -339,11 +352,13 @@ fn gguf_llamacpp_matches_dpo_greedy_and_logits() {
     let dir = scratch("export-llamacpp");
     let smollm = PathBuf::from(std::env::var("DPO_SMOLLM2").unwrap_or_else(|_| "/work/models/smollm2-hf".into()));
     let qwen2 = qwen2_fixture(&dir.join("qwen2-policy"));
+    let mistral = mistral_fixture(&dir.join("mistral-policy"));
     let mut cases = vec![
         (model("llama-policy"), 1e-5),
         (model("llama3-policy"), 1e-5),
         (model("gpt2-policy"), 1e-3),
         (qwen2, 1e-5),
+        (mistral, 1e-5),
         // The Llama 3 and Qwen2 splitting (`tokenizer.ggml.pre` llama-bpe, qwen2): the tokens of a text
         // with digits must match, and greedy decoding too.
         (pretok_fixture("llama3-bpe"), 1e-5),
