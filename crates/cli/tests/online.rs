@@ -7,15 +7,7 @@ use common::*;
 
 /// A reward model trained for 2 steps in `dir/rm` (the judge) and two prompts in `dir/prompts.jsonl`.
 fn judge_and_prompts(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let rm = dir.join("rm");
-    let mut c = dpo();
-    c.args(["reward-model", "train", "--max-steps", "2", "--batch-size", "4", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--data")
-        .arg(prefs())
-        .arg("--output")
-        .arg(&rm);
-    succeeds(&mut c);
+    let rm = trained_reward_model(dir);
     let prompts = dir.join("prompts.jsonl");
     std::fs::write(
         &prompts,

@@ -13,19 +13,6 @@ fn lines(stdout: &[u8]) -> Vec<Value> {
     String::from_utf8_lossy(stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-fn reward_model(dir: &Path) -> std::path::PathBuf {
-    let rm = dir.join("rm");
-    let mut c = dpo();
-    c.args(["reward-model", "train", "--max-steps", "2", "--batch-size", "4", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--data")
-        .arg(prefs())
-        .arg("--output")
-        .arg(&rm);
-    succeeds(&mut c);
-    rm
-}
-
 fn prompts(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("prompts.jsonl");
     let rows = ["Tell me about a kite.", "Tell me about my grandmother.", "Question: What is frozen water called?"];
@@ -37,7 +24,7 @@ fn prompts(dir: &Path) -> std::path::PathBuf {
 #[test]
 fn a_model_against_itself_at_temperature_0_ties_every_prompt() {
     let dir = scratch("win-rate-self");
-    let rm = reward_model(&dir);
+    let rm = trained_reward_model(&dir);
     let chart = dir.join("wr.png");
     let mut c = dpo();
     c.args(["win-rate", "--temperatures", "0,1", "--n", "3", "--max-new-tokens", "6", "--model"])
@@ -89,7 +76,7 @@ fn a_model_against_itself_at_temperature_0_ties_every_prompt() {
 #[test]
 fn against_the_chosen_completions_of_a_file() {
     let dir = scratch("win-rate-data");
-    let rm = reward_model(&dir);
+    let rm = trained_reward_model(&dir);
     let mut c = dpo();
     c.args(["win-rate", "--temperatures", "0,0.5", "--max-new-tokens", "6", "--model"])
         .arg(model("gpt2-policy"))

@@ -133,3 +133,18 @@ pub fn assert_checkpoint_loads(dir: &Path) {
     assert_eq!(state["state"]["step"].to_string(), step, "{}", dir.display());
     assert!(state["optimizer_step"].is_u64(), "{}", dir.display());
 }
+
+/// A reward model trained for 2 steps on the preference fixture in `dir/rm`: the judge the win-rate and online
+/// tests use.
+pub fn trained_reward_model(dir: &Path) -> PathBuf {
+    let rm = dir.join("rm");
+    let mut c = dpo();
+    c.args(["reward-model", "train", "--max-steps", "2", "--batch-size", "4", "--model"])
+        .arg(model("gpt2-policy"))
+        .arg("--data")
+        .arg(prefs())
+        .arg("--output")
+        .arg(&rm);
+    succeeds(&mut c);
+    rm
+}
