@@ -54,6 +54,10 @@ pub struct OnlinePlan {
     /// `batch` prompts per step, `samples` completions each (one pair per prompt).
     pub steps: Steps,
     pub samples: usize,
+    /// Also run the ablations of `online_methods::VARIANTS`: online DPO labelled by the ground truth, and
+    /// online DPO for offline DPO's pair-steps (`dpo.steps` x `dpo.batch`), each label source at each budget.
+    #[serde(default)]
+    pub ablations: bool,
 }
 
 /// Iterative DPO (`dpo iterate`), labelled by the learned reward model.
@@ -144,7 +148,12 @@ impl Plan {
                 evals: 3,
             },
             bon_ns: vec![1, 2, 4, 8, 16, 32, 64, 128],
-            online: OnlinePlan { beta: 0.5, steps: Steps { lr: 2e-4, batch: 32, steps: 60, evals: 3 }, samples: 2 },
+            online: OnlinePlan {
+                beta: 0.5,
+                steps: Steps { lr: 2e-4, batch: 32, steps: 60, evals: 3 },
+                samples: 2,
+                ablations: true,
+            },
             iterative: IterativePlan {
                 beta: 0.5,
                 rounds: 3,
@@ -187,7 +196,12 @@ impl Plan {
                 ..f.ppo.clone()
             },
             bon_ns: vec![1, 4, 16],
-            online: OnlinePlan { beta: 0.5, steps: Steps { lr: 2e-4, batch: 16, steps: 16, evals: 2 }, samples: 2 },
+            online: OnlinePlan {
+                beta: 0.5,
+                steps: Steps { lr: 2e-4, batch: 16, steps: 16, evals: 2 },
+                samples: 2,
+                ablations: false,
+            },
             iterative: IterativePlan {
                 rounds: 2,
                 prompts: 64,
@@ -220,6 +234,7 @@ impl Plan {
             bon_ns: vec![1, 4, 16],
             online: OnlinePlan {
                 steps: Steps { lr: 2e-5, batch: 8, ..scale(&base.online.steps, if quick { 4 } else { 16 }) },
+                ablations: false,
                 ..base.online.clone()
             },
             iterative: IterativePlan {
@@ -264,6 +279,7 @@ impl Plan {
         }
         if off("online") {
             self.online.steps.steps = 0;
+            self.online.ablations = false;
         }
         if off("iterative") {
             self.iterative.rounds = 0;
