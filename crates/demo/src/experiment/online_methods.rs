@@ -25,8 +25,8 @@ use super::rlhf_methods::LearnedRm;
 use super::DemoError;
 use dpo::objectives::{LossConfig, LossType};
 use dpo::train::iterative::{iterate, IterativeConfig};
-use dpo::train::online::{train_online, OnlineSampling};
-use dpo::train::{checkpoint, Objective, PairObjective, TrainConfig};
+use dpo::train::online::{train_online, OnlineJudge, OnlineSampling};
+use dpo::train::{checkpoint, Objective, PairObjective, RunOptions, TrainConfig};
 
 /// `{method: [points]}`, the reward the learned reward model's (standardised).
 pub type Frontier = BTreeMap<String, Vec<Point>>;
@@ -121,6 +121,15 @@ impl Variant {
     }
 }
 
+/// The judge as the run records it.
+fn judge_name(ground_truth: bool) -> &'static str {
+    if ground_truth {
+        "the demo's ground truth (VADER)"
+    } else {
+        "the demo's learned reward model"
+    }
+}
+
 fn sampling(ctx: &Ctx, samples: usize) -> OnlineSampling {
     OnlineSampling {
         samples,
@@ -147,7 +156,9 @@ pub fn online_dpo(
         scores.map_err(|e| e.to_string())
     };
     let t = Instant::now();
-    let o = train_online(&cfg, &sampling(ctx, p.samples), prompts, &judge, true, ctx.stop, log)?;
+    let judge = OnlineJudge { name: judge_name(variant.ground_truth).into(), score: &judge };
+    let opts = RunOptions { overwrite: true, resume: None };
+    let o = train_online(&cfg, &sampling(ctx, p.samples), prompts, &judge, &opts, ctx.stop, log)?;
     if o.interrupted {
         return Err(DemoError::Interrupted);
     }
@@ -180,7 +191,7 @@ pub fn iterative_dpo(
         rounds: p.rounds,
         move_reference: p.move_reference,
         sampling: sampling(ctx, p.samples),
-        judge: "the demo's learned reward model".into(),
+        judge: judge_name(false).into(),
     };
     let judge = |items: &[(&[u32], &[u32])]| rm.rewards(items).map_err(|e| e.to_string());
     let prompts = &prompts[..p.prompts.min(prompts.len())];

@@ -221,7 +221,10 @@ impl Plan {
         Plan {
             name: if quick { "model-quick" } else { "model" }.into(),
             train_prompts: base.train_prompts.min(96),
-            heldout_pair_prompts: base.heldout_pair_prompts.min(32),
+            // The held-out pair prompts are also the win-rate prompts: the quick plan samples every policy
+            // on 16 of them, at 4 temperatures, so that it finishes in minutes on a 135M checkpoint.
+            heldout_pair_prompts: base.heldout_pair_prompts.min(if quick { 16 } else { 32 }),
+            win_rate_temperatures: if quick { vec![0.0, 0.25, 0.5, 1.0] } else { base.win_rate_temperatures.clone() },
             eval_prompts: base.eval_prompts.min(32),
             eval_samples: 2,
             max_new_tokens: 32,
@@ -231,7 +234,7 @@ impl Plan {
             unlikelihood: Steps { lr: 1e-5, batch: 8, ..scale(&base.unlikelihood, if quick { 10 } else { 40 }) },
             reward_model: Steps { lr: 1e-5, batch: 8, ..scale(&base.reward_model, if quick { 10 } else { 40 }) },
             ppo: PpoPlan { kl_coefs_learned: vec![], kl_coefs_true: vec![], ..base.ppo.clone() },
-            bon_ns: vec![1, 4, 16],
+            bon_ns: if quick { vec![1, 4, 8] } else { vec![1, 4, 16] },
             online: OnlinePlan {
                 steps: Steps { lr: 2e-5, batch: 8, ..scale(&base.online.steps, if quick { 4 } else { 16 }) },
                 ablations: false,

@@ -21,14 +21,14 @@ use std::sync::Arc;
 
 use engine::generate::{generate, Generation, SamplingConfig};
 use engine::model::{Grads, Model};
-use engine::optim::Optimizer;
 use engine::rng::Rng;
 use engine::Decoder;
 
-use super::checkpoint::{self, TrainerState};
+use super::checkpoint;
 use super::pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 use super::reference::{Reference, ReferenceModel};
-use super::run_dir::{RunDir, StartMode};
+use super::run_dir::RunDir;
+use super::setup::RunOptions;
 use super::train_loop::{TrainOutcome, Trainer};
 use super::{Objective, TrainConfig, TrainError, Trained, Workload};
 use crate::data::{Example, Packing};
@@ -83,6 +83,9 @@ pub fn label_pairs(
     }
     (pairs, scores)
 }
+
+/// The file in an online run's directory that records what decides its samples (see [`train_online`]).
+pub const ONLINE_JSON: &str = "online.json";
 
 /// Prompts under online DPO, a workload of the training loop.
 pub struct OnlineDpoWorkload<'a> {
@@ -161,17 +164,26 @@ impl Workload for OnlineDpoWorkload<'_> {
     }
 }
 
+/// The judge of an online run: what scores the samples, and what it is (a reward model's directory,
+/// say), recorded in `online.json` so that a resume keeps it.
+pub struct OnlineJudge<'a> {
+    pub name: String,
+    pub score: &'a JudgeFn<'a>,
+}
+
 /// Online DPO from `cfg.model` (every weight trained; the reference `cfg.ref_model` or the model
 /// itself) over `prompts`, `cfg.batch_size` prompts per micro-batch, for `cfg.max_steps` steps (or
 /// `cfg.epochs` passes over the prompts), scored by `judge`. The run directory is written as `dpo
-/// train` writes it; `overwrite` replaces a run there. An interrupted run keeps its checkpoint; a
-/// resumed online run is not supported (its samples would not be those of an uninterrupted run).
+/// train` writes it (`opts.overwrite` replaces a run there), with `online.json`, the settings that decide
+/// its samples. An interrupted run keeps its checkpoint, and `opts.resume` continues it: a step's samples
+/// depend only on the run's seed, the step and the weights, so the resumed run ends with the weights of
+/// an uninterrupted one; a resume that changes the sampling, the judge or the prompts is refused.
 pub fn train_online(
     cfg: &TrainConfig,
     sampling: &OnlineSampling,
     prompts: &[Vec<u32>],
-    judge: &JudgeFn,
-    overwrite: bool,
+    judge: &OnlineJudge,
+    opts: &RunOptions,
     stop: &AtomicBool,
     log: &mut dyn FnMut(&str),
 ) -> Result<TrainOutcome, TrainError> {
@@ -184,7 +196,12 @@ pub fn train_online(
     if prompts.is_empty() {
         return Err(TrainError::Invalid("online DPO needs at least one prompt".into()));
     }
+    if let Some(resume) = &opts.resume {
+        let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        super::run_dir::check_kept_settings(resume, &now)?;
+    }
     let model = hf::load_model(&cfg.model)?;
+    let start = super::setup::start_point(cfg, opts, &model, None, log)?;
     let ref_dir = cfg.ref_model.clone().unwrap_or_else(|| cfg.model.clone());
     let reference = if ref_dir == cfg.model {
         let held = ReferenceModel::new(Decoder::new(model.config.decoder.clone()), model.params.clone(), cfg.precision)
@@ -197,21 +214,31 @@ pub fn train_online(
         prompts,
         reference: &reference,
         objective,
-        judge,
+        judge: judge.score,
         sampling: sampling.clone(),
         packing: if cfg.prefix_sharing { Packing::SharedPrompt } else { Packing::Separate },
         seed: cfg.seed,
         last_pairs: RefCell::new(Vec::new()),
     };
-    let mode = if overwrite { StartMode::Overwrite } else { StartMode::Fresh };
-    let mut dir = RunDir::open(&cfg.output, mode, log)?;
+    let mut dir = RunDir::open(&cfg.output, opts.start_mode(), log)?;
+    let record = super::iterative::sampled_run_settings(cfg, sampling, &judge.name, prompts);
+    let resumed_at = start.resumed.as_ref().map(|_| start.state.step);
+    if resumed_at.is_none() {
+        let _ = std::fs::remove_file(cfg.output.join(ONLINE_JSON));
+    }
+    super::iterative::check_recorded(
+        &cfg.output.join(ONLINE_JSON),
+        &record,
+        "its steps were sampled with other settings",
+        "resume it with the same --online flags, judge and prompts",
+    )?;
+    if let Some(step) = resumed_at {
+        dir.abandon_after(step, log)?;
+    }
     dir.write_config(&cfg.to_toml())?;
-    let mut metrics = dir.metrics_to(None, cfg.report_to)?;
-    let trained = Trained::Full(model.params.clone());
-    let optimizer = Optimizer::new(cfg.optimizer_config(), &trained);
-    let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
+    let mut metrics = dir.metrics_to(resumed_at, cfg.report_to)?;
     let decoder = Decoder::new(model.config.decoder.clone());
-    let mut t = Trainer::new(cfg, decoder, trained, None, optimizer, state, prompts.len())?;
+    let mut t = Trainer::new(cfg, decoder, start.trained, None, start.optimizer, start.state, prompts.len())?;
     let total = t.total;
     let output = cfg.output.clone();
     let save = |dir: &mut RunDir, t: &Trainer| -> Result<std::path::PathBuf, TrainError> {
@@ -283,9 +310,11 @@ pub fn train_online(
 
 #[cfg(test)]
 mod tests {
+    use engine::optim::Optimizer;
     use engine::presets::init_random;
     use engine::{DecoderConfig, Dims, Params};
 
+    use super::checkpoint::TrainerState;
     use super::*;
     use crate::objectives::{LossConfig, LossType};
     use crate::train::PairWorkload;
