@@ -92,11 +92,34 @@ fn iterate_runs_rounds_and_a_rerun_skips_the_finished_ones() {
 /// seed, the step and the weights); a resume that changes the sampling is refused, naming the change.
 #[test]
 fn online_dpo_resumed_matches_an_uninterrupted_run() {
-    let dir = scratch("online-resume");
+    resumed_matches_uninterrupted("online-resume", &[], "final/model.safetensors");
+}
+
+/// The same with a LoRA adapter (`--lora-r`): the run trains and saves the adapter (PEFT), samples from the
+/// base with the adapter on it, and resumes exactly.
+#[test]
+fn online_dpo_with_lora_trains_an_adapter_and_resumes_exactly() {
+    let run = resumed_matches_uninterrupted(
+        "online-lora-resume",
+        &["--lora-r", "4", "--lora-alpha", "8"],
+        "final/adapter_model.safetensors",
+    );
+    assert!(run.join("final/adapter_config.json").is_file() && !run.join("final/model.safetensors").exists());
+    // The adapter moved: the step's update reached the weights the samples come from.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["grad_norm"].as_f64().unwrap() > 0.0, "{last}");
+}
+
+/// Runs online DPO for 4 steps twice, the second resumed from its step-2 checkpoint, and checks both end
+/// alike (`final_file`, the step-4 optimizer and trainer state, the metrics); returns the resumed run.
+fn resumed_matches_uninterrupted(name: &str, flags: &[&str], final_file: &str) -> std::path::PathBuf {
+    let dir = scratch(name);
     let (rm, prompts) = judge_and_prompts(&dir);
     let online = |out: &std::path::Path| {
         let mut c = dpo();
         c.args(["train", "--online", "--max-steps", "4", "--save-every", "2", "--batch-size", "1"])
+            .args(flags)
             .args(["--lr", "1e-3", "--online-max-new-tokens", "6", "--model"])
             .arg(model("gpt2-policy"))
             .arg("--judge-reward-model")
@@ -123,9 +146,7 @@ fn online_dpo_resumed_matches_an_uninterrupted_run() {
     assert_eq!(std::fs::read_to_string(run.join("online.json")).unwrap(), before);
     let err = succeeds(&mut resume(&[]));
     assert!(err.contains("resuming at step 2"), "{err}");
-    for f in
-        ["final/model.safetensors", "checkpoints/step-4/optimizer.safetensors", "checkpoints/step-4/trainer_state.json"]
-    {
+    for f in [final_file, "checkpoints/step-4/optimizer.safetensors", "checkpoints/step-4/trainer_state.json"] {
         let (a, b) = (std::fs::read(run.join(f)).unwrap(), std::fs::read(whole.join(f)).unwrap());
         assert!(a == b, "{f}: the resumed run differs from the uninterrupted one");
     }
@@ -143,4 +164,5 @@ fn online_dpo_resumed_matches_an_uninterrupted_run() {
     assert_eq!(metrics(&run), metrics(&whole));
     // The first run of the resumed directory went to abandoned/ from step 4 on.
     assert!(run.join("abandoned").is_dir());
+    run
 }

@@ -25,6 +25,7 @@ use engine::rng::Rng;
 use engine::Decoder;
 
 use super::checkpoint;
+use super::lora::LoraRun;
 use super::pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 use super::reference::{Reference, ReferenceModel};
 use super::run_dir::RunDir;
@@ -190,8 +191,10 @@ pub fn train_online(
     let Objective::Pairs(objective) = &cfg.objective else {
         return Err(TrainError::Invalid("online DPO trains a pair objective (the DPO family)".into()));
     };
-    if cfg.lora.any() || cfg.adapter.is_some() {
-        return Err(TrainError::Invalid("online DPO trains every weight; LoRA is not supported here".into()));
+    if cfg.base_storage != engine::quant::Storage::F32 {
+        return Err(TrainError::Invalid(
+            "online DPO samples from an f32 base; a stored (bf16/NF4) base is not supported here".into(),
+        ));
     }
     if prompts.is_empty() {
         return Err(TrainError::Invalid("online DPO needs at least one prompt".into()));
@@ -200,15 +203,25 @@ pub fn train_online(
         let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
         super::run_dir::check_kept_settings(resume, &now)?;
     }
+    // A LoRA run (--lora-r, or --adapter to go on training one) trains an adapter on the frozen model, as
+    // `dpo train` does: the samples come from the base with the adapter as it is now.
+    let mut cfg = cfg.clone();
+    let model_cfg = hf::load_config(&cfg.model)?;
+    let lora = LoraRun::prepare(&mut cfg, &model_cfg)?;
+    let cfg = &cfg;
     let model = hf::load_model(&cfg.model)?;
-    let start = super::setup::start_point(cfg, opts, &model, None, log)?;
+    let start = super::setup::start_point(cfg, opts, &model, lora.as_ref(), log)?;
     let ref_dir = cfg.ref_model.clone().unwrap_or_else(|| cfg.model.clone());
-    let reference = if ref_dir == cfg.model {
-        let held = ReferenceModel::new(Decoder::new(model.config.decoder.clone()), model.params.clone(), cfg.precision)
-            .map_err(|e| TrainError::Invalid(format!("the reference: {e}")))?;
-        Reference::Model(Arc::new(held))
-    } else {
-        Reference::load(&ref_dir, &model.config, None, cfg.precision)?
+    let reference = match &lora {
+        // The reference is the base with the starting adapter (none, or --adapter's), read from the policy.
+        Some(l) if cfg.ref_model.is_none() => Reference::PolicyBase(l.start.clone()),
+        _ if ref_dir == cfg.model => {
+            let decoder = Decoder::new(model.config.decoder.clone());
+            let held = ReferenceModel::new(decoder, model.params.clone(), cfg.precision)
+                .map_err(|e| TrainError::Invalid(format!("the reference: {e}")))?;
+            Reference::Model(Arc::new(held))
+        }
+        _ => Reference::load(&ref_dir, &model.config, None, cfg.precision)?,
     };
     let workload = OnlineDpoWorkload {
         prompts,
@@ -238,11 +251,14 @@ pub fn train_online(
     dir.write_config(&cfg.to_toml())?;
     let mut metrics = dir.metrics_to(resumed_at, cfg.report_to)?;
     let decoder = Decoder::new(model.config.decoder.clone());
-    let mut t = Trainer::new(cfg, decoder, start.trained, None, start.optimizer, start.state, prompts.len())?;
+    let base = lora.as_ref().map(|_| super::setup::base_model(&model, None, None, cfg.precision));
+    let mut t = Trainer::new(cfg, decoder, start.trained, base, start.optimizer, start.state, prompts.len())?;
     let total = t.total;
     let output = cfg.output.clone();
+    let lora_cfg = lora.as_ref().map(|l| &l.config);
     let save = |dir: &mut RunDir, t: &Trainer| -> Result<std::path::PathBuf, TrainError> {
-        let p = checkpoint::save(&output, &model.config, &t.trained, None, &cfg.model, &t.optimizer, &t.state, total)?;
+        let (opt, state) = (&t.optimizer, &t.state);
+        let p = checkpoint::save(&output, &model.config, &t.trained, lora_cfg, &cfg.model, opt, state, total)?;
         checkpoint::prune(&output, cfg.save_total_limit);
         dir.started();
         Ok(p)
@@ -290,14 +306,25 @@ pub fn train_online(
     }
     let checkpoint = save(&mut dir, &t)?;
     let final_dir = output.join("final");
-    let Trained::Full(params) = &t.trained else {
-        return Err(TrainError::Invalid("online DPO trained an adapter".into()));
-    };
-    hf::save_model(&final_dir, &model.config, params, Some(&cfg.model)).map_err(|e| TrainError::FinalWrite {
+    let final_error = |e: hf::Error| TrainError::FinalWrite {
         message: e.to_string(),
         checkpoint: checkpoint.clone(),
         output: output.clone(),
-    })?;
+    };
+    match (&t.trained, lora_cfg) {
+        (Trained::Full(params), _) => {
+            hf::save_model(&final_dir, &model.config, params, Some(&cfg.model)).map_err(final_error)?
+        }
+        (Trained::Adapter(adapter), Some(config)) => {
+            hf::peft::save_adapter(&final_dir, config, adapter, &model.config).map_err(final_error)?;
+            if cfg.merge {
+                let merged = output.join(super::MERGED_DIR);
+                hf::peft::save_merged(&merged, &model, adapter).map_err(final_error)?;
+                log(&format!("merged model written to {}", merged.display()));
+            }
+        }
+        (Trained::Adapter(_), None) => return Err(TrainError::Invalid("an adapter with no LoRA configuration".into())),
+    }
     dir.started();
     Ok(TrainOutcome {
         steps: total,
