@@ -204,6 +204,7 @@ pub fn iterative_dpo(
     let t = Instant::now();
     let mut points = Vec::new();
     for (round, dir) in o.finals.iter().enumerate() {
+        super::methods::drop_optimizer_states(&dpo::train::iterative::round_dir(&out, round + 1).join("run"));
         let m = hf::load_model(dir)?;
         points.push(ctx.evaluator.evaluate(ctx.world, &m.params, (round + 1) as u64 * p.steps.steps)?);
     }

@@ -220,7 +220,8 @@ impl Plan {
         let scale = |s: &Steps, steps: u64| Steps { steps, evals: 1, ..s.clone() };
         Plan {
             name: if quick { "model-quick" } else { "model" }.into(),
-            train_prompts: base.train_prompts.min(96),
+            // 10 steps of 8 pairs need no more than 48 prompts' pairs (up to 6 per prompt).
+            train_prompts: base.train_prompts.min(if quick { 48 } else { 96 }),
             // The held-out pair prompts are also the win-rate prompts: the quick plan samples every policy
             // on 16 of them, at 4 temperatures, so that it finishes in minutes on a 135M checkpoint.
             heldout_pair_prompts: base.heldout_pair_prompts.min(if quick { 16 } else { 32 }),
