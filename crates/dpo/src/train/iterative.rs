@@ -185,7 +185,7 @@ fn check_settings(output: &Path, now: &Value) -> Result<(), TrainError> {
 pub(super) fn check_recorded(file: &Path, now: &Value, what: &str, how: &str) -> Result<(), TrainError> {
     let output = file.parent().unwrap_or(Path::new("."));
     let out_err = |msg: String| TrainError::Output { path: file.to_path_buf(), msg };
-    let Ok(text) = std::fs::read_to_string(&file) else {
+    let Ok(text) = std::fs::read_to_string(file) else {
         std::fs::create_dir_all(output).map_err(|e| out_err(e.to_string()))?;
         let text = serde_json::to_string_pretty(now).expect("settings serialise");
         return crate::io::write_atomic(file, text.as_bytes()).map_err(|e| out_err(e.to_string()));

@@ -33,6 +33,7 @@ use super::setup::RunOptions;
 use super::train_loop::{TrainOutcome, Trainer};
 use super::{Objective, TrainConfig, TrainError, Trained, Workload};
 use crate::data::{Example, Packing};
+use crate::rlhf::best_of_n::{first_best, last_worst};
 
 /// Scores `(prompt, completion)` token sequences, higher is better: a reward model, an implicit reward,
 /// a ground truth.
@@ -69,12 +70,10 @@ pub fn label_pairs(
         .collect();
     let mut pairs = Vec::with_capacity(prompts.len());
     for (p, (group, s)) in gens.chunks_exact(samples).zip(scores.chunks_exact(samples)).enumerate() {
-        let best = (1..samples).fold(0, |b, i| if s[i] > s[b] { i } else { b });
-        let worst = (0..samples).rev().filter(|&i| i != best).fold(None, |w: Option<usize>, i| match w {
-            Some(w) if s[w] <= s[i] => Some(w),
-            _ => Some(i),
-        });
-        let Some(worst) = worst else { continue };
+        let Some(best) = first_best(s) else { continue };
+        // The last lowest: never the first highest with two samples or more (all equal: the last one, as
+        // TRL's s0 >= s1 makes sample 1 the rejected one).
+        let Some(worst) = last_worst(s).filter(|&w| w != best) else { continue };
         pairs.push(Example::new(
             format!("online prompt {p} samples {best}/{worst}"),
             prompts[p].to_vec(),
