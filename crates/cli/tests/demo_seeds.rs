@@ -16,6 +16,7 @@ fn two_seeds_write_the_aggregates() {
         "ppo.steps=4",
         "reward_model.steps=10",
         "online.steps.steps=4",
+        "online.ablations=true",
         "iterative.steps.steps=2",
         "iterative.prompts=16",
         "train_prompts=48",
@@ -66,7 +67,27 @@ fn two_seeds_write_the_aggregates() {
         assert_eq!(o["difference"]["values"].as_array().unwrap().len(), 2, "{o}");
         assert!(!o["beyond_interval"].as_str().unwrap().is_empty() && !o["sentence"].as_str().unwrap().is_empty());
     }
+    // The online DPO ablations ran, each against offline DPO and against the variant it changes one thing of.
+    for (a, b) in [
+        ("Online DPO (GT labels)", "offline DPO"),
+        ("Online DPO (GT labels, offline budget)", "offline DPO"),
+        ("Online DPO (GT labels)", "Online DPO"),
+        ("Online DPO (offline budget)", "Online DPO"),
+    ] {
+        let o = orderings.iter().find(|o| o["a"] == a && o["b"] == b).unwrap_or_else(|| panic!("{a} vs {b}"));
+        let per_seed = |m: &str| -> Vec<f64> {
+            let k = "final_minus_offline_at_equal_kl (ground truth)";
+            seeds.iter().map(|s| s["metrics"][m][k].as_f64().unwrap_or(0.0)).collect()
+        };
+        if o["metric"] == "final_minus_offline_at_equal_kl (ground truth)" && b != "offline DPO" {
+            let want: Vec<f64> = per_seed(a).iter().zip(per_seed(b)).map(|(x, y)| x - y).collect();
+            let got: Vec<f64> =
+                o["difference"]["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(got, want, "{o}");
+        }
+    }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("### Why online DPO is where it is: ablations"), "{md}");
     assert!(md.contains("## Across seeds") && md.contains("Hold beyond the 95% interval across seeds"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -86,3 +86,83 @@ fn iterate_runs_rounds_and_a_rerun_skips_the_finished_ones() {
     assert_eq!(std::fs::read(out.join("round-2/run/final/model.safetensors")).unwrap(), round2);
     fails(&mut iterate("0"), &["--rounds"]);
 }
+
+/// `dpo train --online --resume`: a run resumed from its step-2 checkpoint ends with the weights, the
+/// optimizer state and the metrics of the run that was never stopped (a step's samples depend only on the
+/// seed, the step and the weights); a resume that changes the sampling is refused, naming the change.
+#[test]
+fn online_dpo_resumed_matches_an_uninterrupted_run() {
+    resumed_matches_uninterrupted("online-resume", &[], "final/model.safetensors");
+}
+
+/// The same with a LoRA adapter (`--lora-r`): the run trains and saves the adapter (PEFT), samples from the
+/// base with the adapter on it, and resumes exactly.
+#[test]
+fn online_dpo_with_lora_trains_an_adapter_and_resumes_exactly() {
+    let run = resumed_matches_uninterrupted(
+        "online-lora-resume",
+        &["--lora-r", "4", "--lora-alpha", "8"],
+        "final/adapter_model.safetensors",
+    );
+    assert!(run.join("final/adapter_config.json").is_file() && !run.join("final/model.safetensors").exists());
+    // The adapter moved: the step's update reached the weights the samples come from.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["grad_norm"].as_f64().unwrap() > 0.0, "{last}");
+}
+
+/// Runs online DPO for 4 steps twice, the second resumed from its step-2 checkpoint, and checks both end
+/// alike (`final_file`, the step-4 optimizer and trainer state, the metrics); returns the resumed run.
+fn resumed_matches_uninterrupted(name: &str, flags: &[&str], final_file: &str) -> std::path::PathBuf {
+    let dir = scratch(name);
+    let (rm, prompts) = judge_and_prompts(&dir);
+    let online = |out: &std::path::Path| {
+        let mut c = dpo();
+        c.args(["train", "--online", "--max-steps", "4", "--save-every", "2", "--batch-size", "1"])
+            .args(flags)
+            .args(["--lr", "1e-3", "--online-max-new-tokens", "6", "--model"])
+            .arg(model("gpt2-policy"))
+            .arg("--judge-reward-model")
+            .arg(&rm)
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--output")
+            .arg(out);
+        c
+    };
+    let whole = dir.join("whole");
+    succeeds(&mut online(&whole));
+    assert!(whole.join("online.json").is_file());
+    // The resumed run: the same run, taken back to its step-2 checkpoint (the later ones are set aside).
+    let run = dir.join("run");
+    succeeds(&mut online(&run));
+    let resume = |extra: &[&str]| {
+        let mut c = online(&run);
+        c.args(extra).arg("--resume").arg(run.join("checkpoints/step-2"));
+        c
+    };
+    let before = std::fs::read_to_string(run.join("online.json")).unwrap();
+    fails(&mut resume(&["--online-samples", "3"]), &["samples: was 2, now 3", "same --online flags"]);
+    assert_eq!(std::fs::read_to_string(run.join("online.json")).unwrap(), before);
+    let err = succeeds(&mut resume(&[]));
+    assert!(err.contains("resuming at step 2"), "{err}");
+    for f in [final_file, "checkpoints/step-4/optimizer.safetensors", "checkpoints/step-4/trainer_state.json"] {
+        let (a, b) = (std::fs::read(run.join(f)).unwrap(), std::fs::read(whole.join(f)).unwrap());
+        assert!(a == b, "{f}: the resumed run differs from the uninterrupted one");
+    }
+    let metrics = |r: &std::path::Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().retain(|k, _| !k.contains("per_s") && k != "seconds");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(metrics(&run).len(), 4);
+    assert_eq!(metrics(&run), metrics(&whole));
+    // The first run of the resumed directory went to abandoned/ from step 4 on.
+    assert!(run.join("abandoned").is_dir());
+    run
+}

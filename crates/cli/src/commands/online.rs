@@ -3,13 +3,14 @@
 //! the DPO objective's on those pairs (TRL's `OnlineDPOTrainer`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::bail;
 use dpo::data::prompts::{read_prompts, stop_ids};
 use dpo::rlhf::reward::RewardModel;
-use dpo::train::online::{train_online, OnlineSampling};
+use dpo::train::online::{train_online, OnlineJudge, OnlineSampling};
 use dpo::train::run_dir::model_of;
-use dpo::train::TrainConfig;
+use dpo::train::{RunOptions, TrainConfig};
 
 use super::progress::{written, Progress};
 
@@ -40,10 +41,8 @@ pub struct OnlineFlags {
     pub missing_eos_penalty: Option<f64>,
 }
 
-pub fn run(f: &OnlineFlags, cfg: &TrainConfig, overwrite: bool, resume: bool) -> anyhow::Result<()> {
-    if resume {
-        bail!("--online runs cannot be resumed (their samples would differ from an uninterrupted run's); start again");
-    }
+/// Trains; an interrupted run exits with 130 and says how to resume it (with the same online flags).
+pub fn run(f: &OnlineFlags, cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode> {
     if f.online_samples < 2 {
         bail!("--online-samples must be at least 2 (a pair)");
     }
@@ -69,18 +68,33 @@ pub fn run(f: &OnlineFlags, cfg: &TrainConfig, overwrite: bool, resume: bool) ->
         eos_ids: stop_ids(&model.config, &tok),
         missing_eos_penalty: f.missing_eos_penalty,
     };
-    let judge = |items: &[(&[u32], &[u32])]| rm.score(items).map_err(|e| e.to_string());
+    let score = |items: &[(&[u32], &[u32])]| rm.score(items).map_err(|e| e.to_string());
+    // The judge by its absolute directory: a resume from elsewhere names the same one.
+    let name = std::path::absolute(&rm_dir).unwrap_or(rm_dir.clone()).display().to_string();
+    let judge = OnlineJudge { name: format!("reward model {name}"), score: &score };
     let stop = super::train::stop_flag()?;
     let mut progress = Progress::new().per_step(cfg.batch_size * cfg.grad_accum, "prompts");
-    let out = train_online(cfg, &sampling, &prompts, &judge, overwrite, &stop, &mut |l| progress.line(l));
+    let out = train_online(cfg, &sampling, &prompts, &judge, opts, &stop, &mut |l| progress.line(l));
     progress.finish();
     let out = out.map_err(|e| super::train::with_hint(e, "dpo train --online"))?;
     match out.final_dir {
         Some(d) => {
             eprintln!("done: {} online steps; model written to {}", out.steps, d.display());
             written(&super::train::run_outputs(&cfg.output, cfg.report_to));
+            Ok(ExitCode::SUCCESS)
         }
-        None => eprintln!("interrupted after step {}/{}", out.steps, out.total_steps),
+        None => {
+            let ck = out.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            eprintln!(
+                "interrupted after step {}/{}; checkpoint written to {ck}\nresume with: dpo train --online \
+                 --judge-reward-model {} --prompts {} (and the same --online-* flags) --resume {}",
+                out.steps,
+                out.total_steps,
+                rm_dir.display(),
+                prompts_path.display(),
+                cfg.output.display()
+            );
+            Ok(ExitCode::from(130))
+        }
     }
-    Ok(())
 }

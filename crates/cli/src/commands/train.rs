@@ -490,11 +490,10 @@ pub fn run(mut a: Args, threads: Option<usize>) -> anyhow::Result<ExitCode> {
     a.inputs.data = a.inputs.data.or(a.online.prompts.clone()); // --online: the prompts are the data
     let cfg = resolve(&a.inputs, &a, None)?;
     super::init_threads(threads.or(cfg.threads));
-    if a.online.online {
-        let resume = a.inputs.resume.is_some();
-        return super::online::run(&a.online, &cfg, a.inputs.overwrite, resume).map(|()| ExitCode::SUCCESS);
-    }
     let opts = RunOptions { resume: a.inputs.resume.clone(), overwrite: a.inputs.overwrite };
+    if a.online.online {
+        return super::online::run(&a.online, &cfg, &opts);
+    }
     execute(&cfg, &opts)
 }
 

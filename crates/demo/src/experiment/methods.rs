@@ -84,14 +84,25 @@ impl Ctx<'_> {
         }
     }
 
-    /// Measures every checkpoint a trainer run wrote, oldest first.
+    /// Measures every checkpoint a trainer run wrote, oldest first, and drops their optimizer states.
     pub(super) fn evaluate_checkpoints(&self, run: &Path) -> Result<Vec<Point>, DemoError> {
         let mut points = Vec::new();
         for (step, dir) in checkpoint::list(run) {
             let m = hf::load_model(&dir.join("model"))?;
             points.push(self.evaluator.evaluate(self.world, &m.params, step)?);
         }
+        drop_optimizer_states(run);
         Ok(points)
+    }
+}
+
+/// Deletes the optimizer state of every checkpoint of `run`: the demo reads a checkpoint's model (to
+/// evaluate it, and again for the learned reward model's frontier) but never resumes a run, and with a
+/// real checkpoint (`--model`) the AdamW moments are twice the model's size (1 GB a checkpoint for a
+/// 135M model). Best effort: a file that cannot be removed only costs disk space.
+pub(super) fn drop_optimizer_states(run: &Path) {
+    for (_, dir) in checkpoint::list(run) {
+        let _ = std::fs::remove_file(dir.join("optimizer.safetensors"));
     }
 }
 

@@ -364,11 +364,19 @@ fn run_seed(
     let mut online_vs_offline = Vec::new();
     let mut equal_kl = Vec::new();
     if let Some(rm) = &learned {
-        if plan.online.steps.steps > 0 {
-            log(&format!("[4/5] online DPO beta={} (labels: the learned reward model)", plan.online.beta));
-            let r = online_methods::online_dpo(&ctx, rm, train_prompts, log)?;
+        let run_online = |v: &online_methods::Variant, log: &mut dyn FnMut(&str)| {
+            let steps = v.steps(&plan);
+            let labels = if v.ground_truth { "the ground truth" } else { "the learned reward model" };
+            log(&format!(
+                "[4/5] {} beta={}, {} steps of {} (labels: {labels})",
+                v.method, plan.online.beta, steps.steps, steps.batch
+            ));
+            let r = online_methods::online_dpo(&ctx, rm, v, train_prompts, log)?;
             report_point(&r, log);
-            runs.push(r);
+            Ok::<_, DemoError>(r)
+        };
+        if plan.online.steps.steps > 0 {
+            runs.push(run_online(&online_methods::VARIANTS[0], log)?);
         }
         if plan.iterative.rounds > 0 {
             log(&format!("[4/5] iterative DPO, {} rounds (labels: the learned reward model)", plan.iterative.rounds));
@@ -376,7 +384,14 @@ fn run_seed(
             report_point(&r, log);
             runs.push(r);
         }
-        if runs.iter().any(|r| r.method.contains("Online") || r.method.contains("Iterative")) {
+        take_lap("online and iterative DPO", &mut seconds);
+        // The ablations: which of the labels and the budget keeps online DPO from offline DPO's frontier.
+        if plan.online.steps.steps > 0 && plan.online.ablations {
+            for v in &online_methods::VARIANTS[1..] {
+                runs.push(run_online(v, log)?);
+            }
+        }
+        if runs.iter().any(|r| online_methods::is_online(&r.method)) {
             frontier = online_methods::frontier(&ctx, rm, &runs)?;
             equal_kl = online_comparison(&sft_point, &runs, &frontier);
             online_vs_offline = online_methods::equal_kl_sentences(&equal_kl);
@@ -384,8 +399,8 @@ fn run_seed(
                 log(&format!("      {line}"));
             }
         }
+        take_lap("online DPO ablations, learned-RM frontier", &mut seconds);
     }
-    take_lap("online and iterative DPO", &mut seconds);
 
     // Win rates against the preferred completion of each held-out pair prompt.
     let wr_set = winrates::WinRateSet {
@@ -465,13 +480,14 @@ fn online_comparison(
 ) -> Vec<online_methods::EqualKl> {
     let offline_rm: Vec<&Point> =
         frontier.iter().filter(|(k, _)| k.starts_with("DPO ") || *k == "SFT").flat_map(|(_, v)| v.iter()).collect();
+    let names = online_methods::online_method_names();
     let online_rm: Vec<(&str, &[Point])> =
-        ["Online DPO", "Iterative DPO"].iter().filter_map(|m| frontier.get(*m).map(|v| (*m, &v[..]))).collect();
+        names.iter().filter_map(|m| frontier.get(*m).map(|v| (*m, &v[..]))).collect();
     let offline_gt: Vec<&Point> =
         runs.iter().filter(|r| r.method == "DPO").flat_map(|r| r.points.iter()).chain([sft]).collect();
     let online_gt: Vec<(&str, &[Point])> = runs
         .iter()
-        .filter(|r| r.method == "Online DPO" || r.method == "Iterative DPO")
+        .filter(|r| online_methods::is_online(&r.method))
         .map(|r| (r.method.as_str(), &r.points[..]))
         .collect();
     let mut rows = online_methods::equal_kl("learned reward model", &online_rm, &offline_rm);

@@ -6,6 +6,12 @@
 //! per prompt); iterative DPO `iterative.rounds` rounds of `iterative.steps` steps on pairs sampled from
 //! `iterative.prompts` prompts. Both at the offline runs' learning rate, and at `beta`, one of the
 //! offline betas, so the comparison at equal KL is between the same objective fed differently.
+//!
+//! The ablations (`online.ablations`) isolate the two ways online DPO is fed differently from offline
+//! DPO here: its labels (the learned reward model's, where offline DPO's pairs are ranked by the ground
+//! truth) and its budget (`online.steps` steps of `online.steps.batch` sampled pairs, where offline DPO
+//! takes `dpo.steps` steps of `dpo.batch` pairs). [`VARIANTS`] crosses the two: each variant is online
+//! DPO with the same beta and learning rate, only its judge and its steps changed.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -19,8 +25,8 @@ use super::rlhf_methods::LearnedRm;
 use super::DemoError;
 use dpo::objectives::{LossConfig, LossType};
 use dpo::train::iterative::{iterate, IterativeConfig};
-use dpo::train::online::{train_online, OnlineSampling};
-use dpo::train::{checkpoint, Objective, PairObjective, TrainConfig};
+use dpo::train::online::{train_online, OnlineJudge, OnlineSampling};
+use dpo::train::{checkpoint, Objective, PairObjective, RunOptions, TrainConfig};
 
 /// `{method: [points]}`, the reward the learned reward model's (standardised).
 pub type Frontier = BTreeMap<String, Vec<Point>>;
@@ -55,6 +61,75 @@ fn dpo_config(ctx: &Ctx, name: &str, steps: &Steps, beta: f64) -> TrainConfig {
     }
 }
 
+/// A variant of online DPO: who labels its pairs and whose budget it trains for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Variant {
+    /// The method's name in the report.
+    pub method: &'static str,
+    /// Its run directory under `runs/`.
+    pub dir: &'static str,
+    /// Labels by the ground truth (the offline pairs' ranking) instead of the learned reward model.
+    pub ground_truth: bool,
+    /// `dpo.steps` steps of `dpo.batch` prompts (one sampled pair each), the offline DPO runs' pair-steps,
+    /// instead of the online plan's steps.
+    pub offline_budget: bool,
+}
+
+/// Online DPO as the plan runs it, then the ablations (run when `online.ablations` is set).
+pub const VARIANTS: [Variant; 4] = [
+    Variant { method: "Online DPO", dir: "online-dpo", ground_truth: false, offline_budget: false },
+    Variant {
+        method: "Online DPO (GT labels)",
+        dir: "online-dpo-gt-labels",
+        ground_truth: true,
+        offline_budget: false,
+    },
+    Variant {
+        method: "Online DPO (offline budget)",
+        dir: "online-dpo-offline-budget",
+        ground_truth: false,
+        offline_budget: true,
+    },
+    Variant {
+        method: "Online DPO (GT labels, offline budget)",
+        dir: "online-dpo-gt-labels-offline-budget",
+        ground_truth: true,
+        offline_budget: true,
+    },
+];
+
+/// Every online method's name: the online DPO variants, then iterative DPO.
+pub fn online_method_names() -> Vec<&'static str> {
+    VARIANTS.iter().map(|v| v.method).chain(["Iterative DPO"]).collect()
+}
+
+/// Whether `method` is one of the online methods (compared with offline DPO at equal KL).
+pub fn is_online(method: &str) -> bool {
+    online_method_names().contains(&method)
+}
+
+impl Variant {
+    /// The variant's steps: the online plan's, or offline DPO's count and batch at the online learning rate
+    /// (the same as offline DPO's in every plan) with offline DPO's evaluation points.
+    pub fn steps(&self, plan: &super::plan::Plan) -> Steps {
+        let o = &plan.online.steps;
+        if self.offline_budget {
+            Steps { steps: plan.dpo.steps, batch: plan.dpo.batch, evals: plan.dpo.evals, lr: o.lr }
+        } else {
+            o.clone()
+        }
+    }
+}
+
+/// The judge as the run records it.
+fn judge_name(ground_truth: bool) -> &'static str {
+    if ground_truth {
+        "the demo's ground truth (VADER)"
+    } else {
+        "the demo's learned reward model"
+    }
+}
+
 fn sampling(ctx: &Ctx, samples: usize) -> OnlineSampling {
     OnlineSampling {
         samples,
@@ -65,27 +140,35 @@ fn sampling(ctx: &Ctx, samples: usize) -> OnlineSampling {
     }
 }
 
-/// Online DPO from the SFT model on the training prompts, measured at its checkpoints.
+/// Online DPO (one [`Variant`]) from the SFT model on the training prompts, measured at its checkpoints.
 pub fn online_dpo(
     ctx: &Ctx,
     rm: &LearnedRm,
+    variant: &Variant,
     prompts: &[Vec<u32>],
     log: &mut dyn FnMut(&str),
 ) -> Result<MethodRun, DemoError> {
     let p = &ctx.plan.online;
-    let cfg = dpo_config(ctx, "online-dpo", &p.steps, p.beta);
-    let judge = |items: &[(&[u32], &[u32])]| rm.rewards(items).map_err(|e| e.to_string());
+    let steps = variant.steps(ctx.plan);
+    let cfg = dpo_config(ctx, variant.dir, &steps, p.beta);
+    let judge = |items: &[(&[u32], &[u32])]| {
+        let scores = if variant.ground_truth { ctx.world.ground_truth_all(items) } else { rm.rewards(items) };
+        scores.map_err(|e| e.to_string())
+    };
     let t = Instant::now();
-    let o = train_online(&cfg, &sampling(ctx, p.samples), prompts, &judge, true, ctx.stop, log)?;
+    let judge = OnlineJudge { name: judge_name(variant.ground_truth).into(), score: &judge };
+    let opts = RunOptions { overwrite: true, resume: None };
+    let o = train_online(&cfg, &sampling(ctx, p.samples), prompts, &judge, &opts, ctx.stop, log)?;
     if o.interrupted {
         return Err(DemoError::Interrupted);
     }
     let train_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let points = ctx.evaluate_checkpoints(&cfg.output)?;
+    let labels = if variant.ground_truth { "ground truth" } else { "learned reward model" };
     Ok(MethodRun {
-        method: "Online DPO".into(),
-        setting: format!("beta={}", p.beta),
+        method: variant.method.into(),
+        setting: format!("beta={}, {} steps of {}, labels: {labels}", p.beta, steps.steps, steps.batch),
         points,
         train_s,
         eval_s: t.elapsed().as_secs_f64(),
@@ -108,7 +191,7 @@ pub fn iterative_dpo(
         rounds: p.rounds,
         move_reference: p.move_reference,
         sampling: sampling(ctx, p.samples),
-        judge: "the demo's learned reward model".into(),
+        judge: judge_name(false).into(),
     };
     let judge = |items: &[(&[u32], &[u32])]| rm.rewards(items).map_err(|e| e.to_string());
     let prompts = &prompts[..p.prompts.min(prompts.len())];
@@ -121,6 +204,7 @@ pub fn iterative_dpo(
     let t = Instant::now();
     let mut points = Vec::new();
     for (round, dir) in o.finals.iter().enumerate() {
+        super::methods::drop_optimizer_states(&dpo::train::iterative::round_dir(&out, round + 1).join("run"));
         let m = hf::load_model(dir)?;
         points.push(ctx.evaluator.evaluate(ctx.world, &m.params, (round + 1) as u64 * p.steps.steps)?);
     }
@@ -142,7 +226,7 @@ pub fn frontier(ctx: &Ctx, rm: &LearnedRm, runs: &[MethodRun]) -> Result<Frontie
     let score = |items: &[(&[u32], &[u32])]| rm.rewards(items);
     // Every run's start, KL 0.
     f.insert("SFT".into(), vec![ctx.evaluator.evaluate_by(ctx.world, &ctx.world.reference, 0, &score)?]);
-    for r in runs.iter().filter(|r| ["DPO", "Online DPO", "Iterative DPO"].contains(&r.method.as_str())) {
+    for r in runs.iter().filter(|r| r.method == "DPO" || is_online(&r.method)) {
         let Some(dir) = &r.dir else { continue };
         let dir = ctx.out.join(dir);
         let mut models: Vec<(u64, std::path::PathBuf)> =
@@ -212,6 +296,25 @@ mod tests {
 
     fn pt(kl: f64, reward: f64) -> Point {
         Point { step: 1, kl, reward, reward_se: 0.01, length: 10.0 }
+    }
+
+    /// The ablations change only the judge and the steps: the offline budget is offline DPO's steps and
+    /// batch (and evaluation points), at online DPO's learning rate.
+    #[test]
+    fn variants_change_one_thing_each() {
+        let plan = super::super::plan::Plan::full();
+        let [base, gt, budget, both] = VARIANTS;
+        assert_eq!(base.steps(&plan).steps, plan.online.steps.steps);
+        assert_eq!(gt.steps(&plan).steps, plan.online.steps.steps);
+        assert!(gt.ground_truth && !base.ground_truth && !budget.ground_truth && both.ground_truth);
+        for v in [budget, both] {
+            let s = v.steps(&plan);
+            assert_eq!(
+                (s.steps, s.batch, s.evals, s.lr),
+                (plan.dpo.steps, plan.dpo.batch, plan.dpo.evals, plan.online.steps.lr)
+            );
+        }
+        assert!(is_online("Online DPO (GT labels, offline budget)") && is_online("Iterative DPO") && !is_online("DPO"));
     }
 
     #[test]

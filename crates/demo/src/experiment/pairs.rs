@@ -57,7 +57,7 @@ pub fn sample_pairs(
     let mut preferred = Vec::with_capacity(prompts.len());
     for (p, prompt) in prompts.iter().enumerate() {
         let base = p * k;
-        if let Some(best) = (base..base + k).reduce(|b, i| if rewards[i] > rewards[b] { i } else { b }) {
+        if let Some(best) = dpo::rlhf::best_of_n::first_best(&rewards[base..base + k]).map(|i| base + i) {
             preferred.push((gens[best].tokens.clone(), rewards[best]));
         }
         for i in 0..k {

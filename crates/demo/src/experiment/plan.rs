@@ -54,6 +54,10 @@ pub struct OnlinePlan {
     /// `batch` prompts per step, `samples` completions each (one pair per prompt).
     pub steps: Steps,
     pub samples: usize,
+    /// Also run the ablations of `online_methods::VARIANTS`: online DPO labelled by the ground truth, and
+    /// online DPO for offline DPO's pair-steps (`dpo.steps` x `dpo.batch`), each label source at each budget.
+    #[serde(default)]
+    pub ablations: bool,
 }
 
 /// Iterative DPO (`dpo iterate`), labelled by the learned reward model.
@@ -144,7 +148,12 @@ impl Plan {
                 evals: 3,
             },
             bon_ns: vec![1, 2, 4, 8, 16, 32, 64, 128],
-            online: OnlinePlan { beta: 0.5, steps: Steps { lr: 2e-4, batch: 32, steps: 60, evals: 3 }, samples: 2 },
+            online: OnlinePlan {
+                beta: 0.5,
+                steps: Steps { lr: 2e-4, batch: 32, steps: 60, evals: 3 },
+                samples: 2,
+                ablations: true,
+            },
             iterative: IterativePlan {
                 beta: 0.5,
                 rounds: 3,
@@ -187,7 +196,12 @@ impl Plan {
                 ..f.ppo.clone()
             },
             bon_ns: vec![1, 4, 16],
-            online: OnlinePlan { beta: 0.5, steps: Steps { lr: 2e-4, batch: 16, steps: 16, evals: 2 }, samples: 2 },
+            online: OnlinePlan {
+                beta: 0.5,
+                steps: Steps { lr: 2e-4, batch: 16, steps: 16, evals: 2 },
+                samples: 2,
+                ablations: false,
+            },
             iterative: IterativePlan {
                 rounds: 2,
                 prompts: 64,
@@ -206,8 +220,12 @@ impl Plan {
         let scale = |s: &Steps, steps: u64| Steps { steps, evals: 1, ..s.clone() };
         Plan {
             name: if quick { "model-quick" } else { "model" }.into(),
-            train_prompts: base.train_prompts.min(96),
-            heldout_pair_prompts: base.heldout_pair_prompts.min(32),
+            // 10 steps of 8 pairs need no more than 48 prompts' pairs (up to 6 per prompt).
+            train_prompts: base.train_prompts.min(if quick { 48 } else { 96 }),
+            // The held-out pair prompts are also the win-rate prompts: the quick plan samples every policy
+            // on 16 of them, at 4 temperatures, so that it finishes in minutes on a 135M checkpoint.
+            heldout_pair_prompts: base.heldout_pair_prompts.min(if quick { 16 } else { 32 }),
+            win_rate_temperatures: if quick { vec![0.0, 0.25, 0.5, 1.0] } else { base.win_rate_temperatures.clone() },
             eval_prompts: base.eval_prompts.min(32),
             eval_samples: 2,
             max_new_tokens: 32,
@@ -217,9 +235,10 @@ impl Plan {
             unlikelihood: Steps { lr: 1e-5, batch: 8, ..scale(&base.unlikelihood, if quick { 10 } else { 40 }) },
             reward_model: Steps { lr: 1e-5, batch: 8, ..scale(&base.reward_model, if quick { 10 } else { 40 }) },
             ppo: PpoPlan { kl_coefs_learned: vec![], kl_coefs_true: vec![], ..base.ppo.clone() },
-            bon_ns: vec![1, 4, 16],
+            bon_ns: if quick { vec![1, 4, 8] } else { vec![1, 4, 16] },
             online: OnlinePlan {
                 steps: Steps { lr: 2e-5, batch: 8, ..scale(&base.online.steps, if quick { 4 } else { 16 }) },
+                ablations: false,
                 ..base.online.clone()
             },
             iterative: IterativePlan {
@@ -264,6 +283,7 @@ impl Plan {
         }
         if off("online") {
             self.online.steps.steps = 0;
+            self.online.ablations = false;
         }
         if off("iterative") {
             self.iterative.rounds = 0;

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::evaluate::Point;
 use super::methods::MethodRun;
-use super::online_methods::{EqualKl, Frontier};
+use super::online_methods::{EqualKl, Frontier, Variant, VARIANTS};
 use super::plan::Plan;
 use super::seeds::{AcrossSeeds, SeedResult};
 use super::winrates::{VsChosen, VsTemperature};
@@ -379,6 +379,55 @@ impl Report {
         s += "\nAt equal KL (each online point against offline DPO's best point with no more KL, the SFT model at KL 0 included):\n\n";
         for line in &self.online_vs_offline {
             let _ = writeln!(s, "- {line}");
+        }
+        s += &self.ablation_markdown();
+        s
+    }
+
+    /// The online DPO ablations: each variant's final point against offline DPO at equal KL (ground truth).
+    fn ablation_markdown(&self) -> String {
+        let mut s = String::new();
+        let variants: Vec<&Variant> =
+            VARIANTS.iter().filter(|v| self.runs.iter().any(|r| r.method == v.method)).collect();
+        if variants.len() < 2 {
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\n### Why online DPO is where it is: ablations\n\nOnline DPO as above, with one thing changed at a \
+             time: the labels (the ground truth, which ranks offline DPO's pairs, instead of the learned reward \
+             model) and the budget (offline DPO's {} steps of {} pairs instead of online DPO's {} steps of {}). \
+             Same beta ({}), learning rate ({}), samples per prompt and prompts; offline DPO keeps its sweep of \
+             every beta. Each variant's final point against offline DPO's best point with no more KL, by the \
+             ground truth (± two standard errors of the evaluation noise):\n",
+            self.plan.dpo.steps,
+            self.plan.dpo.batch,
+            self.plan.online.steps.steps,
+            self.plan.online.steps.batch,
+            self.plan.online.beta,
+            self.plan.online.steps.lr,
+        );
+        s += "| variant | labels | steps x prompts | KL | reward | offline DPO at no more KL | difference |\n";
+        s += "| --- | --- | --- | ---: | ---: | --- | ---: |\n";
+        for v in variants {
+            let steps = v.steps(&self.plan);
+            let Some(row) = self.equal_kl.iter().rfind(|r| r.method == v.method && r.judge == "ground truth") else {
+                continue;
+            };
+            let (offline, diff) = match (row.offline_kl, row.offline_reward, row.difference, row.two_se) {
+                (Some(k), Some(r), Some(d), Some(se)) => (format!("{r:.3} at KL {k:.2}"), format!("{d:+.3} ± {se:.3}")),
+                _ => ("none".into(), "-".into()),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} x {} | {:.2} | {:.3} | {offline} | {diff} |",
+                v.method,
+                if v.ground_truth { "ground truth" } else { "learned reward model" },
+                steps.steps,
+                steps.batch,
+                row.kl,
+                row.reward
+            );
         }
         s
     }

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::evaluate::std_err;
-use super::online_methods::EqualKl;
+use super::online_methods::{online_method_names, EqualKl};
 use super::report::Report;
 use dpo::winrate::mean_interval;
 
@@ -89,13 +89,27 @@ fn orderings_tested(bon: &str) -> Vec<(String, String, &'static str)> {
         ("DPO".into(), "PPO".into(), "best_reward"),
         ("DPO".into(), "PPO-GT".into(), "best_reward"),
     ];
-    for m in ["Online DPO", "Iterative DPO"] {
+    for m in online_method_names() {
         for judge in ["ground truth", "learned reward model"] {
             v.push((m.into(), "offline DPO".into(), equal_kl_metric(judge)));
         }
     }
+    // The ablations against each other (ground truth): each contrast changes one thing, the labels or the
+    // budget, so its difference is that cause's share of online DPO's gap to offline DPO at equal KL.
+    let gt = equal_kl_metric("ground truth");
+    for (a, b) in ABLATION_CONTRASTS {
+        v.push((a.to_string(), b.to_string(), gt));
+    }
     v
 }
+
+/// (A, B): A is B with one cause of the online-offline difference removed.
+pub const ABLATION_CONTRASTS: [(&str, &str); 4] = [
+    ("Online DPO (GT labels)", "Online DPO"),
+    ("Online DPO (offline budget)", "Online DPO"),
+    ("Online DPO (GT labels, offline budget)", "Online DPO (offline budget)"),
+    ("Online DPO (GT labels, offline budget)", "Online DPO (GT labels)"),
+];
 
 fn equal_kl_metric(judge: &str) -> &'static str {
     if judge == "ground truth" {
@@ -132,7 +146,7 @@ pub fn summarize(report: &Report, dir: String) -> SeedResult {
         put(m, "best_win_rate_vs_temperature", best);
     }
     // Each online method's final point against offline DPO's best with no more KL.
-    for m in ["Online DPO", "Iterative DPO"] {
+    for m in online_method_names() {
         for judge in ["ground truth", "learned reward model"] {
             let last = report.equal_kl.iter().rfind(|r| r.method == m && r.judge == judge);
             if let Some(EqualKl { difference: Some(d), offline_kl: Some(kl), .. }) = last {
@@ -369,5 +383,46 @@ mod tests {
         assert_eq!(online.beyond_interval, "no ordering");
         // Orderings whose methods no seed measured are left out.
         assert!(!r.orderings.iter().any(|o| o.b == "PPO-GT"));
+    }
+
+    /// The ablations: each variant against offline DPO is its own equal-KL difference; a contrast between
+    /// two variants is the per-seed difference of those differences. By hand: GT labels - learned labels
+    /// at the online budget, per seed 0.05 - (-0.02) = 0.07, 0.04 - (-0.04) = 0.08, 0.07 - 0.01 = 0.06:
+    /// mean 0.07, s = 0.01, s.e. 0.005774, beyond two s.e. and beyond the t interval (half-width 0.024841).
+    #[test]
+    fn ablation_contrasts_are_differences_of_equal_kl_differences() {
+        let gt = "final_minus_offline_at_equal_kl (ground truth)";
+        let seeds: Vec<SeedResult> = [(-0.02, 0.05, 0.00), (-0.04, 0.04, 0.01), (0.01, 0.07, -0.01)]
+            .iter()
+            .zip(1..)
+            .map(|(&(online, gt_labels, budget), k)| {
+                seed(
+                    k,
+                    &[
+                        ("Online DPO", gt, online),
+                        ("Online DPO (GT labels)", gt, gt_labels),
+                        ("Online DPO (offline budget)", gt, budget),
+                    ],
+                )
+            })
+            .collect();
+        let r = aggregate(&seeds);
+        let find = |a: &str, b: &str| r.orderings.iter().find(|o| o.a == a && o.b == b && o.metric == gt).unwrap();
+        let labels = find("Online DPO (GT labels)", "Online DPO");
+        for (v, want) in labels.difference.values.iter().zip([0.07, 0.08, 0.06]) {
+            close(*v, want);
+        }
+        close(labels.difference.mean, 0.07);
+        close(labels.difference.se, 0.01 / 3f64.sqrt());
+        assert_eq!(labels.beyond_interval, "Online DPO (GT labels) ahead");
+        assert_eq!(labels.beyond_two_se, "Online DPO (GT labels) ahead");
+        // The variant against offline DPO: its own values, 0.05, 0.04, 0.07, ahead beyond the interval.
+        let vs_offline = find("Online DPO (GT labels)", "offline DPO");
+        assert_eq!(vs_offline.difference.values, vec![0.05, 0.04, 0.07]);
+        assert_eq!(vs_offline.beyond_interval, "Online DPO (GT labels) ahead");
+        let budget = find("Online DPO (offline budget)", "Online DPO");
+        close(budget.difference.mean, (0.02 + 0.05 - 0.02) / 3.0);
+        // The variant not run (GT labels at the offline budget) has no ordering.
+        assert!(!r.orderings.iter().any(|o| o.a == "Online DPO (GT labels, offline budget)"));
     }
 }

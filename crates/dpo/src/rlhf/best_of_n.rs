@@ -66,10 +66,21 @@ pub fn best_of_n<E>(
         if let Some(sample) = scores.iter().position(|s| s.is_nan()) {
             return Err(BestOfNError::NotANumber { prompt, sample });
         }
-        let index = (0..n).fold(0, |best, i| if scores[i] > scores[best] { i } else { best });
+        let index = first_best(scores).unwrap_or(0);
         out.push(BestOfN { best: samples[index].clone(), index, score: scores[index], scores: scores.to_vec() });
     }
     Ok(out)
+}
+
+/// The index of the first highest score (ties go to the earlier sample; `None` for none): Best-of-N's
+/// pick, online DPO's chosen completion, the demo's preferred one.
+pub fn first_best(scores: &[f64]) -> Option<usize> {
+    (0..scores.len()).reduce(|best, i| if scores[i] > scores[best] { i } else { best })
+}
+
+/// The index of the last lowest score (ties go to the later sample): online DPO's rejected completion.
+pub fn last_worst(scores: &[f64]) -> Option<usize> {
+    (0..scores.len()).rev().reduce(|worst, i| if scores[i] < scores[worst] { i } else { worst })
 }
 
 /// The KL divergence of the Best-of-N policy from the policy it samples, `log n - (n - 1) / n` nats
@@ -176,6 +187,15 @@ mod tests {
         let err = best_of_n(&m, (&p).into(), &prompts, 2, &s, &mut failing, &mut Rng::new(0)).unwrap_err();
         assert_eq!(err.to_string(), "scoring completions: no reward model");
         assert!(best_of_n(&m, (&p).into(), &[vec![]], 2, &s, &mut reward, &mut Rng::new(0)).is_err(), "empty prompt");
+    }
+
+    /// Ties: the first highest, the last lowest; nothing for no scores.
+    #[test]
+    fn first_best_and_last_worst_break_ties_by_position() {
+        assert_eq!(first_best(&[0.1, 0.7, 0.7, 0.1]), Some(1));
+        assert_eq!(last_worst(&[0.1, 0.7, 0.7, 0.1]), Some(3));
+        assert_eq!((first_best(&[0.5, 0.5]), last_worst(&[0.5, 0.5])), (Some(0), Some(1)));
+        assert_eq!((first_best(&[]), last_worst(&[])), (None, None));
     }
 
     #[test]

@@ -130,10 +130,25 @@ const NOT_COMPARED: [&str; 10] = [
 
 /// What every round of a run shares, as `iterate.json` holds it: one flat object.
 fn settings(base: &TrainConfig, it: &IterativeConfig, prompts: &[Vec<u32>]) -> Value {
+    let mut v = sampled_run_settings(base, &it.sampling, &it.judge, prompts);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("move_reference".into(), json!(it.move_reference));
+    }
+    v
+}
+
+/// The settings that decide the numbers of a run that samples its pairs (online or iterative DPO): the
+/// training configuration's (less where it writes and how often it logs), the sampling, the judge and a
+/// hash of the prompts; one flat object.
+pub(super) fn sampled_run_settings(
+    base: &TrainConfig,
+    s: &super::online::OnlineSampling,
+    judge: &str,
+    prompts: &[Vec<u32>],
+) -> Value {
     let mut v = serde_json::to_value(base.to_raw()).expect("the configuration serialises");
     let o = v.as_object_mut().expect("a table");
     o.retain(|k, val| !NOT_COMPARED.contains(&k.as_str()) && !val.is_null());
-    let s = &it.sampling;
     let mut h = Sha256::new();
     for p in prompts {
         h.update((p.len() as u64).to_le_bytes());
@@ -141,13 +156,12 @@ fn settings(base: &TrainConfig, it: &IterativeConfig, prompts: &[Vec<u32>]) -> V
     }
     let hash: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
     for (k, val) in [
-        ("move_reference", json!(it.move_reference)),
         ("samples", json!(s.samples)),
         ("max_new_tokens", json!(s.max_new_tokens)),
         ("temperature", json!(s.temperature)),
         ("eos_ids", json!(s.eos_ids)),
         ("missing_eos_penalty", json!(s.missing_eos_penalty)),
-        ("judge", json!(it.judge)),
+        ("judge", json!(judge)),
         ("prompts", json!(format!("{} prompts, sha256 {hash}", prompts.len()))),
     ] {
         o.insert(k.into(), val);
@@ -158,12 +172,23 @@ fn settings(base: &TrainConfig, it: &IterativeConfig, prompts: &[Vec<u32>]) -> V
 /// Refuses `now` when `OUTPUT/iterate.json` holds other settings, naming each that changed; writes it
 /// when absent (a run from before the file existed is not checked, only recorded).
 fn check_settings(output: &Path, now: &Value) -> Result<(), TrainError> {
-    let file = output.join("iterate.json");
-    let out_err = |msg: String| TrainError::Output { path: file.clone(), msg };
-    let Ok(text) = std::fs::read_to_string(&file) else {
+    check_recorded(
+        &output.join("iterate.json"),
+        now,
+        "its rounds were run with other settings",
+        "resume or extend it with the same settings (only --rounds may change)",
+    )
+}
+
+/// Refuses `now` when `file` records other settings, naming each that changed (`what`, then `how` to go
+/// on); writes `file` when absent.
+pub(super) fn check_recorded(file: &Path, now: &Value, what: &str, how: &str) -> Result<(), TrainError> {
+    let output = file.parent().unwrap_or(Path::new("."));
+    let out_err = |msg: String| TrainError::Output { path: file.to_path_buf(), msg };
+    let Ok(text) = std::fs::read_to_string(file) else {
         std::fs::create_dir_all(output).map_err(|e| out_err(e.to_string()))?;
         let text = serde_json::to_string_pretty(now).expect("settings serialise");
-        return crate::io::write_atomic(&file, text.as_bytes()).map_err(|e| out_err(e.to_string()));
+        return crate::io::write_atomic(file, text.as_bytes()).map_err(|e| out_err(e.to_string()));
     };
     let saved: Value = serde_json::from_str(&text).map_err(|e| out_err(format!("unreadable ({e})")))?;
     let (Some(was), Some(is)) = (saved.as_object(), now.as_object()) else {
@@ -182,8 +207,7 @@ fn check_settings(output: &Path, now: &Value) -> Result<(), TrainError> {
         return Ok(());
     }
     Err(TrainError::Invalid(format!(
-        "{}: its rounds were run with other settings ({}); resume or extend it with the same settings \
-         (only --rounds may change), or write the new run to another output",
+        "{}: {what} ({}); {how}, or write the new run to another output",
         output.display(),
         changed.join("; ")
     )))

@@ -21,17 +21,19 @@ use std::sync::Arc;
 
 use engine::generate::{generate, Generation, SamplingConfig};
 use engine::model::{Grads, Model};
-use engine::optim::Optimizer;
 use engine::rng::Rng;
 use engine::Decoder;
 
-use super::checkpoint::{self, TrainerState};
+use super::checkpoint;
+use super::lora::LoraRun;
 use super::pairs::{pair_batch, BatchOutcome, PairObjective, Workspace};
 use super::reference::{Reference, ReferenceModel};
-use super::run_dir::{RunDir, StartMode};
+use super::run_dir::RunDir;
+use super::setup::RunOptions;
 use super::train_loop::{TrainOutcome, Trainer};
 use super::{Objective, TrainConfig, TrainError, Trained, Workload};
 use crate::data::{Example, Packing};
+use crate::rlhf::best_of_n::{first_best, last_worst};
 
 /// Scores `(prompt, completion)` token sequences, higher is better: a reward model, an implicit reward,
 /// a ground truth.
@@ -68,12 +70,10 @@ pub fn label_pairs(
         .collect();
     let mut pairs = Vec::with_capacity(prompts.len());
     for (p, (group, s)) in gens.chunks_exact(samples).zip(scores.chunks_exact(samples)).enumerate() {
-        let best = (1..samples).fold(0, |b, i| if s[i] > s[b] { i } else { b });
-        let worst = (0..samples).rev().filter(|&i| i != best).fold(None, |w: Option<usize>, i| match w {
-            Some(w) if s[w] <= s[i] => Some(w),
-            _ => Some(i),
-        });
-        let Some(worst) = worst else { continue };
+        let Some(best) = first_best(s) else { continue };
+        // The last lowest: never the first highest with two samples or more (all equal: the last one, as
+        // TRL's s0 >= s1 makes sample 1 the rejected one).
+        let Some(worst) = last_worst(s).filter(|&w| w != best) else { continue };
         pairs.push(Example::new(
             format!("online prompt {p} samples {best}/{worst}"),
             prompts[p].to_vec(),
@@ -83,6 +83,9 @@ pub fn label_pairs(
     }
     (pairs, scores)
 }
+
+/// The file in an online run's directory that records what decides its samples (see [`train_online`]).
+pub const ONLINE_JSON: &str = "online.json";
 
 /// Prompts under online DPO, a workload of the training loop.
 pub struct OnlineDpoWorkload<'a> {
@@ -161,61 +164,100 @@ impl Workload for OnlineDpoWorkload<'_> {
     }
 }
 
+/// The judge of an online run: what scores the samples, and what it is (a reward model's directory,
+/// say), recorded in `online.json` so that a resume keeps it.
+pub struct OnlineJudge<'a> {
+    pub name: String,
+    pub score: &'a JudgeFn<'a>,
+}
+
 /// Online DPO from `cfg.model` (every weight trained; the reference `cfg.ref_model` or the model
 /// itself) over `prompts`, `cfg.batch_size` prompts per micro-batch, for `cfg.max_steps` steps (or
 /// `cfg.epochs` passes over the prompts), scored by `judge`. The run directory is written as `dpo
-/// train` writes it; `overwrite` replaces a run there. An interrupted run keeps its checkpoint; a
-/// resumed online run is not supported (its samples would not be those of an uninterrupted run).
+/// train` writes it (`opts.overwrite` replaces a run there), with `online.json`, the settings that decide
+/// its samples. An interrupted run keeps its checkpoint, and `opts.resume` continues it: a step's samples
+/// depend only on the run's seed, the step and the weights, so the resumed run ends with the weights of
+/// an uninterrupted one; a resume that changes the sampling, the judge or the prompts is refused.
 pub fn train_online(
     cfg: &TrainConfig,
     sampling: &OnlineSampling,
     prompts: &[Vec<u32>],
-    judge: &JudgeFn,
-    overwrite: bool,
+    judge: &OnlineJudge,
+    opts: &RunOptions,
     stop: &AtomicBool,
     log: &mut dyn FnMut(&str),
 ) -> Result<TrainOutcome, TrainError> {
     let Objective::Pairs(objective) = &cfg.objective else {
         return Err(TrainError::Invalid("online DPO trains a pair objective (the DPO family)".into()));
     };
-    if cfg.lora.any() || cfg.adapter.is_some() {
-        return Err(TrainError::Invalid("online DPO trains every weight; LoRA is not supported here".into()));
+    if cfg.base_storage != engine::quant::Storage::F32 {
+        return Err(TrainError::Invalid(
+            "online DPO samples from an f32 base; a stored (bf16/NF4) base is not supported here".into(),
+        ));
     }
     if prompts.is_empty() {
         return Err(TrainError::Invalid("online DPO needs at least one prompt".into()));
     }
+    if let Some(resume) = &opts.resume {
+        let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        super::run_dir::check_kept_settings(resume, &now)?;
+    }
+    // A LoRA run (--lora-r, or --adapter to go on training one) trains an adapter on the frozen model, as
+    // `dpo train` does: the samples come from the base with the adapter as it is now.
+    let mut cfg = cfg.clone();
+    let model_cfg = hf::load_config(&cfg.model)?;
+    let lora = LoraRun::prepare(&mut cfg, &model_cfg)?;
+    let cfg = &cfg;
     let model = hf::load_model(&cfg.model)?;
+    let start = super::setup::start_point(cfg, opts, &model, lora.as_ref(), log)?;
     let ref_dir = cfg.ref_model.clone().unwrap_or_else(|| cfg.model.clone());
-    let reference = if ref_dir == cfg.model {
-        let held = ReferenceModel::new(Decoder::new(model.config.decoder.clone()), model.params.clone(), cfg.precision)
-            .map_err(|e| TrainError::Invalid(format!("the reference: {e}")))?;
-        Reference::Model(Arc::new(held))
-    } else {
-        Reference::load(&ref_dir, &model.config, None, cfg.precision)?
+    let reference = match &lora {
+        // The reference is the base with the starting adapter (none, or --adapter's), read from the policy.
+        Some(l) if cfg.ref_model.is_none() => Reference::PolicyBase(l.start.clone()),
+        _ if ref_dir == cfg.model => {
+            let decoder = Decoder::new(model.config.decoder.clone());
+            let held = ReferenceModel::new(decoder, model.params.clone(), cfg.precision)
+                .map_err(|e| TrainError::Invalid(format!("the reference: {e}")))?;
+            Reference::Model(Arc::new(held))
+        }
+        _ => Reference::load(&ref_dir, &model.config, None, cfg.precision)?,
     };
     let workload = OnlineDpoWorkload {
         prompts,
         reference: &reference,
         objective,
-        judge,
+        judge: judge.score,
         sampling: sampling.clone(),
         packing: if cfg.prefix_sharing { Packing::SharedPrompt } else { Packing::Separate },
         seed: cfg.seed,
         last_pairs: RefCell::new(Vec::new()),
     };
-    let mode = if overwrite { StartMode::Overwrite } else { StartMode::Fresh };
-    let mut dir = RunDir::open(&cfg.output, mode, log)?;
+    let mut dir = RunDir::open(&cfg.output, opts.start_mode(), log)?;
+    let record = super::iterative::sampled_run_settings(cfg, sampling, &judge.name, prompts);
+    let resumed_at = start.resumed.as_ref().map(|_| start.state.step);
+    if resumed_at.is_none() {
+        let _ = std::fs::remove_file(cfg.output.join(ONLINE_JSON));
+    }
+    super::iterative::check_recorded(
+        &cfg.output.join(ONLINE_JSON),
+        &record,
+        "its steps were sampled with other settings",
+        "resume it with the same --online flags, judge and prompts",
+    )?;
+    if let Some(step) = resumed_at {
+        dir.abandon_after(step, log)?;
+    }
     dir.write_config(&cfg.to_toml())?;
-    let mut metrics = dir.metrics_to(None, cfg.report_to)?;
-    let trained = Trained::Full(model.params.clone());
-    let optimizer = Optimizer::new(cfg.optimizer_config(), &trained);
-    let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
+    let mut metrics = dir.metrics_to(resumed_at, cfg.report_to)?;
     let decoder = Decoder::new(model.config.decoder.clone());
-    let mut t = Trainer::new(cfg, decoder, trained, None, optimizer, state, prompts.len())?;
+    let base = lora.as_ref().map(|_| super::setup::base_model(&model, None, None, cfg.precision));
+    let mut t = Trainer::new(cfg, decoder, start.trained, base, start.optimizer, start.state, prompts.len())?;
     let total = t.total;
     let output = cfg.output.clone();
+    let lora_cfg = lora.as_ref().map(|l| &l.config);
     let save = |dir: &mut RunDir, t: &Trainer| -> Result<std::path::PathBuf, TrainError> {
-        let p = checkpoint::save(&output, &model.config, &t.trained, None, &cfg.model, &t.optimizer, &t.state, total)?;
+        let (opt, state) = (&t.optimizer, &t.state);
+        let p = checkpoint::save(&output, &model.config, &t.trained, lora_cfg, &cfg.model, opt, state, total)?;
         checkpoint::prune(&output, cfg.save_total_limit);
         dir.started();
         Ok(p)
@@ -263,14 +305,25 @@ pub fn train_online(
     }
     let checkpoint = save(&mut dir, &t)?;
     let final_dir = output.join("final");
-    let Trained::Full(params) = &t.trained else {
-        return Err(TrainError::Invalid("online DPO trained an adapter".into()));
-    };
-    hf::save_model(&final_dir, &model.config, params, Some(&cfg.model)).map_err(|e| TrainError::FinalWrite {
+    let final_error = |e: hf::Error| TrainError::FinalWrite {
         message: e.to_string(),
         checkpoint: checkpoint.clone(),
         output: output.clone(),
-    })?;
+    };
+    match (&t.trained, lora_cfg) {
+        (Trained::Full(params), _) => {
+            hf::save_model(&final_dir, &model.config, params, Some(&cfg.model)).map_err(final_error)?
+        }
+        (Trained::Adapter(adapter), Some(config)) => {
+            hf::peft::save_adapter(&final_dir, config, adapter, &model.config).map_err(final_error)?;
+            if cfg.merge {
+                let merged = output.join(super::MERGED_DIR);
+                hf::peft::save_merged(&merged, &model, adapter).map_err(final_error)?;
+                log(&format!("merged model written to {}", merged.display()));
+            }
+        }
+        (Trained::Adapter(_), None) => return Err(TrainError::Invalid("an adapter with no LoRA configuration".into())),
+    }
     dir.started();
     Ok(TrainOutcome {
         steps: total,
@@ -283,9 +336,11 @@ pub fn train_online(
 
 #[cfg(test)]
 mod tests {
+    use engine::optim::Optimizer;
     use engine::presets::init_random;
     use engine::{DecoderConfig, Dims, Params};
 
+    use super::checkpoint::TrainerState;
     use super::*;
     use crate::objectives::{LossConfig, LossType};
     use crate::train::PairWorkload;

@@ -329,7 +329,7 @@ fn refuse_inputs_inside(cfg: &TrainConfig) -> Result<(), TrainError> {
 
 /// The starting weights (or adapter), or the checkpoint to resume from after checking that it fits the
 /// model.
-fn start_point(
+pub(super) fn start_point(
     cfg: &TrainConfig,
     opts: &RunOptions,
     model: &hf::HfModel,
