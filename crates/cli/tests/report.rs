@@ -146,9 +146,13 @@ fn every_trainer_reports_to_tensorboard_under_trl_tags_and_says_where() {
         assert_eq!(metrics(run).len(), if *name == "iterate" { 1 } else { 2 }, "{name}");
         let wanted: &[&str] = match *name {
             "reward-model" => &["train/loss", "train/accuracy"],
-            "ppo" => {
-                &["train/objective/kl", "train/objective/scores", "train/loss/policy_avg", "train/val/clipfrac_avg"]
-            }
+            "ppo" => &[
+                "train/objective/kl",
+                "train/objective/scores",
+                "train/objective/rlhf_reward",
+                "train/loss/policy_avg",
+                "train/val/clipfrac_avg",
+            ],
             "online" | "iterate" => &["train/loss", "train/rewards/margins"],
             _ => unreachable!(),
         };

@@ -188,6 +188,8 @@ pub struct PpoStepStats {
     pub kl: f64,
     /// Mean over sequences of `sum_t -kl_coef (logp - ref_logp)` (`objective/non_score_reward`).
     pub non_score_reward: f64,
+    /// `reward + non_score_reward`: the mean KL-penalised reward PPO maximises (`objective/rlhf_reward`).
+    pub rlhf_reward: f64,
     /// Mean over sequences of `-sum_t logp`, a one-sample estimate of the sequence entropy
     /// (`objective/entropy`).
     pub entropy: f64,
@@ -219,6 +221,7 @@ pub fn tensorboard_tag(key: &str) -> Option<String> {
         "reward" => "objective/scores",
         "kl" => "objective/kl",
         "non_score_reward" => "objective/non_score_reward",
+        "rlhf_reward" => "objective/rlhf_reward",
         "entropy" => "objective/entropy",
         "policy_loss" => "loss/policy_avg",
         "value_loss" => "loss/value_avg",

@@ -333,13 +333,15 @@ pub fn run_ppo(
         let u = updates.max(1) as f64;
         let mean = |x: &[f64]| x.iter().sum::<f64>() / n;
         let reward_mean = mean(&ro.scores);
+        let non_score_reward = mean(&ro.non_score);
         let sampled: usize = ro.completions.iter().map(Vec::len).sum();
         let stats = PpoStepStats {
             step,
             reward: reward_mean,
             reward_std: (ro.scores.iter().map(|s| (s - reward_mean).powi(2)).sum::<f64>() / n).sqrt(),
             kl: mean(&ro.kl),
-            non_score_reward: mean(&ro.non_score),
+            non_score_reward,
+            rlhf_reward: reward_mean + non_score_reward,
             entropy: ro.logp.iter().map(|l| -l.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / n,
             policy_loss: sums.policy_loss / u,
             value_loss: sums.value_loss / u,

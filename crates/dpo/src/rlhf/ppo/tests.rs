@@ -71,6 +71,7 @@ fn kl_is_zero_when_the_policy_is_the_reference() {
         .unwrap();
     let s = &out.history[0];
     assert_eq!((s.kl, s.non_score_reward, s.clip_frac), (0.0, 0.0, 0.0), "{s:?}");
+    assert_eq!(s.rlhf_reward, s.reward, "{s:?}");
     assert!(s.approx_kl < 1e-12, "{s:?}");
     assert!(out.params == params);
 }
@@ -180,7 +181,10 @@ fn ppo_learns_to_collect_a_token_reward() {
     let curve: Vec<String> = out.history.iter().map(|s| format!("{:.2}", s.reward)).collect();
     assert!(first < 1.0, "a near-uniform policy emits token 5 about 8/16 times in 8 tokens: {curve:?}");
     assert!(last > 6.0, "mean reward of steps 1-3 {first:.3}, of steps 26-30 {last:.3}: {curve:?}");
-    assert!(out.history.last().unwrap().kl > 0.0);
+    let end = out.history.last().unwrap();
+    assert!(end.kl > 0.0);
+    // TRL's objective/rlhf_reward: the score less the KL penalty, which a drifted policy pays.
+    assert!(end.non_score_reward < 0.0 && end.rlhf_reward == end.reward + end.non_score_reward, "{end:?}");
 }
 
 #[test]
