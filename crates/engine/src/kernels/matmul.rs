@@ -122,14 +122,33 @@ unsafe fn bf16_emulated(
     alpha: f32,
     parallel: bool,
 ) {
+    // Copied in the source's order (rows where they are contiguous; columns where those are, as a
+    // transposed operand's), then rounded in one vectorised pass: the values of rounding one by one.
     let round = |v: View, rows: usize, cols: usize| -> Vec<f32> {
-        let mut out = Vec::with_capacity(rows * cols);
-        for i in 0..rows {
+        let mut out = vec![0.0f32; rows * cols];
+        if v.rs == 1 && v.cs != 1 {
             for j in 0..cols {
-                let x = *v.ptr.offset(i as isize * v.rs + j as isize * v.cs);
-                out.push(crate::quant::bf16::to_f32(crate::quant::bf16::from_f32(x)));
+                let col = v.ptr.offset(j as isize * v.cs);
+                for (i, x) in std::slice::from_raw_parts(col, rows).iter().enumerate() {
+                    out[i * cols + j] = *x;
+                }
+            }
+        } else {
+            for (i, row) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+                let src = v.ptr.offset(i as isize * v.rs);
+                if v.cs == 1 {
+                    row.copy_from_slice(std::slice::from_raw_parts(src, cols));
+                } else {
+                    row.iter_mut().enumerate().for_each(|(j, x)| *x = *src.offset(j as isize * v.cs));
+                }
             }
         }
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if super::sgemm::available() {
+            done = super::sgemm::round_to_bf16_in_place(&mut out);
+        }
+        crate::quant::bf16::round_in_place(&mut out[done..]);
         out
     };
     let (a, b) = (round(lhs, m, k), round(rhs, k, n));

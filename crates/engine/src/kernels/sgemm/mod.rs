@@ -44,6 +44,7 @@ use rayon::prelude::*;
 
 pub(crate) use bf16::Bf16Elem;
 use kernel::{Store, AW, MR};
+pub(crate) use pack::round_to_bf16_in_place;
 use pack::{Lines, Src};
 
 /// Largest `k` block, in packed steps (one `k` for f32, a pair for bf16): a `[KC][AW]` A sliver (16 KiB)
@@ -55,6 +56,9 @@ const NC_MAX: usize = 960;
 /// 32-bit words (f32, or bf16 pairs) in one thread's pack buffers: the B block, then one A sliver (the
 /// AMX flavour's: 32 rows, and a 16-row staging area for its transpose).
 const BUF_LEN: usize = KC_MAX * NC_MAX + KC_MAX * 3 * AW;
+/// Most words of packed A slivers a task keeps for one `k` block, to pack them once for all its column
+/// blocks (1280 rows by a full block: 1.3 MB in f32, 1 MB in bf16 pairs; more rows pack per column block).
+const A_ONCE_MAX: usize = 1 << 19;
 /// Fewest multiply-adds worth a parallel task (~25 us): waking the pool costs more below that.
 const TASK_FMAS: usize = 1 << 22;
 
@@ -429,6 +433,29 @@ fn partition(m: usize, n: usize, tasks: usize, mr: usize, nr: usize) -> Vec<(Ran
 
 thread_local! {
     static BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static A_ONCE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's buffer for the A slivers of a `k` block ([`Problem::run`]'s `a_once`): at
+/// least `words` floats and a sliver's scratch of slack, 64-byte aligned, kept across calls (at most
+/// [`A_ONCE_MAX`] words and the slack). `words == 0` allocates nothing.
+fn with_a_buffer<R>(words: usize, f: impl FnOnce(*mut f32) -> R) -> R {
+    if words == 0 {
+        return f(std::ptr::null_mut());
+    }
+    let len = words + KC_MAX * 3 * AW + 16;
+    let aligned = |v: &mut Vec<f32>| {
+        if v.len() < len {
+            *v = vec![0.0; len];
+        }
+        let off = v.as_ptr().align_offset(64);
+        // SAFETY: `off < 16` and the vector holds `len` floats.
+        unsafe { v.as_mut_ptr().add(off) }
+    };
+    A_ONCE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => f(aligned(&mut v)),
+        Err(_) => f(aligned(&mut Vec::new())),
+    })
 }
 
 /// Runs `f` on this thread's pack buffer (`BUF_LEN` floats, 64-byte aligned), allocated on first use.
@@ -451,6 +478,11 @@ fn with_buffer<R>(f: impl FnOnce(*mut f32) -> R) -> R {
 impl<F: Flavor> Problem<F> {
     /// The blocked loops over the rectangle `rows x cols` of C, with `8 x NR` tiles (`NR = 16 * NV`).
     ///
+    /// Where the rectangle has several column blocks and its rows' A slivers for one `k` block fit
+    /// [`A_ONCE_MAX`], the loops run `k` block outermost and pack those slivers once per `k` block, for
+    /// all the column blocks, instead of once per column block (the LM head's 256 rows were packed 26
+    /// times per product); each C element still takes its `k` blocks in order, so the bits are the same.
+    ///
     /// # Safety
     /// As [`sgemm`], for this rectangle; `buf` holds `BUF_LEN` floats, 64-byte aligned.
     #[target_feature(enable = "avx512f")]
@@ -467,42 +499,62 @@ impl<F: Flavor> Problem<F> {
         let a_src = |i: usize, pc: usize| Src { ptr: a.ptr.add(i * a.rs + pc * a.cs), sx: a.rs, sp: a.cs };
         let b_src = |pc: usize, jc: usize| Src { ptr: b.ptr.add(pc * b.rs + jc * b.cs), sx: b.cs, sp: b.rs };
         let slivers = rows.len().div_ceil(F::ROWS);
-        // Blocks in order: column block, then k block within it.
-        let blocks: Vec<(usize, usize)> =
-            cols.clone().step_by(nc_step).flat_map(|jc| (0..k).step_by(kc_step).map(move |pc| (jc, pc))).collect();
-        flavor.begin();
-        for (bi, &(jc, pc)) in blocks.iter().enumerate() {
-            let nc = nc_step.min(cols.end - jc);
-            let kc = kc_step.min(k - pc);
-            let tiles_per_row = nc.div_ceil(NR);
-            let steps = F::steps(kc);
-            flavor.pack_b::<NR>(bbuf, b_src(pc, jc), nc, kc);
-            // While this block runs, the next block's B source is fetched into L2, a few lines per tile.
-            let next = blocks.get(bi + 1).copied();
-            let mut pf_b = match next {
-                Some((jn, pn)) => Lines::of(b_src(pn, jn), nc_step.min(cols.end - jn), kc_step.min(k - pn)),
-                None => Lines::none(),
-            };
-            let per_tile_b = pf_b.left().div_ceil(slivers * F::CALLS * tiles_per_row);
-            let store = if pc == 0 && !self.accumulate { Store::Overwrite } else { Store::Add };
-            for i in rows.clone().step_by(F::ROWS) {
-                let h = F::ROWS.min(rows.end - i);
-                flavor.pack_a(abuf, a_src(i, pc), h, kc);
-                // ... and the next A sliver's source.
-                let mut pf_a = if i + F::ROWS < rows.end {
-                    Lines::of(a_src(i + F::ROWS, pc), F::ROWS.min(rows.end - i - F::ROWS), kc)
-                } else if let Some((_, pn)) = next {
-                    Lines::of(a_src(rows.start, pn), F::ROWS.min(rows.len()), kc_step.min(k - pn))
-                } else {
-                    Lines::none()
+        // Words of one packed A sliver of a full k block (the last block's are no longer).
+        let sliver_words = F::steps(kc_step.min(k)) * F::ROWS;
+        let a_once = ncols > nc_step && slivers * sliver_words <= A_ONCE_MAX;
+        // Blocks in order: column block, then k block within it; k block outermost with `a_once`.
+        let blocks: Vec<(usize, usize)> = if a_once {
+            (0..k).step_by(kc_step).flat_map(|pc| cols.clone().step_by(nc_step).map(move |jc| (jc, pc))).collect()
+        } else {
+            cols.clone().step_by(nc_step).flat_map(|jc| (0..k).step_by(kc_step).map(move |pc| (jc, pc))).collect()
+        };
+        with_a_buffer(if a_once { slivers * sliver_words } else { 0 }, |abig| {
+            flavor.begin();
+            for (bi, &(jc, pc)) in blocks.iter().enumerate() {
+                let nc = nc_step.min(cols.end - jc);
+                let kc = kc_step.min(k - pc);
+                let tiles_per_row = nc.div_ceil(NR);
+                let steps = F::steps(kc);
+                if a_once && jc == cols.start {
+                    // This k block's slivers, in order: a sliver's scratch past its end (the AMX
+                    // flavour's staging) lands on later slivers, packed after it, or on the slack.
+                    for (s, i) in rows.clone().step_by(F::ROWS).enumerate() {
+                        flavor.pack_a(abig.add(s * sliver_words), a_src(i, pc), F::ROWS.min(rows.end - i), kc);
+                    }
+                }
+                flavor.pack_b::<NR>(bbuf, b_src(pc, jc), nc, kc);
+                // While this block runs, the next block's B source is fetched into L2, a few lines per tile.
+                let next = blocks.get(bi + 1).copied();
+                let mut pf_b = match next {
+                    Some((jn, pn)) => Lines::of(b_src(pn, jn), nc_step.min(cols.end - jn), kc_step.min(k - pn)),
+                    None => Lines::none(),
                 };
-                let per_tile_a = pf_a.left().div_ceil(F::CALLS * tiles_per_row);
-                let c = self.c.0.add(i * self.ldc + jc);
-                let prefetch = [(&mut pf_a, per_tile_a), (&mut pf_b, per_tile_b)];
-                flavor.sliver::<NV>(steps, abuf, bbuf, nc, c, self.ldc, h, store, prefetch);
+                let per_tile_b = pf_b.left().div_ceil(slivers * F::CALLS * tiles_per_row);
+                let store = if pc == 0 && !self.accumulate { Store::Overwrite } else { Store::Add };
+                for (s, i) in rows.clone().step_by(F::ROWS).enumerate() {
+                    let h = F::ROWS.min(rows.end - i);
+                    let mut pf_a = if a_once {
+                        Lines::none()
+                    } else {
+                        flavor.pack_a(abuf, a_src(i, pc), h, kc);
+                        // ... and the next A sliver's source.
+                        if i + F::ROWS < rows.end {
+                            Lines::of(a_src(i + F::ROWS, pc), F::ROWS.min(rows.end - i - F::ROWS), kc)
+                        } else if let Some((_, pn)) = next {
+                            Lines::of(a_src(rows.start, pn), F::ROWS.min(rows.len()), kc_step.min(k - pn))
+                        } else {
+                            Lines::none()
+                        }
+                    };
+                    let ap = if a_once { abig.add(s * sliver_words) } else { abuf };
+                    let per_tile_a = pf_a.left().div_ceil(F::CALLS * tiles_per_row);
+                    let c = self.c.0.add(i * self.ldc + jc);
+                    let prefetch = [(&mut pf_a, per_tile_a), (&mut pf_b, per_tile_b)];
+                    flavor.sliver::<NV>(steps, ap, bbuf, nc, c, self.ldc, h, store, prefetch);
+                }
             }
-        }
-        flavor.end();
+            flavor.end();
+        })
     }
 }
 

@@ -217,7 +217,7 @@ fn bf16_strided_operands_and_column_block_of_c() {
 #[test]
 fn bf16_bitwise_identical_for_any_thread_count() {
     for amx in kernels() {
-        for (m, n, k) in [(301, 517, 263), (1000, 60, 700), (37, 2000, 300), (100, 1000, 1100)] {
+        for (m, n, k) in [(301, 517, 263), (1000, 60, 700), (37, 2000, 300), (100, 1000, 1100), (40, 2100, 1100)] {
             for (a_t, b_t) in [(false, true), (true, false), (false, false)] {
                 let runs: Vec<Vec<f32>> = [1, 2, 3, 4]
                     .iter()
@@ -346,6 +346,22 @@ fn packing_rounds_exactly_as_from_f32() {
             }
         }
     }
+}
+
+#[test]
+fn rounding_in_place_matches_from_f32() {
+    if !available() {
+        return;
+    }
+    let v = special_values();
+    let mut got = v[..v.len() - 5].to_vec(); // not a multiple of 16
+                                             // SAFETY: `available` checked AVX-512F.
+    let done = unsafe { round_to_bf16_in_place(&mut got) };
+    assert_eq!(done, got.len() / 16 * 16);
+    for (x, g) in v.iter().zip(&got[..done]) {
+        assert_eq!(g.to_bits(), to_f32(from_f32(*x)).to_bits(), "{:08x}", x.to_bits());
+    }
+    assert_eq!(got[done..], v[done..got.len()], "the tail is left to the caller");
 }
 
 #[test]
