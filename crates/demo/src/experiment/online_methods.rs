@@ -45,6 +45,12 @@ pub struct EqualKl {
     pub difference: Option<f64>,
     /// Two standard errors of the difference.
     pub two_se: Option<f64>,
+    /// Offline DPO's upper concave envelope at this KL, and the difference: the best reward a mixture of
+    /// two offline policies reaches with no more KL (reward is linear in the mixture, KL convex), so a
+    /// comparison that does not depend on where offline DPO's checkpoints happen to fall. None past
+    /// offline DPO's largest KL.
+    pub offline_envelope: Option<f64>,
+    pub envelope_difference: Option<f64>,
 }
 
 fn err(method: &str, e: impl std::fmt::Display) -> DemoError {
@@ -250,6 +256,7 @@ pub fn equal_kl(judge: &str, online: &[(&str, &[Point])], offline: &[&Point]) ->
     for (method, points) in online {
         for p in *points {
             let best = offline.iter().filter(|o| o.kl <= p.kl).max_by(|a, b| a.reward.total_cmp(&b.reward));
+            let envelope = concave_envelope_at(offline, p.kl);
             out.push(EqualKl {
                 method: method.to_string(),
                 judge: judge.into(),
@@ -259,18 +266,47 @@ pub fn equal_kl(judge: &str, online: &[(&str, &[Point])], offline: &[&Point]) ->
                 offline_reward: best.map(|b| b.reward),
                 difference: best.map(|b| p.reward - b.reward),
                 two_se: best.map(|b| 2.0 * (p.reward_se.powi(2) + b.reward_se.powi(2)).sqrt()),
+                offline_envelope: envelope,
+                envelope_difference: envelope.map(|e| p.reward - e),
             });
         }
     }
     out
 }
 
+/// The upper concave envelope of `points` (KL, reward) at `kl`: the highest reward on a chord between
+/// two points whose KLs bracket `kl` (a point at `kl` itself included). None outside their KL range.
+pub fn concave_envelope_at(points: &[&Point], kl: f64) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    for a in points.iter().filter(|a| a.kl <= kl) {
+        for b in points.iter().filter(|b| b.kl >= kl) {
+            let r = if b.kl == a.kl {
+                a.reward.max(b.reward)
+            } else {
+                a.reward + (b.reward - a.reward) * (kl - a.kl) / (b.kl - a.kl)
+            };
+            best = Some(best.map_or(r, |m: f64| m.max(r)));
+        }
+    }
+    best
+}
+
 /// A sentence per comparison: ahead, behind or level beyond two standard errors.
 pub fn equal_kl_sentences(rows: &[EqualKl]) -> Vec<String> {
-    rows.iter()
-        .map(|r| match (r.offline_kl, r.offline_reward, r.difference, r.two_se) {
-            (Some(ok), Some(or), Some(d), Some(se)) => {
-                format!(
+    rows.iter().map(|r| equal_kl_sentence(r) + &envelope_clause(r)).collect()
+}
+
+fn envelope_clause(r: &EqualKl) -> String {
+    match (r.offline_envelope, r.envelope_difference) {
+        (Some(e), Some(d)) => format!(" Against offline DPO's concave envelope at this KL ({e:.3}): {d:+.3}."),
+        _ => String::new(),
+    }
+}
+
+fn equal_kl_sentence(r: &EqualKl) -> String {
+    match (r.offline_kl, r.offline_reward, r.difference, r.two_se) {
+        (Some(ok), Some(or), Some(d), Some(se)) => {
+            format!(
                 "{} at KL {:.2}: reward {:.3} ({}) against offline DPO's best with no more KL, {:.3} at KL {ok:.2}: \
                  {d:+.3}, {} two standard errors ({se:.3}){}.",
                 r.method,
@@ -279,15 +315,20 @@ pub fn equal_kl_sentences(rows: &[EqualKl]) -> Vec<String> {
                 r.judge,
                 or,
                 if d.abs() > se { "more than" } else { "within" },
-                if d > se { ", online ahead" } else if d < -se { ", offline ahead" } else { "" }
+                if d > se {
+                    ", online ahead"
+                } else if d < -se {
+                    ", offline ahead"
+                } else {
+                    ""
+                }
             )
-            }
-            _ => format!(
-                "{} at KL {:.2}: reward {:.3} ({}); no offline DPO point has that little KL.",
-                r.method, r.kl, r.reward, r.judge
-            ),
-        })
-        .collect()
+        }
+        _ => format!(
+            "{} at KL {:.2}: reward {:.3} ({}); no offline DPO point has that little KL.",
+            r.method, r.kl, r.reward, r.judge
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -318,6 +359,18 @@ mod tests {
     }
 
     #[test]
+    fn concave_envelope_takes_the_highest_chord() {
+        // (1, 0.5) lies below the chord from (0, 0) to (2, 1.2): the envelope at 1 is 0.6, at 2 the point.
+        let pts = [pt(0.0, 0.0), pt(1.0, 0.5), pt(2.0, 1.2), pt(4.0, 1.0)];
+        let refs: Vec<&Point> = pts.iter().collect();
+        assert!((concave_envelope_at(&refs, 1.0).unwrap() - 0.6).abs() < 1e-12);
+        assert!((concave_envelope_at(&refs, 2.0).unwrap() - 1.2).abs() < 1e-12);
+        assert!((concave_envelope_at(&refs, 3.0).unwrap() - 1.1).abs() < 1e-12);
+        assert_eq!(concave_envelope_at(&refs, 4.5), None);
+        assert_eq!(concave_envelope_at(&refs, -0.1), None);
+    }
+
+    #[test]
     fn equal_kl_takes_the_best_offline_point_with_no_more_kl() {
         let offline = [pt(1.0, 0.3), pt(2.0, 0.5), pt(5.0, 0.9)];
         let refs: Vec<&Point> = offline.iter().collect();
@@ -326,6 +379,12 @@ mod tests {
         assert_eq!((rows[0].offline_kl, rows[0].offline_reward), (Some(2.0), Some(0.5)));
         assert!((rows[0].difference.unwrap() - 0.1).abs() < 1e-12);
         assert_eq!(rows[1].offline_kl, None);
+        // The envelope at KL 2.5: the chord from (2, 0.5) to (5, 0.9) gives 0.5 + 0.4 / 6 (above the chord
+        // from (1, 0.3)); at KL 0.5 there is no offline point to the left.
+        let e = rows[0].offline_envelope.unwrap();
+        assert!((e - (0.5 + 0.4 / 6.0)).abs() < 1e-12, "{e}");
+        assert!((rows[0].envelope_difference.unwrap() - (0.6 - e)).abs() < 1e-12);
+        assert_eq!(rows[1].offline_envelope, None);
         let s = equal_kl_sentences(&rows);
         assert!(s[0].contains("more than two standard errors") && s[0].contains("online ahead"), "{}", s[0]);
         assert!(s[1].contains("no offline DPO point"), "{}", s[1]);

@@ -399,7 +399,9 @@ impl Report {
              model) and the budget (offline DPO's {} steps of {} pairs instead of online DPO's {} steps of {}). \
              Same beta ({}), learning rate ({}), samples per prompt and prompts; offline DPO keeps its sweep of \
              every beta. Each variant's final point against offline DPO's best point with no more KL, by the \
-             ground truth (± two standard errors of the evaluation noise):\n",
+             ground truth (± two standard errors of the evaluation noise), and against the upper concave \
+             envelope of offline DPO's points at the same KL (the reward a mixture of two offline policies \
+             reaches with no more KL; it does not depend on where the checkpoints fall):\n",
             self.plan.dpo.steps,
             self.plan.dpo.batch,
             self.plan.online.steps.steps,
@@ -407,8 +409,8 @@ impl Report {
             self.plan.online.beta,
             self.plan.online.steps.lr,
         );
-        s += "| variant | labels | steps x prompts | KL | reward | offline DPO at no more KL | difference |\n";
-        s += "| --- | --- | --- | ---: | ---: | --- | ---: |\n";
+        s += "| variant | labels | steps x prompts | KL | reward | offline DPO at no more KL | difference | against offline DPO's concave envelope |\n";
+        s += "| --- | --- | --- | ---: | ---: | --- | ---: | ---: |\n";
         for v in variants {
             let steps = v.steps(&self.plan);
             let Some(row) = self.equal_kl.iter().rfind(|r| r.method == v.method && r.judge == "ground truth") else {
@@ -418,9 +420,10 @@ impl Report {
                 (Some(k), Some(r), Some(d), Some(se)) => (format!("{r:.3} at KL {k:.2}"), format!("{d:+.3} ± {se:.3}")),
                 _ => ("none".into(), "-".into()),
             };
+            let envelope = row.envelope_difference.map_or("-".into(), |d| format!("{d:+.3}"));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} x {} | {:.2} | {:.3} | {offline} | {diff} |",
+                "| {} | {} | {} x {} | {:.2} | {:.3} | {offline} | {diff} | {envelope} |",
                 v.method,
                 if v.ground_truth { "ground truth" } else { "learned reward model" },
                 steps.steps,

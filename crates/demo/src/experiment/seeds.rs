@@ -32,8 +32,9 @@ pub struct SeedResult {
     pub total_s: f64,
     /// Per method: `best_reward` (ground truth, the highest over the method's points) and `kl_at_best`,
     /// `win_rate_vs_chosen` (temperature 1), `best_win_rate_vs_temperature`; the online methods'
-    /// `final_minus_offline_at_equal_kl` under each judge and the KL of the offline point it was compared
-    /// with (`offline_kl_compared`: 0 when only the SFT model had no more KL).
+    /// `final_minus_offline_at_equal_kl` and `final_minus_offline_envelope` under each judge, and the KL of
+    /// the offline point the first was compared with (`offline_kl_compared`: 0 when only the SFT model had
+    /// no more KL).
     pub metrics: Metrics,
 }
 
@@ -92,6 +93,7 @@ fn orderings_tested(bon: &str) -> Vec<(String, String, &'static str)> {
     for m in online_method_names() {
         for judge in ["ground truth", "learned reward model"] {
             v.push((m.into(), "offline DPO".into(), equal_kl_metric(judge)));
+            v.push((m.into(), "offline DPO".into(), envelope_metric(judge)));
         }
     }
     // The ablations against each other (ground truth): each contrast changes one thing, the labels or the
@@ -110,6 +112,15 @@ pub const ABLATION_CONTRASTS: [(&str, &str); 4] = [
     ("Online DPO (GT labels, offline budget)", "Online DPO (offline budget)"),
     ("Online DPO (GT labels, offline budget)", "Online DPO (GT labels)"),
 ];
+
+/// The final point against offline DPO's concave envelope at its KL ([`EqualKl::envelope_difference`]).
+fn envelope_metric(judge: &str) -> &'static str {
+    if judge == "ground truth" {
+        "final_minus_offline_envelope (ground truth)"
+    } else {
+        "final_minus_offline_envelope (learned reward model)"
+    }
+}
 
 fn equal_kl_metric(judge: &str) -> &'static str {
     if judge == "ground truth" {
@@ -153,6 +164,9 @@ pub fn summarize(report: &Report, dir: String) -> SeedResult {
                 put(m, equal_kl_metric(judge), *d);
                 // KL 0 is the SFT model: offline DPO had no point with that little KL.
                 put(m, &format!("offline_kl_compared ({judge})"), *kl);
+            }
+            if let Some(EqualKl { envelope_difference: Some(d), .. }) = last {
+                put(m, envelope_metric(judge), *d);
             }
         }
     }
