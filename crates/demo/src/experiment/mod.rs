@@ -19,6 +19,7 @@ mod online_methods;
 mod pairs;
 mod plan;
 mod report;
+mod report_online;
 mod rlhf_methods;
 mod seeds;
 mod sft;
