@@ -17,7 +17,7 @@ pub struct Args {
     /// gradient_weight.png, data/, runs/ (models and checkpoints). Its previous demo outputs are replaced.
     #[arg(long, default_value = "runs/demo")]
     pub output: PathBuf,
-    /// A smaller world and fewer settings and steps (under a minute instead of about six, on 2 cores).
+    /// A smaller world and fewer settings and steps (about a minute instead of about six, on 2 cores).
     #[arg(long)]
     pub quick: bool,
     /// Run the experiment on this Hugging Face checkpoint instead of pretraining the built-in model:
