@@ -17,22 +17,30 @@ fn judge_and_prompts(dir: &std::path::Path) -> (std::path::PathBuf, std::path::P
     (rm, prompts)
 }
 
+/// `dpo train --online` on the GPT-2 fixture with this judge and these prompts, writing `out`; callers add
+/// the step flags.
+fn online_cmd(rm: &std::path::Path, prompts: &std::path::Path, out: &std::path::Path) -> std::process::Command {
+    let mut c = dpo();
+    c.args(["train", "--online", "--model"])
+        .arg(model("gpt2-policy"))
+        .arg("--judge-reward-model")
+        .arg(rm)
+        .arg("--prompts")
+        .arg(prompts)
+        .arg("--output")
+        .arg(out);
+    c
+}
+
 #[test]
 fn online_dpo_writes_a_run_with_its_sampled_pairs_metrics() {
     let dir = scratch("online-dpo");
     let (rm, prompts) = judge_and_prompts(&dir);
     let run = dir.join("run");
     let online = || {
-        let mut c = dpo();
-        c.args(["train", "--online", "--max-steps", "2", "--batch-size", "2", "--online-max-new-tokens", "6"])
-            .args(["--missing-eos-penalty", "1.0", "--model"])
-            .arg(model("gpt2-policy"))
-            .arg("--judge-reward-model")
-            .arg(&rm)
-            .arg("--prompts")
-            .arg(&prompts)
-            .arg("--output")
-            .arg(&run);
+        let mut c = online_cmd(&rm, &prompts, &run);
+        c.args(["--max-steps", "2", "--batch-size", "2", "--online-max-new-tokens", "6"])
+            .args(["--missing-eos-penalty", "1.0"]);
         c
     };
     succeeds(&mut online());
@@ -117,17 +125,13 @@ fn resumed_matches_uninterrupted(name: &str, flags: &[&str], final_file: &str) -
     let dir = scratch(name);
     let (rm, prompts) = judge_and_prompts(&dir);
     let online = |out: &std::path::Path| {
-        let mut c = dpo();
-        c.args(["train", "--online", "--max-steps", "4", "--save-every", "2", "--batch-size", "1"])
-            .args(flags)
-            .args(["--lr", "1e-3", "--online-max-new-tokens", "6", "--model"])
-            .arg(model("gpt2-policy"))
-            .arg("--judge-reward-model")
-            .arg(&rm)
-            .arg("--prompts")
-            .arg(&prompts)
-            .arg("--output")
-            .arg(out);
+        let mut c = online_cmd(&rm, &prompts, out);
+        c.args(["--max-steps", "4", "--save-every", "2", "--batch-size", "1"]).args(flags).args([
+            "--lr",
+            "1e-3",
+            "--online-max-new-tokens",
+            "6",
+        ]);
         c
     };
     let whole = dir.join("whole");
