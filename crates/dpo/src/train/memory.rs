@@ -10,7 +10,8 @@
 //!             (`engine::Activations::floats_per_token`): every layer's for backward (with gradient
 //!             checkpointing, every layer's input and one layer's), plus one layer's for the reference
 //!             forward
-//! LM head     one chunk of targets (`engine::kernels::head_scratch_floats`)
+//! LM head     one block of logits (up to 1024 targets by a block of the vocabulary) and the targets' hidden
+//!             rows and their gradient (`engine::kernels::head_scratch_floats`)
 //! checkpoint  while a checkpoint is written: the HF-layout copy of the weights, then the optimizer's
 //!             buffers (the larger of the two)
 //! base        the program, the tokenizer, thread stacks and the data (a fixed allowance), and the rotary
