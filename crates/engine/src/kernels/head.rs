@@ -460,7 +460,7 @@ mod tests {
             assert!(b.targets >= 1 && b.targets <= HEAD_TARGETS.min(targets.max(1)));
             assert!(b.cols >= 1 && b.cols <= vocab);
             assert!(b.targets * b.cols <= BLOCK_FLOATS.max(b.targets * COLS_ALIGN), "{b:?}");
-            assert!(b.cols == vocab || b.cols % COLS_ALIGN == 0, "{b:?}");
+            assert!(b.cols == vocab || b.cols.is_multiple_of(COLS_ALIGN), "{b:?}");
             let covered: usize = vocab_blocks(vocab, b.cols).map(|(v0, v1)| v1 - v0).sum();
             assert_eq!(covered, vocab);
         }
