@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    keep_heap_padding();
     // A write past a file-size limit (`ulimit -f`) then fails with EFBIG, reported like a full disk,
     // instead of SIGXFSZ killing the process in the middle of a checkpoint.
     let _ = signal_hook::flag::register(
@@ -33,6 +34,21 @@ fn main() -> ExitCode {
             launch.fail(&message(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps 64 MiB free at the top of each malloc heap instead of handing it back to the kernel.
+///
+/// Why: glibc returns a heap's free top to the kernel as soon as it exceeds 128 KiB, and the thread pool's
+/// workers each allocate from a heap of their own, so the buffers a training step frees and allocates
+/// again were faulted in afresh every step: 56K page faults (220 MB zeroed by the kernel) per step of the
+/// SmolLM2-135M bf16 bench, about 0.15 s of system time. With the padding: about 2K, and the same peak
+/// resident set to the MiB (`perf stat -e page-faults`, steps 5 minus steps 2, Intel Xeon, 2026-12-06).
+fn keep_heap_padding() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets a tuning parameter of the allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }
 
