@@ -38,12 +38,6 @@ struct Blocks {
     cols: usize,
 }
 
-impl From<Blocks> for (usize, usize) {
-    fn from(b: Blocks) -> (usize, usize) {
-        (b.targets, b.cols)
-    }
-}
-
 impl Blocks {
     /// The blocks for `targets` targets: all of them up to [`HEAD_TARGETS`], and as many columns as keep a
     /// block under [`BLOCK_FLOATS`].

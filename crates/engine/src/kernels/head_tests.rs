@@ -30,46 +30,77 @@ fn naive(
     (rows, lse, lp)
 }
 
-fn setup(n: usize, d: usize, v: usize, nt: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Target>) {
-    let mut rng = Rng::new(seed);
-    let hidden = rng.vec(n * d, 1.0);
-    let w = rng.vec(v * d, 1.0);
-    let mut targets: Vec<Target> =
-        (0..nt).map(|_| Target { pos: rng.below(n) as u32, token: rng.below(v) as u32 }).collect();
-    // several targets on one position (shared prompt end)
-    targets[1].pos = targets[0].pos;
-    targets[nt - 1].pos = targets[0].pos;
-    (hidden, w, targets)
+/// A head's inputs: `hidden: [n, d]`, `w: [v, d]` and the targets.
+struct Head {
+    hidden: Vec<f32>,
+    w: Vec<f32>,
+    targets: Vec<Target>,
+    d: usize,
+    v: usize,
+}
+
+impl Head {
+    /// Random inputs, several targets on one position (a shared prompt's end).
+    fn random(n: usize, d: usize, v: usize, nt: usize, seed: u64) -> Head {
+        let mut rng = Rng::new(seed);
+        let hidden = rng.vec(n * d, 1.0);
+        let w = rng.vec(v * d, 1.0);
+        let mut targets: Vec<Target> =
+            (0..nt).map(|_| Target { pos: rng.below(n) as u32, token: rng.below(v) as u32 }).collect();
+        targets[1].pos = targets[0].pos;
+        targets[nt - 1].pos = targets[0].pos;
+        Head { hidden, w, targets, d, v }
+    }
+
+    /// `(logp, lse, logit sum)` of [`head_forward_blocked`] with the bias `b`.
+    fn forward(&self, b: Option<&[f32]>, blocks: Blocks, prec: Precision) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let nt = self.targets.len();
+        let (mut lp, mut lse, mut sum) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt]);
+        let (h, w, t) = (&self.hidden, &self.w, &self.targets);
+        head_forward_blocked(&mut lp, &mut lse, Some(&mut sum), h, w, b, t, self.d, self.v, blocks, prec);
+        (lp, lse, sum)
+    }
+
+    /// [`head_backward_blocked`] without a bias, into `dh` and (when given) `dw`.
+    fn backward(
+        &self,
+        dh: &mut [f32],
+        dw: Option<&mut [f32]>,
+        g: &[f32],
+        lse: &[f32],
+        blocks: Blocks,
+        prec: Precision,
+    ) {
+        let (h, w, t) = (&self.hidden, &self.w, &self.targets);
+        head_backward_blocked(dh, dw, None, g, lse, h, w, None, t, self.d, self.v, blocks, prec);
+    }
+
+    /// The f64 reference with the bias `b`: per target, the logits row, its log-sum-exp and the log-prob.
+    #[allow(clippy::type_complexity)]
+    fn naive(&self, b: Option<&[f32]>) -> (Vec<Vec<f64>>, Vec<f64>, Vec<f64>) {
+        naive(&self.hidden, &self.w, b, &self.targets, self.d, self.v)
+    }
 }
 
 /// Target chunks and vocabulary blocks the tests cut the work into: one of each, several targets and
 /// one vocabulary block, one target and several blocks, uneven both ways.
 const CUTS: [(usize, usize); 5] = [(HEAD_TARGETS, 1 << 20), (16, 1 << 20), (HEAD_TARGETS, 5), (1, 8), (7, 3)];
 
+/// [`CUTS`] for a vocabulary of `v`.
+fn cuts(v: usize) -> impl Iterator<Item = Blocks> {
+    CUTS.into_iter().map(move |(targets, cols)| Blocks { targets, cols: cols.min(v) })
+}
+
 #[test]
 fn forward_matches_f64_across_blocks() {
     let (n, d, v, nt) = (20, 16, 37, 45);
-    let (hidden, w, targets) = setup(n, d, v, nt, 31);
+    let head = Head::random(n, d, v, nt, 31);
     let bias = Rng::new(36).vec(v, 1.0);
     for b in [None, Some(&bias[..])] {
-        let (rows, lse_w, lp_w) = naive(&hidden, &w, b, &targets, d, v);
+        let (rows, lse_w, lp_w) = head.naive(b);
         let sum_w: Vec<f64> = rows.iter().map(|r| r.iter().sum()).collect();
-        for (targets_per, cols) in CUTS {
-            let blocks = Blocks { targets: targets_per, cols: cols.min(v) };
-            let (mut lp, mut lse, mut sum) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt]);
-            head_forward_blocked(
-                &mut lp,
-                &mut lse,
-                Some(&mut sum),
-                &hidden,
-                &w,
-                b,
-                &targets,
-                d,
-                v,
-                blocks,
-                Precision::F32,
-            );
+        for blocks in cuts(v) {
+            let (lp, lse, sum) = head.forward(b, blocks, Precision::F32);
             let what = format!("{blocks:?}, bias {}", b.is_some());
             assert_close(&format!("logp {what}"), &lp, &lp_w, 1e-5, 1.0);
             assert_close(&format!("lse {what}"), &lse, &lse_w, 1e-5, 1.0);
@@ -78,7 +109,7 @@ fn forward_matches_f64_across_blocks() {
     }
     // the public entry point, more targets than one pass over the vocabulary
     let nt = HEAD_TARGETS + 9;
-    let (hidden, w, targets) = setup(n, d, v, nt, 32);
+    let Head { hidden, w, targets, .. } = Head::random(n, d, v, nt, 32);
     let (_, _, lp_w) = naive(&hidden, &w, None, &targets, d, v);
     let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
     logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v, Precision::F32);
@@ -101,12 +132,13 @@ fn blocks_stay_within_the_scratch_and_cover_the_vocabulary() {
 #[test]
 fn backward_matches_f64_and_finite_differences() {
     let (n, d, v, nt) = (9, 6, 11, 13);
-    let (hidden, w, targets) = setup(n, d, v, nt, 33);
+    let head = Head::random(n, d, v, nt, 33);
+    let Head { hidden, w, targets, .. } = &head;
     let mut rng = Rng::new(34);
     let mut g = rng.vec(nt, 1.0);
     g[3] = 0.0;
     let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
-    logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v, Precision::F32);
+    logprob_head_forward(&mut lp, &mut lse, None, hidden, w, None, targets, d, v, Precision::F32);
     // L = sum_t g_t logp_t, differentiated numerically in f64.
     let loss = |h: &[f64], w: &[f64]| -> f64 {
         targets
@@ -121,7 +153,7 @@ fn backward_matches_f64_and_finite_differences() {
             })
             .sum()
     };
-    let (h64, w64) = (to_f64(&hidden), to_f64(&w));
+    let (h64, w64) = (to_f64(hidden), to_f64(w));
     let fd = |v0: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
         let mut v = v0.to_vec();
         (0..v.len())
@@ -138,43 +170,14 @@ fn backward_matches_f64_and_finite_differences() {
     };
     let gh: Vec<f64> = fd(&h64, &|h| loss(h, &w64)).iter().map(|x| x + 1.0).collect();
     let gw: Vec<f64> = fd(&w64, &|w| loss(&h64, w)).iter().map(|x| x - 1.0).collect();
-    for (targets_per, cols) in CUTS {
-        let blocks = Blocks { targets: targets_per, cols: cols.min(v) };
+    for blocks in cuts(v) {
         let mut dh = vec![1.0f32; n * d];
         let mut dw = vec![-1.0f32; v * d];
-        head_backward_blocked(
-            &mut dh,
-            Some(&mut dw),
-            None,
-            &g,
-            &lse,
-            &hidden,
-            &w,
-            None,
-            &targets,
-            d,
-            v,
-            blocks,
-            Precision::F32,
-        );
+        head.backward(&mut dh, Some(&mut dw), &g, &lse, blocks, Precision::F32);
         assert_close(&format!("dhidden {blocks:?}"), &dh, &gh, 1e-4, 1e-2);
         assert_close(&format!("dw {blocks:?}"), &dw, &gw, 1e-4, 1e-2);
         let mut dh2 = vec![1.0f32; n * d];
-        head_backward_blocked(
-            &mut dh2,
-            None,
-            None,
-            &g,
-            &lse,
-            &hidden,
-            &w,
-            None,
-            &targets,
-            d,
-            v,
-            blocks,
-            Precision::F32,
-        );
+        head.backward(&mut dh2, None, &g, &lse, blocks, Precision::F32);
         assert_eq!(dh, dh2);
     }
 }
@@ -193,45 +196,31 @@ fn head_cut_timing() {
     let hidden = rng.vec(n * d, 1.0);
     let w = rng.vec(v * d, 0.05);
     let targets: Vec<Target> = (0..nt).map(|i| Target { pos: (i + 256) as u32, token: rng.below(v) as u32 }).collect();
+    let head = Head { hidden, w, targets, d, v };
     let g = rng.vec(nt, 1.0);
-    let cuts = [(256, v), Blocks::for_targets(nt, v).into(), (1024, 2048), (1024, 1024), (1024, 1536), (512, 2048)];
+    let cut = |targets, cols| Blocks { targets, cols };
+    let cuts =
+        [cut(256, v), Blocks::for_targets(nt, v), cut(1024, 2048), cut(1024, 1024), cut(1024, 1536), cut(512, 2048)];
     let mut best = vec![(f64::INFINITY, f64::INFINITY); cuts.len()];
-    let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
     let (mut dh, mut dw) = (vec![0.0; n * d], vec![0.0; v * d]);
     for _ in 0..5 {
-        for (i, &(t, c)) in cuts.iter().enumerate() {
-            let blocks = Blocks { targets: t, cols: c };
+        for (i, &blocks) in cuts.iter().enumerate() {
             let start = std::time::Instant::now();
-            let prec = Precision::Bf16;
-            head_forward_blocked(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v, blocks, prec);
+            let (_, lse, _) = head.forward(None, blocks, Precision::Bf16);
             let forward = start.elapsed().as_secs_f64();
-            head_backward_blocked(
-                &mut dh,
-                Some(&mut dw),
-                None,
-                &g,
-                &lse,
-                &hidden,
-                &w,
-                None,
-                &targets,
-                d,
-                v,
-                blocks,
-                prec,
-            );
+            head.backward(&mut dh, Some(&mut dw), &g, &lse, blocks, Precision::Bf16);
             let backward = start.elapsed().as_secs_f64() - forward;
             best[i] = (best[i].0.min(forward), best[i].1.min(backward));
         }
     }
-    for (&(t, c), (f, b)) in cuts.iter().zip(best) {
-        println!("{t:5} targets x {c:5} columns: forward {f:.3} s, backward {b:.3} s (best of 5)");
+    for (b, (f, bw)) in cuts.iter().zip(best) {
+        println!("{:5} targets x {:5} columns: forward {f:.3} s, backward {bw:.3} s (best of 5)", b.targets, b.cols);
     }
 }
 
 #[test]
 fn logits_forward_is_a_plain_product() {
-    let (hidden, w, _) = setup(3, 5, 7, 2, 35);
+    let Head { hidden, w, .. } = Head::random(3, 5, 7, 2, 35);
     let mut out = vec![0.0; 3 * 7];
     logits_forward(&mut out, &hidden, &w, 5, 7);
     let want: Vec<f64> = (0..3)
