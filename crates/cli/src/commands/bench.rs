@@ -306,6 +306,7 @@ fn estimated_peak(
         policy: cfg,
         optimizer: &opt,
         reference: (!a.precompute_ref).then_some(cfg),
+        reference_on_policy_buffers: true,
         row_tokens: vec![row as u64; a.pairs],
         batch_size: in_flight,
         gradient_checkpointing: a.gradient_checkpointing,

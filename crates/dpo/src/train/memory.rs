@@ -9,7 +9,8 @@
 //! activations per token of the largest micro-batch, as the engine counts them
 //!             (`engine::Activations::floats_per_token`): every layer's for backward (with gradient
 //!             checkpointing, every layer's input and one layer's), plus one layer's for the reference
-//!             forward
+//!             forward where it has buffers of its own (KTO; a pair objective's reference forward runs on
+//!             the policy's)
 //! LM head     one block of logits (up to 1024 targets by a block of the vocabulary) and the targets' hidden
 //!             rows and their gradient (`engine::kernels::head_scratch_floats`)
 //! checkpoint  while a checkpoint is written: the HF-layout copy of the weights, then the optimizer's
@@ -40,6 +41,8 @@ use engine::kernels::{head_scratch_floats, Precision, RopeTable};
 use engine::optim::OptimizerConfig;
 use engine::quant::{FrozenLinears, Storage};
 use engine::{Activations, DecoderConfig, Keep, PositionKind};
+
+use super::config::Objective;
 
 /// Fixed allowance for the program itself, thread stacks, the tokenizer and the data (a run on the
 /// fixture model peaks at about 20 MiB, of which 13 MiB are counted by the other terms).
@@ -91,6 +94,10 @@ pub struct MemoryPlan<'a> {
     pub optimizer: &'a OptimizerConfig,
     /// A reference model held in memory while training: `Some(config)` (the policy's for a frozen copy).
     pub reference: Option<&'a DecoderConfig>,
+    /// The reference's forward runs on the buffers of the policy's training pass (pair objectives: it
+    /// comes first in each chunk), so it adds only what its slot needs beyond the policy's; otherwise
+    /// (KTO: it runs while the policy's activations are held) it has buffers of its own.
+    pub reference_on_policy_buffers: bool,
     /// Tokens each row (pair, or prompt + completion) packs into, training and evaluation rows together.
     pub row_tokens: Vec<u64>,
     pub batch_size: usize,
@@ -169,7 +176,12 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     let mut per_token =
         Activations::bytes_per_token(c, keep, precision) + 4 * plan.adapter.map_or(0, |a| a.kept_per_token);
     if let Some(r) = plan.reference {
-        per_token += Activations::bytes_per_token(r, Keep::None, precision);
+        let own = Activations::bytes_per_token(r, Keep::None, precision);
+        per_token += match plan.reference_on_policy_buffers {
+            // A slot as large as the policy's comes out of the training pass's buffers.
+            true => own.saturating_sub(Activations::bytes_per_token(c, Keep::None, precision)),
+            false => own,
+        };
     }
     let head = 4 * head_scratch_floats(n as usize, c.hidden, c.vocab_size);
     // The rotary tables: one, plus the full-attention layers' own (`global_layers`, Gemma 3).
@@ -216,6 +228,7 @@ pub(super) fn check(
         row_tokens,
         batch_size: rows_in_flight,
         gradient_checkpointing: cfg.gradient_checkpointing,
+        reference_on_policy_buffers: !matches!(cfg.objective, Objective::Kto(_)),
         adapter,
         precision: cfg.precision,
     };
@@ -354,6 +367,7 @@ mod tests {
             policy: &c,
             optimizer: &o,
             reference: Some(&c),
+            reference_on_policy_buffers: false,
             row_tokens: vec![10, 30, 20],
             batch_size,
             gradient_checkpointing: false,
@@ -377,6 +391,7 @@ mod tests {
             policy: &c,
             optimizer: &o,
             reference: Some(&c),
+            reference_on_policy_buffers: false,
             row_tokens: vec![10, 30, 20],
             batch_size: 1,
             gradient_checkpointing: false,
@@ -404,6 +419,7 @@ mod tests {
             policy: &c,
             optimizer: &o,
             reference: Some(&c),
+            reference_on_policy_buffers: false,
             row_tokens: vec![10, 30, 20],
             batch_size: 2,
             gradient_checkpointing,
@@ -428,6 +444,7 @@ mod tests {
             policy: &c,
             optimizer: &o,
             reference: Some(&c),
+            reference_on_policy_buffers: false,
             row_tokens: vec![10, 30, 20],
             batch_size: 2,
             gradient_checkpointing: false,

@@ -51,7 +51,10 @@ pub struct BatchOutcome {
 /// Buffers reused from batch to batch.
 #[derive(Default)]
 pub struct Workspace {
+    /// The policy's passes, and the reference's forward of a pair batch (run before the policy's).
     pub policy: Activations,
+    /// Passes that run while the policy's training activations are held (KTO's reference and
+    /// mismatched-pair passes, after the policy's forward).
     pub reference: Activations,
     /// The embedding lookups' gradient of a micro-batch's chunks, added once every chunk's head gradient
     /// is in (see [`PendingEmbeddingGrads`]).
@@ -169,7 +172,9 @@ pub fn pair_batch<'m, 'g, G: Into<Grads<'g>>>(
     for part in rows.chunks(chunk) {
         let batch: Vec<&Example> = part.iter().map(|&i| &examples[i]).collect();
         let mut packed = pack_pairs(&batch, packing);
-        let refs = reference.pair_logps(part, &packed, &mut ws.reference, (policy, params))?;
+        // The reference's forward runs on the policy's buffers, whose contents are dead until the
+        // policy's forward below: the step holds one set of activations, not two.
+        let refs = reference.pair_logps(part, &packed, &mut ws.policy, (policy, params))?;
         let prompt = objective.reads_prompt().then(|| push_prompt_targets(&mut packed, &batch));
         let keep = ws.policy_keep(grads.is_some());
         let head = policy.logprobs(params, &packed.batch, &mut ws.policy, keep)?;

@@ -137,6 +137,13 @@ impl LayerActs {
         }
     }
 
+    /// The buffers a [`Keep::None`] pass's slot fills besides its input `x`: the products (in the order
+    /// of [`LayerActs::products_mut`]), `lse` and `x_mid`; bit `i` of [`Activations::lent`] is buffer `i`.
+    fn slot_buffers_mut(&mut self) -> [&mut Vec<f32>; PRODUCTS + 2] {
+        let s = self;
+        [&mut s.qkv, &mut s.qk_pre, &mut s.attn, &mut s.mlp_pre, &mut s.o_pre, &mut s.mlp_out, &mut s.lse, &mut s.x_mid]
+    }
+
     /// Frees the f32 products (a layer that keeps them in bf16).
     fn free_f32_products(&mut self) {
         self.products_mut().into_iter().for_each(|v| *v = Vec::new());
@@ -216,6 +223,9 @@ pub struct Activations {
     pub(crate) kept_bf16: bool,
     /// [`Activations::keeping_f32`].
     keep_f32: bool,
+    /// Which of `work`'s buffers ([`LayerActs::slot_buffers_mut`], one bit each) a [`Keep::None`] pass
+    /// run on the buffers of a training pass borrowed for its slot (`layers[0]`), to give back after it.
+    lent: u16,
     /// The adapter's dropout seed of the pass ([`super::Model::dropout_seed`]): a checkpointed backward
     /// recomputes each block with the masks its forward drew.
     pub(crate) dropout_seed: Option<u64>,
@@ -273,12 +283,32 @@ impl Activations {
 
     /// Sets up the layer buffers for a pass in `precision` that keeps `keep`, freeing what it does not
     /// use (the buffers of another mode or precision, left by an earlier pass).
+    ///
+    /// A [`Keep::None`] pass frees nothing: it runs in `layers[0]`, borrowing from `work` whatever a
+    /// training pass's layout keeps there (the f32 products of a bf16 pass, the whole slot of a
+    /// checkpointed one), and [`Activations::end_pass`] gives it back. So the reference's forward can run
+    /// on the buffers of the policy's training pass (a DPO step, before the policy's forward): it
+    /// overwrites their contents, dead between steps, and the step holds no second set of buffers.
     pub(crate) fn prepare_layers(&mut self, keep: Keep, n_layers: usize, precision: Precision) {
+        debug_assert_eq!(self.lent, 0, "a pass left borrowed buffers");
         self.kept = keep;
         self.work_layer = None;
-        self.kept_bf16 = precision == Precision::Bf16 && keep != Keep::None && !self.keep_f32;
-        let slots = if keep == Keep::None { 1 } else { n_layers };
-        self.layers.resize_with(slots, LayerActs::default);
+        if keep == Keep::None {
+            if self.layers.is_empty() {
+                self.layers.push(LayerActs::default());
+            }
+            let (slot, work) = (&mut self.layers[0], &mut self.work);
+            for (i, (s, w)) in slot.slot_buffers_mut().into_iter().zip(work.slot_buffers_mut()).enumerate() {
+                if s.capacity() < w.capacity() {
+                    std::mem::swap(s, w);
+                    self.lent |= 1 << i;
+                }
+            }
+            self.kept_bf16 = false;
+            return;
+        }
+        self.kept_bf16 = precision == Precision::Bf16 && !self.keep_f32;
+        self.layers.resize_with(n_layers, LayerActs::default);
         match keep {
             Keep::LayerInputs => self.layers.iter_mut().for_each(LayerActs::keep_only_input),
             // Kept in bf16: each layer's bf16 products, and the f32 ones in `work` alone.
@@ -289,10 +319,23 @@ impl Activations {
                 self.work = work;
             }
             Keep::All | Keep::None => {
+                // `Keep::None` returned above.
                 self.layers.iter_mut().for_each(|la| la.bf16 = Bf16Products::default());
                 self.work = LayerActs::default();
             }
         }
+    }
+
+    /// Ends a forward pass: gives back what a [`Keep::None`] pass borrowed from `work`
+    /// ([`Activations::prepare_layers`]).
+    pub(crate) fn end_pass(&mut self) {
+        let (slot, work) = (&mut self.layers[0], &mut self.work);
+        for (i, (s, w)) in slot.slot_buffers_mut().into_iter().zip(work.slot_buffers_mut()).enumerate() {
+            if self.lent & (1 << i) != 0 {
+                std::mem::swap(s, w);
+            }
+        }
+        self.lent = 0;
     }
 }
 
@@ -354,6 +397,10 @@ mod tests {
     use crate::presets::{self, init_random};
     use crate::{Decoder, Model};
 
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     /// Every byte the buffers of `a` hold, the per-target head vector aside.
     fn held(a: &Activations) -> u64 {
         let s = &a.scratch;
@@ -404,6 +451,26 @@ mod tests {
                     assert_eq!(held(&acts) + extra, bytes(keep), "{cfg:?} {precision} {keep:?}");
                 }
                 assert!(bytes(Keep::LayerInputs) < bytes(Keep::All), "{cfg:?} {precision}");
+                // A scoring pass run on a training pass's buffers (a DPO step's reference forward) holds
+                // nothing more, gives the log-probs of fresh buffers, and leaves the training pass's
+                // results unchanged.
+                let scored = m.logprobs(model, &b, &mut Activations::default(), Keep::None).unwrap();
+                for keep in [Keep::All, Keep::LayerInputs] {
+                    let mut trained = crate::Params::zeros(&cfg);
+                    let out = m.logprobs(model, &b, &mut acts, keep).unwrap();
+                    let dlogp = vec![1.0; out.logp.len()];
+                    m.backward_logprobs(model, &b, &mut acts, &dlogp, &mut trained).unwrap();
+                    let held_before = held(&acts);
+                    let shared = m.logprobs(model, &b, &mut acts, Keep::None).unwrap();
+                    assert_eq!(held(&acts), held_before, "{cfg:?} {precision} {keep:?}");
+                    assert_eq!(bits(&shared.logp), bits(&scored.logp), "{cfg:?} {precision} {keep:?}");
+                    let mut again = crate::Params::zeros(&cfg);
+                    let out2 = m.logprobs(model, &b, &mut acts, keep).unwrap();
+                    m.backward_logprobs(model, &b, &mut acts, &dlogp, &mut again).unwrap();
+                    assert_eq!(bits(&out2.logp), bits(&out.logp), "{cfg:?} {precision} {keep:?}");
+                    assert!(again == trained, "{cfg:?} {precision} {keep:?}: gradients differ");
+                    assert_eq!(held(&acts), held_before, "{cfg:?} {precision} {keep:?}");
+                }
                 // Buffers that keep f32 in a bf16 pass hold what an f32 pass does.
                 let mut f32_kept = Activations::default().keeping_f32();
                 let out = m.logprobs(model, &b, &mut f32_kept, Keep::All).unwrap();

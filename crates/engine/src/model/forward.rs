@@ -98,6 +98,7 @@ impl Decoder {
         fit(&mut s.stat_a, n);
         fit(&mut s.stat_b, n);
         norm_forward(cfg.norm, &p.norm_f, &mut acts.hidden, &mut s.stat_a, &mut s.stat_b, &acts.x_final, n, d);
+        acts.end_pass();
         Ok(())
     }
 
