@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 
 use crate::config::{parse_config, ModelConfig};
 use crate::error::{Error, Result};
-use crate::safetensors::write_f32;
+use crate::safetensors::write_f32_with;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{check_params, load_params, to_hf_tensors};
+use crate::weights::{check_params, load_params, HfTensors};
 
 /// A loaded model: its configuration, its weights, and where it came from.
 #[derive(Clone, Debug)]
@@ -135,7 +135,9 @@ fn write_all(tmp: &Path, config: &ModelConfig, params: &Params, source_dir: Opti
         }
     }
     write_json(&tmp.join("config.json"), &raw)?;
-    write_f32(&tmp.join("model.safetensors"), &to_hf_tensors(config, params))?;
+    // One converted tensor at a time: a checkpoint written mid-run holds no second copy of the model.
+    let hf = HfTensors::new(config, params);
+    write_f32_with(&tmp.join("model.safetensors"), &hf.shapes, |i| hf.values(i))?;
     if let Some(src) = source_dir {
         for f in COPIED {
             let from = src.join(f);

@@ -339,15 +339,15 @@ fn views(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<(&str, F32Vie
     Ok(order.into_iter().map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d })).collect())
 }
 
-/// The crate's header for `views` (tensors in this order), padded with spaces to a multiple of 8 bytes.
-fn header(views: &[(&str, F32View<'_>)]) -> Result<Vec<u8>, String> {
+/// The crate's header for tensors of these names and shapes, in this order, padded with spaces to a
+/// multiple of 8 bytes.
+fn header<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize])>) -> Result<Vec<u8>, String> {
     let mut offset = 0;
-    let infos = views
-        .iter()
-        .map(|(name, v)| {
-            let info =
-                StInfo { dtype: StDtype::F32, shape: v.shape.to_vec(), data_offsets: (offset, offset + v.data_len()) };
-            offset += v.data_len();
+    let infos = tensors
+        .map(|(name, shape)| {
+            let len = 4 * shape.iter().product::<usize>();
+            let info = StInfo { dtype: StDtype::F32, shape: shape.to_vec(), data_offsets: (offset, offset + len) };
+            offset += len;
             (name.to_string(), info)
         })
         .collect();
@@ -363,17 +363,51 @@ pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u
     safetensors::serialize(views(tensors)?, pt_metadata()).map_err(|e| e.to_string())
 }
 
-/// Writes f32 `tensors` to `path` atomically, the same bytes as [`serialize_f32`]: the crate's header, then
-/// the data streamed tensor by tensor into a temporary file in the same directory (no second copy of the
-/// weights in memory), synced, then renamed. On failure (a full disk, a file-size limit) the temporary
-/// file is removed and `path` is untouched.
+/// Writes f32 `tensors` to `path` atomically, the same bytes as [`serialize_f32`] (see
+/// [`write_f32_with`]). Checked before anything is written.
 pub fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
-    let views = views(tensors).map_err(|m| Error::st(path, None, m))?;
-    let header = header(&views).map_err(|m| Error::st(path, None, m))?;
+    views(tensors).map_err(|m| Error::st(path, None, m))?;
+    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+    write_f32_with(path, &shapes, |i| Cow::Borrowed(&tensors[i].2[..]))
+}
+
+/// Writes f32 tensors of these names and shapes to `path` atomically, the bytes [`serialize_f32`] gives
+/// for them: the crate's header, then each tensor's values, asked of `values(i)` (`i` indexing `shapes`)
+/// only when its turn comes in the file's name order, so a caller converting weights to another layout
+/// holds one converted tensor at a time, never a second copy of the model. The data is streamed into a
+/// temporary file in the same directory, synced, then renamed; on failure (values that do not fill
+/// their shape, a full disk, a file-size limit) the temporary file is removed and `path` is untouched.
+pub fn write_f32_with<'v>(
+    path: &Path,
+    shapes: &[(String, Vec<usize>)],
+    mut values: impl FnMut(usize) -> Cow<'v, [f32]>,
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..shapes.len()).collect();
+    order.sort_by(|&a, &b| shapes[a].0.cmp(&shapes[b].0));
+    for (k, &i) in order.iter().enumerate() {
+        let name = &shapes[i].0;
+        if k > 0 && shapes[order[k - 1]].0 == *name {
+            return Err(Error::st(path, None, format!("tensor `{name}` appears twice")));
+        }
+        if name == "__metadata__" {
+            return Err(Error::st(path, None, "a tensor cannot be named `__metadata__`"));
+        }
+    }
+    let header = header(order.iter().map(|&i| (shapes[i].0.as_str(), &shapes[i].1[..])))
+        .map_err(|m| Error::st(path, None, m))?;
     crate::atomic::write_with(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
-        views.iter().try_for_each(|(_, v)| out.write_all(&v.data()))
+        for &i in &order {
+            let (name, shape) = &shapes[i];
+            let v = values(i);
+            if v.len() != shape.iter().product::<usize>() {
+                let msg = format!("tensor `{name}`: shape {shape:?} does not match its {} values", v.len());
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg));
+            }
+            out.write_all(&F32View { shape, data: &v }.data())?;
+        }
+        Ok(())
     })
     .map_err(|e| Error::io(path, e))
 }
@@ -575,6 +609,33 @@ mod tests {
         assert_eq!(st.read_f32("b").unwrap().data, vec![-0.25]);
         let e = st.read_f32("c").unwrap_err().to_string();
         assert!(e.contains("tensor `c`") && e.contains("I64"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Values asked for one tensor at a time, in the file's name order, give the bytes of the whole set;
+    /// values that do not fill their shape fail the write and leave the previous file as it was.
+    #[test]
+    fn streamed_writes_are_the_whole_serialisation() {
+        let dir = std::env::temp_dir().join(format!("hf-st-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.safetensors");
+        let tensors = vec![
+            ("zeta".to_string(), vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]),
+            ("alpha".to_string(), vec![3], vec![-1.0, 0.5, 9.0]),
+        ];
+        let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+        let mut asked = Vec::new();
+        write_f32_with(&p, &shapes, |i| {
+            asked.push(i);
+            Cow::Owned(tensors[i].2.clone())
+        })
+        .unwrap();
+        assert_eq!(asked, vec![1, 0], "name order");
+        assert_eq!(std::fs::read(&p).unwrap(), serialize_f32(&tensors).unwrap());
+        let e = write_f32_with(&p, &shapes, |i| Cow::Owned(vec![0.0; i + 1])).unwrap_err().to_string();
+        assert!(e.contains("`alpha`") && e.contains("does not match"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), serialize_f32(&tensors).unwrap());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

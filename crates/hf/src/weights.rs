@@ -5,6 +5,7 @@
 //! (q/k/v, gate/up) or de-interleaved (NeoX stores q/k/v rows as `[n_heads, 3, head_dim]`). Loading and
 //! saving both walk the same plan, so they are inverses.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -139,24 +140,69 @@ pub fn check_params(config: &ModelConfig, params: &Params) -> std::result::Resul
 }
 
 /// The inverse of loading: `(HF name, HF shape, values)` for every tensor, as transformers saves them
-/// (a tied model has no `lm_head.weight` / `embed_out.weight`).
+/// (a tied model has no `lm_head.weight` / `embed_out.weight`). A copy of the whole model: to write it,
+/// [`HfTensors`] converts one tensor at a time.
 ///
 /// `params` must match `config` ([`check_params`]); it does when it came from [`load_params`] or
 /// `Params::zeros(&config.decoder)`. Panics otherwise (a programming error, not bad input).
 pub fn to_hf_tensors(config: &ModelConfig, params: &Params) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let named = params.named();
-    let mut out = Vec::new();
-    let entries = plan(config.naming, &config.decoder)
-        .unwrap_or_else(|e| panic!("to_hf_tensors: the naming table has no HF module for `{}`", e.0));
-    for entry in entries {
-        let Some((_, t)) = named.iter().find(|(n, _)| *n == entry.engine) else {
-            panic!("to_hf_tensors: params lack `{}`; they do not match the config", entry.engine)
-        };
-        for ((name, shape), data) in entry.hf.iter().zip(from_engine(&entry, t, &config.decoder)) {
-            out.push((name.clone(), shape.clone(), data));
+    let hf = HfTensors::new(config, params);
+    hf.shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| (name.clone(), shape.clone(), hf.values(i).into_owned()))
+        .collect()
+}
+
+/// A model's tensors as transformers names and shapes them, each one's values made on request: borrowed
+/// where the layouts agree, converted (a transpose, a de-interleave) into a new buffer where they do not.
+pub struct HfTensors<'a> {
+    /// `(HF name, HF shape)` of every tensor.
+    pub shapes: Vec<(String, Vec<usize>)>,
+    /// Per tensor: its engine tensor, the plan entry it comes from and which of the entry's HF parts it is.
+    sources: Vec<(&'a Tensor, usize, usize)>,
+    entries: Vec<Entry>,
+    cfg: &'a DecoderConfig,
+}
+
+impl<'a> HfTensors<'a> {
+    /// The tensors of `params` (which must match `config`, as for [`to_hf_tensors`]).
+    pub fn new(config: &'a ModelConfig, params: &'a Params) -> Self {
+        let named = params.named();
+        let entries = plan(config.naming, &config.decoder)
+            .unwrap_or_else(|e| panic!("to_hf_tensors: the naming table has no HF module for `{}`", e.0));
+        let (mut shapes, mut sources) = (Vec::new(), Vec::new());
+        for (e, entry) in entries.iter().enumerate() {
+            let Some(&(_, t)) = named.iter().find(|(n, _)| *n == entry.engine) else {
+                panic!("to_hf_tensors: params lack `{}`; they do not match the config", entry.engine)
+            };
+            for (part, (name, shape)) in entry.hf.iter().enumerate() {
+                shapes.push((name.clone(), shape.clone()));
+                sources.push((t, e, part));
+            }
+        }
+        HfTensors { shapes, sources, entries, cfg: &config.decoder }
+    }
+
+    /// The values of tensor `i` (of [`HfTensors::shapes`]) in transformers' layout.
+    pub fn values(&self, i: usize) -> Cow<'a, [f32]> {
+        let (t, e, part) = self.sources[i];
+        let entry = &self.entries[e];
+        let s = &entry.hf[0].1;
+        match entry.layout {
+            Hf::Rows(_) => {
+                let start: usize = entry.hf[..part].iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+                let n: usize = entry.hf[part].1.iter().product();
+                Cow::Borrowed(&t.data[start..start + n])
+            }
+            Hf::Conv1D(_) if s.len() == 2 => Cow::Owned(transpose(&t.data, s[1], s[0])),
+            Hf::HeadsInterleaved(_) => {
+                let cols = if s.len() == 2 { s[1] } else { 1 };
+                Cow::Owned(neox_qkv(&t.data, self.cfg.n_heads, self.cfg.head_dim, cols, true))
+            }
+            Hf::Same(_) | Hf::Conv1D(_) => Cow::Borrowed(&t.data[..]),
         }
     }
-    out
 }
 
 /// HF parts (in `entry.hf` order, shapes already checked) → engine data.
@@ -170,32 +216,6 @@ fn to_engine(entry: &Entry, parts: Vec<Vec<f32>>, cfg: &DecoderConfig) -> Vec<f3
             neox_qkv(&parts[0], cfg.n_heads, cfg.head_dim, cols, false)
         }
         Hf::Same(_) | Hf::Conv1D(_) => parts.into_iter().next().unwrap_or_default(),
-    }
-}
-
-/// Engine tensor → HF parts, in `entry.hf` order.
-fn from_engine(entry: &Entry, t: &Tensor, cfg: &DecoderConfig) -> Vec<Vec<f32>> {
-    let s = &entry.hf[0].1;
-    match entry.layout {
-        Hf::Rows(_) => {
-            let mut rest = &t.data[..];
-            entry
-                .hf
-                .iter()
-                .map(|(_, s)| {
-                    let n = s.iter().product();
-                    let (head, tail) = rest.split_at(n);
-                    rest = tail;
-                    head.to_vec()
-                })
-                .collect()
-        }
-        Hf::Conv1D(_) if s.len() == 2 => vec![transpose(&t.data, s[1], s[0])],
-        Hf::HeadsInterleaved(_) => {
-            let cols = if s.len() == 2 { s[1] } else { 1 };
-            vec![neox_qkv(&t.data, cfg.n_heads, cfg.head_dim, cols, true)]
-        }
-        Hf::Same(_) | Hf::Conv1D(_) => vec![t.data.clone()],
     }
 }
 

@@ -180,6 +180,10 @@ fn save_then_load_is_lossless() {
             tensor_bytes(&src.join("model.safetensors")),
             "{arch}"
         );
+        // Written one converted tensor at a time, the file is byte for byte the serialisation of the whole
+        // converted model.
+        let whole = dpo_hf::safetensors::serialize_f32(&dpo_hf::to_hf_tensors(&m.config, &m.params)).unwrap();
+        assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), whole, "{arch}");
         for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
             assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(src.join(f)).unwrap(), "{f}");
         }

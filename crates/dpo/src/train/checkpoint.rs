@@ -7,6 +7,7 @@
 //! A LoRA run's checkpoint holds no model: `adapter/` (a PEFT adapter directory) and the adapter's
 //! optimizer state, the base being the run's `--model`.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use engine::optim::{Optimizer, OptimizerConfig, OptimizerState};
@@ -138,14 +139,12 @@ fn write(
     let result = (|| -> Result<(), TrainError> {
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         trained(&tmp)?;
-        let opt = optimizer.state();
-        let steps = opt.steps;
-        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
-            opt.buffers.into_iter().map(|(n, t)| (n, t.shape, t.data)).collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        // The moments are written from the optimizer's own buffers, not a copy of them.
+        let steps = optimizer.steps_taken();
+        let buffers: Vec<(String, &[usize], &[f32])> = optimizer.buffers().collect();
+        let shapes: Vec<(String, Vec<usize>)> = buffers.iter().map(|(n, s, _)| (n.clone(), s.to_vec())).collect();
         let opt_path = tmp.join("optimizer.safetensors");
-        hf::safetensors::write_f32(&opt_path, &tensors)?;
-        drop(tensors);
+        hf::safetensors::write_f32_with(&opt_path, &shapes, |i| Cow::Borrowed(buffers[i].2))?;
         let meta = serde_json::json!({ "state": state, "optimizer_step": steps, "total_steps": total_steps });
         let meta_path = tmp.join("trainer_state.json");
         crate::io::write_atomic(&meta_path, serde_json::to_string_pretty(&meta).expect("json").as_bytes())

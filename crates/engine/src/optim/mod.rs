@@ -260,14 +260,17 @@ impl Optimizer {
 
     /// A copy of the state, for a checkpoint: buffers kind by kind, each in canonical tensor order.
     pub fn state(&self) -> OptimizerState {
-        let mut buffers = Vec::new();
-        for (k, kind) in self.cfg.buffer_kinds().iter().enumerate() {
-            for slot in &self.slots {
-                let t = Tensor { shape: slot.shape.clone(), data: slot.buffers[k].clone() };
-                buffers.push((format!("{kind}.{}", slot.name), t));
-            }
-        }
-        OptimizerState { steps: self.steps, buffers }
+        let buffers =
+            self.buffers().map(|(name, shape, data)| (name, Tensor { shape: shape.to_vec(), data: data.to_vec() }));
+        OptimizerState { steps: self.steps, buffers: buffers.collect() }
+    }
+
+    /// The buffers of [`Optimizer::state`], named and ordered as there, borrowed: what a checkpoint writes
+    /// without copying the optimizer's state (two copies of the model for AdamW).
+    pub fn buffers(&self) -> impl Iterator<Item = (String, &[usize], &[f32])> + '_ {
+        self.cfg.buffer_kinds().iter().enumerate().flat_map(move |(k, kind)| {
+            self.slots.iter().map(move |slot| (format!("{kind}.{}", slot.name), &slot.shape[..], &slot.buffers[k][..]))
+        })
     }
 
     pub fn config(&self) -> &OptimizerConfig {
