@@ -22,11 +22,6 @@ fn final_weights(run: &Path) -> Vec<u8> {
     std::fs::read(run.join("final/model.safetensors")).unwrap()
 }
 
-/// Lines in a file (0 when it does not exist yet).
-fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
-}
-
 #[test]
 fn sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run() {
     let dir = scratch("sigterm");

@@ -314,10 +314,6 @@ fn eval_and_logps_sharded_print_what_one_process_prints() {
     }
 }
 
-fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
-}
-
 /// Starts a long 2-rank run and waits until it has logged `steps` steps.
 fn long_run(run: &Path, steps: usize) -> std::process::Child {
     let mut c = mpirun(2);

@@ -155,11 +155,6 @@ fn resuming_with_another_model_is_refused_before_training() {
     assert!(err.contains("resuming at step 2"), "{err}");
 }
 
-/// Lines in a file (0 when it does not exist yet).
-fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
-}
-
 /// Kills the child when dropped, so that a failing test leaves no training process behind.
 struct KillOnDrop(std::process::Child);
 

@@ -106,6 +106,11 @@ pub fn train(model: &Path, data: &Path, output: &Path) -> Command {
     c
 }
 
+/// Lines in a file (0 when it does not exist yet): how far a run's `metrics.jsonl` has got.
+pub fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
+}
+
 /// The checkpoint directories (`step-N`) of a run, oldest first.
 pub fn checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
     let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(run.join("checkpoints"))
