@@ -208,7 +208,7 @@ pub fn train_online(
     let model_cfg = hf::load_config(&cfg.model)?;
     let lora = LoraRun::prepare(&mut cfg, &model_cfg)?;
     let cfg = &cfg;
-    let model = hf::load_model(&cfg.model)?;
+    let mut model = hf::load_model(&cfg.model)?;
     let start = super::setup::start_point(cfg, opts, &model, lora.as_ref(), log)?;
     let ref_dir = cfg.ref_model.clone().unwrap_or_else(|| cfg.model.clone());
     let reference = match &lora {
@@ -222,6 +222,10 @@ pub fn train_online(
         }
         _ => Reference::load(&ref_dir, &model.config, None, cfg.precision)?,
     };
+    if lora.is_none() {
+        // Samples come from the trained copy; the reference holds its own.
+        super::setup::free_loaded_weights(&mut model);
+    }
     let workload = OnlineDpoWorkload {
         prompts,
         reference: &reference,

@@ -292,12 +292,16 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let data = attach_reference(cfg, data, &model, frozen.as_ref(), lora.as_ref(), tokenizer.as_ref(), log)?;
     let mut model = model;
     if lora.is_none() {
-        // A full run trains its own copy (`start`) and holds its reference apart: nothing reads the loaded
-        // weights again (their configuration, yes), so they are freed rather than held through the run,
-        // one f32 copy of the model (4 bytes a parameter) less at the peak. The tensors keep their shapes.
-        model.params.named_mut().into_iter().for_each(|(_, t)| t.data = Vec::new());
+        free_loaded_weights(&mut model);
     }
     Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen }, start))
+}
+
+/// Frees the loaded weights of a full run once they are copied into the trained set (`start_point`) and the
+/// reference: nothing reads them again (their configuration, yes), so they are not held through the run,
+/// one f32 copy of the model (4 bytes a parameter) less at the peak. The tensors keep their shapes.
+pub(super) fn free_loaded_weights(model: &mut hf::HfModel) {
+    model.params.named_mut().into_iter().for_each(|(_, t)| t.data = Vec::new());
 }
 
 /// The reference's configuration, after checking that it reads the policy's token ids (before any
