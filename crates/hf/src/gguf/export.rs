@@ -13,6 +13,7 @@
 //! Tensor types: 1-D tensors (norms, biases, rope factors) stay f32 as in llama.cpp's converter; 2-D
 //! weights take the requested type, Q8_0 falling back to f16 for a row length that is not a multiple of 32.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use engine::{NormKind, PositionKind, RopeScaling};
@@ -22,7 +23,7 @@ use super::quant::{encode, Q8_0_BLOCK};
 use crate::error::{Error, Result};
 use crate::model_dir::HfModel;
 use crate::tokenizer::Tokenizer;
-use crate::weights::to_hf_tensors;
+use crate::weights::HfTensors;
 
 /// The weight type asked for (`--dtype`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,19 +210,22 @@ fn gguf_name(arch: Arch, hf: &str) -> Option<(String, bool)> {
 fn tensors(arch: Arch, model: &HfModel, dtype: GgufDtype) -> Result<Vec<Tensor>> {
     let c = &model.config.decoder;
     let mut out = Vec::new();
-    for (hf, shape, mut data) in to_hf_tensors(&model.config, &model.params) {
-        let (name, conv1d) = gguf_name(arch, &hf).ok_or_else(|| {
+    // One HF tensor at a time: the export holds the model and its encoded tensors, not an f32 copy too.
+    let hf_tensors = HfTensors::new(&model.config, &model.params);
+    for (i, (hf, shape)) in hf_tensors.shapes.iter().enumerate() {
+        let (name, conv1d) = gguf_name(arch, hf).ok_or_else(|| {
             Error::dir(&model.dir, format!("tensor `{hf}` has no llama.cpp name for {}", arch.name()))
         })?;
+        let mut data = hf_tensors.values(i);
         // Shape as PyTorch lays it out for llama.cpp: [rows (out), cols (in)].
-        let mut shape = shape;
+        let mut shape = shape.clone();
         if conv1d && shape.len() == 2 {
-            data = transpose(&data, shape[0], shape[1]);
+            data = Cow::Owned(transpose(&data, shape[0], shape[1]));
             shape.swap(0, 1);
         }
         if arch == Arch::Llama && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
             let cols = shape.get(1).copied().unwrap_or(1);
-            data = rope_interleave(&data, c.head_dim, cols);
+            data = Cow::Owned(rope_interleave(&data, c.head_dim, cols));
         }
         let ty = match shape.as_slice() {
             [_, cols] => dtype.matrix_type(*cols),
