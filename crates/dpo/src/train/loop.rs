@@ -4,7 +4,8 @@
 //! for each optimizer step (Trainer::step):
 //!     for each of grad_accum micro-batches (rows in file order or a seeded per-epoch shuffle):
 //!         policy forward (activations kept) -> reference log-probs -> objective -> backward, scaled 1/grad_accum
-//!     non-finite check -> clip global norm -> optimizer step at the scheduled rate
+//!     non-finite check -> global gradient norm -> optimizer step at the scheduled rate, which scales
+//!     (clips), applies and zeroes each chunk of the gradients in one pass
 //! then (run): metrics line, evaluation / checkpoint when due, stop cleanly when interrupted
 //! ```
 
@@ -15,7 +16,7 @@ use std::time::Instant;
 
 use engine::kernels::Precision;
 use engine::model::Model;
-use engine::optim::{clip_grad_norm, lr_at, Optimizer};
+use engine::optim::{clip_coefficient, lr_at, Optimizer};
 use engine::rng::Rng;
 use engine::{Decoder, ParamSet};
 
@@ -168,7 +169,8 @@ impl<'c> Trainer<'c> {
         // Data parallelism: every rank now holds the sum of the ranks' shares (nothing with one process).
         crate::dist::reduce_grads(&mut self.grads);
         let t_update = Instant::now();
-        let grad_norm = if finite { clip_grad_norm(&mut self.grads, self.cfg.max_grad_norm) } else { f64::NAN };
+        let (grad_norm, clip) =
+            if finite { clip_coefficient(&self.grads, self.cfg.max_grad_norm) } else { (f64::NAN, None) };
         let cfg = self.cfg;
         let lr = lr_at(cfg.scheduler, cfg.lr, cfg.warmup_steps, self.total, self.state.step);
         self.state.num_tokens += tokens;
@@ -178,11 +180,12 @@ impl<'c> Trainer<'c> {
             (true, false) => Some("gradient"),
         };
         if nonfinite.is_none() {
-            self.optimizer.step(&mut self.trained, &self.grads, lr);
+            // Clipping, the update and zeroing the gradients for the next step, in one pass.
+            self.optimizer.step_and_clear(&mut self.trained, &mut self.grads, lr, clip);
         } else {
             self.state.skipped_steps += 1;
+            self.grads.fill_zero();
         }
-        self.grads.fill_zero();
         self.state.step += 1;
         let update_secs = t_update.elapsed().as_secs_f64();
         Ok(StepOutcome {

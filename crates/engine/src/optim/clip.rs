@@ -23,15 +23,22 @@ pub fn global_grad_norm<G: ParamSet + ?Sized>(grads: &G) -> f64 {
 /// are only touched when the coefficient is below 1, or NaN (a NaN norm makes every gradient NaN in torch
 /// too; check [`grads_finite`] first).
 pub fn clip_grad_norm<G: ParamSet + ?Sized>(grads: &mut G, max_norm: f64) -> f64 {
-    let norm = global_grad_norm(grads);
-    let total = norm as f32;
-    let coef = (1.0f32 / (total + 1e-6f32)) * max_norm as f32;
-    if coef < 1.0 || coef.is_nan() {
+    let (norm, coef) = clip_coefficient(grads, max_norm);
+    if let Some(coef) = coef {
         for (_, t) in grads.named_mut() {
             t.data.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x *= coef));
         }
     }
     norm
+}
+
+/// The global norm of `grads` and the factor [`clip_grad_norm`] multiplies them by (`None` when it leaves
+/// them alone), without scaling them: for [`super::Optimizer::step_and_clear`], which scales each chunk as
+/// it updates from it.
+pub fn clip_coefficient<G: ParamSet + ?Sized>(grads: &G, max_norm: f64) -> (f64, Option<f32>) {
+    let norm = global_grad_norm(grads);
+    let coef = (1.0f32 / (norm as f32 + 1e-6f32)) * max_norm as f32;
+    (norm, (coef < 1.0 || coef.is_nan()).then_some(coef))
 }
 
 /// Whether every gradient is finite (no NaN, no infinity).

@@ -272,3 +272,34 @@ fn steps_are_identical_on_one_and_two_threads() {
         assert!(one.3 == two.3, "clipped grads depend on the thread count");
     }
 }
+
+/// Clipping, stepping and zeroing in one pass give the bits of the three passes one after the other, for
+/// every optimizer, with and without a clip, over a wte that spans several chunks (its length not a
+/// multiple of the chunk) and with a tensor the optimizer does not train.
+#[test]
+fn step_and_clear_is_clip_step_zero() {
+    let cfg = gpt2_tiny();
+    for ocfg in configs() {
+        for max_norm in [1e-3, 1e6] {
+            let only_blocks = |name: &str| name != "wpe";
+            let p0 = random_params(&cfg, 1, 0.1);
+            let (mut a, mut b) = (p0.clone(), p0.clone());
+            let mut oa = Optimizer::with_trainable(ocfg.clone(), &p0, only_blocks);
+            let mut ob = oa.clone();
+            for t in 0..3 {
+                let g = random_params(&cfg, 200 + t, 0.5);
+                let (mut ga, mut gb) = (g.clone(), g);
+                let norm_a = clip_grad_norm(&mut ga, max_norm);
+                oa.step(&mut a, &ga, 1e-2);
+                ga.fill_zero();
+                let (norm_b, coef) = clip_coefficient(&gb, max_norm);
+                assert_eq!(coef.is_some(), max_norm < 1.0, "{ocfg:?}");
+                ob.step_and_clear(&mut b, &mut gb, 1e-2, coef);
+                assert_eq!(norm_a.to_bits(), norm_b.to_bits(), "{ocfg:?}");
+                assert!(a == b, "{ocfg:?} max_norm {max_norm} step {t}: parameters differ");
+                assert!(ga == gb, "{ocfg:?} max_norm {max_norm} step {t}: gradients not all zero");
+                assert!(oa.state() == ob.state(), "{ocfg:?} max_norm {max_norm} step {t}: state differs");
+            }
+        }
+    }
+}
