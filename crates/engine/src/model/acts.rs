@@ -297,13 +297,7 @@ impl Activations {
             if self.layers.is_empty() {
                 self.layers.push(LayerActs::default());
             }
-            let (slot, work) = (&mut self.layers[0], &mut self.work);
-            for (i, (s, w)) in slot.slot_buffers_mut().into_iter().zip(work.slot_buffers_mut()).enumerate() {
-                if s.capacity() < w.capacity() {
-                    std::mem::swap(s, w);
-                    self.lent |= 1 << i;
-                }
-            }
+            self.lent = self.exchange_slot(|_, slot, work| slot.capacity() < work.capacity());
             self.kept_bf16 = false;
             return;
         }
@@ -318,8 +312,8 @@ impl Activations {
                 work.swap_products(&mut self.work);
                 self.work = work;
             }
+            // `Keep::None` returned above.
             Keep::All | Keep::None => {
-                // `Keep::None` returned above.
                 self.layers.iter_mut().for_each(|la| la.bf16 = Bf16Products::default());
                 self.work = LayerActs::default();
             }
@@ -329,13 +323,22 @@ impl Activations {
     /// Ends a forward pass: gives back what a [`Keep::None`] pass borrowed from `work`
     /// ([`Activations::prepare_layers`]).
     pub(crate) fn end_pass(&mut self) {
+        let lent = std::mem::take(&mut self.lent);
+        self.exchange_slot(|i, _, _| lent & (1 << i) != 0);
+    }
+
+    /// Swaps each buffer of `layers[0]`'s slot ([`LayerActs::slot_buffers_mut`]) with `work`'s where
+    /// `swap(i, slot's, work's)` says so; returns which it swapped, bit `i` for buffer `i`.
+    fn exchange_slot(&mut self, swap: impl Fn(usize, &Vec<f32>, &Vec<f32>) -> bool) -> u16 {
         let (slot, work) = (&mut self.layers[0], &mut self.work);
+        let mut swapped = 0;
         for (i, (s, w)) in slot.slot_buffers_mut().into_iter().zip(work.slot_buffers_mut()).enumerate() {
-            if self.lent & (1 << i) != 0 {
+            if swap(i, s, w) {
                 std::mem::swap(s, w);
+                swapped |= 1 << i;
             }
         }
-        self.lent = 0;
+        swapped
     }
 }
 

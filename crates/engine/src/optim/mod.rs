@@ -385,7 +385,7 @@ fn update(cfg: &OptimizerConfig, decay: bool, lr: f64, t: u64, p: &mut [f32], g:
     }
 }
 
-/// [`for_chunks`] with the gradient writable: `f` on matching chunks of the four slices, in parallel.
+/// [`for_chunks`] with the gradient writable (a fused step scales and zeroes it).
 fn for_chunks_mut(
     p: &mut [f32],
     g: &mut [f32],
@@ -393,11 +393,8 @@ fn for_chunks_mut(
     b: &mut [f32],
     f: impl Fn(&mut [f32], &mut [f32], &mut [f32], &mut [f32]) + Sync,
 ) {
-    let n = p.len();
-    assert!(g.len() == n && (a.is_empty() || a.len() == n) && (b.is_empty() || b.len() == n));
-    let tasks = n.div_ceil(CHUNK);
-    let (a, b) = (split_chunks(a, tasks), split_chunks(b, tasks));
-    p.par_chunks_mut(CHUNK).zip(g.par_chunks_mut(CHUNK)).zip(a).zip(b).for_each(|(((p, g), a), b)| f(p, g, a, b));
+    let n = g.len();
+    zip_chunks(p, n, g.par_chunks_mut(CHUNK), a, b, f)
 }
 
 /// Runs `f(p, g, a, b)` on matching chunks of the four slices, in parallel when they are longer than one
@@ -410,17 +407,37 @@ fn for_chunks(
     b: &mut [f32],
     f: impl Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]) + Sync,
 ) {
-    let n = p.len();
-    assert!(g.len() == n && (a.is_empty() || a.len() == n) && (b.is_empty() || b.len() == n));
-    if n <= CHUNK {
+    if p.len() <= CHUNK {
+        check_lengths(p.len(), g.len(), a, b);
         return f(p, g, a, b);
     }
+    zip_chunks(p, g.len(), g.par_chunks(CHUNK), a, b, f)
+}
+
+/// `f` on the [`CHUNK`]-long pieces of `p`, of the gradient (`g`, `g_len` values, read or written) and of
+/// the optimizer buffers `a` and `b` (or empty pieces where there is no such buffer), in parallel.
+fn zip_chunks<G: IndexedParallelIterator>(
+    p: &mut [f32],
+    g_len: usize,
+    g: G,
+    a: &mut [f32],
+    b: &mut [f32],
+    f: impl Fn(&mut [f32], G::Item, &mut [f32], &mut [f32]) + Sync,
+) {
+    let n = p.len();
+    check_lengths(n, g_len, a, b);
     let tasks = n.div_ceil(CHUNK);
     p.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
+        .zip(g)
         .zip(split_chunks(a, tasks))
         .zip(split_chunks(b, tasks))
         .for_each(|(((p, g), a), b)| f(p, g, a, b));
+}
+
+/// The gradient and the optimizer buffers (or empty ones) are as long as the parameter: a layout other
+/// than the optimizer was built for is a programming error.
+fn check_lengths(n: usize, g_len: usize, a: &[f32], b: &[f32]) {
+    assert!(g_len == n && (a.is_empty() || a.len() == n) && (b.is_empty() || b.len() == n));
 }
 
 /// `s` in chunks of [`CHUNK`], or `tasks` empty slices where the optimizer has no such buffer.
