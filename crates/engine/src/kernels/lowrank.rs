@@ -33,12 +33,7 @@ const BLOCK: usize = 32;
 pub fn rank_product(c: &mut [f32], x: Cols, w: &[f32], n: usize, k: usize, r: usize, alpha: f32) {
     assert_eq!(c.len(), n * r, "rank_product: C is not [n, r]");
     assert_eq!(w.len(), k * r, "rank_product: W is not [k, r]");
-    assert!(
-        n == 0 || (x.col + k <= x.ld && (n - 1) * x.ld + x.col + k <= x.data.len()),
-        "rank_product: X [{n}, {k}] at column {} is outside [_, {}]",
-        x.col,
-        x.ld
-    );
+    x.assert_holds(n, k, "rank_product: X");
     if n == 0 || r == 0 {
         return;
     }
@@ -75,12 +70,7 @@ fn padded(w: &[f32], r: usize) -> Vec<f32> {
 pub fn rank_outer(c: &mut [f32], u: &[f32], x: Cols, n: usize, r: usize, m: usize, acc: Accumulate) {
     assert_eq!(c.len(), r * m, "rank_outer: C is not [r, m]");
     assert_eq!(u.len(), n * r, "rank_outer: U is not [n, r]");
-    assert!(
-        n == 0 || (x.col + m <= x.ld && (n - 1) * x.ld + x.col + m <= x.data.len()),
-        "rank_outer: X [{n}, {m}] at column {} is outside [_, {}]",
-        x.col,
-        x.ld
-    );
+    x.assert_holds(n, m, "rank_outer: X");
     if r == 0 || m == 0 {
         return;
     }

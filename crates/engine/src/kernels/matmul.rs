@@ -232,17 +232,18 @@ impl<'a> Cols<'a> {
         Cols { data, ld, col: 0 }
     }
 
-    /// The view of the `rows x cols` block from column `col` (transposed: read as `cols x rows`), after
-    /// checking it lies inside `data`.
-    fn view(self, rows: usize, cols: usize, transposed: bool, what: &str) -> View {
+    /// Panics, naming `what`, unless the `rows x cols` block from column `col` lies inside `data`.
+    pub(crate) fn assert_holds(self, rows: usize, cols: usize, what: &str) {
         let in_bounds = rows == 0
             || cols == 0
             || (self.col + cols <= self.ld && (rows - 1) * self.ld + self.col + cols <= self.data.len());
-        assert!(
-            in_bounds,
-            "matmul_cols: {what} block [{rows}, {cols}] at column {} is outside [_, {}]",
-            self.col, self.ld
-        );
+        assert!(in_bounds, "{what}: block [{rows}, {cols}] at column {} is outside [_, {}]", self.col, self.ld);
+    }
+
+    /// The view of the `rows x cols` block from column `col` (transposed: read as `cols x rows`), after
+    /// checking it lies inside `data`.
+    fn view(self, rows: usize, cols: usize, transposed: bool, what: &str) -> View {
+        self.assert_holds(rows, cols, &format!("matmul_cols: {what}"));
         let ptr = self.data[self.col.min(self.data.len())..].as_ptr();
         let ld = self.ld as isize;
         if transposed {
