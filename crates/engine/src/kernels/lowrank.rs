@@ -11,8 +11,8 @@
 //!
 //! Numerics: each output is one chain of fused multiply-adds in the order of the sum's index, from zero
 //! (or from `C`), then scaled by `alpha`. Tasks split the rows of `X` ([`rank_product`]) or the columns of
-//! `C` ([`rank_outer`]), never a sum, so the bits do not depend on the thread count, and the variants of
-//! AVX-512 kernels and the portable loops give the same bits (both fuse each multiply-add).
+//! `C` ([`rank_outer`]), never a sum, so the bits do not depend on the thread count; the AVX-512 kernels
+//! and the portable loops give the same bits (both fuse each multiply-add).
 
 use rayon::prelude::*;
 
