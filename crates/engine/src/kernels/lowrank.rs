@@ -14,6 +14,8 @@
 //! `C` ([`rank_outer`]), never a sum, so the bits do not depend on the thread count; the AVX-512 kernels
 //! and the portable loops give the same bits (both fuse each multiply-add).
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::matmul::{Accumulate, Cols};
@@ -84,39 +86,55 @@ pub fn rank_outer(c: &mut [f32], u: &[f32], x: Cols, n: usize, r: usize, m: usiz
             let (j0, width) = (gi * group, (m - gi * group).min(group));
             let mut strips = vec![0.0f32; width.div_ceil(L) * r * L];
             if add {
-                for (s, strip) in strips.chunks_exact_mut(r * L).enumerate() {
-                    let (js, w) = (j0 + s * L, (width - s * L).min(L));
-                    for (q, row) in strip.chunks_exact_mut(L).enumerate() {
-                        row[..w].copy_from_slice(&c[q * m + js..q * m + js + w]);
-                    }
+                for (at, cs) in strip_rows(j0, width, r, m) {
+                    strips[at..at + cs.len()].copy_from_slice(&c[cs]);
                 }
             }
-            let (ld, col) = (x.ld, x.col + j0);
+            let group = Group { u, x: x.data, ld: x.ld, col: x.col + j0, width, n, r };
             #[cfg(target_arch = "x86_64")]
             if super::act::has_avx512() {
                 // SAFETY: the CPU has AVX-512F; X's rows and U are in bounds (asserted above), `strips`
                 // holds `r * L` floats per strip of `width`.
-                unsafe { avx512::outer_strips(&mut strips, u, x.data, ld, col, width, n, r) };
+                unsafe { avx512::outer_strips(&mut strips, &group) };
                 return strips;
             }
-            portable::outer_strips(&mut strips, u, x.data, ld, col, width, n, r);
+            portable::outer_strips(&mut strips, &group);
             strips
         })
         .collect();
     for (gi, strips) in groups.iter().enumerate() {
         let (j0, width) = (gi * group, (m - gi * group).min(group));
-        for (s, strip) in strips.chunks_exact(r * L).enumerate() {
-            let (js, w) = (j0 + s * L, (width - s * L).min(L));
-            for (q, row) in strip.chunks_exact(L).enumerate() {
-                c[q * m + js..q * m + js + w].copy_from_slice(&row[..w]);
-            }
+        for (at, cs) in strip_rows(j0, width, r, m) {
+            let len = cs.len();
+            c[cs].copy_from_slice(&strips[at..at + len]);
         }
     }
 }
 
+/// A task's share of [`rank_outer`]: its `width` columns of `X` from `col` (`ld` apart), all `n` rows, and
+/// `U` (`[n, r]`).
+struct Group<'a> {
+    u: &'a [f32],
+    x: &'a [f32],
+    ld: usize,
+    col: usize,
+    width: usize,
+    n: usize,
+    r: usize,
+}
+
+/// Where the rows of a group's strips (`[strip][r][L]`, columns `j0..j0 + width` of `C [r, m]`) lie: for
+/// strip `s` and row `q`, the offset of the row in the strips and the range of `C` it holds.
+fn strip_rows(j0: usize, width: usize, r: usize, m: usize) -> impl Iterator<Item = (usize, Range<usize>)> {
+    (0..width.div_ceil(L)).flat_map(move |s| {
+        let (js, w) = (j0 + s * L, (width - s * L).min(L));
+        (0..r).map(move |q| ((s * r + q) * L, q * m + js..q * m + js + w))
+    })
+}
+
 /// The kernels in plain Rust, for CPUs without AVX-512: the same fused multiply-adds in the same order.
 mod portable {
-    use super::L;
+    use super::{Group, L};
 
     /// As [`super::avx512::product_rows`].
     pub(super) fn product_rows(c: &mut [f32], x: &[f32], ld: usize, w: &[f32], k: usize, r: usize, alpha: f32) {
@@ -130,17 +148,8 @@ mod portable {
     }
 
     /// As [`super::avx512::outer_strips`].
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn outer_strips(
-        strips: &mut [f32],
-        u: &[f32],
-        x: &[f32],
-        ld: usize,
-        col: usize,
-        width: usize,
-        n: usize,
-        r: usize,
-    ) {
+    pub(super) fn outer_strips(strips: &mut [f32], g: &Group) {
+        let Group { u, x, ld, col, width, n, r } = *g;
         for (s, strip) in strips.chunks_exact_mut(r * L).enumerate() {
             let w = (width - s * L).min(L);
             for (q, row) in strip.chunks_exact_mut(L).enumerate() {
@@ -156,7 +165,7 @@ mod portable {
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::{BLOCK, L, ROWS};
+    use super::{Group, BLOCK, L, ROWS};
 
     /// [`super::rank_product`] for the rows of `c` (`[rows, r]`), row `i` of X at `x[i * ld..][..k]`, `w`
     /// `[k, rp]` (rows padded to whole lanes).
@@ -214,20 +223,11 @@ mod avx512 {
     /// `r` are summed over it in registers, so a block's lines of X are fetched once for all strips.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `u` holds `n * r` floats, `x` `(n - 1) * ld + col + width`; `strips`
+    /// The CPU has AVX-512F; in `g`, `u` holds `n * r` floats, `x` `(n - 1) * ld + col + width`; `strips`
     /// `width.div_ceil(L) * r * L`.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn outer_strips(
-        strips: &mut [f32],
-        u: &[f32],
-        x: &[f32],
-        ld: usize,
-        col: usize,
-        width: usize,
-        n: usize,
-        r: usize,
-    ) {
+    pub(super) unsafe fn outer_strips(strips: &mut [f32], g: &Group) {
+        let Group { u, x, ld, col, width, n, r } = *g;
         let (up, sp) = (u.as_ptr(), strips.as_mut_ptr());
         for t0 in (0..n).step_by(BLOCK) {
             let t1 = (t0 + BLOCK).min(n);
@@ -332,7 +332,7 @@ mod tests {
                 if acc == Accumulate::Overwrite && m <= STRIPS * L {
                     // One task's group of strips, `[strip][r][L]`, through the portable loops.
                     let mut strips = vec![0.0f32; m.div_ceil(L) * r * L];
-                    portable::outer_strips(&mut strips, &c, &x, ld, col, m, n, r);
+                    portable::outer_strips(&mut strips, &Group { u: &c, x: &x, ld, col, width: m, n, r });
                     for (q, j) in (0..r).flat_map(|q| (0..m).map(move |j| (q, j))) {
                         let v = strips[(j / L) * r * L + q * L + j % L];
                         assert_eq!(v.to_bits(), o[q * m + j].to_bits(), "rank_outer {n} {k} {r}: the portable loops");
