@@ -10,7 +10,8 @@
 //! - packing absorbs transposes and pads edges with zeros, so the micro-kernel sees one layout; edge tiles
 //!   are stored through masks;
 //! - while a block runs, the source of the next block and of the next A sliver is prefetched into L2 a few
-//!   lines per tile, so packing reads L2 rather than memory (the 50257-column LM head streams 154 MB).
+//!   lines per tile, so packing reads L2 rather than memory (the 50257-column LM head streams 154 MB); not
+//!   on AMX tiles, which need the L2 for the B panels they stream (`Flavor::PREFETCH_SOURCES`).
 //!
 //! Threads each own a disjoint rectangle of C (a range of columns, or of rows when that packs less) and
 //! run the loops above on it with their own pack buffers, kept per thread across calls. `k` is cut into
@@ -225,6 +226,9 @@ trait Flavor: Sync {
     const ROWS: usize;
     /// Micro-kernel calls per sliver and column tile (prefetches are spread over them).
     const CALLS: usize;
+    /// Whether the micro-kernel prefetches the sources of the next B block and A sliver into L2 while it
+    /// runs (so that packing them reads L2, not memory).
+    const PREFETCH_SOURCES: bool = true;
     /// Packed steps of a block of `kc` values of `k`: B panels are `steps * NR` words apart.
     fn steps(kc: usize) -> usize {
         kc.div_ceil(Self::K_STEP)
@@ -526,8 +530,10 @@ impl<F: Flavor> Problem<F> {
                 // While this block runs, the next block's B source is fetched into L2, a few lines per tile.
                 let next = blocks.get(bi + 1).copied();
                 let mut pf_b = match next {
-                    Some((jn, pn)) => Lines::of(b_src(pn, jn), nc_step.min(cols.end - jn), kc_step.min(k - pn)),
-                    None => Lines::none(),
+                    Some((jn, pn)) if F::PREFETCH_SOURCES => {
+                        Lines::of(b_src(pn, jn), nc_step.min(cols.end - jn), kc_step.min(k - pn))
+                    }
+                    _ => Lines::none(),
                 };
                 let per_tile_b = pf_b.left().div_ceil(slivers * F::CALLS * tiles_per_row);
                 let store = if pc == 0 && !self.accumulate { Store::Overwrite } else { Store::Add };
@@ -538,7 +544,9 @@ impl<F: Flavor> Problem<F> {
                     } else {
                         flavor.pack_a(abuf, a_src(i, pc), h, kc);
                         // ... and the next A sliver's source.
-                        if i + F::ROWS < rows.end {
+                        if !F::PREFETCH_SOURCES {
+                            Lines::none()
+                        } else if i + F::ROWS < rows.end {
                             Lines::of(a_src(i + F::ROWS, pc), F::ROWS.min(rows.end - i - F::ROWS), kc)
                         } else if let Some((_, pn)) = next {
                             Lines::of(a_src(rows.start, pn), F::ROWS.min(rows.len()), kc_step.min(k - pn))
