@@ -137,9 +137,10 @@ impl<TA: Bf16Elem, TB: Bf16Elem> Flavor for Amx<TA, TB> {
     const K_ALIGN: usize = 2 * TK;
     const ROWS: usize = ROWS;
     const CALLS: usize = 1;
-    // The tiles read B panels from L2 at up to ~32 bytes a cycle: a megabyte or two of the next block's
-    // source fetched into the same 2 MiB L2 evicts the panels being read (measured on the SmolLM2-360M
-    // shapes: 1.3-1.6 TFLOP/s with the prefetch, 1.7-2.0 without).
+    // The tiles stream their B panels (a 960 KiB block) from L2, which bounds this loop at about half the
+    // tile rate already; up to 1.9 MB of the next block's f32 source fetched into the same 2 MiB L2 evicts
+    // the panels being read (SmolLM2-360M shapes on a Xeon: 1.3-1.6 TFLOP/s with the prefetch, 1.7-2.0
+    // without; packing then reads memory, behind the hardware prefetchers).
     const PREFETCH_SOURCES: bool = false;
 
     fn steps(kc: usize) -> usize {
