@@ -7,6 +7,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Buffers of 2 MiB and more on transparent huge pages, so that a training step can hand its gradients
+/// and spent activations back to the kernel cheaply (`engine::pages`).
+#[global_allocator]
+static ALLOCATOR: engine::pages::HugePageAlloc = engine::pages::HugePageAlloc;
+
 fn main() -> ExitCode {
     keep_heap_padding();
     // A write past a file-size limit (`ulimit -f`) then fails with EFBIG, reported like a full disk,

@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod pages;
 pub mod params;
 pub mod presets;
 pub mod quant;

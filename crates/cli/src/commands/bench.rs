@@ -11,7 +11,7 @@ use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
 use dpo::train::checkpoint::TrainerState;
 use dpo::train::memory::{self, AdapterPlan, MemoryPlan};
-use dpo::train::reference::ReferenceModel;
+use dpo::train::reference::{pair_tokens, ReferenceModel};
 use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trained, Trainer, Workload};
 use engine::kernels::{Bf16Kernel, Precision};
 use engine::model::Model;
@@ -171,7 +171,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Reference::Cached(score_pairs(&decoder, r, &examples, packing, a.pairs, |_| {})?)
         }
         (false, None) => {
-            let r = ReferenceModel::new(Decoder::new(cfg.clone()), presets::init_random(&cfg, 0.02, 1), precision)?;
+            let mut r = ReferenceModel::new(Decoder::new(cfg.clone()), presets::init_random(&cfg, 0.02, 1), precision)?;
+            // As `dpo train` holds it: in bf16, the embeddings of the rows' tokens alone.
+            r.keep_lookups_of(&pair_tokens(examples.iter()))?;
             Reference::Model(Arc::new(r))
         }
     };
@@ -202,7 +204,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
     let mut trainer = Trainer::new(&train_cfg, decoder, trained, base, optimizer, state, workload.rows())?;
     let setup_s = t_setup.elapsed().as_secs_f64();
-    let estimate = estimated_peak(&cfg, &a, trainer.trained.adapter(), base_bytes, &train_cfg);
+    let lookups = Some(pair_tokens(examples.iter()).len() as u64).filter(|_| precision == Precision::Bf16);
+    let estimate = estimated_peak(&cfg, &a, trainer.trained.adapter(), base_bytes, lookups, &train_cfg);
 
     let mut times = Vec::new();
     // Data parallelism (`mpirun -np N dpo bench`): seconds and bytes of each step's gradient sum.
@@ -290,6 +293,7 @@ fn estimated_peak(
     a: &Args,
     adapter: Option<&Adapter>,
     base_bytes: Option<u64>,
+    reference_lookups: Option<u64>,
     train: &TrainConfig,
 ) -> u64 {
     let opt = train.optimizer_config();
@@ -306,12 +310,14 @@ fn estimated_peak(
         policy: cfg,
         optimizer: &opt,
         reference: (!a.precompute_ref).then_some(cfg),
+        reference_lookups,
         reference_on_policy_buffers: true,
         row_tokens: vec![row as u64; a.pairs],
         batch_size: in_flight,
         gradient_checkpointing: a.gradient_checkpointing,
         adapter,
         precision: train.precision,
+        hands_back: engine::pages::hands_back_pages() && in_flight == a.pairs,
     };
     memory::estimate(&plan).total()
 }

@@ -22,9 +22,19 @@
 //! ```
 //!
 //! A bf16 run (`MemoryPlan::precision`) holds the reference model's block linears in bf16 (its products
-//! round them to bf16 anyway); a LoRA base is stored in bf16 by default then, counted through
-//! [`AdapterPlan::base_bytes`]. Its activations are counted as the engine keeps them
-//! (`engine::Activations::bytes_per_token` with the precision: each layer's products in bf16).
+//! round them to bf16 anyway), and a reference that scores known data its head in bf16 and the f32
+//! embeddings of the data's tokens alone (`MemoryPlan::reference_lookups`); a LoRA base is stored in bf16
+//! by default then, counted through [`AdapterPlan::base_bytes`]. Its activations are counted as the
+//! engine keeps them (`engine::Activations::bytes_per_token` with the precision: each layer's products in
+//! bf16).
+//!
+//! Where pages are handed back (`MemoryPlan::hands_back`: the `dpo` binary's allocator on a kernel with
+//! transparent huge pages, one backward per step), gradients and activations are not held whole at the
+//! same time: the gradients are handed back after each optimizer step and written again by the next
+//! backward, which hands each layer's activations back once done with them. The step then peaks at the
+//! larger of backward's start (every activation, and the LM head's gradient, written first) and its last
+//! layer (every gradient, that layer's activations and the scratch): `MemoryEstimate::overlap` is what
+//! that saves against holding both.
 //!
 //! A LoRA run ([`AdapterPlan`]) holds the base once (frozen: no gradient, no optimizer state, no copy; the
 //! reference is the same base with the adapter off, or with a frozen copy of the starting adapter), and
@@ -41,7 +51,7 @@ use std::path::Path;
 
 use engine::kernels::{head_scratch_floats, Precision, RopeTable};
 use engine::optim::OptimizerConfig;
-use engine::quant::{FrozenLinears, Storage};
+use engine::quant::{FrozenEmbedding, FrozenLinears, Storage};
 use engine::{Activations, DecoderConfig, Keep, PositionKind};
 
 use super::config::Objective;
@@ -62,6 +72,8 @@ pub struct MemoryEstimate {
     /// Rows in that micro-batch.
     pub batch_rows: u64,
     pub activations: u64,
+    /// What gradients and activations do not hold at the same time ([`MemoryPlan::hands_back`]).
+    pub overlap: u64,
     pub head: u64,
     pub checkpoint: u64,
     pub base: u64,
@@ -69,20 +81,24 @@ pub struct MemoryEstimate {
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.weights + self.activations + self.head + self.checkpoint + self.base
+        self.weights + self.activations + self.head + self.checkpoint + self.base - self.overlap
     }
 
     /// `estimated peak 1.2 GiB (weights, gradient and optimizer 600 MiB for 135M parameters, ...)`.
     pub fn summary(&self) -> String {
         format!(
             "estimated peak {} (weights, gradient, optimizer and reference {} for {} parameters; activations {} \
-             for the largest micro-batch, {} rows and {} tokens; LM head {}; checkpoint writing {}; base {})",
+             for the largest micro-batch, {} rows and {} tokens{}; LM head {}; checkpoint writing {}; base {})",
             human(self.total()),
             human(self.weights),
             self.params,
             human(self.activations),
             self.batch_rows,
             self.batch_tokens,
+            match self.overlap {
+                0 => String::new(),
+                o => format!(", less {} that gradients and activations do not hold at once", human(o)),
+            },
             human(self.head),
             human(self.checkpoint),
             human(self.base)
@@ -96,6 +112,9 @@ pub struct MemoryPlan<'a> {
     pub optimizer: &'a OptimizerConfig,
     /// A reference model held in memory while training: `Some(config)` (the policy's for a frozen copy).
     pub reference: Option<&'a DecoderConfig>,
+    /// In a bf16 run, the tokens whose embeddings a held reference keeps for its lookups (its head in
+    /// bf16: `ReferenceModel::keep_lookups_of`); `None` where it keeps its whole embedding.
+    pub reference_lookups: Option<u64>,
     /// The reference's forward runs on the buffers of the policy's training pass (pair objectives: it
     /// comes first in each chunk), so it adds only what its slot needs beyond the policy's; otherwise
     /// (KTO: it runs while the policy's activations are held) it has buffers of its own.
@@ -109,6 +128,10 @@ pub struct MemoryPlan<'a> {
     pub adapter: Option<AdapterPlan>,
     /// The precision of the passes: a bf16 run holds a reference model's block linears in bf16.
     pub precision: Precision,
+    /// Backward hands each spent layer's activations back to the kernel and the optimizer step the
+    /// gradients (`engine::pages::hands_back_pages`), and each step runs one backward pass (no
+    /// accumulation over micro-batches): the gradients then fill memory as the activations leave it.
+    pub hands_back: bool,
 }
 
 /// Bytes of a model whose block linears are kept in `storage` and the rest of it in f32.
@@ -150,13 +173,43 @@ fn optimizer_buffers(o: &OptimizerConfig) -> u64 {
     o.buffers() as u64
 }
 
+/// Bytes of the gradient of every parameter of `c`, and of what stays in memory of it between steps
+/// where pages are handed back (`engine::pages::kept_by_release`: the small tensors).
+fn gradient_bytes(c: &DecoderConfig) -> (u64, u64) {
+    let (d, v) = (c.hidden, c.vocab_size);
+    let layer = [c.qkv_dim() * d, d * c.attn_dim(), c.mlp_in_dim() * d, d * c.ffn_hidden];
+    let mut large: Vec<usize> = std::iter::repeat_n(layer, c.n_layers).flatten().collect();
+    large.push(v * d);
+    if !c.tied_embeddings {
+        large.push(v * d);
+    }
+    if matches!(c.positions, PositionKind::Learned) {
+        large.push(c.max_positions * d);
+    }
+    let large_bytes: u64 = large.iter().map(|&n| 4 * n as u64).sum();
+    let small = 4 * c.param_count() - large_bytes;
+    let kept = large.iter().map(|&n| engine::pages::kept_by_release(4 * n as u64)).sum::<u64>() + small;
+    (4 * c.param_count(), kept)
+}
+
 /// The estimate for `plan`.
 pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     let c = plan.policy;
     let p = c.param_count();
     let k = optimizer_buffers(plan.optimizer);
     let storage = reference_storage(plan.precision);
-    let reference_bytes = plan.reference.map_or(0, |r| stored_model_bytes(r, storage));
+    let reference_bytes = plan.reference.map_or(0, |r| {
+        let stored = stored_model_bytes(r, storage);
+        match plan.reference_lookups.filter(|_| storage == Storage::Bf16) {
+            // The f32 embedding (and an untied f32 head) become a bf16 head and the kept rows.
+            Some(kept) => {
+                let (v, d) = (r.vocab_size, r.hidden);
+                let f32_tables = 4 * (v * d) as u64 * if r.tied_embeddings { 1 } else { 2 };
+                stored - f32_tables + FrozenEmbedding::estimate_bytes(v, d, kept as usize) as u64
+            }
+            None => stored,
+        }
+    });
     let weights = match &plan.adapter {
         // Trained copy + gradient + optimizer buffers + reference (the loaded weights are freed once
         // copied into the trained set and the reference, before the first step).
@@ -186,6 +239,22 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
             false => own,
         };
     }
+    let activations = n * per_token;
+    // Gradients and activations at once: the whole of both, or where pages are handed back, the larger
+    // of two moments: backward's start (every activation, and the LM head's gradient, written first)
+    // and the last layer's backward (every gradient, the activations of one layer and the scratch).
+    let overlap = match (&plan.adapter, plan.hands_back) {
+        (None, true) => {
+            let (grads, kept) = gradient_bytes(c);
+            let head_grad = 4 * (c.vocab_size * c.hidden) as u64;
+            let handed_back = grads - kept;
+            let released = n * Activations::released_per_layer_bytes_per_token(c, keep, precision);
+            let start = activations + head_grad - engine::pages::kept_by_release(head_grad);
+            let end = handed_back + activations - (c.n_layers as u64 - 1) * released;
+            handed_back + activations - start.max(end)
+        }
+        _ => 0,
+    };
     let head = 4 * head_scratch_floats(n as usize, c.hidden, c.vocab_size);
     // The rotary tables: one, plus the full-attention layers' own (`global_layers`, Gemma 3).
     let rope = |c: &DecoderConfig| {
@@ -201,7 +270,8 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
         weights,
         batch_tokens: n,
         batch_rows: largest.len() as u64,
-        activations: n * per_token,
+        activations,
+        overlap,
         head,
         checkpoint: match &plan.adapter {
             // Weights and moments are written from their own buffers, one tensor at a time; a tensor whose
@@ -221,6 +291,7 @@ pub(super) fn check(
     cfg: &super::TrainConfig,
     policy: &DecoderConfig,
     reference: Option<&DecoderConfig>,
+    reference_lookups: Option<u64>,
     row_tokens: Vec<u64>,
     rows_in_flight: usize,
     adapter: Option<AdapterPlan>,
@@ -231,12 +302,14 @@ pub(super) fn check(
         policy,
         optimizer: &opt,
         reference,
+        reference_lookups,
         row_tokens,
         batch_size: rows_in_flight,
         gradient_checkpointing: cfg.gradient_checkpointing,
         reference_on_policy_buffers: !matches!(cfg.objective, Objective::Kto(_)),
         adapter,
         precision: cfg.precision,
+        hands_back: engine::pages::hands_back_pages() && cfg.grad_accum == 1 && rows_in_flight >= cfg.batch_size,
     };
     let est = estimate(&plan);
     let limit = match &cfg.max_memory {
@@ -373,12 +446,14 @@ mod tests {
             policy: &c,
             optimizer: &o,
             reference: Some(&c),
+            reference_lookups: None,
             reference_on_policy_buffers: false,
             row_tokens: vec![10, 30, 20],
             batch_size,
             gradient_checkpointing: false,
             adapter: None,
             precision: Precision::F32,
+            hands_back: false,
         };
         let (one, two) = (estimate(&plan(1)), estimate(&plan(2)));
         assert_eq!((one.batch_tokens, two.batch_tokens, two.batch_rows), (30, 50, 2));
@@ -398,12 +473,14 @@ mod tests {
             policy: &c,
             optimizer: &o,
             reference: Some(&c),
+            reference_lookups: None,
             reference_on_policy_buffers: false,
             row_tokens: vec![10, 30, 20],
             batch_size: 1,
             gradient_checkpointing: false,
             adapter,
             precision: Precision::F32,
+            hands_back: false,
         };
         let (full, lora) = (estimate(&plan(None)), estimate(&plan(Some(adapter))));
         let p = c.param_count();
@@ -429,12 +506,14 @@ mod tests {
             policy: &c,
             optimizer: &o,
             reference: Some(&c),
+            reference_lookups: None,
             reference_on_policy_buffers: false,
             row_tokens: vec![10, 30, 20],
             batch_size: 2,
             gradient_checkpointing,
             adapter: None,
             precision: Precision::F32,
+            hands_back: false,
         };
         let (kept, checkpointed) = (estimate(&plan(false)), estimate(&plan(true)));
         let reference = Activations::bytes_per_token(&c, Keep::None, Precision::F32);
@@ -454,12 +533,14 @@ mod tests {
             policy: &c,
             optimizer: &o,
             reference: Some(&c),
+            reference_lookups: None,
             reference_on_policy_buffers: false,
             row_tokens: vec![10, 30, 20],
             batch_size: 2,
             gradient_checkpointing: false,
             adapter: None,
             precision,
+            hands_back: false,
         };
         let (f32_run, bf16_run) = (estimate(&plan(Precision::F32)), estimate(&plan(Precision::Bf16)));
         let linears = FrozenLinears::estimate_bytes(&c, Storage::F32) as u64 / 4;
@@ -477,5 +558,38 @@ mod tests {
         let no_reference = estimate(&MemoryPlan { reference: None, ..plan(Precision::Bf16) });
         // The trained copy, its gradient and two moments (the loaded weights are freed once copied).
         assert_eq!(no_reference.weights, 4 * 4 * c.param_count());
+    }
+    /// A bf16 reference that keeps its data's lookups alone holds a bf16 head and those rows instead of
+    /// its f32 tables; handing pages back makes the estimate the larger of backward's start and its last
+    /// layer, never more than holding both whole.
+    #[test]
+    fn kept_lookups_and_pages_handed_back_lower_the_estimate() {
+        for c in [engine::presets::gpt2_small(), engine::presets::llama3_8b()] {
+            let tied = c.tied_embeddings;
+            let o = OptimizerConfig::adamw();
+            let plan = |reference_lookups, hands_back| MemoryPlan {
+                policy: &c,
+                optimizer: &o,
+                reference: Some(&c),
+                reference_lookups,
+                reference_on_policy_buffers: true,
+                row_tokens: vec![400; 4],
+                batch_size: 4,
+                gradient_checkpointing: false,
+                adapter: None,
+                precision: Precision::Bf16,
+                hands_back,
+            };
+            let whole = estimate(&plan(None, false));
+            let kept = estimate(&plan(Some(7), false));
+            let (v, d) = (c.vocab_size as u64, c.hidden as u64);
+            let tables = 4 * v * d * if tied { 1 } else { 2 };
+            assert_eq!(whole.weights - kept.weights, tables - (2 * v * d + 4 * 7 * d + 4 * v), "tied {tied}");
+            let back = estimate(&plan(None, true));
+            assert!(back.overlap > 0 && back.total() < whole.total(), "tied {tied}");
+            // At least every weight but the gradient, plus the larger of the gradient and the activations.
+            let grads = 4 * c.param_count();
+            assert!(back.total() >= whole.total() - grads.min(whole.activations), "tied {tied}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! resuming, the checkpoint (checked against the model). A run that cannot start fails here and leaves
 //! the disk as it was.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use super::lora::LoraRun;
 use super::memory;
 use super::pairs::PairObjective;
 use super::policy::Trained;
-use super::reference::{self, default_cache_dir, precompute, Reference, ReferenceModel};
+use super::reference::{self, default_cache_dir, pair_tokens, precompute, unpaired_tokens, Reference, ReferenceModel};
 use super::run_dir::{self, StartMode};
 use super::workload::{PairWorkload, SftWorkload, Workload};
 use super::UnlikelihoodWorkload;
@@ -278,7 +279,14 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let held_reference = reference_cfg.as_ref().filter(|_| !cfg.precompute_ref);
     // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
     let adapter = lora.as_ref().map(|l| l.plan(&model_cfg, cfg)).transpose()?;
-    memory::check(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
+    // A bf16 run's reference keeps the embeddings of the data's tokens alone (`attach_reference`).
+    let lookups = match &data {
+        Data::Pairs { train, eval, .. } => Some(pair_tokens(train.iter().chain(eval)).len() as u64),
+        Data::Kto { train, eval, .. } => Some(unpaired_tokens(train.iter().chain(eval)).len() as u64),
+        Data::Sft { .. } | Data::Unlikelihood { .. } => None,
+    };
+    let lookups = lookups.filter(|_| cfg.precision == Precision::Bf16);
+    memory::check(cfg, &model_cfg.decoder, held_reference, lookups, row_tokens, in_flight, adapter, log)?;
     let (model, frozen) = match cfg.base_storage {
         Storage::F32 => (hf::load_model(&cfg.model)?, None),
         storage => {
@@ -427,8 +435,9 @@ fn attach_reference(
 ) -> Result<Data, TrainError> {
     // A LoRA run's own reference reads the base it trains on: nothing is loaded or copied.
     let base_reference = lora.filter(|_| cfg.ref_model.is_none()).map(|l| Reference::PolicyBase(l.start.clone()));
-    let mut load = || -> Result<Arc<ReferenceModel>, TrainError> {
-        let held = match &cfg.ref_model {
+    // `tokens`: the data the reference scores, all of it known now (its lookups keep those rows alone).
+    let mut load = |tokens: Option<&BTreeSet<u32>>| -> Result<Arc<ReferenceModel>, TrainError> {
+        let mut held = match &cfg.ref_model {
             Some(dir) => match Reference::load(dir, &model.config, tokenizer, cfg.precision)? {
                 Reference::Model(m) => m,
                 _ => return Err(TrainError::Invalid(format!("reference {}: no model loaded", dir.display()))),
@@ -440,8 +449,15 @@ fn attach_reference(
                 Arc::new(held)
             }
         };
+        if let (Some(tokens), Some(m)) = (tokens, Arc::get_mut(&mut held)) {
+            m.keep_lookups_of(tokens).map_err(|e| TrainError::Invalid(format!("the reference's embedding: {e}")))?;
+        }
         if let Some(linears) = &held.linears {
             log(&format!("reference block linears stored in bf16: {}", memory::human(linears.bytes() as u64)));
+        }
+        if let Some(e) = &held.embedding {
+            let (kept, bytes) = (e.kept(), memory::human(e.bytes() as u64));
+            log(&format!("reference embedding: head in bf16, lookups of the data's {kept} tokens in f32: {bytes}"));
         }
         Ok(held)
     };
@@ -450,7 +466,7 @@ fn attach_reference(
             let (train_ref, eval_ref) = if cfg.precompute_ref {
                 let shared = match &base_reference {
                     Some(_) => None,
-                    None => Some(load()?),
+                    None => Some(load(None)?),
                 };
                 let base_decoder = Decoder::new(model.config.decoder.clone());
                 let (d, frozen) = match (&shared, &base_reference) {
@@ -474,7 +490,8 @@ fn attach_reference(
             } else if let Some(r) = base_reference {
                 (r, Reference::None)
             } else {
-                let shared = load()?;
+                let tokens = pair_tokens(train.iter().chain(&eval));
+                let shared = load(Some(&tokens))?;
                 (Reference::Model(shared.clone()), Reference::Model(shared))
             };
             Data::Pairs { train, eval, objective, packing, train_ref, eval_ref }
@@ -482,7 +499,7 @@ fn attach_reference(
         Data::Kto { train, eval, cfg: kto, .. } => {
             let reference = match base_reference {
                 Some(r) => r,
-                None => Reference::Model(load()?),
+                None => Reference::Model(load(Some(&unpaired_tokens(train.iter().chain(&eval))))?),
             };
             Data::Kto { train, eval, reference, cfg: kto }
         }

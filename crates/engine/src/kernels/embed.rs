@@ -24,6 +24,29 @@ pub fn embedding_forward(
     if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
         panic!("embedding_forward: token id {t} outside the vocabulary of {vocab}");
     }
+    let row = |t: u32| Some(&wte[t as usize * d..(t as usize + 1) * d]);
+    let _ = embedding_forward_rows(out, row, tokens, wpe, positions, d);
+}
+
+/// [`embedding_forward`] reading each token's row through `row` (a table that keeps some rows only:
+/// `crate::quant::FrozenEmbedding`). A token without a row is refused, `Err((index, token))` of the
+/// first, before anything is written.
+pub fn embedding_forward_rows<'w>(
+    out: &mut [f32],
+    row: impl Fn(u32) -> Option<&'w [f32]> + Sync,
+    tokens: &[u32],
+    wpe: Option<&[f32]>,
+    positions: &[u32],
+    d: usize,
+) -> Result<(), (usize, u32)> {
+    let n = tokens.len();
+    assert_eq!(out.len(), n * d, "embedding_forward: out is not [N, d]");
+    if d == 0 {
+        return Ok(());
+    }
+    if let Some(i) = tokens.iter().position(|&t| row(t).is_none()) {
+        return Err((i, tokens[i]));
+    }
     if let Some(wpe) = wpe {
         assert_eq!(positions.len(), n, "embedding_forward: positions and tokens differ in length");
         let max = wpe.len() / d;
@@ -32,13 +55,15 @@ pub fn embedding_forward(
         }
     }
     out.par_chunks_mut(d).enumerate().with_min_len(rows_per_task(d)).for_each(|(i, o)| {
-        let t = tokens[i] as usize;
-        o.copy_from_slice(&wte[t * d..(t + 1) * d]);
+        if let Some(r) = row(tokens[i]) {
+            o.copy_from_slice(r);
+        }
         if let Some(wpe) = wpe {
             let p = positions[i] as usize;
             o.iter_mut().zip(&wpe[p * d..(p + 1) * d]).for_each(|(o, &v)| *o += v);
         }
     });
+    Ok(())
 }
 
 /// Backward of [`embedding_forward`]: `dwte[tokens[i]] += dout[i]`, `dwpe[positions[i]] += dout[i]`.

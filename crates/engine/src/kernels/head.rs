@@ -22,6 +22,7 @@ use super::matmul::{
 };
 use super::precision::Precision;
 use crate::batch::Target;
+use crate::quant::Matrix;
 
 /// Most targets per pass over the vocabulary: `W` is packed once per this many targets.
 pub const HEAD_TARGETS: usize = 1024;
@@ -30,6 +31,35 @@ const BLOCK_FLOATS: usize = 1 << 22;
 /// Vocabulary columns per block are a multiple of this (whole `k` blocks of the products that sum over
 /// the vocabulary, in f32 and bf16), and at least this many.
 const COLS_ALIGN: usize = 512;
+
+/// The head's weight `W: [vocab, d]` as a pass reads it: f32, or stored (a frozen model's head in bf16,
+/// `crate::quant::FrozenEmbedding`: a bf16 product reads the same numbers from either).
+#[derive(Clone, Copy)]
+pub enum HeadWeight<'a> {
+    F32(&'a [f32]),
+    Stored(&'a Matrix),
+}
+
+impl<'a> From<&'a [f32]> for HeadWeight<'a> {
+    fn from(w: &'a [f32]) -> Self {
+        HeadWeight::F32(w)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for HeadWeight<'a> {
+    fn from(w: &'a Vec<f32>) -> Self {
+        HeadWeight::F32(w)
+    }
+}
+
+impl HeadWeight<'_> {
+    fn len(&self) -> usize {
+        match self {
+            HeadWeight::F32(w) => w.len(),
+            HeadWeight::Stored(m) => m.rows() * m.cols(),
+        }
+    }
+}
 
 /// How the head cuts its work: targets per pass over the vocabulary, vocabulary columns per block.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +86,8 @@ pub fn head_scratch_floats(targets: usize, d: usize, vocab: usize) -> u64 {
 }
 
 thread_local! {
-    /// The block's logits, kept from call to call: a fresh buffer per call is paid in page faults.
+    /// The block's logits, kept from call to call: a fresh buffer per call is paid in page faults (on
+    /// small pages; on huge pages, a fault per 2 MiB).
     static LOGITS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -69,6 +100,9 @@ fn with_logits<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
             buf = vec![0.0; len];
         }
         let out = f(&mut buf[..len]);
+        // Its pages go back between calls (on huge pages, `crate::pages`): the block is dead from one
+        // call to the next, and a training step's peak (its last layer's backward) comes in between.
+        crate::pages::release(&mut buf);
         cell.replace(buf);
         out
     })
@@ -135,7 +169,7 @@ impl RowStats {
     }
 }
 
-fn check(hidden: &[f32], w: &[f32], targets: &[Target], d: usize, vocab: usize) {
+fn check(hidden: &[f32], w: HeadWeight, targets: &[Target], d: usize, vocab: usize) {
     assert_eq!(w.len(), vocab * d, "logprob head: W is not [vocab, d]");
     assert_eq!(hidden.len() % d.max(1), 0, "logprob head: hidden is not [N, d]");
     let n = hidden.len() / d.max(1);
@@ -159,7 +193,7 @@ fn gather(h: &mut [f32], hidden: &[f32], targets: &[Target], d: usize) {
 fn block_logits(
     logits: &mut [f32],
     h: &[f32],
-    w: &[f32],
+    w: HeadWeight,
     b: Option<&[f32]>,
     (v0, v1): (usize, usize),
     c: usize,
@@ -168,7 +202,10 @@ fn block_logits(
 ) {
     let cols = v1 - v0;
     // [c, cols] = [c, d] . [cols, d]^T
-    matmul(logits, h, &w[v0 * d..v1 * d], c, cols, d, false, true, Overwrite, prec);
+    match w {
+        HeadWeight::F32(w) => matmul(logits, h, &w[v0 * d..v1 * d], c, cols, d, false, true, Overwrite, prec),
+        HeadWeight::Stored(m) => m.linear_forward_rows(v0..v1, logits, h, c, prec),
+    }
     if let Some(b) = b {
         let b = &b[v0..v1];
         logits.par_chunks_mut(cols).for_each(|row| row.iter_mut().zip(b).for_each(|(l, b)| *l += b));
@@ -184,12 +221,12 @@ fn vocab_blocks(vocab: usize, cols: usize) -> impl Iterator<Item = (usize, usize
 /// the backward; `logit_sum[t]` (optional) is the sum of the row's logits, for metrics.
 /// `hidden: [N, d]`, `w: [vocab, d]`, `b: [vocab]` (GPT-J's head has one).
 #[allow(clippy::too_many_arguments)]
-pub fn logprob_head_forward(
+pub fn logprob_head_forward<'w>(
     logp: &mut [f32],
     lse: &mut [f32],
     logit_sum: Option<&mut [f32]>,
     hidden: &[f32],
-    w: &[f32],
+    w: impl Into<HeadWeight<'w>>,
     b: Option<&[f32]>,
     targets: &[Target],
     d: usize,
@@ -197,7 +234,7 @@ pub fn logprob_head_forward(
     prec: Precision,
 ) {
     let blocks = Blocks::for_targets(targets.len(), vocab);
-    head_forward_blocked(logp, lse, logit_sum, hidden, w, b, targets, d, vocab, blocks, prec);
+    head_forward_blocked(logp, lse, logit_sum, hidden, w.into(), b, targets, d, vocab, blocks, prec);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -206,7 +243,7 @@ fn head_forward_blocked(
     lse: &mut [f32],
     mut logit_sum: Option<&mut [f32]>,
     hidden: &[f32],
-    w: &[f32],
+    w: HeadWeight,
     b: Option<&[f32]>,
     targets: &[Target],
     d: usize,
@@ -303,7 +340,7 @@ fn head_backward_blocked(
     if let Some(b) = b {
         assert_eq!(b.len(), vocab, "logprob head: b is not [vocab]");
     }
-    check(hidden, w, targets, d, vocab);
+    check(hidden, HeadWeight::F32(w), targets, d, vocab);
     if nt == 0 || vocab == 0 || d == 0 {
         return;
     }
@@ -323,7 +360,7 @@ fn head_backward_blocked(
             for (v0, v1) in vocab_blocks(vocab, blocks.cols) {
                 let cols = v1 - v0;
                 let logits = &mut logits[..c * cols];
-                block_logits(logits, h, w, b, (v0, v1), c, d, prec);
+                block_logits(logits, h, HeadWeight::F32(w), b, (v0, v1), c, d, prec);
                 logits.par_chunks_mut(cols).zip(tg).zip(g).zip(lse).for_each(|(((row, t), &g), &l)| {
                     row_dlogits(row, g, l);
                     if let Some(v) = (t.token as usize).checked_sub(v0).filter(|&v| v < cols) {

@@ -57,6 +57,7 @@ impl Head {
         let nt = self.targets.len();
         let (mut lp, mut lse, mut sum) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt]);
         let (h, w, t) = (&self.hidden, &self.w, &self.targets);
+        let w = HeadWeight::F32(w);
         head_forward_blocked(&mut lp, &mut lse, Some(&mut sum), h, w, b, t, self.d, self.v, blocks, prec);
         (lp, lse, sum)
     }
@@ -114,6 +115,33 @@ fn forward_matches_f64_across_blocks() {
     let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
     logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v, Precision::F32);
     assert_close("logp (public)", &lp, &lp_w, 1e-5, 1.0);
+}
+
+/// A head stored in bf16 (a frozen model's, `crate::quant::FrozenEmbedding`) gives in a bf16 pass the
+/// bits of the f32 head it was rounded from, over several cuts of the vocabulary (each block a product
+/// with a range of its rows: `Matrix::linear_forward_rows`); in an f32 pass, those of the rounded head.
+#[test]
+fn a_stored_bf16_head_reads_as_the_f32_head_rounded() {
+    let (n, d, v, nt) = (20, 48, 1100, 45);
+    let head = Head::random(n, d, v, nt, 37);
+    let stored = Matrix::new(head.w.clone(), v, d, crate::quant::Storage::Bf16).unwrap();
+    let rounded = Head { w: stored.to_f32(), ..Head::random(n, d, v, nt, 37) };
+    let targets = head.targets.len();
+    for cols in [512, 1024, v] {
+        let blocks = Blocks { targets, cols };
+        for (prec, expected) in [(Precision::Bf16, &head), (Precision::F32, &rounded)] {
+            let (mut lp, mut lse, mut sum) = (vec![0.0; targets], vec![0.0; targets], vec![0.0; targets]);
+            let (h, t, w) = (&head.hidden, &head.targets, HeadWeight::Stored(&stored));
+            head_forward_blocked(&mut lp, &mut lse, Some(&mut sum), h, w, None, t, d, v, blocks, prec);
+            let want = expected.forward(None, blocks, prec);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                (bits(&lp), bits(&lse), bits(&sum)),
+                (bits(&want.0), bits(&want.1), bits(&want.2)),
+                "{cols} {prec}"
+            );
+        }
+    }
 }
 
 #[test]

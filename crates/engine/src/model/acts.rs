@@ -3,6 +3,7 @@
 
 use crate::config::DecoderConfig;
 use crate::kernels::{self as k, Precision};
+use crate::pages;
 use crate::params::Params;
 use crate::quant::bf16;
 use rayon::prelude::*;
@@ -144,6 +145,20 @@ impl LayerActs {
         [&mut s.qkv, &mut s.qk_pre, &mut s.attn, &mut s.mlp_pre, &mut s.o_pre, &mut s.mlp_out, &mut s.lse, &mut s.x_mid]
     }
 
+    /// Zeroes every buffer, handing the pages of those on huge pages back to the kernel
+    /// ([`crate::pages::release`]): backward is done with the layer, and its next forward writes every
+    /// buffer before reading it. Lengths are kept, so the next pass allocates nothing.
+    pub(crate) fn release(&mut self) {
+        let s = self;
+        for v in [&mut s.x, &mut s.qkv, &mut s.qk_pre, &mut s.attn, &mut s.lse, &mut s.x_mid, &mut s.mlp_pre] {
+            pages::release(v);
+        }
+        for v in [&mut s.o_pre, &mut s.mlp_out] {
+            pages::release(v);
+        }
+        s.bf16.0.iter_mut().for_each(|v| pages::release(v));
+    }
+
     /// Frees the f32 products (a layer that keeps them in bf16).
     fn free_f32_products(&mut self) {
         self.products_mut().into_iter().for_each(|v| *v = Vec::new());
@@ -273,6 +288,18 @@ impl Activations {
             Keep::None => (layer + 2 * d + Scratch::floats_per_token(cfg, false), 0),
         };
         4 * (f32_floats + BATCH_FLOATS_PER_TOKEN) + 2 * bf16_values
+    }
+
+    /// Bytes per token of [`Activations::bytes_per_token`] that backward hands back after each layer
+    /// ([`LayerActs::release`]): a layer's kept buffers, or with [`Keep::LayerInputs`] its input.
+    pub fn released_per_layer_bytes_per_token(cfg: &DecoderConfig, keep: impl Into<Keep>, precision: Precision) -> u64 {
+        let LayerFloats { f32: kept_f32, products } = LayerActs::floats_per_token(cfg);
+        match keep.into() {
+            Keep::All if precision == Precision::Bf16 => 4 * kept_f32 + 2 * products,
+            Keep::All => 4 * (kept_f32 + products),
+            Keep::LayerInputs => 4 * cfg.hidden as u64,
+            Keep::None => 0,
+        }
     }
 
     /// [`Activations::bytes_per_token`] of an f32 pass, in floats. Kept for the callers that count

@@ -11,7 +11,8 @@ use super::{bias, bias_mut, embedding_scale, norm_backward, norm_forward, Decode
 impl Decoder {
     /// Backward from per-target log-prob gradients: accumulates into `grads` (`+=`): a `&mut Params`, or
     /// [`Grads::Adapter`] for a pass through an adapter on a frozen base. `model` is the one the forward
-    /// read.
+    /// read. It consumes the forward: each layer's activations are handed back as backward leaves it
+    /// (`crate::pages`), and another backward needs another forward.
     pub fn backward_logprobs<'m, 'g>(
         &self,
         model: impl Into<Model<'m>>,
@@ -48,12 +49,14 @@ impl Decoder {
         pending: Option<&mut PendingEmbeddingGrads>,
     ) -> Result<(), EngineError> {
         grads.check(&model)?;
+        model.scoring_only("backward")?;
         let mut dhidden = std::mem::take(&mut acts.dhidden);
         dhidden.clear();
         dhidden.resize(b.len() * self.cfg.hidden, 0.0);
         let result = self
             .head_backward_inner(model, b, acts, dlogp, grads, &mut dhidden)
             .and_then(|_| self.backward_inner(model, b, acts, &dhidden, grads, pending));
+        crate::pages::release(&mut dhidden);
         acts.dhidden = dhidden;
         result
     }
@@ -72,6 +75,7 @@ impl Decoder {
     ) -> Result<(), EngineError> {
         let (model, mut grads) = (model.into(), grads.into());
         grads.check(&model)?;
+        model.scoring_only("backward")?;
         self.head_backward_inner(model, b, acts, dlogp, &mut grads, dhidden)
     }
 
@@ -129,6 +133,7 @@ impl Decoder {
     ) -> Result<(), EngineError> {
         let (model, mut grads) = (model.into(), grads.into());
         grads.check(&model)?;
+        model.scoring_only("backward")?;
         self.backward_inner(model, b, acts, dhidden, &mut grads, None)
     }
 
@@ -146,7 +151,9 @@ impl Decoder {
         let p = model.base;
         if acts.kept == Keep::None || acts.n != n {
             return Err(EngineError::MalformedBatch(
-                "backward needs a forward with Keep::All or Keep::LayerInputs on the same batch".into(),
+                "backward needs a forward with Keep::All or Keep::LayerInputs on the same batch (each such forward \
+                 serves one backward)"
+                    .into(),
             ));
         }
         let pairs = |l: usize| model.adapter.map_or(0, |a| a.layers[l].pairs.len());
@@ -183,6 +190,9 @@ impl Decoder {
             n,
             d,
         );
+        // The head and the final norm are done with the final hidden states and their input.
+        crate::pages::release(&mut acts.hidden);
+        crate::pages::release(&mut acts.x_final);
 
         // A recomputed block draws the adapter's dropout masks from the seed its forward had.
         let forward_model = Model { dropout_seed: acts.dropout_seed, ..model };
@@ -208,6 +218,8 @@ impl Decoder {
                 if acts.kept_bf16 {
                     la.swap_products(&mut acts.work);
                 }
+                // Spent: handed back while the gradients fill memory (`crate::pages`).
+                la.release();
                 continue;
             }
             // Checkpointed: the layer's kept input moves into the slot for the block's backward (which
@@ -229,7 +241,11 @@ impl Decoder {
             }
             self.block_backward(lp, l, adapter, grads.layer(l), input_grad, b, &acts.work, s, rope);
             std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
+            crate::pages::release(&mut acts.layers[l].x);
         }
+        // Backward has consumed the forward: its activations are handed back, and another backward
+        // needs another forward (as PyTorch frees the graph).
+        acts.kept = Keep::None;
         // A frozen base has no embedding gradient.
         let Some(grads) = grads.base() else { return Ok(()) };
         if let Some(scale) = embedding_scale(cfg) {

@@ -35,14 +35,12 @@ impl Decoder {
         // l+1's slot. With `Keep::None` there is one slot, and its input and `x_final` swap roles each
         // layer. Buffers are reused from call to call, so a training step allocates nothing large.
         fit(&mut acts.layers[0].x, n * d);
-        k::embedding_forward(
-            &mut acts.layers[0].x,
-            &p.wte.data,
-            &b.tokens,
-            p.wpe.as_ref().map(|t| &t.data[..]),
-            &b.positions,
-            d,
-        );
+        let wpe = p.wpe.as_ref().map(|t| &t.data[..]);
+        match model.embedding {
+            Some(e) => k::embedding_forward_rows(&mut acts.layers[0].x, |t| e.row(t), &b.tokens, wpe, &b.positions, d)
+                .map_err(|(index, token)| EngineError::TokenNotKept { token, index })?,
+            None => k::embedding_forward(&mut acts.layers[0].x, &p.wte.data, &b.tokens, wpe, &b.positions, d),
+        }
         if let Some(scale) = embedding_scale(cfg) {
             acts.layers[0].x.iter_mut().for_each(|v| *v *= scale);
         }
@@ -114,7 +112,10 @@ impl Decoder {
             &mut acts.head_lse,
             Some(&mut out.logit_sum),
             &acts.hidden,
-            &p.head().data,
+            match model.embedding {
+                Some(e) => k::HeadWeight::Stored(e.head()),
+                None => k::HeadWeight::F32(&p.head().data),
+            },
             bias(&p.b_head),
             &b.targets,
             self.cfg.hidden,

@@ -36,6 +36,11 @@ use std::borrow::Cow;
 pub enum EngineError {
     #[error("token id {token} at stream index {index} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange { token: u32, index: usize, vocab: usize },
+    #[error(
+        "token id {token} at stream index {index} is not among the tokens whose embeddings the frozen model \
+         kept (those of the run's data)"
+    )]
+    TokenNotKept { token: u32, index: usize },
     #[error("position {position} is beyond the model's {max} learned positions")]
     PositionOutOfRange { position: usize, max: usize },
     #[error("malformed batch: {0}")]

@@ -5,7 +5,7 @@ use crate::config::DecoderConfig;
 use crate::kernels::Precision;
 use crate::lora::{Adapter, LayerAdapter};
 use crate::params::{LayerParams, Params, Tensor};
-use crate::quant::FrozenLinears;
+use crate::quant::{FrozenEmbedding, FrozenLinears};
 
 use super::linear::LayerView;
 use super::lora_block::{Dropout, LayerLora};
@@ -23,6 +23,11 @@ use super::EngineError;
 /// linear weights of `base`'s layers, whose tensors are then empty. Such a base is frozen: only
 /// [`Grads::Adapter`] may be asked of it.
 ///
+/// `embedding`: a frozen model's token embedding and head kept as a bf16 pass reads them (the head in
+/// bf16, the lookups' rows in f32 for the tokens of a run's data: [`FrozenEmbedding`]); they replace
+/// `base`'s `wte` and head, which are then empty. Such a model only scores: forward passes, no backward
+/// and no generation.
+///
 /// `precision`: the arithmetic of the block linears' and the LM head's products, forward and backward
 /// ([`Precision::Bf16`]: autocast's bf16). Attention's and the adapter's products stay f32.
 #[derive(Clone, Copy)]
@@ -31,13 +36,30 @@ pub struct Model<'a> {
     pub adapter: Option<&'a Adapter>,
     pub dropout_seed: Option<u64>,
     pub frozen: Option<&'a FrozenLinears>,
+    pub embedding: Option<&'a FrozenEmbedding>,
     pub precision: Precision,
 }
 
 impl<'a> Model<'a> {
     /// The base with `adapter` on it (none: the base alone), without dropout, in f32.
     pub fn new(base: &'a Params, adapter: Option<&'a Adapter>) -> Self {
-        Model { base, adapter, dropout_seed: None, frozen: None, precision: Precision::F32 }
+        Model { base, adapter, dropout_seed: None, frozen: None, embedding: None, precision: Precision::F32 }
+    }
+
+    /// This view with the token embedding and head read from `embedding` (taken from `base`).
+    pub fn with_embedding(self, embedding: &'a FrozenEmbedding) -> Self {
+        Model { embedding: Some(embedding), ..self }
+    }
+
+    /// Refuses a pass that needs what a [`FrozenEmbedding`] does not keep (`what`: a backward pass,
+    /// generation).
+    pub(crate) fn scoring_only(&self, what: &str) -> Result<(), EngineError> {
+        match self.embedding {
+            Some(_) => Err(EngineError::FrozenMismatch(format!(
+                "{what} through a frozen embedding, which keeps only the rows of a run's data: it scores only"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// This view with its products in `precision`.
@@ -80,6 +102,17 @@ impl<'a> Model<'a> {
     pub(crate) fn check(&self, cfg: &DecoderConfig) -> Result<(), EngineError> {
         if let Some(frozen) = self.frozen {
             frozen.check(cfg).map_err(EngineError::FrozenMismatch)?;
+        }
+        if let Some(e) = self.embedding {
+            if (e.vocab(), e.hidden()) != (cfg.vocab_size, cfg.hidden) {
+                return Err(EngineError::FrozenMismatch(format!(
+                    "a frozen embedding of {} x {} for a model of {} x {}",
+                    e.vocab(),
+                    e.hidden(),
+                    cfg.vocab_size,
+                    cfg.hidden
+                )));
+            }
         }
         let Some(adapter) = self.adapter else { return Ok(()) };
         if adapter.layers.len() != cfg.n_layers {

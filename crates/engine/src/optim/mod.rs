@@ -24,6 +24,7 @@ mod sgd;
 pub use clip::{clip_coefficient, clip_grad_norm, global_grad_norm, grads_finite};
 pub use schedule::{lr_at, ScheduleKind, UnknownSchedule};
 
+use crate::pages;
 use crate::params::{ParamSet, Tensor};
 use rayon::prelude::*;
 
@@ -313,7 +314,8 @@ impl Optimizer {
     /// [`clip_grad_norm`] would have scaled it), used for the update, then set to zero. The same bits as
     /// scaling, stepping and zeroing one after the other, in one pass over the gradients instead of three
     /// (each a read or write of the whole model: ~3% of a GPT-2 bf16 step). Gradients of tensors the
-    /// optimizer does not train are zeroed too.
+    /// optimizer does not train are zeroed too. A gradient on huge pages is zeroed by handing its pages
+    /// back to the kernel ([`pages::release`]): it holds no memory until the next backward writes it.
     pub fn step_and_clear<P: ParamSet + ?Sized, G: ParamSet + ?Sized>(
         &mut self,
         params: &mut P,
@@ -335,16 +337,24 @@ impl Optimizer {
             let mut bufs = slot.buffers.iter_mut().map(|b| &mut b[..]);
             let (a, b) = (bufs.next().unwrap_or_default(), bufs.next().unwrap_or_default());
             let decay = slot.decay;
+            // A gradient on huge pages goes back to the kernel after the update (`pages::release`);
+            // any other is zeroed chunk by chunk as the update leaves it.
+            let hand_back = pages::hands_back(g);
             for_chunks_mut(p, g, a, b, |p, g, a, b| {
                 if let Some(coef) = coef {
                     g.iter_mut().for_each(|x| *x *= coef);
                 }
                 update(&cfg, decay, lr, t, p, g, a, b);
-                g.fill(0.0);
+                if !hand_back {
+                    g.fill(0.0);
+                }
             });
+            if hand_back {
+                pages::release(g);
+            }
         }
         for (_, g) in gs.iter_mut().zip(trained).filter(|(_, t)| !t).map(|(g, _)| g) {
-            g.data.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
+            pages::release(&mut g.data);
         }
     }
 }

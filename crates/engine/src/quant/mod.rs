@@ -17,12 +17,14 @@
 
 pub mod bf16;
 pub mod double_quant;
+mod embedding;
 mod frozen;
 pub mod nf4;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
 pub use double_quant::DoubleQuant;
+pub use embedding::FrozenEmbedding;
 pub use frozen::{FrozenError, FrozenLayer, FrozenLinears};
 pub use nf4::{Nf4, Scales, BLOCK, NF4_CODE};
 
@@ -181,9 +183,40 @@ impl Matrix {
 
     /// `y[n, rows] = x[n, cols] . W^T (+ b[rows])`, the product in `prec`.
     pub fn linear_forward(&self, y: &mut [f32], x: &[f32], b: Option<&[f32]>, n: usize, prec: Precision) {
-        let (out_dim, in_dim) = (self.rows, self.cols);
+        self.forward_rows(0..self.rows, y, x, b, n, prec)
+    }
+
+    /// [`Matrix::linear_forward`] with the rows `rows` of `W` alone: `y[n, rows.len()] = x[n, cols] .
+    /// W[rows]^T`, each element the number the whole product gives it (a block of an LM head's
+    /// vocabulary).
+    ///
+    /// # Panics
+    /// If `rows` is outside the matrix.
+    pub fn linear_forward_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        x: &[f32],
+        n: usize,
+        prec: Precision,
+    ) {
+        assert!(rows.start <= rows.end && rows.end <= self.rows, "Matrix::linear_forward_rows: {rows:?} outside");
+        self.forward_rows(rows, y, x, None, n, prec)
+    }
+
+    fn forward_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        x: &[f32],
+        b: Option<&[f32]>,
+        n: usize,
+        prec: Precision,
+    ) {
+        let (out_dim, in_dim) = (rows.len(), self.cols);
+        let first = rows.start * in_dim;
         if let Data::F32(w) = &self.data {
-            return f32_linear_forward(y, x, w, b, n, in_dim, out_dim, prec);
+            return f32_linear_forward(y, x, &w[first..rows.end * in_dim], b, n, in_dim, out_dim, prec);
         }
         assert_eq!(y.len(), n * out_dim, "Matrix::linear_forward: y is not [n, out]");
         assert_eq!(x.len(), n * in_dim, "Matrix::linear_forward: x is not [n, in]");
@@ -196,8 +229,8 @@ impl Matrix {
         }
         if let (Data::Bf16(w), Precision::Bf16) = (&self.data, prec) {
             let lhs = View { ptr: x.as_ptr(), rs: in_dim as isize, cs: 1 }; // [n, in]
-            let rhs = View { ptr: w.as_ptr(), rs: 1, cs: in_dim as isize }; // W^T: [in, out]
-                                                                            // SAFETY: x is [n, in], W [out, in], y [n, out] (checked above); y is borrowed mutably.
+            let rhs = View { ptr: w[first..].as_ptr(), rs: 1, cs: in_dim as isize }; // W[rows]^T: [in, out]
+                                                                                     // SAFETY: x is [n, in], W [out, in], y [n, out] (checked above); y is borrowed mutably.
             let ld = out_dim as isize;
             if unsafe { bf16_stored_gemm(n, out_dim, in_dim, y.as_mut_ptr(), ld, b.is_some(), lhs, rhs, true) } {
                 return;
@@ -211,7 +244,7 @@ impl Matrix {
             let lhs = View { ptr: x.as_ptr(), rs: in_dim as isize, cs: 1 };
             let (r0, r1) = (t * tile, ((t + 1) * tile).min(out_dim));
             with_scratch((r1 - r0) * in_dim, |w| {
-                self.widen_into(r0 * in_dim, w); // [r1 - r0, in]
+                self.widen_into(first + r0 * in_dim, w); // [r1 - r0, in]
                 let rhs = View { ptr: w.as_ptr(), rs: 1, cs: in_dim as isize }; // W tile^T: [in, r1 - r0]
                                                                                 // SAFETY: x is [n, in], the tile [r1 - r0, in]; y's columns r0..r1 of its n rows are in
                                                                                 // bounds and written by this task alone; neither operand aliases y.
