@@ -11,11 +11,13 @@
 //! A page handed back (`madvise(MADV_DONTNEED)`) reads as zero and costs a fault and the kernel's
 //! zeroing when it is written again. On 4 KiB pages that is five times a `memset` (512 MiB written
 //! again: 235 ms against 45 ms, Intel Xeon, 2026-12-07); on 2 MiB pages 76 ms, about what zeroing the
-//! buffer and writing it cost anyway. So only buffers on huge pages are handed back: those of
-//! [`HugePageAlloc`], the global allocator the `dpo` binary installs, which maps every allocation of
-//! 2 MiB and more on a 2 MiB boundary and asks for huge pages on its whole 2 MiB blocks (the last,
-//! partial block stays on small pages: a huge page there would hold up to 2 MiB nobody asked for).
-//! Elsewhere (another allocator, transparent huge pages off, not Linux) [`release`] writes zeros.
+//! buffer and writing it cost anyway. So pages are handed back only from the mappings of
+//! [`HugePageAlloc`], the global allocator the `dpo` binary installs: it maps every allocation of
+//! [`MAPPED_FROM`] bytes and more itself, those of 2 MiB and more on a 2 MiB boundary with huge pages
+//! asked for on their whole 2 MiB blocks (the last, partial block stays on small pages: a huge page
+//! there would hold up to 2 MiB nobody asked for). The small pages such buffers have (that last block,
+//! buffers under 2 MiB) come back a fault each, cheap next to the huge blocks. Elsewhere (another
+//! allocator, transparent huge pages off, not Linux) [`release`] writes zeros.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -47,9 +49,9 @@ unsafe impl Zeroed for u16 {
 /// [`MAPPED_FROM`] bytes or more that starts on a page boundary lies in its mappings.
 static MAPPING: AtomicBool = AtomicBool::new(false);
 
-/// The global allocator that puts buffers of 2 MiB and more on transparent huge pages (see the module
-/// documentation); smaller ones, and all of them where the kernel offers no huge pages, come from the
-/// system allocator.
+/// The global allocator that maps buffers of [`MAPPED_FROM`] bytes and more itself, from 2 MiB on on
+/// transparent huge pages (see the module documentation); smaller ones, and all of them where the
+/// kernel offers no huge pages, come from the system allocator.
 pub struct HugePageAlloc;
 
 // SAFETY: every block comes from `System` or from `mmap`, and is given back to the one it came from:
@@ -92,9 +94,10 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     }
 }
 
-/// Whether [`HugePageAlloc`] maps a block of `layout` itself.
+/// Whether [`HugePageAlloc`] maps a block of `layout` itself (a mapping starts on a page boundary at
+/// least, so any alignment up to a small page's is met).
 fn maps(layout: Layout) -> bool {
-    layout.size() >= MAPPED_FROM && layout.align() <= HUGE_PAGE && huge_pages_offered()
+    layout.size() >= MAPPED_FROM && layout.align() <= 4096 && huge_pages_offered()
 }
 
 /// Whether the kernel hands out transparent huge pages on request (`enabled` is `always` or `madvise`).

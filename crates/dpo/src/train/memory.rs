@@ -286,12 +286,12 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
 }
 
 /// Estimates the run's peak memory, logs it, and refuses a run that would not fit in `max_memory` (or
-/// the machine's available memory).
+/// the machine's available memory). `reference`: the reference model held while training, and the
+/// tokens whose lookups it keeps ([`MemoryPlan::reference_lookups`]).
 pub(super) fn check(
     cfg: &super::TrainConfig,
     policy: &DecoderConfig,
-    reference: Option<&DecoderConfig>,
-    reference_lookups: Option<u64>,
+    reference: Option<(&DecoderConfig, Option<u64>)>,
     row_tokens: Vec<u64>,
     rows_in_flight: usize,
     adapter: Option<AdapterPlan>,
@@ -301,8 +301,8 @@ pub(super) fn check(
     let plan = MemoryPlan {
         policy,
         optimizer: &opt,
-        reference,
-        reference_lookups,
+        reference: reference.map(|r| r.0),
+        reference_lookups: reference.and_then(|r| r.1),
         row_tokens,
         batch_size: rows_in_flight,
         gradient_checkpointing: cfg.gradient_checkpointing,

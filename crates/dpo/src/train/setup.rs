@@ -286,7 +286,8 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
         Data::Sft { .. } | Data::Unlikelihood { .. } => None,
     };
     let lookups = lookups.filter(|_| cfg.precision == Precision::Bf16);
-    memory::check(cfg, &model_cfg.decoder, held_reference, lookups, row_tokens, in_flight, adapter, log)?;
+    let held_reference = held_reference.map(|r| (r, lookups));
+    memory::check(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
     let (model, frozen) = match cfg.base_storage {
         Storage::F32 => (hf::load_model(&cfg.model)?, None),
         storage => {

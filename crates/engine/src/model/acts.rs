@@ -149,14 +149,9 @@ impl LayerActs {
     /// ([`crate::pages::release`]): backward is done with the layer, and its next forward writes every
     /// buffer before reading it. Lengths are kept, so the next pass allocates nothing.
     pub(crate) fn release(&mut self) {
-        let s = self;
-        for v in [&mut s.x, &mut s.qkv, &mut s.qk_pre, &mut s.attn, &mut s.lse, &mut s.x_mid, &mut s.mlp_pre] {
-            pages::release(v);
-        }
-        for v in [&mut s.o_pre, &mut s.mlp_out] {
-            pages::release(v);
-        }
-        s.bf16.0.iter_mut().for_each(|v| pages::release(v));
+        pages::release(&mut self.x);
+        self.slot_buffers_mut().into_iter().for_each(|v| pages::release(v));
+        self.bf16.0.iter_mut().for_each(|v| pages::release(v));
     }
 
     /// Frees the f32 products (a layer that keeps them in bf16).
