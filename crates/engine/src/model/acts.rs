@@ -196,7 +196,7 @@ pub(crate) struct Scratch {
     pub(crate) dx: Vec<f32>,      // [N, d]
     pub(crate) dh: Vec<f32>,      // [N, d]
     pub(crate) dact: Vec<f32>,    // [N, ff]
-    pub(crate) dpre: Vec<f32>,    // [N, mlp_in]
+    pub(crate) dpre: Vec<f32>,    // [N, mlp_in] (gated MLPs; an ungated one uses `act`)
     pub(crate) dattn: Vec<f32>,   // [N, attn_dim]
     pub(crate) dqkv: Vec<f32>,    // [N, qkv_dim]
     pub(crate) lora: LoraScratch, // the adapter's (with an adapter only)
@@ -208,7 +208,9 @@ impl Scratch {
     fn floats_per_token(cfg: &DecoderConfig, backward: bool) -> u64 {
         let (d, ff) = (cfg.hidden as u64, cfg.ffn_hidden as u64);
         let forward = 2 * d + ff + 2;
-        let grads = 2 * d + ff + cfg.mlp_in_dim() as u64 + cfg.attn_dim() as u64 + cfg.qkv_dim() as u64;
+        // `dpre` shares the activation's buffer where it has its shape (an ungated MLP).
+        let dpre = if cfg.mlp_in_dim() == cfg.ffn_hidden { 0 } else { cfg.mlp_in_dim() as u64 };
+        let grads = 2 * d + ff + dpre + cfg.attn_dim() as u64 + cfg.qkv_dim() as u64;
         forward + if backward { grads } else { 0 }
     }
 }

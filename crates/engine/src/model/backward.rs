@@ -171,7 +171,8 @@ impl Decoder {
         fit(&mut s.dx, n * d);
         fit(&mut s.dh, n * d);
         fit(&mut s.dact, n * cfg.ffn_hidden);
-        fit(&mut s.dpre, n * cfg.mlp_in_dim());
+        // An ungated MLP's `dpre` is the activation's buffer (`Decoder::block_backward`).
+        fit(&mut s.dpre, if cfg.mlp_in_dim() == cfg.ffn_hidden { 0 } else { n * cfg.mlp_in_dim() });
         fit(&mut s.dattn, n * cfg.attn_dim());
         fit(&mut s.dqkv, n * cfg.qkv_dim());
 

@@ -238,15 +238,20 @@ impl Decoder {
         if let Some(pg) = &mut pairs {
             pg.site(Site::MlpOut, &mut s.lora, &s.act, dmlp_out, Some(&mut s.dact), n);
         }
-        act_backward(cfg.mlp, &mut s.dpre, &s.dact, &la.mlp_pre, n, ff);
+        // An ungated MLP's pre-activation gradient has the activation's shape, and the activation is dead
+        // once w_out's backward has read it: it takes the activation's buffer (`Scratch::dpre` stays empty).
+        let shares = mlp_in == ff;
+        let mut dpre = std::mem::take(if shares { &mut s.act } else { &mut s.dpre });
+        act_backward(cfg.mlp, &mut dpre, &s.dact, &la.mlp_pre, n, ff);
         if mlp_in_grad {
             let grads = linear_grads(base.as_deref_mut(), Site::MlpIn);
             let dims = LinearDims { rows: n, inp: d, out: mlp_in };
-            lp.weight(Site::MlpIn).backward(&mut s.dh, grads, &s.dpre, &s.h, dims, lp.precision);
+            lp.weight(Site::MlpIn).backward(&mut s.dh, grads, &dpre, &s.h, dims, lp.precision);
         }
         if let Some(pg) = &mut pairs {
-            pg.site(Site::MlpIn, &mut s.lora, &s.h, &s.dpre, mlp_in_grad.then_some(&mut s.dh[..]), n);
+            pg.site(Site::MlpIn, &mut s.lora, &s.h, &dpre, mlp_in_grad.then_some(&mut s.dh[..]), n);
         }
+        *(if shares { &mut s.act } else { &mut s.dpre }) = dpre;
         if !cfg.parallel_residual {
             // dx becomes the gradient of x_mid = x + attention.
             let g = base.as_deref_mut().map(LayerParams::mlp_norm_mut);
