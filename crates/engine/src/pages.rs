@@ -1,5 +1,6 @@
 //! Large buffers on transparent huge pages, and [`release`], which zeroes a dead buffer by handing its
-//! pages back to the kernel.
+//! pages back to the kernel ([`discard`] hands them back without zeroing the rest: for buffers whose
+//! contents nobody reads again).
 //!
 //! Why: a training step needs its gradients only from the backward pass that writes them to the
 //! optimizer step that reads them, and each layer's kept activations only from its forward to its
@@ -233,23 +234,37 @@ pub fn kept_by_release(bytes: u64) -> u64 {
 /// Elsewhere zeros are written (in parallel for a large buffer).
 pub fn release<T: Zeroed>(buf: &mut [T]) {
     use rayon::prelude::*;
-    let mut rest = buf;
-    #[cfg(target_os = "linux")]
-    if hands_back(rest) {
-        let whole = std::mem::size_of_val(rest) / page_size() * page_size();
-        // SAFETY: the range is the first `whole` bytes of `rest`, which this function may write; pages
-        // handed back read as zero, the value of `T` with all-zero bytes (`Zeroed`).
-        let rc = unsafe { libc::madvise(rest.as_mut_ptr().cast(), whole, libc::MADV_DONTNEED) };
-        if rc == 0 {
-            rest = &mut rest[whole / std::mem::size_of::<T>()..];
-        }
-    }
+    let handed = hand_back(buf);
+    let rest = &mut buf[handed..];
     const CHUNK: usize = 1 << 16;
     if rest.len() <= CHUNK {
         rest.fill(T::ZERO);
     } else {
         rest.par_chunks_mut(CHUNK).for_each(|c| c.fill(T::ZERO));
     }
+}
+
+/// Hands back the whole pages of a dead buffer where [`hands_back`] allows, writing nothing else: its
+/// values are then unspecified (zero where handed back, as they were elsewhere). For buffers whose every
+/// user writes before reading (spent activations, a scratch block), which need no zeros: where pages are
+/// not handed back this costs nothing.
+pub fn discard<T: Zeroed>(buf: &mut [T]) {
+    hand_back(buf);
+}
+
+/// Hands back the whole pages at the start of `buf` where [`hands_back`] allows; returns how many of its
+/// values they held (now zero).
+fn hand_back<T: Zeroed>(buf: &mut [T]) -> usize {
+    #[cfg(target_os = "linux")]
+    if hands_back(buf) {
+        let whole = std::mem::size_of_val(buf) / page_size() * page_size();
+        // SAFETY: the range is the first `whole` bytes of `buf`, which this function may write; pages
+        // handed back read as zero, the value of `T` with all-zero bytes (`Zeroed`).
+        if unsafe { libc::madvise(buf.as_mut_ptr().cast(), whole, libc::MADV_DONTNEED) } == 0 {
+            return whole / std::mem::size_of::<T>();
+        }
+    }
+    0
 }
 
 #[cfg(test)]
@@ -292,6 +307,10 @@ mod tests {
                 assert!(g[..size].iter().enumerate().all(|(i, &b)| b == i as u8), "{size}");
                 g.fill(3);
                 let floats = std::slice::from_raw_parts_mut(grown.cast::<f32>(), size * 2 / 4);
+                discard(floats);
+                let handed = if hands_back(floats) { size * 2 / 4096 * 1024 } else { 0 };
+                assert!(floats[..handed].iter().all(|&x| x == 0.0), "{size}");
+                assert!(floats[handed..].iter().all(|&x| x.to_bits() == 0x0303_0303), "{size}");
                 release(floats);
                 assert!(floats.iter().all(|&x| x == 0.0), "{size}");
                 floats.fill(2.0);

@@ -78,12 +78,25 @@ impl ReferenceModel {
 /// Every token id of preference rows (prompts and both completions): what a reference that scores
 /// them keeps the embeddings of ([`ReferenceModel::keep_lookups_of`]).
 pub fn pair_tokens<'e>(rows: impl Iterator<Item = &'e Example>) -> BTreeSet<u32> {
-    rows.flat_map(|e| [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids]).flatten().copied().collect()
+    distinct(rows.flat_map(|e| [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids]).flatten().copied())
 }
 
 /// [`pair_tokens`] of unpaired rows (prompts and completions).
 pub fn unpaired_tokens<'e>(rows: impl Iterator<Item = &'e UnpairedExample>) -> BTreeSet<u32> {
-    rows.flat_map(|e| [&e.prompt_ids, &e.completion_ids]).flatten().copied().collect()
+    distinct(rows.flat_map(|e| [&e.prompt_ids, &e.completion_ids]).flatten().copied())
+}
+
+/// The distinct ids of `ids`: marked in a table as long as the largest id (one pass over a data set's
+/// tokens, however many), then collected in order.
+fn distinct(ids: impl Iterator<Item = u32>) -> BTreeSet<u32> {
+    let mut seen = Vec::new();
+    for t in ids.map(|t| t as usize) {
+        if t >= seen.len() {
+            seen.resize(t + 1, false);
+        }
+        seen[t] = true;
+    }
+    seen.iter().enumerate().filter(|&(_, &s)| s).map(|(t, _)| t as u32).collect()
 }
 
 pub enum Reference {

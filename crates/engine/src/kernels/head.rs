@@ -102,7 +102,7 @@ fn with_logits<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         let out = f(&mut buf[..len]);
         // Its pages go back between calls (on huge pages, `crate::pages`): the block is dead from one
         // call to the next, and a training step's peak (its last layer's backward) comes in between.
-        crate::pages::release(&mut buf);
+        crate::pages::discard(&mut buf);
         cell.replace(buf);
         out
     })

@@ -145,13 +145,13 @@ impl LayerActs {
         [&mut s.qkv, &mut s.qk_pre, &mut s.attn, &mut s.mlp_pre, &mut s.o_pre, &mut s.mlp_out, &mut s.lse, &mut s.x_mid]
     }
 
-    /// Zeroes every buffer, handing the pages of those on huge pages back to the kernel
-    /// ([`crate::pages::release`]): backward is done with the layer, and its next forward writes every
-    /// buffer before reading it. Lengths are kept, so the next pass allocates nothing.
-    pub(crate) fn release(&mut self) {
-        pages::release(&mut self.x);
-        self.slot_buffers_mut().into_iter().for_each(|v| pages::release(v));
-        self.bf16.0.iter_mut().for_each(|v| pages::release(v));
+    /// Hands the pages of every buffer back to the kernel where it can ([`crate::pages::discard`]):
+    /// backward is done with the layer, and its next forward writes every buffer before reading it.
+    /// Lengths are kept, so the next pass allocates nothing.
+    pub(crate) fn discard(&mut self) {
+        pages::discard(&mut self.x);
+        self.slot_buffers_mut().into_iter().for_each(|v| pages::discard(v));
+        self.bf16.0.iter_mut().for_each(|v| pages::discard(v));
     }
 
     /// Frees the f32 products (a layer that keeps them in bf16).
@@ -288,7 +288,7 @@ impl Activations {
     }
 
     /// Bytes per token of [`Activations::bytes_per_token`] that backward hands back after each layer
-    /// ([`LayerActs::release`]): a layer's kept buffers, or with [`Keep::LayerInputs`] its input.
+    /// ([`LayerActs::discard`]): a layer's kept buffers, or with [`Keep::LayerInputs`] its input.
     pub fn released_per_layer_bytes_per_token(cfg: &DecoderConfig, keep: impl Into<Keep>, precision: Precision) -> u64 {
         let LayerFloats { f32: kept_f32, products } = LayerActs::floats_per_token(cfg);
         match keep.into() {

@@ -56,7 +56,7 @@ impl Decoder {
         let result = self
             .head_backward_inner(model, b, acts, dlogp, grads, &mut dhidden)
             .and_then(|_| self.backward_inner(model, b, acts, &dhidden, grads, pending));
-        crate::pages::release(&mut dhidden);
+        crate::pages::discard(&mut dhidden);
         acts.dhidden = dhidden;
         result
     }
@@ -192,8 +192,8 @@ impl Decoder {
             d,
         );
         // The head and the final norm are done with the final hidden states and their input.
-        crate::pages::release(&mut acts.hidden);
-        crate::pages::release(&mut acts.x_final);
+        crate::pages::discard(&mut acts.hidden);
+        crate::pages::discard(&mut acts.x_final);
 
         // A recomputed block draws the adapter's dropout masks from the seed its forward had.
         let forward_model = Model { dropout_seed: acts.dropout_seed, ..model };
@@ -220,7 +220,7 @@ impl Decoder {
                     la.swap_products(&mut acts.work);
                 }
                 // Spent: handed back while the gradients fill memory (`crate::pages`).
-                la.release();
+                la.discard();
                 continue;
             }
             // Checkpointed: the layer's kept input moves into the slot for the block's backward (which
@@ -242,7 +242,7 @@ impl Decoder {
             }
             self.block_backward(lp, l, adapter, grads.layer(l), input_grad, b, &acts.work, s, rope);
             std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
-            crate::pages::release(&mut acts.layers[l].x);
+            crate::pages::discard(&mut acts.layers[l].x);
         }
         // Backward has consumed the forward: its activations are handed back, and another backward
         // needs another forward (as PyTorch frees the graph).
