@@ -1,6 +1,7 @@
 //! Large buffers on transparent huge pages, and [`release`], which zeroes a dead buffer by handing its
-//! pages back to the kernel ([`discard`] hands them back without zeroing the rest: for buffers whose
-//! contents nobody reads again).
+//! pages back ([`discard`] hands them back without zeroing the rest: for buffers whose contents nobody
+//! reads again); [`reuse`] and [`reuse_zeroed`] give a buffer about to be written pages handed back
+//! by others.
 //!
 //! Why: a training step needs its gradients only from the backward pass that writes them to the
 //! optimizer step that reads them, and each layer's kept activations only from its forward to its
@@ -19,9 +20,18 @@
 //! there would hold up to 2 MiB nobody asked for). The small pages such buffers have (that last block,
 //! buffers under 2 MiB) come back a fault each, cheap next to the huge blocks. Elsewhere (another
 //! allocator, transparent huge pages off, not Linux) [`release`] writes zeros.
+//!
+//! The whole 2 MiB blocks do not go to the kernel but to the process's [`pool`], from which [`reuse`]
+//! (called by every writer of a buffer handed back: the activations' `fit`, the gradients before each
+//! layer's backward) and the allocator take them: on a virtual machine that reports free memory to its
+//! host, a block handed to the kernel cost ten times the figure above to get back (the pool's
+//! documentation has the figures). `DPO_NO_PAGE_POOL=1` turns the pool off (for comparisons).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+#[cfg(target_os = "linux")]
+pub mod pool;
 
 /// A transparent huge page.
 pub const HUGE_PAGE: usize = 2 << 20;
@@ -60,15 +70,14 @@ pub struct HugePageAlloc;
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if maps(layout) {
-            return map(layout.size());
+            return map(layout.size(), false);
         }
         System.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if maps(layout) {
-            // Fresh anonymous pages are zero: nothing to write.
-            return map(layout.size());
+            return map(layout.size(), true);
         }
         System.alloc_zeroed(layout)
     }
@@ -142,9 +151,10 @@ fn read_thp_mode() -> bool {
 }
 
 /// Maps `size` bytes, from a huge page on on a 2 MiB boundary with huge pages asked for on its whole
-/// 2 MiB blocks; null when the kernel refuses (the caller reports the allocation failure).
+/// 2 MiB blocks, which get pooled pages where the pool has them ([`pool`]: zeroed if `zeroed`; fresh
+/// pages read as zero anyway); null when the kernel refuses (the caller reports the allocation failure).
 #[cfg(target_os = "linux")]
-unsafe fn map(size: usize) -> *mut u8 {
+unsafe fn map(size: usize, zeroed: bool) -> *mut u8 {
     let len = size.next_multiple_of(page_size());
     let anonymous = |len| {
         libc::mmap(
@@ -159,7 +169,11 @@ unsafe fn map(size: usize) -> *mut u8 {
     MAPPING.store(true, Ordering::Relaxed);
     if len < HUGE_PAGE {
         let p = anonymous(len);
-        return if p == libc::MAP_FAILED { std::ptr::null_mut() } else { p.cast() };
+        if p == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        fill_mapping(p as usize, len, zeroed);
+        return p.cast();
     }
     // Map a huge page more than needed, then unmap what lies before the boundary and after the block.
     let total = len + HUGE_PAGE;
@@ -178,17 +192,50 @@ unsafe fn map(size: usize) -> *mut u8 {
     let whole = len / HUGE_PAGE * HUGE_PAGE;
     // Advice only: without it the block is still valid memory, on small pages.
     libc::madvise(start as *mut libc::c_void, whole, libc::MADV_HUGEPAGE);
+    fill_mapping(start, len, zeroed);
     start as *mut u8
 }
 
+/// A piece of [`pieces`] about to be written: a block takes a pooled one (true where it did); small
+/// pages keep the pool's balance with the kernel ([`pool::balance`]).
+///
+/// # Safety
+/// As for [`pool::fill`].
+#[cfg(target_os = "linux")]
+unsafe fn fill(addr: usize, len: usize) -> bool {
+    if len == HUGE_PAGE {
+        return pool::fill(addr);
+    }
+    pool::balance(addr, len);
+    false
+}
+
+/// Gives a fresh mapping pooled pages ([`pool`]), zeroed if `zeroed` (fresh pages read as zero).
+#[cfg(target_os = "linux")]
+unsafe fn fill_mapping(start: usize, len: usize, zeroed: bool) {
+    for (addr, len) in pieces(start, start + len) {
+        // Serial: the allocator must not call into rayon (which allocates).
+        if fill(addr, len) && zeroed {
+            std::ptr::write_bytes(addr as *mut u8, 0, len);
+        }
+    }
+}
+
 #[cfg(not(target_os = "linux"))]
-unsafe fn map(_size: usize) -> *mut u8 {
+unsafe fn map(_size: usize, _zeroed: bool) -> *mut u8 {
     unreachable!("huge_pages_offered is false off Linux")
 }
 
+/// Unmaps a block of [`map`], its pages kept in the pool ([`pool`]) for the next buffer.
 #[cfg(target_os = "linux")]
 unsafe fn unmap(ptr: *mut u8, size: usize) {
-    libc::munmap(ptr.cast(), size.next_multiple_of(page_size()));
+    let len = size.next_multiple_of(page_size());
+    for (addr, len) in pieces(ptr as usize, ptr as usize + len) {
+        if len == HUGE_PAGE {
+            pool::stash(addr);
+        }
+    }
+    libc::munmap(ptr.cast(), len);
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -252,19 +299,89 @@ pub fn discard<T: Zeroed>(buf: &mut [T]) {
     hand_back(buf);
 }
 
-/// Hands back the whole pages at the start of `buf` where [`hands_back`] allows; returns how many of its
-/// values they held (now zero).
+/// Hands back the whole pages at the start of `buf` where [`hands_back`] allows: its whole 2 MiB blocks
+/// to the process's pool ([`pool`]; to the kernel where the pool cannot take them), the small pages
+/// around them to the kernel. Returns how many of its values they held
+/// (now zero).
 fn hand_back<T: Zeroed>(buf: &mut [T]) -> usize {
     #[cfg(target_os = "linux")]
     if hands_back(buf) {
-        let whole = std::mem::size_of_val(buf) / page_size() * page_size();
-        // SAFETY: the range is the first `whole` bytes of `buf`, which this function may write; pages
-        // handed back read as zero, the value of `T` with all-zero bytes (`Zeroed`).
-        if unsafe { libc::madvise(buf.as_mut_ptr().cast(), whole, libc::MADV_DONTNEED) } == 0 {
-            return whole / std::mem::size_of::<T>();
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf) / page_size() * page_size();
+        let mut done = true;
+        for (addr, len) in pieces(start, end) {
+            // SAFETY: a whole 2 MiB block inside `buf` (a mapping of `HugePageAlloc`, `hands_back`),
+            // dead.
+            if len < HUGE_PAGE {
+                pool::credit(len);
+            }
+            if len < HUGE_PAGE || !unsafe { pool::stash(addr) } {
+                done &= advise_dontneed(addr, len);
+            }
+        }
+        if done {
+            return (end - start) / std::mem::size_of::<T>();
         }
     }
     0
+}
+
+/// `start..end` (whole pages) cut at 2 MiB boundaries: each whole 2 MiB block, then the small pages
+/// before the first boundary and after the last; empty pieces left out.
+#[cfg(target_os = "linux")]
+fn pieces(start: usize, end: usize) -> impl Iterator<Item = (usize, usize)> {
+    let first = start.next_multiple_of(HUGE_PAGE).min(end);
+    let last = (end / HUGE_PAGE * HUGE_PAGE).max(first);
+    let blocks = (first..last).step_by(HUGE_PAGE).map(|b| (b, HUGE_PAGE));
+    // Each is short of 2 MiB: what lies before the first boundary, and after the last.
+    let small = [(start, first - start), (last, end - last)];
+    blocks.chain(small).filter(|&(_, l)| l > 0)
+}
+
+/// `madvise(MADV_DONTNEED)` on `len` bytes of whole pages at `addr` (nothing where `len` is 0).
+#[cfg(target_os = "linux")]
+fn advise_dontneed(addr: usize, len: usize) -> bool {
+    // SAFETY: the callers pass whole pages of a buffer they may write, whose values are dead; pages
+    // handed back read as zero, the value of a `Zeroed` type with all-zero bytes.
+    len == 0 || unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0
+}
+
+/// Before a buffer handed back by [`discard`] is written again: its empty 2 MiB blocks get pooled ones
+/// (contents unspecified), so the writes find pages instead of faulting fresh ones from the kernel
+/// (see [`pool`]). A hint: a block not given one is faulted in on its first write, as without it.
+pub fn reuse<T: Zeroed>(buf: &mut [T]) {
+    fill_from_pool(buf, false);
+}
+
+/// [`reuse`] for a buffer handed back by [`release`], which must still read as zero: blocks taken from
+/// the pool are zeroed (a `memset`, a fifth of what the kernel's fault and zeroing cost).
+pub fn reuse_zeroed<T: Zeroed>(buf: &mut [T]) {
+    fill_from_pool(buf, true);
+}
+
+fn fill_from_pool<T: Zeroed>(buf: &mut [T], zero: bool) {
+    #[cfg(target_os = "linux")]
+    if hands_back(buf) {
+        use rayon::prelude::*;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf) / page_size() * page_size();
+        // SAFETY: whole pages inside `buf` (a mapping of `HugePageAlloc`), which `&mut` lets this
+        // function write.
+        let mut filled: Vec<(usize, usize)> = pieces(start, end).filter(|&(a, l)| unsafe { fill(a, l) }).collect();
+        if zero && !filled.is_empty() {
+            // The filled pieces of `buf` (disjoint), zeroed in parallel.
+            filled.sort_unstable();
+            let size = std::mem::size_of::<T>();
+            let (mut rest, mut at) = (&mut buf[..], start);
+            let mut parts = Vec::with_capacity(filled.len());
+            for (a, l) in filled {
+                let (piece, tail) = std::mem::take(&mut rest)[(a - at) / size..].split_at_mut(l / size);
+                parts.push(piece);
+                (rest, at) = (tail, a + l);
+            }
+            parts.into_par_iter().for_each(|p| p.fill(T::ZERO));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +434,50 @@ mod tests {
                 assert!(floats.iter().all(|&x| x == 2.0), "{size}");
                 a.dealloc(grown, grown_layout);
             }
+        }
+    }
+
+    /// Blocks handed back go through the pool to the next buffer written: [`reuse`] gives an empty
+    /// buffer pooled pages (it is then resident before any write), [`reuse_zeroed`] zeroes what it
+    /// gives, and either way what is written afterwards stays. Other tests share the pool (the
+    /// allocator test maps and unmaps), so the move itself is asserted over a few tries.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn pooled_blocks_go_to_the_next_buffer_written() {
+        let a = HugePageAlloc;
+        let size = 3 * HUGE_PAGE + 3 * 4096;
+        let layout = Layout::from_size_align(size, 64).unwrap();
+        if !maps(layout) {
+            return; // no huge pages offered: nothing is mapped or pooled
+        }
+        let floats = size / 4;
+        // SAFETY: two blocks of `layout`, used as f32 slices of their length, freed with it.
+        unsafe {
+            let (pa, pb) = (a.alloc_zeroed(layout), a.alloc_zeroed(layout));
+            let fa = std::slice::from_raw_parts_mut(pa.cast::<f32>(), floats);
+            let fb = std::slice::from_raw_parts_mut(pb.cast::<f32>(), floats);
+            let mut moved = false;
+            for _ in 0..10 {
+                fa.fill(7.0);
+                discard(fa);
+                assert!(fa.iter().all(|&x| x == 0.0), "handed back pages read as zero");
+                release(fb);
+                reuse(fb);
+                moved |= pool::residency(pb as usize, HUGE_PAGE) == Some(true);
+                fb.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
+                assert!(fb.iter().enumerate().all(|(i, &x)| x == i as f32));
+                fa.fill(5.0);
+                discard(fa);
+                release(fb);
+                reuse_zeroed(fb);
+                assert!(fb.iter().all(|&x| x == 0.0), "a buffer released then reused reads as zero");
+                if moved {
+                    break;
+                }
+            }
+            assert!(moved || std::env::var_os("DPO_NO_PAGE_POOL").is_some(), "no pooled block reached the buffer");
+            a.dealloc(pa, layout);
+            a.dealloc(pb, layout);
         }
     }
 }

@@ -99,6 +99,7 @@ fn with_logits<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         if buf.len() < len {
             buf = vec![0.0; len];
         }
+        crate::pages::reuse(&mut buf);
         let out = f(&mut buf[..len]);
         // Its pages go back between calls (on huge pages, `crate::pages`): the block is dead from one
         // call to the next, and a training step's peak (its last layer's backward) comes in between.

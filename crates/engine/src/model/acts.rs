@@ -111,6 +111,7 @@ impl LayerActs {
     pub(crate) fn narrow_products(&mut self) {
         let mut kept = std::mem::take(&mut self.bf16);
         for (src, dst) in self.products_mut().into_iter().zip(&mut kept.0) {
+            pages::reuse(dst);
             dst.resize(src.len(), 0);
             let chunks = src.par_chunks(CONVERT_CHUNK).zip(dst.par_chunks_mut(CONVERT_CHUNK));
             chunks.for_each(|(src, dst)| bf16::narrow_into(src, dst));
@@ -393,8 +394,8 @@ impl PendingEmbeddingGrads {
     pub fn apply(&mut self, grads: &mut Params) {
         if !self.tokens.is_empty() {
             let d = self.rows.len() / self.tokens.len();
-            let wpe = grads.wpe.as_mut().map(|t| &mut t.data[..]);
-            k::embedding_backward(&mut grads.wte.data, wpe, &self.rows, &self.tokens, &self.positions, d);
+            let (wte, wpe) = super::view::embedding_grads(grads);
+            k::embedding_backward(wte, wpe, &self.rows, &self.tokens, &self.positions, d);
         }
         self.clear();
     }
@@ -409,8 +410,10 @@ pub struct HeadOutput {
     pub logit_sum: Vec<f32>,
 }
 
-/// Resizes without keeping contents (every user overwrites before reading).
+/// Resizes without keeping contents (every user overwrites before reading). A buffer whose pages were
+/// handed back gets pooled ones first ([`pages::reuse`]).
 pub(crate) fn fit(v: &mut Vec<f32>, n: usize) {
+    pages::reuse(v);
     if v.len() != n {
         v.clear();
         v.resize(n, 0.0);

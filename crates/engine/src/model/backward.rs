@@ -6,6 +6,7 @@ use crate::kernels as k;
 
 use super::acts::{fit, Activations, Keep, PendingEmbeddingGrads};
 use super::block::Attend;
+use super::view::embedding_grads;
 use super::{bias, bias_mut, embedding_scale, norm_backward, norm_forward, Decoder, EngineError, Grads, Model};
 
 impl Decoder {
@@ -51,6 +52,7 @@ impl Decoder {
         grads.check(&model)?;
         model.scoring_only("backward")?;
         let mut dhidden = std::mem::take(&mut acts.dhidden);
+        crate::pages::reuse(&mut dhidden);
         dhidden.clear();
         dhidden.resize(b.len() * self.cfg.hidden, 0.0);
         let result = self
@@ -100,6 +102,8 @@ impl Decoder {
                     Some(t) => &mut t.data,
                     None => &mut g.wte.data,
                 };
+                // Handed back by the last optimizer step: pooled pages, zeroed, for the accumulation.
+                crate::pages::reuse_zeroed(dw);
                 (Some(&mut dw[..]), bias_mut(&mut g.b_head))
             }
             None => (None, None),
@@ -215,7 +219,9 @@ impl Decoder {
                     la.swap_products(&mut acts.work);
                     la.widen_products();
                 }
-                self.block_backward(lp, l, adapter, grads.layer(l), input_grad, b, la, s, rope);
+                let mut lg = grads.layer(l);
+                lg.reuse_pages();
+                self.block_backward(lp, l, adapter, lg, input_grad, b, la, s, rope);
                 if acts.kept_bf16 {
                     la.swap_products(&mut acts.work);
                 }
@@ -240,7 +246,9 @@ impl Decoder {
                 s.dh = out;
                 acts.work_layer = Some(l);
             }
-            self.block_backward(lp, l, adapter, grads.layer(l), input_grad, b, &acts.work, s, rope);
+            let mut lg = grads.layer(l);
+            lg.reuse_pages();
+            self.block_backward(lp, l, adapter, lg, input_grad, b, &acts.work, s, rope);
             std::mem::swap(&mut acts.layers[l].x, &mut acts.work.x);
             crate::pages::discard(&mut acts.layers[l].x);
         }
@@ -259,14 +267,10 @@ impl Decoder {
                 pe.tokens.extend_from_slice(&b.tokens);
                 pe.positions.extend_from_slice(&b.positions);
             }
-            None => k::embedding_backward(
-                &mut grads.wte.data,
-                grads.wpe.as_mut().map(|t| &mut t.data[..]),
-                &s.dx,
-                &b.tokens,
-                &b.positions,
-                d,
-            ),
+            None => {
+                let (wte, wpe) = embedding_grads(grads);
+                k::embedding_backward(wte, wpe, &s.dx, &b.tokens, &b.positions, d)
+            }
         }
         Ok(())
     }

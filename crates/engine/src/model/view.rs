@@ -193,10 +193,33 @@ impl<'a> From<&'a mut Adapter> for Grads<'a> {
     }
 }
 
+/// The embedding tables' gradients (`wte`, `wpe`), about to be accumulated into: pages handed back by
+/// the last optimizer step are replaced by pooled ones, zeroed ([`crate::pages::reuse_zeroed`]).
+pub(crate) fn embedding_grads(g: &mut Params) -> (&mut [f32], Option<&mut [f32]>) {
+    crate::pages::reuse_zeroed(&mut g.wte.data);
+    if let Some(t) = g.wpe.as_mut() {
+        crate::pages::reuse_zeroed(&mut t.data);
+    }
+    (&mut g.wte.data, g.wpe.as_mut().map(|t| &mut t.data[..]))
+}
+
 /// Where one block's backward accumulates (see [`Grads`]).
 pub(crate) enum LayerGrads<'g> {
     Full(&'g mut LayerParams),
     Adapter(&'g mut LayerAdapter),
+}
+
+impl LayerGrads<'_> {
+    /// Before the block's backward accumulates into a full layer's gradients: their pages handed back
+    /// by the last optimizer step are replaced by pooled ones, zeroed ([`crate::pages::reuse_zeroed`]).
+    /// An adapter's gradients are too small to be handed back.
+    pub(crate) fn reuse_pages(&mut self) {
+        if let LayerGrads::Full(g) = self {
+            for t in [&mut g.w_qkv, &mut g.w_o, &mut g.w_in, &mut g.w_out] {
+                crate::pages::reuse_zeroed(&mut t.data);
+            }
+        }
+    }
 }
 
 impl Grads<'_> {

@@ -324,6 +324,8 @@ impl Optimizer {
         coef: Option<f32>,
     ) {
         self.steps += 1;
+        #[cfg(target_os = "linux")]
+        pages::pool::settle();
         let (cfg, t) = (self.cfg.clone(), self.steps);
         let mut ps = params.named_mut();
         let mut gs = grads.named_mut();
