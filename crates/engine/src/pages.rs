@@ -274,7 +274,7 @@ pub fn kept_by_release(bytes: u64) -> u64 {
     }
 }
 
-/// Sets every value of `buf` to zero, handing back to the kernel every whole page of it where
+/// Sets every value of `buf` to zero, handing back (to the pool or the kernel) every whole page of it where
 /// [`hands_back`] allows: its 2 MiB blocks and the small pages of its last, partial block (written
 /// again, those come back one 4 KiB fault each, about 1.5 us: some 20 ms a step for the gradients and
 /// activations of the SmolLM2-135M bench, which then peaks 63 MiB lower than with their tails kept).

@@ -146,7 +146,7 @@ impl LayerActs {
         [&mut s.qkv, &mut s.qk_pre, &mut s.attn, &mut s.mlp_pre, &mut s.o_pre, &mut s.mlp_out, &mut s.lse, &mut s.x_mid]
     }
 
-    /// Hands the pages of every buffer back to the kernel where it can ([`crate::pages::discard`]):
+    /// Hands the pages of every buffer back where it can ([`crate::pages::discard`]):
     /// backward is done with the layer, and its next forward writes every buffer before reading it.
     /// Lengths are kept, so the next pass allocates nothing.
     pub(crate) fn discard(&mut self) {

@@ -315,7 +315,8 @@ impl Optimizer {
     /// scaling, stepping and zeroing one after the other, in one pass over the gradients instead of three
     /// (each a read or write of the whole model: ~3% of a GPT-2 bf16 step). Gradients of tensors the
     /// optimizer does not train are zeroed too. A gradient on huge pages is zeroed by handing its pages
-    /// back to the kernel ([`pages::release`]): it holds no memory until the next backward writes it.
+    /// back ([`pages::release`]: its blocks to the process's pool): it holds no memory until the next
+    /// backward writes it.
     pub fn step_and_clear<P: ParamSet + ?Sized, G: ParamSet + ?Sized>(
         &mut self,
         params: &mut P,
@@ -339,7 +340,7 @@ impl Optimizer {
             let mut bufs = slot.buffers.iter_mut().map(|b| &mut b[..]);
             let (a, b) = (bufs.next().unwrap_or_default(), bufs.next().unwrap_or_default());
             let decay = slot.decay;
-            // A gradient on huge pages goes back to the kernel after the update (`pages::release`);
+            // A gradient on huge pages hands its pages back after the update (`pages::release`);
             // any other is zeroed chunk by chunk as the update leaves it.
             let hand_back = pages::hands_back(g);
             for_chunks_mut(p, g, a, b, |p, g, a, b| {
