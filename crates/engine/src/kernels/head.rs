@@ -5,6 +5,13 @@
 //! log-sum-exp) before the next block overwrites them. The backward recomputes each block's logits from
 //! the saved log-sum-exp instead of storing them.
 //!
+//! A head whose weights are frozen (a LoRA run's) needs no recompute: the gradient of `logp[t]` with
+//! respect to the hidden row is `W[token_t] - E_p[W]`, where `E_p[W] = sum_v softmax(logits[t])_v W[v]`
+//! is one more product per block in the forward (accumulated with the online log-sum-exp, as
+//! flash attention accumulates its output), the product the backward would have run on the recomputed
+//! block. The forward keeps `[targets, d]` of it ([`logprob_head_forward`]'s `expect`), and
+//! [`logprob_head_input_grad`] is the backward: one logits product fewer a step.
+//!
 //! Why blocks of the vocabulary rather than chunks of targets (as before): every product packs the part
 //! of `W` it reads, so chunks of 256 targets packed the whole `W` (154 MB in f32 for GPT-2) four times a
 //! pass in each orientation, and read `dW` four times; by vocabulary blocks each row of `W` is packed once
@@ -79,7 +86,8 @@ impl Blocks {
 }
 
 /// Floats the head holds for `targets` targets: one block of logits `[targets, cols]` (this thread's,
-/// kept between calls) and the gathered rows `[targets, d]` and their gradient `[targets, d]`.
+/// kept between calls) and the gathered rows `[targets, d]` and their gradient `[targets, d]` (a frozen
+/// head: `expect`, `[targets, d]`, in its place).
 pub fn head_scratch_floats(targets: usize, d: usize, vocab: usize) -> u64 {
     let b = Blocks::for_targets(targets, vocab);
     b.targets as u64 * (b.cols as u64 + 2 * d as u64)
@@ -125,6 +133,15 @@ multiversion! {
             tail += exp_f32(v - m);
         }
         (m, sum_lanes(&acc) + tail, sum_lanes(l))
+    }
+}
+
+multiversion! {
+    /// `l = exp(l - m)` in place.
+    fn row_exp(l: &mut [f32], m: f32) {
+        for v in l.iter_mut() {
+            *v = exp_f32(*v - m);
+        }
     }
 }
 
@@ -219,13 +236,15 @@ fn vocab_blocks(vocab: usize, cols: usize) -> impl Iterator<Item = (usize, usize
 }
 
 /// `logp[t] = logits[t, token_t] - lse[t]` with `logits[t] = W . hidden[pos_t] + b`, saving `lse [T]` for
-/// the backward; `logit_sum[t]` (optional) is the sum of the row's logits, for metrics.
-/// `hidden: [N, d]`, `w: [vocab, d]`, `b: [vocab]` (GPT-J's head has one).
+/// the backward; `logit_sum[t]` (optional) is the sum of the row's logits, for metrics; `expect`
+/// (optional, `[T, d]`, an f32 `w` only) is `E_p[W] = softmax(logits[t]) . W` per target, for
+/// [`logprob_head_input_grad`]. `hidden: [N, d]`, `w: [vocab, d]`, `b: [vocab]` (GPT-J's head has one).
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_head_forward<'w>(
     logp: &mut [f32],
     lse: &mut [f32],
     logit_sum: Option<&mut [f32]>,
+    expect: Option<&mut [f32]>,
     hidden: &[f32],
     w: impl Into<HeadWeight<'w>>,
     b: Option<&[f32]>,
@@ -235,7 +254,7 @@ pub fn logprob_head_forward<'w>(
     prec: Precision,
 ) {
     let blocks = Blocks::for_targets(targets.len(), vocab);
-    head_forward_blocked(logp, lse, logit_sum, hidden, w.into(), b, targets, d, vocab, blocks, prec);
+    head_forward_blocked(logp, lse, logit_sum, expect, hidden, w.into(), b, targets, d, vocab, blocks, prec);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -243,6 +262,7 @@ fn head_forward_blocked(
     logp: &mut [f32],
     lse: &mut [f32],
     mut logit_sum: Option<&mut [f32]>,
+    mut expect: Option<&mut [f32]>,
     hidden: &[f32],
     w: HeadWeight,
     b: Option<&[f32]>,
@@ -260,6 +280,14 @@ fn head_forward_blocked(
     if let Some(b) = b {
         assert_eq!(b.len(), vocab, "logprob head: b is not [vocab]");
     }
+    let expect_w = match (&expect, w) {
+        (None, _) => None,
+        (Some(e), HeadWeight::F32(w)) => {
+            assert_eq!(e.len(), nt * d, "logprob_head_forward: expect must be [targets, d]");
+            Some(w)
+        }
+        (Some(_), HeadWeight::Stored(_)) => panic!("logprob_head_forward: expect needs an f32 head"),
+    };
     check(hidden, w, targets, d, vocab);
     if nt == 0 || vocab == 0 {
         return;
@@ -267,6 +295,8 @@ fn head_forward_blocked(
     let cap = blocks.targets.min(nt);
     let mut h = vec![0.0f32; cap * d];
     let mut stats = vec![RowStats::EMPTY; cap];
+    // Per target: the factor that brings `expect`'s running sum to the block's running max.
+    let mut rescale = vec![0.0f32; if expect_w.is_some() { cap } else { 0 }];
     with_logits(cap * blocks.cols, |logits| {
         for c0 in (0..nt).step_by(blocks.targets) {
             let tg = &targets[c0..(c0 + blocks.targets).min(nt)];
@@ -275,11 +305,32 @@ fn head_forward_blocked(
             let stats = &mut stats[..c];
             stats.fill(RowStats::EMPTY);
             for (v0, v1) in vocab_blocks(vocab, blocks.cols) {
-                let logits = &mut logits[..c * (v1 - v0)];
+                let cols = v1 - v0;
+                let logits = &mut logits[..c * cols];
                 block_logits(logits, &h[..c * d], w, b, (v0, v1), c, d, prec);
-                logits.par_chunks(v1 - v0).zip(stats.par_iter_mut()).zip(tg).for_each(|((row, s), t)| {
-                    s.add_block(row, v0, t.token as usize);
-                });
+                let rows = logits.par_chunks_mut(cols).zip(stats.par_iter_mut()).zip(tg);
+                match (expect_w, expect.as_deref_mut()) {
+                    (Some(w), Some(expect)) => {
+                        // acc[t] = acc[t] exp(max_before - max) + exp(logits[t] - max) . W[v0..v1]: the
+                        // sum of `exp(l - max) W[v]` over the blocks seen, at the running max.
+                        rows.zip(&mut rescale[..c]).for_each(|(((row, s), t), r)| {
+                            let before = s.max;
+                            s.add_block(row, v0, t.token as usize);
+                            *r = if before == f32::NEG_INFINITY { 0.0 } else { (before - s.max).exp() };
+                            row_exp(row, s.max);
+                        });
+                        let acc = &mut expect[c0 * d..(c0 + c) * d];
+                        if v0 > 0 {
+                            acc.par_chunks_mut(d)
+                                .zip(&rescale[..c])
+                                .for_each(|(a, &r)| a.iter_mut().for_each(|x| *x *= r));
+                        }
+                        // [c, d] (= or +=) [c, cols] . [cols, d]
+                        let mode = if v0 == 0 { Overwrite } else { Add };
+                        matmul(acc, logits, &w[v0 * d..v1 * d], c, d, cols, false, false, mode, prec);
+                    }
+                    _ => rows.for_each(|((row, s), t)| s.add_block(row, v0, t.token as usize)),
+                }
             }
             for (i, s) in stats.iter().enumerate() {
                 let l = s.lse();
@@ -289,8 +340,48 @@ fn head_forward_blocked(
                     sum[c0 + i] = s.sum;
                 }
             }
+            if let Some(expect) = expect.as_deref_mut() {
+                let acc = &mut expect[c0 * d..(c0 + c) * d];
+                acc.par_chunks_mut(d).zip(&stats[..]).for_each(|(a, s)| {
+                    let inv = 1.0 / s.sum_exp;
+                    a.iter_mut().for_each(|x| *x *= inv);
+                });
+            }
         }
     });
+}
+
+/// Backward of [`logprob_head_forward`] into the hidden rows alone, from the forward's `expect`: with
+/// `dlogits[t] = dlogp[t] (onehot(token_t) - softmax(logits[t]))`, `dlogits[t] . W = dlogp[t]
+/// (W[token_t] - expect[t])`, added to `dhidden[pos_t]` (targets sharing a position add up). For a frozen head: no
+/// weight gradient, and no logits recomputed. In a bf16 pass `W[token_t]` is rounded to bf16, as the
+/// product it stands for reads it.
+#[allow(clippy::too_many_arguments)]
+pub fn logprob_head_input_grad(
+    dhidden: &mut [f32],
+    dlogp: &[f32],
+    expect: &[f32],
+    w: &[f32],
+    targets: &[Target],
+    d: usize,
+    vocab: usize,
+    prec: Precision,
+) {
+    let nt = targets.len();
+    assert!(dlogp.len() == nt && expect.len() == nt * d, "logprob_head_input_grad: dlogp or expect mis-sized");
+    check(dhidden, HeadWeight::F32(w), targets, d, vocab);
+    let round = |x: f32| match prec {
+        Precision::Bf16 => crate::quant::bf16::round(x),
+        Precision::F32 => x,
+    };
+    for ((t, &g), e) in targets.iter().zip(dlogp).zip(expect.chunks_exact(d.max(1))) {
+        if g == 0.0 {
+            continue;
+        }
+        let (p, y) = (t.pos as usize, t.token as usize);
+        let wy = &w[y * d..(y + 1) * d];
+        dhidden[p * d..(p + 1) * d].iter_mut().zip(wy).zip(e).for_each(|((a, &w), &e)| *a += g * (round(w) - e));
+    }
 }
 
 /// Backward of [`logprob_head_forward`] given `dlogp [T]`: with `dlogits[t] = dlogp[t] (onehot(token_t) -

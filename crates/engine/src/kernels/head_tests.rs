@@ -58,7 +58,7 @@ impl Head {
         let (mut lp, mut lse, mut sum) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt]);
         let (h, w, t) = (&self.hidden, &self.w, &self.targets);
         let w = HeadWeight::F32(w);
-        head_forward_blocked(&mut lp, &mut lse, Some(&mut sum), h, w, b, t, self.d, self.v, blocks, prec);
+        head_forward_blocked(&mut lp, &mut lse, Some(&mut sum), None, h, w, b, t, self.d, self.v, blocks, prec);
         (lp, lse, sum)
     }
 
@@ -113,7 +113,7 @@ fn forward_matches_f64_across_blocks() {
     let Head { hidden, w, targets, .. } = Head::random(n, d, v, nt, 32);
     let (_, _, lp_w) = naive(&hidden, &w, None, &targets, d, v);
     let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
-    logprob_head_forward(&mut lp, &mut lse, None, &hidden, &w, None, &targets, d, v, Precision::F32);
+    logprob_head_forward(&mut lp, &mut lse, None, None, &hidden, &w, None, &targets, d, v, Precision::F32);
     assert_close("logp (public)", &lp, &lp_w, 1e-5, 1.0);
 }
 
@@ -132,7 +132,7 @@ fn a_stored_bf16_head_reads_as_the_f32_head_rounded() {
         for (prec, expected) in [(Precision::Bf16, &head), (Precision::F32, &rounded)] {
             let (mut lp, mut lse, mut sum) = (vec![0.0; targets], vec![0.0; targets], vec![0.0; targets]);
             let (h, t, w) = (&head.hidden, &head.targets, HeadWeight::Stored(&stored));
-            head_forward_blocked(&mut lp, &mut lse, Some(&mut sum), h, w, None, t, d, v, blocks, prec);
+            head_forward_blocked(&mut lp, &mut lse, Some(&mut sum), None, h, w, None, t, d, v, blocks, prec);
             let want = expected.forward(None, blocks, prec);
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(
@@ -166,7 +166,7 @@ fn backward_matches_f64_and_finite_differences() {
     let mut g = rng.vec(nt, 1.0);
     g[3] = 0.0;
     let (mut lp, mut lse) = (vec![0.0; nt], vec![0.0; nt]);
-    logprob_head_forward(&mut lp, &mut lse, None, hidden, w, None, targets, d, v, Precision::F32);
+    logprob_head_forward(&mut lp, &mut lse, None, None, hidden, w, None, targets, d, v, Precision::F32);
     // L = sum_t g_t logp_t, differentiated numerically in f64.
     let loss = |h: &[f64], w: &[f64]| -> f64 {
         targets
@@ -207,6 +207,58 @@ fn backward_matches_f64_and_finite_differences() {
         let mut dh2 = vec![1.0f32; n * d];
         head.backward(&mut dh2, None, &g, &lse, blocks, Precision::F32);
         assert_eq!(dh, dh2);
+    }
+}
+
+/// The forward's `expect` is `softmax(logits) . W` per target (against f64, with a bias, over every cut:
+/// the running sum is brought to each block's new max), and leaves the log-probs as they were.
+#[test]
+fn expect_is_the_softmax_mean_of_the_rows() {
+    let (n, d, v, nt) = (20, 16, 37, 45);
+    let head = Head::random(n, d, v, nt, 38);
+    let bias = Rng::new(39).vec(v, 3.0);
+    let (rows, lse_w, _) = head.naive(Some(&bias));
+    let w = &head.w;
+    let want: Vec<f64> = rows
+        .iter()
+        .zip(&lse_w)
+        .flat_map(|(row, l)| {
+            let p: Vec<f64> = row.iter().map(|x| (x - l).exp()).collect();
+            (0..d).map(move |k| (0..v).map(|j| p[j] * w[j * d + k] as f64).sum::<f64>()).collect::<Vec<_>>()
+        })
+        .collect();
+    for blocks in cuts(v) {
+        let (mut lp, mut lse, mut expect) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt * d]);
+        let (h, w, t) = (&head.hidden, HeadWeight::F32(&head.w), &head.targets);
+        let b = Some(&bias[..]);
+        head_forward_blocked(&mut lp, &mut lse, None, Some(&mut expect), h, w, b, t, d, v, blocks, Precision::F32);
+        assert_close(&format!("expect {blocks:?}"), &expect, &want, 1e-5, 1.0);
+        let (lp_alone, lse_alone, _) = head.forward(b, blocks, Precision::F32);
+        assert_eq!((lp, lse), (lp_alone, lse_alone), "{blocks:?}");
+    }
+}
+
+/// A frozen head's input gradient from `expect` is the recomputing backward's, in f32 and in bf16 (where
+/// both round the softmax's product operands to bf16, in other places: autocast's distance), over every
+/// cut, with targets sharing positions and a zero gradient among them.
+#[test]
+fn input_grad_from_expect_matches_the_recomputing_backward() {
+    let (n, d, v, nt) = (24, 32, 600, 40);
+    let head = Head::random(n, d, v, nt, 40);
+    let mut g = Rng::new(41).vec(nt, 1.0);
+    g[5] = 0.0;
+    for (prec, tol) in [(Precision::F32, 1e-5), (Precision::Bf16, 1e-2)] {
+        for blocks in cuts(v).chain([Blocks { targets: 16, cols: 512 }]) {
+            let (mut lp, mut lse, mut expect) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt * d]);
+            let (h, w, t) = (&head.hidden, HeadWeight::F32(&head.w), &head.targets);
+            head_forward_blocked(&mut lp, &mut lse, None, Some(&mut expect), h, w, None, t, d, v, blocks, prec);
+            let mut recomputed = vec![0.5f32; n * d];
+            head.backward(&mut recomputed, None, &g, &lse, blocks, prec);
+            let mut from_expect = vec![0.5f32; n * d];
+            logprob_head_input_grad(&mut from_expect, &g, &expect, &head.w, t, d, v, prec);
+            let want: Vec<f64> = recomputed.iter().map(|&x| x as f64).collect();
+            assert_close(&format!("dhidden {prec} {blocks:?}"), &from_expect, &want, tol, 1.0);
+        }
     }
 }
 

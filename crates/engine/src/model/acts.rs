@@ -249,6 +249,10 @@ pub struct Activations {
     pub hidden: Vec<f32>,
     /// `[targets]` log-sum-exp of the head's logits, saved for its backward
     pub(crate) head_lse: Vec<f32>,
+    /// `[targets, d]` the softmax-weighted mean of the head's rows per target (`kernels::head`'s
+    /// `expect`), kept by a pass whose backward has a frozen head, which needs no recompute of the logits
+    /// then; empty otherwise.
+    pub(crate) head_expect: Vec<f32>,
     /// `[N, d]` gradient of the final hidden states (kept to reuse the allocation)
     pub(crate) dhidden: Vec<f32>,
     pub(crate) scratch: Scratch,

@@ -108,6 +108,13 @@ impl Decoder {
             }
             None => (None, None),
         };
+        if dw_head.is_none() && acts.head_expect.len() == dlogp.len() * self.cfg.hidden {
+            // A frozen head, and its forward kept `E_p[W]`: no logits to recompute.
+            let w = &model.base.head().data;
+            let (targets, d, vocab) = (&b.targets, self.cfg.hidden, self.cfg.vocab_size);
+            k::logprob_head_input_grad(dhidden, dlogp, &acts.head_expect, w, targets, d, vocab, model.precision);
+            return Ok(());
+        }
         k::logprob_head_backward(
             dhidden,
             dw_head,

@@ -42,10 +42,15 @@ pub fn narrow_into(src: &[f32], out: &mut [u16]) {
     }
 }
 
-/// `v[i] = to_f32(from_f32(v[i]))`: each value rounded to the nearest bf16, kept as an f32.
+/// `x` rounded to the nearest bf16, kept as an f32.
+pub fn round(x: f32) -> f32 {
+    to_f32(from_f32(x))
+}
+
+/// `v[i] = round(v[i])`: each value rounded to the nearest bf16, kept as an f32.
 pub fn round_in_place(v: &mut [f32]) {
     for x in v {
-        *x = to_f32(from_f32(*x));
+        *x = round(*x);
     }
 }
 
