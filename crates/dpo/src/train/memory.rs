@@ -32,9 +32,9 @@
 //! transparent huge pages, one backward per step), gradients and activations are not held whole at the
 //! same time: the gradients are handed back after each optimizer step and written again by the next
 //! backward, which hands each layer's activations back once done with them. The step then peaks at the
-//! larger of backward's start (every activation, and the LM head's gradient, written first) and its last
-//! layer (every gradient, that layer's activations and the scratch): `MemoryEstimate::overlap` is what
-//! that saves against holding both.
+//! larger of backward's start (every activation; the LM head's gradient is written after the blocks') and
+//! its last layer (every gradient, that layer's activations and the scratch): `MemoryEstimate::overlap` is
+//! what that saves against holding both.
 //!
 //! A LoRA run ([`AdapterPlan`]) holds the base once (frozen: no gradient, no optimizer state, no copy; the
 //! reference is the same base with the adapter off, or with a frozen copy of the starting adapter), and
@@ -242,15 +242,15 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     }
     let activations = n * per_token;
     // Gradients and activations at once: the whole of both, or where pages are handed back, the larger
-    // of two moments: backward's start (every activation, and the LM head's gradient, written first)
-    // and the last layer's backward (every gradient, the activations of one layer and the scratch).
+    // of two moments: backward's start (every activation; the LM head's gradient comes after the
+    // blocks', `engine::Decoder::backward_logprobs`) and the last layer's backward (every gradient, the
+    // activations of one layer and the scratch).
     let overlap = match (&plan.adapter, plan.hands_back) {
         (None, true) => {
             let (grads, kept) = gradient_bytes(c);
-            let head_grad = 4 * (c.vocab_size * c.hidden) as u64;
             let handed_back = grads - kept;
             let released = n * Activations::released_per_layer_bytes_per_token(c, keep, precision);
-            let start = activations + head_grad - engine::pages::kept_by_release(head_grad);
+            let start = activations;
             let end = handed_back + activations - (c.n_layers as u64 - 1) * released;
             handed_back + activations - start.max(end)
         }

@@ -5,12 +5,14 @@
 //! log-sum-exp) before the next block overwrites them. The backward recomputes each block's logits from
 //! the saved log-sum-exp instead of storing them.
 //!
-//! A head whose weights are frozen (a LoRA run's) needs no recompute: the gradient of `logp[t]` with
-//! respect to the hidden row is `W[token_t] - E_p[W]`, where `E_p[W] = sum_v softmax(logits[t])_v W[v]`
-//! is one more product per block in the forward (accumulated with the online log-sum-exp, as
-//! flash attention accumulates its output), the product the backward would have run on the recomputed
-//! block. The forward keeps `[targets, d]` of it ([`logprob_head_forward`]'s `expect`), and
-//! [`logprob_head_input_grad`] is the backward: one logits product fewer a step.
+//! The input gradient needs no recompute: the gradient of `logp[t]` with respect to the hidden row is
+//! `W[token_t] - E_p[W]`, where `E_p[W] = sum_v softmax(logits[t])_v W[v]` is one more product per block
+//! in the forward (accumulated with the online log-sum-exp, as flash attention accumulates its output),
+//! the product the backward would have run on the recomputed block. The forward keeps `[targets, d]` of
+//! it ([`logprob_head_forward`]'s `expect`), and [`logprob_head_input_grad`] is that backward. A frozen
+//! head (a LoRA run's) then needs no other: one logits product fewer a step. A trained head's weight
+//! gradient still recomputes the logits ([`logprob_head_backward`] without `dhidden`), and can run after
+//! the blocks' backward, when their activations are gone.
 //!
 //! Why blocks of the vocabulary rather than chunks of targets (as before): every product packs the part
 //! of `W` it reads, so chunks of 256 targets packed the whole `W` (154 MB in f32 for GPT-2) four times a
@@ -385,12 +387,12 @@ pub fn logprob_head_input_grad(
 }
 
 /// Backward of [`logprob_head_forward`] given `dlogp [T]`: with `dlogits[t] = dlogp[t] (onehot(token_t) -
-/// softmax(logits[t]))`, `dhidden[pos_t] += dlogits[t] . W` (targets sharing a position add up) and
-/// `dw += dlogits^T . hidden[pos]` when `dw` is given, `db += sum_t dlogits[t]` when `db` is (the bias `b`
-/// of the forward, if any, must be passed again: the logits are recomputed).
+/// softmax(logits[t]))`, `dhidden[pos_t] += dlogits[t] . W` when `dhidden` is given (targets sharing a
+/// position add up), `dw += dlogits^T . hidden[pos]` when `dw` is, `db += sum_t dlogits[t]` when `db` is
+/// (the bias `b` of the forward, if any, must be passed again: the logits are recomputed).
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_head_backward(
-    dhidden: &mut [f32],
+    dhidden: Option<&mut [f32]>,
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
     dlogp: &[f32],
@@ -409,7 +411,7 @@ pub fn logprob_head_backward(
 
 #[allow(clippy::too_many_arguments)]
 fn head_backward_blocked(
-    dhidden: &mut [f32],
+    mut dhidden: Option<&mut [f32]>,
     mut dw: Option<&mut [f32]>,
     mut db: Option<&mut [f32]>,
     dlogp: &[f32],
@@ -425,7 +427,9 @@ fn head_backward_blocked(
 ) {
     let nt = targets.len();
     assert!(dlogp.len() == nt && lse.len() == nt, "logprob_head_backward: dlogp and lse must be [targets]");
-    assert_eq!(dhidden.len(), hidden.len(), "logprob_head_backward: dhidden is not [N, d]");
+    if let Some(dhidden) = &dhidden {
+        assert_eq!(dhidden.len(), hidden.len(), "logprob_head_backward: dhidden is not [N, d]");
+    }
     if let Some(dw) = &dw {
         assert_eq!(dw.len(), vocab * d, "logprob_head_backward: dw is not [vocab, d]");
     }
@@ -459,9 +463,11 @@ fn head_backward_blocked(
                         row[v] += g;
                     }
                 });
-                // [c, d] (= or +=) [c, cols] . [cols, d]
-                let acc = if v0 == 0 { Overwrite } else { Add };
-                matmul(dh, logits, &w[v0 * d..v1 * d], c, d, cols, false, false, acc, prec);
+                if dhidden.is_some() {
+                    // [c, d] (= or +=) [c, cols] . [cols, d]
+                    let acc = if v0 == 0 { Overwrite } else { Add };
+                    matmul(dh, logits, &w[v0 * d..v1 * d], c, d, cols, false, false, acc, prec);
+                }
                 if let Some(db) = db.as_deref_mut() {
                     // [cols] += rows of [c, cols], in target order
                     for row in logits.chunks_exact(cols) {
@@ -473,9 +479,11 @@ fn head_backward_blocked(
                     matmul(&mut dw[v0 * d..v1 * d], logits, h, cols, d, c, true, false, Add, prec);
                 }
             }
-            for (row, t) in dh.chunks_exact(d).zip(tg) {
-                let p = t.pos as usize;
-                dhidden[p * d..(p + 1) * d].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+            if let Some(dhidden) = dhidden.as_deref_mut() {
+                for (row, t) in dh.chunks_exact(d).zip(tg) {
+                    let p = t.pos as usize;
+                    dhidden[p * d..(p + 1) * d].iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+                }
             }
         }
     });

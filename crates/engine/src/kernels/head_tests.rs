@@ -65,7 +65,7 @@ impl Head {
     /// [`head_backward_blocked`] without a bias, into `dh` and (when given) `dw`.
     fn backward(
         &self,
-        dh: &mut [f32],
+        dh: Option<&mut [f32]>,
         dw: Option<&mut [f32]>,
         g: &[f32],
         lse: &[f32],
@@ -201,12 +201,15 @@ fn backward_matches_f64_and_finite_differences() {
     for blocks in cuts(v) {
         let mut dh = vec![1.0f32; n * d];
         let mut dw = vec![-1.0f32; v * d];
-        head.backward(&mut dh, Some(&mut dw), &g, &lse, blocks, Precision::F32);
+        head.backward(Some(&mut dh), Some(&mut dw), &g, &lse, blocks, Precision::F32);
         assert_close(&format!("dhidden {blocks:?}"), &dh, &gh, 1e-4, 1e-2);
         assert_close(&format!("dw {blocks:?}"), &dw, &gw, 1e-4, 1e-2);
         let mut dh2 = vec![1.0f32; n * d];
-        head.backward(&mut dh2, None, &g, &lse, blocks, Precision::F32);
+        head.backward(Some(&mut dh2), None, &g, &lse, blocks, Precision::F32);
         assert_eq!(dh, dh2);
+        let mut dw2 = vec![-1.0f32; v * d];
+        head.backward(None, Some(&mut dw2), &g, &lse, blocks, Precision::F32);
+        assert_eq!(dw, dw2);
     }
 }
 
@@ -253,7 +256,7 @@ fn input_grad_from_expect_matches_the_recomputing_backward() {
             let (h, w, t) = (&head.hidden, HeadWeight::F32(&head.w), &head.targets);
             head_forward_blocked(&mut lp, &mut lse, None, Some(&mut expect), h, w, None, t, d, v, blocks, prec);
             let mut recomputed = vec![0.5f32; n * d];
-            head.backward(&mut recomputed, None, &g, &lse, blocks, prec);
+            head.backward(Some(&mut recomputed), None, &g, &lse, blocks, prec);
             let mut from_expect = vec![0.5f32; n * d];
             logprob_head_input_grad(&mut from_expect, &g, &expect, &head.w, t, d, v, prec);
             let want: Vec<f64> = recomputed.iter().map(|&x| x as f64).collect();
@@ -288,7 +291,7 @@ fn head_cut_timing() {
             let start = std::time::Instant::now();
             let (_, lse, _) = head.forward(None, blocks, Precision::Bf16);
             let forward = start.elapsed().as_secs_f64();
-            head.backward(&mut dh, Some(&mut dw), &g, &lse, blocks, Precision::Bf16);
+            head.backward(Some(&mut dh), Some(&mut dw), &g, &lse, blocks, Precision::Bf16);
             let backward = start.elapsed().as_secs_f64() - forward;
             best[i] = (best[i].0.min(forward), best[i].1.min(backward));
         }

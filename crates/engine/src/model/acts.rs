@@ -250,8 +250,8 @@ pub struct Activations {
     /// `[targets]` log-sum-exp of the head's logits, saved for its backward
     pub(crate) head_lse: Vec<f32>,
     /// `[targets, d]` the softmax-weighted mean of the head's rows per target (`kernels::head`'s
-    /// `expect`), kept by a pass whose backward has a frozen head, which needs no recompute of the logits
-    /// then; empty otherwise.
+    /// `expect`), kept by a pass for backward: the head's input gradient comes from it, without the
+    /// logits (`Decoder::backward_logprobs`); empty after a pass that keeps nothing.
     pub(crate) head_expect: Vec<f32>,
     /// `[N, d]` gradient of the final hidden states (kept to reuse the allocation)
     pub(crate) dhidden: Vec<f32>,

@@ -51,16 +51,40 @@ impl Decoder {
     ) -> Result<(), EngineError> {
         grads.check(&model)?;
         model.scoring_only("backward")?;
+        self.check_head_gradient(b, acts, dlogp)?;
         let mut dhidden = std::mem::take(&mut acts.dhidden);
         crate::pages::reuse(&mut dhidden);
         dhidden.clear();
         dhidden.resize(b.len() * self.cfg.hidden, 0.0);
-        let result = self
-            .head_backward_inner(model, b, acts, dlogp, grads, &mut dhidden)
-            .and_then(|_| self.backward_inner(model, b, acts, &dhidden, grads, pending));
+        let d = self.cfg.hidden;
+        let result = if acts.head_expect.len() == dlogp.len() * d {
+            // The head's input gradient from the forward's `E_p[W]`, now; its weight gradient (a trained
+            // head) after the blocks' backward, from logits recomputed then: the `[vocab, d]` gradient is
+            // not written while every layer's activations are still held, the step's peak.
+            let (targets, vocab, w) = (&b.targets, self.cfg.vocab_size, &model.base.head().data);
+            k::logprob_head_input_grad(&mut dhidden, dlogp, &acts.head_expect, w, targets, d, vocab, model.precision);
+            let hidden = std::mem::take(&mut acts.hidden);
+            let result = self.backward_inner(model, b, acts, &dhidden, grads, pending);
+            acts.hidden = hidden;
+            if result.is_ok() {
+                self.head_weight_grad(model, b, acts, dlogp, grads, None);
+            }
+            crate::pages::discard(&mut acts.hidden);
+            result
+        } else {
+            self.head_weight_grad(model, b, acts, dlogp, grads, Some(&mut dhidden));
+            self.backward_inner(model, b, acts, &dhidden, grads, pending)
+        };
         crate::pages::discard(&mut dhidden);
         acts.dhidden = dhidden;
         result
+    }
+
+    fn check_head_gradient(&self, b: &Batch, acts: &Activations, dlogp: &[f32]) -> Result<(), EngineError> {
+        if dlogp.len() != b.targets.len() || acts.head_lse.len() != b.targets.len() {
+            return Err(EngineError::GradientLength { got: dlogp.len(), want: b.targets.len() });
+        }
+        Ok(())
     }
 
     /// The LM head's part of backward alone: `dhidden += d(logp)/d(hidden) · dlogp` (`[N, d]`) and the head
@@ -90,12 +114,26 @@ impl Decoder {
         grads: &mut Grads,
         dhidden: &mut [f32],
     ) -> Result<(), EngineError> {
-        if dlogp.len() != b.targets.len() || acts.head_lse.len() != b.targets.len() {
-            return Err(EngineError::GradientLength { got: dlogp.len(), want: b.targets.len() });
-        }
+        self.check_head_gradient(b, acts, dlogp)?;
         if dhidden.len() != b.len() * self.cfg.hidden {
             return Err(EngineError::MalformedBatch("dhidden must be [tokens, hidden]".into()));
         }
+        self.head_weight_grad(model, b, acts, dlogp, grads, Some(dhidden));
+        Ok(())
+    }
+
+    /// The head's backward on logits recomputed from `acts.hidden` and `acts.head_lse`: the head weights'
+    /// gradient into `grads` (none with a frozen base) and, when given, `dhidden += d(logp)/d(hidden) ·
+    /// dlogp`. Shapes checked by the callers.
+    fn head_weight_grad(
+        &self,
+        model: Model,
+        b: &Batch,
+        acts: &Activations,
+        dlogp: &[f32],
+        grads: &mut Grads,
+        dhidden: Option<&mut [f32]>,
+    ) {
         let (dw_head, db_head) = match grads.base() {
             Some(g) => {
                 let dw = match g.lm_head.as_mut() {
@@ -108,12 +146,8 @@ impl Decoder {
             }
             None => (None, None),
         };
-        if dw_head.is_none() && acts.head_expect.len() == dlogp.len() * self.cfg.hidden {
-            // A frozen head, and its forward kept `E_p[W]`: no logits to recompute.
-            let w = &model.base.head().data;
-            let (targets, d, vocab) = (&b.targets, self.cfg.hidden, self.cfg.vocab_size);
-            k::logprob_head_input_grad(dhidden, dlogp, &acts.head_expect, w, targets, d, vocab, model.precision);
-            return Ok(());
+        if dw_head.is_none() && dhidden.is_none() {
+            return;
         }
         k::logprob_head_backward(
             dhidden,
@@ -129,7 +163,6 @@ impl Decoder {
             self.cfg.vocab_size,
             model.precision,
         );
-        Ok(())
     }
 
     /// Backward from a gradient on the final hidden states (`[N, d]`): accumulates into `grads`.

@@ -107,15 +107,15 @@ impl Decoder {
         let t = b.targets.len();
         let mut out = HeadOutput { logp: vec![0.0; t], logit_sum: vec![0.0; t] };
         fit(&mut acts.head_lse, t);
-        // A pass for backward through an adapter has a frozen head: the backward's input gradient then
-        // comes from `head_expect`, one product here instead of recomputing the logits there.
-        let frozen_head = model.adapter.is_some() && model.embedding.is_none() && acts.kept != Keep::None;
-        fit(&mut acts.head_expect, if frozen_head { t * self.cfg.hidden } else { 0 });
+        // A pass for backward keeps `E_p[W]` per target: the backward's input gradient comes from it, one
+        // product here instead of one on recomputed logits there (`Decoder::backward_logprobs`).
+        let for_backward = model.embedding.is_none() && acts.kept != Keep::None;
+        fit(&mut acts.head_expect, if for_backward { t * self.cfg.hidden } else { 0 });
         k::logprob_head_forward(
             &mut out.logp,
             &mut acts.head_lse,
             Some(&mut out.logit_sum),
-            frozen_head.then_some(&mut acts.head_expect[..]),
+            for_backward.then_some(&mut acts.head_expect[..]),
             &acts.hidden,
             match model.embedding {
                 Some(e) => k::HeadWeight::Stored(e.head()),
