@@ -63,11 +63,21 @@ impl Decoder {
             // not written while every layer's activations are still held, the step's peak.
             let (targets, vocab, w) = (&b.targets, self.cfg.vocab_size, &model.base.head().data);
             k::logprob_head_input_grad(&mut dhidden, dlogp, &acts.head_expect, w, targets, d, vocab, model.precision);
+            // A tied embedding takes the head's part before the lookups' (`PendingEmbeddingGrads`): the
+            // lookups are held back until the head's is in, as a split batch holds them.
+            let mut own = PendingEmbeddingGrads::default();
+            let held = match pending {
+                Some(p) => p,
+                None => &mut own,
+            };
             let hidden = std::mem::take(&mut acts.hidden);
-            let result = self.backward_inner(model, b, acts, &dhidden, grads, pending);
+            let result = self.backward_inner(model, b, acts, &dhidden, grads, Some(held));
             acts.hidden = hidden;
             if result.is_ok() {
                 self.head_weight_grad(model, b, acts, dlogp, grads, None);
+                if let Some(g) = grads.base() {
+                    own.apply(g);
+                }
             }
             crate::pages::discard(&mut acts.hidden);
             result
