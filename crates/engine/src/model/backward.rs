@@ -74,7 +74,7 @@ impl Decoder {
             let result = self.backward_inner(model, b, acts, &dhidden, grads, Some(held));
             acts.hidden = hidden;
             if result.is_ok() {
-                self.head_weight_grad(model, b, acts, dlogp, grads, None);
+                self.head_backward_recomputed(model, b, acts, dlogp, grads, None);
                 if let Some(g) = grads.base() {
                     own.apply(g);
                 }
@@ -82,7 +82,7 @@ impl Decoder {
             crate::pages::discard(&mut acts.hidden);
             result
         } else {
-            self.head_weight_grad(model, b, acts, dlogp, grads, Some(&mut dhidden));
+            self.head_backward_recomputed(model, b, acts, dlogp, grads, Some(&mut dhidden));
             self.backward_inner(model, b, acts, &dhidden, grads, pending)
         };
         crate::pages::discard(&mut dhidden);
@@ -128,14 +128,14 @@ impl Decoder {
         if dhidden.len() != b.len() * self.cfg.hidden {
             return Err(EngineError::MalformedBatch("dhidden must be [tokens, hidden]".into()));
         }
-        self.head_weight_grad(model, b, acts, dlogp, grads, Some(dhidden));
+        self.head_backward_recomputed(model, b, acts, dlogp, grads, Some(dhidden));
         Ok(())
     }
 
     /// The head's backward on logits recomputed from `acts.hidden` and `acts.head_lse`: the head weights'
     /// gradient into `grads` (none with a frozen base) and, when given, `dhidden += d(logp)/d(hidden) ·
     /// dlogp`. Shapes checked by the callers.
-    fn head_weight_grad(
+    fn head_backward_recomputed(
         &self,
         model: Model,
         b: &Batch,
