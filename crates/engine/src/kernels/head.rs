@@ -88,8 +88,8 @@ impl Blocks {
 }
 
 /// Floats the head holds for `targets` targets: one block of logits `[targets, cols]` (this thread's,
-/// kept between calls) and the gathered rows `[targets, d]` and their gradient `[targets, d]` (a frozen
-/// head: `expect`, `[targets, d]`, in its place).
+/// kept between calls) and the gathered rows `[targets, d]` and their gradient `[targets, d]` (in a pass
+/// for backward, `expect`, `[targets, d]`, in its place: the backward's recompute then leaves it out).
 pub fn head_scratch_floats(targets: usize, d: usize, vocab: usize) -> u64 {
     let b = Blocks::for_targets(targets, vocab);
     b.targets as u64 * (b.cols as u64 + 2 * d as u64)
@@ -442,7 +442,8 @@ fn head_backward_blocked(
     }
     let cap = blocks.targets.min(nt);
     let mut h = vec![0.0f32; cap * d];
-    let mut dh = vec![0.0f32; cap * d];
+    // The block's input gradient, where one is asked for.
+    let mut dh = vec![0.0f32; if dhidden.is_some() { cap * d } else { 0 }];
     with_logits(cap * blocks.cols, |logits| {
         for c0 in (0..nt).step_by(blocks.targets) {
             let tg = &targets[c0..(c0 + blocks.targets).min(nt)];
@@ -451,7 +452,7 @@ fn head_backward_blocked(
             if g.iter().all(|&g| g == 0.0) {
                 continue; // nothing flows back through these targets
             }
-            let (h, dh) = (&mut h[..c * d], &mut dh[..c * d]);
+            let (h, dh) = (&mut h[..c * d], &mut dh[..if dhidden.is_some() { c * d } else { 0 }]);
             gather(h, hidden, tg, d);
             for (v0, v1) in vocab_blocks(vocab, blocks.cols) {
                 let cols = v1 - v0;

@@ -112,23 +112,11 @@ impl Decoder {
         let (model, mut grads) = (model.into(), grads.into());
         grads.check(&model)?;
         model.scoring_only("backward")?;
-        self.head_backward_inner(model, b, acts, dlogp, &mut grads, dhidden)
-    }
-
-    fn head_backward_inner(
-        &self,
-        model: Model,
-        b: &Batch,
-        acts: &Activations,
-        dlogp: &[f32],
-        grads: &mut Grads,
-        dhidden: &mut [f32],
-    ) -> Result<(), EngineError> {
         self.check_head_gradient(b, acts, dlogp)?;
         if dhidden.len() != b.len() * self.cfg.hidden {
             return Err(EngineError::MalformedBatch("dhidden must be [tokens, hidden]".into()));
         }
-        self.head_backward_recomputed(model, b, acts, dlogp, grads, Some(dhidden));
+        self.head_backward_recomputed(model, b, acts, dlogp, &mut grads, Some(dhidden));
         Ok(())
     }
 
