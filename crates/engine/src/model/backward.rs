@@ -56,13 +56,10 @@ impl Decoder {
         crate::pages::reuse(&mut dhidden);
         dhidden.clear();
         dhidden.resize(b.len() * self.cfg.hidden, 0.0);
-        let d = self.cfg.hidden;
-        let result = if acts.head_expect.len() == dlogp.len() * d {
-            // The head's input gradient from the forward's `E_p[W]`, now; its weight gradient (a trained
-            // head) after the blocks' backward, from logits recomputed then: the `[vocab, d]` gradient is
-            // not written while every layer's activations are still held, the step's peak.
-            let (targets, vocab, w) = (&b.targets, self.cfg.vocab_size, &model.base.head().data);
-            k::logprob_head_input_grad(&mut dhidden, dlogp, &acts.head_expect, w, targets, d, vocab, model.precision);
+        let result = if self.head_input_grad_from_expect(model, b, acts, dlogp, &mut dhidden) {
+            // The head's input gradient came from the forward's `E_p[W]`; its weight gradient (a trained
+            // head) comes after the blocks' backward, from logits recomputed then: the `[vocab, d]` gradient
+            // is not written while every layer's activations are still held, the step's peak.
             // A tied embedding takes the head's part before the lookups' (`PendingEmbeddingGrads`): the
             // lookups are held back until the head's is in, as a split batch holds them.
             let mut own = PendingEmbeddingGrads::default();
@@ -88,6 +85,26 @@ impl Decoder {
         crate::pages::discard(&mut dhidden);
         acts.dhidden = dhidden;
         result
+    }
+
+    /// `dhidden += d(logp)/d(hidden) · dlogp` from the `E_p[W]` the forward kept
+    /// ([`Activations::head_expect`]), if it kept it for these targets: then `true`, and only the head
+    /// weights' gradient is left to [`Decoder::head_backward_recomputed`].
+    fn head_input_grad_from_expect(
+        &self,
+        model: Model,
+        b: &Batch,
+        acts: &Activations,
+        dlogp: &[f32],
+        dhidden: &mut [f32],
+    ) -> bool {
+        let d = self.cfg.hidden;
+        if acts.head_expect.len() != dlogp.len() * d {
+            return false;
+        }
+        let (targets, vocab, w) = (&b.targets, self.cfg.vocab_size, &model.base.head().data);
+        k::logprob_head_input_grad(dhidden, dlogp, &acts.head_expect, w, targets, d, vocab, model.precision);
+        true
     }
 
     fn check_head_gradient(&self, b: &Batch, acts: &Activations, dlogp: &[f32]) -> Result<(), EngineError> {
@@ -116,7 +133,11 @@ impl Decoder {
         if dhidden.len() != b.len() * self.cfg.hidden {
             return Err(EngineError::MalformedBatch("dhidden must be [tokens, hidden]".into()));
         }
-        self.head_backward_recomputed(model, b, acts, dlogp, &mut grads, Some(dhidden));
+        if self.head_input_grad_from_expect(model, b, acts, dlogp, dhidden) {
+            self.head_backward_recomputed(model, b, acts, dlogp, &mut grads, None);
+        } else {
+            self.head_backward_recomputed(model, b, acts, dlogp, &mut grads, Some(dhidden));
+        }
         Ok(())
     }
 
