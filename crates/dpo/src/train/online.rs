@@ -214,9 +214,11 @@ pub fn train_online(
     let reference = match &lora {
         // The reference is the base with the starting adapter (none, or --adapter's), read from the policy.
         Some(l) if cfg.ref_model.is_none() => Reference::PolicyBase(l.start.clone()),
-        _ if ref_dir == cfg.model => {
+        // Samples come from the trained copy: the reference takes the loaded weights themselves.
+        None if ref_dir == cfg.model => {
             let decoder = Decoder::new(model.config.decoder.clone());
-            let held = ReferenceModel::new(decoder, model.params.clone(), cfg.precision)
+            let weights = super::setup::take_loaded_weights(&mut model);
+            let held = ReferenceModel::new(decoder, weights, cfg.precision)
                 .map_err(|e| TrainError::Invalid(format!("the reference: {e}")))?;
             Reference::Model(Arc::new(held))
         }

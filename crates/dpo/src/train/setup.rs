@@ -11,7 +11,7 @@ use engine::kernels::Precision;
 use engine::model::Model;
 use engine::optim::Optimizer;
 use engine::quant::{FrozenLinears, Storage};
-use engine::{Adapter, Decoder, DecoderConfig};
+use engine::{Adapter, Decoder, DecoderConfig, Params};
 
 use super::checkpoint::{self, TrainerState};
 use super::config::{Objective, DEFAULT_MAX_LENGTH};
@@ -298,11 +298,9 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
         }
     };
     let start = start_point(cfg, opts, &model, lora.as_ref(), log)?;
-    let data = attach_reference(cfg, data, &model, frozen.as_ref(), lora.as_ref(), tokenizer.as_ref(), log)?;
     let mut model = model;
-    if lora.is_none() {
-        free_loaded_weights(&mut model);
-    }
+    let loaded = lora.is_none().then(|| take_loaded_weights(&mut model));
+    let data = attach_reference(cfg, data, &model, loaded, frozen.as_ref(), lora.as_ref(), tokenizer.as_ref(), log)?;
     Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen }, start))
 }
 
@@ -311,6 +309,17 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
 /// one f32 copy of the model (4 bytes a parameter) less at the peak. The tensors keep their shapes.
 pub(super) fn free_loaded_weights(model: &mut hf::HfModel) {
     model.params.named_mut().into_iter().for_each(|(_, t)| t.data = Vec::new());
+}
+
+/// The loaded weights of a full run, moved out once the trained set is made (`start_point`), for the one
+/// holder left that reads them: the reference, which takes them rather than a copy (one f32 copy of the
+/// model less while setting up; a resume holds the checkpoint's weights and moments by then). The model
+/// keeps the tensors' shapes, as after [`free_loaded_weights`].
+pub(super) fn take_loaded_weights(model: &mut hf::HfModel) -> Params {
+    // Zeros are mapped, not written: the placeholder costs no memory before it is freed.
+    let taken = std::mem::replace(&mut model.params, Params::zeros(&model.config.decoder));
+    free_loaded_weights(model);
+    taken
 }
 
 /// The reference's configuration, after checking that it reads the policy's token ids (before any
@@ -358,20 +367,33 @@ pub(super) fn start_point(
     log: &mut dyn FnMut(&str),
 ) -> Result<Start, TrainError> {
     let opt_cfg = cfg.optimizer_config();
-    let initial = match lora {
-        Some(l) => Trained::Adapter(l.initial(&model.config, cfg.seed)?),
-        None => Trained::Full(model.params.clone()),
-    };
     let Some(path) = &opts.resume else {
+        let initial = match lora {
+            Some(l) => Trained::Adapter(l.initial(&model.config, cfg.seed)?),
+            None => Trained::Full(model.params.clone()),
+        };
         let optimizer = Optimizer::new(opt_cfg, &initial);
         let state = TrainerState { step: 0, epoch: 0, cursor: 0, num_tokens: 0, skipped_steps: 0 };
         return Ok(Start { trained: initial, optimizer, state, resumed: None });
     };
     let dir = if path.join("trainer_state.json").is_file() { path.clone() } else { checkpoint::newest(path)? };
     let c = checkpoint::load(&dir, opt_cfg, &model.config, lora.map(|l| &l.config))?;
-    check_checkpoint_fits(&dir, &cfg.model, &c.trained, &initial)?;
+    // Checked against the model's own tensors: a full run's starting copy is not made only to compare.
+    let adapter = lora.map(|l| l.initial(&model.config, cfg.seed)).transpose()?;
+    let start = match &adapter {
+        Some(a) => Starting::Adapter(a),
+        None => Starting::Full(&model.params),
+    };
+    check_checkpoint_fits(&dir, &cfg.model, &c.trained, start)?;
     log(&format!("resuming at step {} from {}", c.state.step, path.display()));
     Ok(Start { trained: c.trained, optimizer: c.optimizer, state: c.state, resumed: Some((c.dir, c.total_steps)) })
+}
+
+/// What a run starts training, borrowed: the model's weights, or a fresh (or given) adapter.
+#[derive(Clone, Copy)]
+enum Starting<'a> {
+    Full(&'a Params),
+    Adapter(&'a Adapter),
 }
 
 /// A checkpoint continues the run of one model (and adapter): every tensor must have the starting shape.
@@ -379,17 +401,21 @@ fn check_checkpoint_fits(
     checkpoint: &Path,
     model_dir: &Path,
     saved: &Trained,
-    start: &Trained,
+    start: Starting,
 ) -> Result<(), TrainError> {
-    if matches!(saved, Trained::Full(_)) != matches!(start, Trained::Full(_)) {
-        let what = |t: &Trained| if matches!(t, Trained::Full(_)) { "every weight" } else { "a LoRA adapter" };
-        return Err(TrainError::ModelMismatch {
+    let what = |full: bool| if full { "every weight" } else { "a LoRA adapter" };
+    match (saved, start) {
+        (Trained::Full(s), Starting::Full(t)) => check_shapes_fit(checkpoint, model_dir, s, t),
+        (Trained::Adapter(s), Starting::Adapter(t)) => check_shapes_fit(checkpoint, model_dir, s, t),
+        (saved, _) => Err(TrainError::ModelMismatch {
             checkpoint: checkpoint.display().to_string(),
             model: model_dir.display().to_string(),
-            detail: format!("the checkpoint trains {} and this run {}", what(saved), what(start)),
-        });
+            detail: {
+                let full = matches!(saved, Trained::Full(_));
+                format!("the checkpoint trains {} and this run {}", what(full), what(!full))
+            },
+        }),
     }
-    check_shapes_fit(checkpoint, model_dir, saved, start)
 }
 
 /// Every tensor of `saved` (a checkpoint's) has the name and shape of one of `start`'s, and none is missing.
@@ -425,10 +451,14 @@ pub(crate) fn check_shapes_fit(
 
 /// Loads the reference (`--ref-model`, the starting weights, or in a LoRA run the base with the starting
 /// adapter or none) and, with `precompute_ref`, scores the rows under it once.
+/// `loaded`: a full run's loaded weights ([`take_loaded_weights`]), which a reference copy of the
+/// starting model takes.
+#[allow(clippy::too_many_arguments)]
 fn attach_reference(
     cfg: &TrainConfig,
     data: Data,
     model: &hf::HfModel,
+    mut loaded: Option<Params>,
     frozen: Option<&FrozenLinears>,
     lora: Option<&LoraRun>,
     tokenizer: Option<&hf::Tokenizer>,
@@ -445,7 +475,8 @@ fn attach_reference(
             },
             None => {
                 let decoder = Decoder::new(model.config.decoder.clone());
-                let held = ReferenceModel::new(decoder, model.params.clone(), cfg.precision)
+                let weights = loaded.take().unwrap_or_else(|| model.params.clone());
+                let held = ReferenceModel::new(decoder, weights, cfg.precision)
                     .map_err(|e| TrainError::Invalid(format!("the reference copy of {}: {e}", cfg.model.display())))?;
                 Arc::new(held)
             }
