@@ -347,6 +347,29 @@ fn the_end_of_a_run_says_where_everything_is() {
     }
 }
 
+/// The command the end of a run prints scores the rows as the run read them: a row longer than GPT-2's 256
+/// positions, which training cut to its max length, is cut the same way (eval alone would refuse it), and a
+/// bf16 run is evaluated in bf16.
+#[test]
+fn the_printed_eval_command_runs_with_the_runs_settings() {
+    let dir = scratch("runs-eval-hint");
+    let run = dir.join("run");
+    let mut rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(prefs()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let long = " and the kite flew on".repeat(80);
+    rows.push(serde_json::json!({"prompt": "Tell me about a kite.", "chosen": long, "rejected": " It fell."}));
+    let data = jsonl(&dir.join("long.jsonl"), &rows);
+    let err = succeeds(train(&model("gpt2-policy"), &data, &run).args(["--max-steps", "1", "--precision", "bf16"]));
+    let line = err.lines().find_map(|l| l.strip_prefix("evaluate with: ")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains(" --max-length 256") && line.contains(" --precision bf16"), "{line}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[0], "dpo", "{line}");
+    let out = dpo().args(&words[1..]).output().unwrap();
+    assert!(out.status.success(), "{line}: {}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["rows"], rows.len(), "{report}");
+}
+
 fn reward_model_train(run: &Path) -> Command {
     let mut c = dpo();
     c.args(["reward-model", "train", "--max-steps", "1", "--batch-size", "4", "--model"])

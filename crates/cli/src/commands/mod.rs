@@ -12,6 +12,7 @@ mod hints;
 mod iterate;
 mod logps;
 mod merge;
+mod next_steps;
 mod online;
 mod plot;
 mod ppo;

@@ -534,20 +534,9 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode>
             items.push(("merged", at(&cfg.output.join(dpo::train::MERGED_DIR))));
         }
         written(&items);
-        let reference = match (&cfg.objective, &cfg.ref_model, &cfg.adapter) {
-            (Objective::Sft | Objective::Unlikelihood(_), _, _) => String::new(),
-            (_, Some(r), _) => format!(" --ref-model {}", r.display()),
-            (_, None, Some(start)) if cfg.is_lora() => format!(" --ref-adapter {}", start.display()),
-            (_, None, _) if cfg.is_lora() => String::new(),
-            (_, None, _) => format!(" --ref-model {}", cfg.model.display()),
-        };
-        let policy = if cfg.is_lora() {
-            format!("{} --adapter {}", cfg.model.display(), f.display())
-        } else {
-            f.display().to_string()
-        };
-        let data = cfg.eval_data.as_ref().unwrap_or(&cfg.data);
-        eprintln!("evaluate with: dpo eval --model {policy}{reference} --data {}", data.display());
+        if let Some(eval) = super::next_steps::eval_command(cfg, f) {
+            eprintln!("evaluate with: {eval}");
+        }
     }
     if let Some(peak) = peak_rss() {
         eprintln!("peak memory (resident): {}", dpo::train::memory::human(peak));
