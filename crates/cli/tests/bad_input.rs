@@ -686,3 +686,28 @@ fn absurd_batch_is_refused() {
     );
     assert!(!run.join("checkpoints").exists());
 }
+
+/// Flags the run would not read are refused by name before anything is loaded, not ignored: label smoothing
+/// for a loss that has none, a reference model for a reference-free objective, evaluation steps without
+/// evaluation data, a prompt length that leaves no completion; and a generation batch of 0.
+#[test]
+fn settings_that_would_change_nothing_are_refused() {
+    let dir = scratch("unread-settings");
+    let run = dir.join("run");
+    let m = model("gpt2-policy");
+    for (flags, wants) in [
+        (&["--label-smoothing", "0.3"][..], &["label_smoothing", "sigmoid", "cdpo"][..]),
+        (&["--reference-free", "--ref-model", m.to_str().unwrap()], &["ref_model", "would not be read"]),
+        (&["--loss", "simpo", "--precompute-ref"], &["precompute_ref", "simpo compare with no reference"]),
+        (&["--eval-every", "1"], &["eval_every", "eval_data"]),
+        (&["--max-length", "10", "--max-prompt-length", "1000"], &["max_prompt_length", "no room"]),
+    ] {
+        fails(train(&m, &prefs(), &run).args(["--max-steps", "1"]).args(flags), wants);
+        assert!(!run.exists(), "{flags:?}");
+    }
+    fails(
+        dpo().args(["eval", "--loss", "ipo", "--label-smoothing", "0.3", "--model"]).arg(&m).arg("--data").arg(prefs()),
+        &["label_smoothing", "ipo"],
+    );
+    fails(dpo().args(["generate", "--prompt", "Hi", "--batch-size", "0", "--model"]).arg(&m), &["--batch-size"]);
+}

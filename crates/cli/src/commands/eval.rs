@@ -68,6 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         losses: parse_loss_list(a.objective.loss.as_deref().unwrap_or("sigmoid"), a.objective.loss_weights.as_deref())?,
         cfg,
     };
+    dpo::objectives::check_settings(&objective.losses, &objective.cfg)?;
     let precision = a.precision.get();
     let (model, frozen) = a.stored_base.load(&a.model, &a.adapter, precision)?;
     let adapter = a.adapter.load(&model)?;

@@ -178,6 +178,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
     let tok = hf::load_tokenizer(&a.model)?;
     let prompts = a.sampling.prompts(&tok, &a.model)?;
@@ -197,7 +200,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut progress = super::progress::Progress::new().per_step(1, "prompts");
     for (c, part) in prompts.chunks(chunk).enumerate() {
         let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
-        let gens = generate_batched(&decoder, policy, &ids, a.n, &cfg, &mut rng, a.batch_size.max(1))
+        let gens = generate_batched(&decoder, policy, &ids, a.n, &cfg, &mut rng, a.batch_size)
             .with_context(|| format!("generating from prompts {}..{}", c * chunk, c * chunk + part.len()))?;
         let mut lines = String::new();
         for g in &gens {

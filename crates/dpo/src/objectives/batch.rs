@@ -138,6 +138,41 @@ pub(super) fn validate_shapes(x: &PairLogps) -> Result<usize, ObjectiveError> {
     Ok(n)
 }
 
+/// Refuses an f-divergence other than reverse KL when one of `kinds` has none, as TRL does.
+fn check_f_divergence(kinds: &[(LossType, f64)], cfg: &LossConfig) -> Result<(), ObjectiveError> {
+    if cfg.f_divergence == FDivergence::ReverseKl {
+        return Ok(());
+    }
+    match kinds.iter().find(|(k, _)| !k.supports_f_divergence()) {
+        None => Ok(()),
+        Some(&(kind, _)) => Err(ObjectiveError::FDivergenceUnsupported {
+            loss: kind.to_string(),
+            f_divergence: cfg.f_divergence.to_string(),
+            supported: names_where(LossType::supports_f_divergence),
+        }),
+    }
+}
+
+/// What a command checks before it runs the loss types `kinds`: [`check_f_divergence`], and a nonzero
+/// `label_smoothing` that none of them reads, refused as a setting that would change nothing. (The loss
+/// itself, like TRL's, ignores a `label_smoothing` its type does not read.)
+pub fn check_settings(kinds: &[(LossType, f64)], cfg: &LossConfig) -> Result<(), ObjectiveError> {
+    check_f_divergence(kinds, cfg)?;
+    if cfg.label_smoothing != 0.0 && !kinds.iter().any(|(k, _)| k.reads_label_smoothing()) {
+        return Err(ObjectiveError::LabelSmoothingUnused {
+            value: cfg.label_smoothing,
+            losses: kinds.iter().map(|(k, _)| k.name()).collect::<Vec<_>>().join(", "),
+            readers: names_where(LossType::reads_label_smoothing),
+        });
+    }
+    Ok(())
+}
+
+/// The names of the loss types with property `f`, comma-separated.
+fn names_where(f: fn(LossType) -> bool) -> String {
+    LossType::ALL.into_iter().filter(|&k| f(k)).map(|k| k.name()).collect::<Vec<_>>().join(", ")
+}
+
 /// Validates the batch against every requested loss's spec, and computes the log-ratios and f-divergence
 /// scores once for all of them.
 pub(super) fn prepare<'a>(
@@ -146,19 +181,11 @@ pub(super) fn prepare<'a>(
     x: &'a PairLogps<'a>,
 ) -> Result<Batch<'a>, ObjectiveError> {
     let n = validate_shapes(x)?;
+    check_f_divergence(kinds, cfg)?;
     let has_ref = x.ref_chosen.is_some() && x.ref_rejected.is_some();
     for &(kind, _) in kinds {
         if kind.needs_reference() && !has_ref && !cfg.reference_free {
             return Err(ObjectiveError::MissingReference { loss: kind.to_string() });
-        }
-        if cfg.f_divergence != FDivergence::ReverseKl && !kind.supports_f_divergence() {
-            let supported: Vec<_> =
-                LossType::ALL.iter().filter(|k| k.supports_f_divergence()).map(|k| k.name()).collect();
-            return Err(ObjectiveError::FDivergenceUnsupported {
-                loss: kind.to_string(),
-                f_divergence: cfg.f_divergence.to_string(),
-                supported: supported.join(", "),
-            });
         }
         if x.weights.is_some() && !kind.supports_weighting() {
             return Err(ObjectiveError::InvalidConfig {

@@ -25,6 +25,11 @@ pub enum ObjectiveError {
          `{loss}` needs `reverse_kl`"
     )]
     FDivergenceUnsupported { loss: String, f_divergence: String, supported: String },
+    #[error(
+        "label_smoothing {value} is read by none of the loss types {losses}: only {readers} read it (TRL 1.16's \
+         sigmoid ignores it; cdpo is the smoothed sigmoid)"
+    )]
+    LabelSmoothingUnused { value: f64, losses: String, readers: String },
     #[error("loss `{loss}`: {reason}")]
     InvalidConfig { loss: String, reason: String },
     #[error("{losses} loss types but {weights} loss weights")]

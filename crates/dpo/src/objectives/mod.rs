@@ -57,7 +57,7 @@ mod tests;
 mod testutil;
 pub mod unlikelihood;
 
-pub use batch::{combined, pair_loss, LossGrad, PairLogps, PromptLogps};
+pub use batch::{check_settings, combined, pair_loss, LossGrad, PairLogps, PromptLogps};
 pub(crate) use batch::{Batch, Term};
 pub use config::LossConfig;
 pub use error::ObjectiveError;
@@ -83,6 +83,9 @@ pub struct LossSpec {
     pub per_pair: bool,
     /// Whether the loss reads the f-divergence scores; the others reject a non-default `f_divergence_type`.
     pub f_divergence: bool,
+    /// Whether the loss reads `label_smoothing`; a nonzero value with no such loss is refused
+    /// ([`check_settings`]): TRL 1.16's `sigmoid`, for one, ignores it (`cdpo` is the smoothed sigmoid).
+    pub label_smoothing: bool,
     /// Whether TRL's WPO weighting (`use_weighting`) may multiply this loss.
     pub weighting: bool,
     /// Whether the term reads the policy log-probs of the prompt tokens ([`PairLogps::prompt`]), which the
@@ -163,6 +166,11 @@ impl LossType {
     /// See [`LossSpec::f_divergence`].
     pub fn supports_f_divergence(self) -> bool {
         self.spec().f_divergence
+    }
+
+    /// See [`LossSpec::label_smoothing`].
+    pub fn reads_label_smoothing(self) -> bool {
+        self.spec().label_smoothing
     }
 
     /// See [`LossSpec::weighting`].

@@ -32,6 +32,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     needs_reference: false,
     per_pair: false,
     f_divergence: false,
+    label_smoothing: false,
     weighting: false,
     reads_prompt: true,
     term,

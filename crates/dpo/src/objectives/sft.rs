@@ -21,6 +21,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     needs_reference: false,
     per_pair: false,
     f_divergence: true,
+    label_smoothing: false,
     weighting: true,
     reads_prompt: false,
     term: |_, b| term(b),

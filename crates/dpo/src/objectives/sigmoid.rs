@@ -23,6 +23,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     needs_reference: true,
     per_pair: true,
     f_divergence: true,
+    label_smoothing: false,
     weighting: true,
     reads_prompt: false,
     term: |cfg, b| Ok(term(cfg, b)),

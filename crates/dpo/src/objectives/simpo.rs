@@ -28,6 +28,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     needs_reference: false,
     per_pair: true,
     f_divergence: false,
+    label_smoothing: true,
     weighting: false,
     reads_prompt: false,
     term,

@@ -198,4 +198,5 @@ fn registry_properties_are_trls() {
     assert_eq!(names(LossType::supports_f_divergence), [Sigmoid, Hinge, Ipo, ExoPair, Robust, Discopop, Sft, Cdpo]);
     assert_eq!(names(|k| !k.supports_weighting()), [Aot, AotUnpaired, Simpo, Orpo]);
     assert_eq!(names(LossType::reads_prompt), [Orpo]);
+    assert_eq!(names(LossType::reads_label_smoothing), [ExoPair, Robust, Aot, AotUnpaired, Cdpo, Simpo]);
 }

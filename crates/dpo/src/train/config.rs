@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::pairs::PairObjective;
 use crate::data::Truncation;
 use crate::objectives::unlikelihood::UnlikelihoodConfig;
-use crate::objectives::{KtoConfig, LossConfig, LossType};
+use crate::objectives::{KtoConfig, LossConfig, LossType, ObjectiveError};
 
 /// What to do when a step's loss or gradient is NaN or infinite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -359,6 +359,11 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// The pair objective's loss names, comma-separated (for messages).
+    fn loss_names(&self, p: &PairObjective) -> String {
+        p.losses.iter().map(|(k, _)| k.name()).collect::<Vec<_>>().join(", ")
+    }
+
     /// Whether the run trains a LoRA adapter (new, or from `adapter`) on a frozen base.
     pub fn is_lora(&self) -> bool {
         self.lora.r.is_some() || self.adapter.is_some()
@@ -428,6 +433,17 @@ impl TrainConfig {
         if self.max_prompt_length == Some(0) {
             return Err(invalid("max_prompt_length", "must be at least 1"));
         }
+        if let (Some(prompt), Some(total)) = (self.max_prompt_length, self.max_length) {
+            if prompt >= total {
+                return Err(invalid(
+                    "max_prompt_length",
+                    format!("{prompt} leaves no room for a completion within max_length {total}"),
+                ));
+            }
+        }
+        if self.eval_every > 0 && self.eval_data.is_none() {
+            return Err(invalid("eval_every", "evaluates eval_data, and none is given"));
+        }
         if self.threads == Some(0) {
             return Err(invalid("threads", "must be at least 1"));
         }
@@ -454,6 +470,18 @@ impl TrainConfig {
         match &self.objective {
             Objective::Pairs(p) => {
                 positive_beta(p.cfg.beta)?;
+                if p.reference_free() {
+                    let why = match p.cfg.reference_free {
+                        true => "reference_free treats the reference log-probs as 0".to_string(),
+                        false => format!("{} compare with no reference", self.loss_names(p)),
+                    };
+                    if self.ref_model.is_some() {
+                        return Err(invalid("ref_model", format!("would not be read: {why}")));
+                    }
+                    if self.precompute_ref {
+                        return Err(invalid("precompute_ref", format!("has nothing to compute: {why}")));
+                    }
+                }
                 for (kind, w) in &p.losses {
                     if !w.is_finite() {
                         return Err(invalid(
@@ -466,6 +494,14 @@ impl TrainConfig {
                 if !(c.label_smoothing.is_finite() && (0.0..1.0).contains(&c.label_smoothing)) {
                     return Err(invalid("label_smoothing", format!("{} must be in [0, 1)", c.label_smoothing)));
                 }
+                crate::objectives::check_settings(&p.losses, c).map_err(|e| {
+                    let field = match e {
+                        ObjectiveError::FDivergenceUnsupported { .. } => "f_divergence",
+                        ObjectiveError::LabelSmoothingUnused { .. } => "label_smoothing",
+                        _ => "loss",
+                    };
+                    invalid(field, e.to_string())
+                })?;
                 finite("f_alpha", c.f_alpha_divergence_coef)?;
                 finite("simpo_gamma", c.simpo_gamma)?;
                 finite("discopop_tau", c.discopop_tau)?;

@@ -70,11 +70,30 @@ fn settings_follow_torchs_rules() {
         ("max_memory = \"lots\"", "`max_memory`"),
         ("loss = \"sigmoid\"\nloss_weights = [1.0, 2.0]", "`loss_weights`"),
         ("loss = \"kto\"\nprecompute_ref = true", "`precompute_ref`"),
+        // Settings the run would not read: refused rather than ignored.
+        ("loss = \"sigmoid\"\nlabel_smoothing = 0.2", "`label_smoothing`"),
+        ("loss = \"simpo\"\nf_divergence = \"forward_kl\"", "`f_divergence`"),
+        ("reference_free = true\nref_model = \"ref\"", "`ref_model`"),
+        ("loss = \"simpo\"\nref_model = \"ref\"", "`ref_model`"),
+        ("reference_free = true\nprecompute_ref = true", "`precompute_ref`"),
+        ("eval_every = 5", "`eval_every`"),
+        ("max_length = 10\nmax_prompt_length = 1000", "`max_prompt_length`"),
     ] {
         let e = parse(text).unwrap_err();
         assert!(e.contains(field), "{text}: {e}");
     }
     assert!(parse("lr = 0.0\nadam_beta1 = 0.0").is_ok());
+    // ... and the same settings where a loss reads them.
+    for text in [
+        "loss = \"cdpo\"\nlabel_smoothing = 0.2",
+        "loss = [\"sigmoid\", \"robust\"]\nlabel_smoothing = 0.2",
+        "loss = \"ipo\"\nf_divergence = \"forward_kl\"",
+        "ref_model = \"ref\"\nprecompute_ref = true",
+        "eval_every = 5\neval_data = \"held_out.jsonl\"",
+        "max_length = 1000\nmax_prompt_length = 10",
+    ] {
+        assert!(parse(text).is_ok(), "{text}: {:?}", parse(text).err());
+    }
 }
 
 #[test]
