@@ -48,7 +48,7 @@ pub(super) struct SamplingFlags {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Divides the logits before sampling; 0 is greedy decoding.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample only among the k most likely tokens (0: no limit).
     #[arg(long)]

@@ -10,7 +10,7 @@ use dpo::train::{Objective, TrainConfig};
 
 /// The run settings `dpo eval` takes under the same flag name (`max_length` as `--max-length`): how rows
 /// are cut, the precision and base storage of the passes, and the objective that scores them.
-const EVAL_FLAGS: [&str; 15] = [
+const EVAL_FLAGS: [&str; 17] = [
     "max_length",
     "max_prompt_length",
     "truncation",
@@ -25,6 +25,8 @@ const EVAL_FLAGS: [&str; 15] = [
     "f_divergence",
     "f_alpha",
     "simpo_gamma",
+    "alphapo_alpha",
+    "discopop_tau",
     "reference_free",
 ];
 

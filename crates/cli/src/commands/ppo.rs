@@ -51,7 +51,7 @@ pub struct Args {
     /// --on-nonfinite; the other PPO flags are not read).
     #[arg(long, conflicts_with_all = ["model", "ref_model", "reward_model", "prompts", "output", "overwrite", "no_chat"])]
     resume: Option<PathBuf>,
-    /// Write a resumable checkpoint every N PPO steps (0: at the end and on interruption only).
+    /// Write a resumable checkpoint every N PPO steps (0: at the end and on interruption only) [default: 0].
     #[arg(long)]
     save_every: Option<u64>,
     /// On a NaN or infinite loss or gradient: stop (the checkpoint of the state before the PPO step is
@@ -65,7 +65,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-5)]
     lr: f64,
     /// PPO steps (each: one rollout, then --ppo-epochs passes over it).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, visible_alias = "max-steps")]
     steps: u64,
     /// Prompts sampled per rollout, one completion each.
     #[arg(long, default_value_t = 16)]

@@ -29,7 +29,7 @@ pub fn input_error(e: &clap::Error) -> Option<String> {
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct SplitFlags {
     /// With a dataset (hub id, repository directory, DatasetDict directory): the split to read [default:
-    /// train; test for --eval-data].
+    /// train; test for the --eval-data of a command that takes one].
     #[arg(long)]
     pub split: Option<String>,
     /// With a dataset repository: the subset (configuration) whose files to read.

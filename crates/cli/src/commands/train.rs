@@ -128,7 +128,8 @@ pub struct ObjectiveFlags {
     #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
-    /// Label smoothing: the assumed probability that a preference is flipped (cdpo, robust, exo_pair).
+    /// Label smoothing: the assumed probability that a preference is flipped, for the losses that read it
+    /// (cdpo, robust, exo_pair, aot, aot_unpaired, simpo) [default: 0].
     #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label_smoothing: Option<f64>,
@@ -144,6 +145,14 @@ pub struct ObjectiveFlags {
     #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub simpo_gamma: Option<f64>,
+    /// AlphaPO's reward shape for simpo (TRL's CPOConfig.alpha); 0 is SimPO's log-prob reward [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alphapo_alpha: Option<f64>,
+    /// Temperature of discopop's mixing (TRL's discopop_tau) [default: 0.05].
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discopop_tau: Option<f64>,
     /// KTO: weight of the desirable rows' losses [default: 1].
     #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -245,7 +254,7 @@ pub struct DataFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_length: Option<usize>,
-    /// Longest prompt in tokens; longer prompts keep their end.
+    /// Longest prompt in tokens; longer prompts keep their end [default: none: only --max-length cuts].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_prompt_length: Option<usize>,
@@ -348,7 +357,7 @@ pub struct OptimFlags {
 #[derive(clap::Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Evaluation, checkpoints, logging")]
 pub struct RunFlags {
-    /// Evaluate on --eval-data every N steps (0: at the end only).
+    /// Evaluate on --eval-data every N steps (0: at the end only) [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_every: Option<u64>,
@@ -356,7 +365,7 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     save_every: Option<u64>,
-    /// Keep only the newest N checkpoints (0: all).
+    /// Keep only the newest N checkpoints (0: all) [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     save_total_limit: Option<usize>,
@@ -364,7 +373,8 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_every: Option<u64>,
-    /// On a NaN or infinite loss or gradient: stop (keep the last checkpoint) or skip the step.
+    /// On a NaN or infinite loss or gradient: stop (keep the last checkpoint) or skip the step [default:
+    /// stop].
     #[arg(long, value_parser = ["stop", "skip"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     on_nonfinite: Option<String>,
