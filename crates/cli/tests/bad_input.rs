@@ -27,7 +27,12 @@ fn malformed_json_line() {
     let data = dir.join("bad.jsonl");
     std::fs::write(&data, "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"x\",\n")
         .unwrap();
-    fails(&mut logps(&model("gpt2-policy"), &data), &["bad.jsonl, line 2: invalid JSON"]);
+    // The column is the file line's; serde's own "at line 1 column N" (within the row) is not repeated.
+    let msg = fails(
+        &mut logps(&model("gpt2-policy"), &data),
+        &["bad.jsonl, line 2, column 15: invalid JSON: EOF while parsing"],
+    );
+    assert!(!msg.contains("line 1"), "{msg}");
     // A JSON array file cites the line of the syntax error.
     let data = dir.join("bad.json");
     std::fs::write(&data, "[{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"},\n {\"prompt\" \"x\"}]")

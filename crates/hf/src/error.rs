@@ -84,6 +84,16 @@ pub enum Error {
     /// A model directory that is missing, not a directory, incomplete, or unsafe to overwrite.
     #[error("{}: {msg}", path.display())]
     ModelDir { path: PathBuf, msg: String },
+
+    /// An output that is, lies inside or holds one of the command's own inputs (`relation` says which
+    /// input, and how): writing it would destroy what the command reads ([`crate::output`]).
+    #[error("{}: the output {relation}; nothing was written", output.display())]
+    OutputIsInput { output: PathBuf, relation: String },
+
+    /// An output that already holds a model or is an existing file: replaced only when the caller asks
+    /// ([`crate::output`]).
+    #[error("{}: {what}; nothing was written", path.display())]
+    OutputExists { path: PathBuf, what: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

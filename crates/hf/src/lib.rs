@@ -10,6 +10,7 @@
 //! - [`peft`]: PEFT LoRA adapter directories ↔ [`engine::Adapter`], target resolution, merged models.
 //! - [`hub_cache`]: models and datasets by hub id (`org/name[@revision]`) from the local Hugging Face cache.
 //! - [`atomic`]: writing files and directories under a temporary name, renamed into place when complete.
+//! - [`output`]: the guard on outputs: never one of the command's inputs, a model replaced only when asked.
 //! - [`model_dir`]: loading a whole directory and saving a trained model that transformers reads back.
 //! - [`gguf`]: llama.cpp's GGUF file: writer, reader, and the export of a model with its tokenizer.
 //! - [`stored`]: loading a frozen base with its block linears stored (NF4/bf16) tensor by tensor (QLoRA).
@@ -23,6 +24,7 @@ pub mod gguf;
 pub mod hub_cache;
 pub mod model_dir;
 pub mod naming;
+pub mod output;
 pub mod peft;
 pub mod safetensors;
 pub mod stored;

@@ -10,15 +10,15 @@ use engine::Adapter;
 
 #[derive(clap::Args, Debug, Default)]
 pub(super) struct AdapterFlag {
-    /// A PEFT LoRA adapter on --model (a directory with adapter_config.json and adapter_model.safetensors,
-    /// e.g. RUN/final of `dpo train --lora-r`, or the run directory itself), used without merging.
+    /// A PEFT LoRA adapter on --model: a directory with adapter_config.json and adapter_model.safetensors
+    /// (e.g. RUN/final of `dpo train --lora-r`, or the run directory itself); read, never modified.
     #[arg(long, value_parser = super::source::model_arg, value_name = "DIR")]
     pub(super) adapter: Option<PathBuf>,
 }
 
 impl AdapterFlag {
     /// The adapter directory: DIR, or DIR/final when DIR is a run directory.
-    fn dir(&self) -> Option<PathBuf> {
+    pub(super) fn dir(&self) -> Option<PathBuf> {
         let dir = self.adapter.as_ref()?;
         let fin = dir.join("final");
         let is_adapter = |d: &Path| d.join(hf::peft::CONFIG_FILE).is_file();

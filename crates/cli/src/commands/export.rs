@@ -13,9 +13,13 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
-    /// The GGUF file to write (atomically: the complete file or none).
+    /// The GGUF file to write (atomically: the complete file or none). Never one of --model's or
+    /// --adapter's own files (config, weights, tokenizer); a new file beside them is fine.
     #[arg(long, value_name = "OUT.gguf")]
     gguf: PathBuf,
+    /// Replace --gguf when the file already exists; without it an existing file is refused and left as it is.
+    #[arg(long)]
+    overwrite: bool,
     /// Type of the 2-D weights; norms and biases stay f32. q8_0 falls back to f16 for rows whose length is
     /// not a multiple of 32.
     #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8_0"])]
@@ -29,6 +33,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "q8_0" => GgufDtype::Q8_0,
         _ => GgufDtype::F16,
     };
+    // Checked before anything is read: no file of the model or the adapter is written over.
+    let adapter_dir = a.adapter.dir();
+    let mut inputs = vec![("--model", a.model.as_path())];
+    inputs.extend(adapter_dir.as_deref().map(|d| ("--adapter", d)));
+    hf::output::check_file(&a.gguf, &inputs, a.overwrite).map_err(|e| super::hints::output_hint(e, "--gguf"))?;
     let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
     let tok = hf::load_tokenizer(&a.model)?;
     let done = hf::gguf::export_gguf(&a.gguf, &model, &tok, dtype)

@@ -44,3 +44,14 @@ pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
     };
     anyhow::anyhow!("{e}{hint}")
 }
+
+/// An output refused by the guard (`hf::output`), with the flag that gets past it: `--overwrite` for an
+/// output that already holds a model or is an existing file, another `out_flag` otherwise.
+pub fn output_hint(e: hf::Error, out_flag: &str) -> anyhow::Error {
+    let hint = match &e {
+        hf::Error::OutputExists { .. } => format!("; pass --overwrite to replace it, or choose another {out_flag}"),
+        hf::Error::OutputIsInput { .. } | hf::Error::ModelDir { .. } => format!("; choose another {out_flag}"),
+        _ => return e.into(),
+    };
+    anyhow::anyhow!("{e}{hint}")
+}

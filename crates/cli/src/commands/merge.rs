@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 
 use super::adapter::AdapterFlag;
+use super::hints::output_hint;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,18 +17,31 @@ pub struct Args {
     #[command(flatten)]
     adapter: AdapterFlag,
     /// Where to write the merged model; written completely under a temporary name, then renamed into place.
+    /// Never --model's or --adapter's directory, nor one inside or holding them.
     #[arg(long)]
     output: PathBuf,
+    /// Replace --output when it already holds a model (config.json or *.safetensors); without it such a
+    /// directory is refused and left as it is.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.adapter.adapter.is_none() {
         bail!("--adapter DIR is required: the PEFT adapter to merge into --model");
     }
+    // Checked before anything is read: the base and the adapter are never written over.
+    let adapter_dir = a.adapter.dir().unwrap_or_default();
+    let inputs = [("--model", a.model.as_path()), ("--adapter", adapter_dir.as_path())];
+    hf::output::check_dir(&a.output, &inputs, a.overwrite).map_err(|e| output_hint(e, "--output"))?;
     let base = hf::load_model(&a.model)?;
     let Some(adapter) = a.adapter.load(&base)? else { bail!("--adapter DIR is required") };
     hf::peft::save_merged(&a.output, &base, &adapter).with_context(|| format!("writing {}", a.output.display()))?;
     let pairs: usize = adapter.layers.iter().map(|l| l.pairs.len()).sum();
-    eprintln!("merged {pairs} adapter pairs into {}; written to {}", a.model.display(), a.output.display());
+    eprintln!(
+        "merged {pairs} adapter pairs with base {} (left as it is); written to {}",
+        a.model.display(),
+        a.output.display()
+    );
     Ok(())
 }

@@ -236,6 +236,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     cfg.validate()?;
     let report_to = super::train::report_to_flag(c.report_to.as_deref())?;
     run_dir::preflight(&output, mode).map_err(|e| with_hint(e, COMMAND))?;
+    // The reward model is read from its run's final/ when --reward-model names the run.
+    let rm_dir = model_of(&c.reward_model);
+    let mut inputs = vec![("--model", c.model.as_path()), ("--reward-model", rm_dir.as_path())];
+    inputs.extend(c.ref_model.as_deref().map(|p| ("--ref-model", p)));
+    inputs.push(("--prompts", c.prompts.as_path()));
+    run_dir::refuse_inputs_inside(&output, mode, &inputs).map_err(|e| with_hint(e, COMMAND))?;
 
     let model = hf::load_model(&c.model)?;
     let tok = hf::load_tokenizer(&c.model)?;

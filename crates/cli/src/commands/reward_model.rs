@@ -260,6 +260,9 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let root = dpo::dist::is_root();
     if root {
         run_dir::preflight(&output, mode).map_err(|e| with_hint(e, COMMAND))?;
+        let mut inputs = vec![("--model", c.model.as_path()), ("--data", c.data.as_path())];
+        inputs.extend(c.eval_data.as_deref().map(|p| ("--eval-data", p)));
+        run_dir::refuse_inputs_inside(&output, mode, &inputs).map_err(|e| with_hint(e, COMMAND))?;
     }
     let rc = &c.train;
     let (start, config) = match &a.resume {

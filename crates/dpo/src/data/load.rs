@@ -348,7 +348,7 @@ mod tests {
             (
                 "json.jsonl",
                 b"{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\"}\n{\"prompt\": \"p\",",
-                "json.jsonl, line 2: invalid JSON",
+                "json.jsonl, line 2, column 15: invalid JSON: EOF while parsing",
             ),
             (
                 "type.jsonl",
@@ -404,7 +404,7 @@ mod tests {
         .join(&b'\n');
         let path = write(&dir, "mixed.jsonl", text);
         let e = load_pairs(&path, Some(&tok), &DataOptions::default()).unwrap_err().to_string();
-        assert!(e.contains("mixed.jsonl, line 2: invalid JSON"), "{e}");
+        assert!(e.contains("mixed.jsonl, line 2, column 2: invalid JSON"), "{e}");
 
         let got = load_pairs(&path, Some(&tok), &skip()).unwrap();
         assert_eq!(got.examples.iter().map(|e| e.location.as_str()).collect::<Vec<_>>(), ["line 1", "line 8"]);
@@ -412,7 +412,7 @@ mod tests {
         assert_eq!((s.rows_read, s.examples_kept, s.bad_rows), (8, 2, 6));
         assert_eq!(s.bad_row_messages.len(), MAX_BAD_ROW_MESSAGES);
         let wants = [
-            "line 2: invalid JSON",
+            "line 2, column 2: invalid JSON",
             "line 3, field `chosen`",
             "line 4, field `rejected`: missing",
             "line 5: not UTF-8",

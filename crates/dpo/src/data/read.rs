@@ -99,10 +99,11 @@ fn jsonl<T: Send>(path: &Path, bytes: &[u8], f: &(impl Fn(Result<Record, DataErr
             let location = format!("line {}", i + 1);
             let parse_err =
                 |message: String| DataError::Parse { path: PathBuf::from(path), location: location.clone(), message };
-            let text = match std::str::from_utf8(line) {
-                Ok(t) => t.trim(),
+            let raw = match std::str::from_utf8(line) {
+                Ok(t) => t,
                 Err(e) => return Some(f(Err(parse_err(format!("not UTF-8 text ({e})"))))),
             };
+            let text = raw.trim();
             if text.is_empty() {
                 return None;
             }
@@ -113,11 +114,30 @@ fn jsonl<T: Send>(path: &Path, bytes: &[u8], f: &(impl Fn(Result<Record, DataErr
             let record = match serde_json::from_str(text) {
                 Ok(Value::Object(fields)) => Ok(Record { location: location.clone(), fields }),
                 Ok(other) => Err(parse_err(format!("expected a JSON object, found {}", kind(&other)))),
-                Err(e) => Err(parse_err(format!("invalid JSON: {e}"))),
+                Err(e) => {
+                    let (column, message) = json_error_in_line(raw, raw.len() - raw.trim_start().len(), &e);
+                    let location = format!("{location}, column {column}");
+                    Err(DataError::Parse { path: PathBuf::from(path), location, message })
+                }
             };
             Some(f(record))
         })
         .collect()
+}
+
+/// A JSON Lines row's syntax error in the file's terms: the column in the file's line (characters from
+/// 1; the parser saw the line without its `lead` bytes of leading white space) and the parser's message
+/// without its position ("at line 1 column N", which counts within the row, not the file).
+fn json_error_in_line(line: &str, lead: usize, e: &serde_json::Error) -> (usize, String) {
+    let full = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    let message = full.strip_suffix(&position).unwrap_or(&full);
+    // serde_json counts columns in bytes, the last one read; its column 0 is before the first.
+    let mut end = (lead + e.column()).min(line.len());
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    (line[..end].chars().count().max(1), format!("invalid JSON: {message}"))
 }
 
 fn json_array<T: Send>(
@@ -227,7 +247,11 @@ mod tests {
     fn errors_name_file_and_line() {
         let dir = scratch("read-errors");
         let e = err(&write(&dir, "bad.jsonl", "{\"a\": 1}\n{\"a\": \n"));
-        assert!(e.contains("bad.jsonl, line 2: invalid JSON"), "{e}");
+        assert!(e.contains("bad.jsonl, line 2, column 5: invalid JSON: EOF while parsing a value"), "{e}");
+        assert!(!e.contains("line 1"), "{e}");
+        // The column counts characters of the file's line, its leading white space included.
+        let e = err(&write(&dir, "col.jsonl", "{\"a\": 1}\n  {\"é\": 1 2}\n"));
+        assert!(e.contains("col.jsonl, line 2, column 11: invalid JSON: expected `,` or `}`"), "{e}");
         let e = err(&write(&dir, "arr.jsonl", "{\"a\": 1}\n[1, 2]\n"));
         assert!(e.contains("arr.jsonl, line 2: expected a JSON object, found an array"), "{e}");
         let e = err(&write(&dir, "bytes.jsonl", b"{\"a\": 1}\n{\"a\": \"\xc3\x28\"}\n"));

@@ -198,6 +198,7 @@ pub fn train_online(
     if prompts.is_empty() {
         return Err(TrainError::Invalid("online DPO needs at least one prompt".into()));
     }
+    super::run_dir::refuse_inputs_inside(&cfg.output, opts.start_mode(), &super::setup::inputs(cfg))?;
     if let Some(resume) = &opts.resume {
         let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
         super::run_dir::check_kept_settings(resume, &now)?;

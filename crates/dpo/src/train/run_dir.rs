@@ -106,6 +106,40 @@ pub fn holds_run(dir: &Path) -> bool {
     dir.join("metrics.jsonl").exists() || dir.join("checkpoints").exists() || dir.join("final").exists()
 }
 
+/// What a run writes over in its directory however it starts: the model (or adapter) at the end and, with
+/// `--merge`, the merged model. `--overwrite` also moves every [`RUN_ENTRIES`] aside.
+const WRITTEN_AT_END: [&str; 2] = ["final", super::MERGED_DIR];
+
+/// Refuses a run whose inputs (`(flag, path)`: the model, the data, the reference, the adapter...) are or
+/// lie inside what the run in `output` replaces: final/ and final-merged/, and with `--overwrite` the whole
+/// previous run. The guard every command that writes a run directory calls before it loads anything
+/// (`hf::output`, the guard of `dpo merge` and `dpo export`, decides what overlaps). Creates nothing.
+pub fn refuse_inputs_inside(output: &Path, mode: StartMode, inputs: &[hf::output::Input]) -> Result<(), TrainError> {
+    let entries: &[&str] = if mode == StartMode::Overwrite { &RUN_ENTRIES } else { &WRITTEN_AT_END };
+    for &(flag, input) in inputs {
+        for name in entries {
+            let entry = output.join(name);
+            if hf::output::check_holds_none(&entry, &[(flag, input)]).is_ok() {
+                continue;
+            }
+            let msg = if mode == StartMode::Overwrite {
+                format!(
+                    "--overwrite would replace the run that holds the input {}; copy it out of the run first",
+                    input.display()
+                )
+            } else {
+                format!(
+                    "the run replaces {} at its end, where the input {flag} {} is; copy it out of the run first",
+                    entry.display(),
+                    input.display()
+                )
+            };
+            return Err(TrainError::Output { path: output.into(), msg });
+        }
+    }
+    Ok(())
+}
+
 /// The cheap checks on an output directory that need no model or data, made before anything is loaded
 /// so that a run that cannot start says so at once. Creates nothing.
 pub fn preflight(output: &Path, mode: StartMode) -> Result<(), TrainError> {

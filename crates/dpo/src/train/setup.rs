@@ -167,9 +167,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
         let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
         run_dir::check_kept_settings(resume, &now)?;
     }
-    if opts.overwrite && opts.resume.is_none() {
-        refuse_inputs_inside(cfg)?;
-    }
+    run_dir::refuse_inputs_inside(&cfg.output, opts.start_mode(), &inputs(cfg))?;
     let model_cfg = hf::load_config(&cfg.model)?;
     let tokenizer = hf::load_tokenizer_if_present(&cfg.model)?;
     // The adapter's settings (and an --adapter's weights) are checked against the model first.
@@ -334,27 +332,22 @@ fn reference_config(
     Ok(config.decoder)
 }
 
-/// `--overwrite` replaces the run in the output directory: an input that lives inside what it replaces
-/// (`--model RUN/final --output RUN`) would be deleted with it, so such a run is refused.
-fn refuse_inputs_inside(cfg: &TrainConfig) -> Result<(), TrainError> {
-    let Ok(out) = cfg.output.canonicalize() else { return Ok(()) };
-    let inputs =
-        [Some(&cfg.model), Some(&cfg.data), cfg.ref_model.as_ref(), cfg.eval_data.as_ref(), cfg.adapter.as_ref()];
-    for input in inputs.into_iter().flatten() {
-        let Ok(p) = input.canonicalize() else { continue };
-        let Ok(rel) = p.strip_prefix(&out) else { continue };
-        let first = rel.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
-        if first.is_some_and(|f| ["final", super::MERGED_DIR, "checkpoints", "abandoned"].contains(&f.as_str())) {
-            return Err(TrainError::Output {
-                path: cfg.output.clone(),
-                msg: format!(
-                    "--overwrite would replace the run that holds the input {}; copy it out of the run first",
-                    input.display()
-                ),
-            });
-        }
-    }
-    Ok(())
+/// The files and directories a run reads, by the flag that names them: what its run directory must not
+/// replace ([`run_dir::refuse_inputs_inside`]).
+pub(super) fn inputs(cfg: &TrainConfig) -> Vec<hf::output::Input<'_>> {
+    let named = [
+        ("--model", Some(&cfg.model)),
+        ("--data", Some(&cfg.data)),
+        ("--ref-model", cfg.ref_model.as_ref()),
+        ("--eval-data", cfg.eval_data.as_ref()),
+        ("--adapter", cfg.adapter.as_ref()),
+    ];
+    // An online run reads prompts, not --data: its data path is empty.
+    named
+        .into_iter()
+        .filter_map(|(flag, p)| Some((flag, p?.as_path())))
+        .filter(|(_, p)| !p.as_os_str().is_empty())
+        .collect()
 }
 
 /// The starting weights (or adapter), or the checkpoint to resume from after checking that it fits the
