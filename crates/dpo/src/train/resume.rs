@@ -66,7 +66,13 @@ pub fn check_settings(resume: &Path, now: &TrainConfig) -> Result<(), TrainError
     let Some((run, file)) = saved_config(resume) else { return Ok(()) };
     let saved = TrainConfig::from_layers(Some(&file), toml::Table::new(), now.objective.method())?;
     let table = |c: &TrainConfig| toml::Table::try_from(c.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()));
-    let (was, is) = (table(&saved)?, table(now)?);
+    let (mut was, mut is) = (table(&saved)?, table(now)?);
+    // No max_length yet is the default, which setup lowers to the models' positions as it did when the
+    // run started (the models are compared too): config.toml holds the value that gave.
+    if now.max_length.is_none() {
+        was.remove("max_length");
+        is.remove("max_length");
+    }
     let mut keys: Vec<&String> = was.keys().chain(is.keys()).collect();
     keys.sort();
     keys.dedup();
