@@ -92,7 +92,7 @@ fn a_bf16_run_records_its_precision_keeps_it_on_resume_and_its_reference_matches
     let before = std::fs::read_to_string(bf16_run.join("metrics.jsonl")).unwrap();
     fails(
         dpo().args(["train", "--precision", "f32", "--resume"]).arg(&bf16_run),
-        &["precision = \"bf16\"", "precision = \"f32\"", "--precision bf16"],
+        &["precision: \"bf16\" -> \"f32\"", "config.toml: precision = \"bf16\""],
     );
     assert_eq!(std::fs::read_to_string(bf16_run.join("metrics.jsonl")).unwrap(), before);
     succeeds(dpo().args(["train", "--max-steps", "3", "--resume"]).arg(&bf16_run));

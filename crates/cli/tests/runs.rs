@@ -130,7 +130,8 @@ fn resuming_a_copied_run_writes_into_the_copy() {
 }
 
 /// Defect 3: a checkpoint that does not fit the model is refused before training, naming the tensor,
-/// and config.toml is left as it was (so the run can still be resumed correctly).
+/// and config.toml is left as it was (so the run can still be resumed correctly). Another --model on the
+/// command line is refused earlier, as a changed setting.
 #[test]
 fn resuming_with_another_model_is_refused_before_training() {
     let dir = scratch("runs-resume-model");
@@ -139,7 +140,11 @@ fn resuming_with_another_model_is_refused_before_training() {
     let before = snapshot(&run);
     let msg = fails(
         dpo().args(["train", "--max-steps", "3", "--model"]).arg(model("llama-policy")).arg("--resume").arg(&run),
-        &["does not fit", "tensor", "nothing was written"],
+        &[
+            "cannot be resumed",
+            &format!("model: \"{}\" -> \"{}\"", model("gpt2-policy").display(), model("llama-policy").display()),
+            "nothing was written",
+        ],
     );
     assert!(!msg.contains("panicked"));
     assert_eq!(snapshot(&run), before);
@@ -214,7 +219,7 @@ fn resuming_from_an_older_checkpoint_abandons_the_newer_ones() {
     assert_eq!(steps(&run), [2, 4]);
     let err = succeeds(
         dpo()
-            .args(["train", "--max-steps", "3", "--save-total-limit", "1", "--lr", "1e-2", "--resume"])
+            .args(["train", "--max-steps", "3", "--save-total-limit", "1", "--resume"])
             .arg(run.join("checkpoints/step-2")),
     );
     assert!(err.contains("step-4, final of the later trajectory moved to"), "{err}");

@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod dist;
+pub mod fingerprint;
 pub mod io;
 pub mod objectives;
 pub mod precision;

@@ -9,7 +9,6 @@ use anyhow::Context;
 use dpo_demo::experiment::{run as run_demo, DemoOptions};
 
 use super::progress::Progress;
-use super::train::stop_flag;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -43,7 +42,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let stop = stop_flag()?;
+    let stop = super::interrupt::stop_flag(None)?;
     let opts = DemoOptions {
         output: a.output.clone(),
         quick: a.quick,

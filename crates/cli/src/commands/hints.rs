@@ -30,13 +30,27 @@ pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
         }
         TrainError::Output { .. } => "; choose another --output".to_string(),
         TrainError::NeedsReferenceModel { .. } => "; run it without --precompute-ref".to_string(),
-        TrainError::SettingChanged { run, key, was, .. } => format!(
-            "; continue it with --{} {} (or without the flag), or start a new run from a checkpoint's weights \
-             with --model {}/checkpoints/step-N/model",
-            key.replace('_', "-"),
-            was.trim_matches('"'),
-            run.display()
-        ),
+        TrainError::ResumeChanged { run, changes } => {
+            // A setting as config.toml holds it; an input whose content changed has no flag to give.
+            let settings: Vec<String> = changes
+                .iter()
+                .filter(|c| !c.was.contains("(content "))
+                .map(|c| format!("{} = {}", c.key, c.was))
+                .collect();
+            let mut hint = String::from("; ");
+            if !settings.is_empty() {
+                hint +=
+                    &format!("resume it without the flags that change them (config.toml: {}), ", settings.join(", "));
+            }
+            if settings.len() < changes.len() {
+                hint += "put back the files it started with, ";
+            }
+            hint + &format!(
+                "or start a new run from a checkpoint's weights with --model {}/checkpoints/step-N/model and \
+                 another --output",
+                run.display()
+            )
+        }
         TrainError::Data(DataError::TooLong { max, .. }) => {
             format!(": pass --max-length {max} (with --truncation keep-end to keep the ends)")
         }

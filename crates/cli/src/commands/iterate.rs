@@ -117,7 +117,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         judge: format!("reward model {}", rm_dir.display()),
     };
     let judge = |items: &[(&[u32], &[u32])]| rm.score(items).map_err(|e| e.to_string());
-    let stop = super::train::stop_flag()?;
+    let stop = super::interrupt::stop_flag(None)?;
     // One bar per round's DPO run (a round's step 1 starts the next bar).
     let mut progress = Progress::new().per_step(a.batch_size, "pairs");
     let out = iterate(&base, &it, &prompts, &judge, &stop, &mut |l| progress.line(l));

@@ -9,6 +9,7 @@ mod eval;
 mod export;
 mod generate;
 mod hints;
+mod interrupt;
 mod iterate;
 mod logps;
 mod merge;

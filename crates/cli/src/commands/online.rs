@@ -72,7 +72,7 @@ pub fn run(f: &OnlineFlags, cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Res
     // The judge by its absolute directory: a resume from elsewhere names the same one.
     let name = std::path::absolute(&rm_dir).unwrap_or(rm_dir.clone()).display().to_string();
     let judge = OnlineJudge { name: format!("reward model {name}"), score: &score };
-    let stop = super::train::stop_flag()?;
+    let stop = super::interrupt::stop_flag(Some(&cfg.output))?;
     let mut progress = Progress::new().per_step(cfg.batch_size * cfg.grad_accum, "prompts");
     let out = train_online(cfg, &sampling, &prompts, &judge, opts, &stop, &mut |l| progress.line(l));
     progress.finish();

@@ -20,7 +20,7 @@ use engine::{Decoder, ParamSet};
 use serde::{Deserialize, Serialize};
 
 use super::progress::{written, Progress};
-use super::train::{run_outputs, stop_flag, with_hint};
+use super::train::{run_outputs, with_hint};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -315,7 +315,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut dir = RunDir::open(&output, mode, log).map_err(|e| with_hint(e, COMMAND))?;
     dir.write_config(&toml::to_string_pretty(&c).context("writing config.toml")?)?;
 
-    let stop = stop_flag()?;
+    let stop = super::interrupt::stop_flag(Some(&output))?;
     progress.borrow_mut().line(&format!(
         "{} prompts; {} PPO steps of {} rollouts, {} epochs of minibatches of {}",
         prompts.len(),

@@ -12,7 +12,7 @@ use dpo::train::OnNonFinite;
 use serde::{Deserialize, Serialize};
 
 use super::progress::{written, Progress};
-use super::train::{run_outputs, stop_flag, with_hint};
+use super::train::{run_outputs, with_hint};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -286,7 +286,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &dir {
         dir.write_config(&toml::to_string_pretty(&c).context("writing config.toml")?)?;
     }
-    let stop = stop_flag()?;
+    let stop = super::interrupt::stop_flag(Some(&output))?;
     let run = RmRun {
         dir: dir.as_mut(),
         model_cfg: &config,

@@ -6,8 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -482,20 +480,6 @@ pub fn report_to_flag(flag: Option<&str>) -> anyhow::Result<dpo::tensorboard::Re
     dpo::tensorboard::ReportTo::parse(flag.unwrap_or("jsonl")).map_err(|m| anyhow::anyhow!("--report-to: {m}"))
 }
 
-/// SIGINT/SIGTERM set the flag the trainer polls between steps; a second signal exits at once (one process).
-pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // Under mpirun the launcher itself may signal a rank again while rank 0 writes the checkpoint; it
-        // kills the ranks after its own timeout, so there a second signal only asks again.
-        if dpo::dist::world().size() == 1 {
-            signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
-        }
-        signal_hook::flag::register(sig, flag.clone())?;
-    }
-    Ok(flag)
-}
-
 pub fn run(mut a: Args, threads: Option<usize>) -> anyhow::Result<ExitCode> {
     a.inputs.data = a.inputs.data.or(a.online.prompts.clone()); // --online: the prompts are the data
     let cfg = resolve(&a.inputs, &a, None)?;
@@ -518,20 +502,30 @@ fn command_of(cfg: &TrainConfig) -> &'static str {
 /// Trains with signal handling and progress; says how to resume an interrupted run, and where a
 /// finished one put its outputs and how to evaluate them.
 pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode> {
-    let stop = stop_flag()?;
+    let stop = super::interrupt::stop_flag(Some(&cfg.output))?;
     let mut progress = Progress::new().per_step(cfg.batch_size * cfg.grad_accum, "pairs");
     let t0 = Instant::now();
     let out = train(cfg, opts, &stop, &mut |line| progress.line(line)).map_err(|e| with_hint(e, command_of(cfg)))?;
     progress.finish();
     let run = cfg.output.display();
     if out.interrupted {
-        let ck = out.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        eprintln!(
-            "interrupted after step {}/{}; checkpoint written to {ck}\nresume with: {} --resume {run}",
-            out.steps,
-            out.total_steps,
-            command_of(cfg)
-        );
+        let (command, total) = (command_of(cfg), out.total_steps);
+        match (&out.checkpoint, &opts.resume) {
+            (Some(ck), _) => eprintln!(
+                "interrupted after step {}/{total}; checkpoint written to {}\nresume with: {command} --resume {run}",
+                out.steps,
+                ck.display()
+            ),
+            (None, None) => eprintln!(
+                "interrupted before the first step; no checkpoint was written and nothing is left in {run}: the \
+                 same command starts the run again"
+            ),
+            (None, Some(_)) => eprintln!(
+                "interrupted before the first step after step {}/{total}; no checkpoint was written\nresume with: \
+                 {command} --resume {run}",
+                out.steps
+            ),
+        }
         return Ok(ExitCode::from(130));
     }
     let elapsed = t0.elapsed().as_secs_f64();

@@ -37,11 +37,12 @@ pub enum TrainError {
     )]
     ModelMismatch { checkpoint: String, model: String, detail: String },
     #[error(
-        "{} was trained with {key} = {was} and this run asks for {key} = {now}; a resumed run keeps the settings \
-         that change the numbers of its passes (nothing was written)",
-        run.display()
+        "{} cannot be resumed with other settings or inputs than it started with: {}; a resumed run continues \
+         with its config.toml and inputs (nothing was written)",
+        run.display(),
+        changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; ")
     )]
-    SettingChanged { run: PathBuf, key: &'static str, was: String, now: String },
+    ResumeChanged { run: PathBuf, changes: Vec<super::resume::Change> },
     #[error("checkpoint {0} is unusable: {1}")]
     Checkpoint(PathBuf, String),
     #[error("{0}")]

@@ -113,21 +113,6 @@ pub fn iterate(
     Ok(out)
 }
 
-/// The DPO run's settings that do not change its numbers (where it writes, how often it logs or saves),
-/// left out of `iterate.json`.
-const NOT_COMPARED: [&str; 10] = [
-    "output",
-    "data",
-    "log_every",
-    "save_every",
-    "save_total_limit",
-    "eval_every",
-    "report_to",
-    "cache_dir",
-    "threads",
-    "max_memory",
-];
-
 /// What every round of a run shares, as `iterate.json` holds it: one flat object.
 fn settings(base: &TrainConfig, it: &IterativeConfig, prompts: &[Vec<u32>]) -> Value {
     let mut v = sampled_run_settings(base, &it.sampling, &it.judge, prompts);
@@ -148,7 +133,8 @@ pub(super) fn sampled_run_settings(
 ) -> Value {
     let mut v = serde_json::to_value(base.to_raw()).expect("the configuration serialises");
     let o = v.as_object_mut().expect("a table");
-    o.retain(|k, val| !NOT_COMPARED.contains(&k.as_str()) && !val.is_null());
+    // The data is the round's own; the rest that does not change the numbers as a resume leaves it out.
+    o.retain(|k, val| k != "data" && !super::resume::TRAJECTORY_FREE.contains(&k.as_str()) && !val.is_null());
     let mut h = Sha256::new();
     for p in prompts {
         h.update((p.len() as u64).to_le_bytes());

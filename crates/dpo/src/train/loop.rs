@@ -38,7 +38,8 @@ pub struct TrainOutcome {
     pub total_steps: u64,
     /// `OUTPUT/final`, written when the run completed.
     pub final_dir: Option<PathBuf>,
-    /// Newest checkpoint written by this run.
+    /// Newest checkpoint written by this run; `None` for a run interrupted before its first step, which
+    /// writes none (a new run leaves nothing behind, a resumed one its checkpoints as they were).
     pub checkpoint: Option<PathBuf>,
     pub interrupted: bool,
 }
@@ -264,6 +265,11 @@ pub fn train(
     // Data parallelism: every rank has read its checkpoint before rank 0 takes the directory, and only
     // rank 0 writes in it.
     crate::dist::barrier();
+    // Interrupted while loading: the run stops before its directory is touched.
+    if crate::dist::any(stop.load(Ordering::SeqCst)) {
+        let (steps, total_steps) = (start.state.step, total_steps(&s.cfg, s.workloads().0.rows()));
+        return Ok(TrainOutcome { steps, total_steps, final_dir: None, checkpoint: None, interrupted: true });
+    }
     let mut dir = crate::dist::is_root().then(|| RunDir::open(&cfg.output, opts.start_mode(), log)).transpose()?;
     run(&s, start, dir.as_mut(), stop, log)
 }
@@ -309,14 +315,16 @@ pub fn run(
     let mut t = Trainer::new(cfg, decoder, start.trained, base, start.optimizer, start.state, workload.rows())?;
     let total = t.total;
     if let Some((_, Some(before))) = &resumed {
-        if *before != total {
+        // A constant rate does not depend on the length: nothing changes but the number of steps.
+        if *before != total && cfg.scheduler != engine::optim::ScheduleKind::Constant {
+            let step = t.state.step;
             log(&format!(
                 "the run was to take {before} steps and now takes {total}: the {} learning-rate schedule changes \
-                 from step {} on (lr {:.3e} there, {:.3e} before)",
+                 from step {} on, recomputed over {total} steps (lr {:.3e} at that step; {:.3e} over {before})",
                 super::config::schedule_name(cfg.scheduler),
-                t.state.step + 1,
-                lr_at(cfg.scheduler, cfg.lr, cfg.warmup_steps, total, t.state.step),
-                lr_at(cfg.scheduler, cfg.lr, cfg.warmup_steps, *before, t.state.step),
+                step + 1,
+                lr_at(cfg.scheduler, cfg.lr, cfg.warmup_steps, total, step),
+                lr_at(cfg.scheduler, cfg.lr, cfg.warmup_steps, *before, step),
             ));
         }
     }
@@ -326,6 +334,7 @@ pub fn run(
     }
     if let Some(dir) = dir.as_deref() {
         dir.write_config(&cfg.to_toml())?;
+        super::resume::record_inputs(dir.path(), &s.inputs, resumed.is_some())?;
     }
     let resumed_at = resumed.as_ref().map(|_| t.state.step);
     let mut metrics = dir.as_deref().map(|d| d.metrics_to(resumed_at, cfg.report_to)).transpose()?;
@@ -361,8 +370,24 @@ pub fn run(
         None => Ok(checkpoint::checkpoints_dir(&output).join(format!("step-{}", state.step))),
     };
 
+    let first_step = t.state.step;
     while t.state.step < total {
         if crate::dist::any(stop.load(Ordering::SeqCst)) {
+            if t.state.step == first_step {
+                // Not a step taken: no checkpoint (a resumed run's is still the newest), and a new run
+                // leaves nothing that would stop the same command from starting it again.
+                if let (Some(dir), None) = (dir.as_deref(), &resumed) {
+                    dir.discard_unstarted(&metrics.take().map(|m| m.files()).unwrap_or_default());
+                }
+                let outcome = TrainOutcome {
+                    steps: t.state.step,
+                    total_steps: total,
+                    final_dir: None,
+                    checkpoint: None,
+                    interrupted: true,
+                };
+                return Ok(outcome);
+            }
             let p = save(&mut dir, &t.trained, &t.optimizer, &t.state)?;
             let outcome = TrainOutcome {
                 steps: t.state.step,

@@ -7,6 +7,7 @@
 //! policy.rs   Trained: every weight, or an adapter (the optimizer's and the gradient's parameter set)
 //! setup.rs    validate and load everything (model, data, reference, checkpoint) before the disk is touched
 //! run_dir.rs  RunDir: lock, create or replace, config.toml, metrics.jsonl, abandoned checkpoints
+//! resume.rs   what a resume must keep: the settings that change the numbers, the inputs' contents
 //! loop.rs     Trainer::step (one optimizer step of any Workload) and run (order, evaluation,
 //!             checkpoints, signals, non-finite steps)
 //! ```
@@ -22,6 +23,7 @@ pub mod online;
 pub mod pairs;
 pub mod policy;
 pub mod reference;
+pub mod resume;
 pub mod run_dir;
 pub mod setup;
 #[path = "loop.rs"]

@@ -200,8 +200,7 @@ pub fn train_online(
     }
     super::run_dir::refuse_inputs_inside(&cfg.output, opts.start_mode(), &super::setup::inputs(cfg))?;
     if let Some(resume) = &opts.resume {
-        let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        super::run_dir::check_kept_settings(resume, &now)?;
+        super::resume::check_settings(resume, cfg)?;
     }
     // A LoRA run (--lora-r, or --adapter to go on training one) trains an adapter on the frozen model, as
     // `dpo train` does: the samples come from the base with the adapter as it is now.
@@ -211,6 +210,10 @@ pub fn train_online(
     let cfg = &cfg;
     let mut model = hf::load_model(&cfg.model)?;
     let start = super::setup::start_point(cfg, opts, &model, lora.as_ref(), log)?;
+    let inputs = super::resume::input_fingerprints(cfg)?;
+    if let Some(resume) = &opts.resume {
+        super::resume::check_inputs(resume, cfg, &inputs)?;
+    }
     let ref_dir = cfg.ref_model.clone().unwrap_or_else(|| cfg.model.clone());
     let reference = match &lora {
         // The reference is the base with the starting adapter (none, or --adapter's), read from the policy.
@@ -255,6 +258,7 @@ pub fn train_online(
         dir.abandon_after(step, log)?;
     }
     dir.write_config(&cfg.to_toml())?;
+    super::resume::record_inputs(dir.path(), &inputs, resumed_at.is_some())?;
     let mut metrics = dir.metrics_to(resumed_at, cfg.report_to)?;
     let decoder = Decoder::new(model.config.decoder.clone());
     let base = lora.as_ref().map(|_| super::setup::base_model(&model, None, None, cfg.precision));

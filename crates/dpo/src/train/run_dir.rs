@@ -3,6 +3,7 @@
 //! ```text
 //! RUN/.lock            exclusive flock while a process uses the run (the kernel drops it when the process dies)
 //! RUN/config.toml      the resolved configuration, written once the run's inputs checked out
+//! RUN/inputs.json      fingerprints of the inputs' files when the run started (a resume compares them)
 //! RUN/metrics.jsonl    one JSON line per step
 //! RUN/checkpoints/step-N/   complete checkpoints (written under a temporary name, renamed into place)
 //! RUN/final/           the trained model (a LoRA run: the trained adapter, a PEFT adapter directory)
@@ -22,8 +23,9 @@ use super::TrainError;
 use crate::tensorboard::{EventWriter, ReportTo};
 
 /// The files and directories that make up a run (what --overwrite moves aside).
-const RUN_ENTRIES: [&str; 7] = [
+const RUN_ENTRIES: [&str; 8] = [
     "config.toml",
+    super::resume::INPUTS_FILE,
     "metrics.jsonl",
     "checkpoints",
     "final",
@@ -61,33 +63,6 @@ pub fn resume_target(path: &Path) -> ResumeTarget {
         return ResumeTarget { run: path.to_path_buf(), checkpoint: Some(path.to_path_buf()) };
     }
     ResumeTarget { run: path.to_path_buf(), checkpoint: None }
-}
-
-/// The settings a resumed run must keep: they change the numbers of every pass, so a run that switched
-/// would be neither of the two runs (the key, as config.toml names it).
-const KEPT_ON_RESUME: [&str; 1] = ["precision"];
-
-/// Refuses a resume of the run `resume` points into whose config.toml (written when its checkpoints
-/// were) holds another value of a [`KEPT_ON_RESUME`] setting than `now` (this run's resolved
-/// configuration, as config.toml would hold it); a key the file lacks had its default. Nothing to compare
-/// without a config.toml.
-pub fn check_kept_settings(resume: &Path, now: &toml::Table) -> Result<(), TrainError> {
-    let run = resume_target(resume).run;
-    let file = run.join("config.toml");
-    if !file.is_file() {
-        return Ok(());
-    }
-    let saved = super::config::read_toml_table(&file)?;
-    let default = toml::Table::try_from(super::TrainConfig::default().to_raw()).expect("the defaults serialise");
-    for key in KEPT_ON_RESUME {
-        let value = |t: &toml::Table| t.get(key).or(default.get(key)).cloned();
-        let (was, is) = (value(&saved), value(now));
-        if was != is {
-            let show = |v: Option<toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
-            return Err(TrainError::SettingChanged { run, key, was: show(was), now: show(is) });
-        }
-    }
-    Ok(())
 }
 
 /// The model a run directory holds (`RUN/final`), or `dir` itself when it is a model directory: commands
@@ -194,6 +169,8 @@ pub struct RunDir {
     /// The previous run that --overwrite moved aside; deleted once this run has a checkpoint, put back
     /// if this run ends before it has one.
     replaced: Option<PathBuf>,
+    /// Whether `open` created the directory (a run that ends before its first step removes it again).
+    created: bool,
 }
 
 impl RunDir {
@@ -202,6 +179,7 @@ impl RunDir {
     pub fn open(path: &Path, mode: StartMode, log: &mut dyn FnMut(&str)) -> Result<Self, TrainError> {
         preflight(path, mode)?;
         let out = path;
+        let created = !out.exists();
         std::fs::create_dir_all(out).map_err(|e| TrainError::Output {
             path: out.into(),
             msg: format!("cannot create the run directory ({e})"),
@@ -211,7 +189,7 @@ impl RunDir {
         std::fs::write(&probe, b"")
             .map_err(|e| TrainError::Output { path: out.into(), msg: format!("cannot write in it ({e})") })?;
         let _ = std::fs::remove_file(probe);
-        let mut dir = RunDir { path: out.to_path_buf(), _lock: lock, replaced: None };
+        let mut dir = RunDir { path: out.to_path_buf(), _lock: lock, replaced: None, created };
         dir.recover_replaced(log)?;
         if mode == StartMode::Fresh && holds_run(out) {
             return Err(TrainError::OutputExists(out.into()));
@@ -266,6 +244,22 @@ impl RunDir {
     pub fn started(&mut self) {
         if let Some(aside) = self.replaced.take() {
             let _ = std::fs::remove_dir_all(aside);
+        }
+    }
+
+    /// A new run (not a resumed one) that stops before its first step: what it wrote goes (config.toml,
+    /// inputs.json, and `written`: its metrics files), so that the same command starts it again; a run it
+    /// replaced is put back (on drop). Directories go only when empty, the run directory only when `open`
+    /// created it: nothing else is deleted.
+    pub fn discard_unstarted(&self, written: &[PathBuf]) {
+        let ours = ["config.toml", super::resume::INPUTS_FILE].map(|n| self.path.join(n));
+        for p in ours.iter().chain(written) {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir(self.path.join(crate::tensorboard::EVENTS_DIR));
+        if self.created {
+            let _ = std::fs::remove_file(self.path.join(".lock"));
+            let _ = std::fs::remove_dir(&self.path);
         }
     }
 

@@ -21,6 +21,7 @@ use super::memory;
 use super::pairs::PairObjective;
 use super::policy::Trained;
 use super::reference::{self, default_cache_dir, pair_tokens, precompute, unpaired_tokens, Reference, ReferenceModel};
+use super::resume;
 use super::run_dir::{self, StartMode};
 use super::workload::{PairWorkload, SftWorkload, Workload};
 use super::UnlikelihoodWorkload;
@@ -29,6 +30,7 @@ use crate::data::{
     check_positions, check_vocab, check_vocab_sft, load_pairs, load_sft, load_unpaired, pack_pairs, resolve_max_length,
     DataOptions, Example, Packing, SftExample, UnpairedExample,
 };
+use crate::fingerprint::InputFingerprints;
 use crate::objectives::unlikelihood::UnlikelihoodConfig;
 
 /// Options that are about this invocation rather than the run's configuration.
@@ -100,6 +102,8 @@ pub struct Setup {
     /// The base's block linears when `base_storage` keeps them other than in f32 (QLoRA); `model.params`
     /// then holds the rest of the base and empty linear tensors.
     pub frozen: Option<FrozenLinears>,
+    /// The fingerprints of the inputs' files, recorded in the run ([`resume::record_inputs`]).
+    pub inputs: InputFingerprints,
 }
 
 impl Setup {
@@ -164,8 +168,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
         run_dir::preflight(&cfg.output, opts.start_mode())?;
     }
     if let Some(resume) = &opts.resume {
-        let now = toml::Table::try_from(cfg.to_raw()).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        run_dir::check_kept_settings(resume, &now)?;
+        resume::check_settings(resume, cfg)?;
     }
     run_dir::refuse_inputs_inside(&cfg.output, opts.start_mode(), &inputs(cfg))?;
     let model_cfg = hf::load_config(&cfg.model)?;
@@ -296,10 +299,15 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
         }
     };
     let start = start_point(cfg, opts, &model, lora.as_ref(), log)?;
+    // The checkpoint fits the model; its run must also have read these very files.
+    let inputs = resume::input_fingerprints(cfg)?;
+    if let Some(resume) = &opts.resume {
+        resume::check_inputs(resume, cfg, &inputs)?;
+    }
     let mut model = model;
     let loaded = lora.is_none().then(|| take_loaded_weights(&mut model));
     let data = attach_reference(cfg, data, &model, loaded, frozen.as_ref(), lora.as_ref(), tokenizer.as_ref(), log)?;
-    Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen }, start))
+    Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen, inputs }, start))
 }
 
 /// Frees the loaded weights of a full run once they are copied into the trained set (`start_point`) and the

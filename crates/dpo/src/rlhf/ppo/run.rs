@@ -21,13 +21,14 @@ use std::time::Instant;
 
 use engine::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use engine::rng::Rng;
-use engine::{Activations, Decoder, ParamSet, Params, ScalarHead, Tensor};
+use engine::{Activations, Decoder, ParamSet, Params, ScalarHead};
 use serde::{Deserialize, Serialize};
 
 use super::{
     check_inputs, collect_rollout, minibatch_loss, Grads, MinibatchLoss, PpoConfig, PpoError, PpoOutcome, PpoStepStats,
     RefModel, RewardFn,
 };
+pub use crate::fingerprint::{fingerprint, InputFingerprints};
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::run_dir::RunDir;
 use crate::train::OnNonFinite;
@@ -61,30 +62,6 @@ struct SavedSampler {
     /// Fingerprints of the run's inputs ([`fingerprint`]): a resume with other inputs is refused.
     #[serde(default)]
     inputs: BTreeMap<String, String>,
-}
-
-/// What a run reads, named (`starting policy`, `reward model`, ...), each with its [`fingerprint`].
-pub type InputFingerprints = BTreeMap<String, String>;
-
-/// A fingerprint of tensors (names, shapes and every value's bits) and token ids: equal inputs give equal
-/// fingerprints, and a resumed run compares them with those its checkpoint recorded.
-pub fn fingerprint<'t>(tensors: impl IntoIterator<Item = (String, &'t Tensor)>, ids: &[Vec<u32>]) -> String {
-    // FNV-1a over 32-bit words: one pass over the weights, no dependency.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |w: u32| {
-        h ^= w as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
-    for (name, t) in tensors {
-        name.bytes().for_each(|b| eat(b as u32));
-        t.shape.iter().for_each(|&d| eat(d as u32));
-        t.data.iter().for_each(|v| eat(v.to_bits()));
-    }
-    for row in ids {
-        eat(row.len() as u32);
-        row.iter().for_each(|&t| eat(t));
-    }
-    format!("{h:016x}")
 }
 
 fn optimizer_config() -> OptimizerConfig {
