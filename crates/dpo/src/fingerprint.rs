@@ -89,6 +89,18 @@ pub fn fingerprint_path(path: &Path, recurse: bool) -> std::io::Result<String> {
     Ok(h.finish())
 }
 
+/// A fingerprint of the files a data pattern names (`train-*.parquet`, its shards in order): names and
+/// bytes, as [`fingerprint_path`] takes a directory's.
+pub fn fingerprint_files(files: &[PathBuf]) -> std::io::Result<String> {
+    let mut h = Fnv::new();
+    for f in files {
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        h.bytes(name.as_bytes());
+        file(&mut h, f)?;
+    }
+    Ok(h.finish())
+}
+
 /// Feeds a file's length and bytes, read in blocks (a model's weights are never held twice).
 fn file(h: &mut Fnv, path: &Path) -> std::io::Result<()> {
     let mut f = std::fs::File::open(path)?;

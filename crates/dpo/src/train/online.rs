@@ -199,15 +199,16 @@ pub fn train_online(
         return Err(TrainError::Invalid("online DPO needs at least one prompt".into()));
     }
     super::run_dir::refuse_inputs_inside(&cfg.output, opts.start_mode(), &super::setup::inputs(cfg))?;
-    if let Some(resume) = &opts.resume {
-        super::resume::check_settings(resume, cfg)?;
-    }
     // A LoRA run (--lora-r, or --adapter to go on training one) trains an adapter on the frozen model, as
     // `dpo train` does: the samples come from the base with the adapter as it is now.
     let mut cfg = cfg.clone();
     let model_cfg = hf::load_config(&cfg.model)?;
     let lora = LoraRun::prepare(&mut cfg, &model_cfg)?;
     let cfg = &cfg;
+    // Compared once an --adapter's settings are filled in, as the run recorded them.
+    if let Some(resume) = &opts.resume {
+        super::resume::check_settings(resume, cfg)?;
+    }
     let mut model = hf::load_model(&cfg.model)?;
     let start = super::setup::start_point(cfg, opts, &model, lora.as_ref(), log)?;
     let inputs = super::resume::input_fingerprints(cfg)?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::run_dir::resume_target;
 use super::{TrainConfig, TrainError};
-use crate::fingerprint::{fingerprint_path, InputFingerprints};
+use crate::fingerprint::{fingerprint_files, fingerprint_path, InputFingerprints};
 
 /// The settings that do not change a run's numbers: where it writes, how often it logs, evaluates and
 /// saves, the reference cache's place, the threads and the memory cap. Sampled runs (online, iterative
@@ -102,7 +102,12 @@ pub fn input_fingerprints(cfg: &TrainConfig) -> Result<InputFingerprints, TrainE
     let mut out = InputFingerprints::new();
     for (key, path, recurse) in inputs {
         if let Some(path) = path {
-            let f = fingerprint_path(path, recurse).map_err(|e| TrainError::io(path, e))?;
+            // A data pattern (a dataset's shards, `train-*.parquet`) stands for the files it matches.
+            let f = match crate::data::source::has_pattern(path) {
+                true => fingerprint_files(&crate::data::source::expand_pattern(path)?),
+                false => fingerprint_path(path, recurse),
+            };
+            let f = f.map_err(|e| TrainError::io(path, e))?;
             out.insert(key.into(), f);
         }
     }

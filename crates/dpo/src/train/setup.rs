@@ -167,9 +167,6 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     if crate::dist::is_root() {
         run_dir::preflight(&cfg.output, opts.start_mode())?;
     }
-    if let Some(resume) = &opts.resume {
-        resume::check_settings(resume, cfg)?;
-    }
     run_dir::refuse_inputs_inside(&cfg.output, opts.start_mode(), &inputs(cfg))?;
     let model_cfg = hf::load_config(&cfg.model)?;
     let tokenizer = hf::load_tokenizer_if_present(&cfg.model)?;
@@ -177,6 +174,10 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let mut cfg = cfg.clone();
     let lora = LoraRun::prepare(&mut cfg, &model_cfg)?;
     let cfg = &cfg;
+    // Compared once an --adapter's settings are filled in, as the run recorded them.
+    if let Some(resume) = &opts.resume {
+        resume::check_settings(resume, cfg)?;
+    }
     // The reference that scores the rows (checked before any weights or rows are read), if any.
     let reference_cfg = match &cfg.objective {
         Objective::Pairs(objective) if objective.reference_free() => None,
