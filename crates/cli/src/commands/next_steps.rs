@@ -1,8 +1,9 @@
-//! The `dpo eval` command a finished run prints: the run's final model scored on its evaluation data (or
-//! its training data) with the run's own settings, so that the rows are read and scored as they were in
-//! training. The settings come from the run's config.toml, which holds them as the run resolved them (the
-//! max length lowered to the model's positions, the storage of a LoRA base); eval's own defaults differ
-//! (no max length: every row whole).
+//! The command a finished run prints to go on with its model. After a pair objective, `dpo eval`: the
+//! run's final model scored on its evaluation data (or its training data) with the run's own settings, so
+//! that the rows are read and scored as they were in training. The settings come from the run's
+//! config.toml, which holds them as the run resolved them (the max length lowered to the model's
+//! positions, the storage of a LoRA base); eval's own defaults differ (no max length: every row whole).
+//! After SFT, the DPO half of SFT-then-DPO.
 
 use std::path::Path;
 
@@ -30,12 +31,25 @@ const EVAL_FLAGS: [&str; 17] = [
     "reference_free",
 ];
 
-/// `dpo eval ...` for the run `cfg` describes, whose final model is `final_dir`; `None` for objectives
-/// `dpo eval` does not score (SFT, KTO's unpaired rows, unlikelihood).
-pub fn eval_command(cfg: &TrainConfig, final_dir: &Path) -> Option<String> {
-    if !matches!(cfg.objective, Objective::Pairs(_)) {
-        return None;
+/// What to run next on the model a finished run wrote to `final_dir`, and how the line says it: `dpo
+/// eval` of a pair objective's run ([`eval_command`]), the DPO half of SFT-then-DPO after an SFT run;
+/// `None` after KTO's unpaired rows or unlikelihood, which `dpo eval` does not score.
+pub fn next_command(cfg: &TrainConfig, final_dir: &Path) -> Option<(&'static str, String)> {
+    match cfg.objective {
+        Objective::Pairs(_) => Some(("evaluate with", eval_command(cfg, final_dir))),
+        Objective::Sft => {
+            let policy = match cfg.is_lora() {
+                true => format!("{} --adapter {}", cfg.model.display(), final_dir.display()),
+                false => final_dir.display().to_string(),
+            };
+            Some(("align it with", format!("dpo train --model {policy} --data PREFERENCES.jsonl")))
+        }
+        Objective::Kto(_) | Objective::Unlikelihood(_) => None,
     }
+}
+
+/// `dpo eval ...` for the pair objective's run `cfg` describes, whose final model is `final_dir`.
+fn eval_command(cfg: &TrainConfig, final_dir: &Path) -> String {
     let reference = match (&cfg.ref_model, &cfg.adapter) {
         (Some(r), _) => format!(" --ref-model {}", r.display()),
         (None, Some(start)) if cfg.is_lora() => format!(" --ref-adapter {}", start.display()),
@@ -48,7 +62,7 @@ pub fn eval_command(cfg: &TrainConfig, final_dir: &Path) -> Option<String> {
     };
     let data = cfg.eval_data.as_ref().unwrap_or(&cfg.data);
     let settings = run_settings(cfg);
-    Some(format!("dpo eval --model {policy}{reference} --data {}{}", data.display(), eval_flags(&settings, cfg)))
+    format!("dpo eval --model {policy}{reference} --data {}{}", data.display(), eval_flags(&settings, cfg))
 }
 
 /// The run's settings as config.toml holds them, or (a run directory without one) as `cfg` has them.

@@ -538,8 +538,8 @@ pub fn execute(cfg: &TrainConfig, opts: &RunOptions) -> anyhow::Result<ExitCode>
             items.push(("merged", at(&cfg.output.join(dpo::train::MERGED_DIR))));
         }
         written(&items);
-        if let Some(eval) = super::next_steps::eval_command(cfg, f) {
-            eprintln!("evaluate with: {eval}");
+        if let Some((what, command)) = super::next_steps::next_command(cfg, f) {
+            eprintln!("{what}: {command}");
         }
     }
     if let Some(peak) = peak_rss() {
