@@ -159,7 +159,11 @@ fn train_merge_does_not_write_over_an_input_in_final_merged() {
     let before = snapshot(&run);
     fails(
         train(&input, &prefs(), &run).args(["--lora-r", "4", "--merge", "--max-steps", "1"]),
-        &["the run replaces", "final-merged at its end, where the input --model", "copy it out of the run first"],
+        &[
+            "the run replaces",
+            "final-merged at its end, where the input --model",
+            "copy the input out of the run first, or choose another --output",
+        ],
     );
     assert!(snapshot(&run) == before, "the run directory changed");
 }
@@ -171,7 +175,10 @@ fn reward_model_and_ppo_overwrite_do_not_delete_their_inputs() {
     let dir = scratch("guard-run-overwrite");
     let rm = trained_reward_model(&dir);
     let before = snapshot(&rm);
-    let want = ["--overwrite would replace the run that holds the input", "copy it out of the run first"];
+    let want = [
+        "--overwrite would replace the run that holds the input",
+        "copy the input out of the run first, or choose another --output",
+    ];
     let mut c = dpo();
     c.args(["reward-model", "train", "--max-steps", "1", "--overwrite", "--model"])
         .arg(rm.join("final"))

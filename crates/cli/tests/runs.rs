@@ -94,7 +94,11 @@ fn overwrite_does_not_delete_its_own_input_model() {
     let before = snapshot(&run);
     fails(
         train(&run.join("final"), &prefs(), &run).arg("--overwrite"),
-        &["--overwrite would replace the run that holds the input", "final", "copy it out of the run first"],
+        &[
+            "--overwrite would replace the run that holds the input",
+            "final",
+            "copy the input out of the run first, or choose another --output",
+        ],
     );
     assert_eq!(snapshot(&run), before);
 }

@@ -29,6 +29,9 @@ pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
             format!(": free disk space, then `{command} --resume {}` writes final/ again", output.display())
         }
         TrainError::Output { .. } => "; choose another --output".to_string(),
+        TrainError::InputInRun { .. } => {
+            "; copy the input out of the run first, or choose another --output".to_string()
+        }
         TrainError::NeedsReferenceModel { .. } => "; run it without --precompute-ref".to_string(),
         TrainError::ResumeChanged { run, changes } => {
             // A setting as config.toml holds it; an input whose content changed has no flag to give.

@@ -65,6 +65,9 @@ pub enum TrainError {
     FinalWrite { message: String, checkpoint: PathBuf, output: PathBuf },
     #[error("{}: {msg}", path.display())]
     Output { path: PathBuf, msg: String },
+    /// The run directory `path` would replace or overwrite one of the run's own inputs.
+    #[error("{}: {msg}", path.display())]
+    InputInRun { path: PathBuf, msg: String },
     #[error("{0}")]
     Memory(String),
     #[error(

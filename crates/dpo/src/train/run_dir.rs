@@ -98,18 +98,15 @@ pub fn refuse_inputs_inside(output: &Path, mode: StartMode, inputs: &[hf::output
                 continue;
             }
             let msg = if mode == StartMode::Overwrite {
-                format!(
-                    "--overwrite would replace the run that holds the input {}; copy it out of the run first",
-                    input.display()
-                )
+                format!("--overwrite would replace the run that holds the input {}", input.display())
             } else {
                 format!(
-                    "the run replaces {} at its end, where the input {flag} {} is; copy it out of the run first",
+                    "the run replaces {} at its end, where the input {flag} {} is",
                     entry.display(),
                     input.display()
                 )
             };
-            return Err(TrainError::Output { path: output.into(), msg });
+            return Err(TrainError::InputInRun { path: output.into(), msg });
         }
     }
     Ok(())
