@@ -114,3 +114,26 @@ fn a_resume_compares_every_setting_but_the_free_ones_and_each_input() {
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+/// Online DPO stops the same way: interrupted while its model loads, it writes nothing (a step-0
+/// checkpoint and a run directory that refused the same command again, before).
+#[test]
+fn an_online_run_interrupted_while_loading_writes_nothing() {
+    use dpo::train::online::{train_online, OnlineJudge, OnlineSampling};
+    let out = scratch("interrupt-online");
+    let cfg =
+        dpo::train::TrainConfig { batch_size: 2, max_steps: Some(2), ..trl_settings(PARITY, "gpt2", out.join("run")) };
+    let prompts = vec![vec![1u32, 2, 3], vec![4, 5]];
+    let score = |items: &[(&[u32], &[u32])]| -> Result<Vec<f64>, String> { Ok(vec![0.0; items.len()]) };
+    let judge = OnlineJudge { name: "zero".into(), score: &score };
+    let sampling =
+        OnlineSampling { samples: 2, max_new_tokens: 3, temperature: 1.0, eos_ids: vec![0], missing_eos_penalty: None };
+    let opts = RunOptions::default();
+    let got = train_online(&cfg, &sampling, &prompts, &judge, &opts, &AtomicBool::new(true), &mut |_| {}).unwrap();
+    assert!(got.interrupted && got.checkpoint.is_none() && got.steps == 0, "{got:?}");
+    assert!(!cfg.output.exists(), "the run directory was created");
+    // The same run then starts and finishes without --overwrite.
+    let done = train_online(&cfg, &sampling, &prompts, &judge, &opts, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    assert!(!done.interrupted && done.steps == 2 && cfg.output.join("final").is_dir(), "{done:?}");
+    std::fs::remove_dir_all(out).unwrap();
+}

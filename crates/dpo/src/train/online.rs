@@ -243,6 +243,11 @@ pub fn train_online(
         seed: cfg.seed,
         last_pairs: RefCell::new(Vec::new()),
     };
+    // Interrupted while loading: the run stops before its directory is touched, as `train` does.
+    if stop.load(Ordering::SeqCst) {
+        let (steps, total_steps) = (start.state.step, super::total_steps(cfg, prompts.len()));
+        return Ok(TrainOutcome { steps, total_steps, final_dir: None, checkpoint: None, interrupted: true });
+    }
     let mut dir = RunDir::open(&cfg.output, opts.start_mode(), log)?;
     let record = super::iterative::sampled_run_settings(cfg, sampling, &judge.name, prompts);
     let resumed_at = start.resumed.as_ref().map(|_| start.state.step);
@@ -274,8 +279,25 @@ pub fn train_online(
         dir.started();
         Ok(p)
     };
+    let first_step = t.state.step;
     while t.state.step < total {
         if stop.load(Ordering::SeqCst) {
+            if t.state.step == first_step {
+                // Not a step taken: no checkpoint (a resumed run's is still the newest), and a new run
+                // leaves nothing that would stop the same command from starting it again.
+                if resumed_at.is_none() {
+                    let mut written = metrics.files();
+                    written.push(cfg.output.join(ONLINE_JSON));
+                    dir.discard_unstarted(&written);
+                }
+                return Ok(TrainOutcome {
+                    steps: t.state.step,
+                    total_steps: total,
+                    final_dir: None,
+                    checkpoint: None,
+                    interrupted: true,
+                });
+            }
             let p = save(&mut dir, &t)?;
             return Ok(TrainOutcome {
                 steps: t.state.step,
