@@ -47,7 +47,10 @@ impl FrozenEmbedding {
             index[t] = i as u32;
             rows.extend_from_slice(&wte[t * d..(t + 1) * d]);
         }
-        let head = Matrix::new(head.unwrap_or_else(|| wte.to_vec()), vocab, d, Storage::Bf16)?;
+        let head = match head {
+            Some(h) => Matrix::new(h, vocab, d, Storage::Bf16)?,
+            None => Matrix::bf16_of(wte, vocab, d)?,
+        };
         Ok(FrozenEmbedding { vocab, d, head, index, rows })
     }
 

@@ -105,15 +105,23 @@ impl Matrix {
         }
         let data = match storage {
             Storage::F32 => Data::F32(w),
-            Storage::Bf16 => {
-                if let Some(index) = w.iter().position(|v| !v.is_finite()) {
-                    return Err(QuantError::NonFinite { index });
-                }
-                Data::Bf16(w.iter().map(|&v| bf16::from_f32(v)).collect())
-            }
+            Storage::Bf16 => return Self::bf16_of(&w, rows, cols),
             Storage::Nf4 { double_quant } => Data::Nf4(Nf4::quantize(&w, double_quant)?),
         };
         Ok(Matrix { rows, cols, data })
+    }
+
+    /// `w` (`[rows, cols]`, row-major) stored in bf16, read where it is: no f32 copy of a table that
+    /// stays in use (a tied embedding, whose head becomes this).
+    pub fn bf16_of(w: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        let want = rows.saturating_mul(cols);
+        if w.len() != want {
+            return Err(QuantError::Shape { rows, cols, want, got: w.len() });
+        }
+        if let Some(index) = w.iter().position(|v| !v.is_finite()) {
+            return Err(QuantError::NonFinite { index });
+        }
+        Ok(Matrix { rows, cols, data: Data::Bf16(w.iter().map(|&v| bf16::from_f32(v)).collect()) })
     }
 
     /// An NF4 weight from bitsandbytes' arrays (e.g. a pre-quantised checkpoint's `weight`, `absmax`, ...).
