@@ -716,3 +716,23 @@ fn settings_that_would_change_nothing_are_refused() {
     );
     fails(dpo().args(["generate", "--prompt", "Hi", "--batch-size", "0", "--model"]).arg(&m), &["--batch-size"]);
 }
+
+/// The scoring commands refuse a batch of 0 by the flag's name (it ran as 1 before), and `dpo win-rate`
+/// checks where its chart goes before it samples anything (it failed at the end, its work lost).
+#[test]
+fn zero_batches_and_missing_output_directories_are_refused_first() {
+    let (m, data) = (model("gpt2-policy"), prefs());
+    for cmd in ["logps", "eval", "reward"] {
+        // A usage error, as clap reports them: exit status 2.
+        let out = dpo().args([cmd, "--batch-size", "0", "--model"]).arg(&m).arg("--data").arg(&data).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(err.contains("'--batch-size <BATCH_SIZE>': must be at least 1"), "{cmd}: {err}");
+    }
+    let mut c = dpo();
+    c.args(["win-rate", "--temperatures", "0", "--chart", "/nonexistent-dir/x.png", "--model"]).arg(&m);
+    c.arg("--against-data").arg(&data).arg("--judge-implicit").arg(format!("{},{}", m.display(), m.display()));
+    let started = std::time::Instant::now();
+    fails(&mut c, &["--chart", "/nonexistent-dir", "does not exist"]);
+    assert!(started.elapsed().as_secs() < 20, "refused only after sampling");
+}

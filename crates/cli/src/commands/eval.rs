@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Pairs per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::at_least_one)]
     batch_size: usize,
     #[command(flatten)]
     truncation: super::logps::TruncationFlags,

@@ -38,6 +38,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut inputs = vec![("--model", a.model.as_path())];
     inputs.extend(adapter_dir.as_deref().map(|d| ("--adapter", d)));
     hf::output::check_file(&a.gguf, &inputs, a.overwrite).map_err(|e| super::hints::output_hint(e, "--gguf"))?;
+    if a.model.join(dpo::rlhf::reward::HEAD_FILE).is_file() {
+        eprintln!(
+            "note: {} is a reward model; GGUF holds its language model alone, without the reward head ({})",
+            a.model.display(),
+            dpo::rlhf::reward::HEAD_FILE
+        );
+    }
     let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
     let tok = hf::load_tokenizer(&a.model)?;
     let done = hf::gguf::export_gguf(&a.gguf, &model, &tok, dtype)

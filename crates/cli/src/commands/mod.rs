@@ -162,3 +162,25 @@ fn emit(out: Option<&Path>, text: &str) -> anyhow::Result<()> {
         None => Ok(std::io::stdout().lock().write_all(text.as_bytes())?),
     }
 }
+
+/// A count that must be at least 1 (`--batch-size`): clap refuses 0 naming the flag.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Refuses an output file whose directory does not exist (or is not a directory), naming the flag: a
+/// command that writes its results at the end checks this before its work, not after.
+fn check_output_dir(flag: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        anyhow::bail!("{flag} {}: the directory {} does not exist", file.display(), dir.display());
+    }
+    if file.is_dir() {
+        anyhow::bail!("{flag} {}: is a directory; name a file", file.display());
+    }
+    Ok(())
+}

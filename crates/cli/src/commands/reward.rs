@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
     /// Pairs per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::at_least_one)]
     batch_size: usize,
     /// Write the JSON lines here (atomically) instead of standard output.
     #[arg(long)]

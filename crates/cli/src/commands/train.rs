@@ -21,10 +21,11 @@ use super::progress::{at, written, Progress};
 /// `--loss`'s long help: every loss the objectives' registry holds.
 fn loss_help() -> String {
     let mut s = String::from(
-        "Loss types, comma-separated, weighted by --loss-weights [default: sigmoid]. kto or apo_zero_unpaired \
-         (alone) train on unpaired rows (prompt, completion, label). unlikelihood (alone) trains without a \
-         reference: likelihood of the chosen tokens, unlikelihood (weight --unlikelihood-alpha) of the rejected \
-         ones after the tokens both completions share (Welleck et al. 2019, the DPO paper's baseline).\n",
+        "Loss types, comma-separated, weighted by --loss-weights [default: sigmoid]. Training only: kto or \
+         apo_zero_unpaired (alone) train on unpaired rows (prompt, completion, label); unlikelihood (alone) \
+         trains without a reference: likelihood of the chosen tokens, unlikelihood (weight \
+         --unlikelihood-alpha) of the rejected ones after the tokens both completions share (Welleck et al. \
+         2019, the DPO paper's baseline). dpo eval scores the pair loss types below.\n",
     );
     for (name, help) in dpo::objectives::LossType::names_and_help() {
         s += &format!("\n  {name}: {help}");

@@ -155,6 +155,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(t) = a.temperatures.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
         bail!("--temperatures: {t} is not a finite number >= 0");
     }
+    // Where the results go is checked before any sampling, not after it.
+    super::check_output_dir("--chart", &a.chart)?;
+    if let Some(out) = &a.out {
+        super::check_output_dir("--out", out)?;
+    }
     let precision = a.precision.get();
     let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
     let tok = hf::load_tokenizer(&a.model)?;

@@ -10,8 +10,8 @@ use engine::{Activations, Batch, Decoder, DecoderConfig, ParamSet, Params, Scala
 use super::{io_err, RewardModelError};
 use crate::data::Example;
 
-/// File beside the trunk's weights that holds the head.
-pub const HEAD_FILE: &str = "reward_head.safetensors";
+/// File beside the trunk's weights that holds the head (the file a checkpoint that trains one writes).
+pub use crate::train::checkpoint::HEAD_FILE;
 
 /// Sequences scored per forward pass at most, and tokens per pass at most (a longer sequence goes alone).
 const SCORE_SEQS: usize = 32;
