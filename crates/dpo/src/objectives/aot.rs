@@ -24,7 +24,7 @@
 //! stable order. Not combinable with WPO weights (TRL refuses too).
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, LossSpec, Term};
+use super::{Batch, LossConfig, LossSpec, RewardBasis, Term};
 
 pub(super) const SPEC_PAIRED: LossSpec = LossSpec {
     name: "aot",
@@ -35,6 +35,7 @@ pub(super) const SPEC_PAIRED: LossSpec = LossSpec {
     label_smoothing: true,
     weighting: false,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term_paired(cfg, b)),
 };
 
@@ -47,6 +48,7 @@ pub(super) const SPEC_UNPAIRED: LossSpec = LossSpec {
     label_smoothing: true,
     weighting: false,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term_unpaired(cfg, b)),
 };
 

@@ -24,7 +24,7 @@
 //! `sigmoid(beta * chosen_logratios) + 1 - sigmoid(beta * (chosen_logratios - rejected_logratios))`.
 
 use super::math::sigmoid;
-use super::{Batch, LossConfig, LossSpec, Term};
+use super::{Batch, LossConfig, LossSpec, RewardBasis, Term};
 
 pub(super) const SPEC_ZERO: LossSpec = LossSpec {
     name: "apo_zero",
@@ -35,6 +35,7 @@ pub(super) const SPEC_ZERO: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term_zero(cfg, b)),
 };
 
@@ -47,6 +48,7 @@ pub(super) const SPEC_DOWN: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term_down(cfg, b)),
 };
 

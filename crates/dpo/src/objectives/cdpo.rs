@@ -15,7 +15,7 @@
 //! With `eps = 0` it is the sigmoid loss.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, LossSpec, Term};
+use super::{Batch, LossConfig, LossSpec, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "cdpo",
@@ -26,6 +26,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: true,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term(cfg, b)),
 };
 

@@ -16,7 +16,7 @@
 //! `-F.logsigmoid(logits) * (1 - m) + torch.exp(-logits) * m`.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "discopop",
@@ -27,6 +27,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term,
 };
 

@@ -15,7 +15,7 @@
 //! `log_pw = log1p(-epsilon)`, `log_pl = log(epsilon)`; TRL refuses `label_smoothing == 0`.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "exo_pair",
@@ -26,6 +26,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: true,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term,
 };
 

@@ -12,7 +12,7 @@
 //!
 //! TRL 1.16: `per_sequence_loss = torch.relu(1 - self.beta * delta_score)`.
 
-use super::{Batch, LossConfig, LossSpec, Term};
+use super::{Batch, LossConfig, LossSpec, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "hinge",
@@ -23,6 +23,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term(cfg, b)),
 };
 

@@ -14,7 +14,7 @@
 //! `chosen_avg_score = chosen_scores / chosen_mask.sum(dim=1).clamp(min=1.0)`, ...,
 //! `per_sequence_loss = (ipo_delta - 1 / (2 * self.beta)) ** 2`.
 
-use super::{Batch, LossConfig, LossSpec, Term};
+use super::{Batch, LossConfig, LossSpec, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "ipo",
@@ -25,6 +25,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term(cfg, b)),
 };
 

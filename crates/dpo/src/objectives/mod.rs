@@ -63,7 +63,7 @@ pub use config::LossConfig;
 pub use error::ObjectiveError;
 pub use f_divergence::FDivergence;
 pub use kto::{kto_loss, KtoBatch, KtoConfig, KtoLossType, KtoMetrics, KtoOutput};
-pub use metrics::{gradient_weight, reward_metrics, RewardMetrics};
+pub use metrics::{gradient_weight, objective_reward_metrics, reward_metrics, RewardBasis, RewardMetrics};
 
 /// A loss type's term: per-row losses and the gradient of their mean, over a validated batch.
 pub(crate) type TermFn = fn(&LossConfig, &Batch) -> Result<Term, ObjectiveError>;
@@ -91,6 +91,8 @@ pub struct LossSpec {
     /// Whether the term reads the policy log-probs of the prompt tokens ([`PairLogps::prompt`]), which the
     /// trainer then computes (ORPO's NLL covers prompt and chosen completion, as TRL's).
     pub reads_prompt: bool,
+    /// What TRL's trainer for this loss computes its reward metrics (`rewards/*`, `logps/*`) from.
+    pub rewards: RewardBasis,
     pub(crate) term: TermFn,
 }
 
@@ -181,6 +183,11 @@ impl LossType {
     /// See [`LossSpec::reads_prompt`].
     pub fn reads_prompt(self) -> bool {
         self.spec().reads_prompt
+    }
+
+    /// See [`LossSpec::rewards`].
+    pub fn rewards(self) -> RewardBasis {
+        self.spec().rewards
     }
 
     /// `(name, help)` of every loss type, in the registry's order: what a command line lists as the

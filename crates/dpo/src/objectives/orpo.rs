@@ -24,7 +24,7 @@
 
 use super::math::{log1mexp, log_sigmoid, sigmoid};
 use super::simpo::averages;
-use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "orpo",
@@ -35,6 +35,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: false,
     reads_prompt: true,
+    rewards: RewardBasis::Average,
     term,
 };
 

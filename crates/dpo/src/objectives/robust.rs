@@ -16,7 +16,7 @@
 //! error, since the loss is infinite at 0.5 and rewards flipping the labels beyond it.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "robust",
@@ -27,6 +27,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: true,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term,
 };
 

@@ -13,7 +13,7 @@
 //! with WPO weights the loss is `batch_loss * mean(weights)`. It needs no reference. The CPO/SimPO
 //! trainer's behaviour-cloning term (`cpo_alpha * nll_loss`) is this same quantity.
 
-use super::{Batch, LossSpec, ObjectiveError, Term};
+use super::{Batch, LossSpec, ObjectiveError, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "sft",
@@ -24,6 +24,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |_, b| term(b),
 };
 

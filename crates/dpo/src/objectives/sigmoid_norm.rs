@@ -15,7 +15,7 @@
 //! rejected_mask.sum(1).clamp(min=1)`, `-F.logsigmoid(self.beta * delta)`.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, LossSpec, Term};
+use super::{Batch, LossConfig, LossSpec, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "sigmoid_norm",
@@ -26,6 +26,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term(cfg, b)),
 };
 

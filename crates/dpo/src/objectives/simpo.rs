@@ -20,7 +20,7 @@
 //! `gamma` default to TRL's `CPOConfig` values (0.1 and 0.5); the SimPO paper uses beta 2 to 2.5.
 
 use super::math::{log_sigmoid, sigmoid};
-use super::{Batch, LossConfig, LossSpec, ObjectiveError, Term};
+use super::{Batch, LossConfig, LossSpec, ObjectiveError, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "simpo",
@@ -31,6 +31,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: true,
     weighting: false,
     reads_prompt: false,
+    rewards: RewardBasis::AlphaPoAverage,
     term,
 };
 

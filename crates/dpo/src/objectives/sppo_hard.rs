@@ -12,7 +12,7 @@
 //!
 //! TRL 1.16: `(chosen_logratios - 0.5 / self.beta) ** 2 + (rejected_logratios + 0.5 / self.beta) ** 2`.
 
-use super::{Batch, LossConfig, LossSpec, Term};
+use super::{Batch, LossConfig, LossSpec, RewardBasis, Term};
 
 pub(super) const SPEC: LossSpec = LossSpec {
     name: "sppo_hard",
@@ -23,6 +23,7 @@ pub(super) const SPEC: LossSpec = LossSpec {
     label_smoothing: false,
     weighting: true,
     reads_prompt: false,
+    rewards: RewardBasis::SummedLogRatio,
     term: |cfg, b| Ok(term(cfg, b)),
 };
 

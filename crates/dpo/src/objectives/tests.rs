@@ -112,6 +112,79 @@ fn metrics_match_trl() {
     }
 }
 
+/// SimPO (with and without AlphaPO) and ORPO log their metrics as TRL's `CPOTrainer` and `ORPOTrainer` do,
+/// on length-averaged log-probs: `expected/<arch>/averaged_metrics.json`, made by TRL's own `cpo_loss` and
+/// `odds_ratio_loss` (`expected/averaged_metrics.py`). CPO-SimPO (`simpo,sft`) logs as simpo, and the
+/// reference (which these losses ignore) changes nothing. DPO's losses, `ipo` among them, stay on sums.
+#[test]
+fn averaged_metrics_match_trl() {
+    let golden = LossConfig { beta: 0.1, simpo_gamma: 0.5, label_smoothing: 0.1, ..LossConfig::default() };
+    for f in fixtures() {
+        let path = format!("{PARITY}/expected/{}/averaged_metrics.json", f.arch);
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let no_ref = PairLogps { ref_chosen: None, ref_rejected: None, ..f.pair() };
+        type Case<'a> = (&'a str, &'a [(LossType, f64)], LossConfig);
+        let cases: [Case; 4] = [
+            ("simpo", &[(LossType::Simpo, 1.0)], golden.clone()),
+            ("simpo", &[(LossType::Simpo, 1.0), (LossType::Sft, 1.0)], golden.clone()),
+            ("simpo_alphapo", &[(LossType::Simpo, 1.0)], LossConfig { alphapo_alpha: 0.25, ..golden.clone() }),
+            ("orpo", &[(LossType::Orpo, 1.0)], LossConfig { label_smoothing: 0.0, ..golden.clone() }),
+        ];
+        for (key, losses, cfg) in cases {
+            let g = &want[key];
+            for x in [&no_ref, &f.pair()] {
+                let m = objective_reward_metrics(losses, &cfg, x).unwrap();
+                for (name, got) in [
+                    ("rewards/chosen", m.rewards_chosen),
+                    ("rewards/rejected", m.rewards_rejected),
+                    ("rewards/accuracies", m.rewards_accuracies),
+                    ("rewards/margins", m.rewards_margins),
+                    ("logps/chosen", m.logps_chosen),
+                    ("logps/rejected", m.logps_rejected),
+                ] {
+                    let w = g[name].as_f64().unwrap();
+                    // TRL's `odds_ratio_loss` returns f32 rewards; the rest is f64 throughout.
+                    let tol = if key == "orpo" { 1e-6 } else { 1e-10 };
+                    assert!((got - w).abs() <= tol * w.abs().max(1.0), "{} {key} {name}: {got} vs {w}", f.arch);
+                }
+            }
+            if let Some(loss) = g.get("loss") {
+                let got = combined(&losses[..1], &cfg, &no_ref).unwrap().loss;
+                assert!(rel_err(got, loss.as_f64().unwrap()) < 1e-12, "{} {key} loss: {got} vs {loss}", f.arch);
+            }
+        }
+        // DPO's losses keep DPOTrainer's summed log-ratios, length-normalised ones included.
+        for kind in [LossType::Sigmoid, LossType::Ipo, LossType::SigmoidNorm, LossType::Sft] {
+            let m = objective_reward_metrics(&[(kind, 1.0)], &golden, &f.pair()).unwrap();
+            assert_eq!(m, reward_metrics(golden.beta, &f.pair()).unwrap(), "{kind}");
+        }
+    }
+}
+
+/// Every loss declares its reward basis; only TRL's CPO simpo and ORPO average.
+#[test]
+fn reward_basis_follows_trl_trainers() {
+    for kind in LossType::ALL {
+        let want = match kind {
+            LossType::Simpo => RewardBasis::AlphaPoAverage,
+            LossType::Orpo => RewardBasis::Average,
+            _ => RewardBasis::SummedLogRatio,
+        };
+        assert_eq!(kind.rewards(), want, "{kind}");
+    }
+}
+
+/// A zero-length completion cannot be averaged: an error naming the loss, side and row.
+#[test]
+fn averaged_metrics_zero_length_is_an_error() {
+    let f = &fixtures()[0];
+    let mut lc = f.lc.clone();
+    lc[2] = 0;
+    let x = PairLogps { chosen_len: &lc, ..f.pair() };
+    let e = objective_reward_metrics(&[(LossType::Simpo, 1.0)], &golden_cfg(), &x).unwrap_err().to_string();
+    assert!(e.contains("simpo") && e.contains("chosen") && e.contains("row 2"), "{e}");
+}
+
 /// The losses marked per-pair are means of per-row terms: over a batch split in two, the loss is the
 /// pair-weighted mean of the parts' losses and each row's gradient is its part's, scaled by the part's
 /// share. This is what lets training push a micro-batch through the model a few pairs at a time.

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use super::{combined, pair_loss, LossConfig, LossType, PairLogps, PromptLogps};
 
-const PARITY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/parity");
+pub const PARITY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/parity");
 pub const ARCHS: [&str; 4] = ["gpt2", "llama", "llama3", "neox"];
 
 #[derive(Deserialize)]

@@ -13,7 +13,9 @@ use super::TrainError;
 use crate::data::pack::sum_ranges;
 use crate::data::pack::PackedPairs;
 use crate::data::{pack_pairs, Example, Packing};
-use crate::objectives::{combined, gradient_weight, reward_metrics, LossConfig, LossType, PairLogps, PromptLogps};
+use crate::objectives::{
+    combined, gradient_weight, objective_reward_metrics, LossConfig, LossType, PairLogps, PromptLogps,
+};
 
 /// The objective of a run: weighted loss types and their settings.
 #[derive(Clone, Debug)]
@@ -234,7 +236,7 @@ pub fn pair_batch<'m, 'g, G: Into<Grads<'g>>>(
 
     let x = sums.logps(0);
     let lg = combined(&objective.losses, &objective.cfg, &x)?;
-    let rm = reward_metrics(objective.cfg.beta, &x)?;
+    let rm = objective_reward_metrics(&objective.losses, &objective.cfg, &x)?;
     let vocab = policy.cfg.vocab_size as f64;
     let mean_logit = |sum: f64, n: usize| if n == 0 { 0.0 } else { sum / vocab / n as f64 };
     let mut metrics = BTreeMap::new();
