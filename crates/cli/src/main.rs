@@ -5,8 +5,6 @@ mod dist;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// Buffers of 2 MiB and more on transparent huge pages, so that a training step can hand its gradients
 /// and spent activations back to the kernel cheaply (`engine::pages`).
 #[global_allocator]
@@ -22,7 +20,7 @@ fn main() -> ExitCode {
     );
     // Under `mpirun` / `srun` (feature `mpi`): MPI up before anything runs, down when `launch` drops.
     let mut launch = dist::start();
-    let cli = match commands::Cli::try_parse() {
+    let cli = match commands::Cli::try_parse_given() {
         Ok(cli) => cli,
         // A model argument that does not resolve is failed input (status 1), not a usage error.
         Err(e) => match commands::input_error(&e) {

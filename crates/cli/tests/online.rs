@@ -170,3 +170,34 @@ fn resumed_matches_uninterrupted(name: &str, flags: &[&str], final_file: &str) -
     assert!(run.join("abandoned").is_dir());
     run
 }
+
+/// `dpo train --online --resume --max-steps N` extends a finished run, as `dpo train --resume` does: the
+/// run's length does not decide its samples (a record written before it was left out, with its
+/// `max_steps`, resumes too); a change of the sampling is still refused.
+#[test]
+fn a_finished_online_run_is_extended_by_max_steps() {
+    let dir = scratch("online-extend");
+    let (rm, prompts) = judge_and_prompts(&dir);
+    let run = dir.join("run");
+    let online = |steps: &str| {
+        let mut c = online_cmd(&rm, &prompts, &run);
+        c.args(["--max-steps", steps, "--batch-size", "1", "--lr", "1e-3", "--online-max-new-tokens", "6"]);
+        c
+    };
+    succeeds(&mut online("1"));
+    let record = run.join("online.json");
+    let mut saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert!(saved.get("max_steps").is_none(), "{saved}");
+    // As older runs recorded it.
+    saved["max_steps"] = serde_json::json!(1);
+    std::fs::write(&record, serde_json::to_string_pretty(&saved).unwrap()).unwrap();
+
+    fails(
+        online("2").args(["--online-samples", "3", "--resume"]).arg(&run),
+        &["samples: was 2, now 3", "same --online flags"],
+    );
+    let err = succeeds(online("2").arg("--resume").arg(&run));
+    assert!(err.contains("resuming at step 1"), "{err}");
+    assert_eq!(lines(&run.join("metrics.jsonl")), 2);
+    assert!(run.join("checkpoints/step-2").is_dir());
+}

@@ -72,6 +72,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.samples < 2 || a.rounds == 0 || a.max_new_tokens == 0 || a.batch_size == 0 {
         bail!("--samples must be at least 2, and --rounds, --max-new-tokens and --batch-size at least 1");
     }
+    if a.steps_per_round == Some(0) {
+        bail!("--steps-per-round 0: a round takes at least 1 step (leave the flag out for one pass over the pairs)");
+    }
     if !(a.temperature > 0.0 && a.temperature.is_finite()) {
         bail!("--temperature must be a finite number > 0");
     }

@@ -8,6 +8,7 @@ mod demo;
 mod eval;
 mod export;
 mod generate;
+mod given;
 mod hints;
 mod interrupt;
 mod iterate;
@@ -45,6 +46,22 @@ pub struct Cli {
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
+    /// The flags the command line gave (a resumed run compares them with its settings).
+    #[arg(skip)]
+    given: given::Given,
+}
+
+impl Cli {
+    /// Parses the command line as `Cli::try_parse` does, keeping which flags it gave.
+    pub fn try_parse_given() -> Result<Self, clap::Error> {
+        let mut cmd = <Self as clap::CommandFactory>::command();
+        let mut matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+        let given = given::Given::of(&matches);
+        let mut cli =
+            <Self as clap::FromArgMatches>::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut cmd))?;
+        cli.given = given;
+        Ok(cli)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,12 +119,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(a) => other(Box::new(move || generate::run(a))),
         Command::RewardModel(a) => {
             init_threads(threads);
-            reward_model::run(a)
+            reward_model::run(a, &cli.given)
         }
         Command::BestOfN(a) => other(Box::new(move || best_of_n::run(a))),
         Command::Ppo(a) => {
             init_threads(threads);
-            ppo::run(*a)
+            ppo::run(*a, &cli.given)
         }
         Command::Logps(a) => other(Box::new(move || logps::run(a))),
         Command::Merge(a) => other(Box::new(move || merge::run(a))),

@@ -19,6 +19,7 @@ use dpo::train::OnNonFinite;
 use engine::{Decoder, ParamSet};
 use serde::{Deserialize, Serialize};
 
+use super::given::{resume_settings, Given};
 use super::progress::{written, Progress};
 use super::train::{run_outputs, with_hint};
 
@@ -46,9 +47,10 @@ pub struct Args {
     /// written).
     #[arg(long)]
     overwrite: bool,
-    /// Continue an interrupted run: its directory (from its newest checkpoint) or one of its
-    /// checkpoints/step-N. The settings come from the run's config.toml (except --save-every and
-    /// --on-nonfinite; the other PPO flags are not read).
+    /// Continue an interrupted or finished run: its directory (from its newest checkpoint) or one of its
+    /// checkpoints/step-N. The settings come from the run's config.toml: --steps may lengthen the run,
+    /// --save-every, --on-nonfinite and --report-to may change, and another value of a flag that changes
+    /// the numbers is refused by name.
     #[arg(long, conflicts_with_all = ["model", "ref_model", "reward_model", "prompts", "output", "overwrite", "no_chat"])]
     resume: Option<PathBuf>,
     /// Write a resumable checkpoint every N PPO steps (0: at the end and on interruption only) [default: 0].
@@ -127,7 +129,7 @@ impl RewardFn for ModelReward {
 }
 
 /// config.toml of a PPO run (read back by --resume).
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct PpoRunConfig {
     model: PathBuf,
     ref_model: Option<PathBuf>,
@@ -198,7 +200,10 @@ fn hint(e: PpoError, output: &Path) -> anyhow::Error {
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+pub fn run(a: Args, given: &Given) -> anyhow::Result<ExitCode> {
+    if a.steps == 0 {
+        bail!("--steps 0: a PPO run takes at least 1 step");
+    }
     let cfg = PpoConfig {
         kl_coef: a.kl_coef,
         lr: a.lr,
@@ -218,12 +223,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let (mut c, output, mode) = match &a.resume {
         Some(resume) => {
             let run = resume_target(resume).run;
-            let mut c = PpoRunConfig::of_run(&run)?;
-            c.save_every = a.save_every.unwrap_or(c.save_every);
-            c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
-            c.report_to = a.report_to.clone().or(c.report_to);
-            // Compared with the checkpoint's settings below: another precision is refused, by name.
-            c.ppo.precision = a.precision.given().unwrap_or(c.ppo.precision);
+            let saved = PpoRunConfig::of_run(&run)?;
+            // The flags given take their place in the run's settings: those that change its numbers are
+            // refused by name; --steps may lengthen it.
+            let flags = PpoRunConfig {
+                save_every: a.save_every.unwrap_or(0),
+                on_nonfinite: on_nonfinite(&a).unwrap_or_default(),
+                report_to: a.report_to.clone(),
+                ppo: cfg,
+                ..saved.clone()
+            };
+            // Another precision is left to the comparison with the checkpoint's settings below, which
+            // refuses it by name.
+            let c = resume_settings(&run, &saved, &flags, &|k| given.has(k), &["steps", "precision"])
+                .map_err(|e| with_hint(e, COMMAND))?;
             (c, run, StartMode::Resume)
         }
         None => {

@@ -11,6 +11,7 @@ use dpo::train::run_dir::{self, model_of, resume_target, RunDir, StartMode};
 use dpo::train::OnNonFinite;
 use serde::{Deserialize, Serialize};
 
+use super::given::{resume_settings, Given};
 use super::progress::{written, Progress};
 use super::train::{run_outputs, with_hint};
 
@@ -43,10 +44,11 @@ struct TrainArgs {
     /// directory plus reward_head.safetensors).
     #[arg(long, required_unless_present = "resume")]
     output: Option<PathBuf>,
-    /// Continue an interrupted run: its directory (from its newest checkpoint) or one of its
-    /// checkpoints/step-N. The settings come from the run's config.toml (except --on-nonfinite; the
-    /// other training flags are not read).
-    #[arg(long, conflicts_with_all = ["model", "data", "output", "overwrite", "eval_data"])]
+    /// Continue an interrupted or finished run: its directory (from its newest checkpoint) or one of its
+    /// checkpoints/step-N. The settings come from the run's config.toml: --max-steps (or --epochs) may
+    /// lengthen the run, --save-every, --eval-every, --on-nonfinite and --report-to may change, and another
+    /// value of a flag that changes the numbers is refused by name.
+    #[arg(long, conflicts_with_all = ["model", "data", "output", "overwrite", "eval_data", "eval_split", "split", "subset"])]
     resume: Option<PathBuf>,
     /// Write a resumable checkpoint every N steps (0: at the end and on interruption only).
     #[arg(long, default_value_t = 0)]
@@ -137,9 +139,9 @@ impl Args {
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+pub fn run(a: Args, given: &Given) -> anyhow::Result<ExitCode> {
     match a.command {
-        Command::Train(t) => train(*t),
+        Command::Train(t) => train(*t, given),
         Command::Score(s) => score(s).map(|()| ExitCode::SUCCESS),
     }
 }
@@ -154,7 +156,7 @@ fn load(path: &Path, tok: Option<&hf::Tokenizer>, opts: &DataOptions) -> anyhow:
 }
 
 /// config.toml of a reward-model run (read back by --resume).
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct RmRunConfig {
     model: PathBuf,
     data: PathBuf,
@@ -179,19 +181,7 @@ impl RmRunConfig {
             save_every: a.save_every,
             on_nonfinite: on_nonfinite(a).unwrap_or_default(),
             report_to: a.report_to.clone(),
-            train: RmTrainConfig {
-                lr: a.lr,
-                batch_size: a.batch_size,
-                epochs: a.epochs,
-                max_steps: a.max_steps,
-                weight_decay: a.weight_decay,
-                max_grad_norm: a.max_grad_norm,
-                seed: a.seed,
-                shuffle: !a.no_shuffle,
-                head_init_std: a.head_init_std,
-                eval_every: a.eval_every,
-                precision: a.precision.get(),
-            },
+            train: train_config(a),
         })
     }
 
@@ -212,6 +202,23 @@ impl RmRunConfig {
 
 const COMMAND: &str = "dpo reward-model train";
 
+/// The training settings the flags give.
+fn train_config(a: &TrainArgs) -> RmTrainConfig {
+    RmTrainConfig {
+        lr: a.lr,
+        batch_size: a.batch_size,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        shuffle: !a.no_shuffle,
+        head_init_std: a.head_init_std,
+        eval_every: a.eval_every,
+        precision: a.precision.get(),
+    }
+}
+
 fn on_nonfinite(a: &TrainArgs) -> Option<OnNonFinite> {
     a.on_nonfinite.as_deref().map(|v| if v == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop })
 }
@@ -229,22 +236,35 @@ fn hint(e: RewardModelError, output: &Path) -> anyhow::Error {
     }
 }
 
-fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
+fn train(a: TrainArgs, given: &Given) -> anyhow::Result<ExitCode> {
+    if a.max_steps == Some(0) {
+        bail!("--max-steps 0: a reward-model run takes at least 1 step");
+    }
     let (c, output, mode) = match &a.resume {
         Some(resume) => {
             let run = resume_target(resume).run;
-            let mut c = RmRunConfig::of_run(&run)?;
-            c.on_nonfinite = on_nonfinite(&a).unwrap_or(c.on_nonfinite);
-            c.report_to = a.report_to.clone().or(c.report_to);
-            if let Some(p) = a.precision.given().filter(|&p| p != c.train.precision) {
+            let saved = RmRunConfig::of_run(&run)?;
+            if let Some(p) = a.precision.given().filter(|&p| p != saved.train.precision) {
                 bail!(
                     "--precision {p}: {} was trained with precision {}; a resumed run keeps the settings that change \
                      the numbers of its passes (continue it with --precision {} or without the flag)",
                     run.display(),
-                    c.train.precision,
-                    c.train.precision
+                    saved.train.precision,
+                    saved.train.precision
                 );
             }
+            // The flags given take their place in the run's settings: those that change its numbers are
+            // refused by name; --max-steps (or --epochs) may lengthen it.
+            let flags = RmRunConfig {
+                max_length: a.max_length,
+                save_every: a.save_every,
+                on_nonfinite: on_nonfinite(&a).unwrap_or_default(),
+                report_to: a.report_to.clone(),
+                train: train_config(&a),
+                ..saved.clone()
+            };
+            let flag = |key: &str| given.has(if key == "shuffle" { "no_shuffle" } else { key });
+            let c = resume_settings(&run, &saved, &flags, &flag, &[]).map_err(|e| with_hint(e, COMMAND))?;
             (c, run, StartMode::Resume)
         }
         None => {

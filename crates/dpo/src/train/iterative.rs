@@ -163,12 +163,14 @@ fn check_settings(output: &Path, now: &Value) -> Result<(), TrainError> {
         now,
         "its rounds were run with other settings",
         "resume or extend it with the same settings (only --rounds may change)",
+        &[],
     )
 }
 
 /// Refuses `now` when `file` records other settings, naming each that changed (`what`, then `how` to go
-/// on); writes `file` when absent.
-pub(super) fn check_recorded(file: &Path, now: &Value, what: &str, how: &str) -> Result<(), TrainError> {
+/// on), but the keys `free` (which records written before they were left out may hold); writes `file`
+/// when absent.
+pub(super) fn check_recorded(file: &Path, now: &Value, what: &str, how: &str, free: &[&str]) -> Result<(), TrainError> {
     let output = file.parent().unwrap_or(Path::new("."));
     let out_err = |msg: String| TrainError::Output { path: file.to_path_buf(), msg };
     let Ok(text) = std::fs::read_to_string(file) else {
@@ -186,7 +188,7 @@ pub(super) fn check_recorded(file: &Path, now: &Value, what: &str, how: &str) ->
     let show = |v: Option<&Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "unset".into());
     let changed: Vec<String> = keys
         .into_iter()
-        .filter(|k| was.get(*k) != is.get(*k))
+        .filter(|k| !free.contains(&k.as_str()) && was.get(*k) != is.get(*k))
         .map(|k| format!("{k}: was {}, now {}", show(was.get(k)), show(is.get(k))))
         .collect();
     if changed.is_empty() {

@@ -249,7 +249,13 @@ pub fn train_online(
         return Ok(TrainOutcome { steps, total_steps, final_dir: None, checkpoint: None, interrupted: true });
     }
     let mut dir = RunDir::open(&cfg.output, opts.start_mode(), log)?;
-    let record = super::iterative::sampled_run_settings(cfg, sampling, &judge.name, prompts);
+    // The run's length (and what a resume may change besides, as `check_settings` compared above) does
+    // not decide its samples: a finished run may be extended. Records of older runs hold `max_steps`.
+    let free = super::resume::MAY_CHANGE_ON_RESUME;
+    let mut record = super::iterative::sampled_run_settings(cfg, sampling, &judge.name, prompts);
+    if let Some(o) = record.as_object_mut() {
+        o.retain(|k, _| !free.contains(&k.as_str()));
+    }
     let resumed_at = start.resumed.as_ref().map(|_| start.state.step);
     if resumed_at.is_none() {
         let _ = std::fs::remove_file(cfg.output.join(ONLINE_JSON));
@@ -259,6 +265,7 @@ pub fn train_online(
         &record,
         "its steps were sampled with other settings",
         "resume it with the same --online flags, judge and prompts",
+        &free,
     )?;
     if let Some(step) = resumed_at {
         dir.abandon_after(step, log)?;

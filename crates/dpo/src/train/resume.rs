@@ -73,15 +73,29 @@ pub fn check_settings(resume: &Path, now: &TrainConfig) -> Result<(), TrainError
         was.remove("max_length");
         is.remove("max_length");
     }
-    let mut keys: Vec<&String> = was.keys().chain(is.keys()).collect();
+    refuse_changes(run, &was, &is, &[])
+}
+
+/// Refuses a resume of `run` whose settings `now` differ from those its config.toml holds (`was`), both as
+/// flat tables, in any key but [`TRAJECTORY_FREE`], [`MAY_CHANGE_ON_RESUME`] and `may_change` (what else
+/// the run calls its length: `dpo ppo`'s `steps`), naming each `key: saved -> now`
+/// ([`TrainError::ResumeChanged`]). `dpo train`, `dpo ppo` and `dpo reward-model train` resume through it.
+pub fn refuse_changes(
+    run: PathBuf,
+    was: &toml::Table,
+    now: &toml::Table,
+    may_change: &[&str],
+) -> Result<(), TrainError> {
+    let mut keys: Vec<&String> = was.keys().chain(now.keys()).collect();
     keys.sort();
     keys.dedup();
     let show = |v: Option<&toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+    let free = |k: &str| TRAJECTORY_FREE.contains(&k) || MAY_CHANGE_ON_RESUME.contains(&k) || may_change.contains(&k);
     let changes: Vec<Change> = keys
         .into_iter()
-        .filter(|k| !TRAJECTORY_FREE.contains(&k.as_str()) && !MAY_CHANGE_ON_RESUME.contains(&k.as_str()))
-        .filter(|k| was.get(*k) != is.get(*k))
-        .map(|k| Change { key: k.clone(), was: show(was.get(k)), now: show(is.get(k)) })
+        .filter(|k| !free(k.as_str()))
+        .filter(|k| was.get(*k) != now.get(*k))
+        .map(|k| Change { key: k.clone(), was: show(was.get(k)), now: show(now.get(k)) })
         .collect();
     if changes.is_empty() {
         return Ok(());

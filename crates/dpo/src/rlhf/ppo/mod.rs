@@ -147,8 +147,13 @@ impl PpoConfig {
         let unit = |x: f64| (0.0..=1.0).contains(&x);
         let positive = |x: f64| x > 0.0 && x.is_finite();
         let open_unit = |x: f64| x > 0.0 && x < 1.0;
-        if self.rollout_prompts == 0 || self.minibatch == 0 || self.ppo_epochs == 0 || self.max_new_tokens == 0 {
-            return bad("rollout_prompts, minibatch, ppo_epochs and max_new_tokens must be at least 1".into());
+        if self.steps == 0
+            || self.rollout_prompts == 0
+            || self.minibatch == 0
+            || self.ppo_epochs == 0
+            || self.max_new_tokens == 0
+        {
+            return bad("steps, rollout_prompts, minibatch, ppo_epochs and max_new_tokens must be at least 1".into());
         }
         if !finite_nonneg(self.kl_coef) || !finite_nonneg(self.lr) || !finite_nonneg(self.vf_coef) {
             return bad(format!(

@@ -165,6 +165,9 @@ impl RmTrainConfig {
         if self.batch_size == 0 {
             return bad("batch size must be at least 1".into());
         }
+        if self.max_steps == Some(0) {
+            return bad("max_steps must be at least 1".into());
+        }
         if self.max_steps.is_none() && !(self.epochs.is_finite() && self.epochs > 0.0) {
             return bad(format!("epochs must be a positive number, got {}", self.epochs));
         }
