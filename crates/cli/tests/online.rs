@@ -201,3 +201,36 @@ fn a_finished_online_run_is_extended_by_max_steps() {
     assert_eq!(lines(&run.join("metrics.jsonl")), 2);
     assert!(run.join("checkpoints/step-2").is_dir());
 }
+
+/// Settings online and iterative DPO cannot honour are refused before anything is sampled or written: a
+/// missing-EOS penalty that is not finite (every unfinished sample scored NaN), held-out data online DPO
+/// does not evaluate, and a learning rate `dpo iterate` would refuse only after sampling its first round.
+#[test]
+fn online_and_iterative_settings_are_checked_before_sampling() {
+    let dir = scratch("online-checks");
+    let (rm, prompts) = judge_and_prompts(&dir);
+    let run = dir.join("run");
+    let online = |extra: &[&str]| {
+        let mut c = dpo();
+        c.args(["train", "--online", "--max-steps", "1", "--batch-size", "2", "--model"]).arg(model("gpt2-policy"));
+        c.arg("--judge-reward-model").arg(&rm).arg("--prompts").arg(&prompts).arg("--output").arg(&run);
+        c.args(extra);
+        c
+    };
+    fails(&mut online(&["--missing-eos-penalty", "inf"]), &["missing_eos_penalty inf is not a finite number"]);
+    fails(&mut online(&["--eval-data"]).arg(prefs()), &["does not evaluate held-out data"]);
+    assert!(!run.exists());
+    let rounds = dir.join("rounds");
+    let iterate = |extra: &[&str]| {
+        let mut c = dpo();
+        c.args(["iterate", "--rounds", "1", "--max-new-tokens", "4", "--steps-per-round", "1", "--batch-size", "2"]);
+        c.arg("--model").arg(model("gpt2-policy")).arg("--judge-reward-model").arg(&rm);
+        c.arg("--prompts").arg(&prompts).arg("--output").arg(&rounds).args(extra);
+        c
+    };
+    fails(&mut iterate(&["--lr", "nan"]), &["lr"]);
+    fails(&mut iterate(&["--missing-eos-penalty", "nan"]), &["missing_eos_penalty NaN is not a finite number"]);
+    assert!(!rounds.join("round-1").exists(), "a round was sampled before the settings were checked");
+    // With the settings put right, the same command runs.
+    succeeds(&mut iterate(&[]));
+}

@@ -72,6 +72,9 @@ pub fn iterate(
     if prompts.is_empty() {
         return Err(TrainError::Invalid("iterative DPO needs at least one prompt".into()));
     }
+    // Every round's settings are checked before the first round samples or writes anything.
+    it.sampling.check()?;
+    base.validate()?;
     let io = |path: &Path, e: std::io::Error| TrainError::Output { path: path.to_path_buf(), msg: e.to_string() };
     check_settings(&base.output, &settings(base, it, prompts))?;
     let start_ref = base.ref_model.clone().unwrap_or_else(|| base.model.clone());

@@ -52,6 +52,19 @@ pub struct OnlineSampling {
     pub missing_eos_penalty: Option<f64>,
 }
 
+impl OnlineSampling {
+    /// Refuses what the labels cannot honour, naming it, before anything is sampled or written: a penalty
+    /// that is not a finite number scores every unfinished completion as NaN or infinity (TRL's too).
+    pub fn check(&self) -> Result<(), TrainError> {
+        match self.missing_eos_penalty {
+            Some(p) if !p.is_finite() => {
+                Err(TrainError::Invalid(format!("missing_eos_penalty {p} is not a finite number")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Labels the `samples` generations of each prompt (in prompt order, as [`generate`] returns them) by
 /// their scores: chosen the first highest, rejected the last lowest, so two equal samples give
 /// (0, 1) as TRL's `scores[0] >= scores[1]` does. Scores are the judge's, less the penalty of a
@@ -197,6 +210,13 @@ pub fn train_online(
     }
     if prompts.is_empty() {
         return Err(TrainError::Invalid("online DPO needs at least one prompt".into()));
+    }
+    sampling.check()?;
+    if let Some(e) = &cfg.eval_data {
+        return Err(TrainError::Invalid(format!(
+            "online DPO does not evaluate held-out data (eval_data {}); score the final model with dpo eval",
+            e.display()
+        )));
     }
     super::run_dir::refuse_inputs_inside(&cfg.output, opts.start_mode(), &super::setup::inputs(cfg))?;
     // A LoRA run (--lora-r, or --adapter to go on training one) trains an adapter on the frozen model, as
