@@ -218,7 +218,7 @@ fn online_and_iterative_settings_are_checked_before_sampling() {
         c
     };
     fails(&mut online(&["--missing-eos-penalty", "inf"]), &["missing_eos_penalty inf is not a finite number"]);
-    fails(&mut online(&["--eval-data"]).arg(prefs()), &["does not evaluate held-out data"]);
+    fails(online(&["--eval-data"]).arg(prefs()), &["does not evaluate held-out data"]);
     assert!(!run.exists());
     let rounds = dir.join("rounds");
     let iterate = |extra: &[&str]| {
