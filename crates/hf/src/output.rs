@@ -141,15 +141,10 @@ pub fn check_dir(output: &Path, inputs: &[Input], overwrite: bool) -> Result<()>
 /// symbolic link to one counts), when it is or holds an input directory, when it is a directory, and,
 /// unless `overwrite`, when it exists. A new file beside an input's files (`MODEL/model.gguf`) is allowed.
 pub fn check_file(output: &Path, inputs: &[Input], overwrite: bool) -> Result<()> {
+    check_holds_none(output, inputs)?;
     let out = resolve(output);
     for &(flag, input) in inputs {
         let inp = resolve(input);
-        if inp == out {
-            return Err(overlap(output, flag, input, "is"));
-        }
-        if inp.starts_with(&out) {
-            return Err(overlap(output, flag, input, "holds"));
-        }
         if !inp.is_dir() || !out.starts_with(&inp) {
             continue;
         }
