@@ -736,3 +736,17 @@ fn zero_batches_and_missing_output_directories_are_refused_first() {
     fails(&mut c, &["--chart", "/nonexistent-dir", "does not exist"]);
     assert!(started.elapsed().as_secs() < 20, "refused only after sampling");
 }
+
+/// `dpo reward-model train` checks its settings before it takes its run directory: a bad one left `.lock`
+/// and `config.toml` behind.
+#[test]
+fn reward_model_settings_are_checked_before_the_run_directory_is_taken() {
+    let run = scratch("rm-settings").join("rm");
+    for flags in [&["--lr", "nan"][..], &["--head-init-std=-1"]] {
+        let mut c = dpo();
+        c.args(["reward-model", "train", "--max-steps", "1", "--model"]).arg(model("gpt2-policy"));
+        c.arg("--data").arg(prefs()).arg("--output").arg(&run).args(flags);
+        fails(&mut c, &["training a reward model on"]);
+        assert!(!run.exists(), "{flags:?} left {}", run.display());
+    }
+}

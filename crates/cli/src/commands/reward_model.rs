@@ -285,6 +285,8 @@ fn train(a: TrainArgs, given: &Given) -> anyhow::Result<ExitCode> {
         run_dir::refuse_inputs_inside(&output, mode, &inputs).map_err(|e| with_hint(e, COMMAND))?;
     }
     let rc = &c.train;
+    // Settings before anything is loaded or written (the run directory was taken before they were checked).
+    rc.validate().with_context(|| format!("training a reward model on {}", c.data.display()))?;
     let (start, config) = match &a.resume {
         Some(resume) => RmStart::resume(resume, rc).map_err(|e| hint(e, &output))?,
         None => {

@@ -157,7 +157,9 @@ impl Default for RmTrainConfig {
 }
 
 impl RmTrainConfig {
-    fn validate(&self) -> Result<(), RewardModelError> {
+    /// Refuses settings the loop cannot run with, naming them: what a command checks before it loads or
+    /// writes anything, and the loop again.
+    pub fn validate(&self) -> Result<(), RewardModelError> {
         let bad = |m: String| Err(RewardModelError::Invalid(m));
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return bad(format!("learning rate must be a finite number >= 0, got {}", self.lr));
