@@ -99,6 +99,20 @@ pub struct RewardMetrics {
     pub logps_rejected: f64,
 }
 
+impl RewardMetrics {
+    /// Each metric under the name TRL logs it with, in that order.
+    pub fn named(&self) -> [(&'static str, f64); 6] {
+        [
+            ("rewards/chosen", self.rewards_chosen),
+            ("rewards/rejected", self.rewards_rejected),
+            ("rewards/accuracies", self.rewards_accuracies),
+            ("rewards/margins", self.rewards_margins),
+            ("logps/chosen", self.logps_chosen),
+            ("logps/rejected", self.logps_rejected),
+        ]
+    }
+}
+
 /// DPO's reward metrics as `DPOTrainer._compute_loss` logs them ([`RewardBasis::SummedLogRatio`]).
 /// Without a reference the rewards are `beta * policy` summed log-probs. For a run's metrics, which follow
 /// its losses' [`RewardBasis`], see [`objective_reward_metrics`].

@@ -97,14 +97,7 @@ fn metrics_match_trl() {
     for f in fixtures() {
         let m = reward_metrics(0.1, &f.pair()).unwrap();
         let g = &f.losses["_metrics"];
-        for (name, got) in [
-            ("rewards/chosen", m.rewards_chosen),
-            ("rewards/rejected", m.rewards_rejected),
-            ("rewards/accuracies", m.rewards_accuracies),
-            ("rewards/margins", m.rewards_margins),
-            ("logps/chosen", m.logps_chosen),
-            ("logps/rejected", m.logps_rejected),
-        ] {
+        for (name, got) in m.named() {
             let want = g[name].as_f64().unwrap();
             let rel = (got - want).abs() / want.abs().max(1e-3);
             assert!(rel < 1e-4, "{} {name}: {got} vs {want}", f.arch);
@@ -134,14 +127,7 @@ fn averaged_metrics_match_trl() {
             let g = &want[key];
             for x in [&no_ref, &f.pair()] {
                 let m = objective_reward_metrics(losses, &cfg, x).unwrap();
-                for (name, got) in [
-                    ("rewards/chosen", m.rewards_chosen),
-                    ("rewards/rejected", m.rewards_rejected),
-                    ("rewards/accuracies", m.rewards_accuracies),
-                    ("rewards/margins", m.rewards_margins),
-                    ("logps/chosen", m.logps_chosen),
-                    ("logps/rejected", m.logps_rejected),
-                ] {
+                for (name, got) in m.named() {
                     let w = g[name].as_f64().unwrap();
                     // TRL's `odds_ratio_loss` returns f32 rewards; the rest is f64 throughout.
                     let tol = if key == "orpo" { 1e-6 } else { 1e-10 };

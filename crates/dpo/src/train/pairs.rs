@@ -240,18 +240,13 @@ pub fn pair_batch<'m, 'g, G: Into<Grads<'g>>>(
     let vocab = policy.cfg.vocab_size as f64;
     let mean_logit = |sum: f64, n: usize| if n == 0 { 0.0 } else { sum / vocab / n as f64 };
     let mut metrics = BTreeMap::new();
-    for (k, v) in [
+    let others = [
         ("loss", lg.loss),
-        ("rewards/chosen", rm.rewards_chosen),
-        ("rewards/rejected", rm.rewards_rejected),
-        ("rewards/accuracies", rm.rewards_accuracies),
-        ("rewards/margins", rm.rewards_margins),
-        ("logps/chosen", rm.logps_chosen),
-        ("logps/rejected", rm.logps_rejected),
         ("logits/chosen", mean_logit(sums.logit_sum_chosen, tokens_chosen)),
         ("logits/rejected", mean_logit(sums.logit_sum_rejected, tokens_rejected)),
         ("dpo/gradient_weight", gradient_weight(objective.cfg.beta, &x)),
-    ] {
+    ];
+    for (k, v) in rm.named().into_iter().chain(others) {
         metrics.insert(k.to_string(), v);
     }
     let num_tokens = rows
