@@ -123,15 +123,8 @@ fn an_adapter_run_writes_peft_and_merged_outputs_that_the_commands_read() {
 fn sft_trains_an_adapter() {
     let dir = scratch("lora-sft");
     let run = dir.join("run");
-    let mut c = dpo();
-    c.args(["sft", "--lr", "1e-2", "--lora-r", "8", "--lora-targets", "all-linear", "--max-steps", "8"])
-        .arg("--model")
-        .arg(model("gpt2-policy"))
-        .arg("--data")
-        .arg(prefs())
-        .arg("--output")
-        .arg(&run);
-    let err = succeeds(&mut c);
+    let sft = ["sft", "--lr", "1e-2", "--lora-r", "8", "--lora-targets", "all-linear", "--max-steps", "8"];
+    let err = succeeds(&mut on_fixture(&sft, &run));
     assert!(err.contains("adapter (PEFT) written to") && err.contains("--adapter"), "{err}");
     let losses: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()

@@ -116,14 +116,7 @@ fn a_run_without_recorded_inputs_still_resumes() {
 fn an_sft_resume_is_guarded_the_same_way() {
     let dir = scratch("guard-sft");
     let run = dir.join("run");
-    let mut c = dpo();
-    c.args(["sft", "--batch-size", "4", "--max-steps", "2", "--save-every", "1", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--data")
-        .arg(prefs())
-        .arg("--output")
-        .arg(&run);
-    succeeds(&mut c);
+    succeeds(&mut on_fixture(&["sft", "--batch-size", "4", "--max-steps", "2", "--save-every", "1"], &run));
     fails(dpo().args(["sft", "--lr", "0.5", "--resume"]).arg(&run), &["lr: 0.00002 -> 0.5"]);
     let err = succeeds(dpo().args(["sft", "--max-steps", "3", "--resume"]).arg(&run));
     assert!(err.contains("the linear learning-rate schedule changes from step 3 on"), "{err}");

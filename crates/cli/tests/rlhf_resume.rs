@@ -67,14 +67,10 @@ fn ppo_resume_refuses_changed_settings_by_name_and_extends_its_steps() {
 fn reward_model_resume_refuses_changed_settings_by_name_and_extends_its_steps() {
     let dir = scratch("rlhf-resume-rm");
     let run = dir.join("rm");
-    let mut c = dpo();
-    c.args(["reward-model", "train", "--max-steps", "2", "--batch-size", "4", "--save-every", "1", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--data")
-        .arg(prefs())
-        .arg("--output")
-        .arg(&run);
-    succeeds(&mut c);
+    succeeds(&mut on_fixture(
+        &["reward-model", "train", "--max-steps", "2", "--batch-size", "4", "--save-every", "1"],
+        &run,
+    ));
     let before = snapshot(&run);
     let resume = |args: &[&str]| {
         let mut c = dpo();

@@ -324,14 +324,7 @@ fn sft_runs_say_they_are_sft() {
     assert!(help.contains("2e-5 for dpo sft"), "{help}");
     let dir = scratch("runs-sft");
     let run = dir.join("run");
-    let mut c = dpo();
-    c.args(["sft", "--max-steps", "1", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--data")
-        .arg(prefs())
-        .arg("--output")
-        .arg(&run);
-    succeeds(&mut c);
+    succeeds(&mut on_fixture(&["sft", "--max-steps", "1"], &run));
     let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(cfg.contains("method = \"sft\"") && cfg.contains("lr = 0.00002"), "{cfg}");
     // `dpo train --resume` of an SFT run continues it as SFT.
@@ -380,14 +373,7 @@ fn the_printed_eval_command_runs_with_the_runs_settings() {
 }
 
 fn reward_model_train(run: &Path) -> Command {
-    let mut c = dpo();
-    c.args(["reward-model", "train", "--max-steps", "1", "--batch-size", "4", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--data")
-        .arg(prefs())
-        .arg("--output")
-        .arg(run);
-    c
+    on_fixture(&["reward-model", "train", "--max-steps", "1", "--batch-size", "4"], run)
 }
 
 /// Defect 11 and one layout: `dpo reward-model train` and `dpo ppo` write their runs through the same

@@ -106,6 +106,14 @@ pub fn train(model: &Path, data: &Path, output: &Path) -> Command {
     c
 }
 
+/// `dpo ARGS --model gpt2-policy --data prefs.jsonl --output OUTPUT`: a run of any training command on the
+/// GPT-2 fixture and the preference rows; more arguments can be added.
+pub fn on_fixture(args: &[&str], output: &Path) -> Command {
+    let mut c = dpo();
+    c.args(args).arg("--model").arg(model("gpt2-policy")).arg("--data").arg(prefs()).arg("--output").arg(output);
+    c
+}
+
 /// Lines in a file (0 when it does not exist yet): how far a run's `metrics.jsonl` has got.
 pub fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
