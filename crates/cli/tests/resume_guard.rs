@@ -13,20 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A finished two-step run at a constant learning rate, a checkpoint after each step.
-fn finished_run(run: &Path, data: &Path) {
-    succeeds(train(&model("gpt2-policy"), data, run).args([
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "2",
-        "--save-every",
-        "1",
-        "--scheduler",
-        "constant",
-    ]));
-}
-
 /// The files a refused resume must leave as they were.
 fn snapshot(run: &Path) -> Vec<Vec<u8>> {
     ["config.toml", "inputs.json", "metrics.jsonl", "final/model.safetensors"]
@@ -47,7 +33,7 @@ fn a_resume_that_changes_the_numbers_is_refused_by_name() {
     let data = dir.join("prefs.jsonl");
     std::fs::copy(prefs(), &data).unwrap();
     let run = dir.join("run");
-    finished_run(&run, &data);
+    finished_run(&run, &data, &["--scheduler", "constant"]);
     let before = snapshot(&run);
 
     let msg = fails(
@@ -104,7 +90,7 @@ fn a_resume_that_changes_the_numbers_is_refused_by_name() {
 fn a_run_without_recorded_inputs_still_resumes() {
     let dir = scratch("guard-old-run");
     let run = dir.join("run");
-    finished_run(&run, &prefs());
+    finished_run(&run, &prefs(), &["--scheduler", "constant"]);
     std::fs::remove_file(run.join("inputs.json")).unwrap();
     let err = succeeds(&mut resume(&run, &["--max-steps", "3"]));
     assert!(err.contains("resuming at step 2"), "{err}");

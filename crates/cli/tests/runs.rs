@@ -17,18 +17,6 @@ fn steps(run: &Path) -> Vec<u64> {
     checkpoints(run).into_iter().map(|(s, _)| s).collect()
 }
 
-/// A finished two-step run with a checkpoint after each step.
-fn finished_run(run: &Path) {
-    succeeds(train(&model("gpt2-policy"), &prefs(), run).args([
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "2",
-        "--save-every",
-        "1",
-    ]));
-}
-
 /// The files of a run that must survive a refused or failed replacement, with their contents.
 fn snapshot(run: &Path) -> Vec<(String, Vec<u8>)> {
     [
@@ -48,7 +36,7 @@ fn snapshot(run: &Path) -> Vec<(String, Vec<u8>)> {
 fn overwrite_with_a_bad_input_leaves_the_previous_run_intact() {
     let dir = scratch("runs-overwrite-bad");
     let run = dir.join("run");
-    finished_run(&run);
+    finished_run(&run, &prefs(), &[]);
     let before = snapshot(&run);
     let bad_row = jsonl(&dir.join("bad.jsonl"), &[serde_json::json!({"prompt_ids": [1, 2], "chosen_ids": "x"})]);
     let cases: Vec<(&str, Command)> = vec![
@@ -90,7 +78,7 @@ fn overwrite_with_a_bad_input_leaves_the_previous_run_intact() {
 fn overwrite_does_not_delete_its_own_input_model() {
     let dir = scratch("runs-overwrite-input");
     let run = dir.join("run");
-    finished_run(&run);
+    finished_run(&run, &prefs(), &[]);
     let before = snapshot(&run);
     fails(
         train(&run.join("final"), &prefs(), &run).arg("--overwrite"),
@@ -109,7 +97,7 @@ fn overwrite_does_not_delete_its_own_input_model() {
 fn resuming_a_copied_run_writes_into_the_copy() {
     let dir = scratch("runs-copy");
     let (a, b) = (dir.join("a"), dir.join("b"));
-    finished_run(&a);
+    finished_run(&a, &prefs(), &[]);
     let before = snapshot(&a);
     let ok = Command::new("cp").arg("-r").arg(&a).arg(&b).status().unwrap();
     assert!(ok.success());
@@ -140,7 +128,7 @@ fn resuming_a_copied_run_writes_into_the_copy() {
 fn resuming_with_another_model_is_refused_before_training() {
     let dir = scratch("runs-resume-model");
     let run = dir.join("run");
-    finished_run(&run);
+    finished_run(&run, &prefs(), &[]);
     let before = snapshot(&run);
     let msg = fails(
         dpo().args(["train", "--max-steps", "3", "--model"]).arg(model("llama-policy")).arg("--resume").arg(&run),
@@ -239,7 +227,7 @@ fn resuming_from_an_older_checkpoint_abandons_the_newer_ones() {
 fn an_interrupted_checkpoint_write_hides_nothing() {
     let dir = scratch("runs-tmp-left");
     let run = dir.join("run");
-    finished_run(&run);
+    finished_run(&run, &prefs(), &[]);
     std::fs::create_dir_all(run.join("checkpoints/.step-3.tmp-99999/model")).unwrap();
     let err = succeeds(dpo().args(["train", "--max-steps", "3", "--resume"]).arg(&run));
     assert!(err.contains("resuming at step 2"), "{err}");
@@ -258,7 +246,7 @@ fn an_interrupted_checkpoint_write_hides_nothing() {
 fn resuming_with_more_steps_says_the_schedule_changes() {
     let dir = scratch("runs-schedule");
     let run = dir.join("run");
-    finished_run(&run);
+    finished_run(&run, &prefs(), &[]);
     let err = succeeds(dpo().args(["train", "--max-steps", "4", "--resume"]).arg(&run));
     assert!(
         err.contains("the run was to take 2 steps and now takes 4: the linear learning-rate schedule changes"),

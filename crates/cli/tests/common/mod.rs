@@ -114,6 +114,13 @@ pub fn on_fixture(args: &[&str], output: &Path) -> Command {
     c
 }
 
+/// A finished two-step run of `dpo train` on the GPT-2 fixture and `data`, a checkpoint after each step;
+/// `extra` flags are added.
+pub fn finished_run(run: &Path, data: &Path, extra: &[&str]) {
+    let steps = ["--batch-size", "4", "--max-steps", "2", "--save-every", "1"];
+    succeeds(train(&model("gpt2-policy"), data, run).args(steps).args(extra));
+}
+
 /// Lines in a file (0 when it does not exist yet): how far a run's `metrics.jsonl` has got.
 pub fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
