@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use super::act::{exp_f32, max_lanes, multiversion, sum_lanes};
 use super::matmul::{
-    matmul,
+    matmul, Accumulate,
     Accumulate::{Add, Overwrite},
 };
 use super::precision::Precision;
@@ -66,6 +66,34 @@ impl HeadWeight<'_> {
         match self {
             HeadWeight::F32(w) => w.len(),
             HeadWeight::Stored(m) => m.rows() * m.cols(),
+        }
+    }
+
+    /// `out[c, d] (= or +=) p[c, v1 - v0] . W[v0..v1]`: a block's part of `E_p[W]`, or of the input
+    /// gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn block_input_product(
+        &self,
+        out: &mut [f32],
+        p: &[f32],
+        (v0, v1): (usize, usize),
+        c: usize,
+        d: usize,
+        acc: Accumulate,
+        prec: Precision,
+    ) {
+        match self {
+            HeadWeight::F32(w) => matmul(out, p, &w[v0 * d..v1 * d], c, d, v1 - v0, false, false, acc, prec),
+            HeadWeight::Stored(m) => m.linear_input_grad_rows(v0..v1, out, p, c, acc, prec),
+        }
+    }
+
+    /// Row `v` of `W` (`[d]`) into `out`.
+    fn row_into(&self, v: usize, out: &mut [f32]) {
+        let d = out.len();
+        match self {
+            HeadWeight::F32(w) => out.copy_from_slice(&w[v * d..(v + 1) * d]),
+            HeadWeight::Stored(m) => m.widen_into(v * d, out),
         }
     }
 }
@@ -239,7 +267,7 @@ fn vocab_blocks(vocab: usize, cols: usize) -> impl Iterator<Item = (usize, usize
 
 /// `logp[t] = logits[t, token_t] - lse[t]` with `logits[t] = W . hidden[pos_t] + b`, saving `lse [T]` for
 /// the backward; `logit_sum[t]` (optional) is the sum of the row's logits, for metrics; `expect`
-/// (optional, `[T, d]`, an f32 `w` only) is `E_p[W] = softmax(logits[t]) . W` per target, for
+/// (optional, `[T, d]`) is `E_p[W] = softmax(logits[t]) . W` per target, for
 /// [`logprob_head_input_grad`]. `hidden: [N, d]`, `w: [vocab, d]`, `b: [vocab]` (GPT-J's head has one).
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_head_forward<'w>(
@@ -282,14 +310,9 @@ fn head_forward_blocked(
     if let Some(b) = b {
         assert_eq!(b.len(), vocab, "logprob head: b is not [vocab]");
     }
-    let expect_w = match (&expect, w) {
-        (None, _) => None,
-        (Some(e), HeadWeight::F32(w)) => {
-            assert_eq!(e.len(), nt * d, "logprob_head_forward: expect must be [targets, d]");
-            Some(w)
-        }
-        (Some(_), HeadWeight::Stored(_)) => panic!("logprob_head_forward: expect needs an f32 head"),
-    };
+    if let Some(e) = &expect {
+        assert_eq!(e.len(), nt * d, "logprob_head_forward: expect must be [targets, d]");
+    }
     check(hidden, w, targets, d, vocab);
     if nt == 0 || vocab == 0 {
         return;
@@ -298,7 +321,7 @@ fn head_forward_blocked(
     let mut h = vec![0.0f32; cap * d];
     let mut stats = vec![RowStats::EMPTY; cap];
     // Per target: the factor that brings `expect`'s running sum to the block's running max.
-    let mut rescale = vec![0.0f32; if expect_w.is_some() { cap } else { 0 }];
+    let mut rescale = vec![0.0f32; if expect.is_some() { cap } else { 0 }];
     with_logits(cap * blocks.cols, |logits| {
         for c0 in (0..nt).step_by(blocks.targets) {
             let tg = &targets[c0..(c0 + blocks.targets).min(nt)];
@@ -311,8 +334,8 @@ fn head_forward_blocked(
                 let logits = &mut logits[..c * cols];
                 block_logits(logits, &h[..c * d], w, b, (v0, v1), c, d, prec);
                 let rows = logits.par_chunks_mut(cols).zip(stats.par_iter_mut()).zip(tg);
-                match (expect_w, expect.as_deref_mut()) {
-                    (Some(w), Some(expect)) => {
+                match expect.as_deref_mut() {
+                    Some(expect) => {
                         // acc[t] = acc[t] exp(max_before - max) + exp(logits[t] - max) . W[v0..v1]: the
                         // sum of `exp(l - max) W[v]` over the blocks seen, at the running max.
                         rows.zip(&mut rescale[..c]).for_each(|(((row, s), t), r)| {
@@ -329,9 +352,9 @@ fn head_forward_blocked(
                         }
                         // [c, d] (= or +=) [c, cols] . [cols, d]
                         let mode = if v0 == 0 { Overwrite } else { Add };
-                        matmul(acc, logits, &w[v0 * d..v1 * d], c, d, cols, false, false, mode, prec);
+                        w.block_input_product(acc, logits, (v0, v1), c, d, mode, prec);
                     }
-                    _ => rows.for_each(|((row, s), t)| s.add_block(row, v0, t.token as usize)),
+                    None => rows.for_each(|((row, s), t)| s.add_block(row, v0, t.token as usize)),
                 }
             }
             for (i, s) in stats.iter().enumerate() {
@@ -357,48 +380,50 @@ fn head_forward_blocked(
 /// `dlogits[t] = dlogp[t] (onehot(token_t) - softmax(logits[t]))`, `dlogits[t] . W = dlogp[t]
 /// (W[token_t] - expect[t])`, added to `dhidden[pos_t]` (targets sharing a position add up). For a frozen head: no
 /// weight gradient, and no logits recomputed. In a bf16 pass `W[token_t]` is rounded to bf16, as the
-/// product it stands for reads it.
+/// product it stands for reads it (a stored bf16 head's rows are already).
 #[allow(clippy::too_many_arguments)]
-pub fn logprob_head_input_grad(
+pub fn logprob_head_input_grad<'w>(
     dhidden: &mut [f32],
     dlogp: &[f32],
     expect: &[f32],
-    w: &[f32],
+    w: impl Into<HeadWeight<'w>>,
     targets: &[Target],
     d: usize,
     vocab: usize,
     prec: Precision,
 ) {
-    let nt = targets.len();
+    let (nt, w) = (targets.len(), w.into());
     assert!(dlogp.len() == nt && expect.len() == nt * d, "logprob_head_input_grad: dlogp or expect mis-sized");
-    check(dhidden, HeadWeight::F32(w), targets, d, vocab);
+    check(dhidden, w, targets, d, vocab);
     let round = |x: f32| match prec {
         Precision::Bf16 => crate::quant::bf16::round(x),
         Precision::F32 => x,
     };
+    let mut wy = vec![0.0f32; d];
     for ((t, &g), e) in targets.iter().zip(dlogp).zip(expect.chunks_exact(d.max(1))) {
         if g == 0.0 {
             continue;
         }
-        let (p, y) = (t.pos as usize, t.token as usize);
-        let wy = &w[y * d..(y + 1) * d];
-        dhidden[p * d..(p + 1) * d].iter_mut().zip(wy).zip(e).for_each(|((a, &w), &e)| *a += g * (round(w) - e));
+        let p = t.pos as usize;
+        w.row_into(t.token as usize, &mut wy);
+        dhidden[p * d..(p + 1) * d].iter_mut().zip(&wy).zip(e).for_each(|((a, &w), &e)| *a += g * (round(w) - e));
     }
 }
 
 /// Backward of [`logprob_head_forward`] given `dlogp [T]`: with `dlogits[t] = dlogp[t] (onehot(token_t) -
 /// softmax(logits[t]))`, `dhidden[pos_t] += dlogits[t] . W` when `dhidden` is given (targets sharing a
 /// position add up), `dw += dlogits^T . hidden[pos]` when `dw` is, `db += sum_t dlogits[t]` when `db` is
-/// (the bias `b` of the forward, if any, must be passed again: the logits are recomputed).
+/// (the bias `b` of the forward, if any, must be passed again: the logits are recomputed). A stored
+/// (frozen) `w` has no weight gradient: `dw` must then be `None`.
 #[allow(clippy::too_many_arguments)]
-pub fn logprob_head_backward(
+pub fn logprob_head_backward<'w>(
     dhidden: Option<&mut [f32]>,
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
     dlogp: &[f32],
     lse: &[f32],
     hidden: &[f32],
-    w: &[f32],
+    w: impl Into<HeadWeight<'w>>,
     b: Option<&[f32]>,
     targets: &[Target],
     d: usize,
@@ -406,7 +431,7 @@ pub fn logprob_head_backward(
     prec: Precision,
 ) {
     let blocks = Blocks::for_targets(targets.len(), vocab);
-    head_backward_blocked(dhidden, dw, db, dlogp, lse, hidden, w, b, targets, d, vocab, blocks, prec);
+    head_backward_blocked(dhidden, dw, db, dlogp, lse, hidden, w.into(), b, targets, d, vocab, blocks, prec);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -417,7 +442,7 @@ fn head_backward_blocked(
     dlogp: &[f32],
     lse: &[f32],
     hidden: &[f32],
-    w: &[f32],
+    w: HeadWeight,
     b: Option<&[f32]>,
     targets: &[Target],
     d: usize,
@@ -432,11 +457,12 @@ fn head_backward_blocked(
     }
     if let Some(dw) = &dw {
         assert_eq!(dw.len(), vocab * d, "logprob_head_backward: dw is not [vocab, d]");
+        assert!(matches!(w, HeadWeight::F32(_)), "logprob_head_backward: a stored head has no weight gradient");
     }
     if let Some(b) = b {
         assert_eq!(b.len(), vocab, "logprob head: b is not [vocab]");
     }
-    check(hidden, HeadWeight::F32(w), targets, d, vocab);
+    check(hidden, w, targets, d, vocab);
     if nt == 0 || vocab == 0 || d == 0 {
         return;
     }
@@ -457,7 +483,7 @@ fn head_backward_blocked(
             for (v0, v1) in vocab_blocks(vocab, blocks.cols) {
                 let cols = v1 - v0;
                 let logits = &mut logits[..c * cols];
-                block_logits(logits, h, HeadWeight::F32(w), b, (v0, v1), c, d, prec);
+                block_logits(logits, h, w, b, (v0, v1), c, d, prec);
                 logits.par_chunks_mut(cols).zip(tg).zip(g).zip(lse).for_each(|(((row, t), &g), &l)| {
                     row_dlogits(row, g, l);
                     if let Some(v) = (t.token as usize).checked_sub(v0).filter(|&v| v < cols) {
@@ -467,7 +493,7 @@ fn head_backward_blocked(
                 if dhidden.is_some() {
                     // [c, d] (= or +=) [c, cols] . [cols, d]
                     let acc = if v0 == 0 { Overwrite } else { Add };
-                    matmul(dh, logits, &w[v0 * d..v1 * d], c, d, cols, false, false, acc, prec);
+                    w.block_input_product(dh, logits, (v0, v1), c, d, acc, prec);
                 }
                 if let Some(db) = db.as_deref_mut() {
                     // [cols] += rows of [c, cols], in target order

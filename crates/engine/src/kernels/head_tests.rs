@@ -72,7 +72,7 @@ impl Head {
         blocks: Blocks,
         prec: Precision,
     ) {
-        let (h, w, t) = (&self.hidden, &self.w, &self.targets);
+        let (h, w, t) = (&self.hidden, HeadWeight::F32(&self.w), &self.targets);
         head_backward_blocked(dh, dw, None, g, lse, h, w, None, t, self.d, self.v, blocks, prec);
     }
 
@@ -141,6 +141,50 @@ fn a_stored_bf16_head_reads_as_the_f32_head_rounded() {
                 "{cols} {prec}"
             );
         }
+    }
+}
+
+/// The input gradient through a stored bf16 head (a LoRA base's frozen embedding): from the forward's
+/// `E_p[W]` and from recomputed logits, over several cuts of the vocabulary (each block a product with a
+/// range of its rows, `Matrix::linear_input_grad_rows`), it is in a bf16 pass that of the f32 head it was
+/// rounded from, up to f32 summation order (bitwise where both run the same AVX-512 kernel).
+#[test]
+fn a_stored_bf16_head_gives_the_input_gradient_of_the_f32_head() {
+    let (n, d, v, nt) = (20, 48, 1100, 45);
+    let head = Head::random(n, d, v, nt, 38);
+    let stored = Matrix::new(head.w.clone(), v, d, crate::quant::Storage::Bf16).unwrap();
+    let g = Rng::new(39).vec(nt, 1.0);
+    let prec = Precision::Bf16;
+    for cols in [512, 1024, v] {
+        let blocks = Blocks { targets: nt, cols };
+        // dhidden of one weight, from `expect` and from recomputed logits.
+        let grads = |w: HeadWeight| -> (Vec<f32>, Vec<f32>) {
+            let (mut lp, mut lse, mut expect) = (vec![0.0; nt], vec![0.0; nt], vec![0.0; nt * d]);
+            let (h, t) = (&head.hidden, &head.targets);
+            head_forward_blocked(&mut lp, &mut lse, None, Some(&mut expect), h, w, None, t, d, v, blocks, prec);
+            let mut from_expect = vec![0.0; n * d];
+            logprob_head_input_grad(&mut from_expect, &g, &expect, w, t, d, v, prec);
+            let mut recomputed = vec![0.0; n * d];
+            head_backward_blocked(Some(&mut recomputed), None, None, &g, &lse, h, w, None, t, d, v, blocks, prec);
+            (from_expect, recomputed)
+        };
+        let (want_e, want_r) = grads(HeadWeight::F32(&head.w));
+        let (got_e, got_r) = grads(HeadWeight::Stored(&stored));
+        assert_close(
+            &format!("{cols}: from E_p[W]"),
+            &got_e,
+            &want_e.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            1e-5,
+            1.0,
+        );
+        assert_close(
+            &format!("{cols}: recomputed"),
+            &got_r,
+            &want_r.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            1e-5,
+            1.0,
+        );
+        assert!(want_e.iter().any(|&x| x != 0.0), "a zero gradient makes the check vacuous");
     }
 }
 

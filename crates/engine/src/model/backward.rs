@@ -50,7 +50,6 @@ impl Decoder {
         pending: Option<&mut PendingEmbeddingGrads>,
     ) -> Result<(), EngineError> {
         grads.check(&model)?;
-        model.scoring_only("backward")?;
         self.check_head_gradient(b, acts, dlogp)?;
         let mut dhidden = std::mem::take(&mut acts.dhidden);
         crate::pages::reuse(&mut dhidden);
@@ -102,7 +101,7 @@ impl Decoder {
         if acts.head_expect.len() != dlogp.len() * d {
             return false;
         }
-        let (targets, vocab, w) = (&b.targets, self.cfg.vocab_size, &model.base.head().data);
+        let (targets, vocab, w) = (&b.targets, self.cfg.vocab_size, model.head_weight());
         k::logprob_head_input_grad(dhidden, dlogp, &acts.head_expect, w, targets, d, vocab, model.precision);
         true
     }
@@ -128,7 +127,6 @@ impl Decoder {
     ) -> Result<(), EngineError> {
         let (model, mut grads) = (model.into(), grads.into());
         grads.check(&model)?;
-        model.scoring_only("backward")?;
         self.check_head_gradient(b, acts, dlogp)?;
         if dhidden.len() != b.len() * self.cfg.hidden {
             return Err(EngineError::MalformedBatch("dhidden must be [tokens, hidden]".into()));
@@ -175,7 +173,7 @@ impl Decoder {
             dlogp,
             &acts.head_lse,
             &acts.hidden,
-            &model.base.head().data,
+            model.head_weight(),
             bias(&model.base.b_head),
             &b.targets,
             self.cfg.hidden,
@@ -196,7 +194,6 @@ impl Decoder {
     ) -> Result<(), EngineError> {
         let (model, mut grads) = (model.into(), grads.into());
         grads.check(&model)?;
-        model.scoring_only("backward")?;
         self.backward_inner(model, b, acts, dhidden, &mut grads, None)
     }
 

@@ -109,7 +109,7 @@ impl Decoder {
         fit(&mut acts.head_lse, t);
         // A pass for backward keeps `E_p[W]` per target: the backward's input gradient comes from it, one
         // product here instead of one on recomputed logits there (`Decoder::backward_logprobs`).
-        let for_backward = model.embedding.is_none() && acts.kept != Keep::None;
+        let for_backward = acts.kept != Keep::None;
         fit(&mut acts.head_expect, if for_backward { t * self.cfg.hidden } else { 0 });
         k::logprob_head_forward(
             &mut out.logp,
@@ -117,10 +117,7 @@ impl Decoder {
             Some(&mut out.logit_sum),
             for_backward.then_some(&mut acts.head_expect[..]),
             &acts.hidden,
-            match model.embedding {
-                Some(e) => k::HeadWeight::Stored(e.head()),
-                None => k::HeadWeight::F32(&p.head().data),
-            },
+            model.head_weight(),
             bias(&p.b_head),
             &b.targets,
             self.cfg.hidden,

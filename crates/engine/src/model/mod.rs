@@ -57,8 +57,8 @@ pub enum EngineError {
     #[error("frozen base linears do not fit: {0}")]
     FrozenMismatch(String),
     #[error(
-        "full gradients were asked of a base whose linears are stored frozen (bf16/NF4): they have no \
-         gradients; train an adapter (Grads::Adapter) on it"
+        "full gradients were asked of a base stored frozen (block linears in bf16/NF4, or a bf16 embedding and \
+         head): it has no gradients; train an adapter (Grads::Adapter) on it"
     )]
     FullGradsOfFrozenBase,
 }

@@ -25,8 +25,9 @@ use super::EngineError;
 ///
 /// `embedding`: a frozen model's token embedding and head kept as a bf16 pass reads them (the head in
 /// bf16, the lookups' rows in f32 for the tokens of a run's data: [`FrozenEmbedding`]); they replace
-/// `base`'s `wte` and head, which are then empty. Such a model only scores: forward passes, no backward
-/// and no generation.
+/// `base`'s `wte` and head, which are then empty. Such a model scores known rows and, under an
+/// adapter, trains it ([`Grads::Adapter`]); it does not generate (a sampled token's row may not be
+/// kept) and has no full gradients.
 ///
 /// `precision`: the arithmetic of the block linears' and the LM head's products, forward and backward
 /// ([`Precision::Bf16`]: autocast's bf16). Attention's and the adapter's products stay f32.
@@ -51,14 +52,22 @@ impl<'a> Model<'a> {
         Model { embedding: Some(embedding), ..self }
     }
 
-    /// Refuses a pass that needs what a [`FrozenEmbedding`] does not keep (`what`: a backward pass,
-    /// generation).
+    /// Refuses a pass that needs what a [`FrozenEmbedding`] does not keep (`what`: generation).
     pub(crate) fn scoring_only(&self, what: &str) -> Result<(), EngineError> {
         match self.embedding {
             Some(_) => Err(EngineError::FrozenMismatch(format!(
-                "{what} through a frozen embedding, which keeps only the rows of a run's data: it scores only"
+                "{what} through a frozen embedding, which keeps only the rows of a run's data: it scores them and \
+                 trains an adapter on them only"
             ))),
             None => Ok(()),
+        }
+    }
+
+    /// The LM head's weight as the head kernels read it: the frozen embedding's bf16 head, or the base's.
+    pub(crate) fn head_weight(&self) -> crate::kernels::HeadWeight<'a> {
+        match self.embedding {
+            Some(e) => crate::kernels::HeadWeight::Stored(e.head()),
+            None => crate::kernels::HeadWeight::F32(&self.base.head().data),
         }
     }
 
@@ -227,7 +236,9 @@ impl Grads<'_> {
     /// gradients an adapter of the same layout (modules, ranks, shapes).
     pub(crate) fn check(&self, model: &Model) -> Result<(), EngineError> {
         match (self, model.adapter) {
-            (Grads::Full(_), _) if model.frozen.is_some() => Err(EngineError::FullGradsOfFrozenBase),
+            (Grads::Full(_), _) if model.frozen.is_some() || model.embedding.is_some() => {
+                Err(EngineError::FullGradsOfFrozenBase)
+            }
             (Grads::Full(_), None) => Ok(()),
             (Grads::Full(_), Some(_)) => Err(EngineError::FullGradsWithAdapter),
             (Grads::Adapter(_), None) => {

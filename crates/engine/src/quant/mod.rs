@@ -303,9 +303,41 @@ impl Matrix {
     /// `dx[n, cols] (= or +=, per acc) dy[n, rows] . W`: the input gradient of [`Self::linear_forward`],
     /// the product in `prec`.
     pub fn linear_input_grad(&self, dx: &mut [f32], dy: &[f32], n: usize, acc: Accumulate, prec: Precision) {
-        let (out_dim, in_dim) = (self.rows, self.cols);
+        self.input_grad_rows(0..self.rows, dx, dy, n, acc, prec)
+    }
+
+    /// [`Matrix::linear_input_grad`] through the rows `rows` of `W` alone: `dx[n, cols] (= or +=)
+    /// dy[n, rows.len()] . W[rows]` (a block of a frozen LM head's vocabulary, as
+    /// [`Matrix::linear_forward_rows`] is in the forward).
+    ///
+    /// # Panics
+    /// If `rows` is outside the matrix.
+    pub fn linear_input_grad_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        dx: &mut [f32],
+        dy: &[f32],
+        n: usize,
+        acc: Accumulate,
+        prec: Precision,
+    ) {
+        assert!(rows.start <= rows.end && rows.end <= self.rows, "Matrix::linear_input_grad_rows: {rows:?} outside");
+        self.input_grad_rows(rows, dx, dy, n, acc, prec)
+    }
+
+    fn input_grad_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        dx: &mut [f32],
+        dy: &[f32],
+        n: usize,
+        acc: Accumulate,
+        prec: Precision,
+    ) {
+        let (out_dim, in_dim) = (rows.len(), self.cols);
+        let first = rows.start * in_dim;
         if let Data::F32(w) = &self.data {
-            return matmul(dx, dy, w, n, in_dim, out_dim, false, false, acc, prec);
+            return matmul(dx, dy, &w[first..rows.end * in_dim], n, in_dim, out_dim, false, false, acc, prec);
         }
         assert_eq!(dx.len(), n * in_dim, "Matrix::linear_input_grad: dx is not [n, in]");
         assert_eq!(dy.len(), n * out_dim, "Matrix::linear_input_grad: dy is not [n, out]");
@@ -314,7 +346,7 @@ impl Matrix {
         }
         if let (Data::Bf16(w), Precision::Bf16) = (&self.data, prec) {
             let lhs = View { ptr: dy.as_ptr(), rs: out_dim as isize, cs: 1 }; // [n, out]
-            let rhs = View { ptr: w.as_ptr(), rs: in_dim as isize, cs: 1 }; // W: [out, in]
+            let rhs = View { ptr: w[first..].as_ptr(), rs: in_dim as isize, cs: 1 }; // W[rows]: [out, in]
             let (d, ld, add) = (dx.as_mut_ptr(), in_dim as isize, acc == Accumulate::Add);
             // SAFETY: dy is [n, out], W [out, in], dx [n, in] (checked above); dx is borrowed mutably.
             if unsafe { bf16_stored_gemm(n, in_dim, out_dim, d, ld, add, lhs, rhs, true) } {
@@ -331,7 +363,7 @@ impl Matrix {
             let width = c1 - c0;
             with_scratch(out_dim * width, |w| {
                 for (r, row) in w.chunks_exact_mut(width).enumerate() {
-                    self.widen_into(r * in_dim + c0, row); // [out, c1 - c0]
+                    self.widen_into(first + r * in_dim + c0, row); // [out, c1 - c0]
                 }
                 let rhs = View { ptr: w.as_ptr(), rs: width as isize, cs: 1 };
                 // SAFETY: dy is [n, out], the tile [out, c1 - c0]; dx's columns c0..c1 of its n rows are in
