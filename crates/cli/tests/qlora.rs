@@ -138,3 +138,41 @@ fn a_stored_base_without_an_adapter_is_refused() {
     usage(&["--lora-r", "4", "--quantize", "nf4", "--base-dtype", "bf16"], "cannot be used with");
     usage(&["--lora-r", "4", "--double-quant"], "--quantize");
 }
+
+/// In bf16, `dpo logps`, `reward` and `eval --adapter` hold the base as `dpo train` does (block linears
+/// in bf16, the embedding's rows of the data's tokens, the head in bf16), which reads as the f32 model:
+/// a reward's log-probs are exactly `dpo logps`' with the adapter and the plain f32 base's (its reference,
+/// the adapter off), and `eval` averages the same log-probs.
+#[test]
+fn bf16_scoring_under_an_adapter_reads_the_base_as_the_f32_model() {
+    let dir = scratch("bf16-adapter-scoring");
+    let run = dir.join("run");
+    succeeds(&mut lora_train(&base(), &run, &["--precision", "bf16"]));
+    let fin = run.join("final");
+    let lines = |c: &mut Command| -> Vec<serde_json::Value> {
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let scored = |command: &str, adapter: bool| -> Vec<serde_json::Value> {
+        let mut c = dpo();
+        c.arg(command).arg("--model").arg(base()).arg("--data").arg(prefs()).args(["--precision", "bf16"]);
+        if adapter {
+            c.arg("--adapter").arg(&fin);
+        }
+        lines(&mut c)
+    };
+    let (policy, plain, rewards) = (scored("logps", true), scored("logps", false), scored("reward", true));
+    assert_eq!((policy.len(), rewards.len()), (plain.len(), plain.len()));
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    for ((p, b), r) in policy.iter().zip(&plain).zip(&rewards) {
+        for side in ["chosen", "rejected"] {
+            let (logps, ref_logps) = (format!("{side}_logps"), format!("ref_{side}_logps"));
+            assert_eq!((f(r, &logps), f(r, &ref_logps)), (f(p, &logps), f(b, &logps)), "{r}");
+        }
+    }
+    assert!(policy.iter().zip(&plain).any(|(p, b)| f(p, "chosen_logps") != f(b, "chosen_logps")), "no training");
+    let eval = scored("eval", true).remove(0);
+    let mean = policy.iter().map(|p| f(p, "chosen_logps")).sum::<f64>() / policy.len() as f64;
+    assert!((f(&eval, "logps/chosen") - mean).abs() <= 1e-6 * mean.abs(), "{eval} against {mean}");
+}

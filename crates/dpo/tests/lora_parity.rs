@@ -143,6 +143,33 @@ fn a_new_adapter_trains_on_a_frozen_base() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// A bf16 run's frozen base keeps its embedding for the data's tokens and its head in bf16 (the numbers
+/// of the f32 tables: `engine/tests/frozen_embedding.rs`): the run says so, trains, and `--merge` reads the
+/// f32 base from disk, so the merged model is still base + adapter (tied GPT-2, untied Llama).
+#[test]
+fn a_bf16_adapter_run_keeps_the_base_tables_for_its_data() {
+    for arch in ["gpt2", "llama"] {
+        let out = scratch(&format!("lora-bf16-tables-{arch}"));
+        let mut c = settings(arch, out.clone());
+        c.adapter = None;
+        c.lora = LoraFlags { r: Some(4), targets: Some(LoraTargets::AllLinear), ..Default::default() };
+        c.precision = engine::kernels::Precision::Bf16;
+        c.merge = true;
+        let mut lines = Vec::new();
+        train(&c, &RunOptions::default(), &AtomicBool::new(false), &mut |l| lines.push(l.to_string())).unwrap();
+        let said = lines.iter().find(|l| l.starts_with("frozen base embedding: head in bf16, lookups of the data's"));
+        assert!(said.is_some(), "{arch}: {lines:#?}");
+        let m = jsonl(&out.join("metrics.jsonl"));
+        assert!(m.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()), "{arch}: {m:?}");
+        assert!(m[m.len() - 1]["rewards/margins"].as_f64().unwrap() != 0.0, "{arch}: the adapter trained");
+        let base = hf::load_model(&lora(arch, "base")).unwrap();
+        let trained = adapter_of(&out.join("final"), arch);
+        let merged = hf::load_model(&out.join("final-merged")).unwrap();
+        assert!(merged.params == hf::peft::merged_params(&base.params, &trained, &base.config).unwrap(), "{arch}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
 /// `--precompute-ref` from an adapter gives the run of a reference in memory; the cache key holds the
 /// adapter, so a run from another starting adapter on the same base does not read those scores.
 #[test]

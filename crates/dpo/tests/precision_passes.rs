@@ -1,13 +1,13 @@
 //! Frozen weights stored in bf16 where a bf16 run loses nothing by it: every block linear's product
 //! rounds its weight to bf16 anyway, so a reference model (or a LoRA base) whose block linears are stored
-//! in bf16 scores bit for bit as the f32 weights do in a bf16 pass, in half their memory. On every
-//! fixture family.
+//! in bf16 scores bit for bit as the f32 weights do in a bf16 pass, in half their memory; so does one
+//! whose embedding keeps the data's rows alone and whose head is in bf16. On every fixture family.
 
 mod common;
 
 use dpo::data::Packing;
 use dpo::scoring::{score_pairs, PairScore};
-use dpo::train::reference::ReferenceModel;
+use dpo::train::reference::{freeze_tables, pair_tokens, ReferenceModel};
 use engine::kernels::Precision;
 use engine::model::Model;
 use engine::quant::{FrozenLinears, Storage};
@@ -52,6 +52,16 @@ fn a_bf16_stored_reference_scores_bit_for_bit_as_its_f32_weights_in_bf16() {
         let (base, frozen) = hf::load_model_stored(&dir, Storage::Bf16).unwrap();
         let stored_base = dpo::train::setup::base_model(&base, Some(&frozen), None, Precision::Bf16);
         assert!(bits(&score(stored_base)) == bits(&f32_weights), "{arch}: the stored base differs");
+
+        // A bf16 LoRA base (`dpo train`, and `dpo logps`/`eval`/`reward --adapter`) also keeps its embedding
+        // for the data's tokens and its head in bf16: still the f32 weights' log-probs, bit for bit.
+        let (mut tabled, frozen) = hf::load_model_stored(&dir, Storage::Bf16).unwrap();
+        let tokens = pair_tokens(examples.iter());
+        let cfg = tabled.config.decoder.clone();
+        let tables = freeze_tables(&mut tabled.params, &cfg, &tokens).unwrap();
+        assert!(tabled.params.wte.data.is_empty() && tabled.params.lm_head.as_ref().is_none_or(|h| h.data.is_empty()));
+        let view = dpo::train::setup::base_model(&tabled, Some(&frozen), None, Precision::Bf16).with_embedding(&tables);
+        assert!(bits(&score(view)) == bits(&f32_weights), "{arch}: the base with frozen tables differs");
 
         // An f32 run keeps the f32 copy: nothing is stored.
         let f32_held =

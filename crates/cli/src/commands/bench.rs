@@ -11,7 +11,7 @@ use dpo::objectives::{LossConfig, LossType};
 use dpo::scoring::score_pairs;
 use dpo::train::checkpoint::TrainerState;
 use dpo::train::memory::{self, AdapterPlan, MemoryPlan};
-use dpo::train::reference::{pair_tokens, ReferenceModel};
+use dpo::train::reference::{freeze_tables, pair_tokens, ReferenceModel};
 use dpo::train::{PairObjective, PairWorkload, Reference, TrainConfig, Trained, Trainer, Workload};
 use engine::kernels::{Bf16Kernel, Precision};
 use engine::model::Model;
@@ -145,20 +145,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .collect();
     let decoder = Decoder::new(cfg.clone());
     // A stored base is drawn tensor by tensor: its block linears never exist whole in f32.
-    let (params, frozen) = match storage {
+    let (mut params, frozen) = match storage {
         Storage::F32 => (presets::init_random(&cfg, 0.02, 0), None),
         s => {
             let (p, f) = FrozenLinears::init_random(&cfg, 0.02, 0, s)?;
             (p, Some(f))
         }
     };
-    // The stored linears, and the rest of the model (embeddings, norms, head) in f32.
-    let base_bytes = frozen.as_ref().map(|f| (f.bytes() + 4 * ParamSet::numel(&params)) as u64);
-    let base = match &frozen {
-        Some(f) => Model::new(&params, None).with_frozen(f),
-        None => Model::new(&params, None),
+    // As `dpo train` holds a bf16 LoRA run's base: the embedding's rows of the data's tokens, the head in bf16.
+    let embedding = match (a.lora_r, precision) {
+        (Some(_), Precision::Bf16) => Some(freeze_tables(&mut params, &cfg, &pair_tokens(examples.iter()))?),
+        _ => None,
+    };
+    // The stored linears and tables, and the rest of the model (norms, and the tables of an f32 run) in f32.
+    let stored_bytes = frozen.as_ref().map(|f| f.bytes()).unwrap_or(0) + embedding.as_ref().map_or(0, |e| e.bytes());
+    let base_bytes = (stored_bytes > 0).then(|| (stored_bytes + 4 * ParamSet::numel(&params)) as u64);
+    let mut base = Model::new(&params, None).with_precision(precision);
+    if let Some(f) = &frozen {
+        base = base.with_frozen(f);
     }
-    .with_precision(precision);
+    if let Some(e) = &embedding {
+        base = base.with_embedding(e);
+    }
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
     let adapter = a.lora_r.map(|r| all_linear_adapter(&cfg, r)).transpose()?;
     let reference = match (a.precompute_ref, &adapter) {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use dpo::data::Packing;
 use dpo::objectives::parse_loss_list;
+use dpo::train::reference::pair_tokens;
 use dpo::train::{evaluate_counting, PairObjective, PairWorkload, Reference, Workspace};
 use engine::Decoder;
 
@@ -70,13 +71,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     dpo::objectives::check_settings(&objective.losses, &objective.cfg)?;
     let precision = a.precision.get();
-    let (model, frozen) = a.stored_base.load(&a.model, &a.adapter, precision)?;
-    let adapter = a.adapter.load(&model)?;
+    let mut base = a.stored_base.load(&a.model, &a.adapter, precision)?;
+    let model = &base.model;
+    let adapter = a.adapter.load(model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = match &a.ref_model {
         Some(dir) => Reference::load(dir, &model.config, tok.as_ref(), precision)?,
         None if objective.reference_free() => Reference::None,
-        None if adapter.is_some() => Reference::PolicyBase(ref_adapter(&a.ref_adapter, &model)?),
+        None if adapter.is_some() => Reference::PolicyBase(ref_adapter(&a.ref_adapter, model)?),
         None => bail!(
             "--ref-model is required for {} (or pass --reference-free)",
             a.objective.loss.as_deref().unwrap_or("sigmoid")
@@ -86,6 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     models.extend(reference.model().map(|m| &m.decoder.cfg));
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &models)?;
     let decoder = Decoder::new(model.config.decoder.clone());
+    base.keep_tables_for(adapter.is_some(), || pair_tokens(examples.iter()))?;
     let mut ws = Workspace::default();
     let workload = PairWorkload {
         examples: &examples,
@@ -94,7 +97,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         packing: Packing::SharedPrompt,
         micro_pairs: 0,
     };
-    let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref(), precision);
+    let policy = base.view(adapter.as_ref());
     let mut progress = super::progress::Progress::new().per_step(1, "pairs");
     let rows = examples.len();
     let metrics =

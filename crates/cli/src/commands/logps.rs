@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use dpo::data::{check_positions, load_pairs, DataError, DataOptions, Example, Packing, Truncation};
 use dpo::scoring::score_pairs;
+use dpo::train::reference::pair_tokens;
 use engine::{Decoder, DecoderConfig};
 
 use super::progress::Progress;
@@ -90,13 +91,14 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (model, frozen) = a.stored_base.load(&a.model, &a.adapter, a.precision.get())?;
-    let adapter = a.adapter.load(&model)?;
+    let mut base = a.stored_base.load(&a.model, &a.adapter, a.precision.get())?;
+    let adapter = a.adapter.load(&base.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
-    let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&model.config.decoder])?;
-    let decoder = Decoder::new(model.config.decoder.clone());
+    let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&base.model.config.decoder])?;
+    base.keep_tables_for(adapter.is_some(), || pair_tokens(examples.iter()))?;
+    let decoder = Decoder::new(base.model.config.decoder.clone());
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
-    let policy = dpo::train::setup::base_model(&model, frozen.as_ref(), adapter.as_ref(), a.precision.get());
+    let policy = base.view(adapter.as_ref());
     let mut progress = Progress::new().per_step(1, "pairs");
     let scores =
         score_pairs(&decoder, policy, &examples, packing, a.batch_size, |done| progress.count(done, examples.len()));

@@ -476,12 +476,11 @@ pub fn run(
                 let merged = output.join(MERGED_DIR);
                 // A stored (NF4/bf16) base is never merged into: the f32 base is read fresh from disk.
                 let fresh;
-                let base = match &s.frozen {
-                    Some(_) => {
-                        fresh = hf::load_model(&cfg.model).map_err(final_error)?;
-                        &fresh
-                    }
-                    None => &s.model,
+                let base = if s.frozen.is_some() || s.embedding.is_some() {
+                    fresh = hf::load_model(&cfg.model).map_err(final_error)?;
+                    &fresh
+                } else {
+                    &s.model
                 };
                 hf::peft::save_merged(&merged, base, adapter).map_err(final_error)?;
                 log(&format!("merged model written to {}", merged.display()));

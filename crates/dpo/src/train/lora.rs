@@ -69,8 +69,14 @@ impl LoraRun {
         Ok(adapter)
     }
 
-    /// The adapter's size and activations, for the memory estimate.
-    pub fn plan(&self, model: &hf::ModelConfig, cfg: &TrainConfig) -> Result<AdapterPlan, TrainError> {
+    /// The adapter's size and activations, for the memory estimate. `lookups`: in a bf16 run, the data's
+    /// distinct tokens, whose embeddings alone the base keeps (its head in bf16).
+    pub fn plan(
+        &self,
+        model: &hf::ModelConfig,
+        cfg: &TrainConfig,
+        lookups: Option<u64>,
+    ) -> Result<AdapterPlan, TrainError> {
         let targets = hf::peft::resolve_targets(&self.config, model)?;
         let shape = Adapter::zeros(&model.decoder, &targets, self.config.lora_dropout);
         let decoder = Decoder::new(model.decoder.clone());
@@ -87,8 +93,8 @@ impl LoraRun {
             frozen_copy: self.start.is_some() && cfg.ref_model.is_none(),
             merge: cfg.merge,
             reference_model: cfg.ref_model.is_some(),
-            base_bytes: (cfg.base_storage != Storage::F32)
-                .then(|| super::memory::stored_model_bytes(&model.decoder, cfg.base_storage)),
+            base_bytes: (cfg.base_storage != Storage::F32 || lookups.is_some())
+                .then(|| super::memory::frozen_model_bytes(&model.decoder, cfg.base_storage, lookups)),
         })
     }
 }

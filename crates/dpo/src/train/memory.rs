@@ -24,7 +24,8 @@
 //! A bf16 run (`MemoryPlan::precision`) holds the reference model's block linears in bf16 (its products
 //! round them to bf16 anyway), and a reference that scores known data its head in bf16 and the f32
 //! embeddings of the data's tokens alone (`MemoryPlan::reference_lookups`); a LoRA base is stored in bf16
-//! by default then, counted through [`AdapterPlan::base_bytes`]. Its activations are counted as the
+//! by default then, and keeps its embedding and head as that reference does, counted through
+//! [`AdapterPlan::base_bytes`] ([`frozen_model_bytes`]). Its activations are counted as the
 //! engine keeps them (`engine::Activations::bytes_per_token` with the precision: each layer's products in
 //! bf16).
 //!
@@ -142,6 +143,20 @@ pub fn stored_model_bytes(cfg: &DecoderConfig, storage: Storage) -> u64 {
     FrozenLinears::estimate_bytes(cfg, storage) as u64 + 4 * rest
 }
 
+/// [`stored_model_bytes`] of a frozen model that, with `lookups: Some(kept)`, holds its token embedding
+/// and head as an `engine::quant::FrozenEmbedding` of `kept` rows (the head in bf16) instead of in f32.
+pub fn frozen_model_bytes(cfg: &DecoderConfig, storage: Storage, lookups: Option<u64>) -> u64 {
+    let stored = stored_model_bytes(cfg, storage);
+    match lookups {
+        Some(kept) => {
+            let (v, d) = (cfg.vocab_size, cfg.hidden);
+            let f32_tables = 4 * (v * d) as u64 * if cfg.tied_embeddings { 1 } else { 2 };
+            stored - f32_tables + FrozenEmbedding::estimate_bytes(v, d, kept as usize) as u64
+        }
+        None => stored,
+    }
+}
+
 /// How a reference model held beside the policy stores its block linears in a run of `precision`
 /// (`crate::train::reference::ReferenceModel::new`).
 pub fn reference_storage(precision: Precision) -> Storage {
@@ -165,8 +180,9 @@ pub struct AdapterPlan {
     pub merge: bool,
     /// The reference is another model (`--ref-model`), held beside the base.
     pub reference_model: bool,
-    /// Bytes of the frozen base when its block linears are stored other than in f32 (NF4, bf16: the
-    /// stored linears plus the rest of the model in f32); `None` for an f32 base (4 bytes a parameter).
+    /// Bytes of the frozen base when it is stored other than in f32 ([`frozen_model_bytes`]: its block
+    /// linears in NF4 or bf16, its embedding and head as a bf16 run keeps them); `None` for an f32 base (4
+    /// bytes a parameter).
     pub base_bytes: Option<u64>,
 }
 
@@ -199,18 +215,9 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
     let p = c.param_count();
     let k = optimizer_buffers(plan.optimizer);
     let storage = reference_storage(plan.precision);
-    let reference_bytes = plan.reference.map_or(0, |r| {
-        let stored = stored_model_bytes(r, storage);
-        match plan.reference_lookups.filter(|_| storage == Storage::Bf16) {
-            // The f32 embedding (and an untied f32 head) become a bf16 head and the kept rows.
-            Some(kept) => {
-                let (v, d) = (r.vocab_size, r.hidden);
-                let f32_tables = 4 * (v * d) as u64 * if r.tied_embeddings { 1 } else { 2 };
-                stored - f32_tables + FrozenEmbedding::estimate_bytes(v, d, kept as usize) as u64
-            }
-            None => stored,
-        }
-    });
+    let reference_bytes = plan
+        .reference
+        .map_or(0, |r| frozen_model_bytes(r, storage, plan.reference_lookups.filter(|_| storage == Storage::Bf16)));
     let weights = match &plan.adapter {
         // Trained copy + gradient + optimizer buffers + reference (the loaded weights are freed once
         // copied into the trained set and the reference, before the first step).
@@ -497,6 +504,26 @@ mod tests {
         assert_eq!(from_adapter.checkpoint, 4 * p);
         let quantized = estimate(&plan(Some(AdapterPlan { base_bytes: Some(p), ..adapter })));
         assert_eq!(quantized.weights, p + 4 * 4 * 1000);
+    }
+
+    /// The base a bf16 LoRA run holds (block linears in bf16, the embedding's rows of the data's tokens,
+    /// the head in bf16, the rest in f32) is the size [`frozen_model_bytes`] says, tied head or not.
+    #[test]
+    fn a_frozen_base_is_the_size_estimated() {
+        for tied in [true, false] {
+            let c = cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }, PositionKind::Learned, tied);
+            let mut params = engine::presets::init_random(&c, 0.02, 1);
+            let linears = FrozenLinears::take_from(&mut params, Storage::Bf16).unwrap();
+            let tokens = std::collections::BTreeSet::from([0, 3, 7, 8]);
+            let tables = crate::train::reference::freeze_tables(&mut params, &c, &tokens).unwrap();
+            let held = linears.bytes() + tables.bytes() + 4 * engine::ParamSet::numel(&params);
+            assert_eq!(held as u64, frozen_model_bytes(&c, Storage::Bf16, Some(4)), "tied {tied}");
+            let whole = stored_model_bytes(&c, Storage::Bf16);
+            assert!(
+                frozen_model_bytes(&c, Storage::Bf16, Some(4)) < whole
+                    && frozen_model_bytes(&c, Storage::Bf16, None) == whole
+            );
+        }
     }
 
     #[test]

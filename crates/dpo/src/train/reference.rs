@@ -15,7 +15,7 @@ use hf::{ModelConfig, Tokenizer};
 use sha2::{Digest, Sha256};
 
 use crate::data::pack::sum_ranges;
-use crate::data::{Example, PackedPairs, Packing, UnpairedExample};
+use crate::data::{Example, PackedPairs, Packing, SftExample, UnpairedExample};
 use crate::scoring::{score_pairs, PairScore};
 
 /// Reference log-probs of a batch: chosen and rejected sequence sums, one per row.
@@ -54,11 +54,7 @@ impl ReferenceModel {
         if self.linears.is_none() || self.embedding.is_some() {
             return Ok(());
         }
-        let c = &self.decoder.cfg;
-        let head = self.params.lm_head.as_mut().map(|t| std::mem::take(&mut t.data));
-        let embedding = FrozenEmbedding::new(&self.params.wte.data, head, c.vocab_size, c.hidden, tokens)?;
-        self.params.wte.data = Vec::new();
-        self.embedding = Some(embedding);
+        self.embedding = Some(freeze_tables(&mut self.params, &self.decoder.cfg, tokens)?);
         Ok(())
     }
 
@@ -75,6 +71,19 @@ impl ReferenceModel {
     }
 }
 
+/// Moves `params`' token embedding and head (when it has one of its own) into a [`FrozenEmbedding`]
+/// keeping the lookups of `tokens`: `wte` and the head are left empty.
+pub fn freeze_tables(
+    params: &mut Params,
+    cfg: &engine::DecoderConfig,
+    tokens: &BTreeSet<u32>,
+) -> Result<FrozenEmbedding, QuantError> {
+    let head = params.lm_head.as_mut().map(|t| std::mem::take(&mut t.data));
+    let embedding = FrozenEmbedding::new(&params.wte.data, head, cfg.vocab_size, cfg.hidden, tokens)?;
+    params.wte.data = Vec::new();
+    Ok(embedding)
+}
+
 /// Every token id of preference rows (prompts and both completions): what a reference that scores
 /// them keeps the embeddings of ([`ReferenceModel::keep_lookups_of`]).
 pub fn pair_tokens<'e>(rows: impl Iterator<Item = &'e Example>) -> BTreeSet<u32> {
@@ -83,6 +92,11 @@ pub fn pair_tokens<'e>(rows: impl Iterator<Item = &'e Example>) -> BTreeSet<u32>
 
 /// [`pair_tokens`] of unpaired rows (prompts and completions).
 pub fn unpaired_tokens<'e>(rows: impl Iterator<Item = &'e UnpairedExample>) -> BTreeSet<u32> {
+    distinct(rows.flat_map(|e| [&e.prompt_ids, &e.completion_ids]).flatten().copied())
+}
+
+/// [`pair_tokens`] of SFT rows (prompts and completions).
+pub fn sft_tokens<'e>(rows: impl Iterator<Item = &'e SftExample>) -> BTreeSet<u32> {
     distinct(rows.flat_map(|e| [&e.prompt_ids, &e.completion_ids]).flatten().copied())
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use engine::kernels::Precision;
 use engine::model::Model;
 use engine::optim::Optimizer;
-use engine::quant::{FrozenLinears, Storage};
+use engine::quant::{FrozenEmbedding, FrozenLinears, Storage};
 use engine::{Adapter, Decoder, DecoderConfig, Params};
 
 use super::checkpoint::{self, TrainerState};
@@ -20,7 +20,9 @@ use super::lora::LoraRun;
 use super::memory;
 use super::pairs::PairObjective;
 use super::policy::Trained;
-use super::reference::{self, default_cache_dir, pair_tokens, precompute, unpaired_tokens, Reference, ReferenceModel};
+use super::reference::{
+    self, default_cache_dir, pair_tokens, precompute, sft_tokens, unpaired_tokens, Reference, ReferenceModel,
+};
 use super::resume;
 use super::run_dir::{self, StartMode};
 use super::workload::{PairWorkload, SftWorkload, Workload};
@@ -81,6 +83,19 @@ pub enum Data {
     },
 }
 
+impl Data {
+    /// Every token id of the rows, training and evaluation: what a frozen embedding keeps the rows of.
+    pub fn tokens(&self) -> BTreeSet<u32> {
+        match self {
+            Data::Pairs { train, eval, .. } | Data::Unlikelihood { train, eval, .. } => {
+                pair_tokens(train.iter().chain(eval))
+            }
+            Data::Kto { train, eval, .. } => unpaired_tokens(train.iter().chain(eval)),
+            Data::Sft { train, eval } => sft_tokens(train.iter().chain(eval)),
+        }
+    }
+}
+
 /// Where training starts: the starting weights (or adapter), or a checkpoint.
 pub struct Start {
     pub trained: Trained,
@@ -102,6 +117,8 @@ pub struct Setup {
     /// The base's block linears when `base_storage` keeps them other than in f32 (QLoRA); `model.params`
     /// then holds the rest of the base and empty linear tensors.
     pub frozen: Option<FrozenLinears>,
+    /// A bf16 LoRA run's base embedding and head (`freeze_base_tables`); `model.params`' are then empty.
+    pub embedding: Option<FrozenEmbedding>,
     /// The fingerprints of the inputs' files, recorded in the run ([`resume::record_inputs`]).
     pub inputs: InputFingerprints,
 }
@@ -109,7 +126,11 @@ pub struct Setup {
 impl Setup {
     /// The frozen base a LoRA run's adapter sits on (its stored linears included).
     pub fn base(&self) -> Model<'_> {
-        base_model(&self.model, self.frozen.as_ref(), None, self.cfg.precision)
+        let m = base_model(&self.model, self.frozen.as_ref(), None, self.cfg.precision);
+        match &self.embedding {
+            Some(e) => m.with_embedding(e),
+            None => m,
+        }
     }
 
     /// The training workload and, when there are evaluation rows, the evaluation one.
@@ -279,16 +300,14 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     };
     // Precomputed reference log-probs hold no reference model while training.
     let held_reference = reference_cfg.as_ref().filter(|_| !cfg.precompute_ref);
+    // In a bf16 run a held reference (`attach_reference`) and a LoRA base (`freeze_base_tables`) keep the
+    // embeddings of the data's tokens alone, and their heads in bf16.
+    let tokens = (cfg.precision == Precision::Bf16).then(|| data.tokens());
+    let lookups = tokens.as_ref().map(|t| t.len() as u64);
     // The memory check comes before the weights are loaded: a run that cannot fit stops at once.
-    let adapter = lora.as_ref().map(|l| l.plan(&model_cfg, cfg)).transpose()?;
-    // A bf16 run's reference keeps the embeddings of the data's tokens alone (`attach_reference`).
-    let lookups = match &data {
-        Data::Pairs { train, eval, .. } => Some(pair_tokens(train.iter().chain(eval)).len() as u64),
-        Data::Kto { train, eval, .. } => Some(unpaired_tokens(train.iter().chain(eval)).len() as u64),
-        Data::Sft { .. } | Data::Unlikelihood { .. } => None,
-    };
-    let lookups = lookups.filter(|_| cfg.precision == Precision::Bf16);
-    let held_reference = held_reference.map(|r| (r, lookups));
+    let adapter = lora.as_ref().map(|l| l.plan(&model_cfg, cfg, lookups)).transpose()?;
+    let reference_lookups = lookups.filter(|_| matches!(data, Data::Pairs { .. } | Data::Kto { .. }));
+    let held_reference = held_reference.map(|r| (r, reference_lookups));
     memory::check(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
     let (model, frozen) = match cfg.base_storage {
         Storage::F32 => (hf::load_model(&cfg.model)?, None),
@@ -308,7 +327,27 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let mut model = model;
     let loaded = lora.is_none().then(|| take_loaded_weights(&mut model));
     let data = attach_reference(cfg, data, &model, loaded, frozen.as_ref(), lora.as_ref(), tokenizer.as_ref(), log)?;
-    Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen, inputs }, start))
+    let embedding = match (&lora, tokens) {
+        (Some(_), Some(tokens)) => Some(freeze_base_tables(&mut model, &tokens, log)?),
+        _ => None,
+    };
+    Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen, embedding, inputs }, start))
+}
+
+/// A bf16 LoRA run's frozen base keeps its token embedding for the lookups of the data's `tokens` alone,
+/// in f32, and its head in bf16 ([`FrozenEmbedding`]): the head's products round it to bf16 anyway and
+/// the lookups read the same f32 rows, so the log-probs and the adapter's gradients are unchanged, in
+/// about half the tables' memory (Llama-3-8B's untied embedding and head: 3.9 GiB in f32, 2 GiB so).
+fn freeze_base_tables(
+    model: &mut hf::HfModel,
+    tokens: &BTreeSet<u32>,
+    log: &mut dyn FnMut(&str),
+) -> Result<FrozenEmbedding, TrainError> {
+    let e = reference::freeze_tables(&mut model.params, &model.config.decoder, tokens)
+        .map_err(|e| TrainError::Invalid(format!("the base's embedding: {e}")))?;
+    let (kept, bytes) = (e.kept(), memory::human(e.bytes() as u64));
+    log(&format!("frozen base embedding: head in bf16, lookups of the data's {kept} tokens in f32: {bytes}"));
+    Ok(e)
 }
 
 /// Frees the loaded weights of a full run once they are copied into the trained set (`start_point`) and the
