@@ -206,6 +206,9 @@ impl Decoder {
         grads: &mut Grads,
         pending: Option<&mut PendingEmbeddingGrads>,
     ) -> Result<(), EngineError> {
+        // The step's cycle of buffers starts here (`crate::pages::pool::start`).
+        #[cfg(target_os = "linux")]
+        crate::pages::pool::start();
         let cfg = &self.cfg;
         let (n, d) = (b.len(), cfg.hidden);
         let p = model.base;
