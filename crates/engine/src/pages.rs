@@ -21,7 +21,8 @@
 //! buffers under 2 MiB) come back a fault each, cheap next to the huge blocks. Elsewhere (another
 //! allocator, transparent huge pages off, not Linux) [`release`] writes zeros.
 //!
-//! The whole 2 MiB blocks do not go to the kernel but to the process's [`pool`], from which [`reuse`]
+//! From the first backward pass on ([`pool::start`]), the whole 2 MiB blocks do not go to the kernel but
+//! to the process's [`pool`], from which [`reuse`]
 //! (called by every writer of a buffer handed back: the activations' `fit`, the gradients before each
 //! layer's backward) and the allocator take them: on a virtual machine that reports free memory to its
 //! host, a block handed to the kernel cost ten times the figure above to get back (the pool's
