@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{dpo, fails, model, prefs, scratch, stderr, train};
+use common::{dpo, fails, model, prefs, scratch, stderr, train, trained_reward_model};
 
 /// Width and height from a PNG's IHDR.
 fn png_size(path: &Path) -> (u32, u32) {
@@ -68,4 +68,36 @@ fn plot_of_an_sft_run_has_its_loss_only_and_bad_input_is_one_message() {
     fails(dpo().arg("plot").arg(&bad), &["bad.jsonl line 2"]);
     std::fs::write(&bad, "{\"step\": 1, \"grad_norm\": 0.5}\n").unwrap();
     fails(dpo().arg("plot").arg(&bad), &["no step has loss or reward metrics"]);
+}
+
+/// A reward model's run plots its loss, accuracy and margin; a PPO run its reward, KL, losses,
+/// completion length and its reward against its KL.
+#[test]
+fn plot_of_reward_model_and_ppo_runs() {
+    let dir = scratch("plot-rlhf");
+    let rm = trained_reward_model(&dir);
+    let o = dpo().arg("plot").arg(&rm).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).ends_with("2 steps; Loss, Reward model accuracy, Reward model margin\n"), "{}", stderr(&o));
+    assert_eq!(png_size(&rm.join("curves.png")), (3600, 800));
+
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"Tell me about a kite.\"}\n").unwrap();
+    let run = dir.join("ppo");
+    let mut c = dpo();
+    c.args(["ppo", "--rollout-prompts", "1", "--minibatch", "1", "--max-new-tokens", "4", "--steps", "3", "--model"])
+        .arg(model("gpt2-policy"))
+        .arg("--reward-model")
+        .arg(&rm)
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--output")
+        .arg(&run);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = dpo().arg("plot").arg(&run).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = "3 steps; PPO reward, KL to the reference, PPO losses, Completion length, Reward against KL\n";
+    assert!(stderr(&o).ends_with(want), "{}", stderr(&o));
+    assert_eq!(png_size(&run.join("curves.png")), (3600, 1600));
 }

@@ -1,6 +1,8 @@
 //! `dpo plot RUN`: a run's training curves from its `metrics.jsonl`, one PNG: loss, reward margin, reward
 //! accuracy, chosen and rejected rewards, the DPO gradient weight and log-probs, with the evaluation
-//! curves (`eval_*`) drawn over the training ones; panels whose metrics the run did not log are left out.
+//! curves (`eval_*`) drawn over the training ones; a reward model's accuracy and margin; a PPO run's
+//! reward, KL, losses and completion length, and its reward against its KL (the paper's frontier, one
+//! point a step). Panels whose metrics the run did not log are left out.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,14 @@ const PANELS: &[PanelSpec] = &[
     ),
     ("DPO gradient weight", "mean weight per pair", &[("dpo/gradient_weight", "train")]),
     ("Log-probs", "summed log-prob", &[("logps/chosen", "chosen"), ("logps/rejected", "rejected")]),
+    // `dpo reward-model train`
+    ("Reward model accuracy", "fraction r(chosen) > r(rejected)", &[("accuracy", "train")]),
+    ("Reward model margin", "r(chosen) − r(rejected)", &[("margin", "train")]),
+    // `dpo ppo`
+    ("PPO reward", "mean per completion", &[("reward", "score"), ("rlhf_reward", "score − β KL")]),
+    ("KL to the reference", "Σ_t log π/π_ref", &[("kl", "train")]),
+    ("PPO losses", "loss", &[("policy_loss", "policy"), ("value_loss", "value")]),
+    ("Completion length", "tokens", &[("completion_len", "train")]),
 ];
 
 /// The panels `lines` have data for: each key's training curve and, when logged, its `eval_` curve.
@@ -52,11 +62,24 @@ fn panels(lines: &[Value]) -> Vec<Panel> {
                 series.push(Series::new(name, eval, Style::LineAndPoints));
             }
         }
-        if series.iter().any(|s| s.points.iter().any(|(x, y)| x.is_finite() && y.is_finite())) {
+        if drawable(&series) {
             out.push(Panel { title: title.to_string(), x_label: "step".into(), y_label: y_label.to_string(), series });
         }
     }
+    // A PPO run's reward against its KL, a point a step: how much reward each nat of KL bought.
+    let frontier: Vec<(f64, f64)> =
+        lines.iter().filter_map(|l| Some((l.get("kl")?.as_f64()?, l.get("reward")?.as_f64()?))).collect();
+    let series = vec![Series::new("step", frontier, Style::Points)];
+    if drawable(&series) {
+        let (x_label, y_label) = ("KL to the reference".into(), "reward (score)".into());
+        out.push(Panel { title: "Reward against KL".into(), x_label, y_label, series });
+    }
     out
+}
+
+/// Whether any series has a finite point.
+fn drawable(series: &[Series]) -> bool {
+    series.iter().any(|s| s.points.iter().any(|(x, y)| x.is_finite() && y.is_finite()))
 }
 
 fn read_lines(path: &Path) -> anyhow::Result<Vec<Value>> {
@@ -81,7 +104,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (a.run.clone(), a.run.parent().map(Path::to_path_buf).unwrap_or_default())
     };
     if !metrics.is_file() {
-        bail!("{}: no metrics.jsonl; pass a run directory of dpo train / sft / reward-model train", a.run.display());
+        bail!(
+            "{}: no metrics.jsonl; pass a run directory of dpo train / sft / reward-model train / ppo",
+            a.run.display()
+        );
     }
     let lines = read_lines(&metrics)?;
     let panels = panels(&lines);
