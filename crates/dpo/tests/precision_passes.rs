@@ -55,13 +55,16 @@ fn a_bf16_stored_reference_scores_bit_for_bit_as_its_f32_weights_in_bf16() {
 
         // A bf16 LoRA base (`dpo train`, and `dpo logps`/`eval`/`reward --adapter`) also keeps its embedding
         // for the data's tokens and its head in bf16: still the f32 weights' log-probs, bit for bit.
-        let (mut tabled, frozen) = hf::load_model_stored(&dir, Storage::Bf16).unwrap();
+        // Made as the checkpoint is read (`hf::load_frozen_base`), or from the f32 tables once loaded.
         let tokens = pair_tokens(examples.iter());
-        let cfg = tabled.config.decoder.clone();
-        let tables = freeze_tables(&mut tabled.params, &cfg, &tokens).unwrap();
+        let (tabled, frozen, tables) = hf::load_frozen_base(&dir, Storage::Bf16, &tokens).unwrap();
         assert!(tabled.params.wte.data.is_empty() && tabled.params.lm_head.as_ref().is_none_or(|h| h.data.is_empty()));
         let view = dpo::train::setup::base_model(&tabled, Some(&frozen), None, Precision::Bf16).with_embedding(&tables);
         assert!(bits(&score(view)) == bits(&f32_weights), "{arch}: the base with frozen tables differs");
+        let mut whole = m.clone();
+        let after = freeze_tables(&mut whole.params, &m.config.decoder, &tokens).unwrap();
+        assert!(after.head().to_f32() == tables.head().to_f32(), "{arch}: the heads differ");
+        assert!(tokens.iter().all(|&t| after.row(t) == tables.row(t)), "{arch}: the lookups differ");
 
         // An f32 run keeps the f32 copy: nothing is stored.
         let f32_held =

@@ -13,7 +13,8 @@ use std::collections::BTreeSet;
 
 use dpo_engine::generate::{generate, SamplingConfig};
 use dpo_engine::kernels::Precision;
-use dpo_engine::quant::FrozenEmbedding;
+use dpo_engine::presets::init_random;
+use dpo_engine::quant::{FrozenEmbedding, FrozenLinears};
 use dpo_engine::rng::Rng;
 use dpo_engine::{Activations, Adapter, Batch, Decoder, EngineError, Keep, Model, ParamSet, Params};
 use lora_common::{adapter, base, batch, families};
@@ -33,8 +34,7 @@ fn frozen(base: &Params, b: &Batch) -> (Params, FrozenEmbedding) {
     let c = (p.wte.shape[0], p.wte.shape[1]);
     let head = p.lm_head.as_mut().map(|t| std::mem::take(&mut t.data));
     let tokens: BTreeSet<u32> = b.tokens.iter().copied().collect();
-    let e = FrozenEmbedding::new(&p.wte.data, head, c.0, c.1, &tokens).unwrap();
-    p.wte.data = Vec::new();
+    let e = FrozenEmbedding::new(std::mem::take(&mut p.wte.data), head, c.0, c.1, &tokens).unwrap();
     (p, e)
 }
 
@@ -90,4 +90,36 @@ fn a_frozen_embedding_has_no_full_gradients_and_does_not_generate() {
     let prompts = vec![b.tokens[..3].to_vec()];
     let err = generate(&m, model, &prompts, 1, &SamplingConfig::default(), &mut Rng::new(1)).unwrap_err();
     assert!(err.to_string().contains("generation through a frozen embedding"), "{err}");
+}
+
+/// A random base's tables made as they are drawn (`FrozenLinears::init_random_with_tables`, what `dpo
+/// bench` holds) are those made from the whole f32 tables, tied or not.
+#[test]
+fn tables_made_as_drawn_are_those_of_the_whole_tables() {
+    for (name, mut cfg, _) in families() {
+        for tied in [true, false] {
+            cfg.tied_embeddings = tied;
+            let tokens = BTreeSet::from([0, 3, 7, 1_000_000]);
+            let s = dpo_engine::quant::Storage::Bf16;
+            let drawn = FrozenLinears::init_random_with_tables(&cfg, 0.02, 3, s, Some(&tokens)).unwrap();
+            let (p, linears, e) = (drawn.0, drawn.1, drawn.2.unwrap());
+            assert!(p.wte.data.is_empty() && p.lm_head.as_ref().is_none_or(|h| h.data.is_empty()), "{name}");
+            let whole = init_random(&cfg, 0.02, 3);
+            let want = FrozenEmbedding::new(
+                whole.wte.data.clone(),
+                whole.lm_head.as_ref().map(|h| h.data.clone()),
+                cfg.vocab_size,
+                cfg.hidden,
+                &tokens,
+            )
+            .unwrap();
+            assert!(e.head().to_f32() == want.head().to_f32() && e.kept() == 3, "{name} tied {tied}");
+            assert!(tokens.iter().all(|&t| e.row(t) == want.row(t)), "{name} tied {tied}");
+            let (_, plain) = FrozenLinears::init_random(&cfg, 0.02, 3, s).unwrap();
+            assert!(
+                linears.layers()[0].get(dpo_engine::Site::MlpIn).to_f32()
+                    == plain.layers()[0].get(dpo_engine::Site::MlpIn).to_f32()
+            );
+        }
+    }
 }

@@ -145,17 +145,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .collect();
     let decoder = Decoder::new(cfg.clone());
     // A stored base is drawn tensor by tensor: its block linears never exist whole in f32.
-    let (mut params, frozen) = match storage {
-        Storage::F32 => (presets::init_random(&cfg, 0.02, 0), None),
-        s => {
-            let (p, f) = FrozenLinears::init_random(&cfg, 0.02, 0, s)?;
-            (p, Some(f))
-        }
-    };
     // As `dpo train` holds a bf16 LoRA run's base: the embedding's rows of the data's tokens, the head in bf16.
-    let embedding = match (a.lora_r, precision) {
-        (Some(_), Precision::Bf16) => Some(freeze_tables(&mut params, &cfg, &pair_tokens(examples.iter()))?),
-        _ => None,
+    let tables_of = (a.lora_r.is_some() && precision == Precision::Bf16).then(|| pair_tokens(examples.iter()));
+    let (params, frozen, embedding) = match (storage, &tables_of) {
+        (Storage::F32, None) => (presets::init_random(&cfg, 0.02, 0), None, None),
+        (Storage::F32, Some(tokens)) => {
+            let mut p = presets::init_random(&cfg, 0.02, 0);
+            let e = freeze_tables(&mut p, &cfg, tokens)?;
+            (p, None, Some(e))
+        }
+        (s, tokens) => {
+            let (p, f, e) = FrozenLinears::init_random_with_tables(&cfg, 0.02, 0, s, tokens.as_ref())?;
+            (p, Some(f), e)
+        }
     };
     // The stored linears and tables, and the rest of the model (norms, and the tables of an f32 run) in f32.
     let stored_bytes = frozen.as_ref().map(|f| f.bytes()).unwrap_or(0) + embedding.as_ref().map_or(0, |e| e.bytes());

@@ -79,9 +79,8 @@ pub fn freeze_tables(
     tokens: &BTreeSet<u32>,
 ) -> Result<FrozenEmbedding, QuantError> {
     let head = params.lm_head.as_mut().map(|t| std::mem::take(&mut t.data));
-    let embedding = FrozenEmbedding::new(&params.wte.data, head, cfg.vocab_size, cfg.hidden, tokens)?;
-    params.wte.data = Vec::new();
-    Ok(embedding)
+    let wte = std::mem::take(&mut params.wte.data);
+    FrozenEmbedding::new(wte, head, cfg.vocab_size, cfg.hidden, tokens)
 }
 
 /// Every token id of preference rows (prompts and both completions): what a reference that scores

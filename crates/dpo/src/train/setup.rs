@@ -309,45 +309,59 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let reference_lookups = lookups.filter(|_| matches!(data, Data::Pairs { .. } | Data::Kto { .. }));
     let held_reference = held_reference.map(|r| (r, reference_lookups));
     memory::check(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
-    let (model, frozen) = match cfg.base_storage {
-        Storage::F32 => (hf::load_model(&cfg.model)?, None),
-        storage => {
-            // Each block linear is stored as it is read: the base never exists whole in f32.
-            let (model, frozen) = hf::load_model_stored(&cfg.model, storage)?;
+    // A bf16 LoRA run's base keeps its embedding's rows of the data's tokens and its head in bf16.
+    let tables_of = tokens.as_ref().filter(|_| lora.is_some());
+    let (mut model, frozen, tables) = match (cfg.base_storage, tables_of) {
+        (Storage::F32, _) => (hf::load_model(&cfg.model)?, None, None),
+        (storage, tables_of) => {
+            // Each block linear is stored as it is read: the base never exists whole in f32; nor do its
+            // tables, with `tables_of`.
+            let (model, frozen, tables) = match tables_of {
+                Some(tokens) => {
+                    let (model, frozen, tables) = hf::load_frozen_base(&cfg.model, storage, tokens)?;
+                    (model, frozen, Some(tables))
+                }
+                None => {
+                    let (model, frozen) = hf::load_model_stored(&cfg.model, storage)?;
+                    (model, frozen, None)
+                }
+            };
             log(&format!("frozen base linears stored as {storage:?}: {}", memory::human(frozen.bytes() as u64)));
-            (model, Some(frozen))
+            (model, Some(frozen), tables)
         }
     };
+    let embedding = match (tables, tables_of) {
+        (Some(tables), _) => Some(tables),
+        // An f32-stored base: its tables are frozen now that it is loaded.
+        (None, Some(tokens)) => Some(
+            reference::freeze_tables(&mut model.params, &model.config.decoder, tokens)
+                .map_err(|e| TrainError::Invalid(format!("the base's embedding: {e}")))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(e) = &embedding {
+        let (kept, bytes) = (e.kept(), memory::human(e.bytes() as u64));
+        log(&format!("frozen base embedding: head in bf16, lookups of the data's {kept} tokens in f32: {bytes}"));
+    }
     let start = start_point(cfg, opts, &model, lora.as_ref(), log)?;
     // The checkpoint fits the model; its run must also have read these very files.
     let inputs = resume::input_fingerprints(cfg)?;
     if let Some(resume) = &opts.resume {
         resume::check_inputs(resume, cfg, &inputs)?;
     }
-    let mut model = model;
     let loaded = lora.is_none().then(|| take_loaded_weights(&mut model));
-    let data = attach_reference(cfg, data, &model, loaded, frozen.as_ref(), lora.as_ref(), tokenizer.as_ref(), log)?;
-    let embedding = match (&lora, tokens) {
-        (Some(_), Some(tokens)) => Some(freeze_base_tables(&mut model, &tokens, log)?),
-        _ => None,
-    };
+    let base = Frozen { linears: frozen.as_ref(), tables: embedding.as_ref() };
+    let data = attach_reference(cfg, data, &model, loaded, base, lora.as_ref(), tokenizer.as_ref(), log)?;
     Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen, embedding, inputs }, start))
 }
 
-/// A bf16 LoRA run's frozen base keeps its token embedding for the lookups of the data's `tokens` alone,
-/// in f32, and its head in bf16 ([`FrozenEmbedding`]): the head's products round it to bf16 anyway and
-/// the lookups read the same f32 rows, so the log-probs and the adapter's gradients are unchanged, in
-/// about half the tables' memory (Llama-3-8B's untied embedding and head: 3.9 GiB in f32, 2 GiB so).
-fn freeze_base_tables(
-    model: &mut hf::HfModel,
-    tokens: &BTreeSet<u32>,
-    log: &mut dyn FnMut(&str),
-) -> Result<FrozenEmbedding, TrainError> {
-    let e = reference::freeze_tables(&mut model.params, &model.config.decoder, tokens)
-        .map_err(|e| TrainError::Invalid(format!("the base's embedding: {e}")))?;
-    let (kept, bytes) = (e.kept(), memory::human(e.bytes() as u64));
-    log(&format!("frozen base embedding: head in bf16, lookups of the data's {kept} tokens in f32: {bytes}"));
-    Ok(e)
+/// What of a LoRA run's base is held frozen other than in f32: its block linears (QLoRA's NF4, bf16) and,
+/// in a bf16 run, its embedding and head ([`FrozenEmbedding`]: the head's products round it to bf16 anyway
+/// and the lookups read the same f32 rows, so the numbers do not change).
+#[derive(Clone, Copy)]
+struct Frozen<'a> {
+    linears: Option<&'a FrozenLinears>,
+    tables: Option<&'a FrozenEmbedding>,
 }
 
 /// Frees the loaded weights of a full run once they are copied into the trained set (`start_point`) and the
@@ -500,7 +514,7 @@ fn attach_reference(
     data: Data,
     model: &hf::HfModel,
     mut loaded: Option<Params>,
-    frozen: Option<&FrozenLinears>,
+    frozen: Frozen,
     lora: Option<&LoraRun>,
     tokenizer: Option<&hf::Tokenizer>,
     log: &mut dyn FnMut(&str),
@@ -545,7 +559,8 @@ fn attach_reference(
                 let (d, frozen) = match (&shared, &base_reference) {
                     (Some(m), _) => (&m.decoder, m.view(cfg.precision)),
                     (None, Some(Reference::PolicyBase(a))) => {
-                        (&base_decoder, base_model(model, frozen, a.as_ref(), cfg.precision))
+                        let m = base_model(model, frozen.linears, a.as_ref(), cfg.precision);
+                        (&base_decoder, frozen.tables.map_or(m, |t| m.with_embedding(t)))
                     }
                     (None, _) => unreachable!("a LoRA run's reference is its base"),
                 };

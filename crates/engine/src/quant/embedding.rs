@@ -13,6 +13,37 @@ use std::collections::BTreeSet;
 
 use super::{Matrix, QuantError, Storage};
 
+/// The f32 embeddings of the tokens a run can meet: the lookup half of a [`FrozenEmbedding`], taken from
+/// the f32 table before the table goes (`hf::load_model_stored` keeps these rows of an untied embedding
+/// and drops the rest as it is read).
+#[derive(Debug)]
+pub struct Lookups {
+    vocab: usize,
+    d: usize,
+    /// `[vocab]` the row of `rows` that holds each token's embedding; `u32::MAX` where none does.
+    index: Vec<u32>,
+    /// `[kept, d]` the f32 embeddings of the kept tokens.
+    rows: Vec<f32>,
+}
+
+impl Lookups {
+    /// The rows of `tokens` in `wte` (`[vocab, d]`); ids at or beyond the vocabulary are left out (the
+    /// lookup refuses them anyway).
+    pub fn of(wte: &[f32], vocab: usize, d: usize, tokens: &BTreeSet<u32>) -> Result<Self, QuantError> {
+        if wte.len() != vocab * d {
+            return Err(QuantError::Shape { rows: vocab, cols: d, want: vocab * d, got: wte.len() });
+        }
+        let mut index = vec![u32::MAX; vocab];
+        let kept: Vec<usize> = tokens.iter().map(|&t| t as usize).filter(|&t| t < vocab).collect();
+        let mut rows = Vec::with_capacity(kept.len() * d);
+        for (i, &t) in kept.iter().enumerate() {
+            index[t] = i as u32;
+            rows.extend_from_slice(&wte[t * d..(t + 1) * d]);
+        }
+        Ok(Lookups { vocab, d, index, rows })
+    }
+}
+
 /// A frozen model's token embedding and LM head weight (see the module documentation).
 #[derive(Debug)]
 pub struct FrozenEmbedding {
@@ -27,30 +58,34 @@ pub struct FrozenEmbedding {
 }
 
 impl FrozenEmbedding {
-    /// Keeps `wte` (`[vocab, d]`) for lookups of `tokens` (ids at or beyond the vocabulary are left
-    /// out: the lookup refuses them anyway) and `head` (`[vocab, d]`, `None` when tied to `wte`) in
-    /// bf16.
+    /// Keeps `wte` (`[vocab, d]`) for lookups of `tokens` ([`Lookups::of`]) and `head` (`[vocab, d]`,
+    /// `None` when tied to `wte`) in bf16. Both tables are consumed: the f32 one the head is made of is
+    /// handed back as it is converted ([`Matrix::bf16_from`]), the other once its rows are copied.
     pub fn new(
-        wte: &[f32],
+        wte: Vec<f32>,
         head: Option<Vec<f32>>,
         vocab: usize,
         d: usize,
         tokens: &BTreeSet<u32>,
     ) -> Result<Self, QuantError> {
-        if wte.len() != vocab * d {
-            return Err(QuantError::Shape { rows: vocab, cols: d, want: vocab * d, got: wte.len() });
-        }
-        let mut index = vec![u32::MAX; vocab];
-        let kept: Vec<usize> = tokens.iter().map(|&t| t as usize).filter(|&t| t < vocab).collect();
-        let mut rows = Vec::with_capacity(kept.len() * d);
-        for (i, &t) in kept.iter().enumerate() {
-            index[t] = i as u32;
-            rows.extend_from_slice(&wte[t * d..(t + 1) * d]);
-        }
+        let lookups = Lookups::of(&wte, vocab, d, tokens)?;
         let head = match head {
-            Some(h) => Matrix::new(h, vocab, d, Storage::Bf16)?,
-            None => Matrix::bf16_of(wte, vocab, d)?,
+            Some(h) => {
+                drop(wte);
+                h
+            }
+            None => wte,
         };
+        Self::from_parts(lookups, Matrix::bf16_from(head, vocab, d)?)
+    }
+
+    /// The lookups of [`Lookups::of`] and a `[vocab, d]` head stored in bf16.
+    pub fn from_parts(lookups: Lookups, head: Matrix) -> Result<Self, QuantError> {
+        let Lookups { vocab, d, index, rows } = lookups;
+        if (head.rows(), head.cols(), head.storage()) != (vocab, d, Storage::Bf16) {
+            let got = head.rows() * head.cols();
+            return Err(QuantError::Shape { rows: vocab, cols: d, want: vocab * d, got });
+        }
         Ok(FrozenEmbedding { vocab, d, head, index, rows })
     }
 
@@ -99,7 +134,7 @@ mod tests {
         let (vocab, d) = (7, 3);
         let wte: Vec<f32> = (0..vocab * d).map(|i| 0.1 + i as f32 / 3.0).collect();
         let tokens = BTreeSet::from([1, 4, 9]);
-        let e = FrozenEmbedding::new(&wte, None, vocab, d, &tokens).unwrap();
+        let e = FrozenEmbedding::new(wte.clone(), None, vocab, d, &tokens).unwrap();
         assert_eq!(e.kept(), 2, "token 9 is outside the vocabulary");
         assert_eq!(e.row(4), Some(&wte[12..15]));
         assert_eq!(e.row(1), Some(&wte[3..6]));
@@ -109,8 +144,9 @@ mod tests {
         assert_eq!(e.head().to_f32(), rounded);
         assert_eq!(e.bytes(), FrozenEmbedding::estimate_bytes(vocab, d, 2));
         let own_head: Vec<f32> = (0..vocab * d).map(|i| -(i as f32)).collect();
-        let e = FrozenEmbedding::new(&wte, Some(own_head.clone()), vocab, d, &tokens).unwrap();
+        let e = FrozenEmbedding::new(wte.clone(), Some(own_head.clone()), vocab, d, &tokens).unwrap();
         assert_eq!(e.head().to_f32(), own_head);
-        assert!(FrozenEmbedding::new(&wte[1..], None, vocab, d, &tokens).is_err());
+        assert_eq!(e.row(4), Some(&wte[12..15]));
+        assert!(FrozenEmbedding::new(wte[1..].to_vec(), None, vocab, d, &tokens).is_err());
     }
 }

@@ -8,7 +8,9 @@ use crate::lora::Site;
 use crate::params::{Params, Tensor};
 use crate::presets::init_random_each;
 
-use super::{Matrix, QuantError, Storage};
+use std::collections::BTreeSet;
+
+use super::{FrozenEmbedding, Lookups, Matrix, QuantError, Storage};
 
 /// One layer's four block linears, `[out, in]` each as in [`crate::LayerParams`].
 #[derive(Clone, Debug, PartialEq)]
@@ -117,10 +119,41 @@ impl FrozenLinears {
         seed: u64,
         storage: Storage,
     ) -> Result<(Params, Self), FrozenError> {
+        let (params, linears, _) = Self::init_random_with_tables(cfg, std, seed, storage, None)?;
+        Ok((params, linears))
+    }
+
+    /// [`FrozenLinears::init_random`], with the token embedding and head kept as a [`FrozenEmbedding`]
+    /// for the lookups of `tokens` when given (a bf16 LoRA run's base), made as each table is drawn: the
+    /// two f32 tables are never held together (the returned `Params`' `wte` and `lm_head` are then empty).
+    pub fn init_random_with_tables(
+        cfg: &DecoderConfig,
+        std: f32,
+        seed: u64,
+        storage: Storage,
+        tokens: Option<&BTreeSet<u32>>,
+    ) -> Result<(Params, Self, Option<FrozenEmbedding>), FrozenError> {
         let mut slots: Vec<[Option<Matrix>; 4]> = (0..cfg.n_layers).map(|_| Default::default()).collect();
         let mut failed = None;
-        let params = init_random_each(cfg, std, seed, |name, t: &mut Tensor| {
-            let Some((layer, site)) = linear_of(name) else { return };
+        let (vocab, d) = (cfg.vocab_size, cfg.hidden);
+        let (mut lookups, mut head) = (None, None);
+        let table_error = |source| FrozenError { layer: 0, tensor: "token embedding or head", source };
+        let mut params = init_random_each(cfg, std, seed, |name, t: &mut Tensor| {
+            let Some((layer, site)) = linear_of(name) else {
+                let result = match (name, tokens) {
+                    ("wte", Some(tokens)) if !cfg.tied_embeddings => {
+                        Lookups::of(&std::mem::take(&mut t.data), vocab, d, tokens).map(|l| lookups = Some(l))
+                    }
+                    ("lm_head", Some(_)) => {
+                        Matrix::bf16_from(std::mem::take(&mut t.data), vocab, d).map(|h| head = Some(h))
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(source) = result {
+                    failed.get_or_insert(table_error(source));
+                }
+                return;
+            };
             let (rows, cols) = (t.shape[0], t.shape[1]);
             match Matrix::new(std::mem::take(&mut t.data), rows, cols, storage) {
                 Ok(m) => slots[layer][site_index(site)] = Some(m),
@@ -132,11 +165,19 @@ impl FrozenLinears {
         if let Some(e) = failed {
             return Err(e);
         }
+        let tables = match (tokens, lookups, head) {
+            (None, _, _) => None,
+            (Some(_), Some(l), Some(h)) => Some(FrozenEmbedding::from_parts(l, h).map_err(table_error)?),
+            (Some(tokens), _, _) => {
+                let wte = std::mem::take(&mut params.wte.data);
+                Some(FrozenEmbedding::new(wte, None, vocab, d, tokens).map_err(table_error)?)
+            }
+        };
         let layers = slots
             .into_iter()
             .map(|ms| FrozenLayer { matrices: ms.map(|m| m.expect("Params::named lists every block linear")) })
             .collect();
-        Ok((params, FrozenLinears { layers }))
+        Ok((params, FrozenLinears { layers }, tables))
     }
 
     /// The layer and site of a block linear's [`Params::named`] name (`layers.3.w_in`); `None` for any

@@ -24,7 +24,7 @@ pub mod nf4;
 mod simd;
 
 pub use double_quant::DoubleQuant;
-pub use embedding::FrozenEmbedding;
+pub use embedding::{FrozenEmbedding, Lookups};
 pub use frozen::{FrozenError, FrozenLayer, FrozenLinears};
 pub use nf4::{Nf4, Scales, BLOCK, NF4_CODE};
 
@@ -105,7 +105,7 @@ impl Matrix {
         }
         let data = match storage {
             Storage::F32 => Data::F32(w),
-            Storage::Bf16 => return Self::bf16_of(&w, rows, cols),
+            Storage::Bf16 => return Self::bf16_from(w, rows, cols),
             Storage::Nf4 { double_quant } => Data::Nf4(Nf4::quantize(&w, double_quant)?),
         };
         Ok(Matrix { rows, cols, data })
@@ -122,6 +122,26 @@ impl Matrix {
             return Err(QuantError::NonFinite { index });
         }
         Ok(Matrix { rows, cols, data: Data::Bf16(w.iter().map(|&v| bf16::from_f32(v)).collect()) })
+    }
+
+    /// `w` (`[rows, cols]`, row-major) stored in bf16, its f32 pages handed back as they are converted
+    /// (`crate::pages::discard`, where the allocator maps them): the conversion holds a few MiB more
+    /// than the bf16 copy, not the whole f32 table beside it (Llama-3-8B's head: 2 GiB in f32).
+    pub fn bf16_from(mut w: Vec<f32>, rows: usize, cols: usize) -> Result<Self, QuantError> {
+        const CHUNK: usize = 1 << 20; // floats: whole 2 MiB blocks, on a block boundary where `w`'s start is
+        let want = rows.saturating_mul(cols);
+        if w.len() != want {
+            return Err(QuantError::Shape { rows, cols, want, got: w.len() });
+        }
+        let mut out = Vec::with_capacity(want);
+        for (i, chunk) in w.chunks_mut(CHUNK).enumerate() {
+            if let Some(at) = chunk.iter().position(|v| !v.is_finite()) {
+                return Err(QuantError::NonFinite { index: i * CHUNK + at });
+            }
+            out.extend(chunk.iter().map(|&v| bf16::from_f32(v)));
+            crate::pages::discard(chunk);
+        }
+        Ok(Matrix { rows, cols, data: Data::Bf16(out) })
     }
 
     /// An NF4 weight from bitsandbytes' arrays (e.g. a pre-quantised checkpoint's `weight`, `absmax`, ...).
