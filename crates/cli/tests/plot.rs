@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{dpo, fails, model, prefs, scratch, stderr, train, trained_reward_model};
+use common::{dpo, fails, model, ppo, prefs, scratch, stderr, train, trained_reward_model};
 
 /// Width and height from a PNG's IHDR.
 fn png_size(path: &Path) -> (u32, u32) {
@@ -84,16 +84,7 @@ fn plot_of_reward_model_and_ppo_runs() {
     let prompts = dir.join("prompts.jsonl");
     std::fs::write(&prompts, "{\"prompt\": \"Tell me about a kite.\"}\n").unwrap();
     let run = dir.join("ppo");
-    let mut c = dpo();
-    c.args(["ppo", "--rollout-prompts", "1", "--minibatch", "1", "--max-new-tokens", "4", "--steps", "3", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--reward-model")
-        .arg(&rm)
-        .arg("--prompts")
-        .arg(&prompts)
-        .arg("--output")
-        .arg(&run);
-    let o = c.output().unwrap();
+    let o = ppo(&rm, &prompts).args(["--steps", "3", "--output"]).arg(&run).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let o = dpo().arg("plot").arg(&run).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));

@@ -20,17 +20,6 @@ fn prompts(dir: &Path) -> PathBuf {
     jsonl(&dir.join("prompts.jsonl"), &[serde_json::json!({"prompt": "Tell me about a kite."})])
 }
 
-fn ppo(rm: &Path, prompts: &Path) -> std::process::Command {
-    let mut c = dpo();
-    c.args(["ppo", "--rollout-prompts", "1", "--minibatch", "1", "--max-new-tokens", "4", "--model"])
-        .arg(model("gpt2-policy"))
-        .arg("--reward-model")
-        .arg(rm)
-        .arg("--prompts")
-        .arg(prompts);
-    c
-}
-
 fn ppo_resume(run: &Path, args: &[&str]) -> std::process::Command {
     let mut c = dpo();
     c.args(["ppo", "--resume"]).arg(run).args(args);

@@ -156,6 +156,19 @@ pub fn assert_checkpoint_loads(dir: &Path) {
 
 /// A reward model trained for 2 steps on the preference fixture in `dir/rm`: the judge the win-rate and online
 /// tests use.
+/// `dpo ppo` on the GPT-2 fixture against the reward model `rm`: one prompt a rollout, minibatches of one,
+/// four new tokens (give `--steps` and `--output`).
+pub fn ppo(rm: &Path, prompts: &Path) -> Command {
+    let mut c = dpo();
+    c.args(["ppo", "--rollout-prompts", "1", "--minibatch", "1", "--max-new-tokens", "4", "--model"])
+        .arg(model("gpt2-policy"))
+        .arg("--reward-model")
+        .arg(rm)
+        .arg("--prompts")
+        .arg(prompts);
+    c
+}
+
 pub fn trained_reward_model(dir: &Path) -> PathBuf {
     let rm = dir.join("rm");
     let mut c = dpo();
