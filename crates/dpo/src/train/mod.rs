@@ -15,6 +15,7 @@
 pub mod checkpoint;
 pub mod config;
 mod error;
+mod frozen_base;
 pub mod iterative;
 pub mod kto;
 pub mod lora;

@@ -10,11 +10,12 @@ use std::sync::Arc;
 use engine::kernels::Precision;
 use engine::model::Model;
 use engine::optim::Optimizer;
-use engine::quant::{FrozenEmbedding, FrozenLinears, Storage};
+use engine::quant::{FrozenEmbedding, FrozenLinears};
 use engine::{Adapter, Decoder, DecoderConfig, Params};
 
 use super::checkpoint::{self, TrainerState};
 use super::config::{Objective, DEFAULT_MAX_LENGTH};
+use super::frozen_base::{self, Frozen};
 use super::kto::KtoWorkload;
 use super::lora::LoraRun;
 use super::memory;
@@ -311,38 +312,7 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     memory::check(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
     // A bf16 LoRA run's base keeps its embedding's rows of the data's tokens and its head in bf16.
     let tables_of = tokens.as_ref().filter(|_| lora.is_some());
-    let (mut model, frozen, tables) = match (cfg.base_storage, tables_of) {
-        (Storage::F32, _) => (hf::load_model(&cfg.model)?, None, None),
-        (storage, tables_of) => {
-            // Each block linear is stored as it is read: the base never exists whole in f32; nor do its
-            // tables, with `tables_of`.
-            let (model, frozen, tables) = match tables_of {
-                Some(tokens) => {
-                    let (model, frozen, tables) = hf::load_frozen_base(&cfg.model, storage, tokens)?;
-                    (model, frozen, Some(tables))
-                }
-                None => {
-                    let (model, frozen) = hf::load_model_stored(&cfg.model, storage)?;
-                    (model, frozen, None)
-                }
-            };
-            log(&format!("frozen base linears stored as {storage:?}: {}", memory::human(frozen.bytes() as u64)));
-            (model, Some(frozen), tables)
-        }
-    };
-    let embedding = match (tables, tables_of) {
-        (Some(tables), _) => Some(tables),
-        // An f32-stored base: its tables are frozen now that it is loaded.
-        (None, Some(tokens)) => Some(
-            reference::freeze_tables(&mut model.params, &model.config.decoder, tokens)
-                .map_err(|e| TrainError::Invalid(format!("the base's embedding: {e}")))?,
-        ),
-        (None, None) => None,
-    };
-    if let Some(e) = &embedding {
-        let (kept, bytes) = (e.kept(), memory::human(e.bytes() as u64));
-        log(&format!("frozen base embedding: head in bf16, lookups of the data's {kept} tokens in f32: {bytes}"));
-    }
+    let (mut model, frozen, embedding) = frozen_base::load(cfg, tables_of, log)?;
     let start = start_point(cfg, opts, &model, lora.as_ref(), log)?;
     // The checkpoint fits the model; its run must also have read these very files.
     let inputs = resume::input_fingerprints(cfg)?;
@@ -353,15 +323,6 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let base = Frozen { linears: frozen.as_ref(), tables: embedding.as_ref() };
     let data = attach_reference(cfg, data, &model, loaded, base, lora.as_ref(), tokenizer.as_ref(), log)?;
     Ok((Setup { cfg: cfg.clone(), model, data, lora, frozen, embedding, inputs }, start))
-}
-
-/// What of a LoRA run's base is held frozen other than in f32: its block linears (QLoRA's NF4, bf16) and,
-/// in a bf16 run, its embedding and head ([`FrozenEmbedding`]: the head's products round it to bf16 anyway
-/// and the lookups read the same f32 rows, so the numbers do not change).
-#[derive(Clone, Copy)]
-struct Frozen<'a> {
-    linears: Option<&'a FrozenLinears>,
-    tables: Option<&'a FrozenEmbedding>,
 }
 
 /// Frees the loaded weights of a full run once they are copied into the trained set (`start_point`) and the
@@ -595,17 +556,4 @@ fn attach_reference(
     })
 }
 
-/// `model`'s weights as a pass reads them: with its stored linears, and `adapter` on it, the products in
-/// `precision`.
-pub fn base_model<'a>(
-    model: &'a hf::HfModel,
-    frozen: Option<&'a FrozenLinears>,
-    adapter: Option<&'a Adapter>,
-    precision: Precision,
-) -> Model<'a> {
-    let m = Model::new(&model.params, adapter).with_precision(precision);
-    match frozen {
-        Some(f) => m.with_frozen(f),
-        None => m,
-    }
-}
+pub use super::frozen_base::base_model;
