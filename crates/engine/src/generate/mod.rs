@@ -59,7 +59,7 @@ impl<'a> Generator<'a> {
     /// Makes positions `0..end` usable: refused beyond a learned table, a longer rotary table otherwise
     /// (and refused for weights that cannot generate: a frozen embedding's).
     fn ensure_positions(&mut self, end: usize) -> Result<(), EngineError> {
-        self.params.scoring_only("generation")?;
+        self.params.check_generates()?;
         match self.model.cfg.positions {
             PositionKind::Learned => check_learned(&self.model.cfg, end),
             PositionKind::Rotary(_) => {

@@ -52,13 +52,14 @@ impl<'a> Model<'a> {
         Model { embedding: Some(embedding), ..self }
     }
 
-    /// Refuses a pass that needs what a [`FrozenEmbedding`] does not keep (`what`: generation).
-    pub(crate) fn scoring_only(&self, what: &str) -> Result<(), EngineError> {
+    /// Refuses generation through a [`FrozenEmbedding`]: a sampled token's row may not be kept.
+    pub(crate) fn check_generates(&self) -> Result<(), EngineError> {
         match self.embedding {
-            Some(_) => Err(EngineError::FrozenMismatch(format!(
-                "{what} through a frozen embedding, which keeps only the rows of a run's data: it scores them and \
-                 trains an adapter on them only"
-            ))),
+            Some(_) => Err(EngineError::FrozenMismatch(
+                "generation through a frozen embedding, which keeps only the rows of a run's data: it scores them \
+                 and trains an adapter on them only"
+                    .into(),
+            )),
             None => Ok(()),
         }
     }
