@@ -4,6 +4,24 @@ use engine::{MlpKind, NormKind};
 
 use super::*;
 
+/// An f32 run of `c` with a frozen reference copy, rows of 10, 30 and 20 tokens, one row a batch, nothing
+/// else: each test changes what it is about.
+fn plan_of<'a>(c: &'a DecoderConfig, o: &'a OptimizerConfig) -> MemoryPlan<'a> {
+    MemoryPlan {
+        policy: c,
+        optimizer: o,
+        reference: Some(c),
+        reference_lookups: None,
+        reference_on_policy_buffers: false,
+        row_tokens: vec![10, 30, 20],
+        batch_size: 1,
+        gradient_checkpointing: false,
+        adapter: None,
+        precision: Precision::F32,
+        hands_back: false,
+    }
+}
+
 fn cfg(mlp: MlpKind, norm: NormKind, positions: PositionKind, tied: bool) -> DecoderConfig {
     DecoderConfig {
         norm,
@@ -40,19 +58,7 @@ fn sizes_parse_and_print() {
 fn estimate_scales_with_the_batch() {
     let c = cfg(MlpKind::GeluTanh, NormKind::LayerNorm { eps: 1e-5 }, PositionKind::Learned, true);
     let o = OptimizerConfig::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let plan = |batch_size| MemoryPlan {
-        policy: &c,
-        optimizer: &o,
-        reference: Some(&c),
-        reference_lookups: None,
-        reference_on_policy_buffers: false,
-        row_tokens: vec![10, 30, 20],
-        batch_size,
-        gradient_checkpointing: false,
-        adapter: None,
-        precision: Precision::F32,
-        hands_back: false,
-    };
+    let plan = |batch_size| MemoryPlan { batch_size, ..plan_of(&c, &o) };
     let (one, two) = (estimate(&plan(1)), estimate(&plan(2)));
     assert_eq!((one.batch_tokens, two.batch_tokens, two.batch_rows), (30, 50, 2));
     assert_eq!(two.activations * 30, one.activations * 50);
@@ -67,19 +73,7 @@ fn an_adapter_run_holds_the_base_once() {
     let c = cfg(MlpKind::GeluTanh, NormKind::LayerNorm { eps: 1e-5 }, PositionKind::Learned, true);
     let o = OptimizerConfig::adamw();
     let adapter = AdapterPlan { params: 1000, kept_per_token: 16, ..AdapterPlan::default() };
-    let plan = |adapter| MemoryPlan {
-        policy: &c,
-        optimizer: &o,
-        reference: Some(&c),
-        reference_lookups: None,
-        reference_on_policy_buffers: false,
-        row_tokens: vec![10, 30, 20],
-        batch_size: 1,
-        gradient_checkpointing: false,
-        adapter,
-        precision: Precision::F32,
-        hands_back: false,
-    };
+    let plan = |adapter| MemoryPlan { adapter, batch_size: 1, ..plan_of(&c, &o) };
     let (full, lora) = (estimate(&plan(None)), estimate(&plan(Some(adapter))));
     let p = c.param_count();
     assert_eq!(lora.weights, 4 * (p + 4 * 1000));
@@ -120,19 +114,7 @@ fn a_frozen_base_is_the_size_estimated() {
 fn gradient_checkpointing_counts_layer_inputs_only() {
     let c = cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }, PositionKind::Learned, false);
     let o = OptimizerConfig::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let plan = |gradient_checkpointing| MemoryPlan {
-        policy: &c,
-        optimizer: &o,
-        reference: Some(&c),
-        reference_lookups: None,
-        reference_on_policy_buffers: false,
-        row_tokens: vec![10, 30, 20],
-        batch_size: 2,
-        gradient_checkpointing,
-        adapter: None,
-        precision: Precision::F32,
-        hands_back: false,
-    };
+    let plan = |gradient_checkpointing| MemoryPlan { gradient_checkpointing, batch_size: 2, ..plan_of(&c, &o) };
     let (kept, checkpointed) = (estimate(&plan(false)), estimate(&plan(true)));
     let reference = Activations::bytes_per_token(&c, Keep::None, Precision::F32);
     let want = 50 * (Activations::bytes_per_token(&c, Keep::LayerInputs, Precision::F32) + reference);
@@ -147,19 +129,7 @@ fn gradient_checkpointing_counts_layer_inputs_only() {
 fn a_bf16_run_counts_the_reference_linears_at_two_bytes() {
     let c = cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }, PositionKind::Learned, false);
     let o = OptimizerConfig::adamw();
-    let plan = |precision| MemoryPlan {
-        policy: &c,
-        optimizer: &o,
-        reference: Some(&c),
-        reference_lookups: None,
-        reference_on_policy_buffers: false,
-        row_tokens: vec![10, 30, 20],
-        batch_size: 2,
-        gradient_checkpointing: false,
-        adapter: None,
-        precision,
-        hands_back: false,
-    };
+    let plan = |precision| MemoryPlan { precision, batch_size: 2, ..plan_of(&c, &o) };
     let (f32_run, bf16_run) = (estimate(&plan(Precision::F32)), estimate(&plan(Precision::Bf16)));
     let linears = FrozenLinears::estimate_bytes(&c, Storage::F32) as u64 / 4;
     assert!(linears > 0);
@@ -186,17 +156,13 @@ fn kept_lookups_and_pages_handed_back_lower_the_estimate() {
         let tied = c.tied_embeddings;
         let o = OptimizerConfig::adamw();
         let plan = |reference_lookups, hands_back| MemoryPlan {
-            policy: &c,
-            optimizer: &o,
-            reference: Some(&c),
             reference_lookups,
             reference_on_policy_buffers: true,
             row_tokens: vec![400; 4],
             batch_size: 4,
-            gradient_checkpointing: false,
-            adapter: None,
             precision: Precision::Bf16,
             hands_back,
+            ..plan_of(&c, &o)
         };
         let whole = estimate(&plan(None, false));
         let kept = estimate(&plan(Some(7), false));
