@@ -1,6 +1,9 @@
-//! Gradient checkpointing (`Keep::LayerInputs`): backward recomputes each block from its kept input, and
-//! every gradient equals that of a pass that kept everything (`Keep::All`), bit for bit.
+//! What backward recomputes instead of keeping gives the gradients of keeping it, bit for bit: gradient
+//! checkpointing (`Keep::LayerInputs`: each block from its kept input) against `Keep::All`, and an f32
+//! `Keep::All` pass (each layer's attention half from its input and q, k, v) against one that keeps
+//! every layer's attention outputs (`Activations::keeping_attention`).
 
+use dpo_engine::kernels::Precision;
 use dpo_engine::model::Model;
 use dpo_engine::presets::{tiny_gemma3, tiny_gpt2, tiny_gptj, tiny_llama, tiny_neox};
 use dpo_engine::rng::Rng;
@@ -138,5 +141,54 @@ fn checkpointed_adapter_gradients_equal_kept_ones_bit_for_bit() {
         // Dropout was on: a pass without it gives other log-probs (else the masks were never tested).
         let plain = m.logprobs(Model::new(&p, Some(&lora)), &b, &mut Activations::default(), Keep::All).unwrap();
         assert_ne!(bits(&plain.logp), bits(&logp_all), "{cfg:?}: dropout had no effect");
+    }
+}
+
+/// An f32 pass recomputes each layer's attention half (attention, its projection, the residual after it)
+/// before the layer's backward: the log-probs and every gradient, of a full model and of an adapter with
+/// dropout, are those of a pass that kept them. Also on the f32-keeping buffers of a bf16 pass.
+#[test]
+fn recomputed_attention_outputs_give_the_kept_gradients_bit_for_bit() {
+    for cfg in [tiny_gpt2(), tiny_llama(), tiny_gemma3(), tiny_neox(), tiny_gptj()] {
+        let (m, p, b) = (Decoder::new(cfg.clone()), params(&cfg), batch(&cfg));
+        let lora = adapter(&cfg);
+        let g: Vec<f32> = (0..b.targets.len()).map(|i| (i as f32 * 0.43).sin()).collect();
+        for precision in Precision::ALL {
+            let fresh = |keep_attention: bool| {
+                let acts = Activations::default();
+                let acts = if precision == Precision::Bf16 { acts.keeping_f32() } else { acts };
+                if keep_attention {
+                    acts.keeping_attention()
+                } else {
+                    acts
+                }
+            };
+            let full = |keep_attention: bool| {
+                let model = Model::new(&p, None).with_precision(precision);
+                let mut acts = fresh(keep_attention);
+                let out = m.logprobs(model, &b, &mut acts, Keep::All).unwrap();
+                let mut grads = Params::zeros(&cfg);
+                m.backward_logprobs(model, &b, &mut acts, &g, &mut grads).unwrap();
+                (out.logp, grads)
+            };
+            let ((logp_kept, kept), (logp, recomputed)) = (full(true), full(false));
+            assert_eq!(bits(&logp_kept), bits(&logp), "{cfg:?} {precision}");
+            assert_same_bits(&cfg, &kept, &recomputed);
+
+            let adapted = |keep_attention: bool| {
+                let model = Model::new(&p, Some(&lora)).with_precision(precision);
+                let mut acts = fresh(keep_attention);
+                let out = m.logprobs(model.with_dropout_seed(7), &b, &mut acts, Keep::All).unwrap();
+                let mut grads = lora.zeros_like();
+                m.backward_logprobs(model, &b, &mut acts, &g, &mut grads).unwrap();
+                (out.logp, grads)
+            };
+            let ((logp_kept, kept), (logp, recomputed)) = (adapted(true), adapted(false));
+            assert_eq!(bits(&logp_kept), bits(&logp), "{cfg:?} {precision}: adapter");
+            for ((name, a), (_, c)) in kept.named().iter().zip(recomputed.named()) {
+                assert!(a.data.iter().any(|&x| x != 0.0), "{cfg:?}: adapter gradient {name} is all zero");
+                assert_eq!(bits(&a.data), bits(&c.data), "{cfg:?} {precision}: adapter gradient {name} differs");
+            }
+        }
     }
 }

@@ -278,11 +278,20 @@ impl Decoder {
                     la.swap_products(&mut acts.work);
                     la.widen_products();
                 }
+                if acts.recomputes_attention {
+                    // The layer's attention outputs, recomputed into the pass's one set.
+                    la.swap_attention_outputs(&mut acts.work);
+                    let lora = forward_model.layer_lora(l, true);
+                    self.recompute_attention_half(lp, l, lora, la, s, b);
+                }
                 let mut lg = grads.layer(l);
                 lg.reuse_pages();
                 self.block_backward(lp, l, adapter, lg, input_grad, b, la, s, rope);
                 if acts.kept_bf16 {
                     la.swap_products(&mut acts.work);
+                }
+                if acts.recomputes_attention {
+                    la.swap_attention_outputs(&mut acts.work);
                 }
                 // Spent: handed back while the gradients fill memory (`crate::pages`).
                 la.discard();

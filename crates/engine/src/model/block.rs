@@ -83,7 +83,7 @@ impl Decoder {
         let cfg = &self.cfg;
         let (d, ff, hd, nh, nkv) = (cfg.hidden, cfg.ffn_hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
         let n = la.x.len() / d;
-        let (qkv_dim, attn_dim, mlp_in) = (cfg.qkv_dim(), cfg.attn_dim(), cfg.mlp_in_dim());
+        let (qkv_dim, mlp_in) = (cfg.qkv_dim(), cfg.mlp_in_dim());
         let packed = matches!(attend, Attend::Packed { .. });
         // y[n, out] = x[n, in] W^T + b, W the site's weight (f32 or stored), [out, in].
         let linear = |site: Site, y: &mut [f32], x: &[f32], b, inp, out| {
@@ -91,7 +91,6 @@ impl Decoder {
         };
         la.lora.begin(adapter);
         fit(&mut la.qkv, n * qkv_dim);
-        fit(&mut la.attn, n * attn_dim);
         fit(&mut la.mlp_pre, n * mlp_in);
         for v in [&mut s.h, &mut s.o] {
             fit(v, n * d);
@@ -117,6 +116,57 @@ impl Decoder {
             // product): its softmax statistics then belong to the values a bf16 pass keeps for backward.
             la.qkv.par_chunks_mut(CONVERT_CHUNK).for_each(bf16::round_in_place);
         }
+        self.attention_half(lp, layer, adapter, la, s, attend, true);
+
+        // MLP input: norm2 of x (parallel residual) or of x_mid = x + attention (sequential).
+        let mlp_input = if cfg.parallel_residual { &la.x } else { &la.x_mid };
+        norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, mlp_input, n, d);
+        linear(Site::MlpIn, &mut la.mlp_pre, &s.h, bias(&lp.b_in), d, mlp_in);
+        lora::forward(Site::MlpIn, adapter, &s.h, &mut la.mlp_pre, &mut la.lora, &mut s.lora, n, packed);
+        act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
+        // s.h is free again: it takes the MLP output.
+        linear(Site::MlpOut, &mut s.h, &s.act, bias(&lp.b_out), ff, d);
+        lora::forward(Site::MlpOut, adapter, &s.act, &mut s.h, &mut la.lora, &mut s.lora, n, packed);
+        if let Some(post) = &lp.post_mlp_norm {
+            fit(&mut la.mlp_out, n * d);
+            la.mlp_out.copy_from_slice(&s.h);
+            norm_forward(cfg.norm, post, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.mlp_out, n, d);
+        }
+
+        // Residual: out = (x + o) + mlp (parallel) or x_mid + mlp (sequential).
+        if cfg.parallel_residual {
+            k::add3(out, &la.x, &s.o);
+            k::add_inplace(out, &s.h);
+        } else {
+            k::add3(out, &la.x_mid, &s.h);
+        }
+    }
+
+    /// The attention half of [`Decoder::block_forward`] once `la.qkv` holds q, k and v: attention into
+    /// `la.attn` (and its log-sum-exp), then with `project` the output projection into `s.o` (after its
+    /// norm with `post_norms`) and, with a sequential residual, `la.x_mid = x + o`.
+    ///
+    /// The backward of a pass that did not keep `attn`, `o_pre` and `x_mid` ([`super::Activations`]'s
+    /// `recomputes_attention`) re-runs it from what it kept (`x`, `qkv`, the adapter's `u`): the same
+    /// kernels on the same inputs, so the same bits. `project: false` there skips the projection where
+    /// backward reads none of its results (a parallel residual without a norm on the branch).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_half(
+        &self,
+        lp: LayerView,
+        layer: usize,
+        adapter: Option<LayerLora>,
+        la: &mut LayerActs,
+        s: &mut Scratch,
+        attend: Attend,
+        project: bool,
+    ) {
+        let cfg = &self.cfg;
+        let (d, hd, nh, nkv) = (cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+        let n = la.x.len() / d;
+        let (qkv_dim, attn_dim) = (cfg.qkv_dim(), cfg.attn_dim());
+        let packed = matches!(attend, Attend::Packed { .. });
+        fit(&mut la.attn, n * attn_dim);
         let (k_cols, v_cols) = (nh * hd..(nh + nkv) * hd, (nh + nkv) * hd..(nh + 2 * nkv) * hd);
         match attend {
             Attend::Packed { batch, cache } => {
@@ -148,7 +198,20 @@ impl Decoder {
                 k::decode_attention(&mut la.attn, &la.qkv, qkv_dim, &keys, &values, &self.attn_dims(layer));
             }
         }
-        linear(Site::AttnOut, &mut s.o, &la.attn, bias(&lp.b_o), attn_dim, d);
+        if !project {
+            return;
+        }
+        fit(&mut s.o, n * d);
+        fit(&mut s.stat_a, n);
+        fit(&mut s.stat_b, n);
+        lp.weight(Site::AttnOut).forward(
+            &mut s.o,
+            &la.attn,
+            bias(&lp.b_o),
+            LinearDims { rows: n, inp: attn_dim, out: d },
+            packed,
+            lp.precision,
+        );
         lora::forward(Site::AttnOut, adapter, &la.attn, &mut s.o, &mut la.lora, &mut s.lora, n, packed);
         if let Some(post) = &lp.post_attn_norm {
             // o = post_attn_norm(o); the norm's input is kept for backward.
@@ -156,34 +219,27 @@ impl Decoder {
             la.o_pre.copy_from_slice(&s.o);
             norm_forward(cfg.norm, post, &mut s.o, &mut s.stat_a, &mut s.stat_b, &la.o_pre, n, d);
         }
-
-        // MLP input: norm2 of x (parallel residual) or of x_mid = x + attention (sequential).
-        if cfg.parallel_residual {
-            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x, n, d);
-        } else {
+        if !cfg.parallel_residual {
             fit(&mut la.x_mid, n * d);
             k::add3(&mut la.x_mid, &la.x, &s.o);
-            norm_forward(cfg.norm, lp.mlp_norm(), &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.x_mid, n, d);
         }
-        linear(Site::MlpIn, &mut la.mlp_pre, &s.h, bias(&lp.b_in), d, mlp_in);
-        lora::forward(Site::MlpIn, adapter, &s.h, &mut la.mlp_pre, &mut la.lora, &mut s.lora, n, packed);
-        act_forward(cfg.mlp, &mut s.act, &la.mlp_pre, n, ff);
-        // s.h is free again: it takes the MLP output.
-        linear(Site::MlpOut, &mut s.h, &s.act, bias(&lp.b_out), ff, d);
-        lora::forward(Site::MlpOut, adapter, &s.act, &mut s.h, &mut la.lora, &mut s.lora, n, packed);
-        if let Some(post) = &lp.post_mlp_norm {
-            fit(&mut la.mlp_out, n * d);
-            la.mlp_out.copy_from_slice(&s.h);
-            norm_forward(cfg.norm, post, &mut s.h, &mut s.stat_a, &mut s.stat_b, &la.mlp_out, n, d);
-        }
+    }
 
-        // Residual: out = (x + o) + mlp (parallel) or x_mid + mlp (sequential).
-        if cfg.parallel_residual {
-            k::add3(out, &la.x, &s.o);
-            k::add_inplace(out, &s.h);
-        } else {
-            k::add3(out, &la.x_mid, &s.h);
-        }
+    /// Re-runs the attention half of layer `layer`'s block on the packed batch `b` before its backward,
+    /// for a pass that kept `la`'s input and q, k, v but not what attention made of them
+    /// ([`Decoder::attention_half`]). `adapter`: the layer's adapter as its forward applied it.
+    pub(crate) fn recompute_attention_half(
+        &self,
+        lp: LayerView,
+        layer: usize,
+        adapter: Option<LayerLora>,
+        la: &mut LayerActs,
+        s: &mut Scratch,
+        b: &Batch,
+    ) {
+        // A parallel residual's backward reads `o` only through its post-norm's input.
+        let project = !self.cfg.parallel_residual || lp.post_attn_norm.is_some();
+        self.attention_half(lp, layer, adapter, la, s, Attend::Packed { batch: b, cache: None }, project);
     }
 
     /// The backward of [`Decoder::block_forward`] on a packed batch `b`, from what it kept in `la`. On

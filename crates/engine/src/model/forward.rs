@@ -80,6 +80,14 @@ impl Decoder {
                     la.narrow_products();
                     la.swap_products(&mut acts.work);
                 }
+                Keep::All if acts.recomputes_attention => {
+                    // The block writes its attention outputs into the pass's one set (lent by `work`),
+                    // which the next block overwrites: backward recomputes them.
+                    let la = &mut acts.layers[l];
+                    la.swap_attention_outputs(&mut acts.work);
+                    self.block_forward(lp, l, adapter, la, s, rope, attend, &mut out);
+                    la.swap_attention_outputs(&mut acts.work);
+                }
                 Keep::All => self.block_forward(lp, l, adapter, &mut acts.layers[l], s, rope, attend, &mut out),
                 Keep::None => self.block_forward(lp, l, adapter, &mut acts.layers[0], s, rope, attend, &mut out),
             }

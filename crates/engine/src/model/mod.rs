@@ -1,12 +1,15 @@
 //! The decoder family's forward and backward passes, assembled from `crate::kernels`.
 //!
 //! Forward keeps, per layer, only what backward cannot cheaply recompute: the layer input `x`, the
-//! post-rotary `qkv`, the attention output and its log-sum-exp, the mid-layer residual (sequential
-//! layout only) and the MLP pre-activation. Norm outputs and MLP activations are recomputed in backward
-//! (two passes over `[N, d]` instead of storing them), which keeps activation memory near
-//! `N * (2d + qkv + attn + mlp_in)` floats per layer. A bf16 pass keeps the products among them (`qkv`,
-//! `attn`, `mlp_pre`: all but the residual stream) in bf16, as autocast does: `N * (2d + (qkv + attn +
-//! mlp_in) / 2)` floats' worth ([`Activations::bytes_per_token`]).
+//! post-rotary `qkv`, attention's log-sum-exp and the MLP pre-activation. Norm outputs and MLP
+//! activations are recomputed in backward (two passes over `[N, d]` instead of storing them). An f32
+//! pass also recomputes each layer's attention half before its backward (attention, its output
+//! projection and the mid-layer residual: about 2.6% more products on SmolLM2-135M for a fifth of the
+//! activations), so it keeps `N * (d + qkv + mlp_in)` floats per layer plus one layer's `attn` and
+//! `x_mid`. A bf16 pass keeps the attention output and the mid-layer residual too, and the products
+//! among what it keeps (`qkv`, `attn`, `mlp_pre`) in bf16, as autocast does: `N * (2d + (qkv + attn +
+//! mlp_in) / 2)` floats' worth ([`Activations::bytes_per_token`]); at half the bytes, recomputing them
+//! would cost its step more than it saves.
 
 mod acts;
 mod backward;
