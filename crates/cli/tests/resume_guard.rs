@@ -108,6 +108,34 @@ fn an_sft_resume_is_guarded_the_same_way() {
     assert!(err.contains("the linear learning-rate schedule changes from step 3 on"), "{err}");
 }
 
+/// `--resume` given another command's run names the command that continues it, before anything is
+/// read or written; `dpo train` continues an SFT run (its config.toml records the method).
+#[test]
+fn a_resume_of_another_command_s_run_names_that_command() {
+    let dir = scratch("guard-kind");
+    let (dpo_run, sft_run) = (dir.join("dpo"), dir.join("sft"));
+    finished_run(&dpo_run, &prefs(), &[]);
+    succeeds(&mut on_fixture(&["sft", "--batch-size", "4", "--max-steps", "1"], &sft_run));
+    let rm_run = trained_reward_model(&dir);
+    let before = snapshot(&dpo_run);
+    let cases: [(&[&str], &Path, &str); 5] = [
+        (&["ppo"], &rm_run, "dpo reward-model train"),
+        (&["train"], &rm_run, "dpo reward-model train"),
+        (&["sft"], &dpo_run, "dpo train"),
+        (&["reward-model", "train"], &dpo_run, "dpo train"),
+        (&["reward-model", "train"], &sft_run, "dpo sft"),
+    ];
+    for (command, run, wrote) in cases {
+        let r = run.display();
+        fails(
+            dpo().args(command).arg("--resume").arg(run),
+            &[&format!("a `{wrote}` run"), &format!("continue it with `{wrote} --resume {r}`")],
+        );
+    }
+    assert_eq!(snapshot(&dpo_run), before);
+    succeeds(dpo().args(["train", "--max-steps", "2", "--resume"]).arg(&sft_run));
+}
+
 /// A second Ctrl-C exits at once with 130 and one line: what it abandoned and where a resume continues.
 /// The second signal must come while the first is being acted on (the step finishing, the checkpoint
 /// being written), a few milliseconds here: a try whose run stopped cleanly first is made again.

@@ -22,6 +22,7 @@ mod precision;
 mod progress;
 mod reward;
 mod reward_model;
+mod run_kind;
 mod sft;
 mod source;
 mod train;

@@ -177,6 +177,7 @@ impl PpoRunConfig {
                 run.display()
             )
         })?;
+        super::run_kind::check(run, &text, &[super::run_kind::RunKind::Ppo])?;
         toml::from_str(&text).with_context(|| format!("{}: not the configuration of a PPO run", path.display()))
     }
 }

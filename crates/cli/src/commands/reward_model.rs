@@ -195,6 +195,7 @@ impl RmRunConfig {
                 run.display()
             )
         })?;
+        super::run_kind::check(run, &text, &[super::run_kind::RunKind::RewardModel])?;
         toml::from_str(&text)
             .with_context(|| format!("{}: not the configuration of a reward-model run", path.display()))
     }

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 pub use super::hints::with_hint;
 use super::progress::{at, written, Progress};
+use super::run_kind::RunKind;
 
 /// `--loss`'s long help: every loss the objectives' registry holds.
 fn loss_help() -> String {
@@ -402,8 +403,9 @@ impl ObjectiveFlags {
     }
 }
 
-/// Where a run's settings come from: `--config FILE`, or the config.toml of the run `--resume` names.
-fn settings_file(inputs: &InputFlags) -> anyhow::Result<Option<PathBuf>> {
+/// Where a run's settings come from: `--config FILE`, or the config.toml of the run `--resume` names
+/// (refused when another command wrote that run: `method` is the one the command forces, if any).
+fn settings_file(inputs: &InputFlags, method: Option<Method>) -> anyhow::Result<Option<PathBuf>> {
     if let Some(p) = &inputs.config {
         return Ok(Some(p.clone()));
     }
@@ -411,6 +413,13 @@ fn settings_file(inputs: &InputFlags) -> anyhow::Result<Option<PathBuf>> {
     let run = resume_target(resume).run;
     let file = run.join("config.toml");
     if file.is_file() {
+        // `dpo train` continues an SFT run too (its config.toml records the method); `dpo sft` only those.
+        let expected: &[RunKind] = match method {
+            Some(Method::Sft) => &[RunKind::Sft],
+            _ => &[RunKind::Train, RunKind::Sft],
+        };
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        super::run_kind::check(&run, &text, expected)?;
         return Ok(Some(file));
     }
     bail!(
@@ -425,7 +434,7 @@ fn settings_file(inputs: &InputFlags) -> anyhow::Result<Option<PathBuf>> {
 /// against the working directory, those in a file against the file's directory; a resumed run's
 /// directory is where its checkpoint lives, wherever the run was copied.
 pub fn resolve(inputs: &InputFlags, flags: &impl Serialize, method: Option<Method>) -> anyhow::Result<TrainConfig> {
-    let file = settings_file(inputs)?;
+    let file = settings_file(inputs, method)?;
     let mut table = toml::Table::try_from(flags).context("reading the flags")?;
     for key in dpo::train::config::PATH_KEYS {
         if let Some(toml::Value::String(p)) = table.get_mut(key) {
