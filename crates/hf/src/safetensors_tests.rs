@@ -115,15 +115,17 @@ fn mapped_rss_kib(path: &Path) -> u64 {
 }
 
 /// Reading tensors leaves none of the file's pages in the resident set: a model or checkpoint read tensor
-/// by tensor holds the converted tensors, not the file besides (a resumed run held both: 1 GiB more).
+/// by tensor holds the converted tensors, not the file besides (a resumed run held both: 1 GiB more). Each
+/// tensor is converted a block at a time, its values the same across the blocks' edges.
 #[cfg(target_os = "linux")]
 #[test]
 fn read_tensors_leave_no_file_pages_resident() {
     let dir = std::env::temp_dir().join(format!("hf-st-forget-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("big.safetensors");
-    // Two 4 MiB tensors of distinct values.
-    let n = 1 << 20;
+    // Two tensors of distinct values, each a little over one 4 MiB block of `read_f32`: the second starts
+    // off a page and a block, so its blocks and pages cross each other.
+    let n = (1 << 20) + 7;
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
         (0..2).map(|k| (format!("t{k}"), vec![n], (0..n).map(|i| (i * 3 + k) as f32).collect())).collect();
     std::fs::write(&p, serialize_f32(&tensors).unwrap()).unwrap();
