@@ -121,6 +121,21 @@ fn a_bf16_base_run_trains_resumes_and_scores_as_its_widened_base() {
     trains_resumes_and_scores_as_its_widened_base("qlora-bf16", Storage::Bf16, &flags, "base_dtype = \"bf16\"");
 }
 
+/// A bf16 LoRA run's products round the base's weights to bf16 however it stores them: with
+/// `--base-dtype f32` (linears in f32, the embedding and head frozen as they are read) it trains the
+/// adapter of the default bf16 storage, bit for bit.
+#[test]
+fn a_bf16_run_trains_the_same_adapter_on_an_f32_or_bf16_base() {
+    let dir = scratch("qlora-bf16-f32-base");
+    let (f32_base, bf16_base) = (dir.join("f32"), dir.join("bf16"));
+    succeeds(&mut lora_train(&base(), &f32_base, &["--precision", "bf16", "--base-dtype", "f32"]));
+    succeeds(&mut lora_train(&base(), &bf16_base, &["--precision", "bf16"]));
+    assert!(adapter_bytes(&f32_base.join("final")) == adapter_bytes(&bf16_base.join("final")));
+    let plain = dir.join("f32-run");
+    succeeds(&mut lora_train(&base(), &plain, &[]));
+    assert!(adapter_bytes(&plain.join("final")) != adapter_bytes(&f32_base.join("final")), "bf16 changed nothing");
+}
+
 #[test]
 fn a_stored_base_without_an_adapter_is_refused() {
     let run = scratch("qlora-refused").join("run");

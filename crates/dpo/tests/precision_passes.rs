@@ -65,6 +65,16 @@ fn a_bf16_stored_reference_scores_bit_for_bit_as_its_f32_weights_in_bf16() {
         let after = freeze_tables(&mut whole.params, &m.config.decoder, &tokens).unwrap();
         assert!(after.head().to_f32() == tables.head().to_f32(), "{arch}: the heads differ");
         assert!(tokens.iter().all(|&t| after.row(t) == tables.row(t)), "{arch}: the lookups differ");
+        // With its block linears in f32 (`--base-dtype f32`): the same tables, made as read, and the rest
+        // of the model as `load_model` reads it.
+        let (f32_linears, f32_tables) = hf::load_with_frozen_tables(&dir, &tokens).unwrap();
+        assert!(f32_tables.head().to_f32() == tables.head().to_f32(), "{arch}: the heads differ (f32 linears)");
+        assert!(tokens.iter().all(|&t| f32_tables.row(t) == tables.row(t)), "{arch}: the lookups differ (f32 linears)");
+        for ((name, want), (_, got)) in whole.params.named().iter().zip(f32_linears.params.named()) {
+            assert!(want.data == got.data, "{arch}: `{name}` differs from the f32 model's");
+        }
+        let view = dpo::train::setup::base_model(&f32_linears, None, None, Precision::Bf16).with_embedding(&f32_tables);
+        assert!(bits(&score(view)) == bits(&f32_weights), "{arch}: the f32 base with frozen tables differs");
 
         // An f32 run keeps the f32 copy: nothing is stored.
         let f32_held =

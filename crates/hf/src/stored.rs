@@ -2,7 +2,8 @@
 //! `w_o`, `w_in`, `w_out` goes into a [`Matrix`] (NF4, bf16 or f32) the moment it is built from the
 //! checkpoint and its f32 copy is freed, so the peak is the f32 non-linear tensors (embeddings, norms,
 //! biases, head) + one f32 linear + the stored bytes, never the whole model in f32. A bf16 LoRA run's base
-//! ([`load_frozen_base`]) keeps its embedding and head as a `FrozenEmbedding` made the same way.
+//! ([`load_frozen_base`], or [`load_with_frozen_tables`] with f32 linears) keeps its embedding and head as
+//! a `FrozenEmbedding` made the same way.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -19,8 +20,8 @@ use crate::weights::read_tensors;
 /// [`HfModel`]'s linear tensors are empty (shape kept, no data) and the [`FrozenLinears`] hold them.
 /// Pass both to `engine::Model::new(&model.params, ..).with_frozen(&frozen)`.
 pub fn load_model_stored(dir: &Path, storage: Storage) -> Result<(HfModel, FrozenLinears)> {
-    let (model, frozen, _) = load(dir, storage, None)?;
-    Ok((model, frozen))
+    let (model, frozen, _) = load(dir, Some(storage), None)?;
+    Ok((model, frozen.ok_or_else(|| internal(dir, "no block linears stored"))?))
 }
 
 /// [`load_model_stored`], with the token embedding and head kept as a [`FrozenEmbedding`] for the
@@ -33,18 +34,29 @@ pub fn load_frozen_base(
     storage: Storage,
     tokens: &BTreeSet<u32>,
 ) -> Result<(HfModel, FrozenLinears, FrozenEmbedding)> {
-    let (model, frozen, tables) = load(dir, storage, Some(tokens))?;
-    let path = dir.to_path_buf();
-    let tables =
-        tables.ok_or_else(|| Error::Weights { path, problems: vec!["internal: no token embedding".into()] })?;
-    Ok((model, frozen, tables))
+    let (model, frozen, tables) = load(dir, Some(storage), Some(tokens))?;
+    let frozen = frozen.ok_or_else(|| internal(dir, "no block linears stored"))?;
+    Ok((model, frozen, tables.ok_or_else(|| internal(dir, "no token embedding"))?))
 }
 
+/// [`load_frozen_base`] with the block linears left in f32 in the returned model (a bf16 LoRA run with
+/// `--base-dtype f32`): the same tables, made as they are read, so the f32 embedding and head are never
+/// held together nor beside the bf16 head, as `load_model` and then freezing them would.
+pub fn load_with_frozen_tables(dir: &Path, tokens: &BTreeSet<u32>) -> Result<(HfModel, FrozenEmbedding)> {
+    let (model, _, tables) = load(dir, None, Some(tokens))?;
+    Ok((model, tables.ok_or_else(|| internal(dir, "no token embedding"))?))
+}
+
+fn internal(dir: &Path, what: &str) -> Error {
+    Error::Weights { path: dir.to_path_buf(), problems: vec![format!("internal: {what}; please report this")] }
+}
+
+/// `storage: None` leaves the block linears in the model's f32 tensors.
 fn load(
     dir: &Path,
-    storage: Storage,
+    storage: Option<Storage>,
     tokens: Option<&BTreeSet<u32>>,
-) -> Result<(HfModel, FrozenLinears, Option<FrozenEmbedding>)> {
+) -> Result<(HfModel, Option<FrozenLinears>, Option<FrozenEmbedding>)> {
     let config = load_config(dir)?;
     let ckpt = Checkpoint::open_dir(dir)?;
     let cfg = &config.decoder;
@@ -52,7 +64,7 @@ fn load(
     // `Params::zeros` allocates without touching pages; the linears' zeros are dropped unused.
     let mut params = Params::zeros(cfg);
     for (name, t) in params.named_mut() {
-        if FrozenLinears::linear_of(&name).is_some() {
+        if storage.is_some() && FrozenLinears::linear_of(&name).is_some() {
             t.data = Vec::new();
         }
     }
@@ -68,8 +80,9 @@ fn load(
             };
             let stored =
                 |e: engine::quant::QuantError| problem(format!("`{engine_name}` cannot be stored as bf16: {e}"));
-            match (FrozenLinears::linear_of(engine_name), tokens) {
-                (Some((layer, site)), _) => {
+            let linear = storage.and_then(|s| FrozenLinears::linear_of(engine_name).map(|l| (l, s)));
+            match (linear, tokens) {
+                (Some(((layer, site), storage)), _) => {
                     let (rows, cols) = (t.shape[0], t.shape[1]);
                     let m = Matrix::new(data, rows, cols, storage)
                         .map_err(|e| problem(format!("`{engine_name}` cannot be stored as {storage:?}: {e}")))?;
@@ -91,7 +104,10 @@ fn load(
             Ok(())
         })?;
     }
-    let frozen = FrozenLinears::from_slots(slots).map_err(|e| problem(format!("internal: {e}; please report this")))?;
+    let frozen = match storage {
+        Some(_) => Some(FrozenLinears::from_slots(slots).map_err(|e| internal(dir, &e))?),
+        None => None,
+    };
     let tables = match tokens {
         None => None,
         // Tied: the embedding read whole in f32 becomes the lookups and the bf16 head.

@@ -1,6 +1,6 @@
 //! A LoRA run's frozen base, loaded as the run holds it: the block linears stored (QLoRA's NF4, bf16)
 //! as they are read, and in a bf16 run the token embedding and head as a [`FrozenEmbedding`] (the data's
-//! lookup rows in f32, the head in bf16), made as they are read too where the linears are stored.
+//! lookup rows in f32, the head in bf16), made as they are read too.
 
 use std::collections::BTreeSet;
 
@@ -9,7 +9,7 @@ use engine::model::Model;
 use engine::quant::{FrozenEmbedding, FrozenLinears, Storage};
 use engine::Adapter;
 
-use super::{memory, reference, TrainConfig, TrainError};
+use super::{memory, TrainConfig, TrainError};
 
 /// What of a LoRA run's base is held frozen other than in f32: its block linears (QLoRA's NF4, bf16) and,
 /// in a bf16 run, its embedding and head ([`FrozenEmbedding`]: the head's products round it to bf16 anyway
@@ -27,34 +27,26 @@ pub(super) fn load(
     tables_of: Option<&BTreeSet<u32>>,
     log: &mut dyn FnMut(&str),
 ) -> Result<(hf::HfModel, Option<FrozenLinears>, Option<FrozenEmbedding>), TrainError> {
-    let (mut model, frozen, tables) = match (cfg.base_storage, tables_of) {
-        (Storage::F32, _) => (hf::load_model(&cfg.model)?, None, None),
-        (storage, tables_of) => {
-            // Each block linear is stored as it is read: the base never exists whole in f32; nor do its
-            // tables, with `tables_of`.
-            let (model, frozen, tables) = match tables_of {
-                Some(tokens) => {
-                    let (model, frozen, tables) = hf::load_frozen_base(&cfg.model, storage, tokens)?;
-                    (model, frozen, Some(tables))
-                }
-                None => {
-                    let (model, frozen) = hf::load_model_stored(&cfg.model, storage)?;
-                    (model, frozen, None)
-                }
-            };
-            log(&format!("frozen base linears stored as {storage:?}: {}", memory::human(frozen.bytes() as u64)));
-            (model, Some(frozen), tables)
+    // Each block linear is stored as it is read (the base never exists whole in f32), and with
+    // `tables_of` so are the tables (the f32 embedding and head are never held together).
+    let (model, frozen, embedding) = match (cfg.base_storage, tables_of) {
+        (Storage::F32, None) => (hf::load_model(&cfg.model)?, None, None),
+        (Storage::F32, Some(tokens)) => {
+            let (model, tables) = hf::load_with_frozen_tables(&cfg.model, tokens)?;
+            (model, None, Some(tables))
+        }
+        (storage, Some(tokens)) => {
+            let (model, frozen, tables) = hf::load_frozen_base(&cfg.model, storage, tokens)?;
+            (model, Some(frozen), Some(tables))
+        }
+        (storage, None) => {
+            let (model, frozen) = hf::load_model_stored(&cfg.model, storage)?;
+            (model, Some(frozen), None)
         }
     };
-    let embedding = match (tables, tables_of) {
-        (Some(tables), _) => Some(tables),
-        // An f32-stored base: its tables are frozen now that it is loaded.
-        (None, Some(tokens)) => Some(
-            reference::freeze_tables(&mut model.params, &model.config.decoder, tokens)
-                .map_err(|e| TrainError::Invalid(format!("the base's embedding: {e}")))?,
-        ),
-        (None, None) => None,
-    };
+    if let Some(f) = &frozen {
+        log(&format!("frozen base linears stored as {:?}: {}", cfg.base_storage, memory::human(f.bytes() as u64)));
+    }
     if let Some(e) = &embedding {
         let (kept, bytes) = (e.kept(), memory::human(e.bytes() as u64));
         log(&format!("frozen base embedding: head in bf16, lookups of the data's {kept} tokens in f32: {bytes}"));
