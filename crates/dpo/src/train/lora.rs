@@ -87,14 +87,15 @@ impl LoraRun {
             kept += decoder.adapter_activation_floats_per_token(&shape, Keep::None);
         }
         let params = ParamSet::numel(&shape) as u64;
+        let stored = cfg.base_storage != Storage::F32 || lookups.is_some();
         Ok(AdapterPlan {
             params,
             kept_per_token: kept,
             frozen_copy: self.start.is_some() && cfg.ref_model.is_none(),
             merge: cfg.merge,
             reference_model: cfg.ref_model.is_some(),
-            base_bytes: (cfg.base_storage != Storage::F32 || lookups.is_some())
-                .then(|| super::memory::frozen_model_bytes(&model.decoder, cfg.base_storage, lookups)),
+            base_bytes: stored.then(|| super::memory::frozen_model_bytes(&model.decoder, cfg.base_storage, lookups)),
+            load_bytes: stored.then(|| super::memory::load_bytes(&model.decoder, cfg.base_storage, lookups)),
         })
     }
 }

@@ -19,6 +19,9 @@
 //!             adapter and its moments, or with --merge the merged copy of the base
 //! base        the program, the tokenizer, thread stacks and the data (a fixed allowance), and the rotary
 //!             tables (`engine::kernels::RopeTable::floats`, per decoder)
+//! loading     a LoRA base stored as it is read (QLoRA, bf16, frozen tables): what it holds once read and
+//!             the one tensor in flight in f32 ([`load_bytes`]); the estimate is the larger of this and
+//!             the step's peak (a large vocabulary and short rows make loading the peak)
 //! ```
 //!
 //! A bf16 run (`MemoryPlan::precision`) holds the reference model's block linears in bf16 (its products
@@ -54,7 +57,7 @@ use std::path::Path;
 use engine::kernels::{head_scratch_floats, Precision, RopeTable};
 use engine::optim::OptimizerConfig;
 use engine::quant::{FrozenEmbedding, FrozenLinears, Storage};
-use engine::{Activations, DecoderConfig, Keep, PositionKind};
+use engine::{Activations, DecoderConfig, Keep, PositionKind, Site};
 
 use super::config::Objective;
 
@@ -79,11 +82,15 @@ pub struct MemoryEstimate {
     pub head: u64,
     pub checkpoint: u64,
     pub base: u64,
+    /// Loading a stored LoRA base ([`AdapterPlan::load_bytes`]) with the program: the peak when it is
+    /// above the training step's; 0 otherwise counted in the weights.
+    pub load: u64,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.weights + self.activations + self.head + self.checkpoint + self.base - self.overlap
+        let step = self.weights + self.activations + self.head + self.checkpoint + self.base - self.overlap;
+        step.max(self.load)
     }
 
     /// `estimated peak 1.2 GiB (weights, gradient and optimizer 600 MiB for 135M parameters, ...)`.
@@ -104,7 +111,10 @@ impl MemoryEstimate {
             human(self.head),
             human(self.checkpoint),
             human(self.base)
-        )
+        ) + &match self.load {
+            0 => String::new(),
+            l => format!("; loading the base {}", human(l)),
+        }
     }
 }
 
@@ -184,6 +194,21 @@ pub struct AdapterPlan {
     /// linears in NF4 or bf16, its embedding and head as a bf16 run keeps them); `None` for an f32 base (4
     /// bytes a parameter).
     pub base_bytes: Option<u64>,
+    /// Bytes while such a base is loaded ([`load_bytes`]); `None` where it is not read from a file (a
+    /// random base: `dpo bench`) or held in f32.
+    pub load_bytes: Option<u64>,
+}
+
+/// The peak of reading a frozen base stored as [`frozen_model_bytes`] counts it: what it holds once
+/// read, and the one tensor in flight in f32 (each is read whole in f32, then stored): with `lookups`
+/// (frozen tables) the f32 head on its way to bf16, 2 bytes a value more than the bf16 head it becomes
+/// (an untied embedding, read first, leaves only its lookups); otherwise the largest block linear.
+pub fn load_bytes(cfg: &DecoderConfig, storage: Storage, lookups: Option<u64>) -> u64 {
+    let in_flight = match lookups {
+        Some(_) => 2 * (cfg.vocab_size * cfg.hidden) as u64,
+        None => Site::ALL.iter().map(|s| s.dims(cfg)).map(|(i, o)| 4 * (i * o) as u64).max().unwrap_or(0),
+    };
+    frozen_model_bytes(cfg, storage, lookups) + in_flight
 }
 
 fn optimizer_buffers(o: &OptimizerConfig) -> u64 {
@@ -290,6 +315,7 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
             Some(a) => 4 * a.params * k.max(1),
         },
         base: BASE_BYTES + rope(c) + plan.reference.map(rope).unwrap_or(0),
+        load: plan.adapter.and_then(|a| a.load_bytes).map_or(0, |l| l + BASE_BYTES),
     }
 }
 

@@ -110,6 +110,39 @@ fn a_frozen_base_is_the_size_estimated() {
     }
 }
 
+/// Loading a stored base holds one tensor in f32 beside what is already stored: the estimate is the
+/// larger of that and the step. With a large vocabulary and a short batch, loading is the peak.
+#[test]
+fn loading_a_stored_base_is_counted_where_it_is_the_peak() {
+    let c = DecoderConfig {
+        vocab_size: 2_000_000,
+        ..cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }, PositionKind::Learned, false)
+    };
+    let (v, d) = (c.vocab_size as u64, c.hidden as u64);
+    let frozen = frozen_model_bytes(&c, Storage::Bf16, Some(4));
+    assert_eq!(load_bytes(&c, Storage::Bf16, Some(4)), frozen + 2 * v * d);
+    let largest = Site::ALL.iter().map(|s| s.dims(&c)).map(|(i, o)| 4 * (i * o) as u64).max().unwrap();
+    let nf4 = Storage::Nf4 { double_quant: false };
+    assert_eq!(load_bytes(&c, nf4, None), frozen_model_bytes(&c, nf4, None) + largest);
+
+    let o = OptimizerConfig::adamw();
+    let adapter = |load_bytes| AdapterPlan {
+        params: 1000,
+        kept_per_token: 8,
+        base_bytes: Some(frozen),
+        load_bytes,
+        ..AdapterPlan::default()
+    };
+    let plan = |load| MemoryPlan { adapter: Some(adapter(load)), batch_size: 1, ..plan_of(&c, &o) };
+    let step = estimate(&plan(None));
+    assert_eq!(step.load, 0);
+    let loading = estimate(&plan(Some(load_bytes(&c, Storage::Bf16, Some(4)))));
+    assert_eq!(loading.load, load_bytes(&c, Storage::Bf16, Some(4)) + BASE_BYTES);
+    assert!(loading.load > step.total(), "the test's shape should make loading the peak: {step:?} {loading:?}");
+    assert_eq!(loading.total(), loading.load);
+    assert!(loading.summary().contains("loading the base"), "{}", loading.summary());
+}
+
 #[test]
 fn gradient_checkpointing_counts_layer_inputs_only() {
     let c = cfg(MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }, PositionKind::Learned, false);
