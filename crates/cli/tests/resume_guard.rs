@@ -60,8 +60,8 @@ fn a_resume_that_changes_the_numbers_is_refused_by_name() {
     fails(&mut resume(&run, &["--ref-model", &r]), &[&format!("ref_model: none -> \"{r}\"")]);
     fails(&mut resume(&run, &["--eval-data", &o]), &["eval_data: none -> "]);
     fails(&mut resume(&run, &["--precision", "bf16"]), &["precision: \"f32\" -> \"bf16\""]);
-    // dpo sft on a DPO run: another method.
-    fails(dpo().args(["sft", "--resume"]).arg(&run), &["loss"]);
+    // dpo sft on a DPO run: another command's run, named.
+    fails(dpo().args(["sft", "--resume"]).arg(&run), &["a `dpo train` run", "continue it with `dpo train --resume"]);
     assert_eq!(snapshot(&run), before);
 
     // The data file edited in place between the interruption and the resume.
