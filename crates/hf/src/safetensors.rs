@@ -149,10 +149,23 @@ impl SafeTensors {
     /// head: 2 GiB of f32 and 1 GiB of file pages together, before).
     pub fn read_f32(&self, name: &str) -> Result<engine::Tensor> {
         let t = self.info(name).ok_or_else(|| Error::st(&self.path, Some(name), "no such tensor"))?;
-        let width = match t.dtype {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::BF16 => 2,
-            Dtype::F64 => 8,
+        // Each dtype's conversion of whole values, chosen once for the tensor.
+        let (width, convert): (usize, Convert) = match t.dtype {
+            Dtype::F32 => {
+                (4, |b, out| out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))))
+            }
+            Dtype::F16 => {
+                (2, |b, out| out.extend(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())))
+            }
+            Dtype::BF16 => {
+                (2, |b, out| out.extend(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())))
+            }
+            Dtype::F64 => (8, |b, out| {
+                out.extend(
+                    b.chunks_exact(8)
+                        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32),
+                )
+            }),
             Dtype::Other(n, _) => {
                 return Err(Error::st(
                     &self.path,
@@ -167,15 +180,7 @@ impl SafeTensors {
         // 4 MiB of the file a block: a whole number of values of every width.
         const BLOCK: usize = 4 << 20;
         for (i, b) in bytes.chunks(BLOCK).enumerate() {
-            match t.dtype {
-                Dtype::F32 => data.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-                Dtype::F16 => data.extend(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
-                Dtype::BF16 => data.extend(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-                _ => data.extend(
-                    b.chunks_exact(8)
-                        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32),
-                ),
-            }
+            convert(b, &mut data);
             self.forget(start + i * BLOCK, start + i * BLOCK + b.len());
         }
         Ok(engine::Tensor { shape: t.shape.clone(), data })
@@ -204,6 +209,9 @@ impl SafeTensors {
         let _ = (start, end);
     }
 }
+
+/// Appends the f32 values of a block of whole little-endian values of one dtype.
+type Convert = fn(&[u8], &mut Vec<f32>);
 
 type Header = (usize, Vec<TensorInfo>, Option<HashMap<String, String>>);
 

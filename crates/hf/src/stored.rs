@@ -76,7 +76,7 @@ fn load(
         let mut named = params.named_mut();
         read_tensors(&ckpt, &config, |engine_name, data| {
             let Some((_, t)) = named.iter_mut().find(|(n, _)| n == engine_name) else {
-                return Err(problem(format!("internal: no engine tensor `{engine_name}`; please report this")));
+                return Err(internal(dir, &format!("no engine tensor `{engine_name}`")));
             };
             let stored =
                 |e: engine::quant::QuantError| problem(format!("`{engine_name}` cannot be stored as bf16: {e}"));
@@ -89,7 +89,7 @@ fn load(
                     slots[layer][FrozenLinears::slot_of(site)] = Some(m);
                 }
                 _ if t.data.len() != data.len() => {
-                    return Err(problem(format!("internal: `{engine_name}` has the wrong size; please report this")))
+                    return Err(internal(dir, &format!("`{engine_name}` has the wrong size")))
                 }
                 (None, Some(tokens)) if engine_name == "wte" && !cfg.tied_embeddings => {
                     lookups = Some(Lookups::of(&data, vocab, d, tokens).map_err(stored)?);
@@ -119,7 +119,7 @@ fn load(
             (Some(l), Some(h)) => {
                 Some(FrozenEmbedding::from_parts(l, h).map_err(|e| problem(format!("`lm_head`: {e}")))?)
             }
-            _ => return Err(problem("internal: the embedding or the head was not read; please report this".into())),
+            _ => return Err(internal(dir, "the embedding or the head was not read")),
         },
     };
     Ok((HfModel { config, params, dir: dir.to_path_buf() }, frozen, tables))

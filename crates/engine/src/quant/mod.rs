@@ -228,7 +228,7 @@ impl Matrix {
         n: usize,
         prec: Precision,
     ) {
-        assert!(rows.start <= rows.end && rows.end <= self.rows, "Matrix::linear_forward_rows: {rows:?} outside");
+        self.check_rows(&rows, "linear_forward_rows");
         self.forward_rows(rows, y, x, None, n, prec)
     }
 
@@ -341,8 +341,13 @@ impl Matrix {
         acc: Accumulate,
         prec: Precision,
     ) {
-        assert!(rows.start <= rows.end && rows.end <= self.rows, "Matrix::linear_input_grad_rows: {rows:?} outside");
+        self.check_rows(&rows, "linear_input_grad_rows");
         self.input_grad_rows(rows, dx, dy, n, acc, prec)
+    }
+
+    /// The `# Panics` of the `_rows` products: `rows` must lie inside the matrix.
+    fn check_rows(&self, rows: &std::ops::Range<usize>, caller: &str) {
+        assert!(rows.start <= rows.end && rows.end <= self.rows, "Matrix::{caller}: {rows:?} outside");
     }
 
     fn input_grad_rows(
