@@ -16,7 +16,7 @@ use super::{Matrix, QuantError, Storage};
 /// The f32 embeddings of the tokens a run can meet: the lookup half of a [`FrozenEmbedding`], taken from
 /// the f32 table before the table goes (`hf::load_model_stored` keeps these rows of an untied embedding
 /// and drops the rest as it is read).
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Lookups {
     vocab: usize,
     d: usize,
@@ -30,17 +30,59 @@ impl Lookups {
     /// The rows of `tokens` in `wte` (`[vocab, d]`); ids at or beyond the vocabulary are left out (the
     /// lookup refuses them anyway).
     pub fn of(wte: &[f32], vocab: usize, d: usize, tokens: &BTreeSet<u32>) -> Result<Self, QuantError> {
-        if wte.len() != vocab * d {
-            return Err(QuantError::Shape { rows: vocab, cols: d, want: vocab * d, got: wte.len() });
-        }
+        let mut gather = Self::gather(vocab, d, tokens);
+        gather.push(wte)?;
+        gather.finish()
+    }
+
+    /// [`Lookups::of`] a table whose values arrive in pieces, in order ([`Gather::push`]).
+    pub fn gather(vocab: usize, d: usize, tokens: &BTreeSet<u32>) -> Gather {
         let mut index = vec![u32::MAX; vocab];
         let kept: Vec<usize> = tokens.iter().map(|&t| t as usize).filter(|&t| t < vocab).collect();
-        let mut rows = Vec::with_capacity(kept.len() * d);
         for (i, &t) in kept.iter().enumerate() {
             index[t] = i as u32;
-            rows.extend_from_slice(&wte[t * d..(t + 1) * d]);
         }
-        Ok(Lookups { vocab, d, index, rows })
+        Gather { lookups: Lookups { vocab, d, index, rows: vec![0.0; kept.len() * d] }, pushed: 0 }
+    }
+}
+
+/// A [`Lookups`] being gathered from its table's values (`[vocab, d]`, row-major) pushed in order: the
+/// kept rows are copied as they pass, the rest is never held.
+#[derive(Debug)]
+pub struct Gather {
+    lookups: Lookups,
+    pushed: usize,
+}
+
+impl Gather {
+    /// The next `values` of the table. Fails on more values than the table holds.
+    pub fn push(&mut self, values: &[f32]) -> Result<(), QuantError> {
+        let Lookups { vocab, d, index, rows } = &mut self.lookups;
+        let (start, end) = (self.pushed, self.pushed + values.len());
+        if end > *vocab * *d {
+            return Err(QuantError::Shape { rows: *vocab, cols: *d, want: *vocab * *d, got: end });
+        }
+        // The rows `values` overlaps (none of a table of empty rows).
+        let row_of = |at: usize| at.checked_div(*d).unwrap_or(0);
+        let (first, last) = (row_of(start), row_of((end + *d).saturating_sub(1)));
+        for token in first..last {
+            let Some(i) = index.get(token).filter(|&&i| i != u32::MAX) else { continue };
+            // The part of the token's row inside `values`.
+            let (lo, hi) = ((token * *d).max(start), ((token + 1) * *d).min(end));
+            let at = *i as usize * *d + lo - token * *d;
+            rows[at..at + hi - lo].copy_from_slice(&values[lo - start..hi - start]);
+        }
+        self.pushed = end;
+        Ok(())
+    }
+
+    /// The lookups; fails unless the whole table was pushed.
+    pub fn finish(self) -> Result<Lookups, QuantError> {
+        let Lookups { vocab, d, .. } = self.lookups;
+        if self.pushed != vocab * d {
+            return Err(QuantError::Shape { rows: vocab, cols: d, want: vocab * d, got: self.pushed });
+        }
+        Ok(self.lookups)
     }
 }
 

@@ -16,6 +16,7 @@
 //! the reduction.
 
 pub mod bf16;
+mod builder;
 pub mod double_quant;
 mod embedding;
 mod frozen;
@@ -23,10 +24,11 @@ pub mod nf4;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
+pub use builder::MatrixBuilder;
 pub use double_quant::DoubleQuant;
-pub use embedding::{FrozenEmbedding, Lookups};
+pub use embedding::{FrozenEmbedding, Gather, Lookups};
 pub use frozen::{FrozenError, FrozenLayer, FrozenLinears};
-pub use nf4::{Nf4, Scales, BLOCK, NF4_CODE};
+pub use nf4::{Nf4, Nf4Builder, Scales, BLOCK, NF4_CODE};
 
 use std::cell::RefCell;
 
@@ -114,14 +116,9 @@ impl Matrix {
     /// `w` (`[rows, cols]`, row-major) stored in bf16, read where it is: no f32 copy of a table that
     /// stays in use (a tied embedding, whose head becomes this).
     pub fn bf16_of(w: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
-        let want = rows.saturating_mul(cols);
-        if w.len() != want {
-            return Err(QuantError::Shape { rows, cols, want, got: w.len() });
-        }
-        if let Some(index) = w.iter().position(|v| !v.is_finite()) {
-            return Err(QuantError::NonFinite { index });
-        }
-        Ok(Matrix { rows, cols, data: Data::Bf16(w.iter().map(|&v| bf16::from_f32(v)).collect()) })
+        let mut m = MatrixBuilder::new(rows, cols, Storage::Bf16);
+        m.push(w)?;
+        m.finish()
     }
 
     /// `w` (`[rows, cols]`, row-major) stored in bf16, its f32 pages handed back as they are converted
@@ -133,15 +130,12 @@ impl Matrix {
         if w.len() != want {
             return Err(QuantError::Shape { rows, cols, want, got: w.len() });
         }
-        let mut out = Vec::with_capacity(want);
-        for (i, chunk) in w.chunks_mut(CHUNK).enumerate() {
-            if let Some(at) = chunk.iter().position(|v| !v.is_finite()) {
-                return Err(QuantError::NonFinite { index: i * CHUNK + at });
-            }
-            out.extend(chunk.iter().map(|&v| bf16::from_f32(v)));
+        let mut m = MatrixBuilder::new(rows, cols, Storage::Bf16);
+        for chunk in w.chunks_mut(CHUNK) {
+            m.push(chunk)?;
             crate::pages::discard(chunk);
         }
-        Ok(Matrix { rows, cols, data: Data::Bf16(out) })
+        m.finish()
     }
 
     /// An NF4 weight from bitsandbytes' arrays (e.g. a pre-quantised checkpoint's `weight`, `absmax`, ...).

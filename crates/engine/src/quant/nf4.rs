@@ -120,24 +120,9 @@ pub struct Nf4 {
 impl Nf4 {
     /// Quantises `values` (any length; blocks run over them in order). Fails on a non-finite value.
     pub fn quantize(values: &[f32], double_quant: bool) -> Result<Self, QuantError> {
-        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-            return Err(QuantError::NonFinite { index });
-        }
-        let mids = midpoints();
-        let mut packed = vec![0u8; values.len().div_ceil(2)];
-        let mut absmax = vec![0.0f32; values.len().div_ceil(BLOCK)];
-        // Blocks are independent and whole bytes (BLOCK is even): 64 blocks per task.
-        packed
-            .par_chunks_mut(64 * BLOCK / 2)
-            .zip(absmax.par_chunks_mut(64))
-            .zip(values.par_chunks(64 * BLOCK))
-            .for_each(|((bytes, amax), v)| {
-                for ((bytes, amax), block) in bytes.chunks_mut(BLOCK / 2).zip(amax).zip(v.chunks(BLOCK)) {
-                    *amax = quantize_block(block, bytes, &mids);
-                }
-            });
-        let scales = if double_quant { Scales::Double(DoubleQuant::quantize(&absmax)) } else { Scales::F32(absmax) };
-        Ok(Nf4 { len: values.len(), packed, scales })
+        let mut q = Nf4Builder::new(values.len(), double_quant);
+        q.push(values)?;
+        q.finish()
     }
 
     /// Wraps bitsandbytes' own arrays (e.g. a pre-quantised checkpoint): `packed` holds `len.div_ceil(2)`
@@ -190,6 +175,96 @@ impl Nf4 {
             dequantize_segment(&self.packed, e, scale, dst);
             e += seg;
         }
+    }
+}
+
+/// [`Nf4::quantize`] of `len` values that arrive in pieces of any length (a checkpoint read a block of
+/// the file at a time): the same bytes, without the values ever held whole. Blocks are quantised as soon
+/// as they are complete; the absmax values wait for [`Nf4Builder::finish`], whose double quantisation
+/// centres them on their mean.
+#[derive(Debug)]
+pub struct Nf4Builder {
+    len: usize,
+    double_quant: bool,
+    pushed: usize,
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    /// The values of the block not yet complete (fewer than [`BLOCK`]).
+    tail: Vec<f32>,
+}
+
+impl Nf4Builder {
+    pub fn new(len: usize, double_quant: bool) -> Self {
+        Nf4Builder {
+            len,
+            double_quant,
+            pushed: 0,
+            packed: Vec::with_capacity(len.div_ceil(2)),
+            absmax: Vec::with_capacity(len.div_ceil(BLOCK)),
+            tail: Vec::with_capacity(BLOCK),
+        }
+    }
+
+    /// The next `values`. Fails on a non-finite value (its index counted from the first value pushed) or
+    /// on more than `len` values in all.
+    pub fn push(&mut self, values: &[f32]) -> Result<(), QuantError> {
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(QuantError::NonFinite { index: self.pushed + at });
+        }
+        if self.pushed + values.len() > self.len {
+            return Err(QuantError::Length { what: "values", want: self.len, got: self.pushed + values.len() });
+        }
+        self.pushed += values.len();
+        let mut rest = values;
+        if !self.tail.is_empty() {
+            let take = (BLOCK - self.tail.len()).min(rest.len());
+            self.tail.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.tail.len() < BLOCK {
+                return Ok(());
+            }
+            let block = std::mem::take(&mut self.tail);
+            self.quantize_blocks(&block);
+            self.tail = block;
+            self.tail.clear();
+        }
+        let whole = rest.len() / BLOCK * BLOCK;
+        self.quantize_blocks(&rest[..whole]);
+        self.tail.extend_from_slice(&rest[whole..]);
+        Ok(())
+    }
+
+    /// The quantised values; fails unless exactly `len` were pushed.
+    pub fn finish(mut self) -> Result<Nf4, QuantError> {
+        if self.pushed != self.len {
+            return Err(QuantError::Length { what: "values", want: self.len, got: self.pushed });
+        }
+        let tail = std::mem::take(&mut self.tail);
+        self.quantize_blocks(&tail);
+        let scales = match self.double_quant {
+            true => Scales::Double(DoubleQuant::quantize(&self.absmax)),
+            false => Scales::F32(self.absmax),
+        };
+        Ok(Nf4 { len: self.len, packed: self.packed, scales })
+    }
+
+    /// Quantises `values` as the next blocks: whole blocks, or the last one of the matrix.
+    fn quantize_blocks(&mut self, values: &[f32]) {
+        let mids = midpoints();
+        // Every block before these is whole, so they start on a byte.
+        let (bytes_at, blocks_at) = (self.packed.len(), self.absmax.len());
+        self.packed.resize(bytes_at + values.len().div_ceil(2), 0);
+        self.absmax.resize(blocks_at + values.len().div_ceil(BLOCK), 0.0);
+        // Blocks are independent and whole bytes (BLOCK is even): 64 blocks per task.
+        self.packed[bytes_at..]
+            .par_chunks_mut(64 * BLOCK / 2)
+            .zip(self.absmax[blocks_at..].par_chunks_mut(64))
+            .zip(values.par_chunks(64 * BLOCK))
+            .for_each(|((bytes, amax), v)| {
+                for ((bytes, amax), block) in bytes.chunks_mut(BLOCK / 2).zip(amax).zip(v.chunks(BLOCK)) {
+                    *amax = quantize_block(block, bytes, &mids);
+                }
+            });
     }
 }
 

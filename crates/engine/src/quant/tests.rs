@@ -397,3 +397,58 @@ fn memory_is_the_stored_bytes() {
         }
     }
 }
+
+/// A weight built from pieces of any length (a checkpoint read a block at a time) is the weight stored
+/// whole: pieces that cut NF4 blocks and rows anywhere, an odd length and a partial last block.
+#[test]
+fn a_matrix_built_from_pieces_is_the_matrix_stored_whole() {
+    let (rows, cols) = (7, 45); // 315 values: 4 whole NF4 blocks and 59 more
+    let w = Rng::new(7).vec(rows * cols, 2.0);
+    let cuts: [&[usize]; 4] = [&[315], &[1, 63, 64, 100, 87], &[64, 64, 64, 64, 59], &[200, 0, 115]];
+    for storage in storages() {
+        let whole = Matrix::new(w.clone(), rows, cols, storage).unwrap();
+        for pieces in cuts {
+            let mut b = MatrixBuilder::new(rows, cols, storage);
+            let mut at = 0;
+            for &n in pieces {
+                b.push(&w[at..at + n]).unwrap();
+                at += n;
+            }
+            assert_eq!(b.finish().unwrap(), whole, "{storage:?} in pieces {pieces:?}");
+        }
+        // Too few values, or too many, are refused; so is a non-finite one where it is quantised.
+        let mut b = MatrixBuilder::new(rows, cols, storage);
+        b.push(&w[..300]).unwrap();
+        assert_eq!(b.finish(), Err(QuantError::Shape { rows, cols, want: 315, got: 300 }));
+        let mut b = MatrixBuilder::new(rows, cols, storage);
+        b.push(&w[..300]).unwrap();
+        assert_eq!(b.push(&w[..16]), Err(QuantError::Shape { rows, cols, want: 315, got: 316 }));
+        if storage != Storage::F32 {
+            let mut b = MatrixBuilder::new(rows, cols, storage);
+            b.push(&w[..100]).unwrap();
+            assert_eq!(b.push(&[1.0, f32::NAN]), Err(QuantError::NonFinite { index: 101 }), "{storage:?}");
+        }
+    }
+}
+
+/// Lookups gathered from pieces cutting rows anywhere are those of the whole table.
+#[test]
+fn lookups_gathered_from_pieces_are_those_of_the_whole_table() {
+    let (vocab, d) = (11, 5);
+    let wte: Vec<f32> = (0..vocab * d).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let tokens = std::collections::BTreeSet::from([0, 3, 4, 10, 40]);
+    let whole = Lookups::of(&wte, vocab, d, &tokens).unwrap();
+    for pieces in [&[55][..], &[1, 2, 3, 4, 5, 40], &[5; 11], &[17, 0, 38]] {
+        let mut g = Lookups::gather(vocab, d, &tokens);
+        let mut at = 0;
+        for &n in pieces {
+            g.push(&wte[at..at + n]).unwrap();
+            at += n;
+        }
+        assert_eq!(g.finish().unwrap(), whole, "pieces {pieces:?}");
+    }
+    let mut g = Lookups::gather(vocab, d, &tokens);
+    g.push(&wte[..50]).unwrap();
+    assert_eq!(g.push(&wte[..6]).unwrap_err(), QuantError::Shape { rows: 11, cols: 5, want: 55, got: 56 });
+    assert_eq!(g.finish().unwrap_err(), QuantError::Shape { rows: 11, cols: 5, want: 55, got: 50 });
+}
