@@ -367,6 +367,25 @@ fn nan_or_infinite_weights() {
             "tensor `transformer.h.1.ln_2.weight`: value NaN at flat index 3 is not finite",
         ],
     );
+    // A stored LoRA base reads its tensors a block at a time into their storage (NF4 linears, the bf16
+    // head): each bad value is still named by its tensor (k_proj: the second of the stacked q/k/v) and
+    // its index there.
+    let m = copy_model("../../more/lora/llama/base", &dir.join("llama"));
+    edit_safetensors(&m.join("model.safetensors"), |h, data| {
+        let r = tensor_range(h, "model.layers.1.self_attn.k_proj.weight");
+        data[r.start + 20..r.start + 24].copy_from_slice(&f32::NAN.to_le_bytes());
+        let r = tensor_range(h, "lm_head.weight");
+        data[r.start + 400..r.start + 404].copy_from_slice(&f32::NEG_INFINITY.to_le_bytes());
+    });
+    let flags = ["--lora-r", "4", "--precision", "bf16", "--quantize", "nf4", "--max-steps", "1"];
+    fails(
+        train(&m, &prefs(), &dir.join("run")).args(flags),
+        &[
+            "the weights cannot be loaded (2 problem(s))",
+            "tensor `model.layers.1.self_attn.k_proj.weight`: value NaN at flat index 5 is not finite",
+            "tensor `lm_head.weight`: value -inf at flat index 100 is not finite",
+        ],
+    );
 }
 
 // ---------------------------------------------------------------- configuration and run directories

@@ -157,7 +157,7 @@ fn a_stored_base_without_an_adapter_is_refused() {
 /// In bf16, `dpo logps`, `reward` and `eval --adapter` hold the base as `dpo train` does (block linears
 /// in bf16, the embedding's rows of the data's tokens, the head in bf16), which reads as the f32 model:
 /// a reward's log-probs are exactly `dpo logps`' with the adapter and the plain f32 base's (its reference,
-/// the adapter off), and `eval` averages the same log-probs.
+/// the adapter off), and `eval` averages the same log-probs; with `--base-dtype f32` the same.
 #[test]
 fn bf16_scoring_under_an_adapter_reads_the_base_as_the_f32_model() {
     let dir = scratch("bf16-adapter-scoring");
@@ -169,15 +169,18 @@ fn bf16_scoring_under_an_adapter_reads_the_base_as_the_f32_model() {
         assert!(out.status.success(), "{}", stderr(&out));
         String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     };
-    let scored = |command: &str, adapter: bool| -> Vec<serde_json::Value> {
+    let scored_with = |command: &str, adapter: bool, flags: &[&str]| -> Vec<serde_json::Value> {
         let mut c = dpo();
         c.arg(command).arg("--model").arg(base()).arg("--data").arg(prefs()).args(["--precision", "bf16"]);
         if adapter {
-            c.arg("--adapter").arg(&fin);
+            c.arg("--adapter").arg(&fin).args(flags);
         }
         lines(&mut c)
     };
+    let scored = |command: &str, adapter: bool| scored_with(command, adapter, &[]);
     let (policy, plain, rewards) = (scored("logps", true), scored("logps", false), scored("reward", true));
+    // Block linears kept in f32 (the tables frozen as read): the products round them as they round bf16.
+    assert_eq!(scored_with("logps", true, &["--base-dtype", "f32"]), policy, "--base-dtype f32");
     assert_eq!((policy.len(), rewards.len()), (plain.len(), plain.len()));
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
     for ((p, b), r) in policy.iter().zip(&plain).zip(&rewards) {
@@ -208,4 +211,58 @@ fn a_stored_random_base_is_held_as_stored() {
     let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
     let (peak, estimate) = (v["peak_rss_mb"].as_f64().unwrap(), v["estimated_peak_mb"].as_f64().unwrap());
     assert!(peak <= 1.1 * estimate, "peak {peak} MB against an estimate of {estimate} MB: {v}");
+}
+
+/// A bf16 LoRA run reads its base's embedding and head a block of the file at a time: the rows of the
+/// data's tokens and the bf16 head are kept as the blocks pass, so neither f32 table is ever held whole.
+/// A Llama of the fixture's shape with a 262144-token vocabulary (each table 64 MiB in f32, 32 MiB as
+/// the bf16 head) peaks below the bf16 head and one whole f32 table together, and within its estimate
+/// (reading each table whole, as before, peaked above both).
+#[test]
+fn a_bf16_lora_base_never_holds_a_whole_f32_table() {
+    let dir = scratch("qlora-large-vocab");
+    let m = copy_model("../../more/lora/llama/base", &dir.join("model"));
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let vocab = 262_144usize;
+    cfg["vocab_size"] = serde_json::json!(vocab);
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    let config = hf::config_from_json(cfg, &m.join("config.json")).unwrap();
+    let mut params = engine::Params::zeros(&config.decoder);
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    for (_, t) in params.named_mut() {
+        for x in t.data.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *x = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
+        }
+    }
+    hf::safetensors::write_f32(&m.join("model.safetensors"), &hf::to_hf_tensors(&config, &params)).unwrap();
+    drop(params);
+    let mib = |bytes: usize| bytes as f64 / 1048576.0;
+    let (f32_table, bf16_head) = (mib(4 * vocab * 64), mib(2 * vocab * 64));
+    for flags in [&["--precision", "bf16"][..], &["--precision", "bf16", "--quantize", "nf4"]] {
+        let run = dir.join(format!("run{}", flags.len()));
+        let err = succeeds(
+            train(&m, &prefs(), &run)
+                .args(["--lora-r", "4", "--batch-size", "2", "--max-steps", "1", "--max-length", "64"])
+                .args(flags),
+        );
+        let size = |after: &str| -> f64 {
+            let at = err.find(after).unwrap_or_else(|| panic!("no {after:?} in:\n{err}")) + after.len();
+            let mut words = err[at..].split_whitespace();
+            let (n, unit) = (words.next().unwrap().parse::<f64>().unwrap(), words.next().unwrap());
+            n * match unit.trim_end_matches([';', ')', ',']) {
+                "KiB" => 1.0 / 1024.0,
+                "MiB" => 1.0,
+                "GiB" => 1024.0,
+                u => panic!("unit {u}"),
+            }
+        };
+        let (estimate, peak) = (size("estimated peak "), size("peak memory (resident): "));
+        println!("{flags:?}: peak {peak:.1} MiB, estimate {estimate:.1} MiB");
+        assert!(peak < bf16_head + f32_table, "{flags:?}: peak {peak:.1} MiB holds a whole f32 table:\n{err}");
+        assert!(peak <= 1.1 * estimate, "{flags:?}: peak {peak:.1} MiB against an estimate of {estimate:.1}:\n{err}");
+    }
 }

@@ -38,4 +38,6 @@ pub use naming::Naming;
 pub use safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
 pub use stored::{load_frozen_base, load_model_stored, load_with_frozen_tables};
 pub use tokenizer::{ChatMessage, SpecialToken, Tokenizer};
-pub use weights::{check_params, load_params, load_params_file, params_from_checkpoint, to_hf_tensors};
+pub use weights::{
+    check_params, load_params, load_params_file, load_transient_bytes, params_from_checkpoint, to_hf_tensors,
+};

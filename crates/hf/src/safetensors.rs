@@ -143,11 +143,25 @@ impl SafeTensors {
         Ok(&self.mmap[self.data_start + t.start..self.data_start + t.end])
     }
 
-    /// `name` converted to f32 (from F64, F32, F16 or BF16), a block of the file at a time: each block's
-    /// pages are dropped from this process's mapping once converted ([`SafeTensors::forget`]), so the
-    /// tensor's f32 copy and its bytes in the file are never resident whole at once (a bf16 Llama-3-8B
-    /// head: 2 GiB of f32 and 1 GiB of file pages together, before).
+    /// `name` converted to f32 (from F64, F32, F16 or BF16), a block of the file at a time
+    /// ([`SafeTensors::for_each_block`]), so the tensor's f32 copy and its bytes in the file are never
+    /// resident whole at once (a bf16 Llama-3-8B head: 2 GiB of f32 and 1 GiB of file pages together,
+    /// before).
     pub fn read_f32(&self, name: &str) -> Result<engine::Tensor> {
+        let t = self.info(name).ok_or_else(|| Error::st(&self.path, Some(name), "no such tensor"))?;
+        let mut data = Vec::with_capacity(t.shape.iter().product());
+        self.for_each_block(name, 1, |block| {
+            data.extend_from_slice(block);
+            Ok(())
+        })?;
+        Ok(engine::Tensor { shape: t.shape.clone(), data })
+    }
+
+    /// Hands `f` the values of `name` in f32 (from F64, F32, F16 or BF16), in order, a block of about
+    /// 4 MiB of the file at a time, each block a whole number of `row`s of values: each block's pages
+    /// are dropped from this process's mapping once converted ([`SafeTensors::forget`]), and the f32
+    /// block is reused, so reading holds one block whatever the tensor's size.
+    pub fn for_each_block(&self, name: &str, row: usize, mut f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
         let t = self.info(name).ok_or_else(|| Error::st(&self.path, Some(name), "no such tensor"))?;
         // Each dtype's conversion of whole values, chosen once for the tensor.
         let (width, convert): (usize, Convert) = match t.dtype {
@@ -176,14 +190,17 @@ impl SafeTensors {
         };
         let start = self.data_start + t.start;
         let bytes = &self.mmap[start..self.data_start + t.end];
-        let mut data: Vec<f32> = Vec::with_capacity(bytes.len() / width);
-        // 4 MiB of the file a block: a whole number of values of every width.
-        const BLOCK: usize = 4 << 20;
-        for (i, b) in bytes.chunks(BLOCK).enumerate() {
-            convert(b, &mut data);
-            self.forget(start + i * BLOCK, start + i * BLOCK + b.len());
+        // About 4 MiB of the file a block, whole rows (at least one).
+        let row_bytes = row.max(1) * width;
+        let block = (BLOCK_BYTES / row_bytes).max(1) * row_bytes;
+        let mut values = Vec::with_capacity(block / width);
+        for (i, b) in bytes.chunks(block).enumerate() {
+            values.clear();
+            convert(b, &mut values);
+            self.forget(start + i * block, start + i * block + b.len());
+            f(&values)?;
         }
-        Ok(engine::Tensor { shape: t.shape.clone(), data })
+        Ok(())
     }
 
     /// Drops this process's mapping of the pages holding bytes `start..end` of the file, once they are
@@ -212,6 +229,9 @@ impl SafeTensors {
 
 /// Appends the f32 values of a block of whole little-endian values of one dtype.
 type Convert = fn(&[u8], &mut Vec<f32>);
+
+/// Bytes of the file [`SafeTensors::for_each_block`] converts at a time (rounded to whole rows).
+pub const BLOCK_BYTES: usize = 4 << 20;
 
 type Header = (usize, Vec<TensorInfo>, Option<HashMap<String, String>>);
 
@@ -579,8 +599,17 @@ impl Checkpoint {
     }
 
     pub fn read_f32(&self, name: &str) -> Result<engine::Tensor> {
+        self.file(name)?.read_f32(name)
+    }
+
+    /// [`SafeTensors::for_each_block`] of `name`, in whichever file holds it.
+    pub fn for_each_block(&self, name: &str, row: usize, f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        self.file(name)?.for_each_block(name, row, f)
+    }
+
+    fn file(&self, name: &str) -> Result<&SafeTensors> {
         match self.index.get(name) {
-            Some(&i) => self.files[i].read_f32(name),
+            Some(&i) => Ok(&self.files[i]),
             None => Err(Error::st(&self.path, Some(name), "no such tensor")),
         }
     }

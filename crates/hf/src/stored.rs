@@ -1,20 +1,22 @@
 //! Loading a frozen base (QLoRA) with its block linears stored as they are read: each layer's `w_qkv`,
-//! `w_o`, `w_in`, `w_out` goes into a [`Matrix`] (NF4, bf16 or f32) the moment it is built from the
-//! checkpoint and its f32 copy is freed, so the peak is the f32 non-linear tensors (embeddings, norms,
-//! biases, head) + one f32 linear + the stored bytes, never the whole model in f32. A bf16 LoRA run's base
-//! ([`load_frozen_base`], or [`load_with_frozen_tables`] with f32 linears) keeps its embedding and head as
-//! a `FrozenEmbedding` made the same way.
+//! `w_o`, `w_in`, `w_out` goes into a [`Matrix`] (NF4, bf16 or f32) a block of the file at a time
+//! ([`MatrixBuilder`], fed by [`read_tensors`]' [`Values::Blocks`]), so the peak is the f32 non-linear
+//! tensors (norms, biases, and the embedding and head unless frozen) + the stored bytes + one block, never
+//! the whole model nor one whole linear in f32. A bf16 LoRA run's base ([`load_frozen_base`], or
+//! [`load_with_frozen_tables`] with f32 linears) keeps its embedding and head as a `FrozenEmbedding` made
+//! the same way: the lookups' rows gathered and the head narrowed to bf16 block by block. Layouts the
+//! engine converts (GPT-2's transposed Conv1D, NeoX's interleaved q/k/v) are read whole, one at a time.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use engine::quant::{FrozenEmbedding, FrozenLinears, Lookups, Matrix, Storage};
+use engine::quant::{FrozenEmbedding, FrozenLinears, Lookups, Matrix, MatrixBuilder, QuantError, Storage};
 use engine::Params;
 
 use crate::error::{Error, Result};
 use crate::model_dir::{load_config, HfModel};
 use crate::safetensors::Checkpoint;
-use crate::weights::read_tensors;
+use crate::weights::{read_tensors, Values};
 
 /// Loads `dir` as [`crate::load_model`] does, with the block linears in `storage`: the returned
 /// [`HfModel`]'s linear tensors are empty (shape kept, no data) and the [`FrozenLinears`] hold them.
@@ -26,8 +28,8 @@ pub fn load_model_stored(dir: &Path, storage: Storage) -> Result<(HfModel, Froze
 
 /// [`load_model_stored`], with the token embedding and head kept as a [`FrozenEmbedding`] for the
 /// lookups of `tokens` (a bf16 LoRA run's base: `dpo train` knows its data's tokens before it loads the
-/// model), made as they are read: an untied embedding's other rows and each f32 table are dropped at
-/// once, so the two f32 tables (Llama-3-8B: 2 GiB each) are never held together nor beside the bf16 head.
+/// model), made as they are read, a block of the file at a time: neither f32 table (Llama-3-8B: 2 GiB
+/// each) is ever held whole.
 /// The returned model's `wte` and `lm_head` are empty.
 pub fn load_frozen_base(
     dir: &Path,
@@ -41,7 +43,7 @@ pub fn load_frozen_base(
 
 /// [`load_frozen_base`] with the block linears left in f32 in the returned model (a bf16 LoRA run with
 /// `--base-dtype f32`): the same tables, made as they are read, so the f32 embedding and head are never
-/// held together nor beside the bf16 head, as `load_model` and then freezing them would.
+/// held whole, as `load_model` and then freezing them would hold them.
 pub fn load_with_frozen_tables(dir: &Path, tokens: &BTreeSet<u32>) -> Result<(HfModel, FrozenEmbedding)> {
     let (model, _, tables) = load(dir, None, Some(tokens))?;
     Ok((model, tables.ok_or_else(|| internal(dir, "no token embedding"))?))
@@ -70,36 +72,60 @@ fn load(
     }
     let mut slots: Vec<[Option<Matrix>; 4]> = (0..cfg.n_layers).map(|_| Default::default()).collect();
     let problem = |what: String| Error::Weights { path: ckpt.path.clone(), problems: vec![what] };
-    // With `tokens`: the untied embedding's kept rows, and the head in bf16, as each is read.
+    // With `tokens`: the embedding's kept rows, and the head (the tied embedding, or its own) in bf16.
     let (mut lookups, mut head) = (None, None);
     {
         let mut named = params.named_mut();
-        read_tensors(&ckpt, &config, |engine_name, data| {
+        read_tensors(&ckpt, &config, |engine_name, values| {
             let Some((_, t)) = named.iter_mut().find(|(n, _)| n == engine_name) else {
                 return Err(internal(dir, &format!("no engine tensor `{engine_name}`")));
             };
-            let stored =
-                |e: engine::quant::QuantError| problem(format!("`{engine_name}` cannot be stored as bf16: {e}"));
+            if values.len() != t.shape.iter().product::<usize>() {
+                return Err(internal(dir, &format!("`{engine_name}` has the wrong size")));
+            }
+            let stored = |storage: Storage| {
+                move |e: QuantError| problem(format!("`{engine_name}` cannot be stored as {storage:?}: {e}"))
+            };
+            let gathered = |e: QuantError| problem(format!("`{engine_name}`'s rows cannot be kept: {e}"));
             let linear = storage.and_then(|s| FrozenLinears::linear_of(engine_name).map(|l| (l, s)));
             match (linear, tokens) {
                 (Some(((layer, site), storage)), _) => {
                     let (rows, cols) = (t.shape[0], t.shape[1]);
-                    let m = Matrix::new(data, rows, cols, storage)
-                        .map_err(|e| problem(format!("`{engine_name}` cannot be stored as {storage:?}: {e}")))?;
+                    let m = match values {
+                        // Converted (GPT-2's transpose, NeoX's de-interleave): already whole in f32.
+                        Values::Whole(w) => Matrix::new(w, rows, cols, storage).map_err(stored(storage))?,
+                        blocks => {
+                            let mut m = MatrixBuilder::new(rows, cols, storage);
+                            blocks.for_each_block(|b| m.push(b).map_err(stored(storage)))?;
+                            m.finish().map_err(stored(storage))?
+                        }
+                    };
                     slots[layer][FrozenLinears::slot_of(site)] = Some(m);
                 }
-                _ if t.data.len() != data.len() => {
-                    return Err(internal(dir, &format!("`{engine_name}` has the wrong size")))
-                }
-                (None, Some(tokens)) if engine_name == "wte" && !cfg.tied_embeddings => {
-                    lookups = Some(Lookups::of(&data, vocab, d, tokens).map_err(stored)?);
+                (None, Some(tokens)) if engine_name == "wte" || engine_name == "lm_head" => {
+                    // The embedding gives the lookups, and the head too where tied; each block of the
+                    // f32 table goes where it is kept as it is read.
+                    let wte = engine_name == "wte";
+                    let mut gather = wte.then(|| Lookups::gather(vocab, d, tokens));
+                    let mut bf16 = (!wte || cfg.tied_embeddings).then(|| MatrixBuilder::new(vocab, d, Storage::Bf16));
+                    values.for_each_block(|b| {
+                        if let Some(g) = &mut gather {
+                            g.push(b).map_err(gathered)?;
+                        }
+                        match &mut bf16 {
+                            Some(h) => h.push(b).map_err(stored(Storage::Bf16)),
+                            None => Ok(()),
+                        }
+                    })?;
+                    if let Some(g) = gather {
+                        lookups = Some(g.finish().map_err(gathered)?);
+                    }
+                    if let Some(h) = bf16 {
+                        head = Some(h.finish().map_err(stored(Storage::Bf16))?);
+                    }
                     t.data = Vec::new();
                 }
-                (None, Some(_)) if engine_name == "lm_head" => {
-                    head = Some(Matrix::bf16_from(data, vocab, d).map_err(stored)?);
-                    t.data = Vec::new();
-                }
-                (None, _) => t.data = data,
+                (None, _) => t.data = values.into_vec()?,
             }
             Ok(())
         })?;
@@ -108,19 +134,12 @@ fn load(
         Some(_) => Some(FrozenLinears::from_slots(slots).map_err(|e| internal(dir, &e))?),
         None => None,
     };
-    let tables = match tokens {
-        None => None,
-        // Tied: the embedding read whole in f32 becomes the lookups and the bf16 head.
-        Some(tokens) if cfg.tied_embeddings => {
-            let wte = std::mem::take(&mut params.wte.data);
-            Some(FrozenEmbedding::new(wte, None, vocab, d, tokens).map_err(|e| problem(format!("`wte`: {e}")))?)
+    let tables = match (tokens, lookups, head) {
+        (None, ..) => None,
+        (Some(_), Some(l), Some(h)) => {
+            Some(FrozenEmbedding::from_parts(l, h).map_err(|e| problem(format!("`lm_head`: {e}")))?)
         }
-        Some(_) => match (lookups, head) {
-            (Some(l), Some(h)) => {
-                Some(FrozenEmbedding::from_parts(l, h).map_err(|e| problem(format!("`lm_head`: {e}")))?)
-            }
-            _ => return Err(internal(dir, "the embedding or the head was not read")),
-        },
+        (Some(_), ..) => return Err(internal(dir, "the embedding or the head was not read")),
     };
     Ok((HfModel { config, params, dir: dir.to_path_buf() }, frozen, tables))
 }

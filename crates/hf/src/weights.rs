@@ -32,11 +32,11 @@ pub fn params_from_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result
     let mut params = Params::zeros(&config.decoder);
     let mut slots = params.named_mut();
     let count = slots.len();
-    let placed = read_tensors(ckpt, config, |engine_name, data| {
+    let placed = read_tensors(ckpt, config, |engine_name, values| {
         let slot = slots.iter_mut().find(|(n, _)| *n == engine_name).map(|(_, t)| t);
         match slot {
-            Some(t) if t.data.len() == data.len() => {
-                t.data = data;
+            Some(t) if t.data.len() == values.len() => {
+                t.data = values.into_vec()?;
                 Ok(())
             }
             _ => Err(internal(ckpt, engine_name)),
@@ -48,48 +48,143 @@ pub fn params_from_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result
     Ok(params)
 }
 
+/// One engine tensor's values, as [`read_tensors`] hands them over.
+pub(crate) enum Values<'a> {
+    /// Converted from the HF layout (a transpose, a de-interleave), held whole and checked finite.
+    Whole(Vec<f32>),
+    /// Values in the HF tensors' own order (one tensor, or several whose rows the engine stacks), not yet
+    /// read: [`Values::for_each_block`] reads them a block of the file at a time.
+    Blocks(Blocks<'a>),
+}
+
+/// The HF tensors behind [`Values::Blocks`].
+pub(crate) struct Blocks<'a> {
+    ckpt: &'a Checkpoint,
+    /// The tensors' names in the checkpoint, in the engine's order.
+    parts: Vec<String>,
+    /// Values in one row of each (1 for a vector).
+    row: usize,
+    len: usize,
+}
+
+impl Values<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Values::Whole(v) => v.len(),
+            Values::Blocks(b) => b.len,
+        }
+    }
+
+    /// Hands `f` the values in order, a block of whole rows at a time (all at once when held whole), each
+    /// checked finite before `f` sees it: a value that is not is reported under its HF name and index.
+    pub(crate) fn for_each_block(self, mut f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let b = match self {
+            Values::Whole(v) => return f(&v),
+            Values::Blocks(b) => b,
+        };
+        for part in &b.parts {
+            let mut at = 0;
+            b.ckpt.for_each_block(part, b.row, |block| {
+                if let Some(i) = block.iter().position(|x| !x.is_finite()) {
+                    let problems = vec![not_finite(part, at + i, block[i])];
+                    return Err(Error::Weights { path: b.ckpt.path.clone(), problems });
+                }
+                at += block.len();
+                f(block)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The values in one vector.
+    pub(crate) fn into_vec(self) -> Result<Vec<f32>> {
+        if let Values::Whole(v) = self {
+            return Ok(v);
+        }
+        let mut all = Vec::with_capacity(self.len());
+        self.for_each_block(|block| {
+            all.extend_from_slice(block);
+            Ok(())
+        })?;
+        Ok(all)
+    }
+}
+
+fn not_finite(hf_name: &str, index: usize, value: f32) -> String {
+    format!(
+        "tensor `{hf_name}`: value {value} at flat index {index} is not finite; the checkpoint is corrupt or diverged"
+    )
+}
+
 /// Reads the checkpoint tensor by tensor in engine layout, handing each engine tensor (`layers.3.w_in`)
-/// to `place` as soon as it is built, so a caller can store it another way and free it (the whole model
-/// in f32 need never exist). Every problem is collected as [`params_from_checkpoint`] says; once one is
-/// found nothing more is placed (the rest is still read, to report every problem). Returns how many tensors were placed.
+/// to `place` as soon as it can: those whose HF layout is the engine's (all of Llama's and its
+/// relatives': one tensor, or q/k/v and gate/up rows stacked) as [`Values::Blocks`], so a caller can
+/// store them another way a block at a time and never hold them whole in f32; the others converted.
+/// Every problem is collected as [`params_from_checkpoint`] says, `place`'s own among them; once one is
+/// found nothing more is placed (the rest is still read, to report every problem). Returns how many
+/// tensors were placed.
 pub(crate) fn read_tensors(
     ckpt: &Checkpoint,
     config: &ModelConfig,
-    mut place: impl FnMut(&str, Vec<f32>) -> Result<()>,
+    mut place: impl FnMut(&str, Values<'_>) -> Result<()>,
 ) -> Result<usize> {
     let entries = plan(config.naming, &config.decoder).map_err(|e| internal(ckpt, &e.0))?;
     let resolve = |name: &str| aliases(config.naming, name).into_iter().find(|n| ckpt.info(n).is_some());
     let mut problems = Vec::new();
+    let collect = |problems: &mut Vec<String>, e: Error| match e {
+        Error::Weights { problems: p, .. } => problems.extend(p),
+        e => problems.push(e.to_string()),
+    };
     let mut used = HashSet::new();
     let mut placed = 0;
     for entry in &entries {
-        let mut parts = Vec::with_capacity(entry.hf.len());
+        let mut found = Vec::with_capacity(entry.hf.len());
         for (name, want) in &entry.hf {
-            let Some(found) = resolve(name) else {
+            let Some(name) = resolve(name) else {
                 problems.push(format!("missing tensor `{name}` (expected shape {want:?})"));
                 continue;
             };
-            used.insert(found.clone());
-            let info = ckpt.info(&found).map(|i| i.shape.clone()).unwrap_or_default();
-            if &info != want {
-                problems.push(format!("tensor `{found}`: expected shape {want:?}, found {info:?}"));
+            used.insert(name.clone());
+            let shape = ckpt.info(&name).map(|i| i.shape.clone()).unwrap_or_default();
+            if &shape != want {
+                problems.push(format!("tensor `{name}`: expected shape {want:?}, found {shape:?}"));
                 continue;
             }
-            match ckpt.read_f32(&found) {
-                Ok(t) => match t.data.iter().position(|x| !x.is_finite()) {
-                    Some(i) => problems.push(format!(
-                        "tensor `{found}`: value {} at flat index {i} is not finite; the checkpoint is corrupt \
-                         or diverged",
-                        t.data[i]
-                    )),
-                    None => parts.push(t.data),
-                },
-                Err(e) => problems.push(e.to_string()),
-            }
+            found.push(name);
         }
-        if problems.is_empty() && parts.len() == entry.hf.len() {
-            place(&entry.engine, to_engine(entry, parts, &config.decoder))?;
-            placed += 1;
+        if found.len() != entry.hf.len() {
+            continue;
+        }
+        let values = match streams(entry) {
+            true => {
+                let shape = &entry.hf[0].1;
+                let len = entry.hf.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+                Values::Blocks(Blocks { ckpt, parts: found, row: shape.iter().skip(1).product(), len })
+            }
+            false => {
+                let mut parts = Vec::with_capacity(found.len());
+                for name in &found {
+                    match ckpt.read_f32(name) {
+                        Ok(t) => match t.data.iter().position(|x| !x.is_finite()) {
+                            Some(i) => problems.push(not_finite(name, i, t.data[i])),
+                            None => parts.push(t.data),
+                        },
+                        Err(e) => problems.push(e.to_string()),
+                    }
+                }
+                if parts.len() != found.len() {
+                    continue;
+                }
+                Values::Whole(to_engine(entry, parts, &config.decoder))
+            }
+        };
+        let result = match problems.is_empty() {
+            true => place(&entry.engine, values).map(|()| placed += 1),
+            // Nothing is placed after a problem, but every value is still checked.
+            false => values.for_each_block(|_| Ok(())),
+        };
+        if let Err(e) = result {
+            collect(&mut problems, e);
         }
     }
     for name in ckpt.names() {
@@ -102,6 +197,29 @@ pub(crate) fn read_tensors(
         return Err(Error::Weights { path: ckpt.path.clone(), problems });
     }
     Ok(placed)
+}
+
+/// The most a load of `config`'s checkpoint holds beyond the tensors it keeps (or stores from them): one
+/// block of the file and its values in f32 ([`crate::safetensors::BLOCK_BYTES`], up to twice that in
+/// f32 from a 16-bit file), or a converted tensor (GPT-2's transposed Conv1D weights, NeoX's q/k/v) whole
+/// in f32 beside its HF copy. The memory estimate of a stored base counts it.
+pub fn load_transient_bytes(config: &ModelConfig) -> u64 {
+    // A config the name table cannot map is refused by the load itself.
+    let entries = plan(config.naming, &config.decoder).unwrap_or_default();
+    let block = 3 * crate::safetensors::BLOCK_BYTES as u64;
+    let converted = entries.iter().filter(|e| !streams(e));
+    let whole = converted.map(|e| 8 * e.hf.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>());
+    whole.fold(block, u64::max)
+}
+
+/// Whether `entry`'s HF tensors, read in order, are the engine tensor's values (no transpose or
+/// de-interleave), so [`read_tensors`] can hand them over a block at a time.
+fn streams(entry: &Entry) -> bool {
+    match entry.layout {
+        Hf::Same(_) | Hf::Rows(_) => true,
+        Hf::Conv1D(_) => entry.hf[0].1.len() != 2,
+        Hf::HeadsInterleaved(_) => false,
+    }
 }
 
 fn internal(ckpt: &Checkpoint, engine_name: &str) -> Error {

@@ -95,7 +95,10 @@ impl LoraRun {
             merge: cfg.merge,
             reference_model: cfg.ref_model.is_some(),
             base_bytes: stored.then(|| super::memory::frozen_model_bytes(&model.decoder, cfg.base_storage, lookups)),
-            load_bytes: stored.then(|| super::memory::load_bytes(&model.decoder, cfg.base_storage, lookups)),
+            load_bytes: stored.then(|| {
+                let transient = hf::load_transient_bytes(model);
+                super::memory::load_bytes(&model.decoder, cfg.base_storage, lookups, transient)
+            }),
         })
     }
 }

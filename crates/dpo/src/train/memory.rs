@@ -20,8 +20,9 @@
 //! base        the program, the tokenizer, thread stacks and the data (a fixed allowance), and the rotary
 //!             tables (`engine::kernels::RopeTable::floats`, per decoder)
 //! loading     a LoRA base stored as it is read (QLoRA, bf16, frozen tables): what it holds once read and
-//!             the one tensor in flight in f32 ([`load_bytes`]); the estimate is the larger of this and
-//!             the step's peak (a large vocabulary and short rows make loading the peak)
+//!             what reading holds on the way (`hf::load_transient_bytes`: a block of the file, or a
+//!             tensor GPT-2 or NeoX store in another layout, whole in f32) ([`load_bytes`]); the estimate
+//!             is the larger of this and the step's peak
 //! ```
 //!
 //! A bf16 run (`MemoryPlan::precision`) holds the reference model's block linears in bf16 (its products
@@ -57,7 +58,7 @@ use std::path::Path;
 use engine::kernels::{head_scratch_floats, Precision, RopeTable};
 use engine::optim::OptimizerConfig;
 use engine::quant::{FrozenEmbedding, FrozenLinears, Storage};
-use engine::{Activations, DecoderConfig, Keep, PositionKind, Site};
+use engine::{Activations, DecoderConfig, Keep, PositionKind};
 
 use super::config::Objective;
 
@@ -200,15 +201,10 @@ pub struct AdapterPlan {
 }
 
 /// The peak of reading a frozen base stored as [`frozen_model_bytes`] counts it: what it holds once
-/// read, and the one tensor in flight in f32 (each is read whole in f32, then stored): with `lookups`
-/// (frozen tables) the f32 head on its way to bf16, 2 bytes a value more than the bf16 head it becomes
-/// (an untied embedding, read first, leaves only its lookups); otherwise the largest block linear.
-pub fn load_bytes(cfg: &DecoderConfig, storage: Storage, lookups: Option<u64>) -> u64 {
-    let in_flight = match lookups {
-        Some(_) => 2 * (cfg.vocab_size * cfg.hidden) as u64,
-        None => Site::ALL.iter().map(|s| s.dims(cfg)).map(|(i, o)| 4 * (i * o) as u64).max().unwrap_or(0),
-    };
-    frozen_model_bytes(cfg, storage, lookups) + in_flight
+/// read, and `transient`, what reading holds on the way (`hf::load_transient_bytes`: tensors are stored
+/// a block of the file at a time, but a converted layout is held whole in f32 and converted).
+pub fn load_bytes(cfg: &DecoderConfig, storage: Storage, lookups: Option<u64>, transient: u64) -> u64 {
+    frozen_model_bytes(cfg, storage, lookups) + transient
 }
 
 fn optimizer_buffers(o: &OptimizerConfig) -> u64 {
