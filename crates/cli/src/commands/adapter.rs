@@ -27,17 +27,17 @@ impl AdapterFlag {
         Some(if !is_adapter(dir) && is_adapter(&fin) { fin } else { dir.clone() })
     }
 
-    /// The adapter, read and checked against `model`.
-    pub(super) fn load(&self, model: &hf::HfModel) -> anyhow::Result<Option<Adapter>> {
+    /// The adapter, read and checked against the model of `config` in `model_dir`.
+    pub(super) fn load(&self, config: &hf::ModelConfig, model_dir: &Path) -> anyhow::Result<Option<Adapter>> {
         let Some(dir) = self.dir() else { return Ok(None) };
-        let read = hf::peft::load_adapter(&dir, &model.config)
-            .with_context(|| format!("--adapter {} on --model {}", dir.display(), model.dir.display()))?;
+        let read = hf::peft::load_adapter(&dir, config)
+            .with_context(|| format!("--adapter {} on --model {}", dir.display(), model_dir.display()))?;
         Ok(Some(read.adapter))
     }
 
     /// `model` with the adapter merged into its weights (what generation reads: no adapter work per token).
     pub(super) fn merged_into(&self, mut model: hf::HfModel) -> anyhow::Result<hf::HfModel> {
-        if let Some(adapter) = self.load(&model)? {
+        if let Some(adapter) = self.load(&model.config, &model.dir)? {
             model.params = hf::peft::merged_params(&model.params, &adapter, &model.config)?;
         }
         Ok(model)
@@ -75,23 +75,61 @@ impl StoredBaseFlags {
         }
     }
 
-    /// `dir` as the flags say, for passes in `precision` with `adapter` on it: the whole model in f32, or
-    /// its block linears stored (then [`ScoredBase::keep_tables_for`] the data it scores).
-    pub(super) fn load(&self, dir: &Path, adapter: &AdapterFlag, precision: Precision) -> anyhow::Result<ScoredBase> {
-        let (model, linears) = match self.storage(adapter.adapter.is_some(), precision) {
-            Storage::F32 => (hf::load_model(dir)?, None),
-            s => {
-                let (model, frozen) = hf::load_model_stored(dir, s)?;
-                (model, Some(frozen))
-            }
-        };
-        Ok(ScoredBase { model, linears, tables: None, precision })
+    /// `dir`'s configuration, to be read as the flags say for passes in `precision` with `adapter` on
+    /// it ([`BaseToRead::read`], once the data it scores is known).
+    pub(super) fn prepare(
+        &self,
+        dir: &Path,
+        adapter: &AdapterFlag,
+        precision: Precision,
+    ) -> anyhow::Result<BaseToRead> {
+        let with_adapter = adapter.adapter.is_some();
+        Ok(BaseToRead {
+            config: hf::load_config(dir)?,
+            dir: dir.to_path_buf(),
+            storage: self.storage(with_adapter, precision),
+            // Under an adapter a bf16 pass reads the embedding's rows in f32 and the head in bf16.
+            frozen_tables: with_adapter && precision == Precision::Bf16,
+            precision,
+        })
     }
 }
 
-/// The base a scoring command reads, held as `dpo train` holds a LoRA base: its block linears stored
-/// ([`StoredBaseFlags`]) and, in a bf16 pass under an adapter, its embedding and head as a
-/// [`FrozenEmbedding`] for the rows it scores.
+/// The base a scoring command reads, its configuration read and its weights not yet: the command reads
+/// its data first (checking it against the configuration), then the weights, held as `dpo train` holds a
+/// LoRA base: the block linears stored ([`StoredBaseFlags`]) and, in a bf16 pass under an adapter, the
+/// embedding and head as a [`FrozenEmbedding`] for the data's tokens, each made as the file is read.
+pub(super) struct BaseToRead {
+    pub(super) config: hf::ModelConfig,
+    pub(super) dir: PathBuf,
+    storage: Storage,
+    frozen_tables: bool,
+    precision: Precision,
+}
+
+impl BaseToRead {
+    /// Reads the weights; `tokens` (the data's) are the embedding rows kept where the tables are frozen.
+    pub(super) fn read(self, tokens: impl FnOnce() -> BTreeSet<u32>) -> anyhow::Result<ScoredBase> {
+        let (model, linears, tables) = match (self.storage, self.frozen_tables) {
+            (Storage::F32, false) => (hf::load_model(&self.dir)?, None, None),
+            (Storage::F32, true) => {
+                let (model, tables) = hf::load_with_frozen_tables(&self.dir, &tokens())?;
+                (model, None, Some(tables))
+            }
+            (s, false) => {
+                let (model, linears) = hf::load_model_stored(&self.dir, s)?;
+                (model, Some(linears), None)
+            }
+            (s, true) => {
+                let (model, linears, tables) = hf::load_frozen_base(&self.dir, s, &tokens())?;
+                (model, Some(linears), Some(tables))
+            }
+        };
+        Ok(ScoredBase { model, linears, tables, precision: self.precision })
+    }
+}
+
+/// The base a scoring command reads ([`BaseToRead::read`]).
 pub(super) struct ScoredBase {
     pub(super) model: hf::HfModel,
     linears: Option<FrozenLinears>,
@@ -100,23 +138,6 @@ pub(super) struct ScoredBase {
 }
 
 impl ScoredBase {
-    /// Under an adapter in a bf16 pass, keeps the embedding's rows of `tokens` (the data's, all of it
-    /// known before the first pass) in f32 and the head in bf16: the same log-probs in about half the
-    /// tables' memory. Otherwise nothing changes.
-    pub(super) fn keep_tables_for(
-        &mut self,
-        adapter: bool,
-        tokens: impl FnOnce() -> BTreeSet<u32>,
-    ) -> anyhow::Result<()> {
-        if adapter && self.precision == Precision::Bf16 && self.tables.is_none() {
-            let cfg = self.model.config.decoder.clone();
-            let tables = dpo::train::reference::freeze_tables(&mut self.model.params, &cfg, &tokens())
-                .with_context(|| format!("the embedding of {}", self.model.dir.display()))?;
-            self.tables = Some(tables);
-        }
-        Ok(())
-    }
-
     /// The base with `adapter` on it, as the passes read it.
     pub(super) fn view<'a>(&'a self, adapter: Option<&'a Adapter>) -> Model<'a> {
         let m = dpo::train::setup::base_model(&self.model, self.linears.as_ref(), adapter, self.precision);

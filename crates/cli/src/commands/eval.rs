@@ -46,9 +46,12 @@ pub struct Args {
 }
 
 /// `--ref-adapter DIR`, read for `model`.
-pub(super) fn ref_adapter(dir: &Option<PathBuf>, model: &hf::HfModel) -> anyhow::Result<Option<engine::Adapter>> {
+pub(super) fn ref_adapter(
+    dir: &Option<PathBuf>,
+    base: &super::adapter::BaseToRead,
+) -> anyhow::Result<Option<engine::Adapter>> {
     let flag = super::adapter::AdapterFlag { adapter: dir.clone() };
-    flag.load(model).context("--ref-adapter")
+    flag.load(&base.config, &base.dir).context("--ref-adapter")
 }
 
 /// The scale of the implicit reward: a positive, finite number (NaN or infinity would print `null` or
@@ -71,24 +74,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     dpo::objectives::check_settings(&objective.losses, &objective.cfg)?;
     let precision = a.precision.get();
-    let mut base = a.stored_base.load(&a.model, &a.adapter, precision)?;
-    let model = &base.model;
-    let adapter = a.adapter.load(model)?;
+    let base = a.stored_base.prepare(&a.model, &a.adapter, precision)?;
+    let adapter = a.adapter.load(&base.config, &a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
     let reference = match &a.ref_model {
-        Some(dir) => Reference::load(dir, &model.config, tok.as_ref(), precision)?,
+        Some(dir) => Reference::load(dir, &base.config, tok.as_ref(), precision)?,
         None if objective.reference_free() => Reference::None,
-        None if adapter.is_some() => Reference::PolicyBase(ref_adapter(&a.ref_adapter, model)?),
+        None if adapter.is_some() => Reference::PolicyBase(ref_adapter(&a.ref_adapter, &base)?),
         None => bail!(
             "--ref-model is required for {} (or pass --reference-free)",
             a.objective.loss.as_deref().unwrap_or("sigmoid")
         ),
     };
-    let mut models = vec![&model.config.decoder];
+    let mut models = vec![&base.config.decoder];
     models.extend(reference.model().map(|m| &m.decoder.cfg));
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &models)?;
-    let decoder = Decoder::new(model.config.decoder.clone());
-    base.keep_tables_for(adapter.is_some(), || pair_tokens(examples.iter()))?;
+    let decoder = Decoder::new(base.config.decoder.clone());
+    let base = base.read(|| pair_tokens(examples.iter()))?;
     let mut ws = Workspace::default();
     let workload = PairWorkload {
         examples: &examples,

@@ -91,11 +91,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut base = a.stored_base.load(&a.model, &a.adapter, a.precision.get())?;
-    let adapter = a.adapter.load(&base.model)?;
+    let base = a.stored_base.prepare(&a.model, &a.adapter, a.precision.get())?;
+    let adapter = a.adapter.load(&base.config, &a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
-    let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&base.model.config.decoder])?;
-    base.keep_tables_for(adapter.is_some(), || pair_tokens(examples.iter()))?;
+    let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &[&base.config.decoder])?;
+    let base = base.read(|| pair_tokens(examples.iter()))?;
     let decoder = Decoder::new(base.model.config.decoder.clone());
     let packing = if a.no_prefix_sharing { Packing::Separate } else { Packing::SharedPrompt };
     let policy = base.view(adapter.as_ref());

@@ -35,7 +35,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let inputs = [("--model", a.model.as_path()), ("--adapter", adapter_dir.as_path())];
     hf::output::check_dir(&a.output, &inputs, a.overwrite).map_err(|e| output_hint(e, "--output"))?;
     let base = hf::load_model(&a.model)?;
-    let Some(adapter) = a.adapter.load(&base)? else { bail!("--adapter DIR is required") };
+    let Some(adapter) = a.adapter.load(&base.config, &base.dir)? else { bail!("--adapter DIR is required") };
     hf::peft::save_merged(&a.output, &base, &adapter).with_context(|| format!("writing {}", a.output.display()))?;
     let pairs: usize = adapter.layers.iter().map(|l| l.pairs.len()).sum();
     eprintln!(

@@ -49,23 +49,22 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     super::eval::check_beta(a.beta)?;
     let precision = a.precision.get();
-    let mut base = a.stored_base.load(&a.model, &a.adapter, precision)?;
-    let policy = &base.model;
-    let adapter = a.adapter.load(policy)?;
+    let base = a.stored_base.prepare(&a.model, &a.adapter, precision)?;
+    let adapter = a.adapter.load(&base.config, &a.model)?;
     let tok = hf::load_tokenizer_if_present(&a.model)?;
-    let decoder = Decoder::new(policy.config.decoder.clone());
+    let decoder = Decoder::new(base.config.decoder.clone());
     let (reference, ref_name) = match (&a.ref_model, &adapter) {
-        (Some(dir), _) => (Reference::load(dir, &policy.config, tok.as_ref(), precision)?, dir.display().to_string()),
-        (None, Some(_)) => match super::eval::ref_adapter(&a.ref_adapter, policy)? {
+        (Some(dir), _) => (Reference::load(dir, &base.config, tok.as_ref(), precision)?, dir.display().to_string()),
+        (None, Some(_)) => match super::eval::ref_adapter(&a.ref_adapter, &base)? {
             Some(r) => (Reference::PolicyBase(Some(r)), format!("{} with --ref-adapter", a.model.display())),
             None => (Reference::PolicyBase(None), format!("{} (adapter off)", a.model.display())),
         },
         (None, None) => bail!("--ref-model is required (the reference the policy was trained against)"),
     };
-    let mut models = vec![&policy.config.decoder];
+    let mut models = vec![&base.config.decoder];
     models.extend(reference.model().map(|m| &m.decoder.cfg));
     let examples = a.truncation.load_pairs(&a.data, tok.as_ref(), &models)?;
-    base.keep_tables_for(adapter.is_some(), || pair_tokens(examples.iter()))?;
+    let base = base.read(|| pair_tokens(examples.iter()))?;
     let policy_model = base.view(adapter.as_ref());
     let Some((ref_decoder, ref_model)) = reference.frozen((&decoder, policy_model)) else {
         bail!("{ref_name} gave no reference model");
