@@ -151,19 +151,27 @@ impl Adapter {
     /// Adds every pair's `scale · B A` to its rows of `p`'s fused weights (PEFT's `merge_and_unload`).
     /// Sums are taken in f64 and rounded once per weight element.
     pub fn merge_into(&self, p: &mut Params) {
-        for (lp, la) in p.layers.iter_mut().zip(&self.layers) {
-            for pair in &la.pairs {
-                let t = &pair.target;
-                let w = t.site.weight_mut(lp);
-                let inp = w.shape[1];
-                for (i, row) in t.rows.clone().enumerate() {
-                    let b_row = &pair.b.data[i * t.r..(i + 1) * t.r]; // [r]
-                    let w_row = &mut w.data[row * inp..(row + 1) * inp]; // [in]
-                    for (j, w) in w_row.iter_mut().enumerate() {
-                        let delta: f64 =
-                            b_row.iter().enumerate().map(|(k, &b)| b as f64 * pair.a.data[k * inp + j] as f64).sum();
-                        *w = (*w as f64 + t.scale as f64 * delta) as f32;
-                    }
+        for (layer, lp) in p.layers.iter_mut().enumerate() {
+            for site in Site::ALL {
+                self.merge_site(layer, site, &mut site.weight_mut(lp).data);
+            }
+        }
+    }
+
+    /// [`Adapter::merge_into`] for one fused weight `w` (`site` of `layer`, `[out, in]` row-major): a
+    /// merged model written a tensor at a time never holds a second copy of the base.
+    pub fn merge_site(&self, layer: usize, site: Site, w: &mut [f32]) {
+        let Some(la) = self.layers.get(layer) else { return };
+        for pair in la.pairs.iter().filter(|p| p.target.site == site) {
+            let t = &pair.target;
+            let inp = pair.a.data.len() / t.r.max(1); // A: [r, in]
+            for (i, row) in t.rows.clone().enumerate() {
+                let b_row = &pair.b.data[i * t.r..(i + 1) * t.r]; // [r]
+                let w_row = &mut w[row * inp..(row + 1) * inp]; // [in]
+                for (j, w) in w_row.iter_mut().enumerate() {
+                    let delta: f64 =
+                        b_row.iter().enumerate().map(|(k, &b)| b as f64 * pair.a.data[k * inp + j] as f64).sum();
+                    *w = (*w as f64 + t.scale as f64 * delta) as f32;
                 }
             }
         }

@@ -39,5 +39,6 @@ pub use safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
 pub use stored::{load_frozen_base, load_model_stored, load_with_frozen_tables};
 pub use tokenizer::{ChatMessage, SpecialToken, Tokenizer};
 pub use weights::{
-    check_params, load_params, load_params_file, load_transient_bytes, params_from_checkpoint, to_hf_tensors,
+    check_params, load_params, load_params_file, load_transient_bytes, merge_transient_bytes, params_from_checkpoint,
+    to_hf_tensors,
 };

@@ -86,7 +86,19 @@ pub fn load_tokenizer_if_present(dir: &Path) -> Result<Option<Tokenizer>> {
 pub fn save_model(out: &Path, config: &ModelConfig, params: &Params, source_dir: Option<&Path>) -> Result<()> {
     check_params(config, params)
         .map_err(|m| Error::dir(out, format!("parameters do not match the model config: {m}")))?;
-    write_dir(out, "config.json", |tmp| write_all(tmp, config, params, source_dir))
+    let hf = HfTensors::new(config, params);
+    // One converted tensor at a time: a checkpoint written mid-run holds no second copy of the model.
+    write_model_dir(out, config, source_dir, |path| write_f32_with(path, &hf.shapes, |i| Ok(hf.values(i))))
+}
+
+/// [`save_model`] with the weights file written by `weights` (given its path).
+pub(crate) fn write_model_dir(
+    out: &Path,
+    config: &ModelConfig,
+    source_dir: Option<&Path>,
+    weights: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    write_dir(out, "config.json", |tmp| write_all(tmp, config, source_dir, weights))
 }
 
 /// Writes a directory atomically: `fill` writes the files into `out.tmp-<pid>`, which is then renamed
@@ -125,7 +137,12 @@ pub(crate) fn write_dir(out: &Path, marker: &str, fill: impl FnOnce(&Path) -> Re
     })
 }
 
-fn write_all(tmp: &Path, config: &ModelConfig, params: &Params, source_dir: Option<&Path>) -> Result<()> {
+fn write_all(
+    tmp: &Path,
+    config: &ModelConfig,
+    source_dir: Option<&Path>,
+    weights: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let mut raw = config.raw.clone();
     if let Value::Object(obj) = &mut raw {
         let keys: Vec<&str> = ["dtype", "torch_dtype"].into_iter().filter(|k| obj.contains_key(*k)).collect();
@@ -135,9 +152,7 @@ fn write_all(tmp: &Path, config: &ModelConfig, params: &Params, source_dir: Opti
         }
     }
     write_json(&tmp.join("config.json"), &raw)?;
-    // One converted tensor at a time: a checkpoint written mid-run holds no second copy of the model.
-    let hf = HfTensors::new(config, params);
-    write_f32_with(&tmp.join("model.safetensors"), &hf.shapes, |i| hf.values(i))?;
+    weights(&tmp.join("model.safetensors"))?;
     if let Some(src) = source_dir {
         for f in COPIED {
             let from = src.join(f);

@@ -434,7 +434,7 @@ pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u
 pub fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     views(tensors).map_err(|m| Error::st(path, None, m))?;
     let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
-    write_f32_with(path, &shapes, |i| Cow::Borrowed(&tensors[i].2[..]))
+    write_f32_with(path, &shapes, |i| Ok(Cow::Borrowed(&tensors[i].2[..])))
 }
 
 /// Writes f32 tensors of these names and shapes to `path` atomically, the bytes [`serialize_f32`] gives
@@ -442,11 +442,12 @@ pub fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Res
 /// only when its turn comes in the file's name order, so a caller converting weights to another layout
 /// holds one converted tensor at a time, never a second copy of the model. The data is streamed into a
 /// temporary file in the same directory, synced, then renamed; on failure (values that do not fill
-/// their shape, a full disk, a file-size limit) the temporary file is removed and `path` is untouched.
+/// their shape, a full disk, a file-size limit, an error from `values`, which is returned) the temporary
+/// file is removed and `path` is untouched.
 pub fn write_f32_with<'v>(
     path: &Path,
     shapes: &[(String, Vec<usize>)],
-    mut values: impl FnMut(usize) -> Cow<'v, [f32]>,
+    mut values: impl FnMut(usize) -> Result<Cow<'v, [f32]>>,
 ) -> Result<()> {
     let mut order: Vec<usize> = (0..shapes.len()).collect();
     order.sort_by(|&a, &b| shapes[a].0.cmp(&shapes[b].0));
@@ -461,12 +462,18 @@ pub fn write_f32_with<'v>(
     }
     let header = header(order.iter().map(|&i| (shapes[i].0.as_str(), &shapes[i].1[..])))
         .map_err(|m| Error::st(path, None, m))?;
-    crate::atomic::write_with(path, |out| {
+    // `values`' own error, returned as it is rather than as an I/O error of `path`.
+    let mut failed = None;
+    let written = crate::atomic::write_with(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         for &i in &order {
             let (name, shape) = &shapes[i];
-            let v = values(i);
+            let v = values(i).map_err(|e| {
+                let io = std::io::Error::other(e.to_string());
+                failed = Some(e);
+                io
+            })?;
             if v.len() != shape.iter().product::<usize>() {
                 let msg = format!("tensor `{name}`: shape {shape:?} does not match its {} values", v.len());
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg));
@@ -474,8 +481,11 @@ pub fn write_f32_with<'v>(
             out.write_all(&F32View { shape, data: &v }.data())?;
         }
         Ok(())
-    })
-    .map_err(|e| Error::io(path, e))
+    });
+    match (written, failed) {
+        (Err(_), Some(e)) => Err(e),
+        (written, _) => written.map_err(|e| Error::io(path, e)),
+    }
 }
 
 /// The weights of a model directory: one `model.safetensors`, or the shards named by

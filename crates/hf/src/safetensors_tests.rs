@@ -85,13 +85,17 @@ fn streamed_writes_are_the_whole_serialisation() {
     let mut asked = Vec::new();
     write_f32_with(&p, &shapes, |i| {
         asked.push(i);
-        Cow::Owned(tensors[i].2.clone())
+        Ok(Cow::Owned(tensors[i].2.clone()))
     })
     .unwrap();
     assert_eq!(asked, vec![1, 0], "name order");
     assert_eq!(std::fs::read(&p).unwrap(), serialize_f32(&tensors).unwrap());
-    let e = write_f32_with(&p, &shapes, |i| Cow::Owned(vec![0.0; i + 1])).unwrap_err().to_string();
+    let e = write_f32_with(&p, &shapes, |i| Ok(Cow::Owned(vec![0.0; i + 1]))).unwrap_err().to_string();
     assert!(e.contains("`alpha`") && e.contains("does not match"), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), serialize_f32(&tensors).unwrap());
+    // An error of `values` is returned as it is, and leaves the file as it was.
+    let e = write_f32_with(&p, &shapes, |_| Err(crate::Error::st(&p, Some("x"), "unreadable"))).unwrap_err();
+    assert_eq!(e.to_string(), crate::Error::st(&p, Some("x"), "unreadable").to_string());
     assert_eq!(std::fs::read(&p).unwrap(), serialize_f32(&tensors).unwrap());
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
     std::fs::remove_dir_all(&dir).unwrap();

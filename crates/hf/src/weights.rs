@@ -129,74 +129,119 @@ pub(crate) fn read_tensors(
     mut place: impl FnMut(&str, Values<'_>) -> Result<()>,
 ) -> Result<usize> {
     let entries = plan(config.naming, &config.decoder).map_err(|e| internal(ckpt, &e.0))?;
-    let resolve = |name: &str| aliases(config.naming, name).into_iter().find(|n| ckpt.info(n).is_some());
     let mut problems = Vec::new();
-    let collect = |problems: &mut Vec<String>, e: Error| match e {
-        Error::Weights { problems: p, .. } => problems.extend(p),
-        e => problems.push(e.to_string()),
-    };
     let mut used = HashSet::new();
     let mut placed = 0;
     for entry in &entries {
-        let mut found = Vec::with_capacity(entry.hf.len());
-        for (name, want) in &entry.hf {
-            let Some(name) = resolve(name) else {
-                problems.push(format!("missing tensor `{name}` (expected shape {want:?})"));
-                continue;
-            };
-            used.insert(name.clone());
-            let shape = ckpt.info(&name).map(|i| i.shape.clone()).unwrap_or_default();
-            if &shape != want {
-                problems.push(format!("tensor `{name}`: expected shape {want:?}, found {shape:?}"));
-                continue;
-            }
-            found.push(name);
-        }
-        if found.len() != entry.hf.len() {
-            continue;
-        }
-        let values = match streams(entry) {
-            true => {
-                let shape = &entry.hf[0].1;
-                let len = entry.hf.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-                Values::Blocks(Blocks { ckpt, parts: found, row: shape.iter().skip(1).product(), len })
-            }
-            false => {
-                let mut parts = Vec::with_capacity(found.len());
-                for name in &found {
-                    match ckpt.read_f32(name) {
-                        Ok(t) => match t.data.iter().position(|x| !x.is_finite()) {
-                            Some(i) => problems.push(not_finite(name, i, t.data[i])),
-                            None => parts.push(t.data),
-                        },
-                        Err(e) => problems.push(e.to_string()),
-                    }
-                }
-                if parts.len() != found.len() {
-                    continue;
-                }
-                Values::Whole(to_engine(entry, parts, &config.decoder))
-            }
-        };
+        let Some(found) = find_parts(ckpt, config, entry, &mut used, &mut problems) else { continue };
+        let Some(values) = entry_values(ckpt, config, entry, found, &mut problems) else { continue };
         let result = match problems.is_empty() {
             true => place(&entry.engine, values).map(|()| placed += 1),
             // Nothing is placed after a problem, but every value is still checked.
             false => values.for_each_block(|_| Ok(())),
         };
         if let Err(e) = result {
-            collect(&mut problems, e);
+            match e {
+                Error::Weights { problems: p, .. } => problems.extend(p),
+                e => problems.push(e.to_string()),
+            }
         }
     }
+    unexpected(ckpt, config, &used, &mut problems);
+    if !problems.is_empty() {
+        return Err(Error::Weights { path: ckpt.path.clone(), problems });
+    }
+    Ok(placed)
+}
+
+/// Checks every name and shape the checkpoint must hold for `config`, from its header alone (no values
+/// read), reporting every problem as [`read_tensors`] does; returns the plan to read it by
+/// ([`read_entry`]).
+pub(crate) fn check_names(ckpt: &Checkpoint, config: &ModelConfig) -> Result<Vec<Entry>> {
+    let entries = plan(config.naming, &config.decoder).map_err(|e| internal(ckpt, &e.0))?;
+    let (mut problems, mut used) = (Vec::new(), HashSet::new());
+    for entry in &entries {
+        find_parts(ckpt, config, entry, &mut used, &mut problems);
+    }
+    unexpected(ckpt, config, &used, &mut problems);
+    match problems.is_empty() {
+        true => Ok(entries),
+        false => Err(Error::Weights { path: ckpt.path.clone(), problems }),
+    }
+}
+
+/// The values of one engine tensor of a checkpoint [`check_names`] passed, in engine layout.
+pub(crate) fn read_entry(ckpt: &Checkpoint, config: &ModelConfig, entry: &Entry) -> Result<Vec<f32>> {
+    let mut problems = Vec::new();
+    let found = find_parts(ckpt, config, entry, &mut HashSet::new(), &mut problems);
+    let values = found.and_then(|found| entry_values(ckpt, config, entry, found, &mut problems));
+    match values {
+        Some(values) if problems.is_empty() => values.into_vec(),
+        _ => Err(Error::Weights { path: ckpt.path.clone(), problems }),
+    }
+}
+
+/// The checkpoint's names of `entry`'s HF tensors (each recorded in `used`), if every one is there at
+/// its shape; what is not goes to `problems`.
+fn find_parts(
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    entry: &Entry,
+    used: &mut HashSet<String>,
+    problems: &mut Vec<String>,
+) -> Option<Vec<String>> {
+    let mut found = Vec::with_capacity(entry.hf.len());
+    for (name, want) in &entry.hf {
+        let Some(name) = aliases(config.naming, name).into_iter().find(|n| ckpt.info(n).is_some()) else {
+            problems.push(format!("missing tensor `{name}` (expected shape {want:?})"));
+            continue;
+        };
+        used.insert(name.clone());
+        let shape = ckpt.info(&name).map(|i| i.shape.clone()).unwrap_or_default();
+        if &shape != want {
+            problems.push(format!("tensor `{name}`: expected shape {want:?}, found {shape:?}"));
+            continue;
+        }
+        found.push(name);
+    }
+    (found.len() == entry.hf.len()).then_some(found)
+}
+
+/// `entry`'s values from its HF tensors `found`: blocks where the layouts agree ([`streams`]), else read
+/// whole, checked finite (what is not goes to `problems`) and converted.
+fn entry_values<'a>(
+    ckpt: &'a Checkpoint,
+    config: &ModelConfig,
+    entry: &Entry,
+    found: Vec<String>,
+    problems: &mut Vec<String>,
+) -> Option<Values<'a>> {
+    if streams(entry) {
+        let row = entry.hf[0].1.iter().skip(1).product();
+        let len = entry.hf.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        return Some(Values::Blocks(Blocks { ckpt, parts: found, row, len }));
+    }
+    let mut parts = Vec::with_capacity(found.len());
+    for name in &found {
+        match ckpt.read_f32(name) {
+            Ok(t) => match t.data.iter().position(|x| !x.is_finite()) {
+                Some(i) => problems.push(not_finite(name, i, t.data[i])),
+                None => parts.push(t.data),
+            },
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    (parts.len() == found.len()).then(|| Values::Whole(to_engine(entry, parts, &config.decoder)))
+}
+
+/// A problem for each tensor of the checkpoint that no entry used and the naming row does not ignore.
+fn unexpected(ckpt: &Checkpoint, config: &ModelConfig, used: &HashSet<String>, problems: &mut Vec<String>) {
     for name in ckpt.names() {
         if !used.contains(name) && !ignored(config.naming, &config.decoder, name) {
             let shape = ckpt.info(name).map(|i| i.shape.clone()).unwrap_or_default();
             problems.push(format!("unexpected tensor `{name}` (shape {shape:?})"));
         }
     }
-    if !problems.is_empty() {
-        return Err(Error::Weights { path: ckpt.path.clone(), problems });
-    }
-    Ok(placed)
 }
 
 /// The most a load of `config`'s checkpoint holds beyond the tensors it keeps (or stores from them): one
@@ -305,22 +350,89 @@ impl<'a> HfTensors<'a> {
     /// The values of tensor `i` (of [`HfTensors::shapes`]) in transformers' layout.
     pub fn values(&self, i: usize) -> Cow<'a, [f32]> {
         let (t, e, part) = self.sources[i];
-        let entry = &self.entries[e];
-        let s = &entry.hf[0].1;
-        match entry.layout {
-            Hf::Rows(_) => {
-                let start: usize = entry.hf[..part].iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-                let n: usize = entry.hf[part].1.iter().product();
-                Cow::Borrowed(&t.data[start..start + n])
-            }
-            Hf::Conv1D(_) if s.len() == 2 => Cow::Owned(transpose(&t.data, s[1], s[0])),
-            Hf::HeadsInterleaved(_) => {
-                let cols = if s.len() == 2 { s[1] } else { 1 };
-                Cow::Owned(neox_qkv(&t.data, self.cfg.n_heads, self.cfg.head_dim, cols, true))
-            }
-            Hf::Same(_) | Hf::Conv1D(_) => Cow::Borrowed(&t.data[..]),
+        to_hf_part(&self.entries[e], part, &t.data, self.cfg)
+    }
+}
+
+/// Part `part` of `entry`'s HF tensors in transformers' layout, from the engine tensor's values `data`:
+/// borrowed where the layouts agree, converted into a new buffer where they do not.
+fn to_hf_part<'d>(entry: &Entry, part: usize, data: &'d [f32], cfg: &DecoderConfig) -> Cow<'d, [f32]> {
+    let s = &entry.hf[0].1;
+    match entry.layout {
+        Hf::Rows(_) => {
+            let start: usize = entry.hf[..part].iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            let n: usize = entry.hf[part].1.iter().product();
+            Cow::Borrowed(&data[start..start + n])
+        }
+        Hf::Conv1D(_) if s.len() == 2 => Cow::Owned(transpose(data, s[1], s[0])),
+        Hf::HeadsInterleaved(_) => {
+            let cols = if s.len() == 2 { s[1] } else { 1 };
+            Cow::Owned(neox_qkv(data, cfg.n_heads, cfg.head_dim, cols, true))
+        }
+        Hf::Same(_) | Hf::Conv1D(_) => Cow::Borrowed(data),
+    }
+}
+
+/// Writes the weights of `config` to `path` as [`crate::save_model`] does (the same bytes for the same
+/// values), asking `engine` for each engine tensor (in engine layout) only when the file, which runs in
+/// name order, reaches the first of its HF tensors, and dropping it after the last (`q_proj`, `k_proj`
+/// and `v_proj` of one layer are not neighbours in name order, so a stacked tensor waits for its parts):
+/// [`merge_transient_bytes`] is the most it holds. A merged model is written so from a base read a
+/// tensor at a time ([`read_entry`]) or held in memory, never a second copy of the whole model.
+/// `engine`'s first error stops the write (nothing is left at `path`).
+pub(crate) fn write_weights_with(
+    path: &Path,
+    config: &ModelConfig,
+    mut engine: impl FnMut(&Entry) -> Result<Vec<f32>>,
+) -> Result<()> {
+    let entries = plan(config.naming, &config.decoder).map_err(|e| Error::st(path, None, e.0))?;
+    let (mut shapes, mut sources) = (Vec::new(), Vec::new());
+    for (e, entry) in entries.iter().enumerate() {
+        for (part, (name, shape)) in entry.hf.iter().enumerate() {
+            shapes.push((name.clone(), shape.clone()));
+            sources.push((e, part));
         }
     }
+    // Per entry: its parts not yet written, and its values while some are.
+    let mut left: Vec<usize> = entries.iter().map(|e| e.hf.len()).collect();
+    let mut kept: Vec<Option<Vec<f32>>> = vec![None; entries.len()];
+    crate::safetensors::write_f32_with(path, &shapes, |i| {
+        let (e, part) = sources[i];
+        let entry = &entries[e];
+        let data = match kept[e].take() {
+            Some(data) => data,
+            None => engine(entry)?,
+        };
+        left[e] -= 1;
+        let values = match (left[e], identity(entry)) {
+            // The whole tensor as it is: handed over, not copied.
+            (0, true) => data,
+            (0, false) => to_hf_part(entry, part, &data, &config.decoder).into_owned(),
+            _ => {
+                let values = to_hf_part(entry, part, &data, &config.decoder).into_owned();
+                kept[e] = Some(data);
+                values
+            }
+        };
+        Ok(Cow::Owned(values))
+    })
+}
+
+/// Bytes [`write_weights_with`] holds for `config` beyond the values it is given: a stacked tensor
+/// waiting for its other parts, the tensor being written, and a converted copy of it where the layouts
+/// differ (GPT-2's transposed Conv1D, NeoX's q/k/v), all in f32; plus a block of the file where `engine`
+/// reads the base ([`load_transient_bytes`]).
+pub fn merge_transient_bytes(config: &ModelConfig) -> u64 {
+    let entries = plan(config.naming, &config.decoder).unwrap_or_default();
+    let bytes = |e: &Entry| 4 * e.hf.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>();
+    let waiting = entries.iter().filter(|e| e.hf.len() > 1).map(bytes).max().unwrap_or(0);
+    let written = entries.iter().map(|e| if identity(e) { bytes(e) } else { 2 * bytes(e) }).max().unwrap_or(0);
+    waiting + written + load_transient_bytes(config)
+}
+
+/// Whether `entry` is one HF tensor laid out as the engine's (its values need no conversion either way).
+fn identity(entry: &Entry) -> bool {
+    entry.hf.len() == 1 && streams(entry)
 }
 
 /// HF parts (in `entry.hf` order, shapes already checked) → engine data.

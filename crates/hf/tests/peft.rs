@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{more, parity, TempDir};
 use dpo_hf::peft::{
-    fresh_config, load_adapter, merged_params, resolve_targets, save_adapter, save_merged, LoraConfig, TargetModules,
-    CONFIG_FILE, WEIGHTS_FILE,
+    fresh_config, load_adapter, merged_params, resolve_targets, save_adapter, save_merged, LoraConfig, MergeBase,
+    TargetModules, CONFIG_FILE, WEIGHTS_FILE,
 };
-use dpo_hf::{load_config, load_model, to_hf_tensors, Error, ModelConfig, SafeTensors};
+use dpo_hf::{load_config, load_model, save_model, to_hf_tensors, Error, ModelConfig, SafeTensors};
 use engine::rng::Rng;
 use engine::{Adapter, LoraTarget, Site};
 use serde_json::{json, Value};
@@ -160,11 +160,21 @@ fn merging_the_trained_adapter_gives_pefts_merged_model() {
              tensor's largest value; {changed} tensors changed"
         );
 
-        // The merged directory writes and reads back as a plain model.
+        // The merged directory writes and reads back as a plain model: written a tensor at a time, from the
+        // base in memory or read from its directory, it holds the bytes `save_model` writes for the
+        // merged parameters.
         let tmp = TempDir::new(&format!("peft-merged-{arch}"));
-        let out = tmp.path().join("merged");
-        save_merged(&out, &base, &trained.adapter).unwrap();
-        assert_eq!(load_model(&out).unwrap().params, merged);
+        let whole = tmp.path().join("whole");
+        save_model(&whole, &base.config, &merged, Some(&base.dir)).unwrap();
+        for (name, from) in [("loaded", MergeBase::Loaded(&base)), ("dir", MergeBase::Dir(&lora(arch, "base")))] {
+            let out = tmp.path().join(name);
+            save_merged(&out, from, &trained.adapter).unwrap();
+            assert_eq!(load_model(&out).unwrap().params, merged, "{arch} {name}");
+            for file in ["model.safetensors", "config.json", "generation_config.json"] {
+                let read = |d: &Path| std::fs::read(d.join(file)).unwrap();
+                assert!(read(&out) == read(&whole), "{arch} {name}: {file} differs from save_model's");
+            }
+        }
     }
 }
 
@@ -492,7 +502,7 @@ fn peft_loads_what_we_save() {
         }
         let (a, m) = (tmp.path().join(format!("{i}-adapter")), tmp.path().join(format!("{i}-merged")));
         save_adapter(&a, &cfg, &adapter, &base.config).unwrap();
-        save_merged(&m, &base, &adapter).unwrap();
+        save_merged(&m, MergeBase::Loaded(&base), &adapter).unwrap();
         cases.push(json!({"base": dir, "adapter": a, "merged": m, "reference": null}));
     }
     for arch in ARCHS {
@@ -502,7 +512,7 @@ fn peft_loads_what_we_save() {
             let a = tmp.path().join(format!("{arch}-{which}"));
             save_adapter(&a, &loaded.config, &loaded.adapter, &base.config).unwrap();
             let m = tmp.path().join(format!("{arch}-{which}-merged"));
-            save_merged(&m, &base, &loaded.adapter).unwrap();
+            save_merged(&m, MergeBase::Dir(&lora(arch, "base")), &loaded.adapter).unwrap();
             cases.push(json!({"base": lora(arch, "base"), "adapter": a, "merged": m, "reference": lora(arch, which)}));
         }
     }

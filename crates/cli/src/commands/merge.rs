@@ -34,9 +34,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let adapter_dir = a.adapter.dir().unwrap_or_default();
     let inputs = [("--model", a.model.as_path()), ("--adapter", adapter_dir.as_path())];
     hf::output::check_dir(&a.output, &inputs, a.overwrite).map_err(|e| output_hint(e, "--output"))?;
-    let base = hf::load_model(&a.model)?;
-    let Some(adapter) = a.adapter.load(&base.config, &base.dir)? else { bail!("--adapter DIR is required") };
-    hf::peft::save_merged(&a.output, &base, &adapter).with_context(|| format!("writing {}", a.output.display()))?;
+    let config = hf::load_config(&a.model)?;
+    let Some(adapter) = a.adapter.load(&config, &a.model)? else { bail!("--adapter DIR is required") };
+    // The base is read a tensor at a time as the merged file is written, never whole.
+    let base = hf::peft::MergeBase::Dir(&a.model);
+    hf::peft::save_merged(&a.output, base, &adapter).with_context(|| format!("writing {}", a.output.display()))?;
     let pairs: usize = adapter.layers.iter().map(|l| l.pairs.len()).sum();
     eprintln!(
         "merged {pairs} adapter pairs with base {} (left as it is); written to {}",

@@ -144,7 +144,7 @@ fn write(
         let buffers: Vec<(String, &[usize], &[f32])> = optimizer.buffers().collect();
         let shapes: Vec<(String, Vec<usize>)> = buffers.iter().map(|(n, s, _)| (n.clone(), s.to_vec())).collect();
         let opt_path = tmp.join("optimizer.safetensors");
-        hf::safetensors::write_f32_with(&opt_path, &shapes, |i| Cow::Borrowed(buffers[i].2))?;
+        hf::safetensors::write_f32_with(&opt_path, &shapes, |i| Ok(Cow::Borrowed(buffers[i].2)))?;
         let meta = serde_json::json!({ "state": state, "optimizer_step": steps, "total_steps": total_steps });
         let meta_path = tmp.join("trainer_state.json");
         crate::io::write_atomic(&meta_path, serde_json::to_string_pretty(&meta).expect("json").as_bytes())

@@ -474,13 +474,11 @@ pub fn run(
             hf::peft::save_adapter(&final_dir, config, adapter, &s.model.config).map_err(final_error)?;
             if cfg.merge {
                 let merged = output.join(MERGED_DIR);
-                // A stored (NF4/bf16) base is never merged into: the f32 base is read fresh from disk.
-                let fresh;
-                let base = if s.frozen.is_some() || s.embedding.is_some() {
-                    fresh = hf::load_model(&cfg.model).map_err(final_error)?;
-                    &fresh
-                } else {
-                    &s.model
+                // A stored (NF4/bf16) base is never merged into: the f32 base is read from disk, a tensor
+                // at a time.
+                let base = match s.frozen.is_some() || s.embedding.is_some() {
+                    true => hf::peft::MergeBase::Dir(&cfg.model),
+                    false => hf::peft::MergeBase::Loaded(&s.model),
                 };
                 hf::peft::save_merged(&merged, base, adapter).map_err(final_error)?;
                 log(&format!("merged model written to {}", merged.display()));

@@ -92,7 +92,7 @@ impl LoraRun {
             params,
             kept_per_token: kept,
             frozen_copy: self.start.is_some() && cfg.ref_model.is_none(),
-            merge: cfg.merge,
+            merge: cfg.merge.then(|| hf::merge_transient_bytes(model)),
             reference_model: cfg.ref_model.is_some(),
             base_bytes: stored.then(|| super::memory::frozen_model_bytes(&model.decoder, cfg.base_storage, lookups)),
             load_bytes: stored.then(|| {

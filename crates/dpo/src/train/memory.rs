@@ -16,7 +16,7 @@
 //!             rows and their gradient (`engine::kernels::head_scratch_floats`)
 //! checkpoint  while a checkpoint is written: one block linear converted to the HF layout (weights and
 //!             optimizer moments are written from their own buffers, tensor by tensor); a LoRA run's
-//!             adapter and its moments, or with --merge the merged copy of the base
+//!             adapter and its moments, or with --merge what writing the merged model holds (a tensor at a time)
 //! base        the program, the tokenizer, thread stacks and the data (a fixed allowance), and the rotary
 //!             tables (`engine::kernels::RopeTable::floats`, per decoder)
 //! loading     a LoRA base stored as it is read (QLoRA, bf16, frozen tables): what it holds once read and
@@ -45,7 +45,8 @@
 //! reference is the same base with the adapter off, or with a frozen copy of the starting adapter), and
 //! the adapter A times over: trained, gradient, optimizer buffers, the frozen copy. Its activations add each
 //! pair's `x A^T` (`r` floats per token, kept for backward); its checkpoints hold the adapter and its
-//! moments, and `--merge` writes a merged copy of the base at the end.
+//! moments, and `--merge` writes a merged model at the end, a tensor at a time
+//! (`hf::merge_transient_bytes`).
 //!
 //! Against the measured peak resident set (`crates/cli/tests/bad_input.rs`,
 //! `memory_estimate_tracks_measured_peak`: GPT-2 shape, d = 256, 4 layers, micro-batches of 2000 tokens)
@@ -187,8 +188,9 @@ pub struct AdapterPlan {
     pub kept_per_token: u64,
     /// The reference reads a frozen copy of the starting adapter (a run from `--adapter`).
     pub frozen_copy: bool,
-    /// `--merge`: a merged copy of the base is written at the end.
-    pub merge: bool,
+    /// `--merge`: a merged model is written at the end, a tensor at a time; the bytes that holds
+    /// (`hf::merge_transient_bytes`).
+    pub merge: Option<u64>,
     /// The reference is another model (`--ref-model`), held beside the base.
     pub reference_model: bool,
     /// Bytes of the frozen base when it is stored other than in f32 ([`frozen_model_bytes`]: its block
@@ -307,8 +309,8 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
             // layout differs from transformers' (GPT-2's transposed Conv1D, NeoX's interleaved q/k/v) is
             // converted into a buffer of its own first: at most the largest block linear.
             None => 4 * c.hidden as u64 * c.qkv_dim().max(c.mlp_in_dim()) as u64,
-            Some(a) if a.merge => (4 * p).max(4 * a.params * k.max(1)),
-            Some(a) => 4 * a.params * k.max(1),
+            // The adapter and its moments; or a merged model, written a tensor at a time.
+            Some(a) => a.merge.unwrap_or(0).max(4 * a.params * k.max(1)),
         },
         base: BASE_BYTES + rope(c) + plan.reference.map(rope).unwrap_or(0),
         load: plan.adapter.and_then(|a| a.load_bytes).map_or(0, |l| l + BASE_BYTES),
