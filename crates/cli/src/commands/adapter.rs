@@ -38,7 +38,7 @@ impl AdapterFlag {
     /// `model` with the adapter merged into its weights (what generation reads: no adapter work per token).
     pub(super) fn merged_into(&self, mut model: hf::HfModel) -> anyhow::Result<hf::HfModel> {
         if let Some(adapter) = self.load(&model.config, &model.dir)? {
-            model.params = hf::peft::merged_params(&model.params, &adapter, &model.config)?;
+            hf::peft::merge_in_place(&mut model.params, &adapter, &model.config)?;
         }
         Ok(model)
     }

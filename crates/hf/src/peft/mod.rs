@@ -101,10 +101,17 @@ pub fn save_adapter(dir: &Path, config: &LoraConfig, adapter: &Adapter, model: &
 
 /// The base weights with `adapter` merged in (PEFT's `merge_and_unload`).
 pub fn merged_params(base: &Params, adapter: &Adapter, model: &ModelConfig) -> Result<Params> {
-    check_fits(adapter, model)?;
     let mut merged = base.clone();
-    adapter.merge_into(&mut merged);
+    merge_in_place(&mut merged, adapter, model)?;
     Ok(merged)
+}
+
+/// [`merged_params`] written over `params` itself: a model loaded only to be merged (and generated with,
+/// or exported) is never held twice.
+pub fn merge_in_place(params: &mut Params, adapter: &Adapter, model: &ModelConfig) -> Result<()> {
+    check_fits(adapter, model)?;
+    adapter.merge_into(params);
+    Ok(())
 }
 
 /// The base a merged model is written from ([`save_merged`]).
