@@ -373,52 +373,77 @@ fn to_hf_part<'d>(entry: &Entry, part: usize, data: &'d [f32], cfg: &DecoderConf
     }
 }
 
+/// A model's tensors in transformers' names and layouts, each made on request from the engine tensor
+/// that holds it ([`HfValues::take`]): the engine tensor is asked of `engine` when the first of its HF
+/// tensors is taken and dropped after the last (a stacked q/k/v waits for its other parts), so at most
+/// [`merge_transient_bytes`] is held, never a copy of the model. Writing a merged model
+/// ([`write_weights_with`]) and exporting one to GGUF take its tensors so, from a base read a tensor at a
+/// time ([`read_entry`]) or held in memory.
+pub(crate) struct HfValues<'c, E> {
+    cfg: &'c DecoderConfig,
+    entries: Vec<Entry>,
+    /// `(HF name, HF shape)` of every tensor, in plan order (an entry's parts together).
+    pub(crate) shapes: Vec<(String, Vec<usize>)>,
+    /// Per tensor: its plan entry and which of the entry's HF parts it is.
+    sources: Vec<(usize, usize)>,
+    /// Per entry: its parts not yet taken, and its values while some are.
+    left: Vec<usize>,
+    kept: Vec<Option<Vec<f32>>>,
+    engine: E,
+}
+
+impl<'c, E: FnMut(&Entry) -> Result<Vec<f32>>> HfValues<'c, E> {
+    pub(crate) fn new(config: &'c ModelConfig, engine: E) -> Result<Self> {
+        let entries = plan(config.naming, &config.decoder)
+            .map_err(|e| Error::dir(&config.path, format!("internal: no HF module for `{}`", e.0)))?;
+        let (mut shapes, mut sources) = (Vec::new(), Vec::new());
+        for (e, entry) in entries.iter().enumerate() {
+            for (part, (name, shape)) in entry.hf.iter().enumerate() {
+                shapes.push((name.clone(), shape.clone()));
+                sources.push((e, part));
+            }
+        }
+        let left = entries.iter().map(|e| e.hf.len()).collect();
+        let kept = vec![None; entries.len()];
+        Ok(HfValues { cfg: &config.decoder, entries, shapes, sources, left, kept, engine })
+    }
+
+    /// The values of tensor `i` (of [`HfValues::shapes`]), in transformers' layout.
+    pub(crate) fn take(&mut self, i: usize) -> Result<Vec<f32>> {
+        let (e, part) = self.sources[i];
+        let entry = &self.entries[e];
+        let data = match self.kept[e].take() {
+            Some(data) => data,
+            None => (self.engine)(entry)?,
+        };
+        self.left[e] = self.left[e].saturating_sub(1);
+        Ok(match (self.left[e], identity(entry)) {
+            // The whole tensor as it is: handed over, not copied.
+            (0, true) => data,
+            (0, false) => to_hf_part(entry, part, &data, self.cfg).into_owned(),
+            _ => {
+                let values = to_hf_part(entry, part, &data, self.cfg).into_owned();
+                self.kept[e] = Some(data);
+                values
+            }
+        })
+    }
+}
+
 /// Writes the weights of `config` to `path` as [`crate::save_model`] does (the same bytes for the same
-/// values), asking `engine` for each engine tensor (in engine layout) only when the file, which runs in
-/// name order, reaches the first of its HF tensors, and dropping it after the last (`q_proj`, `k_proj`
-/// and `v_proj` of one layer are not neighbours in name order, so a stacked tensor waits for its parts):
-/// [`merge_transient_bytes`] is the most it holds. A merged model is written so from a base read a
-/// tensor at a time ([`read_entry`]) or held in memory, never a second copy of the whole model.
+/// values), taking each tensor of [`HfValues`] when the file, which runs in name order, reaches it.
 /// `engine`'s first error stops the write (nothing is left at `path`).
 pub(crate) fn write_weights_with(
     path: &Path,
     config: &ModelConfig,
-    mut engine: impl FnMut(&Entry) -> Result<Vec<f32>>,
+    engine: impl FnMut(&Entry) -> Result<Vec<f32>>,
 ) -> Result<()> {
-    let entries = plan(config.naming, &config.decoder).map_err(|e| Error::st(path, None, e.0))?;
-    let (mut shapes, mut sources) = (Vec::new(), Vec::new());
-    for (e, entry) in entries.iter().enumerate() {
-        for (part, (name, shape)) in entry.hf.iter().enumerate() {
-            shapes.push((name.clone(), shape.clone()));
-            sources.push((e, part));
-        }
-    }
-    // Per entry: its parts not yet written, and its values while some are.
-    let mut left: Vec<usize> = entries.iter().map(|e| e.hf.len()).collect();
-    let mut kept: Vec<Option<Vec<f32>>> = vec![None; entries.len()];
-    crate::safetensors::write_f32_with(path, &shapes, |i| {
-        let (e, part) = sources[i];
-        let entry = &entries[e];
-        let data = match kept[e].take() {
-            Some(data) => data,
-            None => engine(entry)?,
-        };
-        left[e] -= 1;
-        let values = match (left[e], identity(entry)) {
-            // The whole tensor as it is: handed over, not copied.
-            (0, true) => data,
-            (0, false) => to_hf_part(entry, part, &data, &config.decoder).into_owned(),
-            _ => {
-                let values = to_hf_part(entry, part, &data, &config.decoder).into_owned();
-                kept[e] = Some(data);
-                values
-            }
-        };
-        Ok(Cow::Owned(values))
-    })
+    let mut values = HfValues::new(config, engine)?;
+    let shapes = values.shapes.clone();
+    crate::safetensors::write_f32_with(path, &shapes, |i| Ok(Cow::Owned(values.take(i)?)))
 }
 
-/// Bytes [`write_weights_with`] holds for `config` beyond the values it is given: a stacked tensor
+/// Bytes [`HfValues`] holds for `config` beyond the values it hands over: a stacked tensor
 /// waiting for its other parts, the tensor being written, and a converted copy of it where the layouts
 /// differ (GPT-2's transposed Conv1D, NeoX's q/k/v), all in f32; plus a block of the file where `engine`
 /// reads the base ([`load_transient_bytes`]).

@@ -45,7 +45,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             dpo::rlhf::reward::HEAD_FILE
         );
     }
-    let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
+    // The base is read a tensor at a time as the file is written (the adapter merged into each), never
+    // whole.
+    let config = hf::load_config(&a.model)?;
+    let adapter = a.adapter.load(&config, &a.model)?;
+    let model = hf::peft::MergedModel::new(hf::peft::MergeBase::Dir(&a.model), adapter.as_ref())?;
     let tok = hf::load_tokenizer(&a.model)?;
     let done = hf::gguf::export_gguf(&a.gguf, &model, &tok, dtype)
         .with_context(|| format!("exporting {} to {}", a.model.display(), a.gguf.display()))?;

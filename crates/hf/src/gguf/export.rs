@@ -13,17 +13,17 @@
 //! Tensor types: 1-D tensors (norms, biases, rope factors) stay f32 as in llama.cpp's converter; 2-D
 //! weights take the requested type, Q8_0 falling back to f16 for a row length that is not a multiple of 32.
 
-use std::borrow::Cow;
 use std::path::Path;
 
 use engine::{NormKind, PositionKind, RopeScaling};
 
 use super::format::{self, GgmlType, Tensor, Value};
 use super::quant::{encode, Q8_0_BLOCK};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model_dir::HfModel;
+use crate::peft::MergedModel;
 use crate::tokenizer::Tokenizer;
-use crate::weights::HfTensors;
+use crate::weights::HfValues;
 
 /// The weight type asked for (`--dtype`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,16 +82,18 @@ pub struct Exported {
     pub bytes: u64,
 }
 
-/// Writes `model` (weights as given: merge an adapter first) with `tok` from its directory as a GGUF
-/// file at `out`, atomically.
-pub fn export_gguf(out: &Path, model: &HfModel, tok: &Tokenizer, dtype: GgufDtype) -> Result<Exported> {
-    let arch = match model.config.model_type.as_str() {
+/// Writes `model` (a base with its adapter merged in, or none) with `tok` from its directory as a GGUF
+/// file at `out`, atomically. Tensors are made, converted and encoded one at a time as the file reaches
+/// them ([`HfValues`]), so a base read from its directory is never held whole.
+pub fn export_gguf(out: &Path, model: &MergedModel<'_>, tok: &Tokenizer, dtype: GgufDtype) -> Result<Exported> {
+    let config = &model.config;
+    let arch = match config.model_type.as_str() {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
         "gpt2" => Arch::Gpt2,
         other => {
             return Err(Error::field(
-                &model.config.path,
+                &config.path,
                 "model_type",
                 format!("`{other}` is not exported to GGUF (supported: llama, mistral, qwen2, gpt2)"),
             ))
@@ -105,13 +107,53 @@ pub fn export_gguf(out: &Path, model: &HfModel, tok: &Tokenizer, dtype: GgufDtyp
     if dtype == GgufDtype::Q8_0 {
         metadata.push(("general.quantization_version".to_string(), Value::U32(2)));
     }
-    metadata.extend(hparams(arch, model)?);
-    metadata.extend(super::vocab::metadata(&model.dir, tok, model.config.decoder.vocab_size)?);
-    let tensors = tensors(arch, model, dtype)?;
-    format::check(&metadata, &tensors).map_err(|m| Error::dir(out, m))?;
-    crate::atomic::write_with(out, |w| format::write(w, &metadata, &tensors)).map_err(|e| Error::io(out, e))?;
+    metadata.extend(hparams(arch, config)?);
+    metadata.extend(super::vocab::metadata(&model.dir, tok, config.decoder.vocab_size)?);
+    let mut values = HfValues::new(config, |entry| model.engine(entry))?;
+    let plan = tensors(arch, config, &values.shapes, dtype)?;
+    let heads: Vec<Tensor> = plan.iter().map(|(t, _)| t.clone()).collect();
+    format::check(&metadata, &heads).map_err(|m| Error::dir(out, m))?;
+    // An error making a tensor, returned as it is rather than as an I/O error of `out`.
+    let mut failed = None;
+    let written = crate::atomic::write_with(out, |w| {
+        format::write(w, &metadata, &heads, |i| {
+            let (head, how) = &plan[i];
+            let data = match how {
+                Make::Hf { index, conv1d, interleave } => {
+                    let mut data = values.take(*index).map_err(|e| {
+                        let io = std::io::Error::other(e.to_string());
+                        failed = Some(e);
+                        io
+                    })?;
+                    let shape = &values.shapes[*index].1;
+                    if *conv1d {
+                        data = transpose(&data, shape[0], shape[1]);
+                    }
+                    if *interleave {
+                        data = rope_interleave(&data, config.decoder.head_dim, shape.get(1).copied().unwrap_or(1));
+                    }
+                    data
+                }
+                Make::Values(v) => v.clone(),
+            };
+            Ok(encode(head.ty, &data))
+        })
+    });
+    match (written, failed) {
+        (Err(_), Some(e)) => return Err(e),
+        (written, _) => written.map_err(|e| Error::io(out, e))?,
+    }
     let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-    Ok(Exported { architecture: arch.name(), tensors: tensors.len(), metadata: metadata.len(), bytes })
+    Ok(Exported { architecture: arch.name(), tensors: heads.len(), metadata: metadata.len(), bytes })
+}
+
+/// How a GGUF tensor's values are made.
+enum Make {
+    /// From HF tensor `index` of [`HfValues`]: transposed from GPT-2's Conv1D `[in, out]`, its q/k rows
+    /// paired for llama.cpp's rotation.
+    Hf { index: usize, conv1d: bool, interleave: bool },
+    /// Values of its own (Llama 3's rope factors).
+    Values(Vec<f32>),
 }
 
 fn model_name(dir: &Path) -> String {
@@ -120,8 +162,8 @@ fn model_name(dir: &Path) -> String {
 }
 
 /// `{arch}.*` hyperparameters.
-fn hparams(arch: Arch, model: &HfModel) -> Result<Vec<(String, Value)>> {
-    let c = &model.config.decoder;
+fn hparams(arch: Arch, config: &ModelConfig) -> Result<Vec<(String, Value)>> {
+    let c = &config.decoder;
     let a = arch.name();
     let u = |k: &str, v: usize| (format!("{a}.{k}"), Value::U32(v as u32));
     let mut md = vec![
@@ -131,8 +173,7 @@ fn hparams(arch: Arch, model: &HfModel) -> Result<Vec<(String, Value)>> {
         u("feed_forward_length", c.ffn_hidden),
         u("attention.head_count", c.n_heads),
     ];
-    let unsupported =
-        |what: &str| Error::field(&model.config.path, "model_type", format!("{what} is not exported to GGUF"));
+    let unsupported = |what: &str| Error::field(&config.path, "model_type", format!("{what} is not exported to GGUF"));
     match (arch, c.norm, &c.positions) {
         (Arch::Gpt2, NormKind::LayerNorm { eps }, PositionKind::Learned) => {
             md.push((format!("{a}.attention.layer_norm_epsilon"), Value::F32(eps)));
@@ -207,32 +248,32 @@ fn gguf_name(arch: Arch, hf: &str) -> Option<(String, bool)> {
     Some((format!("blk.{i}.{g}.{suffix}"), conv1d))
 }
 
-fn tensors(arch: Arch, model: &HfModel, dtype: GgufDtype) -> Result<Vec<Tensor>> {
-    let c = &model.config.decoder;
+/// Every GGUF tensor's name, `ne` and type, and how its values are made, for the HF tensors `shapes`.
+fn tensors(
+    arch: Arch,
+    config: &ModelConfig,
+    shapes: &[(String, Vec<usize>)],
+    dtype: GgufDtype,
+) -> Result<Vec<(Tensor, Make)>> {
+    let c = &config.decoder;
     let mut out = Vec::new();
-    // One HF tensor at a time: the export holds the model and its encoded tensors, not an f32 copy too.
-    let hf_tensors = HfTensors::new(&model.config, &model.params);
-    for (i, (hf, shape)) in hf_tensors.shapes.iter().enumerate() {
+    for (index, (hf, shape)) in shapes.iter().enumerate() {
         let (name, conv1d) = gguf_name(arch, hf).ok_or_else(|| {
-            Error::dir(&model.dir, format!("tensor `{hf}` has no llama.cpp name for {}", arch.name()))
+            Error::dir(&config.path, format!("tensor `{hf}` has no llama.cpp name for {}", arch.name()))
         })?;
-        let mut data = hf_tensors.values(i);
         // Shape as PyTorch lays it out for llama.cpp: [rows (out), cols (in)].
         let mut shape = shape.clone();
-        if conv1d && shape.len() == 2 {
-            data = Cow::Owned(transpose(&data, shape[0], shape[1]));
+        let conv1d = conv1d && shape.len() == 2;
+        if conv1d {
             shape.swap(0, 1);
         }
-        if arch == Arch::Llama && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
-            let cols = shape.get(1).copied().unwrap_or(1);
-            data = Cow::Owned(rope_interleave(&data, c.head_dim, cols));
-        }
+        let interleave = arch == Arch::Llama && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight"));
         let ty = match shape.as_slice() {
             [_, cols] => dtype.matrix_type(*cols),
             _ => GgmlType::F32,
         };
         let dims = shape.iter().rev().map(|d| *d as u64).collect();
-        out.push(Tensor { name, dims, ty, data: encode(ty, &data) });
+        out.push((Tensor { name, dims, ty }, Make::Hf { index, conv1d, interleave }));
     }
     if let PositionKind::Rotary(rope) = &c.positions {
         if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } = rope.scaling
@@ -245,12 +286,8 @@ fn tensors(arch: Arch, model: &HfModel, dtype: GgufDtype) -> Result<Vec<Tensor>>
                 high_freq_factor,
                 original_max_positions,
             );
-            out.push(Tensor {
-                name: "rope_freqs.weight".into(),
-                dims: vec![f.len() as u64],
-                ty: GgmlType::F32,
-                data: encode(GgmlType::F32, &f),
-            });
+            let head = Tensor { name: "rope_freqs.weight".into(), dims: vec![f.len() as u64], ty: GgmlType::F32 };
+            out.push((head, Make::Values(f)));
         }
     }
     Ok(out)

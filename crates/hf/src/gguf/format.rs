@@ -150,13 +150,20 @@ impl GgmlType {
     }
 }
 
-/// A tensor to write: its name, `ne` (innermost first), type and encoded bytes.
+/// A tensor to write: its name, `ne` (innermost first) and type; its encoded bytes are asked for when
+/// the file reaches them ([`write`]).
 #[derive(Clone, Debug)]
 pub struct Tensor {
     pub name: String,
     pub dims: Vec<u64>,
     pub ty: GgmlType,
-    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// Bytes of its data; `None` where its dims are not a whole number of its type's blocks.
+    pub fn bytes(&self) -> Option<u64> {
+        self.ty.bytes(self.dims.iter().product())
+    }
 }
 
 fn write_str(w: &mut dyn Write, s: &str) -> io::Result<()> {
@@ -190,8 +197,8 @@ fn padding(pos: u64) -> u64 {
     (ALIGNMENT - pos % ALIGNMENT) % ALIGNMENT
 }
 
-/// Checks what the format cannot represent (mixed arrays, nested arrays, a tensor whose bytes do not
-/// match its shape); `Err` names the key or tensor. Called by [`write`].
+/// Checks what the format cannot represent (mixed arrays, nested arrays, a tensor whose shape is not a
+/// whole number of its type's blocks); `Err` names the key or tensor. Called by [`write`].
 pub fn check(metadata: &[(String, Value)], tensors: &[Tensor]) -> Result<(), String> {
     for (key, v) in metadata {
         if let Value::Array { elem, items } = v {
@@ -201,14 +208,10 @@ pub fn check(metadata: &[(String, Value)], tensors: &[Tensor]) -> Result<(), Str
         }
     }
     for t in tensors {
-        let n: u64 = t.dims.iter().product();
-        if t.dims.is_empty() || t.dims.len() > 4 || t.ty.bytes(n) != Some(t.data.len() as u64) {
+        if t.dims.is_empty() || t.dims.len() > 4 || t.bytes().is_none() {
             return Err(format!(
-                "tensor `{}`: {} bytes of {:?} do not fit ne {:?} (1 to 4 dims, whole blocks)",
-                t.name,
-                t.data.len(),
-                t.ty,
-                t.dims
+                "tensor `{}`: {:?} does not fit ne {:?} (1 to 4 dims, whole blocks)",
+                t.name, t.ty, t.dims
             ));
         }
     }
@@ -216,9 +219,17 @@ pub fn check(metadata: &[(String, Value)], tensors: &[Tensor]) -> Result<(), Str
 }
 
 /// Writes a complete GGUF v3 file (see the module doc). `metadata` is written in the order given; it
-/// must not hold `general.alignment` (the default, 32, is used).
-pub fn write(w: &mut dyn Write, metadata: &[(String, Value)], tensors: &[Tensor]) -> io::Result<()> {
+/// must not hold `general.alignment` (the default, 32, is used). Each tensor's encoded bytes are asked of
+/// `data(i)` in order, once the header is written, so a caller can make them one at a time; bytes that
+/// do not match the tensor's shape and type are refused.
+pub fn write(
+    w: &mut dyn Write,
+    metadata: &[(String, Value)],
+    tensors: &[Tensor],
+    mut data: impl FnMut(usize) -> io::Result<Vec<u8>>,
+) -> io::Result<()> {
     check(metadata, tensors).map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, m))?;
+    let sizes: Vec<u64> = tensors.iter().map(|t| t.bytes().unwrap_or(0)).collect();
     // Header and tables go through a buffer so their length is known for the padding before the data.
     let mut head = Vec::new();
     head.extend_from_slice(MAGIC);
@@ -231,7 +242,7 @@ pub fn write(w: &mut dyn Write, metadata: &[(String, Value)], tensors: &[Tensor]
         write_value(&mut head, v)?;
     }
     let mut offset = 0u64;
-    for t in tensors {
+    for (t, size) in tensors.iter().zip(&sizes) {
         write_str(&mut head, &t.name)?;
         head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
         for d in &t.dims {
@@ -239,14 +250,19 @@ pub fn write(w: &mut dyn Write, metadata: &[(String, Value)], tensors: &[Tensor]
         }
         head.extend_from_slice(&t.ty.id().to_le_bytes());
         head.extend_from_slice(&offset.to_le_bytes());
-        offset += t.data.len() as u64 + padding(t.data.len() as u64);
+        offset += size + padding(*size);
     }
     let pad = padding(head.len() as u64) as usize;
     head.resize(head.len() + pad, 0);
     w.write_all(&head)?;
-    for t in tensors {
-        w.write_all(&t.data)?;
-        w.write_all(&vec![0u8; padding(t.data.len() as u64) as usize])?;
+    for (i, (t, size)) in tensors.iter().zip(&sizes).enumerate() {
+        let bytes = data(i)?;
+        if bytes.len() as u64 != *size {
+            let msg = format!("tensor `{}`: {} bytes of {:?} do not fit ne {:?}", t.name, bytes.len(), t.ty, t.dims);
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+        }
+        w.write_all(&bytes)?;
+        w.write_all(&vec![0u8; padding(*size) as usize])?;
     }
     Ok(())
 }

@@ -179,17 +179,14 @@ mod tests {
         ];
         let x: Vec<f32> = (0..64).map(|i| i as f32 / 10.0).collect();
         let tensors = vec![
-            Tensor { name: "w".into(), dims: vec![32, 2], ty: GgmlType::Q8_0, data: encode(GgmlType::Q8_0, &x) },
-            Tensor {
-                name: "b".into(),
-                dims: vec![3],
-                ty: GgmlType::F32,
-                data: encode(GgmlType::F32, &[1.0, 2.0, 3.0]),
-            },
-            Tensor { name: "h".into(), dims: vec![2, 2], ty: GgmlType::F16, data: encode(GgmlType::F16, &[1.0; 4]) },
+            Tensor { name: "w".into(), dims: vec![32, 2], ty: GgmlType::Q8_0 },
+            Tensor { name: "b".into(), dims: vec![3], ty: GgmlType::F32 },
+            Tensor { name: "h".into(), dims: vec![2, 2], ty: GgmlType::F16 },
         ];
+        let data =
+            [encode(GgmlType::Q8_0, &x), encode(GgmlType::F32, &[1.0, 2.0, 3.0]), encode(GgmlType::F16, &[1.0; 4])];
         let mut buf = Vec::new();
-        write(&mut buf, &md, &tensors).unwrap();
+        write(&mut buf, &md, &tensors, |i| Ok(data[i].clone())).unwrap();
         buf
     }
 

@@ -10,7 +10,7 @@
 //! What is saved loads with `PeftModel.from_pretrained(base, dir)` (PEFT 0.21), and an adapter read and
 //! saved again has the same tensor names and bits.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use engine::quant::FrozenLinears;
 use engine::{Adapter, Params};
@@ -123,45 +123,74 @@ pub enum MergeBase<'a> {
     Dir(&'a Path),
 }
 
-/// Writes `base` with `adapter` merged in as a model directory `out` (config, weights, tokenizer files
-/// from the base's directory) that transformers loads without PEFT: the bytes [`save_model`] writes for
-/// [`merged_params`], made a tensor at a time, so neither the base nor the merged model is ever held
-/// whole beyond what `base` already holds (at most one layer's tensors in f32 are: Llama-3-8B's 0.9 GB,
-/// against 32 GB a model).
-pub fn save_merged(out: &Path, base: MergeBase<'_>, adapter: &Adapter) -> Result<()> {
-    // Each engine tensor with the pairs of its layer and site added.
-    let merge = |entry: &Entry, mut values: Vec<f32>| -> Vec<f32> {
-        if let Some((layer, site)) = FrozenLinears::linear_of(&entry.engine) {
+/// A base with an adapter merged in (or none), made an engine tensor at a time ([`MergedModel::engine`]):
+/// what writes or exports a merged model reads, so neither the base nor the merged model is ever held
+/// whole beyond what `base` already holds (at most one stacked tensor and the one being written, in f32:
+/// `crate::merge_transient_bytes`, 2.4 GiB for Llama-3-8B, against 32 GB a model).
+pub struct MergedModel<'a> {
+    pub config: ModelConfig,
+    /// The base's directory (its tokenizer files and chat template go with the merged model).
+    pub dir: PathBuf,
+    base: Source<'a>,
+    adapter: Option<&'a Adapter>,
+}
+
+enum Source<'a> {
+    Loaded(&'a Params),
+    File(Checkpoint),
+}
+
+impl<'a> MergedModel<'a> {
+    /// `base` with `adapter` merged in; the adapter must fit the base, and a base read from its directory
+    /// must hold every tensor at its shape (checked from the header, before anything is written).
+    pub fn new(base: MergeBase<'a>, adapter: Option<&'a Adapter>) -> Result<Self> {
+        let (config, dir, base) = match base {
+            MergeBase::Loaded(model) => {
+                check_params(&model.config, &model.params).map_err(|m| {
+                    Error::dir(&model.dir, format!("internal: parameters do not match the model config: {m}"))
+                })?;
+                (model.config.clone(), model.dir.clone(), Source::Loaded(&model.params))
+            }
+            MergeBase::Dir(dir) => {
+                let config = load_config(dir)?;
+                let ckpt = Checkpoint::open_dir(dir)?;
+                check_names(&ckpt, &config)?;
+                (config, dir.to_path_buf(), Source::File(ckpt))
+            }
+        };
+        if let Some(adapter) = adapter {
+            check_fits(adapter, &config)?;
+        }
+        Ok(MergedModel { config, dir, base, adapter })
+    }
+
+    /// The engine tensor of `entry`, with the adapter's pairs on it added.
+    pub(crate) fn engine(&self, entry: &Entry) -> Result<Vec<f32>> {
+        let mut values = match &self.base {
+            Source::Loaded(params) => {
+                let named = params.named();
+                let t = named.iter().find(|(n, _)| *n == entry.engine).map(|(_, t)| t);
+                let t =
+                    t.ok_or_else(|| Error::dir(&self.dir, format!("internal: no engine tensor `{}`", entry.engine)))?;
+                t.data.clone()
+            }
+            Source::File(ckpt) => read_entry(ckpt, &self.config, entry)?,
+        };
+        if let (Some(adapter), Some((layer, site))) = (self.adapter, FrozenLinears::linear_of(&entry.engine)) {
             adapter.merge_site(layer, site, &mut values);
         }
-        values
-    };
-    match base {
-        MergeBase::Loaded(model) => {
-            let config = &model.config;
-            check_fits(adapter, config)?;
-            check_params(config, &model.params)
-                .map_err(|m| Error::dir(out, format!("parameters do not match the model config: {m}")))?;
-            let named = model.params.named();
-            write_model_dir(out, config, Some(&model.dir), |path| {
-                write_weights_with(path, config, |entry| {
-                    let t = named.iter().find(|(n, _)| *n == entry.engine).map(|(_, t)| t);
-                    let t =
-                        t.ok_or_else(|| Error::dir(out, format!("internal: no engine tensor `{}`", entry.engine)))?;
-                    Ok(merge(entry, t.data.clone()))
-                })
-            })
-        }
-        MergeBase::Dir(dir) => {
-            let config = load_config(dir)?;
-            check_fits(adapter, &config)?;
-            let ckpt = Checkpoint::open_dir(dir)?;
-            check_names(&ckpt, &config)?;
-            write_model_dir(out, &config, Some(dir), |path| {
-                write_weights_with(path, &config, |entry| Ok(merge(entry, read_entry(&ckpt, &config, entry)?)))
-            })
-        }
+        Ok(values)
     }
+}
+
+/// Writes `base` with `adapter` merged in as a model directory `out` (config, weights, tokenizer files
+/// from the base's directory) that transformers loads without PEFT: the bytes [`crate::save_model`]
+/// writes for [`merged_params`], made a tensor at a time ([`MergedModel`]).
+pub fn save_merged(out: &Path, base: MergeBase<'_>, adapter: &Adapter) -> Result<()> {
+    let model = MergedModel::new(base, Some(adapter))?;
+    write_model_dir(out, &model.config, Some(&model.dir), |path| {
+        write_weights_with(path, &model.config, |entry| model.engine(entry))
+    })
 }
 
 fn check_fits(adapter: &Adapter, model: &ModelConfig) -> Result<()> {
