@@ -10,7 +10,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -271,7 +271,39 @@ pub fn train(
         return Ok(TrainOutcome { steps, total_steps, final_dir: None, checkpoint: None, interrupted: true });
     }
     let mut dir = crate::dist::is_root().then(|| RunDir::open(&cfg.output, opts.start_mode(), log)).transpose()?;
-    run(&s, start, dir.as_mut(), stop, log)
+    let outcome = run(&s, start, dir.as_mut(), stop, log)?;
+    // The run's own configuration (a resumed run's, as written in it).
+    if let (Some(final_dir), Some(_), Some(_dir), true) = (&outcome.final_dir, &s.lora, dir, s.cfg.merge) {
+        // The run's base, adapter and optimizer go before the merge, which reads the f32 base from its
+        // directory a tensor at a time (a stored base is never merged into); the run directory stays
+        // locked (`_dir`) until the merged model is written.
+        let (model, config, output) = (s.cfg.model.clone(), s.model.config.clone(), s.cfg.output.clone());
+        drop(s);
+        merge_final(&model, &config, final_dir, &output, outcome.checkpoint.as_deref(), log)?;
+    }
+    Ok(outcome)
+}
+
+/// `--merge`: the adapter of `final_dir` (as written, read back) merged into the base `model`, written as
+/// `OUTPUT/final-merged` ([`MERGED_DIR`]).
+fn merge_final(
+    model: &Path,
+    config: &hf::ModelConfig,
+    final_dir: &Path,
+    output: &Path,
+    checkpoint: Option<&Path>,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), TrainError> {
+    let final_error = |e: hf::Error| TrainError::FinalWrite {
+        message: e.to_string(),
+        checkpoint: checkpoint.map(Path::to_path_buf).unwrap_or_default(),
+        output: output.to_path_buf(),
+    };
+    let adapter = hf::peft::load_adapter(final_dir, config).map_err(final_error)?.adapter;
+    let merged = output.join(MERGED_DIR);
+    hf::peft::save_merged(&merged, hf::peft::MergeBase::Dir(model), &adapter).map_err(final_error)?;
+    log(&format!("merged model written to {}", merged.display()));
+    Ok(())
 }
 
 /// Supervised fine-tuning (the reference model of DPO, or the paper's preferred-FT) on prompt/completion
@@ -471,18 +503,8 @@ pub fn run(
             hf::save_model(&final_dir, &s.model.config, params, Some(&cfg.model)).map_err(final_error)?
         }
         (Trained::Adapter(adapter), Some(config)) => {
+            // `--merge` is written by `train` once the run's state is freed ([`merge_final`]).
             hf::peft::save_adapter(&final_dir, config, adapter, &s.model.config).map_err(final_error)?;
-            if cfg.merge {
-                let merged = output.join(MERGED_DIR);
-                // A stored (NF4/bf16) base is never merged into: the f32 base is read from disk, a tensor
-                // at a time.
-                let base = match s.frozen.is_some() || s.embedding.is_some() {
-                    true => hf::peft::MergeBase::Dir(&cfg.model),
-                    false => hf::peft::MergeBase::Loaded(&s.model),
-                };
-                hf::peft::save_merged(&merged, base, adapter).map_err(final_error)?;
-                log(&format!("merged model written to {}", merged.display()));
-            }
         }
         (Trained::Adapter(_), None) => {
             return Err(TrainError::Invalid("a LoRA run's setup holds no adapter configuration".into()))

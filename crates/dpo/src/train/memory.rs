@@ -16,9 +16,12 @@
 //!             rows and their gradient (`engine::kernels::head_scratch_floats`)
 //! checkpoint  while a checkpoint is written: one block linear converted to the HF layout (weights and
 //!             optimizer moments are written from their own buffers, tensor by tensor); a LoRA run's
-//!             adapter and its moments, or with --merge what writing the merged model holds (a tensor at a time)
+//!             adapter and its moments
 //! base        the program, the tokenizer, thread stacks and the data (a fixed allowance), and the rotary
 //!             tables (`engine::kernels::RopeTable::floats`, per decoder)
+//! merging     with --merge, after the run's state is freed: the adapter, what writing the merged model a
+//!             tensor at a time holds (`hf::merge_transient_bytes`) and the program; the estimate is the
+//!             larger of this, loading and the step
 //! loading     a LoRA base stored as it is read (QLoRA, bf16, frozen tables): what it holds once read and
 //!             what reading holds on the way (`hf::load_transient_bytes`: a block of the file, or a
 //!             tensor GPT-2 or NeoX store in another layout, whole in f32) ([`load_bytes`]); the estimate
@@ -45,8 +48,7 @@
 //! reference is the same base with the adapter off, or with a frozen copy of the starting adapter), and
 //! the adapter A times over: trained, gradient, optimizer buffers, the frozen copy. Its activations add each
 //! pair's `x A^T` (`r` floats per token, kept for backward); its checkpoints hold the adapter and its
-//! moments, and `--merge` writes a merged model at the end, a tensor at a time
-//! (`hf::merge_transient_bytes`).
+//! moments, and `--merge` writes a merged model at the end, once the run's state is freed.
 //!
 //! Against the measured peak resident set (`crates/cli/tests/bad_input.rs`,
 //! `memory_estimate_tracks_measured_peak`: GPT-2 shape, d = 256, 4 layers, micro-batches of 2000 tokens)
@@ -87,12 +89,19 @@ pub struct MemoryEstimate {
     /// Loading a stored LoRA base ([`AdapterPlan::load_bytes`]) with the program: the peak when it is
     /// above the training step's; 0 otherwise counted in the weights.
     pub load: u64,
+    /// `--merge`, once the run's state is freed ([`AdapterPlan::merge`]): the adapter read back, what the
+    /// merge holds, and the program; 0 without.
+    pub merge: u64,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        let step = self.weights + self.activations + self.head + self.checkpoint + self.base - self.overlap;
-        step.max(self.load)
+        self.step().max(self.load).max(self.merge)
+    }
+
+    /// The training step's peak alone.
+    pub fn step(&self) -> u64 {
+        self.weights + self.activations + self.head + self.checkpoint + self.base - self.overlap
     }
 
     /// `estimated peak 1.2 GiB (weights, gradient and optimizer 600 MiB for 135M parameters, ...)`.
@@ -116,6 +125,9 @@ impl MemoryEstimate {
         ) + &match self.load {
             0 => String::new(),
             l => format!("; loading the base {}", human(l)),
+        } + &match self.merge {
+            0 => String::new(),
+            m => format!("; merging {}", human(m)),
         }
     }
 }
@@ -188,8 +200,8 @@ pub struct AdapterPlan {
     pub kept_per_token: u64,
     /// The reference reads a frozen copy of the starting adapter (a run from `--adapter`).
     pub frozen_copy: bool,
-    /// `--merge`: a merged model is written at the end, a tensor at a time; the bytes that holds
-    /// (`hf::merge_transient_bytes`).
+    /// `--merge`: a merged model is written at the end, once the run's state is freed, a tensor at a time;
+    /// the bytes that holds (`hf::merge_transient_bytes`).
     pub merge: Option<u64>,
     /// The reference is another model (`--ref-model`), held beside the base.
     pub reference_model: bool,
@@ -309,11 +321,11 @@ pub fn estimate(plan: &MemoryPlan) -> MemoryEstimate {
             // layout differs from transformers' (GPT-2's transposed Conv1D, NeoX's interleaved q/k/v) is
             // converted into a buffer of its own first: at most the largest block linear.
             None => 4 * c.hidden as u64 * c.qkv_dim().max(c.mlp_in_dim()) as u64,
-            // The adapter and its moments; or a merged model, written a tensor at a time.
-            Some(a) => a.merge.unwrap_or(0).max(4 * a.params * k.max(1)),
+            Some(a) => 4 * a.params * k.max(1),
         },
         base: BASE_BYTES + rope(c) + plan.reference.map(rope).unwrap_or(0),
         load: plan.adapter.and_then(|a| a.load_bytes).map_or(0, |l| l + BASE_BYTES),
+        merge: plan.adapter.and_then(|a| a.merge.map(|m| m + 4 * a.params + BASE_BYTES)).unwrap_or(0),
     }
 }
 

@@ -85,7 +85,9 @@ fn an_adapter_run_holds_the_base_once() {
     assert!(lora.total() < full.total() - 3 * 4 * p);
     let from_adapter = estimate(&plan(Some(AdapterPlan { frozen_copy: true, merge: Some(4 * p / 3), ..adapter })));
     assert_eq!(from_adapter.weights, 4 * (p + 5 * 1000));
-    assert_eq!(from_adapter.checkpoint, 4 * p / 3);
+    assert_eq!(from_adapter.checkpoint, 4 * 1000 * 2);
+    assert_eq!(from_adapter.merge, 4 * p / 3 + 4 * 1000 + BASE_BYTES);
+    assert_eq!(from_adapter.total(), from_adapter.merge.max(from_adapter.step()));
     let quantized = estimate(&plan(Some(AdapterPlan { base_bytes: Some(p), ..adapter })));
     assert_eq!(quantized.weights, p + 4 * 4 * 1000);
 }
