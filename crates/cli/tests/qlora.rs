@@ -96,6 +96,19 @@ fn trains_resumes_and_scores_as_its_widened_base(name: &str, storage: Storage, f
     for (a, b) in on_stored.iter().zip(&on_widened) {
         assert!((a - b).abs() <= 1e-5 * b.abs(), "dpo logps {a} (stored) vs {b} (widened f32)");
     }
+    // `dpo generate --adapter` with the run's storage flags decodes on the stored base, the adapter beside
+    // it: greedy completions are those of the widened weights held as stored f32 (`--base-dtype f32`).
+    let generate = |model: &Path, extra: &[&str]| -> String {
+        let mut c = dpo();
+        c.arg("generate").arg("--model").arg(model).arg("--adapter").arg(&fin).args(extra);
+        c.args(["--prompt", "The quick brown fox", "--temperature", "0", "--max-new-tokens", "12"]);
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (on_stored, on_widened) = (generate(&base(), flags), generate(&widened, &["--base-dtype", "f32"]));
+    assert!(on_stored.contains("\"tokens\":12") || on_stored.contains("\"finished\":true"), "{on_stored}");
+    assert_eq!(on_stored, on_widened, "greedy completions on the stored and the widened base");
     // The stored base really is not the f32 one.
     let plain = dir.join("plain");
     succeeds(&mut lora_train(&base(), &plain, &[]));

@@ -44,19 +44,21 @@ impl AdapterFlag {
     }
 }
 
-/// `--quantize nf4 [--double-quant]` / `--base-dtype` of the commands that score an `--adapter`: read
-/// --model as a QLoRA run holds its frozen base (block linears stored as they are read).
+/// `--quantize nf4 [--double-quant]` / `--base-dtype` of the commands that score or generate with an
+/// `--adapter`: read --model as a QLoRA run holds its frozen base (block linears stored as they are read).
 #[derive(clap::Args, Debug, Default)]
 pub(super) struct StoredBaseFlags {
     /// With --adapter: store --model's block linears in 4-bit NF4 as they are read, as `dpo train
-    /// --quantize nf4` held its base (scores then match the QLoRA run's, not the f32 base's).
+    /// --quantize nf4` held its base (scores and completions then match the QLoRA run's, not the f32
+    /// base's; the adapter is applied beside the stored weights, never merged into them).
     #[arg(long, value_parser = ["nf4"], requires = "adapter")]
     quantize: Option<String>,
     /// With --quantize nf4: quantise the absmax scales too (bitsandbytes' double quantisation).
     #[arg(long, requires = "quantize")]
     double_quant: bool,
-    /// With --adapter: store --model's block linears in this dtype [default: f32; bf16 with --precision
-    /// bf16, whose products round them to bf16 anyway].
+    /// With --adapter: store --model's block linears in this dtype [default: f32; when scoring (logps,
+    /// eval, reward) with --precision bf16, bf16, whose products round them to bf16 anyway; generate merges
+    /// the adapter into the f32 base unless this or --quantize is given].
     #[arg(long, value_parser = ["f32", "bf16"], value_name = "DTYPE", requires = "adapter", conflicts_with = "quantize")]
     base_dtype: Option<String>,
 }
@@ -73,6 +75,12 @@ impl StoredBaseFlags {
             (false, None) if with_adapter && precision == Precision::Bf16 => Storage::Bf16,
             (false, None) => Storage::F32,
         }
+    }
+
+    /// The storage the flags name themselves (`--quantize nf4`, `--base-dtype`), with no default from the
+    /// precision: `dpo generate` keeps its f32 base (and merges the adapter into it) unless told.
+    pub(super) fn explicit_storage(&self) -> Option<Storage> {
+        (self.quantize.is_some() || self.base_dtype.is_some()).then(|| self.storage(true, Precision::F32))
     }
 
     /// `dir`'s configuration, to be read as the flags say for passes in `precision` with `adapter` on

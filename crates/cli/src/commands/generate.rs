@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use dpo::data::prompts::{encode_text, read_prompts, stop_ids, Prompt};
 use engine::generate::{generate_batched, Generation, SamplingConfig};
-use engine::model::Model;
 use engine::rng::Rng;
 use engine::Decoder;
 use hf::Tokenizer;
@@ -35,6 +34,8 @@ pub struct Args {
     out: Option<PathBuf>,
     #[command(flatten)]
     precision: super::precision::PrecisionFlag,
+    #[command(flatten)]
+    stored_base: super::adapter::StoredBaseFlags,
 }
 
 /// Prompts and sampling, shared by `dpo generate` and `dpo best-of-n`.
@@ -181,15 +182,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
+    // With --quantize or --base-dtype the base's block linears are stored as a QLoRA run held them and
+    // the adapter stays beside them (a stored weight cannot be merged into); else it is merged.
+    let (model, linears, adapter) = match a.stored_base.explicit_storage() {
+        Some(storage) => {
+            let (model, linears) = hf::load_model_stored(&a.model, storage)?;
+            let adapter = a.adapter.load(&model.config, &a.model)?;
+            (model, Some(linears), adapter)
+        }
+        None => (a.adapter.merged_into(hf::load_model(&a.model)?)?, None, None),
+    };
     let tok = hf::load_tokenizer(&a.model)?;
     let prompts = a.sampling.prompts(&tok, &a.model)?;
     // The last new token is not read back, so a prompt needs max_new_tokens - 1 more positions.
     a.sampling.check_positions(&prompts, a.sampling.max_new_tokens - 1, &model, "needs")?;
     let cfg = a.sampling.config(&model, &tok);
     let decoder = Decoder::new(model.config.decoder.clone());
-    // The prompt's prefill in the flag's precision; decode steps stay f32.
-    let policy = Model::new(&model.params, None).with_precision(a.precision.get());
+    // The prompt's prefill in the flag's precision; decode steps stay f32 (on the stored weights, widened).
+    let policy = dpo::train::setup::base_model(&model, linears.as_ref(), adapter.as_ref(), a.precision.get());
     let mut rng = Rng::new(a.sampling.seed);
     let started = Instant::now();
     let (mut text, mut new_tokens, mut count) = (String::new(), 0usize, 0usize);
