@@ -614,26 +614,12 @@ fn nonfinite_gradient_stops_at_the_first_step() {
 fn memory_estimate_tracks_measured_peak() {
     let dir = scratch("memory");
     let m = dir.join("gpt2-d256");
-    std::fs::create_dir_all(&m).unwrap();
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model("gpt2-policy").join("config.json")).unwrap()).unwrap();
     cfg["n_embd"] = json!(256);
     cfg["n_layer"] = json!(4);
     cfg["n_positions"] = json!(1024);
-    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
-    let config = hf::config_from_json(cfg, &m.join("config.json")).unwrap();
-    let mut params = engine::Params::zeros(&config.decoder);
-    let mut seed = 0x2545F4914F6CDD1Du64;
-    for (_, t) in params.named_mut() {
-        for x in t.data.iter_mut() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            *x = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04;
-        }
-    }
-    hf::safetensors::write_f32(&m.join("model.safetensors"), &hf::to_hf_tensors(&config, &params)).unwrap();
-    drop(params);
+    write_random_model(&m, cfg, 0.04);
     let rows: Vec<serde_json::Value> = (0..8u32)
         .map(|i| {
             let ids = |n: u32, k: u32| (0..n).map(|j| 2 + (i * 131 + j * 7 + k) % 500).collect::<Vec<u32>>();

@@ -233,19 +233,7 @@ fn large_vocab_llama(dir: &Path, vocab: usize) -> PathBuf {
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
     cfg["vocab_size"] = serde_json::json!(vocab);
-    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
-    let config = hf::config_from_json(cfg, &m.join("config.json")).unwrap();
-    let mut params = engine::Params::zeros(&config.decoder);
-    let mut seed = 0x2545F4914F6CDD1Du64;
-    for (_, t) in params.named_mut() {
-        for x in t.data.iter_mut() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            *x = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
-        }
-    }
-    hf::safetensors::write_f32(&m.join("model.safetensors"), &hf::to_hf_tensors(&config, &params)).unwrap();
+    write_random_model(&m, cfg, 0.2);
     m
 }
 

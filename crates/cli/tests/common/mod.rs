@@ -181,3 +181,23 @@ pub fn trained_reward_model(dir: &Path) -> PathBuf {
     succeeds(&mut c);
     rm
 }
+
+/// Writes `dir/config.json` from `config` and `dir/model.safetensors` with random weights (a fixed
+/// xorshift stream, uniform in `[-scale/2, scale/2)`): a model of any shape without a fixture.
+pub fn write_random_model(dir: &Path, config: serde_json::Value, scale: f32) -> hf::ModelConfig {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let config = hf::config_from_json(config, &dir.join("config.json")).unwrap();
+    let mut params = engine::Params::zeros(&config.decoder);
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    for (_, t) in params.named_mut() {
+        for x in t.data.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *x = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale;
+        }
+    }
+    hf::safetensors::write_f32(&dir.join("model.safetensors"), &hf::to_hf_tensors(&config, &params)).unwrap();
+    config
+}
