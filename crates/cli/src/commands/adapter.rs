@@ -155,3 +155,30 @@ impl ScoredBase {
         }
     }
 }
+
+/// A model to sample from (`dpo generate`, `dpo best-of-n`): with `--adapter`, merged into the f32 base,
+/// or, with `--quantize` or `--base-dtype`, applied beside the base stored as the QLoRA run held it (a
+/// stored weight cannot be merged into).
+pub(super) struct SampledModel {
+    pub(super) model: hf::HfModel,
+    linears: Option<FrozenLinears>,
+    adapter: Option<Adapter>,
+}
+
+impl SampledModel {
+    pub(super) fn load(dir: &Path, adapter: &AdapterFlag, stored: &StoredBaseFlags) -> anyhow::Result<Self> {
+        Ok(match stored.explicit_storage() {
+            Some(storage) => {
+                let (model, linears) = hf::load_model_stored(dir, storage)?;
+                let adapter = adapter.load(&model.config, dir)?;
+                SampledModel { model, linears: Some(linears), adapter }
+            }
+            None => SampledModel { model: adapter.merged_into(hf::load_model(dir)?)?, linears: None, adapter: None },
+        })
+    }
+
+    /// The model as the passes read it, the products in `precision`.
+    pub(super) fn view(&self, precision: Precision) -> Model<'_> {
+        dpo::train::setup::base_model(&self.model, self.linears.as_ref(), self.adapter.as_ref(), precision)
+    }
+}

@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use dpo::rlhf::best_of_n::{best_of_n, best_of_n_kl};
 use dpo::rlhf::reward::RewardModel;
 use dpo::train::run_dir::model_of;
-use engine::model::Model;
 use engine::rng::Rng;
 use engine::Decoder;
 use serde::Serialize;
@@ -38,6 +37,8 @@ pub struct Args {
     out: Option<PathBuf>,
     #[command(flatten)]
     precision: super::precision::PrecisionFlag,
+    #[command(flatten)]
+    stored_base: super::adapter::StoredBaseFlags,
 }
 
 /// One output line.
@@ -59,7 +60,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--n must be at least 1");
     }
     let precision = a.precision.get();
-    let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
+    let sampled = super::adapter::SampledModel::load(&a.model, &a.adapter, &a.stored_base)?;
+    let model = &sampled.model;
     let tok = hf::load_tokenizer(&a.model)?;
     let reward_model = model_of(&a.reward_model);
     let same_tokenizer = |dir: &std::path::Path| {
@@ -75,11 +77,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let rm = RewardModel::load(&reward_model)?.with_precision(precision);
     let prompts = a.sampling.prompts(&tok, &a.model)?;
     // The reward model reads every new token, the last one included.
-    a.sampling.check_positions(&prompts, a.sampling.max_new_tokens, &model, "the reward model reads")?;
-    let cfg = a.sampling.config(&model, &tok);
+    a.sampling.check_positions(&prompts, a.sampling.max_new_tokens, model, "the reward model reads")?;
+    let cfg = a.sampling.config(model, &tok);
     let decoder = Decoder::new(model.config.decoder.clone());
     // The policy's prefill and the reward model's passes in the flag's precision; decode steps stay f32.
-    let policy = Model::new(&model.params, None).with_precision(precision);
+    let policy = sampled.view(precision);
     let mut rng = Rng::new(a.sampling.seed);
     let mut text = String::new();
     let mut stdout = std::io::stdout().lock();

@@ -182,24 +182,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    // With --quantize or --base-dtype the base's block linears are stored as a QLoRA run held them and
-    // the adapter stays beside them (a stored weight cannot be merged into); else it is merged.
-    let (model, linears, adapter) = match a.stored_base.explicit_storage() {
-        Some(storage) => {
-            let (model, linears) = hf::load_model_stored(&a.model, storage)?;
-            let adapter = a.adapter.load(&model.config, &a.model)?;
-            (model, Some(linears), adapter)
-        }
-        None => (a.adapter.merged_into(hf::load_model(&a.model)?)?, None, None),
-    };
+    let sampled = super::adapter::SampledModel::load(&a.model, &a.adapter, &a.stored_base)?;
+    let model = &sampled.model;
     let tok = hf::load_tokenizer(&a.model)?;
     let prompts = a.sampling.prompts(&tok, &a.model)?;
     // The last new token is not read back, so a prompt needs max_new_tokens - 1 more positions.
-    a.sampling.check_positions(&prompts, a.sampling.max_new_tokens - 1, &model, "needs")?;
-    let cfg = a.sampling.config(&model, &tok);
+    a.sampling.check_positions(&prompts, a.sampling.max_new_tokens - 1, model, "needs")?;
+    let cfg = a.sampling.config(model, &tok);
     let decoder = Decoder::new(model.config.decoder.clone());
     // The prompt's prefill in the flag's precision; decode steps stay f32 (on the stored weights, widened).
-    let policy = dpo::train::setup::base_model(&model, linears.as_ref(), adapter.as_ref(), a.precision.get());
+    let policy = sampled.view(a.precision.get());
     let mut rng = Rng::new(a.sampling.seed);
     let started = Instant::now();
     let (mut text, mut new_tokens, mut count) = (String::new(), 0usize, 0usize);
