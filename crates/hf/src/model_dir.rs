@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::config::{parse_config, ModelConfig};
 use crate::error::{Error, Result};
-use crate::safetensors::write_f32_with;
+use crate::safetensors::{write_f32_with, WriteDtype};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{check_params, load_params, HfTensors};
 
@@ -88,17 +88,21 @@ pub fn save_model(out: &Path, config: &ModelConfig, params: &Params, source_dir:
         .map_err(|m| Error::dir(out, format!("parameters do not match the model config: {m}")))?;
     let hf = HfTensors::new(config, params);
     // One converted tensor at a time: a checkpoint written mid-run holds no second copy of the model.
-    write_model_dir(out, config, source_dir, |path| write_f32_with(path, &hf.shapes, |i| Ok(hf.values(i))))
+    write_model_dir(out, config, source_dir, WriteDtype::F32, |path| {
+        write_f32_with(path, &hf.shapes, |i| Ok(hf.values(i)))
+    })
 }
 
-/// [`save_model`] with the weights file written by `weights` (given its path).
+/// [`save_model`] with the weights file written by `weights` (given its path) in `dtype`, which
+/// `config.json` names.
 pub(crate) fn write_model_dir(
     out: &Path,
     config: &ModelConfig,
     source_dir: Option<&Path>,
+    dtype: WriteDtype,
     weights: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    write_dir(out, "config.json", |tmp| write_all(tmp, config, source_dir, weights))
+    write_dir(out, "config.json", |tmp| write_all(tmp, config, source_dir, dtype, weights))
 }
 
 /// Writes a directory atomically: `fill` writes the files into `out.tmp-<pid>`, which is then renamed
@@ -141,6 +145,7 @@ fn write_all(
     tmp: &Path,
     config: &ModelConfig,
     source_dir: Option<&Path>,
+    dtype: WriteDtype,
     weights: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let mut raw = config.raw.clone();
@@ -148,7 +153,7 @@ fn write_all(
         let keys: Vec<&str> = ["dtype", "torch_dtype"].into_iter().filter(|k| obj.contains_key(*k)).collect();
         let keys = if keys.is_empty() { vec!["dtype", "torch_dtype"] } else { keys };
         for k in keys {
-            obj.insert(k.to_string(), json!("float32"));
+            obj.insert(k.to_string(), json!(dtype.torch_name()));
         }
     }
     write_json(&tmp.join("config.json"), &raw)?;

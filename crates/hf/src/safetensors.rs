@@ -405,14 +405,48 @@ fn views(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<(&str, F32Vie
     Ok(order.into_iter().map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d })).collect())
 }
 
+/// The dtype of a weights file this crate writes: f32, or bf16 (each value rounded to the nearest, ties to
+/// even, as PyTorch's `.to(torch.bfloat16)`), half the bytes, for a merged model to share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl WriteDtype {
+    fn st(self) -> StDtype {
+        match self {
+            WriteDtype::F32 => StDtype::F32,
+            WriteDtype::Bf16 => StDtype::BF16,
+        }
+    }
+
+    /// Bytes a value.
+    pub fn width(self) -> usize {
+        match self {
+            WriteDtype::F32 => 4,
+            WriteDtype::Bf16 => 2,
+        }
+    }
+
+    /// `config.json`'s name for it (`dtype` / `torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            WriteDtype::F32 => "float32",
+            WriteDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
 /// The crate's header for tensors of these names and shapes, in this order, padded with spaces to a
 /// multiple of 8 bytes.
-fn header<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize])>) -> Result<Vec<u8>, String> {
+fn header<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize])>, dtype: WriteDtype) -> Result<Vec<u8>, String> {
     let mut offset = 0;
     let infos = tensors
         .map(|(name, shape)| {
-            let len = 4 * shape.iter().product::<usize>();
-            let info = StInfo { dtype: StDtype::F32, shape: shape.to_vec(), data_offsets: (offset, offset + len) };
+            let len = dtype.width() * shape.iter().product::<usize>();
+            let info = StInfo { dtype: dtype.st(), shape: shape.to_vec(), data_offsets: (offset, offset + len) };
             offset += len;
             (name.to_string(), info)
         })
@@ -447,6 +481,16 @@ pub fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Res
 pub fn write_f32_with<'v>(
     path: &Path,
     shapes: &[(String, Vec<usize>)],
+    values: impl FnMut(usize) -> Result<Cow<'v, [f32]>>,
+) -> Result<()> {
+    write_with(path, shapes, WriteDtype::F32, values)
+}
+
+/// [`write_f32_with`], the values written in `dtype`.
+pub fn write_with<'v>(
+    path: &Path,
+    shapes: &[(String, Vec<usize>)],
+    dtype: WriteDtype,
     mut values: impl FnMut(usize) -> Result<Cow<'v, [f32]>>,
 ) -> Result<()> {
     let mut order: Vec<usize> = (0..shapes.len()).collect();
@@ -460,7 +504,7 @@ pub fn write_f32_with<'v>(
             return Err(Error::st(path, None, "a tensor cannot be named `__metadata__`"));
         }
     }
-    let header = header(order.iter().map(|&i| (shapes[i].0.as_str(), &shapes[i].1[..])))
+    let header = header(order.iter().map(|&i| (shapes[i].0.as_str(), &shapes[i].1[..])), dtype)
         .map_err(|m| Error::st(path, None, m))?;
     // `values`' own error, returned as it is rather than as an I/O error of `path`.
     let mut failed = None;
@@ -478,7 +522,14 @@ pub fn write_f32_with<'v>(
                 let msg = format!("tensor `{name}`: shape {shape:?} does not match its {} values", v.len());
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg));
             }
-            out.write_all(&F32View { shape, data: &v }.data())?;
+            match dtype {
+                WriteDtype::F32 => out.write_all(&F32View { shape, data: &v }.data())?,
+                WriteDtype::Bf16 => {
+                    let bytes: Vec<u8> =
+                        v.iter().flat_map(|&x| engine::quant::bf16::from_f32(x).to_le_bytes()).collect();
+                    out.write_all(&bytes)?
+                }
+            }
         }
         Ok(())
     });

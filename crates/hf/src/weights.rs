@@ -430,17 +430,18 @@ impl<'c, E: FnMut(&Entry) -> Result<Vec<f32>>> HfValues<'c, E> {
     }
 }
 
-/// Writes the weights of `config` to `path` as [`crate::save_model`] does (the same bytes for the same
-/// values), taking each tensor of [`HfValues`] when the file, which runs in name order, reaches it.
+/// Writes the weights of `config` to `path` in `dtype` as [`crate::save_model`] does (the same bytes for
+/// the same values in f32), taking each tensor of [`HfValues`] when the file, which runs in name order, reaches it.
 /// `engine`'s first error stops the write (nothing is left at `path`).
 pub(crate) fn write_weights_with(
     path: &Path,
     config: &ModelConfig,
+    dtype: crate::safetensors::WriteDtype,
     engine: impl FnMut(&Entry) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let mut values = HfValues::new(config, engine)?;
     let shapes = values.shapes.clone();
-    crate::safetensors::write_f32_with(path, &shapes, |i| Ok(Cow::Owned(values.take(i)?)))
+    crate::safetensors::write_with(path, &shapes, dtype, |i| Ok(Cow::Owned(values.take(i)?)))
 }
 
 /// Bytes [`HfValues`] holds for `config` beyond the values it hands over: a stacked tensor

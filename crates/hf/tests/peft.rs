@@ -12,6 +12,7 @@ use dpo_hf::peft::{
     fresh_config, load_adapter, merged_params, resolve_targets, save_adapter, save_merged, LoraConfig, MergeBase,
     TargetModules, CONFIG_FILE, WEIGHTS_FILE,
 };
+use dpo_hf::safetensors::WriteDtype;
 use dpo_hf::{load_config, load_model, save_model, to_hf_tensors, Error, ModelConfig, SafeTensors};
 use engine::rng::Rng;
 use engine::{Adapter, LoraTarget, Site};
@@ -168,13 +169,25 @@ fn merging_the_trained_adapter_gives_pefts_merged_model() {
         save_model(&whole, &base.config, &merged, Some(&base.dir)).unwrap();
         for (name, from) in [("loaded", MergeBase::Loaded(&base)), ("dir", MergeBase::Dir(&lora(arch, "base")))] {
             let out = tmp.path().join(name);
-            save_merged(&out, from, &trained.adapter).unwrap();
+            save_merged(&out, from, &trained.adapter, WriteDtype::F32).unwrap();
             assert_eq!(load_model(&out).unwrap().params, merged, "{arch} {name}");
             for file in ["model.safetensors", "config.json", "generation_config.json"] {
                 let read = |d: &Path| std::fs::read(d.join(file)).unwrap();
                 assert!(read(&out) == read(&whole), "{arch} {name}: {file} differs from save_model's");
             }
         }
+        // In bf16: every value of the merged model rounded to the nearest bf16, and config.json says so.
+        let out = tmp.path().join("bf16");
+        save_merged(&out, MergeBase::Dir(&lora(arch, "base")), &trained.adapter, WriteDtype::Bf16).unwrap();
+        let st = SafeTensors::open(&out.join("model.safetensors")).unwrap();
+        assert!(st.tensors().iter().all(|t| t.dtype == dpo_hf::Dtype::BF16), "{arch}: a tensor not in bf16");
+        let mut rounded = merged.clone();
+        for (_, t) in rounded.named_mut() {
+            t.data.iter_mut().for_each(|x| *x = engine::quant::bf16::round(*x));
+        }
+        assert_eq!(load_model(&out).unwrap().params, rounded, "{arch}: bf16 merged");
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert!(config.get("dtype").or(config.get("torch_dtype")) == Some(&json!("bfloat16")), "{config}");
     }
 }
 
@@ -502,7 +515,7 @@ fn peft_loads_what_we_save() {
         }
         let (a, m) = (tmp.path().join(format!("{i}-adapter")), tmp.path().join(format!("{i}-merged")));
         save_adapter(&a, &cfg, &adapter, &base.config).unwrap();
-        save_merged(&m, MergeBase::Loaded(&base), &adapter).unwrap();
+        save_merged(&m, MergeBase::Loaded(&base), &adapter, WriteDtype::F32).unwrap();
         cases.push(json!({"base": dir, "adapter": a, "merged": m, "reference": null}));
     }
     for arch in ARCHS {
@@ -512,7 +525,7 @@ fn peft_loads_what_we_save() {
             let a = tmp.path().join(format!("{arch}-{which}"));
             save_adapter(&a, &loaded.config, &loaded.adapter, &base.config).unwrap();
             let m = tmp.path().join(format!("{arch}-{which}-merged"));
-            save_merged(&m, MergeBase::Dir(&lora(arch, "base")), &loaded.adapter).unwrap();
+            save_merged(&m, MergeBase::Dir(&lora(arch, "base")), &loaded.adapter, WriteDtype::F32).unwrap();
             cases.push(json!({"base": lora(arch, "base"), "adapter": a, "merged": m, "reference": lora(arch, which)}));
         }
     }

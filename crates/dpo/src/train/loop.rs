@@ -301,7 +301,9 @@ fn merge_final(
     };
     let adapter = hf::peft::load_adapter(final_dir, config).map_err(final_error)?.adapter;
     let merged = output.join(MERGED_DIR);
-    hf::peft::save_merged(&merged, hf::peft::MergeBase::Dir(model), &adapter).map_err(final_error)?;
+    // In f32, as the base is read (`dpo merge --dtype bf16` writes half the bytes).
+    let f32 = hf::safetensors::WriteDtype::F32;
+    hf::peft::save_merged(&merged, hf::peft::MergeBase::Dir(model), &adapter, f32).map_err(final_error)?;
     log(&format!("merged model written to {}", merged.display()));
     Ok(())
 }

@@ -379,7 +379,8 @@ pub fn train_online(
             hf::peft::save_adapter(&final_dir, config, adapter, &model.config).map_err(final_error)?;
             if cfg.merge {
                 let merged = output.join(super::MERGED_DIR);
-                hf::peft::save_merged(&merged, hf::peft::MergeBase::Loaded(&model), adapter).map_err(final_error)?;
+                hf::peft::save_merged(&merged, hf::peft::MergeBase::Loaded(&model), adapter, Default::default())
+                    .map_err(final_error)?;
                 log(&format!("merged model written to {}", merged.display()));
             }
         }

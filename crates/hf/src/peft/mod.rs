@@ -19,8 +19,8 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model_dir::{load_config, write_dir, write_model_dir, HfModel};
 use crate::naming::Entry;
-use crate::safetensors::write_f32;
 use crate::safetensors::Checkpoint;
+use crate::safetensors::{write_f32, WriteDtype};
 use crate::weights::{check_names, check_params, read_entry, write_weights_with};
 
 pub mod config;
@@ -184,12 +184,12 @@ impl<'a> MergedModel<'a> {
 }
 
 /// Writes `base` with `adapter` merged in as a model directory `out` (config, weights, tokenizer files
-/// from the base's directory) that transformers loads without PEFT: the bytes [`crate::save_model`]
-/// writes for [`merged_params`], made a tensor at a time ([`MergedModel`]).
-pub fn save_merged(out: &Path, base: MergeBase<'_>, adapter: &Adapter) -> Result<()> {
+/// from the base's directory) that transformers loads without PEFT, its weights in `dtype`: in f32 the
+/// bytes [`crate::save_model`] writes for [`merged_params`]; made a tensor at a time ([`MergedModel`]).
+pub fn save_merged(out: &Path, base: MergeBase<'_>, adapter: &Adapter, dtype: WriteDtype) -> Result<()> {
     let model = MergedModel::new(base, Some(adapter))?;
-    write_model_dir(out, &model.config, Some(&model.dir), |path| {
-        write_weights_with(path, &model.config, |entry| model.engine(entry))
+    write_model_dir(out, &model.config, Some(&model.dir), dtype, |path| {
+        write_weights_with(path, &model.config, dtype, |entry| model.engine(entry))
     })
 }
 
