@@ -525,9 +525,13 @@ pub fn write_with<'v>(
             match dtype {
                 WriteDtype::F32 => out.write_all(&F32View { shape, data: &v }.data())?,
                 WriteDtype::Bf16 => {
-                    let bytes: Vec<u8> =
-                        v.iter().flat_map(|&x| engine::quant::bf16::from_f32(x).to_le_bytes()).collect();
-                    out.write_all(&bytes)?
+                    // A block of values at a time: no second copy of a large tensor.
+                    let mut bytes = Vec::with_capacity(2 << 20);
+                    for block in v.chunks(1 << 20) {
+                        bytes.clear();
+                        bytes.extend(block.iter().flat_map(|&x| engine::quant::bf16::from_f32(x).to_le_bytes()));
+                        out.write_all(&bytes)?;
+                    }
                 }
             }
         }
