@@ -1,5 +1,7 @@
 //! Tests of `safetensors.rs`: reading, corrupt headers, conversions, and streamed writes.
 
+use std::borrow::Cow;
+
 use super::*;
 
 fn raw(header: &str, data: &[u8]) -> Vec<u8> {
