@@ -86,6 +86,19 @@ fn newest_fact(newest: Option<&Path>) -> String {
 }
 
 impl TrainError {
+    /// What a failure to write the final model (or the merged one) becomes: the message, with the
+    /// checkpoint the run can be resumed from and its output directory.
+    pub(crate) fn final_write<'a>(
+        checkpoint: &'a Path,
+        output: &'a Path,
+    ) -> impl Fn(hf::Error) -> TrainError + Copy + 'a {
+        move |e| TrainError::FinalWrite {
+            message: e.to_string(),
+            checkpoint: checkpoint.to_path_buf(),
+            output: output.to_path_buf(),
+        }
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         TrainError::Io { path: path.to_path_buf(), source }
     }

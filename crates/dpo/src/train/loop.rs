@@ -273,13 +273,14 @@ pub fn train(
     let mut dir = crate::dist::is_root().then(|| RunDir::open(&cfg.output, opts.start_mode(), log)).transpose()?;
     let outcome = run(&s, start, dir.as_mut(), stop, log)?;
     // The run's own configuration (a resumed run's, as written in it).
-    if let (Some(final_dir), Some(_), Some(_dir), true) = (&outcome.final_dir, &s.lora, dir, s.cfg.merge) {
+    let written = (&outcome.final_dir, &outcome.checkpoint);
+    if let ((Some(final_dir), Some(checkpoint)), Some(_), Some(_dir), true) = (written, &s.lora, dir, s.cfg.merge) {
         // The run's base, adapter and optimizer go before the merge, which reads the f32 base from its
         // directory a tensor at a time (a stored base is never merged into); the run directory stays
         // locked (`_dir`) until the merged model is written.
         let (model, config, output) = (s.cfg.model.clone(), s.model.config.clone(), s.cfg.output.clone());
         drop(s);
-        merge_final(&model, &config, final_dir, &output, outcome.checkpoint.as_deref(), log)?;
+        merge_final(&model, &config, final_dir, &output, checkpoint, log)?;
     }
     Ok(outcome)
 }
@@ -291,14 +292,10 @@ fn merge_final(
     config: &hf::ModelConfig,
     final_dir: &Path,
     output: &Path,
-    checkpoint: Option<&Path>,
+    checkpoint: &Path,
     log: &mut dyn FnMut(&str),
 ) -> Result<(), TrainError> {
-    let final_error = |e: hf::Error| TrainError::FinalWrite {
-        message: e.to_string(),
-        checkpoint: checkpoint.map(Path::to_path_buf).unwrap_or_default(),
-        output: output.to_path_buf(),
-    };
+    let final_error = TrainError::final_write(checkpoint, output);
     let adapter = hf::peft::load_adapter(final_dir, config).map_err(final_error)?.adapter;
     let merged = output.join(MERGED_DIR);
     // In f32, as the base is read (`dpo merge --dtype bf16` writes half the bytes).
@@ -495,11 +492,7 @@ pub fn run(
             interrupted: false,
         });
     };
-    let final_error = |e: hf::Error| TrainError::FinalWrite {
-        message: e.to_string(),
-        checkpoint: checkpoint.clone(),
-        output: output.clone(),
-    };
+    let final_error = TrainError::final_write(&checkpoint, &output);
     match (&t.trained, lora) {
         (Trained::Full(params), _) => {
             hf::save_model(&final_dir, &s.model.config, params, Some(&cfg.model)).map_err(final_error)?

@@ -366,11 +366,7 @@ pub fn train_online(
     }
     let checkpoint = save(&mut dir, &t)?;
     let final_dir = output.join("final");
-    let final_error = |e: hf::Error| TrainError::FinalWrite {
-        message: e.to_string(),
-        checkpoint: checkpoint.clone(),
-        output: output.clone(),
-    };
+    let final_error = TrainError::final_write(&checkpoint, &output);
     match (&t.trained, lora_cfg) {
         (Trained::Full(params), _) => {
             hf::save_model(&final_dir, &model.config, params, Some(&cfg.model)).map_err(final_error)?
