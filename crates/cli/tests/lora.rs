@@ -36,6 +36,58 @@ fn logps(args: &[&std::ffi::OsStr]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The dtypes a model directory's weights are stored in.
+fn stored_dtypes(dir: &Path) -> Vec<hf::Dtype> {
+    let st = hf::SafeTensors::open(&dir.join("model.safetensors")).unwrap();
+    let mut dtypes: Vec<hf::Dtype> = st.tensors().iter().map(|t| t.dtype).collect();
+    dtypes.dedup();
+    dtypes
+}
+
+#[test]
+fn a_merged_model_is_written_in_its_bases_dtype_unless_told() {
+    let dir = scratch("lora-merge-dtype");
+    let run = dir.join("run");
+    succeeds(&mut lora_train(&run, 1, 1));
+    let fin = run.join("final");
+    let merge = |base: &Path, out: &str, dtype: Option<&str>| {
+        let mut c = dpo();
+        c.arg("merge").arg("--model").arg(base).arg("--adapter").arg(&fin).arg("--output").arg(dir.join(out));
+        if let Some(dtype) = dtype {
+            c.args(["--dtype", dtype]);
+        }
+        let said = succeeds(&mut c);
+        (dir.join(out), said)
+    };
+    use hf::Dtype::{BF16, F16, F32};
+    // The f32 fixture merges to f32; asked, to bf16.
+    let (f32_merged, said) = merge(&model("gpt2-policy"), "f32", None);
+    assert!(stored_dtypes(&f32_merged) == [F32] && said.contains("in f32"), "{said}");
+    let (bf16_base, _) = merge(&model("gpt2-policy"), "bf16", Some("bf16"));
+    assert_eq!(stored_dtypes(&bf16_base), [BF16]);
+    // A model made from the bf16 one is bf16 unless told otherwise, as PEFT keeps a base's dtype.
+    let (again, said) = merge(&bf16_base, "again", None);
+    assert!(stored_dtypes(&again) == [BF16] && said.contains("in bf16"), "{said}");
+    assert_eq!(stored_dtypes(&merge(&bf16_base, "f16", Some("f16")).0), [F16]);
+    assert_eq!(stored_dtypes(&merge(&bf16_base, "wide", Some("f32")).0), [F32]);
+
+    // `dpo train --merge` likewise: the base's dtype, or --merge-dtype's.
+    let lora = ["--lora-r", "4", "--max-steps", "1", "--merge"];
+    let on_bf16 = dir.join("on-bf16");
+    let said = succeeds(train(&bf16_base, &prefs(), &on_bf16).args(lora));
+    assert!(said.contains("final-merged (bf16)"), "{said}");
+    assert_eq!(stored_dtypes(&on_bf16.join("final-merged")), [BF16]);
+    let to_f16 = dir.join("to-f16");
+    succeeds(train(&bf16_base, &prefs(), &to_f16).args(lora).args(["--merge-dtype", "f16"]));
+    assert_eq!(stored_dtypes(&to_f16.join("final-merged")), [F16]);
+    let config = std::fs::read_to_string(to_f16.join("config.toml")).unwrap();
+    assert!(config.contains("merge_dtype = \"f16\""), "{config}");
+    // Without --merge it has nothing to apply to.
+    let out = train(&bf16_base, &prefs(), &dir.join("no")).args(["--lora-r", "4", "--merge-dtype", "f16"]).output();
+    let (out, said) = out.map(|o| (o.status.code(), stderr(&o))).unwrap();
+    assert!(out == Some(2) && said.contains("required arguments were not provided:\n  --merge"), "{said}");
+}
+
 #[test]
 fn an_adapter_run_writes_peft_and_merged_outputs_that_the_commands_read() {
     let dir = scratch("lora-e2e");

@@ -94,6 +94,27 @@ pub enum Error {
     /// ([`crate::output`]).
     #[error("{}: {what}; nothing was written", path.display())]
     OutputExists { path: PathBuf, what: String },
+
+    /// An output larger than the free space of the file system it goes to ([`crate::output::check_room`]).
+    #[error(
+        "{}: {what} needs {} but its file system has {} free; nothing was written",
+        path.display(),
+        size(*need),
+        size(*free)
+    )]
+    NoRoom { path: PathBuf, what: String, need: u64, free: u64 },
+}
+
+/// Bytes as messages give a size: in the largest of KiB, MiB and GiB it is at least one of.
+fn size(bytes: u64) -> String {
+    let (unit, name) = [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
+        .into_iter()
+        .find(|&(unit, _)| bytes >= unit)
+        .unwrap_or((1, "bytes"));
+    match unit {
+        1 => format!("{bytes} bytes"),
+        _ => format!("{:.2} {name}", bytes as f64 / unit as f64),
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -40,5 +40,5 @@ pub use stored::{load_frozen_base, load_model_stored, load_with_frozen_tables};
 pub use tokenizer::{ChatMessage, SpecialToken, Tokenizer};
 pub use weights::{
     check_params, load_params, load_params_file, load_transient_bytes, merge_transient_bytes, params_from_checkpoint,
-    to_hf_tensors,
+    stored_dtype, to_hf_tensors, weights_bytes,
 };

@@ -165,6 +165,48 @@ pub fn check_file(output: &Path, inputs: &[Input], overwrite: bool) -> Result<()
     Ok(())
 }
 
+/// Bytes free to an unprivileged writer on the file system that holds `path` (or would: its nearest
+/// existing ancestor); `None` where that cannot be asked (not Unix, or the call fails).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let mut at = resolve(path);
+    while !at.exists() {
+        at = at.parent()?.to_path_buf();
+    }
+    free_bytes_at(&at)
+}
+
+#[cfg(unix)]
+fn free_bytes_at(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is written by the call before it is read (only on success).
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    let st = unsafe { st.assume_init() };
+    // Their widths differ between platforms (32 bits on some).
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+#[cfg(not(unix))]
+fn free_bytes_at(_: &Path) -> Option<u64> {
+    None
+}
+
+/// Refuses to start writing `need` bytes (`what`, e.g. "the merged model") to `output` when its file system
+/// has less free: a write that would fail when the disk fills is refused before it begins (the atomic
+/// write would leave nothing, but only after the time spent). Passes where the free space is unknown.
+pub fn check_room(output: &Path, what: &str, need: u64) -> Result<()> {
+    match free_bytes(output) {
+        Some(free) if free < need => {
+            Err(Error::NoRoom { path: output.to_path_buf(), what: what.to_string(), need, free })
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +274,18 @@ mod tests {
         check_file(&m.join("model.gguf"), &ins, true).unwrap();
         std::fs::create_dir(d.join("sub")).unwrap();
         assert!(e(&d.join("sub"), true).contains("is a directory"));
+    }
+
+    #[test]
+    fn an_output_larger_than_its_free_space_is_refused_before_it_is_written() {
+        let d = scratch("room");
+        // A path not yet created is asked of its nearest existing ancestor.
+        let free = free_bytes(&d.join("new/run/final-merged")).expect("statvfs of the scratch directory");
+        assert!(free > 0);
+        check_room(&d.join("new"), "the model", 0).unwrap();
+        check_room(&d.join("new"), "the model", free / 2).unwrap();
+        let e = check_room(&d.join("new"), "the merged model", u64::MAX).unwrap_err().to_string();
+        assert!(e.contains("the merged model needs 17179869184.00 GiB but its file system has"), "{e}");
+        assert!(e.ends_with("free; nothing was written") && !d.join("new").exists(), "{e}");
     }
 }

@@ -472,6 +472,14 @@ impl Checkpoint {
         self.index.get(name).and_then(|&i| self.files[i].info(name))
     }
 
+    /// The dtype its floating-point tensors share; `None` when they differ (or there are none).
+    pub fn float_dtype(&self) -> Option<Dtype> {
+        let dtypes = self.files.iter().flat_map(|f| f.tensors()).map(|t| t.dtype);
+        let mut floats = dtypes.filter(|d| !matches!(d, Dtype::Other(..)));
+        let first = floats.next()?;
+        floats.all(|d| d == first).then_some(first)
+    }
+
     /// The file holding `name`.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.index.get(name).map(|&i| self.files[i].path())

@@ -14,11 +14,26 @@ use engine::{DecoderConfig, Params, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::naming::{aliases, ignored, plan, Entry, Hf};
-use crate::safetensors::Checkpoint;
+use crate::safetensors::{Checkpoint, WriteDtype};
 
 /// Loads the weights of model directory `dir` (single file or sharded) into engine [`Params`].
 pub fn load_params(dir: &Path, config: &ModelConfig) -> Result<Params> {
     params_from_checkpoint(&Checkpoint::open_dir(dir)?, config)
+}
+
+/// The dtype a model made from the weights of `dir` (a merged one) is written in unless told otherwise:
+/// the one their floating-point tensors share (bf16 for most published checkpoints), else f32.
+pub fn stored_dtype(dir: &Path) -> Result<WriteDtype> {
+    let ckpt = Checkpoint::open_dir(dir)?;
+    Ok(ckpt.float_dtype().map(WriteDtype::of_stored).unwrap_or_default())
+}
+
+/// Bytes of the values of the weights file written for `config` in `dtype` (its header aside).
+pub fn weights_bytes(config: &ModelConfig, dtype: WriteDtype) -> u64 {
+    // A config the name table cannot map is refused by the write itself.
+    let entries = plan(config.naming, &config.decoder).unwrap_or_default();
+    let values: usize = entries.iter().flat_map(|e| &e.hf).map(|(_, s)| s.iter().product::<usize>()).sum();
+    (values * dtype.width()) as u64
 }
 
 /// Loads one safetensors file with HF names (a checkpoint, or a gradient file with the same names).
@@ -436,7 +451,7 @@ impl<'c, E: FnMut(&Entry) -> Result<Vec<f32>>> HfValues<'c, E> {
 pub(crate) fn write_weights_with(
     path: &Path,
     config: &ModelConfig,
-    dtype: crate::safetensors::WriteDtype,
+    dtype: WriteDtype,
     engine: impl FnMut(&Entry) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let mut values = HfValues::new(config, engine)?;

@@ -176,18 +176,31 @@ fn merging_the_trained_adapter_gives_pefts_merged_model() {
                 assert!(read(&out) == read(&whole), "{arch} {name}: {file} differs from save_model's");
             }
         }
-        // In bf16: every value of the merged model rounded to the nearest bf16, and config.json says so.
-        let out = tmp.path().join("bf16");
-        save_merged(&out, MergeBase::Dir(&lora(arch, "base")), &trained.adapter, WriteDtype::Bf16).unwrap();
-        let st = SafeTensors::open(&out.join("model.safetensors")).unwrap();
-        assert!(st.tensors().iter().all(|t| t.dtype == dpo_hf::Dtype::BF16), "{arch}: a tensor not in bf16");
-        let mut rounded = merged.clone();
-        for (_, t) in rounded.named_mut() {
-            t.data.iter_mut().for_each(|x| *x = engine::quant::bf16::round(*x));
+        // In bf16 and f16: every value of the merged model rounded to the nearest, and config.json says so.
+        fn f16(x: f32) -> f32 {
+            half::f16::from_f32(x).to_f32()
         }
-        assert_eq!(load_model(&out).unwrap().params, rounded, "{arch}: bf16 merged");
-        let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-        assert!(config.get("dtype").or(config.get("torch_dtype")) == Some(&json!("bfloat16")), "{config}");
+        let halves = [
+            (WriteDtype::Bf16, dpo_hf::Dtype::BF16, "bfloat16", engine::quant::bf16::round as fn(f32) -> f32),
+            (WriteDtype::F16, dpo_hf::Dtype::F16, "float16", f16),
+        ];
+        for (dtype, stored, torch, round) in halves {
+            let out = tmp.path().join(torch);
+            save_merged(&out, MergeBase::Dir(&lora(arch, "base")), &trained.adapter, dtype).unwrap();
+            let st = SafeTensors::open(&out.join("model.safetensors")).unwrap();
+            assert!(st.tensors().iter().all(|t| t.dtype == stored), "{arch}: a tensor not in {torch}");
+            let mut rounded = merged.clone();
+            for (_, t) in rounded.named_mut() {
+                t.data.iter_mut().for_each(|x| *x = round(*x));
+            }
+            assert_eq!(load_model(&out).unwrap().params, rounded, "{arch}: {torch} merged");
+            let config: Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+            assert!(config.get("dtype").or(config.get("torch_dtype")) == Some(&json!(torch)), "{config}");
+            // A model made from it is written in its dtype unless told otherwise.
+            assert_eq!(dpo_hf::stored_dtype(&out).unwrap(), dtype, "{arch} {torch}");
+        }
+        assert_eq!(dpo_hf::stored_dtype(&lora(arch, "base")).unwrap(), WriteDtype::F32);
     }
 }
 

@@ -52,6 +52,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = hf::peft::MergedModel::new(hf::peft::MergeBase::Dir(&a.model), adapter.as_ref())?;
     let tok = hf::load_tokenizer(&a.model)?;
     let done = hf::gguf::export_gguf(&a.gguf, &model, &tok, dtype)
+        .map_err(|e| super::hints::room_hint(e, "choose another --gguf (or a smaller --dtype)"))
         .with_context(|| format!("exporting {} to {}", a.model.display(), a.gguf.display()))?;
     let merged = a.adapter.adapter.as_ref().map(|d| format!(" with {} merged", d.display())).unwrap_or_default();
     eprintln!(

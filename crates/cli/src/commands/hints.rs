@@ -54,6 +54,9 @@ pub fn with_hint(e: TrainError, command: &str) -> anyhow::Error {
                 run.display()
             )
         }
+        TrainError::Model(hf::Error::NoRoom { .. }) => "; free space there, write it in half the bytes with \
+             --merge-dtype bf16, or train without --merge and run `dpo merge` where there is room"
+            .to_string(),
         TrainError::Data(DataError::TooLong { max, .. }) => {
             format!(": pass --max-length {max} (with --truncation keep-end to keep the ends)")
         }
@@ -71,4 +74,13 @@ pub fn output_hint(e: hf::Error, out_flag: &str) -> anyhow::Error {
         _ => return e.into(),
     };
     anyhow::anyhow!("{e}{hint}")
+}
+
+/// An output too large for its file system (`hf::Error::NoRoom`), with the ways out: free space, or
+/// `others` (the command's flags that write elsewhere or less). Any other error as it is.
+pub fn room_hint(e: hf::Error, others: &str) -> anyhow::Error {
+    match e {
+        hf::Error::NoRoom { .. } => anyhow::anyhow!("{e}; free space there, or {others}"),
+        e => e.into(),
+    }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 
 use super::adapter::AdapterFlag;
-use super::hints::output_hint;
+use super::hints::{output_hint, room_hint};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -24,10 +24,11 @@ pub struct Args {
     /// directory is refused and left as it is.
     #[arg(long)]
     overwrite: bool,
-    /// The merged weights' dtype: f32, or bf16 (rounded to nearest even, as PyTorch's
-    /// `.to(torch.bfloat16)`; half the size on disk: 16 GB for an 8B model, not 32). config.json names it.
-    #[arg(long, value_parser = ["f32", "bf16"], default_value = "f32")]
-    dtype: String,
+    /// The merged weights' dtype: f32, bf16 or f16 (each value rounded to the nearest, ties to even, as
+    /// PyTorch's `.to()`); config.json names it. Default: the one --model is stored in, as PEFT's
+    /// `merge_and_unload` keeps it (bf16 for most published checkpoints: an 8B model takes 16 GB, not 32).
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    dtype: Option<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -42,17 +43,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let Some(adapter) = a.adapter.load(&config, &a.model)? else { bail!("--adapter DIR is required") };
     // The base is read a tensor at a time as the merged file is written, never whole.
     let base = hf::peft::MergeBase::Dir(&a.model);
-    let dtype = match a.dtype.as_str() {
-        "bf16" => hf::safetensors::WriteDtype::Bf16,
-        _ => hf::safetensors::WriteDtype::F32,
+    let dtype = match a.dtype.as_deref().and_then(hf::safetensors::WriteDtype::parse) {
+        Some(dtype) => dtype,
+        None => hf::stored_dtype(&a.model)?,
     };
     hf::peft::save_merged(&a.output, base, &adapter, dtype)
+        .map_err(|e| room_hint(e, "choose another --output (or a smaller --dtype)"))
         .with_context(|| format!("writing {}", a.output.display()))?;
     let pairs: usize = adapter.layers.iter().map(|l| l.pairs.len()).sum();
     eprintln!(
-        "merged {pairs} adapter pairs with base {} (left as it is); written to {}",
+        "merged {pairs} adapter pairs with base {} (left as it is); written to {} in {}",
         a.model.display(),
-        a.output.display()
+        a.output.display(),
+        dtype.name()
     );
     Ok(())
 }

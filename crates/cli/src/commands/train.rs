@@ -229,6 +229,12 @@ pub struct LoraFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     merge: bool,
+    /// The dtype of --merge's model: f32, bf16 or f16 (each value rounded to the nearest, ties to even, as
+    /// PyTorch's `.to()`). Default: the one --model is stored in (bf16 for most published checkpoints: an
+    /// 8B model takes 16 GB, not 32).
+    #[arg(long, value_parser = ["f32", "bf16", "f16"], requires = "merge")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merge_dtype: Option<String>,
     /// QLoRA: store the frozen base's block linears in 4-bit NF4 as they are read (bitsandbytes' code book,
     /// blocks of 64, dequantised on the fly; the adapter, embeddings, norms and head stay f32). With
     /// --lora-r or --adapter only.

@@ -266,6 +266,8 @@ pub struct TrainConfig {
     pub adapter: Option<PathBuf>,
     /// Also write `OUTPUT/final-merged`, the adapter merged into the base (an HF model directory).
     pub merge: bool,
+    /// The merged model's dtype; `None`: the one the base is stored in ([`hf::stored_dtype`]).
+    pub merge_dtype: Option<hf::safetensors::WriteDtype>,
     /// How a LoRA run holds the frozen base's block linears (`quantize = "nf4"`, `double_quant`,
     /// `base_dtype = "bf16"`): QLoRA. The rest of the base and the adapter stay f32; a merge reads the f32
     /// base fresh from `model`. A bf16 run stores a LoRA base in bf16 unless these keys say otherwise:
@@ -319,6 +321,7 @@ impl Default for TrainConfig {
             lora: LoraFlags::default(),
             adapter: None,
             merge: false,
+            merge_dtype: None,
             base_storage: Storage::F32,
         }
     }
@@ -522,6 +525,9 @@ impl TrainConfig {
         if self.base_storage != Storage::F32 && !self.is_lora() {
             let key = if self.base_storage == Storage::Bf16 { "base_dtype" } else { "quantize" };
             return Err(invalid(key, "stores a frozen base: it applies to a LoRA run (give lora_r or adapter)"));
+        }
+        if self.merge_dtype.is_some() && !self.merge {
+            return Err(invalid("merge_dtype", "applies with merge (the merged model's dtype)"));
         }
         if self.merge && !self.is_lora() {
             return Err(invalid(

@@ -19,6 +19,7 @@ use engine::model::Model;
 use engine::optim::{clip_coefficient, lr_at, Optimizer};
 use engine::rng::Rng;
 use engine::{Decoder, ParamSet};
+use hf::safetensors::WriteDtype;
 
 use super::checkpoint::{self, TrainerState};
 use super::pairs::Workspace;
@@ -279,8 +280,9 @@ pub fn train(
         // directory a tensor at a time (a stored base is never merged into); the run directory stays
         // locked (`_dir`) until the merged model is written.
         let (model, config, output) = (s.cfg.model.clone(), s.model.config.clone(), s.cfg.output.clone());
+        let dtype = s.cfg.merge_dtype;
         drop(s);
-        merge_final(&model, &config, final_dir, &output, checkpoint, log)?;
+        merge_final(&model, &config, dtype, final_dir, &output, checkpoint, log)?;
     }
     Ok(outcome)
 }
@@ -290,6 +292,7 @@ pub fn train(
 fn merge_final(
     model: &Path,
     config: &hf::ModelConfig,
+    dtype: Option<WriteDtype>,
     final_dir: &Path,
     output: &Path,
     checkpoint: &Path,
@@ -298,11 +301,15 @@ fn merge_final(
     let final_error = TrainError::final_write(checkpoint, output);
     let adapter = hf::peft::load_adapter(final_dir, config).map_err(final_error)?.adapter;
     let merged = output.join(MERGED_DIR);
-    // In f32, as the base is read (`dpo merge --dtype bf16` writes half the bytes).
-    let f32 = hf::safetensors::WriteDtype::F32;
-    hf::peft::save_merged(&merged, hf::peft::MergeBase::Dir(model), &adapter, f32).map_err(final_error)?;
-    log(&format!("merged model written to {}", merged.display()));
+    let dtype = merged_dtype(dtype, model).map_err(final_error)?;
+    hf::peft::save_merged(&merged, hf::peft::MergeBase::Dir(model), &adapter, dtype).map_err(final_error)?;
+    log(&format!("merged model written to {} ({})", merged.display(), dtype.name()));
     Ok(())
+}
+
+/// The dtype `--merge` writes in: `merge_dtype` when set, else the one the base `model` is stored in.
+pub(super) fn merged_dtype(merge_dtype: Option<WriteDtype>, model: &Path) -> hf::Result<WriteDtype> {
+    merge_dtype.map(Ok).unwrap_or_else(|| hf::stored_dtype(model))
 }
 
 /// Supervised fine-tuning (the reference model of DPO, or the paper's preferred-FT) on prompt/completion

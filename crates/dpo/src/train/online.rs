@@ -375,9 +375,10 @@ pub fn train_online(
             hf::peft::save_adapter(&final_dir, config, adapter, &model.config).map_err(final_error)?;
             if cfg.merge {
                 let merged = output.join(super::MERGED_DIR);
-                hf::peft::save_merged(&merged, hf::peft::MergeBase::Loaded(&model), adapter, Default::default())
+                let dtype = super::train_loop::merged_dtype(cfg.merge_dtype, &cfg.model).map_err(final_error)?;
+                hf::peft::save_merged(&merged, hf::peft::MergeBase::Loaded(&model), adapter, dtype)
                     .map_err(final_error)?;
-                log(&format!("merged model written to {}", merged.display()));
+                log(&format!("merged model written to {} ({})", merged.display(), dtype.name()));
             }
         }
         (Trained::Adapter(_), None) => return Err(TrainError::Invalid("an adapter with no LoRA configuration".into())),

@@ -12,7 +12,7 @@ use crate::fingerprint::{fingerprint_files, fingerprint_path, InputFingerprints}
 /// The settings that do not change a run's numbers: where it writes, how often it logs, evaluates and
 /// saves, the reference cache's place, the threads and the memory cap. Sampled runs (online, iterative
 /// DPO) leave them out of what they record too.
-pub const TRAJECTORY_FREE: [&str; 9] = [
+pub const TRAJECTORY_FREE: [&str; 11] = [
     "output",
     "log_every",
     "save_every",
@@ -22,6 +22,9 @@ pub const TRAJECTORY_FREE: [&str; 9] = [
     "cache_dir",
     "threads",
     "max_memory",
+    // What is written once the run is over (the merged model) changes none of its steps.
+    "merge",
+    "merge_dtype",
 ];
 
 /// What a resume may change besides [`TRAJECTORY_FREE`]: the run's length (training further is a real

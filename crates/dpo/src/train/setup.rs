@@ -310,6 +310,12 @@ pub fn setup(cfg: &TrainConfig, opts: &RunOptions, log: &mut dyn FnMut(&str)) ->
     let reference_lookups = lookups.filter(|_| matches!(data, Data::Pairs { .. } | Data::Kto { .. }));
     let held_reference = held_reference.map(|r| (r, reference_lookups));
     memory::check(cfg, &model_cfg.decoder, held_reference, row_tokens, in_flight, adapter, log)?;
+    if cfg.merge && crate::dist::is_root() {
+        // The merged model is written once the run is over: a file system too small for it is said now.
+        let dtype = super::train_loop::merged_dtype(cfg.merge_dtype, &cfg.model)?;
+        let what = format!("the {} model --merge writes at the end", dtype.name());
+        hf::output::check_room(&cfg.output, &what, hf::weights_bytes(&model_cfg, dtype))?;
+    }
     // A bf16 LoRA run's base keeps its embedding's rows of the data's tokens and its head in bf16.
     let tables_of = tokens.as_ref().filter(|_| lora.is_some());
     let (mut model, frozen, embedding) = frozen_base::load(cfg, tables_of, log)?;

@@ -113,6 +113,8 @@ pub fn export_gguf(out: &Path, model: &MergedModel<'_>, tok: &Tokenizer, dtype: 
     let plan = tensors(arch, config, &values.shapes, dtype)?;
     let heads: Vec<Tensor> = plan.iter().map(|(t, _)| t.clone()).collect();
     format::check(&metadata, &heads).map_err(|m| Error::dir(out, m))?;
+    let need = heads.iter().map(|t| t.bytes().unwrap_or(0)).sum();
+    crate::output::check_room(out, "the GGUF file", need)?;
     // An error making a tensor, returned as it is rather than as an I/O error of `out`.
     let mut failed = None;
     let written = crate::atomic::write_with(out, |w| {

@@ -186,8 +186,10 @@ impl<'a> MergedModel<'a> {
 /// Writes `base` with `adapter` merged in as a model directory `out` (config, weights, tokenizer files
 /// from the base's directory) that transformers loads without PEFT, its weights in `dtype`: in f32 the
 /// bytes [`crate::save_model`] writes for [`merged_params`]; made a tensor at a time ([`MergedModel`]).
+/// Refused before anything is written when `out`'s file system has too little room for the weights.
 pub fn save_merged(out: &Path, base: MergeBase<'_>, adapter: &Adapter, dtype: WriteDtype) -> Result<()> {
     let model = MergedModel::new(base, Some(adapter))?;
+    crate::output::check_room(out, "the merged model", crate::weights_bytes(&model.config, dtype))?;
     write_model_dir(out, &model.config, Some(&model.dir), dtype, |path| {
         write_weights_with(path, &model.config, dtype, |entry| model.engine(entry))
     })

@@ -61,13 +61,15 @@ fn views(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<(&str, F32Vie
     Ok(order.into_iter().map(|(n, s, d)| (n.as_str(), F32View { shape: s, data: d })).collect())
 }
 
-/// The dtype of a weights file this crate writes: f32, or bf16 (each value rounded to the nearest, ties to
-/// even, as PyTorch's `.to(torch.bfloat16)`), half the bytes, for a merged model to share.
+/// The dtype of a weights file this crate writes: f32, or bf16 / f16 (each value rounded to the nearest,
+/// ties to even, as PyTorch's `.to(torch.bfloat16)` / `.to(torch.float16)`), half the bytes, for a merged
+/// model to share.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WriteDtype {
     #[default]
     F32,
     Bf16,
+    F16,
 }
 
 impl WriteDtype {
@@ -75,6 +77,7 @@ impl WriteDtype {
         match self {
             WriteDtype::F32 => StDtype::F32,
             WriteDtype::Bf16 => StDtype::BF16,
+            WriteDtype::F16 => StDtype::F16,
         }
     }
 
@@ -82,7 +85,7 @@ impl WriteDtype {
     pub fn width(self) -> usize {
         match self {
             WriteDtype::F32 => 4,
-            WriteDtype::Bf16 => 2,
+            WriteDtype::Bf16 | WriteDtype::F16 => 2,
         }
     }
 
@@ -91,6 +94,40 @@ impl WriteDtype {
         match self {
             WriteDtype::F32 => "float32",
             WriteDtype::Bf16 => "bfloat16",
+            WriteDtype::F16 => "float16",
+        }
+    }
+
+    /// The name the command line and a run's configuration give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WriteDtype::F32 => "f32",
+            WriteDtype::Bf16 => "bf16",
+            WriteDtype::F16 => "f16",
+        }
+    }
+
+    /// The dtype of that name ([`WriteDtype::name`]).
+    pub fn parse(name: &str) -> Option<WriteDtype> {
+        [WriteDtype::F32, WriteDtype::Bf16, WriteDtype::F16].into_iter().find(|d| d.name() == name)
+    }
+
+    /// The dtype a model stored in `dtype` is written back in: its own, or f32 for one this crate does not
+    /// write (f64).
+    pub fn of_stored(dtype: super::Dtype) -> WriteDtype {
+        match dtype {
+            super::Dtype::BF16 => WriteDtype::Bf16,
+            super::Dtype::F16 => WriteDtype::F16,
+            _ => WriteDtype::F32,
+        }
+    }
+
+    /// Appends `values` to `out` as little-endian values of this dtype.
+    fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        match self {
+            WriteDtype::F32 => out.extend(values.iter().flat_map(|x| x.to_le_bytes())),
+            WriteDtype::Bf16 => out.extend(values.iter().flat_map(|&x| engine::quant::bf16::from_f32(x).to_le_bytes())),
+            WriteDtype::F16 => out.extend(values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes())),
         }
     }
 }
@@ -180,12 +217,12 @@ pub fn write_with<'v>(
             }
             match dtype {
                 WriteDtype::F32 => out.write_all(&F32View { shape, data: &v }.data())?,
-                WriteDtype::Bf16 => {
+                _ => {
                     // A block of values at a time: no second copy of a large tensor.
                     let mut bytes = Vec::with_capacity(2 << 20);
                     for block in v.chunks(1 << 20) {
                         bytes.clear();
-                        bytes.extend(block.iter().flat_map(|&x| engine::quant::bf16::from_f32(x).to_le_bytes()));
+                        dtype.encode(block, &mut bytes);
                         out.write_all(&bytes)?;
                     }
                 }

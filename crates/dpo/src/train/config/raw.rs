@@ -96,6 +96,7 @@ pub struct RawConfig {
     pub use_rslora: Option<bool>,
     pub adapter: Option<PathBuf>,
     pub merge: Option<bool>,
+    pub merge_dtype: Option<String>,
     pub quantize: Option<String>,
     pub double_quant: Option<bool>,
     pub base_dtype: Option<String>,
@@ -328,6 +329,13 @@ impl TrainConfig {
             lora,
             adapter: raw.adapter,
             merge: raw.merge.unwrap_or(d.merge),
+            merge_dtype: match raw.merge_dtype.as_deref() {
+                Some(name) => Some(
+                    hf::safetensors::WriteDtype::parse(name)
+                        .ok_or_else(|| invalid("merge_dtype", format!("{name:?}: use f32, bf16 or f16")))?,
+                ),
+                None => d.merge_dtype,
+            },
             base_storage: stored_base,
         })
     }
@@ -382,6 +390,7 @@ impl TrainConfig {
             use_rslora: self.lora.use_rslora,
             adapter: self.adapter.clone(),
             merge: Some(self.merge).filter(|&m| m),
+            merge_dtype: self.merge_dtype.map(|d| d.name().into()),
             quantize: matches!(self.base_storage, Storage::Nf4 { .. }).then(|| "nf4".into()),
             double_quant: Some(true).filter(|_| self.base_storage == Storage::Nf4 { double_quant: true }),
             // A LoRA run records an f32 base too: a bf16 run's base would otherwise read back as bf16.

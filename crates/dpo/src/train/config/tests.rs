@@ -131,6 +131,10 @@ fn lora_settings_are_typed_recorded_and_checked() {
         parse("lora_r = 4\nlora_targets = \"all-linear\"\n").unwrap().lora.targets,
         Some(LoraTargets::AllLinear)
     );
+    let bf16 = parse("lora_r = 4\nmerge = true\nmerge_dtype = \"bf16\"\n").unwrap();
+    assert_eq!(bf16.merge_dtype, Some(hf::safetensors::WriteDtype::Bf16));
+    assert!(bf16.to_toml().contains("merge_dtype = \"bf16\""), "{}", bf16.to_toml());
+    assert_eq!(parse("lora_r = 4\nmerge = true\n").unwrap().merge_dtype, None);
     let full = parse("lr = 0.1\n").unwrap();
     assert!(!full.is_lora() && !full.to_toml().contains("lora"), "{}", full.to_toml());
     for (text, want) in [
@@ -141,6 +145,8 @@ fn lora_settings_are_typed_recorded_and_checked() {
         ("lora_r = 4\nlora_targets = \"all-linear,q_proj\"\n", "cannot be combined"),
         ("lora_r = 4\nlora_targets = \",\"\n", "names no module"),
         ("merge = true\n", "applies to a LoRA run"),
+        ("lora_r = 4\nmerge_dtype = \"bf16\"\n", "applies with merge"),
+        ("lora_r = 4\nmerge = true\nmerge_dtype = \"f8\"\n", "use f32, bf16 or f16"),
     ] {
         let e = parse(text).unwrap_err();
         assert!(e.contains(want), "{text}: {e}");
