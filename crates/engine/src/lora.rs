@@ -159,15 +159,26 @@ impl Adapter {
     }
 
     /// [`Adapter::merge_into`] for one fused weight `w` (`site` of `layer`, `[out, in]` row-major): a
-    /// merged model written a tensor at a time never holds a second copy of the base.
+    /// merged model written a tensor (or a block of rows, [`Adapter::merge_site_rows`]) at a time never
+    /// holds a second copy of the base.
     pub fn merge_site(&self, layer: usize, site: Site, w: &mut [f32]) {
-        let Some(la) = self.layers.get(layer) else { return };
-        for pair in la.pairs.iter().filter(|p| p.target.site == site) {
+        self.merge_site_rows(layer, site, 0, w);
+    }
+
+    /// [`Adapter::merge_site`] for rows `first..` of the fused weight alone (`w` holds whole rows, as
+    /// many as fit): a weight written a block of rows at a time is merged a block at a time, with the
+    /// same bits.
+    pub fn merge_site_rows(&self, layer: usize, site: Site, first: usize, w: &mut [f32]) {
+        for pair in self.pairs_at(layer, site) {
             let t = &pair.target;
             let inp = pair.a.data.len() / t.r.max(1); // A: [r, in]
-            for (i, row) in t.rows.clone().enumerate() {
+            let rows = first..first + w.len() / inp.max(1);
+            // The pair's rows of the fused weight that `w` holds.
+            let (lo, hi) = (t.rows.start.max(rows.start), t.rows.end.min(rows.end));
+            for row in lo..hi {
+                let i = row - t.rows.start;
                 let b_row = &pair.b.data[i * t.r..(i + 1) * t.r]; // [r]
-                let w_row = &mut w[row * inp..(row + 1) * inp]; // [in]
+                let w_row = &mut w[(row - first) * inp..(row - first + 1) * inp]; // [in]
                 for (j, w) in w_row.iter_mut().enumerate() {
                     let delta: f64 =
                         b_row.iter().enumerate().map(|(k, &b)| b as f64 * pair.a.data[k * inp + j] as f64).sum();
@@ -175,6 +186,11 @@ impl Adapter {
                 }
             }
         }
+    }
+
+    /// Whether any pair of `layer` sits on `site` (a weight there is changed by a merge).
+    pub fn touches(&self, layer: usize, site: Site) -> bool {
+        self.pairs_at(layer, site).next().is_some()
     }
 }
 
@@ -276,5 +292,28 @@ mod tests {
         let want = 4.0 * (up.b.data[row * 2] * up.a.data[col] + up.b.data[row * 2 + 1] * up.a.data[d + col]);
         assert!((w.data[(ff + row) * d + col] - want).abs() < 1e-6);
         assert!(p.layers[1].w_in.data.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn merging_a_block_of_rows_at_a_time_gives_the_whole_merges_bits() {
+        let c = cfg();
+        let mut a = Adapter::zeros(&c, &[q_and_up(&c), vec![]], 0.0);
+        a.init_peft(&mut Rng::new(3));
+        let mut rng = Rng::new(4);
+        for p in a.layers.iter_mut().flat_map(|l| l.pairs.iter_mut()) {
+            p.b.data.iter_mut().for_each(|v| *v = rng.uniform() as f32 - 0.5);
+        }
+        let mut whole = Params::zeros(&c);
+        whole.layers[0].w_in.data.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32 * 0.1);
+        let base = whole.layers[0].w_in.data.clone();
+        a.merge_site(0, Site::MlpIn, &mut whole.layers[0].w_in.data);
+        assert!(whole.layers[0].w_in.data != base && a.touches(0, Site::MlpIn) && !a.touches(1, Site::MlpIn));
+        // Blocks of 5 rows: one straddles row 12, where the pair's rows start; the last is shorter.
+        let d = c.hidden;
+        let mut blocks = base.clone();
+        for (k, block) in blocks.chunks_mut(5 * d).enumerate() {
+            a.merge_site_rows(0, Site::MlpIn, 5 * k, block);
+        }
+        assert_eq!(blocks, whole.layers[0].w_in.data);
     }
 }

@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::error::{read_json, Error, Result};
 
 mod write;
-pub use write::{serialize_f32, write_f32, write_f32_with, write_with, WriteDtype};
+pub use write::{serialize_f32, write_blocks_with, write_f32, write_f32_with, write_with, WriteDtype};
 
 /// Element type of a stored tensor. Only the floating-point ones can be read as f32; the rest are known
 /// so that a checkpoint holding an integer buffer (ignored by the model) still opens.

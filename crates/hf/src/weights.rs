@@ -97,18 +97,7 @@ impl Values<'_> {
             Values::Whole(v) => return f(&v),
             Values::Blocks(b) => b,
         };
-        for part in &b.parts {
-            let mut at = 0;
-            b.ckpt.for_each_block(part, b.row, |block| {
-                if let Some(i) = block.iter().position(|x| !x.is_finite()) {
-                    let problems = vec![not_finite(part, at + i, block[i])];
-                    return Err(Error::Weights { path: b.ckpt.path.clone(), problems });
-                }
-                at += block.len();
-                f(block)
-            })?;
-        }
-        Ok(())
+        b.parts.iter().try_for_each(|part| b.for_each_block_of(part, &mut f))
     }
 
     /// The values in one vector.
@@ -122,6 +111,22 @@ impl Values<'_> {
             Ok(())
         })?;
         Ok(all)
+    }
+}
+
+impl Blocks<'_> {
+    /// The values of HF tensor `part` (one of [`Blocks::parts`]) a block of whole rows at a time, each
+    /// checked finite before `f` sees it.
+    fn for_each_block_of(&self, part: &str, f: &mut impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let mut at = 0;
+        self.ckpt.for_each_block(part, self.row, |block| {
+            if let Some(i) = block.iter().position(|x| !x.is_finite()) {
+                let problems = vec![not_finite(part, at + i, block[i])];
+                return Err(Error::Weights { path: self.ckpt.path.clone(), problems });
+            }
+            at += block.len();
+            f(block)
+        })
     }
 }
 
@@ -192,6 +197,27 @@ pub(crate) fn read_entry(ckpt: &Checkpoint, config: &ModelConfig, entry: &Entry)
     let values = found.and_then(|found| entry_values(ckpt, config, entry, found, &mut problems));
     match values {
         Some(values) if problems.is_empty() => values.into_vec(),
+        _ => Err(Error::Weights { path: ckpt.path.clone(), problems }),
+    }
+}
+
+/// HF tensor `part` of `entry` (of a checkpoint [`check_names`] passed; one whose layout is the engine's,
+/// [`streams`]) handed to `f` a block of whole rows at a time, each checked finite.
+pub(crate) fn read_part(
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    entry: &Entry,
+    part: usize,
+    mut f: impl FnMut(&[f32]) -> Result<()>,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    let found = find_parts(ckpt, config, entry, &mut HashSet::new(), &mut problems);
+    let values = found.and_then(|found| entry_values(ckpt, config, entry, found, &mut problems));
+    match values {
+        Some(Values::Blocks(b)) if problems.is_empty() && part < b.parts.len() => {
+            b.for_each_block_of(&b.parts[part], &mut f)
+        }
+        _ if problems.is_empty() => Err(internal(ckpt, &entry.engine)),
         _ => Err(Error::Weights { path: ckpt.path.clone(), problems }),
     }
 }
@@ -388,92 +414,113 @@ fn to_hf_part<'d>(entry: &Entry, part: usize, data: &'d [f32], cfg: &DecoderConf
     }
 }
 
-/// A model's tensors in transformers' names and layouts, each made on request from the engine tensor
-/// that holds it ([`HfValues::take`]): the engine tensor is asked of `engine` when the first of its HF
-/// tensors is taken and dropped after the last (a stacked q/k/v waits for its other parts), so at most
-/// [`merge_transient_bytes`] is held, never a copy of the model. Writing a merged model
-/// ([`write_weights_with`]) and exporting one to GGUF take its tensors so, from a base read a tensor at a
-/// time ([`read_entry`]) or held in memory.
-pub(crate) struct HfValues<'c, E> {
+/// Where [`HfValues`] takes a model's tensors from (a base held in memory or read from its file, with an
+/// adapter merged in or not).
+pub(crate) trait EngineTensors {
+    /// The engine tensor of `entry`, whole (one whose HF layout is converted: [`streams`] is false).
+    fn whole(&self, entry: &Entry) -> Result<Vec<f32>>;
+
+    /// HF tensor `part` of `entry` (one [`streams`]: the engine tensor's rows `first..`, in its layout),
+    /// handed to `out` in blocks of whole rows.
+    fn blocks(&self, entry: &Entry, part: usize, first: usize, out: &mut dyn FnMut(&[f32]) -> Result<()>)
+        -> Result<()>;
+}
+
+impl<T: EngineTensors> EngineTensors for &T {
+    fn whole(&self, entry: &Entry) -> Result<Vec<f32>> {
+        (**self).whole(entry)
+    }
+
+    fn blocks(
+        &self,
+        entry: &Entry,
+        part: usize,
+        first: usize,
+        out: &mut dyn FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
+        (**self).blocks(entry, part, first, out)
+    }
+}
+
+/// A model's tensors in transformers' names and layouts, each made on request from [`EngineTensors`]:
+/// one whose layout is the engine's (every Llama-like weight, q/k/v and gate/up parts included) a block of
+/// rows at a time, never whole; one that is converted (GPT-2's Conv1D, NeoX's q/k/v) from its engine tensor
+/// whole. So at most [`merge_transient_bytes`] is held, never a copy of the model. Writing a merged model
+/// ([`write_weights_with`]) and exporting one to GGUF take its tensors so.
+pub(crate) struct HfValues<'c, S> {
     cfg: &'c DecoderConfig,
     entries: Vec<Entry>,
     /// `(HF name, HF shape)` of every tensor, in plan order (an entry's parts together).
     pub(crate) shapes: Vec<(String, Vec<usize>)>,
-    /// Per tensor: its plan entry and which of the entry's HF parts it is.
-    sources: Vec<(usize, usize)>,
-    /// Per entry: its parts not yet taken, and its values while some are.
-    left: Vec<usize>,
-    kept: Vec<Option<Vec<f32>>>,
-    engine: E,
+    /// Per tensor: its plan entry, which of the entry's HF parts it is, and the part's first row of the
+    /// engine tensor.
+    sources: Vec<(usize, usize, usize)>,
+    source: S,
 }
 
-impl<'c, E: FnMut(&Entry) -> Result<Vec<f32>>> HfValues<'c, E> {
-    pub(crate) fn new(config: &'c ModelConfig, engine: E) -> Result<Self> {
+impl<'c, S: EngineTensors> HfValues<'c, S> {
+    pub(crate) fn new(config: &'c ModelConfig, source: S) -> Result<Self> {
         let entries = plan(config.naming, &config.decoder)
             .map_err(|e| Error::dir(&config.path, format!("internal: no HF module for `{}`", e.0)))?;
         let (mut shapes, mut sources) = (Vec::new(), Vec::new());
         for (e, entry) in entries.iter().enumerate() {
+            let mut first = 0;
             for (part, (name, shape)) in entry.hf.iter().enumerate() {
                 shapes.push((name.clone(), shape.clone()));
-                sources.push((e, part));
+                sources.push((e, part, first));
+                first += shape.first().copied().unwrap_or(1);
             }
         }
-        let left = entries.iter().map(|e| e.hf.len()).collect();
-        let kept = vec![None; entries.len()];
-        Ok(HfValues { cfg: &config.decoder, entries, shapes, sources, left, kept, engine })
+        Ok(HfValues { cfg: &config.decoder, entries, shapes, sources, source })
     }
 
-    /// The values of tensor `i` (of [`HfValues::shapes`]), in transformers' layout.
-    pub(crate) fn take(&mut self, i: usize) -> Result<Vec<f32>> {
-        let (e, part) = self.sources[i];
+    /// Whether tensor `i` comes a block at a time (its layout is the engine's).
+    pub(crate) fn streams(&self, i: usize) -> bool {
+        streams(&self.entries[self.sources[i].0])
+    }
+
+    /// The values of tensor `i` (of [`HfValues::shapes`]), in transformers' layout, handed to `out` in
+    /// blocks of whole rows (one block where it is converted).
+    pub(crate) fn for_each_block(&self, i: usize, out: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let (e, part, first) = self.sources[i];
         let entry = &self.entries[e];
-        let data = match self.kept[e].take() {
-            Some(data) => data,
-            None => (self.engine)(entry)?,
-        };
-        self.left[e] = self.left[e].saturating_sub(1);
-        Ok(match (self.left[e], identity(entry)) {
-            // The whole tensor as it is: handed over, not copied.
-            (0, true) => data,
-            (0, false) => to_hf_part(entry, part, &data, self.cfg).into_owned(),
-            _ => {
-                let values = to_hf_part(entry, part, &data, self.cfg).into_owned();
-                self.kept[e] = Some(data);
-                values
-            }
-        })
+        if streams(entry) {
+            return self.source.blocks(entry, part, first, out);
+        }
+        let data = self.source.whole(entry)?;
+        out(&to_hf_part(entry, part, &data, self.cfg))
+    }
+
+    /// The values of tensor `i` in one vector.
+    pub(crate) fn whole(&self, i: usize) -> Result<Vec<f32>> {
+        let mut all = Vec::with_capacity(self.shapes[i].1.iter().product());
+        self.for_each_block(i, &mut |block| {
+            all.extend_from_slice(block);
+            Ok(())
+        })?;
+        Ok(all)
     }
 }
 
 /// Writes the weights of `config` to `path` in `dtype` as [`crate::save_model`] does (the same bytes for
-/// the same values in f32), taking each tensor of [`HfValues`] when the file, which runs in name order, reaches it.
-/// `engine`'s first error stops the write (nothing is left at `path`).
+/// the same values in f32), each tensor of [`HfValues`] taken when the file, which runs in name order,
+/// reaches it. `source`'s first error stops the write (nothing is left at `path`).
 pub(crate) fn write_weights_with(
     path: &Path,
     config: &ModelConfig,
     dtype: WriteDtype,
-    engine: impl FnMut(&Entry) -> Result<Vec<f32>>,
+    source: impl EngineTensors,
 ) -> Result<()> {
-    let mut values = HfValues::new(config, engine)?;
-    let shapes = values.shapes.clone();
-    crate::safetensors::write_with(path, &shapes, dtype, |i| Ok(Cow::Owned(values.take(i)?)))
+    let values = HfValues::new(config, source)?;
+    crate::safetensors::write_blocks_with(path, &values.shapes, dtype, |i, out| values.for_each_block(i, out))
 }
 
-/// Bytes [`HfValues`] holds for `config` beyond the values it hands over: a stacked tensor
-/// waiting for its other parts, the tensor being written, and a converted copy of it where the layouts
-/// differ (GPT-2's transposed Conv1D, NeoX's q/k/v), all in f32; plus a block of the file where `engine`
-/// reads the base ([`load_transient_bytes`]).
+/// Bytes [`HfValues`] holds for `config` beyond the values it hands over: a block of the file read, its
+/// values in f32 and a merged copy of them; or a converted tensor (GPT-2's transposed Conv1D, NeoX's
+/// q/k/v) whole and its copy in the other layout, in f32.
 pub fn merge_transient_bytes(config: &ModelConfig) -> u64 {
-    let entries = plan(config.naming, &config.decoder).unwrap_or_default();
-    let bytes = |e: &Entry| 4 * e.hf.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>();
-    let waiting = entries.iter().filter(|e| e.hf.len() > 1).map(bytes).max().unwrap_or(0);
-    let written = entries.iter().map(|e| if identity(e) { bytes(e) } else { 2 * bytes(e) }).max().unwrap_or(0);
-    waiting + written + load_transient_bytes(config)
-}
-
-/// Whether `entry` is one HF tensor laid out as the engine's (its values need no conversion either way).
-fn identity(entry: &Entry) -> bool {
-    entry.hf.len() == 1 && streams(entry)
+    // The load's block and its f32 values, and the merged copy of those values.
+    load_transient_bytes(config).max(5 * crate::safetensors::BLOCK_BYTES as u64)
 }
 
 /// HF parts (in `entry.hf` order, shapes already checked) → engine data.

@@ -1,7 +1,7 @@
 //! A frozen base read a block of the file at a time (`load_model_stored`, `load_frozen_base`,
-//! `load_with_frozen_tables`) holds what reading the whole model and then storing it holds: tensors of
-//! several 4 MiB blocks, rows that do not divide a block, stacked q/k/v and gate/up parts, tied and
-//! untied tables.
+//! `load_with_frozen_tables`) holds what reading the whole model and then storing it holds, and a merged
+//! model written a block at a time (`save_merged`) is the merge of the whole base: tensors of several
+//! 4 MiB blocks, rows that do not divide a block, stacked q/k/v and gate/up parts, tied and untied tables.
 
 mod common;
 
@@ -9,20 +9,22 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use common::{more, parity, TempDir};
+use dpo_hf::peft::{fresh_config, merged_params, resolve_targets, save_merged, MergeBase};
+use dpo_hf::safetensors::WriteDtype;
 use dpo_hf::{config_from_json, load_frozen_base, load_model, load_model_stored, load_transient_bytes};
-use dpo_hf::{load_with_frozen_tables, parse_config};
+use dpo_hf::{load_with_frozen_tables, parse_config, save_model};
 use engine::quant::{FrozenEmbedding, FrozenLinears, Storage};
 
 /// The LoRA fixture's Llama with rows of 48 values (192 bytes: a 4 MiB block holds 21845.3 of them), a
-/// 30000-token vocabulary (5.5 MiB tables) and gate/up of 12000 rows each (2.2 MiB a part, 4.4 MiB
+/// 30000-token vocabulary (5.5 MiB tables) and gate/up of `ffn` rows each (12000: 2.2 MiB a part, 4.4 MiB
 /// stacked), random weights written in f32.
-fn large_llama(dir: &Path, tied: bool) {
+fn large_llama(dir: &Path, tied: bool, ffn: usize) {
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(more("lora/llama/base/config.json")).unwrap()).unwrap();
     cfg["hidden_size"] = 48.into();
     cfg["head_dim"] = 12.into();
     cfg["vocab_size"] = 30000.into();
-    cfg["intermediate_size"] = 12000.into();
+    cfg["intermediate_size"] = ffn.into();
     cfg["tie_word_embeddings"] = tied.into();
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
@@ -46,7 +48,7 @@ fn a_base_read_a_block_at_a_time_is_the_base_read_whole_then_stored() {
     let tokens = BTreeSet::from([0, 1, 21845, 21846, 29999, 40000]);
     for tied in [false, true] {
         let dir = tmp.path().join(format!("tied-{tied}"));
-        large_llama(&dir, tied);
+        large_llama(&dir, tied, 12000);
         let whole = load_model(&dir).unwrap();
         let (v, d) = (whole.config.decoder.vocab_size, whole.config.decoder.hidden);
         let head = whole.params.lm_head.as_ref().unwrap_or(&whole.params.wte).data.clone();
@@ -81,6 +83,33 @@ fn a_base_read_a_block_at_a_time_is_the_base_read_whole_then_stored() {
 /// What reading holds beyond what it keeps: one block of the file and its f32 values for a layout read
 /// as stored (Llama), a converted tensor and its file copy where that is more (GPT-2's transposed
 /// `c_fc` of a 768-wide model: 768 x 3072 values, 8 bytes each).
+#[test]
+fn a_merged_model_written_a_block_at_a_time_is_the_merge_of_the_whole_base() {
+    let tmp = TempDir::new("stored-merge");
+    let dir = tmp.path().join("base");
+    // gate/up/down of 30000 rows (or columns): 5.5 MiB a part, two blocks of the file, a block's last row
+    // (21845) inside them; two pieces of a million values from memory.
+    large_llama(&dir, false, 30000);
+    let base = load_model(&dir).unwrap();
+    let targets = ["all-linear".to_string()];
+    let cfg = fresh_config(4, 8.0, 0.0, false, &targets, &base.config).unwrap();
+    let mut adapter = engine::Adapter::zeros(&base.config.decoder, &resolve_targets(&cfg, &base.config).unwrap(), 0.0);
+    let mut rng = engine::rng::Rng::new(5);
+    adapter.init_peft(&mut rng);
+    for p in adapter.layers.iter_mut().flat_map(|l| l.pairs.iter_mut()) {
+        p.b.data.iter_mut().for_each(|v| *v = (rng.uniform() as f32 - 0.5) * 0.2);
+    }
+    let merged = merged_params(&base.params, &adapter, &base.config).unwrap();
+    let whole = tmp.path().join("whole");
+    save_model(&whole, &base.config, &merged, Some(&dir)).unwrap();
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    for (name, from) in [("loaded", MergeBase::Loaded(&base)), ("dir", MergeBase::Dir(&dir))] {
+        let out = tmp.path().join(name);
+        save_merged(&out, from, &adapter, WriteDtype::F32).unwrap();
+        assert!(weights(&out) == weights(&whole), "{name}: not the bytes of the whole merge");
+    }
+}
+
 #[test]
 fn reading_holds_a_block_or_a_converted_tensor() {
     let block = 3 * dpo_hf::safetensors::BLOCK_BYTES as u64;

@@ -45,7 +45,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             dpo::rlhf::reward::HEAD_FILE
         );
     }
-    // The base is read a tensor at a time as the file is written (the adapter merged into each), never
+    // The base is read a block at a time as the file is written (the adapter merged into each), never
     // whole.
     let config = hf::load_config(&a.model)?;
     let adapter = a.adapter.load(&config, &a.model)?;

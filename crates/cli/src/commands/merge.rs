@@ -41,7 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     hf::output::check_dir(&a.output, &inputs, a.overwrite).map_err(|e| output_hint(e, "--output"))?;
     let config = hf::load_config(&a.model)?;
     let Some(adapter) = a.adapter.load(&config, &a.model)? else { bail!("--adapter DIR is required") };
-    // The base is read a tensor at a time as the merged file is written, never whole.
+    // The base is read a block of the file at a time as the merged file is written, never whole.
     let base = hf::peft::MergeBase::Dir(&a.model);
     let dtype = match a.dtype.as_deref().and_then(hf::safetensors::WriteDtype::parse) {
         Some(dtype) => dtype,

@@ -277,7 +277,7 @@ pub fn train(
     let written = (&outcome.final_dir, &outcome.checkpoint);
     if let ((Some(final_dir), Some(checkpoint)), Some(_), Some(_dir), true) = (written, &s.lora, dir, s.cfg.merge) {
         // The run's base, adapter and optimizer go before the merge, which reads the f32 base from its
-        // directory a tensor at a time (a stored base is never merged into); the run directory stays
+        // directory a block at a time (a stored base is never merged into); the run directory stays
         // locked (`_dir`) until the merged model is written.
         let (model, config, output) = (s.cfg.model.clone(), s.model.config.clone(), s.cfg.output.clone());
         let dtype = s.cfg.merge_dtype;

@@ -20,7 +20,7 @@
 //! base        the program, the tokenizer, thread stacks and the data (a fixed allowance), and the rotary
 //!             tables (`engine::kernels::RopeTable::floats`, per decoder)
 //! merging     with --merge, after the run's state is freed: the adapter, what writing the merged model a
-//!             tensor at a time holds (`hf::merge_transient_bytes`) and the program; the estimate is the
+//!             block at a time holds (`hf::merge_transient_bytes`) and the program; the estimate is the
 //!             larger of this, loading and the step
 //! loading     a LoRA base stored as it is read (QLoRA, bf16, frozen tables): what it holds once read and
 //!             what reading holds on the way (`hf::load_transient_bytes`: a block of the file, or a
@@ -200,7 +200,7 @@ pub struct AdapterPlan {
     pub kept_per_token: u64,
     /// The reference reads a frozen copy of the starting adapter (a run from `--adapter`).
     pub frozen_copy: bool,
-    /// `--merge`: a merged model is written at the end, once the run's state is freed, a tensor at a time;
+    /// `--merge`: a merged model is written at the end, once the run's state is freed, a block at a time;
     /// the bytes that holds (`hf::merge_transient_bytes`).
     pub merge: Option<u64>,
     /// The reference is another model (`--ref-model`), held beside the base.

@@ -83,8 +83,10 @@ pub struct Exported {
 }
 
 /// Writes `model` (a base with its adapter merged in, or none) with `tok` from its directory as a GGUF
-/// file at `out`, atomically. Tensors are made, converted and encoded one at a time as the file reaches
-/// them ([`HfValues`]), so a base read from its directory is never held whole.
+/// file at `out`, atomically. Tensors are made and encoded as the file reaches them ([`HfValues`]): a
+/// block of rows at a time where llama.cpp's layout is the checkpoint's, whole where it is converted
+/// (GPT-2's transposed weights, Llama's q/k rows paired for rotation), so a base read from its directory
+/// is never held whole. Refused before anything is written when `out`'s file system lacks the room.
 pub fn export_gguf(out: &Path, model: &MergedModel<'_>, tok: &Tokenizer, dtype: GgufDtype) -> Result<Exported> {
     let config = &model.config;
     let arch = match config.model_type.as_str() {
@@ -109,7 +111,7 @@ pub fn export_gguf(out: &Path, model: &MergedModel<'_>, tok: &Tokenizer, dtype: 
     }
     metadata.extend(hparams(arch, config)?);
     metadata.extend(super::vocab::metadata(&model.dir, tok, config.decoder.vocab_size)?);
-    let mut values = HfValues::new(config, |entry| model.engine(entry))?;
+    let values = HfValues::new(config, model)?;
     let plan = tensors(arch, config, &values.shapes, dtype)?;
     let heads: Vec<Tensor> = plan.iter().map(|(t, _)| t.clone()).collect();
     format::check(&metadata, &heads).map_err(|m| Error::dir(out, m))?;
@@ -117,16 +119,16 @@ pub fn export_gguf(out: &Path, model: &MergedModel<'_>, tok: &Tokenizer, dtype: 
     crate::output::check_room(out, "the GGUF file", need)?;
     // An error making a tensor, returned as it is rather than as an I/O error of `out`.
     let mut failed = None;
+    let io = |e| Error::io(out, e);
     let written = crate::atomic::write_with(out, |w| {
-        format::write(w, &metadata, &heads, |i| {
+        format::write(w, &metadata, &heads, |i, w| {
             let (head, how) = &plan[i];
-            let data = match how {
-                Make::Hf { index, conv1d, interleave } => {
-                    let mut data = values.take(*index).map_err(|e| {
-                        let io = std::io::Error::other(e.to_string());
-                        failed = Some(e);
-                        io
-                    })?;
+            let made = match how {
+                Make::Hf { index, conv1d, interleave } if !conv1d && !interleave && values.streams(*index) => {
+                    // A block of whole rows at a time (a Q8_0 block never spans rows).
+                    values.for_each_block(*index, &mut |block| w.write_all(&encode(head.ty, block)).map_err(io))
+                }
+                Make::Hf { index, conv1d, interleave } => values.whole(*index).and_then(|mut data| {
                     let shape = &values.shapes[*index].1;
                     if *conv1d {
                         data = transpose(&data, shape[0], shape[1]);
@@ -134,11 +136,15 @@ pub fn export_gguf(out: &Path, model: &MergedModel<'_>, tok: &Tokenizer, dtype: 
                     if *interleave {
                         data = rope_interleave(&data, config.decoder.head_dim, shape.get(1).copied().unwrap_or(1));
                     }
-                    data
-                }
-                Make::Values(v) => v.clone(),
+                    w.write_all(&encode(head.ty, &data)).map_err(io)
+                }),
+                Make::Values(v) => w.write_all(&encode(head.ty, v)).map_err(io),
             };
-            Ok(encode(head.ty, &data))
+            made.map_err(|e| {
+                let io = std::io::Error::other(e.to_string());
+                failed = Some(e);
+                io
+            })
         })
     });
     match (written, failed) {

@@ -220,13 +220,14 @@ pub fn check(metadata: &[(String, Value)], tensors: &[Tensor]) -> Result<(), Str
 
 /// Writes a complete GGUF v3 file (see the module doc). `metadata` is written in the order given; it
 /// must not hold `general.alignment` (the default, 32, is used). Each tensor's encoded bytes are asked of
-/// `data(i)` in order, once the header is written, so a caller can make them one at a time; bytes that
-/// do not match the tensor's shape and type are refused.
+/// `data(i, w)` in order, once the header is written, to write into `w` in pieces of any size, so a
+/// caller can make them a block at a time; bytes that do not match the tensor's shape and type are
+/// refused.
 pub fn write(
     w: &mut dyn Write,
     metadata: &[(String, Value)],
     tensors: &[Tensor],
-    mut data: impl FnMut(usize) -> io::Result<Vec<u8>>,
+    mut data: impl FnMut(usize, &mut dyn Write) -> io::Result<()>,
 ) -> io::Result<()> {
     check(metadata, tensors).map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, m))?;
     let sizes: Vec<u64> = tensors.iter().map(|t| t.bytes().unwrap_or(0)).collect();
@@ -256,13 +257,31 @@ pub fn write(
     head.resize(head.len() + pad, 0);
     w.write_all(&head)?;
     for (i, (t, size)) in tensors.iter().zip(&sizes).enumerate() {
-        let bytes = data(i)?;
-        if bytes.len() as u64 != *size {
-            let msg = format!("tensor `{}`: {} bytes of {:?} do not fit ne {:?}", t.name, bytes.len(), t.ty, t.dims);
+        let mut counted = Counted { w: &mut *w, bytes: 0 };
+        data(i, &mut counted)?;
+        if counted.bytes != *size {
+            let msg = format!("tensor `{}`: {} bytes of {:?} do not fit ne {:?}", t.name, counted.bytes, t.ty, t.dims);
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
         }
-        w.write_all(&bytes)?;
         w.write_all(&vec![0u8; padding(*size) as usize])?;
     }
     Ok(())
+}
+
+/// A writer that counts the bytes written through it.
+struct Counted<'w> {
+    w: &'w mut dyn Write,
+    bytes: u64,
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.w.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
 }

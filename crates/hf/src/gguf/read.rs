@@ -186,7 +186,7 @@ mod tests {
         let data =
             [encode(GgmlType::Q8_0, &x), encode(GgmlType::F32, &[1.0, 2.0, 3.0]), encode(GgmlType::F16, &[1.0; 4])];
         let mut buf = Vec::new();
-        write(&mut buf, &md, &tensors, |i| Ok(data[i].clone())).unwrap();
+        write(&mut buf, &md, &tensors, |i, w| w.write_all(&data[i])).unwrap();
         buf
     }
 

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use engine::quant::FrozenLinears;
-use engine::{Adapter, Params};
+use engine::{Adapter, Params, Site};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::model_dir::{load_config, write_dir, write_model_dir, HfModel};
 use crate::naming::Entry;
 use crate::safetensors::Checkpoint;
 use crate::safetensors::{write_f32, WriteDtype};
-use crate::weights::{check_names, check_params, read_entry, write_weights_with};
+use crate::weights::{check_names, check_params, read_entry, read_part, write_weights_with, EngineTensors};
 
 pub mod config;
 pub mod targets;
@@ -119,14 +119,15 @@ pub fn merge_in_place(params: &mut Params, adapter: &Adapter, model: &ModelConfi
 pub enum MergeBase<'a> {
     /// Held in f32 already (a full-precision LoRA run's base).
     Loaded(&'a HfModel),
-    /// The model directory, read a tensor at a time (`dpo merge`, a run whose base is stored below f32).
+    /// The model directory, read a block at a time (`dpo merge`, a run whose base is stored below f32).
     Dir(&'a Path),
 }
 
-/// A base with an adapter merged in (or none), made an engine tensor at a time ([`MergedModel::engine`]):
-/// what writes or exports a merged model reads, so neither the base nor the merged model is ever held
-/// whole beyond what `base` already holds (at most one stacked tensor and the one being written, in f32:
-/// `crate::merge_transient_bytes`, 2.4 GiB for Llama-3-8B, against 32 GB a model).
+/// A base with an adapter merged in (or none), as writing or exporting a merged model reads it
+/// ([`EngineTensors`]): a tensor whose layout is the engine's a block of rows at a time (read from the
+/// base's file, or borrowed from the base in memory, the adapter's rows added to a copy of the block), a
+/// converted one whole. Neither the base nor the merged model is ever held whole beyond what `base`
+/// already holds (`crate::merge_transient_bytes`: a few blocks of the file for Llama-like models).
 pub struct MergedModel<'a> {
     pub config: ModelConfig,
     /// The base's directory (its tokenizer files and chat template go with the merged model).
@@ -139,6 +140,9 @@ enum Source<'a> {
     Loaded(&'a Params),
     File(Checkpoint),
 }
+
+/// Values a merged block holds at most (whole rows of a tensor in memory are copied this many at a time).
+const MERGE_BLOCK: usize = 1 << 20;
 
 impl<'a> MergedModel<'a> {
     /// `base` with `adapter` merged in; the adapter must fit the base, and a base read from its directory
@@ -164,34 +168,81 @@ impl<'a> MergedModel<'a> {
         Ok(MergedModel { config, dir, base, adapter })
     }
 
-    /// The engine tensor of `entry`, with the adapter's pairs on it added.
-    pub(crate) fn engine(&self, entry: &Entry) -> Result<Vec<f32>> {
+    /// The base's engine tensor of `entry`, in memory.
+    fn loaded<'p>(&self, params: &'p Params, entry: &Entry) -> Result<&'p [f32]> {
+        let named = params.named();
+        let t = named.iter().find(|(n, _)| *n == entry.engine).map(|(_, t)| &t.data[..]);
+        t.ok_or_else(|| Error::dir(&self.dir, format!("internal: no engine tensor `{}`", entry.engine)))
+    }
+
+    /// The adapter's linear of `entry`, if the adapter changes it.
+    fn merged_site(&self, entry: &Entry) -> Option<(&'a Adapter, usize, Site)> {
+        let adapter = self.adapter?;
+        let (layer, site) = FrozenLinears::linear_of(&entry.engine)?;
+        adapter.touches(layer, site).then_some((adapter, layer, site))
+    }
+}
+
+impl EngineTensors for MergedModel<'_> {
+    fn whole(&self, entry: &Entry) -> Result<Vec<f32>> {
         let mut values = match &self.base {
-            Source::Loaded(params) => {
-                let named = params.named();
-                let t = named.iter().find(|(n, _)| *n == entry.engine).map(|(_, t)| t);
-                let t =
-                    t.ok_or_else(|| Error::dir(&self.dir, format!("internal: no engine tensor `{}`", entry.engine)))?;
-                t.data.clone()
-            }
+            Source::Loaded(params) => self.loaded(params, entry)?.to_vec(),
             Source::File(ckpt) => read_entry(ckpt, &self.config, entry)?,
         };
-        if let (Some(adapter), Some((layer, site))) = (self.adapter, FrozenLinears::linear_of(&entry.engine)) {
+        if let Some((adapter, layer, site)) = self.merged_site(entry) {
             adapter.merge_site(layer, site, &mut values);
         }
         Ok(values)
+    }
+
+    fn blocks(
+        &self,
+        entry: &Entry,
+        part: usize,
+        first: usize,
+        out: &mut dyn FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let shape = &entry.hf[part].1;
+        let row: usize = shape.iter().skip(1).product();
+        let merge = self.merged_site(entry);
+        // A block of whole rows starting at row `at` of the part, with the adapter's rows added.
+        let mut at = 0;
+        let mut merged = Vec::new();
+        let mut put = |block: &[f32]| -> Result<()> {
+            let rows = block.len() / row.max(1);
+            let result = match merge {
+                Some((adapter, layer, site)) => {
+                    merged.clear();
+                    merged.extend_from_slice(block);
+                    adapter.merge_site_rows(layer, site, first + at, &mut merged);
+                    out(&merged)
+                }
+                None => out(block),
+            };
+            at += rows;
+            result
+        };
+        match &self.base {
+            Source::Loaded(params) => {
+                let start = first * row;
+                let data = &self.loaded(params, entry)?[start..start + shape.iter().product::<usize>()];
+                let rows_at_once = (MERGE_BLOCK / row.max(1)).max(1);
+                data.chunks(rows_at_once * row.max(1)).try_for_each(&mut put)
+            }
+            Source::File(ckpt) => read_part(ckpt, &self.config, entry, part, put),
+        }
     }
 }
 
 /// Writes `base` with `adapter` merged in as a model directory `out` (config, weights, tokenizer files
 /// from the base's directory) that transformers loads without PEFT, its weights in `dtype`: in f32 the
-/// bytes [`crate::save_model`] writes for [`merged_params`]; made a tensor at a time ([`MergedModel`]).
+/// bytes [`crate::save_model`] writes for [`merged_params`]; made a block at a time ([`MergedModel`]).
 /// Refused before anything is written when `out`'s file system has too little room for the weights.
 pub fn save_merged(out: &Path, base: MergeBase<'_>, adapter: &Adapter, dtype: WriteDtype) -> Result<()> {
     let model = MergedModel::new(base, Some(adapter))?;
     crate::output::check_room(out, "the merged model", crate::weights_bytes(&model.config, dtype))?;
     write_model_dir(out, &model.config, Some(&model.dir), dtype, |path| {
-        write_weights_with(path, &model.config, dtype, |entry| model.engine(entry))
+        write_weights_with(path, &model.config, dtype, &model)
     })
 }
 

@@ -186,6 +186,18 @@ pub fn write_with<'v>(
     dtype: WriteDtype,
     mut values: impl FnMut(usize) -> Result<Cow<'v, [f32]>>,
 ) -> Result<()> {
+    write_blocks_with(path, shapes, dtype, |i, out| out(&values(i)?))
+}
+
+/// [`write_with`], each tensor's values handed to the file a block at a time: `fill(i, out)` calls `out`
+/// with tensor `i`'s values in order, in pieces of any size, so a tensor streamed from another file is
+/// never held whole. Values beyond the tensor's shape, or too few, are an error.
+pub fn write_blocks_with(
+    path: &Path,
+    shapes: &[(String, Vec<usize>)],
+    dtype: WriteDtype,
+    mut fill: impl FnMut(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>,
+) -> Result<()> {
     let mut order: Vec<usize> = (0..shapes.len()).collect();
     order.sort_by(|&a, &b| shapes[a].0.cmp(&shapes[b].0));
     for (k, &i) in order.iter().enumerate() {
@@ -199,33 +211,43 @@ pub fn write_with<'v>(
     }
     let header = header(order.iter().map(|&i| (shapes[i].0.as_str(), &shapes[i].1[..])), dtype)
         .map_err(|m| Error::st(path, None, m))?;
-    // `values`' own error, returned as it is rather than as an I/O error of `path`.
+    // The first error of `fill` or of writing `path`, returned as it is rather than as an I/O error.
     let mut failed = None;
+    let mut bytes = Vec::new();
     let written = crate::atomic::write_with(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         for &i in &order {
             let (name, shape) = &shapes[i];
-            let v = values(i).map_err(|e| {
+            let want = shape.iter().product::<usize>();
+            let mut count = 0;
+            let mut put = |block: &[f32]| -> Result<()> {
+                count += block.len();
+                if count > want {
+                    return Err(Error::st(path, Some(name), format!("more values than its shape {shape:?} holds")));
+                }
+                // A piece of values at a time: no second copy of a large tensor.
+                for piece in block.chunks(1 << 20) {
+                    match dtype {
+                        WriteDtype::F32 => out.write_all(&F32View { shape, data: piece }.data()),
+                        _ => {
+                            bytes.clear();
+                            dtype.encode(piece, &mut bytes);
+                            out.write_all(&bytes)
+                        }
+                    }
+                    .map_err(|e| Error::io(path, e))?;
+                }
+                Ok(())
+            };
+            let done = fill(i, &mut put).and_then(|()| match count == want {
+                true => Ok(()),
+                false => Err(Error::st(path, Some(name), format!("shape {shape:?} does not match its {count} values"))),
+            });
+            if let Err(e) = done {
                 let io = std::io::Error::other(e.to_string());
                 failed = Some(e);
-                io
-            })?;
-            if v.len() != shape.iter().product::<usize>() {
-                let msg = format!("tensor `{name}`: shape {shape:?} does not match its {} values", v.len());
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg));
-            }
-            match dtype {
-                WriteDtype::F32 => out.write_all(&F32View { shape, data: &v }.data())?,
-                _ => {
-                    // A block of values at a time: no second copy of a large tensor.
-                    let mut bytes = Vec::with_capacity(2 << 20);
-                    for block in v.chunks(1 << 20) {
-                        bytes.clear();
-                        dtype.encode(block, &mut bytes);
-                        out.write_all(&bytes)?;
-                    }
-                }
+                return Err(io);
             }
         }
         Ok(())
