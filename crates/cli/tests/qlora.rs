@@ -109,6 +109,28 @@ fn trains_resumes_and_scores_as_its_widened_base(name: &str, storage: Storage, f
     let (on_stored, on_widened) = (generate(&base(), flags), generate(&widened, &["--base-dtype", "f32"]));
     assert!(on_stored.contains("\"tokens\":12") || on_stored.contains("\"finished\":true"), "{on_stored}");
     assert_eq!(on_stored, on_widened, "greedy completions on the stored and the widened base");
+    // `dpo win-rate` samples A so too: greedy, the same completions and so the same judged rates; against
+    // --model itself, B is the same base with the adapter off (the run's reference), held once.
+    let win_rate = |model: &Path, extra: &[&str], against: Option<&Path>, chart: &str| -> String {
+        let mut c = dpo();
+        c.arg("win-rate").arg("--model").arg(model).arg("--adapter").arg(&fin).args(extra);
+        match against {
+            Some(b) => c.arg("--against").arg(b).arg("--prompts").arg(prefs()),
+            None => c.arg("--against-data").arg(prefs()),
+        };
+        let judge = format!("{},{}", widened.display(), base().display());
+        c.args(["--judge-implicit", &judge, "--temperatures", "0", "--max-new-tokens", "6"]);
+        let out = c.arg("--chart").arg(dir.join(chart)).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for (against_stored, against_widened) in [(None, None), (Some(base()), Some(widened.clone()))] {
+        let on_stored = win_rate(&base(), flags, against_stored.as_deref(), "stored.png");
+        let on_widened = win_rate(&widened, &["--base-dtype", "f32"], against_widened.as_deref(), "widened.png");
+        // B is not A: the adapter is off (or B is the data's chosen completions).
+        assert!(on_stored.contains("\"win_rate\"") && on_stored.contains("\"ties\":0"), "{on_stored}");
+        assert_eq!(on_stored, on_widened, "win rates on the stored and the widened base");
+    }
     // The stored base really is not the f32 one.
     let plain = dir.join("plain");
     succeeds(&mut lora_train(&base(), &plain, &[]));

@@ -163,6 +163,8 @@ pub(super) struct SampledModel {
     pub(super) model: hf::HfModel,
     linears: Option<FrozenLinears>,
     adapter: Option<Adapter>,
+    /// An adapter is merged into `model`'s weights.
+    merged: bool,
 }
 
 impl SampledModel {
@@ -171,14 +173,23 @@ impl SampledModel {
             Some(storage) => {
                 let (model, linears) = hf::load_model_stored(dir, storage)?;
                 let adapter = adapter.load(&model.config, dir)?;
-                SampledModel { model, linears: Some(linears), adapter }
+                SampledModel { model, linears: Some(linears), adapter, merged: false }
             }
-            None => SampledModel { model: adapter.merged_into(hf::load_model(dir)?)?, linears: None, adapter: None },
+            None => {
+                let model = adapter.merged_into(hf::load_model(dir)?)?;
+                SampledModel { model, linears: None, adapter: None, merged: adapter.adapter.is_some() }
+            }
         })
     }
 
     /// The model as the passes read it, the products in `precision`.
     pub(super) fn view(&self, precision: Precision) -> Model<'_> {
         dpo::train::setup::base_model(&self.model, self.linears.as_ref(), self.adapter.as_ref(), precision)
+    }
+
+    /// The base alone as the passes read it (a QLoRA run's reference: the stored base, its adapter off),
+    /// where the adapter is applied beside it or there is none; `None` where it is merged into the weights.
+    pub(super) fn base_view(&self, precision: Precision) -> Option<Model<'_>> {
+        (!self.merged).then(|| dpo::train::setup::base_model(&self.model, self.linears.as_ref(), None, precision))
     }
 }

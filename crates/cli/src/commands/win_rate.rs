@@ -27,7 +27,11 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     adapter: super::adapter::AdapterFlag,
-    /// Model B, sampled like A on the same prompts.
+    #[command(flatten)]
+    stored_base: super::adapter::StoredBaseFlags,
+    /// Model B, sampled like A on the same prompts. --model's own directory, with A's --adapter applied
+    /// beside the base (--quantize, --base-dtype), is that base with the adapter off, held once: a QLoRA
+    /// run's reference as the run held it.
     #[arg(long, conflicts_with = "against_data", required_unless_present = "against_data")]
     against: Option<PathBuf>,
     /// Preference rows: A is judged against each row's chosen completion, on the row's prompt.
@@ -131,6 +135,18 @@ fn view(m: &hf::HfModel, precision: Precision) -> Model<'_> {
 }
 
 /// Refuses a model whose tokenizer is not A's: the judge and B must read A's token ids.
+/// Model B of a comparison against a model (`--against`).
+enum Against {
+    Model(Box<hf::HfModel>),
+    /// `--model`'s own base, its adapter off ([`super::adapter::SampledModel::base_view`]).
+    Base,
+}
+
+/// Whether two paths name one directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    hf::output::resolve(a) == hf::output::resolve(b)
+}
+
 fn same_tokenizer(a: &Path, other: &Path, what: &str) -> anyhow::Result<()> {
     if std::fs::read(other.join("tokenizer.json")).ok() != std::fs::read(a.join("tokenizer.json")).ok() {
         bail!(
@@ -161,18 +177,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         super::check_output_dir("--out", out)?;
     }
     let precision = a.precision.get();
-    let model = a.adapter.merged_into(hf::load_model(&a.model)?)?;
+    // With --quantize or --base-dtype, A samples on the base as its QLoRA run held it, the adapter beside it.
+    let sampled = super::adapter::SampledModel::load(&a.model, &a.adapter, &a.stored_base)?;
+    let model = &sampled.model;
     let tok = hf::load_tokenizer(&a.model)?;
     let (judge, judge_dir) = Judge::load(&a, precision)?;
     same_tokenizer(&a.model, &judge_dir, "the judge")?;
+    // B: another model, loaded; or --model's own base where A's adapter is applied beside it (with
+    // --quantize or --base-dtype: the QLoRA run's reference, the stored base with the adapter off), held once.
     let against = match &a.against {
+        Some(dir) if same_dir(dir, &a.model) && sampled.base_view(precision).is_some() => Some(Against::Base),
         Some(dir) => {
             same_tokenizer(&a.model, dir, "--against")?;
             let b = hf::load_model(dir)?;
             if b.config.decoder.vocab_size != model.config.decoder.vocab_size {
                 bail!("--against {}: its vocabulary differs from --model's", dir.display());
             }
-            Some(b)
+            Some(Against::Model(Box::new(b)))
         }
         None => None,
     };
@@ -223,14 +244,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ..Default::default()
         };
         let stream = a.seed ^ (ti as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let sample = |m: &hf::HfModel, seed: u64| {
+        let sample = |m: &hf::HfModel, view: Model<'_>, seed: u64| {
             let d = Decoder::new(m.config.decoder.clone());
-            generate_batched(&d, view(m, precision), &prompts, a.n, &cfg, &mut Rng::new(seed), DEFAULT_MAX_BATCH)
+            generate_batched(&d, view, &prompts, a.n, &cfg, &mut Rng::new(seed), DEFAULT_MAX_BATCH)
                 .with_context(|| format!("sampling at temperature {temperature}"))
         };
-        let ours = sample(&model, stream)?;
+        let ours = sample(model, sampled.view(precision), stream)?;
         let theirs: Vec<Vec<u32>> = match (&against, &chosen) {
-            (Some(b), _) => sample(b, stream ^ 0xB)?.into_iter().map(|g| g.tokens).collect(),
+            (Some(b), _) => {
+                let (m, v) = match b {
+                    Against::Model(b) => (&**b, view(b, precision)),
+                    Against::Base => (model, sampled.base_view(precision).context("no base view")?),
+                };
+                sample(m, v, stream ^ 0xB)?.into_iter().map(|g| g.tokens).collect()
+            }
             (None, Some(c)) => ours.iter().map(|g| c[g.prompt_index].clone()).collect(),
             (None, None) => unreachable!("checked above: --against or --against-data"),
         };
