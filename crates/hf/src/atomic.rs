@@ -30,6 +30,28 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Res
     result
 }
 
+/// The crate's own error, carried out of a writer whose API speaks `std::io::Result` ([`write_with`]'s
+/// `fill`, the GGUF writer's tensor data) and given back as it is, not as an I/O error of the file.
+#[derive(Default)]
+pub(crate) struct Carried(Option<crate::Error>);
+
+impl Carried {
+    /// `e` as the I/O error that stops the writer; kept to be returned by [`Carried::result`].
+    pub(crate) fn carry(&mut self, e: crate::Error) -> std::io::Error {
+        let io = std::io::Error::other(e.to_string());
+        self.0 = Some(e);
+        io
+    }
+
+    /// What writing `path` came to: the carried error if one stopped it, else its I/O error.
+    pub(crate) fn result(self, path: &Path, written: std::io::Result<()>) -> crate::Result<()> {
+        match (written, self.0) {
+            (Err(_), Some(e)) => Err(e),
+            (written, _) => written.map_err(|e| crate::Error::Io { path: path.to_path_buf(), source: e }),
+        }
+    }
+}
+
 /// Writes `bytes` to `path` atomically (see [`write_with`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_with(path, |w| w.write_all(bytes))

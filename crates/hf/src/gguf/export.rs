@@ -118,7 +118,7 @@ pub fn export_gguf(out: &Path, model: &MergedModel<'_>, tok: &Tokenizer, dtype: 
     let need = heads.iter().map(|t| t.bytes().unwrap_or(0)).sum();
     crate::output::check_room(out, "the GGUF file", need)?;
     // An error making a tensor, returned as it is rather than as an I/O error of `out`.
-    let mut failed = None;
+    let mut carried = crate::atomic::Carried::default();
     let io = |e| Error::io(out, e);
     let written = crate::atomic::write_with(out, |w| {
         format::write(w, &metadata, &heads, |i, w| {
@@ -140,17 +140,10 @@ pub fn export_gguf(out: &Path, model: &MergedModel<'_>, tok: &Tokenizer, dtype: 
                 }),
                 Make::Values(v) => w.write_all(&encode(head.ty, v)).map_err(io),
             };
-            made.map_err(|e| {
-                let io = std::io::Error::other(e.to_string());
-                failed = Some(e);
-                io
-            })
+            made.map_err(|e| carried.carry(e))
         })
     });
-    match (written, failed) {
-        (Err(_), Some(e)) => return Err(e),
-        (written, _) => written.map_err(|e| Error::io(out, e))?,
-    }
+    carried.result(out, written)?;
     let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
     Ok(Exported { architecture: arch.name(), tensors: heads.len(), metadata: metadata.len(), bytes })
 }

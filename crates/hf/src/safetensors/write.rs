@@ -212,7 +212,7 @@ pub fn write_blocks_with(
     let header = header(order.iter().map(|&i| (shapes[i].0.as_str(), &shapes[i].1[..])), dtype)
         .map_err(|m| Error::st(path, None, m))?;
     // The first error of `fill` or of writing `path`, returned as it is rather than as an I/O error.
-    let mut failed = None;
+    let mut carried = crate::atomic::Carried::default();
     let mut bytes = Vec::new();
     let written = crate::atomic::write_with(path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
@@ -244,16 +244,9 @@ pub fn write_blocks_with(
                 true => Ok(()),
                 false => Err(Error::st(path, Some(name), format!("shape {shape:?} does not match its {count} values"))),
             });
-            if let Err(e) = done {
-                let io = std::io::Error::other(e.to_string());
-                failed = Some(e);
-                return Err(io);
-            }
+            done.map_err(|e| carried.carry(e))?;
         }
         Ok(())
     });
-    match (written, failed) {
-        (Err(_), Some(e)) => Err(e),
-        (written, _) => written.map_err(|e| Error::io(path, e)),
-    }
+    carried.result(path, written)
 }
