@@ -426,22 +426,6 @@ pub(crate) trait EngineTensors {
         -> Result<()>;
 }
 
-impl<T: EngineTensors> EngineTensors for &T {
-    fn whole(&self, entry: &Entry) -> Result<Vec<f32>> {
-        (**self).whole(entry)
-    }
-
-    fn blocks(
-        &self,
-        entry: &Entry,
-        part: usize,
-        first: usize,
-        out: &mut dyn FnMut(&[f32]) -> Result<()>,
-    ) -> Result<()> {
-        (**self).blocks(entry, part, first, out)
-    }
-}
-
 /// A model's tensors in transformers' names and layouts, each made on request from [`EngineTensors`]:
 /// one whose layout is the engine's (every Llama-like weight, q/k/v and gate/up parts included) a block of
 /// rows at a time, never whole; one that is converted (GPT-2's Conv1D, NeoX's q/k/v) from its engine tensor
@@ -455,11 +439,11 @@ pub(crate) struct HfValues<'c, S> {
     /// Per tensor: its plan entry, which of the entry's HF parts it is, and the part's first row of the
     /// engine tensor.
     sources: Vec<(usize, usize, usize)>,
-    source: S,
+    source: &'c S,
 }
 
 impl<'c, S: EngineTensors> HfValues<'c, S> {
-    pub(crate) fn new(config: &'c ModelConfig, source: S) -> Result<Self> {
+    pub(crate) fn new(config: &'c ModelConfig, source: &'c S) -> Result<Self> {
         let entries = plan(config.naming, &config.decoder)
             .map_err(|e| Error::dir(&config.path, format!("internal: no HF module for `{}`", e.0)))?;
         let (mut shapes, mut sources) = (Vec::new(), Vec::new());
@@ -509,7 +493,7 @@ pub(crate) fn write_weights_with(
     path: &Path,
     config: &ModelConfig,
     dtype: WriteDtype,
-    source: impl EngineTensors,
+    source: &impl EngineTensors,
 ) -> Result<()> {
     let values = HfValues::new(config, source)?;
     crate::safetensors::write_blocks_with(path, &values.shapes, dtype, |i, out| values.for_each_block(i, out))
