@@ -43,20 +43,44 @@ fn hsum8(a: &[f32; 8]) -> f32 {
 }
 
 /// `yt[c, r] = w[c] . x[r]` for the weight rows of one task: `w: [cols, d]`, `x: [rows, d]`, `yt: [cols,
-/// rows]` (transposed, so that a task owns a contiguous block).
-fn linear_block(yt: &mut [f32], w: &[f32], x: &[f32], rows: usize, d: usize) {
+/// rows]` (transposed, so that a task owns a contiguous block). `pairs`: `x`'s rows in pairs as the
+/// AVX-512 tiles read them ([`pair_rows`]), where the CPU has AVX-512 and there are two rows or more.
+fn linear_block(yt: &mut [f32], w: &[f32], x: &[f32], pairs: Option<&[f32]>, rows: usize, d: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(pairs) = pairs {
+        // SAFETY: `pairs` is only made where the CPU has AVX-512 (and so AVX2 and FMA).
+        unsafe { avx512::linear_block(yt, w, x, pairs, rows, d) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if super::act::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA; the shapes are checked by the caller.
         unsafe { avx2::linear_block(yt, w, x, rows, d) };
         return;
     }
+    let _ = pairs;
     for (c, yc) in yt.chunks_exact_mut(rows).enumerate() {
         let wc = &w[c * d..(c + 1) * d];
         for (r, y) in yc.iter_mut().enumerate() {
             *y = dot8(wc, &x[r * d..(r + 1) * d]);
         }
     }
+}
+
+/// `x: [rows, d]`'s full chunks of eight with rows `2p` and `2p + 1` side by side: chunk `c` of pair `p` is
+/// the sixteen floats at `(p * d / 8 + c) * 16` (an odd last row is left out), what one AVX-512 register
+/// holds so that its two halves run two rows' [`dot8`] lanes at once.
+fn pair_rows(x: &[f32], rows: usize, d: usize) -> Vec<f32> {
+    let chunks = d / 8;
+    let mut out = Vec::with_capacity(rows / 2 * chunks * 16);
+    for p in 0..rows / 2 {
+        let (a, b) = (&x[2 * p * d..][..d], &x[(2 * p + 1) * d..][..d]);
+        for c in 0..chunks {
+            out.extend_from_slice(&a[8 * c..8 * c + 8]);
+            out.extend_from_slice(&b[8 * c..8 * c + 8]);
+        }
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -66,7 +90,7 @@ mod avx2 {
     /// `hsum8` of a vector, same order.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); // a_i + a_{i+4}
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s)); // (s0 + s2), (s1 + s3)
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
@@ -79,7 +103,11 @@ mod avx2 {
     /// AVX2 and FMA; `w` holds `RW` rows and `x` holds `RX` rows of `d` floats.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const RW: usize, const RX: usize>(w: *const f32, x: *const f32, d: usize) -> [[f32; RX]; RW] {
+    pub(super) unsafe fn tile<const RW: usize, const RX: usize>(
+        w: *const f32,
+        x: *const f32,
+        d: usize,
+    ) -> [[f32; RX]; RW] {
         let full = d / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); RX]; RW];
         let mut i = 0;
@@ -148,6 +176,134 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::avx2;
+
+    /// `out[i][2p + h] = dot8(w row i, x row 2p + h)` for `RW` weight rows and `RP` pairs of input rows:
+    /// per chunk of eight, the weights' eight floats are broadcast to both halves of a register and
+    /// multiplied into a pair's two rows at once, each half running exactly [`super::dot8`]'s lanes.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA; `w` holds `RW` rows of `d` floats, `pairs` the `RP` pairs' chunks
+    /// ([`super::pair_rows`]; `chunks` a pair) and `x` their rows (for the tail past the full chunks).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile<const RW: usize, const RP: usize>(
+        w: *const f32,
+        pairs: *const f32,
+        x: *const f32,
+        d: usize,
+    ) -> [[[f32; 2]; RP]; RW] {
+        let chunks = d / 8;
+        let mut acc = [[_mm512_setzero_ps(); RP]; RW];
+        for c in 0..chunks {
+            let mut xv = [_mm512_setzero_ps(); RP];
+            for (p, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(pairs.add((p * chunks + c) * 16));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                if c % 2 == 0 {
+                    // The next tile's rows, a cache line at a time: the rows of one tile are short streams
+                    // the hardware prefetcher does not follow in time.
+                    _mm_prefetch::<_MM_HINT_T0>(w.add((RW + r) * d + 8 * c).cast::<i8>());
+                }
+                let w8 = _mm256_loadu_pd(w.add(r * d + 8 * c).cast::<f64>());
+                let wv = _mm512_castpd_ps(_mm512_broadcast_f64x4(w8));
+                for (a, &xv) in a.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(wv, xv, *a);
+                }
+            }
+        }
+        let mut out = [[[0.0f32; 2]; RP]; RW];
+        for r in 0..RW {
+            for p in 0..RP {
+                let halves = [
+                    _mm512_castps512_ps256(acc[r][p]),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][p]), 1)),
+                ];
+                for (h, v) in halves.into_iter().enumerate() {
+                    let row = x.add((2 * p + h) * d);
+                    let mut tail = 0.0f32;
+                    for j in 8 * chunks..d {
+                        tail = (*w.add(r * d + j)).mul_add(*row.add(j), tail);
+                    }
+                    out[r][p][h] = avx2::hsum(v) + tail;
+                }
+            }
+        }
+        out
+    }
+
+    /// `RW` weight rows against pairs `p0..p0 + rp` (`rp` at most 4) into `yt: [cols, rows]` at column `c`.
+    ///
+    /// # Safety
+    /// As [`tile`], for the rows and pairs named.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tiles<const RW: usize>(yt: &mut [f32], w: &[f32], x: &[f32], pairs: &[f32], at: [usize; 4]) {
+        let [c, p0, rp, rows] = at;
+        let d = x.len() / rows;
+        let (wt, pt, xt) = (w.as_ptr().add(c * d), pairs.as_ptr().add(p0 * (d / 8) * 16), x.as_ptr().add(2 * p0 * d));
+        let mut put = |i: usize, p: usize, v: [f32; 2]| yt[(c + i) * rows + 2 * (p0 + p)..][..2].copy_from_slice(&v);
+        match rp {
+            4 => tile::<RW, 4>(wt, pt, xt, d)
+                .iter()
+                .enumerate()
+                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
+            3 => tile::<RW, 3>(wt, pt, xt, d)
+                .iter()
+                .enumerate()
+                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
+            2 => tile::<RW, 2>(wt, pt, xt, d)
+                .iter()
+                .enumerate()
+                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
+            _ => tile::<RW, 1>(wt, pt, xt, d)
+                .iter()
+                .enumerate()
+                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
+        }
+    }
+
+    /// Weight rows by fours, pairs of input rows by up to fours, an odd last row by the AVX2 tiles.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2 and FMA; `w: [cols, d]`, `x: [rows, d]`, `pairs` = `pair_rows(x)`, `yt: [cols, rows]`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn linear_block(yt: &mut [f32], w: &[f32], x: &[f32], pairs: &[f32], rows: usize, d: usize) {
+        let cols = yt.len() / rows;
+        assert!(w.len() >= cols * d && x.len() >= rows * d && pairs.len() >= rows / 2 * (d / 8) * 16);
+        let mut c = 0;
+        while c < cols {
+            let rw = if cols - c >= 4 { 4 } else { 1 };
+            let mut p = 0;
+            while p < rows / 2 {
+                let rp = (rows / 2 - p).min(4);
+                match rw {
+                    4 => tiles::<4>(yt, w, x, pairs, [c, p, rp, rows]),
+                    _ => tiles::<1>(yt, w, x, pairs, [c, p, rp, rows]),
+                }
+                p += rp;
+            }
+            if rows % 2 == 1 {
+                let (wt, xt, r) = (w.as_ptr().add(c * d), x.as_ptr().add((rows - 1) * d), rows - 1);
+                match rw {
+                    4 => {
+                        for (i, o) in avx2::tile::<4, 1>(wt, xt, d).iter().enumerate() {
+                            yt[(c + i) * rows + r] = o[0];
+                        }
+                    }
+                    _ => yt[c * rows + r] = avx2::tile::<1, 1>(wt, xt, d)[0][0],
+                }
+            }
+            c += rw;
+        }
+    }
+}
+
 /// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])`, like [`super::linear_forward`], for the few
 /// rows of a decode step. Row `r` of `y` is bit-for-bit the same whatever `rows` is and however many
 /// threads run (see the module doc). Parallel over blocks of output columns; each block of `W` is read
@@ -174,9 +330,13 @@ pub fn linear_rows_forward(
     let min_cols = (65_536 / (rows * in_dim).max(1)).max(4);
     let cols = out_dim.div_ceil(8 * num_threads()).max(min_cols).next_multiple_of(4).min(out_dim);
     let mut yt = vec![0.0f32; out_dim * rows];
+    #[cfg(target_arch = "x86_64")]
+    let pairs = (rows >= 2 && super::act::has_avx512()).then(|| pair_rows(x, rows, in_dim));
+    #[cfg(not(target_arch = "x86_64"))]
+    let pairs: Option<Vec<f32>> = None;
     yt.par_chunks_mut(cols * rows)
         .zip(w.par_chunks(cols * in_dim))
-        .for_each(|(yt, w)| linear_block(yt, w, x, rows, in_dim));
+        .for_each(|(yt, w)| linear_block(yt, w, x, pairs.as_deref(), rows, in_dim));
     for (r, yr) in y.chunks_exact_mut(out_dim).enumerate() {
         for (c, o) in yr.iter_mut().enumerate() {
             *o = yt[c * rows + r];
