@@ -127,8 +127,9 @@ fn trains_resumes_and_scores_as_its_widened_base(name: &str, storage: Storage, f
     for (against_stored, against_widened) in [(None, None), (Some(base()), Some(widened.clone()))] {
         let on_stored = win_rate(&base(), flags, against_stored.as_deref(), "stored.png");
         let on_widened = win_rate(&widened, &["--base-dtype", "f32"], against_widened.as_deref(), "widened.png");
-        // B is not A: the adapter is off (or B is the data's chosen completions).
-        assert!(on_stored.contains("\"win_rate\"") && on_stored.contains("\"ties\":0"), "{on_stored}");
+        // B is not A: the adapter is off (or B is the data's chosen completions), so not every prompt ties.
+        let line: serde_json::Value = serde_json::from_str(on_stored.trim()).unwrap();
+        assert!(line["ties"].as_u64().unwrap() < line["n"].as_u64().unwrap(), "{on_stored}");
         assert_eq!(on_stored, on_widened, "win rates on the stored and the widened base");
     }
     // The stored base really is not the f32 one.
