@@ -82,19 +82,21 @@ fn a_merged_model_is_written_in_its_bases_dtype_unless_told() {
     assert_eq!(stored_dtypes(&to_f16.join("final-merged")), [F16]);
     let config = std::fs::read_to_string(to_f16.join("config.toml")).unwrap();
     assert!(config.contains("merge_dtype = \"f16\""), "{config}");
-    // A resume may add the merge: it changes none of the run's steps.
-    succeeds(dpo().args(["train", "--resume"]).arg(&run).args([
-        "--max-steps",
-        "2",
-        "--merge",
-        "--merge-dtype",
-        "bf16",
-    ]));
+    // A resume may add the merge, and change its dtype: neither changes the run's steps.
+    let resume = |steps: &str, flags: &[&str]| {
+        succeeds(dpo().args(["train", "--resume"]).arg(&run).args(["--max-steps", steps]).args(flags));
+    };
+    resume("2", &["--merge", "--merge-dtype", "bf16"]);
     assert_eq!(stored_dtypes(&run.join("final-merged")), [BF16]);
+    resume("3", &["--merge-dtype", "f16"]);
+    assert_eq!(stored_dtypes(&run.join("final-merged")), [F16]);
     // Without --merge it has nothing to apply to.
-    let out = train(&bf16_base, &prefs(), &dir.join("no")).args(["--lora-r", "4", "--merge-dtype", "f16"]).output();
-    let (out, said) = out.map(|o| (o.status.code(), stderr(&o))).unwrap();
-    assert!(out == Some(2) && said.contains("required arguments were not provided:\n  --merge"), "{said}");
+    let no = dir.join("no");
+    fails(
+        train(&bf16_base, &prefs(), &no).args(["--lora-r", "4", "--merge-dtype", "f16"]),
+        &["merge_dtype", "applies with merge"],
+    );
+    assert!(!no.exists());
 }
 
 #[test]

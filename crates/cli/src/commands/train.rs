@@ -231,8 +231,8 @@ pub struct LoraFlags {
     merge: bool,
     /// The dtype of --merge's model: f32, bf16 or f16 (each value rounded to the nearest, ties to even, as
     /// PyTorch's `.to()`). Default: the one --model is stored in (bf16 for most published checkpoints: an
-    /// 8B model takes 16 GB, not 32).
-    #[arg(long, value_parser = ["f32", "bf16", "f16"], requires = "merge")]
+    /// 8B model takes 16 GB, not 32). With --merge, or on a resume of a run that merges.
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     merge_dtype: Option<String>,
     /// QLoRA: store the frozen base's block linears in 4-bit NF4 as they are read (bitsandbytes' code book,
