@@ -14,23 +14,74 @@ use super::act::{dot_lanes, exp_f32, max_lanes, multiversion, sum_lanes};
 use super::attention::AttnDims;
 use super::threads::num_threads;
 
+/// A weight element the decode kernels read: an f32, or a bf16 (`u16`, the top half of an f32) widened
+/// as it is loaded. Widening is exact, so a bf16 weight gives the bits its widened f32 copy gives, while
+/// the step reads half the bytes (decoding is bound by reading the weights).
+pub trait DecodeWeight: Copy + Send + Sync + sealed::Sealed {
+    /// The weight as an f32.
+    fn widen(self) -> f32;
+
+    /// Eight weights from `p`, widened.
+    ///
+    /// # Safety
+    /// AVX2; `p` points at eight readable weights.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
+impl DecodeWeight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl DecodeWeight for u16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        crate::quant::bf16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+    }
+}
+
 /// The dot product every output of [`linear_rows_forward`] is, on every path: eight lanes `acc[l] =
 /// fma(w[i + l], x[i + l], acc[l])` over the full chunks of eight, the lanes summed by one fixed tree,
 /// plus the tail accumulated by `fma` in order. The AVX2 tiles below perform exactly these operations, so
 /// a product's value does not depend on the tile it was computed in.
 #[inline(always)]
-fn dot8(w: &[f32], x: &[f32]) -> f32 {
+fn dot8<W: DecodeWeight>(w: &[W], x: &[f32]) -> f32 {
     let d = x.len();
     let full = d / 8 * 8;
     let mut acc = [0.0f32; 8];
     for (wc, xc) in w[..full].chunks_exact(8).zip(x[..full].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] = wc[l].mul_add(xc[l], acc[l]);
+            acc[l] = wc[l].widen().mul_add(xc[l], acc[l]);
         }
     }
     let mut tail = 0.0f32;
     for j in full..d {
-        tail = w[j].mul_add(x[j], tail);
+        tail = w[j].widen().mul_add(x[j], tail);
     }
     hsum8(&acc) + tail
 }
@@ -45,7 +96,7 @@ fn hsum8(a: &[f32; 8]) -> f32 {
 /// `yt[c, r] = w[c] . x[r]` for the weight rows of one task: `w: [cols, d]`, `x: [rows, d]`, `yt: [cols,
 /// rows]` (transposed, so that a task owns a contiguous block). `pairs`: `x`'s rows in pairs as the
 /// AVX-512 tiles read them ([`pair_rows`]), where the CPU has AVX-512 and there are two rows or more.
-fn linear_block(yt: &mut [f32], w: &[f32], x: &[f32], pairs: Option<&[f32]>, rows: usize, d: usize) {
+fn linear_block<W: DecodeWeight>(yt: &mut [f32], w: &[W], x: &[f32], pairs: Option<&[f32]>, rows: usize, d: usize) {
     #[cfg(target_arch = "x86_64")]
     if let Some(pairs) = pairs {
         // SAFETY: `pairs` is only made where the CPU has AVX-512 (and so AVX2 and FMA).
@@ -87,6 +138,8 @@ fn pair_rows(x: &[f32], rows: usize, d: usize) -> Vec<f32> {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::DecodeWeight;
+
     /// `hsum8` of a vector, same order.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -103,8 +156,8 @@ mod avx2 {
     /// AVX2 and FMA; `w` holds `RW` rows and `x` holds `RX` rows of `d` floats.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const RW: usize, const RX: usize>(
-        w: *const f32,
+    pub(super) unsafe fn tile<W: DecodeWeight, const RW: usize, const RX: usize>(
+        w: *const W,
         x: *const f32,
         d: usize,
     ) -> [[f32; RX]; RW] {
@@ -117,7 +170,7 @@ mod avx2 {
                 *v = _mm256_loadu_ps(x.add(b * d + i));
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let wv = _mm256_loadu_ps(w.add(r * d + i));
+                let wv = W::load8(w.add(r * d + i));
                 for (a, &xv) in a.iter_mut().zip(&xv) {
                     *a = _mm256_fmadd_ps(wv, xv, *a);
                 }
@@ -129,7 +182,7 @@ mod avx2 {
             for b in 0..RX {
                 let mut tail = 0.0f32;
                 for j in full..d {
-                    tail = (*w.add(r * d + j)).mul_add(*x.add(b * d + j), tail);
+                    tail = (*w.add(r * d + j)).widen().mul_add(*x.add(b * d + j), tail);
                 }
                 out[r][b] = hsum(acc[r][b]) + tail;
             }
@@ -142,7 +195,7 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA; `w: [cols, d]`, `x: [rows, d]`, `yt: [cols, rows]`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn linear_block(yt: &mut [f32], w: &[f32], x: &[f32], rows: usize, d: usize) {
+    pub(super) unsafe fn linear_block<W: DecodeWeight>(yt: &mut [f32], w: &[W], x: &[f32], rows: usize, d: usize) {
         let cols = yt.len() / rows;
         assert!(w.len() >= cols * d && x.len() >= rows * d);
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
@@ -155,19 +208,19 @@ mod avx2 {
                 let (wt, xt) = (wp.add(c * d), xp.add(r * d));
                 match (rw, rx) {
                     (4, 2) => {
-                        let o = tile::<4, 2>(wt, xt, d);
+                        let o = tile::<W, 4, 2>(wt, xt, d);
                         for (i, o) in o.iter().enumerate() {
                             yt[(c + i) * rows + r..][..2].copy_from_slice(o);
                         }
                     }
                     (4, _) => {
-                        let o = tile::<4, 1>(wt, xt, d);
+                        let o = tile::<W, 4, 1>(wt, xt, d);
                         for (i, o) in o.iter().enumerate() {
                             yt[(c + i) * rows + r] = o[0];
                         }
                     }
-                    (_, 2) => yt[c * rows + r..][..2].copy_from_slice(&tile::<1, 2>(wt, xt, d)[0]),
-                    _ => yt[c * rows + r] = tile::<1, 1>(wt, xt, d)[0][0],
+                    (_, 2) => yt[c * rows + r..][..2].copy_from_slice(&tile::<W, 1, 2>(wt, xt, d)[0]),
+                    _ => yt[c * rows + r] = tile::<W, 1, 1>(wt, xt, d)[0][0],
                 }
                 r += rx;
             }
@@ -180,7 +233,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::avx2;
+    use super::{avx2, DecodeWeight};
 
     /// `out[i][2p + h] = dot8(w row i, x row 2p + h)` for `RW` weight rows and `RP` pairs of input rows:
     /// per chunk of eight, the weights' eight floats are broadcast to both halves of a register and
@@ -191,13 +244,14 @@ mod avx512 {
     /// ([`super::pair_rows`]; `chunks` a pair) and `x` their rows (for the tail past the full chunks).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn tile<const RW: usize, const RP: usize>(
-        w: *const f32,
+    unsafe fn tile<W: DecodeWeight, const RW: usize, const RP: usize>(
+        w: *const W,
         pairs: *const f32,
         x: *const f32,
         d: usize,
     ) -> [[[f32; 2]; RP]; RW] {
         let chunks = d / 8;
+        let chunks_a_line = 64 / (8 * size_of::<W>()); // chunks of eight weights in a cache line
         let mut acc = [[_mm512_setzero_ps(); RP]; RW];
         for c in 0..chunks {
             let mut xv = [_mm512_setzero_ps(); RP];
@@ -205,12 +259,12 @@ mod avx512 {
                 *v = _mm512_loadu_ps(pairs.add((p * chunks + c) * 16));
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                if c % 2 == 0 {
+                if c % chunks_a_line == 0 {
                     // The next tile's rows, a cache line at a time: the rows of one tile are short streams
                     // the hardware prefetcher does not follow in time.
                     _mm_prefetch::<_MM_HINT_T0>(w.add((RW + r) * d + 8 * c).cast::<i8>());
                 }
-                let w8 = _mm256_loadu_pd(w.add(r * d + 8 * c).cast::<f64>());
+                let w8 = _mm256_castps_pd(W::load8(w.add(r * d + 8 * c)));
                 let wv = _mm512_castpd_ps(_mm512_broadcast_f64x4(w8));
                 for (a, &xv) in a.iter_mut().zip(&xv) {
                     *a = _mm512_fmadd_ps(wv, xv, *a);
@@ -228,7 +282,7 @@ mod avx512 {
                     let row = x.add((2 * p + h) * d);
                     let mut tail = 0.0f32;
                     for j in 8 * chunks..d {
-                        tail = (*w.add(r * d + j)).mul_add(*row.add(j), tail);
+                        tail = (*w.add(r * d + j)).widen().mul_add(*row.add(j), tail);
                     }
                     out[r][p][h] = avx2::hsum(v) + tail;
                 }
@@ -243,25 +297,31 @@ mod avx512 {
     /// As [`tile`], for the rows and pairs named.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn tiles<const RW: usize>(yt: &mut [f32], w: &[f32], x: &[f32], pairs: &[f32], at: [usize; 4]) {
+    unsafe fn tiles<W: DecodeWeight, const RW: usize>(
+        yt: &mut [f32],
+        w: &[W],
+        x: &[f32],
+        pairs: &[f32],
+        at: [usize; 4],
+    ) {
         let [c, p0, rp, rows] = at;
         let d = x.len() / rows;
         let (wt, pt, xt) = (w.as_ptr().add(c * d), pairs.as_ptr().add(p0 * (d / 8) * 16), x.as_ptr().add(2 * p0 * d));
         let mut put = |i: usize, p: usize, v: [f32; 2]| yt[(c + i) * rows + 2 * (p0 + p)..][..2].copy_from_slice(&v);
         match rp {
-            4 => tile::<RW, 4>(wt, pt, xt, d)
+            4 => tile::<W, RW, 4>(wt, pt, xt, d)
                 .iter()
                 .enumerate()
                 .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
-            3 => tile::<RW, 3>(wt, pt, xt, d)
+            3 => tile::<W, RW, 3>(wt, pt, xt, d)
                 .iter()
                 .enumerate()
                 .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
-            2 => tile::<RW, 2>(wt, pt, xt, d)
+            2 => tile::<W, RW, 2>(wt, pt, xt, d)
                 .iter()
                 .enumerate()
                 .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
-            _ => tile::<RW, 1>(wt, pt, xt, d)
+            _ => tile::<W, RW, 1>(wt, pt, xt, d)
                 .iter()
                 .enumerate()
                 .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
@@ -273,7 +333,14 @@ mod avx512 {
     /// # Safety
     /// AVX-512F, AVX2 and FMA; `w: [cols, d]`, `x: [rows, d]`, `pairs` = `pair_rows(x)`, `yt: [cols, rows]`.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn linear_block(yt: &mut [f32], w: &[f32], x: &[f32], pairs: &[f32], rows: usize, d: usize) {
+    pub(super) unsafe fn linear_block<W: DecodeWeight>(
+        yt: &mut [f32],
+        w: &[W],
+        x: &[f32],
+        pairs: &[f32],
+        rows: usize,
+        d: usize,
+    ) {
         let cols = yt.len() / rows;
         assert!(w.len() >= cols * d && x.len() >= rows * d && pairs.len() >= rows / 2 * (d / 8) * 16);
         let mut c = 0;
@@ -283,8 +350,8 @@ mod avx512 {
             while p < rows / 2 {
                 let rp = (rows / 2 - p).min(4);
                 match rw {
-                    4 => tiles::<4>(yt, w, x, pairs, [c, p, rp, rows]),
-                    _ => tiles::<1>(yt, w, x, pairs, [c, p, rp, rows]),
+                    4 => tiles::<W, 4>(yt, w, x, pairs, [c, p, rp, rows]),
+                    _ => tiles::<W, 1>(yt, w, x, pairs, [c, p, rp, rows]),
                 }
                 p += rp;
             }
@@ -292,11 +359,11 @@ mod avx512 {
                 let (wt, xt, r) = (w.as_ptr().add(c * d), x.as_ptr().add((rows - 1) * d), rows - 1);
                 match rw {
                     4 => {
-                        for (i, o) in avx2::tile::<4, 1>(wt, xt, d).iter().enumerate() {
+                        for (i, o) in avx2::tile::<W, 4, 1>(wt, xt, d).iter().enumerate() {
                             yt[(c + i) * rows + r] = o[0];
                         }
                     }
-                    _ => yt[c * rows + r] = avx2::tile::<1, 1>(wt, xt, d)[0][0],
+                    _ => yt[c * rows + r] = avx2::tile::<W, 1, 1>(wt, xt, d)[0][0],
                 }
             }
             c += rw;
@@ -307,11 +374,11 @@ mod avx512 {
 /// `y[rows, out] = x[rows, in] . W[out, in]^T (+ b[out])`, like [`super::linear_forward`], for the few
 /// rows of a decode step. Row `r` of `y` is bit-for-bit the same whatever `rows` is and however many
 /// threads run (see the module doc). Parallel over blocks of output columns; each block of `W` is read
-/// once for all rows.
-pub fn linear_rows_forward(
+/// once for all rows. `W`'s elements are f32 or bf16 ([`DecodeWeight`]).
+pub fn linear_rows_forward<W: DecodeWeight>(
     y: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     b: Option<&[f32]>,
     rows: usize,
     in_dim: usize,
@@ -450,6 +517,30 @@ mod tests {
                 let mut y1 = vec![0.0; dout];
                 linear_rows_forward(&mut y1, &x[r * din..(r + 1) * din], &w, Some(&b), 1, din, dout);
                 assert_eq!(y1, y[r * dout..(r + 1) * dout], "row {r} of ({rows}, {din}, {dout})");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_give_the_bits_of_their_widened_copy() {
+        use crate::quant::bf16::{from_f32, to_f32};
+        let mut rng = Rng::new(12);
+        // Every path: 1 row (AVX2 tiles), pairs of rows with an odd one left, up to four pairs and more;
+        // inner sizes with and without a tail past the chunks of eight; column counts off the tiles of four.
+        for (rows, din, dout) in [(1, 64, 9), (2, 37, 10), (3, 576, 33), (8, 100, 301), (9, 8, 4), (5, 7, 6)] {
+            let x = rng.vec(rows * din, 1.0);
+            let w: Vec<u16> = rng.vec(dout * din, 1.0).into_iter().map(from_f32).collect();
+            let wide: Vec<f32> = w.iter().map(|&h| to_f32(h)).collect();
+            let b = rng.vec(dout, 1.0);
+            let (mut y, mut want) = (vec![f32::NAN; rows * dout], vec![f32::NAN; rows * dout]);
+            linear_rows_forward(&mut y, &x, &w, Some(&b), rows, din, dout);
+            linear_rows_forward(&mut want, &x, &wide, Some(&b), rows, din, dout);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&want), "({rows}, {din}, {dout})");
+            for r in 0..rows {
+                let mut y1 = vec![f32::NAN; dout];
+                linear_rows_forward(&mut y1, &x[r * din..(r + 1) * din], &w, Some(&b), 1, din, dout);
+                assert_eq!(bits(&y1), bits(&y[r * dout..(r + 1) * dout]), "row {r} of ({rows}, {din}, {dout})");
             }
         }
     }

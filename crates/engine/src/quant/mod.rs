@@ -280,12 +280,14 @@ impl Matrix {
 
     /// [`Self::linear_forward`] for the few rows of a decode step, through
     /// [`crate::kernels::linear_rows_forward`]: row `r` of `y` is bit-for-bit the same whatever `n` is,
-    /// and the same as that kernel on the widened weight. Tiles of rows of `W` are widened one after the
-    /// other (the kernel is parallel within a tile).
+    /// and the same as that kernel on the widened weight. The kernel reads f32 and bf16 storage as it is;
+    /// NF4 tiles of rows of `W` are widened one after the other (the kernel is parallel within a tile).
     pub fn linear_rows_forward(&self, y: &mut [f32], x: &[f32], b: Option<&[f32]>, n: usize) {
         let (out_dim, in_dim) = (self.rows, self.cols);
-        if let Data::F32(w) = &self.data {
-            return linear_rows_forward(y, x, w, b, n, in_dim, out_dim);
+        match &self.data {
+            Data::F32(w) => return linear_rows_forward(y, x, w, b, n, in_dim, out_dim),
+            Data::Bf16(w) => return linear_rows_forward(y, x, w, b, n, in_dim, out_dim),
+            Data::Nf4(_) => {}
         }
         assert_eq!(y.len(), n * out_dim, "Matrix::linear_rows_forward: y is not [n, out]");
         if let Some(b) = b {
