@@ -180,6 +180,56 @@ fn an_adapter_run_writes_peft_and_merged_outputs_that_the_commands_read() {
     assert_eq!(g(&[m.as_os_str(), "--adapter".as_ref(), fin.as_os_str()]), g(&[merged.as_os_str()]));
 }
 
+/// A checkpoint stored in bf16 is sampled from in bf16 (block linears, embedding and head as the file
+/// holds them, half the memory of f32): `dpo generate` gives its f32 copy's completions, greedy and
+/// sampled, alone and with an adapter beside it (on the f32 copy with `--base-dtype f32`: beside f32
+/// linears); `win-rate --against` the same directory is the base with the adapter off.
+#[test]
+fn a_bf16_checkpoint_samples_as_its_f32_copy() {
+    let dir = scratch("lora-bf16-sampling");
+    let run = dir.join("run");
+    succeeds(&mut lora_train(&run, 1, 1));
+    let fin = run.join("final");
+    let bf16 = dir.join("bf16");
+    let mut merge = dpo();
+    merge.arg("merge").arg("--model").arg(model("gpt2-policy")).arg("--adapter").arg(&fin).arg("--output");
+    succeeds(merge.arg(&bf16).args(["--dtype", "bf16"]));
+    let f32_copy = dir.join("f32");
+    let m = hf::load_model(&bf16).unwrap();
+    hf::save_model(&f32_copy, &m.config, &m.params, Some(&bf16)).unwrap();
+    assert!(stored_dtypes(&bf16) == [hf::Dtype::BF16] && stored_dtypes(&f32_copy) == [hf::Dtype::F32]);
+    let generate = |model: &Path, extra: &[&str]| -> String {
+        let mut c = dpo();
+        c.arg("generate").arg("--model").arg(model).args(["--prompt", "hello", "--n", "3", "--seed", "4"]);
+        let out = c.args(["--max-new-tokens", "8"]).args(extra).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let adapter = ["--adapter", fin.to_str().unwrap()];
+    for temperature in ["0", "1"] {
+        let t = ["--temperature", temperature];
+        let plain = generate(&bf16, &t);
+        assert_eq!(plain, generate(&f32_copy, &t), "temperature {temperature}");
+        let with = generate(&bf16, &[&t[..], &adapter].concat());
+        assert_eq!(with, generate(&f32_copy, &[&t[..], &adapter, &["--base-dtype", "f32"]].concat()));
+        assert!(temperature == "0" || with != plain, "the adapter changed no completion");
+    }
+    // The base with the adapter off, held once: against itself without an adapter, every prompt ties.
+    let prompts = jsonl(&dir.join("prompts.jsonl"), &[serde_json::json!({"prompt": "hello"})]);
+    let win_rate = |extra: &[&str]| -> serde_json::Value {
+        let mut c = dpo();
+        c.arg("win-rate").arg("--model").arg(&bf16).arg("--against").arg(&bf16).arg("--prompts").arg(&prompts);
+        c.arg("--chart").arg(dir.join("win_rate.png"));
+        let judge = ["--judge-implicit", &format!("{},{}", bf16.display(), bf16.display())];
+        let out = c.args(judge).args(["--temperatures", "0", "--max-new-tokens", "6"]).args(extra).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().last().unwrap()).unwrap()
+    };
+    let alone = win_rate(&[]);
+    assert_eq!(alone["ties"], alone["n"], "{alone}");
+    assert!(win_rate(&adapter)["n"] == alone["n"]);
+}
+
 /// `dpo sft --lora-r` trains an adapter (the SFT-then-DPO pipeline's first half), and the end-of-run
 /// message names the base and the adapter.
 #[test]

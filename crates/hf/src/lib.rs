@@ -36,7 +36,7 @@ pub use error::{Error, Result};
 pub use model_dir::{load_config, load_model, load_tokenizer, load_tokenizer_if_present, save_model, HfModel};
 pub use naming::Naming;
 pub use safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
-pub use stored::{load_frozen_base, load_model_stored, load_with_frozen_tables};
+pub use stored::{load_frozen_base, load_model_stored, load_with_bf16_tables, load_with_frozen_tables};
 pub use tokenizer::{ChatMessage, SpecialToken, Tokenizer};
 pub use weights::{
     check_params, load_params, load_params_file, load_transient_bytes, merge_transient_bytes, params_from_checkpoint,

@@ -110,6 +110,34 @@ fn a_merged_model_written_a_block_at_a_time_is_the_merge_of_the_whole_base() {
     }
 }
 
+/// A checkpoint stored in bf16 (written by `save_merged` in bf16 with an adapter that changes nothing),
+/// read for sampling with its tables whole in bf16, holds every value the f32 reading of it holds: the
+/// tables' rows and head as stored (tied or not), the linears too. An f32
+/// checkpoint is refused, naming what it holds.
+#[test]
+fn a_bf16_checkpoint_read_with_bf16_tables_holds_its_values() {
+    let tmp = TempDir::new("stored-bf16-tables");
+    for tied in [false, true] {
+        let f32_dir = tmp.path().join(format!("f32-tied-{tied}"));
+        large_llama(&f32_dir, tied, 1000);
+        let base = load_model(&f32_dir).unwrap();
+        let no_change = engine::Adapter::zeros(&base.config.decoder, &vec![vec![]; base.config.decoder.n_layers], 0.0);
+        let dir = tmp.path().join(format!("bf16-tied-{tied}"));
+        save_merged(&dir, MergeBase::Dir(&f32_dir), &no_change, WriteDtype::Bf16).unwrap();
+        let whole = load_model(&dir).unwrap();
+        let (model, linears, tables) = dpo_hf::load_with_bf16_tables(&dir, Storage::Bf16).unwrap();
+        let mut want = whole.params.clone();
+        assert!(linears == FrozenLinears::take_from(&mut want, Storage::Bf16).unwrap(), "tied {tied}: linears");
+        assert!(model.params.wte.data.is_empty() && model.params.lm_head.as_ref().is_none_or(|h| h.data.is_empty()));
+        assert!(model.params.layers == want.layers, "tied {tied}: the other tensors");
+        let head = whole.params.lm_head.as_ref().unwrap_or(&whole.params.wte);
+        assert!(tables.is_whole() && tables.head().to_f32() == head.data, "tied {tied}: the head");
+        assert!(tables.whole_rows().unwrap().to_f32() == whole.params.wte.data, "tied {tied}: the lookups");
+        let err = dpo_hf::load_with_bf16_tables(&f32_dir, Storage::Bf16).unwrap_err().to_string();
+        assert!(err.contains("stored in bf16") && err.contains("F32"), "{err}");
+    }
+}
+
 #[test]
 fn reading_holds_a_block_or_a_converted_tensor() {
     let block = 3 * dpo_hf::safetensors::BLOCK_BYTES as u64;

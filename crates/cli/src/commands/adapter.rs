@@ -57,8 +57,9 @@ pub(super) struct StoredBaseFlags {
     #[arg(long, requires = "quantize")]
     double_quant: bool,
     /// With --adapter: store --model's block linears in this dtype [default: f32; when scoring (logps,
-    /// eval, reward) with --precision bf16, bf16, whose products round them to bf16 anyway; generate merges
-    /// the adapter into the f32 base unless this or --quantize is given].
+    /// eval, reward) with --precision bf16, bf16, whose products round them to bf16 anyway; when sampling
+    /// (generate, best-of-n, win-rate), the checkpoint's own: a bf16 checkpoint's linears stay bf16 with
+    /// the adapter beside them, and an adapter on an f32 base is merged into it].
     #[arg(long, value_parser = ["f32", "bf16"], value_name = "DTYPE", requires = "adapter", conflicts_with = "quantize")]
     base_dtype: Option<String>,
 }
@@ -156,12 +157,16 @@ impl ScoredBase {
     }
 }
 
-/// A model to sample from (`dpo generate`, `dpo best-of-n`): with `--adapter`, merged into the f32 base,
-/// or, with `--quantize` or `--base-dtype`, applied beside the base stored as the QLoRA run held it (a
-/// stored weight cannot be merged into).
+/// A model to sample from (`dpo generate`, `dpo best-of-n`, `dpo win-rate`). A checkpoint stored in bf16
+/// is held in bf16 (block linears, embedding and head: their values widen to f32 exactly, so the tokens
+/// are those of its f32 copy, in half the memory, and decoding reads half the bytes); with `--quantize`
+/// or `--base-dtype`, the block linears are stored as the QLoRA run held them. An adapter is applied
+/// beside stored linears (a stored weight cannot be merged into) and merged into f32 ones.
 pub(super) struct SampledModel {
     pub(super) model: hf::HfModel,
     linears: Option<FrozenLinears>,
+    /// A bf16 checkpoint's embedding and head, whole.
+    tables: Option<FrozenEmbedding>,
     adapter: Option<Adapter>,
     /// An adapter is merged into `model`'s weights.
     merged: bool,
@@ -169,27 +174,48 @@ pub(super) struct SampledModel {
 
 impl SampledModel {
     pub(super) fn load(dir: &Path, adapter: &AdapterFlag, stored: &StoredBaseFlags) -> anyhow::Result<Self> {
-        Ok(match stored.explicit_storage() {
-            Some(storage) => {
+        let bf16 = hf::stored_dtype(dir)? == hf::safetensors::WriteDtype::Bf16;
+        let (model, linears, tables) = match (stored.explicit_storage(), bf16) {
+            (storage, true) => {
+                let (model, linears, tables) = hf::load_with_bf16_tables(dir, storage.unwrap_or(Storage::Bf16))?;
+                (model, linears, Some(tables))
+            }
+            (Some(storage), false) => {
                 let (model, linears) = hf::load_model_stored(dir, storage)?;
-                let adapter = adapter.load(&model.config, dir)?;
-                SampledModel { model, linears: Some(linears), adapter, merged: false }
+                (model, linears, None)
             }
-            None => {
+            (None, false) => {
                 let model = adapter.merged_into(hf::load_model(dir)?)?;
-                SampledModel { model, linears: None, adapter: None, merged: adapter.adapter.is_some() }
+                let merged = adapter.adapter.is_some();
+                return Ok(SampledModel { model, linears: None, tables: None, adapter: None, merged });
             }
-        })
+        };
+        let adapter = adapter.load(&model.config, dir)?;
+        Ok(SampledModel { model, linears: Some(linears), tables, adapter, merged: false })
     }
 
     /// The model as the passes read it, the products in `precision`.
     pub(super) fn view(&self, precision: Precision) -> Model<'_> {
-        dpo::train::setup::base_model(&self.model, self.linears.as_ref(), self.adapter.as_ref(), precision)
+        self.with_tables(dpo::train::setup::base_model(
+            &self.model,
+            self.linears.as_ref(),
+            self.adapter.as_ref(),
+            precision,
+        ))
     }
 
     /// The base alone as the passes read it (a QLoRA run's reference: the stored base, its adapter off),
     /// where the adapter is applied beside it or there is none; `None` where it is merged into the weights.
     pub(super) fn base_view(&self, precision: Precision) -> Option<Model<'_>> {
-        (!self.merged).then(|| dpo::train::setup::base_model(&self.model, self.linears.as_ref(), None, precision))
+        (!self.merged).then(|| {
+            self.with_tables(dpo::train::setup::base_model(&self.model, self.linears.as_ref(), None, precision))
+        })
+    }
+
+    fn with_tables<'a>(&'a self, m: Model<'a>) -> Model<'a> {
+        match &self.tables {
+            Some(e) => m.with_embedding(e),
+            None => m,
+        }
     }
 }

@@ -281,6 +281,10 @@ pub fn cache_key<'m>(model: impl Into<Model<'m>>, examples: &[Example]) -> Strin
         // The head and the kept lookups replace the base's (emptied) embedding and head.
         h.update(format!("frozen embedding {}x{}", e.vocab(), e.hidden()).as_bytes());
         hash_matrix(&mut h, e.head());
+        if let Some(table) = e.whole_rows() {
+            h.update(b"whole rows");
+            hash_matrix(&mut h, table);
+        }
         for t in 0..e.vocab() as u32 {
             if let Some(row) = e.row(t) {
                 h.update(t.to_le_bytes());

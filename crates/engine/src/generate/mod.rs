@@ -31,7 +31,7 @@ pub use sample::{sample_token, SamplingConfig};
 use crate::batch::Batch;
 use crate::config::{DecoderConfig, NormKind, PositionKind};
 use crate::kernels as k;
-use crate::model::{bias, embedding_scale, Attend, Decoder, EngineError, LayerActs, Model, Ropes, Scratch};
+use crate::model::{bias, Attend, Decoder, EngineError, LayerActs, Model, Ropes, Scratch};
 use crate::params::NormParams;
 #[cfg(test)]
 use crate::params::Params; // the tests' `use super::*`
@@ -92,7 +92,7 @@ impl<'a> Generator<'a> {
         let (n, d) = (prompt.len(), self.cfg().hidden);
         let mut cache = KvCache::new(self.cfg(), capacity.max(n));
         let positions: Vec<u32> = (0..n as u32).collect();
-        let x = self.trunk(prompt, &positions, &mut [&mut cache], true);
+        let x = self.trunk(prompt, &positions, &mut [&mut cache], true)?;
         let logits = self.logits(&x[(n - 1) * d..], 1);
         Ok((cache, logits))
     }
@@ -123,7 +123,7 @@ impl<'a> Generator<'a> {
         let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
         let end = caches.iter().map(|c| c.len() + 1).max().unwrap_or(0);
         self.ensure_positions(end)?;
-        let x = self.trunk(tokens, &positions, caches, false);
+        let x = self.trunk(tokens, &positions, caches, false)?;
         Ok(self.logits(&x, tokens.len()))
     }
 
@@ -135,7 +135,10 @@ impl<'a> Generator<'a> {
         let p = self.params.base;
         norm_rows(cfg.norm, &p.norm_f, &mut h, &x[..rows * d], rows, d);
         let mut logits = vec![0.0f32; rows * v];
-        k::linear_rows_forward(&mut logits, &h, &p.head().data, bias(&p.b_head), rows, d, v);
+        match self.params.head_weight() {
+            k::HeadWeight::F32(w) => k::linear_rows_forward(&mut logits, &h, w, bias(&p.b_head), rows, d, v),
+            k::HeadWeight::Stored(m) => m.linear_rows_forward(&mut logits, &h, bias(&p.b_head), rows),
+        }
         logits
     }
 
@@ -145,7 +148,13 @@ impl<'a> Generator<'a> {
     /// `prefill`: all rows belong to `caches[0]`, which is empty, and attend causally among themselves
     /// ([`Attend::Packed`]: GEMM projections, blocked attention). Otherwise row `b` is one new token of
     /// `caches[b]` ([`Attend::Cached`]).
-    fn trunk(&self, tokens: &[u32], positions: &[u32], caches: &mut [&mut KvCache], prefill: bool) -> Vec<f32> {
+    fn trunk(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        caches: &mut [&mut KvCache],
+        prefill: bool,
+    ) -> Result<Vec<f32>, EngineError> {
         let cfg = self.cfg();
         let p = self.params.base;
         let (rows, d) = (tokens.len(), cfg.hidden);
@@ -155,10 +164,7 @@ impl<'a> Generator<'a> {
         }
         let (mut la, mut scratch) = (LayerActs::default(), Scratch::default());
         la.x = vec![0.0f32; rows * d]; // [rows, d] residual stream
-        k::embedding_forward(&mut la.x, &p.wte.data, tokens, p.wpe.as_ref().map(|t| &t.data[..]), positions, d);
-        if let Some(scale) = embedding_scale(cfg) {
-            la.x.iter_mut().for_each(|v| *v *= scale);
-        }
+        self.params.embed(cfg, &mut la.x, tokens, positions)?;
         let mut out = vec![0.0f32; rows * d]; // [rows, d] the next block's input
         for l in 0..p.layers.len() {
             let attend = if prefill {
@@ -174,7 +180,7 @@ impl<'a> Generator<'a> {
         for c in caches.iter_mut() {
             c.sync_len();
         }
-        la.x
+        Ok(la.x)
     }
 }
 

@@ -1,6 +1,7 @@
 use super::sample::{argmax, candidates};
 use super::*;
 use crate::config::{RopeConfig, RopeScaling};
+use crate::kernels::threads::test_util::assert_close;
 use crate::model::Activations;
 use crate::presets::{self, init_random};
 use crate::rng::Rng;
@@ -167,6 +168,44 @@ fn reproducible_across_batching_seeds_and_threads() {
         for threads in [1, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             assert_eq!(a, pool.install(|| run(4, 9)), "{name}: {threads} threads");
+        }
+    }
+}
+
+/// A model whose values are bf16 (a bf16 checkpoint's, widened), held in bf16 as `hf::load_with_bf16_tables`
+/// holds it: block linears, embedding and head stored in bf16 (tied or not). It samples the tokens of its
+/// f32 copy in every family, greedy and at temperature 1; the log-probs agree to f32 rounding (decode
+/// steps give the same bits, `kernels::decode`'s test; a prompt's prefill runs its products a tile of
+/// the stored weight at a time, which may sum in another order where the whole product is too small for
+/// the blocked kernel).
+#[test]
+fn a_bf16_model_held_in_bf16_samples_as_its_f32_copy() {
+    use crate::quant::{bf16, FrozenEmbedding, FrozenLinears, Matrix, Storage};
+    for (name, cfg) in families() {
+        let (m, mut p, prompts) = setup(&cfg, 4);
+        for t in p.named_mut().into_iter().map(|(_, t)| t) {
+            bf16::round_in_place(&mut t.data);
+        }
+        let mut stored = p.clone();
+        let linears = FrozenLinears::take_from(&mut stored, Storage::Bf16).unwrap();
+        let (vocab, d) = (cfg.vocab_size, cfg.hidden);
+        let table = |t: &mut crate::params::Tensor| Matrix::bf16_from(std::mem::take(&mut t.data), vocab, d).unwrap();
+        let own = (!cfg.tied_embeddings).then(|| table(&mut stored.wte));
+        let head = match own {
+            Some(_) => table(stored.lm_head.as_mut().unwrap()),
+            None => table(&mut stored.wte),
+        };
+        let tables = FrozenEmbedding::whole(head, own).unwrap();
+        let held = Model::new(&stored, None).with_frozen(&linears).with_embedding(&tables);
+        for temperature in [0.0, 1.0] {
+            let sc = SamplingConfig { temperature, top_p: Some(0.95), max_new_tokens: 10, ..Default::default() };
+            let run = |model: Model<'_>| generate_batched(&m, model, &prompts, 2, &sc, &mut Rng::new(5), 4).unwrap();
+            let (got, want) = (run(held), run(Model::new(&p, None)));
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.tokens, w.tokens, "{name} at temperature {temperature}");
+                let want: Vec<f64> = w.logps.iter().map(|&v| v as f64).collect();
+                assert_close(&format!("{name} log-probs"), &g.logps, &want, 1e-5, 1.0);
+            }
         }
     }
 }

@@ -15,26 +15,50 @@ pub fn embedding_forward(
     positions: &[u32],
     d: usize,
 ) {
-    let n = tokens.len();
-    assert_eq!(out.len(), n * d, "embedding_forward: out is not [N, d]");
+    assert_eq!(out.len(), tokens.len() * d, "embedding_forward: out is not [N, d]");
     if d == 0 {
         return;
     }
-    let vocab = wte.len() / d;
-    if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        panic!("embedding_forward: token id {t} outside the vocabulary of {vocab}");
+    let table = F32Rows { wte, d };
+    if let Some(t) = tokens.iter().find(|&&t| !table.has(t)) {
+        panic!("embedding_forward: token id {t} outside the vocabulary of {}", wte.len() / d);
     }
-    let row = |t: u32| Some(&wte[t as usize * d..(t as usize + 1) * d]);
     // Every token has a row (checked above): nothing to refuse.
-    let _ = embedding_forward_rows(out, row, tokens, wpe, positions, d);
+    let _ = embedding_forward_rows(out, &table, tokens, wpe, positions, d);
 }
 
-/// [`embedding_forward`] reading each token's row through `row` (a table that keeps some rows only:
-/// `crate::quant::FrozenEmbedding`). A token without a row is refused, `Err((index, token))` of the
-/// first, before anything is written.
-pub fn embedding_forward_rows<'w>(
+/// A token embedding table as a lookup reads it: an f32 table, or one kept otherwise
+/// (`crate::quant::FrozenEmbedding`: some rows only, or every row in bf16).
+pub trait EmbeddingRows: Sync {
+    /// Whether `token` has a row.
+    fn has(&self, token: u32) -> bool;
+
+    /// Writes the row of `token` (one that [`EmbeddingRows::has`]) into `out` (`[d]`).
+    fn write(&self, token: u32, out: &mut [f32]);
+}
+
+/// The rows of an f32 table `[V, d]`.
+struct F32Rows<'a> {
+    wte: &'a [f32],
+    d: usize,
+}
+
+impl EmbeddingRows for F32Rows<'_> {
+    fn has(&self, token: u32) -> bool {
+        (token as usize) < self.wte.len() / self.d
+    }
+
+    fn write(&self, token: u32, out: &mut [f32]) {
+        let t = token as usize;
+        out.copy_from_slice(&self.wte[t * self.d..(t + 1) * self.d]);
+    }
+}
+
+/// [`embedding_forward`] reading each token's row from `rows`. A token without a row is refused,
+/// `Err((index, token))` of the first, before anything is written.
+pub fn embedding_forward_rows(
     out: &mut [f32],
-    row: impl Fn(u32) -> Option<&'w [f32]> + Sync,
+    rows: &impl EmbeddingRows,
     tokens: &[u32],
     wpe: Option<&[f32]>,
     positions: &[u32],
@@ -45,7 +69,7 @@ pub fn embedding_forward_rows<'w>(
     if d == 0 {
         return Ok(());
     }
-    if let Some(i) = tokens.iter().position(|&t| row(t).is_none()) {
+    if let Some(i) = tokens.iter().position(|&t| !rows.has(t)) {
         return Err((i, tokens[i]));
     }
     if let Some(wpe) = wpe {
@@ -56,9 +80,7 @@ pub fn embedding_forward_rows<'w>(
         }
     }
     out.par_chunks_mut(d).enumerate().with_min_len(rows_per_task(d)).for_each(|(i, o)| {
-        if let Some(r) = row(tokens[i]) {
-            o.copy_from_slice(r);
-        }
+        rows.write(tokens[i], o);
         if let Some(wpe) = wpe {
             let p = positions[i] as usize;
             o.iter_mut().zip(&wpe[p * d..(p + 1) * d]).for_each(|(o, &v)| *o += v);

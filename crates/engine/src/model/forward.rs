@@ -2,7 +2,7 @@
 
 use super::acts::{fit, Activations, HeadOutput, Keep};
 use super::block::Attend;
-use super::{bias, embedding_scale, norm_forward, Decoder, EngineError, Model};
+use super::{bias, norm_forward, Decoder, EngineError, Model};
 use crate::batch::Batch;
 use crate::kernels as k;
 
@@ -35,15 +35,7 @@ impl Decoder {
         // l+1's slot. With `Keep::None` there is one slot, and its input and `x_final` swap roles each
         // layer. Buffers are reused from call to call, so a training step allocates nothing large.
         fit(&mut acts.layers[0].x, n * d);
-        let wpe = p.wpe.as_ref().map(|t| &t.data[..]);
-        match model.embedding {
-            Some(e) => k::embedding_forward_rows(&mut acts.layers[0].x, |t| e.row(t), &b.tokens, wpe, &b.positions, d)
-                .map_err(|(index, token)| EngineError::TokenNotKept { token, index })?,
-            None => k::embedding_forward(&mut acts.layers[0].x, &p.wte.data, &b.tokens, wpe, &b.positions, d),
-        }
-        if let Some(scale) = embedding_scale(cfg) {
-            acts.layers[0].x.iter_mut().for_each(|v| *v *= scale);
-        }
+        model.embed(cfg, &mut acts.layers[0].x, &b.tokens, &b.positions)?;
         let n_layers = p.layers.len();
         for l in 0..n_layers {
             let lp = model.layer(l);

@@ -2,7 +2,7 @@
 //! accumulates ([`Grads`]: every parameter, or the adapter alone on a frozen base).
 
 use crate::config::DecoderConfig;
-use crate::kernels::Precision;
+use crate::kernels::{self as k, Precision};
 use crate::lora::{Adapter, LayerAdapter};
 use crate::params::{LayerParams, Params, Tensor};
 use crate::quant::{FrozenEmbedding, FrozenLinears};
@@ -23,11 +23,11 @@ use super::EngineError;
 /// linear weights of `base`'s layers, whose tensors are then empty. Such a base is frozen: only
 /// [`Grads::Adapter`] may be asked of it.
 ///
-/// `embedding`: a frozen model's token embedding and head kept as a bf16 pass reads them (the head in
-/// bf16, the lookups' rows in f32 for the tokens of a run's data: [`FrozenEmbedding`]); they replace
-/// `base`'s `wte` and head, which are then empty. Such a model scores known rows and, under an
-/// adapter, trains it ([`Grads::Adapter`]); it does not generate (a sampled token's row may not be
-/// kept) and has no full gradients.
+/// `embedding`: a frozen model's token embedding and head kept in bf16 ([`FrozenEmbedding`]): as a bf16
+/// pass reads them (the head in bf16, the lookups' rows in f32 for the tokens of a run's data), or
+/// whole, for a checkpoint that stores them in bf16; they replace `base`'s `wte` and head, which are
+/// then empty. Such a model scores and, under an adapter, trains it ([`Grads::Adapter`]); it has no
+/// full gradients, and generates only through whole tables (a sampled token's row may not be kept).
 ///
 /// `precision`: the arithmetic of the block linears' and the LM head's products, forward and backward
 /// ([`Precision::Bf16`]: autocast's bf16). Attention's and the adapter's products stay f32.
@@ -52,16 +52,40 @@ impl<'a> Model<'a> {
         Model { embedding: Some(embedding), ..self }
     }
 
-    /// Refuses generation through a [`FrozenEmbedding`]: a sampled token's row may not be kept.
+    /// Refuses generation through a [`FrozenEmbedding`] that keeps some rows only: a sampled token's
+    /// row may not be kept.
     pub(crate) fn check_generates(&self) -> Result<(), EngineError> {
         match self.embedding {
-            Some(_) => Err(EngineError::FrozenMismatch(
+            Some(e) if !e.is_whole() => Err(EngineError::FrozenMismatch(
                 "generation through a frozen embedding, which keeps only the rows of a run's data: it scores them \
                  and trains an adapter on them only"
                     .into(),
             )),
-            None => Ok(()),
+            _ => Ok(()),
         }
+    }
+
+    /// `x[N, d]` = the embeddings of `tokens` at `positions` (the position table's rows added, the
+    /// embedding scaled where the family scales it): the first block's input. A token whose row a frozen
+    /// embedding did not keep is refused.
+    pub(crate) fn embed(
+        &self,
+        cfg: &DecoderConfig,
+        x: &mut [f32],
+        tokens: &[u32],
+        positions: &[u32],
+    ) -> Result<(), EngineError> {
+        let (p, d) = (self.base, cfg.hidden);
+        let wpe = p.wpe.as_ref().map(|t| &t.data[..]);
+        match self.embedding {
+            Some(e) => k::embedding_forward_rows(x, e, tokens, wpe, positions, d)
+                .map_err(|(index, token)| EngineError::TokenNotKept { token, index })?,
+            None => k::embedding_forward(x, &p.wte.data, tokens, wpe, positions, d),
+        }
+        if let Some(scale) = super::embedding_scale(cfg) {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        Ok(())
     }
 
     /// The LM head's weight as the head kernels read it: the frozen embedding's bf16 head, or the base's.
