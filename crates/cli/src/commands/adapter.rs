@@ -157,7 +157,8 @@ impl ScoredBase {
     }
 }
 
-/// A model to sample from (`dpo generate`, `dpo best-of-n`, `dpo win-rate`). A checkpoint stored in bf16
+/// A model to sample from (`dpo generate`, `dpo best-of-n`, `dpo win-rate`, whose judge scores with it
+/// too). A checkpoint stored in bf16
 /// is held in bf16 (block linears, embedding and head: their values widen to f32 exactly, so the tokens
 /// are those of its f32 copy, in half the memory, and decoding reads half the bytes); with `--quantize`
 /// or `--base-dtype`, the block linears are stored as the QLoRA run held them. An adapter is applied
@@ -192,6 +193,12 @@ impl SampledModel {
         };
         let adapter = adapter.load(&model.config, dir)?;
         Ok(SampledModel { model, linears: Some(linears), tables, adapter, merged: false })
+    }
+
+    /// `dir` without an adapter or storage flags: a bf16 checkpoint in bf16, another in f32 (`win-rate`'s
+    /// `--against` model and `--judge-implicit` pair).
+    pub(super) fn load_alone(dir: &Path) -> anyhow::Result<Self> {
+        Self::load(dir, &AdapterFlag::default(), &StoredBaseFlags::default())
     }
 
     /// The model as the passes read it, the products in `precision`.

@@ -20,6 +20,8 @@ use engine::rng::Rng;
 use engine::Decoder;
 use serde::Serialize;
 
+use super::adapter::SampledModel;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model A, the one whose win rate is measured (Hugging Face directory with its tokenizer).
@@ -83,8 +85,8 @@ enum Judge {
     RewardModel(Box<RewardModel>),
     /// log pi(y|x) - log ref(y|x): the implicit reward over beta.
     Implicit {
-        policy: Box<hf::HfModel>,
-        reference: Box<hf::HfModel>,
+        policy: Box<SampledModel>,
+        reference: Box<SampledModel>,
         precision: Precision,
     },
 }
@@ -100,8 +102,8 @@ impl Judge {
         let Some((p, r)) = spec.split_once(',') else {
             bail!("--judge-implicit takes POLICY,REF (two model directories), got {spec:?}");
         };
-        let (policy, reference) = (hf::load_model(Path::new(p))?, hf::load_model(Path::new(r))?);
-        if policy.config.decoder.vocab_size != reference.config.decoder.vocab_size {
+        let (policy, reference) = (SampledModel::load_alone(Path::new(p))?, SampledModel::load_alone(Path::new(r))?);
+        if policy.model.config.decoder.vocab_size != reference.model.config.decoder.vocab_size {
             bail!("--judge-implicit: {p} and {r} have different vocabularies; they must read the same token ids");
         }
         same_tokenizer(Path::new(p), Path::new(r), "--judge-implicit's reference")?;
@@ -112,7 +114,9 @@ impl Judge {
     fn decoder_cfgs(&self) -> Vec<&engine::DecoderConfig> {
         match self {
             Judge::RewardModel(rm) => vec![&rm.decoder.cfg],
-            Judge::Implicit { policy, reference, .. } => vec![&policy.config.decoder, &reference.config.decoder],
+            Judge::Implicit { policy, reference, .. } => {
+                vec![&policy.model.config.decoder, &reference.model.config.decoder]
+            }
         }
     }
 
@@ -120,8 +124,8 @@ impl Judge {
         match self {
             Judge::RewardModel(rm) => Ok(rm.score(seqs)?),
             Judge::Implicit { policy, reference, precision } => {
-                let logps = |m: &hf::HfModel| {
-                    score_sequences(&Decoder::new(m.config.decoder.clone()), view(m, *precision), seqs, 32)
+                let logps = |m: &SampledModel| {
+                    score_sequences(&Decoder::new(m.model.config.decoder.clone()), m.view(*precision), seqs, 32)
                 };
                 let (p, r) = (logps(policy)?, logps(reference)?);
                 Ok(p.iter().zip(&r).map(|(p, r)| p - r).collect())
@@ -130,14 +134,9 @@ impl Judge {
     }
 }
 
-fn view(m: &hf::HfModel, precision: Precision) -> Model<'_> {
-    Model::new(&m.params, None).with_precision(precision)
-}
-
-/// Refuses a model whose tokenizer is not A's: the judge and B must read A's token ids.
 /// Model B of a comparison against a model (`--against`).
 enum Against {
-    Model(Box<hf::HfModel>),
+    Model(Box<SampledModel>),
     /// `--model`'s own base, its adapter off ([`super::adapter::SampledModel::base_view`]).
     Base,
 }
@@ -147,6 +146,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     hf::output::resolve(a) == hf::output::resolve(b)
 }
 
+/// Refuses a model whose tokenizer is not A's: the judge and B must read A's token ids.
 fn same_tokenizer(a: &Path, other: &Path, what: &str) -> anyhow::Result<()> {
     if std::fs::read(other.join("tokenizer.json")).ok() != std::fs::read(a.join("tokenizer.json")).ok() {
         bail!(
@@ -178,7 +178,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let precision = a.precision.get();
     // With --quantize or --base-dtype, A samples on the base as its QLoRA run held it, the adapter beside it.
-    let sampled = super::adapter::SampledModel::load(&a.model, &a.adapter, &a.stored_base)?;
+    let sampled = SampledModel::load(&a.model, &a.adapter, &a.stored_base)?;
     let model = &sampled.model;
     let tok = hf::load_tokenizer(&a.model)?;
     let (judge, judge_dir) = Judge::load(&a, precision)?;
@@ -189,8 +189,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(dir) if same_dir(dir, &a.model) && sampled.base_view(precision).is_some() => Some(Against::Base),
         Some(dir) => {
             same_tokenizer(&a.model, dir, "--against")?;
-            let b = hf::load_model(dir)?;
-            if b.config.decoder.vocab_size != model.config.decoder.vocab_size {
+            let b = SampledModel::load_alone(dir)?;
+            if b.model.config.decoder.vocab_size != model.config.decoder.vocab_size {
                 bail!("--against {}: its vocabulary differs from --model's", dir.display());
             }
             Some(Against::Model(Box::new(b)))
@@ -253,7 +253,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let theirs: Vec<Vec<u32>> = match (&against, &chosen) {
             (Some(b), _) => {
                 let (m, v) = match b {
-                    Against::Model(b) => (&**b, view(b, precision)),
+                    Against::Model(b) => (&b.model, b.view(precision)),
                     Against::Base => (model, sampled.base_view(precision).context("no base view")?),
                 };
                 sample(m, v, stream ^ 0xB)?.into_iter().map(|g| g.tokens).collect()
