@@ -20,7 +20,7 @@ fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     init_threads(threads);
     println!("{}, {} threads", cpu_model(), dpo_engine::kernels::num_threads());
-    // (rows, in, out): q/k/v, o, gate/up, down, head of SmolLM2-135M; one row; a larger batch.
+    // (rows, in, out): q/k/v, o, gate/up, down, head of SmolLM2-135M; one row; larger batches.
     let shapes = [
         (8, 576, 960),
         (8, 576, 576),
