@@ -271,27 +271,56 @@ mod avx512 {
                 }
             }
         }
+        // The accumulators' halves summed eight registers at a time, in `hsum8`'s order.
         let mut out = [[[0.0f32; 2]; RP]; RW];
-        for r in 0..RW {
-            for p in 0..RP {
-                let halves = [
-                    _mm512_castps512_ps256(acc[r][p]),
-                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][p]), 1)),
-                ];
-                for (h, v) in halves.into_iter().enumerate() {
+        for first in (0..RW * RP).step_by(8) {
+            let group = first..(first + 8).min(RW * RP); // accumulator i is acc[i / RP][i % RP]
+            let mut v = [_mm512_setzero_ps(); 8];
+            for (v, i) in v.iter_mut().zip(group.clone()) {
+                *v = acc[i / RP][i % RP];
+            }
+            let mut sums = [0.0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), hsum_halves8(v));
+            for (j, i) in group.enumerate() {
+                let (r, p) = (i / RP, i % RP);
+                for h in 0..2 {
                     let row = x.add((2 * p + h) * d);
                     let mut tail = 0.0f32;
-                    for j in 8 * chunks..d {
-                        tail = (*w.add(r * d + j)).widen().mul_add(*row.add(j), tail);
+                    for k in 8 * chunks..d {
+                        tail = (*w.add(r * d + k)).widen().mul_add(*row.add(k), tail);
                     }
-                    out[r][p][h] = avx2::hsum(v) + tail;
+                    out[r][p][h] = sums[4 * (2 * (j % 2) + h) + j / 2] + tail;
                 }
             }
         }
         out
     }
 
-    /// `RW` weight rows against pairs `p0..p0 + rp` (`rp` at most 4) into `yt: [cols, rows]` at column `c`.
+    /// The sixteen eight-lane halves of `v` each summed by [`super::hsum8`]'s tree, all at once: half `h`
+    /// of `v[j]` at `4 * (2 * (j % 2) + h) + j / 2`. Lanes are paired across registers so that every add
+    /// is one of the tree's: `s_i = a_i + a_{i+4}`, then `s_0 + s_2` and `s_1 + s_3`, then their sum.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn hsum_halves8(v: [__m512; 8]) -> __m512 {
+        // [a.L0, a.L2, b.L0, b.L2] + [a.L1, a.L3, b.L1, b.L3]: lane k holds s_0..s_3 of half k % 2 of
+        // register k / 2 of the pair.
+        let s = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+        };
+        let (s01, s23, s45, s67) = (s(v[0], v[1]), s(v[2], v[3]), s(v[4], v[5]), s(v[6], v[7]));
+        // Per lane [s_0 + s_2, s_1 + s_3] of the first operand, then of the second.
+        let z = |a: __m512, b: __m512| {
+            let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))
+        };
+        let (z0, z1) = (z(s01, s23), z(s45, s67));
+        _mm512_add_ps(_mm512_shuffle_ps::<0x88>(z0, z1), _mm512_shuffle_ps::<0xDD>(z0, z1))
+    }
+
+    /// `RW` weight rows against pairs `p0..p0 + rp` (`rp` 1 to 4, or 8) into `yt: [cols, rows]` at column `c`.
     ///
     /// # Safety
     /// As [`tile`], for the rows and pairs named.
@@ -309,6 +338,10 @@ mod avx512 {
         let (wt, pt, xt) = (w.as_ptr().add(c * d), pairs.as_ptr().add(p0 * (d / 8) * 16), x.as_ptr().add(2 * p0 * d));
         let mut put = |i: usize, p: usize, v: [f32; 2]| yt[(c + i) * rows + 2 * (p0 + p)..][..2].copy_from_slice(&v);
         match rp {
+            8 => tile::<W, RW, 8>(wt, pt, xt, d)
+                .iter()
+                .enumerate()
+                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
             4 => tile::<W, RW, 4>(wt, pt, xt, d)
                 .iter()
                 .enumerate()
@@ -328,7 +361,9 @@ mod avx512 {
         }
     }
 
-    /// Weight rows by fours, pairs of input rows by up to fours, an odd last row by the AVX2 tiles.
+    /// Weight rows by fours against pairs of input rows by up to fours; eight pairs at a time (sixteen
+    /// rows and more) by two weight rows, so that each weight loaded (and widened) feeds eight pairs; an
+    /// odd last row by the AVX2 tiles. Sixteen accumulators either way.
     ///
     /// # Safety
     /// AVX-512F, AVX2 and FMA; `w: [cols, d]`, `x: [rows, d]`, `pairs` = `pair_rows(x)`, `yt: [cols, rows]`.
@@ -348,9 +383,13 @@ mod avx512 {
             let rw = if cols - c >= 4 { 4 } else { 1 };
             let mut p = 0;
             while p < rows / 2 {
-                let rp = (rows / 2 - p).min(4);
-                match rw {
-                    4 => tiles::<W, 4>(yt, w, x, pairs, [c, p, rp, rows]),
+                let rp = if rw == 4 && rows / 2 - p >= 8 { 8 } else { (rows / 2 - p).min(4) };
+                match (rw, rp) {
+                    (4, 8) => {
+                        tiles::<W, 2>(yt, w, x, pairs, [c, p, 8, rows]);
+                        tiles::<W, 2>(yt, w, x, pairs, [c + 2, p, 8, rows]);
+                    }
+                    (4, _) => tiles::<W, 4>(yt, w, x, pairs, [c, p, rp, rows]),
                     _ => tiles::<W, 1>(yt, w, x, pairs, [c, p, rp, rows]),
                 }
                 p += rp;
@@ -494,7 +533,9 @@ mod tests {
     #[test]
     fn linear_rows_matches_naive_and_is_row_independent() {
         let mut rng = Rng::new(11);
-        for (rows, din, dout) in [(1, 3, 5), (3, 37, 10), (5, 64, 33), (8, 100, 301), (7, 8, 4)] {
+        for (rows, din, dout) in
+            [(1, 3, 5), (3, 37, 10), (5, 64, 33), (8, 100, 301), (7, 8, 4), (16, 64, 10), (19, 24, 9)]
+        {
             let x = rng.vec(rows * din, 1.0);
             let w = rng.vec(dout * din, 1.0);
             let b = rng.vec(dout, 1.0);
@@ -527,7 +568,9 @@ mod tests {
         let mut rng = Rng::new(12);
         // Every path: 1 row (AVX2 tiles), pairs of rows with an odd one left, up to four pairs and more;
         // inner sizes with and without a tail past the chunks of eight; column counts off the tiles of four.
-        for (rows, din, dout) in [(1, 64, 9), (2, 37, 10), (3, 576, 33), (8, 100, 301), (9, 8, 4), (5, 7, 6)] {
+        for (rows, din, dout) in
+            [(1, 64, 9), (2, 37, 10), (3, 576, 33), (8, 100, 301), (9, 8, 4), (5, 7, 6), (17, 40, 13)]
+        {
             let x = rng.vec(rows * din, 1.0);
             let w: Vec<u16> = rng.vec(dout * din, 1.0).into_iter().map(from_f32).collect();
             let wide: Vec<f32> = w.iter().map(|&h| to_f32(h)).collect();
