@@ -473,8 +473,9 @@ mod tests {
             return; // no huge pages offered: nothing is mapped or pooled
         }
         let floats = size / 4;
-        pool::start(); // as the first backward pass does (the test must not depend on another's running first)
-                       // SAFETY: two blocks of `layout`, used as f32 slices of their length, freed with it.
+        // Pooling starts as at the first backward pass (the test must not depend on another running first).
+        pool::start();
+        // SAFETY: two blocks of `layout`, used as f32 slices of their length, freed with it.
         unsafe {
             let (pa, pb) = (a.alloc_zeroed(layout), a.alloc_zeroed(layout));
             let fa = std::slice::from_raw_parts_mut(pa.cast::<f32>(), floats);
