@@ -338,26 +338,20 @@ mod avx512 {
         let (wt, pt, xt) = (w.as_ptr().add(c * d), pairs.as_ptr().add(p0 * (d / 8) * 16), x.as_ptr().add(2 * p0 * d));
         let mut put = |i: usize, p: usize, v: [f32; 2]| yt[(c + i) * rows + 2 * (p0 + p)..][..2].copy_from_slice(&v);
         match rp {
-            8 => tile::<W, RW, 8>(wt, pt, xt, d)
-                .iter()
-                .enumerate()
-                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
-            4 => tile::<W, RW, 4>(wt, pt, xt, d)
-                .iter()
-                .enumerate()
-                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
-            3 => tile::<W, RW, 3>(wt, pt, xt, d)
-                .iter()
-                .enumerate()
-                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
-            2 => tile::<W, RW, 2>(wt, pt, xt, d)
-                .iter()
-                .enumerate()
-                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
-            _ => tile::<W, RW, 1>(wt, pt, xt, d)
-                .iter()
-                .enumerate()
-                .for_each(|(i, o)| o.iter().enumerate().for_each(|(p, v)| put(i, p, *v))),
+            8 => store(&tile::<W, RW, 8>(wt, pt, xt, d), &mut put),
+            4 => store(&tile::<W, RW, 4>(wt, pt, xt, d), &mut put),
+            3 => store(&tile::<W, RW, 3>(wt, pt, xt, d), &mut put),
+            2 => store(&tile::<W, RW, 2>(wt, pt, xt, d), &mut put),
+            _ => store(&tile::<W, RW, 1>(wt, pt, xt, d), &mut put),
+        }
+    }
+
+    /// A tile's sums `[weight row][pair][half]` handed to `put(row, pair, halves)`.
+    fn store<const RP: usize>(out: &[[[f32; 2]; RP]], mut put: impl FnMut(usize, usize, [f32; 2])) {
+        for (i, o) in out.iter().enumerate() {
+            for (p, v) in o.iter().enumerate() {
+                put(i, p, *v);
+            }
         }
     }
 
