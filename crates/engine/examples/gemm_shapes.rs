@@ -1,6 +1,7 @@
 //! GFLOP/s of the engine's matmul, in f32 and in bf16, on the GEMM shapes of a GPT-2-small and a
 //! SmolLM2-135M/360M training step (forward, input gradient, weight gradient), to compare with the `gemm`
-//! crate's peak and with PyTorch. Prints the CPU and the kernel bf16 products run on (`DPO_GEMM=avx512_bf16`
+//! crate's peak, with PyTorch, and with the f32 FMA peak it prints first (measured in the same run: the VM's
+//! clock moves by 10% between minutes). Prints the CPU and the kernel bf16 products run on (`DPO_GEMM=avx512_bf16`
 //! or `portable` forces a slower one). Beside the wall-clock rate, the rate per core of CPU time the
 //! process's threads got (Linux's `/proc/self/task/*/schedstat`): on a machine others load, that one is
 //! close to the quiet machine's wall-clock rate, as long as the cores are not oversubscribed to the point
@@ -35,11 +36,53 @@ fn cpu_ns() -> u64 {
         .sum()
 }
 
+/// GFLOP/s of independent 512-bit FMAs on `threads` threads at once, no memory operands: the f32 ceiling
+/// the kernel's rates are a share of (the clock under a full AVX-512 load included). `None` without AVX-512F.
+fn fma_peak(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        /// Multiply-adds of 12 chains (two FMA units of 4-cycle latency need at least 8 in flight).
+        #[target_feature(enable = "avx512f")]
+        unsafe fn chains(iters: usize) -> f32 {
+            let (b, c) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_set1_ps(1.0); 12];
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm512_fmadd_ps(*x, b, c);
+                }
+            }
+            acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+        }
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return None;
+        }
+        let iters = 40_000_000;
+        let t = Instant::now();
+        let sum: f32 = std::thread::scope(|s| {
+            // SAFETY: AVX-512F was detected above.
+            let runs: Vec<_> = (0..threads).map(|_| s.spawn(move || unsafe { chains(iters) })).collect();
+            runs.into_iter().map(|r| r.join().unwrap_or(0.0)).sum()
+        });
+        let flop = (threads * iters * 12 * 16 * 2) as f64;
+        std::hint::black_box(sum);
+        Some(flop / t.elapsed().as_secs_f64() / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
 fn main() {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     init_threads(threads);
     let filter = std::env::args().nth(1).unwrap_or_default();
     println!("CPU: {} ({threads} threads); bf16 kernel: {}", cpu_model(), Bf16Kernel::detect().describe());
+    if let Some(peak) = fma_peak(threads) {
+        println!("f32 FMA peak: {peak:.1} GFLOP/s (independent 512-bit FMAs on {threads} threads, no loads)");
+    }
     let n = 1024;
     // (label, m, n, k, a_t, b_t)
     let shapes = [
