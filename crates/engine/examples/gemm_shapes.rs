@@ -89,21 +89,24 @@ fn main() {
         ("fwd  x W^T  [1024x768]x[768x3072]", n, 3072, 768, false, true),
         ("bwd  dy W   [1024x3072]x[3072x768]", n, 768, 3072, false, false),
         ("bwd  dy^T x [3072x1024]x[1024x768]", 3072, 768, n, true, false),
-        ("head h W^T  [1024x768]x[768x50257]", n, 50257, 768, false, true),
-        ("head dW     [50257x1024]x[1024x768]", 50257, 768, n, true, false),
+        // The LM head by vocabulary blocks (`kernels::head`: 1024 targets by 4096 columns): logits, the forward's
+        // E_p[W], the weight gradient's block.
+        ("head h W^T  [1024x768]x[768x4096]", n, 4096, 768, false, true),
+        ("head E_p[W] [1024x4096]x[4096x768]", n, 768, 4096, false, false),
+        ("head dW     [4096x1024]x[1024x768]", 4096, 768, n, true, false),
         // SmolLM2-135M: hidden 576, fused q/k/v 960, fused gate/up 3072, MLP 1536; 1280 tokens (4 DPO pairs)
         ("smol qkv    [1280x576]x[576x960]", 1280, 960, 576, false, true),
         ("smol gate/up[1280x576]x[576x3072]", 1280, 3072, 576, false, true),
         ("smol down   [1280x1536]x[1536x576]", 1280, 576, 1536, false, true),
         ("smol dW up  [3072x1280]x[1280x576]", 3072, 576, 1280, true, false),
-        ("smol head   [256x576]x[576x49152]", 256, 49152, 576, false, true),
+        ("smol head   [1024x576]x[576x4096]", n, 4096, 576, false, true),
         // SmolLM2-360M: hidden 960, fused q/k/v 1600 (15 + 5 + 5 heads of 64), fused gate/up 5120, MLP 2560
         ("360m qkv    [1280x960]x[960x1600]", 1280, 1600, 960, false, true),
         ("360m gate/up[1280x960]x[960x5120]", 1280, 5120, 960, false, true),
         ("360m down   [1280x2560]x[2560x960]", 1280, 960, 2560, false, true),
         ("360m dx up  [1280x5120]x[5120x960]", 1280, 960, 5120, false, false),
         ("360m dW up  [5120x1280]x[1280x960]", 5120, 960, 1280, true, false),
-        ("360m head   [256x960]x[960x49152]", 256, 49152, 960, false, true),
+        ("360m head   [1024x960]x[960x4096]", n, 4096, 960, false, true),
     ];
     println!(
         "{:<38} {:>12} {:>12} {:>7} {:>16} {:>16}",
