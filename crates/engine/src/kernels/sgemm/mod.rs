@@ -18,9 +18,9 @@
 //! blocks that depend on `k` alone, and every C element is accumulated by one thread, block after block,
 //! each block a fixed chain of FMAs: results are bitwise the same for any thread count and schedule.
 //!
-//! Measured on 2 cores of an Intel Xeon (AVX-512, 2 FMA units; a loop of independent FMAs alone runs at 474
-//! GFLOP/s): 350-400 GFLOP/s on the GPT-2-small training shapes (`examples/gemm_shapes.rs`), against
-//! 140-170 for the `gemm` crate's AVX2 path (measured on an earlier Xeon).
+//! Measured on 2 cores of an Intel Xeon (AVX-512, 2 FMA units): 70-84% of the rate of independent FMAs
+//! alone, measured in the same run (`examples/gemm_shapes.rs`; 350-400 GFLOP/s on the GPT-2-small training
+//! shapes when that peak was 474), against 140-170 GFLOP/s for the `gemm` crate's AVX2 path (an earlier Xeon).
 //!
 //! The same driver runs the bf16 product ([`bf16_gemm`], `bf16.rs`): operands packed as bf16 k pairs,
 //! one `vdpbf16ps` (32 multiply-adds) where f32 does one FMA (16), the same tiles and blocks with `KC`
