@@ -7,14 +7,7 @@
 
 use std::time::Instant;
 
-use dpo_engine::kernels::{init_threads, linear_rows_forward, DecodeWeight};
-
-/// `model name` from /proc/cpuinfo (the first core's), or "unknown".
-fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let line = info.lines().find(|l| l.starts_with("model name"));
-    line.and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()).unwrap_or_else(|| "unknown".into())
-}
+use dpo_engine::kernels::{cpu_model, init_threads, linear_rows_forward, DecodeWeight};
 
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);

@@ -10,21 +10,7 @@
 
 use std::time::Instant;
 
-use dpo_engine::kernels::{init_threads, matmul, Accumulate, Bf16Kernel, Precision};
-
-/// `model name` from /proc/cpuinfo (the first core's), or "unknown".
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(str::trim)
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
+use dpo_engine::kernels::{cpu_model, init_threads, matmul, Accumulate, Bf16Kernel, Precision};
 
 /// Nanoseconds of CPU time all this process's threads have run (0 where `/proc` does not say).
 fn cpu_ns() -> u64 {

@@ -103,6 +103,14 @@ pub fn describe_f32_kernel() -> &'static str {
     "gemm crate (portable: no AVX-512F, or DPO_GEMM=portable)"
 }
 
+/// The CPU's name as Linux gives it (`model name` in /proc/cpuinfo, the first core's), or "unknown": the
+/// name that goes next to every measured figure.
+pub fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let line = info.lines().find(|l| l.starts_with("model name"));
+    line.and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()).unwrap_or_else(|| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
